@@ -1,0 +1,12 @@
+"""kvmiso: drive Linux KVM through raw ioctls, see every exit, model kvm_mm, measure KVM_RUN.
+
+>>> from kvmiso import Machine
+>>> with Machine("hello", mode="long") as m:
+...     print(m.run(timeout=5).console, end="")
+Hello from a kvmiso guest!
+"""
+
+from .guest import Machine, RunResult, build
+from .kvm import GuestTimeout, Kvm, KvmError, KvmUnavailable, Vcpu, Vm
+
+__all__ = ["GuestTimeout", "Kvm", "KvmError", "KvmUnavailable", "Machine", "RunResult", "Vcpu", "Vm", "build"]

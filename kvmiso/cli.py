@@ -1,0 +1,181 @@
+"""kvmiso's command line: ``kvmiso probe | run | ...``. Every failure is one line naming the
+cause on stderr and a non-zero exit status: 1 when the guest or the check did not succeed,
+2 for bad input (a payload that does not build, no usable /dev/kvm, a bad argument)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Callable
+
+from .guest import BuildError, Machine
+from .guest.build import MODES, available_payloads
+from .kvm import GuestTimeout, Kvm, KvmError, KvmUnavailable
+from .kvm.exits import DebugExit, Exit, IoExit, MmioExit
+
+EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
+
+
+class CliError(Exception):
+    """Bad input: printed as ``kvmiso: <message>``, exit status 2."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_BAD_INPUT
+    try:
+        return args.func(args)
+    except (CliError, BuildError, KvmUnavailable, ValueError) as e:
+        print(f"kvmiso: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KvmError as e:
+        print(f"kvmiso: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("kvmiso: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kvmiso", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(metavar="COMMAND")
+
+    sp = sub.add_parser("probe", help="what this host's KVM is and can do")
+    sp.add_argument("--json", action="store_true", help="print the facts as JSON")
+    sp.set_defaults(func=cmd_probe)
+
+    sp = sub.add_parser("run", help="run one payload and print every exit")
+    sp.add_argument("payload", help=f"a name from guests/ ({', '.join(available_payloads())}) or a .S path")
+    _add_guest_args(sp)
+    sp.add_argument("--single-step", action="store_true", help="one DEBUG exit per guest instruction")
+    sp.add_argument("--json", action="store_true", help="print the result as JSON instead")
+    sp.set_defaults(func=cmd_run)
+    return p
+
+
+def _add_guest_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--mode", choices=MODES, help="CPU mode (default: the payload's first declared mode)")
+    sp.add_argument("--cpl", type=int, choices=(0, 3), default=0, help="privilege level (3: long mode only)")
+    sp.add_argument("--timeout", type=float, default=5.0, help="seconds before the guest is stopped")
+
+
+# --- probe -----------------------------------------------------------------------------------
+
+def cmd_probe(args) -> int:
+    from .probe import probe
+
+    with Kvm() as kvm:
+        info = probe(kvm)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    emu = info["emulated_instructions"]
+    rows = [
+        ("KVM API version", info["api_version"]),
+        ("vendor module", info["vendor"] or "none found in /sys/module"),
+        ("CPL0 guest code", "native" if info["cpl0_native"] else
+         f"emulated ({emu['cpl0']} emulations for {emu['probe_instructions']}+ instructions)"),
+        ("CPL3 guest code", "native" if info["cpl3_native"] else f"emulated ({emu['cpl3']} emulations)"),
+        ("vCPU mmap size", info["vcpu_mmap_size"]),
+        ("supported CPUID leaves", info["cpuid_leaves"]),
+        ("MSR index list", f"{info['msr_index_count']} MSRs"),
+        ("CPU", f"{info['cpu']} ({info['cpus']} CPUs)"),
+        ("kernel", info["kernel"]),
+        ("tracefs", _tracefs_text(info["tracefs"])),
+        ("/proc/kallsyms", "real addresses" if info["kallsyms"]["real_addresses"] else
+         f"not usable: {info['kallsyms'].get('reason', '')}"),
+    ]
+    _print_rows(rows)
+    print(f"\n{info['vendor_notes']}")
+    caps = info["capabilities"]
+    print(f"\ncapabilities ({len(caps)} present, {len(info['capabilities_absent'])} absent of those kvmiso names):")
+    _print_wrapped([f"{k}={v}" if v != 1 else k for k, v in caps.items()])
+    print("\nCPU vulnerabilities:")
+    _print_rows(list(info["vulnerabilities"].items()), indent=2)
+    return 0
+
+
+def _tracefs_text(t: dict) -> str:
+    if t["mounted"]:
+        return f"mounted at {t['path']} ({t['kvm_events']} kvm events)"
+    return f"not mounted at {t['path']}" + ("; kvmiso mounts it when tracing (root)" if t["can_mount"] else "; needs root to mount")
+
+
+def _print_rows(rows: list[tuple[str, Any]], indent: int = 0) -> None:
+    width = max((len(k) for k, _ in rows), default=0)
+    for k, v in rows:
+        print(f"{' ' * indent}{k:<{width}}  {v}")
+
+
+def _print_wrapped(items: list[str], width: int = 96) -> None:
+    line = " "
+    for it in items:
+        if len(line) + len(it) + 1 > width:
+            print(line)
+            line = " "
+        line += " " + it
+    if line.strip():
+        print(line)
+
+
+# --- run -------------------------------------------------------------------------------------
+
+def describe_exit(e: Exit) -> str:
+    """One line per exit, for people: ``IO     out port 0xe9 size 1 count 1 data 48``."""
+    if isinstance(e, IoExit):
+        text = f"{'in ' if e.is_in else 'out'} port {e.port:#x} size {e.size} count {e.count}"
+        return text + ("" if e.is_in else f" data {bytes(e.data[:16]).hex()}")
+    if isinstance(e, MmioExit):
+        text = f"{'write' if e.is_write else 'read '} {e.address:#x} len {e.length}"
+        return text + (f" data {e.value:#x}" if e.is_write else "")
+    if isinstance(e, DebugExit):
+        return f"pc {e.pc:#x} dr6 {e.dr6:#x}"
+    d = e.to_dict()
+    d.pop("exit")
+    return " ".join(f"{k} {v:#x}" if isinstance(v, int) and not isinstance(v, bool) else f"{k} {v}" for k, v in d.items())
+
+
+def cmd_run(args) -> int:
+    n = 0
+    line = bytearray()
+
+    def stream(e: Exit) -> None:
+        nonlocal n
+        n += 1
+        print(f"{n:6d}  {e.name:<14} {describe_exit(e)}")
+        if isinstance(e, IoExit) and e.port == 0xE9 and not e.is_in:
+            line.extend(bytes(e.data))
+            while b"\n" in line:
+                text, _, rest = bytes(line).partition(b"\n")
+                print(f"        console| {text.decode('utf-8', 'replace')}")
+                line[:] = rest
+
+    with Machine(args.payload, mode=args.mode, cpl=args.cpl) as m:
+        if args.single_step:
+            m.vcpu.set_guest_debug(single_step=True)
+        if not args.json:
+            print(f"running {m.image.name} in {m.mode} mode at CPL{args.cpl} (timeout {args.timeout:g} s)")
+        on_exit: Callable[[Exit], None] | None = None if args.json else stream
+        try:
+            result = m.run(timeout=args.timeout, on_exit=on_exit)
+        except GuestTimeout as e:
+            result = e.result
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        if line:
+            print(f"        console| {line.decode('utf-8', 'replace')}")
+        for r in result.reports:
+            print(f"report  tag {r.tag}: {r.value} ({r.value:#x})")
+        print(f"{result.outcome}: {result.detail} ({result.runs} KVM_RUN calls, {result.elapsed * 1e3:.1f} ms)")
+    if result.outcome == "timeout":
+        print(f"kvmiso: guest did not finish within {args.timeout:g} s: {result.detail}", file=sys.stderr)
+    return 0 if result.ok else EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Assemble guest payloads (guests/*.S) with GNU as and ld into flat images, cached by content.
+
+The cache key is the hash of everything that goes into an image: the payload source, the
+shared include, crt0, the linker script, the mode and the assembler's version. A changed
+source therefore rebuilds; an unchanged one is read back from ``$XDG_CACHE_HOME/kvmiso``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+GUESTS_DIR = Path(__file__).resolve().parents[2] / "guests"
+LIB_DIR = GUESTS_DIR / "lib"
+LOAD_ADDRESS = 0x8000
+MAX_IMAGE = 0x8000  # up to the host's tables at 0x10000
+BITS = {"real": 16, "protected": 32, "long": 64}
+MODES = tuple(BITS)
+
+
+class BuildError(RuntimeError):
+    """A payload did not assemble or link; the message carries the tool's own output."""
+
+
+@dataclass(frozen=True)
+class Image:
+    """A flat guest image: ``code`` loads at ``load_address``; ``symbols`` from the ELF."""
+
+    name: str
+    mode: str
+    code: bytes
+    symbols: dict[str, int]
+    load_address: int = LOAD_ADDRESS
+
+    @property
+    def entry(self) -> int:
+        return self.symbols["_start"]
+
+
+def payload_path(name_or_path: str | os.PathLike) -> Path:
+    """A payload name from guests/ (``hello``) or a path to a .S file."""
+    p = Path(name_or_path)
+    if p.suffix == ".S" or p.exists():
+        if not p.is_file():
+            raise BuildError(f"payload {p}: no such file")
+        return p.resolve()
+    candidate = GUESTS_DIR / f"{name_or_path}.S"
+    if not candidate.is_file():
+        known = ", ".join(available_payloads())
+        raise BuildError(f"unknown payload {name_or_path!r}; guests/ has: {known}")
+    return candidate
+
+
+def available_payloads() -> list[str]:
+    return sorted(p.stem for p in GUESTS_DIR.glob("*.S"))
+
+
+def payload_modes(path: Path) -> tuple[str, ...]:
+    """The modes a payload declares on a ``modes:`` line (the first is its default)."""
+    m = re.search(r"modes:\s*([a-z ]+)", path.read_text())
+    return tuple(m.group(1).split()) if m else MODES
+
+
+def build(payload: str | os.PathLike, mode: str = "long", cache_dir: Path | None = None) -> Image:
+    """Build (or fetch from the cache) the image of ``payload`` for ``mode``."""
+    if mode not in BITS:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    src = payload_path(payload)
+    inputs = [src, LIB_DIR / "kvmiso.inc", LIB_DIR / f"crt0_{BITS[mode]}.S", LIB_DIR / "guest.ld"]
+    h = hashlib.sha256(f"{mode}\0{_tool_versions()}".encode())
+    for p in inputs:
+        h.update(p.read_bytes())
+    key = h.hexdigest()[:24]
+    cache = cache_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kvmiso" / "guests"
+    bin_path, sym_path = cache / f"{src.stem}-{mode}-{key}.bin", cache / f"{src.stem}-{mode}-{key}.sym"
+    if not (bin_path.exists() and sym_path.exists()):
+        _assemble(src, mode, bin_path, sym_path)
+    return Image(src.stem, mode, bin_path.read_bytes(), _parse_symbols(sym_path.read_text()))
+
+
+def _assemble(src: Path, mode: str, bin_path: Path, sym_path: Path) -> None:
+    for tool in ("as", "ld", "objcopy", "nm"):
+        if shutil.which(tool) is None:
+            raise BuildError(f"{tool} not found: kvmiso builds guests with GNU binutils (apt-get install binutils)")
+    bits = BITS[mode]
+    with tempfile.TemporaryDirectory(prefix="kvmiso-build-") as tmp:
+        t = Path(tmp)
+        objs = []
+        for s in (LIB_DIR / f"crt0_{bits}.S", src):
+            obj = t / f"{s.stem}.o"
+            _tool(["as", "--64", f"--defsym=BITS={bits}", "-I", str(LIB_DIR), "-I", str(src.parent),
+                   "-o", str(obj), str(s)], f"assembling {s.name} for {mode} mode")
+            objs.append(str(obj))
+        elf = t / "image.elf"
+        _tool(["ld", "-m", "elf_x86_64", "-nostdlib", "-static", "-T", str(LIB_DIR / "guest.ld"),
+               "-o", str(elf), *objs], f"linking {src.name} for {mode} mode")
+        flat = t / "image.bin"
+        _tool(["objcopy", "-O", "binary", str(elf), str(flat)], "objcopy")
+        syms = _tool(["nm", str(elf)], "nm")
+        size = flat.stat().st_size
+        if size > MAX_IMAGE:
+            raise BuildError(f"{src.name}: image is {size} bytes; at most {MAX_IMAGE} fit below the host tables")
+        bin_path.parent.mkdir(parents=True, exist_ok=True)
+        # write-then-rename so a concurrent build never reads half a file
+        for data, dst in ((flat.read_bytes(), bin_path), (syms.encode(), sym_path)):
+            tmpf = dst.with_suffix(dst.suffix + f".{os.getpid()}")
+            tmpf.write_bytes(data)
+            tmpf.replace(dst)
+
+
+def _tool(argv: list[str], what: str) -> str:
+    p = subprocess.run(argv, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise BuildError(f"{what} failed:\n{(p.stderr or p.stdout).strip()}")
+    return p.stdout
+
+
+def _parse_symbols(text: str) -> dict[str, int]:
+    out = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 3:
+            out[parts[2]] = int(parts[0], 16)
+    return out
+
+
+@lru_cache(maxsize=1)
+def _tool_versions() -> str:
+    try:
+        return subprocess.run(["as", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
+    except (OSError, IndexError):
+        return "unknown"

@@ -1,0 +1,151 @@
+"""Real, 32-bit protected and 64-bit long mode (CPL0 or CPL3): the host builds the GDT, IDT,
+TSS and identity page tables in guest memory and loads the matching segment state.
+
+Guest-physical layout (shared with guests/lib/kvmiso.inc):
+
+====================  ==================================================
+0x0000_7000           real-mode stack top
+0x0000_8000           the payload image (code, data), at most 32 KiB
+0x0001_0000           GDT; 0x11000 IDT
+0x0001_2000           PML4; 0x13000 PDPT; 0x14000-0x17fff four PDs
+0x0001_8000           TSS with a full I/O permission bitmap (all ports allowed), to 0x1a069
+0x0010_0000           scratch memory for payloads
+top - 0x10000         user (CPL3) stack top; kernel stack top at the end
+====================  ==================================================
+"""
+
+from __future__ import annotations
+
+import struct
+
+from ..kvm import abi
+from .build import Image
+
+GDT, IDT = 0x10000, 0x11000
+PML4, PDPT, PD = 0x12000, 0x13000, 0x14000
+TSS = 0x18000
+TSS_IOMAP = 0x68
+TSS_LIMIT = TSS_IOMAP + 65536 // 8  # the bitmap's last byte is the required 0xff terminator
+REAL_MODE_STACK = 0x7000
+IDENTITY_MAP_GIB = 4  # the long-mode identity map covers guest-physical [0, 4 GiB) in 2 MiB pages
+
+SEL_CODE64, SEL_DATA, SEL_CODE32 = 0x08, 0x10, 0x18
+SEL_USER_DATA, SEL_USER_CODE64 = 0x20 | 3, 0x28 | 3
+SEL_TSS = 0x30  # a 16-byte descriptor in long mode (0x30 and 0x38)
+
+CR0_PE, CR0_MP, CR0_ET, CR0_NE, CR0_WP, CR0_PG = 1 << 0, 1 << 1, 1 << 4, 1 << 5, 1 << 16, 1 << 31
+CR4_PAE, CR4_OSFXSR, CR4_OSXMMEXCPT = 1 << 5, 1 << 9, 1 << 10
+EFER_LME, EFER_LMA, EFER_NXE = 1 << 8, 1 << 10, 1 << 11
+RFLAGS_FIXED = 1 << 1
+PTE_P, PTE_RW, PTE_US, PTE_PS = 1 << 0, 1 << 1, 1 << 2, 1 << 7
+
+# type, s, l, db, dpl of each GDT entry; base 0, limit 4 GiB, granularity 4 KiB
+_SEGMENTS = {
+    SEL_CODE64: (0xB, 1, 1, 0, 0),
+    SEL_DATA: (0x3, 1, 0, 1, 0),
+    SEL_CODE32: (0xB, 1, 0, 1, 0),
+    SEL_USER_DATA & ~3: (0x3, 1, 0, 1, 3),
+    SEL_USER_CODE64 & ~3: (0xB, 1, 1, 0, 3),
+}
+
+
+def _descriptor(base: int, limit: int, typ: int, s: int, dpl: int, l: int, db: int, g: int) -> int:
+    access = typ | s << 4 | dpl << 5 | 1 << 7
+    flags = l << 1 | db << 2 | g << 3
+    return ((limit & 0xFFFF) | (base & 0xFFFFFF) << 16 | access << 40 | ((limit >> 16) & 0xF) << 48
+            | flags << 52 | ((base >> 24) & 0xFF) << 56)
+
+
+def _segment(selector: int, typ: int, s: int, l: int, db: int, dpl: int,
+             base: int = 0, limit: int = 0xFFFFFFFF, g: int = 1) -> abi.kvm_segment:
+    return abi.kvm_segment(base=base, limit=limit, selector=selector, type=typ, present=1, dpl=dpl,
+                           db=db, s=s, l=l, g=g)
+
+
+def write_gdt(vm, long_mode: bool) -> None:
+    entries = [0] * 8
+    for sel, (typ, s, l, db, dpl) in _SEGMENTS.items():
+        entries[sel >> 3] = _descriptor(0, 0xFFFFF, typ, s, dpl, l, db, 1)
+    tss_type = 0x9  # available TSS (64-bit in long mode, 32-bit otherwise)
+    entries[SEL_TSS >> 3] = _descriptor(TSS, TSS_LIMIT, tss_type, 0, 0, 0, 0, 0)
+    entries[(SEL_TSS >> 3) + 1] = TSS >> 32 if long_mode else 0
+    vm.write(GDT, struct.pack("<8Q", *entries))
+
+
+def write_idt(vm, image: Image, long_mode: bool) -> int:
+    """Point vectors 0-31 at crt0's stubs; returns the IDT limit."""
+    stubs = image.symbols["exception_stubs"]
+    gates = bytearray()
+    for vec in range(32):
+        off = stubs + 16 * vec
+        if long_mode:
+            gates += struct.pack("<HHBBHII", off & 0xFFFF, SEL_CODE64, 0, 0x8E, (off >> 16) & 0xFFFF, off >> 32, 0)
+        else:
+            gates += struct.pack("<HHBBH", off & 0xFFFF, SEL_CODE32, 0, 0x8E, (off >> 16) & 0xFFFF)
+    vm.write(IDT, bytes(gates))
+    return len(gates) - 1
+
+
+def write_identity_map(vm) -> None:
+    """Identity-map guest-physical [0, 4 GiB) with 2 MiB user-accessible, writable pages."""
+    vm.write(PML4, struct.pack("<Q", PDPT | PTE_P | PTE_RW | PTE_US))
+    vm.write(PDPT, struct.pack(f"<{IDENTITY_MAP_GIB}Q", *(PD + i * 0x1000 | PTE_P | PTE_RW | PTE_US
+                                                          for i in range(IDENTITY_MAP_GIB))))
+    pdes = [(i << 21) | PTE_P | PTE_RW | PTE_US | PTE_PS for i in range(512 * IDENTITY_MAP_GIB)]
+    vm.write(PD, struct.pack(f"<{len(pdes)}Q", *pdes))
+
+
+def setup(vm, vcpu, image: Image, mode: str, cpl: int, stack_top: int, kernel_stack_top: int) -> None:
+    """Load segment, control and general registers for ``mode`` and enter at the image's _start."""
+    if cpl not in (0, 3):
+        raise ValueError(f"cpl must be 0 or 3, not {cpl}")
+    if cpl == 3 and mode != "long":
+        raise ValueError(f"CPL3 is available in long mode only, not in {mode} mode")
+    sregs = vcpu.get_sregs()
+    regs = abi.kvm_regs(rip=image.entry, rflags=RFLAGS_FIXED, rsp=stack_top, rdi=vcpu.id)
+    if mode == "real":
+        seg = _segment(0, 0x3, 1, 0, 0, 0, limit=0xFFFF, g=0)
+        for name in ("ds", "es", "fs", "gs", "ss"):
+            setattr(sregs, name, seg)
+        sregs.cs = _segment(0, 0xB, 1, 0, 0, 0, limit=0xFFFF, g=0)
+        regs.rsp = REAL_MODE_STACK
+        sregs.cr0 &= ~(CR0_PE | CR0_PG)
+    else:
+        long_mode = mode == "long"
+        write_gdt(vm, long_mode)
+        idt_limit = write_idt(vm, image, long_mode)
+        # A zero I/O bitmap lets CPL3 use every port: kvm_pvm ignores RFLAGS.IOPL for the guest
+        # but honours the bitmap, and VMX/SVM honour both.
+        tss = bytearray(TSS_LIMIT + 1)
+        tss[-1] = 0xFF
+        if long_mode:
+            struct.pack_into("<Q", tss, 4, kernel_stack_top)
+        else:
+            struct.pack_into("<II", tss, 4, kernel_stack_top, SEL_DATA)
+        struct.pack_into("<H", tss, 0x66, TSS_IOMAP)
+        vm.write(TSS, bytes(tss))
+        sregs.gdt.base, sregs.gdt.limit = GDT, 8 * 8 - 1
+        sregs.idt.base, sregs.idt.limit = IDT, idt_limit
+        sregs.tr = _segment(SEL_TSS, 0xB, 0, 0, 0, 0, base=TSS, limit=TSS_LIMIT, g=0)
+        sregs.ldt = abi.kvm_segment(type=0x2, present=1, unusable=1)
+        sregs.cr0 = CR0_PE | CR0_ET | CR0_NE
+        if long_mode:
+            write_identity_map(vm)
+            sregs.cr0 |= CR0_PG | CR0_WP | CR0_MP
+            sregs.cr3 = PML4
+            sregs.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT
+            sregs.efer = EFER_LME | EFER_LMA | EFER_NXE
+            if cpl == 3:
+                code, data = SEL_USER_CODE64, SEL_USER_DATA
+            else:
+                code, data = SEL_CODE64, SEL_DATA
+        else:
+            code, data = SEL_CODE32, SEL_DATA
+            sregs.cr4 = sregs.efer = 0
+        typ, s, l, db, dpl = _SEGMENTS[code & ~3]
+        sregs.cs = _segment(code, typ, s, l, db, dpl)
+        typ, s, l, db, dpl = _SEGMENTS[data & ~3]
+        for name in ("ds", "es", "fs", "gs", "ss"):
+            setattr(sregs, name, _segment(data, typ, s, l, db, dpl))
+    vcpu.set_sregs(sregs)
+    vcpu.set_regs(regs)

@@ -1,0 +1,72 @@
+"""The guest -> host call convention (see guests/lib/kvmiso.inc): console text on port 0xE9,
+calls on port 0xEA with their arguments in rdi, rsi, rdx, rcx (32 bits wide outside long mode)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PORT_CONSOLE = 0xE9
+PORT_UCALL = 0xEA
+UCALL_DONE, UCALL_FAIL, UCALL_REPORT, UCALL_EXCEPTION = 1, 2, 3, 4
+
+EXCEPTION_NAMES = {
+    0: "#DE", 1: "#DB", 2: "NMI", 3: "#BP", 4: "#OF", 5: "#BR", 6: "#UD", 7: "#NM", 8: "#DF",
+    10: "#TS", 11: "#NP", 12: "#SS", 13: "#GP", 14: "#PF", 16: "#MF", 17: "#AC", 18: "#MC",
+    19: "#XM", 20: "#VE", 21: "#CP",
+}
+
+
+@dataclass(frozen=True)
+class Done:
+    pass
+
+
+@dataclass(frozen=True)
+class Fail:
+    code: int
+
+
+@dataclass(frozen=True)
+class Report:
+    tag: int
+    value: int
+
+
+@dataclass(frozen=True)
+class GuestException:
+    """An exception the guest took and crt0 reported: vector, error code, RIP and CR2."""
+
+    vector: int
+    error_code: int
+    rip: int
+    cr2: int
+
+    @property
+    def name(self) -> str:
+        return EXCEPTION_NAMES.get(self.vector, f"vector {self.vector}")
+
+    def __str__(self) -> str:
+        text = f"{self.name} (error code {self.error_code:#x}) at rip {self.rip:#x}"
+        return text + (f", cr2 {self.cr2:#x}" if self.vector == 14 else "")
+
+
+class MalformedUcall(ValueError):
+    """A write to the ucall port that is not a known call."""
+
+
+Ucall = Done | Fail | Report | GuestException
+
+
+def decode_ucall(number: int, regs, bits: int) -> Ucall:
+    """Decode call ``number`` (the byte written to PORT_UCALL) from the vCPU's registers."""
+    mask = (1 << max(bits, 32)) - 1  # real-mode guests use 32-bit registers too
+    rdi, rsi, rdx, rcx = regs.rdi & mask, regs.rsi & mask, regs.rdx & mask, regs.rcx & mask
+    if number == UCALL_DONE:
+        return Done()
+    if number == UCALL_FAIL:
+        return Fail(rdi)
+    if number == UCALL_REPORT:
+        return Report(rdi, rsi)
+    if number == UCALL_EXCEPTION:
+        return GuestException(rdi, rsi, rdx, rcx)
+    raise MalformedUcall(f"unknown ucall number {number} on port {PORT_UCALL:#x}")

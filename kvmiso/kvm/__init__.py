@@ -1,0 +1,9 @@
+"""The ioctl layer: nothing above this package touches a KVM file descriptor or ioctl number."""
+
+from .errors import GuestTimeout, KvmError, KvmUnavailable
+from .system import CpuidEntry, Kvm, vendor_module
+from .vcpu import Translation, Vcpu
+from .vm import MemorySlot, Vm
+
+__all__ = ["CpuidEntry", "GuestTimeout", "Kvm", "KvmError", "KvmUnavailable", "MemorySlot",
+           "Translation", "Vcpu", "Vm", "vendor_module"]

@@ -1,0 +1,65 @@
+"""The only place that calls ioctl(2) and mmap(2): through ctypes, never the fcntl module."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import mmap as _mmap
+import os
+
+from . import abi
+from .errors import KvmError
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.ioctl.restype = ctypes.c_int
+_libc.ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+_libc.munmap.restype = ctypes.c_int
+_libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+_libc.madvise.restype = ctypes.c_int
+_libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+
+raw_ioctl = _libc.ioctl
+get_errno = ctypes.get_errno
+MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def ioctl_name(request: int) -> str:
+    return abi.IOCTL_NAMES.get(request, f"ioctl {request:#x}")
+
+
+def ioctl(fd: int, request: int, arg: int | ctypes._CData | None = None, explain=None) -> int:
+    """ioctl(2) that raises KvmError naming the request; ``arg`` is an int or a ctypes object.
+
+    ``explain(errno) -> str`` adds what the failure means for this call.
+    """
+    if arg is None:
+        ptr = None
+    elif isinstance(arg, int):
+        ptr = arg
+    else:
+        ptr = ctypes.addressof(arg)
+    ret = raw_ioctl(fd, request, ptr)
+    if ret < 0:
+        err = get_errno()
+        raise KvmError(ioctl_name(request), err, explain(err) if explain else "")
+    return ret
+
+
+def mmap(length: int, fd: int = -1, shared: bool = False, prot: int = _mmap.PROT_READ | _mmap.PROT_WRITE) -> int:
+    """mmap(2); an anonymous private mapping unless ``fd`` is given. Returns the address."""
+    flags = _mmap.MAP_SHARED if shared else _mmap.MAP_PRIVATE
+    if fd < 0:
+        flags |= _mmap.MAP_ANONYMOUS
+    addr = _libc.mmap(None, length, prot, flags, fd, 0)
+    if addr is None or addr == MAP_FAILED:
+        err = get_errno()
+        raise OSError(err, f"mmap of {length} bytes failed: {os.strerror(err)}")
+    return addr
+
+
+def munmap(addr: int, length: int) -> None:
+    if _libc.munmap(addr, length) != 0:
+        err = get_errno()
+        raise OSError(err, f"munmap({addr:#x}, {length}) failed: {os.strerror(err)}")

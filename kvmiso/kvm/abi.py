@@ -1,0 +1,491 @@
+"""ctypes mirrors of <linux/kvm.h> and <asm/kvm.h> (x86-64), and the ioctl numbers.
+
+Data only: no function here touches a file descriptor. Every struct's size and field offsets
+are checked against the installed kernel headers by ``tests/test_abi.py``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from ctypes import c_char, c_int32, c_int16, c_uint8, c_uint16, c_uint32, c_uint64
+
+# --- ioctl number encoding (<asm-generic/ioctl.h>) -------------------------------------------
+
+_IOC_NRBITS, _IOC_TYPEBITS, _IOC_SIZEBITS = 8, 8, 14
+_IOC_NRSHIFT = 0
+_IOC_TYPESHIFT = _IOC_NRSHIFT + _IOC_NRBITS
+_IOC_SIZESHIFT = _IOC_TYPESHIFT + _IOC_TYPEBITS
+_IOC_DIRSHIFT = _IOC_SIZESHIFT + _IOC_SIZEBITS
+_IOC_NONE, _IOC_WRITE, _IOC_READ = 0, 1, 2
+
+
+def _IOC(direction: int, typ: int, nr: int, size: int) -> int:
+    return (direction << _IOC_DIRSHIFT) | (typ << _IOC_TYPESHIFT) | (nr << _IOC_NRSHIFT) | (
+        size << _IOC_SIZESHIFT
+    )
+
+
+def _IO(typ: int, nr: int) -> int:
+    return _IOC(_IOC_NONE, typ, nr, 0)
+
+
+def _IOR(typ: int, nr: int, ctype: type) -> int:
+    return _IOC(_IOC_READ, typ, nr, ctypes.sizeof(ctype))
+
+
+def _IOW(typ: int, nr: int, ctype: type) -> int:
+    return _IOC(_IOC_WRITE, typ, nr, ctypes.sizeof(ctype))
+
+
+def _IOWR(typ: int, nr: int, ctype: type) -> int:
+    return _IOC(_IOC_READ | _IOC_WRITE, typ, nr, ctypes.sizeof(ctype))
+
+
+KVMIO = 0xAE
+KVM_API_VERSION = 12
+
+# --- structures --------------------------------------------------------------------------------
+
+
+class kvm_userspace_memory_region(ctypes.Structure):
+    _fields_ = [
+        ("slot", c_uint32),
+        ("flags", c_uint32),
+        ("guest_phys_addr", c_uint64),
+        ("memory_size", c_uint64),
+        ("userspace_addr", c_uint64),
+    ]
+
+
+KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
+KVM_MEM_READONLY = 1 << 1
+
+
+class kvm_regs(ctypes.Structure):
+    _fields_ = [
+        (name, c_uint64)
+        for name in (
+            "rax rbx rcx rdx rsi rdi rsp rbp r8 r9 r10 r11 r12 r13 r14 r15 rip rflags".split()
+        )
+    ]
+
+
+class kvm_segment(ctypes.Structure):
+    _fields_ = [
+        ("base", c_uint64),
+        ("limit", c_uint32),
+        ("selector", c_uint16),
+        ("type", c_uint8),
+        ("present", c_uint8),
+        ("dpl", c_uint8),
+        ("db", c_uint8),
+        ("s", c_uint8),
+        ("l", c_uint8),
+        ("g", c_uint8),
+        ("avl", c_uint8),
+        ("unusable", c_uint8),
+        ("padding", c_uint8),
+    ]
+
+
+class kvm_dtable(ctypes.Structure):
+    _fields_ = [("base", c_uint64), ("limit", c_uint16), ("padding", c_uint16 * 3)]
+
+
+KVM_NR_INTERRUPTS = 256
+
+
+class kvm_sregs(ctypes.Structure):
+    _fields_ = [
+        ("cs", kvm_segment),
+        ("ds", kvm_segment),
+        ("es", kvm_segment),
+        ("fs", kvm_segment),
+        ("gs", kvm_segment),
+        ("ss", kvm_segment),
+        ("tr", kvm_segment),
+        ("ldt", kvm_segment),
+        ("gdt", kvm_dtable),
+        ("idt", kvm_dtable),
+        ("cr0", c_uint64),
+        ("cr2", c_uint64),
+        ("cr3", c_uint64),
+        ("cr4", c_uint64),
+        ("cr8", c_uint64),
+        ("efer", c_uint64),
+        ("apic_base", c_uint64),
+        ("interrupt_bitmap", c_uint64 * ((KVM_NR_INTERRUPTS + 63) // 64)),
+    ]
+
+
+class kvm_fpu(ctypes.Structure):
+    _fields_ = [
+        ("fpr", (c_uint8 * 16) * 8),
+        ("fcw", c_uint16),
+        ("fsw", c_uint16),
+        ("ftwx", c_uint8),
+        ("pad1", c_uint8),
+        ("last_opcode", c_uint16),
+        ("last_ip", c_uint64),
+        ("last_dp", c_uint64),
+        ("xmm", (c_uint8 * 16) * 16),
+        ("mxcsr", c_uint32),
+        ("pad2", c_uint32),
+    ]
+
+
+class kvm_msr_entry(ctypes.Structure):
+    _fields_ = [("index", c_uint32), ("reserved", c_uint32), ("data", c_uint64)]
+
+
+class kvm_msrs(ctypes.Structure):
+    """Header only; the entries follow it (flexible array member)."""
+
+    _fields_ = [("nmsrs", c_uint32), ("pad", c_uint32)]
+
+
+class kvm_msr_list(ctypes.Structure):
+    """Header only; ``nmsrs`` u32 indices follow it."""
+
+    _fields_ = [("nmsrs", c_uint32)]
+
+
+class kvm_cpuid_entry2(ctypes.Structure):
+    _fields_ = [
+        ("function", c_uint32),
+        ("index", c_uint32),
+        ("flags", c_uint32),
+        ("eax", c_uint32),
+        ("ebx", c_uint32),
+        ("ecx", c_uint32),
+        ("edx", c_uint32),
+        ("padding", c_uint32 * 3),
+    ]
+
+
+class kvm_cpuid2(ctypes.Structure):
+    """Header only; ``nent`` kvm_cpuid_entry2 follow it."""
+
+    _fields_ = [("nent", c_uint32), ("padding", c_uint32)]
+
+
+KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1 << 0
+
+
+class kvm_translation(ctypes.Structure):
+    _fields_ = [
+        ("linear_address", c_uint64),
+        ("physical_address", c_uint64),
+        ("valid", c_uint8),
+        ("writeable", c_uint8),
+        ("usermode", c_uint8),
+        ("pad", c_uint8 * 5),
+    ]
+
+
+class kvm_guest_debug_arch(ctypes.Structure):
+    _fields_ = [("debugreg", c_uint64 * 8)]
+
+
+class kvm_guest_debug(ctypes.Structure):
+    _fields_ = [("control", c_uint32), ("pad", c_uint32), ("arch", kvm_guest_debug_arch)]
+
+
+KVM_GUESTDBG_ENABLE = 0x00000001
+KVM_GUESTDBG_SINGLESTEP = 0x00000002
+KVM_GUESTDBG_USE_SW_BP = 0x00010000
+KVM_GUESTDBG_USE_HW_BP = 0x00020000
+
+
+class _events_exception(ctypes.Structure):
+    _fields_ = [
+        ("injected", c_uint8),
+        ("nr", c_uint8),
+        ("has_error_code", c_uint8),
+        ("pending", c_uint8),
+        ("error_code", c_uint32),
+    ]
+
+
+class _events_interrupt(ctypes.Structure):
+    _fields_ = [("injected", c_uint8), ("nr", c_uint8), ("soft", c_uint8), ("shadow", c_uint8)]
+
+
+class _events_nmi(ctypes.Structure):
+    _fields_ = [("injected", c_uint8), ("pending", c_uint8), ("masked", c_uint8), ("pad", c_uint8)]
+
+
+class _events_smi(ctypes.Structure):
+    _fields_ = [
+        ("smm", c_uint8),
+        ("pending", c_uint8),
+        ("smm_inside_nmi", c_uint8),
+        ("latched_init", c_uint8),
+    ]
+
+
+class _events_triple_fault(ctypes.Structure):
+    _fields_ = [("pending", c_uint8)]
+
+
+class kvm_vcpu_events(ctypes.Structure):
+    _fields_ = [
+        ("exception", _events_exception),
+        ("interrupt", _events_interrupt),
+        ("nmi", _events_nmi),
+        ("sipi_vector", c_uint32),
+        ("flags", c_uint32),
+        ("smi", _events_smi),
+        ("triple_fault", _events_triple_fault),
+        ("reserved", c_uint8 * 26),
+        ("exception_has_payload", c_uint8),
+        ("exception_payload", c_uint64),
+    ]
+
+
+class kvm_irq_level(ctypes.Structure):
+    _fields_ = [("irq", c_uint32), ("level", c_uint32)]
+
+
+class kvm_ioeventfd(ctypes.Structure):
+    _fields_ = [
+        ("datamatch", c_uint64),
+        ("addr", c_uint64),
+        ("len", c_uint32),
+        ("fd", c_int32),
+        ("flags", c_uint32),
+        ("pad", c_uint8 * 36),
+    ]
+
+
+KVM_IOEVENTFD_FLAG_DATAMATCH = 1 << 0
+KVM_IOEVENTFD_FLAG_PIO = 1 << 1
+KVM_IOEVENTFD_FLAG_DEASSIGN = 1 << 2
+
+
+class kvm_dirty_log(ctypes.Structure):
+    _fields_ = [("slot", c_uint32), ("padding1", c_uint32), ("dirty_bitmap", c_uint64)]
+
+
+class kvm_enable_cap(ctypes.Structure):
+    _fields_ = [("cap", c_uint32), ("flags", c_uint32), ("args", c_uint64 * 4), ("pad", c_uint8 * 64)]
+
+
+class kvm_stats_header(ctypes.Structure):
+    _fields_ = [
+        ("flags", c_uint32),
+        ("name_size", c_uint32),
+        ("num_desc", c_uint32),
+        ("id_offset", c_uint32),
+        ("desc_offset", c_uint32),
+        ("data_offset", c_uint32),
+    ]
+
+
+class kvm_stats_desc(ctypes.Structure):
+    """Header only; a NUL-padded name of ``kvm_stats_header.name_size`` bytes follows it."""
+
+    _fields_ = [
+        ("flags", c_uint32),
+        ("exponent", c_int16),
+        ("size", c_uint16),
+        ("offset", c_uint32),
+        ("bucket_size", c_uint32),
+    ]
+
+
+KVM_STATS_TYPE_SHIFT, KVM_STATS_TYPE_MASK = 0, 0xF << 0
+KVM_STATS_UNIT_SHIFT, KVM_STATS_UNIT_MASK = 4, 0xF << 4
+KVM_STATS_BASE_SHIFT, KVM_STATS_BASE_MASK = 8, 0xF << 8
+KVM_STATS_TYPE_NAMES = {0: "cumulative", 1: "instant", 2: "peak", 3: "linear_hist", 4: "log_hist"}
+KVM_STATS_UNIT_NAMES = {0: "none", 1: "bytes", 2: "seconds", 3: "cycles", 4: "boolean"}
+KVM_STATS_BASE_NAMES = {0: "pow10", 1: "pow2"}
+
+# --- struct kvm_run (the shared vCPU page) ------------------------------------------------------
+
+
+class _run_io(ctypes.Structure):
+    _fields_ = [
+        ("direction", c_uint8),
+        ("size", c_uint8),
+        ("port", c_uint16),
+        ("count", c_uint32),
+        ("data_offset", c_uint64),
+    ]
+
+
+KVM_EXIT_IO_IN = 0
+KVM_EXIT_IO_OUT = 1
+
+
+class _run_mmio(ctypes.Structure):
+    _fields_ = [("phys_addr", c_uint64), ("data", c_uint8 * 8), ("len", c_uint32), ("is_write", c_uint8)]
+
+
+class _run_hw(ctypes.Structure):
+    _fields_ = [("hardware_exit_reason", c_uint64)]
+
+
+class _run_fail_entry(ctypes.Structure):
+    _fields_ = [("hardware_entry_failure_reason", c_uint64), ("cpu", c_uint32)]
+
+
+class _run_ex(ctypes.Structure):
+    _fields_ = [("exception", c_uint32), ("error_code", c_uint32)]
+
+
+class kvm_debug_exit_arch(ctypes.Structure):
+    _fields_ = [("exception", c_uint32), ("pad", c_uint32), ("pc", c_uint64), ("dr6", c_uint64), ("dr7", c_uint64)]
+
+
+class _run_hypercall(ctypes.Structure):
+    _fields_ = [
+        ("nr", c_uint64),
+        ("args", c_uint64 * 6),
+        ("ret", c_uint64),
+        ("longmode", c_uint32),
+        ("pad", c_uint32),
+    ]
+
+
+class _run_tpr_access(ctypes.Structure):
+    _fields_ = [("rip", c_uint64), ("is_write", c_uint32), ("pad", c_uint32)]
+
+
+class _run_internal(ctypes.Structure):
+    _fields_ = [("suberror", c_uint32), ("ndata", c_uint32), ("data", c_uint64 * 16)]
+
+
+class _run_system_event(ctypes.Structure):
+    _fields_ = [("type", c_uint32), ("ndata", c_uint32), ("data", c_uint64 * 16)]
+
+
+class _run_msr(ctypes.Structure):
+    _fields_ = [("error", c_uint8), ("pad", c_uint8 * 7), ("reason", c_uint32), ("index", c_uint32), ("data", c_uint64)]
+
+
+class _run_notify(ctypes.Structure):
+    _fields_ = [("flags", c_uint32)]
+
+
+class _run_exit_union(ctypes.Union):
+    _fields_ = [
+        ("hw", _run_hw),
+        ("fail_entry", _run_fail_entry),
+        ("ex", _run_ex),
+        ("io", _run_io),
+        ("debug", kvm_debug_exit_arch),
+        ("mmio", _run_mmio),
+        ("hypercall", _run_hypercall),
+        ("tpr_access", _run_tpr_access),
+        ("internal", _run_internal),
+        ("system_event", _run_system_event),
+        ("msr", _run_msr),
+        ("notify", _run_notify),
+        ("padding", c_char * 256),
+    ]
+
+
+class kvm_run(ctypes.Structure):
+    _fields_ = [
+        ("request_interrupt_window", c_uint8),
+        ("immediate_exit", c_uint8),
+        ("padding1", c_uint8 * 6),
+        ("exit_reason", c_uint32),
+        ("ready_for_interrupt_injection", c_uint8),
+        ("if_flag", c_uint8),
+        ("flags", c_uint16),
+        ("cr8", c_uint64),
+        ("apic_base", c_uint64),
+        ("u", _run_exit_union),
+        ("kvm_valid_regs", c_uint64),
+        ("kvm_dirty_regs", c_uint64),
+        ("s", c_char * 2048),
+    ]
+
+
+# KVM_EXIT_* reasons (<linux/kvm.h>), including ones newer than the installed headers.
+KVM_EXIT_REASONS = {
+    0: "UNKNOWN", 1: "EXCEPTION", 2: "IO", 3: "HYPERCALL", 4: "DEBUG", 5: "HLT", 6: "MMIO",
+    7: "IRQ_WINDOW_OPEN", 8: "SHUTDOWN", 9: "FAIL_ENTRY", 10: "INTR", 11: "SET_TPR",
+    12: "TPR_ACCESS", 13: "S390_SIEIC", 14: "S390_RESET", 15: "DCR", 16: "NMI",
+    17: "INTERNAL_ERROR", 18: "OSI", 19: "PAPR_HCALL", 20: "S390_UCONTROL", 21: "WATCHDOG",
+    22: "S390_TSCH", 23: "EPR", 24: "SYSTEM_EVENT", 25: "S390_STSI", 26: "IOAPIC_EOI",
+    27: "HYPERV", 28: "ARM_NISV", 29: "X86_RDMSR", 30: "X86_WRMSR", 31: "DIRTY_RING_FULL",
+    32: "AP_RESET_HOLD", 33: "X86_BUS_LOCK", 34: "XEN", 35: "RISCV_SBI", 36: "RISCV_CSR",
+    37: "NOTIFY", 38: "LOONGARCH_IOCSR", 39: "MEMORY_FAULT", 40: "TDX",
+}
+globals().update({f"KVM_EXIT_{name}": nr for nr, name in KVM_EXIT_REASONS.items()})
+
+KVM_INTERNAL_ERROR_NAMES = {1: "EMULATION", 2: "SIMUL_EX", 3: "DELIVERY_EV", 4: "UNEXPECTED_EXIT_REASON"}
+KVM_SYSTEM_EVENT_NAMES = {1: "SHUTDOWN", 2: "RESET", 3: "CRASH", 4: "WAKEUP", 5: "SUSPEND", 6: "SEV_TERM", 7: "TDX_FATAL"}
+KVM_MSR_EXIT_REASON_INVAL = 1 << 0
+KVM_MSR_EXIT_REASON_UNKNOWN = 1 << 1
+KVM_MSR_EXIT_REASON_FILTER = 1 << 2
+
+# --- capabilities (KVM_CHECK_EXTENSION) --------------------------------------------------------
+
+KVM_CAPS = {
+    "IRQCHIP": 0, "HLT": 1, "USER_MEMORY": 3, "SET_TSS_ADDR": 4, "VAPIC": 6, "EXT_CPUID": 7,
+    "CLOCKSOURCE": 8, "NR_VCPUS": 9, "NR_MEMSLOTS": 10, "PIT": 11, "NOP_IO_DELAY": 12,
+    "MP_STATE": 14, "COALESCED_MMIO": 15, "SYNC_MMU": 16, "USER_NMI": 22, "SET_GUEST_DEBUG": 23,
+    "REINJECT_CONTROL": 24, "IRQ_ROUTING": 25, "IRQ_INJECT_STATUS": 26, "MCE": 31, "IRQFD": 32,
+    "PIT2": 33, "SET_BOOT_CPU_ID": 34, "PIT_STATE2": 35, "IOEVENTFD": 36,
+    "SET_IDENTITY_MAP_ADDR": 37, "ADJUST_CLOCK": 39, "INTERNAL_ERROR_DATA": 40,
+    "VCPU_EVENTS": 41, "HYPERV": 44, "INTR_SHADOW": 49, "DEBUGREGS": 50,
+    "X86_ROBUST_SINGLESTEP": 51, "ENABLE_CAP": 54, "XSAVE": 55, "XCRS": 56, "ASYNC_PF": 59,
+    "TSC_CONTROL": 60, "GET_TSC_KHZ": 61, "MAX_VCPUS": 66, "ONE_REG": 70,
+    "TSC_DEADLINE_TIMER": 72, "SYNC_REGS": 74, "KVMCLOCK_CTRL": 76, "SIGNAL_MSI": 77,
+    "READONLY_MEM": 81, "IRQFD_RESAMPLE": 82, "IOEVENTFD_NO_LENGTH": 100, "MAX_VCPU_ID": 128,
+    "X2APIC_API": 129, "IMMEDIATE_EXIT": 136, "X86_DISABLE_EXITS": 143, "GET_MSR_FEATURES": 153,
+    "NESTED_STATE": 157, "EXCEPTION_PAYLOAD": 164, "MANUAL_DIRTY_LOG_PROTECT2": 168,
+    "PMU_EVENT_FILTER": 173, "HALT_POLL": 182, "SMALLER_MAXPHYADDR": 185,
+    "X86_USER_SPACE_MSR": 188, "X86_MSR_FILTER": 189, "DIRTY_LOG_RING": 192,
+    "X86_BUS_LOCK_EXIT": 193, "EXIT_HYPERCALL": 201, "BINARY_STATS_FD": 203,
+    "XSAVE2": 208, "SYS_ATTRIBUTES": 209, "PMU_CAPABILITY": 212, "X86_NOTIFY_VMEXIT": 219,
+    "DIRTY_LOG_RING_ACQ_REL": 223, "USER_MEMORY2": 231, "MEMORY_FAULT_INFO": 232,
+    "MEMORY_ATTRIBUTES": 233, "GUEST_MEMFD": 234, "VM_TYPES": 235,
+}
+
+# KVM_CAP_X86_USER_SPACE_MSR arguments
+KVM_MSR_EXIT_REASON_MASK = KVM_MSR_EXIT_REASON_INVAL | KVM_MSR_EXIT_REASON_UNKNOWN | KVM_MSR_EXIT_REASON_FILTER
+
+# --- ioctl numbers -----------------------------------------------------------------------------
+
+# system
+KVM_GET_API_VERSION = _IO(KVMIO, 0x00)
+KVM_CREATE_VM = _IO(KVMIO, 0x01)
+KVM_GET_MSR_INDEX_LIST = _IOWR(KVMIO, 0x02, kvm_msr_list)
+KVM_CHECK_EXTENSION = _IO(KVMIO, 0x03)
+KVM_GET_VCPU_MMAP_SIZE = _IO(KVMIO, 0x04)
+KVM_GET_SUPPORTED_CPUID = _IOWR(KVMIO, 0x05, kvm_cpuid2)
+# vm
+KVM_CREATE_VCPU = _IO(KVMIO, 0x41)
+KVM_GET_DIRTY_LOG = _IOW(KVMIO, 0x42, kvm_dirty_log)
+KVM_SET_USER_MEMORY_REGION = _IOW(KVMIO, 0x46, kvm_userspace_memory_region)
+KVM_SET_TSS_ADDR = _IO(KVMIO, 0x47)
+KVM_SET_IDENTITY_MAP_ADDR = _IOW(KVMIO, 0x48, c_uint64)
+KVM_CREATE_IRQCHIP = _IO(KVMIO, 0x60)
+KVM_IRQ_LINE = _IOW(KVMIO, 0x61, kvm_irq_level)
+KVM_IOEVENTFD = _IOW(KVMIO, 0x79, kvm_ioeventfd)
+KVM_ENABLE_CAP = _IOW(KVMIO, 0xA3, kvm_enable_cap)
+KVM_GET_STATS_FD = _IO(KVMIO, 0xCE)
+# vcpu
+KVM_RUN = _IO(KVMIO, 0x80)
+KVM_GET_REGS = _IOR(KVMIO, 0x81, kvm_regs)
+KVM_SET_REGS = _IOW(KVMIO, 0x82, kvm_regs)
+KVM_GET_SREGS = _IOR(KVMIO, 0x83, kvm_sregs)
+KVM_SET_SREGS = _IOW(KVMIO, 0x84, kvm_sregs)
+KVM_TRANSLATE = _IOWR(KVMIO, 0x85, kvm_translation)
+KVM_GET_MSRS = _IOWR(KVMIO, 0x88, kvm_msrs)
+KVM_SET_MSRS = _IOW(KVMIO, 0x89, kvm_msrs)
+KVM_GET_FPU = _IOR(KVMIO, 0x8C, kvm_fpu)
+KVM_SET_FPU = _IOW(KVMIO, 0x8D, kvm_fpu)
+KVM_SET_CPUID2 = _IOW(KVMIO, 0x90, kvm_cpuid2)
+KVM_GET_CPUID2 = _IOWR(KVMIO, 0x91, kvm_cpuid2)
+KVM_SET_GUEST_DEBUG = _IOW(KVMIO, 0x9B, kvm_guest_debug)
+KVM_GET_VCPU_EVENTS = _IOR(KVMIO, 0x9F, kvm_vcpu_events)
+KVM_SET_VCPU_EVENTS = _IOW(KVMIO, 0xA0, kvm_vcpu_events)
+
+IOCTL_NAMES = {v: k for k, v in globals().items() if k.startswith("KVM_") and k.isupper()
+               and isinstance(v, int) and (v >> _IOC_TYPESHIFT) & 0xFF == KVMIO}

@@ -1,0 +1,46 @@
+"""Exceptions of the ioctl layer: each carries the fact that explains it."""
+
+from __future__ import annotations
+
+import errno as _errno
+
+
+class KvmError(OSError):
+    """An ioctl on a KVM file descriptor failed.
+
+    ``str()`` names the ioctl, the errno and what that errno means for it, e.g.
+    ``KVM_SET_USER_MEMORY_REGION failed: EEXIST (File exists): slot 1 overlaps slot 0``.
+    """
+
+    def __init__(self, ioctl: str, err: int, detail: str = "") -> None:
+        super().__init__(err, detail or _errno_text(err))
+        self.ioctl = ioctl
+        self.detail = detail
+
+    @property
+    def errno_name(self) -> str:
+        return _errno.errorcode.get(self.errno, str(self.errno))
+
+    def __str__(self) -> str:
+        text = f"{self.ioctl} failed: {self.errno_name} ({_errno_text(self.errno)})"
+        return f"{text}: {self.detail}" if self.detail else text
+
+
+class KvmUnavailable(RuntimeError):
+    """/dev/kvm is missing, not accessible, or speaks another API version."""
+
+
+class GuestTimeout(TimeoutError):
+    """A guest ran past its deadline; ``what`` says what it was doing when stopped."""
+
+    def __init__(self, seconds: float, what: str, exits: int = 0) -> None:
+        super().__init__(f"guest did not finish within {seconds:g} s ({exits} exits): {what}")
+        self.seconds = seconds
+        self.what = what
+        self.exits = exits
+
+
+def _errno_text(err: int) -> str:
+    import os
+
+    return os.strerror(err) if err else "unknown error"

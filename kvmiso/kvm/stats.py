@@ -1,0 +1,116 @@
+"""The binary stats interface (KVM_GET_STATS_FD) of a VM or vCPU.
+
+The descriptors are read once; ``snapshot()`` then reads only the data block with one pread.
+Descriptors are stepped through by ``sizeof(kvm_stats_desc) + name_size``, as the ABI says.
+
+>>> with vcpu.stats() as st:
+...     before = st.snapshot(); vcpu.run(); (st.snapshot() - before)["exits"]
+1
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import struct
+from dataclasses import dataclass
+
+from . import abi
+
+_DESC_SIZE = ctypes.sizeof(abi.kvm_stats_desc)
+
+
+@dataclass(frozen=True)
+class StatDesc:
+    """One statistic: ``size`` u64 values (buckets for a histogram) at ``offset`` in the data."""
+
+    name: str
+    type: str  # cumulative | instant | peak | linear_hist | log_hist
+    unit: str  # none | bytes | seconds | cycles | boolean
+    base: str  # pow10 | pow2
+    exponent: int
+    size: int
+    offset: int
+    bucket_size: int
+
+    @property
+    def is_histogram(self) -> bool:
+        return self.type.endswith("_hist")
+
+
+class Snapshot(dict):
+    """name -> int (or tuple of bucket counts for histograms). ``a - b`` is the delta."""
+
+    def __sub__(self, other: "Snapshot") -> "Snapshot":
+        out = Snapshot()
+        for k, v in self.items():
+            o = other.get(k)
+            if o is None:
+                out[k] = v
+            elif isinstance(v, tuple):
+                out[k] = tuple(x - y for x, y in zip(v, o))
+            else:
+                out[k] = v - o
+        return out
+
+    def nonzero(self) -> dict:
+        return {k: v for k, v in self.items() if (any(v) if isinstance(v, tuple) else v)}
+
+
+class Stats:
+    """A stats fd with its parsed descriptors. Owns and closes the fd."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        try:
+            hdr = abi.kvm_stats_header.from_buffer_copy(os.pread(fd, ctypes.sizeof(abi.kvm_stats_header), 0))
+            self.id = os.pread(fd, hdr.name_size, hdr.id_offset).rstrip(b"\0").decode()
+            stride = _DESC_SIZE + hdr.name_size
+            raw = os.pread(fd, stride * hdr.num_desc, hdr.desc_offset)
+            self.descriptors = [_parse_desc(raw[i * stride : (i + 1) * stride]) for i in range(hdr.num_desc)]
+        except BaseException:
+            os.close(fd)
+            raise
+        self._data_offset = hdr.data_offset
+        self._data_len = max((d.offset + 8 * d.size for d in self.descriptors), default=0)
+        self._by_name = {d.name: d for d in self.descriptors}
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> "Stats":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._by_name
+
+    def desc(self, name: str) -> StatDesc:
+        return self._by_name[name]
+
+    def snapshot(self) -> Snapshot:
+        data = os.pread(self.fd, self._data_len, self._data_offset)
+        words = struct.unpack(f"<{len(data) // 8}Q", data)
+        snap = Snapshot()
+        for d in self.descriptors:
+            i = d.offset // 8
+            snap[d.name] = tuple(words[i : i + d.size]) if d.is_histogram or d.size > 1 else words[i]
+        return snap
+
+
+def _parse_desc(raw: bytes) -> StatDesc:
+    d = abi.kvm_stats_desc.from_buffer_copy(raw[:_DESC_SIZE])
+    return StatDesc(
+        name=raw[_DESC_SIZE:].split(b"\0", 1)[0].decode(),
+        type=abi.KVM_STATS_TYPE_NAMES.get(d.flags & abi.KVM_STATS_TYPE_MASK, "unknown"),
+        unit=abi.KVM_STATS_UNIT_NAMES.get((d.flags & abi.KVM_STATS_UNIT_MASK) >> abi.KVM_STATS_UNIT_SHIFT, "unknown"),
+        base=abi.KVM_STATS_BASE_NAMES.get((d.flags & abi.KVM_STATS_BASE_MASK) >> abi.KVM_STATS_BASE_SHIFT, "unknown"),
+        exponent=d.exponent,
+        size=d.size,
+        offset=d.offset,
+        bucket_size=d.bucket_size,
+    )

@@ -1,0 +1,145 @@
+"""Kvm: the /dev/kvm system file descriptor."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import abi
+from ._libc import ioctl
+from .errors import KvmError, KvmUnavailable
+
+DEV_KVM = "/dev/kvm"
+VENDOR_MODULES = ("kvm_intel", "kvm_amd", "kvm_pvm")
+
+
+@dataclass(frozen=True)
+class CpuidEntry:
+    function: int
+    index: int
+    flags: int
+    eax: int
+    ebx: int
+    ecx: int
+    edx: int
+
+
+def vendor_module(sys_module: Path = Path("/sys/module")) -> str | None:
+    """The KVM vendor module loaded on this host (kvm_intel, kvm_amd or kvm_pvm), or None."""
+    for name in VENDOR_MODULES:
+        if (sys_module / name).is_dir():
+            return name
+    return None
+
+
+class Kvm:
+    """The KVM system fd. A context manager; ``close()`` is idempotent.
+
+    >>> with Kvm() as kvm:
+    ...     kvm.api_version, kvm.check_extension("IMMEDIATE_EXIT")
+    (12, 1)
+    """
+
+    def __init__(self, path: str = DEV_KVM) -> None:
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise KvmUnavailable(f"{path} does not exist: this kernel has no KVM, or the device node is missing") from None
+        except PermissionError:
+            raise KvmUnavailable(
+                f"{path}: permission denied: run as root or as a member of the group owning {path}"
+            ) from None
+        except OSError as e:
+            raise KvmUnavailable(f"{path}: cannot open: {e.strerror}") from None
+        try:
+            self.api_version = ioctl(self.fd, abi.KVM_GET_API_VERSION)
+            check_api_version(self.api_version, path)
+            self.vcpu_mmap_size = ioctl(self.fd, abi.KVM_GET_VCPU_MMAP_SIZE)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> "Kvm":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def check_extension(self, cap: str | int) -> int:
+        """KVM_CHECK_EXTENSION by name ("IMMEDIATE_EXIT") or number; 0 means absent."""
+        return ioctl(self.fd, abi.KVM_CHECK_EXTENSION, _cap_number(cap))
+
+    def capabilities(self) -> dict[str, int]:
+        """Every named capability with its KVM_CHECK_EXTENSION value."""
+        return {name: self.check_extension(nr) for name, nr in abi.KVM_CAPS.items()}
+
+    def get_msr_index_list(self) -> list[int]:
+        """KVM_GET_MSR_INDEX_LIST: the MSRs KVM saves and restores."""
+        return self._msr_list(abi.KVM_GET_MSR_INDEX_LIST)
+
+    def _msr_list(self, request: int) -> list[int]:
+        n = 64
+        while True:
+            buf = (ctypes.c_uint32 * (1 + n))(n)
+            try:
+                ioctl(self.fd, request, buf)
+            except KvmError as e:
+                if e.errno != errno.E2BIG:
+                    raise
+                n = buf[0]  # the kernel wrote the count it needs
+                continue
+            return list(buf[1 : 1 + buf[0]])
+
+    def get_supported_cpuid(self) -> list[CpuidEntry]:
+        """KVM_GET_SUPPORTED_CPUID: every leaf KVM can expose to a guest."""
+        return cpuid_ioctl(self.fd, abi.KVM_GET_SUPPORTED_CPUID)
+
+    def create_vm(self, vm_type: int = 0):
+        """KVM_CREATE_VM, returned as a :class:`kvmiso.kvm.vm.Vm`."""
+        from .vm import Vm
+
+        return Vm(self, ioctl(self.fd, abi.KVM_CREATE_VM, vm_type))
+
+
+def check_api_version(version: int, path: str = DEV_KVM) -> None:
+    """Refuse any KVM API version but 12 (the only one since Linux 2.6.22)."""
+    if version != abi.KVM_API_VERSION:
+        raise KvmUnavailable(f"{path} speaks KVM API version {version}; kvmiso needs {abi.KVM_API_VERSION}")
+
+
+def _cap_number(cap: str | int) -> int:
+    if isinstance(cap, int):
+        return cap
+    try:
+        return abi.KVM_CAPS[cap.upper().removeprefix("KVM_CAP_")]
+    except KeyError:
+        raise ValueError(f"unknown KVM capability {cap!r}") from None
+
+
+def cpuid_ioctl(fd: int, request: int, nent: int = 100) -> list[CpuidEntry]:
+    """KVM_GET_SUPPORTED_CPUID / KVM_GET_CPUID2: grow the buffer until the kernel's list fits."""
+    while True:
+        class _Cpuid(ctypes.Structure):
+            _fields_ = [("hdr", abi.kvm_cpuid2), ("entries", abi.kvm_cpuid_entry2 * nent)]
+
+        buf = _Cpuid()
+        buf.hdr.nent = nent
+        try:
+            ioctl(fd, request, buf)
+        except KvmError as e:
+            if e.errno == errno.E2BIG and nent < 4096:
+                nent *= 2
+                continue
+            raise
+        return [
+            CpuidEntry(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
+            for e in buf.entries[: buf.hdr.nent]
+        ]

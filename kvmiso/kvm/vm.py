@@ -1,0 +1,231 @@
+"""Vm: a KVM VM fd, its memory slots and vCPUs."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from dataclasses import dataclass, field
+
+from . import abi
+from ._libc import ioctl, mmap, munmap
+from .errors import KvmError
+
+PAGE_SIZE = 4096
+
+
+@dataclass
+class MemorySlot:
+    """One KVM memory slot, backed by an anonymous mapping owned by the VM.
+
+    ``view`` is a writable memoryview of the host mapping; it is released with the VM.
+    """
+
+    slot: int
+    guest_phys_addr: int
+    size: int
+    host_addr: int
+    flags: int
+    view: memoryview = field(repr=False)
+
+    @property
+    def end(self) -> int:
+        return self.guest_phys_addr + self.size
+
+    def contains(self, gpa: int, length: int = 1) -> bool:
+        return self.guest_phys_addr <= gpa and gpa + length <= self.end
+
+
+class Vm:
+    """A KVM VM. Created by :meth:`Kvm.create_vm`; a context manager that closes every vCPU,
+    unmaps every memory slot and closes every eventfd it made.
+
+    >>> with Kvm() as kvm, kvm.create_vm() as vm:
+    ...     slot = vm.add_memory(0, 2 << 20)
+    ...     vcpu = vm.create_vcpu(0)
+    """
+
+    def __init__(self, kvm, fd: int) -> None:
+        self.kvm = kvm
+        self.fd = fd
+        self.slots: dict[int, MemorySlot] = {}
+        self.vcpus: list = []
+        self._eventfds: list[int] = []
+
+    def close(self) -> None:
+        if self.fd < 0:
+            return
+        for vcpu in self.vcpus:
+            vcpu.close()
+        self.vcpus.clear()
+        os.close(self.fd)  # the kernel drops the slots with the VM; then the backing can go
+        self.fd = -1
+        for s in self.slots.values():
+            s.view.release()
+            munmap(s.host_addr, s.size)
+        self.slots.clear()
+        for efd in self._eventfds:
+            os.close(efd)
+        self._eventfds.clear()
+
+    def __enter__(self) -> "Vm":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- memory -------------------------------------------------------------------------------
+
+    def add_memory(self, guest_phys_addr: int, size: int, slot: int | None = None,
+                   readonly: bool = False, log_dirty: bool = False) -> MemorySlot:
+        """Back ``size`` bytes at ``guest_phys_addr`` with fresh anonymous memory (one slot).
+
+        Overlapping or misaligned slots are refused with a message naming the cause.
+        """
+        if guest_phys_addr % PAGE_SIZE or size % PAGE_SIZE or size <= 0:
+            raise ValueError(
+                f"memory slot at {guest_phys_addr:#x} size {size:#x}: address and size must be "
+                f"positive multiples of the {PAGE_SIZE}-byte page"
+            )
+        for s in self.slots.values():
+            if guest_phys_addr < s.end and s.guest_phys_addr < guest_phys_addr + size:
+                raise ValueError(
+                    f"memory slot [{guest_phys_addr:#x}, {guest_phys_addr + size:#x}) overlaps slot "
+                    f"{s.slot} [{s.guest_phys_addr:#x}, {s.end:#x})"
+                )
+        if slot is None:
+            slot = next(i for i in range(len(self.slots) + 1) if i not in self.slots)
+        elif slot in self.slots:
+            raise ValueError(f"memory slot {slot} is already in use")
+        flags = (abi.KVM_MEM_READONLY if readonly else 0) | (abi.KVM_MEM_LOG_DIRTY_PAGES if log_dirty else 0)
+        addr = mmap(size)
+        try:
+            self.set_user_memory_region(slot, guest_phys_addr, size, addr, flags)
+        except BaseException:
+            munmap(addr, size)
+            raise
+        view = memoryview((ctypes.c_char * size).from_address(addr)).cast("B")
+        ms = MemorySlot(slot, guest_phys_addr, size, addr, flags, view)
+        self.slots[slot] = ms
+        return ms
+
+    def set_user_memory_region(self, slot: int, guest_phys_addr: int, size: int, userspace_addr: int,
+                               flags: int = 0) -> None:
+        """KVM_SET_USER_MEMORY_REGION as is (size 0 deletes the slot)."""
+        region = abi.kvm_userspace_memory_region(slot, flags, guest_phys_addr, size, userspace_addr)
+
+        def explain(err: int) -> str:
+            if err == errno.EEXIST:
+                return f"slot {slot} [{guest_phys_addr:#x}+{size:#x}) overlaps an existing slot"
+            if err == errno.EINVAL:
+                return f"slot {slot} at {guest_phys_addr:#x} size {size:#x} flags {flags:#x}: misaligned, too large, or flags unsupported"
+            return ""
+
+        ioctl(self.fd, abi.KVM_SET_USER_MEMORY_REGION, region, explain)
+
+    def remove_memory(self, slot: int) -> None:
+        s = self.slots.pop(slot)
+        self.set_user_memory_region(slot, s.guest_phys_addr, 0, s.host_addr)
+        s.view.release()
+        munmap(s.host_addr, s.size)
+
+    def slot_for(self, gpa: int, length: int = 1) -> MemorySlot:
+        for s in self.slots.values():
+            if s.contains(gpa, length):
+                return s
+        raise ValueError(f"guest-physical [{gpa:#x}, {gpa + length:#x}) is not inside one memory slot")
+
+    def write(self, gpa: int, data: bytes) -> None:
+        """Copy ``data`` into guest memory at ``gpa``."""
+        s = self.slot_for(gpa, len(data))
+        off = gpa - s.guest_phys_addr
+        s.view[off : off + len(data)] = data
+
+    def read(self, gpa: int, length: int) -> bytes:
+        s = self.slot_for(gpa, length)
+        off = gpa - s.guest_phys_addr
+        return bytes(s.view[off : off + length])
+
+    def host_address(self, gpa: int) -> int:
+        """The host virtual address backing guest-physical ``gpa``."""
+        s = self.slot_for(gpa)
+        return s.host_addr + gpa - s.guest_phys_addr
+
+    def get_dirty_log(self, slot: int) -> list[int]:
+        """KVM_GET_DIRTY_LOG: guest-physical addresses of the pages written since the last call."""
+        s = self.slots[slot]
+        npages = s.size // PAGE_SIZE
+        bitmap = (ctypes.c_uint64 * ((npages + 63) // 64))()
+        log = abi.kvm_dirty_log(slot, 0, ctypes.addressof(bitmap))
+        ioctl(self.fd, abi.KVM_GET_DIRTY_LOG, log)
+        return [
+            s.guest_phys_addr + (w * 64 + b) * PAGE_SIZE
+            for w, word in enumerate(bitmap) if word
+            for b in range(64) if word >> b & 1
+        ]
+
+    # --- vCPUs and devices -------------------------------------------------------------------
+
+    def create_vcpu(self, vcpu_id: int | None = None):
+        """KVM_CREATE_VCPU, returned as a :class:`kvmiso.kvm.vcpu.Vcpu` owned by this VM."""
+        from .vcpu import Vcpu
+
+        if vcpu_id is None:
+            vcpu_id = len(self.vcpus)
+        vcpu = Vcpu(self, vcpu_id, ioctl(self.fd, abi.KVM_CREATE_VCPU, vcpu_id))
+        self.vcpus.append(vcpu)
+        return vcpu
+
+    def set_tss_addr(self, addr: int) -> None:
+        """KVM_SET_TSS_ADDR: three pages of guest-physical space VMX needs for real mode."""
+        ioctl(self.fd, abi.KVM_SET_TSS_ADDR, addr)
+
+    def set_identity_map_addr(self, addr: int) -> None:
+        ioctl(self.fd, abi.KVM_SET_IDENTITY_MAP_ADDR, ctypes.c_uint64(addr))
+
+    def create_irqchip(self) -> None:
+        """KVM_CREATE_IRQCHIP: in-kernel PIC, IOAPIC and local APICs (before any vCPU)."""
+        ioctl(self.fd, abi.KVM_CREATE_IRQCHIP)
+
+    def irq_line(self, irq: int, level: int) -> None:
+        ioctl(self.fd, abi.KVM_IRQ_LINE, abi.kvm_irq_level(irq, level))
+
+    def ioeventfd(self, addr: int, length: int, pio: bool = True, datamatch: int | None = None) -> int:
+        """KVM_IOEVENTFD: a guest write to ``addr`` signals the returned eventfd in the kernel,
+        with no exit to userspace. The eventfd is closed with the VM."""
+        efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        flags = (abi.KVM_IOEVENTFD_FLAG_PIO if pio else 0) | (
+            abi.KVM_IOEVENTFD_FLAG_DATAMATCH if datamatch is not None else 0
+        )
+        try:
+            ioctl(self.fd, abi.KVM_IOEVENTFD, abi.kvm_ioeventfd(datamatch or 0, addr, length, efd, flags))
+        except BaseException:
+            os.close(efd)
+            raise
+        self._eventfds.append(efd)
+        return efd
+
+    def enable_cap(self, cap: str | int, *args: int, flags: int = 0) -> None:
+        """KVM_ENABLE_CAP on the VM, e.g. ``enable_cap("X86_USER_SPACE_MSR", mask)``."""
+        from .system import _cap_number
+
+        a = (ctypes.c_uint64 * 4)(*args)
+        ioctl(self.fd, abi.KVM_ENABLE_CAP, abi.kvm_enable_cap(_cap_number(cap), flags, a))
+
+    def get_stats_fd(self) -> int:
+        """KVM_GET_STATS_FD for the VM; see :mod:`kvmiso.kvm.stats`. The caller closes it."""
+        return ioctl(self.fd, abi.KVM_GET_STATS_FD)
+
+    def stats(self):
+        """The VM's binary stats as a :class:`kvmiso.kvm.stats.Stats` (a context manager)."""
+        from .stats import Stats
+
+        return Stats(self.get_stats_fd())
+
+    def check_extension(self, cap: str | int) -> int:
+        """KVM_CHECK_EXTENSION on the VM fd (answers for this VM's type)."""
+        from .system import _cap_number
+
+        return ioctl(self.fd, abi.KVM_CHECK_EXTENSION, _cap_number(cap))
+
+

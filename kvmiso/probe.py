@@ -1,0 +1,101 @@
+"""What this host is, for KVM purposes: the facts `kvmiso probe` prints and every result records."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+from .guest import Machine
+from .kvm import Kvm, vendor_module
+
+PROBE_INSNS = 16  # plain instructions in guests/probe.S
+VULNERABILITIES = Path("/sys/devices/system/cpu/vulnerabilities")
+TRACEFS = Path("/sys/kernel/tracing")
+
+VENDOR_NOTES = {
+    "kvm_intel": "VMX: CPL0 and CPL3 guest code run natively; kvm_exit carries the VMX exit reason.",
+    "kvm_amd": "SVM: CPL0 and CPL3 guest code run natively; kvm_exit carries the SVM exit code.",
+    "kvm_pvm": ("PVM: no hardware exits (kvm_exit never fires); CPL0 guest code runs under KVM's "
+                "instruction emulator, so CPL0 round trips include emulation; CPL3 runs natively."),
+}
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def vulnerabilities() -> dict[str, str]:
+    try:
+        return {p.name: p.read_text().strip() for p in sorted(VULNERABILITIES.iterdir())}
+    except OSError:
+        return {}
+
+
+def tracefs_state() -> dict[str, Any]:
+    events = TRACEFS / "events"
+    mounted = events.is_dir()
+    return {
+        "path": str(TRACEFS), "mounted": mounted,
+        "kvm_events": len([p for p in (events / "kvm").iterdir() if p.is_dir()]) if mounted and (events / "kvm").is_dir() else 0,
+        "can_mount": os.geteuid() == 0,
+    }
+
+
+def kallsyms_state() -> dict[str, Any]:
+    try:
+        with open("/proc/kallsyms") as f:
+            first = f.readline().split()
+    except OSError as e:
+        return {"readable": False, "real_addresses": False, "reason": e.strerror}
+    real = bool(first) and int(first[0], 16) != 0
+    return {"readable": True, "real_addresses": real,
+            **({} if real else {"reason": "addresses are hidden (kptr_restrict, or not root)"})}
+
+
+def emulated_instructions(kvm: Kvm, mode: str, cpl: int) -> int:
+    """insn_emulation counted while the vCPU ran guests/probe.S once."""
+    with Machine("probe", mode=mode, cpl=cpl, kvm=kvm) as m:
+        r = m.run(timeout=5)
+    return int(r.stats.get("insn_emulation", 0))
+
+
+def probe(kvm: Kvm) -> dict[str, Any]:
+    vendor = vendor_module()
+    cpl0 = emulated_instructions(kvm, "long", 0)
+    cpl3 = emulated_instructions(kvm, "long", 3)
+    caps = kvm.capabilities()
+    return {
+        "api_version": kvm.api_version,
+        "vendor": vendor,
+        "vendor_notes": VENDOR_NOTES.get(vendor or "", "unknown vendor module"),
+        "cpl0_native": cpl0 < PROBE_INSNS,
+        "cpl3_native": cpl3 < PROBE_INSNS,
+        "emulated_instructions": {"probe_instructions": PROBE_INSNS, "cpl0": cpl0, "cpl3": cpl3},
+        "capabilities": {k: v for k, v in caps.items() if v},
+        "capabilities_absent": sorted(k for k, v in caps.items() if not v),
+        "vcpu_mmap_size": kvm.vcpu_mmap_size,
+        "cpuid_leaves": len(kvm.get_supported_cpuid()),
+        "msr_index_count": len(kvm.get_msr_index_list()),
+        "cpu": cpu_model(),
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "vulnerabilities": vulnerabilities(),
+        "tracefs": tracefs_state(),
+        "kallsyms": kallsyms_state(),
+    }
+
+
+def fingerprint(info: dict[str, Any]) -> dict[str, Any]:
+    """The short host identity recorded with every result file."""
+    keys = ("cpu", "cpus", "kernel", "vendor", "cpl0_native", "api_version")
+    fp = {k: info[k] for k in keys}
+    fp["mitigations"] = {k: v for k, v in info["vulnerabilities"].items() if v != "Not affected"}
+    return fp

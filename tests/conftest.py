@@ -1,0 +1,41 @@
+"""Shared fixtures. Tests that need KVM use the real /dev/kvm; only a missing device skips
+(EACCES fails, as in the KVM selftests). KVMISO_REQUIRE_KVM=1 turns that skip into a failure."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from kvmiso.kvm import Kvm, KvmUnavailable
+
+_skip_reason: str | None = None
+
+
+def _kvm_missing() -> str | None:
+    global _skip_reason
+    if _skip_reason is None:
+        _skip_reason = "" if os.path.exists("/dev/kvm") else "/dev/kvm does not exist on this host"
+    return _skip_reason or None
+
+
+@pytest.fixture
+def kvm():
+    reason = _kvm_missing()
+    if reason:
+        if os.environ.get("KVMISO_REQUIRE_KVM") == "1":
+            pytest.fail(f"KVMISO_REQUIRE_KVM=1 but {reason}")
+        pytest.skip(reason)
+    try:
+        k = Kvm()
+    except KvmUnavailable as e:
+        pytest.fail(str(e))
+    with k:
+        yield k
+
+
+@pytest.fixture
+def vendor():
+    from kvmiso.kvm import vendor_module
+
+    return vendor_module()

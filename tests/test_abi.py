@@ -1,0 +1,96 @@
+"""Every ctypes mirror in kvmiso.kvm.abi against the installed <linux/kvm.h>: sizes, field
+offsets, ioctl numbers, exit reasons and capability numbers, via a compiled C program."""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from kvmiso.kvm import abi
+
+HEADER = Path("/usr/include/linux/kvm.h")
+
+# ctypes structs that mirror a C struct of the same name
+STRUCTS = [
+    "kvm_userspace_memory_region", "kvm_regs", "kvm_segment", "kvm_dtable", "kvm_sregs", "kvm_fpu",
+    "kvm_msr_entry", "kvm_msrs", "kvm_msr_list", "kvm_cpuid_entry2", "kvm_cpuid2", "kvm_translation",
+    "kvm_guest_debug_arch", "kvm_guest_debug", "kvm_vcpu_events", "kvm_irq_level", "kvm_ioeventfd",
+    "kvm_dirty_log", "kvm_enable_cap", "kvm_stats_header", "kvm_stats_desc", "kvm_debug_exit_arch",
+    "kvm_run",
+]
+# our padding-only or synthetic names that C spells differently
+SKIP_FIELDS = {("kvm_run", "s"), ("kvm_run", "u.padding")}
+
+
+def _fields(cls, prefix=""):
+    """(C member path, offset, size) for every field, recursing into nested structs."""
+    for name, ctype in cls._fields_:
+        f = getattr(cls, name)
+        path = f"{prefix}{name}"
+        yield path, f.offset, f.size
+        if isinstance(ctype, type) and issubclass(ctype, (ctypes.Structure, ctypes.Union)):
+            for sub, off, size in _fields(ctype, path + "."):
+                yield sub, f.offset + off, size
+
+
+def _c_path(struct: str, path: str) -> str:
+    # kvm_run's exit union is anonymous in C: u.io.port -> io.port
+    # and its debug member wraps struct kvm_debug_exit_arch in .arch
+    if struct == "kvm_run" and path.startswith("u."):
+        path = path[2:]
+        return path.replace("debug.", "debug.arch.", 1) if path.startswith("debug.") else path
+    return path
+
+
+def _program():
+    lines, expected = [], []
+    for s in STRUCTS:
+        cls = getattr(abi, s)
+        lines.append(f'printf("%zu\\n", sizeof(struct {s}));')
+        expected.append((f"sizeof {s}", ctypes.sizeof(cls)))
+        for path, off, size in _fields(cls):
+            if (s, path) in SKIP_FIELDS or path == "u" or path.startswith("u.padding"):
+                continue
+            cp = _c_path(s, path)
+            lines.append(f'printf("%zu\\n", offsetof(struct {s}, {cp}));')
+            expected.append((f"offsetof {s}.{path}", off))
+            lines.append(f'printf("%zu\\n", sizeof(((struct {s} *)0)->{cp}));')
+            expected.append((f"sizeof {s}.{path}", size))
+    for value, name in sorted(abi.IOCTL_NAMES.items()):
+        lines.append(f'printf("%lu\\n", (unsigned long){name});')
+        expected.append((name, value))
+    for nr, name in abi.KVM_EXIT_REASONS.items():
+        lines.append(f'#ifdef KVM_EXIT_{name}\nprintf("%d\\n", KVM_EXIT_{name});\n#else\nprintf("%d\\n", {nr});\n#endif')
+        expected.append((f"KVM_EXIT_{name}", nr))
+    for name, nr in abi.KVM_CAPS.items():
+        lines.append(f'#ifdef KVM_CAP_{name}\nprintf("%d\\n", KVM_CAP_{name});\n#else\nprintf("%d\\n", {nr});\n#endif')
+        expected.append((f"KVM_CAP_{name}", nr))
+    src = "#include <stdio.h>\n#include <stddef.h>\n#include <linux/kvm.h>\nint main(void) {\n" + "\n".join(lines) + "\nreturn 0;\n}\n"
+    return src, expected
+
+
+def test_abi_matches_installed_headers(tmp_path):
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler (cc/gcc) to check the ABI against <linux/kvm.h>")
+    if not HEADER.exists():
+        pytest.skip(f"{HEADER} is not installed (linux-libc-dev)")
+    src, expected = _program()
+    (tmp_path / "abi.c").write_text(src)
+    subprocess.run([cc, "-o", str(tmp_path / "abi"), str(tmp_path / "abi.c")], check=True, capture_output=True)
+    out = subprocess.run([str(tmp_path / "abi")], check=True, capture_output=True, text=True).stdout.split()
+    assert len(out) == len(expected)
+    wrong = [f"{what}: kvmiso {ours}, <linux/kvm.h> {int(c)}" for (what, ours), c in zip(expected, out) if ours != int(c)]
+    assert not wrong, "\n".join(wrong)
+    assert len(expected) > 400  # every struct was walked, not just a few
+
+
+def test_ioctl_numbers_are_built_not_written():
+    # _IOWR(0xAE, 0x05, struct kvm_cpuid2) by hand: dir 3, size 8, type 0xAE, nr 5
+    assert abi.KVM_GET_SUPPORTED_CPUID == (3 << 30) | (8 << 16) | (0xAE << 8) | 0x05
+    assert abi.KVM_RUN == 0xAE80
+    assert abi.IOCTL_NAMES[abi.KVM_SET_USER_MEMORY_REGION] == "KVM_SET_USER_MEMORY_REGION"

@@ -1,0 +1,66 @@
+"""The command line as a user runs it: real processes, real /dev/kvm, exit statuses checked."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def kvmiso(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "kvmiso.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_probe_json_has_the_documented_keys(kvm, vendor):
+    p = kvmiso("probe", "--json")
+    assert p.returncode == 0, p.stderr
+    info = json.loads(p.stdout)
+    for key in ("api_version", "vendor", "capabilities", "cpl0_native", "tracefs", "kallsyms", "cpu",
+                "kernel", "vulnerabilities"):
+        assert key in info
+    assert info["api_version"] == 12 and info["vendor"] == vendor
+    assert "IMMEDIATE_EXIT" in info["capabilities"]
+    if vendor == "kvm_pvm":
+        assert info["cpl0_native"] is False and info["cpl3_native"] is True
+    elif vendor in ("kvm_intel", "kvm_amd"):
+        assert info["cpl0_native"] is True
+
+
+@pytest.mark.parametrize("mode", ["real", "protected", "long"])
+def test_run_hello_prints_the_guest_text(kvm, mode):
+    p = kvmiso("run", "hello", "--mode", mode)
+    assert p.returncode == 0, p.stderr
+    assert "console| Hello from a kvmiso guest!" in p.stdout
+    assert "done: the guest reported DONE" in p.stdout
+
+
+def test_run_json(kvm):
+    p = kvmiso("run", "portio", "--json")
+    assert p.returncode == 0
+    r = json.loads(p.stdout)
+    assert r["outcome"] == "done" and [x["tag"] for x in r["reports"]] == [1, 2]
+    assert r["exits"][0] == {"exit": "IO", "port": 0x3000, "size": 1, "count": 1, "is_in": False, "data": "a5"}
+
+
+def test_run_spin_times_out_nonzero(kvm):
+    p = kvmiso("run", "spin", "--timeout", "0.2")
+    assert p.returncode == 1
+    assert "did not finish within 0.2 s" in p.stderr and "jmp ." in p.stderr
+
+
+def test_run_triple_fault_nonzero(kvm):
+    p = kvmiso("run", "triplefault")
+    assert p.returncode == 1 and "triple-faulted" in p.stdout
+
+
+def test_bad_payload_and_bad_mode(kvm, tmp_path):
+    p = kvmiso("run", "nonesuch")
+    assert p.returncode == 2 and "unknown payload 'nonesuch'" in p.stderr
+    bad = tmp_path / "bad.S"
+    bad.write_text("        bogus_instruction\n")
+    p = kvmiso("run", str(bad))
+    assert p.returncode == 2 and "bad.S:1" in p.stderr and "Traceback" not in p.stderr
+    p = kvmiso("run", "hello", "--mode", "real", "--cpl", "3")
+    assert p.returncode == 2 and "CPL3 is available in long mode only" in p.stderr

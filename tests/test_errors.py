@@ -1,0 +1,118 @@
+"""Bad input gets one clear error naming the cause, and leaves no fd, mapping or thread."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+import threading
+
+import psutil
+import pytest
+
+from kvmiso.guest import BuildError, Machine, build
+from kvmiso.kvm import Kvm, KvmError, KvmUnavailable
+from kvmiso.kvm.system import check_api_version
+
+
+def _resources():
+    p = psutil.Process()
+    return p.num_fds(), len(p.memory_maps()), threading.active_count()
+
+
+def test_missing_device_is_named(tmp_path):
+    with pytest.raises(KvmUnavailable, match="does not exist"):
+        Kvm(str(tmp_path / "kvm"))
+
+
+def test_permission_denied_is_named(kvm):
+    # a real unprivileged process opening the real device
+    # import first: this Python's own files may be unreadable to the unprivileged user
+    code = ("import os\nfrom kvmiso.kvm import Kvm, KvmUnavailable\n"
+            "os.setgid(65534); os.setuid(65534)\n"
+            "try:\n Kvm()\nexcept KvmUnavailable as e:\n print(e)")
+    if os.geteuid() != 0:
+        pytest.skip("needs root to drop to an unprivileged user")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "permission denied" in out and "/dev/kvm" in out
+
+
+def test_wrong_api_version_is_refused():
+    with pytest.raises(KvmUnavailable, match="API version 11; kvmiso needs 12"):
+        check_api_version(11, "/dev/kvm")
+    check_api_version(12, "/dev/kvm")
+
+
+def test_payload_that_does_not_assemble_shows_the_assembler(tmp_path):
+    bad = tmp_path / "bad.S"
+    bad.write_text('        .include "kvmiso.inc"\n        .globl main\nmain:\n        movq %rax, %nosuchreg\n')
+    with pytest.raises(BuildError) as info:
+        build(bad, "long", cache_dir=tmp_path / "cache")
+    assert "bad.S:4" in str(info.value) and "nosuchreg" in str(info.value)
+
+
+def test_source_change_rebuilds(tmp_path):
+    src = tmp_path / "p.S"
+    src.write_text('        .include "kvmiso.inc"\n        .globl main\nmain:\n        ret\n')
+    a = build(src, "long", cache_dir=tmp_path)
+    assert build(src, "long", cache_dir=tmp_path).code == a.code  # cached
+    src.write_text('        .include "kvmiso.inc"\n        .globl main\nmain:\n        nop\n        ret\n')
+    b = build(src, "long", cache_dir=tmp_path)
+    main = b.symbols["main"] - b.load_address
+    assert b.code[main : main + 2] == b"\x90\xc3" and a.code[main] == 0xC3  # nop; ret vs ret
+    assert len(list(tmp_path.glob("p-long-*.bin"))) == 2
+
+
+def test_overlapping_and_misaligned_slots(kvm):
+    with kvm.create_vm() as vm:
+        vm.add_memory(0, 0x10000)
+        with pytest.raises(ValueError, match="overlaps slot 0"):
+            vm.add_memory(0x8000, 0x10000)
+        with pytest.raises(ValueError, match="multiples of the 4096-byte page"):
+            vm.add_memory(0x20800, 0x1000)
+        # the kernel's own refusal, straight through the ioctl, names the ioctl and the cause
+        with pytest.raises(KvmError) as info:
+            vm.set_user_memory_region(5, 0x8000, 0x1000, vm.slots[0].host_addr)
+        assert info.value.errno == errno.EEXIST
+        assert "KVM_SET_USER_MEMORY_REGION failed: EEXIST" in str(info.value)
+        assert len(vm.slots) == 1
+
+
+def test_failed_machine_leaves_nothing(kvm, tmp_path):
+    build("hello", "long")  # warm the cache: its files are not leaks
+    before = _resources()
+    with pytest.raises(ValueError, match="guest memory"):
+        Machine("hello", memory=4096, kvm=kvm)
+    bad = tmp_path / "bad.S"
+    bad.write_text("garbage\n")
+    with pytest.raises(BuildError):
+        Machine(bad, kvm=kvm)
+    assert _resources() == before
+
+
+def test_timeouts_leave_no_thread(kvm):
+    from kvmiso.kvm import GuestTimeout
+
+    before = _resources()
+    for _ in range(3):
+        with Machine("spin", kvm=kvm) as m, pytest.raises(GuestTimeout):
+            m.run(timeout=0.05)
+    assert _resources() == before
+
+
+def test_500_vms_do_not_leak(kvm):
+    proc = psutil.Process()
+
+    def cycle(n):
+        for _ in range(n):
+            with kvm.create_vm() as vm:
+                vm.add_memory(0, 1 << 20)
+                vm.create_vcpu(0)
+
+    cycle(20)  # let allocators reach steady state
+    fds, maps, rss = proc.num_fds(), len(proc.memory_maps()), proc.memory_info().rss
+    cycle(500)
+    assert proc.num_fds() == fds
+    assert len(proc.memory_maps()) == maps
+    assert proc.memory_info().rss - rss < 8 << 20  # no per-VM growth (1 MiB slots would be 500 MiB)
