@@ -1,0 +1,1 @@
+"""Seeing every exit: tracefs capture, stats deltas and the unified exit log."""

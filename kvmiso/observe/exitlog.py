@@ -1,0 +1,128 @@
+"""The unified exit log: one record per KVM_RUN call with the userspace exit it returned, the
+in-kernel trace events that happened inside it (in order), and the vCPU stats delta.
+
+Serialised as JSON lines: a header line, then one line per record; ``read_jsonl(write_jsonl(x))``
+gives back ``x`` exactly.
+
+>>> log.records[0].exit["exit"], [e.name for e in log.records[0].events]
+('IO', ['kvm_emulate_insn', 'kvm_pio', 'kvm_userspace_exit'])
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TraceEvent:
+    """One tracefs record. ``ts_ns`` is on CLOCK_MONOTONIC (the instance uses trace_clock mono)."""
+
+    ts_ns: int
+    system: str  # "kvm" or "kvmmmu"
+    name: str  # "kvm_pio", "kvm_exit", ...
+    cpu: int
+    pid: int
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunRecord:
+    """One KVM_RUN call: when it returned, what it returned, what happened inside it."""
+
+    run: int  # index of this KVM_RUN in the capture, from 0
+    vcpu: int
+    start_ns: int  # CLOCK_MONOTONIC just before the ioctl (approximately: after the last exit was handled)
+    end_ns: int  # CLOCK_MONOTONIC when the exit reached userspace
+    exit: dict[str, Any]  # Exit.to_dict() of the userspace exit
+    payload: str = ""
+    events: list[TraceEvent] = field(default_factory=list)
+    stats: dict[str, Any] = field(default_factory=dict)  # nonzero vCPU stats deltas over this run
+
+    @property
+    def wall_ns(self) -> int:
+        return self.end_ns - self.start_ns
+
+
+@dataclass
+class ExitLog:
+    """Records of one or more captured runs plus what the capture could and could not see."""
+
+    records: list[RunRecord] = field(default_factory=list)
+    host: dict[str, Any] = field(default_factory=dict)  # kernel, vendor, cpu: where it was taken
+    tracing: bool = False  # were in-kernel events captured?
+    tracing_reason: str = ""  # why not, or which events were missing
+    events_enabled: list[str] = field(default_factory=list)  # "kvm:kvm_pio", ...
+    lost_events: int = 0  # records the kernel dropped (buffer full): counted, never hidden
+
+    def events(self) -> Iterator[tuple[RunRecord, TraceEvent]]:
+        for r in self.records:
+            for e in r.events:
+                yield r, e
+
+    def extend(self, other: "ExitLog") -> None:
+        base = len(self.records)
+        for r in other.records:
+            r.run += base
+            self.records.append(r)
+        self.lost_events += other.lost_events
+        self.tracing = self.tracing or other.tracing
+        for name in other.events_enabled:
+            if name not in self.events_enabled:
+                self.events_enabled.append(name)
+        if other.tracing_reason and other.tracing_reason not in self.tracing_reason:
+            self.tracing_reason = "; ".join(x for x in (self.tracing_reason, other.tracing_reason) if x)
+        self.host = self.host or other.host
+
+    def header(self) -> dict[str, Any]:
+        return {"kvmiso_exitlog": FORMAT_VERSION, "host": self.host, "tracing": self.tracing,
+                "tracing_reason": self.tracing_reason, "events_enabled": self.events_enabled,
+                "lost_events": self.lost_events, "records": len(self.records)}
+
+    def write_jsonl(self, path: str | Path) -> None:
+        with open(path, "w") as f:
+            for line in self.iter_jsonl():
+                f.write(line + "\n")
+
+    def iter_jsonl(self) -> Iterator[str]:
+        yield json.dumps(self.header())
+        for r in self.records:
+            yield json.dumps(asdict(r))
+
+
+class ExitLogError(ValueError):
+    """A file that is not a kvmiso exit log, or one of another format version."""
+
+
+def read_jsonl(path: str | Path) -> ExitLog:
+    with open(path) as f:
+        return parse_jsonl(f, str(path))
+
+
+def parse_jsonl(lines: Iterable[str], source: str = "<exit log>") -> ExitLog:
+    it = iter(lines)
+    try:
+        head = json.loads(next(it))
+    except (StopIteration, json.JSONDecodeError) as e:
+        raise ExitLogError(f"{source}:1: not a kvmiso exit log ({e})") from None
+    if not isinstance(head, dict) or "kvmiso_exitlog" not in head:
+        raise ExitLogError(f"{source}:1: not a kvmiso exit log (no kvmiso_exitlog header)")
+    if head["kvmiso_exitlog"] != FORMAT_VERSION:
+        raise ExitLogError(f"{source}:1: exit log format {head['kvmiso_exitlog']}, this kvmiso reads {FORMAT_VERSION}")
+    log = ExitLog(host=head.get("host", {}), tracing=head.get("tracing", False),
+                  tracing_reason=head.get("tracing_reason", ""), events_enabled=head.get("events_enabled", []),
+                  lost_events=head.get("lost_events", 0))
+    for n, line in enumerate(it, start=2):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+            d["events"] = [TraceEvent(**e) for e in d.get("events", [])]
+            log.records.append(RunRecord(**d))
+        except (json.JSONDecodeError, TypeError) as e:
+            raise ExitLogError(f"{source}:{n}: malformed record ({e})") from None
+    return log
