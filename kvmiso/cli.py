@@ -48,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="print the facts as JSON")
     sp.set_defaults(func=cmd_probe)
 
+    sp = sub.add_parser("report", help="the whole picture of this host (the main job)")
+    sp.add_argument("--out", default="kvmiso-report", help="directory for report.json and plots")
+    sp.set_defaults(func=cmd_report)
+
     sp = sub.add_parser("run", help="run one payload and print every exit")
     sp.add_argument("payload", help=f"a name from guests/ ({', '.join(available_payloads())}) or a .S path")
     _add_guest_args(sp)
@@ -120,6 +124,19 @@ def _print_wrapped(items: list[str], width: int = 96) -> None:
         line += " " + it
     if line.strip():
         print(line)
+
+
+# --- report ----------------------------------------------------------------------------------
+
+def cmd_report(args) -> int:
+    from pathlib import Path
+
+    from . import report
+
+    out = Path(args.out)
+    rep = report.build(out)
+    report.print_summary(rep, out)
+    return 0 if report.suite_ok(rep) else EXIT_FAILED
 
 
 # --- run -------------------------------------------------------------------------------------
