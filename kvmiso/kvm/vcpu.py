@@ -36,7 +36,11 @@ def install_kick_handler() -> None:
 
 @dataclass(frozen=True)
 class Translation:
-    """KVM_TRANSLATE's answer for one guest-virtual address."""
+    """KVM_TRANSLATE's answer for one guest-virtual address.
+
+    On x86 only ``valid`` and ``physical_address`` carry information: the kernel always sets
+    ``writeable=1`` and ``usermode=0`` (kvm_arch_vcpu_ioctl_translate), whatever the PTEs say.
+    """
 
     linear_address: int
     physical_address: int

@@ -1,0 +1,128 @@
+"""The ioctl layer on the real device: every VM and vCPU ioctl kvmiso wraps."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+
+from kvmiso.guest import Machine
+from kvmiso.kvm import KvmError
+from kvmiso.kvm.exits import HltExit, IoExit
+
+
+def real_mode_vcpu(vm, code: bytes, at: int = 0x1000):
+    """A vCPU at CS:IP = 0:``at`` in real mode, running ``code``."""
+    vm.write(at, code)
+    vcpu = vm.create_vcpu()
+    sregs = vcpu.get_sregs()
+    sregs.cs.base = sregs.cs.selector = 0
+    vcpu.set_sregs(sregs)
+    regs = vcpu.get_regs()
+    regs.rip, regs.rflags = at, 2
+    vcpu.set_regs(regs)
+    return vcpu
+
+
+def test_system_queries(kvm):
+    assert kvm.api_version == 12
+    assert kvm.vcpu_mmap_size >= 4096
+    assert kvm.check_extension("IMMEDIATE_EXIT") == 1
+    assert kvm.check_extension("KVM_CAP_USER_MEMORY") == 1  # the C spelling works too
+    with pytest.raises(ValueError, match="unknown KVM capability"):
+        kvm.check_extension("NO_SUCH_CAP")
+    leaves = kvm.get_supported_cpuid()
+    assert any(e.function == 0 for e in leaves) and len(leaves) > 10
+    msrs = kvm.get_msr_index_list()
+    assert 0x174 in msrs  # IA32_SYSENTER_CS is always saved/restored
+
+
+def test_ioeventfd_write_never_reaches_userspace(kvm):
+    # out %al,$0x80 ; out %al,$0x81 ; hlt -- 0x80 is an ioeventfd, 0x81 an exit
+    with kvm.create_vm() as vm:
+        vm.add_memory(0, 0x10000)
+        vcpu = real_mode_vcpu(vm, bytes([0xE6, 0x80, 0xE6, 0x81, 0xF4]))
+        efd = vm.ioeventfd(0x80, 1)
+        e = vcpu.run()
+        assert isinstance(e, IoExit) and e.port == 0x81  # 0x80 was handled in the kernel
+        assert os.eventfd_read(efd) == 1
+        assert isinstance(vcpu.run(), HltExit)
+
+
+def test_dirty_log_reports_written_pages(kvm):
+    # mov %al,0x5000 ; mov %al,0x7123 ; hlt
+    code = bytes([0xA2, 0x00, 0x50, 0xA2, 0x23, 0x71, 0xF4])
+    with kvm.create_vm() as vm:
+        slot = vm.add_memory(0, 0x10000, log_dirty=True)
+        vcpu = real_mode_vcpu(vm, code)
+        vm.get_dirty_log(slot.slot)  # start clean
+        assert isinstance(vcpu.run(), HltExit)
+        dirty = vm.get_dirty_log(slot.slot)
+        assert 0x5000 in dirty and 0x7000 in dirty
+        assert 0x6000 not in dirty and 0x2000 not in dirty
+        assert vm.get_dirty_log(slot.slot) == []  # the log was cleared by reading it
+
+
+def test_irqchip_and_irq_line(kvm):
+    with kvm.create_vm() as vm:
+        vm.create_irqchip()
+        vm.irq_line(4, 1)
+        vm.irq_line(4, 0)
+        with pytest.raises(KvmError) as info:
+            vm.create_irqchip()  # only one per VM
+        assert info.value.ioctl == "KVM_CREATE_IRQCHIP"
+
+
+def test_tss_and_identity_map_addresses(kvm):
+    with kvm.create_vm() as vm:
+        vm.set_identity_map_addr(0xFEFFC000)  # before any vCPU, as the API requires
+        vm.set_tss_addr(0xFFFBD000)
+        vm.create_vcpu()
+        with pytest.raises(KvmError) as info:
+            vm.set_identity_map_addr(0xFEFFC000)  # after a vCPU exists: refused
+        assert info.value.errno == errno.EINVAL
+
+
+def test_vcpu_state_round_trips(kvm):
+    with Machine("hello", mode="long", kvm=kvm) as m:
+        v = m.vcpu
+        fpu = v.get_fpu()
+        fpu.xmm[3][0] = 0x5A
+        v.set_fpu(fpu)
+        assert v.get_fpu().xmm[3][0] == 0x5A
+        v.set_msrs({0x174: 0x10})
+        assert v.get_msrs([0x174]) == {0x174: 0x10}
+        with pytest.raises(KvmError, match="MSR 0x10a was refused"):
+            v.set_msrs({0x10A: 1})  # IA32_ARCH_CAPABILITIES: refused on this host and many others
+        ev = v.get_vcpu_events()
+        v.set_vcpu_events(ev)
+        assert v.get_vcpu_events().exception.injected == 0
+        cpuid = v.get_cpuid2()
+        assert {e.function for e in cpuid} == {e.function for e in kvm.get_supported_cpuid()}
+        sregs = v.get_sregs()
+        assert sregs.cr3 == 0x12000 and sregs.efer & 0x400  # long mode active
+        t = v.translate(0x8000)
+        assert t.valid and t.physical_address == 0x8000
+        assert not v.translate(0x1_0000_0000).valid  # past the 4 GiB identity map
+
+
+def test_immediate_exit_returns_intr_without_running(kvm):
+    with Machine("hello", mode="long", kvm=kvm) as m:
+        m.vcpu.immediate_exit = True
+        assert m.vcpu.run().name == "INTR"
+        m.vcpu.immediate_exit = False
+        assert m.run(timeout=5).ok
+
+
+def test_stats_fd_for_vm_and_vcpu(kvm):
+    with Machine("portio", mode="long", kvm=kvm) as m:
+        with m.vm.stats() as vs, m.vcpu.stats() as cs:
+            assert vs.id.startswith("kvm-") and cs.id.endswith("/vcpu-0")
+            assert "exits" in cs and cs.desc("exits").type == "cumulative"
+            hist = [d for d in cs.descriptors if d.is_histogram]
+            assert hist and all(d.size > 1 for d in hist)
+            before = cs.snapshot()
+            r = m.run(timeout=5)
+            delta = cs.snapshot() - before
+    assert delta["exits"] >= r.runs
