@@ -253,6 +253,27 @@ class UnknownExit(Exit):
 
 
 _SIMPLE = {cls.reason: cls() for cls in (HltExit, IrqWindowOpenExit, ShutdownExit, IntrExit, NmiExit)}
+
+
+# Constructors for the hot exits that set the slots directly: a frozen dataclass's __init__ goes
+# through object.__setattr__ per field, which costs more than KVM_RUN's own ioctl overhead on
+# the Vcpu.run() path. Positional arguments in field order (the unpacking fails loudly if the
+# fields change), no checks.
+_object_new = object.__new__
+_io_port, _io_size, _io_count, _io_is_in, _io_data = (getattr(IoExit, f.name).__set__ for f in fields(IoExit))
+_mmio_address, _mmio_length, _mmio_is_write, _mmio_data = (getattr(MmioExit, f.name).__set__ for f in fields(MmioExit))
+
+
+def _new_io(port: int, size: int, count: int, is_in: bool, data: memoryview) -> IoExit:
+    e = _object_new(IoExit)
+    _io_port(e, port), _io_size(e, size), _io_count(e, count), _io_is_in(e, is_in), _io_data(e, data)
+    return e
+
+
+def _new_mmio(address: int, length: int, is_write: bool, data: memoryview) -> MmioExit:
+    e = _object_new(MmioExit)
+    _mmio_address(e, address), _mmio_length(e, length), _mmio_is_write(e, is_write), _mmio_data(e, data)
+    return e
 _io = struct.Struct("<BBHIQ").unpack_from
 _u64 = struct.Struct("<Q").unpack_from
 _u32x2 = struct.Struct("<II").unpack_from
@@ -269,10 +290,10 @@ def decode(page: memoryview) -> Exit:
     reason = page[8] | page[9] << 8 | page[10] << 16 | page[11] << 24
     if reason == abi.KVM_EXIT_IO:
         direction, size, port, count, off = _io(page, _u)
-        return IoExit(port, size, count, direction == abi.KVM_EXIT_IO_IN, page[off : off + size * count])
+        return _new_io(port, size, count, direction == abi.KVM_EXIT_IO_IN, page[off : off + size * count])
     if reason == abi.KVM_EXIT_MMIO:
         addr, length, is_write = _mmio(page, _u)
-        return MmioExit(addr, length, bool(is_write), page[_u + 8 : _u + 16])
+        return _new_mmio(addr, length, bool(is_write), page[_u + 8 : _u + 16])
     simple = _SIMPLE.get(reason)
     if simple is not None:
         return simple

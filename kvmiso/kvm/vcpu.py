@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from . import abi
-from ._libc import get_errno, ioctl, mmap, munmap, raw_ioctl
+from ._libc import get_errno, ioctl, mmap, munmap, run_ioctl
 from .errors import KvmError
 from .exits import Exit, IntrExit, decode
 from .system import CpuidEntry, cpuid_ioctl
@@ -90,7 +90,7 @@ class Vcpu:
         """
         fd, page = self.fd, self.page
         while True:
-            if raw_ioctl(fd, abi.KVM_RUN, None) == 0:
+            if run_ioctl(fd, abi.KVM_RUN, None) == 0:
                 return decode(page)
             err = get_errno()
             if err != errno.EINTR:

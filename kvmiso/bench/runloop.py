@@ -1,0 +1,243 @@
+"""The compiled KVM_RUN loop (runloop.c, built by cffi at install) and its Python twin.
+
+Both time the same thing the same way: CLOCK_MONOTONIC right before and right after each call,
+so ``t_end - t_start`` is one round trip, and ``t_start[i + 1] - t_start[i]`` is one whole
+iteration including the exit check and the answer. The Python twin goes through
+:meth:`kvmiso.kvm.Vcpu.run` (with decoding), so the difference is the harness's own cost.
+
+>>> with Machine("bench_out", kvm=kvm) as m:
+...     t = compiled_loop(m.vcpu, 1000, expect="io", port=0x10)
+>>> t.n, t.latencies()[:2]
+(1000, [7215, 7190])
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+from ..kvm import KvmError, abi
+from ..kvm.exits import HltExit, IntrExit, IoExit, MmioExit
+
+PORT_BENCH = 0x10  # guests/bench_*.S exit through this port
+OP_IOCTL, OP_SYSCALL = 0, 1
+STATUS_OK, STATUS_ERRNO, STATUS_UNEXPECTED, STATUS_INTERRUPTED = 0, 1, 2, 3
+EXPECT = {"io": abi.KVM_EXIT_IO, "mmio": abi.KVM_EXIT_MMIO, "hlt": abi.KVM_EXIT_HLT}
+
+
+class LoopError(RuntimeError):
+    """The loop stopped early: an ioctl error, an exit of another kind, or a timeout.
+
+    ``timings`` holds what was measured before it stopped; ``reason`` the exit reason number
+    for an unexpected exit."""
+
+    def __init__(self, message: str, timings: "Timings", reason: int | None = None) -> None:
+        super().__init__(message)
+        self.timings = timings
+        self.reason = reason
+
+
+class NotBuilt(RuntimeError):
+    """The compiled loop is missing: kvmiso was not installed with pip (which compiles it)."""
+
+
+def _lib():
+    try:
+        from ._runloop import ffi, lib
+    except ImportError as e:
+        raise NotBuilt(
+            f"the compiled KVM_RUN loop (kvmiso.bench._runloop) is not built ({e}): install kvmiso "
+            "with `pip install -e .`, which compiles kvmiso/bench/runloop.c and needs a C compiler"
+        ) from None
+    return ffi, lib
+
+
+@dataclass
+class Timings:
+    """Per-iteration timestamps: CLOCK_MONOTONIC ns, and TSC values when ``tsc`` is true."""
+
+    t_start: array.array
+    t_end: array.array
+    c_start: array.array | None = None
+    c_end: array.array | None = None
+    answered: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return len(self.t_start)
+
+    def latencies(self) -> list[int]:
+        """ns per round trip: each call alone."""
+        return [b - a for a, b in zip(self.t_start, self.t_end)]
+
+    def periods(self) -> list[int]:
+        """ns per whole iteration, start to next start (the loop's own work included)."""
+        ts = self.t_start
+        return [ts[i + 1] - ts[i] for i in range(len(ts) - 1)]
+
+    def cycles(self) -> list[int] | None:
+        if self.c_start is None:
+            return None
+        return [b - a for a, b in zip(self.c_start, self.c_end)]
+
+    def tsc_hz(self) -> float | None:
+        """TSC ticks per second over the whole loop (a calibration, no MSR needed)."""
+        if self.c_start is None or self.n < 2 or self.t_end[-1] == self.t_start[0]:
+            return None
+        return (self.c_end[-1] - self.c_start[0]) * 1e9 / (self.t_end[-1] - self.t_start[0])
+
+
+def layout():
+    """The kvm_run offsets and KVM_EXIT_* numbers the C loop needs, from kvmiso.kvm.abi."""
+    ffi, _ = _lib()
+    u = abi.kvm_run.u.offset
+    io, mmio = abi._run_exit_union.io.offset, abi._run_exit_union.mmio.offset
+    return ffi.new("struct kvmiso_layout *", dict(
+        exit_reason=abi.kvm_run.exit_reason.offset, immediate_exit=abi.kvm_run.immediate_exit.offset,
+        io_direction=u + io + abi._run_io.direction.offset, io_size=u + io + abi._run_io.size.offset,
+        io_port=u + io + abi._run_io.port.offset, io_count=u + io + abi._run_io.count.offset,
+        io_data_offset=u + io + abi._run_io.data_offset.offset,
+        mmio_data=u + mmio + abi._run_mmio.data.offset, mmio_len=u + mmio + abi._run_mmio.len.offset,
+        mmio_is_write=u + mmio + abi._run_mmio.is_write.offset,
+        exit_io=abi.KVM_EXIT_IO, exit_mmio=abi.KVM_EXIT_MMIO, io_in=abi.KVM_EXIT_IO_IN,
+    ))
+
+
+def tsc_usable() -> bool:
+    """RDTSC is timed where the C loop has it and the TSC ticks at a constant, non-stop rate."""
+    _, lib = _lib()
+    if not lib.kvmiso_have_tsc():
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = line.split()
+                    return "constant_tsc" in flags and "nonstop_tsc" in flags
+    except OSError:
+        pass
+    return False
+
+
+def _run(fd: int, request: int, arg: int, n: int, *, op: int = OP_IOCTL, vcpu=None,
+         expect: str | None = None, port: int | None = None, reply: int = 0,
+         zap: tuple[int, int] | None = None, timeout: float = 10.0) -> Timings:
+    ffi, lib = _lib()
+    use_tsc = tsc_usable()
+    bufs = [ffi.new("uint64_t[]", n) for _ in range(4 if use_tsc else 2)]
+    loop = ffi.new("struct kvmiso_loop *", dict(
+        op=op, fd=fd, request=request, arg=arg,
+        run=ffi.cast("unsigned char *", vcpu._run_addr) if vcpu is not None else ffi.NULL,
+        expect_reason=EXPECT[expect] if expect else -1, expect_port=-1 if port is None else port,
+        reply=reply, zap=ffi.cast("unsigned char *", zap[0]) if zap else ffi.NULL,
+        zap_len=zap[1] if zap else 0, use_tsc=int(use_tsc)))
+    res = ffi.new("struct kvmiso_result *")
+    lay = layout()
+    done = 0
+
+    def timings() -> Timings:
+        def arr(b):
+            a = array.array("Q")
+            a.frombytes(ffi.buffer(b, 8 * done))
+            return a
+        return Timings(arr(bufs[0]), arr(bufs[1]), *(arr(b) for b in bufs[2:]), answered=answered)
+
+    answered = base = 0
+    deadline = vcpu.deadline(timeout) if vcpu is not None else contextlib.nullcontext()
+    try:
+        with deadline as dl:
+            while done < n:
+                # a signal stops the C loop; it resumes where it stopped. base + res.done is
+                # right even when a KeyboardInterrupt surfaces just after the call returns.
+                base = done
+                status = lib.kvmiso_loop(loop, lay, n - base, bufs[0] + base, bufs[1] + base,
+                                         *((bufs[2] + base, bufs[3] + base) if use_tsc else (ffi.NULL, ffi.NULL)), res)
+                done = base + res.done
+                answered += res.answered
+                if status == STATUS_OK:
+                    break
+                if status == STATUS_INTERRUPTED:
+                    if dl is not None and dl.expired:
+                        raise LoopError(f"no exit within {timeout:g} s: the guest never left KVM_RUN", timings())
+                    if vcpu is not None:
+                        vcpu.immediate_exit = False
+                    continue
+                if status == STATUS_ERRNO:
+                    raise LoopError(str(KvmError(abi.IOCTL_NAMES.get(request, f"ioctl {request:#x}"), res.err)),
+                                    timings())
+                raise LoopError(f"unexpected exit {abi.KVM_EXIT_REASONS.get(res.reason, res.reason)}",
+                                timings(), res.reason)
+    except KeyboardInterrupt as e:
+        done = base + res.done
+        e.timings = timings()  # partial results go up with the interrupt
+        raise
+    return timings()
+
+
+def compiled_loop(vcpu, n: int, expect: str, port: int | None = None, reply: int = 0,
+                  zap: tuple[int, int] | None = None, timeout: float = 10.0) -> Timings:
+    """KVM_RUN ``n`` times on ``vcpu`` in C; every exit must be ``expect`` (io, mmio, hlt), an
+    IO exit on ``port``; INs and MMIO reads get ``reply``. ``zap`` (host address, length) is
+    dropped with MADV_DONTNEED before each KVM_RUN. Raises LoopError if the guest does
+    anything else or stays inside KVM_RUN past ``timeout`` seconds."""
+    return _run(vcpu.fd, abi.KVM_RUN, 0, n, vcpu=vcpu, expect=expect, port=port, reply=reply,
+                zap=zap, timeout=timeout)
+
+
+def null_ioctl_loop(kvm, n: int) -> Timings:
+    """The ioctl floor: KVM_CHECK_EXTENSION(KVM_CAP_USER_MEMORY) on the system fd, in C."""
+    return _run(kvm.fd, abi.KVM_CHECK_EXTENSION, abi.KVM_CAPS["USER_MEMORY"], n)
+
+
+def syscall_loop(n: int) -> Timings:
+    """The syscall floor: getppid(2) through syscall(2), in C."""
+    return _run(-1, 0, 0, n, op=OP_SYSCALL)
+
+
+_PY_EXPECT = {"io": IoExit, "mmio": MmioExit, "hlt": HltExit}
+
+
+def python_loop(vcpu, n: int, expect: str, port: int | None = None, reply: int = 0,
+                timeout: float = 10.0) -> Timings:
+    """The same loop through the Python API: ``Vcpu.run()`` (KVM_RUN and decoding) per
+    iteration, the check and the answer done on the decoded Exit."""
+    cls = _PY_EXPECT[expect]
+    t_start, t_end = array.array("Q", bytes(8 * n)), array.array("Q", bytes(8 * n))
+    clock, run = time.monotonic_ns, vcpu.run
+    answered = i = 0
+    try:
+        with vcpu.deadline(timeout) as dl:
+            for i in range(n):
+                t0 = clock()
+                e = run()
+                t1 = clock()
+                if e.__class__ is not cls or (port is not None and e.port != port):
+                    if isinstance(e, IntrExit) and dl.expired:
+                        raise LoopError(f"no exit within {timeout:g} s: the guest never left KVM_RUN",
+                                        Timings(t_start[:i], t_end[:i]))
+                    raise LoopError(f"unexpected exit {e!r}", Timings(t_start[:i], t_end[:i]), e.reason)
+                if cls is IoExit and e.is_in or cls is MmioExit and not e.is_write:
+                    e.reply(reply)
+                    answered += 1
+                t_start[i], t_end[i] = t0, t1
+            i = n
+    except KeyboardInterrupt as e:
+        e.timings = Timings(t_start[:i], t_end[:i], answered=answered)
+        raise
+    return Timings(t_start, t_end, answered=answered)
+
+
+def python_null_ioctl_loop(kvm, n: int) -> Timings:
+    """The ioctl floor through the Python API: ``Kvm.check_extension`` per iteration."""
+    t_start, t_end = array.array("Q", bytes(8 * n)), array.array("Q", bytes(8 * n))
+    clock, check = time.monotonic_ns, kvm.check_extension
+    cap = abi.KVM_CAPS["USER_MEMORY"]
+    for i in range(n):
+        t0 = clock()
+        check(cap)
+        t_end[i] = clock()
+        t_start[i] = t0
+    return Timings(t_start, t_end)
