@@ -9,6 +9,7 @@ import json
 import sys
 from typing import Any, Callable
 
+from .bench import command as bench_command
 from .guest import BuildError, Machine
 from .guest.build import MODES, available_payloads
 from .kvm import GuestTimeout, Kvm, KvmError, KvmUnavailable
@@ -47,6 +48,14 @@ def _parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("probe", help="what this host's KVM is and can do")
     sp.add_argument("--json", action="store_true", help="print the facts as JSON")
     sp.set_defaults(func=cmd_probe)
+
+    sp = sub.add_parser("bench", help="time KVM_RUN round trips per exit kind, beside the floors")
+    bench_command.add_bench_args(sp)
+    sp.set_defaults(func=bench_command.cmd_bench)  # bad input: ValueError, exit status 2
+
+    sp = sub.add_parser("compare", help="two bench result files side by side, with ratios and significance")
+    bench_command.add_compare_args(sp)
+    sp.set_defaults(func=bench_command.cmd_compare)
 
     sp = sub.add_parser("report", help="the whole picture of this host (the main job)")
     sp.add_argument("--out", default="kvmiso-report", help="directory for report.json and plots")

@@ -1,0 +1,159 @@
+"""``kvmiso bench`` and ``kvmiso compare``: the arguments and what the commands print.
+
+kvmiso/cli.py only wires these in, so the shared CLI file stays small.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from .latency import DEFAULT_KINDS, KINDS, BenchResult, format_table
+
+
+class BenchInputError(ValueError):
+    """Bad input to bench/compare: the CLI prints it and exits with status 2."""
+
+
+def add_bench_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--kinds", default=",".join(DEFAULT_KINDS),
+                    help=f"comma-separated exit kinds (default: all): {', '.join(KINDS)}; the floors always run")
+    sp.add_argument("--samples", type=int, default=5000, help="round trips per run and kind (default 5000)")
+    sp.add_argument("--runs", type=int, default=5, help="runs, each on a fresh VM (default 5)")
+    sp.add_argument("--warmup", type=int, help="untimed round trips before each run (default samples/10)")
+    sp.add_argument("--iterations", type=int, default=100,
+                    help="guest iterations per sample for the in-kernel kinds (default 100)")
+    sp.add_argument("--cpl", type=int, nargs="+", choices=(0, 3), default=[0],
+                    help="guest privilege level(s) to measure at (default 0; e.g. --cpl 0 3)")
+    sp.add_argument("--cpu", type=int, help="CPU to pin to (default: the last one this process may use)")
+    sp.add_argument("--no-python", action="store_true", help="skip the Python API path")
+    sp.add_argument("--json", metavar="FILE", help="write the results (with the host fingerprint) to FILE")
+    sp.add_argument("--plot", metavar="FILE.png", help="draw the latency distributions (needs matplotlib)")
+    sp.add_argument("--isolation", action="store_true",
+                    help="add what KVM address space isolation's extra switches would cost per kind")
+    sp.add_argument("--switch-cost", type=float, metavar="NS",
+                    help="cost of one address-space switch for --isolation (default: estimated where possible)")
+
+
+def add_compare_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("a", metavar="A.json", help="the baseline result file")
+    sp.add_argument("b", metavar="B.json", help="the result file compared with it")
+
+
+def _progress():
+    """A one-line progress display on stderr, only when stderr is a terminal."""
+    if not sys.stderr.isatty():
+        return None, lambda: None
+
+    def show(text: str) -> None:
+        sys.stderr.write(f"\r\x1b[K{text}")
+        sys.stderr.flush()
+
+    def clear() -> None:
+        sys.stderr.write("\r\x1b[K")
+        sys.stderr.flush()
+
+    return show, clear
+
+
+def _check_plot_backend() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise BenchInputError("--plot needs matplotlib, an optional extra: pip install 'kvmiso[plot]'") from None
+
+
+def _command(args) -> str:
+    """The command line that reproduces this run, for the result file and the README."""
+    parts = ["kvmiso bench", f"--kinds {args.kinds}", f"--samples {args.samples}", f"--runs {args.runs}",
+             f"--iterations {args.iterations}", "--cpl " + " ".join(map(str, args.cpl))]
+    for flag, value in (("--warmup", args.warmup), ("--cpu", args.cpu), ("--switch-cost", args.switch_cost)):
+        if value is not None:
+            parts.append(f"{flag} {value:g}")
+    parts += ["--no-python"] * args.no_python + ["--isolation"] * args.isolation
+    return " ".join(parts)
+
+
+def cmd_bench(args) -> int:
+    from ..kvm import Kvm
+    from .latency import bench
+    from .runloop import NotBuilt
+
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise BenchInputError(f"unknown kind(s) {', '.join(unknown)}; kinds: {', '.join(KINDS)}")
+    if args.samples < 2 or args.runs < 1 or args.iterations < 1:
+        raise BenchInputError("--samples must be >= 2, --runs and --iterations >= 1")
+    if args.switch_cost is not None and not args.isolation:
+        raise BenchInputError("--switch-cost is for --isolation")
+    if args.plot:
+        _check_plot_backend()
+    show, clear = _progress()
+    with Kvm() as kvm:
+        try:
+            result = bench(kvm, kinds, cpls=args.cpl, samples=args.samples, runs=args.runs, warmup=args.warmup,
+                           iterations=args.iterations, cpu=args.cpu, python=not args.no_python, progress=show)
+        except NotBuilt as e:
+            raise BenchInputError(str(e)) from None
+        finally:
+            clear()
+        result.settings["command"] = _command(args)
+        isolation = _isolation(kvm, result, args.switch_cost) if args.isolation else None
+    print(format_table(result))
+    if isolation is not None:
+        print()
+        print(isolation)
+    if args.json:
+        result.write(args.json)
+        print(f"\nwrote {args.json}")
+    if args.plot:
+        plot(result, args.plot)
+        print(f"wrote {args.plot}")
+    return 0 if result.complete else 130
+
+
+def _isolation(kvm, result: BenchResult, switch_cost: float | None) -> str:
+    from .overhead import SwitchCost, estimate_switch_cost, format_isolation, isolation_rows
+
+    if switch_cost is not None:
+        cost = SwitchCost(switch_cost, "given with --switch-cost")
+    else:
+        cost = estimate_switch_cost(kvm, result.host)
+    rows = isolation_rows(result, cost)
+    result.settings["isolation"] = {"switch_cost_ns": cost.ns, "switch_cost_source": cost.source, "rows": rows}
+    return format_isolation(rows, cost)
+
+
+def plot(result: BenchResult, path: str) -> None:
+    """Box plots of every row's round trips (log scale), one panel per CPL."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result.results if r.samples]
+    groups: dict[Any, list] = {}
+    for r in rows:
+        groups.setdefault(r.cpl, []).append(r)
+    fig, axes = plt.subplots(len(groups), 1, figsize=(12, 4 * len(groups)), squeeze=False)
+    for ax, (cpl, rs) in zip(axes[:, 0], groups.items()):
+        ax.boxplot([[v / 1000 for v in r.samples] for r in rs], vert=False, whis=(1, 99), showfliers=False,
+                   labels=[f"{r.kind} {r.path}" for r in rs])
+        ax.set_xscale("log")
+        ax.set_xlabel("µs per round trip (whiskers p1-p99)")
+        ax.set_title("floors" if cpl is None else f"guest at CPL{cpl}")
+    fig.suptitle(f"kvmiso bench, {result.host.get('vendor')} on {result.host.get('cpu')}, {result.created}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def cmd_compare(args) -> int:
+    from .compare import compare, format_compare, load
+
+    a, b = load(args.a), load(args.b)
+    print(f"A: {args.a} ({a.get('created', '?')})\nB: {args.b} ({b.get('created', '?')})")
+    print(format_compare(compare(a, b), a, b))
+    return 0

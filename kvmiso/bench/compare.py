@@ -1,0 +1,126 @@
+"""Two ``kvmiso bench --json`` files side by side: ratios, and whether a difference is outside
+the noise (Welch's t-test at 95% over the run means, as pyperf's compare_to tests its values).
+
+>>> print(format_compare(compare(load("a.json"), load("b.json"))))
+kind  cpl  path  A p50 us  B p50 us  B vs A         significant
+out   0    c        7.312     9.001  1.23x slower   yes (t=-8.1)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .latency import SCHEMA, SCHEMA_VERSION
+from .stats import significant
+
+
+class ResultFileError(ValueError):
+    """A result file that is unreadable, not JSON, not a kvmiso bench file, or of another
+    schema version."""
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    """Read and check a result file; raises ResultFileError saying what is wrong with it."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise ResultFileError(f"{path}: cannot read: {e.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ResultFileError(f"{path}: not a kvmiso bench result (corrupt JSON: {e})") from None
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        raise ResultFileError(f"{path}: not a kvmiso bench result (no \"schema\": \"{SCHEMA}\")")
+    if data.get("schema_version") != SCHEMA_VERSION:
+        raise ResultFileError(f"{path}: schema version {data.get('schema_version')!r}; this kvmiso reads "
+                              f"version {SCHEMA_VERSION}: re-run kvmiso bench with this version")
+    results = data.get("results")
+    if not isinstance(results, list) or not all(_entry_ok(r) for r in results):
+        raise ResultFileError(f"{path}: corrupt: a result entry lacks kind, path, cpl, summary.p50 or runs[].mean")
+    return data
+
+
+def _entry_ok(r: Any) -> bool:
+    return (isinstance(r, dict) and all(k in r for k in ("kind", "path", "cpl", "summary", "runs"))
+            and isinstance(r["summary"], dict) and isinstance(r["summary"].get("p50"), (int, float))
+            and isinstance(r["runs"], list) and all(isinstance(x, dict) and "mean" in x for x in r["runs"]))
+
+
+@dataclass(frozen=True)
+class Row:
+    kind: str
+    path: str
+    cpl: int | None
+    a: float | None  # p50 ns
+    b: float | None
+    significant: bool = False
+    t: float = 0.0
+
+    @property
+    def ratio(self) -> float | None:
+        return self.b / self.a if self.a and self.b else None
+
+    def verdict(self) -> str:
+        """``1.23x slower`` / ``1.10x faster`` / ``same`` (B relative to A), or which side lacks it."""
+        if self.a is None:
+            return "only in B"
+        if self.b is None:
+            return "only in A"
+        r = self.ratio
+        if r is None:
+            return "-"
+        if abs(r - 1) < 0.005:
+            return "same"
+        return f"{r:.2f}x slower" if r > 1 else f"{1 / r:.2f}x faster"
+
+
+def compare(a: dict[str, Any], b: dict[str, Any]) -> list[Row]:
+    """One row per (kind, path, cpl) in either file, in A's order, then B's new ones."""
+    def index(d):
+        return {(r["kind"], r["path"], r["cpl"]): r for r in d["results"]}
+
+    ia, ib = index(a), index(b)
+    rows = []
+    for key in list(ia) + [k for k in ib if k not in ia]:
+        ra, rb = ia.get(key), ib.get(key)
+        sig, t = (False, 0.0)
+        if ra and rb:
+            sig, t = significant([x["mean"] for x in ra["runs"]], [x["mean"] for x in rb["runs"]])
+        rows.append(Row(*key, ra["summary"]["p50"] if ra else None, rb["summary"]["p50"] if rb else None, sig, t))
+    return rows
+
+
+def host_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Fingerprint facts that differ, which a reader must weigh before trusting a ratio."""
+    out = []
+    for k in ("cpu", "kernel", "vendor", "cpl0", "governor", "mitigations"):
+        va, vb = a["host"].get(k), b["host"].get(k)
+        if va != vb:
+            out.append(f"{k}: {va} vs {vb}")
+    pa, pb = a["host"].get("pinning", {}).get("pinned"), b["host"].get("pinning", {}).get("pinned")
+    if pa != pb:
+        out.append(f"pinned: {pa} vs {pb}")
+    return out
+
+
+def format_compare(rows: list[Row], a: dict[str, Any] | None = None, b: dict[str, Any] | None = None) -> str:
+    """The side-by-side table ``kvmiso compare`` prints (p50 in µs)."""
+    def us(v):
+        return "-" if v is None else f"{v / 1000:.3f}"
+
+    table = [("kind", "cpl", "path", "A p50 us", "B p50 us", "B vs A", "significant")]
+    for r in rows:
+        sig = "-" if r.a is None or r.b is None else (f"yes (t={r.t:.1f})" if r.significant else "no: within the noise")
+        table.append((r.kind, "-" if r.cpl is None else str(r.cpl), r.path, us(r.a), us(r.b), r.verdict(), sig))
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    lines = ["  ".join(c.rjust(w) if i in (3, 4) else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+             for row in table]
+    if a is not None and b is not None:
+        for d, name in ((a, "A"), (b, "B")):
+            if not d.get("complete", True):
+                lines.append(f"{name} is incomplete: {d.get('incomplete_reason', '')}")
+        diffs = host_differences(a, b)
+        if diffs:
+            lines.append("the hosts differ: " + "; ".join(diffs))
+    return "\n".join(lines)

@@ -1,0 +1,499 @@
+"""KVM_RUN round trips per exit kind, measured after pyperf: pinned, warmed up, several runs of
+many samples, floors in the same run, the host fingerprint in the result.
+
+>>> with Kvm() as kvm:
+...     result = bench(kvm, kinds=["out"], samples=2000, runs=3)
+>>> print(format_table(result))
+
+Each run builds a fresh VM (pyperf runs fresh processes; a fresh VM is this harness's analogue:
+new memory, new vCPU, new kvm_run page). Kinds that exit to userspace are timed per KVM_RUN by
+the compiled loop and by the Python API; kinds KVM handles in the kernel are timed by the guest
+with RDTSC around ``iterations`` executions (as kvm-unit-tests x86/vmexit.c does) and by the
+host as the time of the KVM_RUN that holds them, divided by ``iterations``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import struct
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from ..guest import Machine, build
+from ..kvm import Kvm
+from ..kvm.exits import IoExit
+from . import runloop, stats
+from .runloop import PORT_BENCH, LoopError, Timings
+
+SCHEMA = "kvmiso-bench"
+SCHEMA_VERSION = 1
+RESULTS_ADDR, RESULTS_RING = 0x100000, 0x10000  # guests/lib/bench_batch.inc: SCRATCH, 64 Ki entries
+FAULT_BASE, PAGE = 0x400000, 4096  # guests/bench_page_fault.S
+BENCH_MEMORY = 8 << 20  # room for the page-fault region above FAULT_BASE
+MAX_FAULT_PAGES = 512
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One benchmark: its guest, the exit every KVM_RUN must end with, where it can run."""
+
+    name: str
+    what: str
+    guest: str | None = None
+    exit: str = "io"  # io | mmio | hlt: what each KVM_RUN of the guest ends with
+    insns: int | None = None  # guest instructions per iteration
+    in_kernel: bool = False  # handled inside KVM: timed by the guest per batch
+    cpl3: str | None = None  # None: legal at CPL3; else why not
+    reply: int = 0  # the host's answer to an IN or an MMIO read
+    kvm_runs_per_iteration: float = 1.0  # for the isolation estimate
+    host_mm_exits: float = 0.0  # exits per iteration handled on host_mm (RFC patch 07)
+
+
+KINDS: dict[str, Kind] = {k.name: k for k in (
+    Kind("out", "port OUT to userspace", "bench_out", "io", 2),
+    Kind("in", "port IN answered by the host", "bench_in", "io", 2, reply=0x5A),
+    Kind("mmio_write", "MMIO write to userspace", "bench_mmio_write", "mmio", 2),
+    Kind("mmio_read", "MMIO read answered by the host", "bench_mmio_read", "mmio", 2, reply=0x5A5A5A5A),
+    Kind("hlt", "HLT to userspace (no irqchip)", "bench_hlt", "hlt", 2,
+         cpl3="HLT is privileged: #GP at CPL3"),
+    Kind("cpuid", "CPUID inside KVM", "bench_cpuid", "io", 4, in_kernel=True),
+    Kind("rdmsr", "RDMSR inside KVM", "bench_rdmsr", "io", 3, in_kernel=True,
+         cpl3="RDMSR is privileged: #GP at CPL3"),
+    Kind("page_fault", "first touch of an unmapped page (KVM page fault)", "bench_page_fault", "io", 4,
+         in_kernel=True, host_mm_exits=1.0),
+    Kind("hypercall", "KVM_HC_VAPIC_POLL_IRQ hypercall inside KVM", "bench_hypercall", "io", 4,
+         in_kernel=True, cpl3="KVM refuses hypercalls from CPL3 (-KVM_EPERM): that would time the refusal"),
+    Kind("vm_create", "VM creation to first exit (Python API)", "bench_out", insns=None,
+         kvm_runs_per_iteration=1.0),
+    Kind("parallel", "port OUT on 1 and 2 vCPUs in parallel threads", "bench_out", "io", 2),
+)}
+FLOORS = ("null_ioctl", "syscall")
+DEFAULT_KINDS = tuple(KINDS)
+
+
+@dataclass
+class Result:
+    """One measured row: a kind on one path (c, python, guest, host) at one CPL."""
+
+    kind: str
+    path: str
+    cpl: int | None
+    summary: dict[str, float]
+    runs: list[dict[str, float]]
+    warnings: list[str] = field(default_factory=list)
+    iterations: int = 1  # guest iterations per sample
+    insns: int | None = None
+    emulated: float | None = None  # instructions KVM emulated per iteration (vCPU stats)
+    ratio_to_floor: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    samples: list[float] = field(default_factory=list, repr=False)  # for --plot; not saved
+
+    @property
+    def key(self) -> tuple[str, str, int | None]:
+        return self.kind, self.path, self.cpl
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in ("kind", "path", "cpl", "summary", "runs", "warnings",
+                                            "iterations", "insns", "emulated", "ratio_to_floor", "extra")}
+        d["unit"] = "ns"
+        return d
+
+
+@dataclass
+class BenchResult:
+    """Everything one ``kvmiso bench`` produced; ``complete`` is false after Ctrl-C."""
+
+    host: dict[str, Any]
+    settings: dict[str, Any]
+    results: list[Result] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    complete: bool = True
+    incomplete_reason: str = ""
+    created: str = field(default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "created": self.created,
+                "complete": self.complete, "incomplete_reason": self.incomplete_reason,
+                "host": self.host, "settings": self.settings,
+                "results": [r.to_dict() for r in self.results], "skipped": self.skipped}
+
+    def write(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+
+
+# --- host facts --------------------------------------------------------------------------------
+
+def pin(cpu: int | None = None) -> dict[str, Any]:
+    """Pin this thread (and the threads it starts) to ``cpu`` (default: the last CPU we may use).
+
+    A CPU that cannot be pinned is a warning on stderr and a fact in the result, not an error.
+    """
+    import psutil
+
+    proc = psutil.Process()
+    try:
+        allowed = proc.cpu_affinity()
+    except (psutil.Error, OSError) as e:
+        return {"pinned": False, "cpu": None, "reason": f"cannot read the CPU affinity: {e}"}
+    target = allowed[-1] if cpu is None else cpu
+    try:
+        proc.cpu_affinity([target])
+    except (psutil.Error, OSError, ValueError) as e:
+        print(f"kvmiso: warning: cannot pin to CPU {target}: {e}; timing unpinned", file=sys.stderr)
+        return {"pinned": False, "cpu": None, "requested": target, "allowed": allowed, "reason": str(e)}
+    return {"pinned": True, "cpu": target, "allowed": allowed}
+
+
+def unpin(pinning: dict[str, Any]) -> None:
+    """Give back the affinity ``pin`` replaced."""
+    if pinning.get("pinned"):
+        import psutil
+
+        psutil.Process().cpu_affinity(pinning["allowed"])
+
+
+def governor(cpu: int | None) -> str:
+    path = Path(f"/sys/devices/system/cpu/cpu{cpu or 0}/cpufreq/scaling_governor")
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return "not readable (no cpufreq in this kernel or VM)"
+
+
+def host_facts(kvm: Kvm, pinning: dict[str, Any]) -> dict[str, Any]:
+    """The host fingerprint every result file records (kvmiso.probe's, plus timing facts)."""
+    from ..probe import fingerprint, probe
+
+    info = probe(kvm)
+    fp = fingerprint(info)
+    fp["cpl0"] = "native" if info["cpl0_native"] else "emulated"
+    fp["cpl3"] = "native" if info["cpl3_native"] else "emulated"
+    fp["pinning"] = pinning
+    fp["governor"] = governor(pinning.get("cpu"))
+    fp["tsc"] = {"usable": runloop.tsc_usable()}
+    try:
+        fp["transparent_hugepage"] = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip()
+    except OSError:
+        pass
+    fp["python"] = platform.python_version()
+    fp["kvmiso"] = _version()
+    return fp
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kvmiso")
+    except PackageNotFoundError:
+        return "not installed"
+
+
+# --- measuring -----------------------------------------------------------------------------------
+
+def _result(kind: str, path: str, cpl: int | None, per_run: list[list[float]], **kw) -> Result:
+    pooled = [v for run in per_run for v in run]
+    summary = stats.summarize(pooled)
+    runs = [{"n": len(r), "mean": statistics.fmean(r), "p50": stats.percentile(sorted(r), 50)}
+            for r in per_run if r]
+    return Result(kind, path, cpl, summary, runs, stats.warnings([r["mean"] for r in runs]),
+                  samples=pooled, **kw)
+
+
+class _Collector:
+    """Per-run samples of one (kind, path, cpl), kept even when a run is cut short."""
+
+    def __init__(self) -> None:
+        self.rows: dict[tuple, list[list[float]]] = {}
+        self.meta: dict[tuple, dict[str, Any]] = {}
+
+    def add(self, key: tuple, values: list[float], **meta) -> None:
+        if values:
+            self.rows.setdefault(key, []).append(values)
+        m = self.meta.setdefault(key, {})
+        for k, v in meta.items():
+            m.setdefault(k, []).append(v)
+
+
+def _emulated(st, before, iterations: int) -> float | None:
+    delta = (st.snapshot() - before).get("insn_emulation")
+    return None if delta is None else delta / iterations
+
+
+def _measure_exit_kind(kvm: Kvm, kind: Kind, cpl: int, n: int, warmup: int, col: _Collector,
+                       python: bool) -> None:
+    """One run of a kind that exits to userspace: compiled loop, then the Python API."""
+    with Machine(build(kind.guest, "long"), cpl=cpl, kvm=kvm) as m, m.vcpu.stats() as st:
+        args = dict(expect=kind.exit, port=PORT_BENCH if kind.exit == "io" else None, reply=kind.reply)
+        runloop.compiled_loop(m.vcpu, warmup, **args)
+        before = st.snapshot()
+        try:
+            t = runloop.compiled_loop(m.vcpu, n, **args)
+        except KeyboardInterrupt as e:
+            col.add((kind.name, "c", cpl), e.timings.latencies())
+            raise
+        col.add((kind.name, "c", cpl), t.latencies(), emulated=_emulated(st, before, t.n),
+                period_p50=stats.percentile(sorted(t.periods()), 50))
+        if python:
+            runloop.python_loop(m.vcpu, warmup, **args)
+            try:
+                t = runloop.python_loop(m.vcpu, n, **args)
+            except KeyboardInterrupt as e:
+                col.add((kind.name, "python", cpl), e.timings.latencies())
+                raise
+            col.add((kind.name, "python", cpl), t.latencies(),
+                    period_p50=stats.percentile(sorted(t.periods()), 50))
+
+
+def _measure_in_kernel(kvm: Kvm, kind: Kind, cpl: int, batches: int, warmup: int, iterations: int,
+                       col: _Collector, tsc_hz: float | None) -> None:
+    """One run of a kind KVM handles inside the kernel: batches of ``iterations``, one exit each."""
+    if warmup + batches > RESULTS_RING:
+        raise ValueError(f"at most {RESULTS_RING - warmup} samples fit the guest's result ring")
+    image = build(kind.guest, "long")
+    with Machine(image, cpl=cpl, kvm=kvm, memory=BENCH_MEMORY) as m, m.vcpu.stats() as st:
+        m.vm.write(image.symbols["iterations"], struct.pack("<Q", iterations))
+        zap = (m.vm.host_address(FAULT_BASE), iterations * PAGE) if kind.name == "page_fault" else None
+        runloop.compiled_loop(m.vcpu, warmup, "io", PORT_BENCH, zap=zap)
+        before = st.snapshot()
+        try:
+            t = runloop.compiled_loop(m.vcpu, batches, "io", PORT_BENCH, zap=zap)
+        except KeyboardInterrupt as e:
+            t = e.timings
+            _in_kernel_rows(m, kind, cpl, t, warmup, iterations, col, tsc_hz, None)
+            raise
+        _in_kernel_rows(m, kind, cpl, t, warmup, iterations, col, tsc_hz,
+                        _emulated(st, before, t.n * iterations))
+
+
+def _in_kernel_rows(m: Machine, kind: Kind, cpl: int, t: Timings, warmup: int, iterations: int,
+                    col: _Collector, tsc_hz: float | None, emulated: float | None) -> None:
+    col.add((kind.name, "host", cpl), [x / iterations for x in t.latencies()], emulated=emulated)
+    hz = t.tsc_hz() or tsc_hz
+    if hz and t.n:
+        raw = m.vm.read(RESULTS_ADDR, 8 * RESULTS_RING)
+        cycles = [struct.unpack_from("<Q", raw, 8 * ((warmup + i) % RESULTS_RING))[0] for i in range(t.n)]
+        col.add((kind.name, "guest", cpl), [c / iterations * 1e9 / hz for c in cycles], emulated=emulated)
+
+
+def _measure_vm_create(kvm: Kvm, cpl: int, n: int, col: _Collector) -> None:
+    """VM, memory, vCPU, registers and the first KVM_RUN to its first exit, via Machine."""
+    image = build("bench_out", "long")
+    values = []
+    try:
+        for _ in range(n):
+            t0 = time.monotonic_ns()
+            m = Machine(image, cpl=cpl, kvm=kvm)
+            try:
+                e = m.vcpu.run()
+                t1 = time.monotonic_ns()
+            finally:
+                m.close()
+            if not (isinstance(e, IoExit) and e.port == PORT_BENCH):
+                raise LoopError(f"the first exit was {e!r}, not the OUT to port {PORT_BENCH:#x}", Timings([], []))
+            values.append(t1 - t0)
+    finally:
+        col.add(("vm_create", "python", cpl), values)
+
+
+def _measure_parallel(kvm: Kvm, cpl: int, nvcpus: int, cpus: list[int], n: int, warmup: int,
+                      col: _Collector) -> None:
+    """``nvcpus`` vCPUs of one VM, each running the OUT loop in its own thread on its own CPU."""
+    import psutil
+
+    from ..kvm.vcpu import install_kick_handler
+
+    install_kick_handler()  # from the main thread, before the vCPU threads need it
+    with Machine(build("bench_out", "long"), cpl=cpl, kvm=kvm, vcpus=nvcpus) as m:
+        out: list[Timings | BaseException | None] = [None] * nvcpus
+        barrier = threading.Barrier(nvcpus)
+
+        def worker(i: int) -> None:
+            try:
+                psutil.Process(threading.get_native_id()).cpu_affinity([cpus[i]])
+                runloop.compiled_loop(m.vcpus[i], warmup, "io", PORT_BENCH)
+                barrier.wait()
+                out[i] = runloop.compiled_loop(m.vcpus[i], n, "io", PORT_BENCH)
+            except BaseException as e:  # reported in the caller's thread
+                barrier.abort()
+                out[i] = e
+
+        threads = [threading.Thread(target=worker, args=(i,), name=f"kvmiso-bench-vcpu{i}") for i in range(nvcpus)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        for o in out:
+            if isinstance(o, BaseException):
+                raise o
+        wall = max(o.t_end[-1] for o in out) - min(o.t_start[0] for o in out)
+        col.add((f"parallel_{nvcpus}", "c", cpl), [x for o in out for x in o.latencies()],
+                exits_per_s=nvcpus * n * 1e9 / wall)
+
+
+def _measure_floors(kvm: Kvm, n: int, warmup: int, col: _Collector, python: bool) -> float | None:
+    """The null ioctl and the bare syscall; returns the TSC rate the C loop calibrated."""
+    runloop.null_ioctl_loop(kvm, warmup)
+    t = runloop.null_ioctl_loop(kvm, n)
+    col.add(("null_ioctl", "c", None), t.latencies())
+    runloop.syscall_loop(warmup)
+    col.add(("syscall", "c", None), runloop.syscall_loop(n).latencies())
+    if python:
+        runloop.python_null_ioctl_loop(kvm, warmup)
+        col.add(("null_ioctl", "python", None), runloop.python_null_ioctl_loop(kvm, n).latencies())
+    return t.tsc_hz()
+
+
+def skip_reason(kind: Kind, cpl: int, host: dict[str, Any]) -> str | None:
+    """Why ``kind`` cannot run at ``cpl`` on this host, or None."""
+    if cpl == 3 and kind.cpl3:
+        return kind.cpl3
+    if kind.name == "hypercall" and cpl == 0 and host.get("vendor") == "kvm_pvm":
+        return ("on kvm_pvm a CPL0 hypercall never returns: KVM rewrites VMMCALL to VMCALL and "
+                "emulates it again and again inside one KVM_RUN")
+    if kind.name == "parallel" and len(host["pinning"].get("allowed") or []) < 2:
+        return "2 vCPUs in parallel need 2 CPUs this process may run on"
+    return None
+
+
+def bench(kvm: Kvm, kinds: Iterable[str] = DEFAULT_KINDS, cpls: Iterable[int] = (0,), samples: int = 5000,
+          runs: int = 5, warmup: int | None = None, iterations: int = 100, cpu: int | None = None,
+          python: bool = True, progress: Callable[[str], None] | None = None) -> BenchResult:
+    """Measure ``kinds`` at each CPL in ``cpls``, plus the floors; ``runs`` runs of ``samples``.
+
+    Kinds the host cannot run are skipped with the reason; a kind that fails at run time is
+    skipped with what happened. Ctrl-C returns what was measured, marked incomplete.
+    """
+    kinds, cpls = list(kinds), list(cpls)
+    for k in kinds:
+        if k not in KINDS:
+            raise ValueError(f"unknown benchmark kind {k!r}; kinds: {', '.join(KINDS)}")
+    if samples < 2 or runs < 1 or iterations < 1:
+        raise ValueError("need at least 2 samples, 1 run and 1 iteration per sample")
+    warmup = max(10, samples // 10) if warmup is None else warmup
+    pinning = pin(cpu)
+    try:
+        host = host_facts(kvm, pinning)
+        settings = {"kinds": kinds, "cpls": cpls, "samples": samples, "runs": runs, "warmup": warmup,
+                    "iterations": iterations, "python": python, "clock": "CLOCK_MONOTONIC",
+                    "batches": min(samples, RESULTS_RING - warmup, max(20, samples // 10)),
+                    "vm_create_samples": min(100, max(5, samples // 100))}
+        out = BenchResult(host, settings)
+        col = _Collector()
+        plan = [(None, None, "floors")] + [(KINDS[k], cpl, k) for cpl in cpls for k in kinds]
+        current = ""
+        try:
+            for i, (kind, cpl, label) in enumerate(plan, 1):
+                if kind is not None:
+                    reason = skip_reason(kind, cpl, host)
+                    if reason:
+                        out.skipped.append({"kind": kind.name, "cpl": cpl, "reason": reason})
+                        continue
+                for r in range(runs):
+                    current = f"{label}" + (f" at CPL{cpl}" if cpl is not None else "")
+                    if progress:
+                        progress(f"[{i}/{len(plan)}] {current}, run {r + 1}/{runs}")
+                    try:
+                        _measure_one(kvm, kind, cpl, label, settings, host, col, python, pinning)
+                    except (LoopError, OSError) as e:
+                        out.skipped.append({"kind": label, "cpl": cpl, "reason": f"failed in run {r + 1}: {e}"})
+                        break
+        except KeyboardInterrupt:
+            out.complete = False
+            out.incomplete_reason = f"interrupted (Ctrl-C) during {current}"
+        out.results = _rows(col, settings, host)
+        return out
+    finally:
+        unpin(pinning)
+
+
+def _measure_one(kvm, kind, cpl, label, settings, host, col, python, pinning) -> None:
+    n, warmup = settings["samples"], settings["warmup"]
+    if kind is None:
+        hz = _measure_floors(kvm, n, warmup, col, python)
+        if hz:
+            host["tsc"]["hz"] = hz
+    elif kind.name == "vm_create":
+        _measure_vm_create(kvm, cpl, settings["vm_create_samples"], col)
+    elif kind.name == "parallel":
+        cpus = pinning["allowed"]
+        for nv in (1, 2):
+            _measure_parallel(kvm, cpl, nv, [pinning["cpu"]] + [c for c in cpus if c != pinning["cpu"]], n, warmup, col)
+    elif kind.in_kernel:
+        iterations = min(settings["iterations"], MAX_FAULT_PAGES) if kind.name == "page_fault" else settings["iterations"]
+        _measure_in_kernel(kvm, kind, cpl, settings["batches"], min(warmup, 50), iterations, col,
+                           host["tsc"].get("hz"))
+    else:
+        _measure_exit_kind(kvm, kind, cpl, n, warmup, col, python)
+
+
+def _rows(col: _Collector, settings: dict[str, Any], host: dict[str, Any]) -> list[Result]:
+    rows = []
+    for key, per_run in col.rows.items():
+        kind, path, cpl = key
+        meta = col.meta.get(key, {})
+        base = KINDS.get("parallel" if kind.startswith("parallel_") else kind)
+        in_kernel = base is not None and base.in_kernel
+        iterations = settings["iterations"] if in_kernel else 1
+        if kind == "page_fault":
+            iterations = min(iterations, MAX_FAULT_PAGES)
+        emulated = [e for e in meta.get("emulated", []) if e is not None]
+        extra = {}
+        for k in ("period_p50", "exits_per_s"):
+            if meta.get(k):
+                extra[k] = [v for v in meta[k] if v is not None]
+        rows.append(_result(kind, path, cpl, per_run, iterations=iterations,
+                            insns=base.insns if base else None,
+                            emulated=statistics.fmean(emulated) if emulated else None, extra=extra))
+    floor = next((r for r in rows if r.key == ("null_ioctl", "c", None)), None)
+    for r in rows:
+        if floor and floor.summary["p50"]:
+            r.ratio_to_floor = r.summary["p50"] / floor.summary["p50"]
+    return rows
+
+
+# --- the table -------------------------------------------------------------------------------------
+
+def _us(ns: float) -> str:
+    us = ns / 1000
+    return f"{us:.3f}" if us < 10 else f"{us:.2f}" if us < 100 else f"{us:.1f}" if us < 10000 else f"{us:.0f}"
+
+
+def format_table(result: BenchResult) -> str:
+    """The aligned table ``kvmiso bench`` prints (times in µs)."""
+    head = ("kind", "cpl", "path", "n", "min", "p50", "p90", "p99", "max", "mean", "stdev",
+            "x null", "insn/it", "emul/it", "notes")
+    lines = [head]
+    for r in result.results:
+        s = r.summary
+        notes = list(r.warnings)
+        if r.extra.get("exits_per_s"):
+            eps = r.extra["exits_per_s"]
+            notes.insert(0, f"{statistics.fmean(eps):,.0f} exits/s")
+        if r.iterations > 1:
+            notes.insert(0, f"per iteration, {r.iterations}/sample")
+        lines.append((r.kind, "-" if r.cpl is None else str(r.cpl), r.path, str(s["n"]),
+                      *(_us(s[k]) for k in ("min", "p50", "p90", "p99", "max", "mean", "stdev")),
+                      f"{r.ratio_to_floor:.1f}" if r.ratio_to_floor else "-",
+                      str(r.insns) if r.insns else "-",
+                      f"{r.emulated:.2f}" if r.emulated is not None else "-", "; ".join(notes)))
+    widths = [max(len(row[i]) for row in lines) for i in range(len(head) - 1)]
+    text = []
+    for row in lines:
+        cells = [c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        text.append("  ".join(cells + [row[-1]]).rstrip())
+    text.insert(1, "-" * len(text[0]))
+    for s in result.skipped:
+        cpl = "" if s["cpl"] is None else f" at CPL{s['cpl']}"
+        text.append(f"skipped {s['kind']}{cpl}: {s['reason']}")
+    if not result.complete:
+        text.append(f"INCOMPLETE: {result.incomplete_reason}")
+    return "\n".join(text)

@@ -1,0 +1,104 @@
+"""What KVM address space isolation would add to each measured round trip.
+
+The cost is ``extra switches per round trip x the cost of one switch``. The switch counts are
+an input (a mapping kind -> switches), so the isolation model (kvmiso.isolation) can supply
+them; until it does, :func:`rfc_switches` applies the RFC's rule: two more address-space
+switches per KVM_RUN (into kvm_mm on entry, back to host_mm on the return to userspace), plus
+one for each exit handled on host_mm (patch 07: guest page faults, sched-out, IRQs, ...).
+
+The switch cost is given by the user, or estimated by :func:`estimate_switch_cost` where this
+host allows an honest estimate; its source is always carried next to the figure.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from ..guest import Machine, build
+from . import runloop
+from .latency import BENCH_MEMORY, KINDS, RESULTS_ADDR, BenchResult
+
+RFC_RULE = ("RFC rule (kvmiso.isolation not consulted): 2 switches per KVM_RUN + 1 per exit "
+            "handled on host_mm")
+
+
+@dataclass(frozen=True)
+class SwitchCost:
+    """The cost of one address-space switch in ns (None: unknown) and what it rests on."""
+
+    ns: float | None
+    source: str
+
+
+def rfc_switches(kind: str, iterations: int = 1) -> float:
+    """Extra switches per measured round trip of ``kind`` under the RFC rule.
+
+    A sample of an in-kernel kind is one iteration of a batch of ``iterations`` inside one
+    KVM_RUN, so its KVM_RUN switches are shared by the batch.
+    """
+    base = KINDS.get("parallel" if kind.startswith("parallel_") else kind)
+    if base is None:  # the floors make no KVM_RUN
+        return 0.0
+    runs = 1.0 / iterations if base.in_kernel else base.kvm_runs_per_iteration
+    return 2 * runs + base.host_mm_exits
+
+
+def estimate_switch_cost(kvm, host: Mapping[str, Any], iterations: int = 1000,
+                         batches: int = 50) -> SwitchCost:
+    """Time MOV to CR3 (same value: a TLB flush, as an isolation switch without PCID) in a
+    CPL0 guest with RDTSC, where CPL0 runs natively and the write does not exit.
+
+    Where CPL0 is emulated (kvm_pvm) a guest CR3 write times KVM's emulator and shadow MMU, not
+    the hardware, and without perf counters or kprobes the host's own switch cannot be timed:
+    then the cost is unknown and the user must give it.
+    """
+    if host.get("cpl0") != "native":
+        return SwitchCost(None, "not estimated: CPL0 guest code is emulated on this host, so a guest CR3 "
+                                "write would time KVM's emulator, and there are no perf counters or kprobes "
+                                "to time the host's own; give --switch-cost NS")
+    image = build("bench_cr3", "long")
+    with Machine(image, kvm=kvm, memory=BENCH_MEMORY) as m:
+        m.vm.write(image.symbols["iterations"], struct.pack("<Q", iterations))
+        t = runloop.compiled_loop(m.vcpu, batches, "io", runloop.PORT_BENCH)
+        hz = t.tsc_hz()
+        cycles = sorted(struct.unpack_from(f"<{batches}Q", m.vm.read(RESULTS_ADDR, 8 * batches)))
+    if not hz:
+        return SwitchCost(None, "not estimated: the TSC is not usable on this host; give --switch-cost NS")
+    ns = cycles[len(cycles) // 2] / iterations * 1e9 / hz
+    return SwitchCost(ns, f"estimated: guest MOV to CR3 at native CPL0, median of {batches} x {iterations}, "
+                          "TSC-timed; the flush only, not the TLB refills that follow")
+
+
+def isolation_rows(result: BenchResult, cost: SwitchCost,
+                   switches: Mapping[str, float] | None = None) -> list[dict[str, Any]]:
+    """Per measured row: extra switches per round trip, and the ns and % they would add.
+
+    ``switches`` maps kind -> extra switches per round trip (from the isolation model); kinds
+    it lacks fall back to :func:`rfc_switches`.
+    """
+    rows = []
+    for r in result.results:
+        given = switches is not None and r.kind in switches
+        n = switches[r.kind] if given else rfc_switches(r.kind, r.iterations)
+        added = None if cost.ns is None else n * cost.ns
+        rows.append({"kind": r.kind, "path": r.path, "cpl": r.cpl, "p50_ns": r.summary["p50"],
+                     "switches": n, "switch_source": "model" if given else RFC_RULE,
+                     "added_ns": added,
+                     "added_pct": None if added is None else 100 * added / r.summary["p50"]})
+    return rows
+
+
+def format_isolation(rows: list[dict[str, Any]], cost: SwitchCost) -> str:
+    """The isolation table, with the switch cost's source printed next to it."""
+    cost_text = "unknown" if cost.ns is None else f"{cost.ns:.0f} ns"
+    out = [f"isolation overhead at {cost_text} per switch ({cost.source})",
+           f"switches per round trip: {rows[0]['switch_source'] if rows else RFC_RULE}",
+           f"{'kind':<11} {'cpl':>3} {'path':<7} {'p50 us':>9} {'switches':>8} {'adds us':>8} {'adds %':>7}"]
+    for r in rows:
+        cpl = "-" if r["cpl"] is None else str(r["cpl"])
+        add = "n/a" if r["added_ns"] is None else f"{r['added_ns'] / 1000:.3f}"
+        pct = "n/a" if r["added_pct"] is None else f"{r['added_pct']:.1f}"
+        out.append(f"{r['kind']:<11} {cpl:>3} {r['path']:<7} {r['p50_ns'] / 1000:>9.3f} {r['switches']:>8.2f} {add:>8} {pct:>7}")
+    return "\n".join(out)
