@@ -67,6 +67,13 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--single-step", action="store_true", help="one DEBUG exit per guest instruction")
     sp.add_argument("--json", action="store_true", help="print the result as JSON instead")
     sp.set_defaults(func=cmd_run)
+
+    sp = sub.add_parser("trace", help="run one payload under tracefs capture: every exit kind, counted and timed")
+    sp.add_argument("payload", help="a name from guests/ or a .S path")
+    _add_guest_args(sp)
+    sp.add_argument("--json", metavar="FILE", help="write the exit log as JSON lines to FILE")
+    sp.add_argument("--events", action="store_true", help="print every traced event, in order, run by run")
+    sp.set_defaults(func=cmd_trace)
     return p
 
 
@@ -200,6 +207,52 @@ def cmd_run(args) -> int:
         print(f"{result.outcome}: {result.detail} ({result.runs} KVM_RUN calls, {result.elapsed * 1e3:.1f} ms)")
     if result.outcome == "timeout":
         print(f"kvmiso: guest did not finish within {args.timeout:g} s: {result.detail}", file=sys.stderr)
+    return 0 if result.ok else EXIT_FAILED
+
+
+
+# --- trace -----------------------------------------------------------------------------------
+
+def cmd_trace(args) -> int:
+    """``perf kvm stat report`` for one payload: the exit log's kinds counted and timed (the
+    table's footer says how time inside the kernel is computed on this host)."""
+    from .observe.capture import capture
+    from .observe.exitlog import format_event, summarize
+
+    try:
+        out = open(args.json, "w") if args.json else None
+    except OSError as e:
+        raise CliError(f"cannot write the exit log to {args.json}: {e.strerror}") from None
+    try:
+        with Machine(args.payload, mode=args.mode, cpl=args.cpl) as m:
+            result, log = capture(m, timeout=args.timeout, payload=m.image.name)
+            where = f"{m.image.name} in {m.mode} mode at CPL{args.cpl} on {m.vendor or 'an unknown vendor module'}"
+        if out:
+            for line in log.iter_jsonl():
+                out.write(line + "\n")
+    finally:
+        if out:
+            out.close()
+    if not log.tracing:
+        print(f"kvmiso: in-kernel events not traced: {log.tracing_reason}", file=sys.stderr)
+    elif log.tracing_reason:
+        print(f"kvmiso: note: {log.tracing_reason}", file=sys.stderr)
+    if log.lost_events:
+        print(f"kvmiso: {log.lost_events} trace records lost (the trace buffer was full)", file=sys.stderr)
+    events = sum(len(r.events) for r in log.records)
+    print(f"traced {where}: {len(log.records)} KVM_RUN calls, {events} in-kernel events\n")
+    if args.events:
+        for r in log.records:
+            x = r.exit
+            fields = " ".join(f"{k}={v:#x}" if isinstance(v, int) and not isinstance(v, bool) else f"{k}={v}"
+                              for k, v in x.items() if k != "exit")
+            print(f"run {r.run}: KVM_EXIT_{x['exit']} {fields} "
+                  f"({r.wall_ns / 1e3:.2f} µs)")
+            for e in r.events:
+                print("  " + format_event(e, r.start_ns))
+        print()
+    print(summarize(log).table())
+    print(f"\n{result.outcome}: {result.detail}")
     return 0 if result.ok else EXIT_FAILED
 
 

@@ -93,7 +93,15 @@ class Stats:
         return self._by_name[name]
 
     def snapshot(self) -> Snapshot:
-        data = os.pread(self.fd, self._data_len, self._data_offset)
+        return self.decode(self.read_raw())
+
+    def read_raw(self) -> bytes:
+        """The data block as it is now: one pread, nothing decoded. For sampling at every exit
+        cheaply; :meth:`decode` turns it into a Snapshot later."""
+        return os.pread(self.fd, self._data_len, self._data_offset)
+
+    def decode(self, data: bytes) -> Snapshot:
+        """A Snapshot from a data block read by :meth:`read_raw`."""
         words = struct.unpack(f"<{len(data) // 8}Q", data)
         snap = Snapshot()
         for d in self.descriptors:

@@ -1,0 +1,389 @@
+"""A private tracefs instance (``instances/kvmiso-<pid>``) recording the ``kvm`` and ``kvmmmu``
+events of kvmiso's own threads, read as binary ring-buffer pages.
+
+Why an instance: kvmiso must never disturb the global trace buffer or anybody else's tracing.
+Why binary: ``per_cpu/cpuN/trace_pipe_raw`` gives every field at the offset its ``format`` file
+names, so the same code reads ``kvm_exit`` on Intel and AMD and ``kvm_pio`` on kvm_pvm; the
+text ``trace`` file would have to be parsed back from printf output.
+
+The instance goes away on every way out: the end of the ``with`` block, an exception,
+Ctrl-C, and SIGTERM (turned into :class:`Terminated` while the instance exists, in the main
+thread). An instance left behind by a killed kvmiso (its pid is gone) is removed by the next
+one, which says so.
+
+>>> with TraceInstance(pids=[os.getpid()]) as t:
+...     machine.run()
+...     events = t.read()
+>>> [e.name for e in events][-1]
+'kvm_userspace_exit'
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import re
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from .exitlog import TraceEvent
+from .traceformat import EventFormat, FormatError, PageHeader, common_pid, common_type, iter_pages, parse_page
+
+TRACEFS = Path("/sys/kernel/tracing")
+PREFIX = "kvmiso-"
+SYSTEMS = ("kvm", "kvmmmu")
+DEFAULT_BUFFER_KB = 4096  # per CPU: ~80,000 kvm events before the buffer is full
+
+
+class TracefsUnavailable(RuntimeError):
+    """tracefs cannot be used here; the message says why and what would make it work."""
+
+
+class Terminated(SystemExit):
+    """SIGTERM arrived while a trace instance existed. A SystemExit (status 143), so the
+    instance is removed on the way out and the process still ends as SIGTERM asked."""
+
+    def __init__(self) -> None:
+        super().__init__(128 + signal.SIGTERM)
+
+
+_lock = threading.Lock()
+_live: set[str] = set()  # names of this process's instances
+
+
+def _mount(root: Path) -> None:
+    """Mount tracefs at ``root`` (mount(2) through libc: kvmiso runs no external commands)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    if libc.mount(b"nodev", str(root).encode(), b"tracefs", 0, None) != 0:
+        err = ctypes.get_errno()
+        raise TracefsUnavailable(f"tracefs is not mounted at {root} and mounting it failed: {os.strerror(err)}")
+
+
+def tracefs_root(root: Path = TRACEFS, mount: bool = True) -> Path:
+    """The tracefs mount point, mounting it when it is missing and we are root."""
+    if (root / "instances").is_dir():
+        return root
+    legacy = Path("/sys/kernel/debug/tracing")  # where older systems mount it, under debugfs
+    if root == TRACEFS and (legacy / "instances").is_dir():
+        return legacy
+    if os.geteuid() != 0:
+        raise TracefsUnavailable(f"tracefs is not mounted at {root} and only root can mount it "
+                                 f"(as root: mount -t tracefs nodev {root})")
+    if not mount:
+        raise TracefsUnavailable(f"tracefs is not mounted at {root}")
+    if not root.is_dir():
+        raise TracefsUnavailable(f"{root} does not exist: this kernel has no tracefs (CONFIG_TRACING)")
+    _mount(root)
+    if not (root / "instances").is_dir():
+        raise TracefsUnavailable(f"mounted tracefs at {root} but it has no instances/ directory")
+    return root
+
+
+def remove_stale(root: Path) -> list[str]:
+    """Remove ``kvmiso-<pid>`` instances whose process is gone; return what was removed.
+
+    An instance whose pid is alive is left alone, and so is one the kernel says is busy
+    (EBUSY: somebody holds its files open)."""
+    removed = []
+    try:
+        names = os.listdir(root / "instances")
+    except OSError:
+        return removed
+    for name in names:
+        m = re.fullmatch(rf"{PREFIX}(\d+)(?:-\d+)?", name)
+        if not m or _pid_alive(int(m.group(1))):
+            continue
+        try:
+            os.rmdir(root / "instances" / name)
+            removed.append(name)
+        except OSError:
+            pass  # busy or already gone: not ours to force
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _write(path: Path, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value)
+
+
+@dataclass
+class Decoded:
+    """Records decoded from ring-buffer pages, and those that were not kept."""
+
+    events: list[TraceEvent]
+    missed: int = 0  # lost before a page, as the pages report it
+    foreign: int = 0  # records of threads not asked for
+    unknown: int = 0  # records of event ids without a format
+
+
+def decode_buffers(raw: dict[int, bytes], header: PageHeader, page_size: int, formats: dict[int, EventFormat],
+                   pids: set[int] | None = None) -> Decoded:
+    """TraceEvents from ``trace_pipe_raw`` pages per CPU, ordered by timestamp; records of
+    threads outside ``pids`` (when given) are counted, not kept."""
+    out = Decoded([])
+    for cpu, data in raw.items():
+        for page in iter_pages(data, page_size):
+            parsed = parse_page(page, header, cpu)
+            out.missed += max(parsed.missed, 1) if parsed.missed else 0
+            for rec in parsed.events:
+                fmt = formats.get(common_type(rec.data))
+                if fmt is None:
+                    out.unknown += 1
+                    continue
+                pid = common_pid(rec.data, fmt)
+                if pids is not None and pid not in pids:
+                    out.foreign += 1
+                    continue
+                fields, symbols = fmt.decode(rec.data)
+                out.events.append(TraceEvent(rec.ts, fmt.system, fmt.name, cpu, pid, fields, symbols))
+    out.events.sort(key=lambda e: e.ts_ns)  # stable: same-timestamp records keep buffer order
+    return out
+
+
+class TraceInstance:
+    """A private tracefs instance with the chosen kvm/kvmmmu events enabled for ``pids``.
+
+    ``events``: ``None`` for every event of the ``kvm`` and ``kvmmmu`` systems this kernel has,
+    or names: ``"kvm"`` (a whole system), ``"kvm:kvm_pio"`` or ``"kvm_pio"``. Names this kernel
+    lacks are listed in ``missing`` and the rest are enabled. ``pids`` are thread ids (the
+    vCPU threads: kvm events fire in the vCPU thread's context); records of any other thread
+    are filtered in the kernel (set_event_pid) and again here (``foreign`` counts those).
+    Raises :class:`TracefsUnavailable` when nothing can be traced.
+    """
+
+    def __init__(self, events: Iterable[str] | None = None, pids: Iterable[int] = (),
+                 buffer_kb: int = DEFAULT_BUFFER_KB, root: Path = TRACEFS) -> None:
+        self._requested = list(events) if events is not None else None
+        self.pids = set(pids) or {os.getpid(), threading.get_native_id()}
+        self.buffer_kb = buffer_kb
+        self._root_hint = root
+        self.path: Path | None = None
+        self.formats: dict[int, EventFormat] = {}
+        self.enabled: list[str] = []
+        self.missing: list[str] = []
+        self.stale_removed: list[str] = []
+        self.foreign = 0  # records of other threads that got past the kernel's pid filter
+        self.unknown = 0  # records of an event id without a format (not one we enabled)
+        self._fds: dict[int, int] = {}
+        self._header = PageHeader()
+        self._page_size = 4096
+        self._missed_pages = 0
+        self._lost_base = 0
+        self._old_sigterm: object = None
+        self._sigterm_installed = False
+
+    # --- setting up and tearing down ------------------------------------------------------
+
+    def __enter__(self) -> "TraceInstance":
+        self.open()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def open(self) -> None:
+        if os.geteuid() != 0:
+            raise TracefsUnavailable("tracing kvm events needs root (tracefs instances are root-only)")
+        root = tracefs_root(self._root_hint)
+        self.stale_removed = remove_stale(root)
+        self._install_sigterm()
+        try:
+            self.path = self._make_instance(root)
+            self._setup(root)
+        except BaseException:
+            self.close()
+            raise
+
+    def _make_instance(self, root: Path) -> Path:
+        with _lock:
+            base = f"{PREFIX}{os.getpid()}"
+            name, n = base, 1
+            while name in _live:  # several instances in one process at once
+                n += 1
+                name = f"{base}-{n}"
+            path = root / "instances" / name
+            try:
+                try:
+                    os.mkdir(path)
+                except FileExistsError:
+                    # left by an earlier process that had our pid and is gone: stale
+                    os.rmdir(path)
+                    os.mkdir(path)
+                    self.stale_removed.append(name)
+            except OSError as e:
+                raise TracefsUnavailable(f"cannot create tracefs instance {path}: {e.strerror}") from None
+            _live.add(name)
+        return path
+
+    def _setup(self, root: Path) -> None:
+        p = self.path
+        assert p is not None
+        # Open the pipes first: an instance with open files cannot be removed by anybody else.
+        cpus = sorted(int(d[3:]) for d in os.listdir(p / "per_cpu") if d.startswith("cpu"))
+        for cpu in cpus:
+            self._fds[cpu] = os.open(p / "per_cpu" / f"cpu{cpu}" / "trace_pipe_raw",
+                                     os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        self._header = PageHeader.parse((root / "events" / "header_page").read_text())
+        try:
+            self._page_size = int((p / "buffer_subbuf_size_kb").read_text()) * 1024
+        except OSError:
+            self._page_size = os.sysconf("SC_PAGE_SIZE")  # kernels before sub-buffer sizes
+        _write(p / "tracing_on", "0")
+        _write(p / "trace_clock", "mono")  # timestamps comparable with time.monotonic_ns()
+        _write(p / "options" / "overwrite", "0")  # a full buffer drops new events, keeps the start
+        _write(p / "buffer_size_kb", str(self.buffer_kb))
+        _write(p / "set_event_pid", " ".join(str(t) for t in sorted(self.pids)))
+        self._enable(p)
+        self._lost_base = self._lost_counters()
+
+    def _enable(self, p: Path) -> None:
+        events_dir = p / "events"
+        available = {s: sorted(e for e in os.listdir(events_dir / s) if (events_dir / s / e / "format").exists())
+                     for s in SYSTEMS if (events_dir / s).is_dir()}
+        if not available:
+            raise TracefsUnavailable("this kernel has no kvm trace events (events/kvm is missing: "
+                                     "is KVM built with tracing?)")
+        chosen: list[tuple[str, str]] = []
+        for req in self._requested if self._requested is not None else list(available):
+            sys_, _, ev = req.rpartition(":") if ":" in req else ("", "", req)
+            if not sys_ and ev in SYSTEMS:
+                if ev in available:
+                    chosen += [(ev, e) for e in available[ev]]
+                else:
+                    self.missing.append(ev)
+                continue
+            systems = [sys_] if sys_ else list(available)
+            hit = [(s, ev) for s in systems if ev in available.get(s, [])]
+            if hit:
+                chosen += hit[:1]
+            else:
+                self.missing.append(req)
+        if not chosen:
+            raise TracefsUnavailable(f"none of the requested events exist on this kernel: {', '.join(self.missing)}")
+        for s, e in dict.fromkeys(chosen):
+            d = events_dir / s / e
+            fmt = EventFormat.parse((d / "format").read_text(), s)
+            _write(d / "enable", "1")
+            self.formats[fmt.id] = fmt
+            self.enabled.append(fmt.full_name)
+
+    def close(self) -> None:
+        """Close the pipes and remove the instance (idempotent); restore SIGTERM.
+
+        A SIGTERM that arrives meanwhile is held back until the instance is gone."""
+        pending = []
+        if self._sigterm_installed:
+            signal.signal(signal.SIGTERM, lambda signum, frame: pending.append(signum))
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        if self.path is not None:
+            for attempt in range(50):
+                try:
+                    os.rmdir(self.path)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError as e:
+                    # EBUSY while a just-closed pipe's reference drops; anything else is final
+                    if e.errno != errno.EBUSY or attempt == 49:
+                        raise
+                    time.sleep(0.01)
+            with _lock:
+                _live.discard(self.path.name)
+            self.path = None
+        if self._sigterm_installed:
+            signal.signal(signal.SIGTERM, self._old_sigterm if self._old_sigterm is not None else signal.SIG_DFL)
+            self._sigterm_installed = False
+            if pending:
+                raise Terminated()
+
+    def _install_sigterm(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # only the main thread may set handlers; the caller handles SIGTERM there
+
+        def on_sigterm(signum, frame) -> None:
+            raise Terminated()
+
+        self._old_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
+        self._sigterm_installed = True
+
+    # --- recording ------------------------------------------------------------------------
+
+    def set_pids(self, pids: Iterable[int]) -> None:
+        """Trace these threads (replacing the set): e.g. a vCPU thread started later."""
+        self.pids = set(pids)
+        _write(self.path / "set_event_pid", " ".join(str(t) for t in sorted(self.pids)))
+
+    def start(self) -> None:
+        _write(self.path / "tracing_on", "1")
+
+    def stop(self) -> None:
+        _write(self.path / "tracing_on", "0")
+
+    def read(self) -> list[TraceEvent]:
+        """Drain every CPU's buffer: the records of our threads, in timestamp order."""
+        d = decode_buffers(self.read_raw(), self._header, self._page_size, self.formats, self.pids)
+        self._missed_pages += d.missed
+        self.foreign += d.foreign
+        self.unknown += d.unknown
+        return d.events
+
+    def read_raw(self) -> dict[int, bytes]:
+        """Drain every CPU's buffer as it is: whole ring-buffer pages per CPU."""
+        return {cpu: b"".join(self._read_pages(fd)) for cpu, fd in self._fds.items()}
+
+    def _read_pages(self, fd: int) -> Iterable[bytes]:
+        while True:
+            try:
+                chunk = os.read(fd, self._page_size * 16)
+            except BlockingIOError:
+                return
+            if not chunk:
+                return
+            yield chunk
+
+    def _lost_counters(self) -> int:
+        """overrun + commit overrun + dropped events, summed over the CPUs' stats files."""
+        total = 0
+        for cpu in self._fds:
+            text = (self.path / "per_cpu" / f"cpu{cpu}" / "stats").read_text()
+            for key in ("overrun", "commit overrun", "dropped events"):
+                m = re.search(rf"^{key}: (\d+)", text, re.M)
+                total += int(m.group(1)) if m else 0
+        return total
+
+    @property
+    def lost(self) -> int:
+        """Records the kernel could not keep since the instance was set up (a full buffer)."""
+        return max(self._lost_counters() - self._lost_base, self._missed_pages)
+
+    def describe(self) -> str:
+        """What this instance could not see or had to skip, in one line ('' when nothing)."""
+        notes = []
+        if self.missing:
+            notes.append(f"not on this kernel: {', '.join(self.missing)}")
+        if self.stale_removed:
+            notes.append(f"removed stale instance{'s' if len(self.stale_removed) > 1 else ''} "
+                         f"{', '.join(self.stale_removed)} left by a dead process")
+        return "; ".join(notes)
+
+
+__all__ = ["DEFAULT_BUFFER_KB", "FormatError", "TRACEFS", "Terminated", "TraceInstance", "TracefsUnavailable",
+           "remove_stale", "tracefs_root"]
