@@ -83,7 +83,7 @@ def significant(a: Sequence[float], b: Sequence[float]) -> tuple[bool, float]:
     ma, mb = statistics.fmean(a), statistics.fmean(b)
     va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
     if va + vb == 0:
-        return ma != mb, math.inf if ma != mb else 0.0
+        return ma != mb, math.copysign(math.inf, ma - mb) if ma != mb else 0.0
     t = (ma - mb) / math.sqrt(va + vb)
     # Welch-Satterthwaite degrees of freedom
     df = (va + vb) ** 2 / ((va ** 2 / (len(a) - 1) if va else 0) + (vb ** 2 / (len(b) - 1) if vb else 0))

@@ -1,0 +1,228 @@
+"""The benchmark harness: the compiled loop on the real /dev/kvm (counts, exits, answers,
+timestamps; never a wall-clock bound), the statistics as pure logic, the CLI end to end."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kvmiso.bench import latency, runloop, stats
+from kvmiso.bench.overhead import SwitchCost, isolation_rows, rfc_switches
+from kvmiso.bench.runloop import PORT_BENCH, LoopError
+from kvmiso.guest import Machine, build
+from kvmiso.kvm import abi
+from kvmiso.kvm.exits import IoExit, MmioExit, decode
+
+
+def kvmiso(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "kvmiso.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def assert_monotonic(t):
+    for i in range(t.n):
+        assert t.t_start[i] <= t.t_end[i]
+        if i + 1 < t.n:
+            assert t.t_end[i] <= t.t_start[i + 1]
+    if t.c_start is not None:
+        assert all(a <= b for a, b in zip(t.c_start, t.c_end))
+
+
+# --- the compiled loop and its Python twin on the real device ------------------------------------
+
+@pytest.mark.parametrize("cpl", [0, 3])
+def test_compiled_loop_runs_n_round_trips(kvm, cpl):
+    with Machine("bench_out", kvm=kvm, cpl=cpl) as m, m.vcpu.stats() as s:
+        before = s.snapshot()
+        t = runloop.compiled_loop(m.vcpu, 500, "io", PORT_BENCH)
+        delta = s.snapshot() - before
+        assert t.n == 500 and len(t.latencies()) == 500 and len(t.periods()) == 499
+        assert_monotonic(t)
+        assert all(x > 0 for x in t.latencies())
+        assert delta["exits"] >= 500  # every KVM_RUN came back with an exit
+        e = decode(m.vcpu.page)
+        assert isinstance(e, IoExit) and e.port == PORT_BENCH and not e.is_in
+
+
+def test_compiled_loop_answers_in_and_mmio_reads(kvm):
+    with Machine("bench_in", kvm=kvm) as m:
+        t = runloop.compiled_loop(m.vcpu, 100, "io", PORT_BENCH, reply=0x5A)
+        assert t.answered == 100
+        runloop.compiled_loop(m.vcpu, 1, "io", PORT_BENCH, reply=0x5A)  # the guest consumed the 100th
+        assert m.vcpu.get_regs().rax & 0xFF == 0x5A
+    with Machine("bench_mmio_read", kvm=kvm) as m:
+        t = runloop.compiled_loop(m.vcpu, 100, "mmio", reply=0x12345678)
+        assert t.answered == 100
+        runloop.compiled_loop(m.vcpu, 1, "mmio", reply=0x12345678)
+        assert m.vcpu.get_regs().rax & 0xFFFFFFFF == 0x12345678
+    with Machine("bench_hlt", kvm=kvm) as m:
+        assert runloop.compiled_loop(m.vcpu, 50, "hlt").n == 50
+
+
+def test_compiled_loop_stops_at_an_unexpected_exit(kvm):
+    with Machine("bench_out", kvm=kvm) as m:
+        with pytest.raises(LoopError, match="unexpected exit IO") as e:
+            runloop.compiled_loop(m.vcpu, 10, "mmio")
+        assert e.value.reason == abi.KVM_EXIT_IO and e.value.timings.n == 0
+    with Machine("bench_out", kvm=kvm) as m:
+        with pytest.raises(LoopError):  # an OUT to another port (a ucall, say) is not the benchmark's
+            runloop.compiled_loop(m.vcpu, 10, "io", port=0xEA)
+
+
+def test_compiled_loop_survives_a_guest_that_never_exits(kvm):
+    with Machine("spin", mode="long", kvm=kvm) as m:
+        with pytest.raises(LoopError, match="no exit within"):
+            runloop.compiled_loop(m.vcpu, 10, "io", timeout=0.2)
+
+
+def test_floors_in_c(kvm):
+    t = runloop.null_ioctl_loop(kvm, 200)
+    assert t.n == 200
+    assert_monotonic(t)
+    s = runloop.syscall_loop(200)
+    assert s.n == 200
+    assert_monotonic(s)
+    assert runloop.python_null_ioctl_loop(kvm, 50).n == 50
+
+
+def test_python_loop_matches_the_compiled_one(kvm):
+    with Machine("bench_in", kvm=kvm) as m:
+        t = runloop.python_loop(m.vcpu, 200, "io", PORT_BENCH, reply=0x33)
+        assert t.n == 200 and t.answered == 200
+        assert_monotonic(t)
+        runloop.python_loop(m.vcpu, 1, "io", PORT_BENCH, reply=0x33)
+        assert m.vcpu.get_regs().rax & 0xFF == 0x33
+        with pytest.raises(LoopError):
+            runloop.python_loop(m.vcpu, 5, "mmio")
+
+
+def test_in_kernel_kind_reports_guest_cycles(kvm):
+    image = build("bench_cpuid", "long")
+    with Machine(image, kvm=kvm, memory=latency.BENCH_MEMORY) as m:
+        m.vm.write(image.symbols["iterations"], struct.pack("<Q", 10))
+        t = runloop.compiled_loop(m.vcpu, 20, "io", PORT_BENCH)
+        cycles = struct.unpack_from("<20Q", m.vm.read(latency.RESULTS_ADDR, 160))
+        assert t.n == 20 and all(c > 0 for c in cycles)
+        assert struct.unpack_from("<Q", m.vm.read(latency.RESULTS_ADDR + 160, 8))[0] == 0  # 20 batches, no more
+
+
+def test_fast_exit_constructors_build_ordinary_frozen_exits(kvm):
+    with Machine("bench_mmio_write", kvm=kvm) as m:
+        e = m.vcpu.run()
+        assert e == MmioExit(0xD0000000, 4, True, memoryview(b""))
+        assert e.to_dict()["exit"] == "MMIO" and repr(e).startswith("MmioExit(address=")
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            e.address = 0
+    with Machine("bench_out", kvm=kvm) as m:
+        e = m.vcpu.run()
+        assert e == IoExit(PORT_BENCH, 1, 1, False, memoryview(b"")) and hash(e) == hash(IoExit(PORT_BENCH, 1, 1, False, b""))
+
+
+# --- bench() -----------------------------------------------------------------------------------
+
+def test_bench_measures_skips_and_summarizes(kvm, vendor):
+    r = latency.bench(kvm, kinds=["out", "hlt", "cpuid", "hypercall"], cpls=(0, 3), samples=40, runs=2,
+                      iterations=5)
+    keys = {x.key for x in r.results}
+    for key in [("null_ioctl", "c", None), ("syscall", "c", None), ("out", "c", 0), ("out", "python", 0),
+                ("hlt", "c", 0), ("cpuid", "guest", 0), ("cpuid", "host", 0), ("out", "c", 3), ("cpuid", "guest", 3)]:
+        assert key in keys
+    skipped = {(s["kind"], s["cpl"]): s["reason"] for s in r.skipped}
+    assert "privileged" in skipped[("hlt", 3)] and ("hypercall", 3) in skipped
+    if vendor == "kvm_pvm":
+        assert "never returns" in skipped[("hypercall", 0)]
+    out = next(x for x in r.results if x.key == ("out", "c", 0))
+    assert out.summary["n"] == 80 and len(out.runs) == 2 and out.insns == 2 and out.ratio_to_floor > 1
+    d = json.loads(json.dumps(r.to_dict()))
+    assert d["schema_version"] == latency.SCHEMA_VERSION and d["complete"] is True
+    for k in ("cpu", "kernel", "vendor", "cpl0", "mitigations", "pinning", "governor", "tsc"):
+        assert k in d["host"]
+    assert "out" in latency.format_table(r)
+
+
+def test_a_cpu_that_cannot_be_pinned_is_a_recorded_warning(capsys):
+    p = latency.pin(cpu=100000)
+    assert p["pinned"] is False and "100000" in capsys.readouterr().err
+
+
+# --- statistics as pure logic ------------------------------------------------------------------
+
+values = st.lists(st.floats(min_value=0, max_value=1e9, allow_nan=False), min_size=1, max_size=200)
+
+
+@given(values, st.floats(min_value=0, max_value=100))
+def test_percentile_lies_within_the_values(v, q):
+    o = sorted(v)
+    assert o[0] <= stats.percentile(o, q) <= o[-1]
+
+
+@given(values)
+def test_summary_is_ordered_and_p50_is_the_median(v):
+    s = stats.summarize(v)
+    assert s["min"] <= s["p50"] <= s["p90"] <= s["p99"] <= s["max"]
+    assert s["p50"] == pytest.approx(sorted(v)[len(v) // 2] if len(v) % 2 else
+                                     (sorted(v)[len(v) // 2 - 1] + sorted(v)[len(v) // 2]) / 2)
+    assert s["n"] == len(v)
+
+
+def test_unstable_runs_are_flagged():
+    assert stats.warnings([100, 101, 99]) == []
+    assert "unstable" in stats.warnings([100, 150, 80])[0]
+    with pytest.raises(ValueError):
+        stats.summarize([])
+
+
+def test_isolation_rule_and_overhead():
+    assert rfc_switches("out") == 2 and rfc_switches("null_ioctl") == 0
+    assert rfc_switches("page_fault", iterations=100) == pytest.approx(1.02)
+    assert rfc_switches("cpuid", iterations=100) == pytest.approx(0.02)
+    res = latency.BenchResult({}, {}, [latency.Result("out", "c", 0, stats.summarize([1000, 1000]), [])])
+    row = isolation_rows(res, SwitchCost(100, "given"))[0]
+    assert row["added_ns"] == 200 and row["added_pct"] == 20
+    row = isolation_rows(res, SwitchCost(100, "given"), switches={"out": 3})[0]
+    assert row["added_ns"] == 300 and row["switch_source"] == "model"
+    assert isolation_rows(res, SwitchCost(None, "unknown"))[0]["added_ns"] is None
+
+
+# --- the command line ----------------------------------------------------------------------------
+
+def test_cli_bench_small_run_writes_a_result_file(kvm, tmp_path):
+    out = tmp_path / "r.json"
+    p = kvmiso("bench", "--kinds", "out,cpuid", "--samples", "30", "--runs", "2", "--iterations", "5",
+               "--json", str(out), "--isolation", "--switch-cost", "100")
+    assert p.returncode == 0, p.stderr
+    assert "null_ioctl" in p.stdout and "isolation overhead at 100 ns per switch (given with --switch-cost)" in p.stdout
+    d = json.loads(out.read_text())
+    assert d["complete"] and d["settings"]["command"].startswith("kvmiso bench --kinds out,cpuid")
+    assert {(r["kind"], r["path"]) for r in d["results"]} >= {("out", "c"), ("out", "python"), ("cpuid", "guest")}
+
+
+def test_cli_bench_bad_input(kvm):
+    p = kvmiso("bench", "--kinds", "out,warp")
+    assert p.returncode == 2 and "unknown kind(s) warp" in p.stderr
+    p = kvmiso("bench", "--switch-cost", "5")
+    assert p.returncode == 2 and "--isolation" in p.stderr
+
+
+def test_cli_bench_ctrl_c_keeps_partial_results(kvm, tmp_path):
+    out = tmp_path / "r.json"
+    proc = subprocess.Popen([sys.executable, "-m", "kvmiso.cli", "bench", "--kinds", "out", "--samples", "2000000",
+                             "--runs", "1", "--no-python", "--json", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(3)  # the floors are done by then; the 2M round trips of out are not
+    os.kill(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    d = json.loads(out.read_text())
+    assert d["complete"] is False and "interrupted" in d["incomplete_reason"]
+    assert any(r["kind"] == "null_ioctl" for r in d["results"])
+    assert "INCOMPLETE" in stdout
