@@ -1,0 +1,262 @@
+"""Capture on the real /dev/kvm: each foundation payload's in-kernel events, assigned to the
+KVM_RUN they happened in and agreeing with the vCPU stats; other processes never seen; lost
+records counted; the log without tracing; and ``kvmiso trace``."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvmiso.guest import Machine
+from kvmiso.observe.capture import Capture, capture
+from kvmiso.observe.exitlog import read_jsonl, summarize
+from kvmiso.observe.tracefs import TracefsUnavailable, tracefs_root
+
+ROOT = Path(__file__).parent.parent
+
+
+def _need_tracefs() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("tracing kvm events needs root")
+    try:
+        tracefs_root()
+    except TracefsUnavailable as e:
+        pytest.skip(str(e))
+
+
+def _answer_io(e) -> None:
+    if e.is_in:
+        e.reply(0x5A if e.size == 1 else 0x1234)
+
+
+def _answer_msr(e) -> None:
+    e.reply(0x77) if e.name == "X86_RDMSR" else e.reply()
+
+
+# (payload, mode, cpl): the foundation payloads, captured once in one session
+RUNS = [("portio", "real", 0), ("portio", "protected", 0), ("portio", "long", 0), ("portio", "long", 3),
+        ("cpuid", "long", 0), ("cpuid", "protected", 0), ("msr", "long", 0), ("mmio", "long", 0),
+        ("mmio", "protected", 0), ("hlt", "long", 0)]
+
+
+@pytest.fixture(scope="module")
+def session():
+    _need_tracefs()
+    if not os.path.exists("/dev/kvm"):
+        pytest.skip("/dev/kvm does not exist on this host")
+    out = {}
+    with Capture() as cap:
+        assert cap.tracer is not None, cap.log.tracing_reason
+        for payload, mode, cpl in RUNS:
+            with Machine(payload, mode=mode, cpl=cpl) as m:
+                if payload == "msr":
+                    m.vm.enable_cap("X86_USER_SPACE_MSR", 2)
+                result, log = cap.run(m, payload=f"{payload}/{mode}/{cpl}", on_io=_answer_io, on_msr=_answer_msr)
+                image = m.image
+            out[(payload, mode, cpl)] = (result, log, image)
+        out["foreign"] = cap.tracer.foreign
+        out["session"] = cap.log
+    return out
+
+
+def _events(log, name):
+    return [e for _, e in log.events() if e.name == name]
+
+
+@pytest.mark.parametrize("key", RUNS, ids=["/".join(map(str, k)) for k in RUNS])
+def test_every_run_ends_with_its_userspace_exit_and_agrees_with_stats(session, key):
+    result, log, image = session[key]
+    assert result.ok or result.outcome == "halt", result.detail
+    assert log.tracing and log.lost_events == 0, log.tracing_reason
+    assert len(log.records) == result.runs
+    for r in log.records:
+        last = r.events[-1]
+        assert last.name == "kvm_userspace_exit" and last.fields["errno"] == 0
+        assert last.symbols["reason"] == f"KVM_EXIT_{r.exit['exit']}"
+        assert r.start_ns <= r.events[0].ts_ns and last.ts_ns <= r.end_ns
+        # the stats delta of each KVM_RUN counts exactly the emulations traced inside it
+        assert r.stats.get("insn_emulation", 0) == sum(e.name == "kvm_emulate_insn" for e in r.events)
+        assert r.stats.get("mmio_exits", 0) == (r.exit["exit"] == "MMIO")
+        assert r.stats.get("halt_exits", 0) == (r.exit["exit"] == "HLT")
+    # the emulated instructions are the payload's own: RIP inside the image (linear: + CS base)
+    lo, hi = image.load_address, image.load_address + len(image.code)
+    for e in _events(log, "kvm_emulate_insn"):
+        assert lo <= e.fields["csbase"] + e.fields["rip"] < hi, hex(e.fields["rip"])
+
+
+@pytest.mark.parametrize("mode,cpl", [("real", 0), ("protected", 0), ("long", 0), ("long", 3)])
+def test_portio_gives_kvm_pio(session, mode, cpl):
+    result, log, _ = session[("portio", mode, cpl)]
+    pio = [(e.fields["rw"], e.fields["port"], e.fields["size"], e.fields["val"]) for e in _events(log, "kvm_pio")]
+    assert [p for p in pio if p[1] in (0x3000, 0x3002)] == [
+        (1, 0x3000, 1, 0xA5), (1, 0x3002, 2, 0xBEEF), (0, 0x3000, 1, 0x5A), (0, 0x3002, 2, 0x1234)]
+    # an IN completes when the vCPU runs again: its kvm_pio is in the KVM_RUN after the IO exit
+    ins = [i for i, r in enumerate(log.records) if r.exit["exit"] == "IO" and r.exit["is_in"]]
+    for i in ins:
+        assert any(e.name == "kvm_pio" and e.fields["rw"] == 0 for e in log.records[i + 1].events)
+
+
+@pytest.mark.parametrize("mode", ["long", "protected"])
+def test_cpuid_gives_kvm_cpuid_with_its_leaves(session, mode):
+    result, log, _ = session[("cpuid", mode, 0)]
+    cpuid = _events(log, "kvm_cpuid")
+    assert [(e.fields["function"], e.fields["index"]) for e in cpuid] == [(0, 0), (1, 0)]
+    assert cpuid[0].fields["rax"] == result.report(0) and cpuid[1].fields["rax"] == result.report(4)
+    assert all(r.exit["exit"] == "IO" for r in log.records)  # CPUID never left the kernel
+
+
+def test_msr_gives_kvm_msr_with_its_index(session):
+    result, log, _ = session[("msr", "long", 0)]
+    msr = [(e.fields["write"], e.fields["ecx"], e.fields["data"]) for e in _events(log, "kvm_msr")]
+    assert (1, 0x174, 0x10) in msr and (0, 0x174, 0x10) in msr
+    assert [r.exit["index"] for r in log.records if r.exit["exit"] in ("X86_RDMSR", "X86_WRMSR")] == [0x474F4F00] * 2
+
+
+@pytest.mark.parametrize("mode", ["long", "protected"])
+def test_mmio_gives_kvm_mmio_with_address_and_value(session, mode):
+    _, log, _ = session[("mmio", mode, 0)]
+    mmio = [(e.symbols["type"], e.fields["gpa"], e.fields["len"], e.fields["val"]) for e in _events(log, "kvm_mmio")]
+    assert ("write", 0xD0000000, 4, 0x12345678) in mmio
+    assert any(t in ("read", "unsatisfied-read") and gpa == 0xD0000008 for t, gpa, _, _ in mmio)
+
+
+def test_one_session_log_holds_every_run_in_order(session):
+    log = session["session"]
+    assert [r.run for r in log.records] == list(range(len(log.records)))
+    assert [r.payload for r in log.records] == [p for k in RUNS for p in [f"{k[0]}/{k[1]}/{k[2]}"] * len(session[k][1].records)]
+    assert session["foreign"] == 0  # the kernel's pid filter let nothing else through
+
+
+def test_exit_log_json_lines_round_trip(session, tmp_path):
+    log = session["session"]
+    log.write_jsonl(tmp_path / "log.jsonl")
+    assert read_jsonl(tmp_path / "log.jsonl") == log
+
+
+def test_summary_counts_every_event_and_run(session):
+    _, log, _ = session[("portio", "long", 0)]
+    s = summarize(log)
+    assert s.method == "events"
+    events = [e for _, e in log.events() if e.name != "kvm_userspace_exit"]
+    assert sum(k.count for k in s.kernel) == len(events)
+    assert sum(k.timed for k in s.kernel) == len(events)  # every run ended with its userspace exit
+    assert [(k.kind, k.count) for k in s.userspace] == [("KVM_EXIT_IO", len(log.records))]
+    assert abs(sum(k.share for k in s.kernel) - 1) < 1e-9
+    text = " ".join(s.table().split())  # the footer is wrapped
+    assert "kvm_pio" in text and "to the next traced event of the same KVM_RUN" in text
+
+
+_OTHER_VM = """
+from kvmiso.guest import Machine
+import sys
+with Machine("spin", mode="long") as m:
+    print("running", flush=True)
+    try:
+        m.run(timeout=float(sys.argv[1]))
+    except Exception:
+        pass
+"""
+
+
+def test_another_process_running_a_vm_is_never_seen(kvm):
+    _need_tracefs()
+    other = subprocess.Popen([sys.executable, "-c", _OTHER_VM, "20"], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert other.stdout.readline().strip() == "running"  # its vCPU is emulating a spin loop now
+        with Capture() as cap:
+            for _ in range(3):
+                with Machine("portio", mode="long", kvm=kvm) as m:
+                    result, log = cap.run(m, on_io=_answer_io)
+                assert result.ok
+            assert other.poll() is None  # it ran all along
+            mine = cap.tracer.pids
+            assert {e.pid for _, e in cap.log.events()} <= mine
+            assert cap.tracer.foreign == 0
+            assert other.pid not in mine
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_timeout_is_a_result_not_an_exception_and_lost_records_are_counted(kvm):
+    _need_tracefs()
+    with Capture(buffer_kb=16) as cap, Machine("spin", mode="long", kvm=kvm) as m:
+        result, log = cap.run(m, timeout=0.3)
+    assert result.outcome == "timeout" and "jmp ." in result.detail
+    assert [r.exit["exit"] for r in log.records] == ["INTR"]
+    assert log.records[0].stats["insn_emulation"] > 0
+    assert log.lost_events > 0  # a spinning CPL0 guest emulates far more than 16 KiB of records
+    assert "LOST" in summarize(log).table()
+
+
+def test_without_tracing_the_log_keeps_exits_and_stats(kvm):
+    with Machine("portio", mode="long", kvm=kvm) as m:
+        result, log = capture(m, trace=False, on_io=_answer_io)
+    assert result.ok and not log.tracing and log.tracing_reason == "tracing not requested"
+    assert [r.exit["exit"] for r in log.records] == ["IO"] * result.runs
+    assert sum(r.stats.get("exits", 0) for r in log.records) >= result.runs
+    assert "not traced" in summarize(log).table()
+
+
+def test_not_root_captures_what_it_can(kvm):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to drop to an unprivileged euid")
+    with Machine("portio", mode="long", kvm=kvm) as m:
+        os.seteuid(65534)
+        try:
+            result, log = capture(m, on_io=_answer_io)
+        finally:
+            os.seteuid(0)
+    assert result.ok and not log.tracing and "root" in log.tracing_reason
+    assert len(log.records) == result.runs and log.records[0].stats
+
+
+def test_missing_event_named_and_capture_goes_on(kvm):
+    _need_tracefs()
+    with Machine("cpuid", mode="long", kvm=kvm) as m:
+        result, log = capture(m, trace=["kvm:kvm_cpuid", "kvm:kvm_no_such_event"])
+    assert result.ok and log.tracing
+    assert "not on this kernel: kvm:kvm_no_such_event" in log.tracing_reason
+    assert "kvm_userspace_exit not traced" in log.tracing_reason  # so events went by timestamp
+    assert [(e.fields["function"]) for _, e in log.events()] == [0, 1]
+
+
+def test_user_on_exit_hook_still_sees_every_exit(kvm):
+    seen = []
+    with Machine("portio", mode="long", kvm=kvm) as m:
+        result, log = capture(m, trace=False, on_exit=lambda e: seen.append(e.name), on_io=_answer_io)
+    assert seen == [r.exit["exit"] for r in log.records] and result.ok
+
+
+# --- kvmiso trace ----------------------------------------------------------------------------
+
+def kvmiso(*args):
+    return subprocess.run([sys.executable, "-m", "kvmiso.cli", *args], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+
+
+def test_cli_trace_table_json_and_events(kvm, tmp_path):
+    _need_tracefs()
+    p = kvmiso("trace", "portio", "--mode", "protected", "--json", str(tmp_path / "t.jsonl"), "--events")
+    assert p.returncode == 0, p.stderr
+    out = p.stdout
+    assert "traced portio in protected mode at CPL0" in out
+    assert "userspace round trips" in out and "KVM_EXIT_IO" in out
+    assert "kvm_pio" in out and "port=0x3000" in out  # the raw stream
+    assert any(line.startswith("kind ") and line.endswith("max µs") for line in out.splitlines())
+    log = read_jsonl(tmp_path / "t.jsonl")
+    assert log.tracing and any(e.name == "kvm_pio" for _, e in log.events())
+    assert "done: the guest reported DONE" in out
+
+
+def test_cli_trace_failures(kvm, tmp_path):
+    p = kvmiso("trace", "spin", "--timeout", "0.2")
+    assert p.returncode == 1 and "timeout:" in p.stdout
+    p = kvmiso("trace", "nonesuch")
+    assert p.returncode == 2 and "unknown payload 'nonesuch'" in p.stderr
+    p = kvmiso("trace", "portio", "--json", str(tmp_path / "no" / "such" / "dir.jsonl"))
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "cannot write the exit log" in p.stderr
