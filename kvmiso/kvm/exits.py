@@ -274,7 +274,6 @@ def _new_mmio(address: int, length: int, is_write: bool, data: memoryview) -> Mm
     e = _object_new(MmioExit)
     _mmio_address(e, address), _mmio_length(e, length), _mmio_is_write(e, is_write), _mmio_data(e, data)
     return e
-_io = struct.Struct("<BBHIQ").unpack_from
 _u64 = struct.Struct("<Q").unpack_from
 _u32x2 = struct.Struct("<II").unpack_from
 _u64u32 = struct.Struct("<QI").unpack_from
@@ -283,14 +282,17 @@ _debug = struct.Struct("<I4xQQQ").unpack_from
 _hypercall = struct.Struct("<Q6QQI").unpack_from
 _msr = struct.Struct("<B7xIIQ").unpack_from
 _u = _RUN_EXIT
+_REASON = abi.kvm_run.exit_reason.offset
+_reason_io = struct.Struct(f"<I{_RUN_EXIT - _REASON - 4}xBBHIQ").unpack_from
+_EXIT_IO, _IO_IN = abi.KVM_EXIT_IO, abi.KVM_EXIT_IO_IN
 
 
 def decode(page: memoryview) -> Exit:
     """Decode the exit in a kvm_run page (a writable byte memoryview of the vCPU mapping)."""
-    reason = page[8] | page[9] << 8 | page[10] << 16 | page[11] << 24
-    if reason == abi.KVM_EXIT_IO:
-        direction, size, port, count, off = _io(page, _u)
-        return _new_io(port, size, count, direction == abi.KVM_EXIT_IO_IN, page[off : off + size * count])
+    # one unpack for the reason and the io member: port I/O is the hot path (see _new_io)
+    reason, direction, size, port, count, off = _reason_io(page, _REASON)
+    if reason == _EXIT_IO:
+        return _new_io(port, size, count, direction == _IO_IN, page[off : off + size * count])
     if reason == abi.KVM_EXIT_MMIO:
         addr, length, is_write = _mmio(page, _u)
         return _new_mmio(addr, length, bool(is_write), page[_u + 8 : _u + 16])

@@ -21,6 +21,7 @@ from .system import CpuidEntry, cpuid_ioctl
 # The signal that kicks a vCPU thread out of KVM_RUN. A real-time signal, so it never collides
 # with SIGINT/SIGTERM handling; its handler does nothing, the interrupted ioctl is the point.
 KICK_SIGNAL = signal.SIGRTMIN
+_KVM_RUN = abi.KVM_RUN  # a global, not an attribute lookup, on the KVM_RUN hot path
 
 
 def install_kick_handler() -> None:
@@ -90,7 +91,7 @@ class Vcpu:
         """
         fd, page = self.fd, self.page
         while True:
-            if run_ioctl(fd, abi.KVM_RUN, None) == 0:
+            if run_ioctl(fd, _KVM_RUN, None) == 0:
                 return decode(page)
             err = get_errno()
             if err != errno.EINTR:
