@@ -61,4 +61,5 @@ def test_vm_stats(kvm):
         assert m.run(timeout=10).ok
         delta = st.snapshot() - before
     assert set(delta) == {d.name for d in st.descriptors}
-    assert delta["mmu_cache_miss"] >= 1  # the guest's first page tables were shadowed
+    # running mapped guest memory: shadow pages on kvm_pvm, TDP pages (pages_4k/2m) on Intel/AMD
+    assert any(delta[n] for n in ("mmu_cache_miss", "pages_4k", "pages_2m", "pages_1g"))
