@@ -9,6 +9,7 @@ serves the ucall convention, answers I/O and MMIO reads, and never hangs.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import threading
 import time
@@ -26,6 +27,8 @@ from .ucall import (PORT_CONSOLE, PORT_UCALL, Done, Fail, GuestException, Malfor
 DEFAULT_MEMORY = 2 << 20
 VCPU_STACK = 0x8000  # each vCPU: a kernel and a user stack of half this size
 MAX_CONSOLE = 64 << 10  # console bytes kept per run; the rest is counted, not stored
+MAX_EXITS = 64 << 10  # exits recorded per run (~0.4 KiB each); the rest are counted, not stored
+RFLAGS_IF = 1 << 9
 
 # Instructions worth naming when a guest is stopped inside KVM_RUN.
 _KNOWN_INSNS = {
@@ -34,17 +37,24 @@ _KNOWN_INSNS = {
 }
 
 
+# Every way a run can end: RunResult.outcome is always one of these.
+OUTCOMES = ("done", "fail", "exception", "halt", "shutdown", "internal-error", "fail-entry",
+            "system-event", "malformed-ucall", "unhandled-exit", "exit-limit", "stopped", "timeout",
+            "interrupted")
+
+
 @dataclass
 class RunResult:
-    """How a run ended (``outcome``), why (``detail``), and everything the guest produced."""
+    """How a run ended (``outcome``, one of OUTCOMES), why (``detail``), and everything the guest
+    produced."""
 
-    outcome: str  # done fail exception halt shutdown internal-error fail-entry system-event
-    #               malformed-ucall unhandled-exit exit-limit timeout interrupted
+    outcome: str
     detail: str
     vcpu: int = 0
     exits: list[Exit] = field(default_factory=list)
     console: str = ""
     console_dropped: int = 0
+    exits_dropped: int = 0
     reports: list[Report] = field(default_factory=list)
     fail_code: int | None = None
     exception: GuestException | None = None
@@ -67,11 +77,39 @@ class RunResult:
         return {
             "outcome": self.outcome, "detail": self.detail, "vcpu": self.vcpu,
             "console": self.console, "console_dropped": self.console_dropped,
+            "exits_dropped": self.exits_dropped,
             "reports": [dataclasses.asdict(r) for r in self.reports], "fail_code": self.fail_code,
             "exception": dataclasses.asdict(self.exception) if self.exception else None,
             "runs": self.runs, "elapsed_s": self.elapsed, "stats_delta": self.stats,
             "exits": [e.to_dict() for e in self.exits],
         }
+
+
+# MSRs that steer guest execution (SYSENTER/SYSCALL targets, KERNEL_GS_BASE, PAT, DEBUGCTL):
+# reset() restores them so that one payload's WRMSR cannot redirect the next payload.
+_RESET_MSRS = (0x174, 0x175, 0x176, 0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084, 0xC0000102,
+               0x277, 0x1D9)
+
+
+@dataclass
+class _VcpuState:
+    """What ``modes.setup`` does not rewrite: pending events, FPU/SSE state, control MSRs, and
+    the sregs fields it keeps (CR2, CR8, APIC base)."""
+
+    events: Any
+    fpu: Any
+    sregs: Any
+    msrs: dict[int, int]
+
+    @classmethod
+    def save(cls, vcpu, msrs: list[int]) -> "_VcpuState":
+        return cls(vcpu.get_vcpu_events(), vcpu.get_fpu(), vcpu.get_sregs(), vcpu.get_msrs(msrs))
+
+    def restore(self, vcpu) -> None:
+        vcpu.set_vcpu_events(self.events)
+        vcpu.set_fpu(self.fpu)
+        vcpu.set_msrs(self.msrs)
+        vcpu.set_sregs(self.sregs)
 
 
 def detach(exit: Exit) -> Exit:
@@ -99,10 +137,12 @@ class Machine:
         self.bits = BITS[self.mode]
         if memory < 0x200000 or memory > modes.IDENTITY_MAP_GIB << 30:
             raise ValueError(f"guest memory must be between 2 MiB and {modes.IDENTITY_MAP_GIB} GiB, not {memory:#x}")
+        self.memory = memory
         self._own_kvm = kvm is None
         self.kvm = kvm or Kvm()
         self.vm = None
         self._stats: list = []
+        self._pristine: list[_VcpuState] = []
         try:
             self.vm = self.kvm.create_vm()
             self.vendor = vendor_module()
@@ -111,16 +151,40 @@ class Machine:
             self.vm.add_memory(0, memory)
             self.vm.write(self.image.load_address, self.image.code)
             cpuid = self.kvm.get_supported_cpuid()
+            reset_msrs = [i for i in _RESET_MSRS if i in set(self.kvm.get_msr_index_list())]
             for i in range(vcpus):
                 vcpu = self.vm.create_vcpu(i)
                 vcpu.set_cpuid2(cpuid)
-                top = memory - i * VCPU_STACK
-                modes.setup(self.vm, vcpu, self.image, self.mode, cpl,
-                            stack_top=top - VCPU_STACK // 2, kernel_stack_top=top)
+                self._pristine.append(_VcpuState.save(vcpu, reset_msrs))
+                self._setup(vcpu)
                 self._stats.append(vcpu.stats())
         except BaseException:
             self.close()
             raise
+
+    def _setup(self, vcpu) -> None:
+        top = self.memory - vcpu.id * VCPU_STACK
+        modes.setup(self.vm, vcpu, self.image, self.mode, self.cpl,
+                    stack_top=top - VCPU_STACK // 2, kernel_stack_top=top)
+
+    def reset(self, image: Image | None = None) -> None:
+        """Start over on the same VM: RAM zeroed, ``image`` (default: the current one) loaded,
+        every vCPU back to the state it had before its first run.
+
+        Far cheaper than a new Machine, so a fuzzer can run thousands of payloads on one VM:
+
+        >>> m.reset(dataclasses.replace(m.image, code=new_code))
+        """
+        if image is not None:
+            if image.mode != self.mode:
+                raise ValueError(f"this machine runs {self.mode} mode; image {image.name} is for {image.mode}")
+            self.image = image
+        ram = self.vm.slots[0]
+        ctypes.memset(ram.host_addr, 0, ram.size)
+        self.vm.write(self.image.load_address, self.image.code)
+        for vcpu, state in zip(self.vcpus, self._pristine):
+            state.restore(vcpu)
+            self._setup(vcpu)
 
     @property
     def vcpu(self):
@@ -174,7 +238,7 @@ class Machine:
                     res.runs += 1
                     if isinstance(exit, IntrExit):
                         if dl.expired:
-                            res.outcome, res.detail = "timeout", self._describe_stop(v, stats, before)
+                            res.outcome, res.detail = "timeout", self._describe_stop(v, stats, before, res)
                         else:
                             res.outcome, res.detail = "interrupted", "KVM_RUN was interrupted by a kick"
                         break
@@ -183,7 +247,10 @@ class Machine:
                     else:
                         self._handle(v, exit, res, console, on_io, on_mmio, on_msr)
                     if record:
-                        res.exits.append(detach(exit))
+                        if len(res.exits) < MAX_EXITS:
+                            res.exits.append(detach(exit))
+                        else:
+                            res.exits_dropped += 1
                     if max_exits is not None and res.runs >= max_exits and res.outcome == "running":
                         res.outcome, res.detail = "exit-limit", f"stopped after {max_exits} exits"
         finally:
@@ -233,8 +300,13 @@ class Machine:
                 res.console_dropped += max(0, len(data) - room)
                 return
             if exit.port == PORT_UCALL and not exit.is_in:
+                if exit.size != 1 or exit.count != 1:
+                    res.outcome, res.detail = "malformed-ucall", (
+                        f"a ucall is one 1-byte OUT to port {PORT_UCALL:#x}; the guest wrote "
+                        f"{exit.count} x {exit.size} bytes ({bytes(exit.data[:16]).hex(' ')})")
+                    return
                 try:
-                    u = decode_ucall(exit.value & 0xFF, vcpu.get_regs(), self.bits)
+                    u = decode_ucall(exit.value, vcpu.get_regs(), self.bits)
                 except MalformedUcall as e:
                     res.outcome, res.detail = "malformed-ucall", str(e)
                     return
@@ -271,12 +343,18 @@ class Machine:
         if isinstance(exit, HltExit):
             res.outcome, res.detail = "halt", "the guest executed HLT"
         elif isinstance(exit, ShutdownExit):
-            regs = vcpu.get_regs()
-            res.outcome, res.detail = "shutdown", f"the guest triple-faulted (KVM_EXIT_SHUTDOWN) near rip {regs.rip:#x}"
+            _, rip, where, _ = self._at_rip(vcpu)
+            res.outcome, res.detail = "shutdown", f"the guest triple-faulted (KVM_EXIT_SHUTDOWN) near rip {rip:#x}{where}"
         elif isinstance(exit, InternalErrorExit):
-            res.outcome, res.detail = "internal-error", (
-                f"KVM_EXIT_INTERNAL_ERROR suberror {exit.suberror_name}, data "
-                + " ".join(f"{d:#x}" for d in exit.data))
+            _, rip, where, _ = self._at_rip(vcpu)
+            text = f"KVM_EXIT_INTERNAL_ERROR suberror {exit.suberror_name} at rip {rip:#x}{where}"
+            if exit.suberror_name == "EMULATION" and len(exit.data) >= 3 and exit.data[0] & 1:
+                # data: flags (bit 0: instruction bytes follow), then insn_size and 15 bytes
+                raw = b"".join(d.to_bytes(8, "little") for d in exit.data[1:3])
+                text += f"; KVM's emulator cannot execute {raw[1:1 + min(raw[0], 15)].hex(' ')}"
+            else:
+                text += ", data " + " ".join(f"{d:#x}" for d in exit.data)
+            res.outcome, res.detail = "internal-error", text
         elif isinstance(exit, FailEntryExit):
             res.outcome, res.detail = "fail-entry", (
                 f"VM entry failed: hardware reason {exit.hardware_entry_failure_reason:#x} on cpu {exit.cpu}")
@@ -285,26 +363,42 @@ class Machine:
         else:
             res.outcome, res.detail = "unhandled-exit", f"no handler for {exit!r}"
 
-    def _describe_stop(self, vcpu, stats, before) -> str:
-        """What a guest stopped by the timeout was doing: its RIP, the instruction there, and
-        how many instructions KVM emulated meanwhile."""
+    def _at_rip(self, vcpu) -> tuple[Any, int, str, bytes]:
+        """The vCPU's registers, its linear RIP, why no code can be fetched there ("" when it
+        can), and up to 3 bytes of the instruction there."""
         regs = vcpu.get_regs()
-        rip = regs.rip
-        if self.mode == "real":
-            rip += vcpu.get_sregs().cs.base
-        text = f"stopped at rip {rip:#x}"
+        rip = regs.rip + (vcpu.get_sregs().cs.base if self.mode == "real" else 0)
         try:
             t = vcpu.translate(rip)
-            insn = self.vm.read(t.physical_address, 3) if t.valid else b""
-        except (ValueError, OSError):
-            insn = b""
+        except OSError:
+            return regs, rip, "", b""
+        if not t.valid:
+            return regs, rip, " (not mapped by the guest's page tables)", b""
+        try:
+            slot = self.vm.slot_for(t.physical_address)
+        except ValueError:
+            return regs, rip, f" (guest-physical {t.physical_address:#x}, which no memory slot backs)", b""
+        return regs, rip, "", self.vm.read(t.physical_address, min(3, slot.end - t.physical_address))
+
+    def _describe_stop(self, vcpu, stats, before, res: RunResult) -> str:
+        """What a guest stopped by the timeout was doing: its RIP, the instruction there, whether
+        interrupts were off, how many instructions KVM emulated, and what it sent meanwhile."""
+        regs, rip, where, insn = self._at_rip(vcpu)
+        text = f"stopped at rip {rip:#x}{where}"
         name = next((n for b, n in _KNOWN_INSNS.items() if insn.startswith(b)), None)
         if insn:
             text += f" ({insn.hex(' ')}{': ' + name if name else ''})"
-        delta = stats.snapshot() - before
-        emulated = delta.get("insn_emulation", 0)
+        if not regs.rflags & RFLAGS_IF:
+            text += " with interrupts disabled"
+        exits = res.runs - 1
+        emulated = (stats.snapshot() - before).get("insn_emulation", 0)
         if emulated:
-            text += f"; KVM emulated {emulated} instructions without an exit to userspace"
+            text += f"; KVM emulated {emulated} instructions"
+            text += f" and exited to userspace {exits} time{'s' if exits > 1 else ''}" if exits else " without an exit to userspace"
+        elif exits:
+            text += f"; {exits} exits to userspace"
+        if res.console_dropped:
+            text += f"; console output capped at {MAX_CONSOLE} bytes, {res.console_dropped} more dropped"
         if name in ("VMCALL", "VMMCALL"):
             text += ("; the guest is in a hypercall that KVM keeps re-executing inside KVM_RUN"
                      + (" (on kvm_pvm a CPL0 hypercall never returns)" if self.vendor == "kvm_pvm" else ""))

@@ -71,10 +71,14 @@ class Vcpu:
         self.kvm_run = abi.kvm_run.from_address(self._run_addr)
         self.page = memoryview((ctypes.c_char * self._run_size).from_address(self._run_addr)).cast("B")
         self._kick_lock = threading.Lock()
+        self._watchdog: _Watchdog | None = None
 
     def close(self) -> None:
         if self.fd < 0:
             return
+        if self._watchdog is not None:
+            self._watchdog.stop()
+            self._watchdog = None
         self.page.release()
         del self.kvm_run
         munmap(self._run_addr, self._run_size)
@@ -117,24 +121,20 @@ class Vcpu:
 
     @contextlib.contextmanager
     def deadline(self, seconds: float) -> Iterator["Deadline"]:
-        """Kick this vCPU out of KVM_RUN once ``seconds`` have passed (one timer thread, joined
-        on the way out). ``run()`` then returns ``IntrExit()`` and ``Deadline.expired`` is true."""
+        """Kick this vCPU out of KVM_RUN once ``seconds`` have passed. ``run()`` then returns
+        ``IntrExit()`` and ``Deadline.expired`` is true.
+
+        One watchdog thread per vCPU serves every deadline and ends with the vCPU, so a run
+        starts no thread (a fuzzer makes thousands of runs)."""
         install_kick_handler()
         dl = Deadline(seconds, time.monotonic() + seconds)
-        ident = threading.get_ident()
-
-        def fire() -> None:
-            dl.expired = True
-            self.kick(ident)
-
-        timer = threading.Timer(seconds, fire)
-        timer.daemon = True
-        timer.start()
+        if self._watchdog is None:
+            self._watchdog = _Watchdog(self)
+        self._watchdog.arm(dl, threading.get_ident())
         try:
             yield dl
         finally:
-            timer.cancel()
-            timer.join()
+            self._watchdog.disarm()
             if self.fd >= 0:
                 self.kvm_run.immediate_exit = 0
 
@@ -236,6 +236,55 @@ class Deadline:
     seconds: float
     at: float
     expired: bool = False
+
+
+class _Watchdog:
+    """The thread that kicks one vCPU out of KVM_RUN when its armed deadline passes."""
+
+    def __init__(self, vcpu: Vcpu) -> None:
+        self._vcpu = vcpu
+        self._cond = threading.Condition()
+        self._armed: tuple[Deadline, int] | None = None
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name=f"kvmiso-watchdog-vcpu{vcpu.id}", daemon=True)
+        # Started with SIGINT/SIGTERM blocked (a thread inherits the mask), so the kernel
+        # delivers them to a thread that can act on them, never to this one.
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            self._thread.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+    def arm(self, deadline: Deadline, thread_ident: int) -> None:
+        with self._cond:
+            self._armed = (deadline, thread_ident)
+            self._cond.notify()
+
+    def disarm(self) -> None:
+        """After this returns no kick is under way or will come (kicks happen under the lock)."""
+        with self._cond:
+            self._armed = None
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        with self._cond:
+            while not self._stopping:
+                if self._armed is None:
+                    self._cond.wait()
+                    continue
+                deadline, ident = self._armed
+                left = deadline.at - time.monotonic()
+                if left > 0:
+                    self._cond.wait(left)
+                    continue
+                deadline.expired = True
+                self._vcpu.kick(ident)
+                self._armed = None
 
 
 def _msrs_buffer(values: dict[int, int]) -> ctypes.Structure:
