@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 from ..kvm import GuestTimeout
 from ..kvm.exits import IntrExit
 from .exitlog import ExitLog, RunRecord, TraceEvent
+from .traceformat import FormatError
 from .tracefs import DEFAULT_BUFFER_KB, TraceInstance, TracefsUnavailable
 
 if TYPE_CHECKING:
@@ -121,7 +122,10 @@ class Capture:
         log = ExitLog(records=records, host=_host(machine), tracing=tracer is not None,
                       tracing_reason=self._reason, events_enabled=list(self.log.events_enabled))
         if tracer is not None:
-            note = assign_events(records, tracer.read())
+            try:
+                note = assign_events(records, tracer.read())
+            except FormatError as e:  # the run still counts: exits and stats without events
+                log.tracing, note = False, f"the trace pages could not be parsed ({e}): in-kernel events left out"
             log.lost_events = tracer.lost - lost_before
             log.tracing_reason = "; ".join(x for x in (self._reason, note) if x)
         self.log.extend(ExitLog(records=[dataclasses.replace(r) for r in records], host=log.host,

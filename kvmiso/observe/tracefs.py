@@ -11,11 +11,14 @@ Ctrl-C, and SIGTERM (turned into :class:`Terminated` while the instance exists, 
 thread). An instance left behind by a killed kvmiso (its pid is gone) is removed by the next
 one, which says so.
 
->>> with TraceInstance(pids=[os.getpid()]) as t:
-...     machine.run()
+There is no text fallback: a page the parser cannot read raises FormatError, and capture
+then reports the run without in-kernel events and says why.
+
+>>> with TraceInstance(["kvm:kvm_pio", "kvm:kvm_userspace_exit"]) as t:
+...     t.start(); machine.run(); t.stop()
 ...     events = t.read()
->>> [e.name for e in events][-1]
-'kvm_userspace_exit'
+>>> [e.name for e in events][:2]
+['kvm_pio', 'kvm_userspace_exit']
 """
 
 from __future__ import annotations
