@@ -226,3 +226,16 @@ def test_cli_bench_ctrl_c_keeps_partial_results(kvm, tmp_path):
     assert d["complete"] is False and "interrupted" in d["incomplete_reason"]
     assert any(r["kind"] == "null_ioctl" for r in d["results"])
     assert "INCOMPLETE" in stdout
+
+
+def test_cli_bench_plot_or_a_clear_message(kvm, tmp_path):
+    png = tmp_path / "b.png"
+    p = kvmiso("bench", "--kinds", "out", "--samples", "20", "--runs", "1", "--plot", str(png))
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert p.returncode == 2 and "pip install 'kvmiso[plot]'" in p.stderr
+        assert not png.exists()  # refused before measuring, not after
+    else:
+        assert p.returncode == 0, p.stderr
+        assert png.read_bytes()[:4] == b"\x89PNG"
