@@ -239,3 +239,12 @@ def test_cli_bench_plot_or_a_clear_message(kvm, tmp_path):
     else:
         assert p.returncode == 0, p.stderr
         assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_kind_that_fails_at_run_time_is_skipped_with_what_happened(kvm, monkeypatch):
+    # pretend HLT were legal at CPL3: the guest takes #GP, the kind is skipped, the others run
+    monkeypatch.setitem(latency.KINDS, "hlt", dataclasses.replace(latency.KINDS["hlt"], cpl3=None))
+    r = latency.bench(kvm, kinds=["hlt", "out"], cpls=(3,), samples=20, runs=1, python=False)
+    (skip,) = [s for s in r.skipped if s["kind"] == "hlt"]
+    assert "failed in run 1: the guest took #GP" in skip["reason"]
+    assert any(x.key == ("out", "c", 3) for x in r.results)

@@ -14,6 +14,7 @@ host as the time of the KVM_RUN that holds them, divided by ``iterations``.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -25,11 +26,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from ..guest import Machine, build
 from ..kvm import Kvm
-from ..kvm.exits import IoExit
+from ..guest.ucall import PORT_UCALL, GuestException, MalformedUcall, decode_ucall
+from ..kvm.exits import IoExit, decode
 from . import runloop, stats
 from .runloop import PORT_BENCH, LoopError, Timings
 
@@ -71,8 +73,7 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
          in_kernel=True, host_mm_exits=1.0),
     Kind("hypercall", "KVM_HC_VAPIC_POLL_IRQ hypercall inside KVM", "bench_hypercall", "io", 4,
          in_kernel=True, cpl3="KVM refuses hypercalls from CPL3 (-KVM_EPERM): that would time the refusal"),
-    Kind("vm_create", "VM creation to first exit (Python API)", "bench_out", insns=None,
-         kvm_runs_per_iteration=1.0),
+    Kind("vm_create", "VM creation to first exit (Python API)", "bench_out"),
     Kind("parallel", "port OUT on 1 and 2 vCPUs in parallel threads", "bench_out", "io", 2),
 )}
 FLOORS = ("null_ioctl", "syscall")
@@ -223,6 +224,23 @@ class _Collector:
             m.setdefault(k, []).append(v)
 
 
+@contextlib.contextmanager
+def _explained(m: Machine) -> Iterator[None]:
+    """Turn "unexpected exit IO" into what the guest did, when it was a crt0 exception report."""
+    try:
+        yield
+    except LoopError as e:
+        exit = decode(m.vcpu.page)
+        if isinstance(exit, IoExit) and exit.port == PORT_UCALL and not exit.is_in:
+            try:
+                u = decode_ucall(exit.value & 0xFF, m.vcpu.get_regs(), m.bits)
+            except MalformedUcall:
+                raise e from None
+            if isinstance(u, GuestException):
+                raise LoopError(f"the guest took {u}", e.timings, e.reason) from None
+        raise
+
+
 def _emulated(st, before, iterations: int) -> float | None:
     delta = (st.snapshot() - before).get("insn_emulation")
     return None if delta is None else delta / iterations
@@ -231,7 +249,7 @@ def _emulated(st, before, iterations: int) -> float | None:
 def _measure_exit_kind(kvm: Kvm, kind: Kind, cpl: int, n: int, warmup: int, col: _Collector,
                        python: bool) -> None:
     """One run of a kind that exits to userspace: compiled loop, then the Python API."""
-    with Machine(build(kind.guest, "long"), cpl=cpl, kvm=kvm) as m, m.vcpu.stats() as st:
+    with Machine(build(kind.guest, "long"), cpl=cpl, kvm=kvm) as m, m.vcpu.stats() as st, _explained(m):
         args = dict(expect=kind.exit, port=PORT_BENCH if kind.exit == "io" else None, reply=kind.reply)
         runloop.compiled_loop(m.vcpu, warmup, **args)
         before = st.snapshot()
@@ -259,7 +277,7 @@ def _measure_in_kernel(kvm: Kvm, kind: Kind, cpl: int, batches: int, warmup: int
     if warmup + batches > RESULTS_RING:
         raise ValueError(f"at most {RESULTS_RING - warmup} samples fit the guest's result ring")
     image = build(kind.guest, "long")
-    with Machine(image, cpl=cpl, kvm=kvm, memory=BENCH_MEMORY) as m, m.vcpu.stats() as st:
+    with Machine(image, cpl=cpl, kvm=kvm, memory=BENCH_MEMORY) as m, m.vcpu.stats() as st, _explained(m):
         m.vm.write(image.symbols["iterations"], struct.pack("<Q", iterations))
         zap = (m.vm.host_address(FAULT_BASE), iterations * PAGE) if kind.name == "page_fault" else None
         runloop.compiled_loop(m.vcpu, warmup, "io", PORT_BENCH, zap=zap)
