@@ -46,7 +46,8 @@ class RunRecord:
 
     run: int  # index of this KVM_RUN in the capture, from 0
     vcpu: int
-    start_ns: int  # CLOCK_MONOTONIC just before the ioctl (approximately: after the last exit was handled)
+    start_ns: int  # CLOCK_MONOTONIC just before the ioctl (approximately: when capture's on_exit hook
+    #                handed the previous exit back, so Machine's handling of it counts in this run)
     end_ns: int  # CLOCK_MONOTONIC when the exit reached userspace
     exit: dict[str, Any]  # Exit.to_dict() of the userspace exit
     payload: str = ""
