@@ -248,3 +248,13 @@ def test_a_kind_that_fails_at_run_time_is_skipped_with_what_happened(kvm, monkey
     (skip,) = [s for s in r.skipped if s["kind"] == "hlt"]
     assert "failed in run 1: the guest took #GP" in skip["reason"]
     assert any(x.key == ("out", "c", 3) for x in r.results)
+
+
+def test_cli_bench_on_a_cpu_that_cannot_be_pinned(kvm, tmp_path):
+    out = tmp_path / "r.json"
+    p = kvmiso("bench", "--kinds", "out,parallel", "--samples", "20", "--runs", "1", "--cpu", "100000",
+               "--json", str(out))
+    assert p.returncode == 0, p.stderr
+    assert "cannot pin to CPU 100000" in p.stderr
+    d = json.loads(out.read_text())
+    assert d["host"]["pinning"]["pinned"] is False and d["host"]["pinning"]["requested"] == 100000

@@ -442,9 +442,10 @@ def _measure_one(kvm, kind, cpl, label, settings, host, col, python, pinning) ->
     elif kind.name == "vm_create":
         _measure_vm_create(kvm, cpl, settings["vm_create_samples"], col)
     elif kind.name == "parallel":
-        cpus = pinning["allowed"]
+        first = pinning.get("cpu")  # vCPU 0 where the rest of the run is pinned, if it is
+        cpus = ([first] if first is not None else []) + [c for c in pinning["allowed"] if c != first]
         for nv in (1, 2):
-            _measure_parallel(kvm, cpl, nv, [pinning["cpu"]] + [c for c in cpus if c != pinning["cpu"]], n, warmup, col)
+            _measure_parallel(kvm, cpl, nv, cpus, n, warmup, col)
     elif kind.in_kernel:
         iterations = min(settings["iterations"], MAX_FAULT_PAGES) if kind.name == "page_fault" else settings["iterations"]
         _measure_in_kernel(kvm, kind, cpl, settings["batches"], min(warmup, 50), iterations, col,
