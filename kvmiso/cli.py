@@ -5,8 +5,11 @@ cause on stderr and a non-zero exit status: 1 when the guest or the check did no
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
+import threading
 from typing import Any, Callable
 
 from .bench import command as bench_command
@@ -29,16 +32,43 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_BAD_INPUT
     try:
-        return args.func(args)
+        with _signals_as_interrupt():
+            return args.func(args)
     except (CliError, BuildError, KvmUnavailable, ValueError) as e:
         print(f"kvmiso: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KvmError as e:
         print(f"kvmiso: {e}", file=sys.stderr)
         return EXIT_FAILED
-    except KeyboardInterrupt:
-        print("kvmiso: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        name = e.args[0] if e.args and e.args[0] in signal.Signals.__members__ else "SIGINT"
+        print(f"kvmiso: interrupted by {name}", file=sys.stderr)
+        return 128 + signal.Signals[name]
+
+
+# SIGINT and SIGTERM both end a command as Ctrl-C does: KeyboardInterrupt naming the signal,
+# raised in the main thread wherever it is (a signal ends KVM_RUN, even a guest's endless CPL0
+# hypercall on kvm_pvm). Every command thus unwinds through its with-blocks and finally-clauses;
+# one that has partial results catches KeyboardInterrupt, writes them marked incomplete and
+# re-raises; main() prints "kvmiso: interrupted by SIGTERM" and exits 128 + the signal number.
+_INTERRUPTS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _interrupt(signum: int, frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def _signals_as_interrupt():
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set handlers (main() called from a worker thread)
+        return
+    previous = {s: signal.signal(s, _interrupt) for s in _INTERRUPTS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -193,18 +223,25 @@ def cmd_run(args) -> int:
         if not args.json:
             print(f"running {m.image.name} in {m.mode} mode at CPL{args.cpl} (timeout {args.timeout:g} s)")
         on_exit: Callable[[Exit], None] | None = None if args.json else stream
+        interrupted: KeyboardInterrupt | None = None
         try:
             result = m.run(timeout=args.timeout, on_exit=on_exit)
         except GuestTimeout as e:
             result = e.result
+        except KeyboardInterrupt as e:
+            if not hasattr(e, "result"):
+                raise
+            result, interrupted = e.result, e  # print what the run got, then let main() report it
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
+        print(json.dumps({**result.to_dict(), "incomplete": interrupted is not None}, indent=2))
     else:
         if line:
             print(f"        console| {line.decode('utf-8', 'replace')}")
         for r in result.reports:
             print(f"report  tag {r.tag}: {r.value} ({r.value:#x})")
         print(f"{result.outcome}: {result.detail} ({result.runs} KVM_RUN calls, {result.elapsed * 1e3:.1f} ms)")
+    if interrupted is not None:
+        raise interrupted
     if result.outcome == "timeout":
         print(f"kvmiso: guest did not finish within {args.timeout:g} s: {result.detail}", file=sys.stderr)
     return 0 if result.ok else EXIT_FAILED

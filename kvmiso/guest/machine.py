@@ -223,7 +223,9 @@ class Machine:
         ``on_io``/``on_mmio`` see every I/O and MMIO exit outside the ucall ports and may
         ``reply()``; unanswered reads get all-ones. ``on_msr`` answers userspace MSR exits
         (unanswered ones inject #GP, as KVM does without the capability). ``on_exit`` sees every exit first and ends
-        the run by returning True. Raises GuestTimeout (with ``.result``) past the deadline.
+        the run by returning True. Raises GuestTimeout (with ``.result``) past the deadline; a
+        KeyboardInterrupt goes up with ``.result`` too (outcome ``interrupted``, what the guest
+        was doing in the detail).
         """
         v = self.vm.vcpus[vcpu]
         stats = self._stats[vcpu]
@@ -234,11 +236,12 @@ class Machine:
         try:
             with v.deadline(timeout) as dl:
                 while res.outcome == "running":
+                    res.runs += 1  # before the call: an interrupted KVM_RUN counts too
                     exit = v.run()
-                    res.runs += 1
                     if isinstance(exit, IntrExit):
                         if dl.expired:
-                            res.outcome, res.detail = "timeout", self._describe_stop(v, stats, before, res)
+                            res.outcome, res.detail = "timeout", self._describe_stop(
+                                v, stats, before, res.runs - 1, res.console_dropped)
                         else:
                             res.outcome, res.detail = "interrupted", "KVM_RUN was interrupted by a kick"
                         break
@@ -253,6 +256,15 @@ class Machine:
                             res.exits_dropped += 1
                     if max_exits is not None and res.runs >= max_exits and res.outcome == "running":
                         res.outcome, res.detail = "exit-limit", f"stopped after {max_exits} exits"
+        except KeyboardInterrupt as e:
+            # SIGINT (or SIGTERM, which kvmiso's CLI turns into KeyboardInterrupt): the partial
+            # result goes up with the interrupt, for the caller to report as incomplete
+            if res.outcome == "running":
+                why = e.args[0] if e.args else "KeyboardInterrupt"
+                res.outcome, res.detail = "interrupted", f"{why} arrived before the guest finished; " + (
+                    self._describe_stop(v, stats, before, res.runs - 1, res.console_dropped))
+            e.result = res
+            raise
         finally:
             res.elapsed = time.perf_counter() - t0
             res.console = console.decode("utf-8", "replace")
@@ -273,6 +285,8 @@ class Machine:
         install_kick_handler()
         results: list[RunResult | None] = [None] * len(self.vcpus)
         errors: list[BaseException] = []
+        done = [threading.Event() for _ in self.vcpus]
+        done_lock = threading.Lock()  # a kick never targets a thread that has left worker()
 
         def worker(i: int) -> None:
             try:
@@ -281,12 +295,27 @@ class Machine:
                 results[i] = e.result
             except BaseException as e:  # surfaced in the caller's thread below
                 errors.append(e)
+            finally:
+                with done_lock:
+                    done[i].set()
 
         threads = [threading.Thread(target=worker, args=(i,), name=f"kvmiso-vcpu{i}") for i in range(len(self.vcpus))]
         for t in threads:
             t.start()
-        for t in threads:
-            t.join()
+        try:
+            for t in threads:
+                t.join()
+        except BaseException:
+            # Ctrl-C here: stop every vCPU still running before the caller closes the VM under
+            # it. Our own events, not is_alive()/join(): an interrupted join() can mark a live
+            # thread as stopped (CPython bpo-45274).
+            with done_lock:
+                for v, t, d in zip(self.vcpus, threads, done):
+                    if not d.is_set():
+                        v.kick(t.ident)
+            for d in done:
+                d.wait()
+            raise
         if errors:
             raise errors[0]
         return results  # type: ignore[return-value]
@@ -380,7 +409,7 @@ class Machine:
             return regs, rip, f" (guest-physical {t.physical_address:#x}, which no memory slot backs)", b""
         return regs, rip, "", self.vm.read(t.physical_address, min(3, slot.end - t.physical_address))
 
-    def _describe_stop(self, vcpu, stats, before, res: RunResult) -> str:
+    def _describe_stop(self, vcpu, stats, before, exits: int, console_dropped: int) -> str:
         """What a guest stopped by the timeout was doing: its RIP, the instruction there, whether
         interrupts were off, how many instructions KVM emulated, and what it sent meanwhile."""
         regs, rip, where, insn = self._at_rip(vcpu)
@@ -390,15 +419,14 @@ class Machine:
             text += f" ({insn.hex(' ')}{': ' + name if name else ''})"
         if not regs.rflags & RFLAGS_IF:
             text += " with interrupts disabled"
-        exits = res.runs - 1
         emulated = (stats.snapshot() - before).get("insn_emulation", 0)
         if emulated:
             text += f"; KVM emulated {emulated} instructions"
             text += f" and exited to userspace {exits} time{'s' if exits > 1 else ''}" if exits else " without an exit to userspace"
         elif exits:
             text += f"; {exits} exits to userspace"
-        if res.console_dropped:
-            text += f"; console output capped at {MAX_CONSOLE} bytes, {res.console_dropped} more dropped"
+        if console_dropped:
+            text += f"; console output capped at {MAX_CONSOLE} bytes, {console_dropped} more dropped"
         if name in ("VMCALL", "VMMCALL"):
             text += ("; the guest is in a hypercall that KVM keeps re-executing inside KVM_RUN"
                      + (" (on kvm_pvm a CPL0 hypercall never returns)" if self.vendor == "kvm_pvm" else ""))

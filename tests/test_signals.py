@@ -1,0 +1,119 @@
+"""Interrupted runs: SIGINT or SIGTERM during a guest that never exits (inside one KVM_RUN)
+ends the run cleanly, with the partial result marked incomplete and nothing left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+
+from kvmiso import cli
+from kvmiso.guest import Machine
+
+
+def _wait_until_running(pid: int) -> None:
+    # The vCPU's watchdog thread starts with the first deadline, inside Machine.run: from then
+    # on a signal interrupts the run itself, not the setup before it.
+    proc = psutil.Process(pid)
+    for _ in range(3000):
+        if proc.num_threads() >= 2:
+            return
+        time.sleep(0.01)
+    raise AssertionError("kvmiso run never started its guest")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("as_json", [True, False])
+def test_signal_to_kvmiso_run_ends_it_with_a_partial_result(kvm, tmp_path, sig, as_json):
+    # a private cache and TMPDIR: the guest is built inside this run, and any leftover shows
+    env = dict(os.environ, TMPDIR=str(tmp_path / "tmp"), XDG_CACHE_HOME=str(tmp_path / "cache"))
+    (tmp_path / "tmp").mkdir()
+    argv = [sys.executable, "-m", "kvmiso.cli", "run", "spin", "--timeout", "600"] + (["--json"] if as_json else [])
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        _wait_until_running(p.pid)
+        p.send_signal(sig)
+        out, err = p.communicate(timeout=60)  # a hang fails here instead of stalling the suite
+    finally:
+        p.kill()
+        p.wait()
+    name = signal.Signals(sig).name
+    assert p.returncode == 128 + sig, err
+    assert err.strip().splitlines()[-1] == f"kvmiso: interrupted by {name}" and "Traceback" not in err
+    if as_json:
+        r = json.loads(out)
+        assert r["incomplete"] is True and r["outcome"] == "interrupted"
+        detail = r["detail"]
+    else:
+        detail = out.strip().splitlines()[-1]
+        assert detail.startswith("interrupted: ")
+    assert f"{name} arrived before the guest finished; stopped at rip" in detail and "jmp ." in detail
+    assert list((tmp_path / "tmp").iterdir()) == []  # the build's temporary directory is gone
+    cached = sorted(f.suffix for f in (tmp_path / "cache" / "kvmiso" / "guests").iterdir())
+    assert cached == [".bin", ".sym"]  # complete files only, no half-written temporaries
+
+
+def test_json_result_is_marked_complete_when_not_interrupted(kvm):
+    p = subprocess.run([sys.executable, "-m", "kvmiso.cli", "run", "hello", "--json"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and json.loads(p.stdout)["incomplete"] is False
+
+
+def _signal_main_thread_later(sig: int, after: float) -> threading.Timer:
+    t = threading.Timer(after, signal.pthread_kill, (threading.main_thread().ident, sig))
+    t.start()
+    return t
+
+
+@pytest.mark.parametrize("payload,what", [("spin", "jmp ."), ("hypercall", "VMCALL")])
+def test_ctrl_c_inside_kvm_run_gives_the_result_and_leaks_nothing(kvm, payload, what):
+    before = (psutil.Process().num_fds(), psutil.Process().num_threads())
+    with Machine(payload, mode="long", kvm=kvm) as m:
+        sender = _signal_main_thread_later(signal.SIGINT, 0.3)
+        with pytest.raises(KeyboardInterrupt) as info:
+            m.run(timeout=600)
+        sender.join()
+    r = info.value.result
+    assert r.outcome == "interrupted" and r.runs == 1
+    assert r.detail.startswith("KeyboardInterrupt arrived before the guest finished; stopped at rip")
+    assert what in r.detail
+    assert (psutil.Process().num_fds(), psutil.Process().num_threads()) == before
+
+
+def test_cli_turns_sigterm_into_an_interrupt_and_restores_the_handlers(kvm, capsys):
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    sender = _signal_main_thread_later(signal.SIGTERM, 0.3)
+    status = cli.main(["run", "spin", "--timeout", "600", "--json"])
+    sender.join()
+    out, err = capsys.readouterr()
+    assert status == 128 + signal.SIGTERM and err == "kvmiso: interrupted by SIGTERM\n"
+    assert json.loads(out)["incomplete"] is True
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def _threads_settle_to(n: int) -> int:
+    # a thread that has finished its work still needs a moment to leave the kernel's list
+    proc = psutil.Process()
+    for _ in range(1000):
+        if proc.num_threads() == n:
+            break
+        time.sleep(0.01)
+    return proc.num_threads()
+
+
+def test_ctrl_c_during_run_all_stops_every_vcpu_before_the_vm_closes(kvm):
+    before = psutil.Process().num_threads()
+    with Machine("spin", mode="long", vcpus=2, kvm=kvm) as m:
+        sender = _signal_main_thread_later(signal.SIGINT, 0.3)
+        with pytest.raises(KeyboardInterrupt):
+            m.run_all(timeout=600)
+        sender.join()
+    # a vCPU thread left spinning would outlive its VM (and its 600 s deadline died with it)
+    assert _threads_settle_to(before) == before
