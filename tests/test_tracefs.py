@@ -12,6 +12,7 @@ import signal
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -284,6 +285,7 @@ def test_unmounted_tracefs_is_mounted_or_named(tracefs, tmp_path):
 
 _SIGTERM_CHILD = """
 import sys
+import time
 from kvmiso.guest import Machine
 from kvmiso.observe.capture import Capture
 with Capture(["kvm:kvm_emulate_insn"]) as cap, Machine("spin", mode="long") as m:
@@ -307,3 +309,24 @@ def test_sigterm_while_capturing_removes_the_instance(kvm, tracefs):
     assert not path.exists()
     assert "Traceback" not in p.stderr.read()
 
+
+
+@pytest.mark.parametrize("sig,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+def test_kvmiso_trace_interrupted_removes_the_instance(kvm, tracefs, sig, status):
+    p = subprocess.Popen([sys.executable, "-m", "kvmiso.cli", "trace", "spin", "--timeout", "60"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
+    path = tracefs / "instances" / f"kvmiso-{p.pid}"
+    try:
+        for _ in range(3000):  # until the child has its instance (bounded; no timing asserted)
+            if path.exists() or p.poll() is not None:
+                break
+            time.sleep(0.01)
+        assert path.exists(), p.stderr.read() if p.poll() is not None else "no instance appeared"
+        p.send_signal(sig)
+        rc = p.wait(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert rc == status
+    assert not path.exists()
+    assert "Traceback" not in p.stderr.read()

@@ -23,6 +23,7 @@ then reports the run without in-kernel events and says why.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -33,7 +34,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from .exitlog import TraceEvent
 from .traceformat import EventFormat, FormatError, PageHeader, common_pid, common_type, iter_pages, parse_page
@@ -118,6 +119,26 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[dict]:
+    """Hold Ctrl-C and SIGTERM back for the block (creating or removing the instance is never
+    cut in half), then deliver them to the handlers put back: those in place before, unless the
+    block changed them in the dict it is given."""
+    if threading.current_thread() is not threading.main_thread():
+        yield {}  # handlers run in the main thread only; nothing to defer here
+        return
+    pending: list[int] = []
+    handlers = {s: signal.signal(s, lambda signum, frame: pending.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield handlers
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        for s in pending:
+            signal.raise_signal(s)
 
 
 def _write(path: Path, value: str) -> None:
@@ -207,7 +228,8 @@ class TraceInstance:
         self.stale_removed = remove_stale(root)
         self._install_sigterm()
         try:
-            self.path = self._make_instance(root)
+            with _signals_deferred():  # an instance that exists is one we know about
+                self.path = self._make_instance(root)
             self._setup(root)
         except BaseException:
             self.close()
@@ -289,33 +311,29 @@ class TraceInstance:
     def close(self) -> None:
         """Close the pipes and remove the instance (idempotent); restore SIGTERM.
 
-        A SIGTERM that arrives meanwhile is held back until the instance is gone."""
-        pending = []
-        if self._sigterm_installed:
-            signal.signal(signal.SIGTERM, lambda signum, frame: pending.append(signum))
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-        if self.path is not None:
-            for attempt in range(50):
-                try:
-                    os.rmdir(self.path)
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError as e:
-                    # EBUSY while a just-closed pipe's reference drops; anything else is final
-                    if e.errno != errno.EBUSY or attempt == 49:
-                        raise
-                    time.sleep(0.01)
-            with _lock:
-                _live.discard(self.path.name)
-            self.path = None
-        if self._sigterm_installed:
-            signal.signal(signal.SIGTERM, self._old_sigterm if self._old_sigterm is not None else signal.SIG_DFL)
-            self._sigterm_installed = False
-            if pending:
-                raise Terminated()
+        Ctrl-C or SIGTERM arriving meanwhile take effect once the instance is gone."""
+        with _signals_deferred() as handlers:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+            if self.path is not None:
+                for attempt in range(50):
+                    try:
+                        os.rmdir(self.path)
+                        break
+                    except FileNotFoundError:
+                        break
+                    except OSError as e:
+                        # EBUSY while a just-closed pipe's reference drops; anything else is final
+                        if e.errno != errno.EBUSY or attempt == 49:
+                            raise
+                        time.sleep(0.01)
+                with _lock:
+                    _live.discard(self.path.name)
+                self.path = None
+            if self._sigterm_installed:
+                handlers[signal.SIGTERM] = self._old_sigterm
+                self._sigterm_installed = False
 
     def _install_sigterm(self) -> None:
         if threading.current_thread() is not threading.main_thread():
