@@ -36,7 +36,7 @@ class Field:
     size: int
     signed: bool
     array: int | None = None  # element count of a fixed array (``__u8 insn[15]``)
-    dynamic: bool = False  # ``__data_loc``: the value is (length << 16 | offset) of the bytes
+    dynamic: bool = False  # ``__data_loc``/``__rel_loc``: the value is (length << 16 | offset) of the bytes
 
     def value(self, rec: bytes) -> Any:
         """This field of record ``rec`` (the bytes after the ring-buffer event header):
@@ -45,6 +45,8 @@ class Field:
         if self.dynamic:
             loc = int.from_bytes(raw[:4], "little")
             start, length = loc & 0xFFFF, loc >> 16
+            if self.type.startswith("__rel_loc"):  # relative to the end of this field
+                start += self.offset + self.size
             data = rec[start : start + length]
             return _cstr(data) if "char" in self.type else data.hex()
         if self.array is not None:
@@ -119,13 +121,9 @@ class EventFormat:
         return {k: v for k, v in values.items() if not k.startswith("common_")}, symbols
 
 
-def common_pid(rec: bytes, fmt: EventFormat | None = None) -> int:
-    """The ``common_pid`` (the thread id) of a record; at offset 4 in every format to date."""
-    if fmt is not None:
-        for f in fmt.fields:
-            if f.name == "common_pid":
-                return f.value(rec)
-    return struct.unpack_from("<i", rec, 4)[0]
+def common_pid(rec: bytes, fmt: EventFormat) -> int:
+    """The ``common_pid`` of a record: the thread the event fired in."""
+    return next(f for f in fmt.fields if f.name == "common_pid").value(rec)
 
 
 def common_type(rec: bytes) -> int:
@@ -162,10 +160,10 @@ _TYPE_WORDS = {"unsigned", "signed", "int", "long", "short", "char", "bool", "u8
 def _tokenize(text: str) -> list[tuple[str, str]]:
     out, pos = [], 0
     while pos < len(text):
-        if text[pos:].strip() == "":
-            break
         m = _TOKEN_RE.match(text, pos)
         if not m or m.end() == pos:
+            if not text[pos:].strip():
+                break  # trailing whitespace
             raise FormatError(f"unexpected character in print fmt at {text[pos:pos + 20]!r}")
         kind = m.lastgroup
         out.append((kind, m.group(kind)))
@@ -181,8 +179,9 @@ class _Expr:
         self.symbolic = _mentions(node, ("__print_symbolic", "__print_flags", "__print_symbolic_u64",
                                          "__print_flags_u64"))
 
-    def eval(self, rec: dict[str, Any], symbols: dict[str, str] | None = None) -> Any:
-        return _eval(self.node, rec, symbols if symbols is not None else {})
+    def eval(self, rec: dict[str, Any], symbols: dict[str, str]) -> Any:
+        """The value for record fields ``rec``; names from symbol tables go into ``symbols``."""
+        return _eval(self.node, rec, symbols)
 
 
 def _mentions(node: Any, names: tuple[str, ...]) -> bool:
