@@ -175,8 +175,9 @@ def test_summary_is_ordered_and_p50_is_the_median(v):
 
 
 def test_unstable_runs_are_flagged():
-    assert stats.warnings([100, 101, 99]) == []
-    assert "unstable" in stats.warnings([100, 150, 80])[0]
+    assert stats.warnings([100, 101, 99], [100, 101, 99]) == []
+    assert stats.warnings([100, 150, 80], [100, 101, 99]) == ["disturbed: run means differ by 33%"]
+    assert stats.warnings([100, 101, 99], [100, 150, 80]) == ["unstable: run p50s differ by 33%"]
     with pytest.raises(ValueError):
         stats.summarize([])
 

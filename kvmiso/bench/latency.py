@@ -205,7 +205,7 @@ def _result(kind: str, path: str, cpl: int | None, per_run: list[list[float]], *
     summary = stats.summarize(pooled)
     runs = [{"n": len(r), "mean": statistics.fmean(r), "p50": stats.percentile(sorted(r), 50)}
             for r in per_run if r]
-    return Result(kind, path, cpl, summary, runs, stats.warnings([r["mean"] for r in runs]),
+    return Result(kind, path, cpl, summary, runs, stats.warnings([r["mean"] for r in runs], [r["p50"] for r in runs]),
                   samples=pooled, **kw)
 
 

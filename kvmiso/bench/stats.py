@@ -41,17 +41,25 @@ def summarize(values: Sequence[float]) -> dict[str, float]:
     }
 
 
-def warnings(run_means: Sequence[float]) -> list[str]:
-    """pyperf's stability rule applied to runs: the standard deviation of the run means is
-    >= 10% of their mean. (Raw round trips always have a long tail of interrupts and
-    preemptions, so the rule is not applied to single samples; their stdev is reported.)"""
-    if len(run_means) < 2:
-        return []
-    mean = statistics.fmean(run_means)
-    spread = statistics.stdev(run_means) / mean if mean else 0.0
-    if spread >= UNSTABLE_STDEV:
-        return [f"unstable: the run means differ by {spread:.0%} of their mean (stdev)"]
-    return []
+def _spread(values: Sequence[float]) -> float:
+    mean = statistics.fmean(values)
+    return statistics.stdev(values) / mean if mean else 0.0
+
+
+def warnings(run_means: Sequence[float], run_p50s: Sequence[float] = ()) -> list[str]:
+    """pyperf's stability rule (standard deviation >= 10% of the mean) applied across runs:
+
+    * ``unstable``: the runs' p50s, the figure the table reports, disagree;
+    * ``disturbed``: the runs' means disagree while their p50s may not: a few long outliers
+      (preemption, interrupts) in some runs. Raw round trips always have such a tail, so the
+      rule is not applied to single samples; their stdev is reported as it is.
+    """
+    out = []
+    if len(run_p50s) > 1 and _spread(run_p50s) >= UNSTABLE_STDEV:
+        out.append(f"unstable: run p50s differ by {_spread(run_p50s):.0%}")
+    if len(run_means) > 1 and _spread(run_means) >= UNSTABLE_STDEV:
+        out.append(f"disturbed: run means differ by {_spread(run_means):.0%}")
+    return out
 
 
 # Two-sided 95% critical values of Student's t by degrees of freedom; between rows the next
