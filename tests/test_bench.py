@@ -94,6 +94,18 @@ def test_floors_in_c(kvm):
     assert runloop.python_null_ioctl_loop(kvm, 50).n == 50
 
 
+def test_immediate_exit_floor_never_enters_the_guest(kvm):
+    with Machine("bench_out", kvm=kvm) as m, m.vcpu.stats() as s:
+        before = s.snapshot()
+        t = runloop.immediate_exit_loop(m.vcpu, 200)
+        p = runloop.python_immediate_exit_loop(m.vcpu, 50)
+        assert t.n == 200 and p.n == 50
+        assert_monotonic(t)
+        assert (s.snapshot() - before).get("exits", 0) == 0  # KVM returned before entering the guest
+        assert not m.vcpu.immediate_exit
+        runloop.compiled_loop(m.vcpu, 5, "io", PORT_BENCH)  # and the vCPU still runs normally
+
+
 def test_python_loop_matches_the_compiled_one(kvm):
     with Machine("bench_in", kvm=kvm) as m:
         t = runloop.python_loop(m.vcpu, 200, "io", PORT_BENCH, reply=0x33)
@@ -133,7 +145,7 @@ def test_bench_measures_skips_and_summarizes(kvm, vendor):
     r = latency.bench(kvm, kinds=["out", "hlt", "cpuid", "hypercall"], cpls=(0, 3), samples=40, runs=2,
                       iterations=5)
     keys = {x.key for x in r.results}
-    for key in [("null_ioctl", "c", None), ("syscall", "c", None), ("out", "c", 0), ("out", "python", 0),
+    for key in [("null_ioctl", "c", None), ("syscall", "c", None), ("immediate_exit", "c", None), ("out", "c", 0), ("out", "python", 0),
                 ("hlt", "c", 0), ("cpuid", "guest", 0), ("cpuid", "host", 0), ("out", "c", 3), ("cpuid", "guest", 3)]:
         assert key in keys
     skipped = {(s["kind"], s["cpl"]): s["reason"] for s in r.skipped}

@@ -35,6 +35,7 @@ struct kvmiso_loop {
     unsigned char *zap;
     size_t zap_len;
     int use_tsc;
+    int eintr_ok;
 };
 struct kvmiso_result {
     uint64_t done;

@@ -76,7 +76,6 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind("vm_create", "VM creation to first exit (Python API)", "bench_out"),
     Kind("parallel", "port OUT on 1 and 2 vCPUs in parallel threads", "bench_out", "io", 2),
 )}
-FLOORS = ("null_ioctl", "syscall")
 DEFAULT_KINDS = tuple(KINDS)
 
 
@@ -358,12 +357,19 @@ def _measure_parallel(kvm: Kvm, cpl: int, nvcpus: int, cpus: list[int], n: int, 
 
 
 def _measure_floors(kvm: Kvm, n: int, warmup: int, col: _Collector, python: bool) -> float | None:
-    """The null ioctl and the bare syscall; returns the TSC rate the C loop calibrated."""
+    """The null ioctl, the bare syscall and KVM_RUN that returns before entering the guest
+    (immediate_exit); returns the TSC rate the C loop calibrated."""
     runloop.null_ioctl_loop(kvm, warmup)
     t = runloop.null_ioctl_loop(kvm, n)
     col.add(("null_ioctl", "c", None), t.latencies())
     runloop.syscall_loop(warmup)
     col.add(("syscall", "c", None), runloop.syscall_loop(n).latencies())
+    with Machine(build("bench_out", "long"), kvm=kvm) as m:
+        runloop.immediate_exit_loop(m.vcpu, warmup)
+        col.add(("immediate_exit", "c", None), runloop.immediate_exit_loop(m.vcpu, n).latencies())
+        if python:
+            runloop.python_immediate_exit_loop(m.vcpu, warmup)
+            col.add(("immediate_exit", "python", None), runloop.python_immediate_exit_loop(m.vcpu, n).latencies())
     if python:
         runloop.python_null_ioctl_loop(kvm, warmup)
         col.add(("null_ioctl", "python", None), runloop.python_null_ioctl_loop(kvm, n).latencies())

@@ -124,7 +124,7 @@ def tsc_usable() -> bool:
 
 def _run(fd: int, request: int, arg: int, n: int, *, op: int = OP_IOCTL, vcpu=None,
          expect: str | None = None, port: int | None = None, reply: int = 0,
-         zap: tuple[int, int] | None = None, timeout: float = 10.0) -> Timings:
+         zap: tuple[int, int] | None = None, timeout: float = 10.0, eintr_ok: bool = False) -> Timings:
     ffi, lib = _lib()
     use_tsc = tsc_usable()
     bufs = [ffi.new("uint64_t[]", n) for _ in range(4 if use_tsc else 2)]
@@ -133,7 +133,7 @@ def _run(fd: int, request: int, arg: int, n: int, *, op: int = OP_IOCTL, vcpu=No
         run=ffi.cast("unsigned char *", vcpu._run_addr) if vcpu is not None else ffi.NULL,
         expect_reason=EXPECT[expect] if expect else -1, expect_port=-1 if port is None else port,
         reply=reply, zap=ffi.cast("unsigned char *", zap[0]) if zap else ffi.NULL,
-        zap_len=zap[1] if zap else 0, use_tsc=int(use_tsc)))
+        zap_len=zap[1] if zap else 0, use_tsc=int(use_tsc), eintr_ok=int(eintr_ok)))
     res = ffi.new("struct kvmiso_result *")
     lay = layout()
     done = 0
@@ -195,6 +195,34 @@ def null_ioctl_loop(kvm, n: int) -> Timings:
 def syscall_loop(n: int) -> Timings:
     """The syscall floor: getppid(2) through syscall(2), in C."""
     return _run(-1, 0, 0, n, op=OP_SYSCALL)
+
+
+def immediate_exit_loop(vcpu, n: int) -> Timings:
+    """The KVM_RUN floor: KVM_RUN with ``immediate_exit`` set returns EINTR before entering the
+    guest (vcpu_load, the signal/immediate-exit check, vcpu_put), in C."""
+    vcpu.immediate_exit = True
+    try:
+        return _run(vcpu.fd, abi.KVM_RUN, 0, n, eintr_ok=True)
+    finally:
+        vcpu.immediate_exit = False
+
+
+def python_immediate_exit_loop(vcpu, n: int) -> Timings:
+    """The same floor through ``Vcpu.run()``, which returns IntrExit for it."""
+    t_start, t_end = array.array("Q", bytes(8 * n)), array.array("Q", bytes(8 * n))
+    clock, run = time.monotonic_ns, vcpu.run
+    vcpu.immediate_exit = True
+    try:
+        for i in range(n):
+            t0 = clock()
+            e = run()
+            t_end[i] = clock()
+            t_start[i] = t0
+            if e.__class__ is not IntrExit:
+                raise LoopError(f"unexpected exit {e!r}", Timings(t_start[:i], t_end[:i]), e.reason)
+    finally:
+        vcpu.immediate_exit = False
+    return Timings(t_start, t_end)
 
 
 _PY_EXPECT = {"io": IoExit, "mmio": MmioExit, "hlt": HltExit}
