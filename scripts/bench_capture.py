@@ -8,6 +8,7 @@ Configurations, each at CPL0 and CPL3:
   plain          Machine.run with an on_exit hook that only takes the two timestamps
   capture        capture(trace=False): + the stats read and the exit's dict at every exit
   capture+trace  capture(): + every kvm/kvmmmu event of this kernel recorded in the kernel
+  +trace(kvm)    capture(trace=["kvm"]): the kvm events only, without the kvmmmu page walks
 "KVM_RUN" is end - start as the exit log defines it (from handing the previous exit back to
 the next exit arriving); "loop/exit" is the run's elapsed time over its exits.
 """
@@ -36,7 +37,7 @@ def plain(m: Machine, exits: int) -> tuple[list[int], float]:
     return [e - s for s, e in zip(starts, ends)], r.elapsed / r.runs
 
 
-def captured(m: Machine, exits: int, trace: bool) -> tuple[list[int], float, int, int]:
+def captured(m: Machine, exits: int, trace: bool | list[str]) -> tuple[list[int], float, int, int]:
     # a buffer big enough for every record of the run: nothing lost, nothing to skew the numbers
     with Capture(trace, buffer_kb=65536) as cap:
         r, log = cap.run(m, timeout=60, max_exits=exits, record=False)
@@ -55,7 +56,7 @@ def main() -> None:
         os.sched_setaffinity(0, {args.cpu})
     results = []
     for cpl in (0, 3):
-        for config in ("plain", "capture", "capture+trace"):
+        for config in ("plain", "capture", "capture+trace", "+trace(kvm)"):
             p50s, loops, events, lost = [], [], 0, 0
             for _ in range(args.repeats):
                 with Machine("bench_out", mode="long", cpl=cpl) as m:
@@ -63,7 +64,8 @@ def main() -> None:
                     if config == "plain":
                         times, loop = plain(m, args.exits)
                     else:
-                        times, loop, events, lost = captured(m, args.exits, config == "capture+trace")
+                        trace = {"capture": False, "capture+trace": True, "+trace(kvm)": ["kvm"]}[config]
+                        times, loop, events, lost = captured(m, args.exits, trace)
                 p50s.append(statistics.median(times[1:]))
                 loops.append(loop)
             results.append({"cpl": cpl, "config": config, "kvm_run_p50_us": statistics.median(p50s) / 1e3,
