@@ -117,8 +117,9 @@ def test_python_loop_matches_the_compiled_one(kvm):
             runloop.python_loop(m.vcpu, 5, "mmio")
 
 
-def test_in_kernel_kind_reports_guest_cycles(kvm):
-    image = build("bench_cpuid", "long")
+@pytest.mark.parametrize("guest", ["bench_cpuid", "bench_rdmsr", "bench_page_fault", "bench_cr3"])
+def test_in_kernel_kind_reports_guest_cycles(kvm, guest):
+    image = build(guest, "long")
     with Machine(image, kvm=kvm, memory=latency.BENCH_MEMORY) as m:
         m.vm.write(image.symbols["iterations"], struct.pack("<Q", 10))
         t = runloop.compiled_loop(m.vcpu, 20, "io", PORT_BENCH)

@@ -257,8 +257,10 @@ def _measure_exit_kind(kvm: Kvm, kind: Kind, cpl: int, n: int, warmup: int, col:
         except KeyboardInterrupt as e:
             col.add((kind.name, "c", cpl), e.timings.latencies())
             raise
+        cycles = t.cycles()
         col.add((kind.name, "c", cpl), t.latencies(), emulated=_emulated(st, before, t.n),
-                period_p50=stats.percentile(sorted(t.periods()), 50))
+                period_p50=stats.percentile(sorted(t.periods()), 50),
+                tsc_p50=stats.percentile(sorted(cycles), 50) if cycles else None)
         if python:
             runloop.python_loop(m.vcpu, warmup, **args)
             try:
@@ -472,7 +474,7 @@ def _rows(col: _Collector, settings: dict[str, Any], host: dict[str, Any]) -> li
             iterations = min(iterations, MAX_FAULT_PAGES)
         emulated = [e for e in meta.get("emulated", []) if e is not None]
         extra = {}
-        for k in ("period_p50", "exits_per_s"):
+        for k in ("period_p50", "tsc_p50", "exits_per_s"):  # per run
             if meta.get(k):
                 extra[k] = [v for v in meta[k] if v is not None]
         rows.append(_result(kind, path, cpl, per_run, iterations=iterations,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import array
 import contextlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..kvm import KvmError, abi
 from ..kvm.exits import HltExit, IntrExit, IoExit, MmioExit
@@ -63,7 +63,6 @@ class Timings:
     c_start: array.array | None = None
     c_end: array.array | None = None
     answered: int = 0
-    extra: dict = field(default_factory=dict)
 
     @property
     def n(self) -> int:
