@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvmiso.observe.exitlog import TraceEvent
 from kvmiso.observe.traceformat import (MISSED_EVENTS, MISSED_STORED, TS_SHIFT, TYPE_PADDING, TYPE_TIME_EXTEND,
@@ -173,6 +175,20 @@ def test_page_time_extend_long_records_discarded_events_and_missed_count():
     assert [e.ts for e in parsed.events] == [t for t, _ in recs]
     assert [fmt.decode(e.data)[1]["exit_reason"] for e in parsed.events] == ["IO_INSTRUCTION", "CPUID", "HLT"]
     assert len(parsed.events[1].data) == 136
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 1 << 40), st.binary(min_size=8, max_size=160)), max_size=20),
+       st.integers(0, 1 << 60))
+def test_pages_the_kernel_writes_parse_back(items, base):
+    # any mix of deltas (27-bit or extended) and record sizes (type_len 1..28 or 0 + length)
+    recs, t = [], base
+    for delta, data in items:
+        t += delta
+        recs.append((t, data + b"\0" * (-len(data) % 4)))
+    parsed = parse_page(build_page(recs, base_ts=base), PageHeader(), cpu=2)
+    assert [(e.ts, e.data, e.cpu) for e in parsed.events] == [(t, d, 2) for t, d in recs]
+    assert parsed.missed == 0
 
 
 def test_header_page_and_bad_input():
