@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from kvmiso.observe.exitlog import TraceEvent
 from kvmiso.observe.traceformat import (MISSED_EVENTS, MISSED_STORED, TS_SHIFT, TYPE_PADDING, TYPE_TIME_EXTEND,
                                         EventFormat, FormatError, PageHeader, parse_page)
-from kvmiso.observe.tracefs import (TRACEFS, TraceInstance, TracefsUnavailable, decode_buffers, remove_stale,
+from kvmiso.observe.tracefs import (TraceInstance, TracefsUnavailable, decode_buffers, remove_stale,
                                     tracefs_root)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "trace"

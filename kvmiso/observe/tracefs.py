@@ -406,5 +406,5 @@ class TraceInstance:
         return "; ".join(notes)
 
 
-__all__ = ["DEFAULT_BUFFER_KB", "FormatError", "TRACEFS", "Terminated", "TraceInstance", "TracefsUnavailable",
-           "remove_stale", "tracefs_root"]
+__all__ = ["DEFAULT_BUFFER_KB", "Decoded", "FormatError", "TRACEFS", "Terminated", "TraceInstance",
+           "TracefsUnavailable", "decode_buffers", "remove_stale", "tracefs_root"]
