@@ -1,0 +1,91 @@
+#!/usr/bin/env python3
+"""The long fuzz run: COUNT random payloads per mode (default 20,000; half random bytes, half
+random instruction sequences) on one reused VM per mode, then the outcome table and the leak
+check. Exit status 1 if the harness raised, left a run unclassified, or leaked.
+
+    python3 scripts/fuzz.py                  # 4 x 20,000 payloads
+    python3 scripts/fuzz.py --count 2000 --seed 7 --targets long long-cpl3
+    python3 scripts/fuzz.py --json fuzz.json  # the figures as JSON as well
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+
+from kvmiso.guest.fuzz import KINDS, TARGETS, FuzzStats, Fuzzer, Resources
+from kvmiso.guest.machine import OUTCOMES
+from kvmiso.kvm import Kvm
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--count", type=int, default=20000, help="payloads per mode (default 20000)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--timeout", type=float, default=0.03, help="seconds per payload (default 0.03)")
+    ap.add_argument("--targets", nargs="+", choices=list(TARGETS), default=list(TARGETS))
+    ap.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    args = ap.parse_args()
+
+    t0 = time.perf_counter()
+    results: dict[str, FuzzStats] = {}
+    with Kvm() as kvm:
+        for target in args.targets:  # warm up: lazy imports and allocator growth are not leaks
+            with Fuzzer(target, args.timeout, kvm) as f:
+                f.run_many(20, seed=args.seed + 1)
+        before = Resources.now()
+        for target in args.targets:
+            with Fuzzer(target, args.timeout, kvm) as f:
+                results[target] = s = f.run_many(args.count, seed=args.seed)
+            print(f"{target}: {s.runs} runs in {s.elapsed:.1f} s ({s.runs / s.elapsed:.0f}/s), "
+                  f"{s.exits} KVM_RUN calls", file=sys.stderr)
+        after = Resources.now()
+    wall = time.perf_counter() - t0
+
+    _table(results)
+    failed = False
+    for target, s in results.items():
+        for label, tb in s.errors:
+            failed = True
+            print(f"\nHARNESS ERROR {label}:\n{tb}")
+        for label, outcome, detail in s.unclassified:
+            failed = True
+            print(f"UNCLASSIFIED {label}: outcome {outcome!r}, detail {detail!r}")
+    leak = after != before
+    print(f"\nresources before {before}\n          after  {after}: {'LEAK' if leak else 'no leak'}")
+    runs = sum(s.runs for s in results.values())
+    print(f"{runs} payloads ({args.count} per mode, seed {args.seed}, timeout {args.timeout:g} s) in "
+          f"{wall:.0f} s; {sum(len(s.errors) for s in results.values())} harness errors, "
+          f"{sum(len(s.unclassified) for s in results.values())} unclassified")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"count": args.count, "seed": args.seed, "timeout_s": args.timeout, "wall_s": wall,
+                       "resources_before": vars(before), "resources_after": vars(after),
+                       "targets": {t: {"runs": s.runs, "exits": s.exits, "elapsed_s": s.elapsed,
+                                       "outcomes": dict(s.outcomes),
+                                       "by_kind": {k: dict(c) for k, c in s.by_kind.items()},
+                                       "errors": s.errors, "unclassified": s.unclassified}
+                                   for t, s in results.items()}}, f, indent=2)
+    return 1 if failed or leak else 0
+
+
+def _table(results: dict[str, FuzzStats]) -> None:
+    """One row per outcome, one column per mode and payload kind."""
+    cols = [(t, k) for t in results for k in KINDS]
+    seen = Counter()
+    for s in results.values():
+        seen.update(s.outcomes)
+    rows = [o for o in OUTCOMES if seen[o]]
+    head = ["outcome"] + [f"{t}/{k}" for t, k in cols] + ["total"]
+    width = [max(len(h), 8) for h in head]
+    width[0] = max([len(o) for o in rows] + [width[0]])
+    print("  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(head, width))))
+    for o in rows:
+        cells = [str(results[t].by_kind[k][o]) for t, k in cols] + [str(seen[o])]
+        print("  ".join([o.ljust(width[0])] + [c.rjust(w) for c, w in zip(cells, width[1:])]))
+
+if __name__ == "__main__":
+    sys.exit(main())
