@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import signal
 import sys
 import threading
@@ -44,6 +45,11 @@ def main(argv: list[str] | None = None) -> int:
         name = e.args[0] if e.args and e.args[0] in signal.Signals.__members__ else "SIGINT"
         print(f"kvmiso: interrupted by {name}", file=sys.stderr)
         return 128 + signal.Signals[name]
+    except BrokenPipeError:
+        # the reader went away (kvmiso run ... | head): stop quietly, as SIGPIPE would, and keep
+        # the interpreter's final flush from raising again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 # SIGINT and SIGTERM both end a command as Ctrl-C does: KeyboardInterrupt naming the signal,
