@@ -8,7 +8,7 @@ text ``trace`` file would have to be parsed back from printf output.
 
 The instance goes away on every way out: the end of the ``with`` block, an exception,
 Ctrl-C, and SIGTERM (turned into :class:`Terminated` while the instance exists, in the main
-thread). An instance left behind by a killed kvmiso (its pid is gone) is removed by the next
+thread, unless the program has its own SIGTERM handler). An instance left behind by a killed kvmiso (its pid is gone) is removed by the next
 one, which says so.
 
 There is no text fallback: a page the parser cannot read raises FormatError, and capture
@@ -338,6 +338,8 @@ class TraceInstance:
     def _install_sigterm(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return  # only the main thread may set handlers; the caller handles SIGTERM there
+        if signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):
+            return  # the program handles SIGTERM itself (kvmiso's CLI raises KeyboardInterrupt)
 
         def on_sigterm(signum, frame) -> None:
             raise Terminated()
