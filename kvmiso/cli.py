@@ -110,7 +110,26 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", metavar="FILE", help="write the exit log as JSON lines to FILE")
     sp.add_argument("--events", action="store_true", help="print every traced event, in order, run by run")
     sp.set_defaults(func=cmd_trace)
+
+    sp = sub.add_parser("model", help="the kvm_mm mapping set: regions, levels, sizes, share of the kernel mapped")
+    _add_model_args(sp)
+    sp.add_argument("--json", action="store_true", help="print the model as JSON")
+    sp.set_defaults(func=cmd_model)
+
+    sp = sub.add_parser("check", help="run payloads (or read exit logs) and classify every exit against kvm_mm")
+    sp.add_argument("payload", nargs="+", help="a name from guests/, a .S path, or an exit log (.jsonl)")
+    _add_guest_args(sp)
+    _add_model_args(sp)
+    sp.add_argument("--switch-cost", type=float, metavar="NS", help="cost of one address-space switch in ns")
+    sp.add_argument("--json", action="store_true", help="print the results as JSON")
+    sp.set_defaults(func=cmd_check)
     return p
+
+
+def _add_model_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--drop", action="append", default=[], metavar="REGION", help="leave a default region out")
+    sp.add_argument("--regions", metavar="FILE.toml", help="add/drop regions and set the policy from a TOML file")
+    sp.add_argument("--policy", choices=("rfc-v1", "asi"), help="switch policy (default rfc-v1)")
 
 
 def _add_guest_args(sp: argparse.ArgumentParser) -> None:
@@ -293,6 +312,56 @@ def cmd_trace(args) -> int:
     print(summarize(log).table())
     print(f"\n{result.outcome}: {result.detail}")
     return 0 if result.ok else EXIT_FAILED
+
+
+# --- model and check -------------------------------------------------------------------------
+
+def _address_space(args, vm=None):
+    from .isolation.layout import host_layout
+    from .isolation.mapset import KvmAddressSpace, load_regions
+
+    layout = host_layout(vm)
+    if args.regions:
+        return load_regions(args.regions, layout, args.policy, tuple(args.drop))
+    return KvmAddressSpace.default(layout, args.policy or "rfc-v1", tuple(args.drop))
+
+
+def cmd_model(args) -> int:
+    from .isolation.check import model_text
+
+    kas = _address_space(args)
+    print(json.dumps(kas.summary(), indent=2) if args.json else model_text(kas))
+    return 0
+
+
+def cmd_check(args) -> int:
+    """Each payload runs under capture on its own VM (so the userspace regions are that VM's);
+    an exit-log argument is checked against a layout of this host."""
+    from .isolation.check import check, result_text
+    from .observe.capture import capture
+    from .observe.exitlog import read_jsonl
+
+    results = []
+    for p in args.payload:
+        if p.endswith(".jsonl"):
+            try:
+                log = read_jsonl(p)
+            except OSError as e:
+                raise CliError(f"cannot read exit log {p}: {e.strerror}") from None
+            kas = _address_space(args)
+        else:
+            with Machine(p, mode=args.mode, cpl=args.cpl) as m:
+                _, log = capture(m, timeout=args.timeout, payload=m.image.name)
+                kas = _address_space(args, m.vm)
+        cost = {} if args.switch_cost is None else {"switch_cost_ns": args.switch_cost,
+                                                     "switch_cost_source": "given with --switch-cost"}
+        results.append((p, check(kas, log, source=p, **cost)))
+    if args.json:
+        print(json.dumps([{"payload": p, **r.to_dict()} for p, r in results], indent=2))
+    else:
+        for p, r in results:
+            print(result_text(r, f"{p}: ") + "\n")
+    return 0
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .layout import PAGE, Layout, Region
-from .pagetable import (ADDR_MASK, G, LEVEL_SPAN, NX, P, PS, RW, SIZE_1G, SIZE_2M, SIZE_4K, ByteStore,
+from .pagetable import (ADDR_MASK, G, LEVEL_SPAN, NX, P, PS, RW, US, SIZE_1G, SIZE_2M, SIZE_4K, ByteStore,
                         MappedRange, PageTable, PageTableError, canonical, check_canonical_range, level_index)
 
 # Level names as the RFC's functions take them; P4D is folded into the PGD with 4-level paging.
@@ -123,7 +123,8 @@ class Copy:
 
 
 class KernelTable(PageTable):
-    """The host kernel's page table modeled from a layout (init_mm's PGD)."""
+    """The vCPU task's page table (current->mm) modeled from a layout: the kernel half every
+    mm shares with init_mm, and the user mappings KVM uses (kvm_run, guest memory)."""
 
     def __init__(self, layout: Layout, gbpages: bool = True, store: ByteStore | None = None) -> None:
         super().__init__(store or ByteStore(64 << 20), gbpages=gbpages)
@@ -142,6 +143,12 @@ class KernelTable(PageTable):
             flags = P | G | (0 if va < text_end else RW | NX)
             self.map(va, va - img.start, SIZE_2M, page_size=SIZE_2M, flags=flags)
         self._map_direct(layout)
+        # The RFC copies from current->mm: the vCPU task's user half is there too (4 KiB pages:
+        # the VMM's mappings need not be 2 MiB aligned)
+        for r in reg.values():
+            if r.kind == "user" and r.name != "user":
+                for s, e in r.ranges:
+                    self.map(s, self._frames(e - s), e - s, flags=P | RW | NX | US)
         for r in reg.values():
             if r.kind == "object" and not reg["direct_map"].contains(r.start):
                 for s, e in r.ranges:
@@ -285,9 +292,13 @@ class KvmAddressSpace:
             if kt_level == lvl or leaf:
                 if leaf and kt_level > lvl:
                     c.notes.append(f"{base:#x}: the kernel maps a {span >> 10} KiB page here; copied whole")
-                if self.table.read_entry(mine, i) != ke:
-                    # empty, or a KVM-owned table of lower-level copies: the kernel's entry maps
-                    # a superset of it, so it replaces it (the orphaned table stays KVM's)
+                cur = self.table.read_entry(mine, i)
+                if cur & P and cur != ke:
+                    # kvm_set_pXd() in the RFC: -EBUSY rather than overwrite a different entry
+                    raise MapSetError(f"copy of {c.region or 'range'} at {LEVEL_NAME[kt_level]} level would overwrite "
+                                      f"the KVM entry {cur:#x} for {_canon(base):#x} (copied at a lower level); "
+                                      f"clear that copy first")
+                if not cur & P:
                     self._write(mine, i, ke)
                 c.mapped.append((_canon(base), _canon(base) + span))
                 return base + span
