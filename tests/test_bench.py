@@ -227,19 +227,38 @@ def test_cli_bench_bad_input(kvm):
     assert p.returncode == 2 and "--isolation" in p.stderr
 
 
-def test_cli_bench_ctrl_c_keeps_partial_results(kvm, tmp_path):
+def test_cli_bench_ctrl_c_writes_what_was_measured(kvm, tmp_path):
     out = tmp_path / "r.json"
-    proc = subprocess.Popen([sys.executable, "-m", "kvmiso.cli", "bench", "--kinds", "out", "--samples", "2000000",
+    proc = subprocess.Popen([sys.executable, "-m", "kvmiso.cli", "bench", "--kinds", "out", "--samples", "300000",
                              "--runs", "1", "--no-python", "--json", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(3)  # the floors are done by then; the 2M round trips of out are not
+    time.sleep(2.5)  # the null ioctl floor is done by then; the whole run is not
     os.kill(proc.pid, signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
     d = json.loads(out.read_text())
-    assert d["complete"] is False and "interrupted" in d["incomplete_reason"]
+    assert d["complete"] is False and "interrupted (Ctrl-C) during" in d["incomplete_reason"]
     assert any(r["kind"] == "null_ioctl" for r in d["results"])
     assert "INCOMPLETE" in stdout
+
+
+def test_ctrl_c_keeps_the_interrupted_runs_samples(kvm, monkeypatch):
+    real = runloop.compiled_loop
+    calls = []
+
+    def interrupted_midway(vcpu, n, *args, **kw):
+        calls.append(n)
+        if len(calls) < 2:  # the warm-up runs whole
+            return real(vcpu, n, *args, **kw)
+        e = KeyboardInterrupt()  # what _run attaches when Ctrl-C lands mid-loop
+        e.timings = real(vcpu, n // 2, *args, **kw)
+        raise e
+
+    monkeypatch.setattr(runloop, "compiled_loop", interrupted_midway)
+    r = latency.bench(kvm, kinds=["out", "in"], samples=100, runs=2, python=False)
+    assert r.complete is False and r.incomplete_reason == "interrupted (Ctrl-C) during out at CPL0"
+    (row,) = [x for x in r.results if x.key == ("out", "c", 0)]
+    assert row.summary["n"] == 50 and not any(x.kind == "in" for x in r.results)
 
 
 def test_cli_bench_plot_or_a_clear_message(kvm, tmp_path):

@@ -348,8 +348,16 @@ def _measure_parallel(kvm: Kvm, cpl: int, nvcpus: int, cpus: list[int], n: int, 
         threads = [threading.Thread(target=worker, args=(i,), name=f"kvmiso-bench-vcpu{i}") for i in range(nvcpus)]
         for th in threads:
             th.start()
-        for th in threads:
-            th.join()
+        try:
+            for th in threads:
+                th.join()
+        except BaseException:  # Ctrl-C: stop the vCPU threads before the VM goes away under them
+            while any(th.is_alive() for th in threads):
+                for th, vcpu in zip(threads, m.vcpus):
+                    if th.is_alive():
+                        vcpu.kick(th.ident)
+                threads[0].join(0.05)
+            raise
         for o in out:
             if isinstance(o, BaseException):
                 raise o

@@ -159,10 +159,12 @@ def _run(fd: int, request: int, arg: int, n: int, *, op: int = OP_IOCTL, vcpu=No
                 if status == STATUS_OK:
                     break
                 if status == STATUS_INTERRUPTED:
-                    if dl is not None and dl.expired:
-                        raise LoopError(f"no exit within {timeout:g} s: the guest never left KVM_RUN", timings())
-                    if vcpu is not None:
-                        vcpu.immediate_exit = False
+                    # a kick (immediate_exit set) stops the loop, as it stops Vcpu.run(); any
+                    # other signal only interrupted one KVM_RUN (a SIGINT surfaces right here)
+                    if vcpu is not None and vcpu.immediate_exit:
+                        if dl.expired:
+                            raise LoopError(f"no exit within {timeout:g} s: the guest never left KVM_RUN", timings())
+                        raise LoopError("stopped: the vCPU was kicked", timings())
                     continue
                 if status == STATUS_ERRNO:
                     raise LoopError(str(KvmError(abi.IOCTL_NAMES.get(request, f"ioctl {request:#x}"), res.err)),
