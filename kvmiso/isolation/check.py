@@ -146,6 +146,7 @@ def load_handlers(path: str | Path = HANDLERS, regions: set[str] | None = None) 
     vendor_defaults = {k: names(v.get("touches", []), f"defaults.{k}.touches", _line_of(text, f"[defaults.{k}]"))
                        for k, v in d.items() if isinstance(v, dict)}
     handlers = []
+    seen: dict[tuple[str, str | None], int] = {}
     for i, e in enumerate(doc.get("exit", [])):
         line = lines[i] if i < len(lines) else None
         kinds = tuple(e.get("kinds", [])) + ((e["kind"],) if "kind" in e else ())
@@ -167,6 +168,11 @@ def load_handlers(path: str | Path = HANDLERS, regions: set[str] | None = None) 
         for p in pol:
             if p not in POLICIES:
                 raise fail(f"{kinds[0]}: unknown policy {p!r} (one of {', '.join(POLICIES)})", line)
+        for k in kinds:
+            if (k, e.get("vendor")) in seen:
+                raise fail(f"{k} (vendor {e.get('vendor') or 'any'}) is already described at line {seen[(k, e.get('vendor'))]}",
+                           line)
+            seen[(k, e.get("vendor"))] = line or 0
         handlers.append(Handler(kinds, e.get("vendor"), tuple(path_), tuple(e.get("inlined", [])),
                                 frozenset(e.get("leaves", [])), e.get("leave_at", "start") == "start",
                                 frozenset(e.get("outside", [])),

@@ -355,10 +355,14 @@ class KvmAddressSpace:
         return canonical(addr) and self.table.translate(addr) is not None
 
     def region_of(self, addr: int) -> str:
-        """The mapping-set region whose copy maps ``addr`` (or the layout region, if none)."""
+        """The mapping-set region whose copy maps ``addr``; else the default region that would,
+        else the layout region holding it."""
         for c in self.copies:
             if any(s <= addr < e for s, e in c.mapped):
                 return c.region
+        for spec in default_specs(self.layout):  # the default region that would map it
+            if self.layout.region(spec.layout or spec.name).contains(addr):
+                return spec.name
         r = self.layout.find(addr)
         return r.name if r else "unmapped hole"
 
