@@ -337,7 +337,7 @@ class Checker:
                     if cls in ("kvm_mm", "unknown"):
                         cls, kind0, why = "fault", kind, miss[2]
                 elif leaves:
-                    if cls in ("kvm_mm", "unknown"):
+                    if cls == "kvm_mm":  # an unknown event keeps the exit unknown: never hidden
                         cls, kind0, why = "host_mm", kind, h.reason
                 else:
                     continue
