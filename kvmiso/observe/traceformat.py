@@ -107,23 +107,57 @@ class EventFormat:
     def full_name(self) -> str:
         return f"{self.system}:{self.name}"
 
+    def __post_init__(self) -> None:
+        # Plain integer fields, in offset order and not overlapping, are read with one
+        # struct.unpack_from per record; the rest (arrays, strings) field by field.
+        plain = sorted((f for f in self.fields if f.array is None and not f.dynamic and f.size in (1, 2, 4, 8)),
+                       key=lambda f: f.offset)
+        code, end = "<", 0
+        self._plain: list[str] = []
+        for f in plain:
+            if f.offset < end:
+                break
+            letter = {1: "b", 2: "h", 4: "i", 8: "q"}[f.size]
+            code += f"{f.offset - end}x" + (letter if f.signed else letter.upper())
+            end = f.offset + f.size
+            self._plain.append(f.name)
+        self._struct = struct.Struct(code)
+        self._common = sum(1 for n in self._plain if n.startswith("common_"))  # first: offsets 0-7
+        self._rest = [f for f in self.fields if f.name not in self._plain and not f.name.startswith("common_")]
+        self._pid = next((f for f in self.fields if f.name == "common_pid"), None)
+        self._symbolic = [(a, _fields_read(a.node)) for a in self.args if a.symbolic]
+        self._memo: dict[tuple, dict[str, str]] = {}
+
     def decode(self, rec: bytes) -> tuple[dict[str, Any], dict[str, str]]:
         """Field values (common_* fields left out) and the symbolic names the print format gives
         them: ``({"exit_reason": 30, ...}, {"exit_reason": "IO_INSTRUCTION"})``."""
-        values = {f.name: f.value(rec) for f in self.fields}
+        n = self._common
+        values = dict(zip(self._plain[n:], self._struct.unpack_from(rec)[n:]))
+        for f in self._rest:
+            values[f.name] = f.value(rec)
         symbols: dict[str, str] = {}
-        for arg in self.args:
-            if arg.symbolic:
+        for arg, reads in self._symbolic:
+            # the names depend only on the fields the expression reads: remember them
+            key = (id(arg), *(values.get(r) for r in reads))
+            named = self._memo.get(key)
+            if named is None:
+                named = {}
                 try:
-                    arg.eval(values, symbols)
+                    arg.eval(values, named)
                 except (ArithmeticError, LookupError, TypeError, ValueError):
                     pass  # a value the expression cannot take; the raw value is still there
-        return {k: v for k, v in values.items() if not k.startswith("common_")}, symbols
+                if len(self._memo) < 4096:
+                    self._memo[key] = named
+            for k, v in named.items():
+                symbols[k] = f"{symbols[k]} {v}" if k in symbols else v
+        return values, symbols
 
 
 def common_pid(rec: bytes, fmt: EventFormat) -> int:
     """The ``common_pid`` of a record: the thread the event fired in."""
-    return next(f for f in fmt.fields if f.name == "common_pid").value(rec)
+    if fmt._pid is None:
+        raise FormatError(f"{fmt.full_name} has no common_pid field")
+    return fmt._pid.value(rec)
 
 
 def common_type(rec: bytes) -> int:
@@ -332,6 +366,26 @@ def _fold(node: Any) -> Any:
             return node
         return ("str" if isinstance(v, str) else "num", v)
     return node
+
+
+def _fields_read(node: Any) -> tuple[str, ...]:
+    """Every ``REC->field`` an expression reads, in order, once."""
+    out: list[str] = []
+
+    def walk(n: Any) -> None:
+        if isinstance(n, tuple):
+            if n and n[0] == "member" and n[1] == ("rec",):
+                if n[2] not in out:
+                    out.append(n[2])
+                return
+            for c in n[1:]:
+                walk(c)
+        elif isinstance(n, list):
+            for c in n:
+                walk(c)
+
+    walk(node)
+    return tuple(out)
 
 
 def _field_of(node: Any) -> str | None:
