@@ -199,6 +199,9 @@ def test_header_page_and_bad_input():
         EventFormat.parse("print fmt: \"x\"", "kvm")
     with pytest.raises(FormatError):
         parse_page(b"\0" * 8, PageHeader())
+    fmt = load_format(FIXTURES / "kvm.kvm_exit.format")
+    with pytest.raises(FormatError, match="kvm:kvm_exit record of 12 bytes"):
+        fmt.decode(encode_record(fmt)[:12])
 
 
 # --- the live instance ------------------------------------------------------------------------

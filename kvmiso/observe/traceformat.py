@@ -132,6 +132,8 @@ class EventFormat:
         """Field values (common_* fields left out) and the symbolic names the print format gives
         them: ``({"exit_reason": 30, ...}, {"exit_reason": "IO_INSTRUCTION"})``."""
         n = self._common
+        if len(rec) < self._struct.size:
+            raise FormatError(f"a {self.full_name} record of {len(rec)} bytes, its format needs {self._struct.size}")
         values = dict(zip(self._plain[n:], self._struct.unpack_from(rec)[n:]))
         for f in self._rest:
             values[f.name] = f.value(rec)
