@@ -227,17 +227,19 @@ def test_cli_bench_bad_input(kvm):
     assert p.returncode == 2 and "--isolation" in p.stderr
 
 
-def test_cli_bench_ctrl_c_writes_what_was_measured(kvm, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_cli_bench_ctrl_c_writes_what_was_measured(kvm, tmp_path, sig):
     out = tmp_path / "r.json"
     proc = subprocess.Popen([sys.executable, "-m", "kvmiso.cli", "bench", "--kinds", "out", "--samples", "300000",
                              "--runs", "1", "--no-python", "--json", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(2.5)  # the null ioctl floor is done by then; the whole run is not
-    os.kill(proc.pid, signal.SIGINT)
+    os.kill(proc.pid, sig)
     stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130, stderr
+    assert proc.returncode == 128 + sig, stderr
     d = json.loads(out.read_text())
-    assert d["complete"] is False and "interrupted (Ctrl-C) during" in d["incomplete_reason"]
+    assert d["complete"] is False and f"interrupted by {sig.name} during" in d["incomplete_reason"]
+    assert stderr.strip().splitlines()[-1] == f"kvmiso: interrupted by {sig.name}"
     assert any(r["kind"] == "null_ioctl" for r in d["results"])
     assert "INCOMPLETE" in stdout
 
@@ -256,7 +258,7 @@ def test_ctrl_c_keeps_the_interrupted_runs_samples(kvm, monkeypatch):
 
     monkeypatch.setattr(runloop, "compiled_loop", interrupted_midway)
     r = latency.bench(kvm, kinds=["out", "in"], samples=100, runs=2, python=False)
-    assert r.complete is False and r.incomplete_reason == "interrupted (Ctrl-C) during out at CPL0"
+    assert r.complete is False and r.incomplete_reason == "interrupted by SIGINT during out at CPL0"
     (row,) = [x for x in r.results if x.key == ("out", "c", 0)]
     assert row.summary["n"] == 50 and not any(x.kind == "in" for x in r.results)
 

@@ -45,7 +45,7 @@ def test_compare_flags_a_real_difference_and_not_noise():
 def test_compare_names_host_differences_and_incomplete_files():
     a = result_file([("out", "c", 0, [1, 2])])
     b = result_file([("out", "c", 0, [1, 2])], kernel="6.9")
-    b["complete"], b["incomplete_reason"] = False, "interrupted (Ctrl-C) during out at CPL0"
+    b["complete"], b["incomplete_reason"] = False, "interrupted by SIGINT during out at CPL0"
     text = format_compare(compare(a, b), a, b)
     assert "kernel: 6.1 vs 6.9" in text and "B is incomplete: interrupted" in text
 

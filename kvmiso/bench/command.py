@@ -111,7 +111,10 @@ def cmd_bench(args) -> int:
     if args.plot:
         plot(result, args.plot)
         print(f"wrote {args.plot}")
-    return 0 if result.complete else 130
+    if not result.complete:
+        # what was measured is printed and written; the CLI reports the signal (exit 128 + signo)
+        raise KeyboardInterrupt(result.interrupted_by)
+    return 0
 
 
 def _isolation(kvm, result: BenchResult, switch_cost: float | None) -> str:

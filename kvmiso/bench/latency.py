@@ -109,7 +109,7 @@ class Result:
 
 @dataclass
 class BenchResult:
-    """Everything one ``kvmiso bench`` produced; ``complete`` is false after Ctrl-C."""
+    """Everything one ``kvmiso bench`` produced; ``complete`` is false after Ctrl-C (or SIGTERM)."""
 
     host: dict[str, Any]
     settings: dict[str, Any]
@@ -117,6 +117,7 @@ class BenchResult:
     skipped: list[dict[str, Any]] = field(default_factory=list)
     complete: bool = True
     incomplete_reason: str = ""
+    interrupted_by: str = ""  # the signal that cut the run short
     created: str = field(default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 
     def to_dict(self) -> dict[str, Any]:
@@ -440,9 +441,10 @@ def bench(kvm: Kvm, kinds: Iterable[str] = DEFAULT_KINDS, cpls: Iterable[int] = 
                     except (LoopError, OSError) as e:
                         out.skipped.append({"kind": label, "cpl": cpl, "reason": f"failed in run {r + 1}: {e}"})
                         break
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:  # kvmiso.cli raises it for SIGINT and SIGTERM, naming the signal
             out.complete = False
-            out.incomplete_reason = f"interrupted (Ctrl-C) during {current}"
+            out.interrupted_by = e.args[0] if e.args and str(e.args[0]).startswith("SIG") else "SIGINT"
+            out.incomplete_reason = f"interrupted by {out.interrupted_by} during {current}"
         out.results = _rows(col, settings, host)
         return out
     finally:
