@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import functools
 import time
 from dataclasses import dataclass
 
@@ -56,7 +57,7 @@ def _lib():
 
 @dataclass
 class Timings:
-    """Per-iteration timestamps: CLOCK_MONOTONIC ns, and TSC values when ``tsc`` is true."""
+    """Per-iteration timestamps: CLOCK_MONOTONIC ns, and TSC values where the TSC is usable."""
 
     t_start: array.array
     t_end: array.array
@@ -105,6 +106,7 @@ def layout():
     ))
 
 
+@functools.lru_cache(maxsize=1)
 def tsc_usable() -> bool:
     """RDTSC is timed where the C loop has it and the TSC ticks at a constant, non-stop rate."""
     _, lib = _lib()
@@ -127,9 +129,11 @@ def _run(fd: int, request: int, arg: int, n: int, *, op: int = OP_IOCTL, vcpu=No
     ffi, lib = _lib()
     use_tsc = tsc_usable()
     bufs = [ffi.new("uint64_t[]", n) for _ in range(4 if use_tsc else 2)]
+    # the kvm_run page as the C loop sees it; held here for the loop's lifetime
+    run_page = ffi.from_buffer("unsigned char[]", vcpu.page, require_writable=True) if vcpu is not None else ffi.NULL
     loop = ffi.new("struct kvmiso_loop *", dict(
         op=op, fd=fd, request=request, arg=arg,
-        run=ffi.cast("unsigned char *", vcpu._run_addr) if vcpu is not None else ffi.NULL,
+        run=run_page,
         expect_reason=EXPECT[expect] if expect else -1, expect_port=-1 if port is None else port,
         reply=reply, zap=ffi.cast("unsigned char *", zap[0]) if zap else ffi.NULL,
         zap_len=zap[1] if zap else 0, use_tsc=int(use_tsc), eintr_ok=int(eintr_ok)))
