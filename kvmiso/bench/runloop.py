@@ -129,7 +129,7 @@ def _run(fd: int, request: int, arg: int, n: int, *, op: int = OP_IOCTL, vcpu=No
     ffi, lib = _lib()
     use_tsc = tsc_usable()
     bufs = [ffi.new("uint64_t[]", n) for _ in range(4 if use_tsc else 2)]
-    # the kvm_run page as the C loop sees it; held here for the loop's lifetime
+    # the kvm_run page as the C loop sees it, released on the way out
     run_page = ffi.from_buffer("unsigned char[]", vcpu.page, require_writable=True) if vcpu is not None else ffi.NULL
     loop = ffi.new("struct kvmiso_loop *", dict(
         op=op, fd=fd, request=request, arg=arg,
@@ -179,6 +179,9 @@ def _run(fd: int, request: int, arg: int, n: int, *, op: int = OP_IOCTL, vcpu=No
         done = base + res.done
         e.timings = timings()  # partial results go up with the interrupt
         raise
+    finally:
+        if vcpu is not None:
+            ffi.release(run_page)  # else the page's export outlives the loop and Vcpu.close() fails
     return timings()
 
 
