@@ -29,6 +29,7 @@ from __future__ import annotations
 import platform
 import tomllib
 from collections import Counter
+from operator import attrgetter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -376,16 +377,24 @@ def check(kas: KvmAddressSpace, log: ExitLog, table: HandlerTable | None = None,
     has_exit_events = any(e.name == "kvm_exit" for r in log.records[:1000] for e in r.events)
     starters = frozenset({"kvm_exit"} if has_exit_events else {"kvm_emulate_insn"})
 
-    signatures: Counter = Counter()
-    wall = 0
-    for r in log.records:
+    # The hot loop: one signature per record, built from C-level tuple(map()); only KVM_RUNs
+    # with kvm_exit events need the fields (their reason picks the handler).
+    signatures: dict[tuple, int] = {}
+    get = signatures.get
+    name_of = attrgetter("name")
+    records = log.records
+    wall = sum(map(attrgetter("end_ns"), records)) - sum(map(attrgetter("start_ns"), records))
+    for r in records:
         evs = r.events
-        cpu = evs[0].cpu if evs else 0
-        signatures[(r.exit.get("exit", "?"), tuple([(e.name, _kind(e)) for e in evs]), r.vcpu, cpu)] += 1
-        wall += r.end_ns - r.start_ns
+        names = tuple(map(name_of, evs))
+        reasons = tuple(_kind(e) for e in evs if e.name == "kvm_exit") if "kvm_exit" in names else ()
+        key = (r.exit.get("exit", "?"), names, reasons, r.vcpu, evs[0].cpu if evs else 0)
+        signatures[key] = get(key, 0) + 1
     res.runs = len(log.records)
     res.wall_ns = wall
-    for (exit_name, events, vcpu, cpu), n in signatures.items():
+    for (exit_name, names, reasons, vcpu, cpu), n in signatures.items():
+        it = iter(reasons)
+        events = tuple((name, next(it) if name == "kvm_exit" else f"trace:{name}") for name in names)
         exits, switches, faults, unknown, outside = checker.classify(exit_name, events, vcpu, cpu, starters)
         for cls, kind, why in exits:
             res.classes[cls] += n

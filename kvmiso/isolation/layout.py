@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import bisect
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,27 +65,28 @@ class Region:
 class Symbols:
     """/proc/kallsyms: name -> address, and address -> the symbol at or below it.
 
+    Addresses stay the fixed-width hex strings kallsyms prints until asked for (sorting those
+    strings sorts the addresses), which keeps reading 120k symbols cheap.
+
     >>> syms.resolve(syms.address("kvm_fast_pio") + 0x10)
     ('kvm_fast_pio', 16)
     """
 
-    def __init__(self, entries: list[tuple[int, str, str, str]]) -> None:
-        """``entries``: (address, type letter, name, module or "") as kallsyms lists them."""
-        self._by_name: dict[str, int] = {}
-        for addr, _, name, _ in entries:
-            self._by_name.setdefault(name, addr)
-        # __pfx_ symbols are the padding before a function (CONFIG_FUNCTION_PADDING): never a name
-        code = sorted((a, n) for a, t, n, _ in entries if t in "TtWw" and not n.startswith("__pfx_"))
-        self._addrs = [a for a, _ in code]
-        self._names = [n for _, n in code]
-        self.module_low = min((a for a, _, _, m in entries if m), default=None)
+    def __init__(self, entries: list[tuple[str, str, str, str]]) -> None:
+        """``entries``: (address in hex, type letter, name, module or "") as kallsyms lists them."""
+        self._entries = entries
+        # reversed, so that the first of several same-named symbols (static functions) wins
+        self._by_name: dict[str, str] = {n: a for a, _, n, _ in reversed(entries)}
+        self._addrs: list[int] = []
+        self._names: list[str] = []
+        mods = [(int(a, 16), m) for a, _, _, m in entries if m]
+        self.module_low = min((a for a, _ in mods), default=None)
+        top = max((a for a, _, _, m in entries if not m and len(a) == 16 and a >= f"{START_KERNEL_MAP:x}"), default=None)
+        self.image_high = int(top, 16) if top else None
         self._modules: dict[str, tuple[int, int]] = {}
-        for a, _, _, m in entries:
-            if m:
-                lo, hi = self._modules.get(m, (a, a))
-                self._modules[m] = (min(lo, a), max(hi, a))
-        self.image_high = max((a for a, _, _, m in entries if not m and a >= START_KERNEL_MAP), default=None)
-
+        for a, m in mods:
+            lo, hi = self._modules.get(m, (a, a))
+            self._modules[m] = (min(lo, a), max(hi, a))
 
     def __len__(self) -> int:
         return len(self._by_name)
@@ -94,12 +96,13 @@ class Symbols:
 
     def address(self, name: str) -> int:
         try:
-            return self._by_name[name]
+            return int(self._by_name[name], 16)
         except KeyError:
             raise KeyError(f"the running kernel has no symbol {name!r}") from None
 
     def get(self, name: str) -> int | None:
-        return self._by_name.get(name)
+        a = self._by_name.get(name)
+        return int(a, 16) if a is not None else None
 
     def module_span(self, module: str) -> tuple[int, int] | None:
         """[first, last symbol + a page) of a loaded module's symbols, page-aligned."""
@@ -108,8 +111,16 @@ class Symbols:
 
     def resolve(self, addr: int) -> tuple[str, int] | None:
         """(function, offset) of the code symbol at or below ``addr``."""
+        if not self._addrs:
+            # __pfx_ symbols are the padding before a function (CONFIG_FUNCTION_PADDING): never a name
+            code = sorted((a, n) for a, t, n, _ in self._entries if t in "TtWw" and not n.startswith("__pfx_"))
+            self._addrs = [int(a, 16) for a, _ in code]
+            self._names = [n for _, n in code]
         i = bisect.bisect_right(self._addrs, addr) - 1
         return (self._names[i], addr - self._addrs[i]) if i >= 0 else None
+
+
+_KALLSYMS_LINE = re.compile(r"^([0-9a-fA-F]+) (\w) (\S+)(?:\s+\[(\S+)\])?[ \t]*$", re.M)
 
 
 def parse_kallsyms(text: str) -> Symbols | None:
@@ -117,16 +128,8 @@ def parse_kallsyms(text: str) -> Symbols | None:
 
     Module symbols (``[module]``) are kept: a KVM built as a module lives there.
     """
-    entries = []
-    for line in text.splitlines():
-        parts = line.split(None, 3)
-        if len(parts) < 3:
-            continue
-        try:
-            entries.append((int(parts[0], 16), parts[1], parts[2], parts[3].strip("[] \t") if len(parts) > 3 else ""))
-        except ValueError:
-            continue
-    if not entries or not any(e[0] for e in entries):
+    entries = _KALLSYMS_LINE.findall(text)  # x86-64 prints 16 lowercase hex digits: sortable as text
+    if not any(a.strip("0") for a, _, _, _ in entries):
         return None
     return Symbols(entries)
 
