@@ -183,3 +183,29 @@ def test_guest_runs_on_the_mapset_tables(kvm):
         assert [r.value for r in result.reports if r.tag == 1] == expected
         assert len(expected) >= 8 and len(expected) < len(probes)
         assert {r.value for r in result.reports if r.tag == 2} == {build("iso_touch", "long").symbols["touch"]}
+
+
+def test_a_different_entry_is_never_overwritten(layout):
+    """kvm_set_pXd() in the RFC returns -EBUSY rather than overwrite: a PMD-level copy over a
+    PTE-level one is refused until that copy is cleared."""
+    kas = KvmAddressSpace(KernelTable(layout))
+    vcpu = layout.region("vcpu_struct").start
+    pmd = vcpu & ~(SIZE_2M - 1)
+    kas.copy(vcpu, vcpu + 0x1000, "PTE", "vcpu_struct")
+    before = kas.table.store.read(kas.table.root, 4096)
+    with pytest.raises(MapSetError, match="would overwrite"):
+        kas.copy(pmd, pmd + SIZE_2M, "PMD", "wider")
+    assert kas.table.store.read(kas.table.root, 4096) == before
+
+
+def test_user_regions_come_from_the_vcpu_tasks_mm(layout):
+    """The kernel table models current->mm: the VMM's guest memory is there, and kvm_mm maps
+    it only when a region asks for it."""
+    kas = KvmAddressSpace.default(layout)
+    gm = layout.region("guest_memory")
+    assert kas.kernel.translate(gm.start).user and not kas.mapped(gm.start)
+    from kvmiso.isolation.mapset import RegionSpec
+
+    kas.add_region(RegionSpec("guest_memory", "user-added", "PTE", "test"))
+    assert kas.mapped(gm.start) and kas.mapped(gm.ranges[-1][1] - 1)
+    assert kas.region_of(gm.start) == "guest_memory"

@@ -17,11 +17,16 @@ one exit: its userspace exit.
 Checking groups identical KVM_RUNs (same exit, events, vCPU) and classifies each group once,
 so a long log costs one dictionary update per record.
 
->>> res = check(kas, log)
+>>> res = check(KvmAddressSpace.default(host_layout(m.vm)), log)   # portio on kvm_pvm
 >>> res.classes
-{'kvm_mm': 0, 'host_mm': 7, 'fault': 24, 'unknown': 0, 'outside': 14}
+{'kvm_mm': 0, 'host_mm': 0, 'fault': 24, 'unknown': 0, 'outside': 15}
 >>> res.fault_lines()[0]
-'KVM isolation: page fault #0 (24) at x86_emulate_instruction+0x0 on ffff8880400a8000 (emulate_ctxt)'
+'KVM isolation: page fault #0 (24) at pvm_emulate_one+0x0 on ffff8880400a8000 (emulate_ctxt)'
+
+The line is the RFC's (patch 24, ``kvm_log_page_fault``) with two differences: the RFC's
+parenthesised number is the error code and its #N counts distinct faulting RIPs; here #N
+counts distinct (function, address) pairs and the parenthesis is how many exits hit it. The
+offset is 0: the model knows the function on the path, not the faulting instruction.
 """
 
 from __future__ import annotations
