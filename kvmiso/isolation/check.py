@@ -41,7 +41,7 @@ from typing import Any
 
 from ..observe.exitlog import ExitLog, RunRecord
 from .layout import Layout, known_region_names
-from .mapset import POLICIES, KvmAddressSpace, _line_of
+from .mapset import POLICIES, KvmAddressSpace, line_of
 
 HANDLERS = Path(__file__).with_name("handlers.toml")
 CLASSES = ("kvm_mm", "host_mm", "fault", "unknown")
@@ -144,12 +144,12 @@ def load_handlers(path: str | Path = HANDLERS, regions: set[str] | None = None) 
         if regions is not None and what.endswith("touches"):
             for r in v:
                 if r not in regions:
-                    raise fail(f"{what}: unknown region {r!r}", _line_of(text, f'"{r}"') or line)
+                    raise fail(f"{what}: unknown region {r!r}", line_of(text, f'"{r}"') or line)
         return tuple(v)
 
     d = doc.get("defaults", {})
-    defaults = names(d.get("touches", []), "defaults.touches", _line_of(text, "[defaults]"))
-    vendor_defaults = {k: names(v.get("touches", []), f"defaults.{k}.touches", _line_of(text, f"[defaults.{k}]"))
+    defaults = names(d.get("touches", []), "defaults.touches", line_of(text, "[defaults]"))
+    vendor_defaults = {k: names(v.get("touches", []), f"defaults.{k}.touches", line_of(text, f"[defaults.{k}]"))
                        for k, v in d.items() if isinstance(v, dict)}
     handlers = []
     seen: dict[tuple[str, str | None], int] = {}
@@ -289,7 +289,7 @@ class Checker:
         r = self.layout.regions.get(region)
         if r is None:
             return None
-        i = cpu if r.kind == "object" and len(r.ranges) == self.layout.cpus and self.layout.cpus > 1 else vcpu
+        i = {"cpu": cpu, "vcpu": vcpu}.get(r.per, 0)
         return r.ranges[i % len(r.ranges)][0]
 
     def _first_miss(self, h: Handler, vcpu: int, cpu: int) -> tuple[str, int, str] | None:

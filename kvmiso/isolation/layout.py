@@ -35,7 +35,6 @@ KALLSYMS = "/proc/kallsyms"
 PAGE = 4096
 START_KERNEL_MAP = 0xFFFF_FFFF_8000_0000  # __START_KERNEL_map
 DEFAULT_STEXT = 0xFFFF_FFFF_8100_0000  # __START_KERNEL with CONFIG_PHYSICAL_START=0x1000000
-THREAD_SIZE = 4 * PAGE  # x86-64 with KASAN off: THREAD_SIZE_ORDER 2
 
 
 @dataclass(frozen=True)
@@ -49,6 +48,7 @@ class Region:
     source: str  # where the address comes from
     description: str = ""
     modeled: bool = False  # True: the address is kvmiso's placement, not read from the machine
+    per: str = ""  # "cpu" or "vcpu": one range each, in index order
 
     @property
     def start(self) -> int:
@@ -266,8 +266,8 @@ def build_layout(kallsyms: str | None, cpuinfo: str = "", cpus: int = 1, vendor:
     notes: list[str] = []
     regions: dict[str, Region] = {}
 
-    def add(name: str, ranges, kind: str, source: str, desc: str = "", modeled: bool = False) -> None:
-        regions[name] = Region(name, tuple(ranges), kind, source, desc, modeled)
+    def add(name: str, ranges, kind: str, source: str, desc: str = "", modeled: bool = False, per: str = "") -> None:
+        regions[name] = Region(name, tuple(ranges), kind, source, desc, modeled, per)
 
     doc = f"mm.rst ({levels}-level)"
     for name, s, e, desc in (_MAP_5LEVEL if levels == 5 else _MAP_4LEVEL):
@@ -355,19 +355,21 @@ def _objects(regions: dict[str, Region], add, vendor: str, cpus: int, vcpus: int
             start = cursor[area]
             ranges.append((start, start + pages * PAGE))
             cursor[area] = start + pages * PAGE + _GUARD
-        add(name, ranges, "object", f"modeled: {area}, {pages} page(s) per {per}", desc, modeled=True)
+        add(name, ranges, "object", f"modeled: {area}, {pages} page(s) per {per}", desc, modeled=True,
+            per=per if per != "vm" else "")
 
 
 def _userspace(add, vm, vcpus: int) -> None:
     if vm is not None:
         runs = [(v._run_addr, v._run_addr + v._run_size) for v in vm.vcpus]
         mem = sorted((s.host_addr, s.host_addr + s.size) for s in vm.slots.values())
-        add("kvm_run", runs, "user", "the kvmiso VM: Vcpu mmap of the vCPU fd", "the kvm_run page(s) of each vCPU")
+        add("kvm_run", runs, "user", "the kvmiso VM: Vcpu mmap of the vCPU fd", "the kvm_run page(s) of each vCPU",
+            per="vcpu")
         add("guest_memory", mem, "user", "the kvmiso VM: MemorySlot.host_addr", "guest memory, as the VMM mapped it")
         return
     base = 0x7F00_0000_0000
     add("kvm_run", [(base + i * 0x10000, base + i * 0x10000 + 3 * PAGE) for i in range(vcpus)], "user",
-        "modeled: no VM given", "the kvm_run page(s) of each vCPU", modeled=True)
+        "modeled: no VM given", "the kvm_run page(s) of each vCPU", modeled=True, per="vcpu")
     add("guest_memory", [(0x7E00_0000_0000, 0x7E00_0000_0000 + (2 << 20))], "user", "modeled: no VM given",
         "guest memory, as the VMM mapped it", modeled=True)
 

@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .layout import PAGE, Layout, Region
-from .pagetable import (ADDR_MASK, G, LEVEL_SPAN, NX, P, PS, RW, US, SIZE_1G, SIZE_2M, SIZE_4K, ByteStore,
-                        MappedRange, PageTable, PageTableError, canonical, check_canonical_range, level_index)
+from .pagetable import (ADDR_MASK, G, LEVEL_NAMES, LEVEL_SPAN, NX, P, PS, RW, SIZE_1G, SIZE_2M, SIZE_4K, US,
+                        ByteStore, MappedRange, PageTable, PageTableError, canonical, check_canonical_range,
+                        level_index, sign_extend)
 
 # Level names as the RFC's functions take them; P4D is folded into the PGD with 4-level paging.
 LEVELS = {"PGD": 4, "P4D": 4, "PUD": 3, "PMD": 2, "PTE": 1}
@@ -295,18 +296,18 @@ class KvmAddressSpace:
                 cur = self.table.read_entry(mine, i)
                 if cur & P and cur != ke:
                     # kvm_set_pXd() in the RFC: -EBUSY rather than overwrite a different entry
-                    raise MapSetError(f"copy of {c.region or 'range'} at {LEVEL_NAME[kt_level]} level would overwrite "
-                                      f"the KVM entry {cur:#x} for {_canon(base):#x} (copied at a lower level); "
+                    raise MapSetError(f"copy of {c.region or 'range'} at {LEVEL_NAMES[kt_level]} level would overwrite "
+                                      f"the KVM entry {cur:#x} for {sign_extend(base):#x} (copied at a lower level); "
                                       f"clear that copy first")
                 if not cur & P:
                     self._write(mine, i, ke)
-                c.mapped.append((_canon(base), _canon(base) + span))
+                c.mapped.append((sign_extend(base), sign_extend(base) + span))
                 return base + span
             cur = self.table.read_entry(mine, i)
             if cur & P and (cur & ADDR_MASK) not in self.owned:
                 # already copied at a higher level: the kernel's tables below are shared; merged
-                c.mapped.append((_canon(base), _canon(base) + span))
-                c.notes.append(f"{_canon(base):#x}: already mapped by a {LEVEL_NAME[kt_level]}-level copy; merged")
+                c.mapped.append((sign_extend(base), sign_extend(base) + span))
+                c.notes.append(f"{sign_extend(base):#x}: already mapped by a {LEVEL_NAMES[kt_level]}-level copy; merged")
                 return base + span
             if not cur & P:
                 frame = self.kernel.store.alloc()
@@ -334,7 +335,7 @@ class KvmAddressSpace:
                     break
                 if e & PS:
                     raise MapSetError(f"cannot clear [{start:#x}, {end:#x}) at {level}: {va:#x} is inside a "
-                                      f"{LEVEL_SPAN[l] >> 20} MiB page copied at {LEVEL_NAME[l]} level")
+                                      f"{LEVEL_SPAN[l] >> 20} MiB page copied at {LEVEL_NAMES[l]} level")
                 table = e & ADDR_MASK
             if table is not None:
                 self._write(table, level_index(va, lvl), 0)
@@ -385,18 +386,11 @@ class KvmAddressSpace:
                 "share_of_kernel_half": kvm / self.layout.kernel_span, "notes": self.layout.notes}
 
 
-LEVEL_NAME = {4: "PGD", 3: "PUD", 2: "PMD", 1: "PTE"}
-
-
 def _level(level: str) -> int:
     try:
         return LEVELS[level.upper()]
     except (KeyError, AttributeError):
         raise MapSetError(f"unknown level {level!r}; one of {', '.join(LEVELS)}") from None
-
-
-def _canon(va: int) -> int:
-    return va | 0xFFFF_0000_0000_0000 if va >> 47 & 1 else va
 
 
 def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -441,7 +435,7 @@ def load_regions(path: str | Path, layout: Layout, policy: str | None = None,
         raise MapSetError(f"not valid TOML: {e}", int(m.group(1)) if m else None, str(path)) from None
 
     def fail(msg: str, needle: str) -> MapSetError:
-        return MapSetError(msg, _line_of(text, needle), str(path))
+        return MapSetError(msg, line_of(text, needle), str(path))
 
     known = {"policy", "drop", "region"}
     for k in doc:
@@ -494,7 +488,8 @@ def load_regions(path: str | Path, layout: Layout, policy: str | None = None,
     return kas
 
 
-def _line_of(text: str, needle: str) -> int | None:
+def line_of(text: str, needle: str) -> int | None:
+    """The first line of ``text`` (from 1) that contains ``needle``: where a TOML error is."""
     for n, line in enumerate(text.splitlines(), 1):
         if needle in line:
             return n

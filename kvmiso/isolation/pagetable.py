@@ -163,7 +163,8 @@ class MappedRange:
         return self.end - self.start
 
 
-def _sign_extend(va: int) -> int:
+def sign_extend(va: int) -> int:
+    """The canonical form of a 48-bit address (bit 47 copied into bits 63:48)."""
     return va | ~((1 << VA_BITS) - 1) & ((1 << 64) - 1) if va >> (VA_BITS - 1) & 1 else va
 
 
@@ -313,7 +314,7 @@ class PageTable:
                 if level == 3 and not self.gbpages:
                     continue  # PS is reserved here: the walk faults, nothing is mapped
                 size = LEVEL_SPAN[level]
-                va = _sign_extend(raw)
+                va = sign_extend(raw)
                 yield MappedRange(va, va + size, e & ADDR_MASK & ~(size - 1), size,
                                   bool(eff & RW), bool(eff & US), bool(eff & NX))
             else:
@@ -352,7 +353,7 @@ class PageTable:
             for i, e in enumerate(self.read_table(table)):
                 if not e & P:
                     continue
-                va = _sign_extend(base | i << LEVEL_SHIFT[level])
+                va = sign_extend(base | i << LEVEL_SHIFT[level])
                 leaf = level == 1 or e & PS
                 bits = " ".join(n for n, b in (("RW", RW), ("US", US), ("PS", PS), ("G", G), ("NX", NX)) if e & b)
                 what = f"-> {e & ADDR_MASK:#x}" + (f" ({LEVEL_SPAN[level] >> 10} KiB page)" if leaf else " (table)")
