@@ -450,10 +450,12 @@ def model_text(kas: KvmAddressSpace) -> str:
     s = kas.summary()
     out = [f"kvm_mm mapping set for {s['vendor']} ({s['levels']}-level paging; layout from {s['layout_source']})",
            f"policy {s['policy']}: enter at {s['policy_enter']}; leave on {s['policy_leave']} ({s['policy_cite']})", "",
-           f"{'region':<18} {'group':<9} {'level':<5} {'start':<18} {'size':>10} {'copied':>10}  source / cite"]
+           f"{'region':<18} {'group':<9} {'level':<5} {'start':<18} {'size':>10} {'copied':>10} {'pages':>7}  "
+           f"source / cite"]
     for r in s["regions"]:
         out.append(f"{r['name']:<18} {r['group']:<9} {r['level']:<5} {r['start']:#018x} {_size(r['size']):>10} "
-                   f"{_size(r['mapped_bytes']):>10}  {'modeled' if r['modeled'] else r['source']}; {r['cite']}")
+                   f"{_size(r['copied_bytes']):>10} {r['pages_4k']:>7}  {'modeled' if r['modeled'] else r['source']}; "
+                   f"{r['cite']}")
     out += ["", f"kvm_mm maps {_size(s['kvm_mapped_bytes'])} ({s['kvm_pages_4k']} 4 KiB pages) of the "
                 f"{_size(s['kernel_mapped_bytes'])} ({s['kernel_pages_4k']} pages) the kernel table maps: "
                 f"{100 * s['share_of_kernel_mapped']:.3f}%, {100 * s['share_of_kernel_half']:.2e}% of the kernel half"]

@@ -368,16 +368,20 @@ class KvmAddressSpace:
         return r.name if r else "unmapped hole"
 
     def summary(self) -> dict:
-        """Regions, levels, sizes, pages; how much of the kernel's mapped space kvm_mm maps."""
-        kvm = sum(r.size for r in self.table.ranges())
+        """Regions, levels, sizes, the span each copy covers and the 4 KiB pages actually mapped
+        in it; how much of the kernel's mapped space kvm_mm maps."""
+        leaves = self.table.ranges()
+        kvm = sum(r.size for r in leaves)
         kern = sum(r.size for r in self.kernel.ranges())
         rows = []
         for spec in self.regions:
             region = self.layout.region(spec.layout or spec.name)
-            mapped = sum(e - s for c in self.copies if c.region == spec.name for s, e in c.mapped)
+            spans = [(s, e) for c in self.copies if c.region == spec.name for s, e in c.mapped]
+            present = sum(max(0, min(e, r.end) - max(s, r.start)) for s, e in spans for r in leaves)
             rows.append({"name": spec.name, "group": spec.group, "level": spec.level, "cite": spec.cite,
                          "start": region.start, "size": region.size, "ranges": len(region.ranges),
-                         "mapped_bytes": mapped, "modeled": region.modeled, "source": region.source})
+                         "copied_bytes": sum(e - s for s, e in spans), "pages_4k": present // SIZE_4K,
+                         "modeled": region.modeled, "source": region.source})
         return {"policy": self.policy.name, "policy_enter": self.policy.enter, "policy_leave": self.policy.leave,
                 "policy_cite": self.policy.cite, "vendor": self.layout.vendor, "layout_source": self.layout.source,
                 "levels": self.layout.levels, "regions": rows, "kvm_mapped_bytes": kvm, "kvm_pages_4k": kvm // SIZE_4K,
