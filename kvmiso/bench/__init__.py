@@ -1,9 +1,21 @@
 """KVM_RUN round trips per exit kind: the compiled loop (runloop.c via cffi), the Python twin,
-the floors, pyperf-style summaries (latency, stats), result files and ``compare``."""
+the floors, pyperf-style summaries (latency, stats), result files and ``compare``.
 
-from .compare import ResultFileError, compare, load
-from .latency import KINDS, BenchResult, Result, bench, format_table
-from .runloop import LoopError, NotBuilt, Timings, compiled_loop, python_loop
+The names below load their module on first use, so ``kvmiso --help`` does not pay for them.
+"""
 
-__all__ = ["KINDS", "BenchResult", "LoopError", "NotBuilt", "Result", "ResultFileError", "Timings", "bench",
-           "compare", "compiled_loop", "format_table", "load", "python_loop"]
+from importlib import import_module
+
+_EXPORTS = {
+    "KINDS": "kinds", "BenchResult": "latency", "Result": "latency", "bench": "latency",
+    "format_table": "latency", "ResultFileError": "compare", "compare": "compare", "load": "compare",
+    "LoopError": "runloop", "NotBuilt": "runloop", "Timings": "runloop", "compiled_loop": "runloop",
+    "python_loop": "runloop",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .latency import DEFAULT_KINDS, KINDS, BenchResult, format_table
+from .kinds import DEFAULT_KINDS, KINDS
+
+if TYPE_CHECKING:
+    from .latency import BenchResult
 
 
 class BenchInputError(ValueError):
@@ -77,7 +80,7 @@ def _command(args) -> str:
 
 def cmd_bench(args) -> int:
     from ..kvm import Kvm
-    from .latency import bench
+    from .latency import bench, format_table
     from .runloop import NotBuilt
 
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
