@@ -50,10 +50,24 @@ def test_hidden_kallsyms_falls_back_to_the_documented_default():
     assert lay.symbols is None and "kallsyms" in lay.notes[0]
 
 
+def test_kallsyms_all_kernels_give_exact_sections():
+    extra = ("ffffffff82c00000 D __end_rodata\nffffffff83000000 D _sdata\nffffffff83400000 D _edata\n"
+             "0000000000000000 D __per_cpu_start\n000000000002e000 D __per_cpu_end\n"
+             "ffffffff83a00000 B __bss_start\nffffffff83c00000 B __bss_stop\n")
+    lay = build_layout(KALLSYMS + extra, FLAGS)
+    assert lay.region("rodata").source == "kallsyms: __start_rodata..__end_rodata"
+    assert lay.region("data").source == "kallsyms: _sdata.._edata"
+    assert lay.region("bss").ranges == ((0xFFFFFFFF83A00000, 0xFFFFFFFF83C00000),) and not lay.region("bss").modeled
+    # zero-based on x86-64 SMP: offsets, not addresses, so a note rather than a region
+    assert "percpu_section" not in lay.regions and any("0x2e000 bytes of offsets" in n for n in lay.notes)
+    assert any("built into the kernel" in n for n in lay.notes)
+
+
 def test_module_kvm_and_a_512m_image():
     text = KALLSYMS + "ffffffffa0201000 t kvm_vcpu_ioctl\t[kvm]\nffffffffa0255000 t kvm_mmu_x\t[kvm]\n"
     lay = build_layout(text, FLAGS)
     assert lay.region("kvm_module").ranges == ((0xFFFFFFFFA0201000, 0xFFFFFFFFA0256000),)
+    assert not any("built into the kernel" in n for n in lay.notes)
     assert lay.region("kernel_image").size == 512 << 20
     assert lay.region("modules").start == 0xFFFFFFFFA0000000
 

@@ -382,19 +382,20 @@ def check(kas: KvmAddressSpace, log: ExitLog, table: HandlerTable | None = None,
     has_exit_events = any(e.name == "kvm_exit" for r in log.records[:1000] for e in r.events)
     starters = frozenset({"kvm_exit"} if has_exit_events else {"kvm_emulate_insn"})
 
-    # The hot loop: one signature per record, built from C-level tuple(map()); only KVM_RUNs
-    # with kvm_exit events need the fields (their reason picks the handler).
-    signatures: dict[tuple, int] = {}
-    get = signatures.get
+    # The hot loop: one signature per record, counted by Counter's C loop; the key is a
+    # C-level tuple(map()) of event names, and only KVM_RUNs with kvm_exit events need the
+    # fields (their reason picks the handler).
     name_of = attrgetter("name")
-    records = log.records
-    wall = sum(map(attrgetter("end_ns"), records)) - sum(map(attrgetter("start_ns"), records))
-    for r in records:
+
+    def signature(r: RunRecord) -> tuple:
         evs = r.events
         names = tuple(map(name_of, evs))
         reasons = tuple(_kind(e) for e in evs if e.name == "kvm_exit") if "kvm_exit" in names else ()
-        key = (r.exit.get("exit", "?"), names, reasons, r.vcpu, evs[0].cpu if evs else 0)
-        signatures[key] = get(key, 0) + 1
+        return r.exit.get("exit", "?"), names, reasons, r.vcpu, evs[0].cpu if evs else 0
+
+    records = log.records
+    signatures = Counter(map(signature, records))
+    wall = sum(map(attrgetter("end_ns"), records)) - sum(map(attrgetter("start_ns"), records))
     res.runs = len(log.records)
     res.wall_ns = wall
     for (exit_name, names, reasons, vcpu, cpu), n in signatures.items():

@@ -287,11 +287,13 @@ def build_layout(kallsyms: str | None, cpuinfo: str = "", cpus: int = 1, vendor:
     add("vsyscall", [VSYSCALL], "map", doc, "legacy vsyscall ABI")
 
     if syms:
-        _image_sections(syms, add)
+        _image_sections(syms, add, notes)
         for mod in ("kvm", "kvm_intel", "kvm_amd", "kvm_pvm"):
             span = syms.module_span(mod)
             if span:
                 add(f"{mod}_module", [span], "section", f"kallsyms: [{mod}] symbols", f"the {mod} module's core layout")
+        if "kvm_module" not in regions and "kvm_vcpu_ioctl" in syms:
+            notes.append("KVM is built into the kernel: its functions are in kernel text (the kernel_image region)")
         source = KALLSYMS
     else:
         add("text", [(DEFAULT_STEXT, DEFAULT_STEXT + (32 << 20))], "section", "documented default",
@@ -308,13 +310,13 @@ def _page_up(a: int) -> int:
     return (a + PAGE - 1) & ~(PAGE - 1)
 
 
-def _image_sections(syms: Symbols, add) -> None:
+def _image_sections(syms: Symbols, add, notes: list[str]) -> None:
     """Sections from the symbols the kernel exports; an end it does not export is taken from
     the section that follows it in arch/x86/kernel/vmlinux.lds.S (and the source says so)."""
 
     def span(name: str, start: list[str], end: list[str], desc: str) -> None:
-        s = next(((n, syms.get(n)) for n in start if syms.get(n)), None)
-        e = next(((n, syms.get(n)) for n in end if syms.get(n)), None)
+        s = next(((n, syms.get(n)) for n in start if syms.get(n) is not None), None)
+        e = next(((n, syms.get(n)) for n in end if syms.get(n) is not None), None)
         if s and e and s[1] < e[1]:
             exact = s[0] == start[0] and e[0] == end[0]
             add(name, [(s[1], e[1])], "section", f"kallsyms: {s[0]}..{e[0]}" + ("" if exact else " (derived)"), desc)
@@ -324,6 +326,17 @@ def _image_sections(syms: Symbols, add) -> None:
     # INIT_TASK_DATA opens .data, so __start_init_stack is _sdata when _sdata is not exported
     span("rodata", ["__start_rodata"], ["__end_rodata", "_sdata", "__start_init_stack"], "read-only data")
     span("data", ["_sdata", "__start_init_stack"], ["_edata", "__init_begin"], "data (.data and what follows up to init)")
+    # the per-CPU template: only kernels with CONFIG_KALLSYMS_ALL export it. On x86-64 SMP it
+    # is linked at 0 (its symbols are offsets), and the per-CPU offsets (__per_cpu_offset[])
+    # are data, never visible here: the areas stay modeled, sized from the template if known
+    pcpu = syms.get("__per_cpu_start"), syms.get("__per_cpu_end")
+    if None not in pcpu and pcpu[0] < pcpu[1]:
+        if pcpu[0] >= START_KERNEL_MAP:
+            add("percpu_section", [pcpu], "section", "kallsyms: __per_cpu_start..__per_cpu_end",
+                "the per-CPU section (.data..percpu template)")
+        else:
+            notes.append(f"the per-CPU section is zero-based ({pcpu[1] - pcpu[0]:#x} bytes of offsets): per-CPU "
+                         f"data lives at __per_cpu_offset[cpu] + offset, which kallsyms does not show")
     top = syms.image_high or DEFAULT_STEXT
     init = syms.get("__init_begin")
     if init:
@@ -406,5 +419,6 @@ def known_region_names() -> set[str]:
     """Every region name a layout can have, on any vendor (what handlers.toml may name)."""
     names = {n for n, *_ in _MAP_4LEVEL} | {o[0] for o in OBJECTS}
     names |= {"kernel_image", "modules", "fixmap", "vsyscall", "text", "entry_text", "rodata", "data", "init", "bss",
+              "percpu_section",
               "kvm_run", "guest_memory"}
     return names | {f"{m}_module" for m in ("kvm", "kvm_intel", "kvm_amd", "kvm_pvm")}
