@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from .kinds import DEFAULT_KINDS, KINDS
 
 if TYPE_CHECKING:
+    from ..kvm import Kvm
     from .latency import BenchResult
 
 
@@ -44,7 +45,7 @@ def add_compare_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("b", metavar="B.json", help="the result file compared with it")
 
 
-def _progress():
+def _progress() -> tuple[Callable[[str], None] | None, Callable[[], None]]:
     """A one-line progress display on stderr, only when stderr is a terminal."""
     if not sys.stderr.isatty():
         return None, lambda: None
@@ -67,7 +68,7 @@ def _check_plot_backend() -> None:
         raise BenchInputError("--plot needs matplotlib, an optional extra: pip install 'kvmiso[plot]'") from None
 
 
-def _command(args) -> str:
+def _command(args: argparse.Namespace) -> str:
     """The command line that reproduces this run, for the result file and the README."""
     parts = ["kvmiso bench", f"--kinds {args.kinds}", f"--samples {args.samples}", f"--runs {args.runs}",
              f"--iterations {args.iterations}", "--cpl " + " ".join(map(str, args.cpl))]
@@ -78,7 +79,7 @@ def _command(args) -> str:
     return " ".join(parts)
 
 
-def cmd_bench(args) -> int:
+def cmd_bench(args: argparse.Namespace) -> int:
     from ..kvm import Kvm
     from .latency import bench, format_table
     from .runloop import NotBuilt
@@ -120,7 +121,7 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def _isolation(kvm, result: BenchResult, switch_cost: float | None) -> str:
+def _isolation(kvm: Kvm, result: BenchResult, switch_cost: float | None) -> str:
     from .overhead import SwitchCost, estimate_switch_cost, format_isolation, isolation_rows
 
     if switch_cost is not None:
@@ -161,7 +162,7 @@ def plot(result: BenchResult, path: str) -> None:
     plt.close(fig)
 
 
-def cmd_compare(args) -> int:
+def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import compare, format_compare, load
 
     a, b = load(args.a), load(args.b)

@@ -77,7 +77,7 @@ class Row:
 
 def compare(a: dict[str, Any], b: dict[str, Any]) -> list[Row]:
     """One row per (kind, path, cpl) in either file, in A's order, then B's new ones."""
-    def index(d):
+    def index(d: dict[str, Any]) -> dict[tuple, dict[str, Any]]:
         return {(r["kind"], r["path"], r["cpl"]): r for r in d["results"]}
 
     ia, ib = index(a), index(b)
@@ -106,7 +106,7 @@ def host_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 
 def format_compare(rows: list[Row], a: dict[str, Any] | None = None, b: dict[str, Any] | None = None) -> str:
     """The side-by-side table ``kvmiso compare`` prints (p50 in µs)."""
-    def us(v):
+    def us(v: float | None) -> str:
         return "-" if v is None else f"{v / 1000:.3f}"
 
     table = [("kind", "cpl", "path", "A p50 us", "B p50 us", "B vs A", "significant")]

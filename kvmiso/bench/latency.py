@@ -410,13 +410,15 @@ def bench(kvm: Kvm, kinds: Iterable[str] = DEFAULT_KINDS, cpls: Iterable[int] = 
             out.complete = False
             out.interrupted_by = e.args[0] if e.args and str(e.args[0]).startswith("SIG") else "SIGINT"
             out.incomplete_reason = f"interrupted by {out.interrupted_by} during {current}"
-        out.results = _rows(col, settings, host)
+        out.results = _rows(col, settings)
         return out
     finally:
         unpin(pinning)
 
 
-def _measure_one(kvm, kind, cpl, label, settings, host, col, python, pinning) -> None:
+def _measure_one(kvm: Kvm, kind: Kind | None, cpl: int | None, label: str, settings: dict[str, Any],
+                 host: dict[str, Any], col: _Collector, python: bool, pinning: dict[str, Any]) -> None:
+    """One run of one plan entry (``kind`` None: the floors)."""
     n, warmup = settings["samples"], settings["warmup"]
     if kind is None:
         hz = _measure_floors(kvm, n, warmup, col, python)
@@ -437,7 +439,7 @@ def _measure_one(kvm, kind, cpl, label, settings, host, col, python, pinning) ->
         _measure_exit_kind(kvm, kind, cpl, n, warmup, col, python)
 
 
-def _rows(col: _Collector, settings: dict[str, Any], host: dict[str, Any]) -> list[Result]:
+def _rows(col: _Collector, settings: dict[str, Any]) -> list[Result]:
     rows = []
     for key, per_run in col.rows.items():
         kind, path, cpl = key

@@ -18,6 +18,7 @@ import contextlib
 import functools
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from ..kvm import KvmError, abi
 from ..kvm.exits import HltExit, IntrExit, IoExit, MmioExit
@@ -44,7 +45,8 @@ class NotBuilt(RuntimeError):
     """The compiled loop is missing: kvmiso was not installed with pip (which compiles it)."""
 
 
-def _lib():
+def _lib() -> tuple[Any, Any]:
+    """The cffi module's ``ffi`` and ``lib``, or NotBuilt saying how to build them."""
     try:
         from ._runloop import ffi, lib
     except ImportError as e:
@@ -142,7 +144,7 @@ def _run(fd: int, request: int, arg: int, n: int, *, op: int = OP_IOCTL, vcpu=No
     done = 0
 
     def timings() -> Timings:
-        def arr(b):
+        def arr(b: Any) -> array.array:
             a = array.array("Q")
             a.frombytes(ffi.buffer(b, 8 * done))
             return a
