@@ -203,7 +203,8 @@ def test_foundation_payloads_on_real_kvm(kvm, capsys):
         assert modern.classes["fault"] == 0, (p, modern.fault_lines())
         assert modern.classes["host_mm"] >= 1 and default.switches >= 2 * default.runs
         totals.update({c: n for c, n in default.classes.items()})
-    assert totals["fault"] > 0 or totals["kvm_mm"] > 0
+    # the RFC's 2019 set lacks vcpu->run, which every userspace exit fills in: faults on any vendor
+    assert totals["fault"] > 0
     assert main(["check", "portio", "--json", "--switch-cost", "300"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out[0]["payload"] == "portio" and out[0]["switch_cost_source"] == "given with --switch-cost"

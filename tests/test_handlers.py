@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmiso.isolation.check import HANDLERS, CheckError, load_handlers
+from kvmiso.isolation.check import CheckError, load_handlers
 from kvmiso.isolation.layout import build_layout, known_region_names
 from kvmiso.kvm import abi
 
@@ -108,7 +108,3 @@ def test_bad_tables_name_the_line(tmp_path, body, line, why):
         load_handlers(f, known_region_names())
     if line:
         assert str(e.value).startswith(f"{f}:{line}: ")
-
-
-def test_shipped_table_is_the_default():
-    assert HANDLERS.name == "handlers.toml" and HANDLERS.exists()
