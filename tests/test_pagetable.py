@@ -248,3 +248,12 @@ def test_guest_faults_exactly_where_the_model_says(kvm):
         assert cr2 == expected
         assert rip == {build("iso_touch", "long").symbols["touch"]}
         assert result.report(3) == len(expected)
+
+
+def test_a_full_frame_pool_is_an_error_not_a_corruption():
+    pt = PageTable(ByteStore(2 * 4096, base=0x10000))
+    assert pt.root == 0x10000
+    with pytest.raises(PageTableError, match=r"frame pool \[0x10000, 0x12000\) is full"):
+        pt.map(0x1000, 0, SIZE_4K)  # needs PUD, PMD and PT frames: only one is left
+    with pytest.raises(PageTableError, match="outside the frame store"):
+        pt.store.read(0x12000, 8)

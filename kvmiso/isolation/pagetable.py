@@ -69,11 +69,32 @@ class FrameStore(Protocol):
     def alloc(self) -> int: ...
 
 
-class ByteStore:
-    """Frames in a bytearray at physical ``base``; ``alloc()`` hands out zeroed frames in order."""
+class _FramePool:
+    """Hands out zeroed frames from physical [base, end) in order; subclasses read and write."""
+
+    def __init__(self, base: int, size: int) -> None:
+        self.base, self._end, self._next = base, base + size, base
+
+    def read(self, pa: int, length: int) -> bytes:
+        raise NotImplementedError
+
+    def write(self, pa: int, data: bytes) -> None:
+        raise NotImplementedError
+
+    def alloc(self) -> int:
+        if self._next + PAGE_SIZE > self._end:
+            raise PageTableError(f"frame pool [{self.base:#x}, {self._end:#x}) is full")
+        pa, self._next = self._next, self._next + PAGE_SIZE
+        self.write(pa, bytes(PAGE_SIZE))
+        return pa
+
+
+class ByteStore(_FramePool):
+    """Frames in a bytearray at physical ``base``."""
 
     def __init__(self, size: int, base: int = 0) -> None:
-        self.base, self.mem, self._next = base, bytearray(size), base
+        super().__init__(base, size)
+        self.mem = bytearray(size)
 
     def read(self, pa: int, length: int) -> bytes:
         off = pa - self.base
@@ -87,33 +108,21 @@ class ByteStore:
             raise PageTableError(f"physical {pa:#x} is outside the frame store", pa)
         self.mem[off : off + len(data)] = data
 
-    def alloc(self) -> int:
-        if self._next + PAGE_SIZE > self.base + len(self.mem):
-            raise PageTableError("frame store is full")
-        pa, self._next = self._next, self._next + PAGE_SIZE
-        self.write(pa, bytes(PAGE_SIZE))
-        return pa
 
-
-class GuestStore(ByteStore):
-    """Frames in a VM's guest-physical memory [base, base + size), through Vm.read/write."""
+class GuestStore(_FramePool):
+    """Frames in a VM's guest-physical memory [base, base + size), through Vm.read/write
+    (a :class:`kvmiso.kvm.Vm`): tables a vCPU can load into CR3."""
 
     def __init__(self, vm, base: int, size: int) -> None:
         vm.slot_for(base, size)  # the whole pool must be backed: fail now, not mid-build
-        self.vm, self.base, self._end, self._next = vm, base, base + size, base
+        super().__init__(base, size)
+        self.vm = vm
 
     def read(self, pa: int, length: int) -> bytes:
         return self.vm.read(pa, length)
 
     def write(self, pa: int, data: bytes) -> None:
         self.vm.write(pa, data)
-
-    def alloc(self) -> int:
-        if self._next + PAGE_SIZE > self._end:
-            raise PageTableError(f"guest frame pool [{self.base:#x}, {self._end:#x}) is full")
-        pa, self._next = self._next, self._next + PAGE_SIZE
-        self.write(pa, bytes(PAGE_SIZE))
-        return pa
 
 
 @dataclass(frozen=True)
