@@ -36,7 +36,7 @@ def markdown(data: dict, ref_text: str = "") -> str:
            + ("" if data.get("complete", True) else f" (INCOMPLETE: {data.get('incomplete_reason')})") + ".",
            "",
            f"Host: {h['cpu']} ({h['cpus']} CPUs), kernel {h['kernel']}, {h['vendor']} (CPL0 {h['cpl0']}, "
-           f"CPL3 {h['cpl3']}), pinned: {h['pinning'].get('cpu') if h['pinning'].get('pinned') else 'no'}, "
+           f"CPL3 {h['cpl3']}){', itself under a hypervisor' if h.get('under_hypervisor') else ''}, pinned: {h['pinning'].get('cpu') if h['pinning'].get('pinned') else 'no'}, "
            f"governor: {h['governor']}.",
            "",
            "| kind | CPL | compiled loop p50 (µs) | Python API p50 (µs) | guest-timed p50 (µs) | insn/iter | emulated/iter | x null ioctl | notes |",

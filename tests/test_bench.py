@@ -157,7 +157,7 @@ def test_bench_measures_skips_and_summarizes(kvm, vendor):
     assert out.summary["n"] == 80 and len(out.runs) == 2 and out.insns == 2 and out.ratio_to_floor > 1
     d = json.loads(json.dumps(r.to_dict()))
     assert d["schema_version"] == latency.SCHEMA_VERSION and d["complete"] is True
-    for k in ("cpu", "kernel", "vendor", "cpl0", "mitigations", "pinning", "governor", "tsc"):
+    for k in ("cpu", "kernel", "vendor", "cpl0", "mitigations", "pinning", "governor", "tsc", "under_hypervisor"):
         assert k in d["host"]
     assert "out" in latency.format_table(r)
 

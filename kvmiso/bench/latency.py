@@ -145,6 +145,8 @@ def host_facts(kvm: Kvm, pinning: dict[str, Any]) -> dict[str, Any]:
     fp["pinning"] = pinning
     fp["governor"] = governor(pinning.get("cpu"))
     fp["tsc"] = {"usable": runloop.tsc_usable()}
+    # a host that is itself a guest (nested virtualization) pays an outer hypervisor on top
+    fp["under_hypervisor"] = "hypervisor" in runloop.cpu_flags()
     try:
         fp["transparent_hugepage"] = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip()
     except OSError:

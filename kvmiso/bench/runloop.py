@@ -109,20 +109,22 @@ def layout():
 
 
 @functools.lru_cache(maxsize=1)
-def tsc_usable() -> bool:
-    """RDTSC is timed where the C loop has it and the TSC ticks at a constant, non-stop rate."""
-    _, lib = _lib()
-    if not lib.kvmiso_have_tsc():
-        return False
+def cpu_flags() -> frozenset[str]:
+    """The CPU flags /proc/cpuinfo lists (empty where it cannot be read)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    flags = line.split()
-                    return "constant_tsc" in flags and "nonstop_tsc" in flags
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return False
+    return frozenset()
+
+
+def tsc_usable() -> bool:
+    """RDTSC is timed where the C loop has it and the TSC ticks at a constant, non-stop rate."""
+    _, lib = _lib()
+    return bool(lib.kvmiso_have_tsc()) and {"constant_tsc", "nonstop_tsc"} <= cpu_flags()
 
 
 def _run(fd: int, request: int, arg: int, n: int, *, op: int = OP_IOCTL, vcpu=None,
