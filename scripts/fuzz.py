@@ -3,6 +3,9 @@
 random instruction sequences) on one reused VM per mode, then the outcome table and the leak
 check. Exit status 1 if the harness raised, left a run unclassified, or leaked.
 
+The run uses the C allocator (it re-executes itself with PYTHONMALLOC=malloc): pymalloc's
+1 MiB arenas come and go with Python's own memory use and would look like leaked mappings.
+
     python3 scripts/fuzz.py                  # 4 x 20,000 payloads
     python3 scripts/fuzz.py --count 2000 --seed 7 --targets long long-cpl3
     python3 scripts/fuzz.py --json fuzz.json  # the figures as JSON as well
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections import Counter
@@ -29,6 +33,8 @@ def main() -> int:
     ap.add_argument("--targets", nargs="+", choices=list(TARGETS), default=list(TARGETS))
     ap.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     args = ap.parse_args()
+    if os.environ.get("PYTHONMALLOC") != "malloc":
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "PYTHONMALLOC": "malloc"})
 
     t0 = time.perf_counter()
     results: dict[str, FuzzStats] = {}
@@ -41,7 +47,7 @@ def main() -> int:
             with Fuzzer(target, args.timeout, kvm) as f:
                 results[target] = s = f.run_many(args.count, seed=args.seed)
             print(f"{target}: {s.runs} runs in {s.elapsed:.1f} s ({s.runs / s.elapsed:.0f}/s), "
-                  f"{s.exits} KVM_RUN calls", file=sys.stderr)
+                  f"{s.kvm_runs} KVM_RUN calls", file=sys.stderr)
         after = Resources.now()
     wall = time.perf_counter() - t0
 
@@ -64,7 +70,7 @@ def main() -> int:
         with open(args.json, "w") as f:
             json.dump({"count": args.count, "seed": args.seed, "timeout_s": args.timeout, "wall_s": wall,
                        "resources_before": vars(before), "resources_after": vars(after),
-                       "targets": {t: {"runs": s.runs, "exits": s.exits, "elapsed_s": s.elapsed,
+                       "targets": {t: {"runs": s.runs, "kvm_runs": s.kvm_runs, "elapsed_s": s.elapsed,
                                        "outcomes": dict(s.outcomes),
                                        "by_kind": {k: dict(c) for k, c in s.by_kind.items()},
                                        "errors": s.errors, "unclassified": s.unclassified}
