@@ -128,7 +128,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _add_model_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--drop", action="append", default=[], metavar="REGION", help="leave a default region out")
-    sp.add_argument("--regions", metavar="FILE.toml", help="add/drop regions and set the policy from a TOML file")
+    sp.add_argument("--regions", metavar="FILE.toml", help="add/drop regions and set the policy from a TOML file, or a shipped set by name (modern)")
     sp.add_argument("--policy", choices=("rfc-v1", "asi"), help="switch policy (default rfc-v1)")
 
 
@@ -361,7 +361,8 @@ def cmd_check(args) -> int:
     else:
         for p, r in results:
             print(result_text(r, f"{p}: ") + "\n")
-    return 0
+    # a missing mapping or an exit without a model entry is a finding: non-zero, like a failed test
+    return EXIT_FAILED if any(r.classes["fault"] or r.classes["unknown"] for _, r in results) else 0
 
 
 if __name__ == "__main__":

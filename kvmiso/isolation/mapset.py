@@ -414,9 +414,17 @@ def default_specs(layout: Layout) -> list[RegionSpec]:
 
 # --- user region files ---------------------------------------------------------------------------
 
+SETS_DIR = Path(__file__).parent / "sets"
+
+
+def shipped_sets() -> list[str]:
+    """Region sets that ship with kvmiso, usable by name (``--regions modern``)."""
+    return sorted(p.stem for p in SETS_DIR.glob("*.toml"))
+
+
 def load_regions(path: str | Path, layout: Layout, policy: str | None = None,
                  drop: tuple[str, ...] = ()) -> KvmAddressSpace:
-    """The default set changed by a TOML file::
+    """The default set changed by a TOML file (a path, or the name of a shipped set)::
 
         policy = "asi"                 # optional: rfc-v1 (default) or asi
         drop = ["buses", "memslots"]   # default regions to leave out
@@ -431,6 +439,8 @@ def load_regions(path: str | Path, layout: Layout, policy: str | None = None,
     Every error names the file and line.
     """
     path = Path(path)
+    if path.suffix != ".toml" and (SETS_DIR / f"{path}.toml").is_file():
+        path = SETS_DIR / f"{path}.toml"
     text = path.read_text()
     try:
         doc = tomllib.loads(text)
