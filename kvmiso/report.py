@@ -1,7 +1,10 @@
 """`kvmiso report`: the whole picture of a host in one command.
 
-Each part runs on its own: a part that cannot run here (no tracefs, no kallsyms, not root) is
-reported as skipped with the reason, and the report still gives the rest.
+It probes the host, runs the guest suite under capture (one tracefs session), checks every exit
+against kvm_mm (the RFC's 2019 set and the ``modern`` set), runs a short benchmark, and writes
+``report.json``, the exit log, the benchmark result file and, with matplotlib, a latency plot.
+A part that cannot run here (no tracefs, no kallsyms, not root) is reported as skipped with
+the reason, and the report still gives the rest.
 """
 
 from __future__ import annotations
@@ -15,16 +18,21 @@ from typing import Any, Callable
 from .guest import Machine
 from .guest.suite import SuiteEntry, suite
 from .kvm import GuestTimeout, Kvm
+from .observe.capture import Capture
 from .probe import fingerprint, probe
 
 SUITE_TIMEOUT = 5.0
 EXPECTED_TIMEOUT = 0.5  # for payloads built to spin: enough to prove the stop, no more
+REGION_SETS = ("rfc", "modern")  # the RFC's 2019 set; the same plus what a 6.x kernel needs
+BENCH = {"kinds": ("out", "in", "mmio_write", "mmio_read", "hlt", "cpuid", "rdmsr", "page_fault"),
+         "cpls": (0, 3), "samples": 2000, "runs": 3}
 
 
 @dataclass
 class Report:
     parts: dict[str, Any] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    text: dict[str, str] = field(default_factory=dict)  # tables for the terminal summary
     started: float = field(default_factory=time.time)
 
     def part(self, name: str, fn: Callable[[], Any]) -> Any:
@@ -41,35 +49,124 @@ class Report:
                 "elapsed_s": round(time.time() - self.started, 1), **self.parts, "skipped": self.skipped}
 
 
-def run_entry(kvm: Kvm, entry: SuiteEntry) -> dict[str, Any]:
-    timeout = EXPECTED_TIMEOUT if entry.expected == "timeout" else SUITE_TIMEOUT
-    with Machine(entry.payload, mode=entry.mode, cpl=entry.cpl, kvm=kvm) as m:
-        entry.setup(m)
-        try:
-            r = m.run(timeout=timeout, **entry.run_kwargs())
-        except GuestTimeout as e:
-            r = e.result
-    kinds: dict[str, int] = {}
-    for e in r.exits:
-        kinds[e.name] = kinds.get(e.name, 0) + 1
-    return {"label": entry.label, "outcome": r.outcome, "expected": entry.expected,
-            "as_expected": r.outcome == entry.expected, "detail": r.detail, "runs": r.runs,
-            "exits": kinds, "stats_delta": r.stats}
+@dataclass
+class SuiteRun:
+    entry: SuiteEntry
+    result: Any  # RunResult
+    log: Any  # ExitLog of this run; None for a run kept out of the capture
+    layout: Any = None  # the host layout with this VM's user-half addresses, or None
+    layout_error: str = ""
 
 
-def run_suite(kvm: Kvm, vendor: str | None) -> list[dict[str, Any]]:
-    return [run_entry(kvm, e) for e in suite(vendor)]
+def run_suite(kvm: Kvm, cap: Capture, vendor: str | None) -> list[SuiteRun]:
+    """Every suite entry on its own VM, under ``cap``; the layout is taken while the VM lives."""
+    from .isolation import host_layout
+
+    runs = []
+    for entry in suite(vendor):
+        timeout = EXPECTED_TIMEOUT if entry.expected == "timeout" else SUITE_TIMEOUT
+        with Machine(entry.payload, mode=entry.mode, cpl=entry.cpl, kvm=kvm) as m:
+            entry.setup(m)
+            if entry.expected == "timeout":
+                # built to spin inside one KVM_RUN: traced, it would fill the buffer with
+                # millions of emulator events and drown every other count, so it runs bare
+                try:
+                    result = m.run(timeout=timeout, **entry.run_kwargs())
+                except GuestTimeout as e:
+                    result = e.result
+                runs.append(SuiteRun(entry, result, None))
+                continue
+            result, log = cap.run(m, timeout=timeout, payload=entry.label, **entry.run_kwargs())
+            run = SuiteRun(entry, result, log)
+            try:
+                run.layout = host_layout(m.vm)
+            except Exception as e:  # noqa: BLE001 - reported as the isolation part's reason
+                run.layout_error = f"{type(e).__name__}: {e}"
+        runs.append(run)
+    return runs
+
+
+def suite_part(runs: list[SuiteRun]) -> list[dict[str, Any]]:
+    out = []
+    for r in runs:
+        kinds: dict[str, int] = {}
+        for e in r.result.exits:
+            kinds[e.name] = kinds.get(e.name, 0) + 1
+        out.append({"label": r.entry.label, "outcome": r.result.outcome, "expected": r.entry.expected,
+                    "as_expected": r.result.outcome == r.entry.expected, "detail": r.result.detail,
+                    "runs": r.result.runs, "exits": kinds, "stats_delta": r.result.stats,
+                    "captured": r.log is not None})
+    return out
+
+
+def isolation_part(runs: list[SuiteRun], rep: Report) -> dict[str, Any]:
+    """Each run checked against each region set with its own VM's layout, then folded."""
+    from .isolation import KvmAddressSpace, check, load_handlers, load_regions, result_text
+
+    runs = [r for r in runs if r.log is not None]
+    broken = [r for r in runs if r.layout is None]
+    if broken:
+        raise RuntimeError(f"no host layout: {broken[0].layout_error}")
+    table = load_handlers()
+    totals = {}
+    for name in REGION_SETS:
+        total = None
+        for r in runs:
+            kas = KvmAddressSpace.default(r.layout) if name == "rfc" else load_regions(name, r.layout)
+            res = check(kas, r.log, table, source=r.entry.label)
+            if total is None:
+                total = res
+            else:
+                total.add(res)
+        totals[name] = total.to_dict()
+        rep.text[f"isolation:{name}"] = result_text(total, f"{name} set: ")
+    return totals
+
+
+def bench_part(kvm: Kvm, out_dir: Path, rep: Report) -> dict[str, Any]:
+    from .bench.latency import bench, format_table
+
+    result = bench(kvm, BENCH["kinds"], BENCH["cpls"], samples=BENCH["samples"], runs=BENCH["runs"])
+    result.write(out_dir / "bench.json")
+    rep.text["bench"] = format_table(result)
+    try:
+        from .bench.command import plot
+
+        plot(result, str(out_dir / "latency.png"))
+        rep.parts["plot"] = str(out_dir / "latency.png")
+    except ImportError:
+        rep.skipped["plot"] = "matplotlib is not installed (pip install -e '.[plot]')"
+    return result.to_dict()
 
 
 def build(out_dir: Path) -> Report:
+    from .observe.exitlog import summarize
+
     rep = Report()
+    out_dir.mkdir(parents=True, exist_ok=True)
     with Kvm() as kvm:
         host = rep.part("host", lambda: probe(kvm))
         if host:
             rep.parts["fingerprint"] = fingerprint(host)
-        rep.part("suite", lambda: run_suite(kvm, host and host["vendor"]))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.json").write_text(json.dumps(rep.to_dict(), indent=2))
+        vendor = host["vendor"] if host else None
+        with Capture() as cap:
+            runs = rep.part("suite_runs", lambda: run_suite(kvm, cap, vendor))
+        rep.parts.pop("suite_runs")
+        if runs:
+            rep.parts["suite"] = suite_part(runs)
+            cap.log.write_jsonl(out_dir / "exitlog.jsonl")
+            summary = summarize(cap.log)
+            rep.parts["trace"] = {"tracing": cap.log.tracing, "tracing_reason": cap.log.tracing_reason,
+                                  "lost_events": cap.log.lost_events, "records": len(cap.log.records),
+                                  "events": sum(len(r.events) for r in cap.log.records)}
+            rep.text["trace"] = summary.table()
+            if not cap.log.tracing:
+                rep.skipped["in-kernel events"] = cap.log.tracing_reason
+            rep.part("isolation", lambda: isolation_part(runs, rep))
+        else:
+            rep.skipped["trace"] = rep.skipped["isolation"] = "the guest suite did not run"
+        rep.part("bench", lambda: bench_part(kvm, out_dir, rep))
+    (out_dir / "report.json").write_text(json.dumps(rep.to_dict(), indent=2, default=str))
     return rep
 
 
@@ -82,17 +179,30 @@ def print_summary(rep: Report, out_dir: Path) -> None:
     s = rep.parts.get("suite")
     if s:
         ok = sum(x["as_expected"] for x in s)
-        print(f"\nguest suite: {ok}/{len(s)} payload runs ended as expected")
-        totals: dict[str, int] = {}
+        bare = [x["label"] for x in s if not x["captured"]]
+        print(f"\n== guest suite: {ok}/{len(s)} payload runs ended as expected")
+        if bare:
+            print(f"  not traced (built to spin inside KVM_RUN until the deadline): {', '.join(bare)}")
         for x in s:
-            for k, n in x["exits"].items():
-                totals[k] = totals.get(k, 0) + n
             if not x["as_expected"]:
                 print(f"  UNEXPECTED {x['label']}: {x['outcome']} (expected {x['expected']}): {x['detail']}")
-        print("  userspace exits by kind: " + ", ".join(f"{k} {n}" for k, n in sorted(totals.items(), key=lambda kv: -kv[1])))
+    t = rep.parts.get("trace")
+    if t:
+        print(f"\n== exits by kind ({t['records']} KVM_RUN calls, {t['events']} in-kernel events, "
+              f"{t['lost_events']} lost)")
+        print(rep.text["trace"])
+    if rep.parts.get("isolation"):
+        print("\n== kvm_mm: what stays isolated, what switches, what faults")
+        for name in REGION_SETS:
+            print(rep.text[f"isolation:{name}"] + "\n")
+    if rep.parts.get("bench"):
+        print(f"== KVM_RUN round trips (short run: {BENCH['samples']} samples x {BENCH['runs']} runs; "
+              "`kvmiso bench` for the full method)")
+        print(rep.text["bench"])
     for name, why in rep.skipped.items():
         print(f"\nskipped {name}: {why}")
-    print(f"\nwrote {out_dir / 'report.json'}")
+    files = ["report.json", "exitlog.jsonl", "bench.json", "latency.png"]
+    print("\nwrote " + ", ".join(str(out_dir / f) for f in files if (out_dir / f).exists()))
 
 
 def suite_ok(rep: Report) -> bool:

@@ -31,6 +31,7 @@ offset is 0: the model knows the function on the path, not the faulting instruct
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import tomllib
 from collections import Counter
@@ -233,6 +234,33 @@ class CheckResult:
     def overhead_share(self) -> float:
         """Estimated isolation cost as a share of the measured KVM_RUN round trips."""
         return self.overhead_ns / self.wall_ns if self.wall_ns else 0.0
+
+    def add(self, other: "CheckResult") -> None:
+        """Fold ``other`` (the same policy, another VM's log) into this result. Faults merge by
+        function and region: their addresses differ between VMs only in the user half."""
+        self.exits += other.exits
+        self.runs += other.runs
+        self.switches += other.switches
+        self.wall_ns += other.wall_ns
+        for c, n in other.classes.items():
+            self.classes[c] = self.classes.get(c, 0) + n
+        for c, k in other.by_kind.items():
+            self.by_kind.setdefault(c, Counter()).update(k)
+        self.reasons.update(other.reasons)
+        self.unknown.update(other.unknown)
+        self.switch_hist.update(other.switch_hist)
+        mine = {(f.function, f.region): f for f in self.faults}
+        for f in other.faults:
+            if (f.function, f.region) in mine:
+                mine[(f.function, f.region)].count += f.count
+                mine[(f.function, f.region)].kinds |= f.kinds
+            else:
+                self.faults.append(dataclasses.replace(f, kinds=set(f.kinds)))
+                mine[(f.function, f.region)] = self.faults[-1]
+        for attr in ("stale", "inlined", "notes"):
+            have = getattr(self, attr)
+            have.extend(x for x in getattr(other, attr) if x not in have)
+        self.tracing = self.tracing or other.tracing
 
     def fault_lines(self) -> list[str]:
         """The RFC's report line for each distinct fault, in order of first occurrence."""
