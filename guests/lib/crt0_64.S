@@ -8,17 +8,7 @@ _start:
 1:      hlt
         jmp 1b
 
-        .balign 16
-exception_stubs:
-        .irp vec, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
-        .balign 16
-        .if (\vec == 8) || (\vec == 10) || (\vec == 11) || (\vec == 12) || (\vec == 13) || (\vec == 14) || (\vec == 17) || (\vec == 21) || (\vec == 29) || (\vec == 30)
-        .else
-        pushq $0
-        .endif
-        pushq $\vec
-        jmp exception_common
-        .endr
+        EXCEPTION_STUBS
 
 # A payload may set exception_hook to its own handler: it is called with rdi=vector,
 # rsi=error code, rdx=pointer to the saved RIP (which it may advance); when it returns the
