@@ -141,7 +141,7 @@ def _add_guest_args(sp: argparse.ArgumentParser) -> None:
 # --- probe -----------------------------------------------------------------------------------
 
 def cmd_probe(args) -> int:
-    from .probe import probe
+    from .guest.probe import probe
 
     with Kvm() as kvm:
         info = probe(kvm)

@@ -19,7 +19,7 @@ from .guest import Machine
 from .guest.suite import SuiteEntry, suite
 from .kvm import GuestTimeout, Kvm
 from .observe.capture import Capture
-from .probe import fingerprint, probe
+from .guest.probe import fingerprint, probe
 
 SUITE_TIMEOUT = 5.0
 EXPECTED_TIMEOUT = 0.5  # for payloads built to spin: enough to prove the stop, no more

@@ -10,8 +10,7 @@ from hypothesis import given, strategies as st
 
 from kvmiso.kvm import abi
 from kvmiso.kvm.exits import (DebugExit, FailEntryExit, HltExit, HypercallExit, InternalErrorExit,
-                              IoExit, MmioExit, RdmsrExit, ShutdownExit, SystemEventExit, UnknownExit,
-                              WrmsrExit, decode)
+                              IoExit, RdmsrExit, ShutdownExit, UnknownExit, WrmsrExit, decode)
 
 U = abi.kvm_run.u.offset
 

@@ -135,8 +135,8 @@ def governor(cpu: int | None) -> str:
 
 
 def host_facts(kvm: Kvm, pinning: dict[str, Any]) -> dict[str, Any]:
-    """The host fingerprint every result file records (kvmiso.probe's, plus timing facts)."""
-    from ..probe import fingerprint, probe
+    """The host fingerprint every result file records (kvmiso.guest.probe's, plus timing facts)."""
+    from ..guest.probe import fingerprint, probe
 
     info = probe(kvm)
     fp = fingerprint(info)

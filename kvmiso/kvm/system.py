@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from ._libc import ioctl
 from .errors import KvmError, KvmUnavailable
 
 DEV_KVM = "/dev/kvm"
+VULNERABILITIES = Path("/sys/devices/system/cpu/vulnerabilities")
 VENDOR_MODULES = ("kvm_intel", "kvm_amd", "kvm_pvm")
 
 
@@ -33,6 +35,23 @@ def vendor_module(sys_module: Path = Path("/sys/module")) -> str | None:
         if (sys_module / name).is_dir():
             return name
     return None
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def vulnerabilities() -> dict[str, str]:
+    try:
+        return {p.name: p.read_text().strip() for p in sorted(VULNERABILITIES.iterdir())}
+    except OSError:
+        return {}
 
 
 class Kvm:

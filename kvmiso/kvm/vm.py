@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 
 from . import abi
 from ._libc import ioctl, mmap, munmap
-from .errors import KvmError
 
 PAGE_SIZE = 4096
 

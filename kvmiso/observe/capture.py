@@ -188,6 +188,6 @@ def _delta(stats, before: bytes, after: bytes) -> dict[str, Any]:
 
 
 def _host(machine: "Machine") -> dict[str, Any]:
-    from ..probe import cpu_model
+    from ..kvm.system import cpu_model
 
     return {"kernel": platform.release(), "vendor": machine.vendor, "cpu": cpu_model(), "pid": os.getpid()}

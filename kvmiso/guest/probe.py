@@ -7,11 +7,11 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from .guest import Machine
-from .kvm import Kvm, vendor_module
+from ..kvm import Kvm, vendor_module
+from ..kvm.system import cpu_model, vulnerabilities
+from .machine import Machine
 
 PROBE_INSNS = 16  # plain instructions in guests/probe.S
-VULNERABILITIES = Path("/sys/devices/system/cpu/vulnerabilities")
 TRACEFS = Path("/sys/kernel/tracing")
 
 VENDOR_NOTES = {
@@ -20,23 +20,6 @@ VENDOR_NOTES = {
     "kvm_pvm": ("PVM: no hardware exits (kvm_exit never fires); CPL0 guest code runs under KVM's "
                 "instruction emulator, so CPL0 round trips include emulation; CPL3 runs natively."),
 }
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def vulnerabilities() -> dict[str, str]:
-    try:
-        return {p.name: p.read_text().strip() for p in sorted(VULNERABILITIES.iterdir())}
-    except OSError:
-        return {}
 
 
 def tracefs_state() -> dict[str, Any]:
