@@ -63,3 +63,17 @@ def test_vm_stats(kvm):
     assert set(delta) == {d.name for d in st.descriptors}
     # running mapped guest memory: shadow pages on kvm_pvm, TDP pages (pages_4k/2m) on Intel/AMD
     assert any(delta[n] for n in ("mmu_cache_miss", "pages_4k", "pages_2m", "pages_1g"))
+
+
+def test_delta_keeps_levels_and_subtracts_counters(kvm):
+    from kvmiso.guest import Machine
+
+    with Machine("portio", kvm=kvm) as m, m.vcpu.stats() as st:
+        levels = {d.name for d in st.descriptors if d.type in ("instant", "peak")}
+        before = st.snapshot()
+        m.run(timeout=5)
+        after = st.snapshot()
+    delta = after - before
+    assert delta["exits"] == after["exits"] - before["exits"] > 0
+    assert levels, "KVM exports at least one instant/peak vCPU stat (e.g. guest_mode)"
+    assert all(delta[k] == after[k] for k in levels)

@@ -39,13 +39,18 @@ class StatDesc:
 
 
 class Snapshot(dict):
-    """name -> int (or tuple of bucket counts for histograms). ``a - b`` is the delta."""
+    """name -> int (or tuple of bucket counts for histograms). ``a - b`` is the delta of the
+    cumulative statistics; instant and peak ones (``levels``) keep ``a``'s value, since a
+    difference of two levels means nothing."""
+
+    levels: frozenset[str] = frozenset()
 
     def __sub__(self, other: "Snapshot") -> "Snapshot":
         out = Snapshot()
+        out.levels = self.levels
         for k, v in self.items():
             o = other.get(k)
-            if o is None:
+            if o is None or k in self.levels:
                 out[k] = v
             elif isinstance(v, tuple):
                 out[k] = tuple(x - y for x, y in zip(v, o))
@@ -74,6 +79,7 @@ class Stats:
         self._data_offset = hdr.data_offset
         self._data_len = max((d.offset + 8 * d.size for d in self.descriptors), default=0)
         self._by_name = {d.name: d for d in self.descriptors}
+        self._levels = frozenset(d.name for d in self.descriptors if d.type in ("instant", "peak"))
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -104,6 +110,7 @@ class Stats:
         """A Snapshot from a data block read by :meth:`read_raw`."""
         words = struct.unpack(f"<{len(data) // 8}Q", data)
         snap = Snapshot()
+        snap.levels = self._levels
         for d in self.descriptors:
             i = d.offset // 8
             snap[d.name] = tuple(words[i : i + d.size]) if d.is_histogram or d.size > 1 else words[i]

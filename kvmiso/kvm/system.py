@@ -63,6 +63,7 @@ class Kvm:
     """
 
     def __init__(self, path: str = DEV_KVM) -> None:
+        self._supported_cpuid: tuple[CpuidEntry, ...] | None = None
         try:
             self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -118,8 +119,11 @@ class Kvm:
             return list(buf[1 : 1 + buf[0]])
 
     def get_supported_cpuid(self) -> list[CpuidEntry]:
-        """KVM_GET_SUPPORTED_CPUID: every leaf KVM can expose to a guest."""
-        return cpuid_ioctl(self.fd, abi.KVM_GET_SUPPORTED_CPUID)
+        """KVM_GET_SUPPORTED_CPUID: every leaf KVM can expose to a guest. Asked once per
+        handle: the answer cannot change while the module is loaded, and every VM wants it."""
+        if self._supported_cpuid is None:
+            self._supported_cpuid = tuple(cpuid_ioctl(self.fd, abi.KVM_GET_SUPPORTED_CPUID))
+        return list(self._supported_cpuid)
 
     def create_vm(self, vm_type: int = 0):
         """KVM_CREATE_VM, returned as a :class:`kvmiso.kvm.vm.Vm`."""
