@@ -287,7 +287,15 @@ def cmd_trace(args) -> int:
         except OSError as e:
             raise CliError(f"cannot write the exit log to {args.json}: {e.strerror}") from None
         with out or contextlib.nullcontext():
-            result, log = capture(m, timeout=args.timeout, payload=m.image.name)
+            try:
+                result, log = capture(m, timeout=args.timeout, payload=m.image.name)
+            except KeyboardInterrupt as e:
+                partial = getattr(e, "log", None)
+                if out and partial is not None:
+                    out.writelines(line + "\n" for line in partial.iter_jsonl())
+                    print(f"kvmiso: wrote the partial exit log ({len(partial.records)} KVM_RUN calls, "
+                          f"marked incomplete) to {args.json}", file=sys.stderr)
+                raise
             if out:
                 out.writelines(line + "\n" for line in log.iter_jsonl())
         where = f"{m.image.name} in {m.mode} mode at CPL{args.cpl} on {m.vendor or 'an unknown vendor module'}"
@@ -342,7 +350,9 @@ def cmd_check(args) -> int:
     from .observe.exitlog import read_jsonl
 
     results = []
+    interrupted: KeyboardInterrupt | None = None
     for p in args.payload:
+        log = None
         if p.endswith(".jsonl"):
             try:
                 log = read_jsonl(p)
@@ -351,18 +361,28 @@ def cmd_check(args) -> int:
             kas = _address_space(args)
         else:
             with Machine(p, mode=args.mode, cpl=args.cpl) as m:
-                _, log = capture(m, timeout=args.timeout, payload=m.image.name)
                 kas = _address_space(args, m.vm)
+                try:
+                    _, log = capture(m, timeout=args.timeout, payload=m.image.name)
+                except KeyboardInterrupt as e:
+                    interrupted = e
+                    log = getattr(e, "log", None)
         cost = {} if args.switch_cost is None else {"switch_cost_ns": args.switch_cost,
                                                      "switch_cost_source": "given with --switch-cost"}
-        results.append((p, check(kas, log, source=p, **cost)))
+        if log is not None:
+            results.append((p, log.incomplete, check(kas, log, source=p, **cost)))
+        if interrupted is not None:
+            break
     if args.json:
-        print(json.dumps([{"payload": p, **r.to_dict()} for p, r in results], indent=2))
+        print(json.dumps([{"payload": p, "incomplete": bool(why), "incomplete_reason": why, **r.to_dict()}
+                          for p, why, r in results], indent=2))
     else:
-        for p, r in results:
-            print(result_text(r, f"{p}: ") + "\n")
+        for p, why, r in results:
+            print(result_text(r, f"{p}{' (INCOMPLETE: ' + why + ')' if why else ''}: ") + "\n")
+    if interrupted is not None:
+        raise interrupted
     # a missing mapping or an exit without a model entry is a finding: non-zero, like a failed test
-    return EXIT_FAILED if any(r.classes["fault"] or r.classes["unknown"] for _, r in results) else 0
+    return EXIT_FAILED if any(r.classes["fault"] or r.classes["unknown"] for _, _, r in results) else 0
 
 
 if __name__ == "__main__":

@@ -133,3 +133,41 @@ def test_reader_closing_the_pipe_ends_kvmiso_run_quietly(kvm):
         p.wait()
     assert p.returncode == 128 + signal.SIGPIPE
     assert "Traceback" not in err and "BrokenPipeError" not in err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_trace_and_check_keep_what_they_saw(kvm, tmp_path, sig):
+    """trace writes the partial exit log, check reports the payloads it finished plus the
+    interrupted one; both marked incomplete, no tracefs instance left behind."""
+    from kvmiso.observe.exitlog import read_jsonl
+
+    name = signal.Signals(sig).name
+    log_path = tmp_path / "trace.jsonl"
+    commands = {
+        "trace": ["trace", "spin", "--timeout", "600", "--json", str(log_path)],
+        "check": ["check", "portio", "spin", "--timeout", "600", "--json"],
+    }
+    for what, args in commands.items():
+        p = subprocess.Popen([sys.executable, "-m", "kvmiso.cli", *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+        try:
+            # the spin payload runs last: wait until its KVM_RUN (watchdog thread) is under way
+            # and the checked payload before it, if any, is done
+            _wait_until_running(p.pid)
+            time.sleep(2.5)
+            p.send_signal(sig)
+            out, err = p.communicate(timeout=60)
+        finally:
+            p.kill()
+            p.wait()
+        assert p.returncode == 128 + sig, (what, err)
+        assert err.strip().splitlines()[-1] == f"kvmiso: interrupted by {name}", err
+        assert not os.path.exists(f"/sys/kernel/tracing/instances/kvmiso-{p.pid}")
+        if what == "trace":
+            log = read_jsonl(log_path)
+            assert log.incomplete == f"interrupted by {name}" and log.records
+            assert log.records[-1].exit["exit"] == "INTR"
+        else:
+            results = json.loads(out)
+            assert [(r["payload"], r["incomplete"]) for r in results] == [("portio", False), ("spin", True)]
+            assert results[1]["incomplete_reason"] == f"interrupted by {name}"

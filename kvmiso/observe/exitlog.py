@@ -69,6 +69,7 @@ class ExitLog:
     tracing_reason: str = ""  # why not, or which events were missing
     events_enabled: list[str] = field(default_factory=list)  # "kvm:kvm_pio", ...
     lost_events: int = 0  # records the kernel dropped (buffer full): counted, never hidden
+    incomplete: str = ""  # why the capture ended early (e.g. "interrupted by SIGTERM"), or ""
 
     def events(self) -> Iterator[tuple[RunRecord, TraceEvent]]:
         for r in self.records:
@@ -81,6 +82,7 @@ class ExitLog:
             r.run += base
             self.records.append(r)
         self.lost_events += other.lost_events
+        self.incomplete = self.incomplete or other.incomplete
         self.tracing = self.tracing or other.tracing
         for name in other.events_enabled:
             if name not in self.events_enabled:
@@ -92,7 +94,7 @@ class ExitLog:
     def header(self) -> dict[str, Any]:
         return {"kvmiso_exitlog": FORMAT_VERSION, "host": self.host, "tracing": self.tracing,
                 "tracing_reason": self.tracing_reason, "events_enabled": self.events_enabled,
-                "lost_events": self.lost_events, "records": len(self.records)}
+                "lost_events": self.lost_events, "incomplete": self.incomplete, "records": len(self.records)}
 
     def write_jsonl(self, path: str | Path) -> None:
         with open(path, "w") as f:
@@ -126,7 +128,7 @@ def parse_jsonl(lines: Iterable[str], source: str = "<exit log>") -> ExitLog:
         raise ExitLogError(f"{source}:1: exit log format {head['kvmiso_exitlog']}, this kvmiso reads {FORMAT_VERSION}")
     log = ExitLog(host=head.get("host", {}), tracing=head.get("tracing", False),
                   tracing_reason=head.get("tracing_reason", ""), events_enabled=head.get("events_enabled", []),
-                  lost_events=head.get("lost_events", 0))
+                  lost_events=head.get("lost_events", 0), incomplete=head.get("incomplete", ""))
     for n, line in enumerate(it, start=2):
         if not line.strip():
             continue
