@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kvmiso.bench import latency, runloop, stats
-from kvmiso.bench.overhead import SwitchCost, isolation_rows, rfc_switches
+from kvmiso.bench.overhead import MODEL, SwitchCost, isolation_rows, rfc_switches
 from kvmiso.bench.runloop import PORT_BENCH, LoopError
 from kvmiso.guest import Machine, build
 from kvmiso.kvm import abi
@@ -203,7 +203,9 @@ def test_isolation_rule_and_overhead():
     row = isolation_rows(res, SwitchCost(100, "given"))[0]
     assert row["added_ns"] == 200 and row["added_pct"] == 20
     row = isolation_rows(res, SwitchCost(100, "given"), switches={"out": 3})[0]
-    assert row["added_ns"] == 300 and row["switch_source"] == "model"
+    assert row["added_ns"] == 300 and row["switch_source"] == MODEL
+    row = isolation_rows(res, SwitchCost(100, "given"), switches={("out", 0): 4, ("out", 3): 9})[0]
+    assert row["added_ns"] == 400  # (kind, cpl) keys: this row is CPL0
     assert isolation_rows(res, SwitchCost(None, "unknown"))[0]["added_ns"] is None
 
 
@@ -218,12 +220,17 @@ def test_cli_bench_small_run_writes_a_result_file(kvm, tmp_path):
     d = json.loads(out.read_text())
     assert d["complete"] and d["settings"]["command"].startswith("kvmiso bench --kinds out,cpuid")
     assert {(r["kind"], r["path"]) for r in d["results"]} >= {("out", "c"), ("out", "python"), ("cpuid", "guest")}
+    iso = {(r["kind"], r["path"]): r for r in d["settings"]["isolation"]["rows"]}
+    assert iso[("out", "c")]["switch_source"] == MODEL and iso[("out", "c")]["switches"] >= 2  # entry + return
+    assert iso[("cpuid", "guest")]["switch_source"] != MODEL
 
 
 def test_cli_bench_bad_input(kvm):
     p = kvmiso("bench", "--kinds", "out,warp")
     assert p.returncode == 2 and "unknown kind(s) warp" in p.stderr
     p = kvmiso("bench", "--switch-cost", "5")
+    assert p.returncode == 2 and "--isolation" in p.stderr
+    p = kvmiso("bench", "--regions", "modern")
     assert p.returncode == 2 and "--isolation" in p.stderr
 
 

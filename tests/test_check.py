@@ -211,3 +211,15 @@ def test_foundation_payloads_on_real_kvm(kvm, capsys):
     assert main(["check", "portio", "--regions", "modern", "--json"]) == 0
     capsys.readouterr()
     assert out[0]["payload"] == "portio" and out[0]["switch_cost_source"] == "given with --switch-cost"
+
+
+def test_measure_switches_of_a_looping_guest(kvm):
+    """A guest that exits to userspace forever: the model sees exactly max_exits KVM_RUNs, each
+    entering and leaving kvm_mm at least once; the RFC set faults where `modern` does not."""
+    from kvmiso.isolation.check import measure_switches
+
+    modern = measure_switches(kvm, "bench_out", regions="modern", max_exits=16)
+    assert modern.runs == 16 and modern.classes["fault"] == 0 and modern.classes["unknown"] == 0
+    assert modern.switches_per_run >= 2
+    rfc = measure_switches(kvm, "bench_out", max_exits=16)
+    assert rfc.runs == 16 and rfc.classes["fault"] > 0 and rfc.switches_per_run > modern.switches_per_run

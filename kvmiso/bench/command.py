@@ -38,6 +38,8 @@ def add_bench_args(sp: argparse.ArgumentParser) -> None:
                     help="add what KVM address space isolation's extra switches would cost per kind")
     sp.add_argument("--switch-cost", type=float, metavar="NS",
                     help="cost of one address-space switch for --isolation (default: estimated where possible)")
+    sp.add_argument("--regions", metavar="FILE.toml",
+                    help="kvm_mm region set the model uses for --isolation (a TOML file or a shipped set: modern)")
 
 
 def add_compare_args(sp: argparse.ArgumentParser) -> None:
@@ -90,8 +92,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise BenchInputError(f"unknown kind(s) {', '.join(unknown)}; kinds: {', '.join(KINDS)}")
     if args.samples < 2 or args.runs < 1 or args.iterations < 1:
         raise BenchInputError("--samples must be >= 2, --runs and --iterations >= 1")
-    if args.switch_cost is not None and not args.isolation:
-        raise BenchInputError("--switch-cost is for --isolation")
+    if (args.switch_cost is not None or args.regions) and not args.isolation:
+        raise BenchInputError("--switch-cost and --regions are for --isolation")
     if args.plot:
         _check_plot_backend()
     show, clear = _progress()
@@ -104,7 +106,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         finally:
             clear()
         result.settings["command"] = _command(args)
-        isolation = _isolation(kvm, result, args.switch_cost) if args.isolation else None
+        isolation = _isolation(kvm, result, args.switch_cost, args.regions) if args.isolation else None
     print(format_table(result))
     if isolation is not None:
         print()
@@ -121,16 +123,31 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _isolation(kvm: Kvm, result: BenchResult, switch_cost: float | None) -> str:
+def _isolation(kvm: Kvm, result: BenchResult, switch_cost: float | None, regions: str | None) -> str:
+    from ..isolation.check import measure_switches
     from .overhead import SwitchCost, estimate_switch_cost, format_isolation, isolation_rows
 
     if switch_cost is not None:
         cost = SwitchCost(switch_cost, "given with --switch-cost")
     else:
         cost = estimate_switch_cost(kvm, result.host)
-    rows = isolation_rows(result, cost)
-    result.settings["isolation"] = {"switch_cost_ns": cost.ns, "switch_cost_source": cost.source, "rows": rows}
-    return format_isolation(rows, cost)
+    # The model classifies a short captured run of each userspace-exit kind's own guest: every
+    # such KVM_RUN is one round trip. In-kernel kinds share one KVM_RUN per batch: the rule.
+    switches, notes = {}, []
+    for kind, cpl in sorted({(r.kind, r.cpl) for r in result.results if r.cpl is not None}):
+        k = KINDS.get(kind)
+        if k is None or k.in_kernel or k.guest is None or kind in ("vm_create", "parallel"):
+            continue
+        res = measure_switches(kvm, k.guest, cpl=cpl, regions=regions)
+        switches[(kind, cpl)] = res.switches_per_run
+        if res.classes["fault"] or res.classes["unknown"]:
+            notes.append(f"{kind} at CPL{cpl}: {res.classes['fault']} exits fault on a missing mapping and "
+                         f"{res.classes['unknown']} have no model entry in {res.runs} KVM_RUNs (kvmiso check shows which)")
+    rows = isolation_rows(result, cost, switches)
+    result.settings["isolation"] = {"switch_cost_ns": cost.ns, "switch_cost_source": cost.source,
+                                    "regions": regions or "rfc", "rows": rows, "notes": notes}
+    text = format_isolation(rows, cost) + f"\n  model region set: {regions or 'the RFC default set'}"
+    return "\n".join([text, *(f"  note: {n}" for n in notes)])
 
 
 def plot(result: BenchResult, path: str) -> None:

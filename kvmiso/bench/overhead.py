@@ -20,8 +20,10 @@ from ..guest import Machine, build
 from . import runloop
 from .latency import BENCH_MEMORY, KINDS, RESULTS_ADDR, BenchResult
 
-RFC_RULE = ("RFC rule (kvmiso.isolation not consulted): 2 switches per KVM_RUN + 1 per exit "
-            "handled on host_mm")
+RFC_RULE = ("RFC rule: 2 switches per KVM_RUN + 1 per exit handled on host_mm (used for the "
+            "in-kernel batch kinds and the floors)")
+MODEL = ("model: switches per KVM_RUN of a short captured run of the kind's own guest, every exit "
+         "classified by kvmiso.isolation (used for the kinds that exit to userspace)")
 
 
 @dataclass(frozen=True)
@@ -72,19 +74,22 @@ def estimate_switch_cost(kvm, host: Mapping[str, Any], iterations: int = 1000,
 
 
 def isolation_rows(result: BenchResult, cost: SwitchCost,
-                   switches: Mapping[str, float] | None = None) -> list[dict[str, Any]]:
+                   switches: Mapping[Any, float] | None = None) -> list[dict[str, Any]]:
     """Per measured row: extra switches per round trip, and the ns and % they would add.
 
-    ``switches`` maps kind -> extra switches per round trip (from the isolation model); kinds
-    it lacks fall back to :func:`rfc_switches`.
+    ``switches`` maps (kind, cpl), or a kind for every CPL, to extra switches per round trip
+    (from the isolation model); rows it lacks fall back to :func:`rfc_switches`.
     """
     rows = []
+    switches = switches or {}
     for r in result.results:
-        given = switches is not None and r.kind in switches
-        n = switches[r.kind] if given else rfc_switches(r.kind, r.iterations)
+        n = switches.get((r.kind, r.cpl), switches.get(r.kind))
+        given = n is not None
+        if n is None:
+            n = rfc_switches(r.kind, r.iterations)
         added = None if cost.ns is None else n * cost.ns
         rows.append({"kind": r.kind, "path": r.path, "cpl": r.cpl, "p50_ns": r.summary["p50"],
-                     "switches": n, "switch_source": "model" if given else RFC_RULE,
+                     "switches": n, "switch_source": MODEL if given else RFC_RULE,
                      "added_ns": added,
                      "added_pct": None if added is None else 100 * added / r.summary["p50"]})
     return rows
@@ -94,11 +99,13 @@ def format_isolation(rows: list[dict[str, Any]], cost: SwitchCost) -> str:
     """The isolation table, with the switch cost's source printed next to it."""
     cost_text = "unknown" if cost.ns is None else f"{cost.ns:.0f} ns"
     out = [f"isolation overhead at {cost_text} per switch ({cost.source})",
-           f"switches per round trip: {rows[0]['switch_source'] if rows else RFC_RULE}",
-           f"{'kind':<11} {'cpl':>3} {'path':<7} {'p50 us':>9} {'switches':>8} {'adds us':>8} {'adds %':>7}"]
+           f"{'kind':<11} {'cpl':>3} {'path':<7} {'p50 us':>9} {'switches':>8} {'adds us':>8} {'adds %':>7}  switches from"]
     for r in rows:
         cpl = "-" if r["cpl"] is None else str(r["cpl"])
         add = "n/a" if r["added_ns"] is None else f"{r['added_ns'] / 1000:.3f}"
         pct = "n/a" if r["added_pct"] is None else f"{r['added_pct']:.1f}"
-        out.append(f"{r['kind']:<11} {cpl:>3} {r['path']:<7} {r['p50_ns'] / 1000:>9.3f} {r['switches']:>8.2f} {add:>8} {pct:>7}")
+        src = "model" if r["switch_source"] == MODEL else "RFC rule"
+        out.append(f"{r['kind']:<11} {cpl:>3} {r['path']:<7} {r['p50_ns'] / 1000:>9.3f} {r['switches']:>8.2f} {add:>8} {pct:>7}  {src}")
+    sources = {r["switch_source"] for r in rows}
+    out += [f"  {x}" for x in sorted(sources)]
     return "\n".join(out)

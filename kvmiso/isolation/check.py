@@ -510,3 +510,22 @@ def result_text(res: CheckResult, title: str = "") -> str:
     out += [f"  stale: {s}" for s in res.stale]
     out += [f"  note: {n}" for n in res.notes]
     return "\n".join(out)
+
+
+def measure_switches(kvm, payload, cpl: int = 0, regions: str | None = None, policy: str | None = None,
+                     max_exits: int = 32, timeout: float = 5.0) -> CheckResult:
+    """Run ``payload`` (a name, path or built Image) for at most ``max_exits`` KVM_RUNs under
+    capture and check every exit against kvm_mm (the RFC's set, or ``regions``: a TOML path or a
+    shipped set's name). ``result.switches_per_run`` is then what the model says isolation adds
+    to one round trip of that guest.
+    """
+    from ..guest import Machine
+    from ..observe.capture import capture
+    from .layout import host_layout
+    from .mapset import KvmAddressSpace, load_regions
+
+    with Machine(payload, cpl=cpl, kvm=kvm) as m:
+        layout = host_layout(m.vm)
+        kas = load_regions(regions, layout, policy) if regions else KvmAddressSpace.default(layout, policy or "rfc-v1")
+        _, log = capture(m, timeout=timeout, payload=m.image.name, max_exits=max_exits)
+    return check(kas, log, source=m.image.name)
