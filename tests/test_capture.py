@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -260,3 +261,33 @@ def test_cli_trace_failures(kvm, tmp_path):
     assert p.returncode == 2 and "unknown payload 'nonesuch'" in p.stderr
     p = kvmiso("trace", "portio", "--json", str(tmp_path / "no" / "such" / "dir.jsonl"))
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "cannot write the exit log" in p.stderr
+
+
+def test_two_kvmiso_processes_tracing_at_once_each_see_only_their_own(kvm, tmp_path):
+    """Issue 6's concurrency case: two `kvmiso trace` processes, each with its own instance,
+    overlapping in time; every event in each log comes from that process's own vCPU thread."""
+    from kvmiso.observe.exitlog import read_jsonl
+
+    _need_tracefs()
+    a_log, b_log = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    cmd = [sys.executable, "-m", "kvmiso.cli", "trace"]
+    a = subprocess.Popen(cmd + ["spin", "--timeout", "3", "--json", str(a_log)], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.0)  # a's guest is spinning (emulating) now, its instance tracing
+        b = subprocess.run(cmd + ["portio", "--json", str(b_log)], cwd=ROOT, capture_output=True, text=True,
+                           timeout=60)
+        assert a.poll() is None, "the two traces did not overlap"
+        a.communicate(timeout=60)
+    finally:
+        a.kill()
+        a.wait()
+    assert b.returncode == 0, b.stderr
+    logs = {"a": read_jsonl(a_log), "b": read_jsonl(b_log)}
+    pids = {k: log.host["pid"] for k, log in logs.items()}
+    assert pids["a"] != pids["b"]
+    for k, log in logs.items():
+        assert log.tracing and log.records
+        assert {e.pid for _, e in log.events()} == {pids[k]}  # the CLI runs its vCPU on its main thread
+    pio = [e for _, e in logs["b"].events() if e.name == "kvm_pio"]
+    assert pio and not [e for _, e in logs["a"].events() if e.name == "kvm_pio" and e.fields.get("port") == 0x3000]
