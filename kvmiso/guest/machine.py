@@ -151,7 +151,8 @@ class Machine:
             self.vm.add_memory(0, memory)
             self.vm.write(self.image.load_address, self.image.code)
             cpuid = self.kvm.get_supported_cpuid()
-            reset_msrs = [i for i in _RESET_MSRS if i in set(self.kvm.get_msr_index_list())]
+            saved = set(self.kvm.get_msr_index_list())
+            reset_msrs = [i for i in _RESET_MSRS if i in saved]
             for i in range(vcpus):
                 vcpu = self.vm.create_vcpu(i)
                 vcpu.set_cpuid2(cpuid)

@@ -64,6 +64,7 @@ class Kvm:
 
     def __init__(self, path: str = DEV_KVM) -> None:
         self._supported_cpuid: tuple[CpuidEntry, ...] | None = None
+        self._msr_index_list: tuple[int, ...] | None = None
         try:
             self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -102,8 +103,11 @@ class Kvm:
         return {name: self.check_extension(nr) for name, nr in abi.KVM_CAPS.items()}
 
     def get_msr_index_list(self) -> list[int]:
-        """KVM_GET_MSR_INDEX_LIST: the MSRs KVM saves and restores."""
-        return self._msr_list(abi.KVM_GET_MSR_INDEX_LIST)
+        """KVM_GET_MSR_INDEX_LIST: the MSRs KVM saves and restores (asked once per handle,
+        like the supported CPUID: it cannot change while the module is loaded)."""
+        if self._msr_index_list is None:
+            self._msr_index_list = tuple(self._msr_list(abi.KVM_GET_MSR_INDEX_LIST))
+        return list(self._msr_index_list)
 
     def _msr_list(self, request: int) -> list[int]:
         n = 64
