@@ -16,6 +16,7 @@ from typing import Any, Callable
 from .bench import command as bench_command
 from .guest import BuildError, Machine
 from .guest.build import MODES, available_payloads
+from .guest.ucall import PORT_CONSOLE
 from .kvm import GuestTimeout, Kvm, KvmError, KvmUnavailable
 from .kvm.exits import DebugExit, Exit, IoExit, MmioExit
 
@@ -235,7 +236,7 @@ def cmd_run(args) -> int:
         nonlocal n
         n += 1
         print(f"{n:6d}  {e.name:<14} {describe_exit(e)}")
-        if isinstance(e, IoExit) and e.port == 0xE9 and not e.is_in:
+        if isinstance(e, IoExit) and e.port == PORT_CONSOLE and not e.is_in:
             line.extend(bytes(e.data))
             while b"\n" in line:
                 text, _, rest = bytes(line).partition(b"\n")
