@@ -30,6 +30,7 @@ class TraceEvent:
     pid: int
     fields: dict[str, Any] = field(default_factory=dict)
     symbols: dict[str, str] = field(default_factory=dict)  # field -> name from the format's symbol tables
+    stack: tuple[int, ...] = ()  # kernel return addresses when the event fired, innermost first
 
     @property
     def kind(self) -> str:
@@ -134,7 +135,7 @@ def parse_jsonl(lines: Iterable[str], source: str = "<exit log>") -> ExitLog:
             continue
         try:
             d = json.loads(line)
-            d["events"] = [TraceEvent(**e) for e in d.get("events", [])]
+            d["events"] = [TraceEvent(**{**e, "stack": tuple(e.get("stack", ()))}) for e in d.get("events", [])]
             log.records.append(RunRecord(**d))
         except (json.JSONDecodeError, TypeError) as e:
             raise ExitLogError(f"{source}:{n}: malformed record ({e})") from None

@@ -162,6 +162,24 @@ def common_pid(rec: bytes, fmt: EventFormat) -> int:
     return fmt._pid.value(rec)
 
 
+def kernel_stack(rec: bytes, fmt: EventFormat) -> tuple[int, ...]:
+    """The return addresses of an ftrace ``kernel_stack`` record, innermost first.
+
+    Its format file declares ``caller[8]``, but that is only the print width: ``size`` is the
+    number of entries (kernel/trace/trace.c: ``entry->size = nr_entries``) and the record holds
+    that many, from ``caller``'s offset."""
+    by_name = {f.name: f for f in fmt.fields}
+    try:
+        count, caller = by_name["size"], by_name["caller"]
+    except KeyError as e:
+        raise FormatError(f"{fmt.full_name} has no {e.args[0]} field: not a kernel_stack format") from None
+    n = count.value(rec)
+    end = caller.offset + 8 * n
+    if n < 0 or end > len(rec):
+        raise FormatError(f"a kernel_stack record of {len(rec)} bytes cannot hold {n} return addresses")
+    return struct.unpack_from(f"<{n}Q", rec, caller.offset)
+
+
 def common_type(rec: bytes) -> int:
     """The event id of a record (``common_type``, the first u16 of every record)."""
     return struct.unpack_from("<H", rec, 0)[0]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import ctypes.util
 import errno
 import os
@@ -37,7 +38,8 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from .exitlog import TraceEvent
-from .traceformat import EventFormat, FormatError, PageHeader, common_pid, common_type, iter_pages, parse_page
+from .traceformat import (EventFormat, FormatError, PageHeader, common_pid, common_type, iter_pages, kernel_stack,
+                          parse_page)
 
 TRACEFS = Path("/sys/kernel/tracing")
 PREFIX = "kvmiso-"
@@ -154,19 +156,25 @@ class Decoded:
     missed: int = 0  # lost before a page, as the pages report it
     foreign: int = 0  # records of threads not asked for
     unknown: int = 0  # records of event ids without a format
+    orphan_stacks: int = 0  # kernel_stack records with no event of theirs before them
 
 
 def decode_buffers(raw: dict[int, bytes], header: PageHeader, page_size: int, formats: dict[int, EventFormat],
-                   pids: set[int] | None = None) -> Decoded:
+                   pids: set[int] | None = None, stack_format: EventFormat | None = None) -> Decoded:
     """TraceEvents from ``trace_pipe_raw`` pages per CPU, ordered by timestamp; records of
-    threads outside ``pids`` (when given) are counted, not kept."""
+    threads outside ``pids`` (when given) are counted, not kept. A ``kernel_stack`` record (the
+    ``stacktrace`` trigger writes one right after its event, on the same CPU) becomes the
+    ``stack`` of the event before it."""
     out = Decoded([])
+    stack_id = stack_format.id if stack_format else None
     for cpu, data in raw.items():
+        mine: list[TraceEvent] = []
         for page in iter_pages(data, page_size):
             parsed = parse_page(page, header, cpu)
             out.missed += max(parsed.missed, 1) if parsed.missed else 0
             for rec in parsed.events:
-                fmt = formats.get(common_type(rec.data))
+                kind = common_type(rec.data)
+                fmt = stack_format if kind == stack_id else formats.get(kind)
                 if fmt is None:
                     out.unknown += 1
                     continue
@@ -174,8 +182,15 @@ def decode_buffers(raw: dict[int, bytes], header: PageHeader, page_size: int, fo
                 if pids is not None and pid not in pids:
                     out.foreign += 1
                     continue
+                if kind == stack_id:
+                    if mine and mine[-1].pid == pid and not mine[-1].stack:
+                        mine[-1] = dataclasses.replace(mine[-1], stack=kernel_stack(rec.data, fmt))
+                    else:
+                        out.orphan_stacks += 1
+                    continue
                 fields, symbols = fmt.decode(rec.data)
-                out.events.append(TraceEvent(rec.ts, fmt.system, fmt.name, cpu, pid, fields, symbols))
+                mine.append(TraceEvent(rec.ts, fmt.system, fmt.name, cpu, pid, fields, symbols))
+        out.events += mine
     out.events.sort(key=lambda e: e.ts_ns)  # stable: same-timestamp records keep buffer order
     return out
 
@@ -188,12 +203,18 @@ class TraceInstance:
     lacks are listed in ``missing`` and the rest are enabled. ``pids`` are thread ids (the
     vCPU threads: kvm events fire in the vCPU thread's context); records of any other thread
     are filtered in the kernel (set_event_pid) and again here (``foreign`` counts those).
+    With ``stacks``, each event carries the kernel call chain it fired in (the ``stacktrace``
+    trigger puts a ``kernel_stack`` record after it in the same buffer); where the kernel has no
+    triggers, ``missing`` says so and events come without chains.
     Raises :class:`TracefsUnavailable` when nothing can be traced.
     """
 
     def __init__(self, events: Iterable[str] | None = None, pids: Iterable[int] = (),
-                 buffer_kb: int = DEFAULT_BUFFER_KB, root: Path = TRACEFS) -> None:
+                 buffer_kb: int = DEFAULT_BUFFER_KB, root: Path = TRACEFS, stacks: bool = False) -> None:
         self._requested = list(events) if events is not None else None
+        self.stacks = stacks  # a ``stacktrace`` trigger on every enabled event: its kernel call chain
+        self.stack_format: EventFormat | None = None
+        self.orphan_stacks = 0
         self.pids = set(pids) or {os.getpid(), threading.get_native_id()}
         self.buffer_kb = buffer_kb
         self._root_hint = root
@@ -301,9 +322,20 @@ class TraceInstance:
                 self.missing.append(req)
         if not chosen:
             raise TracefsUnavailable(f"none of the requested events exist on this kernel: {', '.join(self.missing)}")
+        stack_fmt = events_dir / "ftrace" / "kernel_stack" / "format"
+        if self.stacks and stack_fmt.exists():
+            self.stack_format = EventFormat.parse(stack_fmt.read_text(), "ftrace")
+        elif self.stacks:
+            self.missing.append("call chains (no ftrace/kernel_stack format)")
         for s, e in dict.fromkeys(chosen):
             d = events_dir / s / e
             fmt = EventFormat.parse((d / "format").read_text(), s)
+            if self.stack_format is not None:
+                try:
+                    _write(d / "trigger", "stacktrace")
+                except OSError as err:
+                    self.stack_format = None
+                    self.missing.append(f"call chains (the stacktrace trigger was refused: {err.strerror})")
             _write(d / "enable", "1")
             self.formats[fmt.id] = fmt
             self.enabled.append(fmt.full_name)
@@ -362,10 +394,12 @@ class TraceInstance:
 
     def read(self) -> list[TraceEvent]:
         """Drain every CPU's buffer: the records of our threads, in timestamp order."""
-        d = decode_buffers(self.read_raw(), self._header, self._page_size, self.formats, self.pids)
+        d = decode_buffers(self.read_raw(), self._header, self._page_size, self.formats, self.pids,
+                           self.stack_format)
         self._missed_pages += d.missed
         self.foreign += d.foreign
         self.unknown += d.unknown
+        self.orphan_stacks += d.orphan_stacks
         return d.events
 
     def read_raw(self) -> dict[int, bytes]:

@@ -1,0 +1,168 @@
+"""The live kernel page table of a task, read through BPF: the frames on the path to every
+address that matters, kept as they are (4 KiB table pages by physical address), so that the
+model can rebuild the kernel table from the kernel's own entries (huge leaves stay huge).
+
+The direct map's base (``page_offset_base``, randomized with CONFIG_RANDOMIZE_MEMORY and not in
+kallsyms without CONFIG_KALLSYMS_ALL) is derived from the table itself: the PGD page is a
+direct-map address P, so exactly one 1 GiB-aligned base B makes the walk of P end at physical
+P - B. No other source is needed; where /proc/self/pagemap shows PFNs, callers cross-check it.
+
+This module decodes only what it must to follow the tables (present, PS, the address bits);
+interpreting leaves is the model's job (:mod:`kvmiso.isolation.pagetable`).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from .bpf import KernelMemory, KernelReadError
+
+PAGE = 4096
+_P, _PS = 1, 1 << 7
+_ADDR = 0x000F_FFFF_FFFF_F000
+_SHIFT = {4: 39, 3: 30, 2: 21, 1: 12}
+GIB = 1 << 30
+KERNEL_HALF = 0xFFFF_8000_0000_0000
+
+
+class LiveTableError(RuntimeError):
+    """The live page table could not be followed (the message says where)."""
+
+
+def _index(va: int, level: int) -> int:
+    return (va >> _SHIFT[level]) & 511
+
+
+def max_physical_address(iomem: Path = Path("/proc/iomem")) -> int:
+    """The end of the highest System RAM range (root sees real addresses), or 1 TiB."""
+    top = 0
+    try:
+        for line in iomem.read_text().splitlines():
+            m = re.match(r"\s*([0-9a-f]+)-([0-9a-f]+) : System RAM", line)
+            if m:
+                top = max(top, int(m.group(2), 16) + 1)
+    except OSError:
+        pass
+    return top or 1 << 40
+
+
+class LiveTables:
+    """The page table rooted at the direct-map address ``pgd`` (``mm->pgd``), read as it is.
+
+    ``frames`` holds every table page read, by physical address; ``walk(va)`` follows ``va`` to
+    its leaf and returns ``(level, entry)`` (level 1 = 4 KiB PTE, 2 = 2 MiB, 3 = 1 GiB), or
+    ``(level, 0)`` where an entry is not present.
+    """
+
+    def __init__(self, mem: KernelMemory, pgd: int, page_offset_base: int | None = None) -> None:
+        self.mem = mem
+        self.pgd = pgd
+        self.frames: dict[int, bytes] = {}
+        self.page_offset_base = page_offset_base if page_offset_base is not None else self._derive_base()
+        self.root = pgd - self.page_offset_base
+
+    def _derive_base(self) -> int:
+        """The one 1 GiB-aligned base B for which the walk of the PGD page ends at pgd - B."""
+        top = max_physical_address()
+        pgd_entry = self.mem.u64(self.pgd + 8 * _index(self.pgd, 4))
+        if not pgd_entry & _P:
+            raise LiveTableError(f"the PGD page {self.pgd:#x} does not map itself: not a direct-map address")
+        for k in range((top + GIB - 1) // GIB + 1):
+            base = (self.pgd & ~(GIB - 1)) - k * GIB
+            phys = self._translate_with(base, pgd_entry, self.pgd)
+            if phys == self.pgd - base:
+                return base
+        raise LiveTableError(f"no direct-map base makes the walk of the PGD page {self.pgd:#x} consistent")
+
+    def _translate_with(self, base: int, entry: int, va: int) -> int | None:
+        for level in (3, 2, 1):
+            try:
+                entry = self.mem.u64(base + (entry & _ADDR) + 8 * _index(va, level))
+            except KernelReadError:
+                return None
+            if not entry & _P:
+                return None
+            if level == 1 or entry & _PS:
+                span = 1 << _SHIFT[level]
+                return (entry & _ADDR & ~(span - 1)) + (va & (span - 1))
+        return None
+
+    def frame(self, phys: int) -> bytes:
+        """The table page at physical ``phys`` (read once)."""
+        page = self.frames.get(phys)
+        if page is None:
+            page = self.frames[phys] = self.mem.read(self.page_offset_base + phys, PAGE)
+        return page
+
+    def entry(self, table: int, index: int) -> int:
+        return int.from_bytes(self.frame(table)[8 * index: 8 * index + 8], "little")
+
+    def walk(self, va: int) -> tuple[int, int]:
+        """(level, entry) of the leaf mapping ``va``; entry 0 where nothing maps it."""
+        table = self.root
+        for level in (4, 3, 2, 1):
+            e = self.entry(table, _index(va, level))
+            if not e & _P:
+                return level, 0
+            if level == 1 or (level < 4 and e & _PS):
+                return level, e
+            table = e & _ADDR
+        raise AssertionError("unreachable")
+
+    def translate(self, va: int) -> int | None:
+        """The physical address of ``va`` in this table, or None."""
+        level, e = self.walk(va)
+        if not e:
+            return None
+        span = 1 << _SHIFT[level]
+        return (e & _ADDR & ~(span - 1)) + (va & (span - 1))
+
+    def read_subtree(self, start: int, end: int) -> None:
+        """Read every table page under [start, end) (the whole kernel table of that span), so
+        that a copy at any level and the bytes it maps can be counted from the frames."""
+        self._subtree(self.root, 4, start, end, 0)
+
+    def _subtree(self, table: int, level: int, start: int, end: int, prefix: int) -> None:
+        span = 1 << _SHIFT[level]
+        for i in range(512):
+            lo = prefix | (i << _SHIFT[level])
+            va = lo | (0xFFFF_0000_0000_0000 if lo & (1 << 47) else 0)
+            if va + span <= start or va >= end:
+                continue
+            e = self.entry(table, i)
+            if not e & _P or level == 1 or (level < 4 and e & _PS):
+                continue
+            self._subtree(e & _ADDR, level - 1, start, end, lo)
+
+    def mapped_bytes(self, start: int = KERNEL_HALF, end: int = 1 << 64) -> dict[int, int]:
+        """Bytes the table maps in [start, end), by leaf level: the whole kernel half by default.
+        Reads the table pages it needs but keeps only those already kept (a census, not a copy)."""
+        keep = dict(self.frames)
+        out = {1: 0, 2: 0, 3: 0}
+        try:
+            self._census(self.root, 4, start, end, 0, out)
+        finally:
+            self.frames = keep
+        return out
+
+    def _census(self, table: int, level: int, start: int, end: int, prefix: int, out: dict[int, int]) -> None:
+        page = self.frame(table)
+        span = 1 << _SHIFT[level]
+        for i in range(512):
+            e = int.from_bytes(page[8 * i: 8 * i + 8], "little")
+            if not e & _P:
+                continue
+            lo = prefix | (i << _SHIFT[level])
+            va = lo | (0xFFFF_0000_0000_0000 if lo & (1 << 47) else 0)
+            if va + span <= start or va >= end:
+                continue
+            if level == 1 or (level < 4 and e & _PS):
+                out[level] += span
+            else:
+                self._census(e & _ADDR, level - 1, start, end, lo, out)
+                if len(self.frames) > 4096:  # drop what is only counted; keep memory bounded
+                    self.frames = {}
+
+
+__all__ = ["LiveTableError", "LiveTables", "max_physical_address"]
