@@ -1,17 +1,24 @@
-"""The kvm_mm model: page tables, the host layout, the RFC's mapping set, and the exit check.
+"""The kvm_mm model, pure logic over evidence (it runs no guest and opens no device): the kernel
+table rebuilt from the live one, the RFC's mapping set and ASI's denylist, the access model, and
+the check of each exit's observed path.
 
->>> from kvmiso.isolation import KvmAddressSpace, check, host_layout, load_handlers
->>> kas = KvmAddressSpace.default(host_layout())
->>> check(kas, log).classes
+>>> from kvmiso.isolation import address_space, build_layout, check, load_access_model
+>>> space = address_space(build_layout(evidence), "rfc-v1")
+>>> check(space, log, load_access_model()).classes
 """
 
-from .check import CheckError, CheckResult, check, load_handlers, model_text, result_text
-from .layout import Layout, Region, build_layout, host_layout
-from .mapset import DEFAULT_SET, POLICIES, KvmAddressSpace, MapSetError, SharedTableError, load_regions
-from .pagetable import ByteStore, GuestStore, PageTable, PageTableError
+from .access import AccessModel, AccessModelError, load_access_model
+from .check import CheckError, CheckResult, check
+from .layout import Layout, Region, build_layout
+from .mapset import DEFAULT_SET, DenylistSpace, KvmAddressSpace, MapSetError, SharedTableError, address_space
+from .pagetable import ByteStore, GuestStore, PageTable, PageTableError, SnapshotStore
+from .policy import POLICIES, Policy
+from .regionfile import load_regions, shipped_sets
+from .render import model_summary, model_text, result_text
 
 __all__ = [
-    "ByteStore", "CheckError", "CheckResult", "DEFAULT_SET", "GuestStore", "KvmAddressSpace", "Layout",
-    "MapSetError", "POLICIES", "PageTable", "PageTableError", "Region", "SharedTableError", "build_layout",
-    "check", "host_layout", "load_handlers", "load_regions", "model_text", "result_text",
+    "AccessModel", "AccessModelError", "ByteStore", "CheckError", "CheckResult", "DEFAULT_SET", "DenylistSpace",
+    "GuestStore", "KvmAddressSpace", "Layout", "MapSetError", "POLICIES", "PageTable", "PageTableError", "Policy",
+    "Region", "SharedTableError", "SnapshotStore", "address_space", "build_layout", "check", "load_access_model",
+    "load_regions", "model_summary", "model_text", "result_text", "shipped_sets",
 ]

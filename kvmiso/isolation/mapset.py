@@ -1,29 +1,28 @@
-"""The KVM address space (kvm_mm) built from a layout the way the 2019 RFC builds it.
+"""kvm_mm built from the kernel table the way the 2019 RFC builds it, and ASI's denylist.
 
-A *kernel table* models the host's page table (init_mm): the kernel image in 2 MiB pages, the
-direct map of RAM (1 GiB pages where the CPU has them, split to 4 KiB pages around the modeled
-objects), the modeled vmalloc objects, cpu_entry_area and ESPFIX pages. The KVM table starts
-as an empty PGD; ``copy()`` fills it the RFC's way (``kvm_copy_pgd_range`` and friends, patch
-13): at the chosen level the kernel's entries are copied into tables KVM owns, so everything
-below that level is *shared* with the kernel table. KVM never writes a shared table page:
-every write goes through one gate that refuses it.
+``KvmAddressSpace`` (allowlist, ``rfc-v1``): an empty PGD whose entries copy the kernel's at a
+chosen level (``kvm_copy_pgd_range`` and friends, RFC patches 13-14). Everything below the copy
+level is *shared* with the kernel table, and a huge kernel leaf is copied whole, so mapping one
+object maps what the kernel's leaf holds beside it: the summary counts it. KVM never writes a
+shared table page: every write goes through one gate that refuses it.
 
->>> kas = KvmAddressSpace.default(host_layout())
->>> [r.name for r in kas.regions][:3]
-['kernel_image', 'percpu_areas', 'cpu_entry_area']
+``DenylistSpace`` (``asi``): the kernel table as it is, minus the memory the policy calls
+sensitive (GFP_USER: guest memory and other user pages, and their direct-map aliases).
+
+>>> kas = KvmAddressSpace.default(build_layout(evidence))
+>>> kas.mapped(layout.region("pio_data").start)
+True
 """
 
 from __future__ import annotations
 
-import re
-import tomllib
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from .layout import PAGE, Layout, Region
-from .pagetable import (ADDR_MASK, G, LEVEL_NAMES, LEVEL_SPAN, NX, P, PS, RW, SIZE_1G, SIZE_2M, SIZE_4K, US,
-                        ByteStore, MappedRange, PageTable, PageTableError, canonical, check_canonical_range,
+from .kerneltable import LiveKernelTable, ModeledKernelTable, kernel_table
+from .layout import PAGE, Layout
+from .pagetable import (ADDR_MASK, KERNEL_HALF, LEVEL_NAMES, LEVEL_SPAN, P, PS, PageTable, canonical, check_canonical_range,
                         level_index, sign_extend)
+from .policy import POLICIES, Policy
 
 # Level names as the RFC's functions take them; P4D is folded into the PGD with 4-level paging.
 LEVELS = {"PGD": 4, "P4D": 4, "PUD": 3, "PMD": 2, "PTE": 1}
@@ -43,76 +42,51 @@ class SharedTableError(MapSetError):
 
 
 @dataclass(frozen=True)
-class Policy:
-    """When the CPU runs on kvm_mm, and what sends it back to host_mm."""
-
-    name: str
-    enter: str
-    leave: str
-    cite: str
-
-
-POLICIES = {
-    "rfc-v1": Policy("rfc-v1", "vcpu_run() entry (kvm_isolation_enter)",
-                     "kvm_may_access_sensitive_data(): guest page faults, vCPU sched-out (kvm_arch_vcpu_put), "
-                     "kvm_write_guest_virt_system, IRQ handler prologues, return to userspace",
-                     "KVM address space isolation RFC v1 (May 2019), patch 07"),
-    "asi": Policy("asi", "just before VM-enter (vmx_vcpu_enter_exit / svm_vcpu_enter_exit)",
-                  "page faults on memory the restricted space does not map (asi_exit), the return to "
-                  "userspace, context switch; IRQ entry stays in the restricted space",
-                  "Address Space Isolation series (2022-2024), KVM enter/exit points"),
-}
-
-
-@dataclass(frozen=True)
 class RegionSpec:
-    """One region of the mapping set: which layout region, copied at which level, and why."""
+    """One region of the mapping set: which layout regions (a name, or ``bus:*`` for all with that
+    prefix), copied at which level, and why."""
 
     name: str
     group: str  # core, vendor, vm, vcpu, task, percpu, memslots, buses, user-added
     level: str  # PGD, P4D, PUD, PMD, PTE
     cite: str
-    layout: str = ""  # the layout region it copies (default: the same name)
+    layout: str = ""  # the layout region(s) it copies (default: the same name)
 
 
-# The RFC's set (DESIGN.md table). Vendor regions exist only for their vendor in the layout.
+# The RFC's set (DESIGN.md table), in the names of the objects kvmiso reads from the running
+# kernel. Regions the layout lacks (another vendor's, a module built in, lapic without an
+# in-kernel LAPIC) are left out and said so.
 DEFAULT_SET = [
     RegionSpec("kernel_image", "core", "PMD", "RFC patch 19: kernel text, __START_KERNEL_map + KERNEL_IMAGE_SIZE at PMD level"),
-    RegionSpec("percpu_areas", "percpu", "PTE", "RFC patch 19: the whole per-CPU area"),
+    RegionSpec("percpu_area", "percpu", "PTE", "RFC patch 19: the per-CPU area"),
     RegionSpec("cpu_entry_area", "core", "P4D", "RFC patch 19: cpu_entry_area at P4D level"),
     RegionSpec("espfix", "core", "P4D", "RFC patch 19: ESPFIX at P4D level"),
-    RegionSpec("irq_stacks", "percpu", "PTE", "RFC patch 19: per-CPU IRQ stacks"),
-    RegionSpec("kvm_module", "core", "PTE", "RFC patch 19: the kvm module's core layout"),
+    RegionSpec("irq_stack", "percpu", "PTE", "RFC patch 19: per-CPU IRQ stacks"),
+    RegionSpec("kvm_module", "core", "PTE", "RFC patch 19: the kvm module"),
     RegionSpec("kvm_intel_module", "vendor", "PTE", "RFC patch 20: the kvm_intel module"),
     RegionSpec("kvm_amd_module", "vendor", "PTE", "by analogy with RFC patch 20 (the RFC covers VMX only)"),
     RegionSpec("kvm_pvm_module", "vendor", "PTE", "by analogy with RFC patch 20 (the RFC covers VMX only)"),
-    RegionSpec("l1d_flush_pages", "vendor", "PTE", "RFC patch 20: vmx_l1d_flush_pages"),
-    RegionSpec("iopm", "vendor", "PTE", "by analogy with RFC patch 20 (SVM's global I/O permission map)"),
-    RegionSpec("pvm_switch_state", "vendor", "PTE", "by analogy with RFC patch 20 (PVM's per-CPU switcher state)"),
     RegionSpec("vm_struct", "vm", "PTE", "RFC patch 21: struct kvm_vmx"),
     RegionSpec("srcu_sda", "vm", "PTE", "RFC patch 21: the per-CPU kvm->srcu.sda"),
     RegionSpec("vcpu_struct", "vcpu", "PTE", "RFC patch 22: struct vcpu_vmx"),
-    RegionSpec("pml_page", "vcpu", "PTE", "RFC patch 22: the PML page"),
-    RegionSpec("guest_msrs", "vcpu", "PTE", "RFC patch 22: guest_msrs"),
     RegionSpec("vmcs", "vcpu", "PTE", "RFC patch 22: vmcs01.vmcs"),
     RegionSpec("msr_bitmap", "vcpu", "PTE", "RFC patch 22: vmcs01.msr_bitmap"),
     RegionSpec("vmcb", "vcpu", "PTE", "by analogy with RFC patch 22 (SVM's VMCB)"),
     RegionSpec("msrpm", "vcpu", "PTE", "by analogy with RFC patch 22 (SVM's MSR permission map)"),
-    RegionSpec("pvcs", "vcpu", "PTE", "by analogy with RFC patch 22 (PVM's shared vCPU page)"),
     RegionSpec("pio_data", "vcpu", "PTE", "RFC patch 22: vcpu.arch.pio_data"),
     RegionSpec("lapic", "vcpu", "PTE", "RFC patch 22: struct kvm_lapic"),
     RegionSpec("vcpu_task", "task", "PTE", "RFC patch 23: the vCPU task_struct"),
     RegionSpec("vcpu_stack", "task", "PTE", "RFC patch 23: the vCPU task stack (THREAD_SIZE)"),
     RegionSpec("active_mm", "task", "PTE", "RFC patch 23: the task's active_mm"),
-    RegionSpec("active_mm_pgd", "task", "PTE", "RFC patch 23: active_mm->pgd"),
-    RegionSpec("memslots", "memslots", "PTE", "RFC patch 26: kvm->memslots[] (re-mapped when memslots change)"),
-    RegionSpec("buses", "buses", "PTE", "RFC patch 27: kvm->buses[] with each kvm_io_bus"),
+    RegionSpec("pgd", "task", "PTE", "RFC patch 23: active_mm->pgd"),
+    RegionSpec("memslots", "memslots", "PTE", "RFC patch 26: kvm->memslots[] (inside struct kvm on 6.x)"),
+    RegionSpec("buses", "buses", "PTE", "RFC patch 27: kvm->buses[], each struct kvm_io_bus", "bus:*"),
 ]
 
 
 @dataclass
 class Copy:
-    """One copy into the KVM table: the range asked for, the range actually mapped (wider when
+    """One copy into the KVM table: the range asked for, the ranges actually mapped (wider when
     the kernel maps it with a bigger page than the level), the level, and the region."""
 
     region: str
@@ -123,81 +97,9 @@ class Copy:
     notes: list[str] = field(default_factory=list)
 
 
-class KernelTable(PageTable):
-    """The vCPU task's page table (current->mm) modeled from a layout: the kernel half every
-    mm shares with init_mm, and the user mappings KVM uses (kvm_run, guest memory)."""
-
-    def __init__(self, layout: Layout, gbpages: bool = True, store: ByteStore | None = None) -> None:
-        super().__init__(store or ByteStore(64 << 20), gbpages=gbpages)
-        self.layout = layout
-        if layout.levels != 4:
-            raise MapSetError("the running kernel uses 5-level paging; kvmiso's page-table model is 4-level")
-        self._phys = 1 << 40  # backing for modeled vmalloc/cea pages: any frame, never RAM
-        reg = layout.regions
-        img = reg["kernel_image"]
-        sections = [r for r in reg.values() if r.kind == "section" and img.contains(r.start)]
-        lo = min(r.start for r in sections) & ~(SIZE_2M - 1)
-        hi = max(r.ranges[-1][1] for r in sections)
-        hi = (hi + SIZE_2M - 1) & ~(SIZE_2M - 1)
-        text_end = reg["text"].ranges[0][1]
-        for va in range(lo, hi, SIZE_2M):
-            flags = P | G | (0 if va < text_end else RW | NX)
-            self.map(va, va - img.start, SIZE_2M, page_size=SIZE_2M, flags=flags)
-        self._map_direct(layout)
-        # The RFC copies from current->mm: the vCPU task's user half is there too (4 KiB pages:
-        # the VMM's mappings need not be 2 MiB aligned)
-        for r in reg.values():
-            if r.kind == "user" and r.name != "user":
-                for s, e in r.ranges:
-                    self.map(s, self._frames(e - s), e - s, flags=P | RW | NX | US)
-        for r in reg.values():
-            if r.kind == "object" and not reg["direct_map"].contains(r.start):
-                for s, e in r.ranges:
-                    self.map(s, self._frames(e - s), e - s, flags=P | RW | NX | G)
-        cea = reg["cpu_entry_area"].start
-        self.map(cea, self._frames(PAGE), PAGE, flags=P | NX | G)  # the read-only IDT (CPU_ENTRY_AREA_RO_IDT)
-        for cpu in range(layout.cpus):
-            base = cea + PAGE + cpu * CEA_PER_CPU
-            self.map(base, self._frames(CEA_PER_CPU), CEA_PER_CPU, flags=P | RW | NX | G)
-            esp = reg["espfix"].start + cpu * 0x10000
-            self.map(esp, self._frames(PAGE), PAGE, flags=P | RW | NX | G)
-
-    def _frames(self, size: int) -> int:
-        pa, self._phys = self._phys, self._phys + size
-        return pa
-
-    def _map_direct(self, layout: Layout) -> None:
-        """RAM in the biggest pages that do not cover a modeled object; 4 KiB pages around them."""
-        dm = layout.regions["direct_map"].start
-        ram = layout_ram(layout)
-        small = {(s - dm) // SIZE_2M for r in layout.regions.values() if r.kind == "object"
-                 for s0, e0 in r.ranges if layout.regions["direct_map"].contains(s0)
-                 for s in range(s0, e0, SIZE_4K)}
-        big = {c * SIZE_2M // SIZE_1G for c in small}
-        flags = P | RW | NX | G
-        pos = 0
-        while pos < ram:
-            if pos % SIZE_1G == 0 and pos + SIZE_1G <= ram and self.gbpages and pos // SIZE_1G not in big:
-                self.map(dm + pos, pos, SIZE_1G, page_size=SIZE_1G, flags=flags)
-                pos += SIZE_1G
-            elif pos % SIZE_2M == 0 and pos + SIZE_2M <= ram and pos // SIZE_2M not in small:
-                self.map(dm + pos, pos, SIZE_2M, page_size=SIZE_2M, flags=flags)
-                pos += SIZE_2M
-            else:
-                step = SIZE_2M - pos % SIZE_2M
-                self.map(dm + pos, pos, step, flags=flags)
-                pos += step
-
-
-CEA_PER_CPU = 0x3B000  # sizeof(struct cpu_entry_area) on a 6.x x86-64 build, rounded to pages: modeled
-
-
-def layout_ram(layout: Layout) -> int:
-    """RAM the direct map covers: the machine's, and at least every modeled direct-map object."""
-    dm = layout.regions["direct_map"]
-    top = max((e for r in layout.regions.values() if r.kind == "object" for s, e in r.ranges if dm.contains(s)),
-              default=dm.start)
-    return max(layout.ram & ~(SIZE_2M - 1), ((top - dm.start) + SIZE_1G) & ~(SIZE_1G - 1))
+def default_specs(layout: Layout) -> list[RegionSpec]:
+    """The default set's regions that exist in this layout (vendor objects, loaded modules)."""
+    return [s for s in DEFAULT_SET if layout.matching(s.layout or s.name)]
 
 
 class KvmAddressSpace:
@@ -206,40 +108,47 @@ class KvmAddressSpace:
     ``regions`` are the mapping-set regions in effect; ``copies`` every copy made.
     """
 
-    def __init__(self, kernel: KernelTable, policy: str = "rfc-v1") -> None:
+    def __init__(self, kernel: LiveKernelTable | ModeledKernelTable, policy: str = "rfc-v1") -> None:
         if policy not in POLICIES:
             raise MapSetError(f"unknown policy {policy!r}; kvmiso knows {', '.join(POLICIES)}")
         self.kernel = kernel
         self.layout = kernel.layout
-        self.policy = POLICIES[policy]
-        self._kernel_frames = set(kernel.table_frames())
+        self.policy: Policy = POLICIES[policy]
+        self._kernel_frames = kernel.captured if kernel.live else frozenset(kernel.table_frames())
         self.table = PageTable(kernel.store, gbpages=kernel.gbpages)
         self.owned = {self.table.root}  # table frames KVM allocated: the only ones it may write
         self.regions: list[RegionSpec] = []
         self.copies: list[Copy] = []
+        self.missing: list[str] = []  # default regions this layout lacks, with why
 
     # --- building -----------------------------------------------------------------------------
 
     @classmethod
     def default(cls, layout: Layout, policy: str = "rfc-v1", drop: tuple[str, ...] = (),
-                gbpages: bool = True) -> "KvmAddressSpace":
+                ram: int = 1 << 30) -> "KvmAddressSpace":
         """The RFC's mapping set for the layout's vendor, minus ``drop``."""
-        kas = cls(KernelTable(layout, gbpages=gbpages), policy)
+        kas = cls(kernel_table(layout, ram), policy)
         specs = default_specs(layout)
         names = {s.name for s in specs}
         for d in drop:
             if d not in names:
                 raise MapSetError(f"cannot drop {d!r}: not in the default set ({', '.join(sorted(names))})")
+        for spec in DEFAULT_SET:
+            if spec.name not in names and not spec.name.endswith("_module") and spec.group != "vendor":
+                kas.missing.append(spec.name)
         for spec in specs:
             if spec.name not in drop:
                 kas.add_region(spec)
         return kas
 
-    def add_region(self, spec: RegionSpec, region: Region | None = None) -> None:
-        """Copy every range of a layout region (or ``region``) at the spec's level."""
-        region = region or self.layout.region(spec.layout or spec.name)
-        for s, e in region.ranges:
-            self.copy(s, e, spec.level, spec.name)
+    def add_region(self, spec: RegionSpec, ranges: list[tuple[int, int]] | None = None) -> None:
+        """Copy every range of the spec's layout regions (or ``ranges``) at the spec's level,
+        widened to the level's alignment (the RFC maps whole pages)."""
+        if ranges is None:
+            ranges = [r for reg in self.layout.matching(spec.layout or spec.name) for r in reg.ranges]
+        span = LEVEL_SPAN[_level(spec.level)]
+        for s, e in ranges:
+            self.copy(s & ~(span - 1), (e + span - 1) & ~(span - 1), spec.level, spec.name)
         self.regions.append(spec)
 
     def drop_region(self, name: str) -> None:
@@ -349,45 +258,68 @@ class KvmAddressSpace:
 
     # --- reading ------------------------------------------------------------------------------
 
-    def ranges(self) -> list[MappedRange]:
-        return self.table.ranges()
-
     def mapped(self, addr: int) -> bool:
         return canonical(addr) and self.table.translate(addr) is not None
 
-    def region_of(self, addr: int) -> str:
-        """The mapping-set region whose copy maps ``addr``; else the default region that would,
-        else the layout region holding it."""
-        for c in self.copies:
-            if any(s <= addr < e for s, e in c.mapped):
-                return c.region
-        for spec in default_specs(self.layout):  # the default region that would map it
-            if self.layout.region(spec.layout or spec.name).contains(addr):
-                return spec.name
-        r = self.layout.find(addr)
-        return r.name if r else "unmapped hole"
+    def sensitive(self, addr: int) -> bool:
+        """Allowlists call nothing sensitive: what they do not map, they simply do not map."""
+        return False
 
-    def summary(self) -> dict:
-        """Regions, levels, sizes, the span each copy covers and the 4 KiB pages actually mapped
-        in it; how much of the kernel's mapped space kvm_mm maps."""
-        leaves = self.table.ranges()
-        kvm = sum(r.size for r in leaves)
-        kern = sum(r.size for r in self.kernel.ranges())
-        rows = []
-        for spec in self.regions:
-            region = self.layout.region(spec.layout or spec.name)
-            spans = [(s, e) for c in self.copies if c.region == spec.name for s, e in c.mapped]
-            present = sum(max(0, min(e, r.end) - max(s, r.start)) for s, e in spans for r in leaves)
-            rows.append({"name": spec.name, "group": spec.group, "level": spec.level, "cite": spec.cite,
-                         "start": region.start, "size": region.size, "ranges": len(region.ranges),
-                         "copied_bytes": sum(e - s for s, e in spans), "pages_4k": present // SIZE_4K,
-                         "modeled": region.modeled, "source": region.source})
-        return {"policy": self.policy.name, "policy_enter": self.policy.enter, "policy_leave": self.policy.leave,
-                "policy_cite": self.policy.cite, "vendor": self.layout.vendor, "layout_source": self.layout.source,
-                "levels": self.layout.levels, "regions": rows, "kvm_mapped_bytes": kvm, "kvm_pages_4k": kvm // SIZE_4K,
-                "kernel_mapped_bytes": kern, "kernel_pages_4k": kern // SIZE_4K,
-                "share_of_kernel_mapped": kvm / kern if kern else 0.0,
-                "share_of_kernel_half": kvm / self.layout.kernel_span, "notes": self.layout.notes}
+    def exposed(self, name: str) -> tuple[int, int]:
+        """(bytes the copies of region ``name`` make kvm_mm map, bytes of the objects themselves)."""
+        spans = [(s, e) for c in self.copies if c.region == name for s, e in c.mapped]
+        objects = sum(r.size for r in self.layout.matching(self.spec(name).layout or name))
+        return sum(e - s for s, e in _merge(spans)), objects
+
+    def mapped_bytes(self) -> int:
+        return sum(r.size for r in self.table.ranges())
+
+
+class DenylistSpace:
+    """The restricted address space of ASI: the kernel table minus sensitive memory.
+
+    Sensitive: the user half (ASI's KVM class maps none: ``asi_maps_user_addr()`` is false),
+    except guest memory under asi-2022 (locally non-sensitive); and the direct-map alias of every
+    GFP_USER page the evidence knows (guest memory's pages).
+    """
+
+    def __init__(self, kernel: LiveKernelTable | ModeledKernelTable, policy: str = "asi") -> None:
+        self.kernel = kernel
+        self.layout = kernel.layout
+        self.policy = POLICIES[policy]
+        self.regions: list[RegionSpec] = []
+        self.copies: list[Copy] = []
+        self.missing: list[str] = []
+        self.kept = [(s, e) for r in self.layout.regions.values() if r.kind == "user" and self.policy.guest_memory_mapped
+                     and r.name.startswith("guest_memory") for s, e in r.ranges]
+        self.denied: list[tuple[str, int, int]] = [("user half", 0, KERNEL_HALF)]
+        dm = self.layout.regions["direct_map"].start
+        for r in self.layout.regions.values():
+            if r.kind != "user" or self.policy.guest_memory_mapped and r.name.startswith("guest_memory"):
+                continue
+            for s, e in r.ranges:
+                for va in range(s & ~(PAGE - 1), min(e, s + (4 << 20)), PAGE):  # each page's direct-map alias
+                    t = kernel.translate(va)
+                    if t is not None:
+                        alias = dm + (t.phys & ~(PAGE - 1))
+                        self.denied.append((f"{r.name} (direct-map alias)", alias, alias + PAGE))
+
+    @classmethod
+    def default(cls, layout: Layout, policy: str = "asi", ram: int = 1 << 30) -> "DenylistSpace":
+        return cls(kernel_table(layout, ram), policy)
+
+    def sensitive(self, addr: int) -> bool:
+        if any(s <= addr < e for s, e in self.kept):
+            return False
+        return any(s <= addr < e for _, s, e in self.denied)
+
+    def mapped(self, addr: int) -> bool:
+        return canonical(addr) and not self.sensitive(addr) and self.kernel.translate(addr) is not None
+
+    def mapped_bytes(self) -> int:
+        """The kernel half as the kernel maps it, less the sensitive pages' aliases."""
+        aliases = _merge([(s, e) for _, s, e in self.denied if s >= KERNEL_HALF])
+        return self.kernel.mapped_bytes() - sum(e - s for s, e in aliases)
 
 
 def _level(level: str) -> int:
@@ -407,104 +339,18 @@ def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
-def default_specs(layout: Layout) -> list[RegionSpec]:
-    """The default set's regions that exist in this layout (vendor objects, loaded modules)."""
-    return [s for s in DEFAULT_SET if (s.layout or s.name) in layout.regions]
+def address_space(layout: Layout, policy: str = "rfc-v1", drop: tuple[str, ...] = (),
+                  ram: int = 1 << 30) -> KvmAddressSpace | DenylistSpace:
+    """The isolated address space ``policy`` defines: the RFC's copies, or ASI's denylist."""
+    p = POLICIES.get(policy)
+    if p is None:
+        raise MapSetError(f"unknown policy {policy!r}; kvmiso knows {', '.join(POLICIES)}")
+    if p.mapping == "denylist":
+        if drop:
+            raise MapSetError(f"policy {policy} maps everything but sensitive memory: there is no region to drop")
+        return DenylistSpace.default(layout, policy, ram)
+    return KvmAddressSpace.default(layout, policy, drop, ram)
 
 
-# --- user region files ---------------------------------------------------------------------------
-
-SETS_DIR = Path(__file__).parent / "sets"
-
-
-def shipped_sets() -> list[str]:
-    """Region sets that ship with kvmiso, usable by name (``--regions modern``)."""
-    return sorted(p.stem for p in SETS_DIR.glob("*.toml"))
-
-
-def load_regions(path: str | Path, layout: Layout, policy: str | None = None,
-                 drop: tuple[str, ...] = ()) -> KvmAddressSpace:
-    """The default set changed by a TOML file (a path, or the name of a shipped set)::
-
-        policy = "asi"                 # optional: rfc-v1 (default) or asi
-        drop = ["buses", "memslots"]   # default regions to leave out
-
-        [[region]]                     # extra regions: a layout region by name ...
-        name = "vmemmap_slice"
-        start = 0xffffea0000000000     # ... or an explicit range
-        size = 0x200000
-        level = "PMD"
-        cite = "why it is needed"
-
-    Every error names the file and line.
-    """
-    path = Path(path)
-    if path.suffix != ".toml" and (SETS_DIR / f"{path}.toml").is_file():
-        path = SETS_DIR / f"{path}.toml"
-    text = path.read_text()
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        m = re.search(r"\(at line (\d+), column \d+\)", str(e))
-        raise MapSetError(f"not valid TOML: {e}", int(m.group(1)) if m else None, str(path)) from None
-
-    def fail(msg: str, needle: str) -> MapSetError:
-        return MapSetError(msg, line_of(text, needle), str(path))
-
-    known = {"policy", "drop", "region"}
-    for k in doc:
-        if k not in known:
-            raise fail(f"unknown key {k!r}; the file may set {', '.join(sorted(known))}", k)
-    pol = policy or doc.get("policy", "rfc-v1")
-    if pol not in POLICIES:
-        raise fail(f"unknown policy {pol!r}; one of {', '.join(POLICIES)}", str(pol))
-    names = {s.name for s in default_specs(layout)}
-    dropped = list(drop) + list(doc.get("drop", []))
-    for d in dropped:
-        if d not in names:
-            raise fail(f"cannot drop unknown region {d!r}; the default set has {', '.join(sorted(names))}", f'"{d}"')
-    kas = KvmAddressSpace.default(layout, pol, tuple(dropped))
-    taken = [(s, e, c.region) for c in kas.copies for s, e in [(c.start, c.end)]]
-    for entry in doc.get("region", []):
-        name = entry.get("name")
-        if not isinstance(name, str) or not name:
-            raise fail("a [[region]] needs a name", "[[region]]")
-        needle = f'"{name}"'
-        level = entry.get("level", "PTE")
-        if level.upper() not in LEVELS:
-            raise fail(f"region {name!r}: unknown level {level!r}; one of {', '.join(LEVELS)}", needle)
-        if "start" in entry:
-            start, size = entry["start"], entry.get("size", 0)
-            if not isinstance(start, int) or not isinstance(size, int) or size <= 0:
-                raise fail(f"region {name!r}: start and size must be integers, size > 0", needle)
-            region = Region(name, ((start, start + size),), "user-added", str(path))
-        elif name in layout.regions:
-            region = layout.regions[name]
-        else:
-            raise fail(f"unknown region {name!r}: not in the layout ({', '.join(layout.regions)}) and no start/size",
-                       needle)
-        for s, e in region.ranges:
-            if not canonical(s) or not canonical(e - 1) or (s >> 63) != ((e - 1) >> 63):
-                raise fail(f"region {name!r}: [{s:#x}, {e:#x}) is not canonical", needle)
-            span = LEVEL_SPAN[LEVELS[level.upper()]]
-            if s % span or e % span:
-                raise fail(f"region {name!r}: level {level} cannot hold [{s:#x}, {e:#x}) "
-                           f"(both ends must be multiples of {span:#x})", needle)
-            for ts, te, owner in taken:
-                if s < te and ts < e:
-                    raise fail(f"region {name!r}: [{s:#x}, {e:#x}) overlaps region {owner!r} [{ts:#x}, {te:#x})",
-                               needle)
-            taken.append((s, e, name))
-        try:
-            kas.add_region(RegionSpec(name, "user-added", level.upper(), entry.get("cite", str(path))), region)
-        except (MapSetError, PageTableError) as e:
-            raise fail(f"region {name!r}: {e}", needle) from None
-    return kas
-
-
-def line_of(text: str, needle: str) -> int | None:
-    """The first line of ``text`` (from 1) that contains ``needle``: where a TOML error is."""
-    for n, line in enumerate(text.splitlines(), 1):
-        if needle in line:
-            return n
-    return None
+__all__ = ["Copy", "DEFAULT_SET", "DenylistSpace", "KvmAddressSpace", "LEVELS", "MapSetError", "RegionSpec",
+           "SharedTableError", "address_space", "default_specs"]

@@ -373,3 +373,42 @@ class PageTable:
         lines.append(f"CR3 {self.root:#x}")
         visit(self.root, 4, 0, 1)
         return "\n".join(lines)
+
+
+class SnapshotStore:
+    """Page-table frames captured from a live kernel (read-only, by physical address), plus
+    frames the model allocates for tables of its own above every real physical address.
+
+    Reading a frame the capture does not hold is an error naming it: the evidence did not walk
+    there, and guessing its contents would make a verdict up.
+    """
+
+    def __init__(self, frames: dict[int, bytes], model_base: int = 1 << 51) -> None:
+        self.captured = frames
+        self._own: dict[int, bytearray] = {}
+        self._next = model_base
+
+    def _frame(self, pa: int) -> bytes | bytearray:
+        base = pa & ~(PAGE_SIZE - 1)
+        f = self._own.get(base)
+        if f is None:
+            f = self.captured.get(base)
+        if f is None:
+            raise PageTableError(f"the evidence holds no page-table page at physical {base:#x}", pa)
+        return f
+
+    def read(self, pa: int, length: int) -> bytes:
+        off = pa & (PAGE_SIZE - 1)
+        return bytes(self._frame(pa)[off:off + length])
+
+    def write(self, pa: int, data: bytes) -> None:
+        base = pa & ~(PAGE_SIZE - 1)
+        if base not in self._own:
+            raise PageTableError(f"physical {base:#x} is a captured kernel page-table page: never written", pa)
+        off = pa - base
+        self._own[base][off:off + len(data)] = data
+
+    def alloc(self) -> int:
+        pa, self._next = self._next, self._next + PAGE_SIZE
+        self._own[pa] = bytearray(PAGE_SIZE)
+        return pa

@@ -85,6 +85,11 @@ class Vcpu:
         os.close(self.fd)
         self.fd = -1
 
+    @property
+    def page_address(self) -> int:
+        """Where this process maps the vCPU's ``struct kvm_run`` (mmap of the vCPU fd at offset 0)."""
+        return self._run_addr
+
     # --- running ------------------------------------------------------------------------------
 
     def run(self) -> Exit:

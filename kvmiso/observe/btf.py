@@ -3,11 +3,15 @@ sizes and member offsets from the kernel itself, never from a header of another 
 libbpf CO-RE habit). Pure parsing of bytes (Documentation/bpf/btf.rst), so a saved blob parses
 the same way.
 
+A kernel's BTF has some 130,000 types: one pass records where each type is and indexes the
+names kvmiso looks up (structs, unions, enums, variables); a type's members are decoded the
+first time it is asked for.
+
 >>> btf = Btf.running()
 >>> btf.struct("kvm_vcpu").offset("arch.pio_data")
-...
+2128
 >>> btf.sizeof("vcpu_pvm")
-51472
+51488
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import re
 import struct
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 BTF_DIR = Path("/sys/kernel/btf")
@@ -24,8 +29,11 @@ _MAGIC = 0xEB9F
 INT, PTR, ARRAY, STRUCT, UNION, ENUM, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT = range(1, 12)
 FUNC, FUNC_PROTO, VAR, DATASEC, FLOAT, DECL_TAG, TYPE_TAG, ENUM64 = range(12, 20)
 _QUALIFIERS = (TYPEDEF, VOLATILE, CONST, RESTRICT, TYPE_TAG)
+_SIZED = (INT, STRUCT, UNION, ENUM, DATASEC, FLOAT, ENUM64)
+_INDEXED = (STRUCT, UNION, ENUM, ENUM64, VAR, DATASEC)  # kinds looked up by name
 _EXTRA = {INT: 4, ARRAY: 12, VAR: 4, DECL_TAG: 4}  # bytes after btf_type, fixed
 _PER_MEMBER = {STRUCT: 12, UNION: 12, ENUM: 8, FUNC_PROTO: 8, DATASEC: 12, ENUM64: 12}
+_HEADER = struct.Struct("<III")
 
 
 class BtfError(LookupError):
@@ -39,10 +47,11 @@ class Member:
     bit_offset: int
 
 
-@dataclass
+@dataclass(frozen=True)
 class Type:
     """One BTF type: ``size`` for sized kinds, ``ref`` for pointers, qualifiers, arrays
-    (element type), vars; ``members`` for structs and unions; ``nelems`` for arrays."""
+    (element type) and vars; ``members`` for structs and unions; ``nelems`` for arrays;
+    ``entries`` (var id, offset, size) for a DATASEC; ``enumerators`` for enums."""
 
     id: int
     kind: int
@@ -51,110 +60,124 @@ class Type:
     ref: int = 0
     members: tuple[Member, ...] = ()
     nelems: int = 0
-    entries: tuple[tuple[int, int, int], ...] = ()  # DATASEC: (var type id, offset, size)
-    enumerators: tuple[tuple[str, int], ...] = ()  # ENUM, ENUM64
+    entries: tuple[tuple[int, int, int], ...] = ()
+    enumerators: tuple[tuple[str, int], ...] = ()
 
 
-class Btf:
-    """Types of vmlinux plus any module's split BTF (type ids continue after the base's)."""
+_VOID = Type(0, 0, "void")
 
-    def __init__(self, types: dict[int, Type], source: str, strings: bytes = b"",
-                 enumerators: dict[str, int] | None = None) -> None:
-        self.types = types
-        self.source = source
-        self._strings = strings
-        self.enumerators = enumerators or {}
-        self._by_name: dict[tuple[int, str], int] = {}
-        for t in types.values():
-            if t.name:
-                self._by_name.setdefault((t.kind, t.name), t.id)
 
-    @classmethod
-    def parse(cls, blob: bytes, source: str = "<btf>", base: "Btf | None" = None) -> "Btf":
-        """Parse a BTF blob; ``base`` for a module's split BTF."""
+class _Blob:
+    """One BTF blob's records: where each type is, decoded on demand."""
+
+    def __init__(self, blob: bytes, source: str, first_id: int, base_strings: bytes) -> None:
         if len(blob) < 24:
             raise BtfError(f"{source}: {len(blob)} bytes is too short for BTF")
         magic, _ver, _flags, hdr_len, type_off, type_len, str_off, str_len = struct.unpack_from("<HBBIIIII", blob)
         if magic != _MAGIC:
             raise BtfError(f"{source}: not BTF (magic {magic:#x})")
-        tdata = blob[hdr_len + type_off: hdr_len + type_off + type_len]
-        strs = blob[hdr_len + str_off: hdr_len + str_off + str_len]
-        base_strs = base._strings if base else b""
-        all_strs = base_strs + strs
-
-        def name(off: int) -> str:
-            end = all_strs.find(b"\0", off)
-            return all_strs[off:end].decode(errors="replace") if off else ""
-
-        types: dict[int, Type] = dict(base.types) if base else {}
-        enumerators: dict[str, int] = dict(base.enumerators) if base else {}
-        tid = (max(base.types) + 1) if base and base.types else 1
-        pos = 0
+        self.tdata = blob[hdr_len + type_off: hdr_len + type_off + type_len]
+        self.strings = base_strings + blob[hdr_len + str_off: hdr_len + str_off + str_len]
+        self.first_id = first_id
+        self.pos: list[int] = []
+        self.names: dict[tuple[int, str], int] = {}
+        tdata, pos, unpack = self.tdata, 0, _HEADER.unpack_from
         while pos < len(tdata):
-            name_off, info, size_or_type = struct.unpack_from("<III", tdata, pos)
-            pos += 12
-            vlen, kind, kflag = info & 0xFFFF, (info >> 24) & 0x1F, info >> 31
-            t = Type(tid, kind, name(name_off))
-            if kind in (INT, STRUCT, UNION, ENUM, DATASEC, FLOAT, ENUM64):
-                t.size = size_or_type
-            else:
-                t.ref = size_or_type
-            if kind == ARRAY:
-                t.ref, _index, t.nelems = struct.unpack_from("<III", tdata, pos)
-            elif kind in (STRUCT, UNION):
-                ms = []
-                for i in range(vlen):
-                    m_name, m_type, m_off = struct.unpack_from("<III", tdata, pos + 12 * i)
-                    ms.append(Member(name(m_name), m_type, m_off & 0xFFFFFF if kflag else m_off))
-                t.members = tuple(ms)
-            elif kind == DATASEC:
-                t.entries = tuple(struct.unpack_from("<III", tdata, pos + 12 * i) for i in range(vlen))
-            elif kind in (ENUM, ENUM64):
-                step = _PER_MEMBER[kind]
-                values = []
-                for i in range(vlen):
-                    e_name, lo = struct.unpack_from("<II", tdata, pos + step * i)
-                    hi = struct.unpack_from("<I", tdata, pos + step * i + 8)[0] if kind == ENUM64 else 0
-                    values.append((name(e_name), (hi << 32) | lo))
-                    enumerators.setdefault(values[-1][0], values[-1][1])
-                t.enumerators = tuple(values)
-            pos += _EXTRA.get(kind, 0) + _PER_MEMBER.get(kind, 0) * vlen
-            types[tid] = t
-            tid += 1
-        return cls(types, source, all_strs, enumerators)
+            name_off, info, _ = unpack(tdata, pos)
+            kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
+            if name_off and kind in _INDEXED:
+                self.names.setdefault((kind, self.name(name_off)), first_id + len(self.pos))
+            self.pos.append(pos)
+            pos += 12 + _EXTRA.get(kind, 0) + _PER_MEMBER.get(kind, 0) * vlen
+
+    def name(self, off: int) -> str:
+        if not off:
+            return ""
+        return self.strings[off:self.strings.find(b"\0", off)].decode(errors="replace")
+
+    def type(self, tid: int) -> Type:
+        pos = self.pos[tid - self.first_id]
+        name_off, info, size_or_type = _HEADER.unpack_from(self.tdata, pos)
+        kind, vlen, kflag = (info >> 24) & 0x1F, info & 0xFFFF, info >> 31
+        body, name = pos + 12, self.name(name_off)
+        size, ref = (size_or_type, 0) if kind in _SIZED else (0, size_or_type)
+        if kind == ARRAY:
+            ref, _index, nelems = struct.unpack_from("<III", self.tdata, body)
+            return Type(tid, kind, name, ref=ref, nelems=nelems)
+        if kind in (STRUCT, UNION):
+            ms = []
+            for i in range(vlen):
+                m_name, m_type, m_off = struct.unpack_from("<III", self.tdata, body + 12 * i)
+                ms.append(Member(self.name(m_name), m_type, m_off & 0xFFFFFF if kflag else m_off))
+            return Type(tid, kind, name, size=size, members=tuple(ms))
+        if kind == DATASEC:
+            entries = tuple(struct.unpack_from("<III", self.tdata, body + 12 * i) for i in range(vlen))
+            return Type(tid, kind, name, size=size, entries=entries)
+        if kind in (ENUM, ENUM64):
+            step, values = _PER_MEMBER[kind], []
+            for i in range(vlen):
+                e_name, lo = struct.unpack_from("<II", self.tdata, body + step * i)
+                hi = struct.unpack_from("<I", self.tdata, body + step * i + 8)[0] if kind == ENUM64 else 0
+                values.append((self.name(e_name), (hi << 32) | lo))
+            return Type(tid, kind, name, size=size, enumerators=tuple(values))
+        return Type(tid, kind, name, size=size, ref=ref)
+
+
+class Btf:
+    """Types of vmlinux plus any module's split BTF (type ids continue after the base's)."""
+
+    def __init__(self, blobs: list[_Blob], source: str) -> None:
+        self._blobs = blobs
+        self.source = source
+        self._cache: dict[int, Type] = {}
+
+    @classmethod
+    def parse(cls, blob: bytes, source: str = "<btf>", base: "Btf | None" = None) -> "Btf":
+        """Parse a BTF blob; ``base`` for a module's split BTF."""
+        if base is None:
+            return cls([_Blob(blob, source, 1, b"")], source)
+        last = base._blobs[-1]
+        split = _Blob(blob, source, last.first_id + len(last.pos), base._blobs[0].strings)
+        return cls([*base._blobs, split], f"{base.source}+{source}")
 
     @classmethod
     def running(cls, modules: tuple[str, ...] = (), root: Path = BTF_DIR) -> "Btf":
-        """vmlinux BTF, plus the split BTF of ``modules`` that are loaded (kvm, kvm_amd, ...)."""
-        path = root / "vmlinux"
-        try:
-            btf = cls.parse(path.read_bytes(), str(path))
-        except OSError as e:
-            raise BtfError(f"{path}: {e.strerror} (a kernel built without CONFIG_DEBUG_INFO_BTF?)") from None
-        for mod in modules:
-            mpath = root / mod
-            if mpath.exists():
-                btf = cls.parse(mpath.read_bytes(), f"{btf.source}+{mod}", base=btf)
-        return btf
+        """vmlinux BTF, plus the split BTF of ``modules`` that are loaded (kvm, kvm_amd, ...).
+        Parsed once per process: the running kernel's types cannot change."""
+        return _running(tuple(modules), root)
 
     # --- lookups ---------------------------------------------------------------------------
 
+    def type(self, tid: int) -> Type:
+        if tid == 0:
+            return _VOID
+        t = self._cache.get(tid)
+        if t is None:
+            for b in reversed(self._blobs):
+                if tid >= b.first_id:
+                    if tid - b.first_id >= len(b.pos):
+                        raise BtfError(f"{self.source}: no type id {tid}")
+                    t = self._cache[tid] = b.type(tid)
+                    break
+            else:
+                raise BtfError(f"{self.source}: no type id {tid}")
+        return t
+
     def find(self, kind: int, name: str) -> Type:
-        tid = self._by_name.get((kind, name))
-        if tid is None:
-            raise BtfError(f"{self.source}: no {_KIND_NAMES.get(kind, kind)} {name!r} in this kernel's BTF")
-        return self.types[tid]
+        for b in reversed(self._blobs):
+            tid = b.names.get((kind, name))
+            if tid is not None:
+                return self.type(tid)
+        raise BtfError(f"{self.source}: no {_KIND_NAMES.get(kind, kind)} {name!r} in this kernel's BTF")
 
     def has_struct(self, name: str) -> bool:
-        return (STRUCT, name) in self._by_name
+        return any((STRUCT, name) in b.names for b in self._blobs)
 
     def resolve(self, tid: int) -> Type:
         """Follow typedefs and qualifiers to the real type."""
-        if tid == 0:
-            return Type(0, 0, "void")
-        t = self.types[tid]
+        t = self.type(tid)
         while t.kind in _QUALIFIERS:
-            t = self.types[t.ref]
+            t = self.type(t.ref)
         return t
 
     def sizeof(self, tid_or_name: int | str) -> int:
@@ -167,24 +190,51 @@ class Btf:
         return t.size
 
     def struct(self, name: str) -> "StructView":
-        return StructView(self, self.find(STRUCT, name))
+        return _struct_view(self, name)
 
     def per_cpu_var(self, name: str) -> tuple[int, int]:
         """(VAR type id, offset in .data..percpu) of a per-CPU variable."""
         var = self.find(VAR, name)
-        for t in self.types.values():
-            if t.kind == DATASEC and t.name == ".data..percpu":
-                for vid, off, _size in t.entries:
-                    if vid == var.id:
-                        return var.id, off
+        sec = self.find(DATASEC, ".data..percpu")
+        for vid, off, _size in sec.entries:
+            if vid == var.id:
+                return var.id, off
         raise BtfError(f"{name} is not a per-CPU variable in this kernel's BTF")
 
     def enum_value(self, name: str) -> int | None:
         """The value of an enumerator by name (``PGTY_slab``), or None where no enum has it."""
-        return self.enumerators.get(name)
+        return _enumerators(self).get(name)
 
 
-_KIND_NAMES = {STRUCT: "struct", UNION: "union", VAR: "variable", TYPEDEF: "typedef", ENUM: "enum"}
+_KIND_NAMES = {STRUCT: "struct", UNION: "union", VAR: "variable", TYPEDEF: "typedef", ENUM: "enum",
+               DATASEC: "section"}
+
+
+@lru_cache(maxsize=4)
+def _running(modules: tuple[str, ...], root: Path) -> Btf:
+    path = root / "vmlinux"
+    try:
+        btf = Btf.parse(path.read_bytes(), str(path))
+    except OSError as e:
+        raise BtfError(f"{path}: {e.strerror} (a kernel built without CONFIG_DEBUG_INFO_BTF?)") from None
+    for mod in modules:
+        mpath = root / mod
+        if mpath.exists():
+            btf = Btf.parse(mpath.read_bytes(), mod, base=btf)
+    return btf
+
+
+def _enumerators(btf: Btf) -> dict[str, int]:
+    cached = getattr(btf, "_enum_values", None)
+    if cached is None:
+        cached = {}
+        for b in btf._blobs:
+            for (kind, _name), tid in b.names.items():
+                if kind in (ENUM, ENUM64):
+                    for n, v in btf.type(tid).enumerators:
+                        cached.setdefault(n, v)
+        btf._enum_values = cached  # type: ignore[attr-defined]
+    return cached
 
 
 class StructView:
@@ -195,9 +245,13 @@ class StructView:
         self.type = t
         self.name = t.name
         self.size = t.size
+        self._paths: dict[str, tuple[int, int]] = {}
 
     def member(self, path: str) -> tuple[int, int]:
         """(byte offset, type id) of ``path`` inside this struct."""
+        hit = self._paths.get(path)
+        if hit is not None:
+            return hit
         t, off = self.type, 0
         for part in path.split("."):
             m = re.fullmatch(r"(\w+)(?:\[(\d+)\])?", part)
@@ -215,10 +269,19 @@ class StructView:
                 off += int(m.group(2)) * self.btf.sizeof(arr.ref)
                 tid = arr.ref
             t = self.btf.resolve(tid)
+        self._paths[path] = (off, tid)
         return off, tid
 
     def offset(self, path: str) -> int:
         return self.member(path)[0]
+
+
+def _struct_view(btf: Btf, name: str) -> StructView:
+    views = btf.__dict__.setdefault("_views", {})
+    view = views.get(name)
+    if view is None:
+        view = views[name] = StructView(btf, btf.find(STRUCT, name))
+    return view
 
 
 def _find_member(btf: Btf, t: Type, name: str) -> tuple[int, int] | None:
@@ -234,7 +297,6 @@ def _find_member(btf: Btf, t: Type, name: str) -> tuple[int, int] | None:
                 if hit is not None:
                     return m.bit_offset + hit[0], hit[1]
     return None
-
 
 
 __all__ = ["BTF_DIR", "Btf", "BtfError", "Member", "StructView", "Type"]

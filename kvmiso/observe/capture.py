@@ -47,10 +47,12 @@ class Capture:
     9
     """
 
-    def __init__(self, trace: bool | Iterable[str] = True, buffer_kb: int = DEFAULT_BUFFER_KB) -> None:
+    def __init__(self, trace: bool | Iterable[str] = True, buffer_kb: int = DEFAULT_BUFFER_KB,
+                 stacks: bool = True) -> None:
         self.log = ExitLog()
         self.tracer: TraceInstance | None = None
         self._trace = trace
+        self._stacks = stacks
         self._buffer_kb = buffer_kb
         self._reason = "" if trace else "tracing not requested"
 
@@ -58,7 +60,7 @@ class Capture:
         if self._trace:
             events = None if self._trace is True else list(self._trace)  # type: ignore[arg-type]
             try:
-                self.tracer = TraceInstance(events, buffer_kb=self._buffer_kb)
+                self.tracer = TraceInstance(events, buffer_kb=self._buffer_kb, stacks=self._stacks)
                 self.tracer.open()
                 self._reason = self.tracer.describe()
             except (TracefsUnavailable, OSError) as e:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import re
+from functools import lru_cache
 from pathlib import Path
 
 KALLSYMS = "/proc/kallsyms"
@@ -71,13 +72,25 @@ class Symbols:
 
     def resolve(self, addr: int) -> tuple[str, int] | None:
         """(function, offset) of the code symbol at or below ``addr``."""
+        self._index_code()
+        i = bisect.bisect_right(self._addrs, addr) - 1
+        return (self._names[i], addr - self._addrs[i]) if i >= 0 else None
+
+    def code_size(self, name: str) -> int:
+        """Bytes from the function ``name`` to the next code symbol (its size, padding included)."""
+        self._index_code()
+        a = self.get(name)
+        if a is None:
+            return 0
+        i = bisect.bisect_right(self._addrs, a)
+        return self._addrs[i] - a if i < len(self._addrs) else 0
+
+    def _index_code(self) -> None:
         if not self._addrs:
             # __pfx_ symbols are the padding before a function (CONFIG_FUNCTION_PADDING): never a name
             code = sorted((a, n) for a, t, n, _ in self._entries if t in "TtWw" and not n.startswith("__pfx_"))
             self._addrs = [int(a, 16) for a, _ in code]
             self._names = [n for _, n in code]
-        i = bisect.bisect_right(self._addrs, addr) - 1
-        return (self._names[i], addr - self._addrs[i]) if i >= 0 else None
 
 
 _KALLSYMS_LINE = re.compile(r"^([0-9a-fA-F]+) (\w) (\S+)(?:\s+\[(\S+)\])?[ \t]*$", re.M)
@@ -95,8 +108,10 @@ def parse_kallsyms(text: str) -> Symbols | None:
 
 
 
+@lru_cache(maxsize=2)
 def read_kallsyms(path: str | Path = KALLSYMS) -> Symbols | None:
-    """The running kernel's symbols, or None where the addresses are hidden or unreadable."""
+    """The running kernel's symbols, or None where the addresses are hidden or unreadable.
+    Read once per process (120,000 lines; modules do not come and go under kvmiso)."""
     try:
         return parse_kallsyms(Path(path).read_text())
     except OSError:

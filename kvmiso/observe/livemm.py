@@ -14,6 +14,7 @@ interpreting leaves is the model's job (:mod:`kvmiso.isolation.pagetable`).
 from __future__ import annotations
 
 import re
+import struct
 from pathlib import Path
 
 from .bpf import KernelMemory, KernelReadError
@@ -59,6 +60,7 @@ class LiveTables:
         self.mem = mem
         self.pgd = pgd
         self.frames: dict[int, bytes] = {}
+        self._tables: dict[int, tuple[int, ...]] = {}
         self.page_offset_base = page_offset_base if page_offset_base is not None else self._derive_base()
         self.root = pgd - self.page_offset_base
 
@@ -96,7 +98,7 @@ class LiveTables:
         return page
 
     def entry(self, table: int, index: int) -> int:
-        return int.from_bytes(self.frame(table)[8 * index: 8 * index + 8], "little")
+        return self.table(table)[index]
 
     def walk(self, va: int) -> tuple[int, int]:
         """(level, entry) of the leaf mapping ``va``; entry 0 where nothing maps it."""
@@ -118,51 +120,48 @@ class LiveTables:
         span = 1 << _SHIFT[level]
         return (e & _ADDR & ~(span - 1)) + (va & (span - 1))
 
+    def table(self, phys: int) -> tuple[int, ...]:
+        """The 512 entries of the table page at physical ``phys``."""
+        cached = self._tables.get(phys)
+        if cached is None:
+            cached = self._tables[phys] = struct.unpack("<512Q", self.frame(phys))
+        return cached
+
     def read_subtree(self, start: int, end: int) -> None:
         """Read every table page under [start, end) (the whole kernel table of that span), so
         that a copy at any level and the bytes it maps can be counted from the frames."""
-        self._subtree(self.root, 4, start, end, 0)
-
-    def _subtree(self, table: int, level: int, start: int, end: int, prefix: int) -> None:
-        span = 1 << _SHIFT[level]
-        for i in range(512):
-            lo = prefix | (i << _SHIFT[level])
-            va = lo | (0xFFFF_0000_0000_0000 if lo & (1 << 47) else 0)
-            if va + span <= start or va >= end:
-                continue
-            e = self.entry(table, i)
-            if not e & _P or level == 1 or (level < 4 and e & _PS):
-                continue
-            self._subtree(e & _ADDR, level - 1, start, end, lo)
+        self._visit(self.root, 4, start, end, 0, None)
 
     def mapped_bytes(self, start: int = KERNEL_HALF, end: int = 1 << 64) -> dict[int, int]:
         """Bytes the table maps in [start, end), by leaf level: the whole kernel half by default.
-        Reads the table pages it needs but keeps only those already kept (a census, not a copy)."""
-        keep = dict(self.frames)
+        The table pages this reads are counted, not kept (unless kept already)."""
+        keep, keep_tables = dict(self.frames), dict(self._tables)
         out = {1: 0, 2: 0, 3: 0}
         try:
-            self._census(self.root, 4, start, end, 0, out)
+            self._visit(self.root, 4, start, end, 0, out)
         finally:
-            self.frames = keep
+            self.frames, self._tables = keep, keep_tables
         return out
 
-    def _census(self, table: int, level: int, start: int, end: int, prefix: int, out: dict[int, int]) -> None:
-        page = self.frame(table)
-        span = 1 << _SHIFT[level]
-        for i in range(512):
-            e = int.from_bytes(page[8 * i: 8 * i + 8], "little")
+    def _visit(self, table: int, level: int, start: int, end: int, prefix: int, census: dict[int, int] | None) -> None:
+        shift = _SHIFT[level]
+        span = 1 << shift
+        entries = self.table(table)
+        for i, e in enumerate(entries):
             if not e & _P:
                 continue
-            lo = prefix | (i << _SHIFT[level])
+            lo = prefix | (i << shift)
             va = lo | (0xFFFF_0000_0000_0000 if lo & (1 << 47) else 0)
             if va + span <= start or va >= end:
                 continue
             if level == 1 or (level < 4 and e & _PS):
-                out[level] += span
+                if census is not None:
+                    census[level] += span
             else:
-                self._census(e & _ADDR, level - 1, start, end, lo, out)
-                if len(self.frames) > 4096:  # drop what is only counted; keep memory bounded
-                    self.frames = {}
+                self._visit(e & _ADDR, level - 1, start, end, lo, census)
+        if census is not None and len(self.frames) > 4096:  # a census keeps memory bounded
+            self.frames.clear()
+            self._tables.clear()
 
 
 __all__ = ["LiveTableError", "LiveTables", "max_physical_address"]

@@ -1,0 +1,116 @@
+"""The access model: for each kernel function that runs while KVM handles an exit, the VM objects
+it dereferences, its role, and the source line that says so (``access.toml``).
+
+The check walks each exit's *observed* call chains through this table: a function on a chain
+that the table does not know is a finding ("unknown function on the path"), never skipped.
+Compiler clones share their function's entry (``__pvm_handle_exit.isra.0`` is
+``__pvm_handle_exit``); the tracepoint machinery (``trace_event_raw_event_*``) is matched by
+prefix and not checked (it is kvmiso's own instrument, not KVM's path).
+
+>>> model = load_access_model()
+>>> model.lookup("em_out.cold").touches
+('emulate_ctxt',)
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .tomlfile import TomlFileError, line_of, load_toml
+
+ACCESS_TOML = Path(__file__).with_name("access.toml")
+ROLES = ("", "run-loop", "syscall", "exit-handler", "switch-rfc", "tracing", "outside")
+_CLONE = re.compile(r"\.(?:isra|constprop|part|cold|llvm)\.?\d*.*$")
+
+
+class AccessModelError(ValueError):
+    """A bad access.toml; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class FunctionAccess:
+    """One function: the objects it touches (names of :mod:`.layout` regions), its role in a
+    KVM_RUN, and where in the kernel source this was read."""
+
+    name: str
+    touches: tuple[str, ...]
+    role: str
+    cite: str
+    note: str = ""
+    line: int = 0
+
+
+@dataclass
+class AccessModel:
+    """access.toml: functions by name, prefixes for families, and the accesses every function
+    of the isolated window makes (the stack, ``current``, the per-CPU area)."""
+
+    functions: dict[str, FunctionAccess]
+    prefixes: list[FunctionAccess]
+    implicit: tuple[str, ...]
+    implicit_cite: str
+    source: str
+
+    def lookup(self, function: str) -> FunctionAccess | None:
+        hit = self.functions.get(function) or self.functions.get(_CLONE.sub("", function))
+        if hit is not None:
+            return hit
+        for p in self.prefixes:
+            if function.startswith(p.name):
+                return p
+        return None
+
+    def objects(self) -> set[str]:
+        return {t for f in [*self.functions.values(), *self.prefixes] for t in f.touches} | set(self.implicit)
+
+
+def base_name(function: str) -> str:
+    """The function a compiler clone belongs to: ``pvm_emulate_one.isra.0`` -> ``pvm_emulate_one``."""
+    return _CLONE.sub("", function)
+
+
+def load_access_model(path: str | Path = ACCESS_TOML) -> AccessModel:
+    """Parse and validate an access model."""
+    try:
+        doc, text = load_toml(path, "access model")
+    except TomlFileError as e:
+        raise AccessModelError(str(e)) from None
+
+    def fail(msg: str, needle: str) -> AccessModelError:
+        line = line_of(text, needle)
+        return AccessModelError(f"{path}:{line}: {msg}" if line else f"{path}: {msg}")
+
+    def entry(e: dict, key: str) -> FunctionAccess:
+        name = e.get(key)
+        if not isinstance(name, str) or not name:
+            raise fail(f"an entry needs {key}", f"[[{'function' if key == 'name' else 'prefix'}]]")
+        needle = f'"{name}"'
+        touches = e.get("touches", [])
+        if not isinstance(touches, list) or not all(isinstance(t, str) for t in touches):
+            raise fail(f"{name}: touches must be a list of object names", needle)
+        role = e.get("role", "")
+        if role not in ROLES:
+            raise fail(f"{name}: unknown role {role!r} (one of {', '.join(r or '(none)' for r in ROLES)})", needle)
+        cite = e.get("cite", "")
+        if not isinstance(cite, str) or not cite.strip():
+            raise fail(f"{name}: every entry cites the source it was read from (cite = ...)", needle)
+        unknown = set(e) - {key, "touches", "role", "cite", "note"}
+        if unknown:
+            raise fail(f"{name}: unknown key {sorted(unknown)[0]!r}", needle)
+        return FunctionAccess(name, tuple(touches), role, cite, e.get("note", ""), line_of(text, needle) or 0)
+
+    functions: dict[str, FunctionAccess] = {}
+    for e in doc.get("function", []):
+        f = entry(e, "name")
+        if f.name in functions:
+            raise fail(f"{f.name} is described twice (line {functions[f.name].line})", f'"{f.name}"')
+        functions[f.name] = f
+    prefixes = [entry(e, "prefix") for e in doc.get("prefix", [])]
+    imp = doc.get("implicit", {})
+    return AccessModel(functions, prefixes, tuple(imp.get("touches", ())), imp.get("cite", ""), str(path))
+
+
+__all__ = ["ACCESS_TOML", "AccessModel", "AccessModelError", "FunctionAccess", "ROLES", "base_name",
+           "load_access_model"]

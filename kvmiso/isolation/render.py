@@ -1,0 +1,130 @@
+"""Text and JSON views of a model and a check result: ``kvmiso model`` and ``kvmiso check``.
+
+Every line says where its address came from; a modeled one says ``modeled``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .check import CheckResult
+from .layout import PAGE
+from .mapset import DenylistSpace, KvmAddressSpace
+from .pagetable import LEVEL_NAMES
+
+_LEAF = {1: "4K", 2: "2M", 3: "1G"}
+
+
+def size_text(n: int) -> str:
+    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.4g} {unit}"
+    return f"{n} B"
+
+
+def _leaf(space: KvmAddressSpace | DenylistSpace, addr: int) -> str:
+    try:
+        steps = space.kernel.walk(addr)
+    except (ValueError, KeyError):
+        return "?"
+    last = steps[-1]
+    return _LEAF.get(last.level, LEVEL_NAMES[last.level]) if last.leaf else "none"
+
+
+def model_summary(space: KvmAddressSpace | DenylistSpace) -> dict[str, Any]:
+    """Regions (mapping-set rows for an allowlist), every object with its leaf and whether the
+    isolated space maps it, and what the isolated space adds up to."""
+    lay = space.layout
+    rows = []
+    for spec in space.regions:
+        regs = lay.matching(spec.layout or spec.name)
+        if not regs:
+            continue
+        exposed, own = space.exposed(spec.name)
+        first = regs[0]
+        rows.append({"name": spec.name, "start": first.start, "size": own, "source": first.source,
+                     "modeled": any(r.modeled for r in regs), "leaf_level": _leaf(space, first.start),
+                     "copy_level": spec.level, "exposed_bytes": exposed,
+                     "other_pages": max(0, exposed - _pages(regs)) // PAGE, "allocator": first.allocator,
+                     "cite": spec.cite, "ranges": sum(len(r.ranges) for r in regs)})
+    objects = []
+    for r in lay.regions.values():
+        if r.kind not in ("object", "user"):
+            continue
+        for i, (s, e) in enumerate(r.ranges):
+            objects.append({"name": r.name, "index": i, "start": s, "size": e - s, "source": r.source,
+                            "modeled": r.modeled, "allocator": r.allocator, "leaf_level": _leaf(space, s),
+                            "mapped": space.mapped(s), "sensitive": space.sensitive(s)})
+    kern = space.kernel.mapped_bytes()
+    mapped = space.mapped_bytes()
+    p = space.policy
+    return {"policy": p.name, "policy_title": p.title, "mapping": p.mapping, "policy_enter": p.enter,
+            "policy_leave": p.leave_text, "policy_cite": p.cite, "vendor": lay.vendor, "evidence": lay.source,
+            "real": lay.real, "levels": lay.levels, "regions": rows, "objects": objects, "missing": space.missing,
+            "isolated_mapped_bytes": mapped, "kernel_mapped_bytes": kern,
+            "kernel_mapped_source": "the live table, counted leaf by leaf" if lay.real else "modeled table",
+            "share_of_kernel_mapped": mapped / kern if kern else 0.0,
+            "checks": [{"what": w, "agreed": ok, "detail": d} for w, ok, d in lay.evidence.checks],
+            "facts": {k: {"value": v, "source": src} for k, (v, src) in lay.evidence.facts.items()},
+            "notes": lay.notes}
+
+
+def _pages(regions) -> int:
+    return sum(((e + PAGE - 1) & ~(PAGE - 1)) - (s & ~(PAGE - 1)) for r in regions for s, e in r.ranges)
+
+
+def model_text(space: KvmAddressSpace | DenylistSpace) -> str:
+    s = model_summary(space)
+    out = [f"{s['policy']} ({s['policy_title']}, {s['mapping']}) on {s['vendor']}; objects and page table: "
+           f"{s['evidence']}",
+           f"  enter: {s['policy_enter']}", f"  leave: {s['policy_leave']}", ""]
+    if s["regions"]:
+        out.append(f"{'region':<16} {'start':<18} {'size':>10} {'leaf':>4} {'copy':>4} {'exposed':>10} "
+                   f"{'others':>7}  allocator / source")
+        for r in s["regions"]:
+            src = ("MODELED " if r["modeled"] else "") + r["source"]
+            out.append(f"{r['name']:<16} {r['start']:#018x} {size_text(r['size']):>10} {r['leaf_level']:>4} "
+                       f"{r['copy_level']:>4} {size_text(r['exposed_bytes']):>10} {r['other_pages']:>7}  "
+                       f"{r['allocator'] or '-'}; {src}")
+        out.append("")
+    out.append("objects of this VM and whether the isolated space maps them:")
+    for o in s["objects"]:
+        state = "mapped" if o["mapped"] else ("SENSITIVE" if o["sensitive"] else "not mapped")
+        idx = f"[{o['index']}]" if o["index"] else ""
+        out.append(f"  {o['name'] + idx:<22} {o['start']:#018x} {size_text(o['size']):>9} leaf {o['leaf_level']:>4} "
+                   f"{state:<10} {o['allocator'] or '-'}; {'MODELED ' if o['modeled'] else ''}{o['source']}")
+    out += ["", f"the isolated space maps {size_text(s['isolated_mapped_bytes'])} of the "
+                f"{size_text(s['kernel_mapped_bytes'])} the kernel half maps ({s['kernel_mapped_source']}): "
+                f"{100 * s['share_of_kernel_mapped']:.2f}%"]
+    out += [f"not in this layout: {m}" for m in s["missing"]]
+    out += [f"cross-check {'agreed' if c['agreed'] else 'FAILED'}: {c['what']} ({c['detail']})" for c in s["checks"]]
+    out += [f"note: {n}" for n in s["notes"]]
+    return "\n".join(out)
+
+
+def result_text(res: CheckResult, title: str = "", stack: bool = False) -> str:
+    """``kvmiso check``: classes, faults in the RFC's format, unknown functions, switches, cost."""
+    c = res.classes
+    out = [f"{title}{res.runs} KVM_RUN calls, {res.exits} exits checked, policy {res.policy}: "
+           f"{c['kvm_mm']} stay isolated, {c['host_mm']} switch, {c['fault']} fault, {c['unknown']} unknown "
+           f"({c['outside']} events outside the isolated window, {c['not_kvm_run']} not on the KVM_RUN path)"]
+    for reason, n in res.reasons.most_common():
+        out.append(f"  switch x{n}: {reason}")
+    for i, f in enumerate(res.faults):
+        out.append("  " + f.line(i) + (f"  [address: {f.source}]" if f.source.startswith("modeled") else ""))
+        if stack:
+            out += [f"    {frame}" for frame in f.stack]
+    for fn, n in res.unknown_functions.most_common():
+        out.append(f"  unknown function on the path: {fn} ({n} events): not in the access model")
+    out.append(f"  switches: {res.switches} ({res.switches_per_run:.2f} per KVM_RUN); estimated overhead "
+               f"{res.overhead_ns / 1e3:.1f} µs = {100 * res.overhead_share:.2f}% of {res.wall_ns / 1e3:.1f} µs measured "
+               f"in KVM_RUN round trips, at {res.switch_cost_ns:g} ns per switch ({res.switch_cost_source})")
+    if res.lost:
+        out.append(f"  LOST EVIDENCE: {res.lost_events} trace records lost, {res.missing_chains} events without a call "
+                   f"chain: the verdicts above are incomplete")
+    out += [f"  modeled: {m}" for m in res.modeled]
+    out += [f"  note: {n}" for n in res.notes]
+    return "\n".join(out)
+
+
+__all__ = ["model_summary", "model_text", "result_text", "size_text"]
