@@ -88,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("bench", help="time KVM_RUN round trips per exit kind, beside the floors")
     bench_command.add_bench_args(sp)
-    sp.set_defaults(func=bench_command.cmd_bench)  # bad input: ValueError, exit status 2
+    sp.set_defaults(func=cmd_bench)  # bad input: ValueError, exit status 2
 
     sp = sub.add_parser("compare", help="two bench result files side by side, with ratios and significance")
     bench_command.add_compare_args(sp)
@@ -109,6 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("payload", help="a name from guests/ or a .S path")
     _add_guest_args(sp)
     sp.add_argument("--json", metavar="FILE", help="write the exit log as JSON lines to FILE")
+    sp.add_argument("--evidence", metavar="FILE", help="also write the VM's objects and page tables (for kvmiso check LOG)")
     sp.add_argument("--events", action="store_true", help="print every traced event, in order, run by run")
     sp.set_defaults(func=cmd_trace)
 
@@ -122,15 +123,23 @@ def _parser() -> argparse.ArgumentParser:
     _add_guest_args(sp)
     _add_model_args(sp)
     sp.add_argument("--switch-cost", type=float, metavar="NS", help="cost of one address-space switch in ns")
+    sp.add_argument("--stack", action="store_true", help="print each fault's call trace, as the RFC does")
+    sp.add_argument("--allow-lost", action="store_true",
+                    help="lost trace records or missing call chains do not fail the check")
     sp.add_argument("--json", action="store_true", help="print the results as JSON")
     sp.set_defaults(func=cmd_check)
     return p
 
 
 def _add_model_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--policy", default="rfc-v1", metavar="NAME",
+                    help="rfc-v1 (the 2019 RFC's allowlist, the default), asi (2024-2025 denylist) or asi-2022")
+    sp.add_argument("--regions", metavar="FILE.toml", help="change rfc-v1's mapping set with a TOML file, "
+                    "or a shipped set by name (modern)")
     sp.add_argument("--drop", action="append", default=[], metavar="REGION", help="leave a default region out")
-    sp.add_argument("--regions", metavar="FILE.toml", help="add/drop regions and set the policy from a TOML file, or a shipped set by name (modern)")
-    sp.add_argument("--policy", choices=("rfc-v1", "asi"), help="switch policy (default rfc-v1)")
+    sp.add_argument("--evidence", metavar="FILE", help="objects and page tables saved by kvmiso trace --evidence")
+    sp.add_argument("--require-real", action="store_true",
+                    help="fail when an address or page table had to be modeled (no BPF, not root)")
 
 
 def _add_guest_args(sp: argparse.ArgumentParser) -> None:
@@ -196,6 +205,12 @@ def _print_wrapped(items: list[str], width: int = 96) -> None:
         line += " " + it
     if line.strip():
         print(line)
+
+
+def cmd_bench(args) -> int:
+    from .session import measure_switches
+
+    return bench_command.cmd_bench(args, measure_switches)
 
 
 # --- report ----------------------------------------------------------------------------------
@@ -299,6 +314,14 @@ def cmd_trace(args) -> int:
                 raise
             if out:
                 out.writelines(line + "\n" for line in log.iter_jsonl())
+        if args.evidence:
+            from .observe.evidence import write_evidence
+            from .session import machine_evidence
+
+            try:
+                write_evidence(machine_evidence(m, log), args.evidence)
+            except OSError as e:
+                raise CliError(f"cannot write the evidence to {args.evidence}: {e.strerror}") from None
         where = f"{m.image.name} in {m.mode} mode at CPL{args.cpl} on {m.vendor or 'an unknown vendor module'}"
     if not log.tracing:
         print(f"kvmiso: in-kernel events not traced: {log.tracing_reason}", file=sys.stderr)
@@ -325,65 +348,121 @@ def cmd_trace(args) -> int:
 
 # --- model and check -------------------------------------------------------------------------
 
-def _address_space(args, vm=None):
-    from .isolation.layout import host_layout
-    from .isolation.mapset import KvmAddressSpace, load_regions
+def _space(args, evidence, machine=None):
+    from .isolation import MapSetError
+    from .isolation.policy import POLICIES
+    from .session import layout_of, space_for
 
-    layout = host_layout(vm)
-    if args.regions:
-        return load_regions(args.regions, layout, args.policy, tuple(args.drop))
-    return KvmAddressSpace.default(layout, args.policy or "rfc-v1", tuple(args.drop))
+    if args.policy not in POLICIES:
+        raise CliError(f"unknown policy {args.policy!r}; one of {', '.join(POLICIES)}")
+    try:
+        return space_for(layout_of(evidence, machine), args.policy, args.regions, tuple(args.drop))
+    except MapSetError as e:
+        raise CliError(str(e)) from None
+
+
+def _require_real(args, evidence, what: str) -> None:
+    """--require-real: every fact the verdicts rest on must have been read, not modeled."""
+    if args.require_real and not evidence.real:
+        raise RealFactsMissing(f"{what}: --require-real, but the objects and page table are modeled "
+                               f"({evidence.source or 'no evidence'})")
+
+
+class RealFactsMissing(Exception):
+    """--require-real and a fact had to be modeled: status 1, one line naming it."""
+
+
+def _read_evidence(path: str):
+    from .observe.evidence import EvidenceError, read_evidence
+
+    try:
+        return read_evidence(path)
+    except OSError as e:
+        raise CliError(f"cannot read evidence {path}: {e.strerror}") from None
+    except EvidenceError as e:
+        raise CliError(str(e)) from None
 
 
 def cmd_model(args) -> int:
-    from .isolation.check import model_text
+    """The isolated address space of a fresh VM of this host (or of saved evidence)."""
+    from .isolation import model_summary, model_text
+    from .session import machine_evidence
 
-    kas = _address_space(args)
-    print(json.dumps(kas.summary(), indent=2) if args.json else model_text(kas))
+    if args.evidence:
+        evidence, machine_ctx = _read_evidence(args.evidence), contextlib.nullcontext(None)
+    else:
+        machine_ctx = Machine("hello", mode="long")
+    with machine_ctx as m:
+        if m is not None:
+            evidence = machine_evidence(m)
+        space = _space(args, evidence, m)
+    try:
+        _require_real(args, evidence, "model")
+    except RealFactsMissing as e:
+        print(f"kvmiso: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    print(json.dumps(model_summary(space), indent=2) if args.json else model_text(space))
     return 0
 
 
 def cmd_check(args) -> int:
-    """Each payload runs under capture on its own VM (so the userspace regions are that VM's);
-    an exit-log argument is checked against a layout of this host."""
-    from .isolation.check import check, result_text
-    from .observe.capture import capture
-    from .observe.exitlog import read_jsonl
+    """Each payload runs under capture on its own VM and is checked against that VM's evidence;
+    an exit log is checked against the evidence saved with it (--evidence)."""
+    from .isolation import AccessModelError, CheckError, check, load_access_model, result_text
+    from .observe.capture import Capture
+    from .observe.exitlog import ExitLogError, read_jsonl
+    from .session import capture_checked
 
+    try:
+        access = load_access_model()
+    except AccessModelError as e:
+        raise CliError(str(e)) from None
+    cost = {} if args.switch_cost is None else {"switch_cost_ns": args.switch_cost,
+                                                 "switch_cost_source": "given with --switch-cost"}
     results = []
     interrupted: KeyboardInterrupt | None = None
-    for p in args.payload:
-        log = None
-        if p.endswith(".jsonl"):
-            try:
-                log = read_jsonl(p)
-            except OSError as e:
-                raise CliError(f"cannot read exit log {p}: {e.strerror}") from None
-            kas = _address_space(args)
-        else:
-            with Machine(p, mode=args.mode, cpl=args.cpl) as m:
-                kas = _address_space(args, m.vm)
+    with Capture() as cap:
+        for p in args.payload:
+            if p.endswith(".jsonl"):
+                if not args.evidence:
+                    raise CliError(f"{p}: an exit log is checked against the evidence saved with it: "
+                                   f"--evidence FILE (kvmiso trace --json LOG --evidence FILE writes both)")
                 try:
-                    _, log = capture(m, timeout=args.timeout, payload=m.image.name)
-                except KeyboardInterrupt as e:
-                    interrupted = e
-                    log = getattr(e, "log", None)
-        cost = {} if args.switch_cost is None else {"switch_cost_ns": args.switch_cost,
-                                                     "switch_cost_source": "given with --switch-cost"}
-        if log is not None:
-            results.append((p, log.incomplete, check(kas, log, source=p, **cost)))
-        if interrupted is not None:
-            break
+                    log = read_jsonl(p)
+                except OSError as e:
+                    raise CliError(f"cannot read exit log {p}: {e.strerror}") from None
+                except ExitLogError as e:
+                    raise CliError(str(e)) from None
+                evidence = _read_evidence(args.evidence)
+                space = _space(args, evidence)
+            else:
+                with Machine(p, mode=args.mode, cpl=args.cpl) as m:
+                    try:
+                        run = capture_checked(m, cap, m.image.name, timeout=args.timeout)
+                    except KeyboardInterrupt as e:
+                        interrupted = e
+                        break
+                    log, evidence = run.log, run.evidence
+                    space = _space(args, evidence, m)
+            try:
+                _require_real(args, evidence, p)
+                res = check(space, log, access, source=p, **cost)
+            except RealFactsMissing as e:
+                print(f"kvmiso: {e}", file=sys.stderr)
+                return EXIT_FAILED
+            except CheckError as e:
+                raise CliError(str(e)) from None
+            results.append((p, log.incomplete, res))
     if args.json:
         print(json.dumps([{"payload": p, "incomplete": bool(why), "incomplete_reason": why, **r.to_dict()}
                           for p, why, r in results], indent=2))
     else:
         for p, why, r in results:
-            print(result_text(r, f"{p}{' (INCOMPLETE: ' + why + ')' if why else ''}: ") + "\n")
+            print(result_text(r, f"{p}{' (INCOMPLETE: ' + why + ')' if why else ''}: ", stack=args.stack) + "\n")
     if interrupted is not None:
         raise interrupted
-    # a missing mapping or an exit without a model entry is a finding: non-zero, like a failed test
-    return EXIT_FAILED if any(r.classes["fault"] or r.classes["unknown"] for _, _, r in results) else 0
+    # a missing mapping, an unknown function or lost evidence is a finding: non-zero, like a failed test
+    return EXIT_FAILED if any(r.failed(args.allow_lost) for _, _, r in results) else 0
 
 
 if __name__ == "__main__":

@@ -23,7 +23,9 @@ from .guest.probe import fingerprint, probe
 
 SUITE_TIMEOUT = 5.0
 EXPECTED_TIMEOUT = 0.5  # for payloads built to spin: enough to prove the stop, no more
-REGION_SETS = ("rfc", "modern")  # the RFC's 2019 set; the same plus what a 6.x kernel needs
+# The checks the report runs: (label, policy, region file): the RFC's 2019 set, the same plus
+# what a 6.x kernel allocates apart, and ASI's denylist.
+CHECKS = (("rfc-v1", "rfc-v1", None), ("rfc-v1+modern", "rfc-v1", "modern"), ("asi", "asi", None))
 BENCH = {"kinds": ("out", "in", "mmio_write", "mmio_read", "hlt", "cpuid", "rdmsr", "page_fault"),
          "cpls": (0, 3), "samples": 2000, "runs": 3}
 
@@ -54,13 +56,12 @@ class SuiteRun:
     entry: SuiteEntry
     result: Any  # RunResult
     log: Any  # ExitLog of this run; None for a run kept out of the capture
-    layout: Any = None  # the host layout with this VM's user-half addresses, or None
-    layout_error: str = ""
+    evidence: Any = None  # the Evidence of this run's VM, read while it lived
 
 
 def run_suite(kvm: Kvm, cap: Capture, vendor: str | None) -> list[SuiteRun]:
-    """Every suite entry on its own VM, under ``cap``; the layout is taken while the VM lives."""
-    from .isolation import host_layout
+    """Every suite entry on its own VM, under ``cap``; the evidence is read while the VM lives."""
+    from .session import capture_checked
 
     runs = []
     for entry in suite(vendor):
@@ -76,13 +77,8 @@ def run_suite(kvm: Kvm, cap: Capture, vendor: str | None) -> list[SuiteRun]:
                     result = e.result
                 runs.append(SuiteRun(entry, result, None))
                 continue
-            result, log = cap.run(m, timeout=timeout, payload=entry.label, **entry.run_kwargs())
-            run = SuiteRun(entry, result, log)
-            try:
-                run.layout = host_layout(m.vm)
-            except Exception as e:  # noqa: BLE001 - reported as the isolation part's reason
-                run.layout_error = f"{type(e).__name__}: {e}"
-        runs.append(run)
+            got = capture_checked(m, cap, entry.label, timeout=timeout, **entry.run_kwargs())
+        runs.append(SuiteRun(entry, got.result, got.log, got.evidence))
     return runs
 
 
@@ -100,26 +96,27 @@ def suite_part(runs: list[SuiteRun]) -> list[dict[str, Any]]:
 
 
 def isolation_part(runs: list[SuiteRun], rep: Report) -> dict[str, Any]:
-    """Each run checked against each region set with its own VM's layout, then folded."""
-    from .isolation import KvmAddressSpace, check, load_handlers, load_regions, result_text
+    """Each run checked under each policy against its own VM's evidence, then folded."""
+    from .isolation import check, load_access_model, result_text
+    from .session import layout_of, space_for
 
     runs = [r for r in runs if r.log is not None]
-    broken = [r for r in runs if r.layout is None]
-    if broken:
-        raise RuntimeError(f"no host layout: {broken[0].layout_error}")
-    table = load_handlers()
+    access = load_access_model()
     totals = {}
-    for name in REGION_SETS:
+    for label, policy, regions in CHECKS:
         total = None
         for r in runs:
-            kas = KvmAddressSpace.default(r.layout) if name == "rfc" else load_regions(name, r.layout)
-            res = check(kas, r.log, table, source=r.entry.label)
+            res = check(space_for(layout_of(r.evidence), policy, regions), r.log, access, source=r.entry.label)
             if total is None:
                 total = res
             else:
                 total.add(res)
-        totals[name] = total.to_dict()
-        rep.text[f"isolation:{name}"] = result_text(total, f"{name} set: ")
+        totals[label] = total.to_dict()
+        rep.text[f"isolation:{label}"] = result_text(total, f"{label}: ")
+    evidence = runs[0].evidence if runs else None
+    if evidence is not None:
+        totals["evidence"] = {"source": evidence.source, "checks": [{"what": w, "agreed": ok, "detail": d}
+                                                                   for w, ok, d in evidence.checks]}
     return totals
 
 
@@ -193,8 +190,8 @@ def print_summary(rep: Report, out_dir: Path) -> None:
         print(rep.text["trace"])
     if rep.parts.get("isolation"):
         print("\n== kvm_mm: what stays isolated, what switches, what faults")
-        for name in REGION_SETS:
-            print(rep.text[f"isolation:{name}"] + "\n")
+        for label, _policy, _regions in CHECKS:
+            print(rep.text[f"isolation:{label}"] + "\n")
     if rep.parts.get("bench"):
         print(f"== KVM_RUN round trips (short run: {BENCH['samples']} samples x {BENCH['runs']} runs; "
               "`kvmiso bench` for the full method)")

@@ -81,7 +81,9 @@ def _command(args: argparse.Namespace) -> str:
     return " ".join(parts)
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
+def cmd_bench(args: argparse.Namespace, measure_switches: Callable[..., Any] | None = None) -> int:
+    """``kvmiso bench``; ``measure_switches(kvm, guest, cpl=, regions=)`` (the orchestrator's
+    capture-and-check) gives --isolation its switches per round trip."""
     from ..kvm import Kvm
     from .latency import bench, format_table
     from .runloop import NotBuilt
@@ -106,7 +108,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         finally:
             clear()
         result.settings["command"] = _command(args)
-        isolation = _isolation(kvm, result, args.switch_cost, args.regions) if args.isolation else None
+        isolation = (_isolation(kvm, result, args.switch_cost, args.regions, measure_switches)
+                     if args.isolation and measure_switches is not None else None)
     print(format_table(result))
     if isolation is not None:
         print()
@@ -123,8 +126,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _isolation(kvm: Kvm, result: BenchResult, switch_cost: float | None, regions: str | None) -> str:
-    from ..isolation.check import measure_switches
+def _isolation(kvm: Kvm, result: BenchResult, switch_cost: float | None, regions: str | None,
+               measure_switches: Callable[..., Any]) -> str:
     from .overhead import SwitchCost, estimate_switch_cost, format_isolation, isolation_rows
 
     if switch_cost is not None:
@@ -142,7 +145,8 @@ def _isolation(kvm: Kvm, result: BenchResult, switch_cost: float | None, regions
         switches[(kind, cpl)] = res.switches_per_run
         if res.classes["fault"] or res.classes["unknown"]:
             notes.append(f"{kind} at CPL{cpl}: {res.classes['fault']} exits fault on a missing mapping and "
-                         f"{res.classes['unknown']} have no model entry in {res.runs} KVM_RUNs (kvmiso check shows which)")
+                         f"{res.classes['unknown']} meet a function the access model does not know in {res.runs} "
+                         f"KVM_RUNs (kvmiso check shows which)")
     rows = isolation_rows(result, cost, switches)
     result.settings["isolation"] = {"switch_cost_ns": cost.ns, "switch_cost_source": cost.source,
                                     "regions": regions or "rfc", "rows": rows, "notes": notes}

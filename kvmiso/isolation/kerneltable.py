@@ -12,7 +12,7 @@ cpu_entry_area and ESPFIX pages. Every number it yields is modeled, and the layo
 from __future__ import annotations
 
 from .layout import PAGE, Layout
-from .pagetable import G, NX, P, RW, SIZE_1G, SIZE_2M, SIZE_4K, US, ByteStore, PageTable, SnapshotStore
+from .pagetable import G, NX, P, RW, SIZE_1G, SIZE_2M, SIZE_4K, US, ByteStore, FrameStore, PageTable, SnapshotStore
 
 CEA_PER_CPU = 0x3B000  # sizeof(struct cpu_entry_area), rounded to pages, on a 6.x x86-64 build: modeled
 
@@ -38,8 +38,8 @@ class ModeledKernelTable(PageTable):
 
     live = False
 
-    def __init__(self, layout: Layout, ram: int, gbpages: bool = True) -> None:
-        super().__init__(ByteStore(64 << 20), gbpages=gbpages)
+    def __init__(self, layout: Layout, ram: int, gbpages: bool = True, store: FrameStore | None = None) -> None:
+        super().__init__(store or ByteStore(64 << 20), gbpages=gbpages)
         self.layout = layout
         self._phys = 1 << 40  # backing for modeled vmalloc/cea pages: any frame, never RAM
         reg = layout.regions

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..observe.vmobjects import known_object
 from .layout import Layout
 from .mapset import LEVELS, KvmAddressSpace, MapSetError, RegionSpec, default_specs
 from .pagetable import LEVEL_SPAN, PageTableError, canonical
@@ -94,8 +95,8 @@ def _add(kas: KvmAddressSpace, layout: Layout, entry: dict, fail, path: Path) ->
     else:
         regions = layout.matching(name)
         if not regions:
-            if layout.real:
-                # a region this VM does not have (lapic without an in-kernel LAPIC): noted, not fatal
+            if known_object(name):
+                # an object this VM does not have (lapic without an in-kernel LAPIC): noted, not fatal
                 kas.missing.append(name)
                 return
             raise fail(f"unknown region {name!r}: not in the layout ({', '.join(layout.regions)}) and no start/size",

@@ -32,6 +32,21 @@ VENDOR_PAGES = {
 }
 
 
+# Every object name read_vm_objects can produce (``bus:PIO``, ``memslot:0`` ... are families):
+# what the access model and region files may name.
+OBJECT_NAMES = frozenset({
+    "vcpu_struct", "vm_struct", "kvm_run_page", "pio_data", "emulate_ctxt", "cpuid_entries", "lapic", "mmu_root",
+    "memslots", "memslot:*", "rmap:*", "guest_memory:*", "bus:*", "vcpu_task", "vcpu_stack", "active_mm", "pgd",
+    "percpu_area", "irq_stack", "srcu_sda", "vmcs", "msr_bitmap", "vmcb", "msrpm",
+})
+
+
+def known_object(name: str) -> bool:
+    """Is ``name`` an object (or family, ``bus:*``) kvmiso can read from the kernel?"""
+    family = name.split(":", 1)[0] + ":*" if ":" in name else name
+    return name in OBJECT_NAMES or family in OBJECT_NAMES
+
+
 @dataclass(frozen=True)
 class KernelObject:
     """One object a VM exit may touch, at its real address.
@@ -324,4 +339,4 @@ def _is_slab(k: _Kernel, page: int) -> bool:
     return bit is not None and bool(k.mem.u64(page + k.off("page", "flags")) >> bit & 1)
 
 
-__all__ = ["KernelObject", "VmObjects", "possible_cpus", "read_vm_objects"]
+__all__ = ["KernelObject", "OBJECT_NAMES", "VmObjects", "known_object", "possible_cpus", "read_vm_objects"]
