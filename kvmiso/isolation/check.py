@@ -268,24 +268,46 @@ class Checker:
 
 
 def _exits(log_has_exit_events: bool, events: list[TraceEvent], chains: list[list[Frame]]) -> list[list[int]]:
-    """Indexes of the events of each exit (see the module docstring); events before the first
-    opener belong to the first exit. A native trap on kvm_pvm is told apart by its call site in
-    the exit handler (the return addresses from KVM_RUN down to the handler's dispatch)."""
+    """Indexes of the events of each exit; events before the first opener belong to the first.
+
+    With ``kvm_exit`` (VMX/SVM) each one opens an exit. Without it (kvm_pvm), one call of the
+    exit handler is one exit, told apart by the handler's own frames: the chain from KVM_RUN
+    down to the emulator's entry (``x86_emulate_instruction``) or 4 frames deep. Within one call
+    straight-line code only moves forward, so a different function there, or a lower return
+    address, is the next exit; and an event at or before the place where this exit's
+    instruction was decoded (``kvm_emulate_insn``) begins the next instruction.
+    """
     groups: list[list[int]] = [[]]
-    prev_site = None
+    prev: tuple[tuple[str, int], ...] = ()
+    decoded: tuple[int, ...] | None = None  # where this exit's kvm_emulate_insn fired
     for i, e in enumerate(events):
-        names = [base_name(f.function) for f in chains[i]]
-        emulating = "x86_emulate_instruction" in names
-        site = None
-        if not emulating and RUN_PATH in names:
-            site = tuple(f.address for f in chains[i][:names.index(RUN_PATH) + 3])
-        opens = (e.name == "kvm_exit") if log_has_exit_events else (
-            e.name == "kvm_emulate_insn" or (site is not None and site != prev_site))
+        site = _dispatch(chains[i])
+        if log_has_exit_events:
+            opens = e.name == "kvm_exit"
+        else:
+            n = min(len(site), len(prev))  # compare the frames both chains have
+            same = all(a[0] == b[0] for a, b in zip(site[:n], prev[:n]))
+            addrs = tuple(a for _, a in site)
+            opens = bool(site) and (not same or addrs[:n] < tuple(a for _, a in prev[:n])
+                                    or (decoded is not None and addrs[:len(decoded)] <= decoded[:len(addrs)]
+                                        and e.name != "kvm_emulate_insn"))
         if opens and groups[-1]:
             groups.append([])
+            decoded = None
         groups[-1].append(i)
-        prev_site = site if not emulating else None
+        if e.name == "kvm_emulate_insn" and site:
+            decoded = tuple(a for _, a in site)
+        prev = site or prev
     return [g for g in groups if g]
+
+
+def _dispatch(chain: list[Frame]) -> tuple[tuple[str, int], ...]:
+    names = [base_name(f.function) for f in chain]
+    if RUN_PATH not in names:
+        return ()
+    k = names.index(RUN_PATH)
+    end = names.index("x86_emulate_instruction") + 1 if "x86_emulate_instruction" in names[k:] else k + 4
+    return tuple((f.function, f.address) for f in chain[k:end])
 
 
 def check(space: KvmAddressSpace | DenylistSpace, log: ExitLog, access: AccessModel,
