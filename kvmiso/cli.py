@@ -394,6 +394,7 @@ def cmd_model(args) -> int:
         machine_ctx = Machine("hello", mode="long")
     with machine_ctx as m:
         if m is not None:
+            m.run(timeout=5)  # a VM that has run: its MMU root, kvm_run page and vCPU thread exist
             evidence = machine_evidence(m)
         space = _space(args, evidence, m)
     try:

@@ -51,6 +51,7 @@ class RegionSpec:
     level: str  # PGD, P4D, PUD, PMD, PTE
     cite: str
     layout: str = ""  # the layout region(s) it copies (default: the same name)
+    vendors: tuple[str, ...] = ()  # only for these vendor modules (empty: all)
 
 
 # The RFC's set (DESIGN.md table), in the names of the objects kvmiso reads from the running
@@ -69,10 +70,10 @@ DEFAULT_SET = [
     RegionSpec("vm_struct", "vm", "PTE", "RFC patch 21: struct kvm_vmx"),
     RegionSpec("srcu_sda", "vm", "PTE", "RFC patch 21: the per-CPU kvm->srcu.sda"),
     RegionSpec("vcpu_struct", "vcpu", "PTE", "RFC patch 22: struct vcpu_vmx"),
-    RegionSpec("vmcs", "vcpu", "PTE", "RFC patch 22: vmcs01.vmcs"),
-    RegionSpec("msr_bitmap", "vcpu", "PTE", "RFC patch 22: vmcs01.msr_bitmap"),
-    RegionSpec("vmcb", "vcpu", "PTE", "by analogy with RFC patch 22 (SVM's VMCB)"),
-    RegionSpec("msrpm", "vcpu", "PTE", "by analogy with RFC patch 22 (SVM's MSR permission map)"),
+    RegionSpec("vmcs", "vcpu", "PTE", "RFC patch 22: vmcs01.vmcs", vendors=("kvm_intel",)),
+    RegionSpec("msr_bitmap", "vcpu", "PTE", "RFC patch 22: vmcs01.msr_bitmap", vendors=("kvm_intel",)),
+    RegionSpec("vmcb", "vcpu", "PTE", "by analogy with RFC patch 22 (SVM's VMCB)", vendors=("kvm_amd",)),
+    RegionSpec("msrpm", "vcpu", "PTE", "by analogy with RFC patch 22 (SVM's MSR permission map)", vendors=("kvm_amd",)),
     RegionSpec("pio_data", "vcpu", "PTE", "RFC patch 22: vcpu.arch.pio_data"),
     RegionSpec("lapic", "vcpu", "PTE", "RFC patch 22: struct kvm_lapic"),
     RegionSpec("vcpu_task", "task", "PTE", "RFC patch 23: the vCPU task_struct"),
@@ -134,7 +135,8 @@ class KvmAddressSpace:
             if d not in names:
                 raise MapSetError(f"cannot drop {d!r}: not in the default set ({', '.join(sorted(names))})")
         for spec in DEFAULT_SET:
-            if spec.name not in names and not spec.name.endswith("_module") and spec.group != "vendor":
+            mine = not spec.vendors or layout.vendor in spec.vendors
+            if spec.name not in names and mine and not spec.name.endswith("_module") and spec.group != "vendor":
                 kas.missing.append(spec.name)
         for spec in specs:
             if spec.name not in drop:

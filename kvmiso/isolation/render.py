@@ -43,7 +43,8 @@ def model_summary(space: KvmAddressSpace | DenylistSpace) -> dict[str, Any]:
         exposed, own = space.exposed(spec.name)
         first = regs[0]
         rows.append({"name": spec.name, "start": first.start, "size": own, "source": first.source,
-                     "modeled": any(r.modeled for r in regs), "leaf_level": _leaf(space, first.start),
+                     "modeled": any(r.modeled for r in regs),
+                     "leaf_level": _leaf(space, first.start) if first.kind in ("object", "user") else "-",
                      "copy_level": spec.level, "exposed_bytes": exposed,
                      "other_pages": max(0, exposed - _pages(regs)) // PAGE, "allocator": first.allocator,
                      "cite": spec.cite, "ranges": sum(len(r.ranges) for r in regs)})

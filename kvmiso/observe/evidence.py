@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import platform
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -97,11 +96,9 @@ class Evidence:
 
 def collect_evidence(vm: Any, vendor: str, code_addresses: Iterable[int] = (), symbols: Symbols | None = None,
                      cpus: int | None = None) -> Evidence:
-    """Evidence for ``vm`` (a :class:`kvmiso.kvm.Vm` whose vCPUs this thread runs), the functions
-    of ``code_addresses`` (return addresses from call chains), and the kernel's sections.
-
-    Must run in the thread that issued KVM_RUN: ``current`` is the vCPU task.
-    """
+    """Evidence for ``vm`` (a :class:`kvmiso.kvm.Vm`, or anything with ``vcpus`` whose ``id`` and
+    ``fd`` name vCPU fds open in this process), the functions of ``code_addresses`` (return
+    addresses from call chains), and the kernel's sections."""
     ev = Evidence(kernel=platform.release(), vendor=vendor)
     symbols = symbols if symbols is not None else read_kallsyms()
     code_addresses = sorted(set(code_addresses))
@@ -131,28 +128,23 @@ _STATIC: dict[int, tuple[int, dict[int, bytes], dict[int, int]]] = {}
 
 
 def _read_kernel(ev: Evidence, mem: KernelMemory, vm: Any, vendor: str, code: list[int], cpus: int | None) -> None:
-    from .vmobjects import possible_cpus
+    from .vmobjects import find_vm, possible_cpus
 
     modules = tuple(m for m in ("kvm", vendor) if (Path("/sys/kernel/btf") / m).exists())
     btf = Btf.running(modules)
-    task = mem.current_task()
-    pid = int.from_bytes(mem.read(task + btf.struct("task_struct").offset("pid"), 4), "little")
-    if pid != threading.get_native_id():
-        raise LiveTableError(f"current is pid {pid}, not this thread ({threading.get_native_id()})")
-    mm = mem.u64(task + btf.struct("task_struct").offset("active_mm"))
-    pgd = mem.u64(mm + btf.struct("mm_struct").offset("pgd"))
-    static = _STATIC.get(pgd)
+    handle = find_vm(mem, btf, {v.id: v.fd for v in vm.vcpus})
+    static = _STATIC.get(handle.pgd)
     if static is None:
-        tables = LiveTables(mem, pgd)
+        tables = LiveTables(mem, handle.pgd)
         for start, end in WHOLE_TABLE_SPANS.values():
             tables.read_subtree(start, end)
-        static = _STATIC[pgd] = (tables.page_offset_base, dict(tables.frames), tables.mapped_bytes())
-    tables = LiveTables(mem, pgd, static[0])
+        static = _STATIC[handle.pgd] = (tables.page_offset_base, dict(tables.frames), tables.mapped_bytes())
+    tables = LiveTables(mem, handle.pgd, static[0])
     ev.facts["page_offset_base"] = (tables.page_offset_base, "the live page table: the one 1 GiB-aligned base "
                                                             "that makes the walk of mm->pgd end at pgd - base")
     if cpus is None:
         cpus = possible_cpus(Path("/sys/devices/system/cpu/possible").read_text())
-    found = read_vm_objects(mem, btf, task, {v.id: v.fd for v in vm.vcpus}, vendor, tables, cpus)
+    found = read_vm_objects(mem, btf, handle, vendor, tables, cpus)
     ev.objects, ev.absent, ev.checks = found.objects, found.absent, found.checks
     ev.facts.update(found.facts)
     ev.per_cpu_offsets = found.per_cpu_offsets
@@ -165,7 +157,7 @@ def _read_kernel(ev: Evidence, mem: KernelMemory, vm: Any, vendor: str, code: li
     ev.kernel_mapped = dict(static[2])
     ev.frames = {**static[1], **tables.frames}
     ev.pgd_phys, ev.page_offset_base = tables.root, tables.page_offset_base
-    ev.frames_source = "bpf: current->active_mm->pgd, walked"
+    ev.frames_source = "bpf: kvm->mm->pgd (the VMM's page table), walked"
     ev.source = "bpf+btf" + (f" ({'+'.join(modules)} module BTF)" if modules else "")
 
 

@@ -112,39 +112,72 @@ def possible_cpus(text: str) -> int:
     return n
 
 
-def read_vm_objects(mem: KernelMemory, btf: Btf, task: int, vcpu_fds: dict[int, int], vendor: str,
-                    tables: LiveTables, cpus: int) -> VmObjects:
-    """The objects of the VM whose vCPU fds (``{vcpu id: fd}``) are open in ``task``'s fd table.
+@dataclass(frozen=True)
+class VmHandle:
+    """A VM as the kernel holds it, found through vCPU fds open in this process (kvmiso's own,
+    or another process's, duplicated with pidfd_getfd): its ``struct kvm_vcpu`` pointers, ``struct
+    kvm``, the VMM's mm and page table, and the task of the thread that runs vCPU 0."""
 
-    :param task: ``struct task_struct *`` of the thread that runs the vCPUs
-    """
+    vcpus: dict[int, int]  # vcpu id -> struct kvm_vcpu *
+    fds: dict[int, int]  # vcpu id -> fd in this process
+    kvm: int
+    mm: int  # kvm->mm: the VMM's address space
+    pgd: int  # kvm->mm->pgd
+    task: int  # the vCPU thread's task_struct (vcpu->pid), or current before the first KVM_RUN
+    task_source: str
+    checks: tuple[tuple[str, bool, str], ...] = ()
+
+
+def find_vm(mem: KernelMemory, btf: Btf, vcpu_fds: dict[int, int]) -> VmHandle:
+    """The VM behind ``vcpu_fds`` (``{vcpu id: fd}``), open in the calling process."""
     k = _Kernel(mem, btf)
-    out = VmObjects()
+    current = mem.current_task()
+    fdt = k.ptr(k.ptr(current, "task_struct", "files"), "files_struct", "fdt")
+    fd_array = k.ptr(fdt, "fdtable", "fd")
+    vcpus, checks = {}, []
+    for vid, fd in sorted(vcpu_fds.items()):
+        vcpu = k.ptr(mem.u64(fd_array + 8 * fd), "file", "private_data")
+        got = k.u32(vcpu, "kvm_vcpu", "vcpu_id")
+        checks.append((f"vcpu {vid}: fd {fd} is that vCPU (kvm_vcpu.vcpu_id)", got == vid, f"vcpu_id {got}"))
+        vcpus[vid] = vcpu
+    first = vcpus[min(vcpus)]
+    kvm = k.ptr(first, "kvm_vcpu", "kvm")
+    mm = k.ptr(kvm, "kvm", "mm")
+    task, how = _pid_task(k, k.ptr(first, "kvm_vcpu", "pid")), "bpf: vcpu->pid (the thread that ran it last)"
+    if not task:
+        task, how = current, "bpf: current (the vCPU has not run yet)"
+    task_mm = k.ptr(task, "task_struct", "mm")
+    checks.append(("kvm->mm == the vCPU thread's mm", task_mm == mm, f"{mm:#x} vs {task_mm:#x}"))
+    if task == current:
+        checks.append(("kvm->mm == current->mm", k.ptr(current, "task_struct", "mm") == mm, f"{mm:#x}"))
+    return VmHandle(vcpus, dict(vcpu_fds), kvm, mm, k.ptr(mm, "mm_struct", "pgd"), task, how, tuple(checks))
+
+
+def _pid_task(k: _Kernel, pid: int) -> int:
+    """pid_task(pid, PIDTYPE_PID): the task a ``struct pid *`` names, or 0."""
+    if not pid:
+        return 0
+    first = k.mem.u64(pid + k.off("pid", "tasks[0]"))
+    return first - k.off("task_struct", "pid_links[0]") if first else 0
+
+
+def read_vm_objects(mem: KernelMemory, btf: Btf, vm: VmHandle, vendor: str, tables: LiveTables,
+                    cpus: int) -> VmObjects:
+    """The objects of ``vm`` (see :func:`find_vm`); ``tables``: the live table of ``vm.pgd``."""
+    k = _Kernel(mem, btf)
+    out = VmObjects(checks=list(vm.checks))
     vcpu_struct, vm_struct = VENDOR_STRUCTS.get(vendor, ("", ""))
     if not btf.has_struct(vcpu_struct):
         raise BtfError(f"this kernel's BTF has no struct {vcpu_struct or '(vendor ' + vendor + ')'}")
     in_vcpu = k.off(vcpu_struct, "vcpu")
-    fdt = k.ptr(k.ptr(task, "task_struct", "files"), "files_struct", "fdt")
-    fd_array = k.ptr(fdt, "fdtable", "fd")
-    kvm = 0
-    for vid, fd in sorted(vcpu_fds.items()):
-        file = mem.u64(fd_array + 8 * fd)
-        vcpu = k.ptr(file, "file", "private_data")
-        got = k.u32(vcpu, "kvm_vcpu", "vcpu_id")
-        out.checks.append((f"vcpu {vid}: fd {fd} is that vCPU (kvm_vcpu.vcpu_id)", got == vid, f"vcpu_id {got}"))
-        kvm = k.ptr(vcpu, "kvm_vcpu", "kvm")
-        _vcpu_objects(k, out, vcpu, vid, fd, vcpu_struct, in_vcpu, vendor, tables.page_offset_base)
-    if not kvm:
-        return out
-    mm = k.ptr(task, "task_struct", "mm")
-    kvm_mm = k.ptr(kvm, "kvm", "mm")
-    out.checks.append(("kvm->mm == current->mm", kvm_mm == mm, f"{kvm_mm:#x} vs {mm:#x}"))
+    for vid, vcpu in vm.vcpus.items():
+        _vcpu_objects(k, out, vcpu, vid, vm.fds[vid], vcpu_struct, in_vcpu, vendor, tables.page_offset_base)
     in_vm = k.off(vm_struct, "kvm")
-    out.objects.append(KernelObject("vm_struct", kvm - in_vm, k.sizeof(vm_struct), f"struct {vm_struct}",
+    out.objects.append(KernelObject("vm_struct", vm.kvm - in_vm, k.sizeof(vm_struct), f"struct {vm_struct}",
                                     f"bpf: vcpu->kvm, container_of(struct {vm_struct}, kvm)"))
-    _vm_objects(k, out, kvm)
-    _task_objects(k, out, task, tables)
-    _per_cpu_objects(k, out, task, kvm, cpus)
+    _vm_objects(k, out, vm.kvm)
+    _task_objects(k, out, vm.task, vm.task_source, tables)
+    _per_cpu_objects(k, out, vm.task, vm.kvm, cpus)
     out.objects = [o if o.allocator else _with_allocator(k, tables, out, o) for o in out.objects]
     return out
 
@@ -225,27 +258,27 @@ def _vm_objects(k: _Kernel, out: VmObjects, kvm: int) -> None:
                 stack.append(c)
 
 
-def _task_objects(k: _Kernel, out: VmObjects, task: int, tables: LiveTables) -> None:
-    out.objects.append(KernelObject("vcpu_task", task, k.sizeof("task_struct"), "struct task_struct",
-                                    "bpf: current (bpf_get_current_task)"))
+def _task_objects(k: _Kernel, out: VmObjects, task: int, how: str, tables: LiveTables) -> None:
+    out.objects.append(KernelObject("vcpu_task", task, k.sizeof("task_struct"), "struct task_struct", how))
     stack = k.ptr(task, "task_struct", "stack")
     area = k.ptr(task, "task_struct", "stack_vm_area")
     pages = k.u32(area, "vm_struct", "nr_pages") if area else 0
     size = pages * PAGE if pages else 4 * PAGE
     out.objects.append(KernelObject("vcpu_stack", stack, size, "unsigned long[THREAD_SIZE / 8]",
-                                    "bpf: current->stack", "btf: stack_vm_area->nr_pages" if pages else "modeled: 16 KiB",
+                                    "bpf: (vCPU thread)->stack", "btf: stack_vm_area->nr_pages" if pages else "modeled: 16 KiB",
                                     "vmalloc" if area else ""))
     mm = k.ptr(task, "task_struct", "active_mm")
-    out.objects.append(KernelObject("active_mm", mm, k.sizeof("mm_struct"), "struct mm_struct", "bpf: current->active_mm"))
+    out.objects.append(KernelObject("active_mm", mm, k.sizeof("mm_struct"), "struct mm_struct",
+                                    "bpf: (vCPU thread)->active_mm"))
     pgd = k.ptr(mm, "mm_struct", "pgd")
-    out.objects.append(KernelObject("pgd", pgd, PAGE, "pgd_t[512]", "bpf: current->active_mm->pgd", "page"))
+    out.objects.append(KernelObject("pgd", pgd, PAGE, "pgd_t[512]", "bpf: (vCPU thread)->active_mm->pgd", "page"))
     if area:  # vmemmap's base: the struct page of the stack's first page, against its PFN
         page0 = k.ptr(area, "vm_struct", "pages")
         first = k.mem.u64(page0)
         phys = tables.translate(stack)
         if phys is not None:
             base = first - (phys >> 12) * k.sizeof("page")
-            out.facts["vmemmap_base"] = (base, "bpf: current->stack_vm_area->pages[0] - PFN(current->stack) * "
+            out.facts["vmemmap_base"] = (base, "bpf: task->stack_vm_area->pages[0] - PFN(task->stack) * "
                                                "sizeof(struct page), PFN from the live page table")
             if pages > 1:
                 second = k.mem.u64(page0 + 8)
@@ -339,4 +372,5 @@ def _is_slab(k: _Kernel, page: int) -> bool:
     return bit is not None and bool(k.mem.u64(page + k.off("page", "flags")) >> bit & 1)
 
 
-__all__ = ["KernelObject", "OBJECT_NAMES", "VmObjects", "known_object", "possible_cpus", "read_vm_objects"]
+__all__ = ["KernelObject", "OBJECT_NAMES", "VmHandle", "VmObjects", "find_vm", "known_object", "possible_cpus",
+           "read_vm_objects"]
