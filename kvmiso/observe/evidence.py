@@ -166,8 +166,8 @@ def _cross_check_pagemap(ev: Evidence, vm: Any, tables: LiveTables) -> None:
     vCPU fd; /proc/self/pagemap gives that page's PFN to root."""
     run = ev.object("kvm_run_page")
     vcpu = vm.vcpus[0] if vm.vcpus else None
-    if run is None or vcpu is None:
-        return
+    if run is None or vcpu is None or not vcpu.page_address:
+        return  # no VM of ours, or its kvm_run page is not mapped here
     try:
         with open("/proc/self/pagemap", "rb") as f:
             f.seek((vcpu.page_address >> 12) * 8)

@@ -83,6 +83,9 @@ class VmObjects:
     checks: list[tuple[str, bool, str]] = field(default_factory=list)  # (what, agreed, detail)
     per_cpu_offsets: list[int] = field(default_factory=list)
 
+    def object_named(self, name: str) -> KernelObject | None:
+        return next((o for o in self.objects if o.name == name), None)
+
 
 class _Kernel:
     """Typed pointer walks: ``k.ptr(addr, "kvm_vcpu", "arch.pio_data")``."""
@@ -123,8 +126,7 @@ class VmHandle:
     kvm: int
     mm: int  # kvm->mm: the VMM's address space
     pgd: int  # kvm->mm->pgd
-    task: int  # the vCPU thread's task_struct (vcpu->pid), or current before the first KVM_RUN
-    task_source: str
+    tasks: dict[int, tuple[int, str]]  # vcpu id -> (its thread's task_struct (vcpu->pid), how it was found)
     checks: tuple[tuple[str, bool, str], ...] = ()
 
 
@@ -140,17 +142,18 @@ def find_vm(mem: KernelMemory, btf: Btf, vcpu_fds: dict[int, int]) -> VmHandle:
         got = k.u32(vcpu, "kvm_vcpu", "vcpu_id")
         checks.append((f"vcpu {vid}: fd {fd} is that vCPU (kvm_vcpu.vcpu_id)", got == vid, f"vcpu_id {got}"))
         vcpus[vid] = vcpu
-    first = vcpus[min(vcpus)]
-    kvm = k.ptr(first, "kvm_vcpu", "kvm")
+    kvm = k.ptr(vcpus[min(vcpus)], "kvm_vcpu", "kvm")
     mm = k.ptr(kvm, "kvm", "mm")
-    task, how = _pid_task(k, k.ptr(first, "kvm_vcpu", "pid")), "bpf: vcpu->pid (the thread that ran it last)"
-    if not task:
-        task, how = current, "bpf: current (the vCPU has not run yet)"
-    task_mm = k.ptr(task, "task_struct", "mm")
-    checks.append(("kvm->mm == the vCPU thread's mm", task_mm == mm, f"{mm:#x} vs {task_mm:#x}"))
-    if task == current:
+    tasks = {}
+    for vid, vcpu in vcpus.items():
+        task = _pid_task(k, k.ptr(vcpu, "kvm_vcpu", "pid"))
+        tasks[vid] = (task, "bpf: vcpu->pid (the thread that ran it last)") if task else (
+            current, "bpf: current (the vCPU has not run yet)")
+        task_mm = k.ptr(tasks[vid][0], "task_struct", "mm")
+        checks.append((f"kvm->mm == vCPU {vid}'s thread's mm", task_mm == mm, f"{mm:#x} vs {task_mm:#x}"))
+    if any(t == current for t, _ in tasks.values()):
         checks.append(("kvm->mm == current->mm", k.ptr(current, "task_struct", "mm") == mm, f"{mm:#x}"))
-    return VmHandle(vcpus, dict(vcpu_fds), kvm, mm, k.ptr(mm, "mm_struct", "pgd"), task, how, tuple(checks))
+    return VmHandle(vcpus, dict(vcpu_fds), kvm, mm, k.ptr(mm, "mm_struct", "pgd"), tasks, tuple(checks))
 
 
 def _pid_task(k: _Kernel, pid: int) -> int:
@@ -176,8 +179,9 @@ def read_vm_objects(mem: KernelMemory, btf: Btf, vm: VmHandle, vendor: str, tabl
     out.objects.append(KernelObject("vm_struct", vm.kvm - in_vm, k.sizeof(vm_struct), f"struct {vm_struct}",
                                     f"bpf: vcpu->kvm, container_of(struct {vm_struct}, kvm)"))
     _vm_objects(k, out, vm.kvm)
-    _task_objects(k, out, vm.task, vm.task_source, tables)
-    _per_cpu_objects(k, out, vm.task, vm.kvm, cpus)
+    for vid, (task, how) in sorted(vm.tasks.items()):
+        _task_objects(k, out, vid, task, how, tables)
+    _per_cpu_objects(k, out, vm.tasks[min(vm.tasks)][0], vm.kvm, cpus)
     out.objects = [o if o.allocator else _with_allocator(k, tables, out, o) for o in out.objects]
     return out
 
@@ -258,21 +262,25 @@ def _vm_objects(k: _Kernel, out: VmObjects, kvm: int) -> None:
                 stack.append(c)
 
 
-def _task_objects(k: _Kernel, out: VmObjects, task: int, how: str, tables: LiveTables) -> None:
-    out.objects.append(KernelObject("vcpu_task", task, k.sizeof("task_struct"), "struct task_struct", how))
+def _task_objects(k: _Kernel, out: VmObjects, vid: int, task: int, how: str, tables: LiveTables) -> None:
+    """The vCPU thread's task, stack (and, once, its mm and page table)."""
+    def add(name: str, addr: int, size: int, ctype: str, source: str, size_source: str = "btf", allocator: str = "",
+            per: str = "vcpu") -> None:
+        out.objects.append(KernelObject(name, addr, size, ctype, source, size_source, allocator, per, vid if per else 0))
+
+    add("vcpu_task", task, k.sizeof("task_struct"), "struct task_struct", how)
     stack = k.ptr(task, "task_struct", "stack")
     area = k.ptr(task, "task_struct", "stack_vm_area")
     pages = k.u32(area, "vm_struct", "nr_pages") if area else 0
-    size = pages * PAGE if pages else 4 * PAGE
-    out.objects.append(KernelObject("vcpu_stack", stack, size, "unsigned long[THREAD_SIZE / 8]",
-                                    "bpf: (vCPU thread)->stack", "btf: stack_vm_area->nr_pages" if pages else "modeled: 16 KiB",
-                                    "vmalloc" if area else ""))
-    mm = k.ptr(task, "task_struct", "active_mm")
-    out.objects.append(KernelObject("active_mm", mm, k.sizeof("mm_struct"), "struct mm_struct",
-                                    "bpf: (vCPU thread)->active_mm"))
-    pgd = k.ptr(mm, "mm_struct", "pgd")
-    out.objects.append(KernelObject("pgd", pgd, PAGE, "pgd_t[512]", "bpf: (vCPU thread)->active_mm->pgd", "page"))
-    if area:  # vmemmap's base: the struct page of the stack's first page, against its PFN
+    add("vcpu_stack", stack, pages * PAGE if pages else 4 * PAGE, "unsigned long[THREAD_SIZE / 8]",
+        "bpf: (vCPU thread)->stack", "btf: stack_vm_area->nr_pages" if pages else "modeled: 16 KiB",
+        "vmalloc" if area else "")
+    if out.object_named("active_mm") is None:
+        mm = k.ptr(task, "task_struct", "active_mm")
+        add("active_mm", mm, k.sizeof("mm_struct"), "struct mm_struct", "bpf: (vCPU thread)->active_mm", per="")
+        add("pgd", k.ptr(mm, "mm_struct", "pgd"), PAGE, "pgd_t[512]", "bpf: (vCPU thread)->active_mm->pgd", "page",
+            per="")
+    if area and "vmemmap_base" not in out.facts:  # the struct page of the stack's first page, against its PFN
         page0 = k.ptr(area, "vm_struct", "pages")
         first = k.mem.u64(page0)
         phys = tables.translate(stack)

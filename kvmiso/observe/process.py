@@ -1,0 +1,139 @@
+"""Another process's VMs: its KVM file descriptors (``/proc/PID/fd``), its threads, and copies of
+its vCPU fds in this process (``pidfd_getfd(2)``), through which kvmiso reads the real objects of
+its VM exactly as it reads its own.
+
+>>> with ForeignVm.attach(pid) as vm:
+...     [(v.id, v.fd) for v in vm.vcpus]
+[(0, 7), (1, 8)]
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_NR_PIDFD_OPEN, _NR_PIDFD_GETFD = 434, 438  # x86-64
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+_VCPU = re.compile(r"anon_inode:kvm-vcpu:(\d+)$")
+
+
+class ProcessError(RuntimeError):
+    """A process kvmiso cannot attach to; the message names the pid and why (one line)."""
+
+
+@dataclass(frozen=True)
+class KvmFds:
+    """The KVM fds of one process: ``vms`` fd numbers of ``anon_inode:kvm-vm``, ``vcpus``
+    {vCPU id: fd number} of ``anon_inode:kvm-vcpu:N``."""
+
+    pid: int
+    vms: tuple[int, ...]
+    vcpus: dict[int, int]
+
+
+def kvm_fds(pid: int, proc: Path = Path("/proc")) -> KvmFds:
+    """The KVM fds ``pid`` holds.
+
+    :raises ProcessError: no such process, another user's, or no KVM fd at all.
+    """
+    fd_dir = proc / str(pid) / "fd"
+    try:
+        names = os.listdir(fd_dir)
+    except FileNotFoundError:
+        raise ProcessError(f"pid {pid}: no such process") from None
+    except PermissionError:
+        raise ProcessError(f"pid {pid}: its file descriptors are not readable (another user's process; run as root)") from None
+    vms, vcpus = [], {}
+    for n in names:
+        try:
+            target = os.readlink(fd_dir / n)
+        except OSError:
+            continue  # closed meanwhile
+        if target == "anon_inode:kvm-vm":
+            vms.append(int(n))
+        m = _VCPU.match(target)
+        if m:
+            vcpus[int(m.group(1))] = int(n)
+    if not vms and not vcpus:
+        raise ProcessError(f"pid {pid}: holds no KVM file descriptor (no anon_inode:kvm-vm or kvm-vcpu)")
+    return KvmFds(pid, tuple(sorted(vms)), dict(sorted(vcpus.items())))
+
+
+def threads(pid: int, proc: Path = Path("/proc")) -> list[int]:
+    """The thread ids of ``pid`` (as the kernel's init namespace numbers them, when /proc is)."""
+    try:
+        return sorted(int(t) for t in os.listdir(proc / str(pid) / "task"))
+    except FileNotFoundError:
+        raise ProcessError(f"pid {pid}: no such process") from None
+
+
+def _syscall(nr: int, *args: int) -> int:
+    r = _libc.syscall(nr, *[ctypes.c_long(a) for a in args])
+    if r < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    return r
+
+
+@dataclass(frozen=True)
+class ForeignVcpu:
+    """A vCPU of another process: its id, and this process's copy of its fd."""
+
+    id: int
+    fd: int
+    their_fd: int
+    page_address: int = 0  # its kvm_run page is not mapped in this process
+
+
+@dataclass
+class ForeignVm:
+    """Copies, in this process, of another process's vCPU fds (a context manager that closes
+    them). Anything that takes a :class:`kvmiso.kvm.Vm` for evidence takes this."""
+
+    pid: int
+    vcpus: list[ForeignVcpu] = field(default_factory=list)
+
+    @classmethod
+    def attach(cls, pid: int) -> "ForeignVm":
+        fds = kvm_fds(pid)
+        if not fds.vcpus:
+            raise ProcessError(f"pid {pid}: has a VM but no vCPU yet")
+        try:
+            pidfd = _syscall(_NR_PIDFD_OPEN, pid, 0)
+        except OSError as e:
+            raise ProcessError(f"pid {pid}: pidfd_open failed: {e.strerror}") from None
+        vm = cls(pid)
+        try:
+            for vid, fd in fds.vcpus.items():
+                try:
+                    mine = _syscall(_NR_PIDFD_GETFD, pidfd, fd, 0)
+                except OSError as e:
+                    hint = " (another user's process, or ptrace is restricted)" if e.errno == errno.EPERM else ""
+                    raise ProcessError(f"pid {pid}: pidfd_getfd of its vCPU {vid} fd {fd} failed: "
+                                       f"{e.strerror}{hint}") from None
+                vm.vcpus.append(ForeignVcpu(vid, mine, fd))
+        except BaseException:
+            vm.close()
+            raise
+        finally:
+            os.close(pidfd)
+        return vm
+
+    def close(self) -> None:
+        for v in self.vcpus:
+            os.close(v.fd)
+        self.vcpus.clear()
+
+    def __enter__(self) -> "ForeignVm":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+__all__ = ["ForeignVcpu", "ForeignVm", "KvmFds", "ProcessError", "kvm_fds", "threads"]
