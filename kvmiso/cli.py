@@ -29,7 +29,10 @@ class CliError(Exception):
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[argv.index("--") + 1:] if "--" in argv else []  # trace/check -- COMMAND ...
+    args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    args.command = command
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_BAD_INPUT
@@ -106,8 +109,9 @@ def _parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_run)
 
     sp = sub.add_parser("trace", help="run one payload under tracefs capture: every exit kind, counted and timed")
-    sp.add_argument("payload", help="a name from guests/ or a .S path")
+    sp.add_argument("payload", nargs="?", help="a name from guests/ or a .S path (or --pid PID, or -- COMMAND ...)")
     _add_guest_args(sp)
+    _add_process_args(sp)
     sp.add_argument("--json", metavar="FILE", help="write the exit log as JSON lines to FILE")
     sp.add_argument("--evidence", metavar="FILE", help="also write the VM's objects and page tables (for kvmiso check LOG)")
     sp.add_argument("--events", action="store_true", help="print every traced event, in order, run by run")
@@ -119,8 +123,10 @@ def _parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_model)
 
     sp = sub.add_parser("check", help="run payloads (or read exit logs) and classify every exit against kvm_mm")
-    sp.add_argument("payload", nargs="+", help="a name from guests/, a .S path, or an exit log (.jsonl)")
+    sp.add_argument("payload", nargs="*", help="a name from guests/, a .S path, or an exit log (.jsonl) "
+                    "(or --pid PID, or -- COMMAND ...)")
     _add_guest_args(sp)
+    _add_process_args(sp)
     _add_model_args(sp)
     sp.add_argument("--switch-cost", type=float, metavar="NS", help="cost of one address-space switch in ns")
     sp.add_argument("--stack", action="store_true", help="print each fault's call trace, as the RFC does")
@@ -140,6 +146,11 @@ def _add_model_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--evidence", metavar="FILE", help="objects and page tables saved by kvmiso trace --evidence")
     sp.add_argument("--require-real", action="store_true",
                     help="fail when an address or page table had to be modeled (no BPF, not root)")
+
+
+def _add_process_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--pid", type=int, help="watch the KVM vCPUs of a running process (QEMU, your VMM)")
+    sp.add_argument("--duration", type=float, metavar="S", help="with --pid or -- COMMAND: stop after S seconds")
 
 
 def _add_guest_args(sp: argparse.ArgumentParser) -> None:
@@ -291,9 +302,37 @@ def cmd_run(args) -> int:
 
 # --- trace -----------------------------------------------------------------------------------
 
+def _process_target(args) -> int | list[str] | None:
+    """--pid or -- COMMAND (one of them, with no payload), or None for a payload."""
+    wanted = [x for x in (args.pid is not None, bool(args.command), bool(args.payload)) if x]
+    if len(wanted) > 1:
+        raise CliError("give a payload, --pid PID or -- COMMAND ..., one of them")
+    if args.duration is not None and not (args.pid is not None or args.command):
+        raise CliError("--duration is for --pid or -- COMMAND")
+    if args.duration is not None and not 0 < args.duration < 1e6:
+        raise CliError(f"--duration must be a positive number of seconds, not {args.duration:g}")
+    if args.pid is not None:
+        return args.pid
+    return args.command or None
+
+
+def _watch(args):
+    from .observe.process import ProcessError
+    from .session import watch_process
+
+    try:
+        return watch_process(_process_target(args), args.duration)
+    except ProcessError as e:
+        raise CliError(str(e)) from None
+
+
 def cmd_trace(args) -> int:
     """``perf kvm stat report`` for one payload: the exit log's kinds counted and timed (the
     table's footer says how time inside the kernel is computed on this host)."""
+    if _process_target(args) is not None:
+        return cmd_trace_process(args)
+    if not args.payload:
+        raise CliError("trace what? a payload, --pid PID or -- COMMAND ...")
     from .observe.capture import capture
     from .observe.exitlog import format_event, summarize
 
@@ -344,6 +383,34 @@ def cmd_trace(args) -> int:
     print(summarize(log).table())
     print(f"\n{result.outcome}: {result.detail}")
     return 0 if result.ok else EXIT_FAILED
+
+
+def cmd_trace_process(args) -> int:
+    """trace --pid / -- COMMAND: another process's vCPUs, per vCPU and in total."""
+    from .observe.evidence import write_evidence
+    from .observe.exitlog import summarize
+
+    w = _watch(args)
+    log = w.log
+    if args.json:
+        try:
+            log.write_jsonl(args.json)
+        except OSError as e:
+            raise CliError(f"cannot write the exit log to {args.json}: {e.strerror}") from None
+    if args.evidence:
+        write_evidence(w.evidence, args.evidence)
+    if log.lost_events:
+        print(f"kvmiso: {log.lost_events} trace records lost (the trace buffer was full)", file=sys.stderr)
+    vcpus = sorted({r.vcpu for r in log.records})
+    events = sum(len(r.events) for r in log.records)
+    print(f"traced pid {w.pid} until {w.attached.ended}: {len(log.records)} KVM_RUN calls on {len(vcpus)} vCPU "
+          f"threads, {events} in-kernel events ({', '.join(x.split(':')[1] for x in log.events_enabled[:0]) or 'kvm events'}; "
+          f"kvm_emulate_insn and kvmmmu left out: once per emulated instruction)\n")
+    for v in vcpus:
+        print(f"vCPU {v}: {sum(1 for r in log.records if r.vcpu == v)} KVM_RUN calls")
+    print()
+    print(summarize(log).table())
+    return 0
 
 
 # --- model and check -------------------------------------------------------------------------

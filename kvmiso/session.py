@@ -11,6 +11,7 @@ guest itself).
 from __future__ import annotations
 
 import os
+import platform
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +23,12 @@ from .isolation.mapset import DenylistSpace
 from .observe.capture import Capture
 from .observe.evidence import Evidence, collect_evidence
 from .observe.exitlog import ExitLog
+from .kvm import vendor_module
+from .observe.attach import Attached, watch
+from .observe.process import ForeignVm, ProcessError, kvm_fds
 from .observe.vmobjects import possible_cpus
+
+VCPU_SETTLE_S = 0.5  # after a process's vCPUs appear, before its VM is read (they have run by then)
 
 
 @dataclass
@@ -91,6 +97,85 @@ def measure_switches(kvm: Any, payload: Any, cpl: int = 0, regions: str | None =
     return check_run(run, policy, regions)
 
 
+@dataclass
+class WatchedProcess:
+    """Another process watched for a while: its exit log (records' ``vcpu`` is the vCPU id where
+    the evidence names the thread, else the thread id), the evidence of its VM, and how it ended."""
+
+    pid: int
+    attached: Attached
+    evidence: Evidence
+
+    @property
+    def log(self) -> ExitLog:
+        return self.attached.log
+
+
+def watch_process(target: int | list[str], duration: float | None = None,
+                  events: list[str] | None = None) -> WatchedProcess:
+    """Trace a running process (a pid) or a command (started here, traced from its first event)
+    until it exits or ``duration`` seconds pass. Its VM's evidence is read through copies of its
+    vCPU fds as soon as its vCPUs have run, while it lives."""
+    import subprocess
+    import time
+
+    got: dict[str, Any] = {}
+    child: list[subprocess.Popen] = []
+
+    def start() -> int:
+        try:
+            child.append(subprocess.Popen(target))
+        except OSError as e:
+            raise ProcessError(f"cannot start {target[0]}: {e.strerror}") from None
+        return child[0].pid
+
+    def until(pid: int) -> str | None:
+        now = time.monotonic()
+        got.setdefault("t0", now)
+        if "evidence" not in got:
+            try:
+                fds = kvm_fds(pid)
+            except ProcessError:
+                fds = None
+            if fds is not None and fds.vcpus:
+                got.setdefault("seen", now)
+                if now - got["seen"] >= VCPU_SETTLE_S:  # its vCPUs have run: MMU roots, threads
+                    with ForeignVm.attach(pid) as vm:
+                        got["evidence"] = collect_evidence(vm, vendor_module() or "")
+        if duration is not None and now - got["t0"] >= duration:
+            return f"{duration:g} s passed"
+        return None
+
+    try:
+        attached = watch(target if isinstance(target, int) else start, until, events)
+    except BaseException:
+        for c in child:  # a command kvmiso started goes with it
+            c.kill()
+            c.wait()
+        raise
+    for c in child:
+        c.wait()
+    pid = target if isinstance(target, int) else child[0].pid
+    evidence = got.get("evidence") or Evidence(kernel=platform.release(), vendor=vendor_module() or "",
+                                               source="the process ended before its vCPUs could be read")
+    resolve_chains(evidence, attached.log)
+    by_thread = {tid: vid for vid, tid in evidence.threads.items()}
+    for r in attached.log.records:
+        r.vcpu = by_thread.get(r.vcpu, r.vcpu)
+    return WatchedProcess(pid, attached, evidence)
+
+
+def resolve_chains(evidence: Evidence, log: ExitLog) -> None:
+    """Name the functions of ``log``'s call chains in ``evidence`` (kallsyms)."""
+    from .observe.evidence import image_sections, resolve_code
+    from .observe.kallsyms import read_kallsyms
+
+    symbols = read_kallsyms()
+    if symbols is not None:
+        evidence.code.update(resolve_code(symbols, {a for _, e in log.events() for a in e.stack}))
+        evidence.sections = evidence.sections or image_sections(symbols)
+
+
 def _ram() -> int:
     """MemTotal: the size of the modeled direct map when there is no live table."""
     try:
@@ -103,5 +188,5 @@ def _ram() -> int:
     return 1 << 30
 
 
-__all__ = ["CapturedRun", "capture_checked", "check_run", "host_cpus", "layout_of", "machine_evidence",
+__all__ = ["WatchedProcess", "resolve_chains", "watch_process", "CapturedRun", "capture_checked", "check_run", "host_cpus", "layout_of", "machine_evidence",
            "measure_switches", "space_for"]

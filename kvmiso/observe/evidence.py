@@ -40,6 +40,7 @@ PAGE = 4096
 # (Documentation/arch/x86/x86_64/mm.rst, 4-level; cpu_entry_area and ESPFIX are not randomized).
 WHOLE_TABLE_SPANS = {
     "kernel_image": (0xFFFF_FFFF_8000_0000, 0xFFFF_FFFF_C000_0000),
+    "modules": (0xFFFF_FFFF_C000_0000, 0xFFFF_FFFF_FF00_0000),  # every module's code: KVM's where it is one
     "cpu_entry_area": (0xFFFF_FE00_0000_0000, 0xFFFF_FE80_0000_0000),
     "espfix": (0xFFFF_FF00_0000_0000, 0xFFFF_FF80_0000_0000),
 }
@@ -68,6 +69,7 @@ class Evidence:
     facts: dict[str, tuple[int, str]] = field(default_factory=dict)
     checks: list[tuple[str, bool, str]] = field(default_factory=list)
     per_cpu_offsets: list[int] = field(default_factory=list)
+    threads: dict[int, int] = field(default_factory=dict)  # vcpu id -> the thread that ran it (task->pid)
     pgd_phys: int = 0
     page_offset_base: int = 0
     frames: dict[int, bytes] = field(default_factory=dict)  # page-table pages by physical address
@@ -148,6 +150,7 @@ def _read_kernel(ev: Evidence, mem: KernelMemory, vm: Any, vendor: str, code: li
     ev.objects, ev.absent, ev.checks = found.objects, found.absent, found.checks
     ev.facts.update(found.facts)
     ev.per_cpu_offsets = found.per_cpu_offsets
+    ev.threads = found.threads
     _cross_check_pagemap(ev, vm, tables)
     for o in ev.objects:
         for va in range(o.address & ~(PAGE - 1), min(o.end, o.address + MAX_WALKED_PAGES * PAGE), PAGE):
@@ -240,6 +243,7 @@ def evidence_from_dict(d: dict[str, Any], source: str = "<evidence>") -> Evidenc
             objects=[KernelObject(**o) for o in d["objects"]], absent=d["absent"],
             facts={k: (v[0], v[1]) for k, v in d["facts"].items()},
             checks=[(a, b, c) for a, b, c in d["checks"]], per_cpu_offsets=d["per_cpu_offsets"],
+            threads={int(k): v for k, v in d.get("threads", {}).items()},
             pgd_phys=d["pgd_phys"], page_offset_base=d["page_offset_base"], frames=frames,
             kernel_mapped={int(k): v for k, v in d["kernel_mapped"].items()}, frames_source=d["frames_source"],
             code={int(a, 16): Frame(int(a, 16), f, o, s) for a, (f, o, s) in d["code"].items()},

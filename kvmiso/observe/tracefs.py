@@ -210,9 +210,11 @@ class TraceInstance:
     """
 
     def __init__(self, events: Iterable[str] | None = None, pids: Iterable[int] = (),
-                 buffer_kb: int = DEFAULT_BUFFER_KB, root: Path = TRACEFS, stacks: bool = False) -> None:
+                 buffer_kb: int = DEFAULT_BUFFER_KB, root: Path = TRACEFS, stacks: bool = False,
+                 follow_forks: bool = False) -> None:
         self._requested = list(events) if events is not None else None
         self.stacks = stacks  # a ``stacktrace`` trigger on every enabled event: its kernel call chain
+        self.follow_forks = follow_forks  # threads and children the traced ones create are traced too
         self.stack_format: EventFormat | None = None
         self.orphan_stacks = 0
         self.pids = set(pids) or {os.getpid(), threading.get_native_id()}
@@ -294,6 +296,8 @@ class TraceInstance:
         _write(p / "trace_clock", "mono")  # timestamps comparable with time.monotonic_ns()
         _write(p / "options" / "overwrite", "0")  # a full buffer drops new events, keeps the start
         _write(p / "buffer_size_kb", str(self.buffer_kb))
+        if self.follow_forks:
+            _write(p / "options" / "event-fork", "1")
         _write(p / "set_event_pid", " ".join(str(t) for t in sorted(self.pids)))
         self._enable(p)
         self._lost_base = self._lost_counters()
@@ -394,6 +398,8 @@ class TraceInstance:
 
     def read(self) -> list[TraceEvent]:
         """Drain every CPU's buffer: the records of our threads, in timestamp order."""
+        if self.follow_forks:  # the kernel added the threads born since: ours too
+            self.pids = {int(t) for t in (self.path / "set_event_pid").read_text().split()}
         d = decode_buffers(self.read_raw(), self._header, self._page_size, self.formats, self.pids,
                            self.stack_format)
         self._missed_pages += d.missed

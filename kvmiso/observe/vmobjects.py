@@ -82,6 +82,7 @@ class VmObjects:
     facts: dict[str, tuple[int, str]] = field(default_factory=dict)  # name -> (value, source)
     checks: list[tuple[str, bool, str]] = field(default_factory=list)  # (what, agreed, detail)
     per_cpu_offsets: list[int] = field(default_factory=list)
+    threads: dict[int, int] = field(default_factory=dict)  # vcpu id -> thread id
 
     def object_named(self, name: str) -> KernelObject | None:
         return next((o for o in self.objects if o.name == name), None)
@@ -127,6 +128,7 @@ class VmHandle:
     mm: int  # kvm->mm: the VMM's address space
     pgd: int  # kvm->mm->pgd
     tasks: dict[int, tuple[int, str]]  # vcpu id -> (its thread's task_struct (vcpu->pid), how it was found)
+    threads: dict[int, int]  # vcpu id -> its thread's id (task->pid), as tracing sees it
     checks: tuple[tuple[str, bool, str], ...] = ()
 
 
@@ -153,7 +155,8 @@ def find_vm(mem: KernelMemory, btf: Btf, vcpu_fds: dict[int, int]) -> VmHandle:
         checks.append((f"kvm->mm == vCPU {vid}'s thread's mm", task_mm == mm, f"{mm:#x} vs {task_mm:#x}"))
     if any(t == current for t, _ in tasks.values()):
         checks.append(("kvm->mm == current->mm", k.ptr(current, "task_struct", "mm") == mm, f"{mm:#x}"))
-    return VmHandle(vcpus, dict(vcpu_fds), kvm, mm, k.ptr(mm, "mm_struct", "pgd"), tasks, tuple(checks))
+    tids = {vid: k.u32(t, "task_struct", "pid") for vid, (t, _) in tasks.items()}
+    return VmHandle(vcpus, dict(vcpu_fds), kvm, mm, k.ptr(mm, "mm_struct", "pgd"), tasks, tids, tuple(checks))
 
 
 def _pid_task(k: _Kernel, pid: int) -> int:
@@ -168,7 +171,7 @@ def read_vm_objects(mem: KernelMemory, btf: Btf, vm: VmHandle, vendor: str, tabl
                     cpus: int) -> VmObjects:
     """The objects of ``vm`` (see :func:`find_vm`); ``tables``: the live table of ``vm.pgd``."""
     k = _Kernel(mem, btf)
-    out = VmObjects(checks=list(vm.checks))
+    out = VmObjects(checks=list(vm.checks), threads=dict(vm.threads))
     vcpu_struct, vm_struct = VENDOR_STRUCTS.get(vendor, ("", ""))
     if not btf.has_struct(vcpu_struct):
         raise BtfError(f"this kernel's BTF has no struct {vcpu_struct or '(vendor ' + vendor + ')'}")

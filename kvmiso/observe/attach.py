@@ -1,0 +1,149 @@
+"""Watching another process's KVM vCPUs: its threads' kvm events and call chains, cut into
+KVM_RUNs by the kernel's own markers (``kvm_userspace_exit`` ends every KVM_RUN; ``kvm_exit``
+opens each hardware exit where it fires), one exit log for all its vCPUs, kept apart by thread.
+
+The trace follows the process's threads, and the threads and children they create
+(``options/event-fork``), from the moment kvmiso attaches or starts the command. The buffers are
+drained while it runs. Events that fire once per emulated instruction (``kvm_emulate_insn`` and
+the ``kvmmmu`` page-walk events) are left out by default: a firmware or an OS booting under
+kvm_pvm emulates millions of instructions, which no trace buffer holds; name them with
+``events`` to have them.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import select
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from .exitlog import ExitLog, RunRecord, TraceEvent
+from .process import ProcessError, threads
+from .tracefs import TraceInstance, TracefsUnavailable
+
+DEFAULT_EXCLUDED = ("kvm_emulate_insn",)  # and the kvmmmu system: once per emulated instruction
+BUFFER_KB = 16384
+DRAIN_S = 0.1
+
+
+@dataclass
+class Attached:
+    """What watching a process gave: the log, how it ended, and the events it could not place."""
+
+    log: ExitLog
+    ended: str  # "duration", "exited with status N", "interrupted"
+    threads: list[int] = field(default_factory=list)
+    unplaced: int = 0  # events of a thread after its last KVM_RUN ended
+
+
+def default_events(root_events: Iterable[str]) -> list[str]:
+    """Every ``kvm`` event but the per-instruction ones (see the module docstring)."""
+    return [e for e in root_events if e.rpartition(":")[2] not in DEFAULT_EXCLUDED]
+
+
+def watch(target: int | Callable[[], int], until: Callable[[int], str | None],
+          events: Iterable[str] | None = None) -> Attached:
+    """Trace a process until ``until(pid)`` returns why to stop (polled every 0.1 s) or the
+    process exits. ``target``: a pid to attach to, or a function that starts the process and
+    returns its pid (called once tracing runs, so the command is traced from its first event).
+    ``events``: names for :class:`TraceInstance` (default: kvm events but ``kvm_emulate_insn``).
+    A KeyboardInterrupt stops the watch and is re-raised with ``.partial`` (the
+    :class:`Attached` so far, ended ``interrupted``)."""
+    seed = [target, *threads(target)] if isinstance(target, int) else [os.getpid()]
+    if events is None:
+        events = default_events(_kvm_events())
+    tracer = TraceInstance(list(events), pids=seed, buffer_kb=BUFFER_KB, stacks=True, follow_forks=True)
+    got: list[TraceEvent] = []
+    ended = ""
+    with tracer:
+        lost_before = tracer.lost
+        tracer.start()
+        pid = target if isinstance(target, int) else target()
+        pidfd = _pidfd(pid)
+        try:
+            while not ended:
+                r, _, _ = select.select([pidfd], [], [], DRAIN_S)
+                got += tracer.read()
+                if r:
+                    ended = _exit_status(pid)
+                else:
+                    ended = until(pid) or ""
+        except KeyboardInterrupt as e:
+            ended = "interrupted"
+            tracer.stop()
+            got += tracer.read()
+            e.partial = _records(pid, got, tracer, lost_before, ended)
+            raise
+        finally:
+            os.close(pidfd)
+        tracer.stop()
+        got += tracer.read()
+        return _records(pid, got, tracer, lost_before, ended)
+
+
+def _records(pid: int, events: list[TraceEvent], tracer: TraceInstance, lost_before: int, ended: str) -> Attached:
+    """One record per KVM_RUN of every thread, in time order."""
+    by_thread: dict[int, list[TraceEvent]] = defaultdict(list)
+    for e in events:
+        if e.pid != os.getpid():  # kvmiso itself, when it started the command
+            by_thread[e.pid].append(e)
+    records: list[RunRecord] = []
+    unplaced = 0
+    for tid, evs in by_thread.items():
+        start, pending = evs[0].ts_ns, []
+        for e in evs:
+            pending.append(e)
+            if e.name == "kvm_userspace_exit" and e.fields.get("errno", 0) == 0:
+                reason = e.symbols.get("reason", f"KVM_EXIT_{e.fields.get('reason')}").removeprefix("KVM_EXIT_")
+                records.append(RunRecord(run=0, vcpu=tid, start_ns=start, end_ns=e.ts_ns, exit={"exit": reason},
+                                         payload=f"pid {pid} thread {tid}", events=pending))
+                start, pending = e.ts_ns, []
+        unplaced += len(pending)
+    records.sort(key=lambda r: r.end_ns)
+    for i, r in enumerate(records):
+        r.run = i
+    log = ExitLog(records=records, host={"kernel": platform.release(), "vendor": _vendor(), "pid": pid},
+                  tracing=True, events_enabled=list(tracer.enabled), lost_events=tracer.lost - lost_before,
+                  tracing_reason=tracer.describe(), incomplete="interrupted" if ended == "interrupted" else "")
+    return Attached(log, ended, sorted(by_thread), unplaced)
+
+
+def _kvm_events() -> list[str]:
+    from .tracefs import TRACEFS, tracefs_root
+
+    try:
+        root = tracefs_root(TRACEFS)
+    except TracefsUnavailable:
+        return ["kvm"]
+    d = root / "events" / "kvm"
+    return sorted(f"kvm:{e}" for e in os.listdir(d) if (d / e / "format").exists()) if d.is_dir() else ["kvm"]
+
+
+def _vendor() -> str:
+    from ..kvm.system import vendor_module
+
+    return vendor_module() or ""
+
+
+def _pidfd(pid: int) -> int:
+    from .process import _NR_PIDFD_OPEN, _syscall
+
+    try:
+        return _syscall(_NR_PIDFD_OPEN, pid, 0)
+    except OSError as e:
+        raise ProcessError(f"pid {pid}: pidfd_open failed: {e.strerror}") from None
+
+
+def _exit_status(pid: int) -> str:
+    """Why the watched process is gone (its status, where it is our child)."""
+    try:
+        _, status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return "the process exited"
+    return f"the process exited with status {os.waitstatus_to_exitcode(status)}"
+
+
+__all__ = ["Attached", "DEFAULT_EXCLUDED", "default_events", "watch"]
