@@ -73,8 +73,9 @@ def build(payload: str | os.PathLike, mode: str = "long", cache_dir: Path | None
     if mode not in BITS:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     src = payload_path(payload)
-    # every shared include counts: a payload may .include more than kvmiso.inc
-    inputs = [src, *sorted(LIB_DIR.glob("*.inc")), LIB_DIR / f"crt0_{BITS[mode]}.S", LIB_DIR / "guest.ld"]
+    # every include the assembler can find counts: the shared ones and those beside the source
+    includes = sorted({*LIB_DIR.glob("*.inc"), *src.parent.glob("*.inc")})
+    inputs = [src, *includes, LIB_DIR / f"crt0_{BITS[mode]}.S", LIB_DIR / "guest.ld"]
     h = hashlib.sha256(f"{mode}\0{_tool_versions()}".encode())
     for p in inputs:
         h.update(p.read_bytes())
