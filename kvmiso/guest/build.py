@@ -17,7 +17,15 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-GUESTS_DIR = Path(__file__).resolve().parents[2] / "guests"
+
+def _guests_dir() -> Path:
+    """guests/ inside the installed package (a wheel: setup.py copies it there), else guests/
+    at the top of the checkout (an editable install or a source tree)."""
+    installed = Path(__file__).resolve().parents[1] / "guests"
+    return installed if installed.is_dir() else Path(__file__).resolve().parents[2] / "guests"
+
+
+GUESTS_DIR = _guests_dir()
 LIB_DIR = GUESTS_DIR / "lib"
 LOAD_ADDRESS = 0x8000
 MAX_IMAGE = 0x8000  # up to the host's tables at 0x10000
