@@ -10,13 +10,13 @@ import json
 import os
 import signal
 import sys
-import threading
 from typing import Any, Callable
 
 from .bench import command as bench_command
 from .guest import BuildError, Machine
 from .guest.build import MODES, available_payloads
 from .guest.ucall import PORT_CONSOLE
+from .interrupt import Interrupted, signals_raise_interrupted
 from .kvm import GuestTimeout, Kvm, KvmError, KvmUnavailable
 from .kvm.exits import DebugExit, Exit, IoExit, MmioExit
 
@@ -28,13 +28,17 @@ class CliError(Exception):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one kvmiso command; returns its exit status. SIGINT and SIGTERM end any command as
+    :class:`kvmiso.interrupt.Interrupted`: every command unwinds through its with-blocks and
+    finally-clauses, one with partial results writes them marked incomplete, and main() prints
+    ``kvmiso: interrupted by SIGTERM`` and returns 128 + the signal number."""
     parser = _parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_BAD_INPUT
     try:
-        with _signals_as_interrupt():
+        with signals_raise_interrupted():
             return args.func(args)
     except (CliError, BuildError, KvmUnavailable, ValueError) as e:
         print(f"kvmiso: {e}", file=sys.stderr)
@@ -42,40 +46,15 @@ def main(argv: list[str] | None = None) -> int:
     except KvmError as e:
         print(f"kvmiso: {e}", file=sys.stderr)
         return EXIT_FAILED
-    except KeyboardInterrupt as e:
-        name = e.args[0] if e.args and e.args[0] in signal.Signals.__members__ else "SIGINT"
-        print(f"kvmiso: interrupted by {name}", file=sys.stderr)
-        return 128 + signal.Signals[name]
+    except KeyboardInterrupt as e:  # an Interrupted, or a plain Ctrl-C outside the main thread
+        stop = Interrupted.of(e)
+        print(f"kvmiso: interrupted by {stop.signal.name}", file=sys.stderr)
+        return stop.status
     except BrokenPipeError:
         # the reader went away (kvmiso run ... | head): stop quietly, as SIGPIPE would, and keep
         # the interpreter's final flush from raising again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE
-
-
-# SIGINT and SIGTERM both end a command as Ctrl-C does: KeyboardInterrupt naming the signal,
-# raised in the main thread wherever it is (a signal ends KVM_RUN, even a guest's endless CPL0
-# hypercall on kvm_pvm). Every command thus unwinds through its with-blocks and finally-clauses;
-# one that has partial results catches KeyboardInterrupt, writes them marked incomplete and
-# re-raises; main() prints "kvmiso: interrupted by SIGTERM" and exits 128 + the signal number.
-_INTERRUPTS = (signal.SIGINT, signal.SIGTERM)
-
-
-def _interrupt(signum: int, frame) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
-@contextlib.contextmanager
-def _signals_as_interrupt():
-    if threading.current_thread() is not threading.main_thread():
-        yield  # only the main thread may set handlers (main() called from a worker thread)
-        return
-    previous = {s: signal.signal(s, _interrupt) for s in _INTERRUPTS}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -249,15 +228,13 @@ def cmd_run(args) -> int:
         if not args.json:
             print(f"running {m.image.name} in {m.mode} mode at CPL{args.cpl} (timeout {args.timeout:g} s)")
         on_exit: Callable[[Exit], None] | None = None if args.json else stream
-        interrupted: KeyboardInterrupt | None = None
+        interrupted: Interrupted | None = None
         try:
             result = m.run(timeout=args.timeout, on_exit=on_exit)
         except GuestTimeout as e:
             result = e.result
-        except KeyboardInterrupt as e:
-            if not hasattr(e, "result"):
-                raise
-            result, interrupted = e.result, e  # print what the run got, then let main() report it
+        except Interrupted as e:
+            result, interrupted = e.partial, e  # print what the run got, then let main() report it
     if args.json:
         print(json.dumps({**result.to_dict(), "incomplete": interrupted is not None}, indent=2))
     else:
@@ -290,8 +267,8 @@ def cmd_trace(args) -> int:
         with out or contextlib.nullcontext():
             try:
                 result, log = capture(m, timeout=args.timeout, payload=m.image.name)
-            except KeyboardInterrupt as e:
-                partial = getattr(e, "log", None)
+            except Interrupted as e:
+                partial = e.partial[1] if e.partial else None
                 if out and partial is not None:
                     out.writelines(line + "\n" for line in partial.iter_jsonl())
                     print(f"kvmiso: wrote the partial exit log ({len(partial.records)} KVM_RUN calls, "
@@ -351,7 +328,7 @@ def cmd_check(args) -> int:
     from .observe.exitlog import read_jsonl
 
     results = []
-    interrupted: KeyboardInterrupt | None = None
+    interrupted: Interrupted | None = None
     for p in args.payload:
         log = None
         if p.endswith(".jsonl"):
@@ -365,9 +342,9 @@ def cmd_check(args) -> int:
                 kas = _address_space(args, m.vm)
                 try:
                     _, log = capture(m, timeout=args.timeout, payload=m.image.name)
-                except KeyboardInterrupt as e:
+                except Interrupted as e:
                     interrupted = e
-                    log = getattr(e, "log", None)
+                    log = e.partial[1] if e.partial else None
         cost = {} if args.switch_cost is None else {"switch_cost_ns": args.switch_cost,
                                                      "switch_cost_source": "given with --switch-cost"}
         if log is not None:

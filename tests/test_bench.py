@@ -20,6 +20,7 @@ from kvmiso.bench import latency, runloop, stats
 from kvmiso.bench.overhead import MODEL, SwitchCost, isolation_rows, rfc_switches
 from kvmiso.bench.runloop import PORT_BENCH, LoopError
 from kvmiso.guest import Machine, build
+from kvmiso.interrupt import Interrupted
 from kvmiso.kvm import abi
 from kvmiso.kvm.exits import IoExit, MmioExit, decode
 
@@ -261,9 +262,7 @@ def test_ctrl_c_keeps_the_interrupted_runs_samples(kvm, monkeypatch):
         calls.append(n)
         if len(calls) < 2:  # the warm-up runs whole
             return real(vcpu, n, *args, **kw)
-        e = KeyboardInterrupt()  # what _run attaches when Ctrl-C lands mid-loop
-        e.timings = real(vcpu, n // 2, *args, **kw)
-        raise e
+        raise Interrupted(signal.SIGINT, real(vcpu, n // 2, *args, **kw))  # Ctrl-C mid-loop
 
     monkeypatch.setattr(runloop, "compiled_loop", interrupted_midway)
     r = latency.bench(kvm, kinds=["out", "in"], samples=100, runs=2, python=False)
