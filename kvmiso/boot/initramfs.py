@@ -13,8 +13,6 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import shutil
-import subprocess
 from pathlib import Path
 
 from .errors import BootError
@@ -44,7 +42,7 @@ load() {
         [ -d /sys/module/$name ] && continue
         before=$(dmesg | wc -l)
         if ! insmod "/kvmiso/mod/$file" 2>/tmp/insmod.err; then
-            said=$(dmesg | tail -n +$((before + 1)) | sed 's/^\[[ 0-9.]*\] //' | tr '\n' ' ')
+            said=$(dmesg | tail -n +$((before + 1)) | sed 's/^\[[ 0-9.]*\] //' | uniq | tr "\n" " ")
             tell "module $name ${said:-$(cat /tmp/insmod.err)}"
             poweroff -f
         fi
@@ -132,50 +130,60 @@ def _elf_interpreter(elf: bytes) -> bool:
     return any(int.from_bytes(elf[phoff + i * phentsize:][:4], "little") == 3 for i in range(phnum))
 
 
-def build_initramfs(dest: Path, kernel: Kernel, extra_modules: list[str], script: str,
-                    winsize: str | None, pipes: bool) -> None:
-    """Write the initramfs (newc cpio, as the kernel wants it) to ``dest``; ``dest``'s folder
-    is the scratch space and is the caller's to remove."""
-    tree = dest.parent / "tree"
-    for d in ("bin", "dev", "proc", "sys", "tmp", "kvmiso/mod"):
-        (tree / d).mkdir(parents=True, exist_ok=True)
-    shutil.copy2(busybox(), tree / "bin/busybox")
-    (tree / "init").write_text(INIT)
-    (tree / "init").chmod(0o755)
-    k = tree / "kvmiso"
-    _module_list(kernel, ROOT_MODULES, k / "modules.root")
+def build_initramfs(kernel: Kernel, extra_modules: list[str], script: str, winsize: str | None,
+                    pipes: bool) -> bytes:
+    """The initramfs as the kernel wants it (a newc cpio archive), built in memory: nothing
+    of it lands on the host's disk, so nothing of it can be left behind."""
+    files: dict[str, bytes | None] = {d: None for d in ("bin", "dev", "proc", "sys", "tmp", "kvmiso", "kvmiso/mod")}
+    files["bin/busybox"] = busybox().read_bytes()
+    files["init"] = INIT.encode()
     for flag, vendor in VENDORS.items():
         try:
-            _module_list(kernel, [vendor], k / f"modules.{flag}")
+            _add_modules(files, kernel, [vendor], f"modules.{flag}")
         except BootError as e:  # only the vendor the guest's CPU offers must be there
-            (k / f"modules.{flag}").write_text("")
-            (k / f"missing.{flag}").write_text(str(e))
-        (k / f"vendor.{flag}").write_text(vendor)
-    _module_list(kernel, extra_modules, k / "modules.extra")
-    (k / "moddir").write_text(str(kernel.modules.resolve()) if kernel.modules else "")
-    (k / "command.sh").write_text(script)
+            files[f"kvmiso/modules.{flag}"] = b""
+            files[f"kvmiso/missing.{flag}"] = str(e).encode()
+        files[f"kvmiso/vendor.{flag}"] = vendor.encode()
+    _add_modules(files, kernel, ROOT_MODULES, "modules.root")
+    _add_modules(files, kernel, extra_modules, "modules.extra")
+    files["kvmiso/moddir"] = str(kernel.modules.resolve()).encode() if kernel.modules else b""
+    files["kvmiso/command.sh"] = script.encode()
     if winsize:
-        (k / "winsize").write_text(winsize)
+        files["kvmiso/winsize"] = winsize.encode()
     if pipes:
-        (k / "pipes").write_text("")
-    cpio = shutil.which("cpio")
-    if not cpio:
-        raise BootError("cpio not found: install Debian's cpio package")
-    names = "\n".join(str(p.relative_to(tree)) for p in sorted(tree.rglob("*"))) + "\n"
-    with open(dest, "wb") as out:
-        subprocess.run([cpio, "-o", "-H", "newc", "-R", "0:0", "--quiet"], input=names.encode(), stdout=out,
-                       cwd=tree, check=True)
-    shutil.rmtree(tree)
+        files["kvmiso/pipes"] = b""
+    return newc_archive(files, executable={"bin/busybox", "init"})
 
 
-def _module_list(kernel: Kernel, names: list[str], listing: Path) -> None:
-    """Copy the modules ``names`` need into the tree, and list them in load order."""
+def _add_modules(files: dict[str, bytes | None], kernel: Kernel, names: list[str], listing: str) -> None:
+    """The modules ``names`` need, with the list that loads them in order."""
     rows = []
     for f in kernel.module_files(names):
         name = module_key(f.name)
-        (listing.parent / "mod" / f"{name}.ko").write_bytes(module_bytes(f))
+        files[f"kvmiso/mod/{name}.ko"] = module_bytes(f)
         rows.append(f"{name} {name}.ko\n")
-    listing.write_text("".join(rows))
+    files[f"kvmiso/{listing}"] = "".join(rows).encode()
+
+
+def newc_archive(files: dict[str, bytes | None], executable: set[str] = frozenset()) -> bytes:
+    """A cpio archive in the "new ASCII" format the kernel unpacks (Documentation/driver-api/
+    early-userspace/buffer-format.rst); ``None`` is a directory. Owner root, mtime 0."""
+    out = bytearray()
+
+    def entry(ino: int, name: str, mode: int, data: bytes) -> None:
+        fields = (ino, mode, 0, 0, 2 if mode & 0o040000 else 1, 0, len(data), 0, 0, 0, 0, len(name) + 1, 0)
+        out.extend(b"070701" + b"".join(b"%08X" % v for v in fields) + name.encode() + b"\0")
+        out.extend(b"\0" * (-len(out) % 4))
+        out.extend(data)
+        out.extend(b"\0" * (-len(out) % 4))
+
+    for ino, (name, data) in enumerate(sorted(files.items()), start=1):
+        if data is None:
+            entry(ino, name, 0o040755, b"")
+        else:
+            entry(ino, name, 0o100755 if name in executable else 0o100644, data)
+    entry(0, "TRAILER!!!", 0, b"")
+    return bytes(out)
 
 
 def host_winsize() -> str | None:

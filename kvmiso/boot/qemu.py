@@ -18,6 +18,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from ..kvm import vendor_module
 from .errors import BootError
@@ -79,7 +80,7 @@ def qemu_command(qemu: str, accel: Accel, image: Path, initrd: Path, memory_mib:
     cmd = [qemu, "-accel", accel.name, "-cpu", accel.cpu, "-smp", "1", "-m", str(memory_mib),
            "-nodefaults", "-display", "none", "-no-reboot",
            "-kernel", str(image), "-initrd", str(initrd),
-           "-append", "console=ttyS0 panic=-1 quiet",
+           "-append", "console=ttyS0 panic=-1",
            "-virtfs", f"local,path=/,mount_tag={MOUNT_TAG},security_model=none,readonly=on,multidevs=remap"]
     for i, fd in enumerate(port_fds):
         cmd += ["-chardev", f"file,id=port{i},path=/dev/fd/{fd}", "-serial", f"chardev:port{i}"]
@@ -94,24 +95,36 @@ class GuestRun:
     up_after: float | None = None  # seconds from start to the command's start
     status: int | None = None
     failure: str | None = None
+    on_up: Callable[["GuestRun"], None] | None = None
+    console_helps: bool = True  # a module's own dmesg line says more than the console's end
     console: collections.deque = field(default_factory=lambda: collections.deque(maxlen=CONSOLE_TAIL))
 
 
-def run_qemu(cmd: list[str], pipes: list[tuple[int, int]], timeout: float, show_console: bool) -> GuestRun:
-    """Start QEMU, stream ports to this process's stdout/stderr, and return what the control
-    channel said. QEMU is stopped on every way out, and the pipes are closed."""
+def run_qemu(command: Callable[[list[int]], list[str]], extra_fds: list[int], timeout: float,
+             show_console: bool, on_up: Callable[[GuestRun], None] | None = None) -> GuestRun:
+    """Start QEMU with ``command(port_fds)``, stream the ports to this process's stdout and
+    stderr, and return what the control channel said. QEMU is stopped and every pipe closed
+    on every way out."""
     started = time.monotonic()
-    run = GuestRun()
+    run = GuestRun(on_up=on_up)
     proc = None
+    reads: list[int] = []
+    writes: list[int] = []
     try:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                pass_fds=[w for _, w in pipes], start_new_session=True,
+        for _ in range(4):
+            r, w = os.pipe()
+            reads.append(r)
+            writes.append(w)
+        proc = subprocess.Popen(command(writes), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, pass_fds=writes + extra_fds, start_new_session=True,
                                 preexec_fn=_die_with_parent)
-        for _, w in pipes:
-            os.close(w)
-        _follow(proc, pipes, run, started, timeout, show_console)
+        while writes:  # QEMU's copies alone stay open: its exit is our end of file
+            os.close(writes.pop())
+        _follow(reads, run, started, timeout, show_console)
+        if run.failure:
+            return run  # stopped below, without waiting for a guest that may never end
         proc.wait()
-        if run.status is None and run.failure is None:
+        if run.status is None:
             err = proc.stderr.read().decode(errors="replace").strip()
             run.failure = (f"QEMU failed (status {proc.returncode}): {err.splitlines()[-1]}" if err else
                            f"the guest stopped before the command ended (QEMU status {proc.returncode})")
@@ -119,20 +132,16 @@ def run_qemu(cmd: list[str], pipes: list[tuple[int, int]], timeout: float, show_
     finally:
         if proc is not None:
             _stop(proc)
-        for r, w in pipes:
-            for fd in (r, w):
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass  # already closed above
+        for fd in reads + writes:
+            os.close(fd)
 
 
-def _follow(proc: subprocess.Popen, pipes: list[tuple[int, int]], run: GuestRun, started: float,
+def _follow(reads: list[int], run: GuestRun, started: float,
             timeout: float, show_console: bool) -> None:
     sel = selectors.DefaultSelector()
     partial = {CONSOLE: b"", CONTROL: b""}
     try:
-        for port, (r, _) in enumerate(pipes):
+        for port, r in enumerate(reads):
             sel.register(r, selectors.EVENT_READ, port)
         while sel.get_map():
             wait = None if run.up_after is not None else timeout - (time.monotonic() - started)
@@ -172,6 +181,8 @@ def _control(run: GuestRun, line: str, started: float) -> None:
     word, _, rest = line.partition(" ")
     if word == "up":
         run.up_after = time.monotonic() - started
+        if run.on_up:
+            run.on_up(run)
     elif word == "vendor":
         run.vendor = None if rest == "none" else rest
     elif word == "exit":
@@ -179,6 +190,7 @@ def _control(run: GuestRun, line: str, started: float) -> None:
     elif word == "module":
         name, _, said = rest.partition(" ")
         run.failure = f"module {name} did not load: {said.strip() or 'no message'}"
+        run.console_helps = False
     elif word == "failed":
         run.failure = f"the guest's init could not {rest}"
 

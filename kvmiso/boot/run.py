@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,23 +38,29 @@ def boot(argv: list[str], kernel: Kernel, *, cpu: str | None = None, accel: str 
     log = log or (lambda text: print(text, file=sys.stderr))
     qemu = qemu_binary()
     acc = choose_accel(accel, cpu)
-    scratch = Path(tempfile.mkdtemp(prefix="kvmiso-boot-"))
-    pipes: list[tuple[int, int]] = []
+    script = command_script(argv, os.getcwd(), dict(os.environ))
+    initrd = build_initramfs(kernel, list(modules), script, host_winsize(), pipes=not sys.stdout.isatty())
+    log(f"kvmiso: booting {kernel.origin} under QEMU {acc.name.upper()} (-cpu {acc.cpu}: {acc.why})")
+    # the initramfs lives in a memfd that QEMU opens by /dev/fd: no file to leave behind
+    memfd = os.memfd_create("kvmiso-initramfs", os.MFD_CLOEXEC)
     try:
-        initrd = scratch / "initrd.cpio"
-        script = command_script(argv, os.getcwd(), dict(os.environ))
-        build_initramfs(initrd, kernel, list(modules), script, host_winsize(), pipes=not sys.stdout.isatty())
-        log(f"kvmiso: booting {kernel.origin} under QEMU {acc.name.upper()} (-cpu {acc.cpu}: {acc.why})")
-        pipes = [os.pipe() for _ in range(4)]
-        cmd = qemu_command(qemu, acc, kernel.image, initrd, memory_mib, [w for _, w in pipes])
-        run = run_qemu(cmd, pipes, timeout, show_console)
+        os.write(memfd, initrd)
+        run = run_qemu(lambda ports: qemu_command(qemu, acc, kernel.image, Path(f"/dev/fd/{memfd}"), memory_mib, ports),
+                       [memfd], timeout, show_console, on_up=lambda r: log(_up_text(r)))
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        os.close(memfd)
     return _result(run, acc.name)
+
+
+def _up_text(run: GuestRun) -> str:
+    what = f"{run.vendor} loaded" if run.vendor else "no KVM: the guest's CPU offers neither SVM nor VMX"
+    return f"kvmiso: guest up after {run.up_after:.1f} s ({what}); running the command"
 
 
 def _result(run: GuestRun, accel: str) -> BootResult:
     if run.status is not None:
         return BootResult(run.status, run.vendor, run.up_after or 0.0, accel)
+    if not run.console_helps:
+        raise BootError(run.failure)
     tail = "\n".join(f"  console| {line}" for line in run.console if line.strip())
     raise BootError(f"{run.failure}" + (f"; the console's last lines:\n{tail}" if tail else "; the console was silent"))
