@@ -13,6 +13,8 @@ import sys
 from typing import Any, Callable
 
 from .bench import command as bench_command
+from .boot import BootError
+from .boot import command as boot_command
 from .guest import BuildError, Machine
 from .guest.build import MODES, available_payloads
 from .guest.ucall import PORT_CONSOLE
@@ -40,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with signals_raise_interrupted():
             return args.func(args)
-    except (CliError, BuildError, KvmUnavailable, ValueError) as e:
+    except (CliError, BuildError, BootError, KvmUnavailable, ValueError) as e:
         print(f"kvmiso: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KvmError as e:
@@ -103,6 +105,10 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--switch-cost", type=float, metavar="NS", help="cost of one address-space switch in ns")
     sp.add_argument("--json", action="store_true", help="print the results as JSON")
     sp.set_defaults(func=cmd_check)
+
+    sp = sub.add_parser("boot", help="run a command in a kernel under QEMU with this host's files (kvm_amd anywhere)")
+    boot_command.add_boot_args(sp)
+    sp.set_defaults(func=boot_command.cmd_boot)
     return p
 
 

@@ -76,6 +76,11 @@ def payload_modes(path: Path) -> tuple[str, ...]:
     return tuple(m.group(1).split()) if m else MODES
 
 
+def cache_root() -> Path:
+    """kvmiso's cache folder: ``$XDG_CACHE_HOME/kvmiso``, or ``~/.cache/kvmiso``."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kvmiso"
+
+
 def build(payload: str | os.PathLike, mode: str = "long", cache_dir: Path | None = None) -> Image:
     """Build (or fetch from the cache) the image of ``payload`` for ``mode``."""
     if mode not in BITS:
@@ -88,7 +93,7 @@ def build(payload: str | os.PathLike, mode: str = "long", cache_dir: Path | None
     for p in inputs:
         h.update(p.read_bytes())
     key = h.hexdigest()[:24]
-    cache = cache_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kvmiso" / "guests"
+    cache = cache_dir or cache_root() / "guests"
     bin_path, sym_path = cache / f"{src.stem}-{mode}-{key}.bin", cache / f"{src.stem}-{mode}-{key}.sym"
     if not (bin_path.exists() and sym_path.exists()):
         _assemble(src, mode, bin_path, sym_path)
