@@ -10,13 +10,15 @@ import json
 import os
 import signal
 import sys
-import threading
 from typing import Any, Callable
 
 from .bench import command as bench_command
+from .boot import BootError
+from .boot import command as boot_command
 from .guest import BuildError, Machine
 from .guest.build import MODES, available_payloads
 from .guest.ucall import PORT_CONSOLE
+from .interrupt import Interrupted, signals_raise_interrupted
 from .kvm import GuestTimeout, Kvm, KvmError, KvmUnavailable
 from .kvm.exits import DebugExit, Exit, IoExit, MmioExit
 
@@ -28,6 +30,10 @@ class CliError(Exception):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one kvmiso command; returns its exit status. SIGINT and SIGTERM end any command as
+    :class:`kvmiso.interrupt.Interrupted`: every command unwinds through its with-blocks and
+    finally-clauses, one with partial results writes them marked incomplete, and main() prints
+    ``kvmiso: interrupted by SIGTERM`` and returns 128 + the signal number."""
     parser = _parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[argv.index("--") + 1:] if "--" in argv else []  # trace/check -- COMMAND ...
@@ -37,48 +43,23 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_BAD_INPUT
     try:
-        with _signals_as_interrupt():
+        with signals_raise_interrupted():
             return args.func(args)
-    except (CliError, BuildError, KvmUnavailable, ValueError) as e:
+    except (CliError, BuildError, BootError, KvmUnavailable, ValueError) as e:
         print(f"kvmiso: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KvmError as e:
         print(f"kvmiso: {e}", file=sys.stderr)
         return EXIT_FAILED
-    except KeyboardInterrupt as e:
-        name = e.args[0] if e.args and e.args[0] in signal.Signals.__members__ else "SIGINT"
-        print(f"kvmiso: interrupted by {name}", file=sys.stderr)
-        return 128 + signal.Signals[name]
+    except KeyboardInterrupt as e:  # an Interrupted, or a plain Ctrl-C outside the main thread
+        stop = Interrupted.of(e)
+        print(f"kvmiso: interrupted by {stop.signal.name}", file=sys.stderr)
+        return stop.status
     except BrokenPipeError:
         # the reader went away (kvmiso run ... | head): stop quietly, as SIGPIPE would, and keep
         # the interpreter's final flush from raising again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE
-
-
-# SIGINT and SIGTERM both end a command as Ctrl-C does: KeyboardInterrupt naming the signal,
-# raised in the main thread wherever it is (a signal ends KVM_RUN, even a guest's endless CPL0
-# hypercall on kvm_pvm). Every command thus unwinds through its with-blocks and finally-clauses;
-# one that has partial results catches KeyboardInterrupt, writes them marked incomplete and
-# re-raises; main() prints "kvmiso: interrupted by SIGTERM" and exits 128 + the signal number.
-_INTERRUPTS = (signal.SIGINT, signal.SIGTERM)
-
-
-def _interrupt(signum: int, frame) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
-@contextlib.contextmanager
-def _signals_as_interrupt():
-    if threading.current_thread() is not threading.main_thread():
-        yield  # only the main thread may set handlers (main() called from a worker thread)
-        return
-    previous = {s: signal.signal(s, _interrupt) for s in _INTERRUPTS}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -134,6 +115,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="lost trace records or missing call chains do not fail the check")
     sp.add_argument("--json", action="store_true", help="print the results as JSON")
     sp.set_defaults(func=cmd_check)
+
+    sp = sub.add_parser("boot", help="run a command in a kernel under QEMU with this host's files (kvm_amd anywhere)")
+    boot_command.add_boot_args(sp)
+    sp.set_defaults(func=boot_command.cmd_boot)
     return p
 
 
@@ -275,15 +260,13 @@ def cmd_run(args) -> int:
         if not args.json:
             print(f"running {m.image.name} in {m.mode} mode at CPL{args.cpl} (timeout {args.timeout:g} s)")
         on_exit: Callable[[Exit], None] | None = None if args.json else stream
-        interrupted: KeyboardInterrupt | None = None
+        interrupted: Interrupted | None = None
         try:
             result = m.run(timeout=args.timeout, on_exit=on_exit)
         except GuestTimeout as e:
             result = e.result
-        except KeyboardInterrupt as e:
-            if not hasattr(e, "result"):
-                raise
-            result, interrupted = e.result, e  # print what the run got, then let main() report it
+        except Interrupted as e:
+            result, interrupted = e.partial, e  # print what the run got, then let main() report it
     if args.json:
         print(json.dumps({**result.to_dict(), "incomplete": interrupted is not None}, indent=2))
     else:
@@ -344,8 +327,8 @@ def cmd_trace(args) -> int:
         with out or contextlib.nullcontext():
             try:
                 result, log = capture(m, timeout=args.timeout, payload=m.image.name)
-            except KeyboardInterrupt as e:
-                partial = getattr(e, "log", None)
+            except Interrupted as e:
+                partial = e.partial[1] if e.partial else None
                 if out and partial is not None:
                     out.writelines(line + "\n" for line in partial.iter_jsonl())
                     print(f"kvmiso: wrote the partial exit log ({len(partial.records)} KVM_RUN calls, "
@@ -479,7 +462,7 @@ def cmd_check(args) -> int:
     from .isolation import AccessModelError, CheckError, check, load_access_model, result_text
     from .observe.capture import Capture
     from .observe.exitlog import ExitLogError, read_jsonl
-    from .session import capture_checked
+    from .session import capture_checked, machine_evidence
 
     try:
         access = load_access_model()
@@ -488,7 +471,7 @@ def cmd_check(args) -> int:
     cost = {} if args.switch_cost is None else {"switch_cost_ns": args.switch_cost,
                                                  "switch_cost_source": "given with --switch-cost"}
     results = []
-    interrupted: KeyboardInterrupt | None = None
+    interrupted: Interrupted | None = None
     with Capture() as cap:
         for p in args.payload:
             if p.endswith(".jsonl"):
@@ -507,10 +490,13 @@ def cmd_check(args) -> int:
                 with Machine(p, mode=args.mode, cpl=args.cpl) as m:
                     try:
                         run = capture_checked(m, cap, m.image.name, timeout=args.timeout)
-                    except KeyboardInterrupt as e:
+                        log, evidence = run.log, run.evidence
+                    except Interrupted as e:  # check what was seen, marked incomplete, then stop
                         interrupted = e
-                        break
-                    log, evidence = run.log, run.evidence
+                        log = e.partial[1] if e.partial else None
+                        if log is None:
+                            break
+                        evidence = machine_evidence(m, log)
                     space = _space(args, evidence, m)
             try:
                 _require_real(args, evidence, p)
@@ -521,6 +507,8 @@ def cmd_check(args) -> int:
             except CheckError as e:
                 raise CliError(str(e)) from None
             results.append((p, log.incomplete, res))
+            if interrupted is not None:
+                break
     if args.json:
         print(json.dumps([{"payload": p, "incomplete": bool(why), "incomplete_reason": why, **r.to_dict()}
                           for p, why, r in results], indent=2))

@@ -10,16 +10,17 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from ready import wait_until_counted
 
 from kvmiso.bench import latency, runloop, stats
 from kvmiso.bench.overhead import MODEL, SwitchCost, isolation_rows, rfc_switches
 from kvmiso.bench.runloop import PORT_BENCH, LoopError
 from kvmiso.guest import Machine, build
+from kvmiso.interrupt import Interrupted
 from kvmiso.kvm import abi
 from kvmiso.kvm.exits import IoExit, MmioExit, decode
 
@@ -240,7 +241,9 @@ def test_cli_bench_ctrl_c_writes_what_was_measured(kvm, tmp_path, sig):
     proc = subprocess.Popen([sys.executable, "-m", "kvmiso.cli", "bench", "--kinds", "out", "--samples", "300000",
                              "--runs", "1", "--no-python", "--json", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(2.5)  # the null ioctl floor is done by then; the whole run is not
+    # the floors make no exit (KVM_RUN with immediate_exit never enters the guest): the first
+    # counted exit is the `out` kind's, so the floors are done and the kind is not
+    wait_until_counted(proc.pid, "exits", proc=proc)
     os.kill(proc.pid, sig)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 128 + sig, stderr
@@ -259,9 +262,7 @@ def test_ctrl_c_keeps_the_interrupted_runs_samples(kvm, monkeypatch):
         calls.append(n)
         if len(calls) < 2:  # the warm-up runs whole
             return real(vcpu, n, *args, **kw)
-        e = KeyboardInterrupt()  # what _run attaches when Ctrl-C lands mid-loop
-        e.timings = real(vcpu, n // 2, *args, **kw)
-        raise e
+        raise Interrupted(signal.SIGINT, real(vcpu, n // 2, *args, **kw))  # Ctrl-C mid-loop
 
     monkeypatch.setattr(runloop, "compiled_loop", interrupted_midway)
     r = latency.bench(kvm, kinds=["out", "in"], samples=100, runs=2, python=False)

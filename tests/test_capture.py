@@ -5,12 +5,13 @@ records counted; the log without tracing; and ``kvmiso trace``."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from ready import READY_SPIN, wait_until_counted
 
 from kvmiso.guest import Machine
 from kvmiso.observe.capture import Capture, capture
@@ -271,18 +272,19 @@ def test_two_kvmiso_processes_tracing_at_once_each_see_only_their_own(kvm, tmp_p
     _need_tracefs()
     a_log, b_log = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     cmd = [sys.executable, "-m", "kvmiso.cli", "trace"]
-    a = subprocess.Popen(cmd + ["spin", "--timeout", "3", "--json", str(a_log)], cwd=ROOT,
+    a = subprocess.Popen(cmd + [READY_SPIN, "--timeout", "600", "--json", str(a_log)], cwd=ROOT,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(1.0)  # a's guest is spinning (emulating) now, its instance tracing
+        wait_until_counted(a.pid, proc=a)  # a's guest spins now, a's instance tracing it
         b = subprocess.run(cmd + ["portio", "--json", str(b_log)], cwd=ROOT, capture_output=True, text=True,
                            timeout=60)
         assert a.poll() is None, "the two traces did not overlap"
+        a.send_signal(signal.SIGINT)  # a writes its partial log and ends
         a.communicate(timeout=60)
     finally:
         a.kill()
         a.wait()
-    assert b.returncode == 0, b.stderr
+    assert a.returncode == 128 + signal.SIGINT and b.returncode == 0, b.stderr
     logs = {"a": read_jsonl(a_log), "b": read_jsonl(b_log)}
     pids = {k: log.host["pid"] for k, log in logs.items()}
     assert pids["a"] != pids["b"]

@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 import json
+import os
+
+import pytest
 
 from kvmiso import report
 
 
 def test_report_writes_every_part(kvm, tmp_path, vendor):
+    if os.geteuid() != 0:
+        pytest.skip("every part of the report needs root (tracefs, kallsyms addresses)")
     rep = report.build(tmp_path)
     data = json.loads((tmp_path / "report.json").read_text())
     assert data["host"]["vendor"] == vendor and data["fingerprint"]["vendor"] == vendor
     assert report.suite_ok(rep), [x for x in data["suite"] if not x["as_expected"]]
     assert (tmp_path / "exitlog.jsonl").exists() and (tmp_path / "bench.json").exists()
-    # every part ran, or says why it could not
-    for part in ("trace", "isolation", "bench"):
-        assert data[part] is not None or part in data["skipped"], part
-    if data["trace"]["tracing"]:
-        assert data["trace"]["events"] > 0
+    # as root with /dev/kvm and tracefs every part runs; only the optional plot may be missing
+    assert set(data["skipped"]) <= {"plot"}, data["skipped"]
+    if "plot" in data["skipped"]:
+        assert "matplotlib is not installed" in data["skipped"]["plot"]
+    assert data["trace"]["tracing"] and data["trace"]["events"] > 0
+    assert data["bench"]["results"]
     if data["isolation"]:
         rfc, modern = data["isolation"]["rfc"], data["isolation"]["modern"]
         assert rfc["exits"] == modern["exits"] > 0

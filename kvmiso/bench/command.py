@@ -6,9 +6,11 @@ kvmiso/cli.py only wires these in, so the shared CLI file stays small.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from typing import TYPE_CHECKING, Any, Callable
 
+from ..interrupt import Interrupted
 from .kinds import DEFAULT_KINDS, KINDS
 
 if TYPE_CHECKING:
@@ -122,7 +124,7 @@ def cmd_bench(args: argparse.Namespace, measure_switches: Callable[..., Any] | N
         print(f"wrote {args.plot}")
     if not result.complete:
         # what was measured is printed and written; the CLI reports the signal (exit 128 + signo)
-        raise KeyboardInterrupt(result.interrupted_by)
+        raise Interrupted(signal.Signals[result.interrupted_by], result)
     return 0
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from ..guest import Machine, build
+from ..interrupt import Interrupted, deferred, threads_without_interrupts
 from ..guest.ucall import PORT_UCALL, GuestException, MalformedUcall, decode_ucall
 from ..kvm import Kvm
 from ..kvm.exits import IoExit, decode
@@ -222,8 +223,8 @@ def _measure_exit_kind(kvm: Kvm, kind: Kind, cpl: int, n: int, warmup: int, col:
         before = st.snapshot()
         try:
             t = runloop.compiled_loop(m.vcpu, n, **args)
-        except KeyboardInterrupt as e:
-            col.add((kind.name, "c", cpl), e.timings.latencies())
+        except Interrupted as e:
+            col.add((kind.name, "c", cpl), e.partial.latencies())
             raise
         cycles = t.cycles()
         col.add((kind.name, "c", cpl), t.latencies(), emulated=_emulated(st, before, t.n),
@@ -233,8 +234,8 @@ def _measure_exit_kind(kvm: Kvm, kind: Kind, cpl: int, n: int, warmup: int, col:
             runloop.python_loop(m.vcpu, warmup, **args)
             try:
                 t = runloop.python_loop(m.vcpu, n, **args)
-            except KeyboardInterrupt as e:
-                col.add((kind.name, "python", cpl), e.timings.latencies())
+            except Interrupted as e:
+                col.add((kind.name, "python", cpl), e.partial.latencies())
                 raise
             col.add((kind.name, "python", cpl), t.latencies(),
                     period_p50=stats.percentile(sorted(t.periods()), 50))
@@ -253,8 +254,8 @@ def _measure_in_kernel(kvm: Kvm, kind: Kind, cpl: int, batches: int, warmup: int
         before = st.snapshot()
         try:
             t = runloop.compiled_loop(m.vcpu, batches, "io", PORT_BENCH, zap=zap)
-        except KeyboardInterrupt as e:
-            t = e.timings
+        except Interrupted as e:
+            t = e.partial
             _in_kernel_rows(m, kind, cpl, t, warmup, iterations, col, tsc_hz, None)
             raise
         _in_kernel_rows(m, kind, cpl, t, warmup, iterations, col, tsc_hz,
@@ -314,8 +315,9 @@ def _measure_parallel(kvm: Kvm, cpl: int, nvcpus: int, cpus: list[int], n: int, 
                 out[i] = e
 
         threads = [threading.Thread(target=worker, args=(i,), name=f"kvmiso-bench-vcpu{i}") for i in range(nvcpus)]
-        for th in threads:
-            th.start()
+        with deferred(), threads_without_interrupts():  # all start, and Ctrl-C reaches the main thread
+            for th in threads:
+                th.start()
         try:
             for th in threads:
                 th.join()
@@ -408,9 +410,9 @@ def bench(kvm: Kvm, kinds: Iterable[str] = DEFAULT_KINDS, cpls: Iterable[int] = 
                     except (LoopError, OSError) as e:
                         out.skipped.append({"kind": label, "cpl": cpl, "reason": f"failed in run {r + 1}: {e}"})
                         break
-        except KeyboardInterrupt as e:  # kvmiso.cli raises it for SIGINT and SIGTERM, naming the signal
+        except KeyboardInterrupt as e:  # SIGINT or SIGTERM: the result keeps what was measured
             out.complete = False
-            out.interrupted_by = e.args[0] if e.args and str(e.args[0]).startswith("SIG") else "SIGINT"
+            out.interrupted_by = Interrupted.of(e).signal.name
             out.incomplete_reason = f"interrupted by {out.interrupted_by} during {current}"
         out.results = _rows(col, settings)
         return out

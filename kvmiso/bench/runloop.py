@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from ..interrupt import Interrupted
 from ..kvm import KvmError, abi
 from ..kvm.exits import HltExit, IntrExit, IoExit, MmioExit
 
@@ -181,8 +182,7 @@ def _run(fd: int, request: int, arg: int, n: int, *, op: int = OP_IOCTL, vcpu=No
                                 timings(), res.reason)
     except KeyboardInterrupt as e:
         done = base + res.done
-        e.timings = timings()  # partial results go up with the interrupt
-        raise
+        raise Interrupted.of(e, timings()) from None  # what was measured goes up with it
     finally:
         if vcpu is not None:
             ffi.release(run_page)  # else the page's export outlives the loop and Vcpu.close() fails
@@ -265,8 +265,7 @@ def python_loop(vcpu, n: int, expect: str, port: int | None = None, reply: int =
                 t_start[i], t_end[i] = t0, t1
             i = n
     except KeyboardInterrupt as e:
-        e.timings = Timings(t_start[:i], t_end[:i], answered=answered)
-        raise
+        raise Interrupted.of(e, Timings(t_start[:i], t_end[:i], answered=answered)) from None
     return Timings(t_start, t_end, answered=answered)
 
 

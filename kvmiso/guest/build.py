@@ -17,7 +17,15 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-GUESTS_DIR = Path(__file__).resolve().parents[2] / "guests"
+
+def _guests_dir() -> Path:
+    """guests/ inside the installed package (a wheel: setup.py copies it there), else guests/
+    at the top of the checkout (an editable install or a source tree)."""
+    installed = Path(__file__).resolve().parents[1] / "guests"
+    return installed if installed.is_dir() else Path(__file__).resolve().parents[2] / "guests"
+
+
+GUESTS_DIR = _guests_dir()
 LIB_DIR = GUESTS_DIR / "lib"
 LOAD_ADDRESS = 0x8000
 MAX_IMAGE = 0x8000  # up to the host's tables at 0x10000
@@ -68,18 +76,24 @@ def payload_modes(path: Path) -> tuple[str, ...]:
     return tuple(m.group(1).split()) if m else MODES
 
 
+def cache_root() -> Path:
+    """kvmiso's cache folder: ``$XDG_CACHE_HOME/kvmiso``, or ``~/.cache/kvmiso``."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kvmiso"
+
+
 def build(payload: str | os.PathLike, mode: str = "long", cache_dir: Path | None = None) -> Image:
     """Build (or fetch from the cache) the image of ``payload`` for ``mode``."""
     if mode not in BITS:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     src = payload_path(payload)
-    # every shared include counts: a payload may .include more than kvmiso.inc
-    inputs = [src, *sorted(LIB_DIR.glob("*.inc")), LIB_DIR / f"crt0_{BITS[mode]}.S", LIB_DIR / "guest.ld"]
+    # every include the assembler can find counts: the shared ones and those beside the source
+    includes = sorted({*LIB_DIR.glob("*.inc"), *src.parent.glob("*.inc")})
+    inputs = [src, *includes, LIB_DIR / f"crt0_{BITS[mode]}.S", LIB_DIR / "guest.ld"]
     h = hashlib.sha256(f"{mode}\0{_tool_versions()}".encode())
     for p in inputs:
         h.update(p.read_bytes())
     key = h.hexdigest()[:24]
-    cache = cache_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kvmiso" / "guests"
+    cache = cache_dir or cache_root() / "guests"
     bin_path, sym_path = cache / f"{src.stem}-{mode}-{key}.bin", cache / f"{src.stem}-{mode}-{key}.sym"
     if not (bin_path.exists() and sym_path.exists()):
         _assemble(src, mode, bin_path, sym_path)

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from ..interrupt import Interrupted, deferred, threads_without_interrupts
 from ..kvm import GuestTimeout, Kvm, vendor_module
 from ..kvm.exits import (DebugExit, Exit, FailEntryExit, HltExit, InternalErrorExit, IntrExit,
                          IoExit, MmioExit, RdmsrExit, ShutdownExit, SystemEventExit, WrmsrExit)
@@ -224,9 +225,9 @@ class Machine:
         ``on_io``/``on_mmio`` see every I/O and MMIO exit outside the ucall ports and may
         ``reply()``; unanswered reads get all-ones. ``on_msr`` answers userspace MSR exits
         (unanswered ones inject #GP, as KVM does without the capability). ``on_exit`` sees every exit first and ends
-        the run by returning True. Raises GuestTimeout (with ``.result``) past the deadline; a
-        KeyboardInterrupt goes up with ``.result`` too (outcome ``interrupted``, what the guest
-        was doing in the detail).
+        the run by returning True. Raises GuestTimeout (with ``.result``) past the deadline;
+        Ctrl-C or SIGTERM raises :class:`kvmiso.interrupt.Interrupted` whose ``partial`` is this
+        RunResult (outcome ``interrupted``, what the guest was doing in the detail).
         """
         v = self.vm.vcpus[vcpu]
         stats = self._stats[vcpu]
@@ -258,14 +259,13 @@ class Machine:
                     if max_exits is not None and res.runs >= max_exits and res.outcome == "running":
                         res.outcome, res.detail = "exit-limit", f"stopped after {max_exits} exits"
         except KeyboardInterrupt as e:
-            # SIGINT (or SIGTERM, which kvmiso's CLI turns into KeyboardInterrupt): the partial
-            # result goes up with the interrupt, for the caller to report as incomplete
+            # SIGINT or SIGTERM: the partial result goes up with the interruption, for the
+            # caller to report as incomplete
+            stop = Interrupted.of(e, res)
             if res.outcome == "running":
-                why = e.args[0] if e.args else "KeyboardInterrupt"
-                res.outcome, res.detail = "interrupted", f"{why} arrived before the guest finished; " + (
+                res.outcome, res.detail = "interrupted", f"{stop.signal.name} arrived before the guest finished; " + (
                     self._describe_stop(v, stats, before, res.runs - 1, res.console_dropped))
-            e.result = res
-            raise
+            raise stop from None
         finally:
             res.elapsed = time.perf_counter() - t0
             res.console = console.decode("utf-8", "replace")
@@ -280,6 +280,8 @@ class Machine:
         """Run every vCPU at once, one thread each; returns one result per vCPU, in order.
 
         A vCPU that times out gives a result with outcome ``timeout`` rather than raising.
+        Ctrl-C or SIGTERM stops every vCPU and raises Interrupted with these results as
+        ``partial``.
         """
         from ..kvm.vcpu import install_kick_handler
 
@@ -301,12 +303,15 @@ class Machine:
                     done[i].set()
 
         threads = [threading.Thread(target=worker, args=(i,), name=f"kvmiso-vcpu{i}") for i in range(len(self.vcpus))]
-        for t in threads:
-            t.start()
+        # every thread starts, or none: a Ctrl-C between two starts would leave a vCPU spinning
+        # that the handler below does not know of; the workers never take SIGINT/SIGTERM
+        with deferred(), threads_without_interrupts():
+            for t in threads:
+                t.start()
         try:
             for t in threads:
                 t.join()
-        except BaseException:
+        except BaseException as e:
             # Ctrl-C here: stop every vCPU still running before the caller closes the VM under
             # it. Our own events, not is_alive()/join(): an interrupted join() can mark a live
             # thread as stopped (CPython bpo-45274).
@@ -316,6 +321,8 @@ class Machine:
                         v.kick(t.ident)
             for d in done:
                 d.wait()
+            if isinstance(e, KeyboardInterrupt):  # every vCPU's result, the kicked ones included
+                raise Interrupted.of(e, results) from None
             raise
         if errors:
             raise errors[0]

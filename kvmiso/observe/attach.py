@@ -20,6 +20,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
+from ..interrupt import Interrupted
 from .exitlog import ExitLog, RunRecord, TraceEvent
 from .process import ProcessError, threads
 from .tracefs import TraceInstance, TracefsUnavailable
@@ -72,11 +73,9 @@ def watch(target: int | Callable[[], int], until: Callable[[int], str | None],
                 else:
                     ended = until(pid) or ""
         except KeyboardInterrupt as e:
-            ended = "interrupted"
             tracer.stop()
             got += tracer.read()
-            e.partial = _records(pid, got, tracer, lost_before, ended)
-            raise
+            raise Interrupted.of(e, _records(pid, got, tracer, lost_before, "interrupted")) from None
         finally:
             os.close(pidfd)
         tracer.stop()

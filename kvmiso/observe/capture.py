@@ -24,6 +24,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Iterable
 
+from ..interrupt import Interrupted
 from ..kvm import GuestTimeout
 from ..kvm.exits import IntrExit
 from .exitlog import ExitLog, RunRecord, TraceEvent
@@ -80,9 +81,9 @@ class Capture:
             **run_kwargs: Any) -> tuple["RunResult", ExitLog]:
         """``machine.run(timeout, vcpu=vcpu, **run_kwargs)`` under capture; returns its result
         and the exit log of this run (also added to ``self.log``). A timeout is a result with
-        outcome ``"timeout"``, never a GuestTimeout. A KeyboardInterrupt (Ctrl-C, or SIGTERM under
-        the CLI) is re-raised carrying ``.result`` and ``.log``, the partial capture marked
-        ``incomplete``."""
+        outcome ``"timeout"``, never a GuestTimeout. Ctrl-C or SIGTERM raises
+        :class:`kvmiso.interrupt.Interrupted` whose ``partial`` is ``(result, log)``, the log
+        marked ``incomplete``."""
         tracer = self.tracer
         tid = threading.get_native_id()
         if tracer is not None and tid not in tracer.pids:
@@ -107,13 +108,13 @@ class Capture:
             if tracer:
                 tracer.start()
             starts.append(time.monotonic_ns())
-            interrupted: KeyboardInterrupt | None = None
+            interrupted: Interrupted | None = None
             try:
                 result = machine.run(timeout, vcpu=vcpu, on_exit=on_exit, **run_kwargs)
             except GuestTimeout as e:
                 result = e.result
-            except KeyboardInterrupt as e:  # Ctrl-C/SIGTERM: keep what was seen, then re-raise
-                interrupted, result = e, e.result
+            except Interrupted as e:  # Ctrl-C/SIGTERM: keep what was seen, then re-raise
+                interrupted, result = e, e.partial
             finally:
                 if tracer:
                     tracer.stop()
@@ -136,14 +137,13 @@ class Capture:
             log.lost_events = tracer.lost - lost_before
             log.tracing_reason = "; ".join(x for x in (self._reason, note) if x)
         if interrupted is not None:
-            log.incomplete = f"interrupted by {interrupted.args[0] if interrupted.args else 'SIGINT'}"
+            log.incomplete = f"interrupted by {interrupted.signal.name}"
         self.log.extend(ExitLog(records=[dataclasses.replace(r) for r in records], host=log.host,
                                 tracing=log.tracing, tracing_reason=log.tracing_reason,
                                 events_enabled=log.events_enabled, lost_events=log.lost_events,
                                 incomplete=log.incomplete))
-        if interrupted is not None:
-            interrupted.log = log  # the partial capture, marked incomplete, for the caller to keep
-            raise interrupted
+        if interrupted is not None:  # the partial capture, marked incomplete, for the caller to keep
+            raise Interrupted.of(interrupted, (result, log)) from None
         return result, log
 
 

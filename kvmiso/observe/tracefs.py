@@ -7,9 +7,9 @@ names, so the same code reads ``kvm_exit`` on Intel and AMD and ``kvm_pio`` on k
 text ``trace`` file would have to be parsed back from printf output.
 
 The instance goes away on every way out: the end of the ``with`` block, an exception,
-Ctrl-C, and SIGTERM (turned into :class:`Terminated` while the instance exists, in the main
-thread, unless the program has its own SIGTERM handler). An instance left behind by a killed kvmiso (its pid is gone) is removed by the next
-one, which says so.
+Ctrl-C, and SIGTERM (while the instance exists, a program without its own SIGTERM handler gets
+``kvmiso.interrupt.Terminated``, see that module). An instance left behind by a killed kvmiso
+(its pid is gone) is removed by the next one, which says so.
 
 There is no text fallback: a page the parser cannot read raises FormatError, and capture
 then reports the run without in-kernel events and says why.
@@ -23,20 +23,19 @@ then reports the run without in-kernel events and says why.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import dataclasses
 import ctypes.util
 import errno
 import os
 import re
-import signal
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable
 
+from .. import interrupt
 from .exitlog import TraceEvent
 from .traceformat import (EventFormat, FormatError, PageHeader, common_pid, common_type, iter_pages, kernel_stack,
                           parse_page)
@@ -49,14 +48,6 @@ DEFAULT_BUFFER_KB = 4096  # per CPU: ~80,000 kvm events before the buffer is ful
 
 class TracefsUnavailable(RuntimeError):
     """tracefs cannot be used here; the message says why and what would make it work."""
-
-
-class Terminated(SystemExit):
-    """SIGTERM arrived while a trace instance existed. A SystemExit (status 143), so the
-    instance is removed on the way out and the process still ends as SIGTERM asked."""
-
-    def __init__(self) -> None:
-        super().__init__(128 + signal.SIGTERM)
 
 
 _lock = threading.Lock()
@@ -121,26 +112,6 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-@contextlib.contextmanager
-def _signals_deferred() -> Iterator[dict]:
-    """Hold Ctrl-C and SIGTERM back for the block (creating or removing the instance is never
-    cut in half), then deliver them to the handlers put back: those in place before, unless the
-    block changed them in the dict it is given."""
-    if threading.current_thread() is not threading.main_thread():
-        yield {}  # handlers run in the main thread only; nothing to defer here
-        return
-    pending: list[int] = []
-    handlers = {s: signal.signal(s, lambda signum, frame: pending.append(signum))
-                for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield handlers
-    finally:
-        for s, handler in handlers.items():
-            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
-        for s in pending:
-            signal.raise_signal(s)
 
 
 def _write(path: Path, value: str) -> None:
@@ -232,8 +203,7 @@ class TraceInstance:
         self._page_size = 4096
         self._missed_pages = 0
         self._lost_base = 0
-        self._old_sigterm: object = None
-        self._sigterm_installed = False
+        self._undo_sigterm: Callable[[dict], None] | None = None
 
     # --- setting up and tearing down ------------------------------------------------------
 
@@ -249,9 +219,9 @@ class TraceInstance:
             raise TracefsUnavailable("tracing kvm events needs root (tracefs instances are root-only)")
         root = tracefs_root(self._root_hint)
         self.stale_removed = remove_stale(root)
-        self._install_sigterm()
+        self._undo_sigterm = interrupt.sigterm_unwinds()
         try:
-            with _signals_deferred():  # an instance that exists is one we know about
+            with interrupt.deferred():  # an instance that exists is one we know about
                 self.path = self._make_instance(root)
             self._setup(root)
         except BaseException:
@@ -348,7 +318,7 @@ class TraceInstance:
         """Close the pipes and remove the instance (idempotent); restore SIGTERM.
 
         Ctrl-C or SIGTERM arriving meanwhile take effect once the instance is gone."""
-        with _signals_deferred() as handlers:
+        with interrupt.deferred() as restore:
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
@@ -367,21 +337,9 @@ class TraceInstance:
                 with _lock:
                     _live.discard(self.path.name)
                 self.path = None
-            if self._sigterm_installed:
-                handlers[signal.SIGTERM] = self._old_sigterm
-                self._sigterm_installed = False
-
-    def _install_sigterm(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return  # only the main thread may set handlers; the caller handles SIGTERM there
-        if signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):
-            return  # the program handles SIGTERM itself (kvmiso's CLI raises KeyboardInterrupt)
-
-        def on_sigterm(signum, frame) -> None:
-            raise Terminated()
-
-        self._old_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
-        self._sigterm_installed = True
+            if self._undo_sigterm is not None:
+                self._undo_sigterm(restore)  # a SIGTERM held meanwhile goes to the program's own
+                self._undo_sigterm = None
 
     # --- recording ------------------------------------------------------------------------
 
@@ -448,5 +406,5 @@ class TraceInstance:
         return "; ".join(notes)
 
 
-__all__ = ["DEFAULT_BUFFER_KB", "Decoded", "FormatError", "TRACEFS", "Terminated", "TraceInstance",
+__all__ = ["DEFAULT_BUFFER_KB", "Decoded", "FormatError", "TRACEFS", "TraceInstance",
            "TracefsUnavailable", "decode_buffers", "remove_stale", "tracefs_root"]

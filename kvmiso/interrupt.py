@@ -1,0 +1,160 @@
+"""kvmiso's one interruption protocol: SIGINT and SIGTERM end work as :class:`Interrupted`, which
+names the signal and carries the ``partial`` result of the call it cut short.
+
+The policy, all of it here:
+
+- A program that wants kvmiso's behaviour (the CLI does) wraps its work in
+  :func:`signals_raise_interrupted`: in the main thread, SIGINT and SIGTERM both raise
+  ``Interrupted(signal)`` wherever it is. A signal also ends a KVM_RUN in that thread (the ioctl
+  returns EINTR), even a guest's endless CPL0 hypercall on kvm_pvm.
+- A call that has something to keep catches ``KeyboardInterrupt`` (a plain Ctrl-C without that
+  wrapper is one too) and raises ``Interrupted.of(e, partial)``: the same signal, with what the
+  call would have returned, cut short. ``Machine.run`` gives a ``RunResult``, ``Capture.run``
+  its ``(RunResult, ExitLog)``, the bench loops their ``Timings``, ``bench`` its ``BenchResult``,
+  ``report.build`` its ``Report``. Callers read ``e.partial``; nothing rides on ad-hoc attributes.
+- A block that must not be cut in half (creating or removing a tracefs instance) runs under
+  :func:`deferred`; the signals arrive once it is done.
+- While kvmiso holds something outside the process (a tracefs instance) in a program with no
+  SIGTERM handler of its own, :func:`sigterm_unwinds` makes SIGTERM raise :class:`Terminated`:
+  an Interrupted that is also ``SystemExit(143)``, so every ``finally`` runs and the process
+  still ends with the status SIGTERM asks for, without a traceback.
+- Threads kvmiso starts are started under :func:`threads_without_interrupts`: the kernel gives
+  a process-wide signal to any thread that does not block it, and only the main thread can act
+  on one.
+
+The vCPU kick signal (a real-time signal that only ends a KVM_RUN) is not part of this policy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from typing import Any, Callable, Iterator
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM ended the work. ``signal`` names it; ``partial`` is the result of the
+    interrupted call as far as it got (None where there is nothing to keep).
+
+    A KeyboardInterrupt, so code that handles Ctrl-C handles this too.
+
+    >>> try:
+    ...     machine.run(timeout=600)
+    ... except Interrupted as e:
+    ...     print(e.signal.name, e.partial.outcome)
+    SIGTERM interrupted
+    """
+
+    def __init__(self, signum: int = signal.SIGINT, partial: Any = None) -> None:
+        self.signal = signal.Signals(signum)
+        self.partial = partial
+        super().__init__(self.signal.name)
+
+    @property
+    def status(self) -> int:
+        """The exit status a shell gives a process this signal ended: 128 + the signal number."""
+        return 128 + self.signal
+
+    @classmethod
+    def of(cls, e: BaseException, partial: Any = None) -> "Interrupted":
+        """The same interruption as ``e`` (SIGINT for a plain KeyboardInterrupt), carrying
+        ``partial`` instead of whatever ``e`` carried."""
+        if isinstance(e, Terminated):
+            return Terminated(partial)
+        return Interrupted(e.signal if isinstance(e, Interrupted) else signal.SIGINT, partial)
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.signal, self.partial))
+
+
+class Terminated(Interrupted, SystemExit):
+    """SIGTERM in a program without a SIGTERM handler of its own, while kvmiso held something
+    outside the process. Also a SystemExit (status 143): uncaught, it ends the process as SIGTERM
+    asked, after every cleanup, and Python prints no traceback for it."""
+
+    def __init__(self, partial: Any = None) -> None:
+        super().__init__(signal.SIGTERM, partial)
+        self.code = self.status
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.partial,))
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def signals_raise_interrupted() -> Iterator[None]:
+    """SIGINT and SIGTERM raise :class:`Interrupted` in the main thread for the block; the
+    handlers before it are put back after. Elsewhere than the main thread it does nothing (only
+    the main thread may set handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, _raise_interrupted) for s in SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[dict[int, Any]]:
+    """Hold SIGINT and SIGTERM back for the block, then deliver them to the handlers put back:
+    those in place before, unless the block replaced one in the dict it is given (so a signal
+    that came meanwhile goes to the handler the block chose to restore)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield {}  # handlers run in the main thread only; nothing to defer here
+        return
+    pending: list[int] = []
+    restore = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in SIGNALS}
+    try:
+        yield restore
+    finally:
+        for s, handler in restore.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        for s in pending:
+            signal.raise_signal(s)
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def sigterm_unwinds() -> Callable[[dict[int, Any]], None] | None:
+    """Make SIGTERM raise :class:`Terminated` if the program has no SIGTERM handler of its own
+    (in the main thread). Returns the function that undoes it, to be called with the dict
+    :func:`deferred` yields; None when nothing was changed."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    if signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):
+        return None  # the program handles SIGTERM itself (kvmiso's CLI raises Interrupted)
+    old = signal.signal(signal.SIGTERM, _raise_terminated)
+
+    def undo(restore: dict[int, Any]) -> None:
+        if restore:
+            restore[signal.SIGTERM] = old
+        else:
+            signal.signal(signal.SIGTERM, old)
+
+    return undo
+
+
+@contextlib.contextmanager
+def threads_without_interrupts() -> Iterator[None]:
+    """Threads started in the block inherit a signal mask that blocks SIGINT and SIGTERM, so
+    the kernel delivers those to a thread that can act on them (the main thread)."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+__all__ = ["Interrupted", "SIGNALS", "Terminated", "deferred", "signals_raise_interrupted", "sigterm_unwinds",
+           "threads_without_interrupts"]
