@@ -4,8 +4,9 @@ it dereferences, its role, and the source line that says so (``access.toml``).
 The check walks each exit's *observed* call chains through this table: a function on a chain
 that the table does not know is a finding ("unknown function on the path"), never skipped.
 Compiler clones share their function's entry (``__pvm_handle_exit.isra.0`` is
-``__pvm_handle_exit``); the tracepoint machinery (``trace_event_raw_event_*``) is matched by
-prefix and not checked (it is kvmiso's own instrument, not KVM's path).
+``__pvm_handle_exit``); the tracepoint machinery (``trace_event_raw_event_*``, role ``observer``)
+is matched by prefix and not checked (it is kvmiso's own instrument, not KVM's path). The
+functions with role ``exit-handler`` open every policy's isolated window.
 
 >>> model = load_access_model()
 >>> model.lookup("em_out.cold").touches
@@ -21,7 +22,8 @@ from pathlib import Path
 from .tomlfile import TomlFileError, line_of, load_toml
 
 ACCESS_TOML = Path(__file__).with_name("access.toml")
-ROLES = ("", "run-loop", "syscall", "exit-handler", "switch-rfc", "tracing", "outside")
+ROLES = ("", "run-loop", "exit-handler", "switch-rfc", "observer", "host-mm")
+USERSPACE = "@userspace"
 _CLONE = re.compile(r"\.(?:isra|constprop|part|cold|llvm)\.?\d*.*$")
 
 
@@ -40,6 +42,14 @@ class FunctionAccess:
     cite: str
     note: str = ""
     line: int = 0
+    vendor_touches: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (vendor module, objects) on that vendor only
+
+    def objects(self, vendor: str, to_userspace: bool) -> tuple[str, ...]:
+        """What this function touches on ``vendor``, for an exit that does (or does not) go on
+        to userspace (``name@userspace`` objects only then)."""
+        extra = next((t for v, t in self.vendor_touches if v == vendor), ())
+        return tuple(t.removesuffix(USERSPACE) for t in self.touches + extra
+                     if to_userspace or not t.endswith(USERSPACE))
 
 
 @dataclass
@@ -62,8 +72,15 @@ class AccessModel:
                 return p
         return None
 
+    @property
+    def exit_handlers(self) -> frozenset[str]:
+        """Functions that run only after a VM exit: where the isolated window is seen to begin."""
+        return frozenset(f.name for f in self.functions.values() if f.role == "exit-handler")
+
     def objects(self) -> set[str]:
-        return {t for f in [*self.functions.values(), *self.prefixes] for t in f.touches} | set(self.implicit)
+        every = [*self.functions.values(), *self.prefixes]
+        return ({t.removesuffix(USERSPACE) for f in every for t in f.touches}
+                | {t for f in every for _, ts in f.vendor_touches for t in ts} | set(self.implicit))
 
 
 def base_name(function: str) -> str:
@@ -96,10 +113,14 @@ def load_access_model(path: str | Path = ACCESS_TOML) -> AccessModel:
         cite = e.get("cite", "")
         if not isinstance(cite, str) or not cite.strip():
             raise fail(f"{name}: every entry cites the source it was read from (cite = ...)", needle)
-        unknown = set(e) - {key, "touches", "role", "cite", "note"}
+        unknown = set(e) - {key, "touches", "role", "cite", "note", "vendor_touches"}
         if unknown:
             raise fail(f"{name}: unknown key {sorted(unknown)[0]!r}", needle)
-        return FunctionAccess(name, tuple(touches), role, cite, e.get("note", ""), line_of(text, needle) or 0)
+        vt = e.get("vendor_touches", {})
+        if not isinstance(vt, dict) or not all(isinstance(v, list) for v in vt.values()):
+            raise fail(f"{name}: vendor_touches maps a vendor module to a list of objects", needle)
+        return FunctionAccess(name, tuple(touches), role, cite, e.get("note", ""), line_of(text, needle) or 0,
+                              tuple((k, tuple(v)) for k, v in vt.items()))
 
     functions: dict[str, FunctionAccess] = {}
     for e in doc.get("function", []):
@@ -112,5 +133,5 @@ def load_access_model(path: str | Path = ACCESS_TOML) -> AccessModel:
     return AccessModel(functions, prefixes, tuple(imp.get("touches", ())), imp.get("cite", ""), str(path))
 
 
-__all__ = ["ACCESS_TOML", "AccessModel", "AccessModelError", "FunctionAccess", "ROLES", "base_name",
+__all__ = ["USERSPACE", "ACCESS_TOML", "AccessModel", "AccessModelError", "FunctionAccess", "ROLES", "base_name",
            "load_access_model"]

@@ -40,6 +40,9 @@ from .layout import PAGE, Region
 from .mapset import DenylistSpace, KvmAddressSpace
 
 CLASSES = ("kvm_mm", "host_mm", "fault", "unknown")
+# Access-model objects that live inside a region the layout names otherwise: kvm_pvm's static
+# per-CPU variables are in each CPU's per-CPU unit.
+ALIASES = {"pvm_percpu": "percpu_area"}
 RUN_PATH = "kvm_arch_vcpu_ioctl_run"  # an event below it happened inside KVM_RUN
 MAX_PAGES_CHECKED = 1024  # pages of one object checked (guest RAM: 2 MiB)
 # The CR3 switch cost used when none is given: an assumption, always printed with its source.
@@ -185,6 +188,7 @@ class Checker:
         self.layout = space.layout
         self.code = self.layout.evidence.code
         self._mapped: dict[int, bool] = {}
+        self._in_kernel: dict[int, bool] = {}
         self.unknown: Counter = Counter()
         self.unplaced: Counter = Counter()
         self.unresolved = 0
@@ -196,12 +200,23 @@ class Checker:
         return m
 
     def _first_unmapped(self, region: Region, index: int) -> int | None:
-        """The first page of the object (for vCPU/CPU ``index``) the space does not map."""
+        """The first page of the object (for vCPU/CPU ``index``) that the kernel maps and the
+        isolated space does not (a page the kernel does not map either is no isolation fault:
+        a guest page never touched, a hole in a section)."""
         s, e = region.ranges[index % len(region.ranges)]
         for va in range(s & ~(PAGE - 1), min(e, s + MAX_PAGES_CHECKED * PAGE), PAGE):
-            if not self._is_mapped(va):
+            if not self._is_mapped(va) and self._kernel_maps(va):
                 return max(va, s)
         return None
+
+    def _kernel_maps(self, addr: int) -> bool:
+        m = self._in_kernel.get(addr)
+        if m is None:
+            try:
+                m = self._in_kernel[addr] = self.space.kernel.translate(addr) is not None
+            except (ValueError, KeyError):  # a table page the evidence did not read
+                m = self._in_kernel[addr] = False
+        return m
 
     def frames(self, e: TraceEvent) -> list[Frame]:
         """The event's chain, outermost first, resolved (unresolvable addresses counted)."""
@@ -214,27 +229,28 @@ class Checker:
             out.append(f)
         return out
 
-    def event(self, e: TraceEvent, vcpu: int) -> tuple[str, _Verdict | None]:
+    def event(self, e: TraceEvent, vcpu: int, to_userspace: bool = False) -> tuple[str, _Verdict | None]:
         """('not_kvm_run' | 'outside' | 'checked', the verdict when it is not kvm_mm)."""
         frames = self.frames(e)
         names = [base_name(f.function) for f in frames]
         if RUN_PATH not in names:
             return "not_kvm_run", None
-        if e.name in self.policy.before_entry_events or not self.policy.in_window(names):
+        window = self.access.exit_handlers
+        if e.name in self.policy.before_entry_events or not window.intersection(names):
             return "outside", None
-        start = next(i for i, n in enumerate(names) if self.policy.in_window([n]))
+        start = next(i for i, n in enumerate(names) if n in window)
         kind = e.kind
         for f, name in zip(frames[start:], names[start:]):
             fa = self.access.lookup(f.function)
             if fa is None:
                 self.unknown[name] += 1
                 return "checked", _Verdict("unknown", kind, f"unknown function on the path: {name}")
-            if fa.role == "tracing":
+            if fa.role == "observer":
                 break  # the tracepoint's own machinery: kvmiso's instrument, not KVM's path
             why = self.policy.switch_at(name)
             if why:
                 return "checked", _Verdict("host_mm", kind, f"{name}: {why}")
-            touches = (self.access.implicit if f is frames[start] else ()) + fa.touches
+            touches = (self.access.implicit if f is frames[start] else ()) + fa.objects(self.layout.vendor, to_userspace)
             miss = self._code_miss(f) or self._object_miss(touches, vcpu, e.cpu)
             if miss is not None:
                 addr, obj, source = miss
@@ -253,7 +269,8 @@ class Checker:
 
     def _object_miss(self, touches: tuple[str, ...], vcpu: int, cpu: int) -> tuple[int, str, str] | None:
         for name in touches:
-            regions = self.layout.matching(name if not name.endswith(":*") else name[:-1] + "*")
+            name = ALIASES.get(name, name)
+            regions = self.layout.matching(name)
             if not regions and ":" not in name:
                 regions = self.layout.matching(name + ":*")
             if not regions:
@@ -346,8 +363,10 @@ def check(space: KvmAddressSpace | DenylistSpace, log: ExitLog, access: AccessMo
         exits = _exits(has_exit_events, evs, chains)
         for x, group in enumerate(exits):
             verdict, checked = None, False
+            # the last exit of a KVM_RUN that returned with an exit is the one that goes to userspace
+            to_user = x == len(exits) - 1 and r.exit.get("exit") != "INTR"
             for i in group:
-                where, v = checker.event(evs[i], r.vcpu)
+                where, v = checker.event(evs[i], r.vcpu, to_user)
                 if where != "checked":
                     res.classes[where] += n
                     continue

@@ -198,6 +198,13 @@ def build_layout(evidence: Evidence, vcpus: int = 1, cpus: int = 1, la57: bool =
                "kernel text mapping (__START_KERNEL_map, KERNEL_IMAGE_SIZE)"))
     for name, (s, e, src) in evidence.sections.items():
         add(Region(name, ((s, e),), "section", src))
+    if "text" in regions:  # the image's data follows its text; a modular KVM's data is in its modules
+        text_end = (regions["text"].ranges[0][1] + PAGE - 1) & ~(PAGE - 1)
+        spans = [(text_end, START_KERNEL_MAP + KERNEL_IMAGE_SIZE)]
+        spans += [r.ranges[0] for n, r in regions.items() if n.endswith("_module") and n.startswith("kvm")]
+        add(Region("kernel_data", tuple(spans), "section", "kallsyms: _etext .. the end of the kernel image, and "
+                   "the KVM modules' spans (data symbols are not in kallsyms without CONFIG_KALLSYMS_ALL)",
+                   "the kernel's and KVM's global data"))
     if "text" not in regions:
         add(Region("text", ((DEFAULT_STEXT, DEFAULT_STEXT + (32 << 20)),), "section",
                    "documented default (kallsyms shows no addresses)", "kernel text", modeled=True))

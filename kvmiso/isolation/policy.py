@@ -4,7 +4,7 @@ address space, what it maps, and what sends it back to the full kernel address s
 A policy's **window** is the part of a KVM_RUN it isolates. kvmiso finds it on each event's
 kernel call chain: an event is inside when a frame of the chain is a function that only runs
 after a VM exit and before the next VM entry (the vendor's ``handle_exit``, or its ``vcpu_run``
-after the hardware exit, where ``kvm_exit`` fires). Work outside the window (the VMM's ioctl
+after the hardware exit, where ``kvm_exit`` fires: role ``exit-handler`` in the access model). Work outside the window (the VMM's ioctl
 path, ``complete_userspace_io``, ``kvm_mmu_load`` before entry, the return to userspace) runs on
 the full kernel address space by design and is not checked.
 
@@ -33,13 +33,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Functions that run only after a VM exit, before the next entry: the vendor's exit handlers
-# (kvm_x86_ops.handle_exit / handle_exit_irqoff) and vcpu_run callbacks (kvm_exit fires in them
-# after the hardware exit). arch/x86/kvm/x86.c vcpu_enter_guest() calls both.
-EXIT_SIDE = frozenset({
-    "pvm_handle_exit", "vmx_handle_exit", "svm_handle_exit", "vmx_handle_exit_irqoff", "svm_handle_exit_irqoff",
-    "vmx_vcpu_run", "svm_vcpu_run",
-})
 # Interrupt entry: the RFC switches back to the kernel address space there (patch 07/08).
 IRQ_ENTRY = frozenset({"asm_common_interrupt", "common_interrupt", "asm_sysvec_apic_timer_interrupt",
                        "sysvec_apic_timer_interrupt", "irq_exit_rcu", "__irq_exit_rcu", "handle_softirqs"})
@@ -67,9 +60,6 @@ class Policy:
     before_entry_events: frozenset[str]
     guest_memory_mapped: bool
     cite: str
-
-    def in_window(self, functions: list[str]) -> bool:
-        return any(f in EXIT_SIDE for f in functions)
 
     def switch_at(self, function: str) -> str | None:
         """Why ``function`` runs on the full address space under this policy, or None."""
@@ -133,4 +123,4 @@ def policy(name: str) -> Policy:
         raise ValueError(f"unknown policy {name!r}; one of {', '.join(POLICIES)}") from None
 
 
-__all__ = ["CONTEXT_SWITCH", "EXIT_SIDE", "IRQ_ENTRY", "POLICIES", "Policy", "policy"]
+__all__ = ["CONTEXT_SWITCH", "IRQ_ENTRY", "POLICIES", "Policy", "policy"]

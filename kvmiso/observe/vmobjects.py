@@ -36,8 +36,10 @@ VENDOR_PAGES = {
 # what the access model and region files may name.
 OBJECT_NAMES = frozenset({
     "vcpu_struct", "vm_struct", "kvm_run_page", "pio_data", "emulate_ctxt", "cpuid_entries", "lapic", "mmu_root",
-    "memslots", "memslot:*", "rmap:*", "guest_memory:*", "bus:*", "vcpu_task", "vcpu_stack", "active_mm", "pgd",
-    "percpu_area", "irq_stack", "srcu_sda", "vmcs", "msr_bitmap", "vmcb", "msrpm",
+    "memslots", "memslot:*", "rmap:*", "lpage_info:*", "guest_memory:*", "bus:*", "vcpu_task", "vcpu_stack",
+    "active_mm", "pgd", "percpu_area", "irq_stack", "srcu_sda", "vmcs", "msr_bitmap", "vmcb", "msrpm",
+    "vcpu_file", "anon_inode", "files_struct", "guest_fpstate", "msr_filter", "mmu_page_hash", "apic_map",
+    "struct_page",
 })
 
 
@@ -124,6 +126,7 @@ class VmHandle:
 
     vcpus: dict[int, int]  # vcpu id -> struct kvm_vcpu *
     fds: dict[int, int]  # vcpu id -> fd in this process
+    files: dict[int, int]  # vcpu id -> struct file * of its fd
     kvm: int
     mm: int  # kvm->mm: the VMM's address space
     pgd: int  # kvm->mm->pgd
@@ -138,9 +141,10 @@ def find_vm(mem: KernelMemory, btf: Btf, vcpu_fds: dict[int, int]) -> VmHandle:
     current = mem.current_task()
     fdt = k.ptr(k.ptr(current, "task_struct", "files"), "files_struct", "fdt")
     fd_array = k.ptr(fdt, "fdtable", "fd")
-    vcpus, checks = {}, []
+    vcpus, files, checks = {}, {}, []
     for vid, fd in sorted(vcpu_fds.items()):
-        vcpu = k.ptr(mem.u64(fd_array + 8 * fd), "file", "private_data")
+        files[vid] = mem.u64(fd_array + 8 * fd)
+        vcpu = k.ptr(files[vid], "file", "private_data")
         got = k.u32(vcpu, "kvm_vcpu", "vcpu_id")
         checks.append((f"vcpu {vid}: fd {fd} is that vCPU (kvm_vcpu.vcpu_id)", got == vid, f"vcpu_id {got}"))
         vcpus[vid] = vcpu
@@ -156,7 +160,7 @@ def find_vm(mem: KernelMemory, btf: Btf, vcpu_fds: dict[int, int]) -> VmHandle:
     if any(t == current for t, _ in tasks.values()):
         checks.append(("kvm->mm == current->mm", k.ptr(current, "task_struct", "mm") == mm, f"{mm:#x}"))
     tids = {vid: k.u32(t, "task_struct", "pid") for vid, (t, _) in tasks.items()}
-    return VmHandle(vcpus, dict(vcpu_fds), kvm, mm, k.ptr(mm, "mm_struct", "pgd"), tasks, tids, tuple(checks))
+    return VmHandle(vcpus, dict(vcpu_fds), files, kvm, mm, k.ptr(mm, "mm_struct", "pgd"), tasks, tids, tuple(checks))
 
 
 def _pid_task(k: _Kernel, pid: int) -> int:
@@ -178,6 +182,11 @@ def read_vm_objects(mem: KernelMemory, btf: Btf, vm: VmHandle, vendor: str, tabl
     in_vcpu = k.off(vcpu_struct, "vcpu")
     for vid, vcpu in vm.vcpus.items():
         _vcpu_objects(k, out, vcpu, vid, vm.fds[vid], vcpu_struct, in_vcpu, vendor, tables.page_offset_base)
+        out.objects.append(KernelObject("vcpu_file", vm.files[vid], k.sizeof("file"), "struct file",
+                                        f"bpf: the struct file of vCPU {vid}'s fd", "btf", "", "vcpu", vid))
+    inode = k.ptr(vm.files[min(vm.files)], "file", "f_inode")
+    out.objects.append(KernelObject("anon_inode", inode, k.sizeof("inode"), "struct inode",
+                                    "bpf: file->f_inode of a vCPU fd (the anon inode all KVM fds share)"))
     in_vm = k.off(vm_struct, "kvm")
     out.objects.append(KernelObject("vm_struct", vm.kvm - in_vm, k.sizeof(vm_struct), f"struct {vm_struct}",
                                     f"bpf: vcpu->kvm, container_of(struct {vm_struct}, kvm)"))
@@ -185,8 +194,21 @@ def read_vm_objects(mem: KernelMemory, btf: Btf, vm: VmHandle, vendor: str, tabl
     for vid, (task, how) in sorted(vm.tasks.items()):
         _task_objects(k, out, vid, task, how, tables)
     _per_cpu_objects(k, out, vm.tasks[min(vm.tasks)][0], vm.kvm, cpus)
+    _struct_pages(k, out, tables)
     out.objects = [o if o.allocator else _with_allocator(k, tables, out, o) for o in out.objects]
     return out
+
+
+def _struct_pages(k: _Kernel, out: VmObjects, tables: LiveTables) -> None:
+    """The struct page of each shadow root (the MMU reads it for every shadow page lookup)."""
+    vmemmap = out.facts.get("vmemmap_base")
+    for root in [o for o in out.objects if o.name == "mmu_root"]:
+        phys = tables.translate(root.address)
+        if vmemmap is not None and phys is not None:
+            size = k.sizeof("page")
+            out.objects.append(KernelObject("struct_page", vmemmap[0] + (phys >> 12) * size, size, "struct page",
+                                            "vmemmap_base + PFN(mmu_root) * sizeof(struct page)", "btf",
+                                            "vmemmap", "vcpu", root.index))
 
 
 def _vcpu_objects(k: _Kernel, out: VmObjects, vcpu: int, vid: int, fd: int, vcpu_struct: str, in_vcpu: int,
@@ -208,6 +230,9 @@ def _vcpu_objects(k: _Kernel, out: VmObjects, vcpu: int, vid: int, fd: int, vcpu
         f"struct kvm_cpuid_entry2[{nent}]", "vcpu->arch.cpuid_entries",
         f"btf: arch.cpuid_nent ({nent}) * sizeof(struct kvm_cpuid_entry2)")
     add("lapic", k.ptr(vcpu, "kvm_vcpu", "arch.apic"), k.sizeof("kvm_lapic"), "struct kvm_lapic", "vcpu->arch.apic")
+    fps = k.ptr(vcpu, "kvm_vcpu", "arch.guest_fpu.fpstate")
+    add("guest_fpstate", fps, k.u32(fps, "fpstate", "size") + k.off("fpstate", "regs") if fps else 0,
+        "struct fpstate", "vcpu->arch.guest_fpu.fpstate", "btf: offsetof(regs) + fpstate->size")
     root = k.ptr(k.ptr(vcpu, "kvm_vcpu", "arch.mmu"), "kvm_mmu", "root.hpa")
     if root and root != (1 << 64) - 1:  # INVALID_PAGE is all ones
         add("mmu_root", direct_map + root, PAGE, "u64[512]",
@@ -233,6 +258,16 @@ def _vm_objects(k: _Kernel, out: VmObjects, kvm: int) -> None:
         out.objects.append(KernelObject(f"bus:{label}", bus, k.sizeof("kvm_io_bus") + n * k.sizeof("kvm_io_range"),
                                         f"struct kvm_io_bus + {n} ranges", f"bpf: kvm->buses[{i}]",
                                         "btf: sizeof(struct kvm_io_bus) + dev_count * sizeof(struct kvm_io_range)"))
+    for name, path, size, ctype in (
+            ("msr_filter", "arch.msr_filter", k.sizeof("kvm_x86_msr_filter"), "struct kvm_x86_msr_filter"),
+            ("mmu_page_hash", "arch.mmu_page_hash", 8 * 4096, "struct hlist_head[KVM_NUM_MMU_PAGES]"),
+            ("apic_map", "arch.apic_map", k.sizeof("kvm_apic_map"), "struct kvm_apic_map")):
+        addr = k.ptr(kvm, "kvm", path)
+        if addr:
+            out.objects.append(KernelObject(name, addr, size, ctype, f"bpf: kvm->{path}",
+                                            "btf" if name != "mmu_page_hash" else "modeled: 1 << KVM_MMU_HASH_SHIFT (12) heads"))
+        else:
+            out.absent[name] = f"kvm->{path} is NULL on this VM"
     slots = k.ptr(kvm, "kvm", "memslots[0]")
     inside = 0 <= slots - kvm < k.sizeof("kvm")
     out.objects.append(KernelObject("memslots", slots, k.sizeof("kvm_memslots"), "struct kvm_memslots",
@@ -255,6 +290,12 @@ def _vm_objects(k: _Kernel, out: VmObjects, kvm: int) -> None:
             npages = k.mem.u64(slot + k.off("kvm_memory_slot", "npages"))
             out.objects.append(KernelObject(f"rmap:{sid}", rmap, 8 * npages, "struct kvm_rmap_head[]",
                                             f"bpf: memslot {sid} arch.rmap[0]", "btf: npages * 8"))
+        lpage = k.ptr(slot, "kvm_memory_slot", "arch.lpage_info[0]")
+        if lpage:
+            out.objects.append(KernelObject(f"lpage_info:{sid}", lpage, 4 * ((k.mem.u64(slot + k.off("kvm_memory_slot",
+                                            "npages")) >> 9) + 2), "struct kvm_lpage_info[]",
+                                            f"bpf: memslot {sid} arch.lpage_info[0] (2 MiB level)",
+                                            "btf: (npages / 512 + 2) * sizeof(struct kvm_lpage_info)"))
         hva = k.mem.u64(slot + k.off("kvm_memory_slot", "userspace_addr"))
         npages = k.mem.u64(slot + k.off("kvm_memory_slot", "npages"))
         out.objects.append(KernelObject(f"guest_memory:{sid}", hva, npages * PAGE, "guest RAM",
@@ -272,6 +313,9 @@ def _task_objects(k: _Kernel, out: VmObjects, vid: int, task: int, how: str, tab
         out.objects.append(KernelObject(name, addr, size, ctype, source, size_source, allocator, per, vid if per else 0))
 
     add("vcpu_task", task, k.sizeof("task_struct"), "struct task_struct", how)
+    if out.object_named("files_struct") is None:
+        add("files_struct", k.ptr(task, "task_struct", "files"), k.sizeof("files_struct"), "struct files_struct",
+            "bpf: (vCPU thread)->files", per="")
     stack = k.ptr(task, "task_struct", "stack")
     area = k.ptr(task, "task_struct", "stack_vm_area")
     pages = k.u32(area, "vm_struct", "nr_pages") if area else 0
