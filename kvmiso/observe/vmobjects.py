@@ -39,7 +39,7 @@ OBJECT_NAMES = frozenset({
     "memslots", "memslot:*", "rmap:*", "lpage_info:*", "guest_memory:*", "bus:*", "vcpu_task", "vcpu_stack",
     "active_mm", "pgd", "percpu_area", "irq_stack", "srcu_sda", "vmcs", "msr_bitmap", "vmcb", "msrpm",
     "vcpu_file", "anon_inode", "files_struct", "guest_fpstate", "msr_filter", "mmu_page_hash", "apic_map",
-    "struct_page",
+    "struct_page", "lapic_regs", "vpic", "vioapic",
 })
 
 
@@ -229,7 +229,10 @@ def _vcpu_objects(k: _Kernel, out: VmObjects, vcpu: int, vid: int, fd: int, vcpu
     add("cpuid_entries", k.ptr(vcpu, "kvm_vcpu", "arch.cpuid_entries"), nent * k.sizeof("kvm_cpuid_entry2"),
         f"struct kvm_cpuid_entry2[{nent}]", "vcpu->arch.cpuid_entries",
         f"btf: arch.cpuid_nent ({nent}) * sizeof(struct kvm_cpuid_entry2)")
-    add("lapic", k.ptr(vcpu, "kvm_vcpu", "arch.apic"), k.sizeof("kvm_lapic"), "struct kvm_lapic", "vcpu->arch.apic")
+    apic = k.ptr(vcpu, "kvm_vcpu", "arch.apic")
+    add("lapic", apic, k.sizeof("kvm_lapic"), "struct kvm_lapic", "vcpu->arch.apic")
+    if apic:
+        add("lapic_regs", k.ptr(apic, "kvm_lapic", "regs"), PAGE, "u8[4096]", "vcpu->arch.apic->regs", "page")
     fps = k.ptr(vcpu, "kvm_vcpu", "arch.guest_fpu.fpstate")
     add("guest_fpstate", fps, k.u32(fps, "fpstate", "size") + k.off("fpstate", "regs") if fps else 0,
         "struct fpstate", "vcpu->arch.guest_fpu.fpstate", "btf: offsetof(regs) + fpstate->size")
@@ -261,7 +264,9 @@ def _vm_objects(k: _Kernel, out: VmObjects, kvm: int) -> None:
     for name, path, size, ctype in (
             ("msr_filter", "arch.msr_filter", k.sizeof("kvm_x86_msr_filter"), "struct kvm_x86_msr_filter"),
             ("mmu_page_hash", "arch.mmu_page_hash", 8 * 4096, "struct hlist_head[KVM_NUM_MMU_PAGES]"),
-            ("apic_map", "arch.apic_map", k.sizeof("kvm_apic_map"), "struct kvm_apic_map")):
+            ("apic_map", "arch.apic_map", k.sizeof("kvm_apic_map"), "struct kvm_apic_map"),
+            ("vpic", "arch.vpic", k.sizeof("kvm_pic"), "struct kvm_pic"),
+            ("vioapic", "arch.vioapic", k.sizeof("kvm_ioapic"), "struct kvm_ioapic")):
         addr = k.ptr(kvm, "kvm", path)
         if addr:
             out.objects.append(KernelObject(name, addr, size, ctype, f"bpf: kvm->{path}",
