@@ -404,9 +404,6 @@ def check(space: KvmAddressSpace | DenylistSpace, log: ExitLog, access: AccessMo
     res.unresolved_frames = checker.unresolved
     if res.unresolved_frames:
         res.notes.append(f"{res.unresolved_frames} return addresses no kallsyms symbol explains")
-    if res.unplaced:
-        res.notes.append("objects the access model names that this VM does not have: " +
-                         ", ".join(f"{k} ({v})" for k, v in res.unplaced.most_common()))
     return res
 
 

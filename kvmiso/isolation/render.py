@@ -123,6 +123,9 @@ def result_text(res: CheckResult, title: str = "", stack: bool = False) -> str:
     if res.lost:
         out.append(f"  LOST EVIDENCE: {res.lost_events} trace records lost, {res.missing_chains} events without a call "
                    f"chain: the verdicts above are incomplete")
+    if res.unplaced:
+        out.append("  not checked (this VM has no such object, or kvmiso cannot read it): " +
+                   ", ".join(f"{k} ({v} accesses)" for k, v in res.unplaced.most_common()))
     out += [f"  modeled: {m}" for m in res.modeled]
     out += [f"  note: {n}" for n in res.notes]
     return "\n".join(out)
