@@ -7,7 +7,11 @@
 2. Model build: the layout, the kernel table rebuilt from the captured frames and the RFC's
    copies (``address_space``), from saved evidence.
 3. Check throughput: the foundation payloads are captured once with call chains, their KVM_RUN
-   records repeated to ``--records``, and check() timed over them.
+   records repeated to ``--records``, and check() timed over them (each payload against the
+   evidence of the first VM: a throughput figure, not a verdict).
+4. Placement (``--vms N``): N fresh VMs, each read from the kernel; for each object, the leaf size
+   the direct map gives it, and how often the RFC's set maps it without naming it (a neighbour's
+   huge leaf, copied whole, exposes it); the share of the kernel half kvm_mm then maps.
 
 Run as root on a KVM host: ``python3 scripts/bench_isolation.py [--records N] [--json]``.
 """
@@ -37,7 +41,11 @@ def main() -> None:
     ap.add_argument("--records", type=int, default=200_000)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--vms", type=int, default=0, help="also: object placement over this many fresh VMs")
     args = ap.parse_args()
+    if args.vms:
+        placement(args.vms, args.json)
+        return
 
     first, further = [], []
     for i in range(args.repeat + 1):
@@ -87,6 +95,42 @@ def main() -> None:
           f"KVM_RUNs repeated): median {c['median'] / 1e3:.0f}k records/s (min {c['min'] / 1e3:.0f}k, "
           f"max {c['max'] / 1e3:.0f}k)")
     print(f"classes: {res.classes}")
+
+
+def placement(n: int, as_json: bool) -> None:
+    from collections import Counter
+
+    from kvmiso.isolation import model_summary
+
+    leaves: dict[str, Counter] = {}
+    exposed: Counter = Counter()
+    shares = []
+    for _ in range(n):
+        with Machine("hello", mode="long") as m:
+            m.run(timeout=5)
+            ev = machine_evidence(m)
+        s = model_summary(address_space(build_layout(ev, cpus=host_cpus())))
+        shares.append(s["share_of_kernel_mapped"])
+        named = {r["name"] for r in s["regions"]}
+        for o in s["objects"]:
+            if o["index"]:
+                continue
+            leaves.setdefault(o["name"], Counter())[o["leaf_level"]] += 1
+            family = o["name"].split(":")[0]
+            if o["mapped"] and o["name"] not in named and family not in ("bus", "memslots") and o["start"] >= 1 << 47:
+                exposed[o["name"]] += 1
+    out = {"vms": n, "share_of_kernel_mapped": _stats(shares), "leaf_levels": {k: dict(v) for k, v in leaves.items()},
+           "mapped_without_being_in_the_set": dict(exposed)}
+    if as_json:
+        print(json.dumps(out, indent=2))
+        return
+    sh = out["share_of_kernel_mapped"]
+    print(f"{n} fresh VMs: the RFC's set maps {100 * sh['median']:.1f}% of what the kernel half maps "
+          f"(median; {100 * sh['min']:.1f}% to {100 * sh['max']:.1f}%)")
+    print(f"{'object':<16} {'leaf sizes (VMs)':<28} mapped by a neighbour's leaf")
+    for name, c in sorted(leaves.items()):
+        sizes = ", ".join(f"{k} x{v}" for k, v in sorted(c.items()))
+        print(f"{name:<16} {sizes:<28} {exposed.get(name, 0)}/{n}")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
+from operator import attrgetter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -344,15 +345,19 @@ def check(space: KvmAddressSpace | DenylistSpace, log: ExitLog, access: AccessMo
         res.notes.append(f"no trace events ({log.tracing_reason or 'tracing off'}): no exit has a call chain")
     res.lost_events = log.lost_events
     checker = Checker(space, access)
-    has_exit_events = any(e.name == "kvm_exit" for _, e in log.events())
-
-    def signature(r: RunRecord) -> tuple:
-        return (r.exit.get("exit", "?"), r.vcpu, tuple((e.name, e.cpu, e.stack) for e in r.events))
-
-    signatures = Counter(map(signature, log.records))
+    event_key = attrgetter("name", "cpu", "stack")
+    # identical KVM_RUNs (same exit, vCPU, events and chains) are classified once
+    signatures: dict[tuple, int] = {}
+    rep: dict[tuple, RunRecord] = {}
+    for r in log.records:
+        sig = (r.exit.get("exit", "?"), r.vcpu, tuple(map(event_key, r.events)))
+        if sig in signatures:
+            signatures[sig] += 1
+        else:
+            signatures[sig], rep[sig] = 1, r
+    has_exit_events = any(name == "kvm_exit" for _, _, evs in signatures for name, _, _ in evs)
     res.runs = len(log.records)
     res.wall_ns = sum(r.end_ns for r in log.records) - sum(r.start_ns for r in log.records)
-    rep = {signature(r): r for r in log.records}
     fault_index: dict[tuple[str, str], int] = {}
     for sig, n in signatures.items():
         r = rep[sig]
