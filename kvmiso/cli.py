@@ -396,6 +396,35 @@ def cmd_trace_process(args) -> int:
     return 0
 
 
+def _check_process(args, access, cost: dict) -> int:
+    """check --pid / -- COMMAND: every vCPU of another process, apart and in total."""
+    import dataclasses
+
+    from .isolation import check, result_text
+
+    w = _watch(args)
+    evidence = w.evidence
+    _require_real(args, evidence, f"pid {w.pid}")
+    space = _space(args, evidence)
+    vcpus = sorted({r.vcpu for r in w.log.records})
+    per = []
+    for v in vcpus:
+        part = dataclasses.replace(w.log, records=[r for r in w.log.records if r.vcpu == v])
+        part.lost_events = 0  # lost records cannot be told apart by vCPU: counted once, in the total
+        per.append((f"vCPU {v}" if v in evidence.threads else f"thread {v}", check(space, part, access, **cost)))
+    total = check(space, w.log, access, **cost)
+    title = f"pid {w.pid} (traced until {w.attached.ended})"
+    if args.json:
+        print(json.dumps({"pid": w.pid, "ended": w.attached.ended, "evidence": evidence.source,
+                          "vcpus": [{"vcpu": name, **r.to_dict()} for name, r in per], "total": total.to_dict()},
+                         indent=2))
+    else:
+        for name, r in per:
+            print(result_text(r, f"{title} {name}: ", stack=args.stack) + "\n")
+        print(result_text(total, f"{title} all vCPUs: ", stack=False))
+    return EXIT_FAILED if total.failed(args.allow_lost) else 0
+
+
 # --- model and check -------------------------------------------------------------------------
 
 def _space(args, evidence, machine=None):
@@ -470,6 +499,10 @@ def cmd_check(args) -> int:
         raise CliError(str(e)) from None
     cost = {} if args.switch_cost is None else {"switch_cost_ns": args.switch_cost,
                                                  "switch_cost_source": "given with --switch-cost"}
+    if _process_target(args) is not None:
+        return _check_process(args, access, cost)
+    if not args.payload:
+        raise CliError("check what? payloads, exit logs, --pid PID or -- COMMAND ...")
     results = []
     interrupted: Interrupted | None = None
     with Capture() as cap:

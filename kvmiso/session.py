@@ -121,6 +121,8 @@ def watch_process(target: int | list[str], duration: float | None = None,
 
     got: dict[str, Any] = {}
     child: list[subprocess.Popen] = []
+    if isinstance(target, int):
+        kvm_fds(target)  # a process without KVM, gone, or not ours to read: refused before tracing
 
     def start() -> int:
         try:
