@@ -96,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", metavar="FILE", help="write the exit log as JSON lines to FILE")
     sp.add_argument("--evidence", metavar="FILE", help="also write the VM's objects and page tables (for kvmiso check LOG)")
     sp.add_argument("--events", action="store_true", help="print every traced event, in order, run by run")
+    sp.add_argument("--stacks", action="store_true", help="with --events: each event's kernel call chain")
     sp.set_defaults(func=cmd_trace)
 
     sp = sub.add_parser("model", help="the kvm_mm mapping set: regions, levels, sizes, share of the kernel mapped")
@@ -354,6 +355,11 @@ def cmd_trace(args) -> int:
     events = sum(len(r.events) for r in log.records)
     print(f"traced {where}: {len(log.records)} KVM_RUN calls, {events} in-kernel events\n")
     if args.events:
+        symbols = None
+        if args.stacks:
+            from .observe.kallsyms import read_kallsyms
+
+            symbols = read_kallsyms()
         for r in log.records:
             x = r.exit
             fields = " ".join(f"{k}={v:#x}" if isinstance(v, int) and not isinstance(v, bool) else f"{k}={v}"
@@ -362,6 +368,9 @@ def cmd_trace(args) -> int:
                   f"({r.wall_ns / 1e3:.2f} µs)")
             for e in r.events:
                 print("  " + format_event(e, r.start_ns))
+                for a in e.stack if args.stacks else ():
+                    hit = symbols.resolve(a) if symbols else None
+                    print(f"        {hit[0]}+{hit[1]:#x}" if hit else f"        {a:#x}")
         print()
     print(summarize(log).table())
     print(f"\n{result.outcome}: {result.detail}")
