@@ -191,7 +191,15 @@ def cmd_report(args) -> int:
     from . import report
 
     out = Path(args.out)
-    rep = report.build(out)
+
+    def progress(stage: str) -> None:
+        print(f"kvmiso report: {stage}", file=sys.stderr, flush=True)
+
+    try:
+        rep = report.build(out, progress)
+    except Interrupted as e:
+        report.print_summary(e.partial, out)  # what was done; main() reports the signal
+        raise
     report.print_summary(rep, out)
     return 0 if report.suite_ok(rep) else EXIT_FAILED
 

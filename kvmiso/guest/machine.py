@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..interrupt import Interrupted, deferred, threads_without_interrupts
+from ..interrupt import Interrupted, deferred, kicked_by_interrupts, threads_without_interrupts
 from ..kvm import GuestTimeout, Kvm, vendor_module
 from ..kvm.exits import (DebugExit, Exit, FailEntryExit, HltExit, InternalErrorExit, IntrExit,
                          IoExit, MmioExit, RdmsrExit, ShutdownExit, SystemEventExit, WrmsrExit)
@@ -235,8 +235,9 @@ class Machine:
         res = RunResult("running", "", vcpu=vcpu)
         console = bytearray()
         t0 = time.perf_counter()
+        ident = threading.get_ident()
         try:
-            with v.deadline(timeout) as dl:
+            with v.deadline(timeout) as dl, kicked_by_interrupts(lambda: v.kick(ident)):
                 while res.outcome == "running":
                     res.runs += 1  # before the call: an interrupted KVM_RUN counts too
                     exit = v.run()
