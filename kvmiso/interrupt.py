@@ -97,12 +97,15 @@ def _raise_interrupted(signum: int, frame: object) -> None:
 @contextlib.contextmanager
 def signals_raise_interrupted() -> Iterator[None]:
     """SIGINT and SIGTERM raise :class:`Interrupted` in the main thread for the block; the
-    handlers before it are put back after. Elsewhere than the main thread it does nothing (only
-    the main thread may set handlers)."""
+    handlers before it are put back after. A signal the process was started with ignored stays
+    ignored (a shell's background job ignores SIGINT, so the terminal's Ctrl-C is not for it),
+    as Python itself does. Elsewhere than the main thread it does nothing (only the main thread
+    may set handlers)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {s: signal.signal(s, _raise_interrupted) for s in SIGNALS}
+    previous = {s: signal.signal(s, _raise_interrupted) for s in SIGNALS
+                if signal.getsignal(s) != signal.SIG_IGN}
     try:
         yield
     finally:
@@ -187,20 +190,27 @@ _kicker: _Kicker | None = None
 _kicker_lock = threading.Lock()
 
 
+def start_kicker() -> None:
+    """Start the process's one kicker thread (and its pipe) now rather than at the first guest
+    run; idempotent. A leak check measures after this: the thread lives as long as the process."""
+    global _kicker
+    with _kicker_lock:
+        if _kicker is None:
+            _kicker = _Kicker()
+
+
 @contextlib.contextmanager
 def kicked_by_interrupts(kick: Callable[[], None]) -> Iterator[None]:
     """While the block runs, SIGINT and SIGTERM also call ``kick`` (from a helper thread, as
     soon as the signal arrives), unless the program already uses Python's wakeup fd. Only in
     the main thread, where Python runs signal handlers; elsewhere it does nothing. After the
     block, ``kick`` is never called."""
-    global _kicker
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    with _kicker_lock:
-        if _kicker is None:
-            _kicker = _Kicker()
+    start_kicker()
     kicker = _kicker
+    assert kicker is not None
     try:
         previous = signal.set_wakeup_fd(kicker.wfd, warn_on_full_buffer=False)
     except ValueError:  # not the main interpreter
@@ -222,4 +232,4 @@ def kicked_by_interrupts(kick: Callable[[], None]) -> Iterator[None]:
 
 
 __all__ = ["Interrupted", "SIGNALS", "Terminated", "deferred", "kicked_by_interrupts", "signals_raise_interrupted",
-           "sigterm_unwinds", "threads_without_interrupts"]
+           "sigterm_unwinds", "start_kicker", "threads_without_interrupts"]

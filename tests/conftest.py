@@ -4,12 +4,19 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 
 from kvmiso.kvm import Kvm, KvmUnavailable
 
 _skip_reason: str | None = None
+
+# A shell starts a background job with SIGINT ignored, and Python (and kvmiso's CLI) then leave
+# it ignored: the signal tests, which Ctrl-C this process and its children, would wait for
+# nothing. The suite wants Ctrl-C whatever started it (and children inherit the default).
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _kvm_missing() -> str | None:

@@ -49,7 +49,7 @@ def test_jump_to_memory_no_slot_backs_names_the_address(kvm):
 def test_spin_with_interrupts_off_is_stopped_by_the_timeout(kvm, mode):
     r = run(kvm, "hostile_cli_spin", mode, timeout=0.2)
     assert r.outcome == "timeout"
-    assert "jmp . (a tight loop)" in r.detail and "with interrupts disabled" in r.detail
+    assert "jmp . (a tight loop)" in r.detail and "right after CLI, with interrupts disabled" in r.detail
     assert r.runs == 1  # one KVM_RUN, ended by the kick; the guest never exited on its own
 
 

@@ -265,7 +265,7 @@ class Machine:
             stop = Interrupted.of(e, res)
             if res.outcome == "running":
                 res.outcome, res.detail = "interrupted", f"{stop.signal.name} arrived before the guest finished; " + (
-                    self._describe_stop(v, stats, before, res.runs - 1, res.console_dropped))
+                    self._describe_stop(v, stats, before, max(0, res.runs - 1), res.console_dropped))
             raise stop from None
         finally:
             res.elapsed = time.perf_counter() - t0
@@ -418,6 +418,14 @@ class Machine:
             return regs, rip, f" (guest-physical {t.physical_address:#x}, which no memory slot backs)", b""
         return regs, rip, "", self.vm.read(t.physical_address, min(3, slot.end - t.physical_address))
 
+    def _byte_before(self, vcpu, rip: int) -> bytes:
+        """The byte before linear ``rip`` in guest memory, b"" where it cannot be read."""
+        try:
+            t = vcpu.translate(rip - 1)
+            return self.vm.read(t.physical_address, 1) if t.valid else b""
+        except (OSError, ValueError):
+            return b""
+
     def _describe_stop(self, vcpu, stats, before, exits: int, console_dropped: int) -> str:
         """What a guest stopped by the timeout was doing: its RIP, the instruction there, whether
         interrupts were off, how many instructions KVM emulated, and what it sent meanwhile."""
@@ -426,8 +434,10 @@ class Machine:
         name = next((n for b, n in _KNOWN_INSNS.items() if insn.startswith(b)), None)
         if insn:
             text += f" ({insn.hex(' ')}{': ' + name if name else ''})"
-        if not regs.rflags & RFLAGS_IF:
-            text += " with interrupts disabled"
+        # kvmiso starts every guest with IF clear (there is no interrupt controller), so a clear
+        # IF alone says nothing; a CLI right before the loop is what the guest chose
+        if not regs.rflags & RFLAGS_IF and insn and self._byte_before(vcpu, rip) == b"\xfa":
+            text += " right after CLI, with interrupts disabled"
         emulated = (stats.snapshot() - before).get("insn_emulation", 0)
         if emulated:
             text += f"; KVM emulated {emulated} instructions"
