@@ -243,6 +243,8 @@ def cmd_probe(args) -> int:
 
 
 def _tracefs_text(t: dict) -> str:
+    if not t["readable"]:
+        return f"{'mounted' if t['mounted'] else 'not mounted'} at {t['path']}, not readable: {t['reason']}"
     if t["mounted"]:
         return f"mounted at {t['path']} ({t['kvm_events']} kvm events)"
     return f"not mounted at {t['path']}" + ("; kvmiso mounts it when tracing (root)" if t["can_mount"] else "; needs root to mount")

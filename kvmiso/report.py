@@ -218,6 +218,9 @@ def build(out_dir: Path, progress: Callable[[str], None] | None = None) -> Repor
             stage(STAGES[0])
             host = rep.part("host", lambda: probe(kvm))
             rep.parts["fingerprint"] = fingerprint(host)
+            if not host["kallsyms"]["real_addresses"]:  # said once, here; the check still runs
+                rep.skipped["kernel addresses"] = (f"/proc/kallsyms: {host['kallsyms'].get('reason', '')}: kernel "
+                                                   "objects are placed at modeled addresses")
             stage(STAGES[1])
             runs = _suite_parts(rep, kvm, host["vendor"] or vendor_module(), out_dir)
             stage(STAGES[2])

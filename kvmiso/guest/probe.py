@@ -23,13 +23,18 @@ VENDOR_NOTES = {
 
 
 def tracefs_state() -> dict[str, Any]:
+    """Whether tracefs is mounted and how many kvm events it has; ``readable`` False (with the
+    reason) where this user may not look (tracefs is root-only: 0700)."""
     events = TRACEFS / "events"
-    mounted = events.is_dir()
-    return {
-        "path": str(TRACEFS), "mounted": mounted,
-        "kvm_events": len([p for p in (events / "kvm").iterdir() if p.is_dir()]) if mounted and (events / "kvm").is_dir() else 0,
-        "can_mount": os.geteuid() == 0,
-    }
+    state: dict[str, Any] = {"path": str(TRACEFS), "can_mount": os.geteuid() == 0, "readable": True}
+    try:
+        state["mounted"] = events.is_dir() or TRACEFS.is_mount()
+        kvm = events / "kvm"
+        state["kvm_events"] = len([p for p in kvm.iterdir() if p.is_dir()]) if kvm.is_dir() else 0
+    except PermissionError as e:
+        state.update(mounted=TRACEFS.is_mount(), kvm_events=None, readable=False,
+                     reason=f"{e.filename}: {e.strerror} (tracefs is root-only)")
+    return state
 
 
 def kallsyms_state() -> dict[str, Any]:
