@@ -1,5 +1,8 @@
 """Shared fixtures. Tests that need KVM use the real /dev/kvm; only a missing device skips
-(EACCES fails, as in the KVM selftests). KVMISO_REQUIRE_KVM=1 turns that skip into a failure."""
+(EACCES fails, as in the KVM selftests). KVMISO_REQUIRE_KVM=1 turns that skip into a failure.
+
+Every test that takes the ``kvm`` fixture is marked ``device`` here, so that a lane on another
+vendor module can select them (``pytest -m device``) without a mark in every file."""
 
 from __future__ import annotations
 
@@ -24,6 +27,12 @@ def _kvm_missing() -> str | None:
     if _skip_reason is None:
         _skip_reason = "" if os.path.exists("/dev/kvm") else "/dev/kvm does not exist on this host"
     return _skip_reason or None
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        if "kvm" in getattr(item, "fixturenames", ()):
+            item.add_marker("device")
 
 
 @pytest.fixture

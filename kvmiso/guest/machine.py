@@ -30,6 +30,7 @@ VCPU_STACK = 0x8000  # each vCPU: a kernel and a user stack of half this size
 MAX_CONSOLE = 64 << 10  # console bytes kept per run; the rest is counted, not stored
 MAX_EXITS = 64 << 10  # exits recorded per run (~0.4 KiB each); the rest are counted, not stored
 RFLAGS_IF = 1 << 9
+RESET_STATE = (0xFFF0, 0xF000, 0xFFFF0000)  # rip, cs, cs.base: where a reset x86 CPU starts
 
 # Instructions worth naming when a guest is stopped inside KVM_RUN.
 _KNOWN_INSNS = {
@@ -381,7 +382,12 @@ class Machine:
         if isinstance(exit, HltExit):
             res.outcome, res.detail = "halt", "the guest executed HLT"
         elif isinstance(exit, ShutdownExit):
-            _, rip, where, _ = self._at_rip(vcpu)
+            regs, rip, where, _ = self._at_rip(vcpu)
+            sregs = vcpu.get_sregs()
+            if (regs.rip, sregs.cs.selector, sregs.cs.base) == RESET_STATE:
+                # kvm_amd reinitializes the VMCB and resets the vCPU before reporting a shutdown
+                # (svm.c shutdown_interception): where the guest died is lost
+                where = " (the vCPU's reset state: KVM reset it on shutdown, as kvm_amd does)"
             res.outcome, res.detail = "shutdown", f"the guest triple-faulted (KVM_EXIT_SHUTDOWN) near rip {rip:#x}{where}"
         elif isinstance(exit, InternalErrorExit):
             _, rip, where, _ = self._at_rip(vcpu)
