@@ -1,24 +1,29 @@
-"""kvmiso's command line: ``kvmiso probe | run | ...``. Every failure is one line naming the
-cause on stderr and a non-zero exit status: 1 when the guest or the check did not succeed,
-2 for bad input (a payload that does not build, no usable /dev/kvm, a bad argument)."""
+"""kvmiso: drive KVM through raw ioctls, run tiny guests, see every exit, model kvm_mm.
+
+Every failure is one line naming the cause on stderr and a non-zero exit status: 1 when the
+guest or the check did not succeed, 2 for bad input (a payload that does not build, no usable
+/dev/kvm, a bad argument, an output that cannot be written).
+"""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
+import math
 import os
 import signal
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 from .bench import command as bench_command
 from .boot import BootError
 from .boot import command as boot_command
 from .guest import BuildError, Machine
-from .guest.build import MODES, available_payloads
+from .guest.build import MODES, available_payloads, payload_modes, payload_path
 from .guest.ucall import PORT_CONSOLE
 from .interrupt import Interrupted, signals_raise_interrupted
+from .output import writable, writable_dir
 from .kvm import GuestTimeout, Kvm, KvmError, KvmUnavailable
 from .kvm.exits import DebugExit, Exit, IoExit, MmioExit
 
@@ -42,9 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_BAD_INPUT
+    stdout = sys.stdout
+    sys.stdout = _CheckedStdout(stdout)
     try:
         with signals_raise_interrupted():
-            return args.func(args)
+            status = args.func(args)
+            sys.stdout.flush()  # here, not at exit: a full or closed stdout is reported below
+            return status
     except (CliError, BuildError, BootError, KvmUnavailable, ValueError) as e:
         print(f"kvmiso: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -60,11 +69,72 @@ def main(argv: list[str] | None = None) -> int:
         # the interpreter's final flush from raising again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE
+    except StdoutError as e:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # what is left is lost
+        print(f"kvmiso: cannot write to standard output: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    finally:
+        sys.stdout = stdout
+
+
+class StdoutError(Exception):
+    """Standard output cannot be written (/dev/full, a full disk): the message is the errno's."""
+
+
+class _CheckedStdout:
+    """sys.stdout, with a failed write or flush raised as StdoutError, so that main() tells it
+    from a failure of the work itself. A closed pipe stays BrokenPipeError (a quiet end)."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise StdoutError(e.strerror) from None
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise StdoutError(e.strerror) from None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad argument reported as one line (``kvmiso run: ...``), status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"kvmiso: {self.prog.removeprefix('kvmiso ')}: {message}" if self.prog != "kvmiso"
+              else f"kvmiso: {message}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def positive_seconds(text: str) -> float:
+    """``--timeout``: a positive, finite number of seconds (a watchdog cannot wait forever, and
+    a deadline already past races the guest)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value <= 0 or value > MAX_TIMEOUT:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds up to {MAX_TIMEOUT:g}, not {text}")
+    return value
+
+
+MAX_TIMEOUT = 86400.0  # a day: beyond it a deadline is not a deadline
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kvmiso", description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(metavar="COMMAND")
+    p = _Parser(prog="kvmiso", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(metavar="COMMAND", parser_class=_Parser)
 
     sp = sub.add_parser("probe", help="what this host's KVM is and can do")
     sp.add_argument("--json", action="store_true", help="print the facts as JSON")
@@ -142,7 +212,17 @@ def _add_process_args(sp: argparse.ArgumentParser) -> None:
 def _add_guest_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--mode", choices=MODES, help="CPU mode (default: the payload's first declared mode)")
     sp.add_argument("--cpl", type=int, choices=(0, 3), default=0, help="privilege level (3: long mode only)")
-    sp.add_argument("--timeout", type=float, default=5.0, help="seconds before the guest is stopped")
+    sp.add_argument("--timeout", type=positive_seconds, default=5.0,
+                    help="seconds before the guest is stopped (default 5; positive and finite)")
+
+
+def _warn_if_undeclared(payload: str, mode: str | None) -> None:
+    """A --mode the payload does not declare runs anyway (the user may know better), but not
+    silently: a payload written for long mode misbehaves in real mode."""
+    declared = payload_modes(payload_path(payload))
+    if mode is not None and mode not in declared:
+        print(f"kvmiso: warning: {payload} declares {', '.join(declared)} mode only; running it in {mode} mode anyway",
+              file=sys.stderr)
 
 
 # --- probe -----------------------------------------------------------------------------------
@@ -162,6 +242,8 @@ def cmd_probe(args) -> int:
         ("CPL0 guest code", "native" if info["cpl0_native"] else
          f"emulated ({emu['cpl0']} emulations for {emu['probe_instructions']}+ instructions)"),
         ("CPL3 guest code", "native" if info["cpl3_native"] else f"emulated ({emu['cpl3']} emulations)"),
+        *((f"CPUID at CPL{cpl}", "intercepted by KVM" if info["cpuid_intercepted"][f"cpl{cpl}"] else
+           "not intercepted: the guest reads the host CPU's own values") for cpl in (0, 3)),
         ("vCPU mmap size", info["vcpu_mmap_size"]),
         ("supported CPUID leaves", info["cpuid_leaves"]),
         ("MSR index list", f"{info['msr_index_count']} MSRs"),
@@ -182,6 +264,8 @@ def cmd_probe(args) -> int:
 
 
 def _tracefs_text(t: dict) -> str:
+    if not t["readable"]:
+        return f"{'mounted' if t['mounted'] else 'not mounted'} at {t['path']}, not readable: {t['reason']}"
     if t["mounted"]:
         return f"mounted at {t['path']} ({t['kvm_events']} kvm events)"
     return f"not mounted at {t['path']}" + ("; kvmiso mounts it when tracing (root)" if t["can_mount"] else "; needs root to mount")
@@ -213,12 +297,18 @@ def cmd_bench(args) -> int:
 # --- report ----------------------------------------------------------------------------------
 
 def cmd_report(args) -> int:
-    from pathlib import Path
-
     from . import report
 
-    out = Path(args.out)
-    rep = report.build(out)
+    out = writable_dir(args.out, "the report")
+
+    def progress(stage: str) -> None:
+        print(f"kvmiso report: {stage}", file=sys.stderr, flush=True)
+
+    try:
+        rep = report.build(out, progress)
+    except Interrupted as e:
+        report.print_summary(e.partial, out)  # what was done; main() reports the signal
+        raise
     report.print_summary(rep, out)
     return 0 if report.suite_ok(rep) else EXIT_FAILED
 
@@ -240,6 +330,15 @@ def describe_exit(e: Exit) -> str:
     return " ".join(f"{k} {v:#x}" if isinstance(v, int) and not isinstance(v, bool) else f"{k} {v}" for k, v in d.items())
 
 
+def printable(data: bytes) -> str:
+    """Guest console bytes as text that cannot drive the terminal: UTF-8 where it is valid, every
+    other byte and every control character (ESC, BEL, CR, ...) escaped as ``\\xNN``. JSON output
+    keeps the console as the guest wrote it (JSON escapes control characters itself)."""
+    text = data.decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() or c == "\t" else
+                   (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}") for c in text)
+
+
 def cmd_run(args) -> int:
     n = 0
     line = bytearray()
@@ -252,9 +351,10 @@ def cmd_run(args) -> int:
             line.extend(bytes(e.data))
             while b"\n" in line:
                 text, _, rest = bytes(line).partition(b"\n")
-                print(f"        console| {text.decode('utf-8', 'replace')}")
+                print(f"        console| {printable(text)}")
                 line[:] = rest
 
+    _warn_if_undeclared(args.payload, args.mode)
     with Machine(args.payload, mode=args.mode, cpl=args.cpl) as m:
         if args.single_step:
             m.vcpu.set_guest_debug(single_step=True)
@@ -272,7 +372,7 @@ def cmd_run(args) -> int:
         print(json.dumps({**result.to_dict(), "incomplete": interrupted is not None}, indent=2))
     else:
         if line:
-            print(f"        console| {line.decode('utf-8', 'replace')}")
+            print(f"        console| {printable(bytes(line))}")
         for r in result.reports:
             print(f"report  tag {r.tag}: {r.value} ({r.value:#x})")
         print(f"{result.outcome}: {result.detail} ({result.runs} KVM_RUN calls, {result.elapsed * 1e3:.1f} ms)")
@@ -320,11 +420,11 @@ def cmd_trace(args) -> int:
     from .observe.capture import capture
     from .observe.exitlog import format_event, summarize
 
+    _warn_if_undeclared(args.payload, args.mode)
+    if args.json:  # before the run: a log that cannot be written is bad input, not a lost capture
+        writable(args.json, "the exit log")
     with Machine(args.payload, mode=args.mode, cpl=args.cpl) as m:
-        try:  # before the run: a log that cannot be written is bad input, not a lost capture
-            out = open(args.json, "w") if args.json else None
-        except OSError as e:
-            raise CliError(f"cannot write the exit log to {args.json}: {e.strerror}") from None
+        out = open(args.json, "w") if args.json else None
         with out or contextlib.nullcontext():
             try:
                 result, log = capture(m, timeout=args.timeout, payload=m.image.name)

@@ -21,6 +21,12 @@ The policy, all of it here:
 - Threads kvmiso starts are started under :func:`threads_without_interrupts`: the kernel gives
   a process-wide signal to any thread that does not block it, and only the main thread can act
   on one.
+- A guest run in the main thread runs under :func:`kicked_by_interrupts`. Python runs a signal
+  handler between bytecodes, so a signal that arrives after the last check and before the
+  KVM_RUN ioctl is entered is noted and then waits inside a guest that may never exit. The C
+  part of Python's handler writes the signal to a wakeup fd at once; a helper thread reading it
+  kicks the vCPU (``immediate_exit`` plus the kick signal), so that KVM_RUN returns and the
+  handler runs.
 
 The vCPU kick signal (a real-time signal that only ends a KVM_RUN) is not part of this policy.
 """
@@ -28,6 +34,7 @@ The vCPU kick signal (a real-time signal that only ends a KVM_RUN) is not part o
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 from typing import Any, Callable, Iterator
@@ -90,12 +97,15 @@ def _raise_interrupted(signum: int, frame: object) -> None:
 @contextlib.contextmanager
 def signals_raise_interrupted() -> Iterator[None]:
     """SIGINT and SIGTERM raise :class:`Interrupted` in the main thread for the block; the
-    handlers before it are put back after. Elsewhere than the main thread it does nothing (only
-    the main thread may set handlers)."""
+    handlers before it are put back after. A signal the process was started with ignored stays
+    ignored (a shell's background job ignores SIGINT, so the terminal's Ctrl-C is not for it),
+    as Python itself does. Elsewhere than the main thread it does nothing (only the main thread
+    may set handlers)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {s: signal.signal(s, _raise_interrupted) for s in SIGNALS}
+    previous = {s: signal.signal(s, _raise_interrupted) for s in SIGNALS
+                if signal.getsignal(s) != signal.SIG_IGN}
     try:
         yield
     finally:
@@ -156,5 +166,70 @@ def threads_without_interrupts() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-__all__ = ["Interrupted", "SIGNALS", "Terminated", "deferred", "signals_raise_interrupted", "sigterm_unwinds",
-           "threads_without_interrupts"]
+class _Kicker:
+    """The helper thread behind :func:`kicked_by_interrupts` and the kicks it may call."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.kicks: dict[int, Callable[[], None]] = {}
+        self._rfd, self.wfd = os.pipe2(os.O_CLOEXEC)
+        os.set_blocking(self.wfd, False)  # the signal handler must never block on it
+        with threads_without_interrupts():
+            threading.Thread(target=self._loop, name="kvmiso-interrupt-kicker", daemon=True).start()
+
+    def _loop(self) -> None:
+        while True:
+            for signum in os.read(self._rfd, 64):
+                if signum in SIGNALS:
+                    with self.lock:
+                        for kick in self.kicks.values():
+                            kick()
+
+
+_kicker: _Kicker | None = None
+_kicker_lock = threading.Lock()
+
+
+def start_kicker() -> None:
+    """Start the process's one kicker thread (and its pipe) now rather than at the first guest
+    run; idempotent. A leak check measures after this: the thread lives as long as the process."""
+    global _kicker
+    with _kicker_lock:
+        if _kicker is None:
+            _kicker = _Kicker()
+
+
+@contextlib.contextmanager
+def kicked_by_interrupts(kick: Callable[[], None]) -> Iterator[None]:
+    """While the block runs, SIGINT and SIGTERM also call ``kick`` (from a helper thread, as
+    soon as the signal arrives), unless the program already uses Python's wakeup fd. Only in
+    the main thread, where Python runs signal handlers; elsewhere it does nothing. After the
+    block, ``kick`` is never called."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    start_kicker()
+    kicker = _kicker
+    assert kicker is not None
+    try:
+        previous = signal.set_wakeup_fd(kicker.wfd, warn_on_full_buffer=False)
+    except ValueError:  # not the main interpreter
+        yield
+        return
+    if previous not in (-1, kicker.wfd):  # somebody else's (asyncio): theirs stays
+        signal.set_wakeup_fd(previous)
+        yield
+        return
+    token = id(kick)
+    with kicker.lock:
+        kicker.kicks[token] = kick
+    try:
+        yield
+    finally:
+        with kicker.lock:  # from here on no kick can come
+            del kicker.kicks[token]
+        signal.set_wakeup_fd(previous)
+
+
+__all__ = ["Interrupted", "SIGNALS", "Terminated", "deferred", "kicked_by_interrupts", "signals_raise_interrupted",
+           "sigterm_unwinds", "start_kicker", "threads_without_interrupts"]

@@ -3,23 +3,28 @@
 It probes the host, runs the guest suite under capture (one tracefs session), checks every exit
 against kvm_mm (the RFC's 2019 set and the ``modern`` set), runs a short benchmark, and writes
 ``report.json``, the exit log, the benchmark result file and, with matplotlib, a latency plot.
-A part that cannot run here (no tracefs, no kallsyms, not root) is reported as skipped with
-the reason, and the report still gives the rest.
+A part that cannot run here raises :class:`Unavailable` and is reported as skipped with the
+reason; the report still gives the rest. Any other exception is a bug and shows as one.
+Interrupted (SIGINT, SIGTERM), it writes ``report.json`` with what was done, marked
+``"complete": false``, and raises :class:`kvmiso.interrupt.Interrupted` with the Report.
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from .guest import Machine
-from .guest.suite import SuiteEntry, suite
-from .kvm import GuestTimeout, Kvm
-from .observe.capture import Capture
 from .guest.probe import fingerprint, probe
+from .guest.suite import SuiteEntry, suite
+from .interrupt import Interrupted
+from .kvm import GuestTimeout, Kvm, vendor_module
+from .observe.capture import Capture
 
 SUITE_TIMEOUT = 5.0
 EXPECTED_TIMEOUT = 0.5  # for payloads built to spin: enough to prove the stop, no more
@@ -30,40 +35,68 @@ BENCH = {"kinds": ("out", "in", "mmio_write", "mmio_read", "hlt", "cpuid", "rdms
          "cpls": (0, 3), "samples": 2000, "runs": 3}
 
 
+class Unavailable(Exception):
+    """A part of the report that cannot run on this host; the message says why."""
+
+
 @dataclass
 class Report:
+    """What ``kvmiso report`` found: its parts by name, those skipped (with the reason), and
+    whether it ran to its end."""
+
     parts: dict[str, Any] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     text: dict[str, str] = field(default_factory=dict)  # tables for the terminal summary
     started: float = field(default_factory=time.time)
+    stage: str = ""  # what it is doing now
+    incomplete_reason: str = ""  # empty when it ran to its end
+    error: str = ""  # the bug that stopped it, if one did
+
+    @property
+    def complete(self) -> bool:
+        return not self.incomplete_reason
 
     def part(self, name: str, fn: Callable[[], Any]) -> Any:
-        """Run one part; an exception makes it 'skipped' with the reason, not a failed report."""
+        """Run one part; Unavailable makes it 'skipped' with the reason. Anything else is a bug
+        and goes up."""
         try:
             self.parts[name] = fn()
-        except Exception as e:  # noqa: BLE001 - every part failure is reported, by design
-            self.skipped[name] = f"{type(e).__name__}: {e}"
+        except Unavailable as e:
+            self.skipped[name] = str(e)
             self.parts[name] = None
         return self.parts[name]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kvmiso_report": 1, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.started)),
-                "elapsed_s": round(time.time() - self.started, 1), **self.parts, "skipped": self.skipped}
+        """report.json: every part, the skipped ones with their reasons, and ``complete``."""
+        d = {"kvmiso_report": 1, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.started)),
+             "elapsed_s": round(time.time() - self.started, 1), "complete": self.complete, **self.parts,
+             "skipped": self.skipped}
+        if self.incomplete_reason:
+            d["incomplete_reason"] = self.incomplete_reason
+        if self.error:
+            d["error"] = self.error
+        return d
+
+    def write(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_dict(), indent=2, default=str))
 
 
 @dataclass
 class SuiteRun:
+    """One suite entry's run: its result, its exit log (None for a run kept out of the
+    capture) and the evidence of its VM (None when not captured)."""
+
     entry: SuiteEntry
     result: Any  # RunResult
     log: Any  # ExitLog of this run; None for a run kept out of the capture
     evidence: Any = None  # the Evidence of this run's VM, read while it lived
 
 
-def run_suite(kvm: Kvm, cap: Capture, vendor: str | None) -> list[SuiteRun]:
-    """Every suite entry on its own VM, under ``cap``; the evidence is read while the VM lives."""
+def run_suite(kvm: Kvm, cap: Capture, vendor: str | None, runs: list[SuiteRun]) -> list[SuiteRun]:
+    """Every suite entry on its own VM, under ``cap``, appended to ``runs`` as it ends (so an
+    interruption keeps the runs done); the evidence is read while the VM lives."""
     from .session import capture_checked
 
-    runs = []
     for entry in suite(vendor):
         timeout = EXPECTED_TIMEOUT if entry.expected == "timeout" else SUITE_TIMEOUT
         with Machine(entry.payload, mode=entry.mode, cpl=entry.cpl, kvm=kvm) as m:
@@ -78,7 +111,7 @@ def run_suite(kvm: Kvm, cap: Capture, vendor: str | None) -> list[SuiteRun]:
                 runs.append(SuiteRun(entry, result, None))
                 continue
             got = capture_checked(m, cap, entry.label, timeout=timeout, **entry.run_kwargs())
-        runs.append(SuiteRun(entry, got.result, got.log, got.evidence))
+            runs.append(SuiteRun(entry, got.result, got.log, got.evidence))
     return runs
 
 
@@ -121,53 +154,100 @@ def isolation_part(runs: list[SuiteRun], rep: Report) -> dict[str, Any]:
 
 
 def bench_part(kvm: Kvm, out_dir: Path, rep: Report) -> dict[str, Any]:
+    """The short benchmark, written to bench.json (and latency.png with matplotlib). An
+    interrupted benchmark keeps what it measured and raises Interrupted."""
     from .bench.latency import bench, format_table
+    from .bench.runloop import NotBuilt
 
-    result = bench(kvm, BENCH["kinds"], BENCH["cpls"], samples=BENCH["samples"], runs=BENCH["runs"])
+    try:
+        result = bench(kvm, BENCH["kinds"], BENCH["cpls"], samples=BENCH["samples"], runs=BENCH["runs"])
+    except NotBuilt as e:
+        raise Unavailable(str(e)) from None
     result.write(out_dir / "bench.json")
     rep.text["bench"] = format_table(result)
-    try:
-        from .bench.command import plot
-
-        plot(result, str(out_dir / "latency.png"))
-        rep.parts["plot"] = str(out_dir / "latency.png")
-    except ImportError:
-        rep.skipped["plot"] = "matplotlib is not installed (pip install -e '.[plot]')"
+    if not result.complete:  # bench() stops at a signal and returns what it measured
+        rep.parts["bench"] = result.to_dict()
+        raise Interrupted(signal.Signals[result.interrupted_by])
+    rep.part("plot", lambda: _plot(result, out_dir / "latency.png"))
     return result.to_dict()
 
 
-def build(out_dir: Path) -> Report:
+def _plot(result: Any, path: Path) -> str:
+    try:
+        from .bench.command import plot
+
+        plot(result, str(path))
+    except ImportError:
+        raise Unavailable("matplotlib is not installed (pip install -e '.[plot]')") from None
+    return str(path)
+
+
+def _suite_parts(rep: Report, kvm: Kvm, vendor: str | None, out_dir: Path) -> list[SuiteRun]:
+    """The guest suite under one capture session, then the parts made of what it recorded:
+    written even when the suite was interrupted, from the runs that ended."""
     from .observe.exitlog import summarize
 
-    rep = Report()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with Kvm() as kvm:
-        host = rep.part("host", lambda: probe(kvm))
-        if host:
-            rep.parts["fingerprint"] = fingerprint(host)
-        vendor = host["vendor"] if host else None
-        with Capture() as cap:
-            runs = rep.part("suite_runs", lambda: run_suite(kvm, cap, vendor))
-        rep.parts.pop("suite_runs")
-        if runs:
+    runs: list[SuiteRun] = []
+    with Capture() as cap:
+        try:
+            run_suite(kvm, cap, vendor, runs)
+        finally:
             rep.parts["suite"] = suite_part(runs)
             cap.log.write_jsonl(out_dir / "exitlog.jsonl")
-            summary = summarize(cap.log)
             rep.parts["trace"] = {"tracing": cap.log.tracing, "tracing_reason": cap.log.tracing_reason,
                                   "lost_events": cap.log.lost_events, "records": len(cap.log.records),
                                   "events": sum(len(r.events) for r in cap.log.records)}
-            rep.text["trace"] = summary.table()
+            rep.text["trace"] = summarize(cap.log).table()
             if not cap.log.tracing:
                 rep.skipped["in-kernel events"] = cap.log.tracing_reason
+    return runs
+
+
+STAGES = ("probing the host", "running the guest suite", "checking every exit against kvm_mm",
+          "a short benchmark")
+
+
+def build(out_dir: Path, progress: Callable[[str], None] | None = None) -> Report:
+    """Run every part, write ``out_dir/report.json`` and return the Report. ``progress`` hears
+    each stage as it starts. Interrupted, it writes what was done (``"complete": false``) and
+    raises Interrupted whose ``partial`` is the Report."""
+    rep = Report()
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def stage(text: str) -> None:
+        rep.stage = text
+        if progress is not None:
+            progress(text)
+
+    try:
+        with Kvm() as kvm:
+            stage(STAGES[0])
+            host = rep.part("host", lambda: probe(kvm))
+            rep.parts["fingerprint"] = fingerprint(host)
+            if not host["kallsyms"]["real_addresses"]:  # said once, here; the check still runs
+                rep.skipped["kernel addresses"] = (f"/proc/kallsyms: {host['kallsyms'].get('reason', '')}: kernel "
+                                                   "objects are placed at modeled addresses")
+            stage(STAGES[1])
+            runs = _suite_parts(rep, kvm, host["vendor"] or vendor_module(), out_dir)
+            stage(STAGES[2])
             rep.part("isolation", lambda: isolation_part(runs, rep))
-        else:
-            rep.skipped["trace"] = rep.skipped["isolation"] = "the guest suite did not run"
-        rep.part("bench", lambda: bench_part(kvm, out_dir, rep))
-    (out_dir / "report.json").write_text(json.dumps(rep.to_dict(), indent=2, default=str))
+            stage(STAGES[3])
+            rep.part("bench", lambda: bench_part(kvm, out_dir, rep))
+    except KeyboardInterrupt as e:
+        stop = Interrupted.of(e, rep)
+        rep.incomplete_reason = f"interrupted by {stop.signal.name} while {rep.stage}"
+        raise stop from None
+    except BaseException as e:
+        rep.incomplete_reason = f"stopped by an error while {rep.stage}"
+        rep.error = "".join(traceback.format_exception_only(e)).strip()
+        raise
+    finally:
+        rep.write(out_dir / "report.json")
     return rep
 
 
 def print_summary(rep: Report, out_dir: Path) -> None:
+    """The terminal summary: each part's table, what was skipped and why, the files written."""
     host = rep.parts.get("host")
     if host:
         cpl0 = "native" if host["cpl0_native"] else "emulated"
@@ -200,8 +280,11 @@ def print_summary(rep: Report, out_dir: Path) -> None:
         print(f"\nskipped {name}: {why}")
     files = ["report.json", "exitlog.jsonl", "bench.json", "latency.png"]
     print("\nwrote " + ", ".join(str(out_dir / f) for f in files if (out_dir / f).exists()))
+    if not rep.complete:
+        print(f"INCOMPLETE: {rep.incomplete_reason}; report.json holds what was done (\"complete\": false)")
 
 
 def suite_ok(rep: Report) -> bool:
+    """Whether every suite payload ended as it was built to (kvmiso report's exit status)."""
     s = rep.parts.get("suite")
     return bool(s) and all(x["as_expected"] for x in s)

@@ -1,9 +1,13 @@
 """Shared fixtures. Tests that need KVM use the real /dev/kvm; only a missing device skips
-(EACCES fails, as in the KVM selftests). KVMISO_REQUIRE_KVM=1 turns that skip into a failure."""
+(EACCES fails, as in the KVM selftests). KVMISO_REQUIRE_KVM=1 turns that skip into a failure.
+
+Every test that takes the ``kvm`` fixture is marked ``device`` here, so that a lane on another
+vendor module can select them (``pytest -m device``) without a mark in every file."""
 
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 
@@ -11,12 +15,24 @@ from kvmiso.kvm import Kvm, KvmUnavailable
 
 _skip_reason: str | None = None
 
+# A shell starts a background job with SIGINT ignored, and Python (and kvmiso's CLI) then leave
+# it ignored: the signal tests, which Ctrl-C this process and its children, would wait for
+# nothing. The suite wants Ctrl-C whatever started it (and children inherit the default).
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 def _kvm_missing() -> str | None:
     global _skip_reason
     if _skip_reason is None:
         _skip_reason = "" if os.path.exists("/dev/kvm") else "/dev/kvm does not exist on this host"
     return _skip_reason or None
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        if "kvm" in getattr(item, "fixturenames", ()):
+            item.add_marker("device")
 
 
 @pytest.fixture

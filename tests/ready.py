@@ -14,6 +14,7 @@ import ctypes
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 from kvmiso.kvm.stats import Stats
 
@@ -70,3 +71,15 @@ def wait_until_counted(pid: int, stat: str = "mmio_exits", vcpus: int = 1, proc=
             raise AssertionError(f"the process ended before its guest was ready: {proc.stderr.read()}")
         time.sleep(0.01)
     raise AssertionError(f"no vCPU of process {pid} counted {stat} within {POLLS} polls")
+
+
+def interrupt_when(p, sig: int, ready: Callable[[], None], timeout: float = 300) -> tuple[str, str]:
+    """Send ``sig`` to child ``p`` once ``ready()`` returns, then its stdout and stderr; the
+    child is killed if it does not end within ``timeout`` (a hang fails, never stalls)."""
+    try:
+        ready()
+        p.send_signal(sig)
+        return p.communicate(timeout=timeout)
+    finally:
+        p.kill()
+        p.wait()

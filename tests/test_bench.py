@@ -148,10 +148,16 @@ def test_bench_measures_skips_and_summarizes(kvm, vendor):
                       iterations=5)
     keys = {x.key for x in r.results}
     for key in [("null_ioctl", "c", None), ("syscall", "c", None), ("immediate_exit", "c", None), ("out", "c", 0), ("out", "python", 0),
-                ("hlt", "c", 0), ("cpuid", "guest", 0), ("cpuid", "host", 0), ("out", "c", 3), ("cpuid", "guest", 3)]:
+                ("hlt", "c", 0), ("cpuid", "guest", 0), ("cpuid", "host", 0), ("out", "c", 3)]:
         assert key in keys
     skipped = {(s["kind"], s["cpl"]): s["reason"] for s in r.skipped}
     assert "privileged" in skipped[("hlt", 3)] and ("hypercall", 3) in skipped
+    # a CPL3 CPUID row exists only where the probe saw KVM intercept CPUID at CPL3
+    if r.host["cpuid_intercepted"]["cpl3"]:
+        assert ("cpuid", "guest", 3) in keys
+    else:
+        assert "CPUID at CPL3 is not intercepted on this host" in skipped[("cpuid", 3)]
+        assert ("cpuid", "guest", 3) not in keys
     if vendor == "kvm_pvm":
         assert "never returns" in skipped[("hypercall", 0)]
     out = next(x for x in r.results if x.key == ("out", "c", 0))

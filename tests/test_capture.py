@@ -293,3 +293,21 @@ def test_two_kvmiso_processes_tracing_at_once_each_see_only_their_own(kvm, tmp_p
         assert {e.pid for _, e in log.events()} == {pids[k]}  # the CLI runs its vCPU on its main thread
     pio = [e for _, e in logs["b"].events() if e.name == "kvm_pio"]
     assert pio and not [e for _, e in logs["a"].events() if e.name == "kvm_pio" and e.fields.get("port") == 0x3000]
+
+
+def test_lost_end_records_are_called_lost_not_untraced(kvm):
+    """A trace whose kvm_userspace_exit records were all lost (a full buffer) says so; "not
+    traced" is only for a trace that did not enable the event."""
+    import dataclasses
+
+    from kvmiso.observe.capture import assign_events
+
+    _need_tracefs()
+    with Machine("portio", mode="long", kvm=kvm) as m:
+        _, log = capture(m, on_io=_answer_io)
+    events = [e for _, e in log.events() if e.name != "kvm_userspace_exit"]  # what a full buffer keeps
+    fresh = [dataclasses.replace(r, events=[]) for r in log.records]
+    note = assign_events(fresh, events, lost=7, ends_traced=True)
+    assert note.startswith("no kvm_userspace_exit record arrived (7 trace records lost)") and "not traced" not in note
+    assert "kvm_userspace_exit not traced" in assign_events([dataclasses.replace(r, events=[]) for r in log.records],
+                                                            events)

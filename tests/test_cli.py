@@ -22,8 +22,10 @@ def test_probe_json_has_the_documented_keys(kvm, vendor):
         assert key in info
     assert info["api_version"] == 12 and info["vendor"] == vendor
     assert "IMMEDIATE_EXIT" in info["capabilities"]
+    assert set(info["cpuid_intercepted"]) == {"cpl0", "cpl3"} and info["cpuid_intercepted"]["cpl0"] is True
     if vendor == "kvm_pvm":
         assert info["cpl0_native"] is False and info["cpl3_native"] is True
+        assert info["cpuid_intercepted"]["cpl3"] is False  # CPL3 runs natively: CPUID never exits
     elif vendor in ("kvm_intel", "kvm_amd"):
         assert info["cpl0_native"] is True
 

@@ -22,10 +22,13 @@ def run(kvm, payload, mode, cpl=0, timeout=5.0):
 
 
 @pytest.mark.parametrize("cpl", [0, 3])
-def test_wiping_its_own_page_tables_is_a_shutdown_at_an_unmapped_rip(kvm, cpl):
+def test_wiping_its_own_page_tables_is_a_shutdown_at_an_unmapped_rip(kvm, vendor, cpl):
     r = run(kvm, "hostile_pagetables", "long", cpl)
     assert r.outcome == "shutdown", r.detail
-    assert "triple-faulted" in r.detail and "not mapped by the guest's page tables" in r.detail
+    if vendor == "kvm_amd":  # measured: kvm_amd resets the vCPU before it reports the shutdown
+        assert r.detail.endswith("near rip 0xfff0 (the vCPU's reset state: KVM reset it on shutdown, as kvm_amd does)")
+    else:
+        assert "triple-faulted" in r.detail and "not mapped by the guest's page tables" in r.detail
     assert r.fail_code is None  # the FAIL after the wipe never ran
 
 
@@ -49,7 +52,7 @@ def test_jump_to_memory_no_slot_backs_names_the_address(kvm):
 def test_spin_with_interrupts_off_is_stopped_by_the_timeout(kvm, mode):
     r = run(kvm, "hostile_cli_spin", mode, timeout=0.2)
     assert r.outcome == "timeout"
-    assert "jmp . (a tight loop)" in r.detail and "with interrupts disabled" in r.detail
+    assert "jmp . (a tight loop)" in r.detail and "right after CLI, with interrupts disabled" in r.detail
     assert r.runs == 1  # one KVM_RUN, ended by the kick; the guest never exited on its own
 
 
@@ -65,18 +68,19 @@ def test_spin_with_interrupts_on_is_not_called_disabled(kvm):
 
 @pytest.mark.parametrize("mode,cpl", [("real", 0), ("long", 0), ("long", 3)])
 def test_console_flood_is_capped_and_ends_cleanly(kvm, monkeypatch, mode, cpl):
-    # small caps so that the flood passes them quickly on every host (kvm_pvm exits per byte)
+    # small caps so that the flood passes them quickly on every host: kvm_pvm exits per byte,
+    # and kvm_amd under QEMU's TCG (kvmiso boot) makes about 50 exits in the 0.5 s
     monkeypatch.setattr(machine_mod, "MAX_CONSOLE", 1000)
-    monkeypatch.setattr(machine_mod, "MAX_EXITS", 300)
+    monkeypatch.setattr(machine_mod, "MAX_EXITS", 30)
     r = run(kvm, "hostile_flood", mode, cpl, timeout=0.5)
     assert r.outcome == "timeout"
     line = "flood flood flood flood flood flood flood flood flood flood flood!\n"
     assert r.console == (line * 20)[:1000]
     assert r.console_dropped > 0
-    assert len(r.exits) == 300 and r.exits_dropped == r.runs - 1 - 300  # the kick's IntrExit is not kept
+    assert len(r.exits) == 30 and r.exits_dropped == r.runs - 1 - 30  # the kick's IntrExit is not kept
     assert f"console output capped at 1000 bytes, {r.console_dropped} more dropped" in r.detail
     d = json.loads(json.dumps(r.to_dict()))
-    assert d["exits_dropped"] == r.exits_dropped and len(d["exits"]) == 300
+    assert d["exits_dropped"] == r.exits_dropped and len(d["exits"]) == 30
 
 
 @pytest.mark.parametrize("mode", ["real", "protected", "long"])

@@ -68,3 +68,14 @@ def test_sigterm_unwinds_leaves_a_program_handler_alone():
     with deferred() as restore:
         undo(restore)
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_a_signal_ignored_from_the_start_stays_ignored():
+    # as a shell's background job: SIGINT ignored; kvmiso does not take it back
+    child = ("import signal; signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+             "from kvmiso.interrupt import signals_raise_interrupted\n"
+             "with signals_raise_interrupted():\n"
+             "    signal.raise_signal(signal.SIGINT)\n"
+             "    print(signal.getsignal(signal.SIGINT) == signal.SIG_IGN, flush=True)\n")
+    p = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stdout == "True\n", p.stderr

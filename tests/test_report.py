@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 
 import pytest
+from ready import interrupt_when
 
 from kvmiso import report
 
@@ -50,3 +54,59 @@ def test_check_results_fold(kvm):
     assert (a.exits, a.runs, a.classes["fault"]) == (exits, runs, faults)
     assert sum(f.count for f in a.faults) == fault_hits
     assert len({(f.function, f.region) for f in a.faults}) == len(a.faults)  # merged, not repeated
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig,stage,done", [
+    (signal.SIGINT, "probing the host", []),
+    (signal.SIGTERM, "running the guest suite", ["host", "fingerprint"]),
+    (signal.SIGTERM, "checking every exit against kvm_mm", ["host", "fingerprint", "suite", "trace"]),
+    (signal.SIGINT, "a short benchmark", ["host", "fingerprint", "suite", "trace", "isolation"]),
+], ids=["probe", "suite", "isolation", "bench"])
+def test_interrupted_report_writes_what_was_done(kvm, tmp_path, sig, stage, done):
+    out = tmp_path / "rep"
+    p = subprocess.Popen([sys.executable, "-m", "kvmiso.cli", "report", "--out", str(out)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def stage_started() -> None:  # each stage is announced on stderr as it starts
+        for line in p.stderr:
+            if line.strip() == f"kvmiso report: {stage}":
+                return
+
+    stdout, stderr = interrupt_when(p, sig, stage_started)
+    name = signal.Signals(sig).name
+    assert p.returncode == 128 + sig, stderr
+    assert stderr.strip().splitlines()[-1] == f"kvmiso: interrupted by {name}" and "Traceback" not in stderr
+    assert "INCOMPLETE: interrupted by" in stdout
+    data = json.loads((out / "report.json").read_text())
+    assert data["complete"] is False and data["incomplete_reason"] == f"interrupted by {name} while {stage}"
+    for part in done:
+        assert data[part] is not None, part
+
+
+def test_only_a_declared_unavailable_part_is_skipped_anything_else_is_a_bug():
+    rep = report.Report()
+
+    def no_matplotlib():
+        raise report.Unavailable("matplotlib is not installed")
+
+    def buggy():
+        raise KeyError("fingerprint")
+
+    assert rep.part("plot", no_matplotlib) is None and rep.skipped == {"plot": "matplotlib is not installed"}
+    with pytest.raises(KeyError):
+        rep.part("host", buggy)
+    assert "host" not in rep.skipped
+
+
+def test_a_bug_stops_the_report_and_says_so_in_report_json(kvm, tmp_path, monkeypatch):
+    def isolation_bug(runs, rep):
+        raise ZeroDivisionError("a bug in the check")
+
+    monkeypatch.setattr(report, "isolation_part", isolation_bug)
+    with pytest.raises(ZeroDivisionError):
+        report.build(tmp_path)
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["complete"] is False and data["error"] == "ZeroDivisionError: a bug in the check"
+    assert data["incomplete_reason"] == "stopped by an error while checking every exit against kvm_mm"
+    assert "isolation" not in data["skipped"] and data["suite"]

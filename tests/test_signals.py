@@ -13,11 +13,11 @@ import time
 
 import psutil
 import pytest
-from ready import READY_HYPERCALL, READY_SPIN, wait_until_counted
+from ready import READY_HYPERCALL, READY_SPIN, interrupt_when, wait_until_counted
 
 from kvmiso import cli
 from kvmiso.guest import Machine
-from kvmiso.interrupt import Interrupted
+from kvmiso.interrupt import Interrupted, start_kicker
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -28,13 +28,8 @@ def test_signal_to_kvmiso_run_ends_it_with_a_partial_result(kvm, tmp_path, sig, 
     (tmp_path / "tmp").mkdir()
     argv = [sys.executable, "-m", "kvmiso.cli", "run", READY_SPIN, "--timeout", "600"] + (["--json"] if as_json else [])
     p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        wait_until_counted(p.pid, proc=p)  # the guest's announcement: its next KVM_RUN never ends
-        p.send_signal(sig)
-        out, err = p.communicate(timeout=60)  # a hang fails here instead of stalling the suite
-    finally:
-        p.kill()
-        p.wait()
+    # after the guest's announcement its next KVM_RUN never ends
+    out, err = interrupt_when(p, sig, lambda: wait_until_counted(p.pid, proc=p))
     name = signal.Signals(sig).name
     assert p.returncode == 128 + sig, err
     assert err.strip().splitlines()[-1] == f"kvmiso: interrupted by {name}" and "Traceback" not in err
@@ -73,6 +68,7 @@ def _signal_main_thread_when_ready(sig: int, vcpus: int = 1) -> threading.Thread
 def test_ctrl_c_inside_kvm_run_gives_the_result_and_leaks_nothing(kvm, vendor, payload, what):
     if what == "VMCALL" and vendor != "kvm_pvm":
         pytest.skip(f"needs kvm_pvm, where a CPL0 hypercall never returns (this host: {vendor})")
+    start_kicker()  # the process's one interrupt kicker lives as long as the process
     before = (psutil.Process().num_fds(), psutil.Process().num_threads())
     with Machine(payload, mode="long", kvm=kvm) as m:
         sender = _signal_main_thread_when_ready(signal.SIGINT)
@@ -150,14 +146,8 @@ def test_interrupted_trace_and_check_keep_what_they_saw(kvm, tmp_path, sig):
     for what, args in commands.items():
         p = subprocess.Popen([sys.executable, "-m", "kvmiso.cli", *args], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
-        try:
-            # the spinning payload runs last; portio, checked before it, makes no MMIO exit
-            wait_until_counted(p.pid, proc=p)
-            p.send_signal(sig)
-            out, err = p.communicate(timeout=60)
-        finally:
-            p.kill()
-            p.wait()
+        # the spinning payload runs last; portio, checked before it, makes no MMIO exit
+        out, err = interrupt_when(p, sig, lambda: wait_until_counted(p.pid, proc=p))
         assert p.returncode == 128 + sig, (what, err)
         assert err.strip().splitlines()[-1] == f"kvmiso: interrupted by {name}", err
         assert not os.path.exists(f"/sys/kernel/tracing/instances/kvmiso-{p.pid}")
@@ -169,3 +159,21 @@ def test_interrupted_trace_and_check_keep_what_they_saw(kvm, tmp_path, sig):
             results = json.loads(out)
             assert [(r["payload"], r["incomplete"]) for r in results] == [("portio", False), (READY_SPIN, True)]
             assert results[1]["incomplete_reason"] == f"interrupted by {name}"
+
+
+def test_a_signal_noted_just_before_kvm_run_still_ends_it(kvm):
+    """Python notes a signal at once but acts on it between bytecodes: one that lands after the
+    last check and before the KVM_RUN ioctl would wait inside a spinning guest. The wakeup fd
+    kicks the vCPU as soon as the signal arrives. Here the handler only notes the signal (it
+    never raises), so the run can only end by that kick, not by the deadline."""
+    noted = []
+    old = signal.signal(signal.SIGINT, lambda signum, frame: noted.append(signum))
+    try:
+        with Machine(READY_SPIN, mode="long", kvm=kvm) as m:
+            sender = _signal_main_thread_when_ready(signal.SIGINT)
+            r = m.run(timeout=60)
+            sender.join()
+    finally:
+        signal.signal(signal.SIGINT, old)
+    assert noted == [signal.SIGINT]
+    assert (r.outcome, r.detail) == ("interrupted", "KVM_RUN was interrupted by a kick")

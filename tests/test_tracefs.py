@@ -349,3 +349,57 @@ def test_kvmiso_trace_interrupted_removes_the_instance(kvm, tracefs, sig, status
     assert rc == status
     assert not path.exists()
     assert "Traceback" not in p.stderr.read()
+
+
+def _in_new_pid_namespace(*args: str, **kw) -> subprocess.Popen:
+    if subprocess.run(["unshare", "-p", "-f", "--mount-proc", "true"]).returncode != 0:
+        pytest.skip("needs unshare(1) and CAP_SYS_ADMIN for a new PID namespace")
+    return subprocess.Popen(["unshare", "-p", "-f", "--mount-proc", sys.executable, "-m", "kvmiso.cli", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent,
+                            **kw)
+
+
+def test_trace_inside_a_pid_namespace_filters_on_the_kernels_thread_ids(kvm, tracefs, tmp_path):
+    """Inside `unshare -p`, gettid() is 1 but set_event_pid and common_pid use the kernel's id:
+    kvmiso finds it (a trace_marker record of its own) and traces as it does outside."""
+    from kvmiso.observe.exitlog import read_jsonl
+
+    p = _in_new_pid_namespace("trace", "hello", "--json", str(tmp_path / "ns.jsonl"))
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    log = read_jsonl(tmp_path / "ns.jsonl")
+    assert log.tracing and "not traced" not in err and log.host["pid"] == 1  # pid 1 in its namespace
+    events = [e for _, e in log.events()]
+    assert any(e.name == "kvm_pio" for e in events) and len({e.pid for e in events}) == 1
+    assert events[0].pid != 1  # the kernel's id of that thread, not the namespace's
+
+
+def test_two_pid_namespaces_tracing_at_once_get_their_own_instances(kvm, tracefs, tmp_path):
+    """Both are pid 1 in their namespaces: the instance names must still differ (the second
+    failed with EBUSY on kvmiso-1)."""
+    import psutil
+    from ready import READY_SPIN, wait_until_counted
+
+    a = _in_new_pid_namespace("trace", READY_SPIN, "--timeout", "600", "--json", str(tmp_path / "a.jsonl"))
+    inner: list[psutil.Process] = []
+    try:
+        for _ in range(3000):  # the namespace's pid 1 is unshare's child (bounded; nothing timed)
+            inner = psutil.Process(a.pid).children()
+            if inner or a.poll() is not None:
+                break
+            time.sleep(0.01)
+        wait_until_counted(inner[0].pid, proc=a)  # a's guest spins, a's instance tracing it
+        b = _in_new_pid_namespace("trace", "hello")
+        out, err = b.communicate(timeout=300)
+        assert b.returncode == 0 and "traced hello" in out, err
+        assert a.poll() is None, "the two traces did not overlap"
+        inner[0].send_signal(signal.SIGINT)  # unshare passes no signal on: the traced process gets it
+        a_out, a_err = a.communicate(timeout=300)
+    finally:
+        for proc in inner:
+            if proc.is_running():
+                proc.kill()
+        a.kill()
+        a.wait()
+    assert a.returncode == 128 + signal.SIGINT, a_err
+    assert not [n for n in os.listdir(tracefs / "instances") if n.startswith("kvmiso-ns")]

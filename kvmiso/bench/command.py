@@ -11,6 +11,7 @@ import sys
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..interrupt import Interrupted
+from ..output import writable
 from .kinds import DEFAULT_KINDS, KINDS
 
 if TYPE_CHECKING:
@@ -91,6 +92,8 @@ def cmd_bench(args: argparse.Namespace, measure_switches: Callable[..., Any] | N
     from .runloop import NotBuilt
 
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    if not kinds:
+        raise BenchInputError(f"--kinds names no kind; kinds: {', '.join(KINDS)}")
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
         raise BenchInputError(f"unknown kind(s) {', '.join(unknown)}; kinds: {', '.join(KINDS)}")
@@ -100,6 +103,9 @@ def cmd_bench(args: argparse.Namespace, measure_switches: Callable[..., Any] | N
         raise BenchInputError("--switch-cost and --regions are for --isolation")
     if args.plot:
         _check_plot_backend()
+    for path, what in ((args.json, "the results"), (args.plot, "the plot")):
+        if path:
+            writable(path, what)  # before measuring: a result nobody can keep is not worth minutes
     show, clear = _progress()
     with Kvm() as kvm:
         try:

@@ -70,9 +70,11 @@ class Row:
         r = self.ratio
         if r is None:
             return "-"
-        if abs(r - 1) < 0.005:
+        if abs(r - 1) < 0.005 and not self.significant:
             return "same"
-        return f"{r:.2f}x slower" if r > 1 else f"{1 / r:.2f}x faster"
+        # a real difference under 0.5% still gets its direction, with the digits to show it
+        digits = 2 if abs(r - 1) >= 0.005 else 3
+        return f"{r:.{digits}f}x slower" if r > 1 else f"{1 / r:.{digits}f}x faster"
 
 
 def compare(a: dict[str, Any], b: dict[str, Any]) -> list[Row]:

@@ -363,6 +363,10 @@ def skip_reason(kind: Kind, cpl: int, host: dict[str, Any]) -> str | None:
     if kind.name == "hypercall" and cpl == 0 and host.get("vendor") == "kvm_pvm":
         return ("on kvm_pvm a CPL0 hypercall never returns: KVM rewrites VMMCALL to VMCALL and "
                 "emulates it again and again inside one KVM_RUN")
+    if kind.name == "cpuid" and host.get("cpuid_intercepted", {}).get(f"cpl{cpl}") is False:
+        return (f"CPUID at CPL{cpl} is not intercepted on this host (the probe's guest read the host "
+                "CPU's own values, not the CPUID KVM was given): the row would time the bare "
+                "instruction, not a round trip into KVM")
     if kind.name == "parallel" and len(host["pinning"].get("allowed") or []) < 2:
         return "2 vCPUs in parallel need 2 CPUs this process may run on"
     return None

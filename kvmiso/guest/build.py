@@ -71,9 +71,29 @@ def available_payloads() -> list[str]:
 
 
 def payload_modes(path: Path) -> tuple[str, ...]:
-    """The modes a payload declares on a ``modes:`` line (the first is its default)."""
-    m = re.search(r"modes:\s*([a-z ]+)", path.read_text())
-    return tuple(m.group(1).split()) if m else MODES
+    """The modes a payload declares on a ``modes:`` line (the first is its default); every mode
+    when it declares none. BuildError names the file when it is not text or names a mode that
+    does not exist."""
+    text = _source_text(path)
+    m = re.search(r"modes:[ \t]*([^\n]*)", text)
+    if not m:
+        return MODES
+    declared = tuple(w.lower() for w in re.findall(r"[A-Za-z]+", m.group(1)))
+    bad = [w for w in declared if w not in BITS]
+    if bad or not declared:
+        raise BuildError(f"payload {path}: its modes: line names {', '.join(bad) or 'no mode'}; "
+                         f"modes are {', '.join(MODES)}")
+    return declared
+
+
+def _source_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except UnicodeDecodeError as e:
+        raise BuildError(f"payload {path}: not a text file (byte {e.start} is not UTF-8): "
+                         "a payload is GNU as source") from None
+    except OSError as e:
+        raise BuildError(f"payload {path}: cannot read: {e.strerror}") from None
 
 
 def cache_root() -> Path:
@@ -131,9 +151,14 @@ def _assemble(src: Path, mode: str, bin_path: Path, sym_path: Path) -> None:
 
 
 def _tool(argv: list[str], what: str) -> str:
-    p = subprocess.run(argv, capture_output=True, text=True)
+    p = subprocess.run(argv, capture_output=True, text=True, errors="replace")
     if p.returncode != 0:
-        raise BuildError(f"{what} failed:\n{(p.stderr or p.stdout).strip()}")
+        # one line naming the cause first (the tool's first error), then the tool's own lines
+        lines = [line for line in (p.stderr or p.stdout).strip().splitlines() if line.strip()]
+        errors = [line for line in lines if re.search(r": (fatal )?error:", line, re.I)] or lines or ["no message"]
+        first = errors[0].strip()
+        rest = "\n".join(line for line in lines if line.strip() != first and not line.endswith("Assembler messages:"))
+        raise BuildError(f"{what} failed: {first}" + (f"\n{rest}" if rest else ""))
     return p.stdout
 
 

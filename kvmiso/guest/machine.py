@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..interrupt import Interrupted, deferred, threads_without_interrupts
+from ..interrupt import Interrupted, deferred, kicked_by_interrupts, threads_without_interrupts
 from ..kvm import GuestTimeout, Kvm, vendor_module
 from ..kvm.exits import (DebugExit, Exit, FailEntryExit, HltExit, InternalErrorExit, IntrExit,
                          IoExit, MmioExit, RdmsrExit, ShutdownExit, SystemEventExit, WrmsrExit)
@@ -30,6 +30,7 @@ VCPU_STACK = 0x8000  # each vCPU: a kernel and a user stack of half this size
 MAX_CONSOLE = 64 << 10  # console bytes kept per run; the rest is counted, not stored
 MAX_EXITS = 64 << 10  # exits recorded per run (~0.4 KiB each); the rest are counted, not stored
 RFLAGS_IF = 1 << 9
+RESET_STATE = (0xFFF0, 0xF000, 0xFFFF0000)  # rip, cs, cs.base: where a reset x86 CPU starts
 
 # Instructions worth naming when a guest is stopped inside KVM_RUN.
 _KNOWN_INSNS = {
@@ -235,8 +236,9 @@ class Machine:
         res = RunResult("running", "", vcpu=vcpu)
         console = bytearray()
         t0 = time.perf_counter()
+        ident = threading.get_ident()
         try:
-            with v.deadline(timeout) as dl:
+            with v.deadline(timeout) as dl, kicked_by_interrupts(lambda: v.kick(ident)):
                 while res.outcome == "running":
                     res.runs += 1  # before the call: an interrupted KVM_RUN counts too
                     exit = v.run()
@@ -264,7 +266,7 @@ class Machine:
             stop = Interrupted.of(e, res)
             if res.outcome == "running":
                 res.outcome, res.detail = "interrupted", f"{stop.signal.name} arrived before the guest finished; " + (
-                    self._describe_stop(v, stats, before, res.runs - 1, res.console_dropped))
+                    self._describe_stop(v, stats, before, max(0, res.runs - 1), res.console_dropped))
             raise stop from None
         finally:
             res.elapsed = time.perf_counter() - t0
@@ -380,7 +382,12 @@ class Machine:
         if isinstance(exit, HltExit):
             res.outcome, res.detail = "halt", "the guest executed HLT"
         elif isinstance(exit, ShutdownExit):
-            _, rip, where, _ = self._at_rip(vcpu)
+            regs, rip, where, _ = self._at_rip(vcpu)
+            sregs = vcpu.get_sregs()
+            if (regs.rip, sregs.cs.selector, sregs.cs.base) == RESET_STATE:
+                # kvm_amd reinitializes the VMCB and resets the vCPU before reporting a shutdown
+                # (svm.c shutdown_interception): where the guest died is lost
+                where = " (the vCPU's reset state: KVM reset it on shutdown, as kvm_amd does)"
             res.outcome, res.detail = "shutdown", f"the guest triple-faulted (KVM_EXIT_SHUTDOWN) near rip {rip:#x}{where}"
         elif isinstance(exit, InternalErrorExit):
             _, rip, where, _ = self._at_rip(vcpu)
@@ -417,6 +424,14 @@ class Machine:
             return regs, rip, f" (guest-physical {t.physical_address:#x}, which no memory slot backs)", b""
         return regs, rip, "", self.vm.read(t.physical_address, min(3, slot.end - t.physical_address))
 
+    def _byte_before(self, vcpu, rip: int) -> bytes:
+        """The byte before linear ``rip`` in guest memory, b"" where it cannot be read."""
+        try:
+            t = vcpu.translate(rip - 1)
+            return self.vm.read(t.physical_address, 1) if t.valid else b""
+        except (OSError, ValueError):
+            return b""
+
     def _describe_stop(self, vcpu, stats, before, exits: int, console_dropped: int) -> str:
         """What a guest stopped by the timeout was doing: its RIP, the instruction there, whether
         interrupts were off, how many instructions KVM emulated, and what it sent meanwhile."""
@@ -425,8 +440,10 @@ class Machine:
         name = next((n for b, n in _KNOWN_INSNS.items() if insn.startswith(b)), None)
         if insn:
             text += f" ({insn.hex(' ')}{': ' + name if name else ''})"
-        if not regs.rflags & RFLAGS_IF:
-            text += " with interrupts disabled"
+        # kvmiso starts every guest with IF clear (there is no interrupt controller), so a clear
+        # IF alone says nothing; a CLI right before the loop is what the guest chose
+        if not regs.rflags & RFLAGS_IF and insn and self._byte_before(vcpu, rip) == b"\xfa":
+            text += " right after CLI, with interrupts disabled"
         emulated = (stats.snapshot() - before).get("insn_emulation", 0)
         if emulated:
             text += f"; KVM emulated {emulated} instructions"

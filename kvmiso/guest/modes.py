@@ -37,6 +37,7 @@ CR0_PE, CR0_MP, CR0_ET, CR0_NE, CR0_WP, CR0_PG = 1 << 0, 1 << 1, 1 << 4, 1 << 5,
 CR4_PAE, CR4_OSFXSR, CR4_OSXMMEXCPT = 1 << 5, 1 << 9, 1 << 10
 EFER_LME, EFER_LMA, EFER_NXE = 1 << 8, 1 << 10, 1 << 11
 RFLAGS_FIXED = 1 << 1
+RFLAGS_IOPL3 = 3 << 12
 PTE_P, PTE_RW, PTE_US, PTE_PS = 1 << 0, 1 << 1, 1 << 2, 1 << 7
 
 # type, s, l, db, dpl of each GDT entry; base 0, limit 4 GiB, granularity 4 KiB
@@ -114,8 +115,10 @@ def setup(vm, vcpu, image: Image, mode: str, cpl: int, stack_top: int, kernel_st
         long_mode = mode == "long"
         write_gdt(vm, long_mode)
         idt_limit = write_idt(vm, image, long_mode)
-        # A zero I/O bitmap lets CPL3 use every port: kvm_pvm ignores RFLAGS.IOPL for the guest
-        # but honours the bitmap, and VMX/SVM honour both.
+        # CPL3 may use every port by both rules: a zero I/O bitmap (kvm_pvm ignores RFLAGS.IOPL
+        # for the guest but honours the bitmap) and IOPL 3 (set below; QEMU's TCG consults the
+        # bitmap only through a TR cached as "available", and KVM loads it "busy": measured
+        # under kvmiso boot, CPL3 port I/O took #GP there with the bitmap alone).
         tss = bytearray(TSS_LIMIT + 1)
         tss[-1] = 0xFF
         if long_mode:
@@ -137,6 +140,7 @@ def setup(vm, vcpu, image: Image, mode: str, cpl: int, stack_top: int, kernel_st
             sregs.efer = EFER_LME | EFER_LMA | EFER_NXE
             if cpl == 3:
                 code, data = SEL_USER_CODE64, SEL_USER_DATA
+                regs.rflags |= RFLAGS_IOPL3
             else:
                 code, data = SEL_CODE64, SEL_DATA
         else:

@@ -7,7 +7,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from ..kvm import Kvm, vendor_module
+from ..kvm import CpuidEntry, Kvm, vendor_module
 from ..kvm.system import cpu_model, vulnerabilities
 from .machine import Machine
 
@@ -23,13 +23,18 @@ VENDOR_NOTES = {
 
 
 def tracefs_state() -> dict[str, Any]:
+    """Whether tracefs is mounted and how many kvm events it has; ``readable`` False (with the
+    reason) where this user may not look (tracefs is root-only: 0700)."""
     events = TRACEFS / "events"
-    mounted = events.is_dir()
-    return {
-        "path": str(TRACEFS), "mounted": mounted,
-        "kvm_events": len([p for p in (events / "kvm").iterdir() if p.is_dir()]) if mounted and (events / "kvm").is_dir() else 0,
-        "can_mount": os.geteuid() == 0,
-    }
+    state: dict[str, Any] = {"path": str(TRACEFS), "can_mount": os.geteuid() == 0, "readable": True}
+    try:
+        state["mounted"] = events.is_dir() or TRACEFS.is_mount()
+        kvm = events / "kvm"
+        state["kvm_events"] = len([p for p in kvm.iterdir() if p.is_dir()]) if kvm.is_dir() else 0
+    except PermissionError as e:
+        state.update(mounted=TRACEFS.is_mount(), kvm_events=None, readable=False,
+                     reason=f"{e.filename}: {e.strerror} (tracefs is root-only)")
+    return state
 
 
 def kallsyms_state() -> dict[str, Any]:
@@ -50,6 +55,26 @@ def emulated_instructions(kvm: Kvm, mode: str, cpl: int) -> int:
     return int(r.stats.get("insn_emulation", 0))
 
 
+HYPERVISOR_LEAF = 0x40000000
+CPUID_MARKER = (0x6F73696D, 0x6B72616D, 0x76766B2D)  # "miso" "mark" "-kvv": in no CPU's answer
+
+
+def cpuid_intercepted(kvm: Kvm, cpl: int) -> bool:
+    """Whether a guest's CPUID at ``cpl`` gets the CPUID KVM was given (KVM intercepts it) or
+    the host CPU's own answer. Measured: the hypervisor leaf carries a marker in the CPUID this
+    VM is given, and guests/probe_cpuid.S reports what it reads there. On kvm_pvm CPUID at CPL3
+    runs natively (no exit), so it returns the host CPU's values."""
+    with Machine("probe_cpuid", mode="long", cpl=cpl, kvm=kvm) as m:
+        entries = [e for e in m.vcpu.get_cpuid2() if e.function != HYPERVISOR_LEAF]
+        b, c, d = CPUID_MARKER
+        entries.append(CpuidEntry(HYPERVISOR_LEAF, 0, 0, HYPERVISOR_LEAF, b, c, d))
+        m.vcpu.set_cpuid2(entries)
+        r = m.run(timeout=5)
+    if not r.ok:
+        raise RuntimeError(f"the CPUID probe guest did not finish at CPL{cpl}: {r.outcome}: {r.detail}")
+    return tuple(r.report(tag) for tag in range(3)) == CPUID_MARKER
+
+
 def probe(kvm: Kvm) -> dict[str, Any]:
     vendor = vendor_module()
     cpl0 = emulated_instructions(kvm, "long", 0)
@@ -62,6 +87,7 @@ def probe(kvm: Kvm) -> dict[str, Any]:
         "cpl0_native": cpl0 < PROBE_INSNS,
         "cpl3_native": cpl3 < PROBE_INSNS,
         "emulated_instructions": {"probe_instructions": PROBE_INSNS, "cpl0": cpl0, "cpl3": cpl3},
+        "cpuid_intercepted": {"cpl0": cpuid_intercepted(kvm, 0), "cpl3": cpuid_intercepted(kvm, 3)},
         "capabilities": {k: v for k, v in caps.items() if v},
         "capabilities_absent": sorted(k for k, v in caps.items() if not v),
         "vcpu_mmap_size": kvm.vcpu_mmap_size,
@@ -78,7 +104,7 @@ def probe(kvm: Kvm) -> dict[str, Any]:
 
 def fingerprint(info: dict[str, Any]) -> dict[str, Any]:
     """The short host identity recorded with every result file."""
-    keys = ("cpu", "cpus", "kernel", "vendor", "cpl0_native", "api_version")
+    keys = ("cpu", "cpus", "kernel", "vendor", "cpl0_native", "cpuid_intercepted", "api_version")
     fp = {k: info[k] for k in keys}
     fp["mitigations"] = {k: v for k, v in info["vulnerabilities"].items() if v != "Not affected"}
     return fp

@@ -85,7 +85,7 @@ class Capture:
         :class:`kvmiso.interrupt.Interrupted` whose ``partial`` is ``(result, log)``, the log
         marked ``incomplete``."""
         tracer = self.tracer
-        tid = threading.get_native_id()
+        tid = tracer.kernel_tid() if tracer is not None else threading.get_native_id()
         if tracer is not None and tid not in tracer.pids:
             tracer.set_pids(tracer.pids | {tid})  # the vCPU thread is whoever calls run()
         user_hook = run_kwargs.pop("on_exit", None)
@@ -131,7 +131,8 @@ class Capture:
                       tracing_reason=self._reason, events_enabled=list(self.log.events_enabled))
         if tracer is not None:
             try:
-                note = assign_events(records, tracer.read())
+                note = assign_events(records, tracer.read(), lost=tracer.lost - lost_before,
+                                     ends_traced="kvm:kvm_userspace_exit" in tracer.enabled)
             except FormatError as e:  # the run still counts: exits and stats without events
                 log.tracing, note = False, f"the trace pages could not be parsed ({e}): in-kernel events left out"
             log.lost_events = tracer.lost - lost_before
@@ -158,8 +159,11 @@ def capture(machine: "Machine", timeout: float = 5.0, trace: bool | Iterable[str
         return cap.run(machine, timeout=timeout, payload=payload, **run_kwargs)
 
 
-def assign_events(records: list[RunRecord], events: list[TraceEvent]) -> str:
+def assign_events(records: list[RunRecord], events: list[TraceEvent], lost: int = 0,
+                  ends_traced: bool = False) -> str:
     """Put each event into the KVM_RUN it happened in; return a note on how, when it matters.
+    ``ends_traced``: kvm_userspace_exit was enabled (so its absence means lost records, not an
+    event left out); ``lost``: records the kernel could not keep.
 
     Each successful KVM_RUN ends with kvm_userspace_exit (errno 0) in the vCPU thread;
     interrupted ones (errno -EINTR) are retried inside Vcpu.run and belong to the same record.
@@ -183,6 +187,9 @@ def assign_events(records: list[RunRecord], events: list[TraceEvent]) -> str:
     else:
         if any(e.name == "kvm_userspace_exit" for e in events) or ends:
             note = (f"{len(ends)} kvm_userspace_exit events for {completed} KVM_RUN calls: "
+                    "events assigned to KVM_RUN calls by timestamp")
+        elif ends_traced:
+            note = (f"no kvm_userspace_exit record arrived ({lost} trace records lost): "
                     "events assigned to KVM_RUN calls by timestamp")
         else:
             note = "kvm_userspace_exit not traced: events assigned to KVM_RUN calls by timestamp"

@@ -86,8 +86,11 @@ def remove_stale(root: Path) -> list[str]:
     """Remove ``kvmiso-<pid>`` instances whose process is gone; return what was removed.
 
     An instance whose pid is alive is left alone, and so is one the kernel says is busy
-    (EBUSY: somebody holds its files open)."""
-    removed = []
+    (EBUSY: somebody holds its files open). From inside another PID namespace nothing is
+    removed: its pids are not the ones in the names."""
+    removed: list[str] = []
+    if pid_namespace() is not None:
+        return removed
     try:
         names = os.listdir(root / "instances")
     except OSError:
@@ -102,6 +105,21 @@ def remove_stale(root: Path) -> list[str]:
         except OSError:
             pass  # busy or already gone: not ours to force
     return removed
+
+
+INIT_PID_NS = "pid:[4026531836]"  # PROC_PID_INIT_INO: the initial PID namespace's inode
+
+
+def pid_namespace() -> str | None:
+    """The inode of this process's PID namespace when it is not the initial one, else None.
+
+    Trace records carry the kernel's own thread ids (task->pid, the initial namespace's), and
+    set_event_pid takes those; inside another PID namespace getpid() and gettid() differ."""
+    try:
+        ns = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+    return None if ns == INIT_PID_NS else ns.removeprefix("pid:[").rstrip("]")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -199,6 +217,8 @@ class TraceInstance:
         self.foreign = 0  # records of other threads that got past the kernel's pid filter
         self.unknown = 0  # records of an event id without a format (not one we enabled)
         self._fds: dict[int, int] = {}
+        self._root: Path | None = None
+        self._kernel_tids: dict[int, int] = {}  # gettid() -> the kernel's id, in a PID namespace
         self._header = PageHeader()
         self._page_size = 4096
         self._missed_pages = 0
@@ -217,7 +237,7 @@ class TraceInstance:
     def open(self) -> None:
         if os.geteuid() != 0:
             raise TracefsUnavailable("tracing kvm events needs root (tracefs instances are root-only)")
-        root = tracefs_root(self._root_hint)
+        root = self._root = tracefs_root(self._root_hint)
         self.stale_removed = remove_stale(root)
         self._undo_sigterm = interrupt.sigterm_unwinds()
         try:
@@ -230,7 +250,8 @@ class TraceInstance:
 
     def _make_instance(self, root: Path) -> Path:
         with _lock:
-            base = f"{PREFIX}{os.getpid()}"
+            ns = pid_namespace()  # pid 1 in every new namespace: the namespace makes it unique
+            base = f"{PREFIX}{os.getpid()}" if ns is None else f"{PREFIX}ns{ns}-{os.getpid()}"
             name, n = base, 1
             while name in _live:  # several instances in one process at once
                 n += 1
@@ -342,6 +363,29 @@ class TraceInstance:
                 self._undo_sigterm = None
 
     # --- recording ------------------------------------------------------------------------
+
+    def kernel_tid(self) -> int:
+        """The calling thread's id as trace records and set_event_pid know it (the kernel's
+        task->pid). In the initial PID namespace that is gettid(); in another one it is read
+        back from a trace_marker write into this instance, which nobody else writes to."""
+        native = threading.get_native_id()
+        if pid_namespace() is None:
+            return native
+        if native not in self._kernel_tids:
+            assert self.path is not None and self._root is not None
+            fmt = EventFormat.parse((self._root / "events" / "ftrace" / "print" / "format").read_text(), "ftrace")
+            _write(self.path / "tracing_on", "1")
+            try:
+                _write(self.path / "trace_marker", f"kvmiso thread {native}")
+            finally:
+                _write(self.path / "tracing_on", "0")
+            d = decode_buffers(self.read_raw(), self._header, self._page_size, {fmt.id: fmt})
+            marks = [e.pid for e in d.events if e.name == "print"]
+            if not marks:
+                raise TracefsUnavailable("inside a PID namespace, and the trace_marker record that would "
+                                         "give this thread's kernel id did not arrive: cannot filter by thread")
+            self._kernel_tids[native] = marks[-1]
+        return self._kernel_tids[native]
 
     def set_pids(self, pids: Iterable[int]) -> None:
         """Trace these threads (replacing the set): e.g. a vCPU thread started later."""

@@ -1,0 +1,85 @@
+"""kvmiso as a user who may open /dev/kvm but is not root (the README's `kvm` group case), for
+real: uid nobody, in a private mount namespace where /dev/kvm is a copy of the device node that
+only nobody may open. The host's /dev/kvm is never touched. Every command works with what that
+user may see and says once what it could not read."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+NOBODY = 65534
+
+
+@pytest.fixture(scope="module")
+def as_nobody():
+    if os.geteuid() != 0:
+        pytest.skip("needs root to make the unprivileged user's copy of /dev/kvm (mknod, a mount namespace)")
+    for tool in ("unshare", "setpriv"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"needs {tool} (util-linux)")
+    top = Path(tempfile.mkdtemp(prefix="kvmiso-nobody-"))
+    os.chmod(top, 0o755)
+    dev, home = top / "kvm", top / "home"
+    os.mknod(dev, stat.S_IFCHR | 0o600, os.stat("/dev/kvm").st_rdev)
+    os.chown(dev, NOBODY, NOBODY)
+    home.mkdir()
+    os.chown(home, NOBODY, NOBODY)
+    path = os.pathsep.join([str(ROOT), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
+    script = ('mount --bind "$0" /dev/kvm && cd "$1" && shift && exec setpriv --reuid=65534 --regid=65534 '
+              '--clear-groups -- env -i PATH=/usr/bin:/bin HOME="$PWD" PYTHONPATH="$KVMISO_PATH" "$@"')
+
+    def as_user(*argv: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, str(dev),
+                               str(home), *argv], capture_output=True, text=True, timeout=timeout,
+                              env=dict(os.environ, KVMISO_PATH=path))
+
+    # a Python of this minor version that nobody may execute (a pyenv under /root may not be)
+    version = "import sys; print(sys.version_info[:2])"
+    python = next((c for c in (os.path.realpath(sys.executable), "/usr/bin/python3")
+                   if as_user(c, "-c", version).stdout.strip() == str(sys.version_info[:2])), None)
+    if python is None:
+        shutil.rmtree(top)
+        pytest.skip(f"no Python {sys.version_info[0]}.{sys.version_info[1]} that uid {NOBODY} may execute")
+
+    def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        return as_user(python, "-m", "kvmiso.cli", *args, timeout=timeout)
+
+    yield run, home
+    shutil.rmtree(top)
+
+
+def test_probe_run_trace_and_bench_work_for_a_user_with_only_dev_kvm(kvm, as_nobody):
+    run, _ = as_nobody
+    p = run("probe")
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+    assert "not readable: /sys/kernel/tracing/events: Permission denied (tracefs is root-only)" in p.stdout
+    p = run("run", "hello")
+    assert p.returncode == 0 and "Hello from a kvmiso guest!" in p.stdout, p.stderr
+    p = run("trace", "hello")
+    assert p.returncode == 0, p.stderr
+    assert p.stderr == "kvmiso: in-kernel events not traced: tracing kvm events needs root (tracefs instances are root-only)\n"
+    p = run("bench", "--kinds", "out", "--samples", "20", "--runs", "1", "--no-python")
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+
+
+@pytest.mark.slow
+def test_report_for_a_user_with_only_dev_kvm_knows_the_vendor(kvm, vendor, as_nobody):
+    run, home = as_nobody
+    p = run("report", "--out", "rep", timeout=900)
+    assert p.returncode == 0 and "Traceback" not in p.stderr, (p.stdout[-3000:], p.stderr)
+    data = json.loads((home / "rep" / "report.json").read_text())
+    assert data["complete"] and data["host"]["vendor"] == vendor  # from /sys/module, not tracefs
+    assert all(x["as_expected"] for x in data["suite"]), [x for x in data["suite"] if not x["as_expected"]]
+    assert "needs root" in data["skipped"]["in-kernel events"]
+    assert "modeled addresses" in data["skipped"]["kernel addresses"]
