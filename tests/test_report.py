@@ -28,25 +28,28 @@ def test_report_writes_every_part(kvm, tmp_path, vendor):
         assert "matplotlib is not installed" in data["skipped"]["plot"]
     assert data["trace"]["tracing"] and data["trace"]["events"] > 0
     assert data["bench"]["results"]
-    if data["isolation"]:
-        rfc, modern = data["isolation"]["rfc"], data["isolation"]["modern"]
-        assert rfc["exits"] == modern["exits"] > 0
-        assert modern["classes"]["fault"] == 0 and modern["classes"]["unknown"] == 0
-        assert rfc["classes"]["fault"] > 0  # the 2019 set misses vcpu->run on every kernel
-        assert all(f["line"].startswith("KVM isolation: page fault #") for f in rfc["faults"])
+    iso = data["isolation"]
+    rfc, modern, asi = iso["rfc-v1"], iso["rfc-v1+modern"], iso["asi"]
+    assert rfc["exits"] == modern["exits"] == asi["exits"] > 0
+    assert iso["evidence"]["source"].startswith("bpf+btf") and all(c["agreed"] for c in iso["evidence"]["checks"])
+    for r in (rfc, modern, asi):
+        assert r["unknown_functions"] == [] and r["missing_chains"] == 0 and r["lost_events"] == 0
+    assert modern["classes"]["fault"] < rfc["classes"]["fault"]  # the 6.x allocations the RFC's set lacks
+    assert asi["classes"]["fault"] == 0  # a denylist: what it does not map is a designed switch
+    assert all(f["line"].startswith("KVM isolation: page fault #") and f["source"].startswith("bpf")
+               for f in rfc["faults"])
 
 
 def test_check_results_fold(kvm):
     from kvmiso.guest import Machine
-    from kvmiso.isolation import KvmAddressSpace, check, host_layout, load_handlers
-    from kvmiso.observe.capture import capture
+    from kvmiso.observe.capture import Capture
+    from kvmiso.session import capture_checked, check_run
 
-    table = load_handlers()
     results = []
-    for p in ("portio", "cpuid"):
-        with Machine(p, kvm=kvm) as m:
-            _, log = capture(m, payload=p)
-            results.append(check(KvmAddressSpace.default(host_layout(m.vm)), log, table))
+    with Capture() as cap:
+        for p in ("portio", "hello"):
+            with Machine(p, mode="long", cpl=3, kvm=kvm) as m:
+                results.append(check_run(capture_checked(m, cap, p)))
     a, b = results
     exits, runs, faults = a.exits + b.exits, a.runs + b.runs, a.classes["fault"] + b.classes["fault"]
     fault_hits = sum(f.count for f in a.faults) + sum(f.count for f in b.faults)

@@ -281,8 +281,9 @@ class DenylistSpace:
     """The restricted address space of ASI: the kernel table minus sensitive memory.
 
     Sensitive: the user half (ASI's KVM class maps none: ``asi_maps_user_addr()`` is false),
-    except guest memory under asi-2022 (locally non-sensitive); and the direct-map alias of every
-    GFP_USER page the evidence knows (guest memory's pages).
+    except guest memory under asi-2022 (locally non-sensitive); the direct-map alias of every
+    GFP_USER page the evidence knows (guest memory's pages); and KVM's own kernel mappings of
+    guest pages (the pvclock page).
     """
 
     def __init__(self, kernel: LiveKernelTable | ModeledKernelTable, policy: str = "asi") -> None:
@@ -297,6 +298,8 @@ class DenylistSpace:
         self.denied: list[tuple[str, int, int]] = [("user half", 0, KERNEL_HALF)]
         dm = self.layout.regions["direct_map"].start
         for r in self.layout.regions.values():
+            if r.allocator.startswith("guest memory") and not self.policy.guest_memory_mapped:
+                self.denied += [(r.name, s, e) for s, e in r.ranges]  # a kernel mapping of a guest page
             if r.kind != "user" or self.policy.guest_memory_mapped and r.name.startswith("guest_memory"):
                 continue
             for s, e in r.ranges:

@@ -39,7 +39,7 @@ OBJECT_NAMES = frozenset({
     "memslots", "memslot:*", "rmap:*", "lpage_info:*", "guest_memory:*", "bus:*", "vcpu_task", "vcpu_stack",
     "active_mm", "pgd", "percpu_area", "irq_stack", "srcu_sda", "vmcs", "msr_bitmap", "vmcb", "msrpm",
     "vcpu_file", "anon_inode", "files_struct", "guest_fpstate", "msr_filter", "mmu_page_hash", "apic_map",
-    "struct_page", "lapic_regs", "vpic", "vioapic",
+    "struct_page", "lapic_regs", "vpic", "vioapic", "irq_routing", "irq_srcu_sda", "pvclock_page",
 })
 
 
@@ -233,6 +233,10 @@ def _vcpu_objects(k: _Kernel, out: VmObjects, vcpu: int, vid: int, fd: int, vcpu
     add("lapic", apic, k.sizeof("kvm_lapic"), "struct kvm_lapic", "vcpu->arch.apic")
     if apic:
         add("lapic_regs", k.ptr(apic, "kvm_lapic", "regs"), PAGE, "u8[4096]", "vcpu->arch.apic->regs", "page")
+    pv = k.ptr(vcpu, "kvm_vcpu", "arch.pv_time.khva")
+    if pv:  # a kernel mapping of a guest page: guest memory, whatever the allocator says
+        add("pvclock_page", pv & ~(PAGE - 1), PAGE, "struct pvclock_vcpu_time_info page",
+            "vcpu->arch.pv_time.khva (gfn_to_pfn_cache)", "page", "guest memory (kernel mapping)")
     fps = k.ptr(vcpu, "kvm_vcpu", "arch.guest_fpu.fpstate")
     add("guest_fpstate", fps, k.u32(fps, "fpstate", "size") + k.off("fpstate", "regs") if fps else 0,
         "struct fpstate", "vcpu->arch.guest_fpu.fpstate", "btf: offsetof(regs) + fpstate->size")
@@ -266,7 +270,8 @@ def _vm_objects(k: _Kernel, out: VmObjects, kvm: int) -> None:
             ("mmu_page_hash", "arch.mmu_page_hash", 8 * 4096, "struct hlist_head[KVM_NUM_MMU_PAGES]"),
             ("apic_map", "arch.apic_map", k.sizeof("kvm_apic_map"), "struct kvm_apic_map"),
             ("vpic", "arch.vpic", k.sizeof("kvm_pic"), "struct kvm_pic"),
-            ("vioapic", "arch.vioapic", k.sizeof("kvm_ioapic"), "struct kvm_ioapic")):
+            ("vioapic", "arch.vioapic", k.sizeof("kvm_ioapic"), "struct kvm_ioapic"),
+            ("irq_routing", "irq_routing", k.sizeof("kvm_irq_routing_table"), "struct kvm_irq_routing_table")):
         addr = k.ptr(kvm, "kvm", path)
         if addr:
             out.objects.append(KernelObject(name, addr, size, ctype, f"bpf: kvm->{path}",
@@ -388,12 +393,13 @@ def _per_cpu_objects(k: _Kernel, out: VmObjects, task: int, kvm: int, cpus: int)
                                                 "modeled: IRQ_STACK_SIZE 16 KiB", "", "cpu", cpu))
     except BtfError as e:
         out.absent["irq_stack"] = str(e)
-    sda = k.ptr(kvm, "kvm", "srcu.sda")
     size = k.sizeof("srcu_data")
-    for cpu, off in enumerate(offsets):
-        out.objects.append(KernelObject("srcu_sda", sda + off, size, "struct srcu_data",
-                                        "bpf: kvm->srcu.sda + __per_cpu_offset[cpu]", "btf", "per-CPU allocation",
-                                        "cpu", cpu))
+    for name, path in (("srcu_sda", "srcu.sda"), ("irq_srcu_sda", "irq_srcu.sda")):
+        sda = k.ptr(kvm, "kvm", path)
+        for cpu, off in enumerate(offsets):
+            out.objects.append(KernelObject(name, sda + off, size, "struct srcu_data",
+                                            f"bpf: kvm->{path} + __per_cpu_offset[cpu]", "btf", "per-CPU allocation",
+                                            "cpu", cpu))
 
 
 def _with_allocator(k: _Kernel, tables: LiveTables, out: VmObjects, o: KernelObject) -> KernelObject:
