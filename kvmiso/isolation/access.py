@@ -42,12 +42,18 @@ class FunctionAccess:
     cite: str
     note: str = ""
     line: int = 0
-    vendor_touches: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (vendor module, objects) on that vendor only
+    when: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (vendor module or CONFIG_ option, objects)
 
-    def objects(self, vendor: str, to_userspace: bool) -> tuple[str, ...]:
-        """What this function touches on ``vendor``, for an exit that does (or does not) go on
-        to userspace (``name@userspace`` objects only then)."""
-        extra = next((t for v, t in self.vendor_touches if v == vendor), ())
+    def objects(self, vendor: str, config: dict[str, str], to_userspace: bool) -> tuple[str, ...]:
+        """What this function touches on ``vendor`` with kernel ``config`` (``CONFIG_KVM*``; where
+        the kernel exports no config every option counts as set), for an exit that does (or does
+        not) go on to userspace."""
+        def holds(cond: str) -> bool:
+            if cond.startswith("CONFIG_"):
+                return config.get(cond, "n" if config else "y") in ("y", "m")
+            return cond == vendor
+
+        extra = tuple(t for cond, ts in self.when if holds(cond) for t in ts)
         return tuple(t.removesuffix(USERSPACE) for t in self.touches + extra
                      if to_userspace or not t.endswith(USERSPACE))
 
@@ -80,7 +86,7 @@ class AccessModel:
     def objects(self) -> set[str]:
         every = [*self.functions.values(), *self.prefixes]
         return ({t.removesuffix(USERSPACE) for f in every for t in f.touches}
-                | {t for f in every for _, ts in f.vendor_touches for t in ts} | set(self.implicit))
+                | {t for f in every for _, ts in f.when for t in ts} | set(self.implicit))
 
 
 def base_name(function: str) -> str:
@@ -113,12 +119,12 @@ def load_access_model(path: str | Path = ACCESS_TOML) -> AccessModel:
         cite = e.get("cite", "")
         if not isinstance(cite, str) or not cite.strip():
             raise fail(f"{name}: every entry cites the source it was read from (cite = ...)", needle)
-        unknown = set(e) - {key, "touches", "role", "cite", "note", "vendor_touches"}
+        unknown = set(e) - {key, "touches", "role", "cite", "note", "when"}
         if unknown:
             raise fail(f"{name}: unknown key {sorted(unknown)[0]!r}", needle)
-        vt = e.get("vendor_touches", {})
+        vt = e.get("when", {})
         if not isinstance(vt, dict) or not all(isinstance(v, list) for v in vt.values()):
-            raise fail(f"{name}: vendor_touches maps a vendor module to a list of objects", needle)
+            raise fail(f"{name}: when maps a vendor module or CONFIG_ option to a list of objects", needle)
         return FunctionAccess(name, tuple(touches), role, cite, e.get("note", ""), line_of(text, needle) or 0,
                               tuple((k, tuple(v)) for k, v in vt.items()))
 

@@ -251,7 +251,7 @@ class Checker:
             why = self.policy.switch_at(name)
             if why:
                 return "checked", _Verdict("host_mm", kind, f"{name}: {why}")
-            touches = (self.access.implicit if f is frames[start] else ()) + fa.objects(self.layout.vendor, to_userspace)
+            touches = (self.access.implicit if f is frames[start] else ()) + fa.objects(self.layout.vendor, self.layout.evidence.config, to_userspace)
             miss = self._code_miss(f) or self._object_miss(touches, vcpu, e.cpu)
             if miss is not None:
                 addr, obj, source = miss

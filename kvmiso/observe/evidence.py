@@ -77,6 +77,7 @@ class Evidence:
     frames_source: str = ""
     code: dict[int, Frame] = field(default_factory=dict)  # return address -> function
     sections: dict[str, tuple[int, int, str]] = field(default_factory=dict)  # name -> (start, end, source)
+    config: dict[str, str] = field(default_factory=dict)  # CONFIG_KVM* of the running kernel (/proc/config.gz)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -101,7 +102,7 @@ def collect_evidence(vm: Any, vendor: str, code_addresses: Iterable[int] = (), s
     """Evidence for ``vm`` (a :class:`kvmiso.kvm.Vm`, or anything with ``vcpus`` whose ``id`` and
     ``fd`` name vCPU fds open in this process), the functions of ``code_addresses`` (return
     addresses from call chains), and the kernel's sections."""
-    ev = Evidence(kernel=platform.release(), vendor=vendor)
+    ev = Evidence(kernel=platform.release(), vendor=vendor, config=kvm_config())
     symbols = symbols if symbols is not None else read_kallsyms()
     code_addresses = sorted(set(code_addresses))
     if symbols is None:
@@ -187,6 +188,18 @@ def _cross_check_pagemap(ev: Evidence, vm: Any, tables: LiveTables) -> None:
                       via_pagemap == run.address, f"{via_pagemap:#x} vs {run.address:#x}"))
 
 
+def kvm_config(path: str = "/proc/config.gz") -> dict[str, str]:
+    """The running kernel's ``CONFIG_KVM*`` options (empty where the config is not exported)."""
+    import gzip
+
+    try:
+        with gzip.open(path, "rt") as f:
+            return {k: v.strip() for k, _, v in (line.partition("=") for line in f)
+                    if k.startswith("CONFIG_KVM") and v}
+    except OSError:
+        return {}
+
+
 def resolve_code(symbols: Symbols, addresses: Iterable[int]) -> dict[int, Frame]:
     """Each return address as function+offset/size (size: to the next code symbol)."""
     out = {}
@@ -247,7 +260,8 @@ def evidence_from_dict(d: dict[str, Any], source: str = "<evidence>") -> Evidenc
             pgd_phys=d["pgd_phys"], page_offset_base=d["page_offset_base"], frames=frames,
             kernel_mapped={int(k): v for k, v in d["kernel_mapped"].items()}, frames_source=d["frames_source"],
             code={int(a, 16): Frame(int(a, 16), f, o, s) for a, (f, o, s) in d["code"].items()},
-            sections={k: (v[0], v[1], v[2]) for k, v in d["sections"].items()}, notes=d["notes"])
+            sections={k: (v[0], v[1], v[2]) for k, v in d["sections"].items()}, notes=d["notes"],
+            config=d.get("config", {}))
     except (KeyError, TypeError, ValueError) as e:
         raise EvidenceError(f"{source}: malformed evidence ({type(e).__name__}: {e})") from None
 
