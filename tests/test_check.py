@@ -233,3 +233,33 @@ def test_measure_switches_of_a_looping_guest(kvm):
     asi = measure_switches(kvm, "bench_out", policy="asi", max_exits=16)
     assert rfc.runs == asi.runs == 16 and rfc.switches_per_run >= 2 and asi.switches_per_run >= 2
     assert not rfc.unknown_functions and not asi.unknown_functions
+
+
+@pytest.mark.parametrize("name", ["portio", "hello-cpl3"])
+def test_exits_are_cut_by_the_handlers_own_frames(name):
+    """kvm_pvm has no kvm_exit: one call of the exit handler is one exit. At CPL0 every emulated
+    instruction is one; at CPL3 the #GP trap, the fetch of the faulting instruction and its
+    emulation are one, and each guest page fault is one. So every exit in the window holds one
+    kvm_emulate_insn, or is one page fault (one walk started by the fault handler), which may
+    emulate the faulting instruction (a write to a shadowed page table, MMIO)."""
+    from kvmiso.isolation.check import Checker
+    from kvmiso.isolation.exitcut import RUN_PATH, cut_exits
+
+    log, ev = _saved(name)
+    checker = Checker(address_space(build_layout(ev, cpus=2)), ACCESS)
+    windows = 0
+    for r in log.records:
+        chains = [checker.frames(e) for e in r.events]
+        for group in cut_exits(False, r.events, chains):
+            names = {f.function.split(".")[0] for i in group for f in chains[i]}
+            if "pvm_handle_exit" not in names:
+                continue
+            windows += 1
+            emulated = sum(r.events[i].name == "kvm_emulate_insn" for i in group)
+            faults = sum(r.events[i].name == "kvm_mmu_pagetable_walk" and "paging64_page_fault" in
+                         {f.function for f in chains[i]} for i in group)
+            assert (emulated, faults) in ((1, 0), (0, 1), (1, 1)), (r.run, group)
+            assert RUN_PATH in names
+    openers = sum(1 for _, e in log.events() if e.name == "kvm_emulate_insn" or (
+        e.name == "kvm_mmu_pagetable_walk" and "paging64_page_fault" in {ev.code[a].function for a in e.stack}))
+    assert 0 < windows <= openers

@@ -20,8 +20,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvmiso.observe.exitlog import TraceEvent
-from kvmiso.observe.traceformat import (MISSED_EVENTS, MISSED_STORED, TS_SHIFT, TYPE_PADDING, TYPE_TIME_EXTEND,
-                                        EventFormat, FormatError, PageHeader, parse_page)
+from kvmiso.observe.ringbuffer import (MISSED_EVENTS, MISSED_STORED, TS_SHIFT, TYPE_PADDING, TYPE_TIME_EXTEND,
+                                       PageHeader, parse_page)
+from kvmiso.observe.traceformat import EventFormat, FormatError
 from kvmiso.observe.tracefs import (TraceInstance, TracefsUnavailable, decode_buffers, remove_stale,
                                     tracefs_root)
 

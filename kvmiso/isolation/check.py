@@ -37,6 +37,7 @@ from typing import Any
 from ..observe.evidence import Frame
 from ..observe.exitlog import ExitLog, RunRecord, TraceEvent
 from .access import AccessModel, base_name
+from .exitcut import RUN_PATH, cut_exits
 from .layout import PAGE, Region
 from .mapset import DenylistSpace, KvmAddressSpace
 
@@ -44,7 +45,6 @@ CLASSES = ("kvm_mm", "host_mm", "fault", "unknown")
 # Access-model objects that live inside a region the layout names otherwise: kvm_pvm's static
 # per-CPU variables are in each CPU's per-CPU unit.
 ALIASES = {"pvm_percpu": "percpu_area"}
-RUN_PATH = "kvm_arch_vcpu_ioctl_run"  # an event below it happened inside KVM_RUN
 MAX_PAGES_CHECKED = 1024  # pages of one object checked (guest RAM: 2 MiB)
 # The CR3 switch cost used when none is given: an assumption, always printed with its source.
 DEFAULT_SWITCH_COST_NS = 250.0
@@ -285,49 +285,6 @@ class Checker:
         return None
 
 
-def _exits(log_has_exit_events: bool, events: list[TraceEvent], chains: list[list[Frame]]) -> list[list[int]]:
-    """Indexes of the events of each exit; events before the first opener belong to the first.
-
-    With ``kvm_exit`` (VMX/SVM) each one opens an exit. Without it (kvm_pvm), one call of the
-    exit handler is one exit, told apart by the handler's own frames: the chain from KVM_RUN
-    down to the emulator's entry (``x86_emulate_instruction``) or 4 frames deep. Within one call
-    straight-line code only moves forward, so a different function there, or a lower return
-    address, is the next exit; and an event at or before the place where this exit's
-    instruction was decoded (``kvm_emulate_insn``) begins the next instruction.
-    """
-    groups: list[list[int]] = [[]]
-    prev: tuple[tuple[str, int], ...] = ()
-    decoded: tuple[int, ...] | None = None  # where this exit's kvm_emulate_insn fired
-    for i, e in enumerate(events):
-        site = _dispatch(chains[i])
-        if log_has_exit_events:
-            opens = e.name == "kvm_exit"
-        else:
-            n = min(len(site), len(prev))  # compare the frames both chains have
-            same = all(a[0] == b[0] for a, b in zip(site[:n], prev[:n]))
-            addrs = tuple(a for _, a in site)
-            opens = bool(site) and (not same or addrs[:n] < tuple(a for _, a in prev[:n])
-                                    or (decoded is not None and addrs[:len(decoded)] <= decoded[:len(addrs)]
-                                        and e.name != "kvm_emulate_insn"))
-        if opens and groups[-1]:
-            groups.append([])
-            decoded = None
-        groups[-1].append(i)
-        if e.name == "kvm_emulate_insn" and site:
-            decoded = tuple(a for _, a in site)
-        prev = site or prev
-    return [g for g in groups if g]
-
-
-def _dispatch(chain: list[Frame]) -> tuple[tuple[str, int], ...]:
-    names = [base_name(f.function) for f in chain]
-    if RUN_PATH not in names:
-        return ()
-    k = names.index(RUN_PATH)
-    end = names.index("x86_emulate_instruction") + 1 if "x86_emulate_instruction" in names[k:] else k + 4
-    return tuple((f.function, f.address) for f in chain[k:end])
-
-
 def check(space: KvmAddressSpace | DenylistSpace, log: ExitLog, access: AccessModel,
           switch_cost_ns: float | None = None, switch_cost_source: str = "", source: str = "<exit log>",
           same_kernel: bool = True) -> CheckResult:
@@ -365,7 +322,7 @@ def check(space: KvmAddressSpace | DenylistSpace, log: ExitLog, access: AccessMo
         res.missing_chains += n * sum(1 for e in evs if not e.stack)
         chains = [checker.frames(e) for e in evs]
         switches, left = 1, False  # entering the isolated space before the first VM entry
-        exits = _exits(has_exit_events, evs, chains)
+        exits = cut_exits(has_exit_events, evs, chains)
         for x, group in enumerate(exits):
             verdict, checked = None, False
             # the last exit of a KVM_RUN that returned with an exit is the one that goes to userspace

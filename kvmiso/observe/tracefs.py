@@ -37,8 +37,8 @@ from typing import Callable, Iterable
 
 from .. import interrupt
 from .exitlog import TraceEvent
-from .traceformat import (EventFormat, FormatError, PageHeader, common_pid, common_type, iter_pages, kernel_stack,
-                          parse_page)
+from .ringbuffer import PageHeader, iter_pages, parse_page
+from .traceformat import EventFormat, FormatError, common_pid, common_type, kernel_stack
 
 TRACEFS = Path("/sys/kernel/tracing")
 PREFIX = "kvmiso-"
