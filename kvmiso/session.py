@@ -26,7 +26,7 @@ from .observe.exitlog import ExitLog
 from .kvm import vendor_module
 from .observe.attach import Attached, watch
 from .observe.process import ForeignVm, ProcessError, kvm_fds
-from .observe.vmobjects import possible_cpus
+from .observe.kobject import possible_cpus
 
 VCPU_SETTLE_S = 0.5  # after a process's vCPUs appear, before its VM is read (they have run by then)
 

@@ -15,7 +15,7 @@ from kvmiso.isolation.access import AccessModelError
 from kvmiso.observe.capture import Capture
 from kvmiso.observe.evidence import collect_evidence, read_evidence, write_evidence
 from kvmiso.observe.exitlog import read_jsonl
-from kvmiso.observe.vmobjects import KernelObject
+from kvmiso.observe.kobject import KernelObject
 
 FIX = Path(__file__).parent / "fixtures" / "evidence"
 ACCESS = load_access_model()

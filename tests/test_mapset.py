@@ -13,7 +13,8 @@ from kvmiso.isolation.kerneltable import LiveKernelTable, ModeledKernelTable
 from kvmiso.isolation.layout import build_layout
 from kvmiso.isolation.mapset import (DenylistSpace, KvmAddressSpace, MapSetError, RegionSpec, SharedTableError,
                                      address_space, default_specs)
-from kvmiso.isolation.pagetable import SIZE_2M, GuestStore, P, PageTableError, RW
+from kvmiso.isolation.framestore import GuestStore, PageTableError
+from kvmiso.isolation.pagetable import SIZE_2M, P, RW
 from kvmiso.isolation.regionfile import load_regions
 from kvmiso.observe.evidence import read_evidence
 

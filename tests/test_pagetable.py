@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 
 from kvmiso.guest import Machine
 from kvmiso.guest.build import build
-from kvmiso.isolation.pagetable import (NX, P, PS, RW, SIZE_1G, SIZE_2M, SIZE_4K, US, ByteStore,
-                                        GuestStore, PageTable, PageTableError, canonical)
+from kvmiso.isolation.framestore import ByteStore, GuestStore, PageTableError
+from kvmiso.isolation.pagetable import (NX, P, PS, RW, SIZE_1G, SIZE_2M, SIZE_4K, US, PageTable, canonical)
 
 # --- pure logic ---------------------------------------------------------------------------------
 

@@ -11,7 +11,8 @@ from .access import AccessModel, AccessModelError, load_access_model
 from .check import CheckError, CheckResult, check
 from .layout import Layout, Region, build_layout
 from .mapset import DEFAULT_SET, DenylistSpace, KvmAddressSpace, MapSetError, SharedTableError, address_space
-from .pagetable import ByteStore, GuestStore, PageTable, PageTableError, SnapshotStore
+from .framestore import ByteStore, GuestStore, PageTableError, SnapshotStore
+from .pagetable import PageTable
 from .policy import POLICIES, Policy
 from .regionfile import load_regions, shipped_sets
 from .render import model_summary, model_text, result_text

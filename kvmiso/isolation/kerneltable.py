@@ -12,7 +12,8 @@ cpu_entry_area and ESPFIX pages. Every number it yields is modeled, and the layo
 from __future__ import annotations
 
 from .layout import PAGE, Layout
-from .pagetable import G, NX, P, RW, SIZE_1G, SIZE_2M, SIZE_4K, US, ByteStore, FrameStore, PageTable, SnapshotStore
+from .framestore import ByteStore, FrameStore, SnapshotStore
+from .pagetable import G, NX, P, RW, SIZE_1G, SIZE_2M, SIZE_4K, US, PageTable
 
 CEA_PER_CPU = 0x3B000  # sizeof(struct cpu_entry_area), rounded to pages, on a 6.x x86-64 build: modeled
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..observe.evidence import Evidence
-from ..observe.vmobjects import KernelObject
+from ..observe.kobject import KernelObject
 
 PAGE = 4096
 START_KERNEL_MAP = 0xFFFF_FFFF_8000_0000  # __START_KERNEL_map

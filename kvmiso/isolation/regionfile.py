@@ -20,10 +20,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..observe.vmobjects import known_object
+from ..observe.kobject import known_object
 from .layout import Layout
 from .mapset import LEVELS, KvmAddressSpace, MapSetError, RegionSpec, default_specs
-from .pagetable import LEVEL_SPAN, PageTableError, canonical
+from .framestore import PageTableError
+from .pagetable import LEVEL_SPAN, canonical
 from .policy import POLICIES
 from .tomlfile import TomlFileError, line_of, load_toml
 

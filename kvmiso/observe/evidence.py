@@ -32,7 +32,8 @@ from .bpf import BpfUnavailable, KernelMemory, KernelReadError
 from .btf import Btf, BtfError
 from .kallsyms import Symbols, read_kallsyms
 from .livemm import LiveTableError, LiveTables
-from .vmobjects import KernelObject, read_vm_objects
+from .kobject import KernelObject, possible_cpus
+from .vmobjects import find_vm, read_vm_objects
 
 FORMAT_VERSION = 1
 PAGE = 4096
@@ -131,8 +132,6 @@ _STATIC: dict[int, tuple[int, dict[int, bytes], dict[int, int]]] = {}
 
 
 def _read_kernel(ev: Evidence, mem: KernelMemory, vm: Any, vendor: str, code: list[int], cpus: int | None) -> None:
-    from .vmobjects import find_vm, possible_cpus
-
     modules = tuple(m for m in ("kvm", vendor) if (Path("/sys/kernel/btf") / m).exists())
     btf = Btf.running(modules)
     handle = find_vm(mem, btf, {v.id: v.fd for v in vm.vcpus})

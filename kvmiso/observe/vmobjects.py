@@ -9,14 +9,13 @@ This is what :mod:`kvmiso.isolation` checks against: real addresses, not a 2019 
 
 from __future__ import annotations
 
-import struct
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 
-from .bpf import KernelMemory, KernelReadError
+from .bpf import KernelMemory
 from .btf import ENUM, Btf, BtfError
+from .kernelfacts import per_cpu_objects, struct_pages, with_allocator
+from .kobject import PAGE, KernelObject, KernelView, VmObjects
 from .livemm import LiveTables
-
-PAGE = 4096
 
 # The vendor module's container of struct kvm_vcpu / struct kvm, and its per-vCPU pages:
 # (object name, member path in the vendor vCPU struct, what it is). A member this kernel lacks
@@ -30,92 +29,6 @@ VENDOR_PAGES = {
                 ("msrpm", "msrpm", "svm->msrpm, the MSR permission map")],
     "kvm_pvm": [],
 }
-
-
-# Every object name read_vm_objects can produce (``bus:PIO``, ``memslot:0`` ... are families):
-# what the access model and region files may name.
-OBJECT_NAMES = frozenset({
-    "vcpu_struct", "vm_struct", "kvm_run_page", "pio_data", "emulate_ctxt", "cpuid_entries", "lapic", "mmu_root",
-    "memslots", "memslot:*", "rmap:*", "lpage_info:*", "guest_memory:*", "bus:*", "vcpu_task", "vcpu_stack",
-    "active_mm", "pgd", "percpu_area", "irq_stack", "srcu_sda", "vmcs", "msr_bitmap", "vmcb", "msrpm",
-    "vcpu_file", "anon_inode", "files_struct", "guest_fpstate", "msr_filter", "mmu_page_hash", "apic_map",
-    "struct_page", "lapic_regs", "vpic", "vioapic", "irq_routing", "irq_srcu_sda", "pvclock_page",
-})
-
-
-def known_object(name: str) -> bool:
-    """Is ``name`` an object (or family, ``bus:*``) kvmiso can read from the kernel?"""
-    family = name.split(":", 1)[0] + ":*" if ":" in name else name
-    return name in OBJECT_NAMES or family in OBJECT_NAMES
-
-
-@dataclass(frozen=True)
-class KernelObject:
-    """One object a VM exit may touch, at its real address.
-
-    ``source`` says how the address was read (``bpf: vcpu->arch.pio_data``), ``size_source``
-    where its size comes from (``btf``, ``page``, ...), ``allocator`` how it was allocated
-    (``slab x86_emulator``, ``page allocator``, ``vmalloc``, ``inside vm_struct``, ``user``).
-    ``per`` is ``vcpu`` or ``cpu`` for one-per objects (``index`` says which), else ``""``.
-    """
-
-    name: str
-    address: int
-    size: int
-    ctype: str
-    source: str
-    size_source: str = "btf"
-    allocator: str = ""
-    per: str = ""
-    index: int = 0
-    modeled: bool = False
-
-    @property
-    def end(self) -> int:
-        return self.address + self.size
-
-
-@dataclass
-class VmObjects:
-    """What was found, what could not be, and the derived facts (each with its source)."""
-
-    objects: list[KernelObject] = field(default_factory=list)
-    absent: dict[str, str] = field(default_factory=dict)  # name -> why
-    facts: dict[str, tuple[int, str]] = field(default_factory=dict)  # name -> (value, source)
-    checks: list[tuple[str, bool, str]] = field(default_factory=list)  # (what, agreed, detail)
-    per_cpu_offsets: list[int] = field(default_factory=list)
-    threads: dict[int, int] = field(default_factory=dict)  # vcpu id -> thread id
-
-    def object_named(self, name: str) -> KernelObject | None:
-        return next((o for o in self.objects if o.name == name), None)
-
-
-class _Kernel:
-    """Typed pointer walks: ``k.ptr(addr, "kvm_vcpu", "arch.pio_data")``."""
-
-    def __init__(self, mem: KernelMemory, btf: Btf) -> None:
-        self.mem, self.btf = mem, btf
-
-    def off(self, struct_name: str, path: str) -> int:
-        return self.btf.struct(struct_name).offset(path)
-
-    def ptr(self, addr: int, struct_name: str, path: str) -> int:
-        return self.mem.u64(addr + self.off(struct_name, path))
-
-    def u32(self, addr: int, struct_name: str, path: str) -> int:
-        return struct.unpack("<I", self.mem.read(addr + self.off(struct_name, path), 4))[0]
-
-    def sizeof(self, name: str) -> int:
-        return self.btf.sizeof(name)
-
-
-def possible_cpus(text: str) -> int:
-    """The number of CPUs in a ``/sys/devices/system/cpu/possible`` list (``0-1``)."""
-    n = 0
-    for part in text.strip().split(","):
-        lo, _, hi = part.partition("-")
-        n += int(hi or lo) - int(lo) + 1
-    return n
 
 
 @dataclass(frozen=True)
@@ -137,7 +50,7 @@ class VmHandle:
 
 def find_vm(mem: KernelMemory, btf: Btf, vcpu_fds: dict[int, int]) -> VmHandle:
     """The VM behind ``vcpu_fds`` (``{vcpu id: fd}``), open in the calling process."""
-    k = _Kernel(mem, btf)
+    k = KernelView(mem, btf)
     current = mem.current_task()
     fdt = k.ptr(k.ptr(current, "task_struct", "files"), "files_struct", "fdt")
     fd_array = k.ptr(fdt, "fdtable", "fd")
@@ -163,7 +76,7 @@ def find_vm(mem: KernelMemory, btf: Btf, vcpu_fds: dict[int, int]) -> VmHandle:
     return VmHandle(vcpus, dict(vcpu_fds), files, kvm, mm, k.ptr(mm, "mm_struct", "pgd"), tasks, tids, tuple(checks))
 
 
-def _pid_task(k: _Kernel, pid: int) -> int:
+def _pid_task(k: KernelView, pid: int) -> int:
     """pid_task(pid, PIDTYPE_PID): the task a ``struct pid *`` names, or 0."""
     if not pid:
         return 0
@@ -174,7 +87,7 @@ def _pid_task(k: _Kernel, pid: int) -> int:
 def read_vm_objects(mem: KernelMemory, btf: Btf, vm: VmHandle, vendor: str, tables: LiveTables,
                     cpus: int) -> VmObjects:
     """The objects of ``vm`` (see :func:`find_vm`); ``tables``: the live table of ``vm.pgd``."""
-    k = _Kernel(mem, btf)
+    k = KernelView(mem, btf)
     out = VmObjects(checks=list(vm.checks), threads=dict(vm.threads))
     vcpu_struct, vm_struct = VENDOR_STRUCTS.get(vendor, ("", ""))
     if not btf.has_struct(vcpu_struct):
@@ -193,25 +106,13 @@ def read_vm_objects(mem: KernelMemory, btf: Btf, vm: VmHandle, vendor: str, tabl
     _vm_objects(k, out, vm.kvm)
     for vid, (task, how) in sorted(vm.tasks.items()):
         _task_objects(k, out, vid, task, how, tables)
-    _per_cpu_objects(k, out, vm.tasks[min(vm.tasks)][0], vm.kvm, cpus)
-    _struct_pages(k, out, tables)
-    out.objects = [o if o.allocator else _with_allocator(k, tables, out, o) for o in out.objects]
+    per_cpu_objects(k, out, vm.tasks[min(vm.tasks)][0], vm.kvm, cpus)
+    struct_pages(k, out, tables)
+    out.objects = [o if o.allocator else with_allocator(k, tables, out, o) for o in out.objects]
     return out
 
 
-def _struct_pages(k: _Kernel, out: VmObjects, tables: LiveTables) -> None:
-    """The struct page of each shadow root (the MMU reads it for every shadow page lookup)."""
-    vmemmap = out.facts.get("vmemmap_base")
-    for root in [o for o in out.objects if o.name == "mmu_root"]:
-        phys = tables.translate(root.address)
-        if vmemmap is not None and phys is not None:
-            size = k.sizeof("page")
-            out.objects.append(KernelObject("struct_page", vmemmap[0] + (phys >> 12) * size, size, "struct page",
-                                            "vmemmap_base + PFN(mmu_root) * sizeof(struct page)", "btf",
-                                            "vmemmap", "vcpu", root.index))
-
-
-def _vcpu_objects(k: _Kernel, out: VmObjects, vcpu: int, vid: int, fd: int, vcpu_struct: str, in_vcpu: int,
+def _vcpu_objects(k: KernelView, out: VmObjects, vcpu: int, vid: int, fd: int, vcpu_struct: str, in_vcpu: int,
                   vendor: str, direct_map: int) -> None:
     def add(name: str, addr: int, size: int, ctype: str, how: str, size_source: str = "btf", allocator: str = "") -> None:
         if addr:
@@ -253,7 +154,7 @@ def _vcpu_objects(k: _Kernel, out: VmObjects, vcpu: int, vid: int, fd: int, vcpu
         add(name, addr, PAGE, "page", f"{vcpu_struct}->{path}", "page")
 
 
-def _vm_objects(k: _Kernel, out: VmObjects, kvm: int) -> None:
+def _vm_objects(k: KernelView, out: VmObjects, kvm: int) -> None:
     buses = [n for n, _v in k.btf.find(ENUM, "kvm_bus").enumerators if n != "KVM_NR_BUSES"]
     for i, enumerator in enumerate(buses):
         bus = k.ptr(kvm, "kvm", f"buses[{i}]")
@@ -316,7 +217,7 @@ def _vm_objects(k: _Kernel, out: VmObjects, kvm: int) -> None:
                 stack.append(c)
 
 
-def _task_objects(k: _Kernel, out: VmObjects, vid: int, task: int, how: str, tables: LiveTables) -> None:
+def _task_objects(k: KernelView, out: VmObjects, vid: int, task: int, how: str, tables: LiveTables) -> None:
     """The vCPU thread's task, stack (and, once, its mm and page table)."""
     def add(name: str, addr: int, size: int, ctype: str, source: str, size_source: str = "btf", allocator: str = "",
             per: str = "vcpu") -> None:
@@ -352,91 +253,4 @@ def _task_objects(k: _Kernel, out: VmObjects, vid: int, task: int, how: str, tab
                 out.checks.append(("vmemmap_base agrees for the stack's second page", agree, f"{second:#x}"))
 
 
-def _per_cpu_objects(k: _Kernel, out: VmObjects, task: int, kvm: int, cpus: int) -> None:
-    """__per_cpu_offset[] is data kallsyms does not show. Each CPU's runqueue is found through the
-    task group (task->sched_task_group->cfs_rq[cpu]->rq); per_cpu(this_cpu_off, cpu), read next
-    to it, is __per_cpu_offset[cpu]. Their difference less the runqueue's offset in
-    .data..percpu (BTF) is __per_cpu_start: 0 where per-CPU data is zero-based (before 6.15),
-    a kernel image address after; it must be the same for every CPU."""
-    try:
-        _rq_id, rq_off = k.btf.per_cpu_var("runqueues")
-        _t_id, this_off = k.btf.per_cpu_var("this_cpu_off")
-        tg = k.ptr(task, "task_struct", "sched_task_group")
-        cfs = k.ptr(tg, "task_group", "cfs_rq")
-    except (BtfError, KernelReadError) as e:
-        out.absent["percpu_area"] = f"per-CPU offsets not derivable: {e}"
-        return
-    offsets, units = [], []
-    for cpu in range(cpus):
-        unit = k.ptr(k.mem.u64(cfs + 8 * cpu), "cfs_rq", "rq") - rq_off  # the CPU's copy of .data..percpu
-        offsets.append(k.mem.u64(unit + this_off))
-        units.append(unit)
-    starts = {(u - o) % (1 << 64) for u, o in zip(units, offsets)}
-    out.checks.append(("__per_cpu_start is the same for every CPU (unit - per_cpu(this_cpu_off, cpu))",
-                       len(starts) == 1, ", ".join(f"{s:#x}" for s in sorted(starts))))
-    out.per_cpu_offsets = offsets
-    out.facts["__per_cpu_start"] = (min(starts), "bpf: runqueue unit - per_cpu(this_cpu_off, cpu)")
-    size = min((b - a for a, b in zip(sorted(units), sorted(units)[1:])), default=0)
-    for cpu, unit in enumerate(units):
-        out.objects.append(KernelObject("percpu_area", unit, size or PAGE, "the per-CPU unit",
-                                        "bpf: task_group->cfs_rq[cpu]->rq - runqueues' offset in .data..percpu (BTF)",
-                                        "distance between consecutive CPUs' units" if size else "modeled: one page",
-                                        "per-CPU first chunk", "cpu", cpu))
-    try:
-        _h, hard_off = k.btf.per_cpu_var("hardirq_stack_ptr")
-        for cpu, unit in enumerate(units):
-            top = k.mem.u64(unit + hard_off)
-            if top:  # the pointer is to the stack's top word: IRQ_STACK_SIZE (16 KiB) below it, + 8
-                base = (top + 8) - 4 * PAGE
-                out.objects.append(KernelObject("irq_stack", base, 4 * PAGE, "char[IRQ_STACK_SIZE]",
-                                                "bpf: per_cpu(hardirq_stack_ptr, cpu) + 8 - IRQ_STACK_SIZE",
-                                                "modeled: IRQ_STACK_SIZE 16 KiB", "", "cpu", cpu))
-    except BtfError as e:
-        out.absent["irq_stack"] = str(e)
-    size = k.sizeof("srcu_data")
-    for name, path in (("srcu_sda", "srcu.sda"), ("irq_srcu_sda", "irq_srcu.sda")):
-        sda = k.ptr(kvm, "kvm", path)
-        for cpu, off in enumerate(offsets):
-            out.objects.append(KernelObject(name, sda + off, size, "struct srcu_data",
-                                            f"bpf: kvm->{path} + __per_cpu_offset[cpu]", "btf", "per-CPU allocation",
-                                            "cpu", cpu))
-
-
-def _with_allocator(k: _Kernel, tables: LiveTables, out: VmObjects, o: KernelObject) -> KernelObject:
-    """The object with its allocator read from the kernel: user half, direct map (slab cache
-    name from struct slab, else the page allocator), or vmalloc."""
-    if o.address < 1 << 47:
-        return replace(o, allocator="user")
-    phys = tables.translate(o.address)
-    if phys is None:
-        return replace(o, allocator="not mapped in the live table")
-    if o.address - tables.page_offset_base != phys:
-        return replace(o, allocator="vmalloc (not a direct-map address)")
-    vmemmap = out.facts.get("vmemmap_base")
-    if vmemmap is None:
-        return replace(o, allocator="direct map (struct page not readable)")
-    page = vmemmap[0] + (phys >> 12) * k.sizeof("page")
-    try:
-        head = k.mem.u64(page + k.off("page", "compound_head"))
-        if head & 1:
-            page = head - 1
-        if _is_slab(k, page):
-            cache = k.mem.u64(page + k.off("slab", "slab_cache"))
-            name = k.mem.string(k.mem.u64(cache + k.off("kmem_cache", "name")))
-            return replace(o, allocator=f"slab {name}")
-    except (KernelReadError, BtfError):
-        return replace(o, allocator="direct map (struct page not readable)")
-    return replace(o, allocator="page allocator")
-
-
-def _is_slab(k: _Kernel, page: int) -> bool:
-    """PageSlab(): the page type PGTY_slab in its top byte (6.12+), else the PG_slab flag."""
-    pgty = k.btf.enum_value("PGTY_slab")
-    if pgty is not None:
-        return struct.unpack("<I", k.mem.read(page + k.off("page", "page_type"), 4))[0] >> 24 == pgty
-    bit = k.btf.enum_value("PG_slab")
-    return bit is not None and bool(k.mem.u64(page + k.off("page", "flags")) >> bit & 1)
-
-
-__all__ = ["KernelObject", "OBJECT_NAMES", "VmHandle", "VmObjects", "find_vm", "known_object", "possible_cpus",
-           "read_vm_objects"]
+__all__ = ["VENDOR_PAGES", "VENDOR_STRUCTS", "VmHandle", "find_vm", "read_vm_objects"]
