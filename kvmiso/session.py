@@ -55,6 +55,7 @@ def machine_evidence(machine: Machine, log: ExitLog | None = None) -> Evidence:
 
 
 def host_cpus() -> int:
+    """The number of possible CPUs (the per-CPU units the kernel set up)."""
     try:
         with open("/sys/devices/system/cpu/possible") as f:
             return possible_cpus(f.read())
@@ -108,6 +109,7 @@ class WatchedProcess:
 
     @property
     def log(self) -> ExitLog:
+        """The exit log of the watched process."""
         return self.attached.log
 
 

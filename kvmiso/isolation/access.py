@@ -70,6 +70,7 @@ class AccessModel:
     source: str
 
     def lookup(self, function: str) -> FunctionAccess | None:
+        """The entry for ``function`` (a compiler clone's base name, or a prefix family), or None."""
         hit = self.functions.get(function) or self.functions.get(_CLONE.sub("", function))
         if hit is not None:
             return hit
@@ -84,6 +85,7 @@ class AccessModel:
         return frozenset(f.name for f in self.functions.values() if f.role == "exit-handler")
 
     def objects(self) -> set[str]:
+        """Every object name the model uses."""
         every = [*self.functions.values(), *self.prefixes]
         return ({t.removesuffix(USERSPACE) for f in every for t in f.touches}
                 | {t for f in every for _, ts in f.when for t in ts} | set(self.implicit))

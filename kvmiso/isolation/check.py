@@ -71,6 +71,7 @@ class Fault:
     stack: tuple[str, ...] = ()
 
     def line(self, n: int) -> str:
+        """This fault as the RFC's log line, numbered ``n``."""
         where = f"{self.function}+{self.offset:#x}" + (f"/{self.size:#x}" if self.size else "")
         return f"KVM isolation: page fault #{n} ({self.count}) at {where} on {self.address:016x} ({self.region})"
 
@@ -104,10 +105,12 @@ class CheckResult:
 
     @property
     def switches_per_run(self) -> float:
+        """Address-space switches per KVM_RUN."""
         return self.switches / self.runs if self.runs else 0.0
 
     @property
     def overhead_ns(self) -> float:
+        """Estimated cost of the switches, at ``switch_cost_ns`` each."""
         return self.switches * self.switch_cost_ns
 
     @property
@@ -153,6 +156,7 @@ class CheckResult:
         return [f.line(i) for i, f in enumerate(self.faults)]
 
     def to_dict(self) -> dict[str, Any]:
+        """The result as JSON-ready data (the keys ``kvmiso check --json`` prints)."""
         return {
             "policy": self.policy, "vendor": self.vendor, "evidence": self.evidence, "runs": self.runs,
             "exits": self.exits, "classes": self.classes, "by_kind": {c: dict(k) for c, k in self.by_kind.items()},

@@ -22,9 +22,14 @@ class PageTableError(ValueError):
 class FrameStore(Protocol):
     """Physical memory that page-table frames live in."""
 
-    def read(self, pa: int, length: int) -> bytes: ...
-    def write(self, pa: int, data: bytes) -> None: ...
-    def alloc(self) -> int: ...
+    def read(self, pa: int, length: int) -> bytes:
+        """``length`` bytes at physical ``pa``."""
+
+    def write(self, pa: int, data: bytes) -> None:
+        """Write ``data`` at physical ``pa``."""
+
+    def alloc(self) -> int:
+        """A zeroed frame: its physical address."""
 
 
 class _FramePool:
@@ -55,12 +60,14 @@ class ByteStore(_FramePool):
         self.mem = bytearray(size)
 
     def read(self, pa: int, length: int) -> bytes:
+        """``length`` bytes at physical ``pa``."""
         off = pa - self.base
         if off < 0 or off + length > len(self.mem):
             raise PageTableError(f"physical {pa:#x} is outside the frame store", pa)
         return bytes(self.mem[off : off + length])
 
     def write(self, pa: int, data: bytes) -> None:
+        """Write ``data`` at physical ``pa``."""
         off = pa - self.base
         if off < 0 or off + len(data) > len(self.mem):
             raise PageTableError(f"physical {pa:#x} is outside the frame store", pa)
@@ -77,9 +84,11 @@ class GuestStore(_FramePool):
         self.vm = vm
 
     def read(self, pa: int, length: int) -> bytes:
+        """``length`` bytes of guest memory at guest-physical ``pa``."""
         return self.vm.read(pa, length)
 
     def write(self, pa: int, data: bytes) -> None:
+        """Write ``data`` to guest memory at guest-physical ``pa``."""
         self.vm.write(pa, data)
 
 
@@ -106,10 +115,12 @@ class SnapshotStore:
         return f
 
     def read(self, pa: int, length: int) -> bytes:
+        """``length`` bytes at physical ``pa``, from a captured or a model frame."""
         off = pa & (PAGE_SIZE - 1)
         return bytes(self._frame(pa)[off:off + length])
 
     def write(self, pa: int, data: bytes) -> None:
+        """Write into a frame the model allocated (a captured frame is refused)."""
         base = pa & ~(PAGE_SIZE - 1)
         if base not in self._own:
             raise PageTableError(f"physical {base:#x} is a captured kernel page-table page: never written", pa)
@@ -117,6 +128,7 @@ class SnapshotStore:
         self._own[base][off:off + len(data)] = data
 
     def alloc(self) -> int:
+        """A zeroed frame of the model's own, above every real physical address."""
         pa, self._next = self._next, self._next + PAGE_SIZE
         self._own[pa] = bytearray(PAGE_SIZE)
         return pa

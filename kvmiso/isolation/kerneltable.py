@@ -96,6 +96,7 @@ class ModeledKernelTable(PageTable):
                 pos += step
 
     def mapped_bytes(self) -> int:
+        """Bytes the modeled table maps."""
         return sum(r.size for r in self.ranges())
 
 

@@ -46,13 +46,16 @@ class Region:
 
     @property
     def start(self) -> int:
+        """The first byte of the first range."""
         return self.ranges[0][0]
 
     @property
     def size(self) -> int:
+        """Bytes over all ranges."""
         return sum(e - s for s, e in self.ranges)
 
     def contains(self, addr: int) -> bool:
+        """Is ``addr`` in one of the ranges?"""
         return any(s <= addr < e for s, e in self.ranges)
 
     def address(self, index: int = 0) -> int:
@@ -135,9 +138,11 @@ class Layout:
 
     @property
     def source(self) -> str:
+        """Where the objects' addresses come from."""
         return self.evidence.source if self.real else f"modeled ({self.evidence.source or 'no evidence'})"
 
     def region(self, name: str) -> Region:
+        """The region named ``name`` (KeyError naming the ones there are)."""
         try:
             return self.regions[name]
         except KeyError:
@@ -162,6 +167,7 @@ class Layout:
 
     @property
     def modeled_objects(self) -> list[str]:
+        """The objects whose address is kvmiso's placement, not the kernel's."""
         return sorted({r.name for r in self.regions.values() if r.kind in ("object", "user") and r.modeled})
 
 

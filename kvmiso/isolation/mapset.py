@@ -162,6 +162,7 @@ class KvmAddressSpace:
         self.regions.remove(spec)
 
     def spec(self, name: str) -> RegionSpec:
+        """The mapping-set region named ``name``."""
         for s in self.regions:
             if s.name == name:
                 return s
@@ -261,6 +262,7 @@ class KvmAddressSpace:
     # --- reading ------------------------------------------------------------------------------
 
     def mapped(self, addr: int) -> bool:
+        """Does kvm_mm map ``addr``?"""
         return canonical(addr) and self.table.translate(addr) is not None
 
     def sensitive(self, addr: int) -> bool:
@@ -274,6 +276,7 @@ class KvmAddressSpace:
         return sum(e - s for s, e in _merge(spans)), objects
 
     def mapped_bytes(self) -> int:
+        """Bytes kvm_mm maps."""
         return sum(r.size for r in self.table.ranges())
 
 
@@ -311,14 +314,17 @@ class DenylistSpace:
 
     @classmethod
     def default(cls, layout: Layout, policy: str = "asi", ram: int = 1 << 30) -> "DenylistSpace":
+        """ASI's restricted space over the layout's kernel table."""
         return cls(kernel_table(layout, ram), policy)
 
     def sensitive(self, addr: int) -> bool:
+        """Is ``addr`` memory the policy calls sensitive?"""
         if any(s <= addr < e for s, e in self.kept):
             return False
         return any(s <= addr < e for _, s, e in self.denied)
 
     def mapped(self, addr: int) -> bool:
+        """Does the restricted space map ``addr`` (the kernel does, and it is not sensitive)?"""
         return canonical(addr) and not self.sensitive(addr) and self.kernel.translate(addr) is not None
 
     def mapped_bytes(self) -> int:

@@ -50,6 +50,7 @@ def check_canonical_range(start: int, end: int) -> None:
 
 
 def level_index(va: int, level: int) -> int:
+    """The index of ``va``'s entry in a level-``level`` table."""
     return (va >> LEVEL_SHIFT[level]) & (ENTRIES - 1)
 
 
@@ -64,10 +65,12 @@ class WalkStep:
 
     @property
     def present(self) -> bool:
+        """The entry's P bit."""
         return bool(self.pte & P)
 
     @property
     def leaf(self) -> bool:
+        """A present PTE, or a present PMD/PUD entry with PS: it maps a page."""
         return self.present and (self.level == 1 or (self.level < 4 and bool(self.pte & PS)))
 
 
@@ -97,6 +100,7 @@ class MappedRange:
 
     @property
     def size(self) -> int:
+        """Bytes in the range."""
         return self.end - self.start
 
 
@@ -122,12 +126,15 @@ class PageTable:
     # --- entries ------------------------------------------------------------------------------
 
     def read_entry(self, table: int, index: int) -> int:
+        """Entry ``index`` of the table page at physical ``table``."""
         return struct.unpack("<Q", self.store.read(table + 8 * index, 8))[0]
 
     def write_entry(self, table: int, index: int, value: int) -> None:
+        """Write entry ``index`` of the table page at physical ``table``."""
         self.store.write(table + 8 * index, struct.pack("<Q", value))
 
     def read_table(self, table: int) -> tuple[int, ...]:
+        """All 512 entries of the table page at physical ``table``."""
         return struct.unpack(f"<{ENTRIES}Q", self.store.read(table, PAGE_SIZE))
 
     # --- walking ------------------------------------------------------------------------------

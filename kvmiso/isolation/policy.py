@@ -117,6 +117,7 @@ POLICIES = {
 
 
 def policy(name: str) -> Policy:
+    """The policy named ``name`` (``rfc-v1``, ``asi``, ``asi-2022``)."""
     try:
         return POLICIES[name]
     except KeyError:

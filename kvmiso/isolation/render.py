@@ -16,6 +16,7 @@ _LEAF = {1: "4K", 2: "2M", 3: "1G"}
 
 
 def size_text(n: int) -> str:
+    """``n`` bytes for people: ``2 MiB``, ``50.28 KiB``."""
     for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
         if n >= 1 << shift:
             return f"{n / (1 << shift):.4g} {unit}"
@@ -75,6 +76,7 @@ def _pages(regions) -> int:
 
 
 def model_text(space: KvmAddressSpace | DenylistSpace) -> str:
+    """``kvmiso model``: the regions, each object with its leaf and whether it is mapped, the totals."""
     s = model_summary(space)
     out = [f"{s['policy']} ({s['policy_title']}, {s['mapping']}) on {s['vendor']}; objects and page table: "
            f"{s['evidence']}",

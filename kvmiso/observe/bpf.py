@@ -202,6 +202,7 @@ class KernelMemory:
         return fd
 
     def close(self) -> None:
+        """Close the programs and the map (nothing else is held)."""
         for fd in self._fds:
             os.close(fd)
         self._fds.clear()
@@ -242,9 +243,11 @@ class KernelMemory:
         return bytes(out)
 
     def u64(self, address: int) -> int:
+        """The 64-bit little-endian word at ``address``."""
         return struct.unpack("<Q", self.read(address, 8))[0]
 
     def string(self, address: int, limit: int = 64) -> str:
+        """The NUL-terminated string at ``address`` (at most ``limit`` bytes)."""
         return self.read(address, limit).split(b"\0", 1)[0].decode(errors="replace")
 
     def per_cpu_address(self, var: PerCpuVar, cpu: int) -> int:

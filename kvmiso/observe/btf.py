@@ -42,6 +42,8 @@ class BtfError(LookupError):
 
 @dataclass(frozen=True)
 class Member:
+    """A struct or union member: name, type id, offset in bits."""
+
     name: str
     type: int
     bit_offset: int
@@ -149,6 +151,7 @@ class Btf:
     # --- lookups ---------------------------------------------------------------------------
 
     def type(self, tid: int) -> Type:
+        """The type with id ``tid`` (decoded on first use)."""
         if tid == 0:
             return _VOID
         t = self._cache.get(tid)
@@ -164,6 +167,7 @@ class Btf:
         return t
 
     def find(self, kind: int, name: str) -> Type:
+        """The type of ``kind`` named ``name`` (BtfError where the kernel has none)."""
         for b in reversed(self._blobs):
             tid = b.names.get((kind, name))
             if tid is not None:
@@ -171,6 +175,7 @@ class Btf:
         raise BtfError(f"{self.source}: no {_KIND_NAMES.get(kind, kind)} {name!r} in this kernel's BTF")
 
     def has_struct(self, name: str) -> bool:
+        """Does the kernel have ``struct name``?"""
         return any((STRUCT, name) in b.names for b in self._blobs)
 
     def resolve(self, tid: int) -> Type:
@@ -190,6 +195,7 @@ class Btf:
         return t.size
 
     def struct(self, name: str) -> "StructView":
+        """Member offsets of ``struct name``."""
         return _struct_view(self, name)
 
     def per_cpu_var(self, name: str) -> tuple[int, int]:
@@ -273,6 +279,7 @@ class StructView:
         return off, tid
 
     def offset(self, path: str) -> int:
+        """The byte offset of ``path`` (``arch.pio_data``) inside the struct."""
         return self.member(path)[0]
 
 

@@ -87,12 +87,14 @@ class Evidence:
         return bool(self.objects) and bool(self.frames)
 
     def object(self, name: str, index: int = 0) -> KernelObject | None:
+        """The object ``name`` (for vCPU or CPU ``index``), or None."""
         for o in self.objects:
             if o.name == name and o.index == index:
                 return o
         return None
 
     def failed_checks(self) -> list[str]:
+        """The cross-checks that did not agree, one line each."""
         return [f"{what}: {detail}" for what, ok, detail in self.checks if not ok]
 
 
@@ -230,6 +232,7 @@ class EvidenceError(ValueError):
 
 
 def evidence_to_dict(ev: Evidence) -> dict[str, Any]:
+    """``ev`` as JSON-ready data (page tables as their present entries)."""
     d = dataclasses.asdict(ev)
     d["kvmiso_evidence"] = FORMAT_VERSION
     # page tables are sparse: keep each frame's present entries only, as {index: entry}
@@ -241,6 +244,7 @@ def evidence_to_dict(ev: Evidence) -> dict[str, Any]:
 
 
 def evidence_from_dict(d: dict[str, Any], source: str = "<evidence>") -> Evidence:
+    """Evidence from :func:`evidence_to_dict`'s data; EvidenceError names ``source``."""
     if not isinstance(d, dict) or d.get("kvmiso_evidence") != FORMAT_VERSION:
         raise EvidenceError(f"{source}: not kvmiso evidence of format {FORMAT_VERSION}")
     try:
@@ -266,10 +270,12 @@ def evidence_from_dict(d: dict[str, Any], source: str = "<evidence>") -> Evidenc
 
 
 def write_evidence(ev: Evidence, path: str | Path) -> None:
+    """Save ``ev`` as JSON."""
     Path(path).write_text(json.dumps(evidence_to_dict(ev)))
 
 
 def read_evidence(path: str | Path) -> Evidence:
+    """Evidence saved by :func:`write_evidence`."""
     try:
         d = json.loads(Path(path).read_text())
     except json.JSONDecodeError as e:

@@ -57,6 +57,7 @@ class RunRecord:
 
     @property
     def wall_ns(self) -> int:
+        """The KVM_RUN's duration as userspace timed it."""
         return self.end_ns - self.start_ns
 
 
@@ -73,11 +74,13 @@ class ExitLog:
     incomplete: str = ""  # why the capture ended early (e.g. "interrupted by SIGTERM"), or ""
 
     def events(self) -> Iterator[tuple[RunRecord, TraceEvent]]:
+        """Every (record, event) pair, in order."""
         for r in self.records:
             for e in r.events:
                 yield r, e
 
     def extend(self, other: "ExitLog") -> None:
+        """Append ``other``'s records (renumbered) and what its capture could not see."""
         base = len(self.records)
         for r in other.records:
             r.run += base
@@ -93,16 +96,19 @@ class ExitLog:
         self.host = self.host or other.host
 
     def header(self) -> dict[str, Any]:
+        """The first JSON line: format version, host and what was traced."""
         return {"kvmiso_exitlog": FORMAT_VERSION, "host": self.host, "tracing": self.tracing,
                 "tracing_reason": self.tracing_reason, "events_enabled": self.events_enabled,
                 "lost_events": self.lost_events, "incomplete": self.incomplete, "records": len(self.records)}
 
     def write_jsonl(self, path: str | Path) -> None:
+        """Write the log as JSON lines."""
         with open(path, "w") as f:
             for line in self.iter_jsonl():
                 f.write(line + "\n")
 
     def iter_jsonl(self) -> Iterator[str]:
+        """The log's JSON lines."""
         yield json.dumps(self.header())
         for r in self.records:
             yield json.dumps(asdict(r))
@@ -113,11 +119,13 @@ class ExitLogError(ValueError):
 
 
 def read_jsonl(path: str | Path) -> ExitLog:
+    """An exit log from a JSON-lines file."""
     with open(path) as f:
         return parse_jsonl(f, str(path))
 
 
 def parse_jsonl(lines: Iterable[str], source: str = "<exit log>") -> ExitLog:
+    """An exit log from JSON lines; ExitLogError names ``source`` and the line."""
     it = iter(lines)
     try:
         head = json.loads(next(it))
@@ -173,6 +181,7 @@ class KindStat:
     share: float | None = None
 
     def add(self, ns: int | None = None) -> None:
+        """Count one exit, with its time where known."""
         self.count += 1
         if ns is None:
             return
@@ -184,6 +193,7 @@ class KindStat:
 
     @property
     def avg_ns(self) -> float:
+        """Mean time of the timed ones."""
         return self.total_ns / self.timed if self.timed else 0.0
 
 
@@ -200,6 +210,7 @@ class ExitSummary:
 
     @property
     def time_rule(self) -> str:
+        """How time inside the kernel is computed on this host."""
         return _TIME_BY_EXITS if self.method == "kvm_exit" else _TIME_BY_EVENTS
 
     def table(self) -> str:

@@ -56,12 +56,14 @@ class Symbols:
         return name in self._by_name
 
     def address(self, name: str) -> int:
+        """The address of ``name`` (KeyError where the kernel has none)."""
         try:
             return int(self._by_name[name], 16)
         except KeyError:
             raise KeyError(f"the running kernel has no symbol {name!r}") from None
 
     def get(self, name: str) -> int | None:
+        """The address of ``name``, or None."""
         a = self._by_name.get(name)
         return int(a, 16) if a is not None else None
 

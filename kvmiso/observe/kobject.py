@@ -51,6 +51,7 @@ class KernelObject:
 
     @property
     def end(self) -> int:
+        """The first byte after the object."""
         return self.address + self.size
 
 
@@ -66,6 +67,7 @@ class VmObjects:
     threads: dict[int, int] = field(default_factory=dict)  # vcpu id -> thread id
 
     def object_named(self, name: str) -> KernelObject | None:
+        """The first object named ``name``, or None."""
         return next((o for o in self.objects if o.name == name), None)
 
 
@@ -76,15 +78,19 @@ class KernelView:
         self.mem, self.btf = mem, btf
 
     def off(self, struct_name: str, path: str) -> int:
+        """The offset of ``path`` in ``struct struct_name``."""
         return self.btf.struct(struct_name).offset(path)
 
     def ptr(self, addr: int, struct_name: str, path: str) -> int:
+        """The pointer (u64) at ``addr`` + the offset of ``path`` in ``struct struct_name``."""
         return self.mem.u64(addr + self.off(struct_name, path))
 
     def u32(self, addr: int, struct_name: str, path: str) -> int:
+        """The u32 at ``addr`` + the offset of ``path`` in ``struct struct_name``."""
         return struct.unpack("<I", self.mem.read(addr + self.off(struct_name, path), 4))[0]
 
     def sizeof(self, name: str) -> int:
+        """sizeof(struct ``name``)."""
         return self.btf.sizeof(name)
 
 

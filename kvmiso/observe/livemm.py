@@ -98,6 +98,7 @@ class LiveTables:
         return page
 
     def entry(self, table: int, index: int) -> int:
+        """Entry ``index`` of the table page at physical ``table``."""
         return self.table(table)[index]
 
     def walk(self, va: int) -> tuple[int, int]:

@@ -100,6 +100,7 @@ class ForeignVm:
 
     @classmethod
     def attach(cls, pid: int) -> "ForeignVm":
+        """Copies of ``pid``'s vCPU fds (ProcessError, one line, where it cannot be done)."""
         fds = kvm_fds(pid)
         if not fds.vcpus:
             raise ProcessError(f"pid {pid}: has a VM but no vCPU yet")
@@ -125,6 +126,7 @@ class ForeignVm:
         return vm
 
     def close(self) -> None:
+        """Close the copies (the process keeps its own fds)."""
         for v in self.vcpus:
             os.close(v.fd)
         self.vcpus.clear()

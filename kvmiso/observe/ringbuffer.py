@@ -29,6 +29,7 @@ class PageHeader:
 
     @classmethod
     def parse(cls, text: str) -> "PageHeader":
+        """``events/header_page``'s text, parsed."""
         got = {m["decl"].split()[-1]: (int(m["offset"]), int(m["size"])) for m in FIELD_RE.finditer(text)}
         try:
             (ts_off, ts_size), (c_off, c_size), (d_off, _) = got["timestamp"], got["commit"], got["data"]

@@ -90,6 +90,7 @@ class EventFormat:
 
     @classmethod
     def parse(cls, text: str, system: str) -> "EventFormat":
+        """An event's ``format`` file text, parsed (``system``: its directory)."""
         name = re.search(r"^name:\s*(\S+)", text, re.M)
         ident = re.search(r"^ID:\s*(\d+)", text, re.M)
         if not name or not ident:
@@ -106,6 +107,7 @@ class EventFormat:
 
     @property
     def full_name(self) -> str:
+        """``system:name``."""
         return f"{self.system}:{self.name}"
 
     def __post_init__(self) -> None:

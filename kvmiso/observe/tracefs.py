@@ -235,6 +235,7 @@ class TraceInstance:
         self.close()
 
     def open(self) -> None:
+        """Create the instance and enable its events (removed again on any failure)."""
         if os.geteuid() != 0:
             raise TracefsUnavailable("tracing kvm events needs root (tracefs instances are root-only)")
         root = self._root = tracefs_root(self._root_hint)
@@ -393,9 +394,11 @@ class TraceInstance:
         _write(self.path / "set_event_pid", " ".join(str(t) for t in sorted(self.pids)))
 
     def start(self) -> None:
+        """Start recording (tracing_on)."""
         _write(self.path / "tracing_on", "1")
 
     def stop(self) -> None:
+        """Stop recording."""
         _write(self.path / "tracing_on", "0")
 
     def read(self) -> list[TraceEvent]:
