@@ -108,7 +108,7 @@ def struct_pages(k: KernelView, out: VmObjects, tables: LiveTables) -> None:
         if vmemmap is not None and phys is not None:
             size = k.sizeof("page")
             out.objects.append(KernelObject("struct_page", vmemmap[0] + (phys >> 12) * size, size, "struct page",
-                                            "vmemmap_base + PFN(mmu_root) * sizeof(struct page)", "btf",
+                                            "bpf: vmemmap_base + PFN(mmu_root) * sizeof(struct page)", "btf",
                                             "vmemmap", "vcpu", root.index))
 
 
