@@ -67,3 +67,13 @@ def test_hidden_kallsyms_falls_back_to_the_documented_default():
     assert parse_kallsyms(hidden) is None
     lay = build_layout(Evidence(vendor="kvm_pvm"), cpus=1)
     assert lay.region("text").start == 0xFFFFFFFF81000000 and lay.region("text").modeled
+
+
+def test_a_modules_per_cpu_offsets_do_not_stretch_its_span():
+    """Debian's 6.1 lists a module's per-CPU variables at their offsets (0x35000): the module's
+    span is its code and data in the module area only."""
+    text = ("ffffffff81000000 T _stext\nffffffff82000000 T _etext\n"
+            "0000000000035000 d kvm_running_vcpu\t[kvm]\nffffffffc0700000 t kvm_vcpu_ioctl\t[kvm]\n"
+            "ffffffffc07b7000 d kvm_debugfs_dir\t[kvm]\n")
+    syms = parse_kallsyms(text)
+    assert syms.module_span("kvm") == (0xFFFFFFFFC0700000, 0xFFFFFFFFC07B8000)

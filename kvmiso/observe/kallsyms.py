@@ -40,7 +40,9 @@ class Symbols:
         self._by_name: dict[str, str] = {n: a for a, _, n, _ in reversed(entries)}
         self._addrs: list[int] = []
         self._names: list[str] = []
-        mods = [(int(a, 16), m) for a, _, _, m in entries if m]
+        # a module's per-CPU variables are listed as offsets (0x35000): only its code and data
+        # addresses, in the module area above __START_KERNEL_map, give its span
+        mods = [(int(a, 16), m) for a, _, _, m in entries if m and int(a, 16) >= START_KERNEL_MAP]
         self.module_low = min((a for a, _ in mods), default=None)
         top = max((a for a, _, _, m in entries if not m and len(a) == 16 and a >= f"{START_KERNEL_MAP:x}"), default=None)
         self.image_high = int(top, 16) if top else None
