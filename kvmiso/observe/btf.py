@@ -70,9 +70,14 @@ _VOID = Type(0, 0, "void")
 
 
 class _Blob:
-    """One BTF blob's records: where each type is, decoded on demand."""
+    """One BTF blob's records: where each type is, decoded on demand.
 
-    def __init__(self, blob: bytes, source: str, first_id: int, base_strings: bytes) -> None:
+    A module's split BTF numbers its types after vmlinux's, and every module does so on its own,
+    so type ids of two modules overlap: each blob is a *space*, and a type's key is
+    ``space << 32 | id`` for a module's own types and the plain id for vmlinux's."""
+
+    def __init__(self, blob: bytes, source: str, first_id: int, base_strings: bytes, space: int = 0) -> None:
+        self.space = space
         if len(blob) < 24:
             raise BtfError(f"{source}: {len(blob)} bytes is too short for BTF")
         magic, _ver, _flags, hdr_len, type_off, type_len, str_off, str_len = struct.unpack_from("<HBBIIIII", blob)
@@ -88,41 +93,46 @@ class _Blob:
             name_off, info, _ = unpack(tdata, pos)
             kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
             if name_off and kind in _INDEXED:
-                self.names.setdefault((kind, self.name(name_off)), first_id + len(self.pos))
+                self.names.setdefault((kind, self.name(name_off)), self.key(first_id + len(self.pos)))
             self.pos.append(pos)
             pos += 12 + _EXTRA.get(kind, 0) + _PER_MEMBER.get(kind, 0) * vlen
+
+    def key(self, tid: int) -> int:
+        """The key of type id ``tid`` as this blob refers to it (vmlinux's ids are shared)."""
+        return tid if tid < self.first_id or not self.space else self.space << 32 | tid
 
     def name(self, off: int) -> str:
         if not off:
             return ""
         return self.strings[off:self.strings.find(b"\0", off)].decode(errors="replace")
 
-    def type(self, tid: int) -> Type:
+    def type(self, key: int) -> Type:
+        tid = key & 0xFFFFFFFF
         pos = self.pos[tid - self.first_id]
         name_off, info, size_or_type = _HEADER.unpack_from(self.tdata, pos)
         kind, vlen, kflag = (info >> 24) & 0x1F, info & 0xFFFF, info >> 31
         body, name = pos + 12, self.name(name_off)
-        size, ref = (size_or_type, 0) if kind in _SIZED else (0, size_or_type)
+        size, ref = (size_or_type, 0) if kind in _SIZED else (0, self.key(size_or_type) if size_or_type else 0)
         if kind == ARRAY:
             ref, _index, nelems = struct.unpack_from("<III", self.tdata, body)
-            return Type(tid, kind, name, ref=ref, nelems=nelems)
+            return Type(key, kind, name, ref=self.key(ref), nelems=nelems)
         if kind in (STRUCT, UNION):
             ms = []
             for i in range(vlen):
                 m_name, m_type, m_off = struct.unpack_from("<III", self.tdata, body + 12 * i)
-                ms.append(Member(self.name(m_name), m_type, m_off & 0xFFFFFF if kflag else m_off))
-            return Type(tid, kind, name, size=size, members=tuple(ms))
+                ms.append(Member(self.name(m_name), self.key(m_type), m_off & 0xFFFFFF if kflag else m_off))
+            return Type(key, kind, name, size=size, members=tuple(ms))
         if kind == DATASEC:
             entries = tuple(struct.unpack_from("<III", self.tdata, body + 12 * i) for i in range(vlen))
-            return Type(tid, kind, name, size=size, entries=entries)
+            return Type(key, kind, name, size=size, entries=tuple((self.key(v), o, n) for v, o, n in entries))
         if kind in (ENUM, ENUM64):
             step, values = _PER_MEMBER[kind], []
             for i in range(vlen):
                 e_name, lo = struct.unpack_from("<II", self.tdata, body + step * i)
                 hi = struct.unpack_from("<I", self.tdata, body + step * i + 8)[0] if kind == ENUM64 else 0
                 values.append((self.name(e_name), (hi << 32) | lo))
-            return Type(tid, kind, name, size=size, enumerators=tuple(values))
-        return Type(tid, kind, name, size=size, ref=ref)
+            return Type(key, kind, name, size=size, enumerators=tuple(values))
+        return Type(key, kind, name, size=size, ref=ref)
 
 
 class Btf:
@@ -138,8 +148,8 @@ class Btf:
         """Parse a BTF blob; ``base`` for a module's split BTF."""
         if base is None:
             return cls([_Blob(blob, source, 1, b"")], source)
-        last = base._blobs[-1]
-        split = _Blob(blob, source, last.first_id + len(last.pos), base._blobs[0].strings)
+        vmlinux = base._blobs[0]  # every module's BTF is split against vmlinux alone
+        split = _Blob(blob, source, vmlinux.first_id + len(vmlinux.pos), vmlinux.strings, space=len(base._blobs))
         return cls([*base._blobs, split], f"{base.source}+{source}")
 
     @classmethod
@@ -150,20 +160,17 @@ class Btf:
 
     # --- lookups ---------------------------------------------------------------------------
 
-    def type(self, tid: int) -> Type:
-        """The type with id ``tid`` (decoded on first use)."""
-        if tid == 0:
+    def type(self, key: int) -> Type:
+        """The type with key ``key`` (see :class:`_Blob`; decoded on first use)."""
+        if key == 0:
             return _VOID
-        t = self._cache.get(tid)
+        t = self._cache.get(key)
         if t is None:
-            for b in reversed(self._blobs):
-                if tid >= b.first_id:
-                    if tid - b.first_id >= len(b.pos):
-                        raise BtfError(f"{self.source}: no type id {tid}")
-                    t = self._cache[tid] = b.type(tid)
-                    break
-            else:
-                raise BtfError(f"{self.source}: no type id {tid}")
+            space, tid = key >> 32, key & 0xFFFFFFFF
+            b = self._blobs[space] if space < len(self._blobs) else None
+            if b is None or not b.first_id <= tid < b.first_id + len(b.pos):
+                raise BtfError(f"{self.source}: no type id {tid} (space {space})")
+            t = self._cache[key] = b.type(key)
         return t
 
     def find(self, kind: int, name: str) -> Type:

@@ -148,7 +148,7 @@ def _read_kernel(ev: Evidence, mem: KernelMemory, vm: Any, vendor: str, code: li
                                                             "that makes the walk of mm->pgd end at pgd - base")
     if cpus is None:
         cpus = possible_cpus(Path("/sys/devices/system/cpu/possible").read_text())
-    found = read_vm_objects(mem, btf, handle, vendor, tables, cpus)
+    found = read_vm_objects(mem, btf, handle, vendor, tables, cpus, read_kallsyms())
     ev.objects, ev.absent, ev.checks = found.objects, found.absent, found.checks
     ev.facts.update(found.facts)
     ev.per_cpu_offsets = found.per_cpu_offsets

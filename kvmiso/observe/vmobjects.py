@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .bpf import KernelMemory
-from .btf import ENUM, Btf, BtfError
+from .btf import ARRAY, ENUM, Btf, BtfError
+from .kallsyms import Symbols
 from .kernelfacts import per_cpu_objects, struct_pages, with_allocator
 from .kobject import PAGE, KernelObject, KernelView, VmObjects
 from .livemm import LiveTables
@@ -85,7 +86,7 @@ def _pid_task(k: KernelView, pid: int) -> int:
 
 
 def read_vm_objects(mem: KernelMemory, btf: Btf, vm: VmHandle, vendor: str, tables: LiveTables,
-                    cpus: int) -> VmObjects:
+                    cpus: int, symbols: Symbols | None = None) -> VmObjects:
     """The objects of ``vm`` (see :func:`find_vm`); ``tables``: the live table of ``vm.pgd``."""
     k = KernelView(mem, btf)
     out = VmObjects(checks=list(vm.checks), threads=dict(vm.threads))
@@ -106,7 +107,7 @@ def read_vm_objects(mem: KernelMemory, btf: Btf, vm: VmHandle, vendor: str, tabl
     _vm_objects(k, out, vm.kvm)
     for vid, (task, how) in sorted(vm.tasks.items()):
         _task_objects(k, out, vid, task, how, tables)
-    per_cpu_objects(k, out, vm.tasks[min(vm.tasks)][0], vm.kvm, cpus)
+    per_cpu_objects(k, out, vm.tasks[min(vm.tasks)][0], vm.kvm, cpus, symbols)
     struct_pages(k, out, tables)
     out.objects = [o if o.allocator else with_allocator(k, tables, out, o) for o in out.objects]
     return out
@@ -173,7 +174,10 @@ def _vm_objects(k: KernelView, out: VmObjects, kvm: int) -> None:
             ("vpic", "arch.vpic", k.sizeof("kvm_pic"), "struct kvm_pic"),
             ("vioapic", "arch.vioapic", k.sizeof("kvm_ioapic"), "struct kvm_ioapic"),
             ("irq_routing", "irq_routing", k.sizeof("kvm_irq_routing_table"), "struct kvm_irq_routing_table")):
-        addr = k.ptr(kvm, "kvm", path)
+        off, tid = k.btf.struct("kvm").member(path)
+        if k.btf.resolve(tid).kind == ARRAY:  # embedded in struct kvm (mmu_page_hash before 6.x)
+            continue
+        addr = k.mem.u64(kvm + off)
         if addr:
             out.objects.append(KernelObject(name, addr, size, ctype, f"bpf: kvm->{path}",
                                             "btf" if name != "mmu_page_hash" else "modeled: 1 << KVM_MMU_HASH_SHIFT (12) heads"))
