@@ -67,9 +67,13 @@ def per_cpu_objects(k: KernelView, out: VmObjects, task: int, kvm: int, cpus: in
     out.facts["__per_cpu_start"] = (start, how)
     units = [(off + start) & _U64 for off in offsets]  # offsets wrap: unit = template + offset
     size = min((b - a for a, b in zip(sorted(units), sorted(units)[1:])), default=0)
+    size_source = "distance between consecutive CPUs' units"
+    if not size and symbols is not None and symbols.get("pcpu_unit_size"):
+        size = int.from_bytes(k.mem.read(symbols.address("pcpu_unit_size"), 4), "little")
+        size_source = "kallsyms: pcpu_unit_size, read through bpf"
     for cpu, unit in enumerate(units):
         out.objects.append(KernelObject("percpu_area", unit, size or PAGE, "the per-CPU unit", how,
-                                        "distance between consecutive CPUs' units" if size else "modeled: one page",
+                                        size_source if size else "modeled: one page",
                                         "per-CPU first chunk", "cpu", cpu))
     hard = _per_cpu_var(k, symbols, "hardirq_stack_ptr", start)
     for cpu, off in enumerate(offsets if hard is not None else []):

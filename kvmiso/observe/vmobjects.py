@@ -23,11 +23,11 @@ from .livemm import LiveTables
 # is reported absent, never guessed.
 VENDOR_STRUCTS = {"kvm_intel": ("vcpu_vmx", "kvm_vmx"), "kvm_amd": ("vcpu_svm", "kvm_svm"),
                   "kvm_pvm": ("vcpu_pvm", "kvm_pvm")}
-VENDOR_PAGES = {
-    "kvm_intel": [("vmcs", "vmcs01.vmcs", "vmx->vmcs01.vmcs, the VMCS"),
-                  ("msr_bitmap", "vmcs01.msr_bitmap", "vmx->vmcs01.msr_bitmap")],
-    "kvm_amd": [("vmcb", "vmcb01.ptr", "svm->vmcb01.ptr, the VMCB"),
-                ("msrpm", "msrpm", "svm->msrpm, the MSR permission map")],
+VENDOR_PAGES = {  # (name, member path, bytes, where the size comes from)
+    "kvm_intel": [("vmcs", "vmcs01.vmcs", PAGE, "page: vmcs_config.size <= 4 KiB (vmx.c alloc_vmcs_cpu)"),
+                  ("msr_bitmap", "vmcs01.msr_bitmap", PAGE, "page (vmx.c alloc_loaded_vmcs)")],
+    "kvm_amd": [("vmcb", "vmcb01.ptr", PAGE, "page (svm.c svm_vcpu_create)"),
+                ("msrpm", "msrpm", 2 * PAGE, "MSRPM_SIZE, 8 KiB (svm.h)")],
     "kvm_pvm": [],
 }
 
@@ -146,13 +146,13 @@ def _vcpu_objects(k: KernelView, out: VmObjects, vcpu: int, vid: int, fd: int, v
     if root and root != (1 << 64) - 1:  # INVALID_PAGE is all ones
         add("mmu_root", direct_map + root, PAGE, "u64[512]",
             "page_offset_base + vcpu->arch.mmu->root.hpa (the shadow/TDP root table)", "page")
-    for name, path, _what in VENDOR_PAGES.get(vendor, []):
+    for name, path, size, size_source in VENDOR_PAGES.get(vendor, []):
         try:
             addr = k.ptr(vcpu - in_vcpu, vcpu_struct, path)
         except BtfError as e:
             out.absent[f"{name}[{vid}]"] = str(e)
             continue
-        add(name, addr, PAGE, "page", f"{vcpu_struct}->{path}", "page")
+        add(name, addr, size, "page", f"{vcpu_struct}->{path}", f"modeled: {size_source}")
 
 
 def _vm_objects(k: KernelView, out: VmObjects, kvm: int) -> None:
