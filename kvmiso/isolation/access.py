@@ -16,7 +16,7 @@ functions with role ``exit-handler`` open every policy's isolated window.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .tomlfile import TomlFileError, line_of, load_toml
@@ -58,6 +58,17 @@ class FunctionAccess:
                      if to_userspace or not t.endswith(USERSPACE))
 
 
+@dataclass(frozen=True)
+class ExitPath:
+    """The handler functions an exit of ``reason`` on ``vendor`` runs after its kvm_exit, from
+    source (they fire no tracepoint, so no chain shows them)."""
+
+    vendor: str
+    reason: str
+    functions: tuple[str, ...]
+    cite: str
+
+
 @dataclass
 class AccessModel:
     """access.toml: functions by name, prefixes for families, and the accesses every function
@@ -68,6 +79,7 @@ class AccessModel:
     implicit: tuple[str, ...]
     implicit_cite: str
     source: str
+    exit_paths: dict[tuple[str, str], ExitPath] = field(default_factory=dict)
 
     def lookup(self, function: str) -> FunctionAccess | None:
         """The entry for ``function`` (a compiler clone's base name, or a prefix family), or None."""
@@ -138,8 +150,18 @@ def load_access_model(path: str | Path = ACCESS_TOML) -> AccessModel:
         functions[f.name] = f
     prefixes = [entry(e, "prefix") for e in doc.get("prefix", [])]
     imp = doc.get("implicit", {})
-    return AccessModel(functions, prefixes, tuple(imp.get("touches", ())), imp.get("cite", ""), str(path))
+    paths = {}
+    for e in doc.get("exit_path", []):
+        needle = f'reason = "{e.get("reason")}"'
+        if not all(isinstance(e.get(k), str) and e.get(k) for k in ("vendor", "reason", "cite")):
+            raise fail("an [[exit_path]] needs vendor, reason and cite", "[[exit_path]]")
+        fns = tuple(e.get("functions", ()))
+        for fn in fns:
+            if fn not in functions:
+                raise fail(f"exit path {e['vendor']} {e['reason']}: {fn} has no [[function]] entry", needle)
+        paths[(e["vendor"], e["reason"])] = ExitPath(e["vendor"], e["reason"], fns, e["cite"])
+    return AccessModel(functions, prefixes, tuple(imp.get("touches", ())), imp.get("cite", ""), str(path), paths)
 
 
-__all__ = ["USERSPACE", "ACCESS_TOML", "AccessModel", "AccessModelError", "FunctionAccess", "ROLES", "base_name",
+__all__ = ["USERSPACE", "ACCESS_TOML", "AccessModel", "AccessModelError", "ExitPath", "FunctionAccess", "ROLES", "base_name",
            "load_access_model"]

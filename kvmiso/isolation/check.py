@@ -36,7 +36,7 @@ from typing import Any
 
 from ..observe.evidence import Frame
 from ..observe.exitlog import ExitLog, RunRecord, TraceEvent
-from .access import AccessModel, base_name
+from .access import AccessModel, ExitPath, base_name
 from .exitcut import RUN_PATH, cut_exits
 from .layout import PAGE, Region
 from .mapset import DenylistSpace, KvmAddressSpace
@@ -98,6 +98,7 @@ class CheckResult:
     switch_cost_source: str = DEFAULT_SWITCH_COST_SOURCE
     lost_events: int = 0
     missing_chains: int = 0  # events that came without a call chain
+    source_paths: int = 0  # exits whose handler path after kvm_exit was also checked from source
     unresolved_frames: int = 0
     tracing: bool = False
     modeled: list[str] = field(default_factory=list)  # facts the verdicts rest on that were not read
@@ -130,7 +131,8 @@ class CheckResult:
     def add(self, other: "CheckResult") -> None:
         """Fold ``other`` (the same policy, another VM's log) into this result. Faults merge by
         function and object: their addresses differ between VMs."""
-        for name in ("exits", "runs", "switches", "wall_ns", "lost_events", "missing_chains", "unresolved_frames"):
+        for name in ("exits", "runs", "switches", "wall_ns", "lost_events", "missing_chains", "unresolved_frames",
+                     "source_paths"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for c, n in other.classes.items():
             self.classes[c] = self.classes.get(c, 0) + n
@@ -170,7 +172,7 @@ class CheckResult:
             "wall_ns": self.wall_ns, "switch_cost_ns": self.switch_cost_ns,
             "switch_cost_source": self.switch_cost_source, "overhead_ns": self.overhead_ns,
             "overhead_share": self.overhead_share, "lost_events": self.lost_events,
-            "missing_chains": self.missing_chains, "tracing": self.tracing, "modeled": self.modeled,
+            "missing_chains": self.missing_chains, "source_paths": self.source_paths, "tracing": self.tracing, "modeled": self.modeled,
             "notes": self.notes,
         }
 
@@ -267,6 +269,27 @@ class Checker:
                 return "checked", _Verdict("fault", kind, obj, fault)
         return "checked", None
 
+    def source_path(self, path: ExitPath, vcpu: int, cpu: int, to_userspace: bool) -> _Verdict | None:
+        """The handler functions an exit runs after its kvm_exit, from source (see
+        :class:`ExitPath`): their objects checked, after the observed frames."""
+        kind = f"{path.vendor}:{path.reason}"
+        for name in path.functions:
+            why = self.policy.switch_at(name)
+            if why:
+                return _Verdict("host_mm", kind, f"{name} (handler path from source): {why}")
+            fa = self.access.functions[name]
+            miss = self._object_miss(fa.objects(self.layout.vendor, self.layout.evidence.config, to_userspace),
+                                     vcpu, cpu)
+            if miss is not None:
+                addr, obj, source = miss
+                fault = (name, 0, 0, addr, obj, f"{source}; on the handler path from source ({path.cite})",
+                         (f"{name} (from source)",))
+                if self.policy.miss_is_switch:
+                    return _Verdict("host_mm", kind, f"page fault on sensitive memory ({obj}) at {name} "
+                                                     f"(handler path from source): asi_exit", fault)
+                return _Verdict("fault", kind, obj, fault)
+        return None
+
     def _code_miss(self, f: Frame) -> tuple[int, str, str] | None:
         if f.function.startswith("0x"):
             return None  # unresolved: counted, its code cannot be placed
@@ -342,6 +365,12 @@ def check(space: KvmAddressSpace | DenylistSpace, log: ExitLog, access: AccessMo
                     break  # the rest of this exit runs on the full address space
             if not checked:
                 continue
+            opener = evs[group[0]]
+            if verdict is None and opener.name == "kvm_exit":
+                path = access.exit_paths.get((layout.vendor, opener.symbols.get("exit_reason", "")))
+                if path is not None:
+                    res.source_paths += n
+                    verdict = checker.source_path(path, r.vcpu, opener.cpu, to_user)
             cls = verdict.cls if verdict else "kvm_mm"
             kind = verdict.kind if verdict else evs[group[0]].kind
             res.exits += n

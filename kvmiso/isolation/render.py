@@ -125,6 +125,9 @@ def result_text(res: CheckResult, title: str = "", stack: bool = False) -> str:
     if res.lost:
         out.append(f"  LOST EVIDENCE: {res.lost_events} trace records lost, {res.missing_chains} events without a call "
                    f"chain: the verdicts above are incomplete")
+    if res.source_paths:
+        out.append(f"  {res.source_paths} exits also checked along their handler's path from source (after kvm_exit the "
+                   f"handler runs functions no tracepoint shows; access.toml [[exit_path]])")
     if res.unplaced:
         out.append("  not checked (this VM has no such object, or kvmiso cannot read it): " +
                    ", ".join(f"{k} ({v} accesses)" for k, v in res.unplaced.most_common()))
