@@ -263,3 +263,20 @@ def test_exits_are_cut_by_the_handlers_own_frames(name):
     openers = sum(1 for _, e in log.events() if e.name == "kvm_emulate_insn" or (
         e.name == "kvm_mmu_pagetable_walk" and "paging64_page_fault" in {ev.code[a].function for a in e.stack}))
     assert 0 < windows <= openers
+
+
+def test_kvm_amd_exits_and_their_handler_paths_from_source():
+    """Captured inside `kvmiso boot` (Debian 6.1, kvm_amd under TCG): kvm_exit opens each exit,
+    and the handler path the exit takes after it (no tracepoint shows it) is checked from source."""
+    log, ev = _saved("portio-kvm_amd")
+    assert ev.vendor == "kvm_amd" and ev.real and not ev.failed_checks()
+    assert ev.object("vmcb") is not None and ev.object("msrpm").size == 8192
+    lay = build_layout(ev, cpus=1)
+    rfc = check(address_space(lay, "rfc-v1"), log, ACCESS)
+    asi = check(address_space(lay, "asi"), log, ACCESS)
+    exits = sum(1 for _, e in log.events() if e.name == "kvm_exit")
+    assert rfc.exits == asi.exits == exits == asi.source_paths > 0  # one exit per entry/kvm_exit
+    assert not rfc.unknown_functions and not asi.unknown_functions
+    assert asi.classes["kvm_mm"] == exits  # fast PIO on SVM reads no guest memory: nothing leaves
+    assert rfc.classes["fault"] > 0
+    assert any("from source" in f.source for f in rfc.faults)  # found on a handler's path, said so

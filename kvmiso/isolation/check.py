@@ -365,14 +365,14 @@ def check(space: KvmAddressSpace | DenylistSpace, log: ExitLog, access: AccessMo
                     break  # the rest of this exit runs on the full address space
             if not checked:
                 continue
-            opener = evs[group[0]]
+            opener = next((evs[i] for i in group if evs[i].name == "kvm_exit"), evs[group[0]])
             if verdict is None and opener.name == "kvm_exit":
                 path = access.exit_paths.get((layout.vendor, opener.symbols.get("exit_reason", "")))
                 if path is not None:
                     res.source_paths += n
                     verdict = checker.source_path(path, r.vcpu, opener.cpu, to_user)
             cls = verdict.cls if verdict else "kvm_mm"
-            kind = verdict.kind if verdict else evs[group[0]].kind
+            kind = verdict.kind if verdict else opener.kind
             res.exits += n
             res.classes[cls] += n
             res.by_kind.setdefault(cls, Counter())[kind] += n

@@ -14,7 +14,8 @@ RUN_PATH = "kvm_arch_vcpu_ioctl_run"  # an event below it happened inside KVM_RU
 def cut_exits(log_has_exit_events: bool, events: list[TraceEvent], chains: list[list[Frame]]) -> list[list[int]]:
     """Indexes of the events of each exit; events before the first opener belong to the first.
 
-    With ``kvm_exit`` (VMX/SVM) each one opens an exit. Without it (kvm_pvm), one call of the
+    With ``kvm_exit`` (VMX/SVM) each VM entry (``kvm_entry``, where the kernel fires it) opens
+    one round trip: the entry, its ``kvm_exit`` and the handling after it are one exit. Without it (kvm_pvm), one call of the
     exit handler is one exit, told apart by the handler's own frames: the chain from KVM_RUN down
     to the emulator's entry (``x86_emulate_instruction``), or 4 frames deep (the handler's
     dispatch). Within one call, straight-line code only moves forward: where two events' frames
@@ -25,12 +26,13 @@ def cut_exits(log_has_exit_events: bool, events: list[TraceEvent], chains: list[
     called from ``paging*_page_fault``) begins the next page fault.
     """
     groups: list[list[int]] = [[]]
+    opener = "kvm_entry" if any(e.name == "kvm_entry" for e in events) else "kvm_exit"
     prev: tuple[tuple[str, int], ...] = ()
     decoded: tuple[int, ...] | None = None  # where this exit's kvm_emulate_insn fired
     for i, e in enumerate(events):
         site = _dispatch(chains[i])
         if log_has_exit_events:
-            opens = e.name == "kvm_exit"
+            opens = e.name == opener
         else:
             addrs = tuple(a for _, a in site)
             opens = bool(site) and (_next_call(site, prev) or _fault_walk(e, chains[i])
