@@ -242,8 +242,7 @@ def cmd_probe(args) -> int:
         ("CPL0 guest code", "native" if info["cpl0_native"] else
          f"emulated ({emu['cpl0']} emulations for {emu['probe_instructions']}+ instructions)"),
         ("CPL3 guest code", "native" if info["cpl3_native"] else f"emulated ({emu['cpl3']} emulations)"),
-        *((f"CPUID at CPL{cpl}", "intercepted by KVM" if info["cpuid_intercepted"][f"cpl{cpl}"] else
-           "not intercepted: the guest reads the host CPU's own values") for cpl in (0, 3)),
+        *((f"CPUID at CPL{cpl}", _cpuid_text(info["cpuid_intercepted"][f"cpl{cpl}"])) for cpl in (0, 3)),
         ("vCPU mmap size", info["vcpu_mmap_size"]),
         ("supported CPUID leaves", info["cpuid_leaves"]),
         ("MSR index list", f"{info['msr_index_count']} MSRs"),
@@ -261,6 +260,12 @@ def cmd_probe(args) -> int:
     print("\nCPU vulnerabilities:")
     _print_rows(list(info["vulnerabilities"].items()), indent=2)
     return 0
+
+
+def _cpuid_text(intercepted: bool | str) -> str:
+    if isinstance(intercepted, str):
+        return intercepted  # why it could not be measured
+    return "intercepted by KVM" if intercepted else "not intercepted: the guest reads the host CPU's own values"
 
 
 def _tracefs_text(t: dict) -> str:
