@@ -38,6 +38,7 @@ def tracefs_state() -> dict[str, Any]:
 
 
 def kallsyms_state() -> dict[str, Any]:
+    """Whether /proc/kallsyms is readable and shows real addresses (kptr_restrict, root)."""
     try:
         with open("/proc/kallsyms") as f:
             first = f.readline().split()
@@ -78,6 +79,7 @@ def cpuid_intercepted(kvm: Kvm, cpl: int) -> bool | str:
 
 
 def probe(kvm: Kvm) -> dict[str, Any]:
+    """Every fact ``kvmiso probe`` prints: measured by running guests where it can be."""
     vendor = vendor_module()
     cpl0 = emulated_instructions(kvm, "long", 0)
     cpl3 = emulated_instructions(kvm, "long", 3)
