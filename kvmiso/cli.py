@@ -23,7 +23,7 @@ from .guest import BuildError, Machine
 from .guest.build import MODES, available_payloads, payload_modes, payload_path
 from .guest.ucall import PORT_CONSOLE
 from .interrupt import Interrupted, signals_raise_interrupted
-from .output import writable, writable_dir
+from .output import CheckedStdout, StdoutError, printable, writable, writable_dir
 from .kvm import GuestTimeout, Kvm, KvmError, KvmUnavailable
 from .kvm.exits import DebugExit, Exit, IoExit, MmioExit
 
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_BAD_INPUT
     stdout = sys.stdout
-    sys.stdout = _CheckedStdout(stdout)
+    sys.stdout = CheckedStdout(stdout)
     try:
         with signals_raise_interrupted():
             status = args.func(args)
@@ -75,37 +75,6 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     finally:
         sys.stdout = stdout
-
-
-class StdoutError(Exception):
-    """Standard output cannot be written (/dev/full, a full disk): the message is the errno's."""
-
-
-class _CheckedStdout:
-    """sys.stdout, with a failed write or flush raised as StdoutError, so that main() tells it
-    from a failure of the work itself. A closed pipe stays BrokenPipeError (a quiet end)."""
-
-    def __init__(self, stream: Any) -> None:
-        self._stream = stream
-
-    def write(self, text: str) -> int:
-        try:
-            return self._stream.write(text)
-        except BrokenPipeError:
-            raise
-        except OSError as e:
-            raise StdoutError(e.strerror) from None
-
-    def flush(self) -> None:
-        try:
-            self._stream.flush()
-        except BrokenPipeError:
-            raise
-        except OSError as e:
-            raise StdoutError(e.strerror) from None
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._stream, name)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -227,7 +196,8 @@ def _warn_if_undeclared(payload: str, mode: str | None) -> None:
 
 # --- probe -----------------------------------------------------------------------------------
 
-def cmd_probe(args) -> int:
+def cmd_probe(args: argparse.Namespace) -> int:
+    """``kvmiso probe``: the host's KVM facts as rows (or JSON)."""
     from .guest.probe import probe
 
     with Kvm() as kvm:
@@ -242,8 +212,7 @@ def cmd_probe(args) -> int:
         ("CPL0 guest code", "native" if info["cpl0_native"] else
          f"emulated ({emu['cpl0']} emulations for {emu['probe_instructions']}+ instructions)"),
         ("CPL3 guest code", "native" if info["cpl3_native"] else f"emulated ({emu['cpl3']} emulations)"),
-        *((f"CPUID at CPL{cpl}", "intercepted by KVM" if info["cpuid_intercepted"][f"cpl{cpl}"] else
-           "not intercepted: the guest reads the host CPU's own values") for cpl in (0, 3)),
+        *((f"CPUID at CPL{cpl}", _cpuid_text(info["cpuid_intercepted"][f"cpl{cpl}"])) for cpl in (0, 3)),
         ("vCPU mmap size", info["vcpu_mmap_size"]),
         ("supported CPUID leaves", info["cpuid_leaves"]),
         ("MSR index list", f"{info['msr_index_count']} MSRs"),
@@ -261,6 +230,12 @@ def cmd_probe(args) -> int:
     print("\nCPU vulnerabilities:")
     _print_rows(list(info["vulnerabilities"].items()), indent=2)
     return 0
+
+
+def _cpuid_text(intercepted: bool | str) -> str:
+    if isinstance(intercepted, str):
+        return intercepted  # why it could not be measured
+    return "intercepted by KVM" if intercepted else "not intercepted: the guest reads the host CPU's own values"
 
 
 def _tracefs_text(t: dict) -> str:
@@ -296,7 +271,8 @@ def cmd_bench(args) -> int:
 
 # --- report ----------------------------------------------------------------------------------
 
-def cmd_report(args) -> int:
+def cmd_report(args: argparse.Namespace) -> int:
+    """``kvmiso report``: every part, its summary, report.json; 0 when the suite ended as built."""
     from . import report
 
     out = writable_dir(args.out, "the report")
@@ -330,16 +306,8 @@ def describe_exit(e: Exit) -> str:
     return " ".join(f"{k} {v:#x}" if isinstance(v, int) and not isinstance(v, bool) else f"{k} {v}" for k, v in d.items())
 
 
-def printable(data: bytes) -> str:
-    """Guest console bytes as text that cannot drive the terminal: UTF-8 where it is valid, every
-    other byte and every control character (ESC, BEL, CR, ...) escaped as ``\\xNN``. JSON output
-    keeps the console as the guest wrote it (JSON escapes control characters itself)."""
-    text = data.decode("utf-8", "backslashreplace")
-    return "".join(c if c.isprintable() or c == "\t" else
-                   (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}") for c in text)
-
-
-def cmd_run(args) -> int:
+def cmd_run(args: argparse.Namespace) -> int:
+    """``kvmiso run``: one payload, every exit printed as it happens; 0 only on DONE."""
     n = 0
     line = bytearray()
 

@@ -1,5 +1,7 @@
-"""Output destinations checked before the work: a benchmark or a report that measured for
-minutes must not find out at the end that it cannot write its result."""
+"""Where kvmiso's output goes: destinations checked before the work (a benchmark or a report
+that measured for minutes must not find out at the end that it cannot write its result), a
+standard output whose failure is told apart from the work's, and guest text made safe for a
+terminal."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import os
 import stat
 import tempfile
 from pathlib import Path
+from typing import Any
 
 
 class OutputError(ValueError):
@@ -46,3 +49,45 @@ def writable_dir(path: str | os.PathLike, what: str) -> Path:
     except OSError as e:
         raise OutputError(f"cannot write {what} to {path}: {e.strerror}") from None
     return p
+
+
+class StdoutError(Exception):
+    """Standard output cannot be written (/dev/full, a full disk): the message is the errno's."""
+
+
+class CheckedStdout:
+    """sys.stdout, with a failed write or flush raised as StdoutError, so that main() tells it
+    from a failure of the work itself. A closed pipe stays BrokenPipeError (a quiet end)."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        """The stream's write; a failure other than a closed pipe as StdoutError."""
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise StdoutError(e.strerror) from None
+
+    def flush(self) -> None:
+        """The stream's flush; a failure other than a closed pipe as StdoutError."""
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise StdoutError(e.strerror) from None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def printable(data: bytes) -> str:
+    """Guest console bytes as text that cannot drive the terminal: UTF-8 where it is valid, every
+    other byte and every control character (ESC, BEL, CR, ...) escaped as ``\\xNN``. JSON output
+    keeps the console as the guest wrote it (JSON escapes control characters itself)."""
+    text = data.decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() or c == "\t" else
+                   (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}") for c in text)

@@ -54,6 +54,7 @@ class Report:
 
     @property
     def complete(self) -> bool:
+        """Whether the report ran to its end (no interruption, no error)."""
         return not self.incomplete_reason
 
     def part(self, name: str, fn: Callable[[], Any]) -> Any:
@@ -78,6 +79,7 @@ class Report:
         return d
 
     def write(self, path: Path) -> None:
+        """report.json at ``path``."""
         path.write_text(json.dumps(self.to_dict(), indent=2, default=str))
 
 
@@ -116,6 +118,7 @@ def run_suite(kvm: Kvm, cap: Capture, vendor: str | None, runs: list[SuiteRun]) 
 
 
 def suite_part(runs: list[SuiteRun]) -> list[dict[str, Any]]:
+    """report.json's suite: each run's outcome against the one it was built to reach."""
     out = []
     for r in runs:
         kinds: dict[str, int] = {}

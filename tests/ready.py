@@ -57,13 +57,13 @@ def vcpu_counts(pid: int, stat: str) -> dict[str, int]:
     return out
 
 
-def wait_until_counted(pid: int, stat: str = "mmio_exits", vcpus: int = 1, proc=None) -> None:
-    """Return once ``vcpus`` of process ``pid``'s vCPUs count ``stat`` >= 1.
+def wait_until_counted(pid: int, stat: str = "mmio_exits", vcpus: int = 1, proc=None, at_least: int = 1) -> None:
+    """Return once ``vcpus`` of process ``pid``'s vCPUs count ``stat`` >= ``at_least``.
 
     ``proc`` (a Popen): fail at once if it ends first."""
     for _ in range(POLLS):
         try:
-            if sum(1 for n in vcpu_counts(pid, stat).values() if n) >= vcpus:
+            if sum(1 for n in vcpu_counts(pid, stat).values() if n >= at_least) >= vcpus:
                 return
         except ProcessLookupError:
             pass

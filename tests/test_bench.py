@@ -247,9 +247,10 @@ def test_cli_bench_ctrl_c_writes_what_was_measured(kvm, tmp_path, sig):
     proc = subprocess.Popen([sys.executable, "-m", "kvmiso.cli", "bench", "--kinds", "out", "--samples", "300000",
                              "--runs", "1", "--no-python", "--json", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    # the floors make no exit (KVM_RUN with immediate_exit never enters the guest): the first
-    # counted exit is the `out` kind's, so the floors are done and the kind is not
-    wait_until_counted(proc.pid, "exits", proc=proc)
+    # the host probe's guests make a few exits and the floors none (KVM_RUN with immediate_exit
+    # never enters the guest): a vCPU past 1000 exits is the `out` kind's, so the floors are done
+    # and the kind is not
+    wait_until_counted(proc.pid, "exits", proc=proc, at_least=1000)
     os.kill(proc.pid, sig)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 128 + sig, stderr
@@ -307,3 +308,29 @@ def test_cli_bench_on_a_cpu_that_cannot_be_pinned(kvm, tmp_path):
     assert "cannot pin to CPU 100000" in p.stderr
     d = json.loads(out.read_text())
     assert d["host"]["pinning"]["pinned"] is False and d["host"]["pinning"]["requested"] == 100000
+
+
+def test_a_signal_between_kvm_runs_stops_the_compiled_loop(kvm):
+    """The C loop issues KVM_RUN after KVM_RUN without Python in between: a SIGINT landing
+    between two of them used to be noted and then wait for the whole loop. The wakeup-fd kicker
+    stops it at once. The handler here only notes the signal, so only that kick can stop it."""
+    import threading
+
+    from ready import wait_until_counted
+
+    noted = []
+    old = signal.signal(signal.SIGINT, lambda signum, frame: noted.append(signum))
+    try:
+        with Machine(build("bench_out", "long"), kvm=kvm) as m:
+            def send() -> None:
+                wait_until_counted(os.getpid(), "exits")  # the loop is under way
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+            sender = threading.Thread(target=send)
+            sender.start()
+            with pytest.raises(LoopError, match="the vCPU was kicked") as info:
+                runloop.compiled_loop(m.vcpu, 50_000_000, "io", PORT_BENCH, timeout=600)
+            sender.join()
+    finally:
+        signal.signal(signal.SIGINT, old)
+    assert noted == [signal.SIGINT] and 0 < info.value.timings.n < 50_000_000

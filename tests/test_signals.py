@@ -80,7 +80,8 @@ def test_ctrl_c_inside_kvm_run_gives_the_result_and_leaks_nothing(kvm, vendor, p
     assert r.outcome == "interrupted" and [e.name for e in r.exits] == ["MMIO"]  # the announcement
     assert r.detail.startswith("SIGINT arrived before the guest finished; stopped at rip")
     assert what in r.detail
-    assert (psutil.Process().num_fds(), psutil.Process().num_threads()) == before
+    # the sender thread has ended for Python; the kernel may still list it for a moment
+    assert (psutil.Process().num_fds(), _threads_settle_to(before[1])) == before
 
 
 def test_cli_turns_sigterm_into_an_interrupt_and_restores_the_handlers(kvm, capsys):

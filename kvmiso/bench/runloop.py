@@ -16,11 +16,12 @@ from __future__ import annotations
 import array
 import contextlib
 import functools
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from ..interrupt import Interrupted
+from ..interrupt import Interrupted, kicked_by_interrupts
 from ..kvm import KvmError, abi
 from ..kvm.exits import HltExit, IntrExit, IoExit, MmioExit
 
@@ -155,8 +156,11 @@ def _run(fd: int, request: int, arg: int, n: int, *, op: int = OP_IOCTL, vcpu=No
 
     answered = base = 0
     deadline = vcpu.deadline(timeout) if vcpu is not None else contextlib.nullcontext()
+    # a Ctrl-C that lands between two KVM_RUNs of the C loop must still stop it (see interrupt)
+    ident = threading.get_ident()
+    kicked = kicked_by_interrupts(lambda: vcpu.kick(ident)) if vcpu is not None else contextlib.nullcontext()
     try:
-        with deadline as dl:
+        with deadline as dl, kicked:
             while done < n:
                 # a signal stops the C loop; it resumes where it stopped. base + res.done is
                 # right even when a KeyboardInterrupt surfaces just after the call returns.
@@ -249,7 +253,8 @@ def python_loop(vcpu, n: int, expect: str, port: int | None = None, reply: int =
     clock, run = time.monotonic_ns, vcpu.run
     answered = i = 0
     try:
-        with vcpu.deadline(timeout) as dl:
+        ident = threading.get_ident()
+        with vcpu.deadline(timeout) as dl, kicked_by_interrupts(lambda: vcpu.kick(ident)):
             for i in range(n):
                 t0 = clock()
                 e = run()

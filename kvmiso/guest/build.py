@@ -49,6 +49,7 @@ class Image:
 
     @property
     def entry(self) -> int:
+        """The guest-physical address of ``_start`` (crt0's entry)."""
         return self.symbols["_start"]
 
 
@@ -67,6 +68,7 @@ def payload_path(name_or_path: str | os.PathLike) -> Path:
 
 
 def available_payloads() -> list[str]:
+    """The payload names guests/ ships (``hello``, ``portio``, ...)."""
     return sorted(p.stem for p in GUESTS_DIR.glob("*.S"))
 
 

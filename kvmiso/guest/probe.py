@@ -38,6 +38,7 @@ def tracefs_state() -> dict[str, Any]:
 
 
 def kallsyms_state() -> dict[str, Any]:
+    """Whether /proc/kallsyms is readable and shows real addresses (kptr_restrict, root)."""
     try:
         with open("/proc/kallsyms") as f:
             first = f.readline().split()
@@ -59,23 +60,26 @@ HYPERVISOR_LEAF = 0x40000000
 CPUID_MARKER = (0x6F73696D, 0x6B72616D, 0x76766B2D)  # "miso" "mark" "-kvv": in no CPU's answer
 
 
-def cpuid_intercepted(kvm: Kvm, cpl: int) -> bool:
+def cpuid_intercepted(kvm: Kvm, cpl: int) -> bool | str:
     """Whether a guest's CPUID at ``cpl`` gets the CPUID KVM was given (KVM intercepts it) or
     the host CPU's own answer. Measured: the hypervisor leaf carries a marker in the CPUID this
     VM is given, and guests/probe_cpuid.S reports what it reads there. On kvm_pvm CPUID at CPL3
-    runs natively (no exit), so it returns the host CPU's values."""
+    runs natively (no exit), so it returns the host CPU's values. A guest that does not finish
+    gives the reason instead of a verdict."""
     with Machine("probe_cpuid", mode="long", cpl=cpl, kvm=kvm) as m:
         entries = [e for e in m.vcpu.get_cpuid2() if e.function != HYPERVISOR_LEAF]
         b, c, d = CPUID_MARKER
         entries.append(CpuidEntry(HYPERVISOR_LEAF, 0, 0, HYPERVISOR_LEAF, b, c, d))
         m.vcpu.set_cpuid2(entries)
+        m.reset()  # the mode setup again, after the CPUID it depends on (XCR0, CR4 bits)
         r = m.run(timeout=5)
     if not r.ok:
-        raise RuntimeError(f"the CPUID probe guest did not finish at CPL{cpl}: {r.outcome}: {r.detail}")
+        return f"not measured: the probe guest ended with {r.outcome} ({r.detail})"
     return tuple(r.report(tag) for tag in range(3)) == CPUID_MARKER
 
 
 def probe(kvm: Kvm) -> dict[str, Any]:
+    """Every fact ``kvmiso probe`` prints: measured by running guests where it can be."""
     vendor = vendor_module()
     cpl0 = emulated_instructions(kvm, "long", 0)
     cpl3 = emulated_instructions(kvm, "long", 3)

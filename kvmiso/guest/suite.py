@@ -25,11 +25,13 @@ def answer_io(e: IoExit) -> None:
 
 
 def answer_mmio(e: MmioExit) -> None:
+    """The suite's MMIO device: every read answers 0xFEEDF00D, cut to the read's length."""
     if not e.is_write:
         e.reply(0xFEEDF00D & ((1 << (8 * e.length)) - 1))
 
 
 def answer_msr(e: RdmsrExit | WrmsrExit) -> None:
+    """The suite's userspace MSRs: RDMSR reads 0x77, WRMSR is accepted."""
     e.reply(0x77) if isinstance(e, RdmsrExit) else e.reply()
 
 
@@ -46,6 +48,8 @@ SETUP: dict[str, Callable[[Machine], None]] = {"msr": _user_msr, "singlestep": _
 
 @dataclass(frozen=True)
 class SuiteEntry:
+    """One suite run: a payload, its mode and CPL, and the outcome it is built to reach here."""
+
     payload: str
     mode: str
     cpl: int = 0
@@ -53,12 +57,15 @@ class SuiteEntry:
 
     @property
     def label(self) -> str:
+        """``payload/mode`` (``/cpl3`` added at CPL3), as report.json names the run."""
         return f"{self.payload}/{self.mode}" + ("/cpl3" if self.cpl else "")
 
     def run_kwargs(self) -> dict:
+        """Machine.run's keyword arguments: the suite's I/O, MMIO and MSR answers."""
         return {"on_io": answer_io, "on_mmio": answer_mmio, "on_msr": answer_msr}
 
     def setup(self, m: Machine) -> None:
+        """What the payload needs of the VM before it runs (userspace MSRs, single-step)."""
         if self.payload in SETUP:
             SETUP[self.payload](m)
 

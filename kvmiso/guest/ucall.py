@@ -18,16 +18,20 @@ EXCEPTION_NAMES = {
 
 @dataclass(frozen=True)
 class Done:
-    pass
+    """UCALL_DONE: the payload succeeded."""
 
 
 @dataclass(frozen=True)
 class Fail:
+    """UCALL_FAIL: the payload failed with ``code`` (rdi)."""
+
     code: int
 
 
 @dataclass(frozen=True)
 class Report:
+    """UCALL_REPORT: a value for the host, ``tag`` (rdi) and ``value`` (rsi)."""
+
     tag: int
     value: int
 
@@ -43,6 +47,7 @@ class GuestException:
 
     @property
     def name(self) -> str:
+        """The exception's mnemonic (``#GP``), or ``vector N``."""
         return EXCEPTION_NAMES.get(self.vector, f"vector {self.vector}")
 
     def __str__(self) -> str:
