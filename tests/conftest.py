@@ -1,5 +1,7 @@
 """Shared fixtures. Tests that need KVM use the real /dev/kvm; only a missing device skips
-(EACCES fails, as in the KVM selftests). KVMISO_REQUIRE_KVM=1 turns that skip into a failure.
+(EACCES fails, as in the KVM selftests). KVMISO_REQUIRE_KVM=1 turns that skip into a failure,
+and KVMISO_REQUIRE_VENDOR=kvm_amd (say) fails every device test on another vendor module: CI's
+kvm_amd lane sets both, so a guest without kvm_amd cannot pass it.
 
 Every test that takes the ``kvm`` fixture is marked ``device`` here, so that a lane on another
 vendor module can select them (``pytest -m device``) without a mark in every file."""
@@ -11,7 +13,7 @@ import signal
 
 import pytest
 
-from kvmiso.kvm import Kvm, KvmUnavailable
+from kvmiso.kvm import Kvm, KvmUnavailable, vendor_module
 
 _skip_reason: str | None = None
 
@@ -46,12 +48,14 @@ def kvm():
         k = Kvm()
     except KvmUnavailable as e:
         pytest.fail(str(e))
+    required = os.environ.get("KVMISO_REQUIRE_VENDOR")
+    if required and vendor_module() != required:
+        k.close()
+        pytest.fail(f"KVMISO_REQUIRE_VENDOR={required} but the vendor module is {vendor_module()}")
     with k:
         yield k
 
 
 @pytest.fixture
 def vendor():
-    from kvmiso.kvm import vendor_module
-
     return vendor_module()

@@ -16,7 +16,7 @@ def add_boot_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--modules-dir", metavar="DIR", help="the kernel's lib/modules/RELEASE folder (default /lib/modules/RELEASE)")
     sp.add_argument("--modules", action="append", default=[], metavar="NAME[,NAME]",
                     help="more modules to load in the guest, after the vendor module")
-    sp.add_argument("--cpu", metavar="MODEL", help="QEMU's -cpu model (default: max under TCG, host under KVM)")
+    sp.add_argument("--cpu", metavar="MODEL", help="QEMU's -cpu model (default: max,la57=off under TCG, host under KVM)")
     sp.add_argument("--accel", choices=("auto", "tcg", "kvm"), default="auto",
                     help="KVM when this host's kvm_amd/kvm_intel nests, else TCG (default auto)")
     sp.add_argument("--memory", type=int, default=DEFAULT_MEMORY_MIB, metavar="MIB", help="guest memory (default %(default)s)")

@@ -30,6 +30,9 @@ NESTED_FLAG = {"kvm_amd": "svm", "kvm_intel": "vmx"}
 CONSOLE_TAIL = 12  # console lines kept for an error message
 STOP_GRACE = 5.0  # seconds QEMU gets to exit on SIGTERM before SIGKILL
 PR_SET_PDEATHSIG = 1
+# TCG's most capable CPU (it offers SVM), less 5-level paging: with la57 the guest's kernel
+# runs 5-level page tables, which kvmiso's kvm_mm model does not cover (and few hosts run)
+TCG_CPU = "max,la57=off"
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,7 @@ def choose_accel(requested: str = "auto", cpu: str | None = None) -> Accel:
         raise BootError(f"--accel kvm: {why}")
     if requested == "kvm" or (requested == "auto" and nests):
         return Accel("kvm", cpu or "host", why)
-    return Accel("tcg", cpu or "max", "asked for TCG" if requested == "tcg" else why)
+    return Accel("tcg", cpu or TCG_CPU, "asked for TCG" if requested == "tcg" else why)
 
 
 def _nests(vendor: str | None) -> tuple[bool, str]:
