@@ -28,7 +28,8 @@ from .observe.attach import Attached, watch
 from .observe.process import ForeignVm, ProcessError, kvm_fds
 from .observe.kobject import possible_cpus
 
-VCPU_SETTLE_S = 0.5  # after a process's vCPUs appear, before its VM is read (they have run by then)
+EVIDENCE_EVERY_S = 0.1  # a watched VM is read again this often while it lives
+STOP_GRACE_S = 5.0  # a command stopped at --duration gets SIGTERM, then SIGKILL after this
 
 
 @dataclass
@@ -134,18 +135,26 @@ def watch_process(target: int | list[str], duration: float | None = None,
         return child[0].pid
 
     def until(pid: int) -> str | None:
+        """Every 0.1 s: read (again) the VM's evidence while the process lives, through copies
+        of its vCPU fds taken the first time they are seen. The latest reading is kept unless it
+        knows fewer vCPU threads or objects than the one before: a vCPU's thread is gone from
+        its struct kvm_vcpu as the process exits, while the fds still hold the VM."""
         now = time.monotonic()
         got.setdefault("t0", now)
-        if "evidence" not in got:
+        if "vm" not in got:
             try:
                 fds = kvm_fds(pid)
             except ProcessError:
                 fds = None
             if fds is not None and fds.vcpus:
-                got.setdefault("seen", now)
-                if now - got["seen"] >= VCPU_SETTLE_S:  # its vCPUs have run: MMU roots, threads
-                    with ForeignVm.attach(pid) as vm:
-                        got["evidence"] = collect_evidence(vm, vendor_module() or "")
+                try:
+                    got["vm"] = ForeignVm.attach(pid)
+                except ProcessError:
+                    pass  # gone meanwhile
+        if "vm" in got and now - got.get("read", 0.0) >= EVIDENCE_EVERY_S:
+            reading, got["read"] = collect_evidence(got["vm"], vendor_module() or ""), now
+            if "evidence" not in got or _completeness(reading) >= _completeness(got["evidence"]):
+                got["evidence"] = reading
         if duration is not None and now - got["t0"] >= duration:
             return f"{duration:g} s passed"
         return None
@@ -157,8 +166,17 @@ def watch_process(target: int | list[str], duration: float | None = None,
             c.kill()
             c.wait()
         raise
-    for c in child:
-        c.wait()
+    finally:
+        if "vm" in got:
+            got["vm"].close()
+    for c in child:  # a command kvmiso started and stopped watching at --duration is stopped too
+        if c.poll() is None:  # (the watch reaped a command that exited: poll knows it is gone)
+            c.terminate()
+        try:
+            c.wait(STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            c.kill()
+            c.wait()
     pid = target if isinstance(target, int) else child[0].pid
     evidence = got.get("evidence") or Evidence(kernel=platform.release(), vendor=vendor_module() or "",
                                                source="the process ended before its vCPUs could be read")
@@ -167,6 +185,11 @@ def watch_process(target: int | list[str], duration: float | None = None,
     for r in attached.log.records:
         r.vcpu = by_thread.get(r.vcpu, r.vcpu)
     return WatchedProcess(pid, attached, evidence)
+
+
+def _completeness(evidence: Evidence) -> tuple[int, int]:
+    """How much of a VM a reading found: vCPU threads, then objects."""
+    return len(evidence.threads), len(evidence.objects)
 
 
 def resolve_chains(evidence: Evidence, log: ExitLog) -> None:

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from kvmiso.cli import main
@@ -85,6 +86,16 @@ def test_attach_to_a_running_qemu(kvm, tmp_path, capsys):
     finally:
         q.kill()
         q.wait()
+
+
+def test_a_command_stopped_at_its_duration_is_gone(kvm, tmp_path, capsys):
+    """A looping QEMU started by kvmiso is traced for 2 s, then stopped: no QEMU child remains,
+    and its vCPU threads were read while it ran."""
+    con, ev = tmp_path / "con", tmp_path / "loop.ev.json"
+    rc = main(["trace", "--duration", "2", "--evidence", str(ev), "--", *_qemu(_image(tmp_path), con)])
+    assert rc == 0 and "until 2 s passed" in capsys.readouterr().out
+    assert psutil.Process().children() == []
+    assert set(read_evidence(ev).threads) == {0}
 
 
 @pytest.mark.parametrize("argv, why", [

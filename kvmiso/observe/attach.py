@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import platform
 import select
-import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Iterable

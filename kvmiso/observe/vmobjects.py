@@ -64,15 +64,18 @@ def find_vm(mem: KernelMemory, btf: Btf, vcpu_fds: dict[int, int]) -> VmHandle:
         vcpus[vid] = vcpu
     kvm = k.ptr(vcpus[min(vcpus)], "kvm_vcpu", "kvm")
     mm = k.ptr(kvm, "kvm", "mm")
+    own = k.ptr(current, "task_struct", "mm") == mm  # kvmiso's own VM (or a copy of another's fds)
     tasks = {}
     for vid, vcpu in vcpus.items():
         task = _pid_task(k, k.ptr(vcpu, "kvm_vcpu", "pid"))
-        tasks[vid] = (task, "bpf: vcpu->pid (the thread that ran it last)") if task else (
-            current, "bpf: current (the vCPU has not run yet)")
-        task_mm = k.ptr(tasks[vid][0], "task_struct", "mm")
-        checks.append((f"kvm->mm == vCPU {vid}'s thread's mm", task_mm == mm, f"{mm:#x} vs {task_mm:#x}"))
-    if any(t == current for t, _ in tasks.values()):
-        checks.append(("kvm->mm == current->mm", k.ptr(current, "task_struct", "mm") == mm, f"{mm:#x}"))
+        if task:
+            tasks[vid] = (task, "bpf: vcpu->pid (the thread that ran it last)")
+            task_mm = k.ptr(task, "task_struct", "mm")
+            checks.append((f"kvm->mm == vCPU {vid}'s thread's mm", task_mm == mm, f"{mm:#x} vs {task_mm:#x}"))
+        elif own:  # not run yet: the thread that will run it is this one
+            tasks[vid] = (current, "bpf: current (the vCPU has not run yet)")
+    if own:
+        checks.append(("kvm->mm == current->mm", True, f"{mm:#x}"))
     tids = {vid: k.u32(t, "task_struct", "pid") for vid, (t, _) in tasks.items()}
     return VmHandle(vcpus, dict(vcpu_fds), files, kvm, mm, k.ptr(mm, "mm_struct", "pgd"), tasks, tids, tuple(checks))
 
@@ -105,9 +108,13 @@ def read_vm_objects(mem: KernelMemory, btf: Btf, vm: VmHandle, vendor: str, tabl
     out.objects.append(KernelObject("vm_struct", vm.kvm - in_vm, k.sizeof(vm_struct), f"struct {vm_struct}",
                                     f"bpf: vcpu->kvm, container_of(struct {vm_struct}, kvm)"))
     _vm_objects(k, out, vm.kvm)
-    for vid, (task, how) in sorted(vm.tasks.items()):
-        _task_objects(k, out, vid, task, how, tables)
-    per_cpu_objects(k, out, vm.tasks[min(vm.tasks)][0], vm.kvm, cpus, symbols)
+    for vid in vm.vcpus:
+        if vid in vm.tasks:
+            _task_objects(k, out, vid, *vm.tasks[vid], tables)
+        else:
+            out.absent[f"vcpu_task[{vid}]"] = "vcpu->pid is NULL: another process's vCPU that has not run yet"
+    first = vm.tasks[min(vm.tasks)][0] if vm.tasks else k.mem.current_task()
+    per_cpu_objects(k, out, first, vm.kvm, cpus, symbols)
     struct_pages(k, out, tables)
     out.objects = [o if o.allocator else with_allocator(k, tables, out, o) for o in out.objects]
     return out

@@ -1,0 +1,224 @@
+"""The commands that hand what kvmiso saw to the kvm_mm check: ``kvmiso model``, ``kvmiso
+check`` (payloads, saved logs, ``--pid PID``, ``-- COMMAND``) and ``kvmiso trace`` of another
+process. Bad input raises :class:`kvmiso.cli.CliError` (status 2); a fault, an unknown function
+or lost evidence is status 1, as a failed test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+
+from .cli import EXIT_FAILED, CliError
+from .guest import Machine
+from .interrupt import Interrupted
+
+
+def process_target(args: argparse.Namespace) -> int | list[str] | None:
+    """--pid or -- COMMAND (one of them, with no payload), or None for a payload."""
+    wanted = [x for x in (args.pid is not None, bool(args.command), bool(args.payload)) if x]
+    if len(wanted) > 1:
+        raise CliError("give a payload, --pid PID or -- COMMAND ..., one of them")
+    if args.duration is not None and not (args.pid is not None or args.command):
+        raise CliError("--duration is for --pid or -- COMMAND")
+    if args.duration is not None and not 0 < args.duration < 1e6:
+        raise CliError(f"--duration must be a positive number of seconds, not {args.duration:g}")
+    if args.pid is not None:
+        return args.pid
+    return args.command or None
+
+
+def _watch(args):
+    from .observe.process import ProcessError
+    from .session import watch_process
+
+    try:
+        return watch_process(process_target(args), args.duration)
+    except ProcessError as e:
+        raise CliError(str(e)) from None
+
+
+def cmd_trace_process(args: argparse.Namespace) -> int:
+    """trace --pid / -- COMMAND: another process's vCPUs, per vCPU and in total."""
+    from .observe.evidence import write_evidence
+    from .observe.exitlog import summarize
+
+    w = _watch(args)
+    log = w.log
+    if args.json:
+        try:
+            log.write_jsonl(args.json)
+        except OSError as e:
+            raise CliError(f"cannot write the exit log to {args.json}: {e.strerror}") from None
+    if args.evidence:
+        write_evidence(w.evidence, args.evidence)
+    if log.lost_events:
+        print(f"kvmiso: {log.lost_events} trace records lost (the trace buffer was full)", file=sys.stderr)
+    vcpus = sorted({r.vcpu for r in log.records})
+    events = sum(len(r.events) for r in log.records)
+    print(f"traced pid {w.pid} until {w.attached.ended}: {len(log.records)} KVM_RUN calls on {len(vcpus)} vCPU "
+          f"threads, {events} in-kernel events ({', '.join(x.split(':')[1] for x in log.events_enabled[:0]) or 'kvm events'}; "
+          f"kvm_emulate_insn and kvmmmu left out: once per emulated instruction)\n")
+    for v in vcpus:
+        print(f"vCPU {v}: {sum(1 for r in log.records if r.vcpu == v)} KVM_RUN calls")
+    print()
+    print(summarize(log).table())
+    return 0
+
+
+def _check_process(args, access, cost: dict) -> int:
+    """check --pid / -- COMMAND: every vCPU of another process, apart and in total."""
+    import dataclasses
+
+    from .isolation import check, result_text
+
+    w = _watch(args)
+    evidence = w.evidence
+    _require_real(args, evidence, f"pid {w.pid}")
+    space = _space(args, evidence)
+    vcpus = sorted({r.vcpu for r in w.log.records})
+    per = []
+    for v in vcpus:
+        part = dataclasses.replace(w.log, records=[r for r in w.log.records if r.vcpu == v])
+        part.lost_events = 0  # lost records cannot be told apart by vCPU: counted once, in the total
+        per.append((f"vCPU {v}" if v in evidence.threads else f"thread {v}", check(space, part, access, **cost)))
+    total = check(space, w.log, access, **cost)
+    title = f"pid {w.pid} (traced until {w.attached.ended})"
+    if args.json:
+        print(json.dumps({"pid": w.pid, "ended": w.attached.ended, "evidence": evidence.source,
+                          "vcpus": [{"vcpu": name, **r.to_dict()} for name, r in per], "total": total.to_dict()},
+                         indent=2))
+    else:
+        for name, r in per:
+            print(result_text(r, f"{title} {name}: ", stack=args.stack) + "\n")
+        print(result_text(total, f"{title} all vCPUs: ", stack=False))
+    return EXIT_FAILED if total.failed(args.allow_lost) else 0
+
+
+def _space(args, evidence, machine=None):
+    from .isolation import MapSetError
+    from .isolation.policy import POLICIES
+    from .session import layout_of, space_for
+
+    if args.policy not in POLICIES:
+        raise CliError(f"unknown policy {args.policy!r}; one of {', '.join(POLICIES)}")
+    try:
+        return space_for(layout_of(evidence, machine), args.policy, args.regions, tuple(args.drop))
+    except MapSetError as e:
+        raise CliError(str(e)) from None
+
+
+def _require_real(args, evidence, what: str) -> None:
+    """--require-real: every fact the verdicts rest on must have been read, not modeled."""
+    if args.require_real and not evidence.real:
+        raise RealFactsMissing(f"{what}: --require-real, but the objects and page table are modeled "
+                               f"({evidence.source or 'no evidence'})")
+
+
+class RealFactsMissing(Exception):
+    """--require-real and a fact had to be modeled: status 1, one line naming it."""
+
+
+def _read_evidence(path: str):
+    from .observe.evidence import EvidenceError, read_evidence
+
+    try:
+        return read_evidence(path)
+    except OSError as e:
+        raise CliError(f"cannot read evidence {path}: {e.strerror}") from None
+    except EvidenceError as e:
+        raise CliError(str(e)) from None
+
+
+def cmd_model(args: argparse.Namespace) -> int:
+    """The isolated address space of a fresh VM of this host (or of saved evidence)."""
+    from .isolation import model_summary, model_text
+    from .session import machine_evidence
+
+    if args.evidence:
+        evidence, machine_ctx = _read_evidence(args.evidence), contextlib.nullcontext(None)
+    else:
+        machine_ctx = Machine("hello", mode="long")
+    with machine_ctx as m:
+        if m is not None:
+            m.run(timeout=5)  # a VM that has run: its MMU root, kvm_run page and vCPU thread exist
+            evidence = machine_evidence(m)
+        space = _space(args, evidence, m)
+    try:
+        _require_real(args, evidence, "model")
+    except RealFactsMissing as e:
+        print(f"kvmiso: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    print(json.dumps(model_summary(space), indent=2) if args.json else model_text(space))
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Each payload runs under capture on its own VM and is checked against that VM's evidence;
+    an exit log is checked against the evidence saved with it (--evidence)."""
+    from .isolation import AccessModelError, CheckError, check, load_access_model, result_text
+    from .observe.capture import Capture
+    from .observe.exitlog import ExitLogError, read_jsonl
+    from .session import capture_checked, machine_evidence
+
+    try:
+        access = load_access_model()
+    except AccessModelError as e:
+        raise CliError(str(e)) from None
+    cost = {} if args.switch_cost is None else {"switch_cost_ns": args.switch_cost,
+                                                 "switch_cost_source": "given with --switch-cost"}
+    if process_target(args) is not None:
+        return _check_process(args, access, cost)
+    if not args.payload:
+        raise CliError("check what? payloads, exit logs, --pid PID or -- COMMAND ...")
+    results = []
+    interrupted: Interrupted | None = None
+    with Capture() as cap:
+        for p in args.payload:
+            if p.endswith(".jsonl"):
+                if not args.evidence:
+                    raise CliError(f"{p}: an exit log is checked against the evidence saved with it: "
+                                   f"--evidence FILE (kvmiso trace --json LOG --evidence FILE writes both)")
+                try:
+                    log = read_jsonl(p)
+                except OSError as e:
+                    raise CliError(f"cannot read exit log {p}: {e.strerror}") from None
+                except ExitLogError as e:
+                    raise CliError(str(e)) from None
+                evidence = _read_evidence(args.evidence)
+                space = _space(args, evidence)
+            else:
+                with Machine(p, mode=args.mode, cpl=args.cpl) as m:
+                    try:
+                        run = capture_checked(m, cap, m.image.name, timeout=args.timeout)
+                        log, evidence = run.log, run.evidence
+                    except Interrupted as e:  # check what was seen, marked incomplete, then stop
+                        interrupted = e
+                        log = e.partial[1] if e.partial else None
+                        if log is None:
+                            break
+                        evidence = machine_evidence(m, log)
+                    space = _space(args, evidence, m)
+            try:
+                _require_real(args, evidence, p)
+                res = check(space, log, access, source=p, **cost)
+            except RealFactsMissing as e:
+                print(f"kvmiso: {e}", file=sys.stderr)
+                return EXIT_FAILED
+            except CheckError as e:
+                raise CliError(str(e)) from None
+            results.append((p, log.incomplete, res))
+            if interrupted is not None:
+                break
+    if args.json:
+        print(json.dumps([{"payload": p, "incomplete": bool(why), "incomplete_reason": why, **r.to_dict()}
+                          for p, why, r in results], indent=2))
+    else:
+        for p, why, r in results:
+            print(result_text(r, f"{p}{' (INCOMPLETE: ' + why + ')' if why else ''}: ", stack=args.stack) + "\n")
+    if interrupted is not None:
+        raise interrupted
+    # a missing mapping, an unknown function or lost evidence is a finding: non-zero, like a failed test
+    return EXIT_FAILED if any(r.failed(args.allow_lost) for _, _, r in results) else 0
