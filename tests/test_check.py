@@ -13,7 +13,7 @@ from kvmiso.guest import Machine
 from kvmiso.isolation import CheckError, address_space, build_layout, check, load_access_model, load_regions
 from kvmiso.isolation.access import AccessModelError
 from kvmiso.observe.capture import Capture
-from kvmiso.observe.evidence import collect_evidence, read_evidence, write_evidence
+from kvmiso.observe.evidence import collect_evidence, read_evidence
 from kvmiso.observe.exitlog import read_jsonl
 from kvmiso.observe.kobject import KernelObject
 

@@ -9,7 +9,7 @@ import pytest
 
 from kvmiso.guest import Machine
 from kvmiso.guest.build import build
-from kvmiso.isolation.kerneltable import LiveKernelTable, ModeledKernelTable
+from kvmiso.isolation.kerneltable import ModeledKernelTable
 from kvmiso.isolation.layout import build_layout
 from kvmiso.isolation.mapset import (DenylistSpace, KvmAddressSpace, MapSetError, RegionSpec, SharedTableError,
                                      address_space, default_specs)

@@ -21,9 +21,9 @@ from hypothesis import strategies as st
 
 from kvmiso.observe.exitlog import TraceEvent
 from kvmiso.observe.ringbuffer import (MISSED_EVENTS, MISSED_STORED, TS_SHIFT, TYPE_PADDING, TYPE_TIME_EXTEND,
-                                       PageHeader, parse_page)
+                                       PageHeader, decode_buffers, parse_page)
 from kvmiso.observe.traceformat import EventFormat, FormatError
-from kvmiso.observe.tracefs import (TraceInstance, TracefsUnavailable, decode_buffers, remove_stale,
+from kvmiso.observe.tracefs import (TraceInstance, TracefsUnavailable, remove_stale,
                                     tracefs_root)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "trace"

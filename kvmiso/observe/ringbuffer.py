@@ -1,13 +1,16 @@
 """tracefs ring-buffer pages (``per_cpu/cpuN/trace_pipe_raw``) and their header
-(``events/header_page``), parsed as the kernel's ring_buffer.c writes them: pure functions of bytes.
+(``events/header_page``), parsed as the kernel's ring_buffer.c writes them, and decoded into
+TraceEvents with their formats: pure functions of bytes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Iterator
 
-from .traceformat import FIELD_RE, FormatError
+from .exitlog import TraceEvent
+from .traceformat import FIELD_RE, EventFormat, FormatError, common_pid, common_type, kernel_stack
 
 # The compressed event header (events/header_event): type_len:5, time_delta:27, array[].
 TYPE_PADDING, TYPE_TIME_EXTEND, TYPE_TIME_STAMP = 29, 30, 31
@@ -112,5 +115,54 @@ def iter_pages(raw: bytes, page_size: int) -> Iterator[bytes]:
         yield raw[off : off + page_size]
 
 
-__all__ = ["MISSED_EVENTS", "MISSED_STORED", "Page", "PageHeader", "RawEvent", "TS_SHIFT", "TYPE_PADDING",
-           "TYPE_TIME_EXTEND", "TYPE_TIME_STAMP", "iter_pages", "parse_page"]
+
+
+@dataclass
+class Decoded:
+    """Records decoded from ring-buffer pages, and those that were not kept."""
+
+    events: list[TraceEvent]
+    missed: int = 0  # lost before a page, as the pages report it
+    foreign: int = 0  # records of threads not asked for
+    unknown: int = 0  # records of event ids without a format
+    orphan_stacks: int = 0  # kernel_stack records with no event of theirs before them
+
+
+def decode_buffers(raw: dict[int, bytes], header: PageHeader, page_size: int, formats: dict[int, EventFormat],
+                   pids: set[int] | None = None, stack_format: EventFormat | None = None) -> Decoded:
+    """TraceEvents from ``trace_pipe_raw`` pages per CPU, ordered by timestamp; records of
+    threads outside ``pids`` (when given) are counted, not kept. A ``kernel_stack`` record (the
+    ``stacktrace`` trigger writes one right after its event, on the same CPU) becomes the
+    ``stack`` of the event before it."""
+    out = Decoded([])
+    stack_id = stack_format.id if stack_format else None
+    for cpu, data in raw.items():
+        mine: list[TraceEvent] = []
+        for page in iter_pages(data, page_size):
+            parsed = parse_page(page, header, cpu)
+            out.missed += max(parsed.missed, 1) if parsed.missed else 0
+            for rec in parsed.events:
+                kind = common_type(rec.data)
+                fmt = stack_format if kind == stack_id else formats.get(kind)
+                if fmt is None:
+                    out.unknown += 1
+                    continue
+                pid = common_pid(rec.data, fmt)
+                if pids is not None and pid not in pids:
+                    out.foreign += 1
+                    continue
+                if kind == stack_id:
+                    if mine and mine[-1].pid == pid and not mine[-1].stack:
+                        mine[-1] = dataclasses.replace(mine[-1], stack=kernel_stack(rec.data, fmt))
+                    else:
+                        out.orphan_stacks += 1
+                    continue
+                fields, symbols = fmt.decode(rec.data)
+                mine.append(TraceEvent(rec.ts, fmt.system, fmt.name, cpu, pid, fields, symbols))
+        out.events += mine
+    out.events.sort(key=lambda e: e.ts_ns)  # stable: same-timestamp records keep buffer order
+    return out
+
+
+__all__ = ["Decoded", "MISSED_EVENTS", "MISSED_STORED", "Page", "PageHeader", "RawEvent", "TS_SHIFT", "TYPE_PADDING",
+           "TYPE_TIME_EXTEND", "TYPE_TIME_STAMP", "decode_buffers", "iter_pages", "parse_page"]

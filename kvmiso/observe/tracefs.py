@@ -24,21 +24,19 @@ then reports the run without in-kernel events and says why.
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import ctypes.util
 import errno
 import os
 import re
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
 from .. import interrupt
 from .exitlog import TraceEvent
-from .ringbuffer import PageHeader, iter_pages, parse_page
-from .traceformat import EventFormat, FormatError, common_pid, common_type, kernel_stack
+from .ringbuffer import PageHeader, decode_buffers
+from .traceformat import EventFormat, FormatError
 
 TRACEFS = Path("/sys/kernel/tracing")
 PREFIX = "kvmiso-"
@@ -135,53 +133,6 @@ def _pid_alive(pid: int) -> bool:
 def _write(path: Path, value: str) -> None:
     with open(path, "w") as f:
         f.write(value)
-
-
-@dataclass
-class Decoded:
-    """Records decoded from ring-buffer pages, and those that were not kept."""
-
-    events: list[TraceEvent]
-    missed: int = 0  # lost before a page, as the pages report it
-    foreign: int = 0  # records of threads not asked for
-    unknown: int = 0  # records of event ids without a format
-    orphan_stacks: int = 0  # kernel_stack records with no event of theirs before them
-
-
-def decode_buffers(raw: dict[int, bytes], header: PageHeader, page_size: int, formats: dict[int, EventFormat],
-                   pids: set[int] | None = None, stack_format: EventFormat | None = None) -> Decoded:
-    """TraceEvents from ``trace_pipe_raw`` pages per CPU, ordered by timestamp; records of
-    threads outside ``pids`` (when given) are counted, not kept. A ``kernel_stack`` record (the
-    ``stacktrace`` trigger writes one right after its event, on the same CPU) becomes the
-    ``stack`` of the event before it."""
-    out = Decoded([])
-    stack_id = stack_format.id if stack_format else None
-    for cpu, data in raw.items():
-        mine: list[TraceEvent] = []
-        for page in iter_pages(data, page_size):
-            parsed = parse_page(page, header, cpu)
-            out.missed += max(parsed.missed, 1) if parsed.missed else 0
-            for rec in parsed.events:
-                kind = common_type(rec.data)
-                fmt = stack_format if kind == stack_id else formats.get(kind)
-                if fmt is None:
-                    out.unknown += 1
-                    continue
-                pid = common_pid(rec.data, fmt)
-                if pids is not None and pid not in pids:
-                    out.foreign += 1
-                    continue
-                if kind == stack_id:
-                    if mine and mine[-1].pid == pid and not mine[-1].stack:
-                        mine[-1] = dataclasses.replace(mine[-1], stack=kernel_stack(rec.data, fmt))
-                    else:
-                        out.orphan_stacks += 1
-                    continue
-                fields, symbols = fmt.decode(rec.data)
-                mine.append(TraceEvent(rec.ts, fmt.system, fmt.name, cpu, pid, fields, symbols))
-        out.events += mine
-    out.events.sort(key=lambda e: e.ts_ns)  # stable: same-timestamp records keep buffer order
-    return out
 
 
 class TraceInstance:
@@ -455,5 +406,5 @@ class TraceInstance:
         return "; ".join(notes)
 
 
-__all__ = ["DEFAULT_BUFFER_KB", "Decoded", "FormatError", "TRACEFS", "TraceInstance",
-           "TracefsUnavailable", "decode_buffers", "remove_stale", "tracefs_root"]
+__all__ = ["DEFAULT_BUFFER_KB", "FormatError", "TRACEFS", "TraceInstance",
+           "TracefsUnavailable", "remove_stale", "tracefs_root"]
