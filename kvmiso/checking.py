@@ -1,6 +1,6 @@
 """The commands that hand what kvmiso saw to the kvm_mm check: ``kvmiso model``, ``kvmiso
 check`` (payloads, saved logs, ``--pid PID``, ``-- COMMAND``) and ``kvmiso trace`` of another
-process. Bad input raises :class:`kvmiso.cli.CliError` (status 2); a fault, an unknown function
+process. Bad input raises :class:`kvmiso.exitstatus.CliError` (status 2); a fault, an unknown function
 or lost evidence is status 1, as a failed test.
 """
 
@@ -11,7 +11,7 @@ import contextlib
 import json
 import sys
 
-from .cli import EXIT_FAILED, CliError
+from .exitstatus import EXIT_FAILED, CliError
 from .guest import Machine
 from .interrupt import Interrupted
 

@@ -22,17 +22,11 @@ from .boot import command as boot_command
 from .guest import BuildError, Machine
 from .guest.build import MODES, available_payloads, payload_modes, payload_path
 from .guest.ucall import PORT_CONSOLE
+from .exitstatus import EXIT_BAD_INPUT, EXIT_FAILED, CliError
 from .interrupt import Interrupted, signals_raise_interrupted
 from .output import CheckedStdout, StdoutError, printable, writable, writable_dir
 from .kvm import GuestTimeout, Kvm, KvmError, KvmUnavailable
 from .kvm.exits import DebugExit, Exit, IoExit, MmioExit
-
-EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
-
-
-class CliError(Exception):
-    """Bad input: printed as ``kvmiso: <message>``, exit status 2."""
-
 
 def main(argv: list[str] | None = None) -> int:
     """Run one kvmiso command; returns its exit status. SIGINT and SIGTERM end any command as
