@@ -98,14 +98,14 @@ def layout():
     """The kvm_run offsets and KVM_EXIT_* numbers the C loop needs, from kvmiso.kvm.abi."""
     ffi, _ = _lib()
     u = abi.kvm_run.u.offset
-    io, mmio = abi._run_exit_union.io.offset, abi._run_exit_union.mmio.offset
+    io, mmio = abi.kvm_run_exit.io.offset, abi.kvm_run_exit.mmio.offset
     return ffi.new("struct kvmiso_layout *", dict(
         exit_reason=abi.kvm_run.exit_reason.offset, immediate_exit=abi.kvm_run.immediate_exit.offset,
-        io_direction=u + io + abi._run_io.direction.offset, io_size=u + io + abi._run_io.size.offset,
-        io_port=u + io + abi._run_io.port.offset, io_count=u + io + abi._run_io.count.offset,
-        io_data_offset=u + io + abi._run_io.data_offset.offset,
-        mmio_data=u + mmio + abi._run_mmio.data.offset, mmio_len=u + mmio + abi._run_mmio.len.offset,
-        mmio_is_write=u + mmio + abi._run_mmio.is_write.offset,
+        io_direction=u + io + abi.kvm_run_io.direction.offset, io_size=u + io + abi.kvm_run_io.size.offset,
+        io_port=u + io + abi.kvm_run_io.port.offset, io_count=u + io + abi.kvm_run_io.count.offset,
+        io_data_offset=u + io + abi.kvm_run_io.data_offset.offset,
+        mmio_data=u + mmio + abi.kvm_run_mmio.data.offset, mmio_len=u + mmio + abi.kvm_run_mmio.len.offset,
+        mmio_is_write=u + mmio + abi.kvm_run_mmio.is_write.offset,
         exit_io=abi.KVM_EXIT_IO, exit_mmio=abi.KVM_EXIT_MMIO, io_in=abi.KVM_EXIT_IO_IN,
     ))
 

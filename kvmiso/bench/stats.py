@@ -12,7 +12,6 @@ import statistics
 from typing import Sequence
 
 UNSTABLE_STDEV = 0.10  # pyperf warns when the standard deviation is >= 10% of the mean
-SUMMARY_KEYS = ("n", "min", "p50", "p90", "p99", "max", "mean", "stdev")
 
 
 def percentile(ordered: Sequence[float], q: float) -> float:

@@ -1,7 +1,8 @@
 """The ioctl layer: nothing above this package touches a KVM file descriptor or ioctl number."""
 
 from .errors import GuestTimeout, KvmError, KvmUnavailable
-from .system import CpuidEntry, Kvm, vendor_module
+from .cpuid import CpuidEntry
+from .system import Kvm, vendor_module
 from .vcpu import Translation, Vcpu
 from .vm import MemorySlot, Vm
 

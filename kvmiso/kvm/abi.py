@@ -1,13 +1,15 @@
 """ctypes mirrors of <linux/kvm.h> and <asm/kvm.h> (x86-64), and the ioctl numbers.
 
 Data only: no function here touches a file descriptor. Every struct's size and field offsets
-are checked against the installed kernel headers by ``tests/test_abi.py``.
+are checked against the installed kernel headers by ``tests/test_abi.py``. struct kvm_run and
+the KVM_EXIT_* numbers live in :mod:`kvmiso.kvm.abi_run` and are re-exported here, so
+``abi.kvm_run`` and ``abi.KVM_EXIT_IO`` name the whole ABI from one namespace.
 """
 
 from __future__ import annotations
 
 import ctypes
-from ctypes import c_char, c_int32, c_int16, c_uint8, c_uint16, c_uint32, c_uint64
+from ctypes import c_int32, c_int16, c_uint8, c_uint16, c_uint32, c_uint64
 
 # --- ioctl number encoding (<asm-generic/ioctl.h>) -------------------------------------------
 
@@ -301,127 +303,9 @@ KVM_STATS_TYPE_NAMES = {0: "cumulative", 1: "instant", 2: "peak", 3: "linear_his
 KVM_STATS_UNIT_NAMES = {0: "none", 1: "bytes", 2: "seconds", 3: "cycles", 4: "boolean"}
 KVM_STATS_BASE_NAMES = {0: "pow10", 1: "pow2"}
 
-# --- struct kvm_run (the shared vCPU page) ------------------------------------------------------
+# --- struct kvm_run and the exit reasons: kvm/abi_run.py ------------------------------------
 
-
-class _run_io(ctypes.Structure):
-    _fields_ = [
-        ("direction", c_uint8),
-        ("size", c_uint8),
-        ("port", c_uint16),
-        ("count", c_uint32),
-        ("data_offset", c_uint64),
-    ]
-
-
-KVM_EXIT_IO_IN = 0
-KVM_EXIT_IO_OUT = 1
-
-
-class _run_mmio(ctypes.Structure):
-    _fields_ = [("phys_addr", c_uint64), ("data", c_uint8 * 8), ("len", c_uint32), ("is_write", c_uint8)]
-
-
-class _run_hw(ctypes.Structure):
-    _fields_ = [("hardware_exit_reason", c_uint64)]
-
-
-class _run_fail_entry(ctypes.Structure):
-    _fields_ = [("hardware_entry_failure_reason", c_uint64), ("cpu", c_uint32)]
-
-
-class _run_ex(ctypes.Structure):
-    _fields_ = [("exception", c_uint32), ("error_code", c_uint32)]
-
-
-class kvm_debug_exit_arch(ctypes.Structure):
-    _fields_ = [("exception", c_uint32), ("pad", c_uint32), ("pc", c_uint64), ("dr6", c_uint64), ("dr7", c_uint64)]
-
-
-class _run_hypercall(ctypes.Structure):
-    _fields_ = [
-        ("nr", c_uint64),
-        ("args", c_uint64 * 6),
-        ("ret", c_uint64),
-        ("longmode", c_uint32),
-        ("pad", c_uint32),
-    ]
-
-
-class _run_tpr_access(ctypes.Structure):
-    _fields_ = [("rip", c_uint64), ("is_write", c_uint32), ("pad", c_uint32)]
-
-
-class _run_internal(ctypes.Structure):
-    _fields_ = [("suberror", c_uint32), ("ndata", c_uint32), ("data", c_uint64 * 16)]
-
-
-class _run_system_event(ctypes.Structure):
-    _fields_ = [("type", c_uint32), ("ndata", c_uint32), ("data", c_uint64 * 16)]
-
-
-class _run_msr(ctypes.Structure):
-    _fields_ = [("error", c_uint8), ("pad", c_uint8 * 7), ("reason", c_uint32), ("index", c_uint32), ("data", c_uint64)]
-
-
-class _run_notify(ctypes.Structure):
-    _fields_ = [("flags", c_uint32)]
-
-
-class _run_exit_union(ctypes.Union):
-    _fields_ = [
-        ("hw", _run_hw),
-        ("fail_entry", _run_fail_entry),
-        ("ex", _run_ex),
-        ("io", _run_io),
-        ("debug", kvm_debug_exit_arch),
-        ("mmio", _run_mmio),
-        ("hypercall", _run_hypercall),
-        ("tpr_access", _run_tpr_access),
-        ("internal", _run_internal),
-        ("system_event", _run_system_event),
-        ("msr", _run_msr),
-        ("notify", _run_notify),
-        ("padding", c_char * 256),
-    ]
-
-
-class kvm_run(ctypes.Structure):
-    _fields_ = [
-        ("request_interrupt_window", c_uint8),
-        ("immediate_exit", c_uint8),
-        ("padding1", c_uint8 * 6),
-        ("exit_reason", c_uint32),
-        ("ready_for_interrupt_injection", c_uint8),
-        ("if_flag", c_uint8),
-        ("flags", c_uint16),
-        ("cr8", c_uint64),
-        ("apic_base", c_uint64),
-        ("u", _run_exit_union),
-        ("kvm_valid_regs", c_uint64),
-        ("kvm_dirty_regs", c_uint64),
-        ("s", c_char * 2048),
-    ]
-
-
-# KVM_EXIT_* reasons (<linux/kvm.h>), including ones newer than the installed headers.
-KVM_EXIT_REASONS = {
-    0: "UNKNOWN", 1: "EXCEPTION", 2: "IO", 3: "HYPERCALL", 4: "DEBUG", 5: "HLT", 6: "MMIO",
-    7: "IRQ_WINDOW_OPEN", 8: "SHUTDOWN", 9: "FAIL_ENTRY", 10: "INTR", 11: "SET_TPR",
-    12: "TPR_ACCESS", 13: "S390_SIEIC", 14: "S390_RESET", 15: "DCR", 16: "NMI",
-    17: "INTERNAL_ERROR", 18: "OSI", 19: "PAPR_HCALL", 20: "S390_UCONTROL", 21: "WATCHDOG",
-    22: "S390_TSCH", 23: "EPR", 24: "SYSTEM_EVENT", 25: "S390_STSI", 26: "IOAPIC_EOI",
-    27: "HYPERV", 28: "ARM_NISV", 29: "X86_RDMSR", 30: "X86_WRMSR", 31: "DIRTY_RING_FULL",
-    32: "AP_RESET_HOLD", 33: "X86_BUS_LOCK", 34: "XEN", 35: "RISCV_SBI", 36: "RISCV_CSR",
-    37: "NOTIFY", 38: "LOONGARCH_IOCSR", 39: "MEMORY_FAULT", 40: "TDX",
-}
-globals().update({f"KVM_EXIT_{name}": nr for nr, name in KVM_EXIT_REASONS.items()})
-
-KVM_INTERNAL_ERROR_NAMES = {1: "EMULATION", 2: "SIMUL_EX", 3: "DELIVERY_EV", 4: "UNEXPECTED_EXIT_REASON"}
-KVM_SYSTEM_EVENT_NAMES = {1: "SHUTDOWN", 2: "RESET", 3: "CRASH", 4: "WAKEUP", 5: "SUSPEND", 6: "SEV_TERM", 7: "TDX_FATAL"}
-KVM_MSR_EXIT_REASON_INVAL = 1 << 0
-KVM_MSR_EXIT_REASON_UNKNOWN = 1 << 1
-KVM_MSR_EXIT_REASON_FILTER = 1 << 2
+from .abi_run import *  # noqa: E402,F401,F403 (one namespace for the whole ABI)
 
 # --- capabilities (KVM_CHECK_EXTENSION) --------------------------------------------------------
 
@@ -447,8 +331,18 @@ KVM_CAPS = {
     "MEMORY_ATTRIBUTES": 233, "GUEST_MEMFD": 234, "VM_TYPES": 235,
 }
 
-# KVM_CAP_X86_USER_SPACE_MSR arguments
-KVM_MSR_EXIT_REASON_MASK = KVM_MSR_EXIT_REASON_INVAL | KVM_MSR_EXIT_REASON_UNKNOWN | KVM_MSR_EXIT_REASON_FILTER
+
+
+def capability_number(cap: str | int) -> int:
+    """A KVM_CAP_* number from its name, with or without the prefix (``"IMMEDIATE_EXIT"``,
+    ``"KVM_CAP_IMMEDIATE_EXIT"``); a number is returned as it is. ValueError for an unknown name."""
+    if isinstance(cap, int):
+        return cap
+    try:
+        return KVM_CAPS[cap.upper().removeprefix("KVM_CAP_")]
+    except KeyError:
+        raise ValueError(f"unknown KVM capability {cap!r}") from None
+
 
 # --- ioctl numbers -----------------------------------------------------------------------------
 

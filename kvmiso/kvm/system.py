@@ -6,27 +6,17 @@ import ctypes
 import errno
 import os
 import platform
-from dataclasses import dataclass
 from pathlib import Path
 
 from . import abi
 from ._libc import ioctl
+from .cpuid import CpuidEntry, get_cpuid
 from .errors import KvmError, KvmUnavailable
+from .vm import Vm
 
 DEV_KVM = "/dev/kvm"
 VULNERABILITIES = Path("/sys/devices/system/cpu/vulnerabilities")
 VENDOR_MODULES = ("kvm_intel", "kvm_amd", "kvm_pvm")
-
-
-@dataclass(frozen=True)
-class CpuidEntry:
-    function: int
-    index: int
-    flags: int
-    eax: int
-    ebx: int
-    ecx: int
-    edx: int
 
 
 def vendor_module(sys_module: Path = Path("/sys/module")) -> str | None:
@@ -96,7 +86,7 @@ class Kvm:
 
     def check_extension(self, cap: str | int) -> int:
         """KVM_CHECK_EXTENSION by name ("IMMEDIATE_EXIT") or number; 0 means absent."""
-        return ioctl(self.fd, abi.KVM_CHECK_EXTENSION, _cap_number(cap))
+        return ioctl(self.fd, abi.KVM_CHECK_EXTENSION, abi.capability_number(cap))
 
     def capabilities(self) -> dict[str, int]:
         """Every named capability with its KVM_CHECK_EXTENSION value."""
@@ -126,13 +116,11 @@ class Kvm:
         """KVM_GET_SUPPORTED_CPUID: every leaf KVM can expose to a guest. Asked once per
         handle: the answer cannot change while the module is loaded, and every VM wants it."""
         if self._supported_cpuid is None:
-            self._supported_cpuid = tuple(cpuid_ioctl(self.fd, abi.KVM_GET_SUPPORTED_CPUID))
+            self._supported_cpuid = tuple(get_cpuid(self.fd, abi.KVM_GET_SUPPORTED_CPUID))
         return list(self._supported_cpuid)
 
-    def create_vm(self, vm_type: int = 0):
-        """KVM_CREATE_VM, returned as a :class:`kvmiso.kvm.vm.Vm`."""
-        from .vm import Vm
-
+    def create_vm(self, vm_type: int = 0) -> Vm:
+        """KVM_CREATE_VM: a new VM of ``vm_type`` (0: the default x86 VM)."""
         return Vm(self, ioctl(self.fd, abi.KVM_CREATE_VM, vm_type))
 
 
@@ -140,33 +128,3 @@ def check_api_version(version: int, path: str = DEV_KVM) -> None:
     """Refuse any KVM API version but 12 (the only one since Linux 2.6.22)."""
     if version != abi.KVM_API_VERSION:
         raise KvmUnavailable(f"{path} speaks KVM API version {version}; kvmiso needs {abi.KVM_API_VERSION}")
-
-
-def _cap_number(cap: str | int) -> int:
-    if isinstance(cap, int):
-        return cap
-    try:
-        return abi.KVM_CAPS[cap.upper().removeprefix("KVM_CAP_")]
-    except KeyError:
-        raise ValueError(f"unknown KVM capability {cap!r}") from None
-
-
-def cpuid_ioctl(fd: int, request: int, nent: int = 100) -> list[CpuidEntry]:
-    """KVM_GET_SUPPORTED_CPUID / KVM_GET_CPUID2: grow the buffer until the kernel's list fits."""
-    while True:
-        class _Cpuid(ctypes.Structure):
-            _fields_ = [("hdr", abi.kvm_cpuid2), ("entries", abi.kvm_cpuid_entry2 * nent)]
-
-        buf = _Cpuid()
-        buf.hdr.nent = nent
-        try:
-            ioctl(fd, request, buf)
-        except KvmError as e:
-            if e.errno == errno.E2BIG and nent < 4096:
-                nent *= 2
-                continue
-            raise
-        return [
-            CpuidEntry(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
-            for e in buf.entries[: buf.hdr.nent]
-        ]

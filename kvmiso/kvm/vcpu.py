@@ -15,8 +15,9 @@ from typing import Iterator
 from . import abi
 from ._libc import get_errno, ioctl, mmap, munmap, run_ioctl
 from .errors import KvmError
+from .cpuid import CpuidEntry, get_cpuid, set_cpuid
 from .exits import Exit, IntrExit, decode
-from .system import CpuidEntry, cpuid_ioctl
+from .stats import Stats
 
 # The signal that kicks a vCPU thread out of KVM_RUN. A real-time signal, so it never collides
 # with SIGINT/SIGTERM handling; its handler does nothing, the interrupted ioctl is the point.
@@ -185,18 +186,12 @@ class Vcpu:
             raise KvmError("KVM_SET_MSRS", errno.EINVAL, f"MSR {list(values)[n]:#x} was refused")
 
     def set_cpuid2(self, entries: list[CpuidEntry]) -> None:
-        class _Cpuid(ctypes.Structure):
-            _fields_ = [("hdr", abi.kvm_cpuid2), ("entries", abi.kvm_cpuid_entry2 * len(entries))]
-
-        buf = _Cpuid()
-        buf.hdr.nent = len(entries)
-        for dst, e in zip(buf.entries, entries):
-            dst.function, dst.index, dst.flags = e.function, e.index, e.flags
-            dst.eax, dst.ebx, dst.ecx, dst.edx = e.eax, e.ebx, e.ecx, e.edx
-        ioctl(self.fd, abi.KVM_SET_CPUID2, buf)
+        """KVM_SET_CPUID2: the CPUID leaves this vCPU's guest sees."""
+        set_cpuid(self.fd, entries)
 
     def get_cpuid2(self) -> list[CpuidEntry]:
-        return cpuid_ioctl(self.fd, abi.KVM_GET_CPUID2)
+        """KVM_GET_CPUID2: the CPUID leaves this vCPU's guest sees."""
+        return get_cpuid(self.fd, abi.KVM_GET_CPUID2)
 
     def get_vcpu_events(self) -> abi.kvm_vcpu_events:
         ev = abi.kvm_vcpu_events()
@@ -229,10 +224,8 @@ class Vcpu:
         """KVM_GET_STATS_FD for this vCPU; the caller closes it."""
         return ioctl(self.fd, abi.KVM_GET_STATS_FD)
 
-    def stats(self):
-        """The vCPU's binary stats as a :class:`kvmiso.kvm.stats.Stats` (a context manager)."""
-        from .stats import Stats
-
+    def stats(self) -> Stats:
+        """The vCPU's binary stats (KVM_GET_STATS_FD, parsed; a context manager)."""
         return Stats(self.get_stats_fd())
 
 

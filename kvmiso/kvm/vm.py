@@ -6,9 +6,15 @@ import ctypes
 import errno
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from . import abi
 from ._libc import ioctl, mmap, munmap
+from .stats import Stats
+from .vcpu import Vcpu
+
+if TYPE_CHECKING:  # Kvm makes Vms: a runtime import would be a cycle
+    from .system import Kvm
 
 PAGE_SIZE = 4096
 
@@ -44,11 +50,11 @@ class Vm:
     ...     vcpu = vm.create_vcpu(0)
     """
 
-    def __init__(self, kvm, fd: int) -> None:
+    def __init__(self, kvm: Kvm, fd: int) -> None:
         self.kvm = kvm
         self.fd = fd
         self.slots: dict[int, MemorySlot] = {}
-        self.vcpus: list = []
+        self.vcpus: list[Vcpu] = []
         self._eventfds: list[int] = []
 
     def close(self) -> None:
@@ -122,12 +128,6 @@ class Vm:
 
         ioctl(self.fd, abi.KVM_SET_USER_MEMORY_REGION, region, explain)
 
-    def remove_memory(self, slot: int) -> None:
-        s = self.slots.pop(slot)
-        self.set_user_memory_region(slot, s.guest_phys_addr, 0, s.host_addr)
-        s.view.release()
-        munmap(s.host_addr, s.size)
-
     def slot_for(self, gpa: int, length: int = 1) -> MemorySlot:
         for s in self.slots.values():
             if s.contains(gpa, length):
@@ -165,10 +165,8 @@ class Vm:
 
     # --- vCPUs and devices -------------------------------------------------------------------
 
-    def create_vcpu(self, vcpu_id: int | None = None):
-        """KVM_CREATE_VCPU, returned as a :class:`kvmiso.kvm.vcpu.Vcpu` owned by this VM."""
-        from .vcpu import Vcpu
-
+    def create_vcpu(self, vcpu_id: int | None = None) -> Vcpu:
+        """KVM_CREATE_VCPU: a new vCPU (default id: the next free one), owned by this VM."""
         if vcpu_id is None:
             vcpu_id = len(self.vcpus)
         vcpu = Vcpu(self, vcpu_id, ioctl(self.fd, abi.KVM_CREATE_VCPU, vcpu_id))
@@ -206,25 +204,19 @@ class Vm:
 
     def enable_cap(self, cap: str | int, *args: int, flags: int = 0) -> None:
         """KVM_ENABLE_CAP on the VM, e.g. ``enable_cap("X86_USER_SPACE_MSR", mask)``."""
-        from .system import _cap_number
-
         a = (ctypes.c_uint64 * 4)(*args)
-        ioctl(self.fd, abi.KVM_ENABLE_CAP, abi.kvm_enable_cap(_cap_number(cap), flags, a))
+        ioctl(self.fd, abi.KVM_ENABLE_CAP, abi.kvm_enable_cap(abi.capability_number(cap), flags, a))
 
     def get_stats_fd(self) -> int:
         """KVM_GET_STATS_FD for the VM; see :mod:`kvmiso.kvm.stats`. The caller closes it."""
         return ioctl(self.fd, abi.KVM_GET_STATS_FD)
 
-    def stats(self):
-        """The VM's binary stats as a :class:`kvmiso.kvm.stats.Stats` (a context manager)."""
-        from .stats import Stats
-
+    def stats(self) -> Stats:
+        """The VM's binary stats (KVM_GET_STATS_FD, parsed; a context manager)."""
         return Stats(self.get_stats_fd())
 
     def check_extension(self, cap: str | int) -> int:
         """KVM_CHECK_EXTENSION on the VM fd (answers for this VM's type)."""
-        from .system import _cap_number
-
-        return ioctl(self.fd, abi.KVM_CHECK_EXTENSION, _cap_number(cap))
+        return ioctl(self.fd, abi.KVM_CHECK_EXTENSION, abi.capability_number(cap))
 
 

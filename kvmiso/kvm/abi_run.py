@@ -1,0 +1,136 @@
+"""struct kvm_run, the page KVM shares with userspace for each vCPU (<linux/kvm.h>, x86-64):
+its ctypes mirror, the structs of its exit union, and the KVM_EXIT_* numbers.
+
+Data only. C gives the union's members no type names; here each is ``kvm_run_<member>``
+(``kvm_run.u.io`` is a :class:`kvm_run_io`). ``tests/test_abi.py`` checks every offset against
+the installed kernel header. :mod:`kvmiso.kvm.abi` re-exports every name.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from ctypes import c_char, c_uint8, c_uint16, c_uint32, c_uint64
+
+class kvm_run_io(ctypes.Structure):
+    _fields_ = [
+        ("direction", c_uint8),
+        ("size", c_uint8),
+        ("port", c_uint16),
+        ("count", c_uint32),
+        ("data_offset", c_uint64),
+    ]
+
+
+KVM_EXIT_IO_IN = 0
+KVM_EXIT_IO_OUT = 1
+
+
+class kvm_run_mmio(ctypes.Structure):
+    _fields_ = [("phys_addr", c_uint64), ("data", c_uint8 * 8), ("len", c_uint32), ("is_write", c_uint8)]
+
+
+class kvm_run_hw(ctypes.Structure):
+    _fields_ = [("hardware_exit_reason", c_uint64)]
+
+
+class kvm_run_fail_entry(ctypes.Structure):
+    _fields_ = [("hardware_entry_failure_reason", c_uint64), ("cpu", c_uint32)]
+
+
+class kvm_run_ex(ctypes.Structure):
+    _fields_ = [("exception", c_uint32), ("error_code", c_uint32)]
+
+
+class kvm_debug_exit_arch(ctypes.Structure):
+    _fields_ = [("exception", c_uint32), ("pad", c_uint32), ("pc", c_uint64), ("dr6", c_uint64), ("dr7", c_uint64)]
+
+
+class kvm_run_hypercall(ctypes.Structure):
+    _fields_ = [
+        ("nr", c_uint64),
+        ("args", c_uint64 * 6),
+        ("ret", c_uint64),
+        ("longmode", c_uint32),
+        ("pad", c_uint32),
+    ]
+
+
+class kvm_run_tpr_access(ctypes.Structure):
+    _fields_ = [("rip", c_uint64), ("is_write", c_uint32), ("pad", c_uint32)]
+
+
+class kvm_run_internal(ctypes.Structure):
+    _fields_ = [("suberror", c_uint32), ("ndata", c_uint32), ("data", c_uint64 * 16)]
+
+
+class kvm_run_system_event(ctypes.Structure):
+    _fields_ = [("type", c_uint32), ("ndata", c_uint32), ("data", c_uint64 * 16)]
+
+
+class kvm_run_msr(ctypes.Structure):
+    _fields_ = [("error", c_uint8), ("pad", c_uint8 * 7), ("reason", c_uint32), ("index", c_uint32), ("data", c_uint64)]
+
+
+class kvm_run_notify(ctypes.Structure):
+    _fields_ = [("flags", c_uint32)]
+
+
+class kvm_run_exit(ctypes.Union):
+    _fields_ = [
+        ("hw", kvm_run_hw),
+        ("fail_entry", kvm_run_fail_entry),
+        ("ex", kvm_run_ex),
+        ("io", kvm_run_io),
+        ("debug", kvm_debug_exit_arch),
+        ("mmio", kvm_run_mmio),
+        ("hypercall", kvm_run_hypercall),
+        ("tpr_access", kvm_run_tpr_access),
+        ("internal", kvm_run_internal),
+        ("system_event", kvm_run_system_event),
+        ("msr", kvm_run_msr),
+        ("notify", kvm_run_notify),
+        ("padding", c_char * 256),
+    ]
+
+
+class kvm_run(ctypes.Structure):
+    _fields_ = [
+        ("request_interrupt_window", c_uint8),
+        ("immediate_exit", c_uint8),
+        ("padding1", c_uint8 * 6),
+        ("exit_reason", c_uint32),
+        ("ready_for_interrupt_injection", c_uint8),
+        ("if_flag", c_uint8),
+        ("flags", c_uint16),
+        ("cr8", c_uint64),
+        ("apic_base", c_uint64),
+        ("u", kvm_run_exit),
+        ("kvm_valid_regs", c_uint64),
+        ("kvm_dirty_regs", c_uint64),
+        ("s", c_char * 2048),
+    ]
+
+
+# KVM_EXIT_* reasons (<linux/kvm.h>), including ones newer than the installed headers.
+KVM_EXIT_REASONS = {
+    0: "UNKNOWN", 1: "EXCEPTION", 2: "IO", 3: "HYPERCALL", 4: "DEBUG", 5: "HLT", 6: "MMIO",
+    7: "IRQ_WINDOW_OPEN", 8: "SHUTDOWN", 9: "FAIL_ENTRY", 10: "INTR", 11: "SET_TPR",
+    12: "TPR_ACCESS", 13: "S390_SIEIC", 14: "S390_RESET", 15: "DCR", 16: "NMI",
+    17: "INTERNAL_ERROR", 18: "OSI", 19: "PAPR_HCALL", 20: "S390_UCONTROL", 21: "WATCHDOG",
+    22: "S390_TSCH", 23: "EPR", 24: "SYSTEM_EVENT", 25: "S390_STSI", 26: "IOAPIC_EOI",
+    27: "HYPERV", 28: "ARM_NISV", 29: "X86_RDMSR", 30: "X86_WRMSR", 31: "DIRTY_RING_FULL",
+    32: "AP_RESET_HOLD", 33: "X86_BUS_LOCK", 34: "XEN", 35: "RISCV_SBI", 36: "RISCV_CSR",
+    37: "NOTIFY", 38: "LOONGARCH_IOCSR", 39: "MEMORY_FAULT", 40: "TDX",
+}
+globals().update({f"KVM_EXIT_{name}": nr for nr, name in KVM_EXIT_REASONS.items()})
+
+KVM_INTERNAL_ERROR_NAMES = {1: "EMULATION", 2: "SIMUL_EX", 3: "DELIVERY_EV", 4: "UNEXPECTED_EXIT_REASON"}
+KVM_SYSTEM_EVENT_NAMES = {1: "SHUTDOWN", 2: "RESET", 3: "CRASH", 4: "WAKEUP", 5: "SUSPEND", 6: "SEV_TERM", 7: "TDX_FATAL"}
+KVM_MSR_EXIT_REASON_INVAL = 1 << 0
+KVM_MSR_EXIT_REASON_UNKNOWN = 1 << 1
+KVM_MSR_EXIT_REASON_FILTER = 1 << 2
+# the KVM_CAP_X86_USER_SPACE_MSR argument that asks for every kind of MSR exit
+KVM_MSR_EXIT_REASON_MASK = KVM_MSR_EXIT_REASON_INVAL | KVM_MSR_EXIT_REASON_UNKNOWN | KVM_MSR_EXIT_REASON_FILTER
+
+
+__all__ = [name for name in globals() if name.startswith(("kvm_", "KVM_"))]

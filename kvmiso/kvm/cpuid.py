@@ -1,0 +1,61 @@
+"""CPUID leaves as KVM hands them over: ``struct kvm_cpuid_entry2`` lists read with
+KVM_GET_SUPPORTED_CPUID (system fd) or KVM_GET_CPUID2 (vCPU fd) and written with KVM_SET_CPUID2."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+from dataclasses import dataclass
+
+from . import abi
+from ._libc import ioctl
+from .errors import KvmError
+
+
+@dataclass(frozen=True)
+class CpuidEntry:
+    """One ``struct kvm_cpuid_entry2``: leaf ``function``, subleaf ``index`` (significant when
+    ``flags`` has KVM_CPUID_FLAG_SIGNIFCANT_INDEX) and the four output registers."""
+
+    function: int
+    index: int
+    flags: int
+    eax: int
+    ebx: int
+    ecx: int
+    edx: int
+
+
+def _cpuid2_buffer(nent: int) -> ctypes.Structure:
+    """A ``struct kvm_cpuid2`` followed by room for ``nent`` entries, ``nent`` set."""
+    class _Cpuid(ctypes.Structure):
+        _fields_ = [("hdr", abi.kvm_cpuid2), ("entries", abi.kvm_cpuid_entry2 * nent)]
+
+    buf = _Cpuid()
+    buf.hdr.nent = nent
+    return buf
+
+
+def get_cpuid(fd: int, request: int, nent: int = 100) -> list[CpuidEntry]:
+    """KVM_GET_SUPPORTED_CPUID or KVM_GET_CPUID2 on ``fd``: the buffer grows until the kernel's
+    list fits (E2BIG says it did not)."""
+    while True:
+        buf = _cpuid2_buffer(nent)
+        try:
+            ioctl(fd, request, buf)
+        except KvmError as e:
+            if e.errno == errno.E2BIG and nent < 4096:
+                nent *= 2
+                continue
+            raise
+        return [CpuidEntry(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
+                for e in buf.entries[: buf.hdr.nent]]
+
+
+def set_cpuid(fd: int, entries: list[CpuidEntry]) -> None:
+    """KVM_SET_CPUID2 on a vCPU fd: ``entries`` become the guest's CPUID."""
+    buf = _cpuid2_buffer(len(entries))
+    for dst, e in zip(buf.entries, entries):
+        dst.function, dst.index, dst.flags = e.function, e.index, e.flags
+        dst.eax, dst.ebx, dst.ecx, dst.edx = e.eax, e.ebx, e.ecx, e.edx
+    ioctl(fd, abi.KVM_SET_CPUID2, buf)
