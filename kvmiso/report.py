@@ -23,7 +23,8 @@ from .guest import Machine
 from .guest.probe import fingerprint, probe
 from .guest.suite import SuiteEntry, suite
 from .interrupt import Interrupted
-from .kvm import GuestTimeout, Kvm, vendor_module
+from .host import vendor_module
+from .kvm import GuestTimeout, Kvm
 from .observe.capture import Capture
 
 SUITE_TIMEOUT = 5.0

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .guest import Machine, RunResult
+from .host import vendor_module
 from .isolation import (AccessModel, CheckResult, KvmAddressSpace, address_space, build_layout, check,
                         load_access_model, load_regions)
 from .isolation.layout import Layout
@@ -23,7 +24,6 @@ from .isolation.mapset import DenylistSpace
 from .observe.capture import Capture
 from .observe.evidence import Evidence, collect_evidence
 from .observe.exitlog import ExitLog
-from .kvm import vendor_module
 from .observe.attach import Attached, watch
 from .observe.process import ForeignVm, ProcessError, kvm_fds
 from .observe.kobject import possible_cpus

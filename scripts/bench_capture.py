@@ -22,7 +22,7 @@ import statistics
 import time
 
 from kvmiso.guest import Machine
-from kvmiso.kvm import vendor_module
+from kvmiso.host import vendor_module
 from kvmiso.observe.capture import Capture
 
 

@@ -13,7 +13,8 @@ import signal
 
 import pytest
 
-from kvmiso.kvm import Kvm, KvmUnavailable, vendor_module
+from kvmiso.host import vendor_module
+from kvmiso.kvm import Kvm, KvmUnavailable
 
 _skip_reason: str | None = None
 

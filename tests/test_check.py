@@ -130,7 +130,7 @@ def test_every_function_on_the_suites_chains_is_known(kvm):
     """The guest suite on this host: every function on every call chain inside KVM_RUN is in
     the access model (an unknown one would be a finding of every check)."""
     from kvmiso.guest.suite import suite
-    from kvmiso.kvm import vendor_module
+    from kvmiso.host import vendor_module
     from kvmiso.session import capture_checked, check_run
 
     unknown, chains = set(), 0

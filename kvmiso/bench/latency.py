@@ -18,7 +18,6 @@ import contextlib
 import datetime
 import json
 import os
-import platform
 import statistics
 import struct
 import sys
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from ..guest import Machine, build
+from ..host import Host, governor
 from ..interrupt import Interrupted, deferred, threads_without_interrupts
 from ..guest.ucall import PORT_UCALL, GuestException, MalformedUcall, decode_ucall
 from ..kvm import Kvm
@@ -127,13 +127,6 @@ def unpin(pinning: dict[str, Any]) -> None:
         psutil.Process().cpu_affinity(pinning["allowed"])
 
 
-def governor(cpu: int | None) -> str:
-    path = Path(f"/sys/devices/system/cpu/cpu{cpu or 0}/cpufreq/scaling_governor")
-    try:
-        return path.read_text().strip()
-    except OSError:
-        return "not readable (no cpufreq in this kernel or VM)"
-
 
 def host_facts(kvm: Kvm, pinning: dict[str, Any]) -> dict[str, Any]:
     """The host fingerprint every result file records (kvmiso.guest.probe's, plus timing facts)."""
@@ -144,15 +137,14 @@ def host_facts(kvm: Kvm, pinning: dict[str, Any]) -> dict[str, Any]:
     fp["cpl0"] = "native" if info["cpl0_native"] else "emulated"
     fp["cpl3"] = "native" if info["cpl3_native"] else "emulated"
     fp["pinning"] = pinning
+    host = Host.read()
     fp["governor"] = governor(pinning.get("cpu"))
-    fp["tsc"] = {"usable": runloop.tsc_usable()}
+    fp["tsc"] = {"usable": runloop.tsc_usable(host)}
     # a host that is itself a guest (nested virtualization) pays an outer hypervisor on top
-    fp["under_hypervisor"] = "hypervisor" in runloop.cpu_flags()
-    try:
-        fp["transparent_hugepage"] = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip()
-    except OSError:
-        pass
-    fp["python"] = platform.python_version()
+    fp["under_hypervisor"] = host.under_hypervisor
+    if host.transparent_hugepage:
+        fp["transparent_hugepage"] = host.transparent_hugepage
+    fp["python"] = host.python
     fp["kvmiso"] = _version()
     return fp
 

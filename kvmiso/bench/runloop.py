@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from ..host import Host
 from ..interrupt import Interrupted, kicked_by_interrupts
 from ..kvm import KvmError, abi
 from ..kvm.exits import HltExit, IntrExit, IoExit, MmioExit
@@ -110,23 +111,17 @@ def layout():
     ))
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_flags() -> frozenset[str]:
-    """The CPU flags /proc/cpuinfo lists (empty where it cannot be read)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
 
-
-def tsc_usable() -> bool:
+def tsc_usable(host: Host | None = None) -> bool:
     """RDTSC is timed where the C loop has it and the TSC ticks at a constant, non-stop rate."""
     _, lib = _lib()
-    return bool(lib.kvmiso_have_tsc()) and {"constant_tsc", "nonstop_tsc"} <= cpu_flags()
+    flags = (host or _host()).cpu_flags
+    return bool(lib.kvmiso_have_tsc()) and {"constant_tsc", "nonstop_tsc"} <= flags
+
+
+@functools.lru_cache(maxsize=1)
+def _host() -> Host:
+    return Host.read()  # once: every loop asks whether the TSC is usable
 
 
 def _run(fd: int, request: int, arg: int, n: int, *, op: int = OP_IOCTL, vcpu=None,

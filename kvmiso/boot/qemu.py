@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..kvm import vendor_module
+from ..host import vendor_module
 from .errors import BootError
 from .initramfs import MOUNT_TAG
 

@@ -16,8 +16,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from ..host import vendor_module
 from ..interrupt import Interrupted, deferred, kicked_by_interrupts, threads_without_interrupts
-from ..kvm import GuestTimeout, Kvm, vendor_module
+from ..kvm import GuestTimeout, Kvm
 from ..kvm.exits import (DebugExit, Exit, FailEntryExit, HltExit, InternalErrorExit, IntrExit,
                          IoExit, MmioExit, RdmsrExit, ShutdownExit, SystemEventExit, WrmsrExit)
 from . import modes

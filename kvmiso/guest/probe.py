@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-import platform
 from pathlib import Path
 from typing import Any
 
-from ..kvm import CpuidEntry, Kvm, vendor_module
-from ..kvm.system import cpu_model, vulnerabilities
+from ..host import Host
+from ..kvm import CpuidEntry, Kvm
 from .machine import Machine
 
 PROBE_INSNS = 16  # plain instructions in guests/probe.S
@@ -81,7 +80,8 @@ def cpuid_intercepted(kvm: Kvm, cpl: int) -> bool | str:
 
 def probe(kvm: Kvm) -> dict[str, Any]:
     """Every fact ``kvmiso probe`` prints: measured by running guests where it can be."""
-    vendor = vendor_module()
+    host = Host.read()
+    vendor = host.vendor
     cpl0 = emulated_instructions(kvm, "long", 0)
     cpl3 = emulated_instructions(kvm, "long", 3)
     caps = kvm.capabilities()
@@ -98,10 +98,10 @@ def probe(kvm: Kvm) -> dict[str, Any]:
         "vcpu_mmap_size": kvm.vcpu_mmap_size,
         "cpuid_leaves": len(kvm.get_supported_cpuid()),
         "msr_index_count": len(kvm.get_msr_index_list()),
-        "cpu": cpu_model(),
-        "cpus": os.cpu_count(),
-        "kernel": platform.release(),
-        "vulnerabilities": vulnerabilities(),
+        "cpu": host.cpu,
+        "cpus": host.cpus,
+        "kernel": host.kernel,
+        "vulnerabilities": host.vulnerabilities,
         "tracefs": tracefs_state(),
         "kallsyms": kallsyms_state(),
     }

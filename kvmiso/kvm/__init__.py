@@ -2,9 +2,9 @@
 
 from .errors import GuestTimeout, KvmError, KvmUnavailable
 from .cpuid import CpuidEntry
-from .system import Kvm, vendor_module
+from .system import Kvm
 from .vcpu import Translation, Vcpu
 from .vm import MemorySlot, Vm
 
 __all__ = ["CpuidEntry", "GuestTimeout", "Kvm", "KvmError", "KvmUnavailable", "MemorySlot",
-           "Translation", "Vcpu", "Vm", "vendor_module"]
+           "Translation", "Vcpu", "Vm"]

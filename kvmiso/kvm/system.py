@@ -5,8 +5,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import platform
-from pathlib import Path
 
 from . import abi
 from ._libc import ioctl
@@ -15,33 +13,7 @@ from .errors import KvmError, KvmUnavailable
 from .vm import Vm
 
 DEV_KVM = "/dev/kvm"
-VULNERABILITIES = Path("/sys/devices/system/cpu/vulnerabilities")
-VENDOR_MODULES = ("kvm_intel", "kvm_amd", "kvm_pvm")
 
-
-def vendor_module(sys_module: Path = Path("/sys/module")) -> str | None:
-    """The KVM vendor module loaded on this host (kvm_intel, kvm_amd or kvm_pvm), or None."""
-    for name in VENDOR_MODULES:
-        if (sys_module / name).is_dir():
-            return name
-    return None
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def vulnerabilities() -> dict[str, str]:
-    try:
-        return {p.name: p.read_text().strip() for p in sorted(VULNERABILITIES.iterdir())}
-    except OSError:
-        return {}
 
 
 class Kvm:

@@ -121,7 +121,7 @@ def _kvm_events() -> list[str]:
 
 
 def _vendor() -> str:
-    from ..kvm.system import vendor_module
+    from ..host import vendor_module
 
     return vendor_module() or ""
 

@@ -208,6 +208,6 @@ def _delta(stats, before: bytes, after: bytes) -> dict[str, Any]:
 
 
 def _host(machine: "Machine") -> dict[str, Any]:
-    from ..kvm.system import cpu_model
+    from ..host import cpu_model
 
     return {"kernel": platform.release(), "vendor": machine.vendor, "cpu": cpu_model(), "pid": os.getpid()}
