@@ -3,7 +3,6 @@
 # 2 instructions per iteration (CPL0 or CPL3).
 # modes: long
         .include "kvmiso.inc"
-        .set PORT_BENCH, 0x10
         .text
         .globl main
 main:

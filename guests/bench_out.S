@@ -2,7 +2,6 @@
 # 2 instructions per iteration (CPL0 or CPL3; CPL3 may use the port through the TSS I/O bitmap).
 # modes: long
         .include "kvmiso.inc"
-        .set PORT_BENCH, 0x10
         .text
         .globl main
 main:

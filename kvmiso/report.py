@@ -160,8 +160,9 @@ def isolation_part(runs: list[SuiteRun], rep: Report) -> dict[str, Any]:
 def bench_part(kvm: Kvm, out_dir: Path, rep: Report) -> dict[str, Any]:
     """The short benchmark, written to bench.json (and latency.png with matplotlib). An
     interrupted benchmark keeps what it measured and raises Interrupted."""
-    from .bench.latency import bench, format_table
+    from .bench.latency import bench
     from .bench.runloop import NotBuilt
+    from .bench.table import format_table
 
     try:
         result = bench(kvm, BENCH["kinds"], BENCH["cpls"], samples=BENCH["samples"], runs=BENCH["runs"])
@@ -178,7 +179,7 @@ def bench_part(kvm: Kvm, out_dir: Path, rep: Report) -> dict[str, Any]:
 
 def _plot(result: Any, path: Path) -> str:
     try:
-        from .bench.command import plot
+        from .bench.plot import plot
 
         plot(result, str(path))
     except ImportError:

@@ -12,12 +12,11 @@ Run it on a quiet host: every row flagged unstable or disturbed is a reason to r
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 from pathlib import Path
 
-from kvmiso.bench.compare import load
+from kvmiso.bench.results import load
 
 HERE = Path(__file__).resolve().parent
 

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from kvmiso.bench import runloop
-from kvmiso.bench.latency import pin, unpin
+from kvmiso.bench.environment import pin, unpin
 from kvmiso.bench.stats import percentile
 from kvmiso.guest import Machine, build
 from kvmiso.kvm import Kvm
@@ -64,6 +64,7 @@ def main() -> int:
     try:
         with Kvm() as kvm:
             image = build("bench_out", "long")
+            port = image.symbols["PORT_BENCH"]
             for cpl in args.cpl:
                 got: dict[str, list[float]] = {"reference": [], "compiled": [], "python": []}
 
@@ -74,21 +75,18 @@ def main() -> int:
 
                 def compiled() -> None:
                     with Machine(image, cpl=cpl, kvm=kvm) as m:
-                        runloop.compiled_loop(m.vcpu, warmup, "io", runloop.PORT_BENCH)
-                        got["compiled"].append(p50(runloop.compiled_loop(m.vcpu, args.samples, "io",
-                                                                         runloop.PORT_BENCH).latencies()))
+                        runloop.compiled_loop(m.vcpu, warmup, "io", port)
+                        got["compiled"].append(p50(runloop.compiled_loop(m.vcpu, args.samples, "io", port).latencies()))
 
                 def python() -> None:
                     with Machine(image, cpl=cpl, kvm=kvm) as m:
-                        runloop.python_loop(m.vcpu, warmup, "io", runloop.PORT_BENCH)
-                        got["python"].append(p50(runloop.python_loop(m.vcpu, args.samples, "io",
-                                                                     runloop.PORT_BENCH).latencies()))
+                        runloop.python_loop(m.vcpu, warmup, "io", port)
+                        got["python"].append(p50(runloop.python_loop(m.vcpu, args.samples, "io", port).latencies()))
 
                 order = [reference, compiled, python]
                 for r in range(args.rounds):
                     for f in order[r % 3:] + order[: r % 3]:
                         f()
-                ref = statistics.median(got["reference"])
                 print(f"\nport OUT at CPL{cpl}: median of {args.rounds} p50s; the ratio is the median of the "
                       "rounds' own ratios (each round's three runs are close in time)")
                 for name, vals in got.items():

@@ -16,13 +16,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 from ready import wait_until_counted
 
-from kvmiso.bench import latency, runloop, stats
+from kvmiso.bench import environment, latency, results, runloop, stats, table
 from kvmiso.bench.overhead import MODEL, SwitchCost, isolation_rows, rfc_switches
-from kvmiso.bench.runloop import PORT_BENCH, LoopError
+from kvmiso.bench.runloop import LoopError
 from kvmiso.guest import Machine, build
 from kvmiso.interrupt import Interrupted
 from kvmiso.kvm import abi
 from kvmiso.kvm.exits import IoExit, MmioExit, decode
+
+PORT_BENCH = build("bench_out", "long").symbols["PORT_BENCH"]  # guests/lib/kvmiso.inc
 
 
 def kvmiso(*args, timeout=120):
@@ -124,9 +126,9 @@ def test_in_kernel_kind_reports_guest_cycles(kvm, guest):
     with Machine(image, kvm=kvm, memory=latency.BENCH_MEMORY) as m:
         m.vm.write(image.symbols["iterations"], struct.pack("<Q", 10))
         t = runloop.compiled_loop(m.vcpu, 20, "io", PORT_BENCH)
-        cycles = struct.unpack_from("<20Q", m.vm.read(latency.RESULTS_ADDR, 160))
-        assert t.n == 20 and all(c > 0 for c in cycles)
-        assert struct.unpack_from("<Q", m.vm.read(latency.RESULTS_ADDR + 160, 8))[0] == 0  # 20 batches, no more
+        cycles = latency.guest_cycles(m, 0, 21)
+        assert t.n == 20 and all(c > 0 for c in cycles[:20])
+        assert cycles[20] == 0  # 20 batches, no more
 
 
 def test_fast_exit_constructors_build_ordinary_frozen_exits(kvm):
@@ -166,14 +168,14 @@ def test_bench_measures_skips_and_summarizes(kvm, vendor):
     out = next(x for x in r.results if x.key == ("out", "c", 0))
     assert out.summary["n"] == 80 and len(out.runs) == 2 and out.insns == 2 and out.ratio_to_floor > 1
     d = json.loads(json.dumps(r.to_dict()))
-    assert d["schema_version"] == latency.SCHEMA_VERSION and d["complete"] is True
+    assert d["schema_version"] == results.SCHEMA_VERSION and d["complete"] is True
     for k in ("cpu", "kernel", "vendor", "cpl0", "mitigations", "pinning", "governor", "tsc", "under_hypervisor"):
         assert k in d["host"]
-    assert "out" in latency.format_table(r)
+    assert "out" in table.format_table(r)
 
 
 def test_a_cpu_that_cannot_be_pinned_is_a_recorded_warning(capsys):
-    p = latency.pin(cpu=100000)
+    p = environment.pin(cpu=100000)
     assert p["pinned"] is False and "100000" in capsys.readouterr().err
 
 
@@ -209,7 +211,7 @@ def test_isolation_rule_and_overhead():
     assert rfc_switches("out") == 2 and rfc_switches("null_ioctl") == 0
     assert rfc_switches("page_fault", iterations=100) == pytest.approx(1.02)
     assert rfc_switches("cpuid", iterations=100) == pytest.approx(0.02)
-    res = latency.BenchResult({}, {}, [latency.Result("out", "c", 0, stats.summarize([1000, 1000]), [])])
+    res = results.BenchResult({}, {}, [results.Result("out", "c", 0, stats.summarize([1000, 1000]), [])])
     row = isolation_rows(res, SwitchCost(100, "given"))[0]
     assert row["added_ns"] == 200 and row["added_pct"] == 20
     row = isolation_rows(res, SwitchCost(100, "given"), switches={"out": 3})[0]

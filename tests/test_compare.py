@@ -11,8 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kvmiso.bench import stats
-from kvmiso.bench.compare import ResultFileError, Row, compare, format_compare, load
-from kvmiso.bench.latency import SCHEMA, SCHEMA_VERSION
+from kvmiso.bench.compare import Row, compare, format_compare
+from kvmiso.bench.results import SCHEMA, SCHEMA_VERSION, ResultFileError, load
 
 
 def result_file(rows, **host):

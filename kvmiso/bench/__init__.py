@@ -7,8 +7,8 @@ The names below load their module on first use, so ``kvmiso --help`` does not pa
 from importlib import import_module
 
 _EXPORTS = {
-    "KINDS": "kinds", "BenchResult": "latency", "Result": "latency", "bench": "latency",
-    "format_table": "latency", "ResultFileError": "compare", "compare": "compare", "load": "compare",
+    "KINDS": "kinds", "BenchResult": "results", "Result": "results", "bench": "latency",
+    "format_table": "table", "ResultFileError": "results", "compare": "compare", "load": "results",
     "LoopError": "runloop", "NotBuilt": "runloop", "Timings": "runloop", "compiled_loop": "runloop",
     "python_loop": "runloop",
 }

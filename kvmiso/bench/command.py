@@ -16,7 +16,7 @@ from .kinds import DEFAULT_KINDS, KINDS
 
 if TYPE_CHECKING:
     from ..kvm import Kvm
-    from .latency import BenchResult
+    from .results import BenchResult
 
 
 class BenchInputError(ValueError):
@@ -88,7 +88,9 @@ def cmd_bench(args: argparse.Namespace, measure_switches: Callable[..., Any] | N
     """``kvmiso bench``; ``measure_switches(kvm, guest, cpl=, regions=)`` (the orchestrator's
     capture-and-check) gives --isolation its switches per round trip."""
     from ..kvm import Kvm
-    from .latency import bench, format_table
+    from .latency import bench
+    from .plot import plot
+    from .table import format_table
     from .runloop import NotBuilt
 
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
@@ -162,37 +164,9 @@ def _isolation(kvm: Kvm, result: BenchResult, switch_cost: float | None, regions
     return "\n".join([text, *(f"  note: {n}" for n in notes)])
 
 
-def plot(result: BenchResult, path: str) -> None:
-    """The distribution of every row's round trips as an empirical CDF (log time axis), one
-    panel for the floors and one per CPL."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    groups: dict[Any, list] = {}
-    for r in result.results:
-        if r.samples:
-            groups.setdefault(r.cpl, []).append(r)
-    fig, axes = plt.subplots(len(groups), 1, figsize=(10, 4.5 * len(groups)), squeeze=False)
-    for ax, (cpl, rows) in zip(axes[:, 0], groups.items()):
-        for r in rows:
-            xs = sorted(v / 1000 for v in r.samples)
-            ax.plot(xs, [(i + 1) / len(xs) for i in range(len(xs))], label=f"{r.kind} ({r.path})", drawstyle="steps-post")
-        ax.set_xscale("log")
-        ax.set_xlabel("µs per round trip (per iteration for the in-kernel kinds)")
-        ax.set_ylabel("fraction of samples")
-        ax.set_title("floors" if cpl is None else f"guest at CPL{cpl}")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize="small", loc="lower right")
-    fig.suptitle(f"kvmiso bench: {result.host.get('vendor')} on {result.host.get('cpu')}, {result.created}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import compare, format_compare, load
+    from .compare import compare, format_compare
+    from .results import load
 
     a, b = load(args.a), load(args.b)
     print(f"A: {args.a} ({a.get('created', '?')})\nB: {args.b} ({b.get('created', '?')})")

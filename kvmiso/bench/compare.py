@@ -8,43 +8,10 @@ out   0    c        7.312     9.001  1.23x slower   yes (t=-8.1)
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from .latency import SCHEMA, SCHEMA_VERSION
 from .stats import significant
-
-
-class ResultFileError(ValueError):
-    """A result file that is unreadable, not JSON, not a kvmiso bench file, or of another
-    schema version."""
-
-
-def load(path: str | Path) -> dict[str, Any]:
-    """Read and check a result file; raises ResultFileError saying what is wrong with it."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except OSError as e:
-        raise ResultFileError(f"{path}: cannot read: {e.strerror}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ResultFileError(f"{path}: not a kvmiso bench result (corrupt JSON: {e})") from None
-    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-        raise ResultFileError(f"{path}: not a kvmiso bench result (no \"schema\": \"{SCHEMA}\")")
-    if data.get("schema_version") != SCHEMA_VERSION:
-        raise ResultFileError(f"{path}: schema version {data.get('schema_version')!r}; this kvmiso reads "
-                              f"version {SCHEMA_VERSION}: re-run kvmiso bench with this version")
-    results = data.get("results")
-    if not isinstance(results, list) or not all(_entry_ok(r) for r in results):
-        raise ResultFileError(f"{path}: corrupt: a result entry lacks kind, path, cpl, summary.p50 or runs[].mean")
-    return data
-
-
-def _entry_ok(r: Any) -> bool:
-    return (isinstance(r, dict) and all(k in r for k in ("kind", "path", "cpl", "summary", "runs"))
-            and isinstance(r["summary"], dict) and isinstance(r["summary"].get("p50"), (int, float))
-            and isinstance(r["runs"], list) and all(isinstance(x, dict) and "mean" in x for x in r["runs"]))
 
 
 @dataclass(frozen=True)

@@ -15,147 +15,26 @@ host as the time of the KVM_RUN that holds them, divided by ``iterations``.
 from __future__ import annotations
 
 import contextlib
-import datetime
-import json
-import os
 import statistics
 import struct
-import sys
 import threading
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from ..guest import Machine, build
-from ..host import Host, governor
 from ..interrupt import Interrupted, deferred, threads_without_interrupts
 from ..guest.ucall import PORT_UCALL, GuestException, MalformedUcall, decode_ucall
 from ..kvm import Kvm
 from ..kvm.exits import IoExit, decode
+from ..kvm.vm import PAGE_SIZE
 from . import runloop, stats
+from .environment import host_facts, pin, unpin
 from .kinds import DEFAULT_KINDS, KINDS, Kind
-from .runloop import PORT_BENCH, LoopError, Timings
+from .results import BenchResult, Result
+from .runloop import LoopError, Timings
 
-SCHEMA = "kvmiso-bench"
-SCHEMA_VERSION = 1
-RESULTS_ADDR, RESULTS_RING = 0x100000, 0x10000  # guests/lib/bench_batch.inc: SCRATCH, 64 Ki entries
-FAULT_BASE, PAGE = 0x400000, 4096  # guests/bench_page_fault.S
-BENCH_MEMORY = 8 << 20  # room for the page-fault region above FAULT_BASE
-MAX_FAULT_PAGES = 512
-
-
-@dataclass
-class Result:
-    """One measured row: a kind on one path (c, python, guest, host) at one CPL."""
-
-    kind: str
-    path: str
-    cpl: int | None
-    summary: dict[str, float]
-    runs: list[dict[str, float]]
-    warnings: list[str] = field(default_factory=list)
-    iterations: int = 1  # guest iterations per sample
-    insns: int | None = None
-    emulated: float | None = None  # instructions KVM emulated per iteration (vCPU stats)
-    ratio_to_floor: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-    samples: list[float] = field(default_factory=list, repr=False)  # for --plot; not saved
-
-    @property
-    def key(self) -> tuple[str, str, int | None]:
-        return self.kind, self.path, self.cpl
-
-    def to_dict(self) -> dict[str, Any]:
-        d = {k: getattr(self, k) for k in ("kind", "path", "cpl", "summary", "runs", "warnings",
-                                            "iterations", "insns", "emulated", "ratio_to_floor", "extra")}
-        d["unit"] = "ns"
-        return d
-
-
-@dataclass
-class BenchResult:
-    """Everything one ``kvmiso bench`` produced; ``complete`` is false after Ctrl-C (or SIGTERM)."""
-
-    host: dict[str, Any]
-    settings: dict[str, Any]
-    results: list[Result] = field(default_factory=list)
-    skipped: list[dict[str, Any]] = field(default_factory=list)
-    complete: bool = True
-    incomplete_reason: str = ""
-    interrupted_by: str = ""  # the signal that cut the run short
-    created: str = field(default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "created": self.created,
-                "complete": self.complete, "incomplete_reason": self.incomplete_reason,
-                "host": self.host, "settings": self.settings,
-                "results": [r.to_dict() for r in self.results], "skipped": self.skipped}
-
-    def write(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-
-
-# --- host facts --------------------------------------------------------------------------------
-
-def pin(cpu: int | None = None) -> dict[str, Any]:
-    """Pin this thread (and the threads it starts) to ``cpu`` (default: the last CPU we may use).
-
-    A CPU that cannot be pinned is a warning on stderr and a fact in the result, not an error.
-    """
-    import psutil
-
-    proc = psutil.Process()
-    try:
-        allowed = proc.cpu_affinity()
-    except (psutil.Error, OSError) as e:
-        return {"pinned": False, "cpu": None, "reason": f"cannot read the CPU affinity: {e}"}
-    target = allowed[-1] if cpu is None else cpu
-    try:
-        proc.cpu_affinity([target])
-    except (psutil.Error, OSError, ValueError) as e:
-        print(f"kvmiso: warning: cannot pin to CPU {target}: {e}; timing unpinned", file=sys.stderr)
-        return {"pinned": False, "cpu": None, "requested": target, "allowed": allowed, "reason": str(e)}
-    return {"pinned": True, "cpu": target, "allowed": allowed}
-
-
-def unpin(pinning: dict[str, Any]) -> None:
-    """Give back the affinity ``pin`` replaced."""
-    if pinning.get("pinned"):
-        import psutil
-
-        psutil.Process().cpu_affinity(pinning["allowed"])
-
-
-
-def host_facts(kvm: Kvm, pinning: dict[str, Any]) -> dict[str, Any]:
-    """The host fingerprint every result file records (kvmiso.guest.probe's, plus timing facts)."""
-    from ..guest.probe import fingerprint, probe
-
-    info = probe(kvm)
-    fp = fingerprint(info)
-    fp["cpl0"] = "native" if info["cpl0_native"] else "emulated"
-    fp["cpl3"] = "native" if info["cpl3_native"] else "emulated"
-    fp["pinning"] = pinning
-    host = Host.read()
-    fp["governor"] = governor(pinning.get("cpu"))
-    fp["tsc"] = {"usable": runloop.tsc_usable(host)}
-    # a host that is itself a guest (nested virtualization) pays an outer hypervisor on top
-    fp["under_hypervisor"] = host.under_hypervisor
-    if host.transparent_hugepage:
-        fp["transparent_hugepage"] = host.transparent_hugepage
-    fp["python"] = host.python
-    fp["kvmiso"] = _version()
-    return fp
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("kvmiso")
-    except PackageNotFoundError:
-        return "not installed"
+BENCH_MEMORY = 8 << 20  # guest RAM: room for the page-fault region above FAULT_BASE
+MAX_FAULT_PAGES = 512  # pages one page-fault batch touches at most
 
 
 # --- measuring -----------------------------------------------------------------------------------
@@ -210,7 +89,8 @@ def _measure_exit_kind(kvm: Kvm, kind: Kind, cpl: int, n: int, warmup: int, col:
                        python: bool) -> None:
     """One run of a kind that exits to userspace: compiled loop, then the Python API."""
     with Machine(build(kind.guest, "long"), cpl=cpl, kvm=kvm) as m, m.vcpu.stats() as st, _explained(m):
-        args = dict(expect=kind.exit, port=PORT_BENCH if kind.exit == "io" else None, reply=kind.reply)
+        args = dict(expect=kind.exit, port=m.image.symbols["PORT_BENCH"] if kind.exit == "io" else None,
+                    reply=kind.reply)
         runloop.compiled_loop(m.vcpu, warmup, **args)
         before = st.snapshot()
         try:
@@ -235,17 +115,18 @@ def _measure_exit_kind(kvm: Kvm, kind: Kind, cpl: int, n: int, warmup: int, col:
 
 def _measure_in_kernel(kvm: Kvm, kind: Kind, cpl: int, batches: int, warmup: int, iterations: int,
                        col: _Collector, tsc_hz: float | None) -> None:
-    """One run of a kind KVM handles inside the kernel: batches of ``iterations``, one exit each."""
-    if warmup + batches > RESULTS_RING:
-        raise ValueError(f"at most {RESULTS_RING - warmup} samples fit the guest's result ring")
+    """One run of a kind KVM handles inside the kernel: batches of ``iterations``, one exit each
+    (at most as many as the guest's result ring holds)."""
     image = build(kind.guest, "long")
+    sym = image.symbols  # guests/lib/bench_batch.inc and the payload name these
+    batches = min(batches, sym["RESULTS_MASK"] + 1 - warmup)
     with Machine(image, cpl=cpl, kvm=kvm, memory=BENCH_MEMORY) as m, m.vcpu.stats() as st, _explained(m):
-        m.vm.write(image.symbols["iterations"], struct.pack("<Q", iterations))
-        zap = (m.vm.host_address(FAULT_BASE), iterations * PAGE) if kind.name == "page_fault" else None
-        runloop.compiled_loop(m.vcpu, warmup, "io", PORT_BENCH, zap=zap)
+        m.vm.write(sym["iterations"], struct.pack("<Q", iterations))
+        zap = (m.vm.host_address(sym["FAULT_BASE"]), iterations * PAGE_SIZE) if kind.name == "page_fault" else None
+        runloop.compiled_loop(m.vcpu, warmup, "io", sym["PORT_BENCH"], zap=zap)
         before = st.snapshot()
         try:
-            t = runloop.compiled_loop(m.vcpu, batches, "io", PORT_BENCH, zap=zap)
+            t = runloop.compiled_loop(m.vcpu, batches, "io", sym["PORT_BENCH"], zap=zap)
         except Interrupted as e:
             t = e.partial
             _in_kernel_rows(m, kind, cpl, t, warmup, iterations, col, tsc_hz, None)
@@ -259,14 +140,22 @@ def _in_kernel_rows(m: Machine, kind: Kind, cpl: int, t: Timings, warmup: int, i
     col.add((kind.name, "host", cpl), [x / iterations for x in t.latencies()], emulated=emulated)
     hz = t.tsc_hz() or tsc_hz
     if hz and t.n:
-        raw = m.vm.read(RESULTS_ADDR, 8 * RESULTS_RING)
-        cycles = [struct.unpack_from("<Q", raw, 8 * ((warmup + i) % RESULTS_RING))[0] for i in range(t.n)]
+        cycles = guest_cycles(m, warmup, t.n)
         col.add((kind.name, "guest", cpl), [c / iterations * 1e9 / hz for c in cycles], emulated=emulated)
+
+
+def guest_cycles(m: Machine, first: int, n: int) -> list[int]:
+    """The TSC deltas an in-kernel benchmark guest stored for batches ``first`` to ``first + n``
+    (guests/lib/bench_batch.inc: batch k at SCRATCH + 8 * (k mod RESULTS_MASK + 1))."""
+    ring = m.image.symbols["RESULTS_MASK"] + 1
+    raw = m.vm.read(m.image.symbols["SCRATCH"], 8 * ring)
+    return [struct.unpack_from("<Q", raw, 8 * ((first + k) % ring))[0] for k in range(n)]
 
 
 def _measure_vm_create(kvm: Kvm, cpl: int, n: int, col: _Collector) -> None:
     """VM, memory, vCPU, registers and the first KVM_RUN to its first exit, via Machine."""
     image = build("bench_out", "long")
+    port = image.symbols["PORT_BENCH"]
     values = []
     try:
         for _ in range(n):
@@ -277,8 +166,8 @@ def _measure_vm_create(kvm: Kvm, cpl: int, n: int, col: _Collector) -> None:
                 t1 = time.monotonic_ns()
             finally:
                 m.close()
-            if not (isinstance(e, IoExit) and e.port == PORT_BENCH):
-                raise LoopError(f"the first exit was {e!r}, not the OUT to port {PORT_BENCH:#x}", Timings([], []))
+            if not (isinstance(e, IoExit) and e.port == port):
+                raise LoopError(f"the first exit was {e!r}, not the OUT to port {port:#x}", Timings([], []))
             values.append(t1 - t0)
     finally:
         col.add(("vm_create", "python", cpl), values)
@@ -295,13 +184,14 @@ def _measure_parallel(kvm: Kvm, cpl: int, nvcpus: int, cpus: list[int], n: int, 
     with Machine(build("bench_out", "long"), cpl=cpl, kvm=kvm, vcpus=nvcpus) as m:
         out: list[Timings | BaseException | None] = [None] * nvcpus
         barrier = threading.Barrier(nvcpus)
+        port = m.image.symbols["PORT_BENCH"]
 
         def worker(i: int) -> None:
             try:
                 psutil.Process(threading.get_native_id()).cpu_affinity([cpus[i]])
-                runloop.compiled_loop(m.vcpus[i], warmup, "io", PORT_BENCH)
+                runloop.compiled_loop(m.vcpus[i], warmup, "io", port)
                 barrier.wait()
-                out[i] = runloop.compiled_loop(m.vcpus[i], n, "io", PORT_BENCH)
+                out[i] = runloop.compiled_loop(m.vcpus[i], n, "io", port)
             except BaseException as e:  # reported in the caller's thread
                 barrier.abort()
                 out[i] = e
@@ -384,7 +274,7 @@ def bench(kvm: Kvm, kinds: Iterable[str] = DEFAULT_KINDS, cpls: Iterable[int] = 
         host = host_facts(kvm, pinning)
         settings = {"kinds": kinds, "cpls": cpls, "samples": samples, "runs": runs, "warmup": warmup,
                     "iterations": iterations, "python": python, "clock": "CLOCK_MONOTONIC",
-                    "batches": min(samples, RESULTS_RING - warmup, max(20, samples // 10)),
+                    "batches": min(samples, max(20, samples // 10)),
                     "vm_create_samples": min(100, max(5, samples // 100))}
         out = BenchResult(host, settings)
         col = _Collector()
@@ -462,42 +352,3 @@ def _rows(col: _Collector, settings: dict[str, Any]) -> list[Result]:
         if floor and floor.summary["p50"]:
             r.ratio_to_floor = r.summary["p50"] / floor.summary["p50"]
     return rows
-
-
-# --- the table -------------------------------------------------------------------------------------
-
-def _us(ns: float) -> str:
-    us = ns / 1000
-    return f"{us:.3f}" if us < 10 else f"{us:.2f}" if us < 100 else f"{us:.1f}" if us < 10000 else f"{us:.0f}"
-
-
-def format_table(result: BenchResult) -> str:
-    """The aligned table ``kvmiso bench`` prints (times in µs)."""
-    head = ("kind", "cpl", "path", "n", "min", "p50", "p90", "p99", "max", "mean", "stdev",
-            "x null", "insn/it", "emul/it", "notes")
-    lines = [head]
-    for r in result.results:
-        s = r.summary
-        notes = list(r.warnings)
-        if r.extra.get("exits_per_s"):
-            eps = r.extra["exits_per_s"]
-            notes.insert(0, f"{statistics.fmean(eps):,.0f} exits/s")
-        if r.iterations > 1:
-            notes.insert(0, f"per iteration, {r.iterations}/sample")
-        lines.append((r.kind, "-" if r.cpl is None else str(r.cpl), r.path, str(s["n"]),
-                      *(_us(s[k]) for k in ("min", "p50", "p90", "p99", "max", "mean", "stdev")),
-                      f"{r.ratio_to_floor:.1f}" if r.ratio_to_floor else "-",
-                      str(r.insns) if r.insns else "-",
-                      f"{r.emulated:.2f}" if r.emulated is not None else "-", "; ".join(notes)))
-    widths = [max(len(row[i]) for row in lines) for i in range(len(head) - 1)]
-    text = []
-    for row in lines:
-        cells = [c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
-        text.append("  ".join(cells + [row[-1]]).rstrip())
-    text.insert(1, "-" * len(text[0]))
-    for s in result.skipped:
-        cpl = "" if s["cpl"] is None else f" at CPL{s['cpl']}"
-        text.append(f"skipped {s['kind']}{cpl}: {s['reason']}")
-    if not result.complete:
-        text.append(f"INCOMPLETE: {result.incomplete_reason}")
-    return "\n".join(text)

@@ -18,7 +18,9 @@ from typing import Any, Mapping
 
 from ..guest import Machine, build
 from . import runloop
-from .latency import BENCH_MEMORY, KINDS, RESULTS_ADDR, BenchResult
+from .kinds import KINDS
+from .latency import BENCH_MEMORY, guest_cycles
+from .results import BenchResult
 
 RFC_RULE = ("RFC rule: 2 switches per KVM_RUN + 1 per exit handled on host_mm (used for the "
             "in-kernel batch kinds and the floors)")
@@ -63,9 +65,9 @@ def estimate_switch_cost(kvm, host: Mapping[str, Any], iterations: int = 1000,
     image = build("bench_cr3", "long")
     with Machine(image, kvm=kvm, memory=BENCH_MEMORY) as m:
         m.vm.write(image.symbols["iterations"], struct.pack("<Q", iterations))
-        t = runloop.compiled_loop(m.vcpu, batches, "io", runloop.PORT_BENCH)
+        t = runloop.compiled_loop(m.vcpu, batches, "io", image.symbols["PORT_BENCH"])
         hz = t.tsc_hz()
-        cycles = sorted(struct.unpack_from(f"<{batches}Q", m.vm.read(RESULTS_ADDR, 8 * batches)))
+        cycles = sorted(guest_cycles(m, 0, batches))
     if not hz:
         return SwitchCost(None, "not estimated: the TSC is not usable on this host; give --switch-cost NS")
     ns = cycles[len(cycles) // 2] / iterations * 1e9 / hz

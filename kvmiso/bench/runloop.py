@@ -6,7 +6,7 @@ iteration including the exit check and the answer. The Python twin goes through
 :meth:`kvmiso.kvm.Vcpu.run` (with decoding), so the difference is the harness's own cost.
 
 >>> with Machine("bench_out", kvm=kvm) as m:
-...     t = compiled_loop(m.vcpu, 1000, expect="io", port=0x10)
+...     t = compiled_loop(m.vcpu, 1000, expect="io", port=m.image.symbols["PORT_BENCH"])
 >>> t.n, t.latencies()[:2]
 (1000, [7215, 7190])
 """
@@ -26,7 +26,6 @@ from ..interrupt import Interrupted, kicked_by_interrupts
 from ..kvm import KvmError, abi
 from ..kvm.exits import HltExit, IntrExit, IoExit, MmioExit
 
-PORT_BENCH = 0x10  # guests/bench_*.S exit through this port
 OP_IOCTL, OP_SYSCALL = 0, 1
 STATUS_OK, STATUS_ERRNO, STATUS_UNEXPECTED, STATUS_INTERRUPTED = 0, 1, 2, 3
 EXPECT = {"io": abi.KVM_EXIT_IO, "mmio": abi.KVM_EXIT_MMIO, "hlt": abi.KVM_EXIT_HLT}

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from ..kvm import abi
 from ..kvm.exits import IoExit, MmioExit, RdmsrExit, WrmsrExit
 from .build import payload_modes, payload_path
 from .machine import Machine
@@ -36,7 +37,7 @@ def answer_msr(e: RdmsrExit | WrmsrExit) -> None:
 
 
 def _user_msr(m: Machine) -> None:
-    m.vm.enable_cap("X86_USER_SPACE_MSR", 2)  # KVM_MSR_EXIT_REASON_UNKNOWN
+    m.vm.enable_cap("X86_USER_SPACE_MSR", abi.KVM_MSR_EXIT_REASON_UNKNOWN)
 
 
 def _single_step(m: Machine) -> None:
