@@ -1,4 +1,5 @@
-"""Only for what pyproject.toml cannot say: the cffi-built KVM_RUN loop (kvmiso.bench._runloop),
+"""Only for what pyproject.toml cannot say: the cffi-built modules, kvmiso.kvm._vcpu (Vcpu's KVM_RUN
+and kick signal) and kvmiso.bench._runloop (the compiled KVM_RUN loop, which includes the first),
 and guests/ shipped inside the package.
 
 guests/ stays at the top of the checkout (DESIGN.md's layout; an editable install reads it
@@ -28,4 +29,5 @@ class BuildPyWithGuests(build_py):
         shutil.copytree(HERE / "guests", dst, ignore=shutil.ignore_patterns("*.o", "*.bin", "*.elf"))
 
 
-setup(cffi_modules=["kvmiso/bench/_build.py:ffibuilder"], cmdclass={"build_py": BuildPyWithGuests})
+setup(cffi_modules=["kvmiso/kvm/_build.py:ffibuilder", "kvmiso/bench/_build.py:ffibuilder"],
+      cmdclass={"build_py": BuildPyWithGuests})

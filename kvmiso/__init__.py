@@ -6,7 +6,7 @@
 Hello from a kvmiso guest!
 """
 
-from .guest import Machine, RunResult, build
-from .kvm import GuestTimeout, Kvm, KvmError, KvmUnavailable, Vcpu, Vm
+from .guest import GuestTimeout, Machine, RunResult, build
+from .kvm import Kvm, KvmError, KvmUnavailable, Vcpu, Vm
 
 __all__ = ["GuestTimeout", "Kvm", "KvmError", "KvmUnavailable", "Machine", "RunResult", "Vcpu", "Vm", "build"]

@@ -19,13 +19,13 @@ from typing import Any, Callable, NoReturn
 from .bench import command as bench_command
 from .boot import BootError
 from .boot import command as boot_command
-from .guest import BuildError, Machine
+from .guest import BuildError, GuestTimeout, Machine
 from .guest.build import MODES, available_payloads, payload_modes, payload_path
 from .guest.ucall import PORT_CONSOLE
 from .exitstatus import EXIT_BAD_INPUT, EXIT_FAILED, CliError
 from .interrupt import Interrupted, signals_raise_interrupted
 from .output import CheckedStdout, StdoutError, printable, writable, writable_dir
-from .kvm import GuestTimeout, Kvm, KvmError, KvmUnavailable
+from .kvm import Kvm, KvmError, KvmUnavailable
 from .kvm.exits import DebugExit, Exit, IoExit, MmioExit
 
 def main(argv: list[str] | None = None) -> int:

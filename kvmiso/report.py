@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .guest import Machine
+from .guest import GuestTimeout, Machine
 from .guest.probe import fingerprint, probe
 from .guest.suite import SuiteEntry, suite
 from .interrupt import Interrupted
 from .host import vendor_module
-from .kvm import GuestTimeout, Kvm
+from .kvm import Kvm
 from .observe.capture import Capture
 
 SUITE_TIMEOUT = 5.0

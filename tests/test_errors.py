@@ -95,7 +95,7 @@ def test_failed_machine_leaves_nothing(kvm, tmp_path):
 
 
 def test_timeouts_leave_no_thread(kvm):
-    from kvmiso.kvm import GuestTimeout
+    from kvmiso.guest import GuestTimeout
 
     def timeouts(n: int) -> None:
         for _ in range(n):

@@ -6,7 +6,7 @@ import pytest
 
 from kvmiso.guest import Machine
 from kvmiso.guest.build import payload_modes, payload_path
-from kvmiso.kvm import GuestTimeout
+from kvmiso.guest import GuestTimeout
 from kvmiso.kvm.exits import DebugExit, IoExit, MmioExit, RdmsrExit, ShutdownExit, WrmsrExit
 
 MODES_CPL = [("real", 0), ("protected", 0), ("long", 0), ("long", 3)]

@@ -10,7 +10,7 @@ import pytest
 from kvmiso.guest import Machine
 from kvmiso.guest import machine as machine_mod
 from kvmiso.guest.fuzz import Fuzzer
-from kvmiso.kvm import GuestTimeout
+from kvmiso.guest import GuestTimeout
 
 
 def run(kvm, payload, mode, cpl=0, timeout=5.0):

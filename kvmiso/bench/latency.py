@@ -178,9 +178,6 @@ def _measure_parallel(kvm: Kvm, cpl: int, nvcpus: int, cpus: list[int], n: int, 
     """``nvcpus`` vCPUs of one VM, each running the OUT loop in its own thread on its own CPU."""
     import psutil
 
-    from ..kvm.vcpu import install_kick_handler
-
-    install_kick_handler()  # from the main thread, before the vCPU threads need it
     with Machine(build("bench_out", "long"), cpl=cpl, kvm=kvm, vcpus=nvcpus) as m:
         out: list[Timings | BaseException | None] = [None] * nvcpus
         barrier = threading.Barrier(nvcpus)

@@ -1,18 +1,16 @@
 /*
  * The compiled KVM_RUN loop: N round trips with no Python in between.
  *
- * This file knows no KVM ABI of its own (no <linux/kvm.h>): the ioctl number, the kvm_run
- * offsets and the KVM_EXIT_* numbers come from kvmiso.kvm.abi at call time, in a
- * struct kvmiso_layout, so kvm/ stays the only place that knows them.
+ * This file knows no KVM ABI of its own: it is handed a vCPU (struct kvmiso_vcpu, filled by
+ * kvmiso.kvm.Vcpu) or an ioctl to time (struct kvmiso_ioctl, from kvmiso.kvm.Kvm), and reads
+ * exits through kvm/_vcpu.h, so kvm/ stays the only place that knows the KVM ABI.
  *
  * Each iteration reads CLOCK_MONOTONIC (and the TSC where the caller says it is usable) right
  * before and right after the call, checks the exit, and answers an IN or an MMIO read after
  * the second timestamp, so the timed interval is the call alone.
  */
-#include <errno.h>
-#include <stdint.h>
-#include <string.h>
-#include <sys/ioctl.h>
+#include "_vcpu.h"
+
 #include <sys/mman.h>
 #include <sys/syscall.h>
 #include <time.h>
@@ -24,40 +22,7 @@
 #define KVMISO_HAVE_TSC 0
 #endif
 
-/* What one iteration calls. */
-enum { KVMISO_OP_IOCTL = 0, KVMISO_OP_SYSCALL = 1 };
-/* How the loop ended. */
-enum { KVMISO_OK = 0, KVMISO_ERRNO = 1, KVMISO_UNEXPECTED = 2, KVMISO_INTERRUPTED = 3 };
-
-struct kvmiso_layout {
-    uint32_t exit_reason, immediate_exit;                 /* offsets in struct kvm_run */
-    uint32_t io_direction, io_size, io_port, io_count, io_data_offset;
-    uint32_t mmio_data, mmio_len, mmio_is_write;
-    uint32_t exit_io, exit_mmio, io_in;                    /* KVM_EXIT_IO, _MMIO, KVM_EXIT_IO_IN */
-};
-
-struct kvmiso_loop {
-    int op;
-    int fd;
-    unsigned long request;
-    unsigned long arg;
-    unsigned char *run;      /* the vCPU's kvm_run mapping; NULL: no exit to check */
-    int32_t expect_reason;   /* the exit every call must end with; -1: any */
-    int32_t expect_port;     /* for IO exits: the port; -1: any (ucalls and exception reports differ) */
-    uint64_t reply;          /* the answer to an IN or an MMIO read, little-endian */
-    unsigned char *zap;      /* if set: MADV_DONTNEED before every call (untimed), so the */
-    size_t zap_len;          /*   guest's next touch of those pages faults again */
-    int use_tsc;
-    int eintr_ok;            /* EINTR completes an iteration: KVM_RUN with immediate_exit set */
-};
-
-struct kvmiso_result {
-    uint64_t done;           /* iterations completed and timestamped */
-    int status;
-    int err;
-    uint32_t reason;         /* the exit reason that ended a KVMISO_UNEXPECTED loop */
-    uint64_t answered;       /* INs and MMIO reads answered */
-};
+#include "runloop.h"
 
 static inline uint64_t now_ns(void)
 {
@@ -79,37 +44,29 @@ static inline uint64_t tsc(int use)
 }
 
 /* Answer an IN or an MMIO read; returns 1 if it did, -1 if the exit is not the expected one. */
-static inline int check_exit(const struct kvmiso_loop *l, const struct kvmiso_layout *lay,
-                             struct kvmiso_result *res)
+static inline int check_exit(const struct kvmiso_loop *l, struct kvmiso_result *res)
 {
-    unsigned char *run = l->run;
-    uint32_t reason;
-    memcpy(&reason, run + lay->exit_reason, 4);
+    const struct kvmiso_vcpu *v = l->vcpu;
+    uint32_t reason = kvmiso_exit_reason(v);
+    unsigned char *data;
+    uint32_t len;
     if (l->expect_reason >= 0 && reason != (uint32_t)l->expect_reason) {
         res->reason = reason;
         return -1;
     }
-    if (reason == lay->exit_io) {
-        uint16_t port;
-        memcpy(&port, run + lay->io_port, 2);
-        if (l->expect_port >= 0 && port != (uint16_t)l->expect_port) {
+    if (reason == v->lay.exit_io) {
+        struct kvmiso_io io = kvmiso_exit_io(v);
+        if (l->expect_port >= 0 && io.port != (uint16_t)l->expect_port) {
             res->reason = reason;
             return -1;
         }
-        if (run[lay->io_direction] == lay->io_in) {
-            uint8_t size = run[lay->io_size];
-            uint32_t count;
-            uint64_t off;
-            memcpy(&count, run + lay->io_count, 4);
-            memcpy(&off, run + lay->io_data_offset, 8);
-            for (uint32_t k = 0; k < count; k++)
-                memcpy(run + off + (uint64_t)k * size, &l->reply, size <= 8 ? size : 8);
+        if (io.in) {
+            for (uint32_t k = 0; k < io.count; k++)
+                memcpy(io.data + (uint64_t)k * io.size, &l->reply, io.size <= 8 ? io.size : 8);
             return 1;
         }
-    } else if (reason == lay->exit_mmio && !run[lay->mmio_is_write]) {
-        uint32_t len;
-        memcpy(&len, run + lay->mmio_len, 4);
-        memcpy(run + lay->mmio_data, &l->reply, len <= 8 ? len : 8);
+    } else if (reason == v->lay.exit_mmio && kvmiso_exit_mmio_read(v, &data, &len)) {
+        memcpy(data, &l->reply, len <= 8 ? len : 8);
         return 1;
     }
     return 0;
@@ -120,9 +77,8 @@ static inline int check_exit(const struct kvmiso_loop *l, const struct kvmiso_la
  * CLOCK_MONOTONIC nanoseconds, c_start/c_end TSC values (may be NULL). res->done counts the
  * iterations stored, and is kept up to date so a caller interrupted mid-loop can read it.
  */
-int kvmiso_loop(const struct kvmiso_loop *l, const struct kvmiso_layout *lay, uint64_t n,
-                uint64_t *t_start, uint64_t *t_end, uint64_t *c_start, uint64_t *c_end,
-                struct kvmiso_result *res)
+int kvmiso_loop(const struct kvmiso_loop *l, uint64_t n, uint64_t *t_start, uint64_t *t_end,
+                uint64_t *c_start, uint64_t *c_end, struct kvmiso_result *res)
 {
     int use_tsc = l->use_tsc && c_start && c_end;
     res->done = 0;
@@ -138,10 +94,12 @@ int kvmiso_loop(const struct kvmiso_loop *l, const struct kvmiso_layout *lay, ui
             madvise(l->zap, l->zap_len, MADV_DONTNEED);
         t0 = now_ns();
         c0 = tsc(use_tsc);
-        if (l->op == KVMISO_OP_SYSCALL)
-            r = syscall(SYS_getppid);
+        if (l->op == KVMISO_OP_RUN)
+            r = kvmiso_ioctl_issue(&l->vcpu->run);
+        else if (l->op == KVMISO_OP_IOCTL)
+            r = kvmiso_ioctl_issue(l->call);
         else
-            r = ioctl(l->fd, l->request, l->arg);
+            r = syscall(SYS_getppid);
         c1 = tsc(use_tsc);
         t1 = now_ns();
         if (r < 0 && l->eintr_ok && errno == EINTR) {
@@ -150,8 +108,8 @@ int kvmiso_loop(const struct kvmiso_loop *l, const struct kvmiso_layout *lay, ui
             res->err = errno;
             res->status = res->err == EINTR ? KVMISO_INTERRUPTED : KVMISO_ERRNO;
             return res->status;
-        } else if (l->run) {
-            int a = check_exit(l, lay, res);
+        } else if (l->op == KVMISO_OP_RUN) {
+            int a = check_exit(l, res);
             if (a < 0) {
                 res->status = KVMISO_UNEXPECTED;
                 return res->status;

@@ -21,14 +21,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from ..guest.deadline import deadline
 from ..host import Host
 from ..interrupt import Interrupted, kicked_by_interrupts
-from ..kvm import KvmError, abi
-from ..kvm.exits import HltExit, IntrExit, IoExit, MmioExit
+from ..kvm import Kvm, KvmError, Vcpu
+from ..kvm.exits import HltExit, IntrExit, IoExit, MmioExit, exit_name
 
-OP_IOCTL, OP_SYSCALL = 0, 1
-STATUS_OK, STATUS_ERRNO, STATUS_UNEXPECTED, STATUS_INTERRUPTED = 0, 1, 2, 3
-EXPECT = {"io": abi.KVM_EXIT_IO, "mmio": abi.KVM_EXIT_MMIO, "hlt": abi.KVM_EXIT_HLT}
+EXPECT = {"io": IoExit, "mmio": MmioExit, "hlt": HltExit}  # what a KVM_RUN of the loop must end with
 
 
 class LoopError(RuntimeError):
@@ -94,23 +93,6 @@ class Timings:
         return (self.c_end[-1] - self.c_start[0]) * 1e9 / (self.t_end[-1] - self.t_start[0])
 
 
-def layout():
-    """The kvm_run offsets and KVM_EXIT_* numbers the C loop needs, from kvmiso.kvm.abi."""
-    ffi, _ = _lib()
-    u = abi.kvm_run.u.offset
-    io, mmio = abi.kvm_run_exit.io.offset, abi.kvm_run_exit.mmio.offset
-    return ffi.new("struct kvmiso_layout *", dict(
-        exit_reason=abi.kvm_run.exit_reason.offset, immediate_exit=abi.kvm_run.immediate_exit.offset,
-        io_direction=u + io + abi.kvm_run_io.direction.offset, io_size=u + io + abi.kvm_run_io.size.offset,
-        io_port=u + io + abi.kvm_run_io.port.offset, io_count=u + io + abi.kvm_run_io.count.offset,
-        io_data_offset=u + io + abi.kvm_run_io.data_offset.offset,
-        mmio_data=u + mmio + abi.kvm_run_mmio.data.offset, mmio_len=u + mmio + abi.kvm_run_mmio.len.offset,
-        mmio_is_write=u + mmio + abi.kvm_run_mmio.is_write.offset,
-        exit_io=abi.KVM_EXIT_IO, exit_mmio=abi.KVM_EXIT_MMIO, io_in=abi.KVM_EXIT_IO_IN,
-    ))
-
-
-
 def tsc_usable(host: Host | None = None) -> bool:
     """RDTSC is timed where the C loop has it and the TSC ticks at a constant, non-stop rate."""
     _, lib = _lib()
@@ -123,22 +105,20 @@ def _host() -> Host:
     return Host.read()  # once: every loop asks whether the TSC is usable
 
 
-def _run(fd: int, request: int, arg: int, n: int, *, op: int = OP_IOCTL, vcpu=None,
+def _run(n: int, op: int, *, vcpu: Vcpu | None = None, call: Any = None, name: str = "KVM_RUN",
          expect: str | None = None, port: int | None = None, reply: int = 0,
          zap: tuple[int, int] | None = None, timeout: float = 10.0, eintr_ok: bool = False) -> Timings:
+    """``n`` iterations of ``op`` in C: KVM_RUN on ``vcpu`` (checking each exit), the ioctl
+    ``call`` (a ``struct kvmiso_ioctl *`` from kvmiso.kvm, called ``name``), or a bare syscall."""
     ffi, lib = _lib()
     use_tsc = tsc_usable()
     bufs = [ffi.new("uint64_t[]", n) for _ in range(4 if use_tsc else 2)]
-    # the kvm_run page as the C loop sees it, released on the way out
-    run_page = ffi.from_buffer("unsigned char[]", vcpu.page, require_writable=True) if vcpu is not None else ffi.NULL
     loop = ffi.new("struct kvmiso_loop *", dict(
-        op=op, fd=fd, request=request, arg=arg,
-        run=run_page,
-        expect_reason=EXPECT[expect] if expect else -1, expect_port=-1 if port is None else port,
+        op=op, call=call if call is not None else ffi.NULL, vcpu=vcpu.c_vcpu if vcpu is not None else ffi.NULL,
+        expect_reason=EXPECT[expect].reason if expect else -1, expect_port=-1 if port is None else port,
         reply=reply, zap=ffi.cast("unsigned char *", zap[0]) if zap else ffi.NULL,
         zap_len=zap[1] if zap else 0, use_tsc=int(use_tsc), eintr_ok=int(eintr_ok)))
     res = ffi.new("struct kvmiso_result *")
-    lay = layout()
     done = 0
 
     def timings() -> Timings:
@@ -149,23 +129,23 @@ def _run(fd: int, request: int, arg: int, n: int, *, op: int = OP_IOCTL, vcpu=No
         return Timings(arr(bufs[0]), arr(bufs[1]), *(arr(b) for b in bufs[2:]), answered=answered)
 
     answered = base = 0
-    deadline = vcpu.deadline(timeout) if vcpu is not None else contextlib.nullcontext()
+    dl_context = deadline(vcpu, timeout) if vcpu is not None else contextlib.nullcontext()
     # a Ctrl-C that lands between two KVM_RUNs of the C loop must still stop it (see interrupt)
     ident = threading.get_ident()
     kicked = kicked_by_interrupts(lambda: vcpu.kick(ident)) if vcpu is not None else contextlib.nullcontext()
     try:
-        with deadline as dl, kicked:
+        with dl_context as dl, kicked:
             while done < n:
                 # a signal stops the C loop; it resumes where it stopped. base + res.done is
                 # right even when a KeyboardInterrupt surfaces just after the call returns.
                 base = done
-                status = lib.kvmiso_loop(loop, lay, n - base, bufs[0] + base, bufs[1] + base,
+                status = lib.kvmiso_loop(loop, n - base, bufs[0] + base, bufs[1] + base,
                                          *((bufs[2] + base, bufs[3] + base) if use_tsc else (ffi.NULL, ffi.NULL)), res)
                 done = base + res.done
                 answered += res.answered
-                if status == STATUS_OK:
+                if status == lib.KVMISO_OK:
                     break
-                if status == STATUS_INTERRUPTED:
+                if status == lib.KVMISO_INTERRUPTED:
                     # a kick (immediate_exit set) stops the loop, as it stops Vcpu.run(); any
                     # other signal only interrupted one KVM_RUN (a SIGINT surfaces right here)
                     if vcpu is not None and vcpu.immediate_exit:
@@ -173,51 +153,47 @@ def _run(fd: int, request: int, arg: int, n: int, *, op: int = OP_IOCTL, vcpu=No
                             raise LoopError(f"no exit within {timeout:g} s: the guest never left KVM_RUN", timings())
                         raise LoopError("stopped: the vCPU was kicked", timings())
                     continue
-                if status == STATUS_ERRNO:
-                    raise LoopError(str(KvmError(abi.IOCTL_NAMES.get(request, f"ioctl {request:#x}"), res.err)),
-                                    timings())
-                raise LoopError(f"unexpected exit {abi.KVM_EXIT_REASONS.get(res.reason, res.reason)}",
-                                timings(), res.reason)
+                if status == lib.KVMISO_ERRNO:
+                    raise LoopError(str(KvmError(name, res.err)), timings())
+                raise LoopError(f"unexpected exit {exit_name(res.reason)}", timings(), res.reason)
     except KeyboardInterrupt as e:
         done = base + res.done
         raise Interrupted.of(e, timings()) from None  # what was measured goes up with it
-    finally:
-        if vcpu is not None:
-            ffi.release(run_page)  # else the page's export outlives the loop and Vcpu.close() fails
     return timings()
 
 
-def compiled_loop(vcpu, n: int, expect: str, port: int | None = None, reply: int = 0,
+def compiled_loop(vcpu: Vcpu, n: int, expect: str, port: int | None = None, reply: int = 0,
                   zap: tuple[int, int] | None = None, timeout: float = 10.0) -> Timings:
     """KVM_RUN ``n`` times on ``vcpu`` in C; every exit must be ``expect`` (io, mmio, hlt), an
     IO exit on ``port``; INs and MMIO reads get ``reply``. ``zap`` (host address, length) is
     dropped with MADV_DONTNEED before each KVM_RUN. Raises LoopError if the guest does
     anything else or stays inside KVM_RUN past ``timeout`` seconds."""
-    return _run(vcpu.fd, abi.KVM_RUN, 0, n, vcpu=vcpu, expect=expect, port=port, reply=reply,
+    return _run(n, _lib()[1].KVMISO_OP_RUN, vcpu=vcpu, expect=expect, port=port, reply=reply,
                 zap=zap, timeout=timeout)
 
 
-def null_ioctl_loop(kvm, n: int) -> Timings:
+def null_ioctl_loop(kvm: Kvm, n: int) -> Timings:
     """The ioctl floor: KVM_CHECK_EXTENSION(KVM_CAP_USER_MEMORY) on the system fd, in C."""
-    return _run(kvm.fd, abi.KVM_CHECK_EXTENSION, abi.KVM_CAPS["USER_MEMORY"], n)
+    return _run(n, _lib()[1].KVMISO_OP_IOCTL, call=kvm.check_extension_call("USER_MEMORY"),
+                name="KVM_CHECK_EXTENSION")
 
 
 def syscall_loop(n: int) -> Timings:
     """The syscall floor: getppid(2) through syscall(2), in C."""
-    return _run(-1, 0, 0, n, op=OP_SYSCALL)
+    return _run(n, _lib()[1].KVMISO_OP_SYSCALL)
 
 
-def immediate_exit_loop(vcpu, n: int) -> Timings:
+def immediate_exit_loop(vcpu: Vcpu, n: int) -> Timings:
     """The KVM_RUN floor: KVM_RUN with ``immediate_exit`` set returns EINTR before entering the
     guest (vcpu_load, the signal/immediate-exit check, vcpu_put), in C."""
     vcpu.immediate_exit = True
     try:
-        return _run(vcpu.fd, abi.KVM_RUN, 0, n, eintr_ok=True)
+        return _run(n, _lib()[1].KVMISO_OP_RUN, vcpu=vcpu, eintr_ok=True)
     finally:
         vcpu.immediate_exit = False
 
 
-def python_immediate_exit_loop(vcpu, n: int) -> Timings:
+def python_immediate_exit_loop(vcpu: Vcpu, n: int) -> Timings:
     """The same floor through ``Vcpu.run()``, which returns IntrExit for it."""
     t_start, t_end = array.array("Q", bytes(8 * n)), array.array("Q", bytes(8 * n))
     clock, run = time.monotonic_ns, vcpu.run
@@ -238,7 +214,7 @@ def python_immediate_exit_loop(vcpu, n: int) -> Timings:
 _PY_EXPECT = {"io": IoExit, "mmio": MmioExit, "hlt": HltExit}
 
 
-def python_loop(vcpu, n: int, expect: str, port: int | None = None, reply: int = 0,
+def python_loop(vcpu: Vcpu, n: int, expect: str, port: int | None = None, reply: int = 0,
                 timeout: float = 10.0) -> Timings:
     """The same loop through the Python API: ``Vcpu.run()`` (KVM_RUN and decoding) per
     iteration, the check and the answer done on the decoded Exit."""
@@ -248,7 +224,7 @@ def python_loop(vcpu, n: int, expect: str, port: int | None = None, reply: int =
     answered = i = 0
     try:
         ident = threading.get_ident()
-        with vcpu.deadline(timeout) as dl, kicked_by_interrupts(lambda: vcpu.kick(ident)):
+        with deadline(vcpu, timeout) as dl, kicked_by_interrupts(lambda: vcpu.kick(ident)):
             for i in range(n):
                 t0 = clock()
                 e = run()
@@ -268,11 +244,11 @@ def python_loop(vcpu, n: int, expect: str, port: int | None = None, reply: int =
     return Timings(t_start, t_end, answered=answered)
 
 
-def python_null_ioctl_loop(kvm, n: int) -> Timings:
+def python_null_ioctl_loop(kvm: Kvm, n: int) -> Timings:
     """The ioctl floor through the Python API: ``Kvm.check_extension`` per iteration."""
     t_start, t_end = array.array("Q", bytes(8 * n)), array.array("Q", bytes(8 * n))
     clock, check = time.monotonic_ns, kvm.check_extension
-    cap = abi.KVM_CAPS["USER_MEMORY"]
+    cap = "USER_MEMORY"
     for i in range(n):
         t0 = clock()
         check(cap)

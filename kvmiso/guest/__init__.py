@@ -1,8 +1,9 @@
 """Putting payloads into VMs: build, mode setup, the Machine and the ucall convention."""
 
 from .build import BuildError, Image, available_payloads, build
+from .deadline import GuestTimeout
 from .machine import Machine, RunResult
 from .ucall import Done, Fail, GuestException, Report
 
-__all__ = ["BuildError", "Done", "Fail", "GuestException", "Image", "Machine", "Report", "RunResult",
+__all__ = ["BuildError", "Done", "Fail", "GuestException", "GuestTimeout", "Image", "Machine", "Report", "RunResult",
            "available_payloads", "build"]

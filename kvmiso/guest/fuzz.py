@@ -22,7 +22,8 @@ from typing import Callable
 
 import psutil
 
-from ..kvm import GuestTimeout, Kvm
+from ..kvm import Kvm
+from .deadline import GuestTimeout
 from .machine import OUTCOMES, Machine, RunResult
 
 # target name -> (mode, CPL)

@@ -18,11 +18,12 @@ from typing import Any, Callable
 
 from ..host import vendor_module
 from ..interrupt import Interrupted, deferred, kicked_by_interrupts, threads_without_interrupts
-from ..kvm import GuestTimeout, Kvm
+from ..kvm import Kvm
 from ..kvm.exits import (DebugExit, Exit, FailEntryExit, HltExit, InternalErrorExit, IntrExit,
                          IoExit, MmioExit, RdmsrExit, ShutdownExit, SystemEventExit, WrmsrExit)
 from . import modes
 from .build import BITS, Image, build, payload_modes, payload_path
+from .deadline import GuestTimeout, deadline
 from .ucall import (PORT_CONSOLE, PORT_UCALL, Done, Fail, GuestException, MalformedUcall, Report,
                     decode_ucall)
 
@@ -239,7 +240,7 @@ class Machine:
         t0 = time.perf_counter()
         ident = threading.get_ident()
         try:
-            with v.deadline(timeout) as dl, kicked_by_interrupts(lambda: v.kick(ident)):
+            with deadline(v, timeout) as dl, kicked_by_interrupts(lambda: v.kick(ident)):
                 while res.outcome == "running":
                     res.runs += 1  # before the call: an interrupted KVM_RUN counts too
                     exit = v.run()
@@ -286,9 +287,6 @@ class Machine:
         Ctrl-C or SIGTERM stops every vCPU and raises Interrupted with these results as
         ``partial``.
         """
-        from ..kvm.vcpu import install_kick_handler
-
-        install_kick_handler()
         results: list[RunResult | None] = [None] * len(self.vcpus)
         errors: list[BaseException] = []
         done = [threading.Event() for _ in self.vcpus]

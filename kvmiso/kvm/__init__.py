@@ -1,10 +1,10 @@
 """The ioctl layer: nothing above this package touches a KVM file descriptor or ioctl number."""
 
-from .errors import GuestTimeout, KvmError, KvmUnavailable
+from .errors import KvmError, KvmUnavailable
 from .cpuid import CpuidEntry
 from .system import Kvm
 from .vcpu import Translation, Vcpu
 from .vm import MemorySlot, Vm
 
-__all__ = ["CpuidEntry", "GuestTimeout", "Kvm", "KvmError", "KvmUnavailable", "MemorySlot",
+__all__ = ["CpuidEntry", "Kvm", "KvmError", "KvmUnavailable", "MemorySlot",
            "Translation", "Vcpu", "Vm"]

@@ -21,10 +21,6 @@ _libc.madvise.restype = ctypes.c_int
 _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 
 raw_ioctl = _libc.ioctl
-# KVM_RUN's own function object, without argtypes: converting arguments through argtypes costs
-# about 0.3 us a call, which the KVM_RUN hot path (Vcpu.run) cannot afford; its request fits a
-# C int and it takes no argument.
-run_ioctl = ctypes.CDLL(_libc._name, use_errno=True).ioctl
 get_errno = ctypes.get_errno
 MAP_FAILED = ctypes.c_void_p(-1).value
 

@@ -30,15 +30,6 @@ class KvmUnavailable(RuntimeError):
     """/dev/kvm is missing, not accessible, or speaks another API version."""
 
 
-class GuestTimeout(TimeoutError):
-    """A guest ran past its deadline; ``what`` says what it was doing when stopped."""
-
-    def __init__(self, seconds: float, what: str, exits: int = 0) -> None:
-        super().__init__(f"guest did not finish within {seconds:g} s ({exits} exits): {what}")
-        self.seconds = seconds
-        self.what = what
-        self.exits = exits
-
 
 def _errno_text(err: int) -> str:
     import os

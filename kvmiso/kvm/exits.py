@@ -16,6 +16,11 @@ from . import abi
 _RUN_EXIT = abi.kvm_run.u.offset  # offset of the exit union in struct kvm_run
 
 
+def exit_name(reason: int) -> str:
+    """The KVM_EXIT_* name of ``reason`` without the prefix (``IO``), ``REASON_<n>`` if unknown."""
+    return abi.KVM_EXIT_REASONS.get(reason, f"REASON_{reason}")
+
+
 @dataclass(frozen=True, slots=True)
 class Exit:
     """Base of every decoded exit; ``reason`` is the KVM_EXIT_* number."""
@@ -24,7 +29,8 @@ class Exit:
 
     @property
     def name(self) -> str:
-        return abi.KVM_EXIT_REASONS.get(self.reason, f"REASON_{self.reason}")
+        """The KVM_EXIT_* name without the prefix, e.g. ``IO``."""
+        return exit_name(self.reason)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict: ``{"exit": "IO", ...fields}`` with views copied to hex strings."""
@@ -249,7 +255,8 @@ class UnknownExit(Exit):
 
     @property
     def name(self) -> str:
-        return abi.KVM_EXIT_REASONS.get(self.code, f"REASON_{self.code}")
+        """The KVM_EXIT_* name of ``code`` where kvmiso knows it."""
+        return exit_name(self.code)
 
 
 _SIMPLE = {cls.reason: cls() for cls in (HltExit, IrqWindowOpenExit, ShutdownExit, IntrExit, NmiExit)}

@@ -5,11 +5,13 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+from typing import Any
 
 from . import abi
 from ._libc import ioctl
 from .cpuid import CpuidEntry, get_cpuid
 from .errors import KvmError, KvmUnavailable
+from .vcpu import ffi
 from .vm import Vm
 
 DEV_KVM = "/dev/kvm"
@@ -90,6 +92,12 @@ class Kvm:
         if self._supported_cpuid is None:
             self._supported_cpuid = tuple(get_cpuid(self.fd, abi.KVM_GET_SUPPORTED_CPUID))
         return list(self._supported_cpuid)
+
+    def check_extension_call(self, cap: str | int) -> Any:
+        """KVM_CHECK_EXTENSION(``cap``) on this fd as compiled code issues it: a
+        ``struct kvmiso_ioctl *`` (kvm/_vcpu.h), the null ioctl the bench loop times."""
+        return ffi.new("struct kvmiso_ioctl *", {"fd": self.fd, "request": abi.KVM_CHECK_EXTENSION,
+                                                 "arg": abi.capability_number(cap)})
 
     def create_vm(self, vm_type: int = 0) -> Vm:
         """KVM_CREATE_VM: a new VM of ``vm_type`` (0: the default x86 VM)."""

@@ -1,39 +1,69 @@
-"""Vcpu: a KVM vCPU fd, its kvm_run page, and ``run() -> Exit``."""
+"""Vcpu: a KVM vCPU fd, its kvm_run page, and ``run() -> Exit``.
+
+KVM_RUN goes through kvmiso.kvm._vcpu (kvm/_vcpu.c), compiled at install like the bench loop;
+so does the kick: the signal that stops a KVM_RUN, and the timer that sends it (:meth:`Vcpu.kick`,
+:meth:`Vcpu.kick_after`).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import errno
+import math
 import os
 import signal
 import threading
-import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any
 
 from . import abi
-from ._libc import get_errno, ioctl, mmap, munmap, run_ioctl
-from .errors import KvmError
+from ._libc import ioctl, mmap, munmap
 from .cpuid import CpuidEntry, get_cpuid, set_cpuid
+from .errors import KvmError
 from .exits import Exit, IntrExit, decode
 from .stats import Stats
 
+try:
+    from ._vcpu import ffi, lib
+except ImportError as e:  # a source tree nobody installed: say how to build it
+    raise ImportError(f"kvmiso's compiled vCPU module (kvmiso.kvm._vcpu) is not built ({e}): install kvmiso "
+                      "with `pip install -e .`, which compiles kvmiso/kvm/_vcpu.c and needs a C compiler") from None
+
 # The signal that kicks a vCPU thread out of KVM_RUN. A real-time signal, so it never collides
-# with SIGINT/SIGTERM handling; its handler does nothing, the interrupted ioctl is the point.
+# with SIGINT/SIGTERM handling. Its handler (in C, installed by sigaction from whichever thread
+# makes the first vCPU) interrupts KVM_RUN; for the kick timer it also sets immediate_exit.
 KICK_SIGNAL = signal.SIGRTMIN
-_KVM_RUN = abi.KVM_RUN  # a global, not an attribute lookup, on the KVM_RUN hot path
+_MAX_NS = (1 << 63) - 1
+_IMMEDIATE_EXIT = abi.kvm_run.immediate_exit.offset
+_vcpu_run = lib.kvmiso_vcpu_run  # a global, not an attribute lookup, on the KVM_RUN hot path
 
 
-def install_kick_handler() -> None:
-    """Install the no-op KICK_SIGNAL handler (main thread only; idempotent)."""
-    if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, None, signal.SIG_IGN):
-        if threading.current_thread() is not threading.main_thread():
-            raise RuntimeError(
-                "kvmiso needs a handler for its vCPU kick signal: create the first Machine or call "
-                "kvmiso.kvm.vcpu.install_kick_handler() from the main thread"
-            )
-        signal.signal(KICK_SIGNAL, lambda signum, frame: None)
+def _run_layout() -> dict[str, int]:
+    """struct kvmiso_run_layout (kvm/_vcpu.h): what the compiled code reads in a kvm_run page."""
+    u, run = abi.kvm_run.u.offset, abi.kvm_run
+    io, mmio = u + abi.kvm_run_exit.io.offset, u + abi.kvm_run_exit.mmio.offset
+    return dict(
+        exit_reason=run.exit_reason.offset, immediate_exit=run.immediate_exit.offset,
+        io_direction=io + abi.kvm_run_io.direction.offset, io_size=io + abi.kvm_run_io.size.offset,
+        io_port=io + abi.kvm_run_io.port.offset, io_count=io + abi.kvm_run_io.count.offset,
+        io_data_offset=io + abi.kvm_run_io.data_offset.offset,
+        mmio_phys_addr=mmio + abi.kvm_run_mmio.phys_addr.offset, mmio_data=mmio + abi.kvm_run_mmio.data.offset,
+        mmio_len=mmio + abi.kvm_run_mmio.len.offset, mmio_is_write=mmio + abi.kvm_run_mmio.is_write.offset,
+        exit_io=abi.KVM_EXIT_IO, exit_mmio=abi.KVM_EXIT_MMIO, exit_intr=abi.KVM_EXIT_INTR, io_in=abi.KVM_EXIT_IO_IN,
+    )
+
+
+_RUN_LAYOUT = _run_layout()
+
+
+def _install_kick_handler() -> None:
+    r = lib.kvmiso_kick_install(KICK_SIGNAL)
+    if r < 0:
+        raise OSError(-r, f"cannot install the vCPU kick signal's handler: {os.strerror(-r)}")
+    if r:
+        raise RuntimeError(f"signal {signal.Signals(KICK_SIGNAL).name} already has a handler that is not kvmiso's; "
+                           "kvmiso stops vCPUs with it (KVM_RUN is interrupted by a signal)")
 
 
 @dataclass(frozen=True)
@@ -65,26 +95,29 @@ class Vcpu:
         self.fd = fd
         self._run_size = vm.kvm.vcpu_mmap_size
         try:
+            _install_kick_handler()  # before any kick or timer can send the signal
             self._run_addr = mmap(self._run_size, fd, shared=True)
         except BaseException:
             os.close(fd)
             raise
         self.kvm_run = abi.kvm_run.from_address(self._run_addr)
         self.page = memoryview((ctypes.c_char * self._run_size).from_address(self._run_addr)).cast("B")
+        self._c = ffi.new("struct kvmiso_vcpu *", {
+            "run": {"fd": fd, "request": abi.KVM_RUN, "arg": 0},
+            "page": ffi.cast("unsigned char *", self._run_addr), "lay": _RUN_LAYOUT})
         self._kick_lock = threading.Lock()
-        self._watchdog: _Watchdog | None = None
 
     def close(self) -> None:
-        if self.fd < 0:
-            return
-        if self._watchdog is not None:
-            self._watchdog.stop()
-            self._watchdog = None
-        self.page.release()
-        del self.kvm_run
-        munmap(self._run_addr, self._run_size)
-        os.close(self.fd)
-        self.fd = -1
+        """Delete the kick timer, unmap kvm_run and close the vCPU fd (idempotent)."""
+        with self._kick_lock:  # no kick() is under way, and none will find the fd open
+            if self.fd < 0:
+                return
+            lib.kvmiso_vcpu_release(self._c)
+            self.page.release()
+            del self.kvm_run
+            munmap(self._run_addr, self._run_size)
+            os.close(self.fd)
+            self.fd = -1
 
     @property
     def page_address(self) -> int:
@@ -99,14 +132,14 @@ class Vcpu:
         A signal that interrupts KVM_RUN is retried, unless ``immediate_exit`` is set (a kick):
         then the result is ``IntrExit()``.
         """
-        fd, page = self.fd, self.page
+        c, page = self._c, self.page
         while True:
-            if run_ioctl(fd, _KVM_RUN, None) == 0:
+            r = _vcpu_run(c)
+            if r >= 0:
                 return decode(page)
-            err = get_errno()
-            if err != errno.EINTR:
-                raise KvmError("KVM_RUN", err, _run_errno_hint(err))
-            if page[1]:  # immediate_exit: somebody asked this vCPU to stop
+            if r != -errno.EINTR:
+                raise KvmError("KVM_RUN", -r, _run_errno_hint(-r))
+            if page[_IMMEDIATE_EXIT]:  # somebody asked this vCPU to stop
                 return IntrExit()
 
     @property
@@ -125,24 +158,34 @@ class Vcpu:
                 with contextlib.suppress(ProcessLookupError):
                     signal.pthread_kill(thread_ident, KICK_SIGNAL)
 
-    @contextlib.contextmanager
-    def deadline(self, seconds: float) -> Iterator["Deadline"]:
-        """Kick this vCPU out of KVM_RUN once ``seconds`` have passed. ``run()`` then returns
-        ``IntrExit()`` and ``Deadline.expired`` is true.
+    def kick_after(self, seconds: float) -> None:
+        """Kick this vCPU out of the calling thread's KVM_RUN once ``seconds`` have passed: a
+        one-shot CLOCK_MONOTONIC timer (timer_create(2), SIGEV_THREAD_ID) that replaces an armed
+        one. When it fires, ``immediate_exit`` is set and :meth:`run` returns ``IntrExit()``,
+        whether KVM_RUN was under way or about to start. :attr:`timer_kicked` says it fired."""
+        if not (math.isfinite(seconds) and seconds >= 0):
+            raise ValueError(f"a kick needs a finite, non-negative number of seconds, not {seconds!r}")
+        r = lib.kvmiso_kick_after(self._c, KICK_SIGNAL, threading.get_native_id(), min(int(seconds * 1e9), _MAX_NS))
+        if r < 0:
+            raise OSError(-r, f"cannot arm vCPU {self.id}'s kick timer: {os.strerror(-r)}")
 
-        One watchdog thread per vCPU serves every deadline and ends with the vCPU, so a run
-        starts no thread (a fuzzer makes thousands of runs)."""
-        install_kick_handler()
-        dl = Deadline(seconds, time.monotonic() + seconds)
-        if self._watchdog is None:
-            self._watchdog = _Watchdog(self)
-        self._watchdog.arm(dl, threading.get_ident())
-        try:
-            yield dl
-        finally:
-            self._watchdog.disarm()
-            if self.fd >= 0:
-                self.kvm_run.immediate_exit = 0
+    def cancel_kick(self) -> None:
+        """Disarm the timer :meth:`kick_after` armed (from the thread that armed it: a kick it sent
+        has been handled when this returns)."""
+        r = lib.kvmiso_kick_cancel(self._c)
+        if r < 0:
+            raise OSError(-r, f"cannot disarm vCPU {self.id}'s kick timer: {os.strerror(-r)}")
+
+    @property
+    def timer_kicked(self) -> bool:
+        """Whether the timer armed by the last :meth:`kick_after` has fired."""
+        return bool(self._c.timer_fired)
+
+    @property
+    def c_vcpu(self) -> Any:
+        """This vCPU as compiled code sees it: a ``struct kvmiso_vcpu *`` (kvm/_vcpu.h) with the
+        KVM_RUN ioctl, the kvm_run mapping and its layout. Valid until :meth:`close`."""
+        return self._c
 
     # --- state --------------------------------------------------------------------------------
 
@@ -227,62 +270,6 @@ class Vcpu:
     def stats(self) -> Stats:
         """The vCPU's binary stats (KVM_GET_STATS_FD, parsed; a context manager)."""
         return Stats(self.get_stats_fd())
-
-
-@dataclass
-class Deadline:
-    seconds: float
-    at: float
-    expired: bool = False
-
-
-class _Watchdog:
-    """The thread that kicks one vCPU out of KVM_RUN when its armed deadline passes."""
-
-    def __init__(self, vcpu: Vcpu) -> None:
-        self._vcpu = vcpu
-        self._cond = threading.Condition()
-        self._armed: tuple[Deadline, int] | None = None
-        self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name=f"kvmiso-watchdog-vcpu{vcpu.id}", daemon=True)
-        # Started with SIGINT/SIGTERM blocked (a thread inherits the mask), so the kernel
-        # delivers them to a thread that can act on them, never to this one.
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-        try:
-            self._thread.start()
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-    def arm(self, deadline: Deadline, thread_ident: int) -> None:
-        with self._cond:
-            self._armed = (deadline, thread_ident)
-            self._cond.notify()
-
-    def disarm(self) -> None:
-        """After this returns no kick is under way or will come (kicks happen under the lock)."""
-        with self._cond:
-            self._armed = None
-
-    def stop(self) -> None:
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
-        self._thread.join()
-
-    def _loop(self) -> None:
-        with self._cond:
-            while not self._stopping:
-                if self._armed is None:
-                    self._cond.wait()
-                    continue
-                deadline, ident = self._armed
-                left = deadline.at - time.monotonic()
-                if left > 0:
-                    self._cond.wait(left)
-                    continue
-                deadline.expired = True
-                self._vcpu.kick(ident)
-                self._armed = None
 
 
 def _msrs_buffer(values: dict[int, int]) -> ctypes.Structure:

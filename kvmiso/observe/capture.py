@@ -24,8 +24,8 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Iterable
 
+from ..guest.deadline import GuestTimeout
 from ..interrupt import Interrupted
-from ..kvm import GuestTimeout
 from ..kvm.exits import IntrExit
 from .exitlog import ExitLog, RunRecord, TraceEvent
 from .traceformat import FormatError

@@ -1,0 +1,112 @@
+/*
+ * kvmiso.kvm._vcpu: what Vcpu needs in C.
+ *
+ * - kvmiso_vcpu_run: KVM_RUN once, the exit reason or -errno, without ctypes' argument
+ *   conversion on the path every exit takes.
+ * - The kick signal: a handler installed with sigaction(2), so any thread may install it (Python's
+ *   signal.signal() works from the main thread only). A kick that pthread_kill() sends only
+ *   interrupts KVM_RUN; the kicker has set immediate_exit already.
+ * - The kick timer: a one-shot POSIX timer per vCPU whose expiry sends the kick signal to the
+ *   thread that armed it (SIGEV_THREAD_ID). Its handler sets immediate_exit in that vCPU's
+ *   kvm_run page, so a KVM_RUN that had not started yet returns at once too. No watchdog thread.
+ */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE  /* SIGEV_THREAD_ID */
+#endif
+#include "_vcpu.h"
+
+#include <signal.h>
+#include <time.h>
+
+#ifndef sigev_notify_thread_id
+#define sigev_notify_thread_id _sigev_un._tid
+#endif
+
+long kvmiso_vcpu_run(struct kvmiso_vcpu *v)
+{
+    if (kvmiso_ioctl_issue(&v->run) < 0)
+        return -errno;
+    return kvmiso_exit_reason(v);
+}
+
+static void kvmiso_kick_handler(int sig, siginfo_t *si, void *uc)
+{
+    (void)sig;
+    (void)uc;
+    if (si->si_code == SI_TIMER && si->si_value.sival_ptr) {
+        struct kvmiso_vcpu *v = si->si_value.sival_ptr;
+        unsigned char *page = v->page;
+        if (page)
+            page[v->lay.immediate_exit] = 1;
+        v->timer_fired = 1;
+    }
+}
+
+/* 0: the handler is installed (now or before); 1: the signal has a handler of someone else's. */
+int kvmiso_kick_install(int signo)
+{
+    struct sigaction old, sa;
+    if (sigaction(signo, NULL, &old) < 0)
+        return -errno;
+    if ((old.sa_flags & SA_SIGINFO) && old.sa_sigaction == kvmiso_kick_handler)
+        return 0;
+    if (!(old.sa_flags & SA_SIGINFO) && old.sa_handler != SIG_DFL && old.sa_handler != SIG_IGN)
+        return 1;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_sigaction = kvmiso_kick_handler;
+    sa.sa_flags = SA_SIGINFO;  /* no SA_RESTART: the point is the interrupted KVM_RUN */
+    sigemptyset(&sa.sa_mask);
+    return sigaction(signo, &sa, NULL) < 0 ? -errno : 0;
+}
+
+/* Arm v's timer to send signo to thread tid after ns nanoseconds (at least 1). */
+int kvmiso_kick_after(struct kvmiso_vcpu *v, int signo, int tid, int64_t ns)
+{
+    struct itimerspec its;
+    if (v->timer_made && v->timer_tid != tid) {  /* the timer signals one thread: another runs now */
+        timer_delete((timer_t)v->timer);
+        v->timer_made = 0;
+    }
+    if (!v->timer_made) {
+        struct sigevent sev;
+        timer_t t;
+        memset(&sev, 0, sizeof(sev));
+        sev.sigev_notify = SIGEV_THREAD_ID;
+        sev.sigev_signo = signo;
+        sev.sigev_value.sival_ptr = v;
+        sev.sigev_notify_thread_id = tid;
+        if (timer_create(CLOCK_MONOTONIC, &sev, &t) < 0)
+            return -errno;
+        v->timer = (void *)t;
+        v->timer_made = 1;
+        v->timer_tid = tid;
+    }
+    if (ns < 1)
+        ns = 1;  /* an it_value of zero would disarm the timer instead */
+    memset(&its, 0, sizeof(its));
+    its.it_value.tv_sec = ns / 1000000000;
+    its.it_value.tv_nsec = ns % 1000000000;
+    v->timer_fired = 0;
+    return timer_settime((timer_t)v->timer, 0, &its, NULL) < 0 ? -errno : 0;
+}
+
+/* Disarm v's timer. Called by the thread that armed it, so a signal the timer sent before has
+ * been handled when this returns (a pending signal is delivered on the way out of the syscall). */
+int kvmiso_kick_cancel(struct kvmiso_vcpu *v)
+{
+    struct itimerspec its;
+    if (!v->timer_made)
+        return 0;
+    memset(&its, 0, sizeof(its));
+    return timer_settime((timer_t)v->timer, 0, &its, NULL) < 0 ? -errno : 0;
+}
+
+/* The vCPU is closing: no timer, no page for the handler to write to. */
+void kvmiso_vcpu_release(struct kvmiso_vcpu *v)
+{
+    if (v->timer_made) {
+        timer_delete((timer_t)v->timer);
+        v->timer_made = 0;
+    }
+    v->page = NULL;
+}

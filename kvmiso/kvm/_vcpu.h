@@ -1,0 +1,91 @@
+/*
+ * The C view of a vCPU, shared by kvmiso's compiled code: kvm/_vcpu.c (Vcpu.run()'s KVM_RUN and
+ * the kick signal) and bench/runloop.c (the compiled KVM_RUN loop).
+ *
+ * This header is the one declaration of these structs: cffi reads the part above the "C only"
+ * line as its cdef (kvm/_build.py, bench/_build.py), the C files include all of it. It knows no
+ * KVM ABI of its own (no <linux/kvm.h>): kvmiso.kvm.vcpu fills struct kvmiso_vcpu from
+ * kvmiso.kvm.abi, the one place that knows ioctl numbers, kvm_run offsets and exit numbers.
+ */
+
+/* One ioctl, ready to issue: what a compiled loop times. */
+struct kvmiso_ioctl {
+    int fd;
+    unsigned long request;
+    unsigned long arg;
+};
+
+/* Offsets in struct kvm_run, and the KVM_EXIT_* numbers the compiled code tests. */
+struct kvmiso_run_layout {
+    uint32_t exit_reason, immediate_exit;
+    uint32_t io_direction, io_size, io_port, io_count, io_data_offset;
+    uint32_t mmio_phys_addr, mmio_data, mmio_len, mmio_is_write;
+    uint32_t exit_io, exit_mmio, exit_intr, io_in;
+};
+
+/* One vCPU (kvmiso.kvm.Vcpu): its KVM_RUN, its kvm_run mapping and the kick timer's state. */
+struct kvmiso_vcpu {
+    struct kvmiso_ioctl run;        /* KVM_RUN on the vCPU fd */
+    unsigned char *page;            /* the kvm_run mapping; NULL once the vCPU is closed */
+    struct kvmiso_run_layout lay;
+    void *timer;                    /* the kick timer (a timer_t), once made */
+    int timer_made;
+    int timer_tid;                  /* the thread it signals */
+    int timer_fired;                /* set by the kick signal's handler when the timer kicked */
+};
+
+/* ---------------------------------------------------------------------------------- C only --- */
+
+#include <errno.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/ioctl.h>
+
+/* ioctl(2) as the caller described it: its result, errno set on failure. */
+static inline long kvmiso_ioctl_issue(const struct kvmiso_ioctl *c)
+{
+    return ioctl(c->fd, c->request, c->arg);
+}
+
+static inline uint32_t kvmiso_u32(const struct kvmiso_vcpu *v, uint32_t off)
+{
+    uint32_t x;
+    memcpy(&x, v->page + off, 4);
+    return x;
+}
+
+static inline uint32_t kvmiso_exit_reason(const struct kvmiso_vcpu *v)
+{
+    return kvmiso_u32(v, v->lay.exit_reason);
+}
+
+/* The I/O exit's port and, for an IN, where the kernel wants the answer. */
+struct kvmiso_io {
+    uint16_t port;
+    uint8_t in, size;
+    uint32_t count;
+    unsigned char *data;
+};
+
+static inline struct kvmiso_io kvmiso_exit_io(const struct kvmiso_vcpu *v)
+{
+    struct kvmiso_io io;
+    uint64_t off;
+    memcpy(&io.port, v->page + v->lay.io_port, 2);
+    io.in = v->page[v->lay.io_direction] == v->lay.io_in;
+    io.size = v->page[v->lay.io_size];
+    io.count = kvmiso_u32(v, v->lay.io_count);
+    memcpy(&off, v->page + v->lay.io_data_offset, 8);
+    io.data = v->page + off;
+    return io;
+}
+
+/* An MMIO exit: a read gets its answer in data[0..len). */
+static inline int kvmiso_exit_mmio_read(const struct kvmiso_vcpu *v, unsigned char **data, uint32_t *len)
+{
+    if (v->page[v->lay.mmio_is_write])
+        return 0;
+    *data = v->page + v->lay.mmio_data;
+    *len = kvmiso_u32(v, v->lay.mmio_len);
+    return 1;
+}
