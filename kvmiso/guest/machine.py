@@ -13,6 +13,7 @@ import ctypes
 import dataclasses
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -211,6 +212,15 @@ class Machine:
 
     def __enter__(self) -> "Machine":
         return self
+
+    def __repr__(self) -> str:
+        return f"<Machine {self.image.name} {self.mode} CPL{self.cpl}{' closed' if self.vm is None else ''}>"
+
+    def __del__(self) -> None:
+        # as an unclosed file does: warn, then release the fds, the mappings and KVM's thread
+        if getattr(self, "vm", None) is not None:
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self)
+            self.close()
 
     def __exit__(self, *exc) -> None:
         self.close()

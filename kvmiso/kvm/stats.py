@@ -16,6 +16,7 @@ import struct
 from dataclasses import dataclass
 
 from . import abi
+from ._fd import FdOwner
 
 _DESC_SIZE = ctypes.sizeof(abi.kvm_stats_desc)
 
@@ -62,7 +63,7 @@ class Snapshot(dict):
         return {k: v for k, v in self.items() if (any(v) if isinstance(v, tuple) else v)}
 
 
-class Stats:
+class Stats(FdOwner):
     """A stats fd with its parsed descriptors. Owns and closes the fd."""
 
     def __init__(self, fd: int) -> None:
@@ -75,6 +76,7 @@ class Stats:
             self.descriptors = [_parse_desc(raw[i * stride : (i + 1) * stride]) for i in range(hdr.num_desc)]
         except BaseException:
             os.close(fd)
+            self.fd = -1
             raise
         self._data_offset = hdr.data_offset
         self._data_len = max((d.offset + 8 * d.size for d in self.descriptors), default=0)
@@ -82,15 +84,10 @@ class Stats:
         self._levels = frozenset(d.name for d in self.descriptors if d.type in ("instant", "peak"))
 
     def close(self) -> None:
+        """Close the stats fd (idempotent)."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-
-    def __enter__(self) -> "Stats":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def __contains__(self, name: str) -> bool:
         return name in self._by_name

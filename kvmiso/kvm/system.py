@@ -8,6 +8,7 @@ import os
 from typing import Any
 
 from . import abi
+from ._fd import FdOwner
 from ._libc import ioctl
 from .cpuid import CpuidEntry, get_cpuid
 from .errors import KvmError, KvmUnavailable
@@ -18,7 +19,7 @@ DEV_KVM = "/dev/kvm"
 
 
 
-class Kvm:
+class Kvm(FdOwner):
     """The KVM system fd. A context manager; ``close()`` is idempotent.
 
     >>> with Kvm() as kvm:
@@ -45,18 +46,14 @@ class Kvm:
             self.vcpu_mmap_size = ioctl(self.fd, abi.KVM_GET_VCPU_MMAP_SIZE)
         except BaseException:
             os.close(self.fd)
+            self.fd = -1
             raise
 
     def close(self) -> None:
+        """Close the /dev/kvm fd (idempotent)."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-
-    def __enter__(self) -> "Kvm":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def check_extension(self, cap: str | int) -> int:
         """KVM_CHECK_EXTENSION by name ("IMMEDIATE_EXIT") or number; 0 means absent."""

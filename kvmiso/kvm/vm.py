@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from . import abi
+from ._fd import FdOwner
 from ._libc import ioctl, mmap, munmap
 from .stats import Stats
 from .vcpu import Vcpu
@@ -41,7 +42,7 @@ class MemorySlot:
         return self.guest_phys_addr <= gpa and gpa + length <= self.end
 
 
-class Vm:
+class Vm(FdOwner):
     """A KVM VM. Created by :meth:`Kvm.create_vm`; a context manager that closes every vCPU,
     unmaps every memory slot and closes every eventfd it made.
 
@@ -58,6 +59,7 @@ class Vm:
         self._eventfds: list[int] = []
 
     def close(self) -> None:
+        """Close every vCPU, the VM fd, then unmap the memory and close the eventfds (idempotent)."""
         if self.fd < 0:
             return
         for vcpu in self.vcpus:
@@ -72,12 +74,6 @@ class Vm:
         for efd in self._eventfds:
             os.close(efd)
         self._eventfds.clear()
-
-    def __enter__(self) -> "Vm":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     # --- memory -------------------------------------------------------------------------------
 

@@ -1,0 +1,96 @@
+"""Machines from any thread, and what an unclosed one costs: the garbage collector releases it
+with a ResourceWarning, as it does a file (issue 9, items 9 and 10)."""
+
+from __future__ import annotations
+
+import gc
+import json
+import subprocess
+import sys
+import warnings
+
+import psutil
+
+from kvmiso.guest import Machine
+from kvmiso.kvm import Kvm
+
+EIGHT_THREADS = r"""
+import json, threading
+from kvmiso.guest import GuestTimeout, Machine
+
+out = [None] * 8
+
+def work(i):
+    try:
+        with Machine("hello", mode="long") as m:
+            done = m.run(timeout=30)
+        try:
+            with Machine("spin", mode="long") as m:
+                m.run(timeout=0.2)
+            stopped = "no timeout"
+        except GuestTimeout as e:
+            stopped = e.result.outcome
+        out[i] = [done.outcome, done.console, stopped]
+    except BaseException as e:
+        out[i] = repr(e)
+
+threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(json.dumps(out))
+"""
+
+
+def test_eight_threads_each_run_their_own_machine(kvm):
+    # a fresh interpreter whose main thread never makes a Machine: the kick's signal handler
+    # and every deadline are set up from the worker threads alone
+    p = subprocess.run([sys.executable, "-c", EIGHT_THREADS], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout) == [["done", "Hello from a kvmiso guest!\n", "timeout"]] * 8
+
+
+def _resources() -> tuple[int, int, int, int]:
+    """fds, threads (KVM's per-VM kernel thread counts), kvm_run mappings and 2 MiB anonymous
+    mappings (guest RAM; the allocator's own come and go, so the rest are not counted)."""
+    p = psutil.Process()
+    maps = p.memory_maps(grouped=False)
+    kvm_run = sum(m.path.startswith("anon_inode:kvm-vcpu") for m in maps)
+    ram = 0
+    for m in maps:
+        lo, hi = (int(x, 16) for x in m.addr.split("-"))
+        ram += m.path in ("", "[anon]") and hi - lo == 2 << 20
+    return p.num_fds(), p.num_threads(), kvm_run, ram
+
+
+def test_an_unclosed_machine_is_released_by_the_garbage_collector(kvm):
+    with Machine("hello", mode="long") as m:  # warm up: the image is built, modules imported
+        m.run(timeout=30)
+    gc.collect()
+    before = _resources()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        for _ in range(200):
+            m = Machine("hello", mode="long")  # its own Kvm: 4 fds, 2 mappings, KVM's thread
+            assert m.run(timeout=30).ok
+        del m
+        gc.collect()
+    assert _resources() == before
+    unclosed = [w for w in caught if w.category is ResourceWarning and "unclosed <Machine hello" in str(w.message)]
+    assert len(unclosed) == 200
+
+
+def test_unclosed_kvm_handles_are_closed_by_the_garbage_collector(kvm):
+    before = _resources()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        k = Kvm()
+        vm = k.create_vm()
+        vm.add_memory(0, 2 << 20)
+        stats = vm.create_vcpu().stats()
+        del k, vm, stats
+        gc.collect()  # the VM and its vCPU refer to each other: only the cycle collector frees them
+    assert _resources() == before
+    assert sorted(str(w.message).split()[1].strip("<") for w in caught if w.category is ResourceWarning) == [
+        "Kvm", "Stats", "Vm"]
