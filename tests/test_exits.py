@@ -1,30 +1,82 @@
-"""Exit decoding from kvm_run bytes (pure logic: the page is built here, as the kernel lays it out)."""
+"""Exit decoding, against pages the kernel's own header lays out: a C program compiled against
+<linux/kvm.h> fills a struct kvm_run per exit kind by field name, and the decoder must read back
+what it wrote (a page packed with the decoder's own formats could not catch a wrong one)."""
 
 from __future__ import annotations
 
 import ctypes
+import shutil
 import struct
+import subprocess
+from pathlib import Path
 
 import pytest
 from hypothesis import given, strategies as st
 
 from kvmiso.kvm import abi
-from kvmiso.kvm.exits import (DebugExit, FailEntryExit, HltExit, HypercallExit, InternalErrorExit,
-                              IoExit, RdmsrExit, ShutdownExit, UnknownExit, WrmsrExit, decode)
+from kvmiso.kvm.exits import (DebugExit, ExceptionExit, FailEntryExit, HltExit, HwUnknownExit, HypercallExit,
+                              InternalErrorExit, IoExit, MmioExit, NotifyExit, RdmsrExit, SystemEventExit,
+                              TprAccessExit, UnknownExit, WrmsrExit, decode)
 
-U = abi.kvm_run.u.offset
+HEADER = Path("/usr/include/linux/kvm.h")
+PAGE = 8192  # struct kvm_run, then the PIO data page at 4096 as KVM places it
+
+# Each case: C statements filling `struct kvm_run *r` (zeroed) and the page bytes `p`.
+CASES = {
+    "io_out": "r->exit_reason = KVM_EXIT_IO; r->io.direction = KVM_EXIT_IO_OUT; r->io.size = 2;"
+              " r->io.port = 0x3f8; r->io.count = 3; r->io.data_offset = 4096; memcpy(p + 4096, \"abcdef\", 6);",
+    "io_in": "r->exit_reason = KVM_EXIT_IO; r->io.direction = KVM_EXIT_IO_IN; r->io.size = 4;"
+             " r->io.port = 0x80; r->io.count = 2; r->io.data_offset = 4096;",
+    "mmio_write": "r->exit_reason = KVM_EXIT_MMIO; r->mmio.phys_addr = 0xfee00000ull; r->mmio.len = 4;"
+                  " r->mmio.is_write = 1; memcpy(r->mmio.data, \"\\x78\\x56\\x34\\x12\", 4);",
+    "mmio_read": "r->exit_reason = KVM_EXIT_MMIO; r->mmio.phys_addr = 0xd0000008ull; r->mmio.len = 2;",
+    "hw": "r->exit_reason = KVM_EXIT_UNKNOWN; r->hw.hardware_exit_reason = 0x1122334455ull;",
+    "exception": "r->exit_reason = KVM_EXIT_EXCEPTION; r->ex.exception = 14; r->ex.error_code = 0x11;",
+    "fail_entry": "r->exit_reason = KVM_EXIT_FAIL_ENTRY; r->fail_entry.hardware_entry_failure_reason = 0x80000021ull;"
+                  " r->fail_entry.cpu = 7;",
+    "debug": "r->exit_reason = KVM_EXIT_DEBUG; r->debug.arch.exception = 1; r->debug.arch.pc = 0x8005;"
+             " r->debug.arch.dr6 = 0x4000; r->debug.arch.dr7 = 0x400;",
+    "hypercall": "r->exit_reason = KVM_EXIT_HYPERCALL; r->hypercall.nr = 12; for (int i = 0; i < 6; i++)"
+                 " r->hypercall.args[i] = i + 1; r->hypercall.ret = 99; r->hypercall.longmode = 1;",
+    "tpr": "r->exit_reason = KVM_EXIT_TPR_ACCESS; r->tpr_access.rip = 0xfff0; r->tpr_access.is_write = 1;",
+    "internal": "r->exit_reason = KVM_EXIT_INTERNAL_ERROR; r->internal.suberror = 1; r->internal.ndata = 3;"
+                " r->internal.data[0] = 7; r->internal.data[1] = 8; r->internal.data[2] = 9; r->internal.data[3] = 10;",
+    "system_event": "r->exit_reason = KVM_EXIT_SYSTEM_EVENT; r->system_event.type = 2; r->system_event.ndata = 1;"
+                    " r->system_event.data[0] = 0x55;",
+    "rdmsr": "r->exit_reason = KVM_EXIT_X86_RDMSR; r->msr.reason = 2; r->msr.index = 0x474f4f00;",
+    "wrmsr": "r->exit_reason = KVM_EXIT_X86_WRMSR; r->msr.reason = 4; r->msr.index = 0x10; r->msr.data = 0xcafe;",
+    "notify": "r->exit_reason = KVM_EXIT_NOTIFY; r->notify.flags = 1;",
+    "hlt": "r->exit_reason = KVM_EXIT_HLT;",
+}
+# Where reply() must write, by C member name.
+OFFSETS = {"mmio.data": "offsetof(struct kvm_run, mmio.data)", "msr.error": "offsetof(struct kvm_run, msr.error)",
+           "msr.data": "offsetof(struct kvm_run, msr.data)"}
 
 
-def page(reason: int) -> memoryview:
-    buf = bytearray(ctypes.sizeof(abi.kvm_run) + 4096)
-    struct.pack_into("<I", buf, 8, reason)
-    return memoryview(buf)
+@pytest.fixture(scope="module")
+def pages(tmp_path_factory) -> tuple[dict[str, memoryview], dict[str, int]]:
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler (cc/gcc) to lay out pages with <linux/kvm.h>")
+    if not HEADER.exists():
+        pytest.skip(f"{HEADER} is not installed (linux-libc-dev)")
+    body = "".join(f"    memset(p, 0, sizeof(p)); {{ {stmts} }} fwrite(p, 1, sizeof(p), stdout);\n"
+                   for stmts in CASES.values())
+    body += "".join(f'    fprintf(stderr, "%zu\\n", {expr});\n' for expr in OFFSETS.values())
+    src = ("#include <stddef.h>\n#include <stdio.h>\n#include <string.h>\n#include <linux/kvm.h>\n"
+           f"static unsigned char p[{PAGE}] __attribute__((aligned(8)));\n"
+           "int main(void) {\n    struct kvm_run *r = (struct kvm_run *)p;\n" + body + "    return 0;\n}\n")
+    d = tmp_path_factory.mktemp("exits")
+    (d / "pages.c").write_text(src)
+    subprocess.run([cc, "-o", str(d / "pages"), str(d / "pages.c")], check=True, capture_output=True)
+    out = subprocess.run([str(d / "pages")], check=True, capture_output=True)
+    assert len(out.stdout) == PAGE * len(CASES)
+    views = {name: memoryview(bytearray(out.stdout[i * PAGE:(i + 1) * PAGE])) for i, name in enumerate(CASES)}
+    return views, dict(zip(OFFSETS, map(int, out.stderr.split())))
 
 
-def test_io_out_data_is_a_view_at_data_offset():
-    p = page(abi.KVM_EXIT_IO)
-    struct.pack_into("<BBHIQ", p, U, abi.KVM_EXIT_IO_OUT, 2, 0x3F8, 3, 4096)
-    p[4096:4102] = b"abcdef"
+def test_io_out_data_is_a_view_at_data_offset(pages):
+    p = pages[0]["io_out"]
     e = decode(p)
     assert e == IoExit(port=0x3F8, size=2, count=3, is_in=False, data=memoryview(b""))
     assert bytes(e.data) == b"abcdef" and e.value == 0x6261
@@ -34,10 +86,10 @@ def test_io_out_data_is_a_view_at_data_offset():
         e.reply(1)
 
 
-def test_io_in_reply_writes_the_page():
-    p = page(abi.KVM_EXIT_IO)
-    struct.pack_into("<BBHIQ", p, U, abi.KVM_EXIT_IO_IN, 4, 0x80, 2, 4096)
+def test_io_in_reply_writes_the_page(pages):
+    p = pages[0]["io_in"]
     e = decode(p)
+    assert e == IoExit(port=0x80, size=4, count=2, is_in=True, data=memoryview(b""))
     e.reply(0x11223344)
     assert bytes(p[4096:4104]) == bytes.fromhex("4433221144332211")
     with pytest.raises(ValueError, match="must be 8 bytes"):
@@ -45,51 +97,51 @@ def test_io_in_reply_writes_the_page():
     assert "data" not in e.to_dict()
 
 
-def test_mmio_read_reply_and_write_value():
-    p = page(abi.KVM_EXIT_MMIO)
-    struct.pack_into("<Q8sIB", p, U, 0xFEE00000, b"\x78\x56\x34\x12", 4, 1)
-    w = decode(p)
-    assert (w.address, w.length, w.is_write, w.value) == (0xFEE00000, 4, True, 0x12345678)
-    struct.pack_into("<Q8sIB", p, U, 0xD0000008, bytes(8), 2, 0)
+def test_mmio_write_value_and_read_reply(pages):
+    views, off = pages
+    w = decode(views["mmio_write"])
+    assert w == MmioExit(0xFEE00000, 4, True, memoryview(b"")) and w.value == 0x12345678
+    p = views["mmio_read"]
     r = decode(p)
+    assert r == MmioExit(0xD0000008, 2, False, memoryview(b""))
     r.reply(0xBEEF)
-    assert bytes(p[U + 8 : U + 10]) == b"\xef\xbe"
+    assert bytes(p[off["mmio.data"]:off["mmio.data"] + 2]) == b"\xef\xbe"
 
 
-def test_every_fixed_layout_reason():
-    p = page(abi.KVM_EXIT_FAIL_ENTRY)
-    struct.pack_into("<QI", p, U, 0x80000021, 1)
-    assert decode(p) == FailEntryExit(0x80000021, 1)
-    p = page(abi.KVM_EXIT_DEBUG)
-    struct.pack_into("<IIQQQ", p, U, 1, 0, 0x8005, 0x4000, 0x400)
-    assert decode(p) == DebugExit(1, 0x8005, 0x4000, 0x400)
-    p = page(abi.KVM_EXIT_HYPERCALL)
-    struct.pack_into("<Q6QQI", p, U, 12, 1, 2, 3, 4, 5, 6, 0, 1)
-    assert decode(p) == HypercallExit(12, (1, 2, 3, 4, 5, 6), 1)
-    p = page(abi.KVM_EXIT_INTERNAL_ERROR)
-    struct.pack_into("<II3Q", p, U, 1, 3, 7, 8, 9)
-    e = decode(p)
-    assert e == InternalErrorExit(1, (7, 8, 9)) and e.suberror_name == "EMULATION"
-    p = page(abi.KVM_EXIT_SYSTEM_EVENT)
-    struct.pack_into("<IIQ", p, U, 2, 1, 0)
-    assert decode(p).type_name == "RESET"
-    assert decode(page(abi.KVM_EXIT_HLT)) == HltExit()
-    assert decode(page(abi.KVM_EXIT_SHUTDOWN)) == ShutdownExit()
+def test_every_fixed_layout_reason(pages):
+    views = pages[0]
+    assert decode(views["hw"]) == HwUnknownExit(0x1122334455)
+    assert decode(views["exception"]) == ExceptionExit(14, 0x11)
+    assert decode(views["fail_entry"]) == FailEntryExit(0x80000021, 7)
+    assert decode(views["debug"]) == DebugExit(1, 0x8005, 0x4000, 0x400)
+    assert decode(views["hypercall"]) == HypercallExit(12, (1, 2, 3, 4, 5, 6), 1)
+    assert decode(views["tpr"]) == TprAccessExit(0xFFF0, True)
+    e = decode(views["internal"])
+    assert e == InternalErrorExit(1, (7, 8, 9)) and e.suberror_name == "EMULATION"  # ndata bounds the data
+    e = decode(views["system_event"])
+    assert e == SystemEventExit(2, (0x55,)) and e.type_name == "RESET"
+    assert decode(views["notify"]) == NotifyExit(1)
+    assert decode(views["hlt"]) == HltExit()
 
 
-def test_msr_exits_and_replies():
-    p = page(abi.KVM_EXIT_X86_RDMSR)
-    struct.pack_into("<B7xIIQ", p, U, 0, 2, 0x474F4F00, 0)
+def test_msr_exits_and_replies(pages):
+    views, off = pages
+    p = views["rdmsr"]
     e = decode(p)
     assert isinstance(e, RdmsrExit) and e.index == 0x474F4F00 and e.msr_reason == 2
     e.reply(0x1122334455667788)
-    assert struct.unpack_from("<Q", p, U + 16)[0] == 0x1122334455667788 and p[U] == 0
-    p = page(abi.KVM_EXIT_X86_WRMSR)
-    struct.pack_into("<B7xIIQ", p, U, 0, 2, 0x10, 0xCAFE)
+    assert struct.unpack_from("<Q", p, off["msr.data"])[0] == 0x1122334455667788 and p[off["msr.error"]] == 0
+    p = views["wrmsr"]
     e = decode(p)
-    assert isinstance(e, WrmsrExit) and e.data == 0xCAFE
+    assert isinstance(e, WrmsrExit) and (e.index, e.msr_reason, e.data) == (0x10, 4, 0xCAFE)
     e.reply(error=True)
-    assert p[U] == 1
+    assert p[off["msr.error"]] == 1
+
+
+def page(reason: int) -> memoryview:
+    buf = bytearray(ctypes.sizeof(abi.kvm_run) + 4096)
+    abi.kvm_run.from_buffer(buf).exit_reason = reason
+    return memoryview(buf)
 
 
 @given(st.integers(min_value=0, max_value=2**32 - 1))

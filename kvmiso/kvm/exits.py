@@ -7,13 +7,12 @@ valid until the next KVM_RUN; ``reply()`` writes the answer to an IN or an MMIO 
 
 from __future__ import annotations
 
+import ctypes
 import struct
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 from . import abi
-
-_RUN_EXIT = abi.kvm_run.u.offset  # offset of the exit union in struct kvm_run
 
 
 def exit_name(reason: int) -> str:
@@ -223,7 +222,7 @@ class RdmsrExit(_MsrExit):
     def reply(self, value: int = 0, error: bool = False) -> None:
         """Give the guest ``value``, or inject #GP with ``error=True``."""
         self._error[0] = int(error)
-        self._error[16:24] = value.to_bytes(8, "little")
+        self._error[_MSR_REPLY : _MSR_REPLY + 8] = value.to_bytes(8, "little")
 
     def to_dict(self) -> dict[str, Any]:
         return {"exit": self.name, "index": self.index, "msr_reason": self.msr_reason}
@@ -259,6 +258,40 @@ class UnknownExit(Exit):
         return exit_name(self.code)
 
 
+# --- reading struct kvm_run: every format derived from abi's ctypes mirror ----------------------
+
+_CODES = {ctypes.c_uint8: "B", ctypes.c_uint16: "H", ctypes.c_uint32: "I", ctypes.c_uint64: "Q"}
+
+
+def member(path: str) -> tuple[int, type]:
+    """Offset in struct kvm_run and ctypes type of a member, e.g. ``member("u.io.port")``."""
+    cls, off = abi.kvm_run, 0
+    for name in path.split("."):
+        off += getattr(cls, name).offset
+        cls = dict(cls._fields_)[name]
+    return off, cls
+
+
+def unpacker(*paths: str) -> Callable[..., tuple]:
+    """``struct.Struct(fmt).unpack_from`` that reads the kvm_run members ``paths`` (in offset
+    order) from the start of a kvm_run page; arrays of u64 give their elements, byte arrays bytes.
+    The format comes from abi's ctypes structs, which tests/test_abi.py checks against the kernel
+    header, so it is never written by hand."""
+    fmt, pos = "<", 0
+    for path in paths:
+        off, ctype = member(path)
+        if off < pos:
+            raise ValueError(f"kvm_run member {path} at {off} is not after the previous one (ends at {pos})")
+        fmt += f"{off - pos}x" * (off > pos)
+        if issubclass(ctype, ctypes.Array):
+            elem = ctype._type_
+            fmt += f"{ctype._length_}{'s' if elem is ctypes.c_uint8 else _CODES[elem]}"
+        else:
+            fmt += _CODES[ctype]
+        pos = off + ctypes.sizeof(ctype)
+    return struct.Struct(fmt).unpack_from
+
+
 _SIMPLE = {cls.reason: cls() for cls in (HltExit, IrqWindowOpenExit, ShutdownExit, IntrExit, NmiExit)}
 
 
@@ -281,56 +314,71 @@ def _new_mmio(address: int, length: int, is_write: bool, data: memoryview) -> Mm
     e = _object_new(MmioExit)
     _mmio_address(e, address), _mmio_length(e, length), _mmio_is_write(e, is_write), _mmio_data(e, data)
     return e
-_u64 = struct.Struct("<Q").unpack_from
-_u32x2 = struct.Struct("<II").unpack_from
-_u64u32 = struct.Struct("<QI").unpack_from
-_mmio = struct.Struct("<Q8xIB").unpack_from
-_debug = struct.Struct("<I4xQQQ").unpack_from
-_hypercall = struct.Struct("<Q6QQI").unpack_from
-_msr = struct.Struct("<B7xIIQ").unpack_from
-_u = _RUN_EXIT
-_REASON = abi.kvm_run.exit_reason.offset
-_reason_io = struct.Struct(f"<I{_RUN_EXIT - _REASON - 4}xBBHIQ").unpack_from
+
+
+# one unpack for the reason and the io member: port I/O is the hot path (see _new_io)
+_reason_io = unpacker("exit_reason", "u.io.direction", "u.io.size", "u.io.port", "u.io.count", "u.io.data_offset")
+_mmio = unpacker("u.mmio.phys_addr", "u.mmio.len", "u.mmio.is_write")
+_MMIO_DATA, _ = member("u.mmio.data")
+_debug = unpacker("u.debug.exception", "u.debug.pc", "u.debug.dr6", "u.debug.dr7")
+_hw = unpacker("u.hw.hardware_exit_reason")
+_ex = unpacker("u.ex.exception", "u.ex.error_code")
+_fail_entry = unpacker("u.fail_entry.hardware_entry_failure_reason", "u.fail_entry.cpu")
+_hypercall = unpacker("u.hypercall.nr", "u.hypercall.args", "u.hypercall.longmode")
+_tpr = unpacker("u.tpr_access.rip", "u.tpr_access.is_write")
+_internal = unpacker("u.internal.suberror", "u.internal.ndata")
+_INTERNAL_DATA, _ = member("u.internal.data")
+_system_event = unpacker("u.system_event.type", "u.system_event.ndata")
+_SYSTEM_EVENT_DATA, _ = member("u.system_event.data")
+_msr = unpacker("u.msr.reason", "u.msr.index", "u.msr.data")
+_MSR_ERROR, _ = member("u.msr.error")
+_MSR_DATA_END = member("u.msr.data")[0] + 8
+_MSR_REPLY = _MSR_DATA_END - 8 - _MSR_ERROR  # where RDMSR's answer goes, from msr.error
+_notify = unpacker("u.notify.flags")
 _EXIT_IO, _IO_IN = abi.KVM_EXIT_IO, abi.KVM_EXIT_IO_IN
+
+
+def _u64s(page: memoryview, off: int, n: int) -> tuple[int, ...]:
+    return struct.unpack_from(f"<{min(n, 16)}Q", page, off)  # data[16] in both unions
 
 
 def decode(page: memoryview) -> Exit:
     """Decode the exit in a kvm_run page (a writable byte memoryview of the vCPU mapping)."""
-    # one unpack for the reason and the io member: port I/O is the hot path (see _new_io)
-    reason, direction, size, port, count, off = _reason_io(page, _REASON)
+    reason, direction, size, port, count, off = _reason_io(page)
     if reason == _EXIT_IO:
         return _new_io(port, size, count, direction == _IO_IN, page[off : off + size * count])
     if reason == abi.KVM_EXIT_MMIO:
-        addr, length, is_write = _mmio(page, _u)
-        return _new_mmio(addr, length, bool(is_write), page[_u + 8 : _u + 16])
+        addr, length, is_write = _mmio(page)
+        return _new_mmio(addr, length, bool(is_write), page[_MMIO_DATA : _MMIO_DATA + 8])
     simple = _SIMPLE.get(reason)
     if simple is not None:
         return simple
     if reason == abi.KVM_EXIT_DEBUG:
-        return DebugExit(*_debug(page, _u))
+        return DebugExit(*_debug(page))
     if reason == abi.KVM_EXIT_UNKNOWN:
-        return HwUnknownExit(_u64(page, _u)[0])
+        return HwUnknownExit(*_hw(page))
     if reason == abi.KVM_EXIT_EXCEPTION:
-        return ExceptionExit(*_u32x2(page, _u))
+        return ExceptionExit(*_ex(page))
     if reason == abi.KVM_EXIT_FAIL_ENTRY:
-        return FailEntryExit(*_u64u32(page, _u))
+        return FailEntryExit(*_fail_entry(page))
     if reason == abi.KVM_EXIT_HYPERCALL:
-        v = _hypercall(page, _u)
-        return HypercallExit(v[0], tuple(v[1:7]), v[8])
+        v = _hypercall(page)
+        return HypercallExit(v[0], tuple(v[1:7]), v[7])
     if reason == abi.KVM_EXIT_TPR_ACCESS:
-        rip, is_write = struct.unpack_from("<QI", page, _u)
+        rip, is_write = _tpr(page)
         return TprAccessExit(rip, bool(is_write))
-    if reason in (abi.KVM_EXIT_INTERNAL_ERROR, abi.KVM_EXIT_SYSTEM_EVENT):
-        first, ndata = _u32x2(page, _u)
-        data = struct.unpack_from(f"<{min(ndata, 16)}Q", page, _u + 8)
-        cls = InternalErrorExit if reason == abi.KVM_EXIT_INTERNAL_ERROR else SystemEventExit
-        return cls(first, data)
+    if reason == abi.KVM_EXIT_INTERNAL_ERROR:
+        suberror, ndata = _internal(page)
+        return InternalErrorExit(suberror, _u64s(page, _INTERNAL_DATA, ndata))
+    if reason == abi.KVM_EXIT_SYSTEM_EVENT:
+        typ, ndata = _system_event(page)
+        return SystemEventExit(typ, _u64s(page, _SYSTEM_EVENT_DATA, ndata))
     if reason in (abi.KVM_EXIT_X86_RDMSR, abi.KVM_EXIT_X86_WRMSR):
-        _, msr_reason, index, data = _msr(page, _u)
-        err = page[_u : _u + 24]
+        msr_reason, index, data = _msr(page)
+        err = page[_MSR_ERROR : _MSR_DATA_END]
         if reason == abi.KVM_EXIT_X86_RDMSR:
             return RdmsrExit(index, msr_reason, err)
         return WrmsrExit(index, msr_reason, err, data)
     if reason == abi.KVM_EXIT_NOTIFY:
-        return NotifyExit(_u32x2(page, _u)[0])
+        return NotifyExit(*_notify(page))
     return UnknownExit(reason)
