@@ -51,16 +51,19 @@ def test_eight_threads_each_run_their_own_machine(kvm):
     assert json.loads(p.stdout) == [["done", "Hello from a kvmiso guest!\n", "timeout"]] * 8
 
 
+RAM = (2 << 20) + 0x7000  # guest RAM of a size nothing else maps, so its mappings can be counted
+
+
 def _resources() -> tuple[int, int, int, int]:
-    """fds, threads (KVM's per-VM kernel thread counts), kvm_run mappings and 2 MiB anonymous
-    mappings (guest RAM; the allocator's own come and go, so the rest are not counted)."""
+    """fds, threads (KVM's per-VM kernel thread counts), kvm_run mappings and guest RAM mappings
+    (the allocator's own mappings come and go, so the rest are not counted)."""
     p = psutil.Process()
     maps = p.memory_maps(grouped=False)
     kvm_run = sum(m.path.startswith("anon_inode:kvm-vcpu") for m in maps)
     ram = 0
     for m in maps:
         lo, hi = (int(x, 16) for x in m.addr.split("-"))
-        ram += m.path in ("", "[anon]") and hi - lo == 2 << 20
+        ram += m.path in ("", "[anon]") and hi - lo == RAM
     return p.num_fds(), p.num_threads(), kvm_run, ram
 
 
@@ -72,7 +75,7 @@ def test_an_unclosed_machine_is_released_by_the_garbage_collector(kvm):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ResourceWarning)
         for _ in range(200):
-            m = Machine("hello", mode="long")  # its own Kvm: 4 fds, 2 mappings, KVM's thread
+            m = Machine("hello", mode="long", memory=RAM)  # its own Kvm: 4 fds, 2 mappings, KVM's thread
             assert m.run(timeout=30).ok
         del m
         gc.collect()
@@ -87,7 +90,7 @@ def test_unclosed_kvm_handles_are_closed_by_the_garbage_collector(kvm):
         warnings.simplefilter("always", ResourceWarning)
         k = Kvm()
         vm = k.create_vm()
-        vm.add_memory(0, 2 << 20)
+        vm.add_memory(0, RAM)
         stats = vm.create_vcpu().stats()
         del k, vm, stats
         gc.collect()  # the VM and its vCPU refer to each other: only the cycle collector frees them

@@ -24,6 +24,7 @@ class BenchInputError(ValueError):
 
 
 def add_bench_args(sp: argparse.ArgumentParser) -> None:
+    """The arguments of ``kvmiso bench``."""
     sp.add_argument("--kinds", default=",".join(DEFAULT_KINDS),
                     help=f"comma-separated exit kinds (default: all): {', '.join(KINDS)}; the floors always run")
     sp.add_argument("--samples", type=int, default=5000, help="round trips per run and kind (default 5000)")
@@ -46,6 +47,7 @@ def add_bench_args(sp: argparse.ArgumentParser) -> None:
 
 
 def add_compare_args(sp: argparse.ArgumentParser) -> None:
+    """The arguments of ``kvmiso compare``."""
     sp.add_argument("a", metavar="A.json", help="the baseline result file")
     sp.add_argument("b", metavar="B.json", help="the result file compared with it")
 
@@ -165,6 +167,7 @@ def _isolation(kvm: Kvm, result: BenchResult, switch_cost: float | None, regions
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    """``kvmiso compare A.json B.json``: both files' rows side by side with ratios."""
     from .compare import compare, format_compare
     from .results import load
 

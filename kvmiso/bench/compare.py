@@ -16,6 +16,8 @@ from .stats import significant
 
 @dataclass(frozen=True)
 class Row:
+    """One (kind, path, CPL) in A and B: both p50s in ns, and Welch's verdict on their run means."""
+
     kind: str
     path: str
     cpl: int | None
@@ -26,6 +28,7 @@ class Row:
 
     @property
     def ratio(self) -> float | None:
+        """B's p50 over A's, where both have one."""
         return self.b / self.a if self.a and self.b else None
 
     def verdict(self) -> str:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from ..guest import Machine, build
+from ..kvm import Kvm
 from . import runloop
 from .kinds import KINDS
 from .latency import BENCH_MEMORY, guest_cycles
@@ -49,7 +50,7 @@ def rfc_switches(kind: str, iterations: int = 1) -> float:
     return 2 * runs + base.host_mm_exits
 
 
-def estimate_switch_cost(kvm, host: Mapping[str, Any], iterations: int = 1000,
+def estimate_switch_cost(kvm: Kvm, host: Mapping[str, Any], iterations: int = 1000,
                          batches: int = 50) -> SwitchCost:
     """Time MOV to CR3 (same value: a TLB flush, as an isolation switch without PCID) in a
     CPL0 guest with RDTSC, where CPL0 runs natively and the write does not exit.

@@ -35,9 +35,11 @@ class Result:
 
     @property
     def key(self) -> tuple[str, str, int | None]:
+        """(kind, path, cpl): what identifies the row across result files."""
         return self.kind, self.path, self.cpl
 
     def to_dict(self) -> dict[str, Any]:
+        """The row as the result file holds it (``samples`` are not saved)."""
         d = {k: getattr(self, k) for k in ("kind", "path", "cpl", "summary", "runs", "warnings",
                                             "iterations", "insns", "emulated", "ratio_to_floor", "extra")}
         d["unit"] = "ns"
@@ -58,12 +60,14 @@ class BenchResult:
     created: str = field(default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 
     def to_dict(self) -> dict[str, Any]:
+        """The whole result file: schema, version, host, settings, rows, skips."""
         return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "created": self.created,
                 "complete": self.complete, "incomplete_reason": self.incomplete_reason,
                 "host": self.host, "settings": self.settings,
                 "results": [r.to_dict() for r in self.results], "skipped": self.skipped}
 
     def write(self, path: str | os.PathLike) -> None:
+        """Write :meth:`to_dict` as JSON to ``path``."""
         Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
 
 

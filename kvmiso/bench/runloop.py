@@ -70,6 +70,7 @@ class Timings:
 
     @property
     def n(self) -> int:
+        """Iterations timed."""
         return len(self.t_start)
 
     def latencies(self) -> list[int]:
@@ -82,6 +83,7 @@ class Timings:
         return [ts[i + 1] - ts[i] for i in range(len(ts) - 1)]
 
     def cycles(self) -> list[int] | None:
+        """TSC ticks per round trip, where the TSC was read."""
         if self.c_start is None:
             return None
         return [b - a for a, b in zip(self.c_start, self.c_end)]

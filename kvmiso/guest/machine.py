@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from ..host import vendor_module
 from ..interrupt import Interrupted, deferred, kicked_by_interrupts, threads_without_interrupts
-from ..kvm import Kvm
+from ..kvm import Kvm, Vcpu
 from ..kvm.exits import (DebugExit, Exit, FailEntryExit, HltExit, InternalErrorExit, IntrExit,
                          IoExit, MmioExit, RdmsrExit, ShutdownExit, SystemEventExit, WrmsrExit)
 from . import modes
@@ -69,6 +69,7 @@ class RunResult:
 
     @property
     def ok(self) -> bool:
+        """The guest reported DONE."""
         return self.outcome == "done"
 
     def report(self, tag: int) -> int:
@@ -79,6 +80,7 @@ class RunResult:
         raise KeyError(f"the guest sent no report with tag {tag}")
 
     def to_dict(self) -> dict[str, Any]:
+        """The result as JSON-ready values (exits through :meth:`Exit.to_dict`)."""
         return {
             "outcome": self.outcome, "detail": self.detail, "vcpu": self.vcpu,
             "console": self.console, "console_dropped": self.console_dropped,
@@ -193,14 +195,17 @@ class Machine:
             self._setup(vcpu)
 
     @property
-    def vcpu(self):
+    def vcpu(self) -> Vcpu:
+        """vCPU 0."""
         return self.vm.vcpus[0]
 
     @property
-    def vcpus(self) -> list:
+    def vcpus(self) -> list[Vcpu]:
+        """Every vCPU, in id order."""
         return self.vm.vcpus
 
     def close(self) -> None:
+        """Close the stats fds, the VM (vCPUs, memory) and the Kvm handle if this Machine opened it."""
         for st in self._stats:
             st.close()
         self._stats.clear()

@@ -16,6 +16,7 @@ class FdOwner:
     fd: int = -1
 
     def close(self) -> None:
+        """Close the fd (idempotent); each handle says what else it releases."""
         raise NotImplementedError
 
     def __enter__(self: _T) -> _T:

@@ -6,6 +6,7 @@ import ctypes
 import ctypes.util
 import mmap as _mmap
 import os
+from typing import Callable
 
 from . import abi
 from .errors import KvmError
@@ -26,10 +27,12 @@ MAP_FAILED = ctypes.c_void_p(-1).value
 
 
 def ioctl_name(request: int) -> str:
+    """The KVM_* name of an ioctl request number, for messages."""
     return abi.IOCTL_NAMES.get(request, f"ioctl {request:#x}")
 
 
-def ioctl(fd: int, request: int, arg: int | ctypes._CData | None = None, explain=None) -> int:
+def ioctl(fd: int, request: int, arg: int | ctypes._CData | None = None,
+          explain: Callable[[int], str] | None = None) -> int:
     """ioctl(2) that raises KvmError naming the request; ``arg`` is an int or a ctypes object.
 
     ``explain(errno) -> str`` adds what the failure means for this call.
@@ -60,6 +63,7 @@ def mmap(length: int, fd: int = -1, shared: bool = False, prot: int = _mmap.PROT
 
 
 def munmap(addr: int, length: int) -> None:
+    """munmap(2); OSError naming the range if the kernel refuses."""
     if _libc.munmap(addr, length) != 0:
         err = get_errno()
         raise OSError(err, f"munmap({addr:#x}, {length}) failed: {os.strerror(err)}")

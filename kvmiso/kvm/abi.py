@@ -1,9 +1,10 @@
 """ctypes mirrors of <linux/kvm.h> and <asm/kvm.h> (x86-64), and the ioctl numbers.
 
 Data only: no function here touches a file descriptor. Every struct's size and field offsets
-are checked against the installed kernel headers by ``tests/test_abi.py``. struct kvm_run and
-the KVM_EXIT_* numbers live in :mod:`kvmiso.kvm.abi_run` and are re-exported here, so
-``abi.kvm_run`` and ``abi.KVM_EXIT_IO`` name the whole ABI from one namespace.
+are checked against the installed kernel headers by ``tests/test_abi.py``. The vCPU state
+structs live in :mod:`kvmiso.kvm.abi_vcpu`, struct kvm_run and the KVM_EXIT_* numbers in
+:mod:`kvmiso.kvm.abi_run`; both are re-exported here, so ``abi.kvm_regs``, ``abi.kvm_run`` and
+``abi.KVM_EXIT_IO`` name the whole ABI from one namespace.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ KVM_API_VERSION = 12
 
 
 class kvm_userspace_memory_region(ctypes.Structure):
+    """struct kvm_userspace_memory_region (KVM_SET_USER_MEMORY_REGION): one memory slot."""
+
     _fields_ = [
         ("slot", c_uint32),
         ("flags", c_uint32),
@@ -63,193 +66,20 @@ KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
 KVM_MEM_READONLY = 1 << 1
 
 
-class kvm_regs(ctypes.Structure):
-    _fields_ = [
-        (name, c_uint64)
-        for name in (
-            "rax rbx rcx rdx rsi rdi rsp rbp r8 r9 r10 r11 r12 r13 r14 r15 rip rflags".split()
-        )
-    ]
-
-
-class kvm_segment(ctypes.Structure):
-    _fields_ = [
-        ("base", c_uint64),
-        ("limit", c_uint32),
-        ("selector", c_uint16),
-        ("type", c_uint8),
-        ("present", c_uint8),
-        ("dpl", c_uint8),
-        ("db", c_uint8),
-        ("s", c_uint8),
-        ("l", c_uint8),
-        ("g", c_uint8),
-        ("avl", c_uint8),
-        ("unusable", c_uint8),
-        ("padding", c_uint8),
-    ]
-
-
-class kvm_dtable(ctypes.Structure):
-    _fields_ = [("base", c_uint64), ("limit", c_uint16), ("padding", c_uint16 * 3)]
-
-
-KVM_NR_INTERRUPTS = 256
-
-
-class kvm_sregs(ctypes.Structure):
-    _fields_ = [
-        ("cs", kvm_segment),
-        ("ds", kvm_segment),
-        ("es", kvm_segment),
-        ("fs", kvm_segment),
-        ("gs", kvm_segment),
-        ("ss", kvm_segment),
-        ("tr", kvm_segment),
-        ("ldt", kvm_segment),
-        ("gdt", kvm_dtable),
-        ("idt", kvm_dtable),
-        ("cr0", c_uint64),
-        ("cr2", c_uint64),
-        ("cr3", c_uint64),
-        ("cr4", c_uint64),
-        ("cr8", c_uint64),
-        ("efer", c_uint64),
-        ("apic_base", c_uint64),
-        ("interrupt_bitmap", c_uint64 * ((KVM_NR_INTERRUPTS + 63) // 64)),
-    ]
-
-
-class kvm_fpu(ctypes.Structure):
-    _fields_ = [
-        ("fpr", (c_uint8 * 16) * 8),
-        ("fcw", c_uint16),
-        ("fsw", c_uint16),
-        ("ftwx", c_uint8),
-        ("pad1", c_uint8),
-        ("last_opcode", c_uint16),
-        ("last_ip", c_uint64),
-        ("last_dp", c_uint64),
-        ("xmm", (c_uint8 * 16) * 16),
-        ("mxcsr", c_uint32),
-        ("pad2", c_uint32),
-    ]
-
-
-class kvm_msr_entry(ctypes.Structure):
-    _fields_ = [("index", c_uint32), ("reserved", c_uint32), ("data", c_uint64)]
-
-
-class kvm_msrs(ctypes.Structure):
-    """Header only; the entries follow it (flexible array member)."""
-
-    _fields_ = [("nmsrs", c_uint32), ("pad", c_uint32)]
-
-
-class kvm_msr_list(ctypes.Structure):
-    """Header only; ``nmsrs`` u32 indices follow it."""
-
-    _fields_ = [("nmsrs", c_uint32)]
-
-
-class kvm_cpuid_entry2(ctypes.Structure):
-    _fields_ = [
-        ("function", c_uint32),
-        ("index", c_uint32),
-        ("flags", c_uint32),
-        ("eax", c_uint32),
-        ("ebx", c_uint32),
-        ("ecx", c_uint32),
-        ("edx", c_uint32),
-        ("padding", c_uint32 * 3),
-    ]
-
-
-class kvm_cpuid2(ctypes.Structure):
-    """Header only; ``nent`` kvm_cpuid_entry2 follow it."""
-
-    _fields_ = [("nent", c_uint32), ("padding", c_uint32)]
-
-
-KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1 << 0
-
-
-class kvm_translation(ctypes.Structure):
-    _fields_ = [
-        ("linear_address", c_uint64),
-        ("physical_address", c_uint64),
-        ("valid", c_uint8),
-        ("writeable", c_uint8),
-        ("usermode", c_uint8),
-        ("pad", c_uint8 * 5),
-    ]
-
-
-class kvm_guest_debug_arch(ctypes.Structure):
-    _fields_ = [("debugreg", c_uint64 * 8)]
-
-
-class kvm_guest_debug(ctypes.Structure):
-    _fields_ = [("control", c_uint32), ("pad", c_uint32), ("arch", kvm_guest_debug_arch)]
-
-
-KVM_GUESTDBG_ENABLE = 0x00000001
-KVM_GUESTDBG_SINGLESTEP = 0x00000002
-KVM_GUESTDBG_USE_SW_BP = 0x00010000
-KVM_GUESTDBG_USE_HW_BP = 0x00020000
-
-
-class _events_exception(ctypes.Structure):
-    _fields_ = [
-        ("injected", c_uint8),
-        ("nr", c_uint8),
-        ("has_error_code", c_uint8),
-        ("pending", c_uint8),
-        ("error_code", c_uint32),
-    ]
-
-
-class _events_interrupt(ctypes.Structure):
-    _fields_ = [("injected", c_uint8), ("nr", c_uint8), ("soft", c_uint8), ("shadow", c_uint8)]
-
-
-class _events_nmi(ctypes.Structure):
-    _fields_ = [("injected", c_uint8), ("pending", c_uint8), ("masked", c_uint8), ("pad", c_uint8)]
-
-
-class _events_smi(ctypes.Structure):
-    _fields_ = [
-        ("smm", c_uint8),
-        ("pending", c_uint8),
-        ("smm_inside_nmi", c_uint8),
-        ("latched_init", c_uint8),
-    ]
-
-
-class _events_triple_fault(ctypes.Structure):
-    _fields_ = [("pending", c_uint8)]
-
-
-class kvm_vcpu_events(ctypes.Structure):
-    _fields_ = [
-        ("exception", _events_exception),
-        ("interrupt", _events_interrupt),
-        ("nmi", _events_nmi),
-        ("sipi_vector", c_uint32),
-        ("flags", c_uint32),
-        ("smi", _events_smi),
-        ("triple_fault", _events_triple_fault),
-        ("reserved", c_uint8 * 26),
-        ("exception_has_payload", c_uint8),
-        ("exception_payload", c_uint64),
-    ]
+from .abi_vcpu import *  # noqa: E402,F401,F403 (registers, FPU, MSRs, CPUID, debug, events)
+from .abi_vcpu import (kvm_cpuid2, kvm_fpu, kvm_guest_debug, kvm_msr_list, kvm_msrs, kvm_regs,  # noqa: E402
+                       kvm_sregs, kvm_translation, kvm_vcpu_events)
 
 
 class kvm_irq_level(ctypes.Structure):
+    """struct kvm_irq_level (KVM_IRQ_LINE): an interrupt line and its level."""
+
     _fields_ = [("irq", c_uint32), ("level", c_uint32)]
 
 
 class kvm_ioeventfd(ctypes.Structure):
+    """struct kvm_ioeventfd (KVM_IOEVENTFD): an address whose guest writes signal an eventfd in the kernel."""
+
     _fields_ = [
         ("datamatch", c_uint64),
         ("addr", c_uint64),
@@ -266,14 +96,20 @@ KVM_IOEVENTFD_FLAG_DEASSIGN = 1 << 2
 
 
 class kvm_dirty_log(ctypes.Structure):
+    """struct kvm_dirty_log (KVM_GET_DIRTY_LOG): a slot and the userspace bitmap of its written pages."""
+
     _fields_ = [("slot", c_uint32), ("padding1", c_uint32), ("dirty_bitmap", c_uint64)]
 
 
 class kvm_enable_cap(ctypes.Structure):
+    """struct kvm_enable_cap (KVM_ENABLE_CAP): a capability number and its arguments."""
+
     _fields_ = [("cap", c_uint32), ("flags", c_uint32), ("args", c_uint64 * 4), ("pad", c_uint8 * 64)]
 
 
 class kvm_stats_header(ctypes.Structure):
+    """struct kvm_stats_header: the start of a KVM_GET_STATS_FD file (where the id, descriptors and data are)."""
+
     _fields_ = [
         ("flags", c_uint32),
         ("name_size", c_uint32),

@@ -12,6 +12,8 @@ import ctypes
 from ctypes import c_char, c_uint8, c_uint16, c_uint32, c_uint64
 
 class kvm_run_io(ctypes.Structure):
+    """kvm_run.io (KVM_EXIT_IO): direction, access size, port, count and the data's offset in the page."""
+
     _fields_ = [
         ("direction", c_uint8),
         ("size", c_uint8),
@@ -26,26 +28,38 @@ KVM_EXIT_IO_OUT = 1
 
 
 class kvm_run_mmio(ctypes.Structure):
+    """kvm_run.mmio (KVM_EXIT_MMIO): guest-physical address, up to 8 data bytes, length, direction."""
+
     _fields_ = [("phys_addr", c_uint64), ("data", c_uint8 * 8), ("len", c_uint32), ("is_write", c_uint8)]
 
 
 class kvm_run_hw(ctypes.Structure):
+    """kvm_run.hw (KVM_EXIT_UNKNOWN): the hardware exit reason KVM could not handle."""
+
     _fields_ = [("hardware_exit_reason", c_uint64)]
 
 
 class kvm_run_fail_entry(ctypes.Structure):
+    """kvm_run.fail_entry (KVM_EXIT_FAIL_ENTRY): the vendor's entry failure reason and the CPU."""
+
     _fields_ = [("hardware_entry_failure_reason", c_uint64), ("cpu", c_uint32)]
 
 
 class kvm_run_ex(ctypes.Structure):
+    """kvm_run.ex (KVM_EXIT_EXCEPTION): an exception vector and error code."""
+
     _fields_ = [("exception", c_uint32), ("error_code", c_uint32)]
 
 
 class kvm_debug_exit_arch(ctypes.Structure):
+    """struct kvm_debug_exit_arch, kvm_run.debug.arch (KVM_EXIT_DEBUG): vector, pc, DR6, DR7."""
+
     _fields_ = [("exception", c_uint32), ("pad", c_uint32), ("pc", c_uint64), ("dr6", c_uint64), ("dr7", c_uint64)]
 
 
 class kvm_run_hypercall(ctypes.Structure):
+    """kvm_run.hypercall (KVM_EXIT_HYPERCALL): call number, six arguments, return value, long mode."""
+
     _fields_ = [
         ("nr", c_uint64),
         ("args", c_uint64 * 6),
@@ -56,26 +70,38 @@ class kvm_run_hypercall(ctypes.Structure):
 
 
 class kvm_run_tpr_access(ctypes.Structure):
+    """kvm_run.tpr_access (KVM_EXIT_TPR_ACCESS): where the guest touched the TPR, and how."""
+
     _fields_ = [("rip", c_uint64), ("is_write", c_uint32), ("pad", c_uint32)]
 
 
 class kvm_run_internal(ctypes.Structure):
+    """kvm_run.internal (KVM_EXIT_INTERNAL_ERROR): suberror and up to 16 words of data."""
+
     _fields_ = [("suberror", c_uint32), ("ndata", c_uint32), ("data", c_uint64 * 16)]
 
 
 class kvm_run_system_event(ctypes.Structure):
+    """kvm_run.system_event (KVM_EXIT_SYSTEM_EVENT): event type and up to 16 words of data."""
+
     _fields_ = [("type", c_uint32), ("ndata", c_uint32), ("data", c_uint64 * 16)]
 
 
 class kvm_run_msr(ctypes.Structure):
+    """kvm_run.msr (KVM_EXIT_X86_RDMSR/WRMSR): the error flag userspace sets, why, index, value."""
+
     _fields_ = [("error", c_uint8), ("pad", c_uint8 * 7), ("reason", c_uint32), ("index", c_uint32), ("data", c_uint64)]
 
 
 class kvm_run_notify(ctypes.Structure):
+    """kvm_run.notify (KVM_EXIT_NOTIFY): flags of a notify VM exit."""
+
     _fields_ = [("flags", c_uint32)]
 
 
 class kvm_run_exit(ctypes.Union):
+    """The anonymous union of struct kvm_run that holds the exit's details (``kvm_run.u``)."""
+
     _fields_ = [
         ("hw", kvm_run_hw),
         ("fail_entry", kvm_run_fail_entry),
@@ -94,6 +120,8 @@ class kvm_run_exit(ctypes.Union):
 
 
 class kvm_run(ctypes.Structure):
+    """struct kvm_run: the page KVM_RUN shares with userspace (mmap of the vCPU fd), exit and all."""
+
     _fields_ = [
         ("request_interrupt_window", c_uint8),
         ("immediate_exit", c_uint8),

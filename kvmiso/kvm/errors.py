@@ -19,6 +19,7 @@ class KvmError(OSError):
 
     @property
     def errno_name(self) -> str:
+        """The errno's symbolic name, e.g. ``EEXIST``."""
         return _errno.errorcode.get(self.errno, str(self.errno))
 
     def __str__(self) -> str:

@@ -67,6 +67,7 @@ class IoExit(Exit):
         self.data[:] = value
 
     def to_dict(self) -> dict[str, Any]:
+        """As :meth:`Exit.to_dict`, without ``data`` for an IN (the kernel has not written it)."""
         d = Exit.to_dict(self)
         if self.is_in:
             d.pop("data")  # the kernel has not written an IN's data; it is the reply buffer
@@ -85,6 +86,7 @@ class MmioExit(Exit):
 
     @property
     def value(self) -> int:
+        """A write's value as a little-endian integer."""
         return int.from_bytes(self.data[: self.length], "little")
 
     def reply(self, value: int | bytes) -> None:
@@ -96,6 +98,7 @@ class MmioExit(Exit):
         self.data[: self.length] = value
 
     def to_dict(self) -> dict[str, Any]:
+        """As :meth:`Exit.to_dict`; ``data`` holds a write's ``length`` bytes, None for a read."""
         d = Exit.to_dict(self)
         d["data"] = bytes(self.data[: self.length]).hex() if self.is_write else None
         return d
@@ -111,6 +114,8 @@ class HwUnknownExit(Exit):
 
 @dataclass(frozen=True, slots=True)
 class ExceptionExit(Exit):
+    """KVM_EXIT_EXCEPTION: an exception KVM hands to userspace (``exception`` vector, ``error_code``)."""
+
     reason: ClassVar[int] = abi.KVM_EXIT_EXCEPTION
     exception: int
     error_code: int
@@ -139,11 +144,15 @@ class DebugExit(Exit):
 
 @dataclass(frozen=True, slots=True)
 class HltExit(Exit):
+    """KVM_EXIT_HLT: the guest executed HLT and KVM has no in-kernel local APIC to wait on."""
+
     reason: ClassVar[int] = abi.KVM_EXIT_HLT
 
 
 @dataclass(frozen=True, slots=True)
 class IrqWindowOpenExit(Exit):
+    """KVM_EXIT_IRQ_WINDOW_OPEN: the guest can take an interrupt (request_interrupt_window)."""
+
     reason: ClassVar[int] = abi.KVM_EXIT_IRQ_WINDOW_OPEN
 
 
@@ -172,6 +181,8 @@ class IntrExit(Exit):
 
 @dataclass(frozen=True, slots=True)
 class TprAccessExit(Exit):
+    """KVM_EXIT_TPR_ACCESS: the guest read or wrote the TPR at ``rip`` (KVM_TPR_ACCESS_REPORTING)."""
+
     reason: ClassVar[int] = abi.KVM_EXIT_TPR_ACCESS
     rip: int
     is_write: bool
@@ -179,6 +190,8 @@ class TprAccessExit(Exit):
 
 @dataclass(frozen=True, slots=True)
 class NmiExit(Exit):
+    """KVM_EXIT_NMI: an NMI arrived while the vCPU ran."""
+
     reason: ClassVar[int] = abi.KVM_EXIT_NMI
 
 
@@ -192,17 +205,21 @@ class InternalErrorExit(Exit):
 
     @property
     def suberror_name(self) -> str:
+        """KVM_INTERNAL_ERROR_* name of the suberror (``EMULATION``), or its number."""
         return abi.KVM_INTERNAL_ERROR_NAMES.get(self.suberror, str(self.suberror))
 
 
 @dataclass(frozen=True, slots=True)
 class SystemEventExit(Exit):
+    """KVM_EXIT_SYSTEM_EVENT: shutdown, reset, crash, ... (``type``) with its data words."""
+
     reason: ClassVar[int] = abi.KVM_EXIT_SYSTEM_EVENT
     type: int
     data: tuple[int, ...]
 
     @property
     def type_name(self) -> str:
+        """KVM_SYSTEM_EVENT_* name of the event (``RESET``), or its number."""
         return abi.KVM_SYSTEM_EVENT_NAMES.get(self.type, str(self.type))
 
 
@@ -225,23 +242,30 @@ class RdmsrExit(_MsrExit):
         self._error[_MSR_REPLY : _MSR_REPLY + 8] = value.to_bytes(8, "little")
 
     def to_dict(self) -> dict[str, Any]:
+        """The exit, index and why (KVM_MSR_EXIT_REASON_*) as JSON-ready values."""
         return {"exit": self.name, "index": self.index, "msr_reason": self.msr_reason}
 
 
 @dataclass(frozen=True, slots=True)
 class WrmsrExit(_MsrExit):
+    """KVM_EXIT_X86_WRMSR (KVM_CAP_X86_USER_SPACE_MSR): the guest wrote ``data`` to MSR ``index``."""
+
     reason: ClassVar[int] = abi.KVM_EXIT_X86_WRMSR
     data: int = 0
 
     def reply(self, error: bool = False) -> None:
+        """Let the write happen, or inject #GP with ``error=True``."""
         self._error[0] = int(error)
 
     def to_dict(self) -> dict[str, Any]:
+        """The exit, index, why (KVM_MSR_EXIT_REASON_*) and the value written, JSON-ready."""
         return {"exit": self.name, "index": self.index, "msr_reason": self.msr_reason, "data": self.data}
 
 
 @dataclass(frozen=True, slots=True)
 class NotifyExit(Exit):
+    """KVM_EXIT_NOTIFY: a notify VM exit (the guest stayed too long in a non-interruptible window)."""
+
     reason: ClassVar[int] = abi.KVM_EXIT_NOTIFY
     flags: int
 

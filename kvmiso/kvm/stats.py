@@ -36,6 +36,7 @@ class StatDesc:
 
     @property
     def is_histogram(self) -> bool:
+        """A linear or logarithmic histogram: ``size`` bucket counts."""
         return self.type.endswith("_hist")
 
 
@@ -60,6 +61,7 @@ class Snapshot(dict):
         return out
 
     def nonzero(self) -> dict:
+        """The statistics that are not zero (histograms with any count), e.g. for a delta."""
         return {k: v for k, v in self.items() if (any(v) if isinstance(v, tuple) else v)}
 
 
@@ -93,9 +95,11 @@ class Stats(FdOwner):
         return name in self._by_name
 
     def desc(self, name: str) -> StatDesc:
+        """The descriptor (``struct kvm_stats_desc``) of statistic ``name``."""
         return self._by_name[name]
 
     def snapshot(self) -> Snapshot:
+        """Every statistic now: :meth:`read_raw` then :meth:`decode`."""
         return self.decode(self.read_raw())
 
     def read_raw(self) -> bytes:

@@ -144,6 +144,7 @@ class Vcpu:
 
     @property
     def immediate_exit(self) -> bool:
+        """kvm_run.immediate_exit: set, KVM_RUN returns EINTR before entering the guest."""
         return bool(self.kvm_run.immediate_exit)
 
     @immediate_exit.setter
@@ -190,27 +191,33 @@ class Vcpu:
     # --- state --------------------------------------------------------------------------------
 
     def get_regs(self) -> abi.kvm_regs:
+        """KVM_GET_REGS: the general-purpose registers, rip and rflags."""
         regs = abi.kvm_regs()
         ioctl(self.fd, abi.KVM_GET_REGS, regs)
         return regs
 
     def set_regs(self, regs: abi.kvm_regs) -> None:
+        """KVM_SET_REGS."""
         ioctl(self.fd, abi.KVM_SET_REGS, regs)
 
     def get_sregs(self) -> abi.kvm_sregs:
+        """KVM_GET_SREGS: segments, descriptor tables, control registers, EFER, APIC base."""
         sregs = abi.kvm_sregs()
         ioctl(self.fd, abi.KVM_GET_SREGS, sregs)
         return sregs
 
     def set_sregs(self, sregs: abi.kvm_sregs) -> None:
+        """KVM_SET_SREGS; KvmError saying the state is invalid where KVM says EINVAL."""
         ioctl(self.fd, abi.KVM_SET_SREGS, sregs, lambda e: "the segment/control register state is invalid" if e == errno.EINVAL else "")
 
     def get_fpu(self) -> abi.kvm_fpu:
+        """KVM_GET_FPU: x87 and SSE registers."""
         fpu = abi.kvm_fpu()
         ioctl(self.fd, abi.KVM_GET_FPU, fpu)
         return fpu
 
     def set_fpu(self, fpu: abi.kvm_fpu) -> None:
+        """KVM_SET_FPU."""
         ioctl(self.fd, abi.KVM_SET_FPU, fpu)
 
     def get_msrs(self, indices: list[int]) -> dict[int, int]:
@@ -237,11 +244,13 @@ class Vcpu:
         return get_cpuid(self.fd, abi.KVM_GET_CPUID2)
 
     def get_vcpu_events(self) -> abi.kvm_vcpu_events:
+        """KVM_GET_VCPU_EVENTS: pending or injected exceptions, interrupts, NMIs and SMIs."""
         ev = abi.kvm_vcpu_events()
         ioctl(self.fd, abi.KVM_GET_VCPU_EVENTS, ev)
         return ev
 
     def set_vcpu_events(self, events: abi.kvm_vcpu_events) -> None:
+        """KVM_SET_VCPU_EVENTS."""
         ioctl(self.fd, abi.KVM_SET_VCPU_EVENTS, events)
 
     def translate(self, linear_address: int) -> Translation:

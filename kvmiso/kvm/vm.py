@@ -36,9 +36,11 @@ class MemorySlot:
 
     @property
     def end(self) -> int:
+        """The first guest-physical address past the slot."""
         return self.guest_phys_addr + self.size
 
     def contains(self, gpa: int, length: int = 1) -> bool:
+        """Whether ``[gpa, gpa + length)`` lies inside the slot."""
         return self.guest_phys_addr <= gpa and gpa + length <= self.end
 
 
@@ -125,6 +127,7 @@ class Vm(FdOwner):
         ioctl(self.fd, abi.KVM_SET_USER_MEMORY_REGION, region, explain)
 
     def slot_for(self, gpa: int, length: int = 1) -> MemorySlot:
+        """The slot holding ``[gpa, gpa + length)``; ValueError if no one slot does."""
         for s in self.slots.values():
             if s.contains(gpa, length):
                 return s
@@ -137,6 +140,7 @@ class Vm(FdOwner):
         s.view[off : off + len(data)] = data
 
     def read(self, gpa: int, length: int) -> bytes:
+        """A copy of ``length`` bytes of guest memory at ``gpa``."""
         s = self.slot_for(gpa, length)
         off = gpa - s.guest_phys_addr
         return bytes(s.view[off : off + length])
@@ -174,6 +178,7 @@ class Vm(FdOwner):
         ioctl(self.fd, abi.KVM_SET_TSS_ADDR, addr)
 
     def set_identity_map_addr(self, addr: int) -> None:
+        """KVM_SET_IDENTITY_MAP_ADDR: where VMX puts its real-mode identity page table (before any vCPU)."""
         ioctl(self.fd, abi.KVM_SET_IDENTITY_MAP_ADDR, ctypes.c_uint64(addr))
 
     def create_irqchip(self) -> None:
@@ -181,6 +186,7 @@ class Vm(FdOwner):
         ioctl(self.fd, abi.KVM_CREATE_IRQCHIP)
 
     def irq_line(self, irq: int, level: int) -> None:
+        """KVM_IRQ_LINE: raise or lower an interrupt line of the in-kernel irqchip."""
         ioctl(self.fd, abi.KVM_IRQ_LINE, abi.kvm_irq_level(irq, level))
 
     def ioeventfd(self, addr: int, length: int, pio: bool = True, datamatch: int | None = None) -> int:
