@@ -16,7 +16,7 @@ from hypothesis import given, strategies as st
 from kvmiso.kvm import abi
 from kvmiso.kvm.exits import (DebugExit, ExceptionExit, FailEntryExit, HltExit, HwUnknownExit, HypercallExit,
                               InternalErrorExit, IoExit, MmioExit, NotifyExit, RdmsrExit, SystemEventExit,
-                              TprAccessExit, UnknownExit, WrmsrExit, decode)
+                              TprAccessExit, UnknownExit, WrmsrExit, decode, detach)
 
 HEADER = Path("/usr/include/linux/kvm.h")
 PAGE = 8192  # struct kvm_run, then the PIO data page at 4096 as KVM places it
@@ -157,3 +157,21 @@ def test_any_reason_decodes_without_raising(reason):
 def test_unknown_reason_keeps_its_number_and_name():
     assert decode(page(9999)) == UnknownExit(9999)
     assert decode(page(abi.KVM_EXIT_XEN)).name == "XEN"
+
+
+def test_a_detached_exit_no_longer_views_the_page(pages):
+    views = pages[0]
+    for name in ("io_out", "mmio_write", "rdmsr"):
+        p = views[name]
+        saved = bytes(p)
+        e = decode(p)
+        kept = detach(e)
+        assert kept == e
+        if isinstance(e, (IoExit, MmioExit)):
+            data = bytes(e.data)
+            p[:] = bytes(len(p))  # the next KVM_RUN rewrites the page
+            assert bytes(kept.data) == data != bytes(e.data)
+        else:
+            kept.reply(0x1234)
+            assert bytes(p) == saved  # the copy's reply area is its own
+        p[:] = saved

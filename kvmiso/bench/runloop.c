@@ -62,7 +62,7 @@ static inline int check_exit(const struct kvmiso_loop *l, struct kvmiso_result *
         }
         if (io.in) {
             for (uint32_t k = 0; k < io.count; k++)
-                memcpy(io.data + (uint64_t)k * io.size, &l->reply, io.size <= 8 ? io.size : 8);
+                memcpy(v->page + io.data_offset + (uint64_t)k * io.size, &l->reply, io.size <= 8 ? io.size : 8);
             return 1;
         }
     } else if (reason == v->lay.exit_mmio && kvmiso_exit_mmio_read(v, &data, &len)) {

@@ -45,7 +45,8 @@ def check_compiler() -> None:
 
 ffibuilder = FFI()
 ffibuilder.cdef(header_cdef() + """
-long kvmiso_vcpu_run(struct kvmiso_vcpu *v);
+long long kvmiso_exit_key(const struct kvmiso_vcpu *v);
+long long kvmiso_vcpu_run(struct kvmiso_vcpu *v);
 int kvmiso_kick_install(int signo);
 int kvmiso_kick_after(struct kvmiso_vcpu *v, int signo, int tid, int64_t ns);
 int kvmiso_kick_cancel(struct kvmiso_vcpu *v);

@@ -22,11 +22,33 @@
 #define sigev_notify_thread_id _sigev_un._tid
 #endif
 
-long kvmiso_vcpu_run(struct kvmiso_vcpu *v)
+/* The exit in v's page as one number: KVMISO_KEY_IO or KVMISO_KEY_MMIO with every field the
+ * decoder reads packed below it, or, for any other exit (or one too wide to pack), its reason. */
+long long kvmiso_exit_key(const struct kvmiso_vcpu *v)
+{
+    uint32_t reason = kvmiso_exit_reason(v);
+    if (reason == v->lay.exit_io) {
+        struct kvmiso_io io = kvmiso_exit_io(v);
+        if (io.count < 0x10000 && io.data_offset % 4096 == 0 && io.data_offset < 16 * 4096)
+            return KVMISO_KEY_IO | (long long)(io.data_offset >> 12) << 41 | (long long)io.in << 40 |
+                   (long long)io.size << 32 | (long long)io.port << 16 | io.count;
+    } else if (reason == v->lay.exit_mmio) {
+        uint64_t addr;
+        uint32_t len = kvmiso_u32(v, v->lay.mmio_len);
+        memcpy(&addr, v->page + v->lay.mmio_phys_addr, 8);
+        if (addr < (1ull << 52) && len < 0x80)
+            return KVMISO_KEY_MMIO | (long long)(v->page[v->lay.mmio_is_write] != 0) << 59 |
+                   (long long)len << 52 | (long long)addr;
+    }
+    return reason;
+}
+
+/* KVM_RUN once: the exit's key (kvmiso_exit_key), or -errno. */
+long long kvmiso_vcpu_run(struct kvmiso_vcpu *v)
 {
     if (kvmiso_ioctl_issue(&v->run) < 0)
         return -errno;
-    return kvmiso_exit_reason(v);
+    return kvmiso_exit_key(v);
 }
 
 static void kvmiso_kick_handler(int sig, siginfo_t *si, void *uc)

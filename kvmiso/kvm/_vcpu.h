@@ -8,6 +8,11 @@
  * kvmiso.kvm.abi, the one place that knows ioctl numbers, kvm_run offsets and exit numbers.
  */
 
+/* kvmiso_vcpu_run's answer above every exit reason: an I/O or MMIO exit, all its fields in one
+ * number, so that equal exits give equal keys (Vcpu.run() reuses the Exit it built for a key). */
+#define KVMISO_KEY_MMIO 0x2000000000000000
+#define KVMISO_KEY_IO 0x4000000000000000
+
 /* One ioctl, ready to issue: what a compiled loop times. */
 struct kvmiso_ioctl {
     int fd;
@@ -59,24 +64,22 @@ static inline uint32_t kvmiso_exit_reason(const struct kvmiso_vcpu *v)
     return kvmiso_u32(v, v->lay.exit_reason);
 }
 
-/* The I/O exit's port and, for an IN, where the kernel wants the answer. */
+/* An I/O exit: port, direction, access size and count, and where its data is in the page. */
 struct kvmiso_io {
     uint16_t port;
     uint8_t in, size;
     uint32_t count;
-    unsigned char *data;
+    uint64_t data_offset;
 };
 
 static inline struct kvmiso_io kvmiso_exit_io(const struct kvmiso_vcpu *v)
 {
     struct kvmiso_io io;
-    uint64_t off;
     memcpy(&io.port, v->page + v->lay.io_port, 2);
     io.in = v->page[v->lay.io_direction] == v->lay.io_in;
     io.size = v->page[v->lay.io_size];
     io.count = kvmiso_u32(v, v->lay.io_count);
-    memcpy(&off, v->page + v->lay.io_data_offset, 8);
-    io.data = v->page + off;
+    memcpy(&io.data_offset, v->page + v->lay.io_data_offset, 8);
     return io;
 }
 

@@ -1,15 +1,20 @@
 """struct kvm_run, the page KVM shares with userspace for each vCPU (<linux/kvm.h>, x86-64):
 its ctypes mirror, the structs of its exit union, and the KVM_EXIT_* numbers.
 
-Data only. C gives the union's members no type names; here each is ``kvm_run_<member>``
-(``kvm_run.u.io`` is a :class:`kvm_run_io`). ``tests/test_abi.py`` checks every offset against
-the installed kernel header. :mod:`kvmiso.kvm.abi` re-exports every name.
+Data, and :func:`member` and :func:`unpacker`, which read offsets and struct formats off it, so
+no kvm_run layout is ever written twice. C gives the union's members no type names; here each
+is ``kvm_run_<member>`` (``kvm_run.u.io`` is a :class:`kvm_run_io`). ``tests/test_abi.py``
+checks every offset against the installed kernel header. :mod:`kvmiso.kvm.abi` re-exports the
+structs and numbers.
 """
 
 from __future__ import annotations
 
 import ctypes
+import struct
 from ctypes import c_char, c_uint8, c_uint16, c_uint32, c_uint64
+from typing import Callable
+
 
 class kvm_run_io(ctypes.Structure):
     """kvm_run.io (KVM_EXIT_IO): direction, access size, port, count and the data's offset in the page."""
@@ -159,6 +164,40 @@ KVM_MSR_EXIT_REASON_UNKNOWN = 1 << 1
 KVM_MSR_EXIT_REASON_FILTER = 1 << 2
 # the KVM_CAP_X86_USER_SPACE_MSR argument that asks for every kind of MSR exit
 KVM_MSR_EXIT_REASON_MASK = KVM_MSR_EXIT_REASON_INVAL | KVM_MSR_EXIT_REASON_UNKNOWN | KVM_MSR_EXIT_REASON_FILTER
+
+
+# --- reading it: offsets and struct formats derived from the mirror above -----------------------
+
+_CODES = {c_uint8: "B", c_uint16: "H", c_uint32: "I", c_uint64: "Q"}
+
+
+def member(path: str) -> tuple[int, type]:
+    """Offset in struct kvm_run and ctypes type of a member, e.g. ``member("u.io.port")``."""
+    cls, off = kvm_run, 0
+    for name in path.split("."):
+        off += getattr(cls, name).offset
+        cls = dict(cls._fields_)[name]
+    return off, cls
+
+
+def unpacker(*paths: str) -> Callable[..., tuple]:
+    """``struct.Struct(fmt).unpack_from`` that reads the kvm_run members ``paths`` (in offset
+    order) from the start of a kvm_run page; arrays of u64 give their elements, byte arrays bytes.
+    The format comes from abi's ctypes structs, which tests/test_abi.py checks against the kernel
+    header, so it is never written by hand."""
+    fmt, pos = "<", 0
+    for path in paths:
+        off, ctype = member(path)
+        if off < pos:
+            raise ValueError(f"kvm_run member {path} at {off} is not after the previous one (ends at {pos})")
+        fmt += f"{off - pos}x" * (off > pos)
+        if issubclass(ctype, ctypes.Array):
+            elem = ctype._type_
+            fmt += f"{ctype._length_}{'s' if elem is c_uint8 else _CODES[elem]}"
+        else:
+            fmt += _CODES[ctype]
+        pos = off + ctypes.sizeof(ctype)
+    return struct.Struct(fmt).unpack_from
 
 
 __all__ = [name for name in globals() if name.startswith(("kvm_", "KVM_"))]

@@ -7,12 +7,12 @@ valid until the next KVM_RUN; ``reply()`` writes the answer to an IN or an MMIO 
 
 from __future__ import annotations
 
-import ctypes
 import struct
-from dataclasses import dataclass, field, fields
-from typing import Any, Callable, ClassVar
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, ClassVar
 
 from . import abi
+from .abi_run import member, unpacker
 
 
 def exit_name(reason: int) -> str:
@@ -282,41 +282,20 @@ class UnknownExit(Exit):
         return exit_name(self.code)
 
 
-# --- reading struct kvm_run: every format derived from abi's ctypes mirror ----------------------
-
-_CODES = {ctypes.c_uint8: "B", ctypes.c_uint16: "H", ctypes.c_uint32: "I", ctypes.c_uint64: "Q"}
-
-
-def member(path: str) -> tuple[int, type]:
-    """Offset in struct kvm_run and ctypes type of a member, e.g. ``member("u.io.port")``."""
-    cls, off = abi.kvm_run, 0
-    for name in path.split("."):
-        off += getattr(cls, name).offset
-        cls = dict(cls._fields_)[name]
-    return off, cls
+def detach(exit: Exit) -> Exit:
+    """A copy of ``exit`` that no longer views the kvm_run page (safe to keep past the next
+    KVM_RUN and the vCPU's close): I/O and MMIO data and the MSR reply area are copied out."""
+    if isinstance(exit, (IoExit, MmioExit)):
+        return replace(exit, data=memoryview(bytes(exit.data)))
+    if isinstance(exit, _MsrExit):
+        return replace(exit, _error=memoryview(bytearray(exit._error)))
+    return exit
 
 
-def unpacker(*paths: str) -> Callable[..., tuple]:
-    """``struct.Struct(fmt).unpack_from`` that reads the kvm_run members ``paths`` (in offset
-    order) from the start of a kvm_run page; arrays of u64 give their elements, byte arrays bytes.
-    The format comes from abi's ctypes structs, which tests/test_abi.py checks against the kernel
-    header, so it is never written by hand."""
-    fmt, pos = "<", 0
-    for path in paths:
-        off, ctype = member(path)
-        if off < pos:
-            raise ValueError(f"kvm_run member {path} at {off} is not after the previous one (ends at {pos})")
-        fmt += f"{off - pos}x" * (off > pos)
-        if issubclass(ctype, ctypes.Array):
-            elem = ctype._type_
-            fmt += f"{ctype._length_}{'s' if elem is ctypes.c_uint8 else _CODES[elem]}"
-        else:
-            fmt += _CODES[ctype]
-        pos = off + ctypes.sizeof(ctype)
-    return struct.Struct(fmt).unpack_from
+# --- reading struct kvm_run (formats from abi_run.unpacker) ----------------------------------
 
-
-_SIMPLE = {cls.reason: cls() for cls in (HltExit, IrqWindowOpenExit, ShutdownExit, IntrExit, NmiExit)}
+# The exits that carry no data: one shared instance each.
+DATALESS: dict[int, Exit] = {cls.reason: cls() for cls in (HltExit, IrqWindowOpenExit, ShutdownExit, IntrExit, NmiExit)}
 
 
 # Constructors for the hot exits that set the slots directly: a frozen dataclass's __init__ goes
@@ -374,7 +353,7 @@ def decode(page: memoryview) -> Exit:
     if reason == abi.KVM_EXIT_MMIO:
         addr, length, is_write = _mmio(page)
         return _new_mmio(addr, length, bool(is_write), page[_MMIO_DATA : _MMIO_DATA + 8])
-    simple = _SIMPLE.get(reason)
+    simple = DATALESS.get(reason)
     if simple is not None:
         return simple
     if reason == abi.KVM_EXIT_DEBUG:

@@ -11,6 +11,7 @@ Descriptors are stepped through by ``sizeof(kvm_stats_desc) + name_size``, as th
 from __future__ import annotations
 
 import ctypes
+import operator
 import os
 import struct
 from dataclasses import dataclass
@@ -48,16 +49,11 @@ class Snapshot(dict):
     levels: frozenset[str] = frozenset()
 
     def __sub__(self, other: "Snapshot") -> "Snapshot":
-        out = Snapshot()
-        out.levels = self.levels
-        for k, v in self.items():
-            o = other.get(k)
-            if o is None or k in self.levels:
-                out[k] = v
-            elif isinstance(v, tuple):
-                out[k] = tuple(x - y for x, y in zip(v, o))
-            else:
-                out[k] = v - o
+        get, levels = other.get, self.levels
+        out = Snapshot({k: v if k in levels or (o := get(k)) is None else
+                        v - o if v.__class__ is int else tuple(map(operator.sub, v, o))
+                        for k, v in self.items()})
+        out.levels = levels
         return out
 
     def nonzero(self) -> dict:
@@ -84,6 +80,11 @@ class Stats(FdOwner):
         self._data_len = max((d.offset + 8 * d.size for d in self.descriptors), default=0)
         self._by_name = {d.name: d for d in self.descriptors}
         self._levels = frozenset(d.name for d in self.descriptors if d.type in ("instant", "peak"))
+        # decode() in C: one unpack, then one itemgetter picks each value (a slice for buckets)
+        self._unpack = struct.Struct(f"<{self._data_len // 8}Q").unpack
+        self._names = [d.name for d in self.descriptors]
+        self._pick = operator.itemgetter(*(slice(d.offset // 8, d.offset // 8 + d.size) if d.is_histogram or d.size > 1
+                                           else d.offset // 8 for d in self.descriptors)) if self.descriptors else None
 
     def close(self) -> None:
         """Close the stats fd (idempotent)."""
@@ -109,12 +110,9 @@ class Stats(FdOwner):
 
     def decode(self, data: bytes) -> Snapshot:
         """A Snapshot from a data block read by :meth:`read_raw`."""
-        words = struct.unpack(f"<{len(data) // 8}Q", data)
-        snap = Snapshot()
+        values = self._pick(self._unpack(data)) if self._pick else ()
+        snap = Snapshot(zip(self._names, values if len(self._names) > 1 else (values,)))
         snap.levels = self._levels
-        for d in self.descriptors:
-            i = d.offset // 8
-            snap[d.name] = tuple(words[i : i + d.size]) if d.is_histogram or d.size > 1 else words[i]
         return snap
 
 

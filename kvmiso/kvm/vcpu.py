@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import math
 import os
 import signal
@@ -21,7 +22,7 @@ from . import abi
 from ._libc import ioctl, mmap, munmap
 from .cpuid import CpuidEntry, get_cpuid, set_cpuid
 from .errors import KvmError
-from .exits import Exit, IntrExit, decode
+from .exits import DATALESS, Exit, IntrExit, decode
 from .stats import Stats
 
 try:
@@ -37,6 +38,9 @@ KICK_SIGNAL = signal.SIGRTMIN
 _MAX_NS = (1 << 63) - 1
 _IMMEDIATE_EXIT = abi.kvm_run.immediate_exit.offset
 _vcpu_run = lib.kvmiso_vcpu_run  # a global, not an attribute lookup, on the KVM_RUN hot path
+_KEY_PACKED = min(lib.KVMISO_KEY_IO, lib.KVMISO_KEY_MMIO)  # keys from here up carry a whole exit
+_MAX_KEYS = 4096  # different I/O and MMIO exits kept per vCPU
+_INTR = DATALESS[IntrExit.reason]
 
 
 def _run_layout() -> dict[str, int]:
@@ -106,6 +110,7 @@ class Vcpu:
             "run": {"fd": fd, "request": abi.KVM_RUN, "arg": 0},
             "page": ffi.cast("unsigned char *", self._run_addr), "lay": _RUN_LAYOUT})
         self._kick_lock = threading.Lock()
+        self._exits: dict[int, Exit] = dict(DATALESS)  # exit key -> the exit (see run())
 
     def close(self) -> None:
         """Delete the kick timer, unmap kvm_run and close the vCPU fd (idempotent)."""
@@ -113,6 +118,7 @@ class Vcpu:
             if self.fd < 0:
                 return
             lib.kvmiso_vcpu_release(self._c)
+            self._exits.clear()  # the cached exits view the page
             self.page.release()
             del self.kvm_run
             munmap(self._run_addr, self._run_size)
@@ -130,17 +136,32 @@ class Vcpu:
         """KVM_RUN once and decode the exit.
 
         A signal that interrupts KVM_RUN is retried, unless ``immediate_exit`` is set (a kick):
-        then the result is ``IntrExit()``.
+        then the result is ``IntrExit()``. Equal I/O and MMIO exits come back as the same frozen
+        object: the compiled call packs every field the decoder reads into one key, and the exit
+        built for a key serves it again (its data views the kvm_run page, as every exit's does).
         """
-        c, page = self._c, self.page
+        c, exits = self._c, self._exits
         while True:
-            r = _vcpu_run(c)
-            if r >= 0:
-                return decode(page)
-            if r != -errno.EINTR:
-                raise KvmError("KVM_RUN", -r, _run_errno_hint(-r))
-            if page[_IMMEDIATE_EXIT]:  # somebody asked this vCPU to stop
-                return IntrExit()
+            key = _vcpu_run(c)
+            exit = exits.get(key)
+            if exit is not None:
+                return exit
+            if key >= 0:
+                return self._decode(key)
+            if key != -errno.EINTR:
+                raise KvmError("KVM_RUN", -key, _run_errno_hint(-key))
+            if self.page[_IMMEDIATE_EXIT]:  # somebody asked this vCPU to stop
+                return _INTR
+
+    def _decode(self, key: int) -> Exit:
+        """The exit of a key seen for the first time; kept for the next time if the key holds
+        all of it (the cache starts again when a guest makes too many different ones)."""
+        exit = decode(self.page)
+        if key >= _KEY_PACKED:
+            if len(self._exits) >= _MAX_KEYS:
+                self._exits = dict(DATALESS)
+            self._exits[key] = exit
+        return exit
 
     @property
     def immediate_exit(self) -> bool:
@@ -281,11 +302,18 @@ class Vcpu:
         return Stats(self.get_stats_fd())
 
 
-def _msrs_buffer(values: dict[int, int]) -> ctypes.Structure:
+@functools.lru_cache(maxsize=64)
+def _msrs_type(n: int) -> type:
+    """``struct kvm_msrs`` with room for ``n`` entries (a class per length, made once: making
+    a ctypes class costs more than the ioctl)."""
     class _Msrs(ctypes.Structure):
-        _fields_ = [("hdr", abi.kvm_msrs), ("entries", abi.kvm_msr_entry * len(values))]
+        _fields_ = [("hdr", abi.kvm_msrs), ("entries", abi.kvm_msr_entry * n)]
 
-    buf = _Msrs()
+    return _Msrs
+
+
+def _msrs_buffer(values: dict[int, int]) -> ctypes.Structure:
+    buf = _msrs_type(len(values))()
     buf.hdr.nmsrs = len(values)
     for e, (index, data) in zip(buf.entries, values.items()):
         e.index, e.data = index, data

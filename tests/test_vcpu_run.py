@@ -1,0 +1,106 @@
+"""Vcpu.run()'s fast path: the compiled call packs an I/O or MMIO exit into one key and the
+Exit built for a key serves it again. Reusing it is only right if equal keys mean equal exits:
+checked on pages laid out field by field, then on the real device against a fresh decode."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from hypothesis import given, strategies as st
+
+from kvmiso.guest import Machine, build
+from kvmiso.guest.suite import SUITE_PAYLOADS, answer_io, answer_mmio, answer_msr
+from kvmiso.guest.build import payload_modes, payload_path
+from kvmiso.kvm import abi
+from kvmiso.kvm.exits import IoExit, MmioExit, decode
+from kvmiso.kvm.vcpu import _RUN_LAYOUT, ffi, lib
+
+IO = st.tuples(st.sampled_from([abi.KVM_EXIT_IO_IN, abi.KVM_EXIT_IO_OUT]), st.sampled_from([1, 2, 4]),
+               st.integers(0, 0xFFFF), st.integers(1, 4096), st.sampled_from([4096, 8192]))
+MMIO = st.tuples(st.integers(0, (1 << 52) - 1), st.sampled_from([1, 2, 4, 8]), st.booleans())
+
+
+def _key(page: bytearray) -> int:
+    v = ffi.new("struct kvmiso_vcpu *", {"page": ffi.from_buffer(page), "lay": _RUN_LAYOUT})
+    return lib.kvmiso_exit_key(v)
+
+
+def _io_page(direction: int, size: int, port: int, count: int, data_offset: int) -> bytearray:
+    page = bytearray(3 * 4096)
+    run = abi.kvm_run.from_buffer(page)
+    run.exit_reason = abi.KVM_EXIT_IO
+    run.u.io.direction, run.u.io.size, run.u.io.port = direction, size, port
+    run.u.io.count, run.u.io.data_offset = count, data_offset
+    return page
+
+
+def _mmio_page(address: int, length: int, is_write: bool) -> bytearray:
+    page = bytearray(3 * 4096)
+    run = abi.kvm_run.from_buffer(page)
+    run.exit_reason = abi.KVM_EXIT_MMIO
+    run.u.mmio.phys_addr, run.u.mmio.len, run.u.mmio.is_write = address, length, is_write
+    return page
+
+
+@given(IO, IO)
+def test_io_keys_are_equal_exactly_when_the_exits_are(a, b):
+    ka, kb = _key(_io_page(*a)), _key(_io_page(*b))
+    assert ka >= lib.KVMISO_KEY_IO and kb >= lib.KVMISO_KEY_IO  # every field packed
+    assert (ka == kb) == (a == b)
+
+
+@given(MMIO, MMIO)
+def test_mmio_keys_are_equal_exactly_when_the_exits_are(a, b):
+    ka, kb = _key(_mmio_page(*a)), _key(_mmio_page(*b))
+    assert lib.KVMISO_KEY_MMIO <= ka < lib.KVMISO_KEY_IO and lib.KVMISO_KEY_MMIO <= kb < lib.KVMISO_KEY_IO
+    assert (ka == kb) == (a == b)
+
+
+def test_exits_too_wide_to_pack_are_keyed_by_their_reason():
+    assert _key(_io_page(abi.KVM_EXIT_IO_OUT, 1, 0x10, 1 << 16, 4096)) == abi.KVM_EXIT_IO
+    assert _key(_io_page(abi.KVM_EXIT_IO_OUT, 1, 0x10, 1, 4096 + 8)) == abi.KVM_EXIT_IO
+    assert _key(_mmio_page(1 << 52, 4, True)) == abi.KVM_EXIT_MMIO
+    page = bytearray(3 * 4096)
+    abi.kvm_run.from_buffer(page).exit_reason = abi.KVM_EXIT_DEBUG
+    assert _key(page) == abi.KVM_EXIT_DEBUG
+
+
+def _suite():
+    for name in SUITE_PAYLOADS:
+        for mode in payload_modes(payload_path(name)):
+            if name != "hypercall":  # never returns at CPL0 on kvm_pvm: nothing to compare
+                yield name, mode
+
+
+@pytest.mark.parametrize("payload,mode", list(_suite()))
+def test_every_exit_equals_a_fresh_decode_of_the_page(kvm, payload, mode):
+    seen = []
+
+    def check(e):
+        fresh = decode(e_page)
+        assert e == fresh and type(e) is type(fresh)
+        if isinstance(e, (IoExit, MmioExit)):
+            assert bytes(e.data) == bytes(fresh.data)
+        seen.append(e)
+
+    with Machine(payload, mode=mode, kvm=kvm) as m:
+        e_page = m.vcpu.page
+        if payload == "msr":
+            m.vm.enable_cap("X86_USER_SPACE_MSR", abi.KVM_MSR_EXIT_REASON_UNKNOWN)
+        if payload == "singlestep":
+            m.vcpu.set_guest_debug(single_step=True)
+        m.run(timeout=10, on_exit=check, on_io=answer_io, on_mmio=answer_mmio, on_msr=answer_msr)
+    assert seen
+
+
+def test_a_repeated_exit_is_the_same_frozen_object(kvm):
+    with Machine(build("bench_out", "long"), kvm=kvm) as m:
+        first, second = m.vcpu.run(), m.vcpu.run()
+        assert first is second and first.port == m.image.symbols["PORT_BENCH"]
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            first.port = 0
+    with Machine("portio", mode="long", kvm=kvm) as m:
+        exits = [m.vcpu.run() for _ in range(3)]
+        # OUT 0x3000 size 1, OUT 0x3002 size 2, IN 0x3000: three keys, three objects, each as built
+        assert [(e.port, e.size, e.is_in) for e in exits] == [(0x3000, 1, False), (0x3002, 2, False), (0x3000, 1, True)]
