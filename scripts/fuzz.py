@@ -21,7 +21,7 @@ import time
 from collections import Counter
 
 from kvmiso.guest.fuzz import KINDS, TARGETS, FuzzStats, Fuzzer, Resources
-from kvmiso.guest.machine import OUTCOMES
+from kvmiso.guest.result import OUTCOMES
 from kvmiso.kvm import Kvm
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from kvmiso.guest import Machine, build
 from kvmiso.guest.fuzz import DONE_UCALL, KINDS, TARGETS, Fuzzer, make_case, random_instructions
-from kvmiso.guest.machine import OUTCOMES
+from kvmiso.guest.result import OUTCOMES
 
 PER_TARGET = 2000
 SEED = 20261124

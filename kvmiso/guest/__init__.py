@@ -2,7 +2,8 @@
 
 from .build import BuildError, Image, available_payloads, build
 from .deadline import GuestTimeout
-from .machine import Machine, RunResult
+from .machine import Machine
+from .result import RunResult
 from .ucall import Done, Fail, GuestException, Report
 
 __all__ = ["BuildError", "Done", "Fail", "GuestException", "GuestTimeout", "Image", "Machine", "Report", "RunResult",

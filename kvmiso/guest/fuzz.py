@@ -24,7 +24,8 @@ import psutil
 
 from ..kvm import Kvm
 from .deadline import GuestTimeout
-from .machine import OUTCOMES, Machine, RunResult
+from .machine import Machine
+from .result import OUTCOMES, RunResult
 
 # target name -> (mode, CPL)
 TARGETS = {"real": ("real", 0), "protected": ("protected", 0), "long": ("long", 0), "long-cpl3": ("long", 3)}

@@ -10,21 +10,21 @@ serves the ucall convention, answers I/O and MMIO reads, and never hangs.
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import threading
 import time
 import warnings
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..host import vendor_module
 from ..interrupt import Interrupted, deferred, kicked_by_interrupts, threads_without_interrupts
-from ..kvm import Kvm, Vcpu
-from ..kvm.exits import (DebugExit, Exit, FailEntryExit, HltExit, InternalErrorExit, IntrExit,
-                         IoExit, MmioExit, RdmsrExit, ShutdownExit, SystemEventExit, WrmsrExit)
+from ..kvm import Kvm, Vcpu, abi
+from ..kvm.exits import (DebugExit, Exit, FailEntryExit, HltExit, InternalErrorExit, IntrExit, IoExit,
+                         MmioExit, RdmsrExit, ShutdownExit, SystemEventExit, WrmsrExit, detach)
 from . import modes
 from .build import BITS, Image, build, payload_modes, payload_path
 from .deadline import GuestTimeout, deadline
+from .result import RunResult
+from .snapshot import RESET_MSRS, VcpuState
 from .ucall import (PORT_CONSOLE, PORT_UCALL, Done, Fail, GuestException, MalformedUcall, Report,
                     decode_ucall)
 
@@ -40,90 +40,6 @@ _KNOWN_INSNS = {
     b"\x0f\x01\xc1": "VMCALL", b"\x0f\x01\xd9": "VMMCALL", b"\xeb\xfe": "jmp . (a tight loop)",
     b"\xf4": "HLT", b"\xfa": "CLI",
 }
-
-
-# Every way a run can end: RunResult.outcome is always one of these.
-OUTCOMES = ("done", "fail", "exception", "halt", "shutdown", "internal-error", "fail-entry",
-            "system-event", "malformed-ucall", "unhandled-exit", "exit-limit", "stopped", "timeout",
-            "interrupted")
-
-
-@dataclass
-class RunResult:
-    """How a run ended (``outcome``, one of OUTCOMES), why (``detail``), and everything the guest
-    produced."""
-
-    outcome: str
-    detail: str
-    vcpu: int = 0
-    exits: list[Exit] = field(default_factory=list)
-    console: str = ""
-    console_dropped: int = 0
-    exits_dropped: int = 0
-    reports: list[Report] = field(default_factory=list)
-    fail_code: int | None = None
-    exception: GuestException | None = None
-    runs: int = 0
-    elapsed: float = 0.0
-    stats: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        """The guest reported DONE."""
-        return self.outcome == "done"
-
-    def report(self, tag: int) -> int:
-        """The value of the last REPORT with ``tag``."""
-        for r in reversed(self.reports):
-            if r.tag == tag:
-                return r.value
-        raise KeyError(f"the guest sent no report with tag {tag}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """The result as JSON-ready values (exits through :meth:`Exit.to_dict`)."""
-        return {
-            "outcome": self.outcome, "detail": self.detail, "vcpu": self.vcpu,
-            "console": self.console, "console_dropped": self.console_dropped,
-            "exits_dropped": self.exits_dropped,
-            "reports": [dataclasses.asdict(r) for r in self.reports], "fail_code": self.fail_code,
-            "exception": dataclasses.asdict(self.exception) if self.exception else None,
-            "runs": self.runs, "elapsed_s": self.elapsed, "stats_delta": self.stats,
-            "exits": [e.to_dict() for e in self.exits],
-        }
-
-
-# MSRs that steer guest execution (SYSENTER/SYSCALL targets, KERNEL_GS_BASE, PAT, DEBUGCTL):
-# reset() restores them so that one payload's WRMSR cannot redirect the next payload.
-_RESET_MSRS = (0x174, 0x175, 0x176, 0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084, 0xC0000102,
-               0x277, 0x1D9)
-
-
-@dataclass
-class _VcpuState:
-    """What ``modes.setup`` does not rewrite: pending events, FPU/SSE state, control MSRs, and
-    the sregs fields it keeps (CR2, CR8, APIC base)."""
-
-    events: Any
-    fpu: Any
-    sregs: Any
-    msrs: dict[int, int]
-
-    @classmethod
-    def save(cls, vcpu, msrs: list[int]) -> "_VcpuState":
-        return cls(vcpu.get_vcpu_events(), vcpu.get_fpu(), vcpu.get_sregs(), vcpu.get_msrs(msrs))
-
-    def restore(self, vcpu) -> None:
-        vcpu.set_vcpu_events(self.events)
-        vcpu.set_fpu(self.fpu)
-        vcpu.set_msrs(self.msrs)
-        vcpu.set_sregs(self.sregs)
-
-
-def detach(exit: Exit) -> Exit:
-    """A copy of ``exit`` whose data no longer views the kvm_run page (safe to keep)."""
-    if isinstance(exit, (IoExit, MmioExit)):
-        return dataclasses.replace(exit, data=memoryview(bytes(exit.data)))
-    return exit
 
 
 class Machine:
@@ -149,7 +65,7 @@ class Machine:
         self.kvm = kvm or Kvm()
         self.vm = None
         self._stats: list = []
-        self._pristine: list[_VcpuState] = []
+        self._pristine: list[VcpuState] = []
         try:
             self.vm = self.kvm.create_vm()
             self.vendor = vendor_module()
@@ -159,21 +75,21 @@ class Machine:
             self.vm.write(self.image.load_address, self.image.code)
             cpuid = self.kvm.get_supported_cpuid()
             saved = set(self.kvm.get_msr_index_list())
-            reset_msrs = [i for i in _RESET_MSRS if i in saved]
+            reset_msrs = [i for i in RESET_MSRS if i in saved]
             for i in range(vcpus):
                 vcpu = self.vm.create_vcpu(i)
                 vcpu.set_cpuid2(cpuid)
-                self._pristine.append(_VcpuState.save(vcpu, reset_msrs))
+                self._pristine.append(VcpuState.save(vcpu, reset_msrs))
                 self._setup(vcpu)
                 self._stats.append(vcpu.stats())
         except BaseException:
             self.close()
             raise
 
-    def _setup(self, vcpu) -> None:
+    def _setup(self, vcpu: Vcpu, sregs: abi.kvm_sregs | None = None) -> None:
         top = self.memory - vcpu.id * VCPU_STACK
         modes.setup(self.vm, vcpu, self.image, self.mode, self.cpl,
-                    stack_top=top - VCPU_STACK // 2, kernel_stack_top=top)
+                    stack_top=top - VCPU_STACK // 2, kernel_stack_top=top, sregs=sregs)
 
     def reset(self, image: Image | None = None) -> None:
         """Start over on the same VM: RAM zeroed, ``image`` (default: the current one) loaded,
@@ -191,8 +107,7 @@ class Machine:
         ctypes.memset(ram.host_addr, 0, ram.size)
         self.vm.write(self.image.load_address, self.image.code)
         for vcpu, state in zip(self.vcpus, self._pristine):
-            state.restore(vcpu)
-            self._setup(vcpu)
+            self._setup(vcpu, state.restore(vcpu))
 
     @property
     def vcpu(self) -> Vcpu:

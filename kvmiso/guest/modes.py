@@ -16,9 +16,10 @@ top - 0x10000         user (CPL3) stack top; kernel stack top at the end
 
 from __future__ import annotations
 
+import functools
 import struct
 
-from ..kvm import abi
+from ..kvm import Vcpu, Vm, abi
 from .build import Image
 
 GDT, IDT = 0x10000, 0x11000
@@ -63,19 +64,24 @@ def _segment(selector: int, typ: int, s: int, l: int, db: int, dpl: int,
                            db=db, s=s, l=l, g=g)
 
 
-def write_gdt(vm, long_mode: bool) -> None:
+# The tables below depend on a handful of values, never on the VM: each is built once per
+# process and copied into guest memory (a fresh Machine and Machine.reset() write them again).
+
+@functools.lru_cache(maxsize=None)
+def gdt_bytes(long_mode: bool) -> bytes:
+    """The GDT: flat code and data segments for CPL0 and CPL3, and the TSS descriptor."""
     entries = [0] * 8
     for sel, (typ, s, l, db, dpl) in _SEGMENTS.items():
         entries[sel >> 3] = _descriptor(0, 0xFFFFF, typ, s, dpl, l, db, 1)
     tss_type = 0x9  # available TSS (64-bit in long mode, 32-bit otherwise)
     entries[SEL_TSS >> 3] = _descriptor(TSS, TSS_LIMIT, tss_type, 0, 0, 0, 0, 0)
     entries[(SEL_TSS >> 3) + 1] = TSS >> 32 if long_mode else 0
-    vm.write(GDT, struct.pack("<8Q", *entries))
+    return struct.pack("<8Q", *entries)
 
 
-def write_idt(vm, image: Image, long_mode: bool) -> int:
-    """Point vectors 0-31 at crt0's stubs; returns the IDT limit."""
-    stubs = image.symbols["exception_stubs"]
+@functools.lru_cache(maxsize=64)
+def idt_bytes(stubs: int, long_mode: bool) -> bytes:
+    """Gates for vectors 0-31 pointing at crt0's exception stubs (16 bytes apart from ``stubs``)."""
     gates = bytearray()
     for vec in range(32):
         off = stubs + 16 * vec
@@ -83,26 +89,44 @@ def write_idt(vm, image: Image, long_mode: bool) -> int:
             gates += struct.pack("<HHBBHII", off & 0xFFFF, SEL_CODE64, 0, 0x8E, (off >> 16) & 0xFFFF, off >> 32, 0)
         else:
             gates += struct.pack("<HHBBH", off & 0xFFFF, SEL_CODE32, 0, 0x8E, (off >> 16) & 0xFFFF)
-    vm.write(IDT, bytes(gates))
-    return len(gates) - 1
+    return bytes(gates)
 
 
-def write_identity_map(vm) -> None:
-    """Identity-map guest-physical [0, 4 GiB) with 2 MiB user-accessible, writable pages."""
-    vm.write(PML4, struct.pack("<Q", PDPT | PTE_P | PTE_RW | PTE_US))
-    vm.write(PDPT, struct.pack(f"<{IDENTITY_MAP_GIB}Q", *(PD + i * 0x1000 | PTE_P | PTE_RW | PTE_US
-                                                          for i in range(IDENTITY_MAP_GIB))))
+@functools.lru_cache(maxsize=64)
+def tss_bytes(long_mode: bool, kernel_stack_top: int) -> bytes:
+    """The TSS with the CPL0 stack for interrupts from CPL3 and an all-zero I/O bitmap, which
+    lets CPL3 use every port (see :func:`setup`)."""
+    tss = bytearray(TSS_LIMIT + 1)
+    tss[-1] = 0xFF
+    if long_mode:
+        struct.pack_into("<Q", tss, 4, kernel_stack_top)
+    else:
+        struct.pack_into("<II", tss, 4, kernel_stack_top, SEL_DATA)
+    struct.pack_into("<H", tss, 0x66, TSS_IOMAP)
+    return bytes(tss)
+
+
+@functools.lru_cache(maxsize=1)
+def identity_map_bytes() -> tuple[bytes, bytes, bytes]:
+    """PML4, PDPT and PDs identity-mapping guest-physical [0, 4 GiB) with 2 MiB user-accessible,
+    writable pages."""
+    pml4 = struct.pack("<Q", PDPT | PTE_P | PTE_RW | PTE_US)
+    pdpt = struct.pack(f"<{IDENTITY_MAP_GIB}Q", *(PD + i * 0x1000 | PTE_P | PTE_RW | PTE_US
+                                                   for i in range(IDENTITY_MAP_GIB)))
     pdes = [(i << 21) | PTE_P | PTE_RW | PTE_US | PTE_PS for i in range(512 * IDENTITY_MAP_GIB)]
-    vm.write(PD, struct.pack(f"<{len(pdes)}Q", *pdes))
+    return pml4, pdpt, struct.pack(f"<{len(pdes)}Q", *pdes)
 
 
-def setup(vm, vcpu, image: Image, mode: str, cpl: int, stack_top: int, kernel_stack_top: int) -> None:
-    """Load segment, control and general registers for ``mode`` and enter at the image's _start."""
+def setup(vm: Vm, vcpu: Vcpu, image: Image, mode: str, cpl: int, stack_top: int, kernel_stack_top: int,
+          sregs: abi.kvm_sregs | None = None) -> None:
+    """Load segment, control and general registers for ``mode`` and enter at the image's _start.
+    ``sregs`` is the state to complete (default: the vCPU's own, read with KVM_GET_SREGS)."""
     if cpl not in (0, 3):
         raise ValueError(f"cpl must be 0 or 3, not {cpl}")
     if cpl == 3 and mode != "long":
         raise ValueError(f"CPL3 is available in long mode only, not in {mode} mode")
-    sregs = vcpu.get_sregs()
+    if sregs is None:
+        sregs = vcpu.get_sregs()
     regs = abi.kvm_regs(rip=image.entry, rflags=RFLAGS_FIXED, rsp=stack_top, rdi=vcpu.id)
     if mode == "real":
         seg = _segment(0, 0x3, 1, 0, 0, 0, limit=0xFFFF, g=0)
@@ -113,27 +137,23 @@ def setup(vm, vcpu, image: Image, mode: str, cpl: int, stack_top: int, kernel_st
         sregs.cr0 &= ~(CR0_PE | CR0_PG)
     else:
         long_mode = mode == "long"
-        write_gdt(vm, long_mode)
-        idt_limit = write_idt(vm, image, long_mode)
-        # CPL3 may use every port by both rules: a zero I/O bitmap (kvm_pvm ignores RFLAGS.IOPL
-        # for the guest but honours the bitmap) and IOPL 3 (set below; QEMU's TCG consults the
-        # bitmap only through a TR cached as "available", and KVM loads it "busy": measured
-        # under kvmiso boot, CPL3 port I/O took #GP there with the bitmap alone).
-        tss = bytearray(TSS_LIMIT + 1)
-        tss[-1] = 0xFF
-        if long_mode:
-            struct.pack_into("<Q", tss, 4, kernel_stack_top)
-        else:
-            struct.pack_into("<II", tss, 4, kernel_stack_top, SEL_DATA)
-        struct.pack_into("<H", tss, 0x66, TSS_IOMAP)
-        vm.write(TSS, bytes(tss))
+        # CPL3 may use every port by both rules: a zero I/O bitmap in the TSS (kvm_pvm ignores
+        # RFLAGS.IOPL for the guest but honours the bitmap) and IOPL 3 (set below; QEMU's TCG
+        # consults the bitmap only through a TR cached as "available", and KVM loads it "busy":
+        # measured under kvmiso boot, CPL3 port I/O took #GP there with the bitmap alone).
+        vm.write(GDT, gdt_bytes(long_mode))
+        idt = idt_bytes(image.symbols["exception_stubs"], long_mode)
+        vm.write(IDT, idt)
+        idt_limit = len(idt) - 1
+        vm.write(TSS, tss_bytes(long_mode, kernel_stack_top))
         sregs.gdt.base, sregs.gdt.limit = GDT, 8 * 8 - 1
         sregs.idt.base, sregs.idt.limit = IDT, idt_limit
         sregs.tr = _segment(SEL_TSS, 0xB, 0, 0, 0, 0, base=TSS, limit=TSS_LIMIT, g=0)
         sregs.ldt = abi.kvm_segment(type=0x2, present=1, unusable=1)
         sregs.cr0 = CR0_PE | CR0_ET | CR0_NE
         if long_mode:
-            write_identity_map(vm)
+            for address, table in zip((PML4, PDPT, PD), identity_map_bytes()):
+                vm.write(address, table)
             sregs.cr0 |= CR0_PG | CR0_WP | CR0_MP
             sregs.cr3 = PML4
             sregs.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT
