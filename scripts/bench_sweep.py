@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from kvmiso.bench.results import load
+from kvmiso.bench.results import load, python_overhead
 
 HERE = Path(__file__).resolve().parent
 
@@ -38,8 +38,10 @@ def markdown(data: dict, ref_text: str = "") -> str:
            f"CPL3 {h['cpl3']}){', itself under a hypervisor' if h.get('under_hypervisor') else ''}, pinned: {h['pinning'].get('cpu') if h['pinning'].get('pinned') else 'no'}, "
            f"governor: {h['governor']}.",
            "",
-           "| kind | CPL | compiled loop p50 (µs) | Python API p50 (µs) | guest-timed p50 (µs) | insn/iter | emulated/iter | x null ioctl | notes |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "| kind | CPL | compiled loop p50 (µs) | Python API p50 (µs) | Python adds (ns) | Python / compiled "
+           "| guest-timed p50 (µs) | insn/iter | emulated/iter | x null ioctl | notes |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    overhead = {(o["kind"], o["cpl"]): o for o in python_overhead(data["results"])}
     for (kind, cpl), paths in rows.items():
         main = paths.get("c") or paths.get("host") or paths.get("python")
         notes = sorted({w.split(":")[0] for p in paths.values() for w in p["warnings"]})
@@ -50,8 +52,10 @@ def markdown(data: dict, ref_text: str = "") -> str:
             notes.insert(0, f"{sum(eps) / len(eps):,.0f} exits/s")
         c = paths.get("c") or paths.get("host")
         emulated = main.get("emulated")
+        o = overhead.get((kind, cpl))
+        added, ratio = ("-", "-") if o is None else (f"{o['added_ns']:+.0f}", f"{o['ratio']:.3f}x")
         out.append(f"| {kind} | {'-' if cpl is None else cpl} | {us(c['summary']['p50'] if c else None)} | "
-                   f"{us(paths['python']['summary']['p50'] if 'python' in paths else None)} | "
+                   f"{us(paths['python']['summary']['p50'] if 'python' in paths else None)} | {added} | {ratio} | "
                    f"{us(paths['guest']['summary']['p50'] if 'guest' in paths else None)} | {main.get('insns') or '-'} | "
                    f"{'-' if emulated is None else f'{emulated:.2f}'} | "
                    f"{main['ratio_to_floor']:.1f} | {'; '.join(notes)} |")

@@ -341,3 +341,18 @@ def test_a_signal_between_kvm_runs_stops_the_compiled_loop(kvm):
     finally:
         signal.signal(signal.SIGINT, old)
     assert noted == [signal.SIGINT] and 0 < info.value.timings.n < 50_000_000
+
+
+def test_python_overhead_for_every_userspace_exit_kind_at_both_cpls(kvm):
+    kinds = [k for k, kind in latency.KINDS.items() if kind.guest and not kind.in_kernel
+             and k not in ("vm_create", "parallel")]
+    r = latency.bench(kvm, kinds=kinds, cpls=(0, 3), samples=20, runs=1, warmup=5)
+    d = r.to_dict()
+    got = {(o["kind"], o["cpl"]): o for o in d["python_overhead"]}
+    expected = {(k, cpl) for k in kinds for cpl in (0, 3) if not (cpl == 3 and latency.KINDS[k].cpl3)}
+    assert set(got) == expected | {("immediate_exit", None), ("null_ioctl", None)}
+    p50 = {(x["kind"], x["cpl"], x["path"]): x["summary"]["p50"] for x in d["results"]}
+    for (kind, cpl), o in got.items():
+        assert o["added_ns"] == p50[kind, cpl, "python"] - p50[kind, cpl, "c"]
+        assert o["ratio"] == p50[kind, cpl, "python"] / p50[kind, cpl, "c"]
+    assert "Python API over the compiled loop" in table.format_table(r)

@@ -60,15 +60,31 @@ class BenchResult:
     created: str = field(default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 
     def to_dict(self) -> dict[str, Any]:
-        """The whole result file: schema, version, host, settings, rows, skips."""
+        """The whole result file: schema, version, host, settings, rows, the Python API's
+        overhead (derived from the rows), skips."""
+        rows = [r.to_dict() for r in self.results]
         return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "created": self.created,
                 "complete": self.complete, "incomplete_reason": self.incomplete_reason,
-                "host": self.host, "settings": self.settings,
-                "results": [r.to_dict() for r in self.results], "skipped": self.skipped}
+                "host": self.host, "settings": self.settings, "results": rows,
+                "python_overhead": python_overhead(rows), "skipped": self.skipped}
 
     def write(self, path: str | os.PathLike) -> None:
         """Write :meth:`to_dict` as JSON to ``path``."""
         Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+
+
+def python_overhead(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For every (kind, CPL) timed both by the compiled loop and through the Python API
+    (``Vcpu.run()``, decoding included): both p50s, what Python adds per round trip in ns, and
+    the ratio. ``rows`` are result rows as the file holds them (:meth:`Result.to_dict`)."""
+    p50 = {(r["kind"], r["cpl"], r["path"]): r["summary"]["p50"] for r in rows}
+    out = []
+    for (kind, cpl, path), c in p50.items():
+        py = p50.get((kind, cpl, "python"))
+        if path == "c" and py is not None and c:
+            out.append({"kind": kind, "cpl": cpl, "c_p50_ns": c, "python_p50_ns": py,
+                        "added_ns": py - c, "ratio": py / c})
+    return out
 
 
 class ResultFileError(ValueError):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 
-from .results import BenchResult
+from .results import BenchResult, python_overhead
 
 
 def _us(ns: float) -> str:
@@ -36,6 +36,11 @@ def format_table(result: BenchResult) -> str:
         cells = [c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
         text.append("  ".join(cells + [row[-1]]).rstrip())
     text.insert(1, "-" * len(text[0]))
+    overhead = python_overhead([r.to_dict() for r in result.results])
+    if overhead:
+        text += ["", "Python API over the compiled loop (Vcpu.run() with decoding; p50 per round trip):"]
+        text += [f"  {o['kind']:<15} cpl {'-' if o['cpl'] is None else o['cpl']}  {o['added_ns']:+8.0f} ns  "
+                 f"{o['ratio']:.3f}x" for o in overhead]
     for s in result.skipped:
         cpl = "" if s["cpl"] is None else f" at CPL{s['cpl']}"
         text.append(f"skipped {s['kind']}{cpl}: {s['reason']}")
