@@ -8,7 +8,11 @@ The run uses the C allocator (it re-executes itself with PYTHONMALLOC=malloc): p
 
     python3 scripts/fuzz.py                  # 4 x 20,000 payloads
     python3 scripts/fuzz.py --count 2000 --seed 7 --targets long long-cpl3
+    python3 scripts/fuzz.py --jobs 2         # two machines per mode side by side (one per CPU)
     python3 scripts/fuzz.py --json fuzz.json  # the figures as JSON as well
+
+Throughput is payloads per second of wall-clock time per mode. Payloads that run into their
+deadline cost the whole deadline each; the summary says how much of the time that was.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import sys
 import time
 from collections import Counter
 
-from kvmiso.guest.fuzz import KINDS, TARGETS, FuzzStats, Fuzzer, Resources
+from kvmiso.guest.fuzz import KINDS, TARGETS, FuzzStats, Resources, fuzz
 from kvmiso.guest.result import OUTCOMES
 from kvmiso.kvm import Kvm
 
@@ -31,6 +35,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=0.03, help="seconds per payload (default 0.03)")
     ap.add_argument("--targets", nargs="+", choices=list(TARGETS), default=list(TARGETS))
+    ap.add_argument("--jobs", type=int, default=1, help="machines per mode, one thread each (default 1)")
     ap.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     args = ap.parse_args()
     if os.environ.get("PYTHONMALLOC") != "malloc":
@@ -40,18 +45,17 @@ def main() -> int:
     results: dict[str, FuzzStats] = {}
     with Kvm() as kvm:
         for target in args.targets:  # warm up: lazy imports and allocator growth are not leaks
-            with Fuzzer(target, args.timeout, kvm) as f:
-                f.run_many(20, seed=args.seed + 1)
+            fuzz(target, 20 * args.jobs, seed=args.seed + 1, timeout=args.timeout, jobs=args.jobs, kvm=kvm)
         before = Resources.now()
         for target in args.targets:
-            with Fuzzer(target, args.timeout, kvm) as f:
-                results[target] = s = f.run_many(args.count, seed=args.seed)
-            print(f"{target}: {s.runs} runs in {s.elapsed:.1f} s ({s.runs / s.elapsed:.0f}/s), "
-                  f"{s.kvm_runs} KVM_RUN calls", file=sys.stderr)
+            results[target] = s = fuzz(target, args.count, seed=args.seed, timeout=args.timeout, jobs=args.jobs, kvm=kvm)
+            print(f"{target}: {s.runs} runs in {s.elapsed:.1f} s ({s.per_second:.0f} payloads/s, {s.jobs} "
+                  f"job{'s' * (s.jobs > 1)}), {s.kvm_runs} KVM_RUN calls", file=sys.stderr)
         after = Resources.now()
     wall = time.perf_counter() - t0
 
     _table(results)
+    _throughput(results, args.timeout)
     failed = False
     for target, s in results.items():
         for label, tb in s.errors:
@@ -68,9 +72,10 @@ def main() -> int:
           f"{sum(len(s.unclassified) for s in results.values())} unclassified")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"count": args.count, "seed": args.seed, "timeout_s": args.timeout, "wall_s": wall,
+            json.dump({"count": args.count, "seed": args.seed, "timeout_s": args.timeout, "jobs": args.jobs, "wall_s": wall,
                        "resources_before": vars(before), "resources_after": vars(after),
                        "targets": {t: {"runs": s.runs, "kvm_runs": s.kvm_runs, "elapsed_s": s.elapsed,
+                                       "payloads_per_s": s.per_second,
                                        "outcomes": dict(s.outcomes),
                                        "by_kind": {k: dict(c) for k, c in s.by_kind.items()},
                                        "errors": s.errors, "unclassified": s.unclassified}
@@ -92,6 +97,17 @@ def _table(results: dict[str, FuzzStats]) -> None:
     for o in rows:
         cells = [str(results[t].by_kind[k][o]) for t, k in cols] + [str(seen[o])]
         print("  ".join([o.ljust(width[0])] + [c.rjust(w) for c, w in zip(cells, width[1:])]))
+
+def _throughput(results: dict[str, FuzzStats], timeout: float) -> None:
+    """Payloads per second per mode, and the share of the time that went to payloads waiting
+    out their deadline (each timeout costs the whole deadline, on one machine of ``jobs``)."""
+    print()
+    for target, s in results.items():
+        waited = s.outcomes["timeout"] * timeout / s.jobs
+        print(f"{target:<10} {s.per_second:7.0f} payloads/s ({s.runs} in {s.elapsed:.1f} s, {s.jobs} "
+              f"job{'s' * (s.jobs > 1)}); {s.outcomes['timeout']} timeouts = {waited:.1f} s "
+              f"({100 * waited / s.elapsed if s.elapsed else 0:.0f}%) of deadlines")
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -81,7 +81,7 @@ def test_fuzz_every_mode_classifies_every_run_and_leaks_nothing(kvm, tmp_path):
     # scripts/fuzz.py in its own process: the leak check there runs on the C allocator, and a
     # crash of the harness shows as the process's status; a hang fails at the timeout
     out = tmp_path / "fuzz.json"
-    p = subprocess.run([sys.executable, str(SCRIPT), "--count", str(PER_TARGET), "--seed", str(SEED),
+    p = subprocess.run([sys.executable, str(SCRIPT), "--count", str(PER_TARGET), "--seed", str(SEED), "--jobs", "2",
                         "--json", str(out)], capture_output=True, text=True, timeout=1200)
     print(p.stdout, p.stderr)
     r = json.loads(out.read_text())

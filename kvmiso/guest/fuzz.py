@@ -2,8 +2,7 @@
 small generator — run one after another on one reused VM per mode. Every run must end in a
 classified :class:`RunResult`; the harness must not crash, hang or leak.
 
->>> with Fuzzer("long-cpl3") as f:
-...     stats = f.run_many(2000, seed=20261124)
+>>> stats = fuzz("long-cpl3", 2000, seed=20261124, jobs=2)
 >>> stats.outcomes.most_common(3)  # timeouts vary a little with the host's load
 [('exception', 1426), ('done', 194), ('timeout', 153)]
 
@@ -14,6 +13,7 @@ from __future__ import annotations
 
 import json
 import random
+import threading
 import time
 import traceback
 from collections import Counter
@@ -172,6 +172,22 @@ class FuzzStats:
     by_kind: dict[str, Counter] = field(default_factory=dict)
     errors: list[tuple[str, str]] = field(default_factory=list)  # (case label, traceback): harness bugs
     unclassified: list[tuple[str, str, str]] = field(default_factory=list)  # (label, outcome, detail)
+    jobs: int = 1  # machines that ran the cases side by side
+
+    @property
+    def per_second(self) -> float:
+        """Payloads per second of wall-clock time (0 before any ran)."""
+        return self.runs / self.elapsed if self.elapsed else 0.0
+
+    def add(self, other: "FuzzStats") -> None:
+        """Count ``other``'s cases in with these (one target run by several machines)."""
+        self.runs += other.runs
+        self.kvm_runs += other.kvm_runs
+        self.outcomes.update(other.outcomes)
+        for kind, c in other.by_kind.items():
+            self.by_kind.setdefault(kind, Counter()).update(c)
+        self.errors += other.errors
+        self.unclassified += other.unclassified
 
 
 class Fuzzer:
@@ -208,11 +224,15 @@ class Fuzzer:
         except GuestTimeout as e:
             return e.result
 
-    def run_many(self, count: int, seed: int = 0, kinds: tuple[str, ...] = KINDS) -> FuzzStats:
-        """``count`` cases, alternating ``kinds``; harness exceptions are recorded, not raised."""
+    def run_many(self, count: int, seed: int = 0, kinds: tuple[str, ...] = KINDS,
+                 start: int = 0, step: int = 1, stop: threading.Event | None = None) -> FuzzStats:
+        """Cases ``start, start + step, ...`` below ``count``, alternating ``kinds``; harness
+        exceptions are recorded, not raised. ``stop`` ends the run between two cases."""
         stats = FuzzStats(self.target, by_kind={k: Counter() for k in kinds})
         t0 = time.perf_counter()
-        for i in range(count):
+        for i in range(start, count, step):
+            if stop is not None and stop.is_set():
+                break
             case = make_case(self.target, kinds[i % len(kinds)], seed, i)
             try:
                 r = self.run(case.code)
@@ -228,6 +248,54 @@ class Fuzzer:
                 stats.unclassified.append((case.label, r.outcome, r.detail))
         stats.elapsed = time.perf_counter() - t0
         return stats
+
+
+def fuzz(target: str, count: int, seed: int = 0, kinds: tuple[str, ...] = KINDS, timeout: float = 0.03,
+         jobs: int = 1, kvm: Kvm | None = None) -> FuzzStats:
+    """``count`` cases for ``target`` on ``jobs`` machines, one thread each (case ``i`` on
+    machine ``i % jobs``): the same cases and outcomes as one machine, in less time where CPUs
+    are free, since a guest runs inside KVM_RUN without holding the GIL. Ctrl-C kicks every
+    machine's vCPU and waits for its thread before going up."""
+    if jobs < 1:
+        raise ValueError(f"jobs must be at least 1, not {jobs}")
+    fuzzers: list[Fuzzer] = []
+    stop = threading.Event()
+    parts: list[FuzzStats | BaseException | None] = [None] * jobs
+    try:
+        for _ in range(jobs):
+            fuzzers.append(Fuzzer(target, timeout, kvm))
+
+        def work(j: int) -> None:
+            try:
+                parts[j] = fuzzers[j].run_many(count, seed, kinds, start=j, step=jobs, stop=stop)
+            except BaseException as e:  # surfaced in the caller's thread below
+                parts[j] = e
+
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=work, args=(j,), name=f"kvmiso-fuzz-{target}-{j}") for j in range(jobs)]
+        for th in threads:
+            th.start()
+        try:
+            for th in threads:
+                th.join()
+        except BaseException:
+            stop.set()  # then stop the runs under way, and wait: their VMs close below
+            while any(th.is_alive() for th in threads):
+                for th, f in zip(threads, fuzzers):
+                    if th.is_alive():
+                        f.machine.vcpu.kick(th.ident)
+                threads[0].join(0.05)
+            raise
+        elapsed = time.perf_counter() - t0
+    finally:
+        for f in fuzzers:
+            f.close()
+    total = FuzzStats(target, by_kind={k: Counter() for k in kinds}, elapsed=elapsed, jobs=jobs)
+    for part in parts:
+        if isinstance(part, BaseException):
+            raise part
+        total.add(part)
+    return total
 
 
 @dataclass(frozen=True)
