@@ -22,7 +22,8 @@ import time
 from typing import Any, Callable, Iterable, Iterator
 
 from ..guest import Machine, build
-from ..interrupt import Interrupted, deferred, threads_without_interrupts
+from ..guest.threads import run_in_threads
+from ..interrupt import Interrupted
 from ..guest.ucall import PORT_UCALL, GuestException, MalformedUcall, decode_ucall
 from ..kvm import Kvm
 from ..kvm.exits import IoExit, decode
@@ -179,7 +180,7 @@ def _measure_parallel(kvm: Kvm, cpl: int, nvcpus: int, cpus: list[int], n: int, 
     import psutil
 
     with Machine(build("bench_out", "long"), cpl=cpl, kvm=kvm, vcpus=nvcpus) as m:
-        out: list[Timings | BaseException | None] = [None] * nvcpus
+        out: dict[int, Timings] = {}
         barrier = threading.Barrier(nvcpus)
         port = m.image.symbols["PORT_BENCH"]
 
@@ -189,29 +190,15 @@ def _measure_parallel(kvm: Kvm, cpl: int, nvcpus: int, cpus: list[int], n: int, 
                 runloop.compiled_loop(m.vcpus[i], warmup, "io", port)
                 barrier.wait()
                 out[i] = runloop.compiled_loop(m.vcpus[i], n, "io", port)
-            except BaseException as e:  # reported in the caller's thread
-                barrier.abort()
-                out[i] = e
+            except BaseException:
+                barrier.abort()  # the other vCPU's thread stops waiting for this one
+                raise
 
-        threads = [threading.Thread(target=worker, args=(i,), name=f"kvmiso-bench-vcpu{i}") for i in range(nvcpus)]
-        with deferred(), threads_without_interrupts():  # all start, and Ctrl-C reaches the main thread
-            for th in threads:
-                th.start()
-        try:
-            for th in threads:
-                th.join()
-        except BaseException:  # Ctrl-C: stop the vCPU threads before the VM goes away under them
-            while any(th.is_alive() for th in threads):
-                for th, vcpu in zip(threads, m.vcpus):
-                    if th.is_alive():
-                        vcpu.kick(th.ident)
-                threads[0].join(0.05)
-            raise
-        for o in out:
-            if isinstance(o, BaseException):
-                raise o
-        wall = max(o.t_end[-1] for o in out) - min(o.t_start[0] for o in out)
-        col.add((f"parallel_{nvcpus}", "c", cpl), [x for o in out for x in o.latencies()],
+        for e in run_in_threads(worker, m.vcpus, "kvmiso-bench-vcpu"):
+            if e is not None:
+                raise e
+        wall = max(o.t_end[-1] for o in out.values()) - min(o.t_start[0] for o in out.values())
+        col.add((f"parallel_{nvcpus}", "c", cpl), [x for o in out.values() for x in o.latencies()],
                 exits_per_s=nvcpus * n * 1e9 / wall)
 
 

@@ -26,6 +26,7 @@ from ..kvm import Kvm
 from .deadline import GuestTimeout
 from .machine import Machine
 from .result import OUTCOMES, RunResult
+from .threads import run_in_threads
 
 # target name -> (mode, CPL)
 TARGETS = {"real": ("real", 0), "protected": ("protected", 0), "long": ("long", 0), "long-cpl3": ("long", 3)}
@@ -260,40 +261,26 @@ def fuzz(target: str, count: int, seed: int = 0, kinds: tuple[str, ...] = KINDS,
         raise ValueError(f"jobs must be at least 1, not {jobs}")
     fuzzers: list[Fuzzer] = []
     stop = threading.Event()
-    parts: list[FuzzStats | BaseException | None] = [None] * jobs
+    parts: list[FuzzStats] = []
     try:
         for _ in range(jobs):
             fuzzers.append(Fuzzer(target, timeout, kvm))
+            parts.append(FuzzStats(target))
 
         def work(j: int) -> None:
-            try:
-                parts[j] = fuzzers[j].run_many(count, seed, kinds, start=j, step=jobs, stop=stop)
-            except BaseException as e:  # surfaced in the caller's thread below
-                parts[j] = e
+            parts[j] = fuzzers[j].run_many(count, seed, kinds, start=j, step=jobs, stop=stop)
 
         t0 = time.perf_counter()
-        threads = [threading.Thread(target=work, args=(j,), name=f"kvmiso-fuzz-{target}-{j}") for j in range(jobs)]
-        for th in threads:
-            th.start()
-        try:
-            for th in threads:
-                th.join()
-        except BaseException:
-            stop.set()  # then stop the runs under way, and wait: their VMs close below
-            while any(th.is_alive() for th in threads):
-                for th, f in zip(threads, fuzzers):
-                    if th.is_alive():
-                        f.machine.vcpu.kick(th.ident)
-                threads[0].join(0.05)
-            raise
+        errors = run_in_threads(work, [f.machine.vcpu for f in fuzzers], f"kvmiso-fuzz-{target}", before_kick=stop.set)
         elapsed = time.perf_counter() - t0
     finally:
         for f in fuzzers:
             f.close()
+    for e in errors:
+        if e is not None:
+            raise e
     total = FuzzStats(target, by_kind={k: Counter() for k in kinds}, elapsed=elapsed, jobs=jobs)
     for part in parts:
-        if isinstance(part, BaseException):
-            raise part
         total.add(part)
     return total
 

@@ -16,7 +16,7 @@ import warnings
 from typing import Any, Callable
 
 from ..host import vendor_module
-from ..interrupt import Interrupted, deferred, kicked_by_interrupts, threads_without_interrupts
+from ..interrupt import Interrupted, kicked_by_interrupts
 from ..kvm import Kvm, Vcpu, abi
 from ..kvm.exits import (DebugExit, Exit, FailEntryExit, HltExit, InternalErrorExit, IntrExit, IoExit,
                          MmioExit, RdmsrExit, ShutdownExit, SystemEventExit, WrmsrExit, detach)
@@ -25,6 +25,7 @@ from .build import BITS, Image, build, payload_modes, payload_path
 from .deadline import GuestTimeout, deadline
 from .result import RunResult
 from .snapshot import RESET_MSRS, VcpuState
+from .threads import run_in_threads
 from .ucall import (PORT_CONSOLE, PORT_UCALL, Done, Fail, GuestException, MalformedUcall, Report,
                     decode_ucall)
 
@@ -218,43 +219,17 @@ class Machine:
         ``partial``.
         """
         results: list[RunResult | None] = [None] * len(self.vcpus)
-        errors: list[BaseException] = []
-        done = [threading.Event() for _ in self.vcpus]
-        done_lock = threading.Lock()  # a kick never targets a thread that has left worker()
 
-        def worker(i: int) -> None:
+        def work(i: int) -> None:
             try:
                 results[i] = self.run(timeout, vcpu=i, **kwargs)
             except GuestTimeout as e:
                 results[i] = e.result
-            except BaseException as e:  # surfaced in the caller's thread below
-                errors.append(e)
-            finally:
-                with done_lock:
-                    done[i].set()
 
-        threads = [threading.Thread(target=worker, args=(i,), name=f"kvmiso-vcpu{i}") for i in range(len(self.vcpus))]
-        # every thread starts, or none: a Ctrl-C between two starts would leave a vCPU spinning
-        # that the handler below does not know of; the workers never take SIGINT/SIGTERM
-        with deferred(), threads_without_interrupts():
-            for t in threads:
-                t.start()
         try:
-            for t in threads:
-                t.join()
-        except BaseException as e:
-            # Ctrl-C here: stop every vCPU still running before the caller closes the VM under
-            # it. Our own events, not is_alive()/join(): an interrupted join() can mark a live
-            # thread as stopped (CPython bpo-45274).
-            with done_lock:
-                for v, t, d in zip(self.vcpus, threads, done):
-                    if not d.is_set():
-                        v.kick(t.ident)
-            for d in done:
-                d.wait()
-            if isinstance(e, KeyboardInterrupt):  # every vCPU's result, the kicked ones included
-                raise Interrupted.of(e, results) from None
-            raise
+            errors = [e for e in run_in_threads(work, self.vcpus, "kvmiso-vcpu") if e is not None]
+        except KeyboardInterrupt as e:  # every vCPU's result, the kicked ones included
+            raise Interrupted.of(e, results) from None
         if errors:
             raise errors[0]
         return results  # type: ignore[return-value]

@@ -1,0 +1,56 @@
+"""vCPUs run by threads: start one thread per vCPU, wait for all, and on an interrupt stop them
+before the caller can close the VM under them."""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable, Sequence
+
+from ..interrupt import deferred, threads_without_interrupts
+from ..kvm import Vcpu
+
+
+def run_in_threads(work: Callable[[int], None], vcpus: Sequence[Vcpu], name: str,
+                   before_kick: Callable[[], None] | None = None) -> list[BaseException | None]:
+    """Call ``work(i)`` in a thread of its own for each ``vcpus[i]`` and wait for every one.
+    Returns what each raised (None where it returned).
+
+    If the waiting thread is interrupted (Ctrl-C, or SIGTERM as kvmiso's CLI raises it),
+    ``before_kick`` runs (say, to ask the workers to stop), every vCPU whose thread has not
+    ended is kicked out of KVM_RUN, and the interrupt goes up once all have ended.
+    """
+    errors: list[BaseException | None] = [None] * len(vcpus)
+    done = [threading.Event() for _ in vcpus]
+    done_lock = threading.Lock()  # a kick never targets a thread that has left work()
+
+    def target(i: int) -> None:
+        try:
+            work(i)
+        except BaseException as e:  # handed to the caller's thread
+            errors[i] = e
+        finally:
+            with done_lock:
+                done[i].set()
+
+    threads = [threading.Thread(target=target, args=(i,), name=f"{name}-{i}") for i in range(len(vcpus))]
+    # every thread starts, or none: a Ctrl-C between two starts would leave a vCPU spinning that
+    # the handler below does not know of; the workers never take SIGINT/SIGTERM
+    with deferred(), threads_without_interrupts():
+        for t in threads:
+            t.start()
+    try:
+        for t in threads:
+            t.join()
+    except BaseException:
+        # Our own events, not is_alive()/join(): an interrupted join() can mark a live thread
+        # as stopped (CPython bpo-45274).
+        if before_kick is not None:
+            before_kick()
+        with done_lock:
+            for v, t, d in zip(vcpus, threads, done):
+                if not d.is_set():
+                    v.kick(t.ident)
+        for d in done:
+            d.wait()
+        raise
+    return errors
