@@ -64,6 +64,8 @@ def test_exits_too_wide_to_pack_are_keyed_by_their_reason():
     page = bytearray(3 * 4096)
     abi.kvm_run.from_buffer(page).exit_reason = abi.KVM_EXIT_DEBUG
     assert _key(page) == abi.KVM_EXIT_DEBUG
+    abi.kvm_run.from_buffer(page).exit_reason = lib.KVMISO_SAME_EXIT  # a reason that large is moved aside
+    assert _key(page) == lib.KVMISO_SAME_EXIT << 32
 
 
 def _suite():
@@ -104,3 +106,30 @@ def test_a_repeated_exit_is_the_same_frozen_object(kvm):
         exits = [m.vcpu.run() for _ in range(3)]
         # OUT 0x3000 size 1, OUT 0x3002 size 2, IN 0x3000: three keys, three objects, each as built
         assert [(e.port, e.size, e.is_in) for e in exits] == [(0x3000, 1, False), (0x3002, 2, False), (0x3000, 1, True)]
+
+
+def test_repeated_interleaved_and_reason_exits_all_decode_right(kvm):
+    # real mode at 0x1000: out 0x10; hlt; out 0x10; out 0x11; out 0x10; hlt
+    code = bytes([0xE6, 0x10,  # out %al, $0x10
+                  0xF4,        # hlt
+                  0xE6, 0x10,  # out %al, $0x10   (the same exit as the last I/O one)
+                  0xE6, 0x11,  # out %al, $0x11
+                  0xE6, 0x10,  # out %al, $0x10   (seen before, not last)
+                  0xF4])       # hlt
+    with kvm.create_vm() as vm:
+        vm.add_memory(0, 0x10000)
+        vm.write(0x1000, code)
+        vcpu = vm.create_vcpu()
+        sregs = vcpu.get_sregs()
+        sregs.cs.base = sregs.cs.selector = 0
+        vcpu.set_sregs(sregs)
+        regs = vcpu.get_regs()
+        regs.rip, regs.rflags = 0x1000, 2
+        vcpu.set_regs(regs)
+        exits = []
+        for _ in range(6):
+            e = vcpu.run()
+            assert e == decode(vcpu.page)
+            exits.append(e)
+    assert [getattr(e, "port", e.name) for e in exits] == [0x10, "HLT", 0x10, 0x11, 0x10, "HLT"]
+    assert exits[0] is exits[2] is exits[4] and exits[3] is not exits[0]

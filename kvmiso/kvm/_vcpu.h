@@ -12,6 +12,9 @@
  * number, so that equal exits give equal keys (Vcpu.run() reuses the Exit it built for a key). */
 #define KVMISO_KEY_MMIO 0x2000000000000000
 #define KVMISO_KEY_IO 0x4000000000000000
+/* ... and the answer for the same I/O or MMIO exit as the last such one: a number Python keeps
+ * as one shared object (no exit reason comes near it), so the commonest exit costs no lookup. */
+#define KVMISO_SAME_EXIT 255
 
 /* One ioctl, ready to issue: what a compiled loop times. */
 struct kvmiso_ioctl {
@@ -37,6 +40,7 @@ struct kvmiso_vcpu {
     int timer_made;
     int timer_tid;                  /* the thread it signals */
     int timer_fired;                /* set by the kick signal's handler when the timer kicked */
+    long long last_key;             /* the last packed exit key kvmiso_vcpu_run returned */
 };
 
 /* ---------------------------------------------------------------------------------- C only --- */

@@ -39,8 +39,10 @@ _MAX_NS = (1 << 63) - 1
 _IMMEDIATE_EXIT = abi.kvm_run.immediate_exit.offset
 _vcpu_run = lib.kvmiso_vcpu_run  # a global, not an attribute lookup, on the KVM_RUN hot path
 _KEY_PACKED = min(lib.KVMISO_KEY_IO, lib.KVMISO_KEY_MMIO)  # keys from here up carry a whole exit
+_SAME_EXIT = lib.KVMISO_SAME_EXIT
 _MAX_KEYS = 4096  # different I/O and MMIO exits kept per vCPU
 _INTR = DATALESS[IntrExit.reason]
+_dataless = DATALESS.get  # bound once: a method lookup per exit costs an allocation
 
 
 def _run_layout() -> dict[str, int]:
@@ -110,7 +112,8 @@ class Vcpu:
             "run": {"fd": fd, "request": abi.KVM_RUN, "arg": 0},
             "page": ffi.cast("unsigned char *", self._run_addr), "lay": _RUN_LAYOUT})
         self._kick_lock = threading.Lock()
-        self._exits: dict[int, Exit] = dict(DATALESS)  # exit key -> the exit (see run())
+        self._exits: dict[int, Exit] = {}  # packed exit key -> the exit (see run())
+        self._last: Exit | None = None  # the exit of the last packed key
 
     def close(self) -> None:
         """Delete the kick timer, unmap kvm_run and close the vCPU fd (idempotent)."""
@@ -119,6 +122,7 @@ class Vcpu:
                 return
             lib.kvmiso_vcpu_release(self._c)
             self._exits.clear()  # the cached exits view the page
+            self._last = None
             self.page.release()
             del self.kvm_run
             munmap(self._run_addr, self._run_size)
@@ -140,27 +144,28 @@ class Vcpu:
         object: the compiled call packs every field the decoder reads into one key, and the exit
         built for a key serves it again (its data views the kvm_run page, as every exit's does).
         """
-        c, exits = self._c, self._exits
+        c = self._c
         while True:
             key = _vcpu_run(c)
-            exit = exits.get(key)
-            if exit is not None:
+            if key == _SAME_EXIT:  # the commonest case: the exit the last packed key gave
+                return self._last
+            if key >= _KEY_PACKED:
+                exit = self._exits.get(key) or self._decode(key)
+                self._last = exit
                 return exit
-            if key >= 0:
-                return self._decode(key)
+            if key >= 0:  # an exit reason: only dataless exits are the same object every time
+                return _dataless(key) or decode(self.page)
             if key != -errno.EINTR:
                 raise KvmError("KVM_RUN", -key, _run_errno_hint(-key))
             if self.page[_IMMEDIATE_EXIT]:  # somebody asked this vCPU to stop
                 return _INTR
 
     def _decode(self, key: int) -> Exit:
-        """The exit of a key seen for the first time; kept for the next time if the key holds
-        all of it (the cache starts again when a guest makes too many different ones)."""
-        exit = decode(self.page)
-        if key >= _KEY_PACKED:
-            if len(self._exits) >= _MAX_KEYS:
-                self._exits = dict(DATALESS)
-            self._exits[key] = exit
+        """The exit of a packed key seen for the first time, kept for the next time (the cache
+        starts again when a guest makes too many different ones)."""
+        if len(self._exits) >= _MAX_KEYS:
+            self._exits.clear()
+        exit = self._exits[key] = decode(self.page)
         return exit
 
     @property
