@@ -28,7 +28,8 @@ from .observe.attach import Attached, watch
 from .observe.process import ForeignVm, ProcessError, kvm_fds
 from .observe.kobject import possible_cpus
 
-EVIDENCE_EVERY_S = 0.1  # a watched VM is read again this often while it lives
+EVIDENCE_EVERY_S = 0.1  # a watched VM is read this often until every vCPU's thread is known,
+EVIDENCE_SETTLED_S = 1.0  # then this often, while it lives
 STOP_GRACE_S = 5.0  # a command stopped at --duration gets SIGTERM, then SIGKILL after this
 
 
@@ -135,26 +136,32 @@ def watch_process(target: int | list[str], duration: float | None = None,
         return child[0].pid
 
     def until(pid: int) -> str | None:
-        """Every 0.1 s: read (again) the VM's evidence while the process lives, through copies
-        of its vCPU fds taken the first time they are seen. The latest reading is kept unless it
-        knows fewer vCPU threads or objects than the one before: a vCPU's thread is gone from
-        its struct kvm_vcpu as the process exits, while the fds still hold the VM."""
+        """Every 0.1 s: take copies of the process's vCPU fds as they appear (the VM outlives
+        the process through them), and read the VM's evidence while the process lives: every
+        0.1 s until it names a thread for each vCPU, then every second. The latest reading is
+        kept unless it knows fewer vCPU threads or objects than the one before: a vCPU's thread
+        is gone from its struct kvm_vcpu as the process exits."""
         now = time.monotonic()
         got.setdefault("t0", now)
-        if "vm" not in got:
+        try:
+            seen = len(kvm_fds(pid).vcpus)
+        except ProcessError:
+            seen = 0  # gone, or exec'ing
+        if seen > (len(got["vm"].vcpus) if "vm" in got else 0):
             try:
-                fds = kvm_fds(pid)
+                vm = ForeignVm.attach(pid)
             except ProcessError:
-                fds = None
-            if fds is not None and fds.vcpus:
-                try:
-                    got["vm"] = ForeignVm.attach(pid)
-                except ProcessError:
-                    pass  # gone meanwhile
-        if "vm" in got and now - got.get("read", 0.0) >= EVIDENCE_EVERY_S:
-            reading, got["read"] = collect_evidence(got["vm"], vendor_module() or ""), now
-            if "evidence" not in got or _completeness(reading) >= _completeness(got["evidence"]):
-                got["evidence"] = reading
+                pass  # gone meanwhile
+            else:
+                if "vm" in got:
+                    got["vm"].close()
+                got["vm"] = vm
+        if "vm" in got:
+            complete = "evidence" in got and len(got["evidence"].threads) >= len(got["vm"].vcpus)
+            if now - got.get("read", 0.0) >= (EVIDENCE_SETTLED_S if complete else EVIDENCE_EVERY_S):
+                reading, got["read"] = collect_evidence(got["vm"], vendor_module() or ""), now
+                if "evidence" not in got or _completeness(reading) >= _completeness(got["evidence"]):
+                    got["evidence"] = reading
         if duration is not None and now - got["t0"] >= duration:
             return f"{duration:g} s passed"
         return None

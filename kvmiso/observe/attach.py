@@ -56,7 +56,18 @@ def watch(target: int | Callable[[], int], until: Callable[[int], str | None],
     if events is None:
         events = default_events(_kvm_events())
     tracer = TraceInstance(list(events), pids=seed, buffer_kb=BUFFER_KB, stacks=True, follow_forks=True)
-    got: list[TraceEvent] = []
+    # the loop only drains pages (cheap) and decodes them once at the end: decoding a boot's
+    # flood of records takes seconds, during which the buffer would fill and ``until`` not run
+    pages: dict[int, list[bytes]] = defaultdict(list)
+
+    def drain() -> None:
+        for cpu, data in tracer.read_raw().items():
+            pages[cpu].append(data)
+
+    def records(ended: str) -> Attached:
+        got = tracer.decode({cpu: b"".join(p) for cpu, p in pages.items()})
+        return _records(pid, got, tracer, lost_before, ended)
+
     ended = ""
     with tracer:
         lost_before = tracer.lost
@@ -66,20 +77,20 @@ def watch(target: int | Callable[[], int], until: Callable[[int], str | None],
         try:
             while not ended:
                 r, _, _ = select.select([pidfd], [], [], DRAIN_S)
-                got += tracer.read()
+                drain()
                 if r:
                     ended = _exit_status(pid)
                 else:
                     ended = until(pid) or ""
         except KeyboardInterrupt as e:
             tracer.stop()
-            got += tracer.read()
-            raise Interrupted.of(e, _records(pid, got, tracer, lost_before, "interrupted")) from None
+            drain()
+            raise Interrupted.of(e, records("interrupted")) from None
         finally:
             os.close(pidfd)
         tracer.stop()
-        got += tracer.read()
-        return _records(pid, got, tracer, lost_before, ended)
+        drain()
+        return records(ended)
 
 
 def _records(pid: int, events: list[TraceEvent], tracer: TraceInstance, lost_before: int, ended: str) -> Attached:

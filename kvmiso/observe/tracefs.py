@@ -354,11 +354,16 @@ class TraceInstance:
 
     def read(self) -> list[TraceEvent]:
         """Drain every CPU's buffer: the records of our threads, in timestamp order."""
+        return self.decode(self.read_raw())
+
+    def decode(self, raw: dict[int, bytes]) -> list[TraceEvent]:
+        """The records of our threads in pages from :meth:`read_raw` (several drains of one CPU
+        may be joined: a drain loop that must keep up with the kernel decodes once, at the end)."""
         if self.follow_forks:  # the kernel adds threads as they are born and drops them as they exit
             self.pids |= {int(t) for t in (self.path / "set_event_pid").read_text().split()}
         # following forks, the kernel's filter is the only one: a thread born and gone between two
         # reads is in no list kvmiso could read, but its records are the process's
-        d = decode_buffers(self.read_raw(), self._header, self._page_size, self.formats,
+        d = decode_buffers(raw, self._header, self._page_size, self.formats,
                            None if self.follow_forks else self.pids, self.stack_format)
         self._missed_pages += d.missed
         self.foreign += d.foreign

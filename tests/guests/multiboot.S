@@ -1,7 +1,9 @@
 /* A multiboot (v1) kernel for QEMU's -kernel: it prints COUNT bytes to the debugcon port 0xe9,
  * one OUT each, then asks QEMU to exit through isa-debug-exit (port 0xf4). With LOOP defined it
- * prints forever, a byte every ~100k iterations, for tests that attach to a running QEMU.
- * Built by tests/test_attach.py: as --32 --defsym COUNT=n [--defsym LOOP=1]; ld -m elf_i386 -Ttext=0x100000. */
+ * prints forever, a byte every DELAY iterations (default 100000), for tests that attach to a
+ * running QEMU and for scripts/bench_attach.py (its rate of bytes is the guest's progress).
+ * Built by tests/test_attach.py: as --32 --defsym COUNT=n [--defsym LOOP=1 [--defsym DELAY=n]];
+ * ld -m elf_i386 -Ttext=0x100000. */
 	.section .text
 	.code32
 	.globl _start
@@ -18,9 +20,12 @@ header:
 _start:
 	mov $0xe9, %dx
 .ifdef LOOP
+.ifndef DELAY
+	.set DELAY, 100000
+.endif
 1:	mov $'.', %al
 	out %al, %dx
-	mov $100000, %ecx
+	mov $DELAY, %ecx
 2:	dec %ecx
 	jnz 2b
 	jmp 1b
