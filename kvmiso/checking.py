@@ -43,7 +43,7 @@ def _watch(args):
 def cmd_trace_process(args: argparse.Namespace) -> int:
     """trace --pid / -- COMMAND: another process's vCPUs, per vCPU and in total."""
     from .observe.evidence import write_evidence
-    from .observe.exitlog import summarize
+    from .observe.exitstat import summarize
 
     w = _watch(args)
     log = w.log

@@ -368,7 +368,7 @@ def cmd_trace(args) -> int:  # noqa: C901 - the payload path; --pid and -- COMMA
     if not args.payload:
         raise CliError("trace what? a payload, --pid PID or -- COMMAND ...")
     from .observe.capture import capture
-    from .observe.exitlog import format_event, summarize
+    from .observe.exitstat import format_event, summarize
 
     _warn_if_undeclared(args.payload, args.mode)
     if args.json:  # before the run: a log that cannot be written is bad input, not a lost capture
@@ -411,11 +411,9 @@ def cmd_trace(args) -> int:  # noqa: C901 - the payload path; --pid and -- COMMA
 
             symbols = read_kallsyms()
         for r in log.records:
-            x = r.exit
             fields = " ".join(f"{k}={v:#x}" if isinstance(v, int) and not isinstance(v, bool) else f"{k}={v}"
-                              for k, v in x.items() if k != "exit")
-            print(f"run {r.run}: KVM_EXIT_{x['exit']} {fields} "
-                  f"({r.wall_ns / 1e3:.2f} µs)")
+                              for k, v in r.exit.to_dict().items() if k != "exit")  # data as hex
+            print(f"run {r.run}: KVM_EXIT_{r.exit.name} {fields} ({r.wall_ns / 1e3:.2f} µs)")
             for e in r.events:
                 print("  " + format_event(e, r.start_ns))
                 for a in e.stack if args.stacks else ():

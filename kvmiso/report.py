@@ -190,7 +190,7 @@ def _plot(result: Any, path: Path) -> str:
 def _suite_parts(rep: Report, kvm: Kvm, vendor: str | None, out_dir: Path) -> list[SuiteRun]:
     """The guest suite under one capture session, then the parts made of what it recorded:
     written even when the suite was interrupted, from the runs that ended."""
-    from .observe.exitlog import summarize
+    from .observe.exitstat import summarize
 
     runs: list[SuiteRun] = []
     with Capture() as cap:

@@ -14,6 +14,7 @@ import psutil
 import pytest
 
 from kvmiso.cli import main
+from kvmiso.kvm.exits import IoExit
 from kvmiso.observe.exitlog import read_jsonl
 from kvmiso.observe.evidence import read_evidence
 
@@ -79,7 +80,9 @@ def test_attach_to_a_running_qemu(kvm, tmp_path, capsys):
         out = capsys.readouterr().out
         assert f"traced pid {q.pid} until 1.5 s passed" in out
         got = read_jsonl(log)
-        assert got.records and all(r.exit == {"exit": "IO"} for r in got.records)
+        # the guest's OUTs to debugcon, typed from their kvm_pio events
+        assert got.records and all(isinstance(r.exit, IoExit) and r.exit.port == 0xE9 and not r.exit.is_in
+                                   and bytes(r.exit.data) == b"." for r in got.records)
         tids = {int(t) for t in os.listdir(f"/proc/{q.pid}/task")}
         assert {e.pid for _, e in got.events()} <= tids
         assert q.poll() is None  # attaching and detaching leaves QEMU running

@@ -22,7 +22,8 @@ from kvmiso.bench.runloop import LoopError
 from kvmiso.guest import Machine, build
 from kvmiso.interrupt import Interrupted
 from kvmiso.kvm import abi
-from kvmiso.kvm.exits import IoExit, MmioExit, decode
+from kvmiso.kvm.exitdecode import decode
+from kvmiso.kvm.exits import IoExit, MmioExit
 
 PORT_BENCH = build("bench_out", "long").symbols["PORT_BENCH"]  # guests/lib/kvmiso.inc
 

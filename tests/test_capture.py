@@ -15,7 +15,9 @@ from ready import READY_SPIN, wait_until_counted
 
 from kvmiso.guest import Machine
 from kvmiso.observe.capture import Capture, capture
-from kvmiso.observe.exitlog import read_jsonl, summarize
+from kvmiso.kvm.exits import HltExit, IntrExit, IoExit, MmioExit, RdmsrExit, WrmsrExit
+from kvmiso.observe.exitlog import parse_jsonl, read_jsonl
+from kvmiso.observe.exitstat import summarize
 from kvmiso.observe.tracefs import TracefsUnavailable, tracefs_root
 
 ROOT = Path(__file__).parent.parent
@@ -78,12 +80,12 @@ def test_every_run_ends_with_its_userspace_exit_and_agrees_with_stats(session, k
     for r in log.records:
         last = r.events[-1]
         assert last.name == "kvm_userspace_exit" and last.fields["errno"] == 0
-        assert last.symbols["reason"] == f"KVM_EXIT_{r.exit['exit']}"
+        assert last.symbols["reason"] == f"KVM_EXIT_{r.exit.name}"
         assert r.start_ns <= r.events[0].ts_ns and last.ts_ns <= r.end_ns
         # the stats delta of each KVM_RUN counts exactly the emulations traced inside it
         assert r.stats.get("insn_emulation", 0) == sum(e.name == "kvm_emulate_insn" for e in r.events)
-        assert r.stats.get("mmio_exits", 0) == (r.exit["exit"] == "MMIO")
-        assert r.stats.get("halt_exits", 0) == (r.exit["exit"] == "HLT")
+        assert r.stats.get("mmio_exits", 0) == isinstance(r.exit, MmioExit)
+        assert r.stats.get("halt_exits", 0) == isinstance(r.exit, HltExit)
     # the emulated instructions are the payload's own: RIP inside the image (linear: + CS base)
     lo, hi = image.load_address, image.load_address + len(image.code)
     for e in _events(log, "kvm_emulate_insn"):
@@ -97,7 +99,7 @@ def test_portio_gives_kvm_pio(session, mode, cpl):
     assert [p for p in pio if p[1] in (0x3000, 0x3002)] == [
         (1, 0x3000, 1, 0xA5), (1, 0x3002, 2, 0xBEEF), (0, 0x3000, 1, 0x5A), (0, 0x3002, 2, 0x1234)]
     # an IN completes when the vCPU runs again: its kvm_pio is in the KVM_RUN after the IO exit
-    ins = [i for i, r in enumerate(log.records) if r.exit["exit"] == "IO" and r.exit["is_in"]]
+    ins = [i for i, r in enumerate(log.records) if isinstance(r.exit, IoExit) and r.exit.is_in]
     for i in ins:
         assert any(e.name == "kvm_pio" and e.fields["rw"] == 0 for e in log.records[i + 1].events)
 
@@ -108,14 +110,14 @@ def test_cpuid_gives_kvm_cpuid_with_its_leaves(session, mode):
     cpuid = _events(log, "kvm_cpuid")
     assert [(e.fields["function"], e.fields["index"]) for e in cpuid] == [(0, 0), (1, 0)]
     assert cpuid[0].fields["rax"] == result.report(0) and cpuid[1].fields["rax"] == result.report(4)
-    assert all(r.exit["exit"] == "IO" for r in log.records)  # CPUID never left the kernel
+    assert all(isinstance(r.exit, IoExit) for r in log.records)  # CPUID never left the kernel
 
 
 def test_msr_gives_kvm_msr_with_its_index(session):
     result, log, _ = session[("msr", "long", 0)]
     msr = [(e.fields["write"], e.fields["ecx"], e.fields["data"]) for e in _events(log, "kvm_msr")]
     assert (1, 0x174, 0x10) in msr and (0, 0x174, 0x10) in msr
-    assert [r.exit["index"] for r in log.records if r.exit["exit"] in ("X86_RDMSR", "X86_WRMSR")] == [0x474F4F00] * 2
+    assert [r.exit.index for r in log.records if isinstance(r.exit, (RdmsrExit, WrmsrExit))] == [0x474F4F00] * 2
 
 
 @pytest.mark.parametrize("mode", ["long", "protected"])
@@ -136,7 +138,13 @@ def test_one_session_log_holds_every_run_in_order(session):
 def test_exit_log_json_lines_round_trip(session, tmp_path):
     log = session["session"]
     log.write_jsonl(tmp_path / "log.jsonl")
-    assert read_jsonl(tmp_path / "log.jsonl") == log
+    back = read_jsonl(tmp_path / "log.jsonl")
+    assert back == log
+    # every exit these payloads made (IO both ways, MMIO both ways, MSR both ways, HLT) comes back
+    # with its class and fields; the data of OUTs and MMIO writes byte for byte
+    assert {type(r.exit) for r in back.records} >= {IoExit, MmioExit, RdmsrExit, WrmsrExit, HltExit}
+    assert [r.exit.to_dict() for r in back.records] == [r.exit.to_dict() for r in log.records]
+    assert parse_jsonl(log.iter_jsonl()) == back
 
 
 def test_summary_counts_every_event_and_run(session):
@@ -195,7 +203,7 @@ def test_timeout_is_a_result_not_an_exception_and_lost_records_are_counted(kvm):
         ]))
         result, log = cap.run(m, timeout=0.3)
     assert result.outcome == "timeout" and result.detail.startswith("stopped at rip")
-    assert [r.exit["exit"] for r in log.records] == ["INTR"]
+    assert [r.exit for r in log.records] == [IntrExit()]
     assert log.records[0].stats["exits"] > 0
     assert log.lost_events > 0  # far more than 16 KiB of records in 0.3 s
     assert "LOST" in summarize(log).table()
@@ -205,7 +213,7 @@ def test_without_tracing_the_log_keeps_exits_and_stats(kvm):
     with Machine("portio", mode="long", kvm=kvm) as m:
         result, log = capture(m, trace=False, on_io=_answer_io)
     assert result.ok and not log.tracing and log.tracing_reason == "tracing not requested"
-    assert [r.exit["exit"] for r in log.records] == ["IO"] * result.runs
+    assert [type(r.exit) for r in log.records] == [IoExit] * result.runs
     assert sum(r.stats.get("exits", 0) for r in log.records) >= result.runs
     assert "not traced" in summarize(log).table()
 
@@ -237,7 +245,7 @@ def test_user_on_exit_hook_still_sees_every_exit(kvm):
     seen = []
     with Machine("portio", mode="long", kvm=kvm) as m:
         result, log = capture(m, trace=False, on_exit=lambda e: seen.append(e.name), on_io=_answer_io)
-    assert seen == [r.exit["exit"] for r in log.records] and result.ok
+    assert seen == [r.exit.name for r in log.records] and result.ok
 
 
 # --- kvmiso trace ----------------------------------------------------------------------------

@@ -14,9 +14,10 @@ import pytest
 from hypothesis import given, strategies as st
 
 from kvmiso.kvm import abi
+from kvmiso.kvm.exitdecode import decode
 from kvmiso.kvm.exits import (DebugExit, ExceptionExit, FailEntryExit, HltExit, HwUnknownExit, HypercallExit,
                               InternalErrorExit, IoExit, MmioExit, NotifyExit, RdmsrExit, SystemEventExit,
-                              TprAccessExit, UnknownExit, WrmsrExit, decode, detach)
+                              TprAccessExit, UnknownExit, WrmsrExit, detach)
 
 HEADER = Path("/usr/include/linux/kvm.h")
 PAGE = 8192  # struct kvm_run, then the PIO data page at 4096 as KVM places it

@@ -18,6 +18,7 @@ from ready import READY_HYPERCALL, READY_SPIN, interrupt_when, wait_until_counte
 from kvmiso import cli
 from kvmiso.guest import Machine
 from kvmiso.interrupt import Interrupted, start_kicker
+from kvmiso.kvm.exits import IntrExit
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -155,7 +156,7 @@ def test_interrupted_trace_and_check_keep_what_they_saw(kvm, tmp_path, sig):
         if what == "trace":
             log = read_jsonl(log_path)
             assert log.incomplete == f"interrupted by {name}" and log.records
-            assert log.records[-1].exit["exit"] == "INTR"
+            assert isinstance(log.records[-1].exit, IntrExit)
         else:
             results = json.loads(out)
             assert [(r["payload"], r["incomplete"]) for r in results] == [("portio", False), (READY_SPIN, True)]

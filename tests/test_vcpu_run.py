@@ -13,7 +13,8 @@ from kvmiso.guest import Machine, build
 from kvmiso.guest.suite import SUITE_PAYLOADS, answer_io, answer_mmio, answer_msr
 from kvmiso.guest.build import payload_modes, payload_path
 from kvmiso.kvm import abi
-from kvmiso.kvm.exits import IoExit, MmioExit, decode
+from kvmiso.kvm.exitdecode import decode
+from kvmiso.kvm.exits import IoExit, MmioExit
 from kvmiso.kvm.vcpu import _RUN_LAYOUT, ffi, lib
 
 IO = st.tuples(st.sampled_from([abi.KVM_EXIT_IO_IN, abi.KVM_EXIT_IO_OUT]), st.sampled_from([1, 2, 4]),

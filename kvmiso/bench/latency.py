@@ -26,7 +26,8 @@ from ..guest.threads import run_in_threads
 from ..interrupt import Interrupted
 from ..guest.ucall import PORT_UCALL, GuestException, MalformedUcall, decode_ucall
 from ..kvm import Kvm
-from ..kvm.exits import IoExit, decode
+from ..kvm.exitdecode import decode
+from ..kvm.exits import IoExit
 from ..kvm.vm import PAGE_SIZE
 from . import runloop, stats
 from .environment import host_facts, pin, unpin

@@ -34,6 +34,7 @@ from operator import attrgetter
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..kvm.exits import IntrExit
 from ..observe.evidence import Frame
 from ..observe.exitlog import ExitLog, RunRecord, TraceEvent
 from .access import AccessModel, ExitPath, base_name
@@ -334,7 +335,7 @@ def check(space: KvmAddressSpace | DenylistSpace, log: ExitLog, access: AccessMo
     signatures: dict[tuple, int] = {}
     rep: dict[tuple, RunRecord] = {}
     for r in log.records:
-        sig = (r.exit.get("exit", "?"), r.vcpu, tuple(map(event_key, r.events)))
+        sig = (r.exit.name, r.vcpu, tuple(map(event_key, r.events)))
         if sig in signatures:
             signatures[sig] += 1
         else:
@@ -353,7 +354,7 @@ def check(space: KvmAddressSpace | DenylistSpace, log: ExitLog, access: AccessMo
         for x, group in enumerate(exits):
             verdict, checked = None, False
             # the last exit of a KVM_RUN that returned with an exit is the one that goes to userspace
-            to_user = x == len(exits) - 1 and r.exit.get("exit") != "INTR"
+            to_user = x == len(exits) - 1 and not isinstance(r.exit, IntrExit)
             for i in group:
                 where, v = checker.event(evs[i], r.vcpu, to_user)
                 if where != "checked":

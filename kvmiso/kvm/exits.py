@@ -1,4 +1,4 @@
-"""One frozen dataclass per KVM_EXIT_* reason, and ``decode(vcpu page) -> Exit``.
+"""One frozen dataclass per KVM_EXIT_* reason (:mod:`.exitdecode` reads them from kvm_run).
 
 The set is closed: a reason kvmiso does not know becomes ``UnknownExit(reason)``, never an
 exception. I/O and MMIO data are views into the vCPU's kvm_run page, not copies, so they are
@@ -7,12 +7,11 @@ valid until the next KVM_RUN; ``reply()`` writes the answer to an IN or an MMIO 
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar
 
 from . import abi
-from .abi_run import member, unpacker
+from .abi_run import member
 
 
 def exit_name(reason: int) -> str:
@@ -282,6 +281,22 @@ class UnknownExit(Exit):
         return exit_name(self.code)
 
 
+@dataclass(frozen=True, slots=True)
+class ObservedExit(Exit):
+    """An exit known by its reason alone: another process's KVM_RUN seen through the
+    ``kvm_userspace_exit`` tracepoint, whose other kvm_run fields only that process could read."""
+
+    code: int
+
+    @property
+    def name(self) -> str:
+        """The KVM_EXIT_* name of ``code`` where kvmiso knows it."""
+        return exit_name(self.code)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"exit": self.name, "code": self.code, "observed": True}
+
+
 def detach(exit: Exit) -> Exit:
     """A copy of ``exit`` that no longer views the kvm_run page (safe to keep past the next
     KVM_RUN and the vCPU's close): I/O and MMIO data and the MSR reply area are copied out."""
@@ -292,96 +307,46 @@ def detach(exit: Exit) -> Exit:
     return exit
 
 
-# --- reading struct kvm_run (formats from abi_run.unpacker) ----------------------------------
+# --- what an exit's reply writes, and the exits with no data ---------------------------------
+
+# struct kvm_run's msr.error through msr.data: what an MSR exit's reply() writes
+MSR_REPLY_AREA = slice(member("u.msr.error")[0], member("u.msr.data")[0] + 8)
+_MSR_REPLY = MSR_REPLY_AREA.stop - 8 - MSR_REPLY_AREA.start  # where RDMSR's answer goes, from msr.error
 
 # The exits that carry no data: one shared instance each.
 DATALESS: dict[int, Exit] = {cls.reason: cls() for cls in (HltExit, IrqWindowOpenExit, ShutdownExit, IntrExit, NmiExit)}
 
 
-# Constructors for the hot exits that set the slots directly: a frozen dataclass's __init__ goes
-# through object.__setattr__ per field, which costs more than KVM_RUN's own ioctl overhead on
-# the Vcpu.run() path. Positional arguments in field order (the unpacking fails loudly if the
-# fields change), no checks.
-_object_new = object.__new__
-_io_port, _io_size, _io_count, _io_is_in, _io_data = (getattr(IoExit, f.name).__set__ for f in fields(IoExit))
-_mmio_address, _mmio_length, _mmio_is_write, _mmio_data = (getattr(MmioExit, f.name).__set__ for f in fields(MmioExit))
+# --- the exit log's reader --------------------------------------------------------------------
+
+# every class decode() gives, by reason
+EXIT_CLASSES: dict[int, type[Exit]] = {cls.reason: cls for cls in (
+    IoExit, MmioExit, HwUnknownExit, ExceptionExit, HypercallExit, DebugExit, HltExit, IrqWindowOpenExit,
+    ShutdownExit, FailEntryExit, IntrExit, TprAccessExit, NmiExit, InternalErrorExit, SystemEventExit,
+    RdmsrExit, WrmsrExit, NotifyExit)}
+_REASON_OF_NAME = {name: nr for nr, name in abi.KVM_EXIT_REASONS.items()}
 
 
-def _new_io(port: int, size: int, count: int, is_in: bool, data: memoryview) -> IoExit:
-    e = _object_new(IoExit)
-    _io_port(e, port), _io_size(e, size), _io_count(e, count), _io_is_in(e, is_in), _io_data(e, data)
-    return e
-
-
-def _new_mmio(address: int, length: int, is_write: bool, data: memoryview) -> MmioExit:
-    e = _object_new(MmioExit)
-    _mmio_address(e, address), _mmio_length(e, length), _mmio_is_write(e, is_write), _mmio_data(e, data)
-    return e
-
-
-# one unpack for the reason and the io member: port I/O is the hot path (see _new_io)
-_reason_io = unpacker("exit_reason", "u.io.direction", "u.io.size", "u.io.port", "u.io.count", "u.io.data_offset")
-_mmio = unpacker("u.mmio.phys_addr", "u.mmio.len", "u.mmio.is_write")
-_MMIO_DATA, _ = member("u.mmio.data")
-_debug = unpacker("u.debug.exception", "u.debug.pc", "u.debug.dr6", "u.debug.dr7")
-_hw = unpacker("u.hw.hardware_exit_reason")
-_ex = unpacker("u.ex.exception", "u.ex.error_code")
-_fail_entry = unpacker("u.fail_entry.hardware_entry_failure_reason", "u.fail_entry.cpu")
-_hypercall = unpacker("u.hypercall.nr", "u.hypercall.args", "u.hypercall.longmode")
-_tpr = unpacker("u.tpr_access.rip", "u.tpr_access.is_write")
-_internal = unpacker("u.internal.suberror", "u.internal.ndata")
-_INTERNAL_DATA, _ = member("u.internal.data")
-_system_event = unpacker("u.system_event.type", "u.system_event.ndata")
-_SYSTEM_EVENT_DATA, _ = member("u.system_event.data")
-_msr = unpacker("u.msr.reason", "u.msr.index", "u.msr.data")
-_MSR_ERROR, _ = member("u.msr.error")
-_MSR_DATA_END = member("u.msr.data")[0] + 8
-_MSR_REPLY = _MSR_DATA_END - 8 - _MSR_ERROR  # where RDMSR's answer goes, from msr.error
-_notify = unpacker("u.notify.flags")
-_EXIT_IO, _IO_IN = abi.KVM_EXIT_IO, abi.KVM_EXIT_IO_IN
-
-
-def _u64s(page: memoryview, off: int, n: int) -> tuple[int, ...]:
-    return struct.unpack_from(f"<{min(n, 16)}Q", page, off)  # data[16] in both unions
-
-
-def decode(page: memoryview) -> Exit:
-    """Decode the exit in a kvm_run page (a writable byte memoryview of the vCPU mapping)."""
-    reason, direction, size, port, count, off = _reason_io(page)
-    if reason == _EXIT_IO:
-        return _new_io(port, size, count, direction == _IO_IN, page[off : off + size * count])
-    if reason == abi.KVM_EXIT_MMIO:
-        addr, length, is_write = _mmio(page)
-        return _new_mmio(addr, length, bool(is_write), page[_MMIO_DATA : _MMIO_DATA + 8])
-    simple = DATALESS.get(reason)
-    if simple is not None:
-        return simple
-    if reason == abi.KVM_EXIT_DEBUG:
-        return DebugExit(*_debug(page))
-    if reason == abi.KVM_EXIT_UNKNOWN:
-        return HwUnknownExit(*_hw(page))
-    if reason == abi.KVM_EXIT_EXCEPTION:
-        return ExceptionExit(*_ex(page))
-    if reason == abi.KVM_EXIT_FAIL_ENTRY:
-        return FailEntryExit(*_fail_entry(page))
-    if reason == abi.KVM_EXIT_HYPERCALL:
-        v = _hypercall(page)
-        return HypercallExit(v[0], tuple(v[1:7]), v[7])
-    if reason == abi.KVM_EXIT_TPR_ACCESS:
-        rip, is_write = _tpr(page)
-        return TprAccessExit(rip, bool(is_write))
-    if reason == abi.KVM_EXIT_INTERNAL_ERROR:
-        suberror, ndata = _internal(page)
-        return InternalErrorExit(suberror, _u64s(page, _INTERNAL_DATA, ndata))
-    if reason == abi.KVM_EXIT_SYSTEM_EVENT:
-        typ, ndata = _system_event(page)
-        return SystemEventExit(typ, _u64s(page, _SYSTEM_EVENT_DATA, ndata))
-    if reason in (abi.KVM_EXIT_X86_RDMSR, abi.KVM_EXIT_X86_WRMSR):
-        msr_reason, index, data = _msr(page)
-        err = page[_MSR_ERROR : _MSR_DATA_END]
-        if reason == abi.KVM_EXIT_X86_RDMSR:
-            return RdmsrExit(index, msr_reason, err)
-        return WrmsrExit(index, msr_reason, err, data)
-    if reason == abi.KVM_EXIT_NOTIFY:
-        return NotifyExit(*_notify(page))
-    return UnknownExit(reason)
+def exit_from_dict(d: dict[str, Any]) -> Exit:
+    """The exit :meth:`Exit.to_dict` wrote, detached. Data the dict does not hold is empty (an
+    IN's or an MMIO read's: the kernel had not written it when the exit was recorded); an MSR
+    exit's reply area is a fresh buffer. KeyError/TypeError/ValueError where ``d`` is not one."""
+    if d.get("observed"):
+        return ObservedExit(d["code"])
+    code = d["code"] if "code" in d else _REASON_OF_NAME.get(d["exit"])
+    if code is None:
+        raise ValueError(f"no KVM exit is named {d['exit']!r}")
+    cls = EXIT_CLASSES.get(code)
+    if cls is None:
+        return UnknownExit(code)
+    if code in DATALESS:
+        return DATALESS[code]
+    kwargs: dict[str, Any] = {}
+    for f in fields(cls):
+        if f.name == "_error":
+            kwargs[f.name] = memoryview(bytearray(MSR_REPLY_AREA.stop - MSR_REPLY_AREA.start))
+        elif "memoryview" in str(f.type):
+            kwargs[f.name] = memoryview(bytes.fromhex(d.get(f.name) or ""))
+        elif f.name in d:
+            kwargs[f.name] = tuple(d[f.name]) if isinstance(d[f.name], list) else d[f.name]
+    return cls(**kwargs)

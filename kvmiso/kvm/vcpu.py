@@ -22,7 +22,8 @@ from . import abi
 from ._libc import ioctl, mmap, munmap
 from .cpuid import CpuidEntry, get_cpuid, set_cpuid
 from .errors import KvmError
-from .exits import DATALESS, Exit, IntrExit, decode
+from .exitdecode import decode
+from .exits import DATALESS, Exit, IntrExit
 from .stats import Stats
 
 try:

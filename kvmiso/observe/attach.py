@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from ..interrupt import Interrupted
+from ..kvm.exits import DATALESS, Exit, IoExit, MmioExit, ObservedExit
 from .exitlog import ExitLog, RunRecord, TraceEvent
 from .process import ProcessError, threads
 from .tracefs import TraceInstance, TracefsUnavailable
@@ -27,6 +28,8 @@ from .tracefs import TraceInstance, TracefsUnavailable
 DEFAULT_EXCLUDED = ("kvm_emulate_insn",)  # and the kvmmmu system: once per emulated instruction
 BUFFER_KB = 16384
 DRAIN_S = 0.1
+# kvm_mmio's type field (its format's symbol table: KVM_TRACE_MMIO_* in include/trace/events/kvm.h)
+MMIO_UNSATISFIED_READ, MMIO_WRITE = 0, 2
 
 
 @dataclass
@@ -106,8 +109,8 @@ def _records(pid: int, events: list[TraceEvent], tracer: TraceInstance, lost_bef
         for e in evs:
             pending.append(e)
             if e.name == "kvm_userspace_exit" and e.fields.get("errno", 0) == 0:
-                reason = e.symbols.get("reason", f"KVM_EXIT_{e.fields.get('reason')}").removeprefix("KVM_EXIT_")
-                records.append(RunRecord(run=0, vcpu=tid, start_ns=start, end_ns=e.ts_ns, exit={"exit": reason},
+                records.append(RunRecord(run=0, vcpu=tid, start_ns=start, end_ns=e.ts_ns,
+                                         exit=exit_of_events(e.fields["reason"], pending),
                                          payload=f"pid {pid} thread {tid}", events=pending))
                 start, pending = e.ts_ns, []
         unplaced += len(pending)
@@ -144,6 +147,26 @@ def _pidfd(pid: int) -> int:
         return _syscall(_NR_PIDFD_OPEN, pid, 0)
     except OSError as e:
         raise ProcessError(f"pid {pid}: pidfd_open failed: {e.strerror}") from None
+
+
+def exit_of_events(reason: int, events: list[TraceEvent]) -> Exit:
+    """The exit another process's KVM_RUN returned, as far as its trace events tell: port I/O
+    from its last ``kvm_pio`` (an OUT's data is the first element, the tracepoint's ``val``),
+    MMIO from its last unsatisfied read or write ``kvm_mmio``, exits without data as they are;
+    any other by its reason alone (:class:`ObservedExit`)."""
+    last = {e.name: e for e in events}
+    pio, mmio = last.get("kvm_pio"), last.get("kvm_mmio")
+    if reason == IoExit.reason and pio is not None:
+        f = pio.fields
+        out = f["rw"] == 1
+        data = f["val"].to_bytes(4, "little")[: f["size"]] if out else b""
+        return IoExit(f["port"], f["size"], f["count"], not out, memoryview(data))
+    if reason == MmioExit.reason and mmio is not None and mmio.fields["type"] in (MMIO_UNSATISFIED_READ, MMIO_WRITE):
+        f = mmio.fields
+        write = f["type"] == MMIO_WRITE
+        data = f["val"].to_bytes(8, "little")[: f["len"]] if write else b""
+        return MmioExit(f["gpa"], f["len"], write, memoryview(data))
+    return DATALESS.get(reason) or ObservedExit(reason)
 
 
 def _exit_status(pid: int) -> str:

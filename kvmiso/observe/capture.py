@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 from ..guest.deadline import GuestTimeout
 from ..interrupt import Interrupted
-from ..kvm.exits import IntrExit
+from ..kvm.exits import Exit, IntrExit, detach
 from .exitlog import ExitLog, RunRecord, TraceEvent
 from .traceformat import FormatError
 from .tracefs import DEFAULT_BUFFER_KB, TraceInstance, TracefsUnavailable
@@ -92,13 +92,13 @@ class Capture:
         starts: list[int] = []
         ends: list[int] = []
         raws: list[bytes] = []
-        exits: list[dict[str, Any]] = []
+        exits: list[Exit] = []
         with machine.vcpus[vcpu].stats() as stats:
 
             def on_exit(exit) -> bool | None:
                 ends.append(time.monotonic_ns())
                 raws.append(stats.read_raw())
-                exits.append(exit.to_dict())  # now: IO/MMIO data views change with the next run
+                exits.append(detach(exit))  # now: IO/MMIO data views change with the next run
                 stop = user_hook(exit) if user_hook is not None else None
                 starts.append(time.monotonic_ns())
                 return stop
@@ -121,7 +121,7 @@ class Capture:
             if result.outcome in ("timeout", "interrupted"):  # an IntrExit: on_exit never saw it
                 ends.append(time.monotonic_ns())
                 raws.append(stats.read_raw())
-                exits.append(IntrExit().to_dict())
+                exits.append(IntrExit())
             else:
                 starts.pop()  # the start of a KVM_RUN that never happened
             deltas = [_delta(stats, before, after) for before, after in zip([base, *raws], raws)]
@@ -175,7 +175,7 @@ def assign_events(records: list[RunRecord], events: list[TraceEvent], lost: int 
     inside = [e for e in events if first <= e.ts_ns <= last]
     outside = len(events) - len(inside)
     ends = [i for i, e in enumerate(inside) if e.name == "kvm_userspace_exit" and e.fields.get("errno", 0) == 0]
-    completed = len(records) - (1 if records[-1].exit.get("exit") == "INTR" else 0)
+    completed = len(records) - (1 if isinstance(records[-1].exit, IntrExit) else 0)
     note = ""
     if len(ends) == completed:
         lo = 0
