@@ -193,8 +193,12 @@ class TraceInstance:
         self.stale_removed = remove_stale(root)
         self._undo_sigterm = interrupt.sigterm_unwinds()
         try:
-            with interrupt.deferred():  # an instance that exists is one we know about
+            # an instance that exists is one we know about, and so is every pipe open in it:
+            # a signal between open(2) and the assignment would lose an fd that keeps the
+            # instance busy (rmdir fails with EBUSY) for as long as the process lives
+            with interrupt.deferred():
                 self.path = self._make_instance(root)
+                self._open_pipes(self.path)
             self._setup(root)
         except BaseException:
             self.close()
@@ -222,14 +226,16 @@ class TraceInstance:
             _live.add(name)
         return path
 
-    def _setup(self, root: Path) -> None:
-        p = self.path
-        assert p is not None
-        # Open the pipes first: an instance with open files cannot be removed by anybody else.
+    def _open_pipes(self, p: Path) -> None:
+        # First thing: an instance with open files cannot be removed by anybody else.
         cpus = sorted(int(d[3:]) for d in os.listdir(p / "per_cpu") if d.startswith("cpu"))
         for cpu in cpus:
             self._fds[cpu] = os.open(p / "per_cpu" / f"cpu{cpu}" / "trace_pipe_raw",
                                      os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def _setup(self, root: Path) -> None:
+        p = self.path
+        assert p is not None
         self._header = PageHeader.parse((root / "events" / "header_page").read_text())
         try:
             self._page_size = int((p / "buffer_subbuf_size_kb").read_text()) * 1024
