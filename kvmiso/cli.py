@@ -14,7 +14,7 @@ import math
 import os
 import signal
 import sys
-from typing import Any, Callable, NoReturn
+from typing import Callable, NoReturn
 
 from .bench import command as bench_command
 from .boot import BootError
@@ -25,7 +25,7 @@ from .guest.ucall import PORT_CONSOLE
 from .exitstatus import EXIT_BAD_INPUT, EXIT_FAILED, CliError
 from .interrupt import Interrupted, signals_raise_interrupted
 from .output import CheckedStdout, StdoutError, printable, writable, writable_dir
-from .kvm import Kvm, KvmError, KvmUnavailable
+from .kvm import KvmError, KvmUnavailable
 from .kvm.exits import DebugExit, Exit, IoExit, MmioExit
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,8 +81,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def positive_seconds(text: str) -> float:
-    """``--timeout``: a positive, finite number of seconds (a watchdog cannot wait forever, and
-    a deadline already past races the guest)."""
+    """``--timeout`` and ``--duration``: a positive, finite number of seconds up to a day (a
+    deadline already past races the guest; the timer behind one cannot wait forever)."""
     try:
         value = float(text)
     except ValueError:
@@ -101,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("probe", help="what this host's KVM is and can do")
     sp.add_argument("--json", action="store_true", help="print the facts as JSON")
-    sp.set_defaults(func=cmd_probe)
+    sp.set_defaults(func=_probe)
 
     sp = sub.add_parser("bench", help="time KVM_RUN round trips per exit kind, beside the floors")
     bench_command.add_bench_args(sp)
@@ -166,6 +166,12 @@ def _checking(name: str) -> Callable[[argparse.Namespace], int]:
     return run
 
 
+def _probe(args: argparse.Namespace) -> int:
+    from .probing import cmd_probe  # imported when it runs: parsing arguments needs none of it
+
+    return cmd_probe(args)
+
+
 def _add_model_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--policy", default="rfc-v1", metavar="NAME",
                     help="rfc-v1 (the 2019 RFC's allowlist, the default), asi (2024-2025 denylist) or asi-2022")
@@ -179,7 +185,7 @@ def _add_model_args(sp: argparse.ArgumentParser) -> None:
 
 def _add_process_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--pid", type=int, help="watch the KVM vCPUs of a running process (QEMU, your VMM)")
-    sp.add_argument("--duration", type=float, metavar="S", help="with --pid or -- COMMAND: stop after S seconds (a COMMAND gets SIGTERM then)")
+    sp.add_argument("--duration", type=positive_seconds, metavar="S", help="with --pid or -- COMMAND: stop after S seconds (a COMMAND gets SIGTERM then)")
 
 
 def _add_guest_args(sp: argparse.ArgumentParser) -> None:
@@ -198,76 +204,8 @@ def _warn_if_undeclared(payload: str, mode: str | None) -> None:
               file=sys.stderr)
 
 
-# --- probe -----------------------------------------------------------------------------------
-
-def cmd_probe(args: argparse.Namespace) -> int:
-    """``kvmiso probe``: the host's KVM facts as rows (or JSON)."""
-    from .guest.probe import probe
-
-    with Kvm() as kvm:
-        info = probe(kvm)
-    if args.json:
-        print(json.dumps(info, indent=2))
-        return 0
-    emu = info["emulated_instructions"]
-    rows = [
-        ("KVM API version", info["api_version"]),
-        ("vendor module", info["vendor"] or "none found in /sys/module"),
-        ("CPL0 guest code", "native" if info["cpl0_native"] else
-         f"emulated ({emu['cpl0']} emulations for {emu['probe_instructions']}+ instructions)"),
-        ("CPL3 guest code", "native" if info["cpl3_native"] else f"emulated ({emu['cpl3']} emulations)"),
-        *((f"CPUID at CPL{cpl}", _cpuid_text(info["cpuid_intercepted"][f"cpl{cpl}"])) for cpl in (0, 3)),
-        ("vCPU mmap size", info["vcpu_mmap_size"]),
-        ("supported CPUID leaves", info["cpuid_leaves"]),
-        ("MSR index list", f"{info['msr_index_count']} MSRs"),
-        ("CPU", f"{info['cpu']} ({info['cpus']} CPUs)"),
-        ("kernel", info["kernel"]),
-        ("tracefs", _tracefs_text(info["tracefs"])),
-        ("/proc/kallsyms", "real addresses" if info["kallsyms"]["real_addresses"] else
-         f"not usable: {info['kallsyms'].get('reason', '')}"),
-    ]
-    _print_rows(rows)
-    print(f"\n{info['vendor_notes']}")
-    caps = info["capabilities"]
-    print(f"\ncapabilities ({len(caps)} present, {len(info['capabilities_absent'])} absent of those kvmiso names):")
-    _print_wrapped([f"{k}={v}" if v != 1 else k for k, v in caps.items()])
-    print("\nCPU vulnerabilities:")
-    _print_rows(list(info["vulnerabilities"].items()), indent=2)
-    return 0
-
-
-def _cpuid_text(intercepted: bool | str) -> str:
-    if isinstance(intercepted, str):
-        return intercepted  # why it could not be measured
-    return "intercepted by KVM" if intercepted else "not intercepted: the guest reads the host CPU's own values"
-
-
-def _tracefs_text(t: dict) -> str:
-    if not t["readable"]:
-        return f"{'mounted' if t['mounted'] else 'not mounted'} at {t['path']}, not readable: {t['reason']}"
-    if t["mounted"]:
-        return f"mounted at {t['path']} ({t['kvm_events']} kvm events)"
-    return f"not mounted at {t['path']}" + ("; kvmiso mounts it when tracing (root)" if t["can_mount"] else "; needs root to mount")
-
-
-def _print_rows(rows: list[tuple[str, Any]], indent: int = 0) -> None:
-    width = max((len(k) for k, _ in rows), default=0)
-    for k, v in rows:
-        print(f"{' ' * indent}{k:<{width}}  {v}")
-
-
-def _print_wrapped(items: list[str], width: int = 96) -> None:
-    line = " "
-    for it in items:
-        if len(line) + len(it) + 1 > width:
-            print(line)
-            line = " "
-        line += " " + it
-    if line.strip():
-        print(line)
-
-
-def cmd_bench(args) -> int:
+def cmd_bench(args: argparse.Namespace) -> int:
+    """``kvmiso bench``, with the isolation overhead measured through :mod:`kvmiso.session`."""
     from .session import measure_switches
 
     return bench_command.cmd_bench(args, measure_switches)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from kvmiso.guest.probe import fingerprint, probe
 from kvmiso.observe.exitlog import read_jsonl
-from kvmiso.observe.tracefs import tracefs_root
+from kvmiso.observe.tracefsmount import tracefs_root
 
 GUEST = Path(__file__).resolve().parent.parent / "tests" / "guests" / "multiboot.S"
 

@@ -32,6 +32,13 @@ def test_timeout_must_be_positive_and_finite(command, value):
     assert p.returncode == 2 and "--timeout" in one_line(p) and p.stdout == ""
 
 
+@pytest.mark.parametrize("value", ["inf", "nan", "0", "-1", "soon"])
+@pytest.mark.parametrize("command", ["trace", "check"])
+def test_duration_must_be_positive_and_finite(command, value):
+    p = kvmiso(command, "--duration", value, "--", "true")
+    assert p.returncode == 2 and "--duration" in one_line(p) and p.stdout == ""
+
+
 def test_a_bad_argument_is_one_line():
     for args in (["nosuchcommand"], ["run"], ["run", "hello", "--cpl", "2"], ["bench", "--runs", "x"]):
         p = kvmiso(*args)

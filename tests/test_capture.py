@@ -18,7 +18,8 @@ from kvmiso.observe.capture import Capture, capture
 from kvmiso.kvm.exits import HltExit, IntrExit, IoExit, MmioExit, RdmsrExit, WrmsrExit
 from kvmiso.observe.exitlog import parse_jsonl, read_jsonl
 from kvmiso.observe.exitstat import summarize
-from kvmiso.observe.tracefs import TracefsUnavailable, tracefs_root
+from kvmiso.observe.tracefs import TracefsUnavailable
+from kvmiso.observe.tracefsmount import tracefs_root
 
 ROOT = Path(__file__).parent.parent
 

@@ -1,9 +1,14 @@
-"""The package's shape, checked: one source for each constant the guests and the host share."""
+"""The package's shape, checked: one source for each constant the guests and the host share; the
+import graph (no cycle, arrows down, isolation pure); module length; docstrings."""
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import pytest
 
+import kvmiso
 from kvmiso.guest import build, ucall
 
 
@@ -14,3 +19,114 @@ def test_ucall_constants_are_the_guest_conventions(mode):
     sym = build("hello", mode).symbols
     for name in ("PORT_CONSOLE", "PORT_UCALL", "UCALL_DONE", "UCALL_FAIL", "UCALL_REPORT", "UCALL_EXCEPTION"):
         assert getattr(ucall, name) == sym[name], name
+
+
+# --- the import graph, read from the source (lazy imports included, TYPE_CHECKING ones not) ---
+
+PACKAGE = Path(kvmiso.__file__).parent
+# Arrows point down: a module imports only from its own part or from parts of a lower rank.
+RANK = {"kvm": 0, "host": 0, "interrupt": 0, "exitstatus": 0, "output": 0, "guest": 1, "observe": 2,
+        "isolation": 3, "bench": 4, "boot": 4, "session": 5, "checking": 6, "probing": 6, "report": 6,
+        "cli": 7, "": 8}
+MAX_LINES = 400
+
+
+def _modules() -> dict[str, Path]:
+    mods = {}
+    for p in PACKAGE.rglob("*.py"):
+        parts = p.relative_to(PACKAGE).with_suffix("").parts
+        mods[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = p
+    return mods
+
+
+def _runtime_imports(path: Path, name: str) -> set[str]:
+    """The kvmiso modules ``path`` imports when it runs, relative to the package ("" for it)."""
+    tree = ast.parse(path.read_text())
+    skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+            and ast.unparse(node.test).endswith("TYPE_CHECKING") for n in ast.walk(node)}
+    here = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    here = [p for p in here if p]
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = here[:len(here) - node.level + 1] + (node.module.split(".") if node.module else [])
+            elif node.module and node.module.split(".")[0] == "kvmiso":
+                base = node.module.split(".")[1:]
+            else:
+                continue
+            for alias in node.names:  # "from . import abi" imports a module, not a name
+                found.add(".".join(base + [alias.name]) if ".".join(base + [alias.name]) in _MODS else ".".join(base))
+        elif isinstance(node, ast.Import):
+            found |= {a.name.removeprefix("kvmiso").lstrip(".") for a in node.names if a.name.split(".")[0] == "kvmiso"}
+    return found - {name}
+
+
+def _part(name: str) -> str:
+    return name.split(".")[0]
+
+
+_MODS = _modules()
+_GRAPH = {name: _runtime_imports(path, name) for name, path in _MODS.items()}
+
+
+def test_the_graph_is_read():
+    # the reader above must see what is plainly there, or the checks below pass on nothing
+    assert "kvm.vcpu" in _GRAPH["kvm.vm"] and "kvm.abi" in _GRAPH["kvm.vm"]
+    assert "isolation.check" in _GRAPH["isolation"] and "kvm.system" not in _GRAPH["kvm.vm"]
+    assert {"checking", "probing"} <= _GRAPH["cli"]
+
+
+def test_no_import_cycle():
+    seen: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(m: str, path: list[str]) -> None:
+        seen[m] = 1
+        for n in sorted(_GRAPH.get(m, ())):
+            if seen.get(n) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(path[path.index(n):] + [n]))
+            if n not in seen:
+                visit(n, path + [n])
+        seen[m] = 2
+
+    for m in sorted(_GRAPH):
+        if m not in seen:
+            visit(m, [m])
+
+
+def test_arrows_point_down():
+    wrong = [f"{m} imports {n}" for m, targets in _GRAPH.items() for n in targets
+             if _part(n) != _part(m) and RANK[_part(n)] >= RANK[_part(m)]]
+    assert not wrong, wrong
+
+
+def test_isolation_runs_no_guest_and_opens_no_device():
+    reach = {n for m, targets in _GRAPH.items() if _part(m) == "isolation" for n in targets}
+    assert not {n for n in reach if _part(n) in ("guest", "session", "bench")
+                or n in ("kvm.system", "kvm.vm", "kvm.vcpu", "observe.capture", "observe.tracefs")}, reach
+
+
+def test_no_module_is_over_400_lines():
+    long = {name: n for name, p in _MODS.items() if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not long, long
+
+
+def test_every_public_name_has_a_docstring():
+    missing = []
+    for name, p in _MODS.items():
+        tree = ast.parse(p.read_text())
+        if not ast.get_docstring(tree):
+            missing.append(name)
+        for node in tree.body:
+            if not isinstance(node, (ast.FunctionDef, ast.ClassDef)) or node.name.startswith("_"):
+                continue
+            if not ast.get_docstring(node):
+                missing.append(f"{name}.{node.name}")
+            for member in node.body if isinstance(node, ast.ClassDef) else ():
+                setter = any(ast.unparse(d).endswith((".setter", ".deleter")) for d in getattr(member, "decorator_list", ()))
+                if (isinstance(member, ast.FunctionDef) and not member.name.startswith("_") and not setter
+                        and not ast.get_docstring(member)):
+                    missing.append(f"{name}.{node.name}.{member.name}")
+    assert not missing, missing

@@ -23,8 +23,8 @@ from kvmiso.observe.exitlog import TraceEvent
 from kvmiso.observe.ringbuffer import (MISSED_EVENTS, MISSED_STORED, TS_SHIFT, TYPE_PADDING, TYPE_TIME_EXTEND,
                                        PageHeader, decode_buffers, parse_page)
 from kvmiso.observe.traceformat import EventFormat, FormatError
-from kvmiso.observe.tracefs import (TraceInstance, TracefsUnavailable, remove_stale,
-                                    tracefs_root)
+from kvmiso.observe.tracefs import TraceInstance, TracefsUnavailable
+from kvmiso.observe.tracefsmount import remove_stale, tracefs_root
 
 FIXTURES = Path(__file__).parent / "fixtures" / "trace"
 HOST = FIXTURES / "host"

@@ -11,6 +11,7 @@ from .run import DEFAULT_MEMORY_MIB, boot
 
 
 def add_boot_args(sp: argparse.ArgumentParser) -> None:
+    """The arguments of ``kvmiso boot``."""
     sp.add_argument("--kernel", default="debian", metavar="PATH|debian",
                     help="a bzImage you built, or 'debian' for Debian's kernel package, fetched once into the cache (default)")
     sp.add_argument("--modules-dir", metavar="DIR", help="the kernel's lib/modules/RELEASE folder (default /lib/modules/RELEASE)")

@@ -122,6 +122,7 @@ def user_kernel(image: str, modules_dir: str | None) -> Kernel:
 # --- Debian's kernel, fetched once -----------------------------------------------------------
 
 def kernels_cache() -> Path:
+    """Where fetched kernel packages are unpacked, one folder per release."""
     return cache_root() / "kernels"
 
 
@@ -151,6 +152,7 @@ def debian_kernel(cache: Path | None = None, log=print) -> Kernel:
 
 
 def cached_debian_kernel(cache: Path) -> Kernel | None:
+    """The newest Debian kernel already unpacked in ``cache``, or None (nothing is fetched)."""
     for d in sorted(cache.glob("debian-*"), reverse=True):
         release = d.name.removeprefix("debian-")
         if (d / "root/boot" / f"vmlinuz-{release}").is_file():

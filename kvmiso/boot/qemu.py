@@ -70,6 +70,7 @@ def _nests(vendor: str | None) -> tuple[bool, str]:
 
 
 def qemu_binary() -> str:
+    """The path of qemu-system-x86_64, or BootError naming the Debian package that has it."""
     found = shutil.which(QEMU)
     if not found:
         raise BootError(f"{QEMU} not found: install Debian's qemu-system-x86 package")

@@ -145,6 +145,7 @@ class Case:
 
     @property
     def label(self) -> str:
+        """``target/kind/seed S/#i``: enough to make the case again with :func:`make_case`."""
         return f"{self.target}/{self.kind}/seed {self.seed}/#{self.index}"
 
 
@@ -204,6 +205,7 @@ class Fuzzer:
         self._room = self.machine.image.symbols["fuzz_end"] - self._at
 
     def close(self) -> None:
+        """Close the machine the cases run in."""
         self.machine.close()
 
     def __enter__(self) -> "Fuzzer":
@@ -295,5 +297,6 @@ class Resources:
 
     @classmethod
     def now(cls) -> "Resources":
+        """This process's open fds, mappings and threads, now."""
         p = psutil.Process()
         return cls(p.num_fds(), len(p.memory_maps(grouped=False)), p.num_threads())

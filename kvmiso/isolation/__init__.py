@@ -8,7 +8,8 @@ the check of each exit's observed path.
 """
 
 from .access import AccessModel, AccessModelError, load_access_model
-from .check import CheckError, CheckResult, check
+from .check import CheckError, check
+from .checkresult import CheckResult
 from .layout import Layout, Region, build_layout
 from .mapset import DEFAULT_SET, DenylistSpace, KvmAddressSpace, MapSetError, SharedTableError, address_space
 from .framestore import ByteStore, GuestStore, PageTableError, SnapshotStore

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .check import CheckResult
+from .checkresult import CheckResult
 from .layout import PAGE
 from .mapset import DenylistSpace, KvmAddressSpace
 from .pagetable import LEVEL_NAMES

@@ -294,6 +294,7 @@ class ObservedExit(Exit):
         return exit_name(self.code)
 
     def to_dict(self) -> dict[str, Any]:
+        """The exit's name and code, marked ``observed`` (no kvm_run fields were seen)."""
         return {"exit": self.name, "code": self.code, "observed": True}
 
 

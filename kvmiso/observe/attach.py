@@ -124,7 +124,7 @@ def _records(pid: int, events: list[TraceEvent], tracer: TraceInstance, lost_bef
 
 
 def _kvm_events() -> list[str]:
-    from .tracefs import TRACEFS, tracefs_root
+    from .tracefsmount import TRACEFS, tracefs_root
 
     try:
         root = tracefs_root(TRACEFS)
