@@ -296,7 +296,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 # --- trace -----------------------------------------------------------------------------------
 
-def cmd_trace(args) -> int:  # noqa: C901 - the payload path; --pid and -- COMMAND are checking.py's
+def cmd_trace(args: argparse.Namespace) -> int:  # noqa: C901 - the payload path; --pid and -- COMMAND are checking.py's
     """``perf kvm stat report`` for one payload: the exit log's kinds counted and timed (the
     table's footer says how time inside the kernel is computed on this host)."""
     from .checking import cmd_trace_process, process_target

@@ -1,5 +1,5 @@
 """The package's shape, checked: one source for each constant the guests and the host share; the
-import graph (no cycle, arrows down, isolation pure); module length; docstrings."""
+import graph (no cycle, arrows down, isolation pure); module length; docstrings and type hints."""
 
 from __future__ import annotations
 
@@ -129,4 +129,25 @@ def test_every_public_name_has_a_docstring():
                 if (isinstance(member, ast.FunctionDef) and not member.name.startswith("_") and not setter
                         and not ast.get_docstring(member)):
                     missing.append(f"{name}.{node.name}.{member.name}")
+    assert not missing, missing
+
+
+def test_every_public_function_has_type_hints():
+    def unhinted(fn: ast.FunctionDef, owner: str) -> list[str]:
+        args = [a for a in fn.args.posonlyargs + fn.args.args + fn.args.kwonlyargs if a.arg not in ("self", "cls")]
+        args += [a for a in (fn.args.vararg, fn.args.kwarg) if a is not None]
+        bad = [a.arg for a in args if a.annotation is None]
+        if fn.returns is None and fn.name != "__init__":
+            bad.append("return")
+        return [f"{owner}{fn.name}: {', '.join(bad)}"] if bad else []
+
+    missing = []
+    for name, p in _MODS.items():
+        for node in ast.parse(p.read_text()).body:
+            if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
+                missing += unhinted(node, f"{name}.")
+            elif isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+                missing += [m for f in node.body if isinstance(f, ast.FunctionDef)
+                            and (not f.name.startswith("_") or f.name == "__init__")
+                            for m in unhinted(f, f"{name}.{node.name}.")]
     assert not missing, missing

@@ -27,7 +27,7 @@ def add_boot_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARG ...], run in the same working directory")
 
 
-def cmd_boot(args) -> int:
+def cmd_boot(args: argparse.Namespace) -> int:
     """Exit with the command's own status; a guest that cannot run it is a BootError (2)."""
     argv = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not argv:

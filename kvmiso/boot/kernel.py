@@ -14,6 +14,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from ..guest.build import cache_root
 from .errors import BootError
@@ -126,7 +127,7 @@ def kernels_cache() -> Path:
     return cache_root() / "kernels"
 
 
-def debian_kernel(cache: Path | None = None, log=print) -> Kernel:
+def debian_kernel(cache: Path | None = None, log: Callable[[str], None] = print) -> Kernel:
     """Debian's kernel package, from the cache or, the first time, fetched with
     ``apt-get download``, unpacked with ``dpkg -x`` and indexed with ``depmod -b``."""
     cache = cache or kernels_cache()

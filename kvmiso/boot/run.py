@@ -6,6 +6,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from .errors import BootError
 from .initramfs import build_initramfs, command_script, host_winsize
@@ -28,7 +29,7 @@ class BootResult:
 
 def boot(argv: list[str], kernel: Kernel, *, cpu: str | None = None, accel: str = "auto",
          modules: list[str] = (), timeout: float = 300.0, memory_mib: int = DEFAULT_MEMORY_MIB,
-         show_console: bool = False, log=None) -> BootResult:
+         show_console: bool = False, log: Callable[[str], None] | None = None) -> BootResult:
     """Run ``argv`` in ``kernel`` under QEMU with the host's ``/`` (read-only, tmpfs overlay),
     in this process's working directory and environment; its output streams to this process's
     stdout and stderr. Raises :class:`BootError` when the guest cannot run the command:

@@ -211,7 +211,7 @@ class Machine:
             raise err
         return res
 
-    def run_all(self, timeout: float = 5.0, **kwargs) -> list[RunResult]:
+    def run_all(self, timeout: float = 5.0, **kwargs: Any) -> list[RunResult]:
         """Run every vCPU at once, one thread each; returns one result per vCPU, in order.
 
         A vCPU that times out gives a result with outcome ``timeout`` rather than raising.

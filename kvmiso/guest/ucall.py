@@ -4,6 +4,10 @@ calls on port 0xEA with their arguments in rdi, rsi, rdx, rcx (32 bits wide outs
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..kvm.abi import kvm_regs
 
 PORT_CONSOLE = 0xE9
 PORT_UCALL = 0xEA
@@ -62,7 +66,7 @@ class MalformedUcall(ValueError):
 Ucall = Done | Fail | Report | GuestException
 
 
-def decode_ucall(number: int, regs, bits: int) -> Ucall:
+def decode_ucall(number: int, regs: kvm_regs, bits: int) -> Ucall:
     """Decode call ``number`` (the byte written to PORT_UCALL) from the vCPU's registers."""
     mask = (1 << max(bits, 32)) - 1  # real-mode guests use 32-bit registers too
     rdi, rsi, rdx, rcx = regs.rdi & mask, regs.rsi & mask, regs.rdx & mask, regs.rcx & mask

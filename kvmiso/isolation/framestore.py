@@ -6,7 +6,10 @@ memory (tables a vCPU can load into CR3), or frames captured from the live kerne
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:  # only its type: isolation opens no device
+    from ..kvm import Vm
 
 PAGE_SIZE = 4096
 
@@ -78,7 +81,7 @@ class GuestStore(_FramePool):
     """Frames in a VM's guest-physical memory [base, base + size), through Vm.read/write
     (a :class:`kvmiso.kvm.Vm`): tables a vCPU can load into CR3."""
 
-    def __init__(self, vm, base: int, size: int) -> None:
+    def __init__(self, vm: Vm, base: int, size: int) -> None:
         vm.slot_for(base, size)  # the whole pool must be backed: fail now, not mid-build
         super().__init__(base, size)
         self.vm = vm

@@ -16,7 +16,7 @@ import os
 import signal
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import abi
 from ._libc import ioctl, mmap, munmap
@@ -25,6 +25,9 @@ from .errors import KvmError
 from .exitdecode import decode
 from .exits import DATALESS, Exit, IntrExit
 from .stats import Stats
+
+if TYPE_CHECKING:  # a Vm makes its Vcpus: a runtime import would be a cycle
+    from .vm import Vm
 
 try:
     from ._vcpu import ffi, lib
@@ -96,7 +99,7 @@ class Vcpu:
     IoExit(port=233, size=1, count=13, is_in=False)
     """
 
-    def __init__(self, vm, vcpu_id: int, fd: int) -> None:
+    def __init__(self, vm: Vm, vcpu_id: int, fd: int) -> None:
         self.vm = vm
         self.id = vcpu_id
         self.fd = fd
