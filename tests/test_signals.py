@@ -17,6 +17,7 @@ from ready import READY_HYPERCALL, READY_SPIN, interrupt_when, wait_until_counte
 
 from kvmiso import cli
 from kvmiso.guest import Machine
+from kvmiso.guest.threads import run_in_threads
 from kvmiso.interrupt import Interrupted, start_kicker
 from kvmiso.kvm.exits import IntrExit
 
@@ -115,6 +116,26 @@ def test_ctrl_c_during_run_all_stops_every_vcpu_before_the_vm_closes(kvm):
         sender.join()
     # a vCPU thread left spinning would outlive its VM (and its 600 s deadline died with it)
     assert _threads_settle_to(before) == before
+
+
+def test_a_signal_held_while_the_vcpu_threads_start_still_stops_them(kvm):
+    # run_in_threads holds SIGINT back while it starts the threads and raises it as that block
+    # ends; it must still kick and wait for every thread, or the caller closes the VM under a
+    # running KVM_RUN (a segfault). Worker 0 signals at once, while the others are starting.
+    main = threading.main_thread().ident
+    with Machine(READY_SPIN, mode="long", vcpus=4, kvm=kvm) as m:
+        def work(i: int) -> None:
+            if i == 0:
+                signal.pthread_kill(main, signal.SIGINT)
+            m.run(timeout=600, vcpu=i)
+
+        with pytest.raises(KeyboardInterrupt):
+            run_in_threads(work, m.vcpus, "kvmiso-held")
+        alive = [t for t in threading.enumerate() if t.name.startswith("kvmiso-held")]
+        for t in alive:  # the failure path: stop them here, so the VM can close
+            m.vcpus[int(t.name.rsplit("-", 1)[1])].kick(t.ident)
+            t.join()
+    assert not alive, [t.name for t in alive]
 
 
 def test_reader_closing_the_pipe_ends_kvmiso_run_quietly(kvm):

@@ -33,24 +33,29 @@ def run_in_threads(work: Callable[[int], None], vcpus: Sequence[Vcpu], name: str
                 done[i].set()
 
     threads = [threading.Thread(target=target, args=(i,), name=f"{name}-{i}") for i in range(len(vcpus))]
-    # every thread starts, or none: a Ctrl-C between two starts would leave a vCPU spinning that
-    # the handler below does not know of; the workers never take SIGINT/SIGTERM
-    with deferred(), threads_without_interrupts():
-        for t in threads:
-            t.start()
     try:
+        # every thread starts, or none: a Ctrl-C between two starts would leave a vCPU spinning
+        # that the handler below does not know of; the workers never take SIGINT/SIGTERM. A
+        # signal held meanwhile is raised as the block ends, with every thread running: inside
+        # this try, or the caller would close the VM under them.
+        with deferred(), threads_without_interrupts():
+            for t in threads:
+                t.start()
         for t in threads:
             t.join()
     except BaseException:
         # Our own events, not is_alive()/join(): an interrupted join() can mark a live thread
-        # as stopped (CPython bpo-45274).
+        # as stopped (CPython bpo-45274). A thread that never started (start() failed) has no
+        # ident and nothing to wait for.
+        started = [t.ident is not None for t in threads]
         if before_kick is not None:
             before_kick()
         with done_lock:
-            for v, t, d in zip(vcpus, threads, done):
-                if not d.is_set():
+            for v, t, d, s in zip(vcpus, threads, done, started):
+                if s and not d.is_set():
                     v.kick(t.ident)
-        for d in done:
-            d.wait()
+        for d, s in zip(done, started):
+            if s:
+                d.wait()
         raise
     return errors
