@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from ready import GUESTS
+
 
 def kvmiso(*args, timeout=120):
     return subprocess.run([sys.executable, "-m", "kvmiso.cli", *args], capture_output=True, text=True, timeout=timeout)
@@ -66,3 +68,22 @@ def test_bad_payload_and_bad_mode(kvm, tmp_path):
     assert p.returncode == 2 and "bad.S:1" in p.stderr and "Traceback" not in p.stderr
     p = kvmiso("run", "hello", "--mode", "real", "--cpl", "3")
     assert p.returncode == 2 and "CPL3 is available in long mode only" in p.stderr
+
+
+@pytest.mark.parametrize("mode", ["real", "protected", "long"])
+@pytest.mark.parametrize("payload,name", [("fault_ud2", "#UD"), ("fault_div0", "#DE")])
+def test_run_reports_the_guest_exception_and_where(kvm, mode, payload, name):
+    # crt0 reports an exception in every mode; real mode through the IVT the host fills
+    from kvmiso.guest.build import build
+
+    source = str(GUESTS / f"{payload}.S")
+    fault = build(source, mode).symbols["fault"]
+    where = f"at cs:ip 0000:{fault:04x}" if mode == "real" else f"(error code 0x0) at rip {fault:#x}"
+    p = kvmiso("run", source, "--mode", mode)
+    assert p.returncode == 1, p.stderr
+    assert f"exception: the guest took {name} {where} (1 KVM_RUN calls" in p.stdout
+    r = json.loads(kvmiso("run", source, "--mode", mode, "--json").stdout)
+    vector = {"#UD": 6, "#DE": 0}[name]
+    assert r["outcome"] == "exception"
+    assert r["exception"] == {"vector": vector, "error_code": 0, "rip": fault, "cr2": r["exception"]["cr2"],
+                              "cs": 0 if mode == "real" else None}

@@ -4,6 +4,7 @@ TSS and identity page tables in guest memory and loads the matching segment stat
 Guest-physical layout (shared with guests/lib/kvmiso.inc):
 
 ====================  ==================================================
+0x0000_0000           real-mode IVT (vectors 0-31)
 0x0000_7000           real-mode stack top
 0x0000_8000           the payload image (code, data), at most 32 KiB
 0x0001_0000           GDT; 0x11000 IDT
@@ -22,7 +23,7 @@ import struct
 from ..kvm import Vcpu, Vm, abi
 from .build import Image
 
-GDT, IDT = 0x10000, 0x11000
+IVT, GDT, IDT = 0x0, 0x10000, 0x11000
 PML4, PDPT, PD = 0x12000, 0x13000, 0x14000
 TSS = 0x18000
 TSS_IOMAP = 0x68
@@ -93,6 +94,13 @@ def idt_bytes(stubs: int, long_mode: bool) -> bytes:
 
 
 @functools.lru_cache(maxsize=64)
+def ivt_bytes(stubs: int) -> bytes:
+    """Real-mode IVT entries (offset, segment 0) for vectors 0-31 pointing at crt0's exception
+    stubs, which the image keeps below 64 KiB. Later vectors are past the IDTR limit."""
+    return struct.pack("<64H", *(half for vec in range(32) for half in (stubs + 16 * vec, 0)))
+
+
+@functools.lru_cache(maxsize=64)
 def tss_bytes(long_mode: bool, kernel_stack_top: int) -> bytes:
     """The TSS with the CPL0 stack for interrupts from CPL3 and an all-zero I/O bitmap, which
     lets CPL3 use every port (see :func:`setup`)."""
@@ -133,6 +141,9 @@ def setup(vm: Vm, vcpu: Vcpu, image: Image, mode: str, cpl: int, stack_top: int,
         for name in ("ds", "es", "fs", "gs", "ss"):
             setattr(sregs, name, seg)
         sregs.cs = _segment(0, 0xB, 1, 0, 0, 0, limit=0xFFFF, g=0)
+        ivt = ivt_bytes(image.symbols["exception_stubs"])
+        vm.write(IVT, ivt)
+        sregs.idt.base, sregs.idt.limit = IVT, len(ivt) - 1
         regs.rsp = REAL_MODE_STACK
         sregs.cr0 &= ~(CR0_PE | CR0_PG)
     else:

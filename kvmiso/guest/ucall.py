@@ -42,12 +42,15 @@ class Report:
 
 @dataclass(frozen=True)
 class GuestException:
-    """An exception the guest took and crt0 reported: vector, error code, RIP and CR2."""
+    """An exception the guest took and crt0 reported: vector, error code, RIP and CR2; in real
+    mode ``rip`` is the IP, ``cs`` the code segment it is an offset in, and there is neither an
+    error code nor a CR2 (both 0)."""
 
     vector: int
     error_code: int
     rip: int
     cr2: int
+    cs: int | None = None  # real mode only
 
     @property
     def name(self) -> str:
@@ -55,6 +58,8 @@ class GuestException:
         return EXCEPTION_NAMES.get(self.vector, f"vector {self.vector}")
 
     def __str__(self) -> str:
+        if self.cs is not None:
+            return f"{self.name} at cs:ip {self.cs:04x}:{self.rip:04x}"
         text = f"{self.name} (error code {self.error_code:#x}) at rip {self.rip:#x}"
         return text + (f", cr2 {self.cr2:#x}" if self.vector == 14 else "")
 
@@ -77,5 +82,7 @@ def decode_ucall(number: int, regs: kvm_regs, bits: int) -> Ucall:
     if number == UCALL_REPORT:
         return Report(rdi, rsi)
     if number == UCALL_EXCEPTION:
+        if bits == 16:  # crt0_16.S sends the faulting cs where CR2 would be
+            return GuestException(rdi, rsi, rdx, 0, cs=rcx)
         return GuestException(rdi, rsi, rdx, rcx)
     raise MalformedUcall(f"unknown ucall number {number} on port {PORT_UCALL:#x}")
