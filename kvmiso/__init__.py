@@ -2,7 +2,7 @@
 
 >>> from kvmiso import Machine
 >>> with Machine("hello", mode="long") as m:
-...     print(m.run(timeout=5).console, end="")
+...     print(m.run(timeout=5).console_text, end="")
 Hello from a kvmiso guest!
 """
 

@@ -87,7 +87,7 @@ class CheckedStdout:
 def printable(data: bytes) -> str:
     """Guest console bytes as text that cannot drive the terminal: UTF-8 where it is valid, every
     other byte and every control character (ESC, BEL, CR, ...) escaped as ``\\xNN``. JSON output
-    keeps the console as the guest wrote it (JSON escapes control characters itself)."""
+    keeps the console as the guest wrote it (see :meth:`kvmiso.guest.RunResult.to_dict`)."""
     text = data.decode("utf-8", "backslashreplace")
     return "".join(c if c.isprintable() or c == "\t" else
                    (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}") for c in text)

@@ -4,6 +4,7 @@ naming the cause and status 2 (or the documented status), never a traceback."""
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
@@ -102,9 +103,36 @@ msg_end:
     assert p.returncode == 0, p.stderr
     assert "\x1b" not in p.stdout and "\x07" not in p.stdout
     if extra:
-        assert json.loads(p.stdout)["console"] == "before\x1b]0;owned\x07\rafter\n"  # kept as written
+        r = json.loads(p.stdout)
+        assert r["console"] == "before\x1b]0;owned\x07\rafter\n" and r["console_base64"] is None  # as written
     else:
         assert "console| before\\x1b]0;owned\\x07\\x0dafter" in p.stdout
+
+
+def test_console_bytes_that_are_not_utf8_are_kept_exactly(kvm, tmp_path):
+    src = tmp_path / "raw.S"
+    src.write_text("""# Writes 0xff (never valid UTF-8), ESC and BEL.  modes: long
+        .include "kvmiso.inc"
+        .text
+        .globl main
+main:   PUTS msg, (msg_end - msg)
+        ret
+msg:    .byte 0xff, 0x1b, 0x07, 0x0a
+msg_end:
+""")
+    from kvmiso.guest import Machine
+
+    with Machine(str(src), kvm=kvm) as m:
+        assert m.run(timeout=10).console == b"\xff\x1b\x07\n"
+    text = subprocess.run([sys.executable, "-m", "kvmiso.cli", "run", str(src)], capture_output=True, timeout=120)
+    assert text.returncode == 0, text.stderr
+    assert b"console| \\xff\\x1b\\x07\n" in text.stdout
+    assert not {0xff, 0x1b, 0x07} & set(text.stdout) and "\ufffd".encode() not in text.stdout
+    p = kvmiso("run", str(src), "--json")
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    assert base64.b64decode(r["console_base64"]) == b"\xff\x1b\x07\n"  # the exact bytes
+    assert r["console"] == "\ufffd\x1b\x07\n"  # the text, the invalid byte replaced
 
 
 def test_payloads_that_are_not_what_they_claim(kvm, tmp_path):

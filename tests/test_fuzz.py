@@ -55,7 +55,7 @@ def test_reset_after_a_triple_fault_loads_a_new_image(kvm):
         assert m.run(timeout=10).outcome == "shutdown"
         m.reset(build("hello", "protected"))
         r = m.run(timeout=10)
-        assert r.ok and r.console == "Hello from a kvmiso guest!\n"
+        assert r.ok and r.console == b"Hello from a kvmiso guest!\n"
         with pytest.raises(ValueError, match="runs protected mode; image hello is for long"):
             m.reset(build("hello", "long"))
 

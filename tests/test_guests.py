@@ -22,9 +22,9 @@ def test_hello_prints_in_every_mode(kvm, mode, cpl):
     with Machine("hello", mode=mode, cpl=cpl, kvm=kvm) as m:
         r = m.run(timeout=10)
     assert r.ok, r.detail
-    assert r.console == "Hello from a kvmiso guest!\n"
+    assert r.console == b"Hello from a kvmiso guest!\n"
     console = _io(r, 0xE9, is_in=False)
-    assert b"".join(bytes(e.data) for e in console) == r.console.encode()
+    assert b"".join(bytes(e.data) for e in console) == r.console
     assert isinstance(r.exits[-1], IoExit) and r.exits[-1].port == 0xEA  # the DONE ucall ends it
 
 
@@ -190,7 +190,7 @@ def test_vcpus_run_in_parallel_threads(kvm):
     with Machine("hello", mode="long", vcpus=2, kvm=kvm) as m:
         results = m.run_all(timeout=10)
     assert [(r.vcpu, r.outcome, r.console) for r in results] == [
-        (0, "done", "Hello from a kvmiso guest!\n"), (1, "done", "Hello from a kvmiso guest!\n")]
+        (0, "done", b"Hello from a kvmiso guest!\n"), (1, "done", b"Hello from a kvmiso guest!\n")]
 
 
 def test_every_payload_declares_modes_that_build():

@@ -78,7 +78,7 @@ def test_console_flood_is_capped_and_ends_cleanly(kvm, monkeypatch, mode, cpl):
         if r.console_dropped and r.exits_dropped:
             break
     assert r.outcome == "timeout"
-    line = "flood flood flood flood flood flood flood flood flood flood flood!\n"
+    line = b"flood flood flood flood flood flood flood flood flood flood flood!\n"
     assert r.console == (line * 20)[:1000]
     assert r.console_dropped > 0
     assert len(r.exits) == 30 and r.exits_dropped == r.runs - 1 - 30  # the kick's IntrExit is not kept

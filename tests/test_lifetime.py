@@ -30,7 +30,7 @@ def work(i):
             stopped = "no timeout"
         except GuestTimeout as e:
             stopped = e.result.outcome
-        out[i] = [done.outcome, done.console, stopped]
+        out[i] = [done.outcome, done.console_text, stopped]
     except BaseException as e:
         out[i] = repr(e)
 

@@ -4,7 +4,7 @@ serves the ucall convention, answers I/O and MMIO reads, and never hangs.
 >>> with Machine("hello", mode="long") as m:
 ...     result = m.run(timeout=5)
 >>> result.outcome, result.console
-('done', 'Hello from a kvmiso guest!\\n')
+('done', b'Hello from a kvmiso guest!\\n')
 """
 
 from __future__ import annotations
@@ -203,7 +203,7 @@ class Machine:
             raise stop from None
         finally:
             res.elapsed = time.perf_counter() - t0
-            res.console = console.decode("utf-8", "replace")
+            res.console = bytes(console)
             res.stats = (stats.snapshot() - before).nonzero()
         if res.outcome == "timeout":
             err = GuestTimeout(timeout, res.detail, res.runs - 1)
