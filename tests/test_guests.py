@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 
 from kvmiso.guest import Machine
@@ -184,6 +186,8 @@ def test_spinning_guest_stopped_by_timeout(kvm, mode):
             m.run(timeout=0.3)
     assert "jmp ." in info.value.what
     assert info.value.result.outcome == "timeout"
+    again = pickle.loads(pickle.dumps(info.value))  # the result is part of the error: it crosses a process pool
+    assert (str(again), again.what, again.result.detail) == (str(info.value), info.value.what, info.value.result.detail)
 
 
 def test_vcpus_run_in_parallel_threads(kvm):

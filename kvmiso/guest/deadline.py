@@ -17,19 +17,28 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from ..kvm import Vcpu
 
+if TYPE_CHECKING:
+    from .result import RunResult
+
 
 class GuestTimeout(TimeoutError):
-    """A guest ran past its deadline; ``what`` says what it was doing when stopped."""
+    """A guest ran past its deadline; ``what`` says what it was doing when stopped. ``result`` is
+    the run's :class:`~kvmiso.guest.RunResult` (outcome ``timeout``), given when the error is
+    built, as :class:`kvmiso.interrupt.Interrupted` carries its ``partial``."""
 
-    def __init__(self, seconds: float, what: str, exits: int = 0) -> None:
+    def __init__(self, seconds: float, what: str, exits: int = 0, result: RunResult | None = None) -> None:
         super().__init__(f"guest did not finish within {seconds:g} s ({exits} exits): {what}")
         self.seconds = seconds
         self.what = what
         self.exits = exits
+        self.result = result
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.seconds, self.what, self.exits, self.result))
 
 
 @dataclass

@@ -206,9 +206,7 @@ class Machine:
             res.console = bytes(console)
             res.stats = (stats.snapshot() - before).nonzero()
         if res.outcome == "timeout":
-            err = GuestTimeout(timeout, res.detail, res.runs - 1)
-            err.result = res
-            raise err
+            raise GuestTimeout(timeout, res.detail, res.runs - 1, result=res)
         return res
 
     def run_all(self, timeout: float = 5.0, **kwargs: Any) -> list[RunResult]:
