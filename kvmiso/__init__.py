@@ -6,7 +6,7 @@
 Hello from a kvmiso guest!
 """
 
-from .guest import GuestTimeout, Machine, RunResult, build
+from .guest import GuestTimeout, Machine, Outcome, RunResult, build
 from .kvm import Kvm, KvmError, KvmUnavailable, Vcpu, Vm
 
-__all__ = ["GuestTimeout", "Kvm", "KvmError", "KvmUnavailable", "Machine", "RunResult", "Vcpu", "Vm", "build"]
+__all__ = ["GuestTimeout", "Kvm", "KvmError", "KvmUnavailable", "Machine", "Outcome", "RunResult", "Vcpu", "Vm", "build"]

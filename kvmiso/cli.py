@@ -19,7 +19,7 @@ from typing import Callable, NoReturn
 from .bench import command as bench_command
 from .boot import BootError
 from .boot import command as boot_command
-from .guest import BuildError, GuestTimeout, Machine
+from .guest import BuildError, GuestTimeout, Machine, Outcome
 from .guest.build import MODES, available_payloads, payload_modes, payload_path
 from .guest.ucall import PORT_CONSOLE
 from .exitstatus import EXIT_BAD_INPUT, EXIT_FAILED, CliError
@@ -288,7 +288,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"{result.outcome}: {result.detail} ({result.runs} KVM_RUN calls, {result.elapsed * 1e3:.1f} ms)")
     if interrupted is not None:
         raise interrupted
-    if result.outcome == "timeout":
+    if result.outcome is Outcome.TIMEOUT:
         print(f"kvmiso: guest did not finish within {args.timeout:g} s: {result.detail}", file=sys.stderr)
     return 0 if result.ok else EXIT_FAILED
 

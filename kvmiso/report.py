@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .guest import GuestTimeout, Machine
+from .guest import GuestTimeout, Machine, Outcome
 from .guest.probe import fingerprint, probe
 from .guest.suite import SuiteEntry, suite
 from .interrupt import Interrupted
@@ -101,10 +101,10 @@ def run_suite(kvm: Kvm, cap: Capture, vendor: str | None, runs: list[SuiteRun]) 
     from .session import capture_checked
 
     for entry in suite(vendor):
-        timeout = EXPECTED_TIMEOUT if entry.expected == "timeout" else SUITE_TIMEOUT
+        timeout = EXPECTED_TIMEOUT if entry.expected is Outcome.TIMEOUT else SUITE_TIMEOUT
         with Machine(entry.payload, mode=entry.mode, cpl=entry.cpl, kvm=kvm) as m:
             entry.setup(m)
-            if entry.expected == "timeout":
+            if entry.expected is Outcome.TIMEOUT:
                 # built to spin inside one KVM_RUN: traced, it would fill the buffer with
                 # millions of emulator events and drown every other count, so it runs bare
                 try:
@@ -126,7 +126,7 @@ def suite_part(runs: list[SuiteRun]) -> list[dict[str, Any]]:
         for e in r.result.exits:
             kinds[e.name] = kinds.get(e.name, 0) + 1
         out.append({"label": r.entry.label, "outcome": r.result.outcome, "expected": r.entry.expected,
-                    "as_expected": r.result.outcome == r.entry.expected, "detail": r.result.detail,
+                    "as_expected": r.result.outcome is r.entry.expected, "detail": r.result.detail,
                     "runs": r.result.runs, "exits": kinds, "stats_delta": r.result.stats,
                     "captured": r.log is not None})
     return out

@@ -25,7 +25,7 @@ import time
 from collections import Counter
 
 from kvmiso.guest.fuzz import KINDS, TARGETS, FuzzStats, Resources, fuzz
-from kvmiso.guest.result import OUTCOMES
+from kvmiso.guest.result import Outcome
 from kvmiso.kvm import Kvm
 
 
@@ -89,7 +89,7 @@ def _table(results: dict[str, FuzzStats]) -> None:
     seen = Counter()
     for s in results.values():
         seen.update(s.outcomes)
-    rows = [o for o in OUTCOMES if seen[o]]
+    rows = [o for o in Outcome if seen[o]]
     head = ["outcome"] + [f"{t}/{k}" for t, k in cols] + ["total"]
     width = [max(len(h), 8) for h in head]
     width[0] = max([len(o) for o in rows] + [width[0]])
@@ -103,9 +103,9 @@ def _throughput(results: dict[str, FuzzStats], timeout: float) -> None:
     out their deadline (each timeout costs the whole deadline, on one machine of ``jobs``)."""
     print()
     for target, s in results.items():
-        waited = s.outcomes["timeout"] * timeout / s.jobs
+        waited = s.outcomes[Outcome.TIMEOUT] * timeout / s.jobs
         print(f"{target:<10} {s.per_second:7.0f} payloads/s ({s.runs} in {s.elapsed:.1f} s, {s.jobs} "
-              f"job{'s' * (s.jobs > 1)}); {s.outcomes['timeout']} timeouts = {waited:.1f} s "
+              f"job{'s' * (s.jobs > 1)}); {s.outcomes[Outcome.TIMEOUT]} timeouts = {waited:.1f} s "
               f"({100 * waited / s.elapsed if s.elapsed else 0:.0f}%) of deadlines")
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from ready import READY_SPIN, wait_until_counted
 
-from kvmiso.guest import Machine
+from kvmiso.guest import Machine, Outcome
 from kvmiso.observe.capture import Capture, capture
 from kvmiso.kvm.exits import HltExit, IntrExit, IoExit, MmioExit, RdmsrExit, WrmsrExit
 from kvmiso.observe.exitlog import parse_jsonl, read_jsonl
@@ -75,7 +75,7 @@ def _events(log, name):
 @pytest.mark.parametrize("key", RUNS, ids=["/".join(map(str, k)) for k in RUNS])
 def test_every_run_ends_with_its_userspace_exit_and_agrees_with_stats(session, key):
     result, log, image = session[key]
-    assert result.ok or result.outcome == "halt", result.detail
+    assert result.ok or result.outcome is Outcome.HALT, result.detail
     assert log.tracing and log.lost_events == 0, log.tracing_reason
     assert len(log.records) == result.runs
     for r in log.records:
@@ -203,7 +203,7 @@ def test_timeout_is_a_result_not_an_exception_and_lost_records_are_counted(kvm):
             0xEB, 0xFC,  # jmp back to the cpuid
         ]))
         result, log = cap.run(m, timeout=0.3)
-    assert result.outcome == "timeout" and result.detail.startswith("stopped at rip")
+    assert result.outcome is Outcome.TIMEOUT and result.detail.startswith("stopped at rip")
     assert [r.exit for r in log.records] == [IntrExit()]
     assert log.records[0].stats["exits"] > 0
     assert log.lost_events > 0  # far more than 16 KiB of records in 0.3 s

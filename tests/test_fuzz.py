@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from kvmiso.guest import Machine, build
+from kvmiso.guest import Machine, Outcome, build
 from kvmiso.guest.fuzz import DONE_UCALL, KINDS, TARGETS, Fuzzer, make_case, random_instructions
-from kvmiso.guest.result import OUTCOMES
 
 PER_TARGET = 2000
 SEED = 20261124
@@ -52,7 +51,7 @@ def test_reset_runs_the_image_again_from_scratch(kvm):
 
 def test_reset_after_a_triple_fault_loads_a_new_image(kvm):
     with Machine("triplefault", mode="protected", kvm=kvm) as m:
-        assert m.run(timeout=10).outcome == "shutdown"
+        assert m.run(timeout=10).outcome is Outcome.SHUTDOWN
         m.reset(build("hello", "protected"))
         r = m.run(timeout=10)
         assert r.ok and r.console == b"Hello from a kvmiso guest!\n"
@@ -90,7 +89,7 @@ def test_fuzz_every_mode_classifies_every_run_and_leaks_nothing(kvm, tmp_path):
         assert s["unclassified"] == [], f"{target}: unclassified ends {s['unclassified'][:5]}"
         assert s["runs"] == PER_TARGET
         assert all(sum(c.values()) == PER_TARGET // len(KINDS) for c in s["by_kind"].values())
-        assert set(s["outcomes"]) <= set(OUTCOMES)
+        assert set(s["outcomes"]) <= set(Outcome)
         # the generator reaches the interesting ends, not just one
         assert {"done", "exception", "malformed-ucall", "timeout"} <= set(s["outcomes"]), s["outcomes"]
     assert list(r["targets"]) == list(TARGETS)

@@ -6,9 +6,8 @@ import pickle
 
 import pytest
 
-from kvmiso.guest import Machine
+from kvmiso.guest import GuestTimeout, Machine, Outcome
 from kvmiso.guest.build import payload_modes, payload_path
-from kvmiso.guest import GuestTimeout
 from kvmiso.kvm.exits import DebugExit, IoExit, MmioExit, RdmsrExit, ShutdownExit, WrmsrExit
 
 MODES_CPL = [("real", 0), ("protected", 0), ("long", 0), ("long", 3)]
@@ -90,7 +89,7 @@ def test_unbacked_gpa_is_an_mmio_exit_reading_all_ones(kvm, mode):
 def test_hlt_exits_and_resumes(kvm, mode):
     with Machine("hlt", mode=mode, kvm=kvm) as m:
         first = m.run(timeout=10)
-        assert first.outcome == "halt"
+        assert first.outcome is Outcome.HALT
         assert [e.name for e in first.exits] == ["HLT"]
         second = m.run(timeout=10)
     assert second.ok and second.report(1) == 1
@@ -129,13 +128,13 @@ def test_msr_in_kernel_and_in_userspace(kvm, mode):
 def test_msr_without_userspace_handler_faults(kvm):
     with Machine("msr", mode="long", kvm=kvm) as m:
         r = m.run(timeout=10)
-    assert r.outcome == "exception" and r.exception.name == "#GP"
+    assert r.outcome is Outcome.EXCEPTION and r.exception.name == "#GP"
 
 
 def test_msr_at_cpl3_is_a_gp(kvm):
     with Machine("msr", mode="long", cpl=3, kvm=kvm) as m:
         r = m.run(timeout=10)
-    assert r.outcome == "exception" and r.exception.vector == 13
+    assert r.outcome is Outcome.EXCEPTION and r.exception.vector == 13
 
 
 def test_hypercall(kvm, vendor):
@@ -145,7 +144,7 @@ def test_hypercall(kvm, vendor):
             with pytest.raises(GuestTimeout) as info:
                 m.run(timeout=1)
             assert "VMCALL" in info.value.what and "hypercall" in info.value.what
-            assert info.value.result.outcome == "timeout"
+            assert info.value.result.outcome is Outcome.TIMEOUT
         else:
             r = m.run(timeout=10)
             assert r.ok, r.detail
@@ -156,7 +155,7 @@ def test_hypercall(kvm, vendor):
 def test_triple_fault_is_shutdown(kvm, mode):
     with Machine("triplefault", mode=mode, kvm=kvm) as m:
         r = m.run(timeout=10)
-    assert r.outcome == "shutdown", r.detail
+    assert r.outcome is Outcome.SHUTDOWN, r.detail
     assert isinstance(r.exits[-1], ShutdownExit)
 
 
@@ -185,7 +184,7 @@ def test_spinning_guest_stopped_by_timeout(kvm, mode):
         with pytest.raises(GuestTimeout) as info:
             m.run(timeout=0.3)
     assert "jmp ." in info.value.what
-    assert info.value.result.outcome == "timeout"
+    assert info.value.result.outcome is Outcome.TIMEOUT
     again = pickle.loads(pickle.dumps(info.value))  # the result is part of the error: it crosses a process pool
     assert (str(again), again.what, again.result.detail) == (str(info.value), info.value.what, info.value.result.detail)
 
@@ -194,7 +193,7 @@ def test_vcpus_run_in_parallel_threads(kvm):
     with Machine("hello", mode="long", vcpus=2, kvm=kvm) as m:
         results = m.run_all(timeout=10)
     assert [(r.vcpu, r.outcome, r.console) for r in results] == [
-        (0, "done", b"Hello from a kvmiso guest!\n"), (1, "done", b"Hello from a kvmiso guest!\n")]
+        (0, Outcome.DONE, b"Hello from a kvmiso guest!\n"), (1, Outcome.DONE, b"Hello from a kvmiso guest!\n")]
 
 
 def test_every_payload_declares_modes_that_build():

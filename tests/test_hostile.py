@@ -7,10 +7,9 @@ import json
 
 import pytest
 
-from kvmiso.guest import Machine
+from kvmiso.guest import GuestTimeout, Machine, Outcome
 from kvmiso.guest import machine as machine_mod
 from kvmiso.guest.fuzz import Fuzzer
-from kvmiso.guest import GuestTimeout
 
 
 def run(kvm, payload, mode, cpl=0, timeout=5.0):
@@ -24,7 +23,7 @@ def run(kvm, payload, mode, cpl=0, timeout=5.0):
 @pytest.mark.parametrize("cpl", [0, 3])
 def test_wiping_its_own_page_tables_is_a_shutdown_at_an_unmapped_rip(kvm, vendor, cpl):
     r = run(kvm, "hostile_pagetables", "long", cpl)
-    assert r.outcome == "shutdown", r.detail
+    assert r.outcome is Outcome.SHUTDOWN, r.detail
     if vendor == "kvm_amd":  # measured: kvm_amd resets the vCPU before it reports the shutdown
         assert r.detail.endswith("near rip 0xfff0 (the vCPU's reset state: KVM reset it on shutdown, as kvm_amd does)")
     else:
@@ -35,7 +34,7 @@ def test_wiping_its_own_page_tables_is_a_shutdown_at_an_unmapped_rip(kvm, vendor
 @pytest.mark.parametrize("cpl,error_code", [(0, 0x10), (3, 0x14)])  # instruction fetch (+ user)
 def test_jump_beyond_the_page_tables_is_a_reported_page_fault(kvm, cpl, error_code):
     r = run(kvm, "hostile_unmapped", "long", cpl)
-    assert r.outcome == "exception", r.detail
+    assert r.outcome is Outcome.EXCEPTION, r.detail
     e = r.exception
     assert (e.name, e.error_code, e.rip, e.cr2) == ("#PF", error_code, 0x7FFF00000000, 0x7FFF00000000)
     assert "#PF" in r.detail and "cr2 0x7fff00000000" in r.detail
@@ -44,14 +43,14 @@ def test_jump_beyond_the_page_tables_is_a_reported_page_fault(kvm, cpl, error_co
 def test_jump_to_memory_no_slot_backs_names_the_address(kvm):
     # protected mode has no paging: the fetch goes to guest-physical 1 GiB, which is MMIO
     r = run(kvm, "hostile_unmapped", "protected")
-    assert r.outcome == "internal-error", r.detail
+    assert r.outcome is Outcome.INTERNAL_ERROR, r.detail
     assert "at rip 0x40000000" in r.detail and "which no memory slot backs" in r.detail
 
 
 @pytest.mark.parametrize("mode", ["real", "protected", "long"])
 def test_spin_with_interrupts_off_is_stopped_by_the_timeout(kvm, mode):
     r = run(kvm, "hostile_cli_spin", mode, timeout=0.2)
-    assert r.outcome == "timeout"
+    assert r.outcome is Outcome.TIMEOUT
     assert "jmp . (a tight loop)" in r.detail and "right after CLI, with interrupts disabled" in r.detail
     assert r.runs == 1  # one KVM_RUN, ended by the kick; the guest never exited on its own
 
@@ -62,7 +61,7 @@ def test_spin_with_interrupts_on_is_not_called_disabled(kvm):
             0xFB,        # sti
             0xEB, 0xFE,  # jmp .
         ]))
-    assert r.outcome == "timeout" and "jmp ." in r.detail
+    assert r.outcome is Outcome.TIMEOUT and "jmp ." in r.detail
     assert "interrupts disabled" not in r.detail
 
 
@@ -77,7 +76,7 @@ def test_console_flood_is_capped_and_ends_cleanly(kvm, monkeypatch, mode, cpl):
         r = run(kvm, "hostile_flood", mode, cpl, timeout=timeout)
         if r.console_dropped and r.exits_dropped:
             break
-    assert r.outcome == "timeout"
+    assert r.outcome is Outcome.TIMEOUT
     line = b"flood flood flood flood flood flood flood flood flood flood flood!\n"
     assert r.console == (line * 20)[:1000]
     assert r.console_dropped > 0
@@ -90,7 +89,7 @@ def test_console_flood_is_capped_and_ends_cleanly(kvm, monkeypatch, mode, cpl):
 @pytest.mark.parametrize("mode", ["real", "protected", "long"])
 def test_unknown_ucall_number_is_malformed_and_named(kvm, mode):
     r = run(kvm, "hostile_ucall", mode)
-    assert r.outcome == "malformed-ucall"
+    assert r.outcome is Outcome.MALFORMED_UCALL
     assert r.detail == "unknown ucall number 66 on port 0xea"
     assert r.report(1) == 7 and r.fail_code is None  # the call before it counted; nothing after ran
 
@@ -102,5 +101,5 @@ def test_wide_ucall_is_malformed_not_guessed(kvm):
             0xB8, 0x01, 0x01, 0x00, 0x00,  # mov $0x101, %eax
             0xE7, 0xEA,                    # out %eax, $0xea
         ]))
-    assert r.outcome == "malformed-ucall"
+    assert r.outcome is Outcome.MALFORMED_UCALL
     assert "one 1-byte OUT to port 0xea" in r.detail and "1 x 4 bytes (01 01 00 00)" in r.detail

@@ -16,7 +16,7 @@ import pytest
 from ready import READY_HYPERCALL, READY_SPIN, interrupt_when, wait_until_counted
 
 from kvmiso import cli
-from kvmiso.guest import Machine
+from kvmiso.guest import Machine, Outcome
 from kvmiso.guest.threads import run_in_threads
 from kvmiso.interrupt import Interrupted, start_kicker
 from kvmiso.kvm.exits import IntrExit
@@ -79,7 +79,7 @@ def test_ctrl_c_inside_kvm_run_gives_the_result_and_leaks_nothing(kvm, vendor, p
         sender.join()
     assert info.value.signal == signal.SIGINT and info.value.status == 130
     r = info.value.partial
-    assert r.outcome == "interrupted" and [e.name for e in r.exits] == ["MMIO"]  # the announcement
+    assert r.outcome is Outcome.INTERRUPTED and [e.name for e in r.exits] == ["MMIO"]  # the announcement
     assert r.detail.startswith("SIGINT arrived before the guest finished; stopped at rip")
     assert what in r.detail
     # the sender thread has ended for Python; the kernel may still list it for a moment
@@ -199,4 +199,4 @@ def test_a_signal_noted_just_before_kvm_run_still_ends_it(kvm):
     finally:
         signal.signal(signal.SIGINT, old)
     assert noted == [signal.SIGINT]
-    assert (r.outcome, r.detail) == ("interrupted", "KVM_RUN was interrupted by a kick")
+    assert r.outcome is Outcome.INTERRUPTED and r.detail == "KVM_RUN was interrupted by a kick"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from kvmiso.guest import Machine
+from kvmiso.guest import Machine, Outcome
 from kvmiso.kvm.stats import Snapshot
 
 
@@ -26,7 +26,7 @@ def test_deltas_count_what_the_guest_did(kvm):
         before = st.snapshot()
         r = m.run(timeout=10)
         delta = st.snapshot() - before
-    assert r.outcome == "halt"
+    assert r.outcome is Outcome.HALT
     assert delta["halt_exits"] == 1 and delta["exits"] >= 1 and delta["mmio_exits"] == 0
     assert delta.nonzero()["halt_exits"] == 1 and "mmio_exits" not in delta.nonzero()
 

@@ -25,7 +25,7 @@ import psutil
 from ..kvm import Kvm
 from .deadline import GuestTimeout
 from .machine import Machine
-from .result import OUTCOMES, RunResult
+from .result import Outcome, RunResult
 from .threads import run_in_threads
 
 # target name -> (mode, CPL)
@@ -247,7 +247,7 @@ class Fuzzer:
             stats.kvm_runs += r.runs
             stats.outcomes[r.outcome] += 1
             stats.by_kind[case.kind][r.outcome] += 1
-            if r.outcome not in OUTCOMES or not r.detail:
+            if not isinstance(r.outcome, Outcome) or not r.detail:
                 stats.unclassified.append((case.label, r.outcome, r.detail))
         stats.elapsed = time.perf_counter() - t0
         return stats

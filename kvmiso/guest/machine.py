@@ -4,7 +4,7 @@ serves the ucall convention, answers I/O and MMIO reads, and never hangs.
 >>> with Machine("hello", mode="long") as m:
 ...     result = m.run(timeout=5)
 >>> result.outcome, result.console
-('done', b'Hello from a kvmiso guest!\\n')
+(<Outcome.DONE: 'done'>, b'Hello from a kvmiso guest!\\n')
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from ..kvm.exits import (DebugExit, Exit, FailEntryExit, HltExit, InternalErrorE
 from . import modes
 from .build import BITS, Image, build, payload_modes, payload_path
 from .deadline import GuestTimeout, deadline
-from .result import RunResult
+from .result import Outcome, RunResult
 from .snapshot import RESET_MSRS, VcpuState
 from .threads import run_in_threads
 from .ucall import (PORT_CONSOLE, PORT_UCALL, Done, Fail, GuestException, MalformedUcall, Report,
@@ -166,24 +166,24 @@ class Machine:
         v = self.vm.vcpus[vcpu]
         stats = self._stats[vcpu]
         before = stats.snapshot()
-        res = RunResult("running", "", vcpu=vcpu)
+        res = RunResult(None, "", vcpu=vcpu)
         console = bytearray()
         t0 = time.perf_counter()
         ident = threading.get_ident()
         try:
             with deadline(v, timeout) as dl, kicked_by_interrupts(lambda: v.kick(ident)):
-                while res.outcome == "running":
+                while res.outcome is None:
                     res.runs += 1  # before the call: an interrupted KVM_RUN counts too
                     exit = v.run()
                     if isinstance(exit, IntrExit):
                         if dl.expired:
-                            res.outcome, res.detail = "timeout", self._describe_stop(
+                            res.outcome, res.detail = Outcome.TIMEOUT, self._describe_stop(
                                 v, stats, before, res.runs - 1, res.console_dropped)
                         else:
-                            res.outcome, res.detail = "interrupted", "KVM_RUN was interrupted by a kick"
+                            res.outcome, res.detail = Outcome.INTERRUPTED, "KVM_RUN was interrupted by a kick"
                         break
                     if on_exit is not None and on_exit(exit):
-                        res.outcome, res.detail = "stopped", f"on_exit ended the run at {exit.name}"
+                        res.outcome, res.detail = Outcome.STOPPED, f"on_exit ended the run at {exit.name}"
                     else:
                         self._handle(v, exit, res, console, on_io, on_mmio, on_msr)
                     if record:
@@ -191,21 +191,21 @@ class Machine:
                             res.exits.append(detach(exit))
                         else:
                             res.exits_dropped += 1
-                    if max_exits is not None and res.runs >= max_exits and res.outcome == "running":
-                        res.outcome, res.detail = "exit-limit", f"stopped after {max_exits} exits"
+                    if max_exits is not None and res.runs >= max_exits and res.outcome is None:
+                        res.outcome, res.detail = Outcome.EXIT_LIMIT, f"stopped after {max_exits} exits"
         except KeyboardInterrupt as e:
             # SIGINT or SIGTERM: the partial result goes up with the interruption, for the
             # caller to report as incomplete
             stop = Interrupted.of(e, res)
-            if res.outcome == "running":
-                res.outcome, res.detail = "interrupted", f"{stop.signal.name} arrived before the guest finished; " + (
+            if res.outcome is None:
+                res.outcome, res.detail = Outcome.INTERRUPTED, f"{stop.signal.name} arrived before the guest finished; " + (
                     self._describe_stop(v, stats, before, max(0, res.runs - 1), res.console_dropped))
             raise stop from None
         finally:
             res.elapsed = time.perf_counter() - t0
             res.console = bytes(console)
             res.stats = (stats.snapshot() - before).nonzero()
-        if res.outcome == "timeout":
+        if res.outcome is Outcome.TIMEOUT:
             raise GuestTimeout(timeout, res.detail, res.runs - 1, result=res)
         return res
 
@@ -242,25 +242,25 @@ class Machine:
                 return
             if exit.port == PORT_UCALL and not exit.is_in:
                 if exit.size != 1 or exit.count != 1:
-                    res.outcome, res.detail = "malformed-ucall", (
+                    res.outcome, res.detail = Outcome.MALFORMED_UCALL, (
                         f"a ucall is one 1-byte OUT to port {PORT_UCALL:#x}; the guest wrote "
                         f"{exit.count} x {exit.size} bytes ({bytes(exit.data[:16]).hex(' ')})")
                     return
                 try:
                     u = decode_ucall(exit.value, vcpu.get_regs(), self.bits)
                 except MalformedUcall as e:
-                    res.outcome, res.detail = "malformed-ucall", str(e)
+                    res.outcome, res.detail = Outcome.MALFORMED_UCALL, str(e)
                     return
                 if isinstance(u, Report):
                     res.reports.append(u)
                 elif isinstance(u, Done):
-                    res.outcome, res.detail = "done", "the guest reported DONE"
+                    res.outcome, res.detail = Outcome.DONE, "the guest reported DONE"
                 elif isinstance(u, Fail):
                     res.fail_code = u.code
-                    res.outcome, res.detail = "fail", f"the guest reported FAIL with code {u.code}"
+                    res.outcome, res.detail = Outcome.FAIL, f"the guest reported FAIL with code {u.code}"
                 elif isinstance(u, GuestException):
                     res.exception = u
-                    res.outcome, res.detail = "exception", f"the guest took {u}"
+                    res.outcome, res.detail = Outcome.EXCEPTION, f"the guest took {u}"
                 return
             if exit.is_in:
                 exit.data[:] = b"\xff" * len(exit.data)  # the default answer; on_io may replace it
@@ -282,7 +282,7 @@ class Machine:
         if isinstance(exit, DebugExit):
             return  # single-stepping: recorded, and the run goes on
         if isinstance(exit, HltExit):
-            res.outcome, res.detail = "halt", "the guest executed HLT"
+            res.outcome, res.detail = Outcome.HALT, "the guest executed HLT"
         elif isinstance(exit, ShutdownExit):
             regs, rip, where, _ = self._at_rip(vcpu)
             sregs = vcpu.get_sregs()
@@ -290,7 +290,7 @@ class Machine:
                 # kvm_amd reinitializes the VMCB and resets the vCPU before reporting a shutdown
                 # (svm.c shutdown_interception): where the guest died is lost
                 where = " (the vCPU's reset state: KVM reset it on shutdown, as kvm_amd does)"
-            res.outcome, res.detail = "shutdown", f"the guest triple-faulted (KVM_EXIT_SHUTDOWN) near rip {rip:#x}{where}"
+            res.outcome, res.detail = Outcome.SHUTDOWN, f"the guest triple-faulted (KVM_EXIT_SHUTDOWN) near rip {rip:#x}{where}"
         elif isinstance(exit, InternalErrorExit):
             _, rip, where, _ = self._at_rip(vcpu)
             text = f"KVM_EXIT_INTERNAL_ERROR suberror {exit.suberror_name} at rip {rip:#x}{where}"
@@ -300,14 +300,14 @@ class Machine:
                 text += f"; KVM's emulator cannot execute {raw[1:1 + min(raw[0], 15)].hex(' ')}"
             else:
                 text += ", data " + " ".join(f"{d:#x}" for d in exit.data)
-            res.outcome, res.detail = "internal-error", text
+            res.outcome, res.detail = Outcome.INTERNAL_ERROR, text
         elif isinstance(exit, FailEntryExit):
-            res.outcome, res.detail = "fail-entry", (
+            res.outcome, res.detail = Outcome.FAIL_ENTRY, (
                 f"VM entry failed: hardware reason {exit.hardware_entry_failure_reason:#x} on cpu {exit.cpu}")
         elif isinstance(exit, SystemEventExit):
-            res.outcome, res.detail = "system-event", f"system event {exit.type_name}"
+            res.outcome, res.detail = Outcome.SYSTEM_EVENT, f"system event {exit.type_name}"
         else:
-            res.outcome, res.detail = "unhandled-exit", f"no handler for {exit!r}"
+            res.outcome, res.detail = Outcome.UNHANDLED_EXIT, f"no handler for {exit!r}"
 
     def _at_rip(self, vcpu) -> tuple[Any, int, str, bytes]:
         """The vCPU's registers, its linear RIP, why no code can be fetched there ("" when it

@@ -4,25 +4,41 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import enum
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..kvm.exits import Exit
 from .ucall import GuestException, Report
 
-# Every way a run can end: RunResult.outcome is always one of these.
-OUTCOMES = ("done", "fail", "exception", "halt", "shutdown", "internal-error", "fail-entry",
-            "system-event", "malformed-ucall", "unhandled-exit", "exit-limit", "stopped", "timeout",
-            "interrupted")
+
+class Outcome(enum.StrEnum):
+    """Every way a run can end. Each is its own string (``Outcome.DONE == "done"``), so JSON and
+    text show the value and a JSON reader compares with plain strings."""
+
+    DONE = "done"  # the DONE ucall
+    FAIL = "fail"  # the FAIL ucall, with a code
+    EXCEPTION = "exception"  # the guest's exception handler reported a vector
+    HALT = "halt"  # KVM_EXIT_HLT
+    SHUTDOWN = "shutdown"  # KVM_EXIT_SHUTDOWN: a triple fault
+    INTERNAL_ERROR = "internal-error"  # KVM_EXIT_INTERNAL_ERROR
+    FAIL_ENTRY = "fail-entry"  # KVM_EXIT_FAIL_ENTRY
+    SYSTEM_EVENT = "system-event"  # KVM_EXIT_SYSTEM_EVENT
+    MALFORMED_UCALL = "malformed-ucall"  # a write to the ucall port that breaks the convention
+    UNHANDLED_EXIT = "unhandled-exit"  # an exit Machine has no handler for
+    EXIT_LIMIT = "exit-limit"  # max_exits reached
+    STOPPED = "stopped"  # on_exit returned True
+    TIMEOUT = "timeout"  # the deadline passed
+    INTERRUPTED = "interrupted"  # a kick, SIGINT or SIGTERM ended KVM_RUN
 
 
 @dataclass
 class RunResult:
-    """How a run ended (``outcome``, one of OUTCOMES), why (``detail``), and everything the guest
-    produced. ``console`` holds the bytes the guest wrote to PORT_CONSOLE, exactly;
+    """How a run ended (``outcome``; None only while the run is under way), why (``detail``), and
+    everything the guest produced. ``console`` holds the bytes the guest wrote to PORT_CONSOLE, exactly;
     :attr:`console_text` is them as text."""
 
-    outcome: str
+    outcome: Outcome | None
     detail: str
     vcpu: int = 0
     exits: list[Exit] = field(default_factory=list)
@@ -44,7 +60,7 @@ class RunResult:
     @property
     def ok(self) -> bool:
         """The guest reported DONE."""
-        return self.outcome == "done"
+        return self.outcome is Outcome.DONE
 
     def report(self, tag: int) -> int:
         """The value of the last REPORT with ``tag``."""

@@ -11,9 +11,10 @@ from ..kvm import abi
 from ..kvm.exits import IoExit, MmioExit, RdmsrExit, WrmsrExit
 from .build import payload_modes, payload_path
 from .machine import Machine
+from .result import Outcome
 
 # Payloads whose purpose is a run that does not end in DONE.
-EXPECTED_OUTCOME = {"hlt": "halt", "spin": "timeout", "triplefault": "shutdown"}
+EXPECTED_OUTCOME = {"hlt": Outcome.HALT, "spin": Outcome.TIMEOUT, "triplefault": Outcome.SHUTDOWN}
 # Not in the suite: probe.S is kvmiso probe's own measurement; spin only proves the timeout.
 SUITE_PAYLOADS = ("hello", "portio", "stringio", "mmio", "unbacked", "hlt", "cpuid", "msr",
                   "hypercall", "triplefault", "singlestep")
@@ -54,7 +55,7 @@ class SuiteEntry:
     payload: str
     mode: str
     cpl: int = 0
-    expected: str = "done"  # the outcome this payload is built to reach on this host
+    expected: Outcome = Outcome.DONE  # the outcome this payload is built to reach on this host
 
     @property
     def label(self) -> str:
@@ -75,9 +76,9 @@ def suite(vendor: str | None, cpl3: bool = True) -> list[SuiteEntry]:
     """Every suite payload in each declared mode, plus long mode at CPL3 where it is legal."""
     entries = []
     for name in SUITE_PAYLOADS:
-        expected = EXPECTED_OUTCOME.get(name, "done")
+        expected = EXPECTED_OUTCOME.get(name, Outcome.DONE)
         if name == "hypercall" and vendor == "kvm_pvm":
-            expected = "timeout"  # DESIGN.md: a CPL0 hypercall never returns on kvm_pvm
+            expected = Outcome.TIMEOUT  # DESIGN.md: a CPL0 hypercall never returns on kvm_pvm
         for mode in payload_modes(payload_path(name)):
             entries.append(SuiteEntry(name, mode, 0, expected))
         if cpl3 and name in ("hello", "portio", "stringio", "cpuid", "mmio", "unbacked"):
