@@ -277,6 +277,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         except GuestTimeout as e:
             result = e.result
         except Interrupted as e:
+            if e.partial is None:  # the signal came before the run had begun: nothing to print
+                raise
             result, interrupted = e.partial, e  # print what the run got, then let main() report it
     if args.json:
         print(json.dumps({**result.to_dict(), "incomplete": interrupted is not None}, indent=2))

@@ -97,6 +97,21 @@ def test_cli_turns_sigterm_into_an_interrupt_and_restores_the_handlers(kvm, caps
     assert {s: signal.getsignal(s) for s in before} == before
 
 
+def test_cli_run_interrupted_before_the_run_begins(kvm, capsys, monkeypatch):
+    # a SIGTERM that lands before Machine.run has a result: nothing to print, no traceback
+    real_run = Machine.run
+
+    def run_after_sigterm(self, *args, **kwargs):
+        signal.raise_signal(signal.SIGTERM)  # the CLI's handler raises Interrupted here, partial None
+        return real_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(Machine, "run", run_after_sigterm)
+    for extra in ([], ["--json"]):
+        status = cli.main(["run", "hello", *extra])
+        out, err = capsys.readouterr()
+        assert status == 128 + signal.SIGTERM and err == "kvmiso: interrupted by SIGTERM\n"
+
+
 def _threads_settle_to(n: int) -> int:
     # a thread that has finished its work still needs a moment to leave the kernel's list
     proc = psutil.Process()
