@@ -225,7 +225,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     try:
         rep = report.build(out, progress)
     except Interrupted as e:
-        report.print_summary(e.partial, out)  # what was done; main() reports the signal
+        if e.partial is not None:  # None: it came before the report began
+            report.print_summary(e.partial, out)  # what was done; main() reports the signal
         raise
     report.print_summary(rep, out)
     return 0 if report.suite_ok(rep) else EXIT_FAILED

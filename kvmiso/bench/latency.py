@@ -98,7 +98,8 @@ def _measure_exit_kind(kvm: Kvm, kind: Kind, cpl: int, n: int, warmup: int, col:
         try:
             t = runloop.compiled_loop(m.vcpu, n, **args)
         except Interrupted as e:
-            col.add((kind.name, "c", cpl), e.partial.latencies())
+            if e.partial is not None:  # None: it came before the first round trip
+                col.add((kind.name, "c", cpl), e.partial.latencies())
             raise
         cycles = t.cycles()
         col.add((kind.name, "c", cpl), t.latencies(), emulated=_emulated(st, before, t.n),
@@ -109,7 +110,8 @@ def _measure_exit_kind(kvm: Kvm, kind: Kind, cpl: int, n: int, warmup: int, col:
             try:
                 t = runloop.python_loop(m.vcpu, n, **args)
             except Interrupted as e:
-                col.add((kind.name, "python", cpl), e.partial.latencies())
+                if e.partial is not None:
+                    col.add((kind.name, "python", cpl), e.partial.latencies())
                 raise
             col.add((kind.name, "python", cpl), t.latencies(),
                     period_p50=stats.percentile(sorted(t.periods()), 50))
@@ -130,8 +132,8 @@ def _measure_in_kernel(kvm: Kvm, kind: Kind, cpl: int, batches: int, warmup: int
         try:
             t = runloop.compiled_loop(m.vcpu, batches, "io", sym["PORT_BENCH"], zap=zap)
         except Interrupted as e:
-            t = e.partial
-            _in_kernel_rows(m, kind, cpl, t, warmup, iterations, col, tsc_hz, None)
+            if e.partial is not None:
+                _in_kernel_rows(m, kind, cpl, e.partial, warmup, iterations, col, tsc_hz, None)
             raise
         _in_kernel_rows(m, kind, cpl, t, warmup, iterations, col, tsc_hz,
                         _emulated(st, before, t.n * iterations))

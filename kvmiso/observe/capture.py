@@ -25,6 +25,7 @@ import time
 from typing import TYPE_CHECKING, Any, Iterable
 
 from ..guest.deadline import GuestTimeout
+from ..guest.result import Outcome
 from ..interrupt import Interrupted
 from ..kvm.exits import Exit, IntrExit, detach
 from .exitlog import ExitLog, RunRecord, TraceEvent
@@ -81,7 +82,7 @@ class Capture:
             **run_kwargs: Any) -> tuple["RunResult", ExitLog]:
         """``machine.run(timeout, vcpu=vcpu, **run_kwargs)`` under capture; returns its result
         and the exit log of this run (also added to ``self.log``). A timeout is a result with
-        outcome ``"timeout"``, never a GuestTimeout. Ctrl-C or SIGTERM raises
+        outcome ``Outcome.TIMEOUT``, never a GuestTimeout. Ctrl-C or SIGTERM raises
         :class:`kvmiso.interrupt.Interrupted` whose ``partial`` is ``(result, log)``, the log
         marked ``incomplete``."""
         tracer = self.tracer
@@ -114,11 +115,13 @@ class Capture:
             except GuestTimeout as e:
                 result = e.result
             except Interrupted as e:  # Ctrl-C/SIGTERM: keep what was seen, then re-raise
+                if e.partial is None:  # it came before the run began: nothing was seen
+                    raise
                 interrupted, result = e, e.partial
             finally:
                 if tracer:
                     tracer.stop()
-            if result.outcome in ("timeout", "interrupted"):  # an IntrExit: on_exit never saw it
+            if result.outcome in (Outcome.TIMEOUT, Outcome.INTERRUPTED):  # an IntrExit: on_exit never saw it
                 ends.append(time.monotonic_ns())
                 raws.append(stats.read_raw())
                 exits.append(IntrExit())
@@ -153,7 +156,7 @@ def capture(machine: "Machine", timeout: float = 5.0, trace: bool | Iterable[str
     """Run ``machine`` once under capture (a :class:`Capture` of one run).
 
     ``run_kwargs`` go to Machine.run (``on_io``, ``on_msr``, ``on_exit``, ``vcpu``, ...).
-    Never raises GuestTimeout: a timeout is ``result.outcome == "timeout"`` plus the log.
+    Never raises GuestTimeout: a timeout is ``result.outcome == Outcome.TIMEOUT`` plus the log.
     """
     with Capture(trace) as cap:
         return cap.run(machine, timeout=timeout, payload=payload, **run_kwargs)
