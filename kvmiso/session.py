@@ -135,12 +135,20 @@ def watch_process(target: int | list[str], duration: float | None = None,
             raise ProcessError(f"cannot start {target[0]}: {e.strerror}") from None
         return child[0].pid
 
+    def complete() -> bool:
+        return "evidence" in got and len(got["evidence"].threads) >= len(got["vm"].vcpus)
+
+    def read(now: float) -> None:
+        reading, got["read"] = collect_evidence(got["vm"], vendor_module() or ""), now
+        if "evidence" not in got or _completeness(reading) >= _completeness(got["evidence"]):
+            got["evidence"] = reading
+
     def until(pid: int) -> str | None:
         """Every 0.1 s: take copies of the process's vCPU fds as they appear (the VM outlives
         the process through them), and read the VM's evidence while the process lives: every
         0.1 s until it names a thread for each vCPU, then every second. The latest reading is
-        kept unless it knows fewer vCPU threads or objects than the one before: a vCPU's thread
-        is gone from its struct kvm_vcpu as the process exits."""
+        kept unless it knows fewer vCPU threads or objects than the one before: a vCPU thread's
+        task, stack and mm are gone as the process exits."""
         now = time.monotonic()
         got.setdefault("t0", now)
         try:
@@ -156,18 +164,18 @@ def watch_process(target: int | list[str], duration: float | None = None,
                 if "vm" in got:
                     got["vm"].close()
                 got["vm"] = vm
-        if "vm" in got:
-            complete = "evidence" in got and len(got["evidence"].threads) >= len(got["vm"].vcpus)
-            if now - got.get("read", 0.0) >= (EVIDENCE_SETTLED_S if complete else EVIDENCE_EVERY_S):
-                reading, got["read"] = collect_evidence(got["vm"], vendor_module() or ""), now
-                if "evidence" not in got or _completeness(reading) >= _completeness(got["evidence"]):
-                    got["evidence"] = reading
+        if "vm" in got and now - got.get("read", 0.0) >= (EVIDENCE_SETTLED_S if complete() else EVIDENCE_EVERY_S):
+            read(now)
         if duration is not None and now - got["t0"] >= duration:
             return f"{duration:g} s passed"
         return None
 
     try:
         attached = watch(target if isinstance(target, int) else start, until, events)
+        if "vm" in got and not complete():
+            # it exited before a reading saw every vCPU's thread (a reading takes seconds under
+            # TCG): the VM outlives it through the copies, and vcpu->pid still names the threads
+            read(time.monotonic())
     except BaseException:
         for c in child:  # a command kvmiso started goes with it
             c.kill()

@@ -45,7 +45,7 @@ class VmHandle:
     mm: int  # kvm->mm: the VMM's address space
     pgd: int  # kvm->mm->pgd
     tasks: dict[int, tuple[int, str]]  # vcpu id -> (its thread's task_struct (vcpu->pid), how it was found)
-    threads: dict[int, int]  # vcpu id -> its thread's id (task->pid), as tracing sees it
+    threads: dict[int, int]  # vcpu id -> the id of the thread that ran it (vcpu->pid), as tracing sees it
     checks: tuple[tuple[str, bool, str], ...] = ()
 
 
@@ -65,18 +65,22 @@ def find_vm(mem: KernelMemory, btf: Btf, vcpu_fds: dict[int, int]) -> VmHandle:
     kvm = k.ptr(vcpus[min(vcpus)], "kvm_vcpu", "kvm")
     mm = k.ptr(kvm, "kvm", "mm")
     own = k.ptr(current, "task_struct", "mm") == mm  # kvmiso's own VM (or a copy of another's fds)
-    tasks = {}
+    tasks, tids = {}, {}
     for vid, vcpu in vcpus.items():
-        task = _pid_task(k, k.ptr(vcpu, "kvm_vcpu", "pid"))
-        if task:
+        pid = k.ptr(vcpu, "kvm_vcpu", "pid")
+        if pid:  # vcpu->pid holds a reference: the thread's id outlives the thread
+            tids[vid] = k.u32(pid, "pid", "numbers[0].nr")
+        task = _pid_task(k, pid)
+        # an exiting thread keeps its task a while after exit_mm() cleared task->mm: it is gone
+        task_mm = k.ptr(task, "task_struct", "mm") if task else 0
+        if task_mm:
             tasks[vid] = (task, "bpf: vcpu->pid (the thread that ran it last)")
-            task_mm = k.ptr(task, "task_struct", "mm")
             checks.append((f"kvm->mm == vCPU {vid}'s thread's mm", task_mm == mm, f"{mm:#x} vs {task_mm:#x}"))
         elif own:  # not run yet: the thread that will run it is this one
             tasks[vid] = (current, "bpf: current (the vCPU has not run yet)")
+            tids.setdefault(vid, k.u32(current, "task_struct", "pid"))
     if own:
         checks.append(("kvm->mm == current->mm", True, f"{mm:#x}"))
-    tids = {vid: k.u32(t, "task_struct", "pid") for vid, (t, _) in tasks.items()}
     return VmHandle(vcpus, dict(vcpu_fds), files, kvm, mm, k.ptr(mm, "mm_struct", "pgd"), tasks, tids, tuple(checks))
 
 
@@ -112,7 +116,8 @@ def read_vm_objects(mem: KernelMemory, btf: Btf, vm: VmHandle, vendor: str, tabl
         if vid in vm.tasks:
             _task_objects(k, out, vid, *vm.tasks[vid], tables)
         else:
-            out.absent[f"vcpu_task[{vid}]"] = "vcpu->pid is NULL: another process's vCPU that has not run yet"
+            out.absent[f"vcpu_task[{vid}]"] = (f"thread {vm.threads[vid]} (vcpu->pid) has exited" if vid in vm.threads
+                                               else "vcpu->pid is NULL: another process's vCPU that has not run yet")
     first = vm.tasks[min(vm.tasks)][0] if vm.tasks else k.mem.current_task()
     per_cpu_objects(k, out, first, vm.kvm, cpus, symbols)
     struct_pages(k, out, tables)
