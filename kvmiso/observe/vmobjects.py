@@ -239,18 +239,25 @@ def _task_objects(k: KernelView, out: VmObjects, vid: int, task: int, how: str, 
             per: str = "vcpu") -> None:
         out.objects.append(KernelObject(name, addr, size, ctype, source, size_source, allocator, per, vid if per else 0))
 
+    def exiting(name: str, path: str) -> int:
+        """task->path, or 0 noted absent: a thread exiting while it is read (exit_files(), the last
+        context switch) loses them one by one."""
+        addr = k.ptr(task, "task_struct", path)
+        if not addr:
+            out.absent.setdefault(name, f"(vCPU {vid}'s thread)->{path} is NULL: the thread is exiting")
+        return addr
+
     add("vcpu_task", task, k.sizeof("task_struct"), "struct task_struct", how)
-    if out.object_named("files_struct") is None:
-        add("files_struct", k.ptr(task, "task_struct", "files"), k.sizeof("files_struct"), "struct files_struct",
-            "bpf: (vCPU thread)->files", per="")
-    stack = k.ptr(task, "task_struct", "stack")
-    area = k.ptr(task, "task_struct", "stack_vm_area")
+    if out.object_named("files_struct") is None and (files := exiting("files_struct", "files")):
+        add("files_struct", files, k.sizeof("files_struct"), "struct files_struct", "bpf: (vCPU thread)->files", per="")
+    stack = exiting(f"vcpu_stack[{vid}]", "stack")
+    area = k.ptr(task, "task_struct", "stack_vm_area") if stack else 0
     pages = k.u32(area, "vm_struct", "nr_pages") if area else 0
-    add("vcpu_stack", stack, pages * PAGE if pages else 4 * PAGE, "unsigned long[THREAD_SIZE / 8]",
-        "bpf: (vCPU thread)->stack", "btf: stack_vm_area->nr_pages" if pages else "modeled: 16 KiB",
-        "vmalloc" if area else "")
-    if out.object_named("active_mm") is None:
-        mm = k.ptr(task, "task_struct", "active_mm")
+    if stack:
+        add("vcpu_stack", stack, pages * PAGE if pages else 4 * PAGE, "unsigned long[THREAD_SIZE / 8]",
+            "bpf: (vCPU thread)->stack", "btf: stack_vm_area->nr_pages" if pages else "modeled: 16 KiB",
+            "vmalloc" if area else "")
+    if out.object_named("active_mm") is None and (mm := exiting("active_mm", "active_mm")):
         add("active_mm", mm, k.sizeof("mm_struct"), "struct mm_struct", "bpf: (vCPU thread)->active_mm", per="")
         add("pgd", k.ptr(mm, "mm_struct", "pgd"), PAGE, "pgd_t[512]", "bpf: (vCPU thread)->active_mm->pgd", "page",
             per="")
