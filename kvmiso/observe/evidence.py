@@ -70,7 +70,7 @@ class Evidence:
     facts: dict[str, tuple[int, str]] = field(default_factory=dict)
     checks: list[tuple[str, bool, str]] = field(default_factory=list)
     per_cpu_offsets: list[int] = field(default_factory=list)
-    threads: dict[int, int] = field(default_factory=dict)  # vcpu id -> the thread that ran it (task->pid)
+    threads: dict[int, int] = field(default_factory=dict)  # vcpu id -> the thread that ran it (vcpu->pid)
     pgd_phys: int = 0
     page_offset_base: int = 0
     frames: dict[int, bytes] = field(default_factory=dict)  # page-table pages by physical address
