@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from kvmiso.guest.probe import fingerprint, probe
+from kvmiso.kvm import Kvm
 from kvmiso.observe.exitlog import read_jsonl
 from kvmiso.observe.tracefsmount import tracefs_root
 
@@ -112,6 +113,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.kvmiso_cpu is None:
         args.kvmiso_cpu = next(c for c in sorted(os.sched_getaffinity(0)) if c != args.qemu_cpu)
+    with Kvm() as kvm:  # first: a host kvmiso cannot probe fails before minutes of measuring
+        host = fingerprint(probe(kvm))
     results = []
     with tempfile.TemporaryDirectory(prefix="kvmiso-bench-attach-") as d:
         for delay in args.delay:
@@ -124,7 +127,7 @@ def main() -> None:
         print(f"{r['delay']:>7} {r['plain_median']:>13.0f} {r['traced_median']:>11.0f} {r['slowdown_pct']:>8.1f}% "
               f"{ev:>9.0f} {lost:>6}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"host": fingerprint(probe()), "args": vars(args), "results": results},
+        Path(args.json).write_text(json.dumps({"host": host, "args": vars(args), "results": results},
                                               indent=1) + "\n")
 
 
