@@ -54,11 +54,15 @@ def test_json_result_is_marked_complete_when_not_interrupted(kvm):
     assert p.returncode == 0 and json.loads(p.stdout)["incomplete"] is False
 
 
-def _signal_main_thread_when_ready(sig: int, vcpus: int = 1) -> threading.Thread:
+def _signal_main_thread_when_ready(sig: int, vcpus: int = 1, then: tuple[str, int] | None = None) -> threading.Thread:
     """A thread that sends ``sig`` to the main thread once ``vcpus`` of this process's vCPUs
-    have made the ready guest's announcement."""
+    have made the ready guest's announcement, and then, with ``then=(stat, n)``, counted ``stat``
+    at least ``n`` times (proof that the next KVM_RUN is under way, so the announcement's exit
+    was handled and recorded: a signal in between would find it returned but not yet kept)."""
     def send() -> None:
         wait_until_counted(os.getpid(), vcpus=vcpus)
+        if then is not None:
+            wait_until_counted(os.getpid(), stat=then[0], vcpus=vcpus, at_least=then[1])
         signal.pthread_kill(threading.main_thread().ident, sig)
 
     t = threading.Thread(target=send)
@@ -73,7 +77,10 @@ def test_ctrl_c_inside_kvm_run_gives_the_result_and_leaks_nothing(kvm, vendor, p
     start_kicker()  # the process's one interrupt kicker lives as long as the process
     before = (psutil.Process().num_fds(), psutil.Process().num_threads())
     with Machine(payload, mode="long", kvm=kvm) as m:
-        sender = _signal_main_thread_when_ready(signal.SIGINT)
+        # kvm_pvm emulates the endless VMCALL again and again: 100 emulations are far more than
+        # the few instructions before it, so by then the guest is in its endless KVM_RUN
+        then = ("insn_emulation", 100) if what == "VMCALL" else None
+        sender = _signal_main_thread_when_ready(signal.SIGINT, then=then)
         with pytest.raises(Interrupted) as info:  # a plain Ctrl-C, no handler installed: SIGINT
             m.run(timeout=600)
         sender.join()
