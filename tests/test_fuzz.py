@@ -59,6 +59,27 @@ def test_reset_after_a_triple_fault_loads_a_new_image(kvm):
             m.reset(build("hello", "long"))
 
 
+def test_reset_loads_what_a_fresh_machine_has_after_a_payload_overwrote_it(kvm):
+    """reset() loads the tables, sregs and regs setup built once: after a payload that
+    overwrote its IDT and moved its registers, they are again exactly a fresh vCPU's."""
+    from kvmiso.guest.modes import GDT, TSS
+
+    def state(m):
+        return bytes(m.vcpu.get_regs()), bytes(m.vcpu.get_sregs()), m.vm.read(GDT, TSS + 0x100 - GDT)
+
+    with Fuzzer("long", kvm=kvm) as f:
+        fresh = state(f.machine)
+        r = f.run(bytes([
+            0xB8, 0x00, 0x10, 0x01, 0x00,              # mov $0x11000, %eax   (the IDT)
+            0xC7, 0x00, 0x78, 0x56, 0x34, 0x12,        # movl $0x12345678, (%rax)
+        ]) + DONE_UCALL)
+        assert r.ok, r.detail
+        after = state(f.machine)
+        assert after[0] != fresh[0] and after[2] != fresh[2]
+        f.machine.reset()
+        assert state(f.machine) == fresh
+
+
 def test_reset_restores_the_msrs_a_payload_wrote(kvm):
     lstar = 0xC0000082
     with Fuzzer("long", kvm=kvm) as f:

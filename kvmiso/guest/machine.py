@@ -67,6 +67,7 @@ class Machine:
         self.vm = None
         self._stats: list = []
         self._pristine: list[VcpuState] = []
+        self._boots: list[modes.Boot] = []  # what each vCPU's setup loaded, for reset() to load again
         try:
             self.vm = self.kvm.create_vm()
             self.vendor = vendor_module()
@@ -81,16 +82,16 @@ class Machine:
                 vcpu = self.vm.create_vcpu(i)
                 vcpu.set_cpuid2(cpuid)
                 self._pristine.append(VcpuState.save(vcpu, reset_msrs))
-                self._setup(vcpu)
+                self._boots.append(self._setup(vcpu))
                 self._stats.append(vcpu.stats())
         except BaseException:
             self.close()
             raise
 
-    def _setup(self, vcpu: Vcpu, sregs: abi.kvm_sregs | None = None) -> None:
+    def _setup(self, vcpu: Vcpu, sregs: abi.kvm_sregs | None = None) -> modes.Boot:
         top = self.memory - vcpu.id * VCPU_STACK
-        modes.setup(self.vm, vcpu, self.image, self.mode, self.cpl,
-                    stack_top=top - VCPU_STACK // 2, kernel_stack_top=top, sregs=sregs)
+        return modes.setup(self.vm, vcpu, self.image, self.mode, self.cpl,
+                           stack_top=top - VCPU_STACK // 2, kernel_stack_top=top, sregs=sregs)
 
     def reset(self, image: Image | None = None) -> None:
         """Start over on the same VM: RAM zeroed, ``image`` (default: the current one) loaded,
@@ -107,8 +108,12 @@ class Machine:
         ram = self.vm.slots[0]
         ctypes.memset(ram.host_addr, 0, ram.size)
         self.vm.write(self.image.load_address, self.image.code)
-        for vcpu, state in zip(self.vcpus, self._pristine):
-            self._setup(vcpu, state.restore(vcpu))
+        for i, (vcpu, state) in enumerate(zip(self.vcpus, self._pristine)):
+            sregs = state.restore(vcpu)
+            if image is None:  # the same entry and stubs: what setup built last time
+                self._boots[i].load(self.vm, vcpu)
+            else:
+                self._boots[i] = self._setup(vcpu, sregs)
 
     @property
     def vcpu(self) -> Vcpu:
@@ -165,7 +170,7 @@ class Machine:
         """
         v = self.vm.vcpus[vcpu]
         stats = self._stats[vcpu]
-        before = stats.snapshot()
+        before = stats.read_raw()
         res = RunResult(None, "", vcpu=vcpu)
         console = bytearray()
         t0 = time.perf_counter()
@@ -204,7 +209,7 @@ class Machine:
         finally:
             res.elapsed = time.perf_counter() - t0
             res.console = bytes(console)
-            res.stats = (stats.snapshot() - before).nonzero()
+            res.stats = stats.delta(before, stats.read_raw())
         if res.outcome is Outcome.TIMEOUT:
             raise GuestTimeout(timeout, res.detail, res.runs - 1, result=res)
         return res
@@ -346,7 +351,7 @@ class Machine:
         # IF alone says nothing; a CLI right before the loop is what the guest chose
         if not regs.rflags & RFLAGS_IF and insn and self._byte_before(vcpu, rip) == b"\xfa":
             text += " right after CLI, with interrupts disabled"
-        emulated = (stats.snapshot() - before).get("insn_emulation", 0)
+        emulated = stats.delta(before, stats.read_raw()).get("insn_emulation", 0)
         if emulated:
             text += f"; KVM emulated {emulated} instructions"
             text += f" and exited to userspace {exits} time{'s' if exits > 1 else ''}" if exits else " without an exit to userspace"

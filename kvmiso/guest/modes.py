@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import struct
+from dataclasses import dataclass
 
 from ..kvm import Vcpu, Vm, abi
 from .build import Image
@@ -125,24 +126,51 @@ def identity_map_bytes() -> tuple[bytes, bytes, bytes]:
     return pml4, pdpt, struct.pack(f"<{len(pdes)}Q", *pdes)
 
 
+@dataclass(frozen=True)
+class Boot:
+    """What :func:`setup` loads into one vCPU for a mode: the tables it writes into guest memory
+    and the sregs and regs it sets. Built once per image; loading it again is a reset's share."""
+
+    writes: tuple[tuple[int, bytes], ...]  # (guest-physical address, bytes)
+    sregs: abi.kvm_sregs  # never changed after boot_state() built it
+    regs: abi.kvm_regs
+
+    def load(self, vm: Vm, vcpu: Vcpu) -> None:
+        """Write the tables, then KVM_SET_SREGS and KVM_SET_REGS."""
+        for address, data in self.writes:
+            vm.write(address, data)
+        vcpu.set_sregs(self.sregs)
+        vcpu.set_regs(self.regs)
+
+
 def setup(vm: Vm, vcpu: Vcpu, image: Image, mode: str, cpl: int, stack_top: int, kernel_stack_top: int,
-          sregs: abi.kvm_sregs | None = None) -> None:
+          sregs: abi.kvm_sregs | None = None) -> Boot:
     """Load segment, control and general registers for ``mode`` and enter at the image's _start.
-    ``sregs`` is the state to complete (default: the vCPU's own, read with KVM_GET_SREGS)."""
+    ``sregs`` is the state to complete (default: the vCPU's own, read with KVM_GET_SREGS).
+    Returns what it loaded, for loading again."""
+    boot = boot_state(image, mode, cpl, vcpu.id, stack_top, kernel_stack_top,
+                      vcpu.get_sregs() if sregs is None else sregs)
+    boot.load(vm, vcpu)
+    return boot
+
+
+def boot_state(image: Image, mode: str, cpl: int, vcpu_id: int, stack_top: int, kernel_stack_top: int,
+               sregs: abi.kvm_sregs) -> Boot:
+    """The :class:`Boot` of vCPU ``vcpu_id`` entering the image's _start in ``mode`` at ``cpl``;
+    ``sregs`` (completed in place) holds what the mode leaves alone (CR2, CR8, APIC base)."""
     if cpl not in (0, 3):
         raise ValueError(f"cpl must be 0 or 3, not {cpl}")
     if cpl == 3 and mode != "long":
         raise ValueError(f"CPL3 is available in long mode only, not in {mode} mode")
-    if sregs is None:
-        sregs = vcpu.get_sregs()
-    regs = abi.kvm_regs(rip=image.entry, rflags=RFLAGS_FIXED, rsp=stack_top, rdi=vcpu.id)
+    writes: list[tuple[int, bytes]] = []
+    regs = abi.kvm_regs(rip=image.entry, rflags=RFLAGS_FIXED, rsp=stack_top, rdi=vcpu_id)
     if mode == "real":
         seg = _segment(0, 0x3, 1, 0, 0, 0, limit=0xFFFF, g=0)
         for name in ("ds", "es", "fs", "gs", "ss"):
             setattr(sregs, name, seg)
         sregs.cs = _segment(0, 0xB, 1, 0, 0, 0, limit=0xFFFF, g=0)
         ivt = ivt_bytes(image.symbols["exception_stubs"])
-        vm.write(IVT, ivt)
+        writes.append((IVT, ivt))
         sregs.idt.base, sregs.idt.limit = IVT, len(ivt) - 1
         regs.rsp = REAL_MODE_STACK
         sregs.cr0 &= ~(CR0_PE | CR0_PG)
@@ -152,19 +180,18 @@ def setup(vm: Vm, vcpu: Vcpu, image: Image, mode: str, cpl: int, stack_top: int,
         # RFLAGS.IOPL for the guest but honours the bitmap) and IOPL 3 (set below; QEMU's TCG
         # consults the bitmap only through a TR cached as "available", and KVM loads it "busy":
         # measured under kvmiso boot, CPL3 port I/O took #GP there with the bitmap alone).
-        vm.write(GDT, gdt_bytes(long_mode))
+        writes.append((GDT, gdt_bytes(long_mode)))
         idt = idt_bytes(image.symbols["exception_stubs"], long_mode)
-        vm.write(IDT, idt)
+        writes.append((IDT, idt))
         idt_limit = len(idt) - 1
-        vm.write(TSS, tss_bytes(long_mode, kernel_stack_top))
+        writes.append((TSS, tss_bytes(long_mode, kernel_stack_top)))
         sregs.gdt.base, sregs.gdt.limit = GDT, 8 * 8 - 1
         sregs.idt.base, sregs.idt.limit = IDT, idt_limit
         sregs.tr = _segment(SEL_TSS, 0xB, 0, 0, 0, 0, base=TSS, limit=TSS_LIMIT, g=0)
         sregs.ldt = abi.kvm_segment(type=0x2, present=1, unusable=1)
         sregs.cr0 = CR0_PE | CR0_ET | CR0_NE
         if long_mode:
-            for address, table in zip((PML4, PDPT, PD), identity_map_bytes()):
-                vm.write(address, table)
+            writes += zip((PML4, PDPT, PD), identity_map_bytes())
             sregs.cr0 |= CR0_PG | CR0_WP | CR0_MP
             sregs.cr3 = PML4
             sregs.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT
@@ -182,5 +209,4 @@ def setup(vm: Vm, vcpu: Vcpu, image: Image, mode: str, cpl: int, stack_top: int,
         typ, s, l, db, dpl = _SEGMENTS[data & ~3]
         for name in ("ds", "es", "fs", "gs", "ss"):
             setattr(sregs, name, _segment(data, typ, s, l, db, dpl))
-    vcpu.set_sregs(sregs)
-    vcpu.set_regs(regs)
+    return Boot(tuple(writes), sregs, regs)

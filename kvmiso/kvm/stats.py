@@ -11,6 +11,7 @@ Descriptors are stepped through by ``sizeof(kvm_stats_desc) + name_size``, as th
 from __future__ import annotations
 
 import ctypes
+import itertools
 import operator
 import os
 import struct
@@ -85,6 +86,14 @@ class Stats(FdOwner):
         self._names = [d.name for d in self.descriptors]
         self._pick = operator.itemgetter(*(slice(d.offset // 8, d.offset // 8 + d.size) if d.is_histogram or d.size > 1
                                            else d.offset // 8 for d in self.descriptors)) if self.descriptors else None
+        # delta(): which statistic each data word belongs to, and where each one's words are
+        self._owner = [-1] * (self._data_len // 8)
+        self._words: list[tuple[str, int, int, bool, bool]] = []  # name, first, end, level, several words
+        for i, d in enumerate(self.descriptors):
+            first = d.offset // 8
+            self._owner[first : first + d.size] = [i] * d.size
+            self._words.append((d.name, first, first + d.size, d.name in self._levels, d.is_histogram or d.size > 1))
+        self._level_ids = [i for i, w in enumerate(self._words) if w[3]]
 
     def close(self) -> None:
         """Close the stats fd (idempotent)."""
@@ -107,6 +116,25 @@ class Stats(FdOwner):
         """The data block as it is now: one pread, nothing decoded. For sampling at every exit
         cheaply; :meth:`decode` turns it into a Snapshot later."""
         return os.pread(self.fd, self._data_len, self._data_offset)
+
+    def delta(self, before: bytes, after: bytes) -> dict:
+        """``(decode(after) - decode(before)).nonzero()`` for two blocks from :meth:`read_raw`,
+        decoding only the statistics whose words moved (and the levels): a run changes a few of
+        them, and this is paid once per ``Machine.run``."""
+        now, was, owner = self._unpack(after), self._unpack(before), self._owner
+        ids = {owner[w] for w in itertools.compress(range(len(now)), map(operator.ne, now, was))}
+        ids.update(self._level_ids)
+        ids.discard(-1)  # padding between statistics
+        out = {}
+        for i in sorted(ids):
+            name, first, end, level, several = self._words[i]
+            if level:
+                v = tuple(now[first:end]) if several else now[first]
+            else:
+                v = tuple(map(operator.sub, now[first:end], was[first:end])) if several else now[first] - was[first]
+            if any(v) if several else v:
+                out[name] = v
+        return out
 
     def decode(self, data: bytes) -> Snapshot:
         """A Snapshot from a data block read by :meth:`read_raw`."""

@@ -206,7 +206,7 @@ def assign_events(records: list[RunRecord], events: list[TraceEvent], lost: int 
 
 def _delta(stats, before: bytes, after: bytes) -> dict[str, Any]:
     """The nonzero stats changes between two raw reads, histograms as lists (JSON-exact)."""
-    d = (stats.decode(after) - stats.decode(before)).nonzero()
+    d = stats.delta(before, after)
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
