@@ -27,6 +27,7 @@ from .observe.exitlog import ExitLog
 from .observe.attach import Attached, watch
 from .observe.process import ForeignVm, ProcessError, kvm_fds
 from .observe.kobject import possible_cpus
+from .process import stop
 
 EVIDENCE_EVERY_S = 0.1  # a watched VM is read this often until every vCPU's thread is known,
 EVIDENCE_SETTLED_S = 1.0  # then this often, while it lives
@@ -185,13 +186,7 @@ def watch_process(target: int | list[str], duration: float | None = None,
         if "vm" in got:
             got["vm"].close()
     for c in child:  # a command kvmiso started and stopped watching at --duration is stopped too
-        if c.poll() is None:  # (the watch reaped a command that exited: poll knows it is gone)
-            c.terminate()
-        try:
-            c.wait(STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            c.kill()
-            c.wait()
+        stop(c, STOP_GRACE_S)
     pid = target if isinstance(target, int) else child[0].pid
     evidence = got.get("evidence") or Evidence(kernel=platform.release(), vendor=vendor_module() or "",
                                                source="the process ended before its vCPUs could be read")

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..host import vendor_module
+from ..process import stop
 from .errors import BootError
 from .initramfs import MOUNT_TAG
 
@@ -209,11 +210,5 @@ def _die_with_parent() -> None:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(STOP_GRACE)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    stop(proc, STOP_GRACE)
     proc.stderr.close()
