@@ -12,7 +12,9 @@ The run uses the C allocator (it re-executes itself with PYTHONMALLOC=malloc): p
     python3 scripts/fuzz.py --json fuzz.json  # the figures as JSON as well
 
 Throughput is payloads per second of wall-clock time per mode. Payloads that run into their
-deadline cost the whole deadline each; the summary says how much of the time that was.
+deadline cost the whole deadline each; the summary says how much of the time that was, and what
+kvmiso itself costs per payload: the median of Machine.reset() plus the run of an empty payload
+(DONE only), timed on a fresh machine after the cases.
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ import argparse
 import json
 import os
 import sys
+import statistics
 import time
 from collections import Counter
 
-from kvmiso.guest.fuzz import KINDS, TARGETS, FuzzStats, Resources, fuzz
+from kvmiso.guest.fuzz import DONE_UCALL, KINDS, TARGETS, Fuzzer, FuzzStats, Resources, fuzz
 from kvmiso.guest.result import Outcome
 from kvmiso.kvm import Kvm
 
@@ -52,10 +55,12 @@ def main() -> int:
             print(f"{target}: {s.runs} runs in {s.elapsed:.1f} s ({s.per_second:.0f} payloads/s, {s.jobs} "
                   f"job{'s' * (s.jobs > 1)}), {s.kvm_runs} KVM_RUN calls", file=sys.stderr)
         after = Resources.now()
+        # after the leak check: runs in this thread start the process's kick helper (a thread, a pipe)
+        floor = {target: _empty_payload_s(target, args.timeout, kvm) for target in args.targets}
     wall = time.perf_counter() - t0
 
     _table(results)
-    _throughput(results, args.timeout)
+    _throughput(results, args.timeout, floor)
     failed = False
     for target, s in results.items():
         for label, tb in s.errors:
@@ -76,6 +81,7 @@ def main() -> int:
                        "resources_before": vars(before), "resources_after": vars(after),
                        "targets": {t: {"runs": s.runs, "kvm_runs": s.kvm_runs, "elapsed_s": s.elapsed,
                                        "payloads_per_s": s.per_second,
+                                       "empty_payload_us": floor[t] * 1e6,
                                        "outcomes": dict(s.outcomes),
                                        "by_kind": {k: dict(c) for k, c in s.by_kind.items()},
                                        "errors": s.errors, "unclassified": s.unclassified}
@@ -98,15 +104,29 @@ def _table(results: dict[str, FuzzStats]) -> None:
         cells = [str(results[t].by_kind[k][o]) for t, k in cols] + [str(seen[o])]
         print("  ".join([o.ljust(width[0])] + [c.rjust(w) for c, w in zip(cells, width[1:])]))
 
-def _throughput(results: dict[str, FuzzStats], timeout: float) -> None:
-    """Payloads per second per mode, and the share of the time that went to payloads waiting
-    out their deadline (each timeout costs the whole deadline, on one machine of ``jobs``)."""
+def _empty_payload_s(target: str, timeout: float, kvm: Kvm, n: int = 300) -> float:
+    """Median seconds of Machine.reset() plus the run of a payload that only reports DONE:
+    what kvmiso and KVM cost per case before the payload does anything."""
+    with Fuzzer(target, timeout, kvm) as f:
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            f.run(DONE_UCALL)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _throughput(results: dict[str, FuzzStats], timeout: float, floor: dict[str, float]) -> None:
+    """Payloads per second per mode, the share of the time that went to payloads waiting out
+    their deadline (each timeout costs the whole deadline, on one machine of ``jobs``), and the
+    cost of an empty payload."""
     print()
     for target, s in results.items():
         waited = s.outcomes[Outcome.TIMEOUT] * timeout / s.jobs
         print(f"{target:<10} {s.per_second:7.0f} payloads/s ({s.runs} in {s.elapsed:.1f} s, {s.jobs} "
               f"job{'s' * (s.jobs > 1)}); {s.outcomes[Outcome.TIMEOUT]} timeouts = {waited:.1f} s "
-              f"({100 * waited / s.elapsed if s.elapsed else 0:.0f}%) of deadlines")
+              f"({100 * waited / s.elapsed if s.elapsed else 0:.0f}%) of deadlines; an empty payload "
+              f"(reset + run) {floor[target] * 1e6:.0f} us")
 
 
 if __name__ == "__main__":
