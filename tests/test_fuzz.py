@@ -80,6 +80,21 @@ def test_reset_loads_what_a_fresh_machine_has_after_a_payload_overwrote_it(kvm):
         assert state(f.machine) == fresh
 
 
+def test_a_reset_to_an_image_that_cannot_be_set_up_is_not_undone_by_the_next(kvm):
+    """reset(image) that fails setting up the vCPU must not leave the previous image's boot
+    state for the next plain reset() to load under the new image's code."""
+    import dataclasses
+
+    with Machine("hello", mode="long", kvm=kvm) as m:
+        broken = dataclasses.replace(m.image, symbols={"_start": m.image.entry + 1})  # no exception stubs
+        with pytest.raises(KeyError, match="exception_stubs"):
+            m.reset(broken)
+        with pytest.raises(KeyError, match="exception_stubs"):
+            m.reset()
+        m.reset(build("hello", "long"))
+        assert m.run(timeout=10).ok
+
+
 def test_reset_restores_the_msrs_a_payload_wrote(kvm):
     lstar = 0xC0000082
     with Fuzzer("long", kvm=kvm) as f:

@@ -196,6 +196,22 @@ def test_vcpus_run_in_parallel_threads(kvm):
         (0, Outcome.DONE, b"Hello from a kvmiso guest!\n"), (1, Outcome.DONE, b"Hello from a kvmiso guest!\n")]
 
 
+def test_each_cpl3_vcpu_takes_interrupts_on_its_own_cpl0_stack(kvm):
+    """One TSS per vCPU: with a shared one, every vCPU's interrupts and exceptions at CPL3 would
+    land on the last vCPU's kernel stack, two at once on the same one. Read back from KVM."""
+    import struct
+
+    from kvmiso.guest.machine import VCPU_STACK
+
+    with Machine("hello", mode="long", cpl=3, vcpus=3, kvm=kvm) as m:
+        tss = [m.vcpus[i].get_sregs().tr.base for i in range(3)]
+        rsp0 = [struct.unpack("<Q", m.vm.read(base + 4, 8))[0] for base in tss]
+        results = m.run_all(timeout=10)
+    assert len(set(tss)) == 3
+    assert rsp0 == [m.memory - i * VCPU_STACK for i in range(3)]
+    assert all(r.outcome is Outcome.DONE for r in results), [r.detail for r in results]
+
+
 def test_every_payload_declares_modes_that_build():
     from kvmiso.guest import available_payloads, build
 

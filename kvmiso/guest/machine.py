@@ -104,16 +104,17 @@ class Machine:
         if image is not None:
             if image.mode != self.mode:
                 raise ValueError(f"this machine runs {self.mode} mode; image {image.name} is for {image.mode}")
+            self._boots.clear()  # first: a reset that fails below must not leave the old image's
             self.image = image
         ram = self.vm.slots[0]
         ctypes.memset(ram.host_addr, 0, ram.size)
         self.vm.write(self.image.load_address, self.image.code)
         for i, (vcpu, state) in enumerate(zip(self.vcpus, self._pristine)):
             sregs = state.restore(vcpu)
-            if image is None:  # the same entry and stubs: what setup built last time
+            if i < len(self._boots):  # the same image: what setup built for it last time
                 self._boots[i].load(self.vm, vcpu)
             else:
-                self._boots[i] = self._setup(vcpu, sregs)
+                self._boots.append(self._setup(vcpu, sregs))
 
     @property
     def vcpu(self) -> Vcpu:

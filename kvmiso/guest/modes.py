@@ -9,7 +9,8 @@ Guest-physical layout (shared with guests/lib/kvmiso.inc):
 0x0000_8000           the payload image (code, data), at most 32 KiB
 0x0001_0000           GDT; 0x11000 IDT
 0x0001_2000           PML4; 0x13000 PDPT; 0x14000-0x17fff four PDs
-0x0001_8000           TSS with a full I/O permission bitmap (all ports allowed), to 0x1a069
+0x0001_8000           TSS of vCPU 0 with a full I/O permission bitmap (all ports allowed), to
+                      0x1a069; vCPU n's at 0x18000 + n * 0x3000 (its own CPL0 stack)
 0x0010_0000           scratch memory for payloads
 top - 0x10000         user (CPL3) stack top; kernel stack top at the end
 ====================  ==================================================
@@ -29,6 +30,9 @@ PML4, PDPT, PD = 0x12000, 0x13000, 0x14000
 TSS = 0x18000
 TSS_IOMAP = 0x68
 TSS_LIMIT = TSS_IOMAP + 65536 // 8  # the bitmap's last byte is the required 0xff terminator
+TSS_STRIDE = 0x3000  # one TSS per vCPU: each holds its own vCPU's CPL0 stack for CPL3 interrupts
+SCRATCH = 0x100000
+MAX_VCPUS = (SCRATCH - TSS - TSS_LIMIT - 1) // TSS_STRIDE + 1
 REAL_MODE_STACK = 0x7000
 IDENTITY_MAP_GIB = 4  # the long-mode identity map covers guest-physical [0, 4 GiB) in 2 MiB pages
 
@@ -184,10 +188,14 @@ def boot_state(image: Image, mode: str, cpl: int, vcpu_id: int, stack_top: int, 
         idt = idt_bytes(image.symbols["exception_stubs"], long_mode)
         writes.append((IDT, idt))
         idt_limit = len(idt) - 1
-        writes.append((TSS, tss_bytes(long_mode, kernel_stack_top)))
+        if vcpu_id >= MAX_VCPUS:
+            raise ValueError(f"at most {MAX_VCPUS} vCPUs: each has its own TSS below the scratch memory at {SCRATCH:#x}")
+        tss = TSS + vcpu_id * TSS_STRIDE
+        writes.append((tss, tss_bytes(long_mode, kernel_stack_top)))
         sregs.gdt.base, sregs.gdt.limit = GDT, 8 * 8 - 1
         sregs.idt.base, sregs.idt.limit = IDT, idt_limit
-        sregs.tr = _segment(SEL_TSS, 0xB, 0, 0, 0, 0, base=TSS, limit=TSS_LIMIT, g=0)
+        # TR's base is loaded as given (the GDT's descriptor, vCPU 0's, is read only by LTR)
+        sregs.tr = _segment(SEL_TSS, 0xB, 0, 0, 0, 0, base=tss, limit=TSS_LIMIT, g=0)
         sregs.ldt = abi.kvm_segment(type=0x2, present=1, unusable=1)
         sregs.cr0 = CR0_PE | CR0_ET | CR0_NE
         if long_mode:
