@@ -32,7 +32,7 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind("cpuid", "CPUID inside KVM", "bench_cpuid", "io", 4, in_kernel=True),
     Kind("rdmsr", "RDMSR inside KVM", "bench_rdmsr", "io", 3, in_kernel=True,
          cpl3="RDMSR is privileged: #GP at CPL3"),
-    Kind("page_fault", "first touch of an unmapped page (KVM page fault)", "bench_page_fault", "io", 4,
+    Kind("page_fault", "first touch of a page the host dropped (MADV_DONTNEED)", "bench_page_fault", "io", 4,
          in_kernel=True, host_mm_exits=1.0),
     Kind("hypercall", "KVM_HC_VAPIC_POLL_IRQ hypercall inside KVM", "bench_hypercall", "io", 4,
          in_kernel=True, cpl3="KVM refuses hypercalls from CPL3 (-KVM_EPERM): that would time the refusal"),
