@@ -2,9 +2,9 @@
 and kick signal) and kvmiso.bench._runloop (the compiled KVM_RUN loop, which includes the first),
 and guests/ shipped inside the package.
 
-guests/ stays at the top of the checkout (DESIGN.md's layout; an editable install reads it
+guests/ stays at the top of the checkout (the repository's layout; an editable install reads it
 there). A wheel has no checkout around it, so the build copies guests/ to ``kvmiso/guests``:
-the payload sources, the shared includes, both crt0s and the linker script, which is everything
+the payload sources, the shared includes, the three crt0s and the linker script, which is everything
 ``kvmiso.guest.build`` needs to assemble a payload on the user's machine.
 """
 

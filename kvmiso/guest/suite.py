@@ -78,7 +78,7 @@ def suite(vendor: str | None, cpl3: bool = True) -> list[SuiteEntry]:
     for name in SUITE_PAYLOADS:
         expected = EXPECTED_OUTCOME.get(name, Outcome.DONE)
         if name == "hypercall" and vendor == "kvm_pvm":
-            expected = Outcome.TIMEOUT  # DESIGN.md: a CPL0 hypercall never returns on kvm_pvm
+            expected = Outcome.TIMEOUT  # on kvm_pvm a CPL0 hypercall never returns (KVM re-executes it)
         for mode in payload_modes(payload_path(name)):
             entries.append(SuiteEntry(name, mode, 0, expected))
         if cpl3 and name in ("hello", "portio", "stringio", "cpuid", "mmio", "unbacked"):

@@ -54,9 +54,9 @@ class RegionSpec:
     vendors: tuple[str, ...] = ()  # only for these vendor modules (empty: all)
 
 
-# The RFC's set (DESIGN.md table), in the names of the objects kvmiso reads from the running
-# kernel. Regions the layout lacks (another vendor's, a module built in, lapic without an
-# in-kernel LAPIC) are left out and said so.
+# The RFC's set (what its patches copy into kvm_mm), in the names of the objects kvmiso reads
+# from the running kernel. Regions the layout lacks (another vendor's, a module built in, lapic
+# without an in-kernel LAPIC) are left out and said so.
 DEFAULT_SET = [
     RegionSpec("kernel_image", "core", "PMD", "RFC patch 19: kernel text, __START_KERNEL_map + KERNEL_IMAGE_SIZE at PMD level"),
     RegionSpec("percpu_area", "percpu", "PTE", "RFC patch 19: the per-CPU area"),
