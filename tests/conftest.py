@@ -38,6 +38,17 @@ def pytest_collection_modifyitems(items) -> None:
             item.add_marker("device")
 
 
+@pytest.fixture(scope="session")
+def tracing() -> None:
+    """Root and a kernel with tracefs, decided from /proc/filesystems, not by kvmiso's own
+    tracefs code: that code is under test, and its failure must fail the tests, not skip them."""
+    if os.geteuid() != 0:
+        pytest.skip("tracing kvm events needs root")
+    with open("/proc/filesystems") as f:
+        if "tracefs" not in f.read().split():
+            pytest.skip("this kernel has no tracefs (not in /proc/filesystems)")
+
+
 @pytest.fixture
 def kvm():
     reason = _kvm_missing()

@@ -18,19 +18,8 @@ from kvmiso.observe.capture import Capture, capture
 from kvmiso.kvm.exits import HltExit, IntrExit, IoExit, MmioExit, RdmsrExit, WrmsrExit
 from kvmiso.observe.exitlog import parse_jsonl, read_jsonl
 from kvmiso.observe.exitstat import summarize
-from kvmiso.observe.tracefs import TracefsUnavailable
-from kvmiso.observe.tracefsmount import tracefs_root
 
 ROOT = Path(__file__).parent.parent
-
-
-def _need_tracefs() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("tracing kvm events needs root")
-    try:
-        tracefs_root()
-    except TracefsUnavailable as e:
-        pytest.skip(str(e))
 
 
 def _answer_io(e) -> None:
@@ -49,10 +38,9 @@ RUNS = [("portio", "real", 0), ("portio", "protected", 0), ("portio", "long", 0)
 
 
 @pytest.fixture(scope="module")
-def session():
-    _need_tracefs()
-    if not os.path.exists("/dev/kvm"):
-        pytest.skip("/dev/kvm does not exist on this host")
+def session(tracing):
+    if not os.path.exists("/dev/kvm"):  # the kvm fixture's rule, for a fixture that outlives it
+        (pytest.fail if os.environ.get("KVMISO_REQUIRE_KVM") == "1" else pytest.skip)("/dev/kvm does not exist on this host")
     out = {}
     with Capture() as cap:
         assert cap.tracer is not None, cap.log.tracing_reason
@@ -173,8 +161,7 @@ with Machine("spin", mode="long") as m:
 """
 
 
-def test_another_process_running_a_vm_is_never_seen(kvm):
-    _need_tracefs()
+def test_another_process_running_a_vm_is_never_seen(kvm, tracing):
     other = subprocess.Popen([sys.executable, "-c", _OTHER_VM, "20"], stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         assert other.stdout.readline().strip() == "running"  # its vCPU is emulating a spin loop now
@@ -186,6 +173,7 @@ def test_another_process_running_a_vm_is_never_seen(kvm):
             assert other.poll() is None  # it ran all along
             mine = cap.tracer.pids
             assert {e.pid for _, e in cap.log.events()} <= mine
+            assert any(e.name == "kvm_pio" for _, e in cap.log.events())  # its own events did arrive
             assert cap.tracer.foreign == 0
             assert other.pid not in mine
     finally:
@@ -193,8 +181,7 @@ def test_another_process_running_a_vm_is_never_seen(kvm):
         other.wait()
 
 
-def test_timeout_is_a_result_not_an_exception_and_lost_records_are_counted(kvm):
-    _need_tracefs()
+def test_timeout_is_a_result_not_an_exception_and_lost_records_are_counted(kvm, tracing):
     with Capture(buffer_kb=16) as cap, Machine("hostile_fuzz", mode="long", kvm=kvm) as m:
         # CPUID forever: an in-kernel exit each time (kvm_exit and kvm_cpuid where CPL0 is native,
         # emulated instructions where it is not), and never one to userspace
@@ -232,8 +219,7 @@ def test_not_root_captures_what_it_can(kvm):
     assert len(log.records) == result.runs and log.records[0].stats
 
 
-def test_missing_event_named_and_capture_goes_on(kvm):
-    _need_tracefs()
+def test_missing_event_named_and_capture_goes_on(kvm, tracing):
     with Machine("cpuid", mode="long", kvm=kvm) as m:
         result, log = capture(m, trace=["kvm:kvm_cpuid", "kvm:kvm_no_such_event"])
     assert result.ok and log.tracing
@@ -256,8 +242,7 @@ def kvmiso(*args):
                           timeout=120, cwd=ROOT)
 
 
-def test_cli_trace_table_json_and_events(kvm, tmp_path):
-    _need_tracefs()
+def test_cli_trace_table_json_and_events(kvm, tracing, tmp_path):
     p = kvmiso("trace", "portio", "--mode", "protected", "--json", str(tmp_path / "t.jsonl"), "--events")
     assert p.returncode == 0, p.stderr
     out = p.stdout
@@ -270,7 +255,7 @@ def test_cli_trace_table_json_and_events(kvm, tmp_path):
     assert "done: the guest reported DONE" in out
 
 
-def test_cli_trace_failures(kvm, tmp_path):
+def test_cli_trace_failures(kvm, tracing, tmp_path):
     p = kvmiso("trace", "spin", "--timeout", "0.2")
     assert p.returncode == 1 and "timeout:" in p.stdout
     p = kvmiso("trace", "nonesuch")
@@ -279,12 +264,11 @@ def test_cli_trace_failures(kvm, tmp_path):
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "cannot write the exit log" in p.stderr
 
 
-def test_two_kvmiso_processes_tracing_at_once_each_see_only_their_own(kvm, tmp_path):
+def test_two_kvmiso_processes_tracing_at_once_each_see_only_their_own(kvm, tracing, tmp_path):
     """Issue 6's concurrency case: two `kvmiso trace` processes, each with its own instance,
     overlapping in time; every event in each log comes from that process's own vCPU thread."""
     from kvmiso.observe.exitlog import read_jsonl
 
-    _need_tracefs()
     a_log, b_log = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     cmd = [sys.executable, "-m", "kvmiso.cli", "trace"]
     a = subprocess.Popen(cmd + [READY_SPIN, "--timeout", "600", "--json", str(a_log)], cwd=ROOT,
@@ -313,14 +297,13 @@ def test_two_kvmiso_processes_tracing_at_once_each_see_only_their_own(kvm, tmp_p
     assert pio and not [e for _, e in logs["a"].events() if e.name == "kvm_pio" and e.fields.get("port") == 0x3000]
 
 
-def test_lost_end_records_are_called_lost_not_untraced(kvm):
+def test_lost_end_records_are_called_lost_not_untraced(kvm, tracing):
     """A trace whose kvm_userspace_exit records were all lost (a full buffer) says so; "not
     traced" is only for a trace that did not enable the event."""
     import dataclasses
 
     from kvmiso.observe.capture import assign_events
 
-    _need_tracefs()
     with Machine("portio", mode="long", kvm=kvm) as m:
         _, log = capture(m, on_io=_answer_io)
     events = [e for _, e in log.events() if e.name != "kvm_userspace_exit"]  # what a full buffer keeps

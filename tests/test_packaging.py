@@ -23,7 +23,6 @@ def test_declared_python_floor_is_what_the_code_needs():
     assert declared == ">=3.11"
     users = [p for p in (ROOT / "kvmiso").rglob("*.py") if re.search(r"^\s*import tomllib", p.read_text(), re.M)]
     assert users, "nothing imports tomllib any more: the floor may be lowered"
-    assert sys.version_info >= (3, 11)
 
 
 @pytest.mark.slow

@@ -251,5 +251,5 @@ def _modeled_objects(regions: dict[str, Region], add, vendor: str, cpus: int, vc
             start = cursor[area]
             ranges.append((start, start + size))
             cursor[area] = start + ((size + PAGE - 1) & ~(PAGE - 1)) + _GUARD
-        add(Region(name, tuple(ranges), "object", f"modeled: {area}, {size} bytes per {per}", desc, modeled=True,
+        add(Region(name, tuple(ranges), "object", f"{area}, {size} bytes per {per}", desc, modeled=True,
                    per=per if per != "vm" else ""))
