@@ -50,6 +50,9 @@ def vcpu_counts(pid: int, stat: str) -> dict[str, int]:
             fd = _libc.syscall(SYS_PIDFD_GETFD, pidfd, target, 0)
             if fd < 0:
                 continue  # closed since it was listed
+            if not os.readlink(f"/proc/self/fd/{fd}").startswith("anon_inode:kvm-vcpu-stats"):
+                os.close(fd)  # closed since it was listed, and its number reused: not a stats fd
+                continue
             with Stats(fd) as st:
                 out[st.id] = st.snapshot()[stat]
     finally:

@@ -99,9 +99,11 @@ class ForeignVm:
     vcpus: list[ForeignVcpu] = field(default_factory=list)
 
     @classmethod
-    def attach(cls, pid: int) -> "ForeignVm":
-        """Copies of ``pid``'s vCPU fds (ProcessError, one line, where it cannot be done)."""
-        fds = kvm_fds(pid)
+    def attach(cls, pid: int, fds: KvmFds | None = None) -> "ForeignVm":
+        """Copies of ``pid``'s vCPU fds, as ``fds`` (default: :func:`kvm_fds` now) lists them
+        (ProcessError, one line, where it cannot be done). Each copy is checked to be the vCPU
+        listed: the process may have closed an fd after the listing, and its number be reused."""
+        fds = kvm_fds(pid) if fds is None else fds
         if not fds.vcpus:
             raise ProcessError(f"pid {pid}: has a VM but no vCPU yet")
         try:
@@ -117,6 +119,10 @@ class ForeignVm:
                     hint = " (another user's process, or ptrace is restricted)" if e.errno == errno.EPERM else ""
                     raise ProcessError(f"pid {pid}: pidfd_getfd of its vCPU {vid} fd {fd} failed: "
                                        f"{e.strerror}{hint}") from None
+                if os.readlink(f"/proc/self/fd/{mine}") != f"anon_inode:kvm-vcpu:{vid}":
+                    os.close(mine)
+                    raise ProcessError(f"pid {pid}: its fd {fd} was no longer vCPU {vid}'s when copied "
+                                       "(closed, or its number reused, since it was listed)")
                 vm.vcpus.append(ForeignVcpu(vid, mine, fd))
         except BaseException:
             vm.close()
