@@ -75,7 +75,7 @@ def test_ctrl_c_inside_kvm_run_gives_the_result_and_leaks_nothing(kvm, vendor, p
     if what == "VMCALL" and vendor != "kvm_pvm":
         pytest.skip(f"needs kvm_pvm, where a CPL0 hypercall never returns (this host: {vendor})")
     start_kicker()  # the process's one interrupt kicker lives as long as the process
-    before = (psutil.Process().num_fds(), psutil.Process().num_threads())
+    fds, threads = psutil.Process().num_fds(), _thread_ids()
     with Machine(payload, mode="long", kvm=kvm) as m:
         # kvm_pvm emulates the endless VMCALL again and again: 100 emulations are far more than
         # the few instructions before it, so by then the guest is in its endless KVM_RUN
@@ -90,7 +90,7 @@ def test_ctrl_c_inside_kvm_run_gives_the_result_and_leaks_nothing(kvm, vendor, p
     assert r.detail.startswith("SIGINT arrived before the guest finished; stopped at rip")
     assert what in r.detail
     # the sender thread has ended for Python; the kernel may still list it for a moment
-    assert (psutil.Process().num_fds(), _threads_settle_to(before[1])) == before
+    assert psutil.Process().num_fds() == fds and not _threads_left_since(threads)
 
 
 def test_cli_turns_sigterm_into_an_interrupt_and_restores_the_handlers(kvm, capsys):
@@ -119,25 +119,30 @@ def test_cli_run_interrupted_before_the_run_begins(kvm, capsys, monkeypatch):
         assert status == 128 + signal.SIGTERM and err == "kvmiso: interrupted by SIGTERM\n"
 
 
-def _threads_settle_to(n: int) -> int:
-    # a thread that has finished its work still needs a moment to leave the kernel's list
-    proc = psutil.Process()
+def _thread_ids() -> set[int]:
+    return {t.id for t in psutil.Process().threads()}
+
+
+def _threads_left_since(before: set[int]) -> set[int]:
+    """Threads alive now that were not before, once those that finished have left the kernel's
+    list (a moment after their work). By identity, not by count: a thread of an earlier test
+    that was still leaving when ``before`` was taken must not hide a new one, nor fail the test."""
     for _ in range(1000):
-        if proc.num_threads() == n:
+        if not _thread_ids() - before:
             break
         time.sleep(0.01)
-    return proc.num_threads()
+    return _thread_ids() - before
 
 
 def test_ctrl_c_during_run_all_stops_every_vcpu_before_the_vm_closes(kvm):
-    before = psutil.Process().num_threads()
+    before = _thread_ids()
     with Machine(READY_SPIN, mode="long", vcpus=2, kvm=kvm) as m:
         sender = _signal_main_thread_when_ready(signal.SIGINT, vcpus=2)
         with pytest.raises(Interrupted):
             m.run_all(timeout=600)
         sender.join()
     # a vCPU thread left spinning would outlive its VM (and its 600 s deadline died with it)
-    assert _threads_settle_to(before) == before
+    assert not _threads_left_since(before)
 
 
 def test_a_signal_held_while_the_vcpu_threads_start_still_stops_them(kvm):
