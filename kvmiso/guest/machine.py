@@ -104,7 +104,7 @@ class Machine:
         if image is not None:
             if image.mode != self.mode:
                 raise ValueError(f"this machine runs {self.mode} mode; image {image.name} is for {image.mode}")
-            self._boots.clear()  # first: a reset that fails below must not leave the old image's
+            self._boots.clear()  # first: a reset that fails below must not leave the old image's boot state
             self.image = image
         ram = self.vm.slots[0]
         ctypes.memset(ram.host_addr, 0, ram.size)
