@@ -28,6 +28,11 @@ The policy, all of it here:
   kicks the vCPU (``immediate_exit`` plus the kick signal), so that KVM_RUN returns and the
   handler runs.
 
+- A main thread that waits for work it cannot bound (vCPU threads) waits with
+  :func:`wait_seeing_signals`, never with an untimed wait: the C part of Python's handler only
+  notes a signal, so one that lands just before the wait sleeps (or that another thread takes,
+  as the kernel may do with a signal sent to the process) would wake nothing.
+
 The vCPU kick signal (a real-time signal that only ends a KVM_RUN) is not part of this policy.
 """
 
@@ -166,6 +171,17 @@ def threads_without_interrupts() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+#: The longest a signal waits for :func:`wait_seeing_signals` to act on it.
+SIGNAL_CHECK_S = 0.05
+
+
+def wait_seeing_signals(event: threading.Event) -> None:
+    """Wait for ``event``, running signal handlers within :data:`SIGNAL_CHECK_S` of a signal's
+    arrival (an exception one raises ends the wait), however the signal reached the process."""
+    while not event.wait(SIGNAL_CHECK_S):
+        pass
+
+
 class _Kicker:
     """The helper thread behind :func:`kicked_by_interrupts` and the kicks it may call."""
 
@@ -232,4 +248,4 @@ def kicked_by_interrupts(kick: Callable[[], None]) -> Iterator[None]:
 
 
 __all__ = ["Interrupted", "SIGNALS", "Terminated", "deferred", "kicked_by_interrupts", "signals_raise_interrupted",
-           "sigterm_unwinds", "start_kicker", "threads_without_interrupts"]
+           "sigterm_unwinds", "start_kicker", "threads_without_interrupts", "wait_seeing_signals"]

@@ -151,6 +151,36 @@ def test_ctrl_c_during_run_all_stops_every_vcpu_before_the_vm_closes(kvm):
     assert not _threads_left_since(before)
 
 
+def test_ctrl_c_the_waiting_thread_does_not_wake_for_still_stops_run_all(kvm):
+    # Python's C handler only notes a signal; the handler runs once the main thread is back in
+    # the interpreter. A signal that lands just before run_all's wait goes to sleep (or, sent to
+    # the process, is taken by another thread) never wakes that wait: here another thread takes
+    # it, which makes that window certain. The wait must still see it, not only at the deadline.
+    before = _thread_ids()
+    main = threading.main_thread().ident
+    rescued = threading.Event()
+
+    def send_to_another_thread() -> None:
+        wait_until_counted(os.getpid(), vcpus=2)
+        signal.pthread_kill(threading.get_ident(), signal.SIGINT)  # this thread runs the C part
+        if not interrupted.wait(20):  # a wait that missed it: end the test, not the suite
+            rescued.set()
+            signal.pthread_kill(main, signal.SIGINT)
+
+    interrupted = threading.Event()
+    with Machine(READY_SPIN, mode="long", vcpus=2, kvm=kvm) as m:
+        sender = threading.Thread(target=send_to_another_thread)
+        sender.start()
+        try:
+            with pytest.raises(Interrupted):
+                m.run_all(timeout=600)
+        finally:
+            interrupted.set()
+            sender.join()
+    assert not rescued.is_set(), "run_all slept through a SIGINT until a second one came"
+    assert not _threads_left_since(before)
+
+
 def test_a_signal_held_while_the_vcpu_threads_start_still_stops_them(kvm):
     # run_in_threads holds SIGINT back while it starts the threads and raises it as that block
     # ends; it must still kick and wait for every thread, or the caller closes the VM under a

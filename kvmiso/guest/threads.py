@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 from typing import Callable, Sequence
 
-from ..interrupt import deferred, threads_without_interrupts
+from ..interrupt import deferred, threads_without_interrupts, wait_seeing_signals
 from ..kvm import Vcpu
 
 
@@ -41,7 +41,9 @@ def run_in_threads(work: Callable[[int], None], vcpus: Sequence[Vcpu], name: str
         with deferred(), threads_without_interrupts():
             for t in threads:
                 t.start()
-        for t in threads:
+        for d in done:  # not join(): an untimed wait can sleep through a Ctrl-C
+            wait_seeing_signals(d)
+        for t in threads:  # each has left work(); this waits for the thread itself to end
             t.join()
     except BaseException:
         # Our own events, not is_alive()/join(): an interrupted join() can mark a live thread
