@@ -10,35 +10,19 @@ the endless KVM_RUN, where the stopped RIP is the same instruction). No sleep, n
 
 from __future__ import annotations
 
-import ctypes
 import os
 import time
 from pathlib import Path
 from typing import Callable
 
 from kvmiso.kvm.stats import Stats
+from kvmiso.observe.process import ProcessError, copy_fd, fd_links
 
 GUESTS = Path(__file__).parent / "guests"
 READY_SPIN = str(GUESTS / "ready_spin.S")
 READY_HYPERCALL = str(GUESTS / "ready_hypercall.S")
-SYS_PIDFD_GETFD = 438  # x86_64
-_libc = ctypes.CDLL(None, use_errno=True)
+STATS_LINK = "anon_inode:kvm-vcpu-stats:"  # and the vCPU id
 POLLS = 12000  # 10 ms each: a bound so that a child that never gets there fails, not hangs
-
-
-def _stats_fds(pid: int) -> list[int]:
-    fds = []
-    try:
-        names = os.listdir(f"/proc/{pid}/fd")
-    except FileNotFoundError:
-        return fds
-    for name in names:
-        try:
-            if os.readlink(f"/proc/{pid}/fd/{name}").startswith("anon_inode:kvm-vcpu-stats"):
-                fds.append(int(name))
-        except OSError:
-            continue  # closed meanwhile
-    return fds
 
 
 def vcpu_counts(pid: int, stat: str) -> dict[str, int]:
@@ -46,15 +30,16 @@ def vcpu_counts(pid: int, stat: str) -> dict[str, int]:
     out = {}
     pidfd = os.pidfd_open(pid)
     try:
-        for target in _stats_fds(pid):
-            fd = _libc.syscall(SYS_PIDFD_GETFD, pidfd, target, 0)
-            if fd < 0:
-                continue  # closed since it was listed
-            if not os.readlink(f"/proc/self/fd/{fd}").startswith("anon_inode:kvm-vcpu-stats"):
-                os.close(fd)  # closed since it was listed, and its number reused: not a stats fd
+        for target, link in fd_links(pid).items():
+            if not link.startswith(STATS_LINK):
                 continue
+            fd = copy_fd(pidfd, target, link)
+            if fd is None:
+                continue  # closed since it was listed
             with Stats(fd) as st:
                 out[st.id] = st.snapshot()[stat]
+    except ProcessError:  # ended meanwhile
+        raise ProcessLookupError(pid) from None
     finally:
         os.close(pidfd)
     return out

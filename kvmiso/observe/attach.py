@@ -22,7 +22,7 @@ from typing import Callable, Iterable
 from ..interrupt import Interrupted
 from ..kvm.exits import DATALESS, Exit, IoExit, MmioExit, ObservedExit
 from .exitlog import ExitLog, RunRecord, TraceEvent
-from .process import ProcessError, threads
+from .process import pidfd_open, threads
 from .tracefs import TraceInstance, TracefsUnavailable
 
 DEFAULT_EXCLUDED = ("kvm_emulate_insn",)  # and the kvmmmu system: once per emulated instruction
@@ -76,7 +76,7 @@ def watch(target: int | Callable[[], int], until: Callable[[int], str | None],
         lost_before = tracer.lost
         tracer.start()
         pid = target if isinstance(target, int) else target()
-        pidfd = _pidfd(pid)
+        pidfd = pidfd_open(pid)
         try:
             while not ended:
                 r, _, _ = select.select([pidfd], [], [], DRAIN_S)
@@ -138,15 +138,6 @@ def _vendor() -> str:
     from ..host import vendor_module
 
     return vendor_module() or ""
-
-
-def _pidfd(pid: int) -> int:
-    from .process import _NR_PIDFD_OPEN, _syscall
-
-    try:
-        return _syscall(_NR_PIDFD_OPEN, pid, 0)
-    except OSError as e:
-        raise ProcessError(f"pid {pid}: pidfd_open failed: {e.strerror}") from None
 
 
 def exit_of_events(reason: int, events: list[TraceEvent]) -> Exit:

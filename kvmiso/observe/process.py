@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-_NR_PIDFD_OPEN, _NR_PIDFD_GETFD = 434, 438  # x86-64
+_NR_PIDFD_GETFD = 438  # x86-64 (os has pidfd_open, not pidfd_getfd)
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 _VCPU = re.compile(r"anon_inode:kvm-vcpu:(\d+)$")
@@ -36,10 +36,11 @@ class KvmFds:
     vcpus: dict[int, int]
 
 
-def kvm_fds(pid: int, proc: Path = Path("/proc")) -> KvmFds:
-    """The KVM fds ``pid`` holds.
+def fd_links(pid: int, proc: Path = Path("/proc")) -> dict[int, str]:
+    """What each fd of ``pid`` links to in ``/proc/PID/fd`` (an fd closed while it is read is
+    left out).
 
-    :raises ProcessError: no such process, another user's, or no KVM fd at all.
+    :raises ProcessError: no such process, or another user's.
     """
     fd_dir = proc / str(pid) / "fd"
     try:
@@ -48,17 +49,27 @@ def kvm_fds(pid: int, proc: Path = Path("/proc")) -> KvmFds:
         raise ProcessError(f"pid {pid}: no such process") from None
     except PermissionError:
         raise ProcessError(f"pid {pid}: its file descriptors are not readable (another user's process; run as root)") from None
-    vms, vcpus = [], {}
+    links = {}
     for n in names:
         try:
-            target = os.readlink(fd_dir / n)
+            links[int(n)] = os.readlink(fd_dir / n)
         except OSError:
             continue  # closed meanwhile
+    return links
+
+
+def kvm_fds(pid: int, proc: Path = Path("/proc")) -> KvmFds:
+    """The KVM fds ``pid`` holds.
+
+    :raises ProcessError: no such process, another user's, or no KVM fd at all.
+    """
+    vms, vcpus = [], {}
+    for fd, target in fd_links(pid, proc).items():
         if target == "anon_inode:kvm-vm":
-            vms.append(int(n))
+            vms.append(fd)
         m = _VCPU.match(target)
         if m:
-            vcpus[int(m.group(1))] = int(n)
+            vcpus[int(m.group(1))] = fd
     if not vms and not vcpus:
         raise ProcessError(f"pid {pid}: holds no KVM file descriptor (no anon_inode:kvm-vm or kvm-vcpu)")
     return KvmFds(pid, tuple(sorted(vms)), dict(sorted(vcpus.items())))
@@ -72,12 +83,32 @@ def threads(pid: int, proc: Path = Path("/proc")) -> list[int]:
         raise ProcessError(f"pid {pid}: no such process") from None
 
 
-def _syscall(nr: int, *args: int) -> int:
-    r = _libc.syscall(nr, *[ctypes.c_long(a) for a in args])
-    if r < 0:
+def pidfd_open(pid: int) -> int:
+    """A pidfd for ``pid`` (ProcessError, one line, where there is none)."""
+    try:
+        return os.pidfd_open(pid)
+    except OSError as e:
+        raise ProcessError(f"pid {pid}: pidfd_open failed: {e.strerror}") from None
+
+
+def copy_fd(pidfd: int, fd: int, link: str) -> int | None:
+    """This process's copy of the process's fd ``fd`` (``pidfd_getfd(2)``), if it still is what
+    ``link`` names (its /proc/PID/fd link); None if it was closed, or closed and its number
+    reused, since it was listed (a copy that is not ``link`` is closed again).
+
+    :raises OSError: pidfd_getfd refused for another reason (EPERM: another user's process, or
+        ptrace is restricted).
+    """
+    mine = _libc.syscall(ctypes.c_long(_NR_PIDFD_GETFD), ctypes.c_long(pidfd), ctypes.c_long(fd), ctypes.c_long(0))
+    if mine < 0:
         e = ctypes.get_errno()
+        if e == errno.EBADF:
+            return None
         raise OSError(e, os.strerror(e))
-    return r
+    if os.readlink(f"/proc/self/fd/{mine}") != link:
+        os.close(mine)
+        return None
+    return mine
 
 
 @dataclass(frozen=True)
@@ -106,21 +137,17 @@ class ForeignVm:
         fds = kvm_fds(pid) if fds is None else fds
         if not fds.vcpus:
             raise ProcessError(f"pid {pid}: has a VM but no vCPU yet")
-        try:
-            pidfd = _syscall(_NR_PIDFD_OPEN, pid, 0)
-        except OSError as e:
-            raise ProcessError(f"pid {pid}: pidfd_open failed: {e.strerror}") from None
+        pidfd = pidfd_open(pid)
         vm = cls(pid)
         try:
             for vid, fd in fds.vcpus.items():
                 try:
-                    mine = _syscall(_NR_PIDFD_GETFD, pidfd, fd, 0)
+                    mine = copy_fd(pidfd, fd, f"anon_inode:kvm-vcpu:{vid}")
                 except OSError as e:
                     hint = " (another user's process, or ptrace is restricted)" if e.errno == errno.EPERM else ""
                     raise ProcessError(f"pid {pid}: pidfd_getfd of its vCPU {vid} fd {fd} failed: "
                                        f"{e.strerror}{hint}") from None
-                if os.readlink(f"/proc/self/fd/{mine}") != f"anon_inode:kvm-vcpu:{vid}":
-                    os.close(mine)
+                if mine is None:
                     raise ProcessError(f"pid {pid}: its fd {fd} was no longer vCPU {vid}'s when copied "
                                        "(closed, or its number reused, since it was listed)")
                 vm.vcpus.append(ForeignVcpu(vid, mine, fd))
@@ -144,4 +171,5 @@ class ForeignVm:
         self.close()
 
 
-__all__ = ["ForeignVcpu", "ForeignVm", "KvmFds", "ProcessError", "kvm_fds", "threads"]
+__all__ = ["ForeignVcpu", "ForeignVm", "KvmFds", "ProcessError", "copy_fd", "fd_links", "kvm_fds", "pidfd_open",
+           "threads"]
