@@ -136,15 +136,15 @@ class Boot:
     and the sregs and regs it sets. Built once per image; loading it again is a reset's share."""
 
     writes: tuple[tuple[int, bytes], ...]  # (guest-physical address, bytes)
-    sregs: abi.kvm_sregs  # never changed after boot_state() built it
-    regs: abi.kvm_regs
+    sregs: bytes  # a struct kvm_sregs; bytes, so that nothing can change what the next load sets
+    regs: bytes  # a struct kvm_regs
 
     def load(self, vm: Vm, vcpu: Vcpu) -> None:
         """Write the tables, then KVM_SET_SREGS and KVM_SET_REGS."""
         for address, data in self.writes:
             vm.write(address, data)
-        vcpu.set_sregs(self.sregs)
-        vcpu.set_regs(self.regs)
+        vcpu.set_sregs(abi.kvm_sregs.from_buffer_copy(self.sregs))
+        vcpu.set_regs(abi.kvm_regs.from_buffer_copy(self.regs))
 
 
 def setup(vm: Vm, vcpu: Vcpu, image: Image, mode: str, cpl: int, stack_top: int, kernel_stack_top: int,
@@ -217,4 +217,4 @@ def boot_state(image: Image, mode: str, cpl: int, vcpu_id: int, stack_top: int, 
         typ, s, l, db, dpl = _SEGMENTS[data & ~3]
         for name in ("ds", "es", "fs", "gs", "ss"):
             setattr(sregs, name, _segment(data, typ, s, l, db, dpl))
-    return Boot(tuple(writes), sregs, regs)
+    return Boot(tuple(writes), bytes(sregs), bytes(regs))
