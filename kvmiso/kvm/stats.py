@@ -41,6 +41,11 @@ class StatDesc:
         """A linear or logarithmic histogram: ``size`` bucket counts."""
         return self.type.endswith("_hist")
 
+    @property
+    def is_tuple(self) -> bool:
+        """Its value is a tuple of ``size`` words (a histogram's buckets, or an array)."""
+        return self.is_histogram or self.size > 1
+
 
 class Snapshot(dict):
     """name -> int (or tuple of bucket counts for histograms). ``a - b`` is the delta of the
@@ -84,15 +89,15 @@ class Stats(FdOwner):
         # decode() in C: one unpack, then one itemgetter picks each value (a slice for buckets)
         self._unpack = struct.Struct(f"<{self._data_len // 8}Q").unpack
         self._names = [d.name for d in self.descriptors]
-        self._pick = operator.itemgetter(*(slice(d.offset // 8, d.offset // 8 + d.size) if d.is_histogram or d.size > 1
+        self._pick = operator.itemgetter(*(slice(d.offset // 8, d.offset // 8 + d.size) if d.is_tuple
                                            else d.offset // 8 for d in self.descriptors)) if self.descriptors else None
         # delta(): which statistic each data word belongs to, and where each one's words are
         self._owner = [-1] * (self._data_len // 8)
-        self._words: list[tuple[str, int, int, bool, bool]] = []  # name, first, end, level, several words
+        self._words: list[tuple[str, int, int, bool, bool]] = []  # name, first, end, level, tuple
         for i, d in enumerate(self.descriptors):
             first = d.offset // 8
             self._owner[first : first + d.size] = [i] * d.size
-            self._words.append((d.name, first, first + d.size, d.name in self._levels, d.is_histogram or d.size > 1))
+            self._words.append((d.name, first, first + d.size, d.name in self._levels, d.is_tuple))
         self._level_ids = [i for i, w in enumerate(self._words) if w[3]]
 
     def close(self) -> None:
@@ -127,12 +132,12 @@ class Stats(FdOwner):
         ids.discard(-1)  # padding between statistics
         out = {}
         for i in sorted(ids):
-            name, first, end, level, several = self._words[i]
+            name, first, end, level, is_tuple = self._words[i]
             if level:
-                v = tuple(now[first:end]) if several else now[first]
+                v = tuple(now[first:end]) if is_tuple else now[first]
             else:
-                v = tuple(map(operator.sub, now[first:end], was[first:end])) if several else now[first] - was[first]
-            if any(v) if several else v:
+                v = tuple(map(operator.sub, now[first:end], was[first:end])) if is_tuple else now[first] - was[first]
+            if any(v) if is_tuple else v:
                 out[name] = v
         return out
 
