@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import pytest
 from kvmiso.boot import BootError, Kernel
 from kvmiso.boot.initramfs import _elf_interpreter, command_script, newc_archive
 from kvmiso.boot.kernel import bzimage_release, debian_kernel, module_key
-from kvmiso.boot.qemu import QEMU, choose_accel
+from kvmiso.boot.qemu import QEMU, GuestRun, _follow, choose_accel
 
 FIXTURES = Path(__file__).parent / "fixtures" / "boot"
 BUSYBOX = "/bin/busybox"
@@ -110,6 +111,40 @@ def test_busybox_static_and_a_dynamic_program_told_apart():
         _missing("busybox is not installed (Debian package busybox-static)")
     assert _elf_interpreter(Path(BUSYBOX).read_bytes()) is False
     assert _elf_interpreter(Path(shutil.which("sh")).resolve().read_bytes()) is True
+
+
+SYS_EPOLL_WAIT, SYS_EPOLL_PWAIT = 232, 281  # x86-64
+
+
+def test_a_ctrl_c_the_console_loop_sleeps_through_still_ends_it():
+    # The loop that follows QEMU's ports waits in select(). Python's C handler only notes a
+    # signal, so one that lands while select() sleeps and is taken by another thread (or lands
+    # just before it sleeps) wakes nothing until QEMU writes again: a quiet guest kept kvmiso
+    # from answering Ctrl-C. Here the guest is up and silent, and another thread takes the SIGINT.
+    r, w = os.pipe()
+    main = threading.get_native_id()
+    rescued = threading.Event()
+    ended = threading.Event()
+
+    def signal_once_main_sleeps() -> None:
+        while int(Path(f"/proc/self/task/{main}/syscall").read_text().split()[0]) not in (SYS_EPOLL_WAIT, SYS_EPOLL_PWAIT):
+            time.sleep(0.001)
+        signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+        if not ended.wait(20):  # slept through it: end the loop, not the suite
+            rescued.set()
+            os.write(w, b"x")
+
+    sender = threading.Thread(target=signal_once_main_sleeps)
+    sender.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _follow([r], GuestRun(up_after=0.0), time.monotonic(), 600, show_console=False)
+    finally:
+        ended.set()
+        sender.join()
+        os.close(r)
+        os.close(w)
+    assert not rescued.is_set(), "the loop slept through a SIGINT until the guest wrote again"
 
 
 def test_bzimage_release_read_from_the_setup_header(debian, tmp_path):

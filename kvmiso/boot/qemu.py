@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..host import vendor_module
+from ..interrupt import SIGNAL_CHECK_S
 from ..process import stop
 from .errors import BootError
 from .initramfs import MOUNT_TAG
@@ -149,11 +150,12 @@ def _follow(reads: list[int], run: GuestRun, started: float,
         for port, r in enumerate(reads):
             sel.register(r, selectors.EVENT_READ, port)
         while sel.get_map():
-            wait = None if run.up_after is not None else timeout - (time.monotonic() - started)
-            if wait is not None and wait <= 0:
+            if run.up_after is None and time.monotonic() - started >= timeout:
                 run.failure = f"the guest did not come up within {timeout:g} s"
                 return
-            for key, _ in sel.select(wait):
+            # never an untimed select(): a Ctrl-C that lands just before it sleeps would wait
+            # for QEMU's next output (Python's C handler only notes the signal)
+            for key, _ in sel.select(SIGNAL_CHECK_S):
                 data = os.read(key.fd, 65536)
                 if not data:
                     sel.unregister(key.fd)
