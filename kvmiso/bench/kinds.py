@@ -19,7 +19,7 @@ class Kind:
     cpl3: str | None = None  # None: legal at CPL3; else why not
     reply: int = 0  # the host's answer to an IN or an MMIO read
     kvm_runs_per_iteration: float = 1.0  # for the isolation estimate
-    host_mm_exits: float = 0.0  # exits per iteration handled on host_mm (RFC patch 07)
+    host_mm_exits: float = 0.0  # exits per iteration handled on host_mm, then back into the guest
 
 
 KINDS: dict[str, Kind] = {k.name: k for k in (

@@ -4,7 +4,9 @@ The cost is ``extra switches per round trip x the cost of one switch``. The swit
 an input (a mapping kind -> switches), so the isolation model (kvmiso.isolation) can supply
 them; until it does, :func:`rfc_switches` applies the RFC's rule: two more address-space
 switches per KVM_RUN (into kvm_mm on entry, back to host_mm on the return to userspace), plus
-one for each exit handled on host_mm (patch 07: guest page faults, sched-out, IRQs, ...).
+two for each exit handled on host_mm that goes back into the guest (patch 07: guest page faults,
+sched-out, IRQs, ...): out, and back in at the next VM entry (patch 04), as kvmiso's isolation
+check counts them.
 
 The switch cost is given by the user, or estimated by :func:`estimate_switch_cost` where this
 host allows an honest estimate; its source is always carried next to the figure.
@@ -23,7 +25,7 @@ from .kinds import KINDS
 from .latency import BENCH_MEMORY, guest_cycles
 from .results import BenchResult
 
-RFC_RULE = ("RFC rule: 2 switches per KVM_RUN + 1 per exit handled on host_mm (used for the "
+RFC_RULE = ("RFC rule: 2 switches per KVM_RUN + 2 per exit handled on host_mm inside it (used for the "
             "in-kernel batch kinds and the floors)")
 MODEL = ("model: switches per KVM_RUN of a short captured run of the kind's own guest, every exit "
          "classified by kvmiso.isolation (used for the kinds that exit to userspace)")
@@ -47,7 +49,7 @@ def rfc_switches(kind: str, iterations: int = 1) -> float:
     if base is None:  # the floors make no KVM_RUN
         return 0.0
     runs = 1.0 / iterations if base.in_kernel else base.kvm_runs_per_iteration
-    return 2 * runs + base.host_mm_exits
+    return 2 * runs + 2 * base.host_mm_exits  # each such exit re-enters the guest in the batch
 
 
 def estimate_switch_cost(kvm: Kvm, host: Mapping[str, Any], iterations: int = 1000,
