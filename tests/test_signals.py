@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Callable
 
 import psutil
 import pytest
@@ -54,24 +55,56 @@ def test_json_result_is_marked_complete_when_not_interrupted(kvm):
     assert p.returncode == 0 and json.loads(p.stdout)["incomplete"] is False
 
 
-def _signal_main_thread_when_ready(sig: int, vcpus: int = 1,
-                                   then: tuple[str, int | None] | None = None) -> threading.Thread:
-    """A thread that sends ``sig`` to the main thread once ``vcpus`` of this process's vCPUs
+class _Sender(threading.Thread):
+    """Sends ``sig`` to the main thread once ``ready()`` returns (``to_itself``: to this thread
+    instead, which then runs the C part of Python's handler, not the main thread). The signal
+    goes even if ready() fails, so the test ends rather than waiting out a 600 s deadline, and
+    join() raises that failure. With ``rescue``, a main thread still not interrupted 20 s later
+    gets a second signal and ``rescued`` is set: a lost signal fails the test, not the suite."""
+
+    def __init__(self, sig: int, ready: Callable[[], None], to_itself: bool = False, rescue: bool = False) -> None:
+        super().__init__(name="test-signal-sender")
+        self.sig, self.ready, self.to_itself, self.rescue = sig, ready, to_itself, rescue
+        self.main = threading.main_thread().ident
+        self.error: BaseException | None = None
+        self.rescued = False
+        self._joined = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.ready()
+        except BaseException as e:  # for join() to raise in the test's thread
+            self.error = e
+        signal.pthread_kill(threading.get_ident() if self.to_itself else self.main, self.sig)
+        if self.rescue and not self._joined.wait(20):
+            self.rescued = True
+            signal.pthread_kill(self.main, self.sig)
+
+    def join(self) -> None:  # type: ignore[override]
+        """Wait for the thread (the main thread was interrupted, or gives up); raise what
+        ready() raised."""
+        self._joined.set()
+        super().join()
+        if self.error is not None:
+            raise AssertionError(f"the sender's wait for the guest failed: {self.error!r}") from self.error
+
+
+def _signal_main_thread_when_ready(sig: int, vcpus: int = 1, then: tuple[str, int | None] | None = None) -> _Sender:
+    """A :class:`_Sender` of ``sig`` to the main thread once ``vcpus`` of this process's vCPUs
     have made the ready guest's announcement, and then, with ``then=(stat, n)``, counted ``stat``
-    at least ``n`` times (``n`` None: once more than after the announcement) (proof that the next KVM_RUN is under way, so the announcement's exit
-    was handled and recorded: a signal in between would find it returned but not yet kept)."""
-    def send() -> None:
+    at least ``n`` times (``n`` None: once more than after the announcement): proof that the next
+    KVM_RUN is under way, so the announcement's exit was handled and recorded (a signal in
+    between would find it returned but not yet kept)."""
+    def ready() -> None:
         wait_until_counted(os.getpid(), vcpus=vcpus)
         if then is not None:
             stat, n = then
             if n is None:  # one more than now: an exit the vCPU can only make in its next KVM_RUN
                 n = max(vcpu_counts(os.getpid(), stat).values()) + 1
             wait_until_counted(os.getpid(), stat=stat, vcpus=vcpus, at_least=n)
-        signal.pthread_kill(threading.main_thread().ident, sig)
 
-    t = threading.Thread(target=send)
-    t.start()
-    return t
+    return _Sender(sig, ready)
 
 
 @pytest.mark.parametrize("payload,what", [(READY_SPIN, "jmp ."), (READY_HYPERCALL, "VMCALL")], ids=["spin", "hypercall"])
@@ -151,33 +184,20 @@ def test_ctrl_c_during_run_all_stops_every_vcpu_before_the_vm_closes(kvm):
     assert not _threads_left_since(before)
 
 
-def test_ctrl_c_the_waiting_thread_does_not_wake_for_still_stops_run_all(kvm):
+def test_sigint_taken_by_another_thread_still_stops_run_all(kvm):
     # Python's C handler only notes a signal; the handler runs once the main thread is back in
     # the interpreter. A signal that lands just before run_all's wait goes to sleep (or, sent to
     # the process, is taken by another thread) never wakes that wait: here another thread takes
     # it, which makes that window certain. The wait must still see it, not only at the deadline.
     before = _thread_ids()
-    main = threading.main_thread().ident
-    rescued = threading.Event()
-
-    def send_to_another_thread() -> None:
-        wait_until_counted(os.getpid(), vcpus=2)
-        signal.pthread_kill(threading.get_ident(), signal.SIGINT)  # this thread runs the C part
-        if not interrupted.wait(20):  # a wait that missed it: end the test, not the suite
-            rescued.set()
-            signal.pthread_kill(main, signal.SIGINT)
-
-    interrupted = threading.Event()
     with Machine(READY_SPIN, mode="long", vcpus=2, kvm=kvm) as m:
-        sender = threading.Thread(target=send_to_another_thread)
-        sender.start()
+        sender = _Sender(signal.SIGINT, lambda: wait_until_counted(os.getpid(), vcpus=2), to_itself=True, rescue=True)
         try:
             with pytest.raises(Interrupted):
                 m.run_all(timeout=600)
         finally:
-            interrupted.set()
             sender.join()
-    assert not rescued.is_set(), "run_all slept through a SIGINT until a second one came"
+    assert not sender.rescued, "run_all slept through a SIGINT until a second one came"
     assert not _threads_left_since(before)
 
 
