@@ -10,18 +10,18 @@ the endless KVM_RUN, where the stopped RIP is the same instruction). No sleep, n
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from pathlib import Path
 from typing import Callable
 
 from kvmiso.kvm.stats import Stats
-from kvmiso.observe.process import ProcessError, copy_fd, fd_links
+from kvmiso.observe.process import VCPU_STATS_LINK, ProcessEnded, copy_fd, fd_links
 
 GUESTS = Path(__file__).parent / "guests"
 READY_SPIN = str(GUESTS / "ready_spin.S")
 READY_HYPERCALL = str(GUESTS / "ready_hypercall.S")
-STATS_LINK = "anon_inode:kvm-vcpu-stats:"  # and the vCPU id
 POLLS = 12000  # 10 ms each: a bound so that a child that never gets there fails, not hangs
 
 
@@ -31,15 +31,15 @@ def vcpu_counts(pid: int, stat: str) -> dict[str, int]:
     pidfd = os.pidfd_open(pid)
     try:
         for target, link in fd_links(pid).items():
-            if not link.startswith(STATS_LINK):
+            if not link.startswith(VCPU_STATS_LINK):
                 continue
             fd = copy_fd(pidfd, target, link)
             if fd is None:
                 continue  # closed since it was listed
             with Stats(fd) as st:
                 out[st.id] = st.snapshot()[stat]
-    except ProcessError:  # ended meanwhile
-        raise ProcessLookupError(pid) from None
+    except ProcessEnded as e:  # ended meanwhile
+        raise ProcessLookupError(errno.ESRCH, str(e)) from None
     finally:
         os.close(pidfd)
     return out

@@ -16,14 +16,19 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-_NR_PIDFD_GETFD = 438  # x86-64 (os has pidfd_open, not pidfd_getfd)
+_NR_PIDFD_GETFD = 438  # the same on every architecture but alpha (os has pidfd_open, not pidfd_getfd)
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 _VCPU = re.compile(r"anon_inode:kvm-vcpu:(\d+)$")
+VCPU_STATS_LINK = "anon_inode:kvm-vcpu-stats:"  # a vCPU's binary stats fd, then its id
 
 
 class ProcessError(RuntimeError):
     """A process kvmiso cannot attach to; the message names the pid and why (one line)."""
+
+
+class ProcessEnded(ProcessError):
+    """The process is not there (any more): no such pid, or it ended meanwhile."""
 
 
 @dataclass(frozen=True)
@@ -46,7 +51,7 @@ def fd_links(pid: int, proc: Path = Path("/proc")) -> dict[int, str]:
     try:
         names = os.listdir(fd_dir)
     except FileNotFoundError:
-        raise ProcessError(f"pid {pid}: no such process") from None
+        raise ProcessEnded(f"pid {pid}: no such process") from None
     except PermissionError:
         raise ProcessError(f"pid {pid}: its file descriptors are not readable (another user's process; run as root)") from None
     links = {}
@@ -80,13 +85,15 @@ def threads(pid: int, proc: Path = Path("/proc")) -> list[int]:
     try:
         return sorted(int(t) for t in os.listdir(proc / str(pid) / "task"))
     except FileNotFoundError:
-        raise ProcessError(f"pid {pid}: no such process") from None
+        raise ProcessEnded(f"pid {pid}: no such process") from None
 
 
 def pidfd_open(pid: int) -> int:
     """A pidfd for ``pid`` (ProcessError, one line, where there is none)."""
     try:
         return os.pidfd_open(pid)
+    except ProcessLookupError:
+        raise ProcessEnded(f"pid {pid}: no such process") from None
     except OSError as e:
         raise ProcessError(f"pid {pid}: pidfd_open failed: {e.strerror}") from None
 
@@ -96,8 +103,8 @@ def copy_fd(pidfd: int, fd: int, link: str) -> int | None:
     ``link`` names (its /proc/PID/fd link); None if it was closed, or closed and its number
     reused, since it was listed (a copy that is not ``link`` is closed again).
 
-    :raises OSError: pidfd_getfd refused for another reason (EPERM: another user's process, or
-        ptrace is restricted).
+    :raises OSError: pidfd_getfd refused for another reason (ESRCH: the process has ended, or is
+        ending; EPERM: another user's process, or ptrace is restricted).
     """
     mine = _libc.syscall(ctypes.c_long(_NR_PIDFD_GETFD), ctypes.c_long(pidfd), ctypes.c_long(fd), ctypes.c_long(0))
     if mine < 0:
@@ -105,10 +112,14 @@ def copy_fd(pidfd: int, fd: int, link: str) -> int | None:
         if e == errno.EBADF:
             return None
         raise OSError(e, os.strerror(e))
-    if os.readlink(f"/proc/self/fd/{mine}") != link:
+    try:
+        if os.readlink(f"/proc/self/fd/{mine}") == link:
+            return mine
+    except BaseException:
         os.close(mine)
-        return None
-    return mine
+        raise
+    os.close(mine)
+    return None
 
 
 @dataclass(frozen=True)
@@ -144,6 +155,8 @@ class ForeignVm:
                 try:
                     mine = copy_fd(pidfd, fd, f"anon_inode:kvm-vcpu:{vid}")
                 except OSError as e:
+                    if e.errno == errno.ESRCH:
+                        raise ProcessEnded(f"pid {pid}: ended while its vCPU fds were being copied") from None
                     hint = " (another user's process, or ptrace is restricted)" if e.errno == errno.EPERM else ""
                     raise ProcessError(f"pid {pid}: pidfd_getfd of its vCPU {vid} fd {fd} failed: "
                                        f"{e.strerror}{hint}") from None
@@ -171,5 +184,5 @@ class ForeignVm:
         self.close()
 
 
-__all__ = ["ForeignVcpu", "ForeignVm", "KvmFds", "ProcessError", "copy_fd", "fd_links", "kvm_fds", "pidfd_open",
-           "threads"]
+__all__ = ["ForeignVcpu", "ForeignVm", "KvmFds", "ProcessEnded", "ProcessError", "VCPU_STATS_LINK", "copy_fd",
+           "fd_links", "kvm_fds", "pidfd_open", "threads"]
