@@ -28,10 +28,12 @@ The policy, all of it here:
   kicks the vCPU (``immediate_exit`` plus the kick signal), so that KVM_RUN returns and the
   handler runs.
 
-- A main thread that waits for work it cannot bound (vCPU threads) waits with
-  :func:`wait_seeing_signals`, never with an untimed wait: the C part of Python's handler only
-  notes a signal, so one that lands just before the wait sleeps (or that another thread takes,
-  as the kernel may do with a signal sent to the process) would wake nothing.
+- A main thread that waits for something with no bound of its own (vCPU threads, a guest's
+  output) waits in slices of :data:`SIGNAL_CHECK_S` (:func:`wait_seeing_signals` for an event),
+  not in one untimed wait: the C part of Python's handler only notes a signal, so one that
+  lands just before the wait sleeps (or that another thread takes, as the kernel may do with a
+  signal sent to the process) would wake nothing. (Waiting for kicked vCPU threads to end is
+  bounded: that wait is untimed.)
 
 The vCPU kick signal (a real-time signal that only ends a KVM_RUN) is not part of this policy.
 """
@@ -171,7 +173,7 @@ def threads_without_interrupts() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-#: The longest a signal waits for :func:`wait_seeing_signals` to act on it.
+#: The longest a signal waits, in a wait that no signal may be slept through, to be acted on.
 SIGNAL_CHECK_S = 0.05
 
 

@@ -48,9 +48,9 @@ class StatDesc:
 
 
 class Snapshot(dict):
-    """name -> int (or tuple of bucket counts for histograms). ``a - b`` is the delta of the
-    cumulative statistics; instant and peak ones (``levels``) keep ``a``'s value, since a
-    difference of two levels means nothing."""
+    """name -> int (a tuple for a histogram's buckets or an array: ``StatDesc.is_tuple``).
+    ``a - b`` is the delta of the cumulative statistics; instant and peak ones (``levels``) keep
+    ``a``'s value, since a difference of two levels means nothing."""
 
     levels: frozenset[str] = frozenset()
 
