@@ -33,7 +33,7 @@ The policy, all of it here:
   not in one untimed wait: the C part of Python's handler only notes a signal, so one that
   lands just before the wait sleeps (or that another thread takes, as the kernel may do with a
   signal sent to the process) would wake nothing. (Waiting for kicked vCPU threads to end is
-  bounded: that wait is untimed.)
+  bounded, and runs under :func:`deferred`: that wait is untimed.)
 
 The vCPU kick signal (a real-time signal that only ends a KVM_RUN) is not part of this policy.
 """

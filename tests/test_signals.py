@@ -221,6 +221,24 @@ def test_a_signal_held_while_the_vcpu_threads_start_still_stops_them(kvm):
     assert not alive, [t.name for t in alive]
 
 
+def test_a_second_ctrl_c_while_run_in_threads_stops_its_threads_still_stops_them(kvm):
+    # The second SIGINT comes while the first is being handled (from before_kick, the first
+    # step of that cleanup): it must not cut the cleanup short, or a vCPU thread is left in
+    # KVM_RUN while the caller closes the VM. It goes up once every thread has ended.
+    main = threading.main_thread().ident
+    with Machine(READY_SPIN, mode="long", vcpus=2, kvm=kvm) as m:
+        sender = _signal_main_thread_when_ready(signal.SIGINT, vcpus=2)
+        with pytest.raises(KeyboardInterrupt):
+            run_in_threads(lambda i: m.run(timeout=600, vcpu=i), m.vcpus, "kvmiso-twice",
+                           before_kick=lambda: signal.pthread_kill(main, signal.SIGINT))
+        sender.join()
+        alive = [t for t in threading.enumerate() if t.name.startswith("kvmiso-twice") and t.is_alive()]
+        for t in alive:  # the failure path: stop them here, so the VM can close
+            m.vcpus[int(t.name.rsplit("-", 1)[1])].kick(t.ident)
+            t.join()
+    assert not alive, [t.name for t in alive]
+
+
 def test_reader_closing_the_pipe_ends_kvmiso_run_quietly(kvm):
     # kvmiso run hostile_flood | head: the flood prints a line per exit until the pipe breaks
     p = subprocess.Popen([sys.executable, "-m", "kvmiso.cli", "run", "hostile_flood", "--timeout", "600"],

@@ -48,20 +48,19 @@ def run_in_threads(work: Callable[[int], None], vcpus: Sequence[Vcpu], name: str
     except BaseException:
         # Our own events, not is_alive()/join(): an interrupted join() can mark a live thread
         # as stopped (CPython bpo-45274). A thread that never started (start() failed) has no
-        # ident and nothing to wait for.
-        started = [t.ident is not None for t in threads]
-        if before_kick is not None:
-            before_kick()
-        with done_lock:
-            for v, t, d, s in zip(vcpus, threads, done, started):
-                if s and not d.is_set():
-                    v.kick(t.ident)
-        for d, s in zip(done, started):
-            while s:  # kicked: each ends within microseconds, and the VM must outlive them
-                try:
-                    d.wait()
-                    break
-                except KeyboardInterrupt:  # a second Ctrl-C: the first still goes up, after this
-                    continue
+        # ident and nothing to wait for. A second Ctrl-C is held back until every thread has
+        # ended (then it goes up in place of the first): cut short, this would leave a KVM_RUN
+        # running in a VM the caller is about to close.
+        with deferred():
+            started = [t.ident is not None for t in threads]
+            if before_kick is not None:
+                before_kick()
+            with done_lock:
+                for v, t, d, s in zip(vcpus, threads, done, started):
+                    if s and not d.is_set():
+                        v.kick(t.ident)
+            for d, s in zip(done, started):
+                if s:
+                    d.wait()  # kicked: each ends within microseconds
         raise
     return errors
