@@ -334,8 +334,10 @@ def test_a_signal_between_kvm_runs_stops_the_compiled_loop(kvm):
     try:
         with Machine(build("bench_out", "long"), kvm=kvm) as m:
             def send() -> None:
-                wait_until_counted(os.getpid(), "exits")  # the loop is under way
-                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+                try:
+                    wait_until_counted(os.getpid(), "exits")  # the loop is under way
+                finally:  # even if that wait failed: the loop must not run out its 600 s
+                    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
             sender = threading.Thread(target=send)
             sender.start()
