@@ -46,8 +46,8 @@ def run_in_threads(work: Callable[[int], None], vcpus: Sequence[Vcpu], name: str
         for t in threads:  # each has left work(); this waits for the thread itself to end
             t.join()
     except BaseException:
-        # Our own events, not is_alive()/join(): an interrupted join() can mark a live thread
-        # as stopped (CPython bpo-45274). A thread that never started (start() failed) has no
+        # Our own events decide what is still running, not is_alive(): an interrupted join()
+        # can mark a live thread as stopped (CPython bpo-45274). A thread that never started (start() failed) has no
         # ident and nothing to wait for. A second Ctrl-C is held back until every thread has
         # ended (then it goes up in place of the first): cut short, this would leave a KVM_RUN
         # running in a VM the caller is about to close.
@@ -59,8 +59,9 @@ def run_in_threads(work: Callable[[int], None], vcpus: Sequence[Vcpu], name: str
                 for v, t, d, s in zip(vcpus, threads, done, started):
                     if s and not d.is_set():
                         v.kick(t.ident)
-            for d, s in zip(done, started):
+            for t, d, s in zip(threads, done, started):
                 if s:
                     d.wait()  # kicked: each ends within microseconds
+                    t.join()  # and is gone, as on the way out without an interrupt
         raise
     return errors
