@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from ready import wait_until_counted
 
 from kvmiso.bench import environment, latency, results, runloop, stats, table
-from kvmiso.bench.overhead import MODEL, SwitchCost, isolation_rows, rfc_switches
+from kvmiso.bench.overhead import MODEL, SwitchCost, format_isolation, isolation_rows, rfc_switches
 from kvmiso.bench.runloop import LoopError
 from kvmiso.guest import Machine, build
 from kvmiso.interrupt import Interrupted
@@ -223,6 +223,17 @@ def test_isolation_rule_and_overhead():
     row = isolation_rows(res, SwitchCost(100, "given"), switches={("out", 0): 4, ("out", 3): 9})[0]
     assert row["added_ns"] == 400  # (kind, cpl) keys: this row is CPL0
     assert isolation_rows(res, SwitchCost(None, "unknown"))[0]["added_ns"] is None
+
+
+
+def test_isolation_table_columns_line_up_for_the_longest_kind():
+    res = results.BenchResult({}, {}, [results.Result(k, "c", None if k == "immediate_exit" else 0,
+                                                      stats.summarize([1000, 1000]), [])
+                                       for k in ("immediate_exit", "out")])
+    header, *rows = format_isolation(isolation_rows(res, SwitchCost(100, "given")), SwitchCost(100, "given")).splitlines()[1:-1]
+    assert "(modeled)" in header and len(rows) == 2
+    for row in rows:
+        assert row.index(" c ") == header.index("path") - 1, (header, row)
 
 
 # --- the command line ----------------------------------------------------------------------------

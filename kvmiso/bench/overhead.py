@@ -103,14 +103,15 @@ def isolation_rows(result: BenchResult, cost: SwitchCost,
 def format_isolation(rows: list[dict[str, Any]], cost: SwitchCost) -> str:
     """The isolation table, with the switch cost's source printed next to it."""
     cost_text = "unknown" if cost.ns is None else f"{cost.ns:.0f} ns"
+    w = max([len("kind")] + [len(r["kind"]) for r in rows])  # immediate_exit is 14
     out = [f"isolation overhead at {cost_text} per switch ({cost.source})",
-           f"{'kind':<11} {'cpl':>3} {'path':<7} {'p50 us':>9} {'switches':>8} {'adds us':>8} {'adds %':>7}  switches from"]
+           f"{'kind':<{w}} {'cpl':>3} {'path':<7} {'p50 us':>9} {'switches':>8} {'adds us':>8} {'adds %':>7}  switches from (modeled)"]
     for r in rows:
         cpl = "-" if r["cpl"] is None else str(r["cpl"])
         add = "n/a" if r["added_ns"] is None else f"{r['added_ns'] / 1000:.3f}"
         pct = "n/a" if r["added_pct"] is None else f"{r['added_pct']:.1f}"
         src = "model" if r["switch_source"] == MODEL else "RFC rule"
-        out.append(f"{r['kind']:<11} {cpl:>3} {r['path']:<7} {r['p50_ns'] / 1000:>9.3f} {r['switches']:>8.2f} {add:>8} {pct:>7}  {src}")
+        out.append(f"{r['kind']:<{w}} {cpl:>3} {r['path']:<7} {r['p50_ns'] / 1000:>9.3f} {r['switches']:>8.2f} {add:>8} {pct:>7}  {src}")
     sources = {r["switch_source"] for r in rows}
     out += [f"  {x}" for x in sorted(sources)]
     return "\n".join(out)
