@@ -29,13 +29,32 @@ def process_target(args: argparse.Namespace) -> int | list[str] | None:
 
 
 def _watch(args):
+    """The watched process, and the Interrupted that ended the watch (None if it ended by itself
+    or at --duration): the caller reports what was seen, marked incomplete, then raises it."""
     from .observe.process import ProcessError
-    from .session import watch_process
+    from .observe.tracefs import TracefsUnavailable
+    from .session import WatchedProcess, watch_process
 
     try:
-        return watch_process(process_target(args), args.duration)
+        return watch_process(process_target(args), args.duration), None
     except ProcessError as e:
         raise CliError(str(e)) from None
+    except TracefsUnavailable as e:
+        raise CliError(f"cannot trace another process: {e}") from None
+    except Interrupted as e:
+        if not isinstance(e.partial, WatchedProcess):
+            raise
+        return e.partial, e
+
+
+def _trace_outputs_writable(args) -> None:
+    """trace's --json and --evidence files are checked before the watch: a path that cannot
+    take the result is bad input, not a lost trace."""
+    from .output import writable
+
+    for path, what in ((args.json, "the exit log"), (args.evidence, "the evidence")):
+        if path:
+            writable(path, what)
 
 
 def cmd_trace_process(args: argparse.Namespace) -> int:
@@ -43,7 +62,8 @@ def cmd_trace_process(args: argparse.Namespace) -> int:
     from .observe.evidence import write_evidence
     from .observe.exitstat import summarize
 
-    w = _watch(args)
+    _trace_outputs_writable(args)
+    w, interrupted = _watch(args)
     log = w.log
     if args.json:
         try:
@@ -51,18 +71,23 @@ def cmd_trace_process(args: argparse.Namespace) -> int:
         except OSError as e:
             raise CliError(f"cannot write the exit log to {args.json}: {e.strerror}") from None
     if args.evidence:
-        write_evidence(w.evidence, args.evidence)
+        try:
+            write_evidence(w.evidence, args.evidence)
+        except OSError as e:
+            raise CliError(f"cannot write the evidence to {args.evidence}: {e.strerror}") from None
     if log.lost_events:
         print(f"kvmiso: {log.lost_events} trace records lost (the trace buffer was full)", file=sys.stderr)
     vcpus = sorted({r.vcpu for r in log.records})
     events = sum(len(r.events) for r in log.records)
-    print(f"traced pid {w.pid} until {w.attached.ended}: {len(log.records)} KVM_RUN calls on {len(vcpus)} vCPU "
-          f"threads, {events} in-kernel events ({', '.join(x.split(':')[1] for x in log.events_enabled[:0]) or 'kvm events'}; "
-          f"kvm_emulate_insn and kvmmmu left out: once per emulated instruction)\n")
+    print(f"traced pid {w.pid} until {w.attached.ended}{' (INCOMPLETE)' if log.incomplete else ''}: "
+          f"{len(log.records)} KVM_RUN calls on {len(vcpus)} vCPU threads, {events} in-kernel kvm events "
+          f"(kvm_emulate_insn and kvmmmu left out: once per emulated instruction)\n")
     for v in vcpus:
         print(f"vCPU {v}: {sum(1 for r in log.records if r.vcpu == v)} KVM_RUN calls")
     print()
     print(summarize(log).table())
+    if interrupted is not None:
+        raise interrupted
     return 0
 
 
@@ -72,9 +97,15 @@ def _check_process(args, access, cost: dict) -> int:
 
     from .isolation import check, result_text
 
-    w = _watch(args)
+    w, interrupted = _watch(args)
     evidence = w.evidence
-    _require_real(args, evidence, f"pid {w.pid}")
+    if not w.log.records and interrupted is None:
+        raise CliError(f"pid {w.pid}: no KVM_RUN was traced before {w.attached.ended}: nothing to check")
+    try:
+        _require_real(args, evidence, f"pid {w.pid}")
+    except RealFactsMissing as e:
+        print(f"kvmiso: {e}", file=sys.stderr)
+        return EXIT_FAILED
     space = _space(args, evidence)
     vcpus = sorted({r.vcpu for r in w.log.records})
     per = []
@@ -83,15 +114,18 @@ def _check_process(args, access, cost: dict) -> int:
         part.lost_events = 0  # lost records cannot be told apart by vCPU: counted once, in the total
         per.append((f"vCPU {v}" if v in evidence.threads else f"thread {v}", check(space, part, access, **cost)))
     total = check(space, w.log, access, **cost)
-    title = f"pid {w.pid} (traced until {w.attached.ended})"
+    title = f"pid {w.pid} (traced until {w.attached.ended}{', INCOMPLETE' if w.log.incomplete else ''})"
     if args.json:
-        print(json.dumps({"pid": w.pid, "ended": w.attached.ended, "evidence": evidence.source,
+        print(json.dumps({"pid": w.pid, "ended": w.attached.ended, "incomplete": bool(w.log.incomplete),
+                          "evidence": evidence.source,
                           "vcpus": [{"vcpu": name, **r.to_dict()} for name, r in per], "total": total.to_dict()},
                          indent=2))
     else:
         for name, r in per:
             print(result_text(r, f"{title} {name}: ", stack=args.stack) + "\n")
         print(result_text(total, f"{title} all vCPUs: ", stack=False))
+    if interrupted is not None:
+        raise interrupted
     return EXIT_FAILED if total.failed(args.allow_lost) else 0
 
 

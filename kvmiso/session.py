@@ -17,6 +17,7 @@ from typing import Any
 
 from .guest import Machine, RunResult
 from .host import vendor_module
+from .interrupt import Interrupted, deferred
 from .isolation import (AccessModel, CheckResult, KvmAddressSpace, address_space, build_layout, check,
                         load_access_model, load_regions)
 from .isolation.layout import Layout
@@ -25,7 +26,7 @@ from .observe.capture import Capture
 from .observe.evidence import Evidence, collect_evidence
 from .observe.exitlog import ExitLog
 from .observe.attach import Attached, watch
-from .observe.process import ForeignVm, ProcessError, kvm_fds
+from .observe.process import ForeignVm, ProcessChanged, ProcessError, kvm_fds
 from .observe.kobject import possible_cpus
 from .process import stop
 
@@ -120,7 +121,9 @@ def watch_process(target: int | list[str], duration: float | None = None,
                   events: list[str] | None = None) -> WatchedProcess:
     """Trace a running process (a pid) or a command (started here, traced from its first event)
     until it exits or ``duration`` seconds pass. Its VM's evidence is read through copies of its
-    vCPU fds as soon as its vCPUs have run, while it lives."""
+    vCPU fds as soon as its vCPUs have run, while it lives. A command started here is stopped
+    (SIGTERM, then SIGKILL) on every way out. Interrupted, it raises :class:`Interrupted` with
+    the :class:`WatchedProcess` so far as ``partial`` (its log marked incomplete)."""
     import subprocess
     import time
 
@@ -159,8 +162,8 @@ def watch_process(target: int | list[str], duration: float | None = None,
         if seen > (len(got["vm"].vcpus) if "vm" in got else 0):
             try:
                 vm = ForeignVm.attach(pid)
-            except ProcessError:
-                pass  # gone meanwhile
+            except ProcessChanged:
+                pass  # an fd closed or reused since the listing, or the process ended: next tick
             else:
                 if "vm" in got:
                     got["vm"].close()
@@ -171,22 +174,24 @@ def watch_process(target: int | list[str], duration: float | None = None,
             return f"{duration:g} s passed"
         return None
 
+    interrupted: Interrupted | None = None
     try:
-        attached = watch(target if isinstance(target, int) else start, until, events)
+        try:
+            attached = watch(target if isinstance(target, int) else start, until, events)
+        except Interrupted as e:  # Ctrl-C is how a watch without --duration ends: keep what it saw
+            if not isinstance(e.partial, Attached):
+                raise
+            interrupted, attached = e, e.partial
         if "vm" in got and not complete():
             # it exited before a reading saw every vCPU's thread (a reading takes seconds under
             # TCG): the VM outlives it through the copies, and vcpu->pid still names the threads
             read(time.monotonic())
-    except BaseException:
-        for c in child:  # a command kvmiso started goes with it
-            c.kill()
-            c.wait()
-        raise
     finally:
         if "vm" in got:
             got["vm"].close()
-    for c in child:  # a command kvmiso started and stopped watching at --duration is stopped too
-        stop(c, STOP_GRACE_S)
+        with deferred():  # a command kvmiso started goes with it, on every way out
+            for c in child:
+                stop(c, STOP_GRACE_S)
     pid = target if isinstance(target, int) else child[0].pid
     evidence = got.get("evidence") or Evidence(kernel=platform.release(), vendor=vendor_module() or "",
                                                source="the process ended before its vCPUs could be read")
@@ -194,7 +199,10 @@ def watch_process(target: int | list[str], duration: float | None = None,
     by_thread = {tid: vid for vid, tid in evidence.threads.items()}
     for r in attached.log.records:
         r.vcpu = by_thread.get(r.vcpu, r.vcpu)
-    return WatchedProcess(pid, attached, evidence)
+    watched = WatchedProcess(pid, attached, evidence)
+    if interrupted is not None:
+        raise Interrupted.of(interrupted, watched)
+    return watched
 
 
 def _completeness(evidence: Evidence) -> tuple[int, int]:

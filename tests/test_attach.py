@@ -128,18 +128,22 @@ def test_another_users_process_is_refused_in_one_line(kvm, tmp_path):
     assert "pid 1: its file descriptors are not readable (another user's process" in p.stderr
 
 
-def test_sigterm_while_attached_leaves_nothing(kvm, tmp_path):
-    con = tmp_path / "con"
+def test_sigterm_while_attached_keeps_the_trace_and_leaves_nothing(kvm, tmp_path):
+    con, log = tmp_path / "con", tmp_path / "cut.jsonl"
     elf = _image(tmp_path)
-    k = subprocess.Popen([sys.executable, "-m", "kvmiso.cli", "trace", "--", *_qemu(elf, con)],
+    k = subprocess.Popen([sys.executable, "-m", "kvmiso.cli", "trace", "--json", str(log), "--", *_qemu(elf, con)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while not (con.exists() and con.stat().st_size):
         assert time.monotonic() < deadline and k.poll() is None
         time.sleep(0.1)
     k.send_signal(signal.SIGTERM)
-    _, err = k.communicate(timeout=60)
+    out, err = k.communicate(timeout=60)
     assert k.returncode == 128 + signal.SIGTERM and "interrupted by SIGTERM" in err
+    # ending a watch without --duration is what Ctrl-C or SIGTERM is for: what it saw is kept
+    assert "until interrupted (INCOMPLETE)" in out and "KVM_RUN calls" in out, out
+    got = read_jsonl(log)
+    assert got.incomplete == "interrupted" and got.records
     leftovers = [p for p in os.listdir("/proc") if p.isdigit() and _cmdline(p).startswith(QEMU) and str(elf) in _cmdline(p)]
     assert leftovers == []  # the QEMU kvmiso started went with it
     instances = Path("/sys/kernel/tracing/instances")

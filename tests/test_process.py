@@ -4,11 +4,13 @@ even when the process closed it and reused its number in between."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from kvmiso.observe.process import ForeignVm, ProcessEnded, ProcessError, kvm_fds
@@ -68,3 +70,44 @@ def test_a_process_that_ended_after_the_listing_is_named_as_ended(kvm):
     finally:
         child.kill()
         child.wait()
+
+
+def _kvmiso(*args: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "kvmiso.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_a_command_killed_by_a_signal_is_named_so_and_check_refuses_a_run_with_no_kvm_run(kvm):
+    p = _kvmiso("trace", "--", "sh", "-c", "kill -9 $$")
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    assert "until the process was killed by SIGKILL" in out and "0 KVM_RUN calls" in out
+    p = _kvmiso("check", "--", "sh", "-c", "exit 0")
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 2 and out == "", err  # a check of nothing is not a pass
+    assert err.strip().splitlines() == [
+        f"kvmiso: pid {err.split('pid ')[1].split(':')[0]}: no KVM_RUN was traced before the process exited "
+        "with status 0: nothing to check"]
+
+
+def test_sigterm_while_kvmiso_stops_its_command_still_stops_it(kvm, tmp_path):
+    # at --duration kvmiso SIGTERMs the command and gives it a grace period; a SIGTERM to kvmiso
+    # then must not end kvmiso before the command is gone (this one ignores SIGTERM: SIGKILL)
+    got = tmp_path / "got-term"
+    p = _kvmiso("trace", "--duration", "0.5", "--", "sh", "-c", f"trap 'touch {got}' TERM; while :; do sleep 0.05; done")
+    try:
+        for _ in range(3000):  # 10 ms each
+            if got.exists():  # kvmiso is inside the grace period it gives the command
+                break
+            assert p.poll() is None, p.communicate()
+            time.sleep(0.01)
+        else:
+            pytest.fail("the command never got kvmiso's SIGTERM")
+        shells = [c for c in psutil.Process(p.pid).children() if c.name() == "sh"]
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+        p.wait()
+    assert p.returncode == 128 + signal.SIGTERM and "interrupted by SIGTERM" in err
+    assert shells and not [s for s in shells if s.is_running() and s.status() != psutil.STATUS_ZOMBIE]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import platform
 import select
+import signal
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -37,7 +38,7 @@ class Attached:
     """What watching a process gave: the log, how it ended, and the events it could not place."""
 
     log: ExitLog
-    ended: str  # "duration", "exited with status N", "interrupted"
+    ended: str  # what ``until`` said ("2 s passed"), how the process exited, or "interrupted"
     threads: list[int] = field(default_factory=list)
     unplaced: int = 0  # events of a thread after its last KVM_RUN ended
 
@@ -161,12 +162,15 @@ def exit_of_events(reason: int, events: list[TraceEvent]) -> Exit:
 
 
 def _exit_status(pid: int) -> str:
-    """Why the watched process is gone (its status, where it is our child)."""
+    """Why the watched process is gone (its status or signal, where it is our child)."""
     try:
         _, status = os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
         return "the process exited"
-    return f"the process exited with status {os.waitstatus_to_exitcode(status)}"
+    code = os.waitstatus_to_exitcode(status)
+    if code < 0:
+        return f"the process was killed by {signal.Signals(-code).name}"
+    return f"the process exited with status {code}"
 
 
 __all__ = ["Attached", "DEFAULT_EXCLUDED", "default_events", "watch"]

@@ -27,7 +27,12 @@ class ProcessError(RuntimeError):
     """A process kvmiso cannot attach to; the message names the pid and why (one line)."""
 
 
-class ProcessEnded(ProcessError):
+class ProcessChanged(ProcessError):
+    """The process changed what kvmiso had read of it (closed or reused an fd, or ended) before
+    kvmiso could use it: a later try may succeed."""
+
+
+class ProcessEnded(ProcessChanged):
     """The process is not there (any more): no such pid, or it ended meanwhile."""
 
 
@@ -161,7 +166,7 @@ class ForeignVm:
                     raise ProcessError(f"pid {pid}: pidfd_getfd of its vCPU {vid} fd {fd} failed: "
                                        f"{e.strerror}{hint}") from None
                 if mine is None:
-                    raise ProcessError(f"pid {pid}: its fd {fd} was no longer vCPU {vid}'s when copied "
+                    raise ProcessChanged(f"pid {pid}: its fd {fd} was no longer vCPU {vid}'s when copied "
                                        "(closed, or its number reused, since it was listed)")
                 vm.vcpus.append(ForeignVcpu(vid, mine, fd))
         except BaseException:
@@ -184,5 +189,5 @@ class ForeignVm:
         self.close()
 
 
-__all__ = ["ForeignVcpu", "ForeignVm", "KvmFds", "ProcessEnded", "ProcessError", "VCPU_STATS_LINK", "copy_fd",
+__all__ = ["ForeignVcpu", "ForeignVm", "KvmFds", "ProcessChanged", "ProcessEnded", "ProcessError", "VCPU_STATS_LINK", "copy_fd",
            "fd_links", "kvm_fds", "pidfd_open", "threads"]
