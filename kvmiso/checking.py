@@ -82,8 +82,9 @@ def cmd_trace_process(args: argparse.Namespace) -> int:
     print(f"traced pid {w.pid} until {w.attached.ended}{' (INCOMPLETE)' if log.incomplete else ''}: "
           f"{len(log.records)} KVM_RUN calls on {len(vcpus)} vCPU threads, {events} in-kernel kvm events "
           f"(kvm_emulate_insn and kvmmmu left out: once per emulated instruction)\n")
-    for v in vcpus:
-        print(f"vCPU {v}: {sum(1 for r in log.records if r.vcpu == v)} KVM_RUN calls")
+    for v in vcpus:  # a vCPU id where the evidence named its thread, else the thread's id
+        name = f"vCPU {v}" if v in w.evidence.threads else f"thread {v}"
+        print(f"{name}: {sum(1 for r in log.records if r.vcpu == v)} KVM_RUN calls")
     print()
     print(summarize(log).table())
     if interrupted is not None:

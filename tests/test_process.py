@@ -111,3 +111,35 @@ def test_sigterm_while_kvmiso_stops_its_command_still_stops_it(kvm, tmp_path):
         p.wait()
     assert p.returncode == 128 + signal.SIGTERM and "interrupted by SIGTERM" in err
     assert shells and not [s for s in shells if s.is_running() and s.status() != psutil.STATUS_ZOMBIE]
+
+
+def _kvm_runs_traced(out: str) -> int:
+    return int(out.split("until the process exited with status 0: ")[1].split(" KVM_RUN calls")[0])
+
+
+def test_trace_of_a_command_inside_a_pid_namespace_sees_what_it_sees_outside(kvm):
+    # the kernel's trace filter and records use the initial namespace's thread ids; seeded with
+    # the namespace's own pid, the trace of a command there saw nothing (0 KVM_RUN calls)
+    if subprocess.run(["unshare", "-p", "-f", "--mount-proc", "true"]).returncode != 0:
+        pytest.skip("needs unshare(1) and CAP_SYS_ADMIN for a new PID namespace")
+    command = ["trace", "--", sys.executable, "-m", "kvmiso.cli", "run", "hello"]
+    outside = subprocess.run([sys.executable, "-m", "kvmiso.cli", *command], capture_output=True, text=True, timeout=120)
+    inside = subprocess.run(["unshare", "-p", "-f", "--mount-proc", sys.executable, "-m", "kvmiso.cli", *command],
+                            capture_output=True, text=True, timeout=120)
+    assert outside.returncode == 0 and inside.returncode == 0, inside.stderr
+    assert _kvm_runs_traced(inside.stdout) == _kvm_runs_traced(outside.stdout) > 0
+
+
+def test_trace_pid_inside_a_pid_namespace_is_refused_in_one_line(kvm):
+    if subprocess.run(["unshare", "-p", "-f", "--mount-proc", "true"]).returncode != 0:
+        pytest.skip("needs unshare(1) and CAP_SYS_ADMIN for a new PID namespace")
+    code = ("import subprocess, sys\n"
+            f"c = subprocess.Popen([sys.executable, '-c', {_CHILD!r}], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)\n"
+            "c.stdout.readline()\n"
+            "from kvmiso.cli import main\n"
+            "rc = main(['trace', '--pid', str(c.pid)])\n"
+            "c.kill(); c.wait(); sys.exit(rc)\n")
+    p = subprocess.run(["unshare", "-p", "-f", "--mount-proc", sys.executable, "-c", code],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "--pid inside a PID namespace" in p.stderr

@@ -16,6 +16,7 @@ import os
 import platform
 import select
 import signal
+import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -23,8 +24,9 @@ from typing import Callable, Iterable
 from ..interrupt import Interrupted
 from ..kvm.exits import DATALESS, Exit, IoExit, MmioExit, ObservedExit
 from .exitlog import ExitLog, RunRecord, TraceEvent
-from .process import pidfd_open, threads
+from .process import ProcessError, pidfd_open, threads
 from .tracefs import TraceInstance, TracefsUnavailable
+from .tracefsmount import pid_namespace
 
 DEFAULT_EXCLUDED = ("kvm_emulate_insn",)  # and the kvmmmu system: once per emulated instruction
 BUFFER_KB = 16384
@@ -56,7 +58,13 @@ def watch(target: int | Callable[[], int], until: Callable[[int], str | None],
     ``events``: names for :class:`TraceInstance` (default: kvm events but ``kvm_emulate_insn``).
     A KeyboardInterrupt stops the watch and is re-raised with ``.partial`` (the
     :class:`Attached` so far, ended ``interrupted``)."""
-    seed = [target, *threads(target)] if isinstance(target, int) else [os.getpid()]
+    in_namespace = pid_namespace() is not None
+    if isinstance(target, int) and in_namespace:
+        raise ProcessError(f"pid {target}: --pid inside a PID namespace: the kernel's trace filter takes the "
+                           "initial namespace's ids, which this namespace does not show (use -- COMMAND, or "
+                           "run kvmiso outside the namespace)")
+    # a command is followed from this thread, which forks it (event-fork adds the child)
+    seed = [target, *threads(target)] if isinstance(target, int) else [threading.get_native_id()]
     if events is None:
         events = default_events(_kvm_events())
     tracer = TraceInstance(list(events), pids=seed, buffer_kb=BUFFER_KB, stacks=True, follow_forks=True)
@@ -70,10 +78,13 @@ def watch(target: int | Callable[[], int], until: Callable[[int], str | None],
 
     def records(ended: str) -> Attached:
         got = tracer.decode({cpu: b"".join(p) for cpu, p in pages.items()})
-        return _records(pid, got, tracer, lost_before, ended)
+        return _records(pid, got, tracer, lost_before, ended, own)
 
     ended = ""
     with tracer:
+        own = tracer.kernel_tid()  # as trace records name this thread (read back in a namespace)
+        if in_namespace and not isinstance(target, int):
+            tracer.set_pids([own])
         lost_before = tracer.lost
         tracer.start()
         pid = target if isinstance(target, int) else target()
@@ -97,11 +108,12 @@ def watch(target: int | Callable[[], int], until: Callable[[int], str | None],
         return records(ended)
 
 
-def _records(pid: int, events: list[TraceEvent], tracer: TraceInstance, lost_before: int, ended: str) -> Attached:
-    """One record per KVM_RUN of every thread, in time order."""
+def _records(pid: int, events: list[TraceEvent], tracer: TraceInstance, lost_before: int, ended: str,
+             own: int) -> Attached:
+    """One record per KVM_RUN of every thread but kvmiso's own (``own``), in time order."""
     by_thread: dict[int, list[TraceEvent]] = defaultdict(list)
     for e in events:
-        if e.pid != os.getpid():  # kvmiso itself, when it started the command
+        if e.pid != own:  # kvmiso itself, when it started the command
             by_thread[e.pid].append(e)
     records: list[RunRecord] = []
     unplaced = 0
