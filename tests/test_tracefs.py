@@ -226,6 +226,20 @@ def test_instance_created_filtered_and_removed(tracefs):
     assert not path.exists()
 
 
+def test_added_pids_keep_what_the_kernel_added_to_the_filter(tracefs):
+    # event-fork adds a traced thread's new children to set_event_pid; adding ids later (a
+    # watched process's threads, listed again once the filter is in place) must keep them
+    with TraceInstance(["kvm:kvm_pio"], pids=[os.getpid()]) as t:
+        top = int(Path("/proc/sys/kernel/pid_max").read_text()) - 1  # ids the filter takes
+        kernel_added, listed = top, top - 1
+        fd = os.open(t.path / "set_event_pid", os.O_WRONLY)  # no O_TRUNC: as event-fork adds
+        os.write(fd, str(kernel_added).encode())
+        os.close(fd)
+        t.add_pids([os.getpid(), listed])
+        assert set(map(int, (t.path / "set_event_pid").read_text().split())) == {os.getpid(), kernel_added, listed}
+        assert t.pids == {os.getpid(), listed}
+
+
 def test_instance_removed_after_an_exception(tracefs):
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(RuntimeError):

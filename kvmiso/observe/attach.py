@@ -85,6 +85,8 @@ def watch(target: int | Callable[[], int], until: Callable[[int], str | None],
         own = tracer.kernel_tid()  # as trace records name this thread (read back in a namespace)
         if in_namespace and not isinstance(target, int):
             tracer.set_pids([own])
+        if isinstance(target, int):  # threads it started between the listing and the filter
+            tracer.add_pids(threads(target))
         lost_before = tracer.lost
         tracer.start()
         pid = target if isinstance(target, int) else target()

@@ -50,6 +50,16 @@ def _write(path: Path, value: str) -> None:
         f.write(value)
 
 
+def _add(path: Path, value: str) -> None:
+    """Write without O_TRUNC (a pid list keeps what it has; tracefs files do not seek, so not
+    Python's "a" mode, which seeks to the end)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
+
+
 class TraceInstance:
     """A private tracefs instance with the chosen kvm/kvmmmu events enabled for ``pids``.
 
@@ -264,6 +274,15 @@ class TraceInstance:
         """Trace these threads (replacing the set): e.g. a vCPU thread started later."""
         self.pids = set(pids)
         _write(self.path / "set_event_pid", " ".join(str(t) for t in sorted(self.pids)))
+
+    def add_pids(self, pids: Iterable[int]) -> None:
+        """Trace these threads too, keeping every id in the kernel's set: a write without
+        O_TRUNC adds to the list (the kernel clears it only on O_TRUNC), so the ids event-fork
+        added meanwhile stay, as a replacing write would not keep them."""
+        new = set(pids) - self.pids
+        if new:
+            _add(self.path / "set_event_pid", " ".join(str(t) for t in sorted(new)))
+            self.pids |= new
 
     def start(self) -> None:
         """Start recording (tracing_on)."""
