@@ -113,6 +113,11 @@ def test_sigterm_while_kvmiso_stops_its_command_still_stops_it(kvm, tmp_path):
     assert shells and not [s for s in shells if s.is_running() and s.status() != psutil.STATUS_ZOMBIE]
 
 
+def _need_a_pid_namespace() -> None:
+    if subprocess.run(["unshare", "-p", "-f", "--mount-proc", "true"]).returncode != 0:
+        pytest.skip("needs unshare(1) and CAP_SYS_ADMIN for a new PID namespace")
+
+
 def _kvm_runs_traced(out: str) -> int:
     return int(out.split("until the process exited with status 0: ")[1].split(" KVM_RUN calls")[0])
 
@@ -120,8 +125,7 @@ def _kvm_runs_traced(out: str) -> int:
 def test_trace_of_a_command_inside_a_pid_namespace_sees_what_it_sees_outside(kvm):
     # the kernel's trace filter and records use the initial namespace's thread ids; seeded with
     # the namespace's own pid, the trace of a command there saw nothing (0 KVM_RUN calls)
-    if subprocess.run(["unshare", "-p", "-f", "--mount-proc", "true"]).returncode != 0:
-        pytest.skip("needs unshare(1) and CAP_SYS_ADMIN for a new PID namespace")
+    _need_a_pid_namespace()
     command = ["trace", "--", sys.executable, "-m", "kvmiso.cli", "run", "hello"]
     outside = subprocess.run([sys.executable, "-m", "kvmiso.cli", *command], capture_output=True, text=True, timeout=120)
     inside = subprocess.run(["unshare", "-p", "-f", "--mount-proc", sys.executable, "-m", "kvmiso.cli", *command],
@@ -131,8 +135,7 @@ def test_trace_of_a_command_inside_a_pid_namespace_sees_what_it_sees_outside(kvm
 
 
 def test_trace_pid_inside_a_pid_namespace_is_refused_in_one_line(kvm):
-    if subprocess.run(["unshare", "-p", "-f", "--mount-proc", "true"]).returncode != 0:
-        pytest.skip("needs unshare(1) and CAP_SYS_ADMIN for a new PID namespace")
+    _need_a_pid_namespace()
     code = ("import subprocess, sys\n"
             f"c = subprocess.Popen([sys.executable, '-c', {_CHILD!r}], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)\n"
             "c.stdout.readline()\n"

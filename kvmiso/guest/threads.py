@@ -47,8 +47,8 @@ def run_in_threads(work: Callable[[int], None], vcpus: Sequence[Vcpu], name: str
             t.join()
     except BaseException:
         # Our own events decide what is still running, not is_alive(): an interrupted join()
-        # can mark a live thread as stopped (CPython bpo-45274). A thread that never started (start() failed) has no
-        # ident and nothing to wait for. A second Ctrl-C is held back until every thread has
+        # can mark a live thread as stopped (CPython bpo-45274). A thread that never started
+        # (start() failed) has no ident and nothing to wait for. A second Ctrl-C is held back until every thread has
         # ended (then it goes up in place of the first): cut short, this would leave a KVM_RUN
         # running in a VM the caller is about to close.
         with deferred():
