@@ -59,6 +59,26 @@ def test_reset_after_a_triple_fault_loads_a_new_image(kvm):
             m.reset(build("hello", "long"))
 
 
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_reset_after_a_run_stopped_at_a_rep_ins_exit_runs_the_next_payload_alone(kvm, target):
+    """KVM completes the instruction behind an I/O exit at the next KVM_RUN, before it looks at
+    immediate_exit. reset() has it completed first: before, the next payload's first KVM_RUN
+    finished the old rep ins against the new registers, exit after exit, past any deadline."""
+    wide = TARGETS[target][0] != "real"
+    imm = (lambda v: v.to_bytes(4 if wide else 2, "little"))
+    rep_ins = (b"\xb9" + imm(0x400) + b"\xba" + imm(0x1F0) + b"\xbf" + imm(0x9000)  # ecx, edx, edi
+               + b"\xf3\x6c")                                                       # rep insb
+    with Fuzzer(target, timeout=10, kvm=kvm) as f:
+        f.machine.reset()
+        f.machine.vm.write(f._at, rep_ins + DONE_UCALL)
+        first = f.machine.run(timeout=10, on_exit=lambda e: True)
+        assert first.outcome is Outcome.STOPPED and first.exits[0].is_in and first.exits[0].count == 0x400
+        f.machine.reset()
+        f.machine.vm.write(f._at, b"\x90" * 8 + DONE_UCALL)
+        second = f.machine.run(timeout=10, max_exits=1000)
+        assert second.outcome is Outcome.DONE and second.runs == 1, second.detail
+
+
 def test_reset_loads_what_a_fresh_machine_has_after_a_payload_overwrote_it(kvm):
     """reset() loads the tables, sregs and regs setup built once: after a payload that
     overwrote its IDT and moved its registers, they are again exactly a fresh vCPU's."""

@@ -25,6 +25,7 @@ from .build import BITS, Image, build, payload_modes, payload_path
 from .deadline import GuestTimeout, deadline
 from .result import Outcome, RunResult
 from .snapshot import RESET_MSRS, VcpuState
+from .stopped import at_rip, describe_stop
 from .threads import run_in_threads
 from .ucall import (PORT_CONSOLE, PORT_UCALL, Done, Fail, GuestException, MalformedUcall, Report,
                     decode_ucall)
@@ -33,15 +34,12 @@ DEFAULT_MEMORY = 2 << 20
 VCPU_STACK = 0x8000  # each vCPU: a kernel and a user stack of half this size
 MAX_CONSOLE = 64 << 10  # console bytes kept per run; the rest is counted, not stored
 MAX_EXITS = 64 << 10  # exits recorded per run (~0.4 KiB each); the rest are counted, not stored
-RFLAGS_IF = 1 << 9
 RESET_STATE = (0xFFF0, 0xF000, 0xFFFF0000)  # rip, cs, cs.base: where a reset x86 CPU starts
-
-# Instructions worth naming when a guest is stopped inside KVM_RUN.
-_KNOWN_INSNS = {
-    b"\x0f\x01\xc1": "VMCALL", b"\x0f\x01\xd9": "VMMCALL", b"\xeb\xfe": "jmp . (a tight loop)",
-    b"\xf4": "HLT", b"\xfa": "CLI",
-}
-
+# Exits whose instruction KVM completes at the next KVM_RUN (api.rst, KVM_EXIT_IO), and how many
+# KVM_RUNs reset() allows that completion: a rep string I/O re-enters the guest (where
+# immediate_exit stops it) at least every 1024 iterations, so a few suffice.
+_COMPLETED_AT_NEXT_RUN = (IoExit, MmioExit, RdmsrExit, WrmsrExit)
+_MAX_COMPLETION_RUNS = 1024
 
 class Machine:
     """A VM with memory, ``vcpus`` vCPUs and ``payload`` loaded for ``mode`` at ``cpl``.
@@ -68,6 +66,7 @@ class Machine:
         self._stats: list = []
         self._pristine: list[VcpuState] = []
         self._boots: list[modes.Boot] = []  # what each vCPU's setup loaded, for reset() to load again
+        self._unfinished: set[int] = set()  # vCPUs whose last run ended at a _COMPLETED_AT_NEXT_RUN exit
         try:
             self.vm = self.kvm.create_vm()
             self.vendor = vendor_module()
@@ -106,6 +105,9 @@ class Machine:
                 raise ValueError(f"this machine runs {self.mode} mode; image {image.name} is for {image.mode}")
             self._boots.clear()  # first: a reset that fails below must not leave the old image's boot state
             self.image = image
+        for i in sorted(self._unfinished):  # before RAM and registers change under the instruction
+            self._complete_instruction(self.vcpus[i])
+            self._unfinished.discard(i)
         ram = self.vm.slots[0]
         ctypes.memset(ram.host_addr, 0, ram.size)
         self.vm.write(self.image.load_address, self.image.code)
@@ -115,6 +117,25 @@ class Machine:
                 self._boots[i].load(self.vm, vcpu)
             else:
                 self._boots.append(self._setup(vcpu, sregs))
+
+    @staticmethod
+    def _complete_instruction(vcpu: Vcpu) -> None:
+        """Let KVM finish the instruction whose exit ended ``vcpu``'s last run. KVM completes it
+        at the next KVM_RUN, before it looks at immediate_exit (x86.c, kvm_arch_vcpu_ioctl_run):
+        after a reset had replaced the registers under a rep ins, that KVM_RUN went on exiting
+        to userspace for the old instruction, deadline or not. With immediate_exit set no
+        further guest instruction runs; reads get the run loop's default answers."""
+        vcpu.immediate_exit = True
+        try:
+            for _ in range(_MAX_COMPLETION_RUNS):
+                exit = vcpu.run()
+                if isinstance(exit, IntrExit):
+                    return
+                _default_answer(exit)
+        finally:
+            vcpu.immediate_exit = False
+        raise RuntimeError(f"vCPU {vcpu.id} was still completing an instruction after "
+                           f"{_MAX_COMPLETION_RUNS} KVM_RUNs with immediate_exit set")
 
     @property
     def vcpu(self) -> Vcpu:
@@ -176,6 +197,7 @@ class Machine:
         console = bytearray()
         t0 = time.perf_counter()
         ident = threading.get_ident()
+        exit = None
         try:
             with deadline(v, timeout) as dl, kicked_by_interrupts(lambda: v.kick(ident)):
                 while res.outcome is None:
@@ -208,6 +230,10 @@ class Machine:
                     self._describe_stop(v, stats, before, max(0, res.runs - 1), res.console_dropped))
             raise stop from None
         finally:
+            if isinstance(exit, _COMPLETED_AT_NEXT_RUN):
+                self._unfinished.add(vcpu)
+            else:
+                self._unfinished.discard(vcpu)
             res.elapsed = time.perf_counter() - t0
             res.console = bytes(console)
             res.stats = stats.delta(before, stats.read_raw())
@@ -268,14 +294,12 @@ class Machine:
                     res.exception = u
                     res.outcome, res.detail = Outcome.EXCEPTION, f"the guest took {u}"
                 return
-            if exit.is_in:
-                exit.data[:] = b"\xff" * len(exit.data)  # the default answer; on_io may replace it
+            _default_answer(exit)  # on_io may replace it
             if on_io is not None:
                 on_io(exit)
             return
         if isinstance(exit, MmioExit):
-            if not exit.is_write:
-                exit.reply(b"\xff" * exit.length)
+            _default_answer(exit)  # on_mmio may replace it
             if on_mmio is not None:
                 on_mmio(exit)
             return
@@ -283,14 +307,14 @@ class Machine:
             if on_msr is not None:
                 on_msr(exit)
             else:
-                exit.reply(error=True)
+                _default_answer(exit)
             return
         if isinstance(exit, DebugExit):
             return  # single-stepping: recorded, and the run goes on
         if isinstance(exit, HltExit):
             res.outcome, res.detail = Outcome.HALT, "the guest executed HLT"
         elif isinstance(exit, ShutdownExit):
-            regs, rip, where, _ = self._at_rip(vcpu)
+            regs, rip, where, _ = at_rip(self.vm, vcpu, self.mode)
             sregs = vcpu.get_sregs()
             if (regs.rip, sregs.cs.selector, sregs.cs.base) == RESET_STATE:
                 # kvm_amd reinitializes the VMCB and resets the vCPU before reporting a shutdown
@@ -298,7 +322,7 @@ class Machine:
                 where = " (the vCPU's reset state: KVM reset it on shutdown, as kvm_amd does)"
             res.outcome, res.detail = Outcome.SHUTDOWN, f"the guest triple-faulted (KVM_EXIT_SHUTDOWN) near rip {rip:#x}{where}"
         elif isinstance(exit, InternalErrorExit):
-            _, rip, where, _ = self._at_rip(vcpu)
+            _, rip, where, _ = at_rip(self.vm, vcpu, self.mode)
             text = f"KVM_EXIT_INTERNAL_ERROR suberror {exit.suberror_name} at rip {rip:#x}{where}"
             if exit.suberror_name == "EMULATION" and len(exit.data) >= 3 and exit.data[0] & 1:
                 # data: flags (bit 0: instruction bytes follow), then insn_size and 15 bytes
@@ -315,52 +339,23 @@ class Machine:
         else:
             res.outcome, res.detail = Outcome.UNHANDLED_EXIT, f"no handler for {exit!r}"
 
-    def _at_rip(self, vcpu) -> tuple[Any, int, str, bytes]:
-        """The vCPU's registers, its linear RIP, why no code can be fetched there ("" when it
-        can), and up to 3 bytes of the instruction there."""
-        regs = vcpu.get_regs()
-        rip = regs.rip + (vcpu.get_sregs().cs.base if self.mode == "real" else 0)
-        try:
-            t = vcpu.translate(rip)
-        except OSError:
-            return regs, rip, "", b""
-        if not t.valid:
-            return regs, rip, " (not mapped by the guest's page tables)", b""
-        try:
-            slot = self.vm.slot_for(t.physical_address)
-        except ValueError:
-            return regs, rip, f" (guest-physical {t.physical_address:#x}, which no memory slot backs)", b""
-        return regs, rip, "", self.vm.read(t.physical_address, min(3, slot.end - t.physical_address))
-
-    def _byte_before(self, vcpu, rip: int) -> bytes:
-        """The byte before linear ``rip`` in guest memory, b"" where it cannot be read."""
-        try:
-            t = vcpu.translate(rip - 1)
-            return self.vm.read(t.physical_address, 1) if t.valid else b""
-        except (OSError, ValueError):
-            return b""
 
     def _describe_stop(self, vcpu, stats, before, exits: int, console_dropped: int) -> str:
-        """What a guest stopped by the timeout was doing: its RIP, the instruction there, whether
-        interrupts were off, how many instructions KVM emulated, and what it sent meanwhile."""
-        regs, rip, where, insn = self._at_rip(vcpu)
-        text = f"stopped at rip {rip:#x}{where}"
-        name = next((n for b, n in _KNOWN_INSNS.items() if insn.startswith(b)), None)
-        if insn:
-            text += f" ({insn.hex(' ')}{': ' + name if name else ''})"
-        # kvmiso starts every guest with IF clear (there is no interrupt controller), so a clear
-        # IF alone says nothing; a CLI right before the loop is what the guest chose
-        if not regs.rflags & RFLAGS_IF and insn and self._byte_before(vcpu, rip) == b"\xfa":
-            text += " right after CLI, with interrupts disabled"
-        emulated = stats.delta(before, stats.read_raw()).get("insn_emulation", 0)
-        if emulated:
-            text += f"; KVM emulated {emulated} instructions"
-            text += f" and exited to userspace {exits} time{'s' if exits > 1 else ''}" if exits else " without an exit to userspace"
-        elif exits:
-            text += f"; {exits} exits to userspace"
+        text = describe_stop(self.vm, vcpu, self.mode, self.vendor, exits,
+                             emulated=stats.delta(before, stats.read_raw()).get("insn_emulation", 0))
         if console_dropped:
             text += f"; console output capped at {MAX_CONSOLE} bytes, {console_dropped} more dropped"
-        if name in ("VMCALL", "VMMCALL"):
-            text += ("; the guest is in a hypercall that KVM keeps re-executing inside KVM_RUN"
-                     + (" (on kvm_pvm a CPL0 hypercall never returns)" if self.vendor == "kvm_pvm" else ""))
         return text
+
+
+def _default_answer(exit: Exit) -> None:
+    """What the guest gets when no callback answers: all-ones for an IN or MMIO read, #GP for
+    an MSR access that exited to userspace (as KVM gives without the capability)."""
+    if isinstance(exit, IoExit):
+        if exit.is_in:
+            exit.data[:] = b"\xff" * len(exit.data)
+    elif isinstance(exit, MmioExit):
+        if not exit.is_write:
+            exit.reply(b"\xff" * exit.length)
+    elif isinstance(exit, (RdmsrExit, WrmsrExit)):
+        exit.reply(error=True)
