@@ -62,8 +62,9 @@ def test_reset_after_a_triple_fault_loads_a_new_image(kvm):
 @pytest.mark.parametrize("target", list(TARGETS))
 def test_reset_after_a_run_stopped_at_a_rep_ins_exit_runs_the_next_payload_alone(kvm, target):
     """KVM completes the instruction behind an I/O exit at the next KVM_RUN, before it looks at
-    immediate_exit. reset() has it completed first: before, the next payload's first KVM_RUN
-    finished the old rep ins against the new registers, exit after exit, past any deadline."""
+    immediate_exit. reset() has it completed first, whoever ran the vCPU: before, the next
+    payload's first KVM_RUN finished the old rep ins against the new registers, exit after exit,
+    past any deadline."""
     wide = TARGETS[target][0] != "real"
     imm = (lambda v: v.to_bytes(4 if wide else 2, "little"))
     rep_ins = (b"\xb9" + imm(0x400) + b"\xba" + imm(0x1F0) + b"\xbf" + imm(0x9000)  # ecx, edx, edi
@@ -77,6 +78,13 @@ def test_reset_after_a_run_stopped_at_a_rep_ins_exit_runs_the_next_payload_alone
         f.machine.vm.write(f._at, b"\x90" * 8 + DONE_UCALL)
         second = f.machine.run(timeout=10, max_exits=1000)
         assert second.outcome is Outcome.DONE and second.runs == 1, second.detail
+        f.machine.reset()  # the same after a KVM_RUN of the caller's own, outside Machine.run
+        f.machine.vm.write(f._at, rep_ins + DONE_UCALL)
+        assert f.machine.vcpu.run() == first.exits[0]
+        f.machine.reset()
+        f.machine.vm.write(f._at, b"\x90" * 8 + DONE_UCALL)
+        third = f.machine.run(timeout=10, max_exits=1000)
+        assert third.outcome is Outcome.DONE and third.runs == 1, third.detail
 
 
 def test_reset_loads_what_a_fresh_machine_has_after_a_payload_overwrote_it(kvm):

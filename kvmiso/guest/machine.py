@@ -35,10 +35,8 @@ VCPU_STACK = 0x8000  # each vCPU: a kernel and a user stack of half this size
 MAX_CONSOLE = 64 << 10  # console bytes kept per run; the rest is counted, not stored
 MAX_EXITS = 64 << 10  # exits recorded per run (~0.4 KiB each); the rest are counted, not stored
 RESET_STATE = (0xFFF0, 0xF000, 0xFFFF0000)  # rip, cs, cs.base: where a reset x86 CPU starts
-# Exits whose instruction KVM completes at the next KVM_RUN (api.rst, KVM_EXIT_IO), and how many
-# KVM_RUNs reset() allows that completion: a rep string I/O re-enters the guest (where
-# immediate_exit stops it) at least every 1024 iterations, so a few suffice.
-_COMPLETED_AT_NEXT_RUN = (IoExit, MmioExit, RdmsrExit, WrmsrExit)
+# How many KVM_RUNs reset() allows the completion of the last exit's instruction: a rep string
+# I/O re-enters the guest (where immediate_exit stops it) at least every 1024 iterations.
 _MAX_COMPLETION_RUNS = 1024
 
 class Machine:
@@ -66,7 +64,6 @@ class Machine:
         self._stats: list = []
         self._pristine: list[VcpuState] = []
         self._boots: list[modes.Boot] = []  # what each vCPU's setup loaded, for reset() to load again
-        self._unfinished: set[int] = set()  # vCPUs whose last run ended at a _COMPLETED_AT_NEXT_RUN exit
         try:
             self.vm = self.kvm.create_vm()
             self.vendor = vendor_module()
@@ -105,9 +102,8 @@ class Machine:
                 raise ValueError(f"this machine runs {self.mode} mode; image {image.name} is for {image.mode}")
             self._boots.clear()  # first: a reset that fails below must not leave the old image's boot state
             self.image = image
-        for i in sorted(self._unfinished):  # before RAM and registers change under the instruction
-            self._complete_instruction(self.vcpus[i])
-            self._unfinished.discard(i)
+        for vcpu in self.vcpus:  # before RAM and registers change under the instruction
+            self._complete_instruction(vcpu)
         ram = self.vm.slots[0]
         ctypes.memset(ram.host_addr, 0, ram.size)
         self.vm.write(self.image.load_address, self.image.code)
@@ -120,11 +116,13 @@ class Machine:
 
     @staticmethod
     def _complete_instruction(vcpu: Vcpu) -> None:
-        """Let KVM finish the instruction whose exit ended ``vcpu``'s last run. KVM completes it
-        at the next KVM_RUN, before it looks at immediate_exit (x86.c, kvm_arch_vcpu_ioctl_run):
-        after a reset had replaced the registers under a rep ins, that KVM_RUN went on exiting
-        to userspace for the old instruction, deadline or not. With immediate_exit set no
-        further guest instruction runs; reads get the run loop's default answers."""
+        """Let KVM finish the instruction whose I/O, MMIO or MSR exit ended ``vcpu``'s last
+        KVM_RUN, whoever called it. KVM completes it at the next KVM_RUN, before it looks at
+        immediate_exit (x86.c, kvm_arch_vcpu_ioctl_run): after a reset had replaced the registers
+        under a rep ins, that KVM_RUN went on exiting to userspace for the old instruction,
+        deadline or not. With immediate_exit set no further guest instruction runs (with nothing
+        pending, KVM_RUN returns EINTR at once: ~6 us on kvm_pvm); reads get the run loop's
+        default answers."""
         vcpu.immediate_exit = True
         try:
             for _ in range(_MAX_COMPLETION_RUNS):
@@ -197,7 +195,6 @@ class Machine:
         console = bytearray()
         t0 = time.perf_counter()
         ident = threading.get_ident()
-        exit = None
         try:
             with deadline(v, timeout) as dl, kicked_by_interrupts(lambda: v.kick(ident)):
                 while res.outcome is None:
@@ -230,10 +227,6 @@ class Machine:
                     self._describe_stop(v, stats, before, max(0, res.runs - 1), res.console_dropped))
             raise stop from None
         finally:
-            if isinstance(exit, _COMPLETED_AT_NEXT_RUN):
-                self._unfinished.add(vcpu)
-            else:
-                self._unfinished.discard(vcpu)
             res.elapsed = time.perf_counter() - t0
             res.console = bytes(console)
             res.stats = stats.delta(before, stats.read_raw())
