@@ -179,7 +179,12 @@ def test_bad_input_is_one_line_and_status_2(tmp_path):
     assert p.returncode == 2 and p.stderr.strip() == f"kvmiso: kernel {tmp_path / 'nonesuch'}: no such file"
     p = kvmiso("boot", "--kernel", str(tmp_path / "nonesuch"))
     assert p.returncode == 2 and p.stderr.strip() == "kvmiso: no command given: kvmiso boot [options] -- COMMAND ..."
-    p = kvmiso("boot", "--", "true", env=dict(os.environ, PATH=str(tmp_path)))
+    # a kernel given as a file (a bzImage header is all boot reads before it looks for QEMU): with
+    # --kernel debian, a host that has not fetched that kernel yet is told about apt-get first
+    header = bytearray(0x1000)
+    header[0x202:0x206] = b"HdrS"
+    (tmp_path / "bzImage").write_bytes(header)
+    p = kvmiso("boot", "--kernel", str(tmp_path / "bzImage"), "--", "true", env=dict(os.environ, PATH=str(tmp_path)))
     assert p.returncode == 2
     assert p.stderr.strip().splitlines()[-1] == f"kvmiso: {QEMU} not found: install Debian's qemu-system-x86 package"
 
