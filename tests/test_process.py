@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -75,6 +76,25 @@ def test_a_process_that_ended_after_the_listing_is_named_as_ended(kvm):
 def _kvmiso(*args: str, **kw) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "kvmiso.cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_a_thread_id_is_refused_in_one_line_naming_its_process(capsys):
+    """Before: /proc/TID/fd listed the process's fds and pidfd_open failed with 'Invalid argument'."""
+    from kvmiso.cli import main
+
+    started, done, tid = threading.Event(), threading.Event(), []
+    t = threading.Thread(target=lambda: (tid.append(threading.get_native_id()), started.set(), done.wait(60)))
+    t.start()
+    try:
+        assert started.wait(10) and tid[0] != os.getpid()
+        with pytest.raises(ProcessError, match=rf"^pid {tid[0]}: is a thread of process {os.getpid()}; give the process id"):
+            kvm_fds(tid[0])
+        assert main(["trace", "--pid", str(tid[0]), "--duration", "1"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"is a thread of process {os.getpid()}" in err, err
+    finally:
+        done.set()
+        t.join()
 
 
 def test_a_command_killed_by_a_signal_is_named_so_and_check_refuses_a_run_with_no_kvm_run(kvm):

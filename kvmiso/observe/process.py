@@ -73,6 +73,9 @@ def kvm_fds(pid: int, proc: Path = Path("/proc")) -> KvmFds:
 
     :raises ProcessError: no such process, another user's, or no KVM fd at all.
     """
+    tgid = _thread_group(pid, proc)
+    if tgid is not None and tgid != pid:  # /proc/TID/fd lists the process's fds, pidfd_open says EINVAL
+        raise ProcessError(f"pid {pid}: is a thread of process {tgid}; give the process id, {tgid}")
     vms, vcpus = [], {}
     for fd, target in fd_links(pid, proc).items():
         if target == "anon_inode:kvm-vm":
@@ -83,6 +86,15 @@ def kvm_fds(pid: int, proc: Path = Path("/proc")) -> KvmFds:
     if not vms and not vcpus:
         raise ProcessError(f"pid {pid}: holds no KVM file descriptor (no anon_inode:kvm-vm or kvm-vcpu)")
     return KvmFds(pid, tuple(sorted(vms)), dict(sorted(vcpus.items())))
+
+
+def _thread_group(pid: int, proc: Path) -> int | None:
+    """The Tgid /proc/PID/status gives ``pid`` (None where it cannot be read)."""
+    try:
+        status = (proc / str(pid) / "status").read_text()
+    except OSError:
+        return None
+    return next((int(line.split()[1]) for line in status.splitlines() if line.startswith("Tgid:")), None)
 
 
 def threads(pid: int, proc: Path = Path("/proc")) -> list[int]:
@@ -149,13 +161,15 @@ class ForeignVm:
     def attach(cls, pid: int, fds: KvmFds | None = None) -> "ForeignVm":
         """Copies of ``pid``'s vCPU fds, as ``fds`` (default: :func:`kvm_fds` now) lists them
         (ProcessError, one line, where it cannot be done). Each copy is checked to be the vCPU
-        listed: the process may have closed an fd after the listing, and its number be reused."""
-        fds = kvm_fds(pid) if fds is None else fds
-        if not fds.vcpus:
-            raise ProcessError(f"pid {pid}: has a VM but no vCPU yet")
+        listed: the process may have closed an fd after the listing, and its number be reused.
+        The pidfd is opened before the listing: had the process ended and its pid gone to
+        another process in between, the copies would come from that one's fds."""
         pidfd = pidfd_open(pid)
         vm = cls(pid)
         try:
+            fds = kvm_fds(pid) if fds is None else fds
+            if not fds.vcpus:
+                raise ProcessError(f"pid {pid}: has a VM but no vCPU yet")
             for vid, fd in fds.vcpus.items():
                 try:
                     mine = copy_fd(pidfd, fd, f"anon_inode:kvm-vcpu:{vid}")
