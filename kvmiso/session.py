@@ -159,7 +159,9 @@ def watch_process(target: int | list[str], duration: float | None = None,
             seen = len(kvm_fds(pid).vcpus)
         except ProcessError:
             seen = 0  # gone, or exec'ing
-        if seen > (len(got["vm"].vcpus) if "vm" in got else 0):
+        # another VM in the same fd numbers (a test program creating VM after VM): kcmp tells
+        replaced = seen > 0 and "vm" in got and not got["vm"].still_held()
+        if seen > (len(got["vm"].vcpus) if "vm" in got else 0) or replaced:
             try:
                 vm = ForeignVm.attach(pid)
             except ProcessChanged:
@@ -168,6 +170,10 @@ def watch_process(target: int | list[str], duration: float | None = None,
                 if "vm" in got:
                     got["vm"].close()
                 got["vm"] = vm
+                if replaced:  # the last VM's evidence is read anew
+                    got["vms"] = got.get("vms", 1) + 1
+                    got.pop("evidence", None)
+                    got.pop("read", None)
         if "vm" in got and now - got.get("read", 0.0) >= (EVIDENCE_SETTLED_S if complete() else EVIDENCE_EVERY_S):
             read(now)
         if duration is not None and now - got["t0"] >= duration:
@@ -195,6 +201,9 @@ def watch_process(target: int | list[str], duration: float | None = None,
     pid = target if isinstance(target, int) else child[0].pid
     evidence = got.get("evidence") or Evidence(kernel=platform.release(), vendor=vendor_module() or "",
                                                source="the process ended before its vCPUs could be read")
+    if got.get("vms", 1) > 1:
+        evidence.source += (f"; the process created {got['vms']} VMs one after another: this is the last one's, "
+                            "and the records of the earlier ones are checked against it")
     resolve_chains(evidence, attached.log)
     by_thread = {tid: vid for vid, tid in evidence.threads.items()}
     for r in attached.log.records:

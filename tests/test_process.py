@@ -73,6 +73,55 @@ def test_a_process_that_ended_after_the_listing_is_named_as_ended(kvm):
         child.wait()
 
 
+_NEW_VM = """
+import sys
+from kvmiso.kvm import Kvm
+with Kvm() as kvm:
+    for _ in range(2):
+        with kvm.create_vm() as vm:
+            vcpu = vm.create_vcpu(0)
+            print(vcpu.fd, flush=True)
+            sys.stdin.readline()
+"""
+
+
+def test_a_vm_replaced_by_another_in_the_same_fd_numbers_is_no_longer_held(kvm):
+    child = subprocess.Popen([sys.executable, "-c", _NEW_VM], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        first = int(child.stdout.readline())
+        with ForeignVm.attach(child.pid) as vm:
+            assert vm.still_held()
+            child.stdin.write("\n")
+            child.stdin.flush()
+            assert int(child.stdout.readline()) == first  # the second VM's vCPU, at the first one's number
+            assert kvm_fds(child.pid).vcpus == {0: first}
+            assert not vm.still_held()  # the listing cannot tell; kcmp can
+            with ForeignVm.attach(child.pid) as second:
+                assert second.still_held()
+    finally:
+        child.kill()
+        child.wait()
+
+
+_TWO_VMS = """
+import time
+from kvmiso.guest import Machine
+for _ in range(2):
+    with Machine("hello", mode="long") as m:
+        m.run(timeout=10)
+        time.sleep(1)  # kvmiso looks every 0.1 s: it sees each VM
+        m.run(timeout=10)
+"""
+
+
+def test_a_watched_command_that_creates_vm_after_vm_is_followed_and_says_so(kvm):
+    from kvmiso.session import watch_process
+
+    w = watch_process([sys.executable, "-c", _TWO_VMS])
+    assert "the process created 2 VMs one after another: this is the last one's" in w.evidence.source
+    assert w.evidence.threads  # read from the second VM while the command lived
+
+
 def _kvmiso(*args: str, **kw) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "kvmiso.cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kw)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 _NR_PIDFD_GETFD = 438  # the same on every architecture but alpha (os has pidfd_open, not pidfd_getfd)
+_NR_KCMP, _KCMP_FILE = 312, 0  # x86_64 (KVM's own architecture here); os has no kcmp
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 _VCPU = re.compile(r"anon_inode:kvm-vcpu:(\d+)$")
@@ -189,6 +190,18 @@ class ForeignVm:
         finally:
             os.close(pidfd)
         return vm
+
+    def still_held(self) -> bool:
+        """Whether the process still holds, at each fd they were copied from, the very files
+        copied (kcmp(2), KCMP_FILE): False once it has closed this VM, or replaced it with
+        another whose vCPU fds took the same numbers. True where kcmp cannot tell (a kernel
+        without it, or not allowed to compare)."""
+        for v in self.vcpus:
+            r = _libc.syscall(ctypes.c_long(_NR_KCMP), ctypes.c_long(os.getpid()), ctypes.c_long(self.pid),
+                              ctypes.c_long(_KCMP_FILE), ctypes.c_long(v.fd), ctypes.c_long(v.their_fd))
+            if r != 0:
+                return r < 0 and ctypes.get_errno() in (errno.ENOSYS, errno.EPERM)
+        return True
 
     def close(self) -> None:
         """Close the copies (the process keeps its own fds)."""
