@@ -39,6 +39,7 @@ RESET_STATE = (0xFFF0, 0xF000, 0xFFFF0000)  # rip, cs, cs.base: where a reset x8
 # I/O re-enters the guest (where immediate_exit stops it) at least every 1024 iterations.
 _MAX_COMPLETION_RUNS = 1024
 
+
 class Machine:
     """A VM with memory, ``vcpus`` vCPUs and ``payload`` loaded for ``mode`` at ``cpl``.
 
@@ -332,8 +333,9 @@ class Machine:
         else:
             res.outcome, res.detail = Outcome.UNHANDLED_EXIT, f"no handler for {exit!r}"
 
-
     def _describe_stop(self, vcpu, stats, before, exits: int, console_dropped: int) -> str:
+        """:func:`describe_stop` for this run: the instructions KVM emulated since ``before``,
+        and the console bytes dropped."""
         text = describe_stop(self.vm, vcpu, self.mode, self.vendor, exits,
                              emulated=stats.delta(before, stats.read_raw()).get("insn_emulation", 0))
         if console_dropped:
