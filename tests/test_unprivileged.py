@@ -28,7 +28,9 @@ def as_nobody():
     for tool in ("unshare", "setpriv"):
         if shutil.which(tool) is None:
             pytest.skip(f"needs {tool} (util-linux)")
-    closed = next((d for d in (ROOT, *ROOT.parents) if os.stat(d).st_mode & 0o005 != 0o005), None)
+    # the checkout must be readable and every directory above it searchable by others
+    closed = next((d for d, need in ((ROOT, 0o005), *((p, 0o001) for p in ROOT.parents))
+                   if os.stat(d).st_mode & need != need), None)
     if closed is not None:  # e.g. a clone in a `mktemp -d` directory (mode 700)
         pytest.skip(f"uid {NOBODY} cannot read the checkout: {closed} is mode {os.stat(closed).st_mode & 0o777:o}")
     top = Path(tempfile.mkdtemp(prefix="kvmiso-nobody-"))
