@@ -35,9 +35,6 @@ VCPU_STACK = 0x8000  # each vCPU: a kernel and a user stack of half this size
 MAX_CONSOLE = 64 << 10  # console bytes kept per run; the rest is counted, not stored
 MAX_EXITS = 64 << 10  # exits recorded per run (~0.4 KiB each); the rest are counted, not stored
 RESET_STATE = (0xFFF0, 0xF000, 0xFFFF0000)  # rip, cs, cs.base: where a reset x86 CPU starts
-# How many KVM_RUNs reset() allows the completion of the last exit's instruction: a rep string
-# I/O re-enters the guest (where immediate_exit stops it) at least every 1024 iterations.
-_MAX_COMPLETION_RUNS = 1024
 
 
 class Machine:
@@ -104,7 +101,7 @@ class Machine:
             self._boots.clear()  # first: a reset that fails below must not leave the old image's boot state
             self.image = image
         for vcpu in self.vcpus:  # before RAM and registers change under the instruction
-            self._complete_instruction(vcpu)
+            vcpu.complete_pending(_default_answer)
         ram = self.vm.slots[0]
         ctypes.memset(ram.host_addr, 0, ram.size)
         self.vm.write(self.image.load_address, self.image.code)
@@ -114,27 +111,6 @@ class Machine:
                 self._boots[i].load(self.vm, vcpu)
             else:
                 self._boots.append(self._setup(vcpu, sregs))
-
-    @staticmethod
-    def _complete_instruction(vcpu: Vcpu) -> None:
-        """Let KVM finish the instruction whose I/O, MMIO or MSR exit ended ``vcpu``'s last
-        KVM_RUN, whoever called it. KVM completes it at the next KVM_RUN, before it looks at
-        immediate_exit (x86.c, kvm_arch_vcpu_ioctl_run): after a reset had replaced the registers
-        under a rep ins, that KVM_RUN went on exiting to userspace for the old instruction,
-        deadline or not. With immediate_exit set no further guest instruction runs (with nothing
-        pending, KVM_RUN returns EINTR at once: ~6 us on kvm_pvm); reads get the run loop's
-        default answers."""
-        vcpu.immediate_exit = True
-        try:
-            for _ in range(_MAX_COMPLETION_RUNS):
-                exit = vcpu.run()
-                if isinstance(exit, IntrExit):
-                    return
-                _default_answer(exit)
-        finally:
-            vcpu.immediate_exit = False
-        raise RuntimeError(f"vCPU {vcpu.id} was still completing an instruction after "
-                           f"{_MAX_COMPLETION_RUNS} KVM_RUNs with immediate_exit set")
 
     @property
     def vcpu(self) -> Vcpu:
