@@ -11,7 +11,7 @@ import pytest
 from kvmiso.cli import main
 from kvmiso.guest import Machine, Outcome
 from kvmiso.isolation import CheckError, address_space, build_layout, check, load_access_model, load_regions
-from kvmiso.isolation.access import AccessModelError
+from kvmiso.isolation.access import AccessModelError, opcode
 from kvmiso.observe.capture import Capture
 from kvmiso.observe.evidence import collect_evidence, read_evidence
 from kvmiso.observe.exitlog import read_jsonl
@@ -86,6 +86,33 @@ def test_both_policies_as_their_patches_define_them():
     assert modern.classes["fault"] < rfc.classes["fault"]
 
 
+def test_the_exit_that_goes_to_userspace_writes_kvm_run(tmp_path):
+    """Every portio KVM_RUN ends with a port write for userspace (emulator_pio_in_out fills
+    vcpu->run): with kvm_run moved where the isolated space does not map it, those exits fault
+    on it, although the last events of each KVM_RUN (kvm_put_guest_fpu on the way out) are
+    outside the window."""
+    log, ev = _saved("portio")
+    modern = Path(__file__).parents[1] / "kvmiso" / "isolation" / "sets" / "modern.toml"
+    without_run = tmp_path / "without-kvm-run.toml"
+    without_run.write_text(modern.read_text().replace('name = "kvm_run_page"', 'name = "pio_data"'))
+    assert check(load_regions(without_run, build_layout(ev, cpus=2)), log, ACCESS).classes["kvm_mm"] == 24
+    unmapped = ev.object("files_struct").address & ~0xFFF  # a leaf neither set copies
+    space = load_regions(without_run, build_layout(_moved(ev, "kvm_run_page", unmapped), cpus=2))
+    assert not space.mapped(unmapped) and space.kernel.translate(unmapped) is not None
+    res = check(space, log, ACCESS)
+    to_userspace = sum(1 for r in log.records if r.exit.name == "IO")
+    assert to_userspace > 0 and {f.region: f.count for f in res.faults} == {"kvm_run_page": to_userspace}
+
+
+@pytest.mark.parametrize("insn, long_mode, op", [
+    ("ec", False, "ec"), ("66ef", True, "ef"), ("f36c", False, "6c"), ("480f32", True, "0f32"),
+    ("480f32", False, "48"),  # outside 64-bit mode 0x48 is DEC, not REX
+    ("0fa2", True, "0fa2"), ("", True, ""),
+])
+def test_the_opcode_of_an_emulated_instruction(insn, long_mode, op):
+    assert opcode(bytes.fromhex(insn), long_mode) == op
+
+
 def test_an_unknown_function_is_a_finding(tmp_path):
     log, ev = _saved("portio")
     text = (Path(__file__).parents[1] / "kvmiso" / "isolation" / "access.toml").read_text()
@@ -117,6 +144,7 @@ def test_logs_from_another_kernel_are_refused():
     ('[[function]]\nname = "f"\ncite = "a"\n\n[[function]]\nname = "f"\ncite = "b"\n', 2, "described twice"),
     ('[[function]]\nname = "f"\nrole = "boss"\ncite = "a"\n', 2, "unknown role"),
     ('[[function]]\nname = "f"\ncite = "a"\nwhy = 1\n', 2, "unknown key 'why'"),
+    ('[[function]]\nname = "f"\ncite = "a"\nafter = { kvm_pio = ["g"] }\n', 2, "g, called after kvm_pio, has no"),
 ])
 def test_bad_access_models_name_the_line(tmp_path, body, line, why):
     f = tmp_path / "a.toml"

@@ -43,6 +43,9 @@ class FunctionAccess:
     note: str = ""
     line: int = 0
     when: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (vendor module or CONFIG_ option, objects)
+    # event -> callees this function makes after that tracepoint fired in its own code: they
+    # return before any later event, so no chain shows them (emulator_pio_in_out after kvm_pio)
+    after: dict[str, tuple[str, ...]] = field(default_factory=dict, compare=False)
 
     def objects(self, vendor: str, config: dict[str, str], to_userspace: bool) -> tuple[str, ...]:
         """What this function touches on ``vendor`` with kernel ``config`` (``CONFIG_KVM*``; where
@@ -69,6 +72,16 @@ class ExitPath:
     cite: str
 
 
+@dataclass(frozen=True)
+class EmulatedPath:
+    """The functions the emulator runs to execute an instruction after its decode, by opcode,
+    from emulate.c's opcode table (no event fires on the way: see access.toml's section)."""
+
+    opcodes: tuple[str, ...]
+    functions: tuple[str, ...]
+    cite: str
+
+
 @dataclass
 class AccessModel:
     """access.toml: functions by name, prefixes for families, and the accesses every function
@@ -80,6 +93,11 @@ class AccessModel:
     implicit_cite: str
     source: str
     exit_paths: dict[tuple[str, str], ExitPath] = field(default_factory=dict)
+    emulated: dict[str, EmulatedPath] = field(default_factory=dict)  # opcode (hex) -> its path
+
+    def emulated_path(self, insn: bytes, long_mode: bool) -> EmulatedPath | None:
+        """The path that executes the instruction ``insn`` (kvm_emulate_insn's bytes), or None."""
+        return self.emulated.get(opcode(insn, long_mode))
 
     def lookup(self, function: str) -> FunctionAccess | None:
         """The entry for ``function`` (a compiler clone's base name, or a prefix family), or None."""
@@ -101,6 +119,20 @@ class AccessModel:
         every = [*self.functions.values(), *self.prefixes]
         return ({t.removesuffix(USERSPACE) for f in every for t in f.touches}
                 | {t for f in every for _, ts in f.when for t in ts} | set(self.implicit))
+
+
+_LEGACY_PREFIXES = frozenset(b"\x66\x67\xf2\xf3\x2e\x36\x3e\x26\x64\x65\xf0")
+
+
+def opcode(insn: bytes, long_mode: bool) -> str:
+    """The opcode of an x86 instruction, in hex: its first byte after the legacy prefixes (and
+    REX, in 64-bit mode), two bytes for the 0f escape (``"e6"``, ``"0f32"``)."""
+    i = 0
+    while i < len(insn) and insn[i] in _LEGACY_PREFIXES:
+        i += 1
+    if long_mode and i < len(insn) and 0x40 <= insn[i] <= 0x4F:
+        i += 1
+    return insn[i:i + 2].hex() if insn[i:i + 1] == b"\x0f" else insn[i:i + 1].hex()
 
 
 def base_name(function: str) -> str:
@@ -133,14 +165,17 @@ def load_access_model(path: str | Path = ACCESS_TOML) -> AccessModel:
         cite = e.get("cite", "")
         if not isinstance(cite, str) or not cite.strip():
             raise fail(f"{name}: every entry cites the source it was read from (cite = ...)", needle)
-        unknown = set(e) - {key, "touches", "role", "cite", "note", "when"}
+        unknown = set(e) - {key, "touches", "role", "cite", "note", "when", "after"}
         if unknown:
             raise fail(f"{name}: unknown key {sorted(unknown)[0]!r}", needle)
         vt = e.get("when", {})
         if not isinstance(vt, dict) or not all(isinstance(v, list) for v in vt.values()):
             raise fail(f"{name}: when maps a vendor module or CONFIG_ option to a list of objects", needle)
+        after = e.get("after", {})
+        if not isinstance(after, dict) or not all(isinstance(v, list) for v in after.values()):
+            raise fail(f"{name}: after maps an event name to the callees that run after it", needle)
         return FunctionAccess(name, tuple(touches), role, cite, e.get("note", ""), line_of(text, needle) or 0,
-                              tuple((k, tuple(v)) for k, v in vt.items()))
+                              tuple((k, tuple(v)) for k, v in vt.items()), {k: tuple(v) for k, v in after.items()})
 
     functions: dict[str, FunctionAccess] = {}
     for e in doc.get("function", []):
@@ -148,6 +183,11 @@ def load_access_model(path: str | Path = ACCESS_TOML) -> AccessModel:
         if f.name in functions:
             raise fail(f"{f.name} is described twice (line {functions[f.name].line})", f'"{f.name}"')
         functions[f.name] = f
+    for f in functions.values():
+        for event, callees in f.after.items():
+            for callee in callees:
+                if callee not in functions:
+                    raise fail(f"{f.name}: {callee}, called after {event}, has no [[function]] entry", f'"{f.name}"')
     prefixes = [entry(e, "prefix") for e in doc.get("prefix", [])]
     imp = doc.get("implicit", {})
     paths = {}
@@ -160,8 +200,19 @@ def load_access_model(path: str | Path = ACCESS_TOML) -> AccessModel:
             if fn not in functions:
                 raise fail(f"exit path {e['vendor']} {e['reason']}: {fn} has no [[function]] entry", needle)
         paths[(e["vendor"], e["reason"])] = ExitPath(e["vendor"], e["reason"], fns, e["cite"])
-    return AccessModel(functions, prefixes, tuple(imp.get("touches", ())), imp.get("cite", ""), str(path), paths)
+    emulated = {}
+    for e in doc.get("emulated", []):
+        fns, ops = tuple(e.get("functions", ())), tuple(e.get("opcodes", ()))
+        if not ops or not fns or not isinstance(e.get("cite"), str):
+            raise fail("an [[emulated]] needs opcodes, functions and cite", "[[emulated]]")
+        for fn in fns:
+            if fn not in functions:
+                raise fail(f"emulated opcodes {', '.join(ops)}: {fn} has no [[function]] entry", f'"{ops[0]}"')
+        for op in ops:
+            emulated[op] = EmulatedPath(ops, fns, e["cite"])
+    return AccessModel(functions, prefixes, tuple(imp.get("touches", ())), imp.get("cite", ""), str(path), paths,
+                       emulated)
 
 
-__all__ = ["USERSPACE", "ACCESS_TOML", "AccessModel", "AccessModelError", "ExitPath", "FunctionAccess", "ROLES", "base_name",
-           "load_access_model"]
+__all__ = ["USERSPACE", "ACCESS_TOML", "AccessModel", "AccessModelError", "EmulatedPath", "ExitPath", "FunctionAccess", "ROLES", "base_name",
+           "load_access_model", "opcode"]

@@ -35,7 +35,7 @@ from operator import attrgetter
 from ..kvm.exits import IntrExit
 from ..observe.evidence import Frame
 from ..observe.exitlog import ExitLog, RunRecord, TraceEvent
-from .access import AccessModel, ExitPath, base_name
+from .access import AccessModel, ExitPath, base_name, opcode
 from .checkresult import CheckResult, Fault
 from .exitcut import RUN_PATH, cut_exits
 from .layout import PAGE, Region
@@ -110,17 +110,27 @@ class Checker:
             out.append(f)
         return out
 
-    def event(self, e: TraceEvent, vcpu: int, to_userspace: bool = False) -> tuple[str, _Verdict | None]:
-        """('not_kvm_run' | 'outside' | 'checked', the verdict when it is not kvm_mm)."""
-        frames = self.frames(e)
+    def place(self, e: TraceEvent, frames: list[Frame]) -> str:
+        """Where the event ran: 'not_kvm_run', 'outside' the policy's window, or 'checked'."""
         names = [base_name(f.function) for f in frames]
         if RUN_PATH not in names:
-            return "not_kvm_run", None
+            return "not_kvm_run"
+        if e.name in self.policy.before_entry_events or not self.access.exit_handlers.intersection(names):
+            return "outside"
+        return "checked"
+
+    def event(self, e: TraceEvent, frames: list[Frame], vcpu: int,
+              to_userspace: bool = False) -> tuple[str, _Verdict | None]:
+        """('not_kvm_run' | 'outside' | 'checked', the verdict when it is not kvm_mm), for the
+        event ``e`` whose resolved chain is ``frames`` (:meth:`frames`)."""
+        where = self.place(e, frames)
+        if where != "checked":
+            return where, None
+        names = [base_name(f.function) for f in frames]
         window = self.access.exit_handlers
-        if e.name in self.policy.before_entry_events or not window.intersection(names):
-            return "outside", None
         start = next(i for i, n in enumerate(names) if n in window)
         kind = e.kind
+        innermost = None
         for f, name in zip(frames[start:], names[start:]):
             fa = self.access.lookup(f.function)
             if fa is None:
@@ -141,26 +151,34 @@ class Checker:
                     return "checked", _Verdict("host_mm", kind, f"page fault on sensitive memory ({obj}) at "
                                                                 f"{name}+{f.offset:#x}: asi_exit", fault)
                 return "checked", _Verdict("fault", kind, obj, fault)
-        return "checked", None
+            innermost = fa
+        after = innermost.after.get(e.name, ()) if innermost is not None else ()
+        return "checked", self.unseen_calls(after, kind, vcpu, e.cpu, to_userspace,
+                                            f"called by {innermost.name} after its {e.name} event" if after else "")
 
     def source_path(self, path: ExitPath, vcpu: int, cpu: int, to_userspace: bool) -> _Verdict | None:
         """The handler functions an exit runs after its kvm_exit, from source (see
         :class:`ExitPath`): their objects checked, after the observed frames."""
-        kind = f"{path.vendor}:{path.reason}"
-        for name in path.functions:
+        return self.unseen_calls(path.functions, f"{path.vendor}:{path.reason}", vcpu, cpu, to_userspace,
+                                 f"handler path from source ({path.cite})")
+
+    def unseen_calls(self, functions: tuple[str, ...], kind: str, vcpu: int, cpu: int, to_userspace: bool,
+                     origin: str) -> _Verdict | None:
+        """Functions no chain shows but the source says ran (``origin`` says how it is known),
+        checked in order: the first switch or miss among their objects."""
+        for name in functions:
             why = self.policy.switch_at(name)
             if why:
-                return _Verdict("host_mm", kind, f"{name} (handler path from source): {why}")
+                return _Verdict("host_mm", kind, f"{name} ({origin}): {why}")
             fa = self.access.functions[name]
             miss = self._object_miss(fa.objects(self.layout.vendor, self.layout.evidence.config, to_userspace),
                                      vcpu, cpu)
             if miss is not None:
                 addr, obj, source = miss
-                fault = (name, 0, 0, addr, obj, f"{source}; on the handler path from source ({path.cite})",
-                         (f"{name} (from source)",))
+                fault = (name, 0, 0, addr, obj, f"{source}; not on the chain: {origin}", (f"{name} ({origin})",))
                 if self.policy.miss_is_switch:
                     return _Verdict("host_mm", kind, f"page fault on sensitive memory ({obj}) at {name} "
-                                                     f"(handler path from source): asi_exit", fault)
+                                                     f"({origin}): asi_exit", fault)
                 return _Verdict("fault", kind, obj, fault)
         return None
 
@@ -224,12 +242,17 @@ def check(space: KvmAddressSpace | DenylistSpace, log: ExitLog, access: AccessMo
         chains = [checker.frames(e) for e in evs]
         switches, left = 1, False  # entering the isolated space before the first VM entry
         exits = cut_exits(has_exit_events, evs, chains)
+        # The exit that goes to userspace (when the KVM_RUN returned with one) is the last that
+        # ran in the window: events after it (kvm_put_guest_fpu on the way out) are outside it.
+        in_window = [x for x, group in enumerate(exits)
+                     if any(checker.place(evs[i], chains[i]) == "checked" for i in group)]
+        last = in_window[-1] if in_window else -1
+        to_user_exit = last if not isinstance(r.exit, IntrExit) else -1
         for x, group in enumerate(exits):
             verdict, checked = None, False
-            # the last exit of a KVM_RUN that returned with an exit is the one that goes to userspace
-            to_user = x == len(exits) - 1 and not isinstance(r.exit, IntrExit)
+            to_user = x == to_user_exit
             for i in group:
-                where, v = checker.event(evs[i], r.vcpu, to_user)
+                where, v = checker.event(evs[i], chains[i], r.vcpu, to_user)
                 if where != "checked":
                     res.classes[where] += n
                     continue
@@ -245,6 +268,14 @@ def check(space: KvmAddressSpace | DenylistSpace, log: ExitLog, access: AccessMo
                 if path is not None:
                     res.source_paths += n
                     verdict = checker.source_path(path, r.vcpu, opener.cpu, to_user)
+            if verdict is None:
+                decoded = unseen_execution(evs, group, chains)
+                path = access.emulated_path(*decoded) if decoded else None
+                if path is not None:
+                    res.emulated_paths += n
+                    verdict = checker.unseen_calls(
+                        path.functions, f"emulated:{opcode(*decoded)}", r.vcpu,
+                        opener.cpu, to_user, f"executes the decoded instruction, from source ({path.cite})")
             cls = verdict.cls if verdict else "kvm_mm"
             kind = verdict.kind if verdict else opener.kind
             res.exits += n
@@ -262,8 +293,8 @@ def check(space: KvmAddressSpace | DenylistSpace, log: ExitLog, access: AccessMo
                     res.faults[fault_index[key]].count += n
                     res.faults[fault_index[key]].kinds.add(kind)
             if cls in ("host_mm", "fault"):
-                switches += 1 + (1 if x < len(exits) - 1 else 0)  # out, and back in before the next entry
-                left = x == len(exits) - 1
+                switches += 1 + (1 if x < last else 0)  # out, and back in before the next entry
+                left = x == last
         if not left:
             switches += 1  # the end of vcpu_run: back to the full address space for userspace
         res.switches += switches * n
@@ -274,6 +305,20 @@ def check(space: KvmAddressSpace | DenylistSpace, log: ExitLog, access: AccessMo
     if res.unresolved_frames:
         res.notes.append(f"{res.unresolved_frames} return addresses no kallsyms symbol explains")
     return res
+
+
+def unseen_execution(evs: list[TraceEvent], group: list[int], chains: list[list[Frame]]) -> tuple[bytes, bool] | None:
+    """The instruction (bytes, 64-bit mode) an exit's kvm_emulate_insn decoded when no later event
+    of the exit shows its execution (x86_emulate_insn on the chain), else None."""
+    for k, i in enumerate(group):
+        e = evs[i]
+        if e.name != "kvm_emulate_insn" or e.fields.get("failed"):
+            continue
+        if any("x86_emulate_insn" in {base_name(f.function) for f in chains[j]} for j in group[k + 1:]):
+            return None
+        insn = bytes.fromhex(str(e.fields.get("insn", "")))[:int(e.fields.get("len", 15))]
+        return insn, "prot64" in str(e.symbols.get("flags", ""))
+    return None
 
 
 def _check_host(log: ExitLog, evidence, source: str) -> None:

@@ -58,6 +58,7 @@ class CheckResult:
     lost_events: int = 0
     missing_chains: int = 0  # events that came without a call chain
     source_paths: int = 0  # exits whose handler path after kvm_exit was also checked from source
+    emulated_paths: int = 0  # exits whose emulated instruction's execution was checked from source
     unresolved_frames: int = 0
     tracing: bool = False
     modeled: list[str] = field(default_factory=list)  # facts the verdicts rest on that were not read
@@ -91,7 +92,7 @@ class CheckResult:
         """Fold ``other`` (the same policy, another VM's log) into this result. Faults merge by
         function and object: their addresses differ between VMs."""
         for name in ("exits", "runs", "switches", "wall_ns", "lost_events", "missing_chains", "unresolved_frames",
-                     "source_paths"):
+                     "source_paths", "emulated_paths"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for c, n in other.classes.items():
             self.classes[c] = self.classes.get(c, 0) + n
@@ -131,6 +132,7 @@ class CheckResult:
             "wall_ns": self.wall_ns, "switch_cost_ns": self.switch_cost_ns,
             "switch_cost_source": self.switch_cost_source, "overhead_ns": self.overhead_ns,
             "overhead_share": self.overhead_share, "lost_events": self.lost_events,
-            "missing_chains": self.missing_chains, "source_paths": self.source_paths, "tracing": self.tracing, "modeled": self.modeled,
+            "missing_chains": self.missing_chains, "source_paths": self.source_paths,
+            "emulated_paths": self.emulated_paths, "tracing": self.tracing, "modeled": self.modeled,
             "notes": self.notes,
         }

@@ -128,6 +128,9 @@ def result_text(res: CheckResult, title: str = "", stack: bool = False) -> str:
     if res.source_paths:
         out.append(f"  {res.source_paths} exits also checked along their handler's path from source (after kvm_exit the "
                    f"handler runs functions no tracepoint shows; access.toml [[exit_path]])")
+    if res.emulated_paths:
+        out.append(f"  {res.emulated_paths} exits also checked along the emulator's path for their decoded instruction, "
+                   f"from source (no event shows it executing; access.toml [[emulated]])")
     if res.unplaced:
         out.append("  not checked (this VM has no such object, or kvmiso cannot read it): " +
                    ", ".join(f"{k} ({v} accesses)" for k, v in res.unplaced.most_common()))
