@@ -23,7 +23,6 @@ from .guest import GuestTimeout, Machine, Outcome
 from .guest.probe import fingerprint, probe
 from .guest.suite import SuiteEntry, suite
 from .interrupt import Interrupted
-from .host import vendor_module
 from .kvm import Kvm
 from .observe.capture import Capture
 
@@ -95,12 +94,12 @@ class SuiteRun:
     evidence: Any = None  # the Evidence of this run's VM, read while it lived
 
 
-def run_suite(kvm: Kvm, cap: Capture, vendor: str | None, runs: list[SuiteRun]) -> list[SuiteRun]:
+def run_suite(kvm: Kvm, cap: Capture, hypercall_returns: bool, runs: list[SuiteRun]) -> list[SuiteRun]:
     """Every suite entry on its own VM, under ``cap``, appended to ``runs`` as it ends (so an
     interruption keeps the runs done); the evidence is read while the VM lives."""
     from .session import capture_checked
 
-    for entry in suite(vendor):
+    for entry in suite(hypercall_returns):
         timeout = EXPECTED_TIMEOUT if entry.expected is Outcome.TIMEOUT else SUITE_TIMEOUT
         with Machine(entry.payload, mode=entry.mode, cpl=entry.cpl, kvm=kvm) as m:
             entry.setup(m)
@@ -187,7 +186,7 @@ def _plot(result: Any, path: Path) -> str:
     return str(path)
 
 
-def _suite_parts(rep: Report, kvm: Kvm, vendor: str | None, out_dir: Path) -> list[SuiteRun]:
+def _suite_parts(rep: Report, kvm: Kvm, hypercall_returns: bool, out_dir: Path) -> list[SuiteRun]:
     """The guest suite under one capture session, then the parts made of what it recorded:
     written even when the suite was interrupted, from the runs that ended."""
     from .observe.exitstat import summarize
@@ -195,7 +194,7 @@ def _suite_parts(rep: Report, kvm: Kvm, vendor: str | None, out_dir: Path) -> li
     runs: list[SuiteRun] = []
     with Capture() as cap:
         try:
-            run_suite(kvm, cap, vendor, runs)
+            run_suite(kvm, cap, hypercall_returns, runs)
         finally:
             rep.parts["suite"] = suite_part(runs)
             cap.log.write_jsonl(out_dir / "exitlog.jsonl")
@@ -233,7 +232,7 @@ def build(out_dir: Path, progress: Callable[[str], None] | None = None) -> Repor
                 rep.skipped["kernel addresses"] = (f"/proc/kallsyms: {host['kallsyms'].get('reason', '')}: kernel "
                                                    "objects are placed at modeled addresses")
             stage(STAGES[1])
-            runs = _suite_parts(rep, kvm, host["vendor"] or vendor_module(), out_dir)
+            runs = _suite_parts(rep, kvm, host["cpl0_hypercall_returns"], out_dir)
             stage(STAGES[2])
             rep.part("isolation", lambda: isolation_part(runs, rep))
             stage(STAGES[3])

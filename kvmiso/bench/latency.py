@@ -229,9 +229,9 @@ def skip_reason(kind: Kind, cpl: int, host: dict[str, Any]) -> str | None:
     """Why ``kind`` cannot run at ``cpl`` on this host, or None."""
     if cpl == 3 and kind.cpl3:
         return kind.cpl3
-    if kind.name == "hypercall" and cpl == 0 and host.get("vendor") == "kvm_pvm":
-        return ("on kvm_pvm a CPL0 hypercall never returns: KVM rewrites VMMCALL to VMCALL and "
-                "emulates it again and again inside one KVM_RUN")
+    if kind.name == "hypercall" and cpl == 0 and host.get("cpl0_hypercall_returns") is False:
+        return ("a CPL0 hypercall never returns on this host (the probe's guest did not get past it): "
+                "KVM executes it again and again inside one KVM_RUN")
     if kind.name == "cpuid" and host.get("cpuid_intercepted", {}).get(f"cpl{cpl}") is False:
         return (f"CPUID at CPL{cpl} is not intercepted on this host (the probe's guest read the host "
                 "CPU's own values, not the CPUID KVM was given): the row would time the bare "

@@ -50,7 +50,7 @@ def choose_accel(requested: str = "auto", cpu: str | None = None) -> Accel:
     """KVM when this host's vendor module nests (kvm_amd or kvm_intel with nested=1 and the
     CPU flag), else TCG, QEMU's software emulation, whose ``max`` CPU offers SVM."""
     vendor = vendor_module()
-    nests, why = _nests(vendor)
+    nests, why = host_nests(vendor)
     if requested == "kvm" and not nests:
         raise BootError(f"--accel kvm: {why}")
     if requested == "kvm" or (requested == "auto" and nests):
@@ -58,7 +58,8 @@ def choose_accel(requested: str = "auto", cpu: str | None = None) -> Accel:
     return Accel("tcg", cpu or TCG_CPU, "asked for TCG" if requested == "tcg" else why)
 
 
-def _nests(vendor: str | None) -> tuple[bool, str]:
+def host_nests(vendor: str | None) -> tuple[bool, str]:
+    """Whether KVM here can run QEMU's KVM accelerator for a guest that runs KVM itself, and why."""
     if not os.path.exists("/dev/kvm"):
         return False, "this host has no /dev/kvm"
     if vendor not in NESTED_FLAG:

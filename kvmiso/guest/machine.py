@@ -312,7 +312,7 @@ class Machine:
     def _describe_stop(self, vcpu, stats, before, exits: int, console_dropped: int) -> str:
         """:func:`describe_stop` for this run: the instructions KVM emulated since ``before``,
         and the console bytes dropped."""
-        text = describe_stop(self.vm, vcpu, self.mode, self.vendor, exits,
+        text = describe_stop(self.vm, vcpu, self.mode, exits,
                              emulated=stats.delta(before, stats.read_raw()).get("insn_emulation", 0))
         if console_dropped:
             text += f"; console output capped at {MAX_CONSOLE} bytes, {console_dropped} more dropped"

@@ -44,7 +44,7 @@ def _byte_before(vm: Vm, vcpu: Vcpu, rip: int) -> bytes:
         return b""
 
 
-def describe_stop(vm: Vm, vcpu: Vcpu, mode: str, vendor: str, exits: int, emulated: int) -> str:
+def describe_stop(vm: Vm, vcpu: Vcpu, mode: str, exits: int, emulated: int) -> str:
     """What a guest stopped inside KVM_RUN was doing: its RIP, the instruction there, whether
     interrupts were off, how many instructions KVM emulated (``emulated``, from the vCPU's
     stats) and how many ``exits`` it made to userspace meanwhile."""
@@ -63,6 +63,5 @@ def describe_stop(vm: Vm, vcpu: Vcpu, mode: str, vendor: str, exits: int, emulat
     elif exits:
         text += f"; {exits} exits to userspace"
     if name in ("VMCALL", "VMMCALL"):
-        text += ("; the guest is in a hypercall that KVM keeps re-executing inside KVM_RUN"
-                 + (" (on kvm_pvm a CPL0 hypercall never returns)" if vendor == "kvm_pvm" else ""))
+        text += "; the guest is in a hypercall that KVM keeps re-executing inside KVM_RUN"
     return text
