@@ -12,6 +12,7 @@ from kvmiso.cli import main
 from kvmiso.guest import Machine, Outcome
 from kvmiso.isolation import CheckError, address_space, build_layout, check, load_access_model, load_regions
 from kvmiso.isolation.access import AccessModelError, opcode
+from kvmiso.isolation.check import ANCESTORS_ONLY
 from kvmiso.observe.capture import Capture
 from kvmiso.observe.evidence import collect_evidence, read_evidence
 from kvmiso.observe.exitlog import read_jsonl
@@ -111,6 +112,24 @@ def test_the_exit_that_goes_to_userspace_writes_kvm_run(tmp_path):
 ])
 def test_the_opcode_of_an_emulated_instruction(insn, long_mode, op):
     assert opcode(bytes.fromhex(insn), long_mode) == op
+
+
+def test_what_the_capture_left_out_is_checked_where_counted_and_said_where_not():
+    """A watch of another VMM leaves out the per-instruction events: counted ones are exits
+    checked along the instruction fetch (guest memory through the VMM's mapping, which ASI
+    leaves), uncounted ones make every count a lower bound; every result says what it saw."""
+    log, ev = _saved("portio")
+    lay = build_layout(ev, cpus=2)
+    base = check(address_space(lay, "asi"), log, ACCESS)
+    assert base.unseen == [ANCESTORS_ONLY]
+    log.untraced = {"kvm:kvm_emulate_insn": 1000, "kvmmmu:*": None}
+    res = check(address_space(lay, "asi"), log, ACCESS)
+    assert res.exits == base.exits + 1000 and res.by_kind["host_mm"]["untraced:kvm:kvm_emulate_insn"] == 1000
+    assert any("guest_memory" in why for why in res.reasons)
+    assert [u.split(":")[0] for u in res.unseen[1:]] == ["kvm", "kvmmmu"]
+    assert "lower bounds" in res.unseen[2] and "1000 counted" in res.unseen[1]
+    old = check(address_space(lay, "asi-2022"), log, ACCESS)  # guest memory stays mapped in 2022
+    assert old.classes["kvm_mm"] == base.exits + 1000
 
 
 def test_an_unknown_function_is_a_finding(tmp_path):

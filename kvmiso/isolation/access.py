@@ -82,6 +82,15 @@ class EmulatedPath:
     cite: str
 
 
+@dataclass(frozen=True)
+class UntracedPath:
+    """The functions behind each firing of an event a capture left out (see access.toml)."""
+
+    event: str
+    functions: tuple[str, ...]
+    cite: str
+
+
 @dataclass
 class AccessModel:
     """access.toml: functions by name, prefixes for families, and the accesses every function
@@ -94,6 +103,7 @@ class AccessModel:
     source: str
     exit_paths: dict[tuple[str, str], ExitPath] = field(default_factory=dict)
     emulated: dict[str, EmulatedPath] = field(default_factory=dict)  # opcode (hex) -> its path
+    untraced: dict[str, UntracedPath] = field(default_factory=dict)  # "kvm:kvm_emulate_insn" -> its path
 
     def emulated_path(self, insn: bytes, long_mode: bool) -> EmulatedPath | None:
         """The path that executes the instruction ``insn`` (kvm_emulate_insn's bytes), or None."""
@@ -200,19 +210,28 @@ def load_access_model(path: str | Path = ACCESS_TOML) -> AccessModel:
             if fn not in functions:
                 raise fail(f"exit path {e['vendor']} {e['reason']}: {fn} has no [[function]] entry", needle)
         paths[(e["vendor"], e["reason"])] = ExitPath(e["vendor"], e["reason"], fns, e["cite"])
-    emulated = {}
-    for e in doc.get("emulated", []):
-        fns, ops = tuple(e.get("functions", ())), tuple(e.get("opcodes", ()))
-        if not ops or not fns or not isinstance(e.get("cite"), str):
-            raise fail("an [[emulated]] needs opcodes, functions and cite", "[[emulated]]")
+    def known(section: str, keys: tuple[str, ...], what: str, e: dict) -> tuple[str, ...]:
+        """The entry's functions, each with a [[function]] entry, and its keys all present."""
+        if not all(e.get(k) for k in keys) or not isinstance(e.get("cite"), str):
+            raise fail(f"a [[{section}]] needs {', '.join(keys)} and cite", f"[[{section}]]")
+        fns = tuple(e["functions"])
         for fn in fns:
             if fn not in functions:
-                raise fail(f"emulated opcodes {', '.join(ops)}: {fn} has no [[function]] entry", f'"{ops[0]}"')
-        for op in ops:
-            emulated[op] = EmulatedPath(ops, fns, e["cite"])
+                raise fail(f"{what}: {fn} has no [[function]] entry", f"[[{section}]]")
+        return fns
+
+    emulated = {}
+    for e in doc.get("emulated", []):
+        fns = known("emulated", ("opcodes", "functions"), f"emulated opcodes {e.get('opcodes')}", e)
+        for op in e["opcodes"]:
+            emulated[op] = EmulatedPath(tuple(e["opcodes"]), fns, e["cite"])
+    untraced = {}
+    for e in doc.get("untraced", []):
+        fns = known("untraced", ("event", "functions"), f"untraced event {e.get('event')}", e)
+        untraced[e["event"]] = UntracedPath(e["event"], fns, e["cite"])
     return AccessModel(functions, prefixes, tuple(imp.get("touches", ())), imp.get("cite", ""), str(path), paths,
-                       emulated)
+                       emulated, untraced)
 
 
-__all__ = ["USERSPACE", "ACCESS_TOML", "AccessModel", "AccessModelError", "EmulatedPath", "ExitPath", "FunctionAccess", "ROLES", "base_name",
+__all__ = ["USERSPACE", "ACCESS_TOML", "AccessModel", "AccessModelError", "EmulatedPath", "ExitPath", "FunctionAccess", "ROLES", "UntracedPath", "base_name",
            "load_access_model", "opcode"]

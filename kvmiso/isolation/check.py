@@ -45,6 +45,9 @@ from .mapset import DenylistSpace, KvmAddressSpace
 # per-CPU variables are in each CPU's per-CPU unit.
 ALIASES = {"pvm_percpu": "percpu_area"}
 MAX_PAGES_CHECKED = 1024  # pages of one object checked (guest RAM: 2 MiB)
+ANCESTORS_ONLY = ("call chains show the ancestors of traced events only: a function that returned before the "
+                  "next traced event is checked only where access.toml names it (after, [[emulated]], "
+                  "[[exit_path]]); what no entry names was not checked")
 
 
 class CheckError(ValueError):
@@ -208,9 +211,29 @@ def check(space: KvmAddressSpace | DenylistSpace, log: ExitLog, access: AccessMo
           switch_cost_ns: float | None = None, switch_cost_source: str = "", source: str = "<exit log>",
           same_kernel: bool = True) -> CheckResult:
     """Classify every exit of ``log`` under ``space``'s policy; see the module docstring."""
-    layout = space.layout
     if same_kernel:
-        _check_host(log, layout.evidence, source)
+        _check_host(log, space.layout.evidence, source)
+    res = _new_result(space, log, switch_cost_ns, switch_cost_source)
+    checker = Checker(space, access)
+    runs = _distinct_runs(log)
+    has_exit_events = any(e.name == "kvm_exit" for r, _ in runs for e in r.events)
+    for r, n in runs:
+        switches = _classify_run(checker, r, has_exit_events, res, n)
+        res.switches += switches * n
+        res.switch_hist[switches] += n
+    _charge_untraced(checker, log, res)
+    res.unknown_functions = checker.unknown
+    res.unplaced = checker.unplaced
+    res.unresolved_frames = checker.unresolved
+    if res.unresolved_frames:
+        res.notes.append(f"{res.unresolved_frames} return addresses no kallsyms symbol explains")
+    return res
+
+
+def _new_result(space: KvmAddressSpace | DenylistSpace, log: ExitLog, switch_cost_ns: float | None,
+                switch_cost_source: str) -> CheckResult:
+    """An empty result that says what the verdicts rest on: modeled facts, what was not seen."""
+    layout = space.layout
     res = CheckResult(space.policy.name, layout.vendor, layout.source, tracing=log.tracing)
     if switch_cost_ns is not None:
         res.switch_cost_ns, res.switch_cost_source = switch_cost_ns, switch_cost_source or "given"
@@ -220,91 +243,113 @@ def check(space: KvmAddressSpace | DenylistSpace, log: ExitLog, access: AccessMo
     if not log.tracing:
         res.notes.append(f"no trace events ({log.tracing_reason or 'tracing off'}): no exit has a call chain")
     res.lost_events = log.lost_events
-    checker = Checker(space, access)
-    event_key = attrgetter("name", "cpu", "stack")
-    # identical KVM_RUNs (same exit, vCPU, events and chains) are classified once
-    signatures: dict[tuple, int] = {}
-    rep: dict[tuple, RunRecord] = {}
-    for r in log.records:
-        sig = (r.exit.name, r.vcpu, tuple(map(event_key, r.events)))
-        if sig in signatures:
-            signatures[sig] += 1
-        else:
-            signatures[sig], rep[sig] = 1, r
-    has_exit_events = any(name == "kvm_exit" for _, _, evs in signatures for name, _, _ in evs)
     res.runs = len(log.records)
     res.wall_ns = sum(r.end_ns for r in log.records) - sum(r.start_ns for r in log.records)
-    fault_index: dict[tuple[str, str], int] = {}
-    for sig, n in signatures.items():
-        r = rep[sig]
-        evs = r.events
-        res.missing_chains += n * sum(1 for e in evs if not e.stack)
-        chains = [checker.frames(e) for e in evs]
-        switches, left = 1, False  # entering the isolated space before the first VM entry
-        exits = cut_exits(has_exit_events, evs, chains)
-        # The exit that goes to userspace (when the KVM_RUN returned with one) is the last that
-        # ran in the window: events after it (kvm_put_guest_fpu on the way out) are outside it.
-        in_window = [x for x, group in enumerate(exits)
-                     if any(checker.place(evs[i], chains[i]) == "checked" for i in group)]
-        last = in_window[-1] if in_window else -1
-        to_user_exit = last if not isinstance(r.exit, IntrExit) else -1
-        for x, group in enumerate(exits):
-            verdict, checked = None, False
-            to_user = x == to_user_exit
-            for i in group:
-                where, v = checker.event(evs[i], chains[i], r.vcpu, to_user)
-                if where != "checked":
-                    res.classes[where] += n
-                    continue
-                checked = True
-                if v is not None:
-                    verdict = v
-                    break  # the rest of this exit runs on the full address space
-            if not checked:
-                continue
-            opener = next((evs[i] for i in group if evs[i].name == "kvm_exit"), evs[group[0]])
-            if verdict is None and opener.name == "kvm_exit":
-                path = access.exit_paths.get((layout.vendor, opener.symbols.get("exit_reason", "")))
-                if path is not None:
-                    res.source_paths += n
-                    verdict = checker.source_path(path, r.vcpu, opener.cpu, to_user)
-            if verdict is None:
-                decoded = unseen_execution(evs, group, chains)
-                path = access.emulated_path(*decoded) if decoded else None
-                if path is not None:
-                    res.emulated_paths += n
-                    verdict = checker.unseen_calls(
-                        path.functions, f"emulated:{opcode(*decoded)}", r.vcpu,
-                        opener.cpu, to_user, f"executes the decoded instruction, from source ({path.cite})")
-            cls = verdict.cls if verdict else "kvm_mm"
-            kind = verdict.kind if verdict else opener.kind
-            res.exits += n
-            res.classes[cls] += n
-            res.by_kind.setdefault(cls, Counter())[kind] += n
-            if cls == "host_mm":
-                res.reasons[verdict.why] += n
-            if verdict and verdict.fault:
-                fn, off, size, addr, obj, src, stack = verdict.fault
-                key = (fn, obj)
-                if cls == "fault":
-                    if key not in fault_index:
-                        fault_index[key] = len(res.faults)
-                        res.faults.append(Fault(fn, off, size, addr, obj, src, stack=stack))
-                    res.faults[fault_index[key]].count += n
-                    res.faults[fault_index[key]].kinds.add(kind)
-            if cls in ("host_mm", "fault"):
-                switches += 1 + (1 if x < last else 0)  # out, and back in before the next entry
-                left = x == last
-        if not left:
-            switches += 1  # the end of vcpu_run: back to the full address space for userspace
-        res.switches += switches * n
-        res.switch_hist[switches] += n
-    res.unknown_functions = checker.unknown
-    res.unplaced = checker.unplaced
-    res.unresolved_frames = checker.unresolved
-    if res.unresolved_frames:
-        res.notes.append(f"{res.unresolved_frames} return addresses no kallsyms symbol explains")
+    res.unseen = [ANCESTORS_ONLY]
     return res
+
+
+def _distinct_runs(log: ExitLog) -> list[tuple[RunRecord, int]]:
+    """One record of each distinct KVM_RUN (same exit, vCPU, events and chains) with its count:
+    identical runs are classified once."""
+    event_key = attrgetter("name", "cpu", "stack")
+    distinct: dict[tuple, list] = {}
+    for r in log.records:
+        sig = (r.exit.name, r.vcpu, tuple(map(event_key, r.events)))
+        distinct.setdefault(sig, [r, 0])[1] += 1
+    return [(r, n) for r, n in distinct.values()]
+
+
+def _classify_run(checker: Checker, r: RunRecord, has_exit_events: bool, res: CheckResult, n: int) -> int:
+    """Classify the exits of one KVM_RUN (seen ``n`` times) into ``res``; the address-space
+    switches it makes."""
+    evs = r.events
+    res.missing_chains += n * sum(1 for e in evs if not e.stack)
+    chains = [checker.frames(e) for e in evs]
+    exits = cut_exits(has_exit_events, evs, chains)
+    # The exit that goes to userspace (when the KVM_RUN returned with one) is the last that ran
+    # in the window: events after it (kvm_put_guest_fpu on the way out) are outside it.
+    in_window = [x for x, group in enumerate(exits) if any(checker.place(evs[i], chains[i]) == "checked" for i in group)]
+    last = in_window[-1] if in_window else -1
+    to_user_exit = last if not isinstance(r.exit, IntrExit) else -1
+    switches, left = 1, False  # entering the isolated space before the first VM entry
+    for x, group in enumerate(exits):
+        verdict, checked, opener = _exit_verdict(checker, r, group, chains, x == to_user_exit, res, n)
+        if not checked:
+            continue
+        cls = _tally(res, verdict, opener.kind, n)
+        if cls in ("host_mm", "fault"):
+            switches += 1 + (1 if x < last else 0)  # out, and back in before the next entry
+            left = x == last
+    return switches + (0 if left else 1)  # the end of vcpu_run: back to the full space for userspace
+
+
+def _exit_verdict(checker: Checker, r: RunRecord, group: list[int], chains: list[list[Frame]], to_user: bool,
+                  res: CheckResult, n: int) -> tuple[_Verdict | None, bool, TraceEvent]:
+    """One exit's verdict (None: it stays), whether any of its events was in the window, and the
+    event that opened it. After the observed frames, the paths no event shows are checked: the
+    handler after a kvm_exit, the execution of a decoded instruction."""
+    evs = r.events
+    verdict, checked = None, False
+    for i in group:
+        where, v = checker.event(evs[i], chains[i], r.vcpu, to_user)
+        if where != "checked":
+            res.classes[where] += n
+            continue
+        checked = True
+        if v is not None:
+            verdict = v
+            break  # the rest of this exit runs on the full address space
+    opener = next((evs[i] for i in group if evs[i].name == "kvm_exit"), evs[group[0]])
+    if verdict is None and checked and opener.name == "kvm_exit":
+        path = checker.access.exit_paths.get((checker.layout.vendor, opener.symbols.get("exit_reason", "")))
+        if path is not None:
+            res.source_paths += n
+            verdict = checker.source_path(path, r.vcpu, opener.cpu, to_user)
+    if verdict is None and checked:
+        decoded = unseen_execution(evs, group, chains)
+        path = checker.access.emulated_path(*decoded) if decoded else None
+        if path is not None:
+            res.emulated_paths += n
+            verdict = checker.unseen_calls(path.functions, f"emulated:{opcode(*decoded)}", r.vcpu, opener.cpu,
+                                           to_user, f"executes the decoded instruction, from source ({path.cite})")
+    return verdict, checked, opener
+
+
+def _tally(res: CheckResult, verdict: _Verdict | None, kind: str, n: int) -> str:
+    """Count ``n`` exits of ``kind`` with ``verdict`` into ``res``; their class."""
+    cls = verdict.cls if verdict else "kvm_mm"
+    kind = verdict.kind if verdict else kind
+    res.exits += n
+    res.classes[cls] += n
+    res.by_kind.setdefault(cls, Counter())[kind] += n
+    if cls == "host_mm":
+        res.reasons[verdict.why] += n
+    if cls == "fault":
+        fn, off, size, addr, obj, src, stack = verdict.fault
+        fault = next((f for f in res.faults if (f.function, f.region) == (fn, obj)), None)
+        if fault is None:
+            fault = Fault(fn, off, size, addr, obj, src, stack=stack)
+            res.faults.append(fault)
+        fault.count += n
+        fault.kinds.add(kind)
+    return cls
+
+
+def _charge_untraced(checker: Checker, log: ExitLog, res: CheckResult) -> None:
+    """The events the capture left out: each counted one is an exit checked along its path from
+    source (on vCPU 0's objects); an uncounted kind makes every verdict a lower bound."""
+    for event, count in log.untraced.items():
+        path = checker.access.untraced.get(event)
+        if count is None or path is None:
+            res.unseen.append(f"{event}: not traced and not counted; the exits behind it were not checked, so the "
+                              "counts above are lower bounds")
+            continue
+        res.unseen.append(f"{event}: not traced; {count} counted, each checked along its path from source")
+        if count:
+            verdict = checker.unseen_calls(path.functions, f"untraced:{event}", 0, 0, False,
+                                           f"behind each untraced {event}, from source ({path.cite})")
+            _tally(res, verdict, f"untraced:{event}", count)
 
 
 def unseen_execution(evs: list[TraceEvent], group: list[int], chains: list[list[Frame]]) -> tuple[bytes, bool] | None:

@@ -62,6 +62,7 @@ class CheckResult:
     unresolved_frames: int = 0
     tracing: bool = False
     modeled: list[str] = field(default_factory=list)  # facts the verdicts rest on that were not read
+    unseen: list[str] = field(default_factory=list)  # what the check could not see, and what that means
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -108,7 +109,7 @@ class CheckResult:
             else:
                 self.faults.append(dataclasses.replace(f, kinds=set(f.kinds)))
                 mine[(f.function, f.region)] = self.faults[-1]
-        for attr in ("modeled", "notes"):
+        for attr in ("modeled", "unseen", "notes"):
             have = getattr(self, attr)
             have.extend(x for x in getattr(other, attr) if x not in have)
         self.tracing = self.tracing or other.tracing
@@ -134,5 +135,6 @@ class CheckResult:
             "overhead_share": self.overhead_share, "lost_events": self.lost_events,
             "missing_chains": self.missing_chains, "source_paths": self.source_paths,
             "emulated_paths": self.emulated_paths, "tracing": self.tracing, "modeled": self.modeled,
+            "unseen": self.unseen,
             "notes": self.notes,
         }

@@ -135,6 +135,7 @@ def result_text(res: CheckResult, title: str = "", stack: bool = False) -> str:
         out.append("  not checked (this VM has no such object, or kvmiso cannot read it): " +
                    ", ".join(f"{k} ({v} accesses)" for k, v in res.unplaced.most_common()))
     out += [f"  modeled: {m}" for m in res.modeled]
+    out += [f"  not seen: {u}" for u in res.unseen]
     out += [f"  note: {n}" for n in res.notes]
     return "\n".join(out)
 

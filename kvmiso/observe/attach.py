@@ -133,9 +133,19 @@ def _records(pid: int, events: list[TraceEvent], tracer: TraceInstance, lost_bef
     for i, r in enumerate(records):
         r.run = i
     log = ExitLog(records=records, host={"kernel": platform.release(), "vendor": _vendor(), "pid": pid},
-                  tracing=True, events_enabled=list(tracer.enabled), lost_events=tracer.lost - lost_before,
+                  tracing=True, events_enabled=list(tracer.enabled), untraced=untraced_events(tracer.enabled),
+                  lost_events=tracer.lost - lost_before,
                   tracing_reason=tracer.describe(), incomplete="interrupted" if ended == "interrupted" else "")
     return Attached(log, ended, sorted(by_thread), unplaced)
+
+
+def untraced_events(enabled: Iterable[str]) -> dict[str, int | None]:
+    """The per-instruction events a watch left out (uncounted here: None), by name."""
+    enabled = set(enabled)
+    left_out = {f"kvm:{e}" for e in DEFAULT_EXCLUDED} - enabled
+    if not any(e.startswith("kvmmmu:") for e in enabled):
+        left_out.add("kvmmmu:*")
+    return dict.fromkeys(sorted(left_out))
 
 
 def _kvm_events() -> list[str]:
@@ -187,4 +197,4 @@ def _exit_status(pid: int) -> str:
     return f"the process exited with status {code}"
 
 
-__all__ = ["Attached", "DEFAULT_EXCLUDED", "default_events", "watch"]
+__all__ = ["Attached", "DEFAULT_EXCLUDED", "default_events", "untraced_events", "watch"]
