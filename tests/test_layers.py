@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import kvmiso
-from kvmiso.guest import build, ucall
+from kvmiso.guest import build, sites, ucall
 
 
 @pytest.mark.parametrize("mode", ["real", "protected", "long"])
@@ -17,8 +17,12 @@ def test_ucall_constants_are_the_guest_conventions(mode):
     # guests/lib/kvmiso.inc defines them for the assembler; the image's symbol table carries
     # the values the guest was really built with
     sym = build("hello", mode).symbols
-    for name in ("PORT_CONSOLE", "PORT_UCALL", "UCALL_DONE", "UCALL_FAIL", "UCALL_REPORT", "UCALL_EXCEPTION"):
+    for name in ("PORT_CONSOLE", "PORT_UCALL", "UCALL_DONE", "UCALL_FAIL", "UCALL_REPORT", "UCALL_EXCEPTION",
+                 "UCALL_ASSERT", "UCALL_SYNC", "UCALL_PRINTF"):
         assert getattr(ucall, name) == sym[name], name
+    # the site kinds GUEST_ASSERT* and the others record, and the names the host gives them
+    for kind, macro in enumerate(sites.MACROS):
+        assert sym["SITE_" + macro.removeprefix("GUEST_").removeprefix("ASSERT_")] == kind, macro
 
 
 # --- the import graph, read from the source (lazy imports included, TYPE_CHECKING ones not) ---
