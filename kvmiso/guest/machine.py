@@ -253,6 +253,7 @@ class Machine:
         host acts, and the next run (this, :meth:`run`, :meth:`syncs`) resumes it. A guest that
         ends instead raises: GuestAssertionError for a failed GUEST_ASSERT, GuestError otherwise
         (DONE included: a sync was expected), GuestTimeout past ``timeout``."""
+        __tracebackhide__ = True  # a guest's failure shows at the test's line
         res = self.run(timeout, vcpu=vcpu, stop_at_sync=True, **kwargs)
         if res.outcome is Outcome.SYNC:
             return res.sync  # type: ignore[return-value]
@@ -263,6 +264,7 @@ class Machine:
         """Each GUEST_SYNC in turn until the guest reports DONE, as selftests' ucall loop: the
         loop's body is the host's turn, the next iteration resumes the guest. A guest that fails
         raises as :meth:`run_until_sync` does; ``timeout`` is each stretch's."""
+        __tracebackhide__ = True
         while True:
             res = self.run(timeout, vcpu=vcpu, stop_at_sync=True, **kwargs)
             if res.outcome is not Outcome.SYNC:

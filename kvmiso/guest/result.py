@@ -91,6 +91,7 @@ class RunResult:
         >>> m.run().raise_for_guest()
         GuestAssertionError: tests/test_x.py:14: GUEST_ASSERT_EQ(%eax, $0xaa) failed: expected 0xaa, got 0xab (main+0x1d)
         """
+        __tracebackhide__ = True  # pytest's traceback ends at the test's line, not in here
         if self.outcome is Outcome.DONE:
             return self
         if self.assertion is not None:
