@@ -12,6 +12,8 @@ Fixtures:
 - ``vm``: a :class:`~kvmiso.kvm.Vm` on it.
 - ``machine``: a factory, ``machine(payload, mode=None, **kwargs)`` -> a
   :class:`~kvmiso.guest.Machine` on ``kvm``; every machine it made is closed after the test.
+  When the test fails, the report shows each one's console (GUEST_PRINTF's lines included), as
+  it shows captured output.
 
 Markers:
 
@@ -43,6 +45,7 @@ DEV_KVM = "/dev/kvm"
 # facts kvmiso measures by running a guest (kvmiso.guest.probe), each once per process
 PROBED = ("cpl0_emulated", "cpl3_emulated", "cpl3_cpuid_native", "cpl3_cpuid_intercepted")
 _measured: dict[str, bool] = {}
+_MACHINES = pytest.StashKey[list]()  # the machines a test's factory made, for its report
 
 
 def _measure(fact: str, kvm: "Kvm") -> bool:
@@ -98,12 +101,13 @@ def vm(kvm: "Kvm") -> Iterator["Vm"]:
 
 
 @pytest.fixture
-def machine(kvm: "Kvm") -> Iterator[Callable[..., "Machine"]]:
+def machine(kvm: "Kvm", request: pytest.FixtureRequest) -> Iterator[Callable[..., "Machine"]]:
     """A factory of :class:`~kvmiso.guest.Machine` on ``kvm``, as ``Machine(payload, mode,
     **kwargs)`` takes them; each is closed after the test."""
     from .guest import Machine
 
     made: list[Machine] = []
+    request.node.stash[_MACHINES] = made
 
     def make(payload: Any, mode: str | None = None, **kwargs: Any) -> Machine:
         m = Machine(payload, mode, kvm=kvm, **kwargs)
@@ -164,3 +168,16 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
             # pytest reads xfail marks again when the test is called, so one added here counts
             item.add_marker(pytest.mark.xfail(reason=f"known deviation on this host ({name}): {reason}",
                                               strict=mark.kwargs.get("strict", True)))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    """A failed test's report gets the console of every machine its ``machine`` factory made:
+    what the guests printed before the failure, as selftests show GUEST_PRINTF's lines."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and report.when == "call":
+        for m in item.stash.get(_MACHINES, ()):
+            if m.console:
+                report.sections.append((f"guest console: {m.image.name}, {m.mode} mode, CPL{m.cpl}",
+                                        m.console.decode("utf-8", "replace")))

@@ -221,3 +221,92 @@ def test_setup_vm_and_irqchip_come_before_the_vcpus(kvm):
     with Machine("hlt", mode="long", kvm=kvm, irqchip=True) as m:
         with pytest.raises(TimeoutError, match="stopped at rip"):
             m.run(timeout=0.3)
+
+
+C_GUEST = Source.c(r"""
+static volatile unsigned int mailbox;
+
+void main(void)
+{
+	unsigned long big = 0x123456789aUL;
+
+	GUEST_ASSERT_EQ(big >> 32, 0x12);
+	GUEST_ASSERT_LT(1, 2);
+	GUEST_PRINTF("big=%lx %s %d\n", big, "kvm", -5);
+	GUEST_SYNC(1, &mailbox);
+	GUEST_ASSERT(mailbox == 7);
+	GUEST_ASSERT_EQ(mailbox, 8);    /* fails: the end of C_GUEST */
+}
+""")
+
+
+@pytest.mark.parametrize("cpl", [0, 3])
+def test_a_c_guest_asserts_syncs_and_prints(kvm, cpl):
+    with Machine(C_GUEST, cpl=cpl, kvm=kvm) as m:  # long mode: C's only one
+        s = m.run_until_sync()
+        assert (s.value, s.site.text) == (1, "1")
+        m.vm.write(s.args[0], (7).to_bytes(4, "little"))  # the guest passed its variable's address
+        r = m.run()
+    assert r.detail.startswith(f"{HERE}:{line_of('fails: the end of C_GUEST')}: "
+                               "GUEST_ASSERT_EQ(mailbox, 8) failed: expected 0x8, got 0x7 (main+0x"), r.detail
+    assert m.console == b"big=123456789a kvm -5\n"  # printed before the sync, kept by the machine
+
+
+def test_a_c_guest_is_long_mode_only():
+    assert C_GUEST.modes == ("long",)
+    with pytest.raises(BuildError, match="a C payload runs in long mode only, not in protected mode"):
+        build(C_GUEST, "protected")
+
+
+# --- the host side alone, on memory that is a dict (no device: what a hostile guest could write)
+
+def _memory(blobs: dict[int, bytes]):
+    # guest memory comes in pages: each blob is one, zero-filled after its bytes
+    blobs = {base: blob.ljust(0x1000, b"\0") for base, blob in blobs.items()}
+
+    def read(address: int, length: int) -> bytes:
+        for base, blob in blobs.items():
+            if base <= address and address + length <= base + len(blob):
+                return blob[address - base:address - base + length]
+        raise ValueError(f"{address:#x} is not mapped")
+    return read
+
+
+def test_a_site_whose_strings_lead_nowhere_reads_as_question_marks():
+    import struct
+
+    from kvmiso.guest.sites import SITE_EQ, read_site
+
+    read = _memory({0x1000: struct.pack("<IBBHQQ", 12, SITE_EQ, 9, 0, 0xDEAD0000, 0x2000), 0x2000: b"a, b\0"})
+    site = read_site(read, 0x1000)
+    assert (site.file, site.line, site.kind, site.nargs, site.text) == ("?", 12, SITE_EQ, 5, "a, b")
+    assert read_site(read, 0x5000).file == "?" and read_site(read, 0x5000).line == 0
+
+
+def test_printf_keeps_what_it_cannot_format():
+    from kvmiso.guest.sites import format_printf
+
+    read = _memory({0x3000: b"guest\0"})
+    assert format_printf("%s|%5s|%.2s", [0x3000, 0x3000, 0x3000], read) == "guest|guest|gu"
+    assert format_printf("%d %d", [1]) == "1 %d"  # no argument left: the conversion stays
+    assert format_printf("%*d %q 100%%", [3, 4]) == "%*d %q 100%"  # * is not formatted; %q is no conversion
+    assert format_printf("%hhd %hu %lld %zx", [0x80, -1, -1, 1 << 63]) == "-128 65535 -1 8000000000000000"
+    assert format_printf("%s", [0x9000], read) == "?"
+
+
+def test_internal_error_repr_names_the_suberror():
+    from kvmiso.kvm.exits import InternalErrorExit
+
+    assert repr(InternalErrorExit(1, (1, 0x20))) == "InternalErrorExit(suberror=1 EMULATION, data=(0x1, 0x20))"
+    assert repr(InternalErrorExit(99, ())) == "InternalErrorExit(suberror=99, data=())"
+
+
+def test_symbolize_names_the_nearest_label_not_a_constant():
+    image = build("hello", "long")
+    main = image.symbols["main"]
+    assert image.symbolize(main) == "main" and image.symbolize(main + 4) == "main+0x4"
+    assert image.symbolize(image.symbols["_start"]) == "_start"
+    assert image.symbolize(image.load_address - 1) is None
+    assert image.symbolize(image.load_address + len(image.code)) is None
+    # PORT_UCALL (0xea) and SCRATCH are absolute values, never a label
+    assert "PORT_UCALL" not in (image.symbolize(a) or "" for a in range(image.load_address, main))

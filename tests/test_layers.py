@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import kvmiso
-from kvmiso.guest import build, sites, ucall
+from kvmiso.guest import Source, build, sites, ucall
 
 
 @pytest.mark.parametrize("mode", ["real", "protected", "long"])
@@ -23,6 +23,17 @@ def test_ucall_constants_are_the_guest_conventions(mode):
     # the site kinds GUEST_ASSERT* and the others record, and the names the host gives them
     for kind, macro in enumerate(sites.MACROS):
         assert sym["SITE_" + macro.removeprefix("GUEST_").removeprefix("ASSERT_")] == kind, macro
+
+
+
+def test_the_c_header_has_the_assembler_s_conventions():
+    # guests/lib/kvmiso.h restates kvmiso.inc's numbers for C: a C payload exports each as a
+    # symbol (C_<name>) beside crt0's own, and the two must agree
+    names = ["PORT_CONSOLE", "PORT_UCALL", "SCRATCH"] + [n for n in dir(ucall) if n.startswith("UCALL_")]
+    names += ["SITE_" + m.removeprefix("GUEST_").removeprefix("ASSERT_") for m in sites.MACROS]
+    exports = "".join(f'__asm__(".globl C_{n}\\n.set C_{n}, %c0" : : "i"({n}));' for n in names)
+    sym = build(Source("void main(void) {" + exports + "}", "c"), "long").symbols
+    assert {n: sym["C_" + n] for n in names} == {n: sym[n] for n in names}
 
 
 # --- the import graph, read from the source (lazy imports included, TYPE_CHECKING ones not) ---

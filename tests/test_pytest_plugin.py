@@ -43,12 +43,29 @@ def test_a_failed_guest_assert_reads_as_a_failed_assert(kvm, pytester):
 
         def test_guest(machine):
             machine(GUEST).run().raise_for_guest()
+
+        PRINTS = Source.asm(r"""
+                .include "kvmiso.inc"
+                .globl main
+        main:   GUEST_PRINTF "before the sync\\n"
+                GUEST_SYNC $1
+                GUEST_PRINTF "after it\\n"
+                GUEST_FAIL "stop"
+        """)
+
+        def test_prints(machine):
+            m = machine(PRINTS, "long", cpl=3)
+            m.run_until_sync()
+            m.run().raise_for_guest()
     ''')
     r = pytester.runpytest("-p", "no:cacheprovider")
-    r.assert_outcomes(failed=1)
+    r.assert_outcomes(failed=2)
     # the file and line are the test file's own, where the macro is written
     r.stdout.fnmatch_lines(["E *GuestAssertionError: test_guest.py:7: GUEST_ASSERT_EQ(%eax, $0xab) failed: "
                             "expected 0xab, got 0xaa (main+0x*)"])
+    # a failed test shows what its guests printed, across every run of each machine
+    r.stdout.fnmatch_lines(["E *GuestAssertionError: test_guest.py:20: GUEST_FAIL: stop (main+0x*)",
+                            "*- guest console: source, long mode, CPL3 -*", "before the sync", "after it"])
 
 
 def test_kvm_cap_skips_naming_the_missing_capability(kvm, pytester):

@@ -67,6 +67,7 @@ class Machine:
         self._stats: list = []
         self._pristine: list[VcpuState] = []
         self._boots: list[modes.Boot] = []  # what each vCPU's setup loaded, for reset() to load again
+        self.console = bytearray()  # the last MAX_CONSOLE bytes of every run's console (a test's failure shows it)
         try:
             self.vm = self.kvm.create_vm()
             self.vendor = vendor_module()
@@ -167,10 +168,9 @@ class Machine:
             max_exits: int | None = None, record: bool = True, stop_at_sync: bool = False) -> RunResult:
         """Run vCPU ``vcpu`` until the guest reports DONE/FAIL, stops, or ``timeout`` passes.
 
-        A GUEST_SYNC is recorded in ``result.syncs`` and the run goes on; with ``stop_at_sync`` it
-        ends the run (outcome ``sync``) and the next run resumes the guest after it (see
-        :meth:`run_until_sync`). A failed GUEST_ASSERT is outcome ``fail`` with
-        ``result.assertion``; ``result.raise_for_guest()`` raises it as an AssertionError.
+        A GUEST_SYNC is recorded in ``result.syncs``; with ``stop_at_sync`` it ends the run (outcome
+        ``sync``; the next run resumes the guest). A failed GUEST_ASSERT is outcome ``fail`` with
+        ``result.assertion``, raised as an AssertionError by ``result.raise_for_guest()``.
 
         ``on_io``/``on_mmio`` see every I/O and MMIO exit outside the ucall ports and may
         ``reply()``; unanswered reads get all-ones. ``on_msr`` answers userspace MSR exits
@@ -220,6 +220,8 @@ class Machine:
         finally:
             res.elapsed = time.perf_counter() - t0
             res.console = bytes(console)
+            if console:
+                self.console[:] = (self.console + console)[-MAX_CONSOLE:]
             res.stats = stats.delta(before, stats.read_raw())
         if res.outcome is Outcome.TIMEOUT:
             raise GuestTimeout(timeout, res.detail, res.runs - 1, result=res)
@@ -369,8 +371,7 @@ class Machine:
         return text
 
 
-    def _symbol(self, linear: int) -> str:
-        """`` (main+0x5c)`` for a linear address inside the image, else ""."""
+    def _symbol(self, linear: int) -> str:  # " (main+0x5c)" inside the image, else ""
         return f" ({name})" if (name := self.image.symbolize(linear)) else ""
 
     def _linear(self, vcpu: Vcpu, rip: int) -> int:
