@@ -292,6 +292,10 @@ def test_printf_keeps_what_it_cannot_format():
     assert format_printf("%*d %q 100%%", [3, 4]) == "%*d %q 100%"  # * is not formatted; %q is no conversion
     assert format_printf("%hhd %hu %lld %zx", [0x80, -1, -1, 1 << 63]) == "-128 65535 -1 8000000000000000"
     assert format_printf("%s", [0x9000], read) == "?"
+    # C's alternate forms, which Python's % writes otherwise (0x0, 0o10)
+    cases = ["%#x", "%#x", "%#o", "%#o", "%#06x", "%#5o", "%#-5o|", "%#05o"]
+    assert [format_printf(f, [v]) for f, v in zip(cases, [0, 16, 8, 0, 42, 8, 8, 8])] == \
+        ["0", "0x10", "010", "0", "0x002a", "  010", "010  |", "00010"]  # printf(1)'s answers
 
 
 def test_internal_error_repr_names_the_suberror():

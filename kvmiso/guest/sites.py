@@ -157,7 +157,23 @@ def format_printf(fmt: str, args: Sequence[int], read: Reader | None = None) -> 
             out.append((spec + "s") % (read_string(read, value) if read else "?"))
         elif conv == "p":
             out.append((spec.replace("#", "") + "s") % f"{value:#x}")
+        elif "#" in flags and (value == 0 or conv == "o"):  # C: "%#x" of 0 is "0", "%#o" of 8 is "010"
+            out.append(_c_alternate((spec.replace("#", "") + conv) % value, value, conv))
         else:
             out.append((spec + conv) % value)
     out.append(fmt[pos:])
     return "".join(out)
+
+
+def _c_alternate(plain: str, value: int, conv: str) -> str:
+    """C's ``#`` flag on ``plain`` (the conversion without it): nothing for a 0, a leading 0 for
+    octal (Python's ``#`` would write ``0o``), taken from the padding so the width holds."""
+    if value == 0 or conv != "o":
+        return plain
+    at = plain.find(format(value, "o"))
+    if at > 0 and plain[at - 1] == "0":  # zero-padded already
+        return plain
+    plain = plain[:at] + "0" + plain[at:]
+    if plain.startswith(" "):
+        return plain[1:]
+    return plain[:-1] if plain.endswith(" ") else plain
