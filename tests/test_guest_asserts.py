@@ -213,6 +213,27 @@ def test_timeouts_shutdowns_and_exceptions_name_the_label(kvm):
         assert " (main+0x" in m.run().detail
 
 
+def test_an_emulation_failure_names_the_label(kvm):
+    from kvmiso.guest.probe import PROBE_INSNS, emulated_instructions
+
+    if emulated_instructions(kvm, "long", 0) < PROBE_INSNS:
+        pytest.skip("CPL0 code runs natively here: KVM's emulator never sees the instruction")
+    guest = Source.asm("""
+        .include "kvmiso.inc"
+        .globl main
+main:   nop
+emulate_me:
+        aesenc %xmm1, %xmm0             # no instruction KVM's emulator knows
+        ret
+""")
+    with Machine(guest, mode="long", kvm=kvm) as m:
+        r = m.run()
+    assert r.outcome is Outcome.INTERNAL_ERROR
+    assert r.detail.startswith("KVM_EXIT_INTERNAL_ERROR suberror EMULATION at rip 0x")
+    assert " (emulate_me); KVM's emulator cannot execute 66 0f 38 dc c1" in r.detail
+    assert repr(r.exits[-1]).startswith("InternalErrorExit(suberror=1 EMULATION, data=(0x1, ")
+
+
 def test_setup_vm_and_irqchip_come_before_the_vcpus(kvm):
     seen = []
     with Machine("hlt", mode="long", kvm=kvm, setup_vm=lambda vm: seen.append(len(vm.vcpus))) as m:

@@ -64,7 +64,7 @@ class Image:
     def symbolize(self, address: int) -> str | None:
         """``address`` as the nearest label of the image at or below it, plus the offset:
 
-        >>> build("hello", "long").symbolize(0x8224)
+        >>> build("hello", "long").symbolize(0x8244)
         'main+0x4'
 
         None outside the image. Absolute values the payload sets (``PORT_UCALL``) are no labels;
