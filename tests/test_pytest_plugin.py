@@ -131,19 +131,24 @@ def test_kvm_deviation_is_a_strict_xfail_where_the_fact_holds(kvm, pytester):
 
 
 def test_a_probed_fact_is_measured_on_this_host(kvm, pytester):
-    # cpl0_emulated: KVM's emulator runs CPL0 code (kvm_pvm); measured, not read from the module name
+    # measured, not read from the module name: KVM's emulator runs CPL0 code (kvm_pvm), and a
+    # CPL0 hypercall never comes back (kvm_pvm re-executes it)
     pytester.makepyfile("""
         import pytest
 
         @pytest.mark.kvm_deviation("cpl0_emulated", "CPL0 code is emulated here")
         def test_native_cpl0():
             assert False
+
+        @pytest.mark.kvm_deviation("cpl0_hypercall_hangs", "KVM re-executes a CPL0 VMCALL for ever")
+        def test_hypercall(machine):
+            machine("hypercall", "long").run(timeout=1).raise_for_guest()
     """)
     r = pytester.runpytest("-p", "no:cacheprovider")
-    from kvmiso.guest.probe import PROBE_INSNS, emulated_instructions
+    from kvmiso.guest.probe import PROBE_INSNS, emulated_instructions, hypercall_returns
 
-    emulated = emulated_instructions(kvm, "long", 0) >= PROBE_INSNS
-    r.assert_outcomes(**({"xfailed": 1} if emulated else {"failed": 1}))
+    emulated, hangs = emulated_instructions(kvm, "long", 0) >= PROBE_INSNS, not hypercall_returns(kvm)
+    r.assert_outcomes(xfailed=emulated + hangs, failed=2 - emulated - hangs)
 
 
 def test_only_a_missing_device_skips_and_require_kvm_fails_instead(pytester, monkeypatch):
