@@ -5,7 +5,7 @@ guest itself).
 >>> with Capture() as cap:
 ...     run = capture_checked(Machine("portio"), cap, "portio")
 >>> check_run(run, "rfc-v1").fault_lines()[0]
-'KVM isolation: page fault #0 (31) at x86_emulate_instruction+0x253/0x850 on ffff88811a2d0000 (emulate_ctxt)'
+'kvm_mm miss #0 on ffff88811a2d0000 (emulate_ctxt) attributed at x86_decode_emulated_instruction+0x36/0xb0, first access in init_emulate_ctxt: 24 exits'
 """
 
 from __future__ import annotations

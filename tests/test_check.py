@@ -62,13 +62,29 @@ def test_verdicts_follow_the_real_addresses():
 def test_fault_lines_carry_the_real_function_offset_and_address():
     log, ev = _saved("portio")
     res = check(address_space(build_layout(ev, cpus=2)), log, ACCESS)
-    assert res.faults and res.fault_lines()[0].startswith("KVM isolation: page fault #0 (")
+    assert res.faults and res.fault_lines()[0].startswith("kvm_mm miss #0 on ")
     chains = {ev.code[a].function for _, e in log.events() for a in e.stack if a in ev.code}
     for f in res.faults:
         assert f.function in {n.split(".")[0] for n in chains}  # a function that really ran
         assert f.offset > 0 and f.size > f.offset  # the return address seen on the chain
         assert build_layout(ev, cpus=2).find(f.address).name == f.region and not f.source.startswith("modeled")
         assert f.stack and f.stack[-1].startswith("entry_SYSCALL_64")
+
+
+def test_a_miss_is_attributed_where_the_source_touches_the_object_first():
+    """emulate_ctxt is first written by init_emulate_ctxt, which x86_decode_emulated_instruction
+    calls: x86_emulate_instruction only reads the pointer before the decode (6.12.118). The SPTE
+    walk of kvm_mmu_page_fault runs on reserved-bit faults only, which no chain tells apart."""
+    log, ev = _saved("portio")
+    (f,) = check(address_space(build_layout(ev, cpus=2)), log, ACCESS).faults
+    assert (f.function, f.region, f.first_access) == ("x86_decode_emulated_instruction", "emulate_ctxt",
+                                                      "init_emulate_ctxt")
+    assert f.line(0) == (f"kvm_mm miss #0 on {f.address:016x} (emulate_ctxt) attributed at "
+                         f"x86_decode_emulated_instruction+{f.offset:#x}/{f.size:#x}, first access in "
+                         f"init_emulate_ctxt: {f.count} exits")
+    log, ev = _saved("hello-cpl3")
+    for space in (address_space(build_layout(ev, cpus=2)), load_regions("modern", build_layout(ev, cpus=2))):
+        assert "kvm_mmu_page_fault" not in {f.function for f in check(space, log, ACCESS).faults}
 
 
 def test_both_policies_as_their_patches_define_them():

@@ -46,6 +46,11 @@ class FunctionAccess:
     # event -> callees this function makes after that tracepoint fired in its own code: they
     # return before any later event, so no chain shows them (emulator_pio_in_out after kvm_pio)
     after: dict[str, tuple[str, ...]] = field(default_factory=dict, compare=False)
+    # callee -> the objects this function touches before it calls that callee (the rest after
+    # it returns); a function seen calling a callee not named here is checked whole, going down
+    before: dict[str, tuple[str, ...]] = field(default_factory=dict, compare=False)
+    # object -> the callee (no frame on a chain: it returned) whose code touches it first
+    first: dict[str, str] = field(default_factory=dict, compare=False)
 
     def objects(self, vendor: str, config: dict[str, str], to_userspace: bool) -> tuple[str, ...]:
         """What this function touches on ``vendor`` with kernel ``config`` (``CONFIG_KVM*``; where
@@ -175,17 +180,23 @@ def load_access_model(path: str | Path = ACCESS_TOML) -> AccessModel:
         cite = e.get("cite", "")
         if not isinstance(cite, str) or not cite.strip():
             raise fail(f"{name}: every entry cites the source it was read from (cite = ...)", needle)
-        unknown = set(e) - {key, "touches", "role", "cite", "note", "when", "after"}
+        unknown = set(e) - {key, "touches", "role", "cite", "note", "when", "after", "before", "first"}
         if unknown:
             raise fail(f"{name}: unknown key {sorted(unknown)[0]!r}", needle)
         vt = e.get("when", {})
         if not isinstance(vt, dict) or not all(isinstance(v, list) for v in vt.values()):
             raise fail(f"{name}: when maps a vendor module or CONFIG_ option to a list of objects", needle)
-        after = e.get("after", {})
+        after, before, first = e.get("after", {}), e.get("before", {}), e.get("first", {})
         if not isinstance(after, dict) or not all(isinstance(v, list) for v in after.values()):
             raise fail(f"{name}: after maps an event name to the callees that run after it", needle)
+        if not isinstance(before, dict) or not all(isinstance(v, list) and set(v) <= set(touches)
+                                                   for v in before.values()):
+            raise fail(f"{name}: before maps a callee to some of the objects in touches", needle)
+        if not isinstance(first, dict) or not all(isinstance(v, str) for v in first.values()):
+            raise fail(f"{name}: first maps an object to the callee that touches it first", needle)
         return FunctionAccess(name, tuple(touches), role, cite, e.get("note", ""), line_of(text, needle) or 0,
-                              tuple((k, tuple(v)) for k, v in vt.items()), {k: tuple(v) for k, v in after.items()})
+                              tuple((k, tuple(v)) for k, v in vt.items()), {k: tuple(v) for k, v in after.items()},
+                              {k: tuple(v) for k, v in before.items()}, dict(first))
 
     functions: dict[str, FunctionAccess] = {}
     for e in doc.get("function", []):

@@ -20,14 +20,17 @@ Events outside the window (the ioctl path, ``complete_userspace_io``, ``kvm_mmu_
 entry) run on the full address space by design: counted as ``outside``, not checked. Events not
 on the KVM_RUN path at all (a munmap's MMU notifier between two runs) are counted apart.
 
-The fault line is the RFC's (patch 24: ``KVM isolation: page fault #N (M) at %pS on %px (%pS)``):
-here #N numbers distinct (function, object) faults and M counts the exits that hit it; the
-offset is the return address at which the function was seen on the chain (the call it was
-making), not the faulting instruction, which a tracepoint cannot see.
+A miss is not printed as the RFC's patch-24 line (``KVM isolation: page fault #N (error code) at
+<faulting instruction> on <address>``): a call chain shows return addresses, not the faulting
+instruction, and no error code. It is ``kvm_mm miss #N on <address> (<object>) attributed at
+<function>+<offset>``: the frame whose function (or a callee that returned before the event,
+access.toml ``first``) touches the object, at the call it was making; #N numbers distinct
+(function, object) misses and the count is of exits.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass
 from operator import attrgetter
@@ -35,7 +38,7 @@ from operator import attrgetter
 from ..kvm.exits import IntrExit
 from ..observe.evidence import Frame
 from ..observe.exitlog import ExitLog, RunRecord, TraceEvent
-from .access import AccessModel, ExitPath, base_name, opcode
+from .access import AccessModel, ExitPath, FunctionAccess, base_name, opcode
 from .checkresult import CheckResult, Fault
 from .exitcut import RUN_PATH, cut_exits
 from .layout import PAGE, Region
@@ -59,7 +62,7 @@ class _Verdict:
     cls: str
     kind: str
     why: str = ""
-    fault: tuple | None = None  # (function, offset, size, address, object, source, stack)
+    fault: Fault | None = None  # the miss behind a fault (or, under ASI, behind its asi_exit); count 0
 
 
 class Checker:
@@ -122,19 +125,22 @@ class Checker:
             return "outside"
         return "checked"
 
-    def event(self, e: TraceEvent, frames: list[Frame], vcpu: int,
-              to_userspace: bool = False) -> tuple[str, _Verdict | None]:
+    def event(self, e: TraceEvent, frames: list[Frame], vcpu: int, to_userspace: bool = False,
+              last: bool = False) -> tuple[str, _Verdict | None]:
         """('not_kvm_run' | 'outside' | 'checked', the verdict when it is not kvm_mm), for the
-        event ``e`` whose resolved chain is ``frames`` (:meth:`frames`)."""
+        event ``e`` whose resolved chain is ``frames`` (:meth:`frames`). Going down the chain each
+        function's accesses before the call it was seen making are checked (access.toml
+        ``before``; all of them where it says nothing); for the ``last`` event of an exit, its
+        accesses after that call too, on the way back up."""
         where = self.place(e, frames)
         if where != "checked":
             return where, None
         names = [base_name(f.function) for f in frames]
-        window = self.access.exit_handlers
-        start = next(i for i, n in enumerate(names) if n in window)
+        start = next(i for i, n in enumerate(names) if n in self.access.exit_handlers)
         kind = e.kind
-        innermost = None
-        for f, name in zip(frames[start:], names[start:]):
+        innermost, after_return = None, []
+        for k in range(start, len(frames)):
+            f, name = frames[k], names[k]
             fa = self.access.lookup(f.function)
             if fa is None:
                 self.unknown[name] += 1
@@ -144,20 +150,35 @@ class Checker:
             why = self.policy.switch_at(name)
             if why:
                 return "checked", _Verdict("host_mm", kind, f"{name}: {why}")
-            touches = (self.access.implicit if f is frames[start] else ()) + fa.objects(self.layout.vendor, self.layout.evidence.config, to_userspace)
-            miss = self._code_miss(f) or self._object_miss(touches, vcpu, e.cpu)
+            touches = (self.access.implicit if k == start else ()) + self.objects(fa, to_userspace)
+            callee = names[k + 1] if k + 1 < len(names) else ""
+            early = fa.before.get(callee)
+            if early is not None:
+                after_return.append((f, fa, tuple(t for t in touches if t not in early)))
+                touches = tuple(t for t in touches if t in early)
+            miss = self._code_miss(f, frames) or self._object_miss(touches, vcpu, e.cpu, f, fa, frames)
             if miss is not None:
-                addr, obj, source = miss
-                stack = tuple(f"{g.function}+{g.offset:#x}" for g in reversed(frames))
-                fault = (name, f.offset, f.size, addr, obj, source, stack)
-                if self.policy.miss_is_switch:
-                    return "checked", _Verdict("host_mm", kind, f"page fault on sensitive memory ({obj}) at "
-                                                                f"{name}+{f.offset:#x}: asi_exit", fault)
-                return "checked", _Verdict("fault", kind, obj, fault)
+                return "checked", self._miss(kind, miss)
             innermost = fa
         after = innermost.after.get(e.name, ()) if innermost is not None else ()
-        return "checked", self.unseen_calls(after, kind, vcpu, e.cpu, to_userspace,
-                                            f"called by {innermost.name} after its {e.name} event" if after else "")
+        v = self.unseen_calls(after, kind, vcpu, e.cpu, to_userspace,
+                              f"called by {innermost.name} after its {e.name} event" if after else "")
+        for f, fa, touches in reversed(after_return if last and v is None else []):
+            miss = self._object_miss(touches, vcpu, e.cpu, f, fa, frames, after_call=True)
+            if miss is not None:
+                return "checked", self._miss(kind, miss)
+        return "checked", v
+
+    def objects(self, fa: FunctionAccess, to_userspace: bool) -> tuple[str, ...]:
+        """What ``fa`` touches on this kernel for an exit that does (not) go to userspace."""
+        return fa.objects(self.layout.vendor, self.layout.evidence.config, to_userspace)
+
+    def _miss(self, kind: str, fault: Fault) -> _Verdict:
+        """A missing mapping: a fault under an allowlist, ASI's designed asi_exit under a denylist."""
+        if self.policy.miss_is_switch:
+            return _Verdict("host_mm", kind, f"page fault on sensitive memory ({fault.region}) attributed at "
+                                             f"{fault.where()}: asi_exit", fault)
+        return _Verdict("fault", kind, fault.region, fault)
 
     def source_path(self, path: ExitPath, vcpu: int, cpu: int, to_userspace: bool) -> _Verdict | None:
         """The handler functions an exit runs after its kvm_exit, from source (see
@@ -174,23 +195,21 @@ class Checker:
             if why:
                 return _Verdict("host_mm", kind, f"{name} ({origin}): {why}")
             fa = self.access.functions[name]
-            miss = self._object_miss(fa.objects(self.layout.vendor, self.layout.evidence.config, to_userspace),
-                                     vcpu, cpu)
+            miss = self._object_miss(self.objects(fa, to_userspace), vcpu, cpu, None, fa, (), origin=origin)
             if miss is not None:
-                addr, obj, source = miss
-                fault = (name, 0, 0, addr, obj, f"{source}; not on the chain: {origin}", (f"{name} ({origin})",))
-                if self.policy.miss_is_switch:
-                    return _Verdict("host_mm", kind, f"page fault on sensitive memory ({obj}) at {name} "
-                                                     f"({origin}): asi_exit", fault)
-                return _Verdict("fault", kind, obj, fault)
+                return self._miss(kind, miss)
         return None
 
-    def _code_miss(self, f: Frame) -> tuple[int, str, str] | None:
-        if f.function.startswith("0x"):
-            return None  # unresolved: counted, its code cannot be placed
-        return (f.address, "kernel text", "the call chain") if not self._is_mapped(f.address) else None
+    def _code_miss(self, f: Frame, frames: list[Frame]) -> Fault | None:
+        if f.function.startswith("0x") or self._is_mapped(f.address):
+            return None  # unresolved (counted, its code cannot be placed), or mapped
+        return Fault(base_name(f.function), f.offset, f.size, f.address, "kernel text", "the call chain",
+                     stack=_stack(frames))
 
-    def _object_miss(self, touches: tuple[str, ...], vcpu: int, cpu: int) -> tuple[int, str, str] | None:
+    def _object_miss(self, touches: tuple[str, ...], vcpu: int, cpu: int, f: Frame | None, fa: FunctionAccess,
+                     frames: list[Frame] | tuple, after_call: bool = False, origin: str = "") -> Fault | None:
+        """The first object of ``touches`` with a page the isolated space does not map, as a
+        Fault attributed at frame ``f`` of function ``fa`` (None: a function no chain shows)."""
         for name in touches:
             name = ALIASES.get(name, name)
             regions = self.layout.matching(name)
@@ -202,9 +221,18 @@ class Checker:
             for r in regions:
                 index = cpu if r.per == "cpu" else vcpu if r.per == "vcpu" else 0
                 addr = self._first_unmapped(r, index)
-                if addr is not None:
-                    return addr, r.name, ("modeled: " if r.modeled else "") + r.source
+                if addr is None:
+                    continue
+                source = ("modeled: " if r.modeled else "") + r.source + (f"; not on the chain: {origin}" if origin else "")
+                return Fault(fa.name, f.offset if f else 0, f.size if f else 0, addr, r.name, source,
+                             stack=_stack(frames) if f else (f"{fa.name} ({origin})",),
+                             first_access=fa.first.get(name, ""), after_call=after_call,
+                             on_chain=f is not None)
         return None
+
+
+def _stack(frames: list[Frame]) -> tuple[str, ...]:
+    return tuple(f"{g.function}+{g.offset:#x}" for g in reversed(frames))
 
 
 def check(space: KvmAddressSpace | DenylistSpace, log: ExitLog, access: AccessModel,
@@ -291,8 +319,9 @@ def _exit_verdict(checker: Checker, r: RunRecord, group: list[int], chains: list
     handler after a kvm_exit, the execution of a decoded instruction."""
     evs = r.events
     verdict, checked = None, False
+    window = [i for i in group if checker.place(evs[i], chains[i]) == "checked"]
     for i in group:
-        where, v = checker.event(evs[i], chains[i], r.vcpu, to_user)
+        where, v = checker.event(evs[i], chains[i], r.vcpu, to_user, last=bool(window) and i == window[-1])
         if where != "checked":
             res.classes[where] += n
             continue
@@ -326,10 +355,10 @@ def _tally(res: CheckResult, verdict: _Verdict | None, kind: str, n: int) -> str
     if cls == "host_mm":
         res.reasons[verdict.why] += n
     if cls == "fault":
-        fn, off, size, addr, obj, src, stack = verdict.fault
-        fault = next((f for f in res.faults if (f.function, f.region) == (fn, obj)), None)
+        f = verdict.fault
+        fault = next((x for x in res.faults if (x.function, x.region) == (f.function, f.region)), None)
         if fault is None:
-            fault = Fault(fn, off, size, addr, obj, src, stack=stack)
+            fault = dataclasses.replace(f, kinds=set())
             res.faults.append(fault)
         fault.count += n
         fault.kinds.add(kind)

@@ -17,7 +17,12 @@ DEFAULT_SWITCH_COST_SOURCE = ("assumed 250 ns: a CR3 write with PCID (no TLB flu
 
 @dataclass
 class Fault:
-    """One distinct missing mapping: where (function+offset), on what (address, object)."""
+    """One distinct missing mapping: on what (address, object), and where it is attributed.
+
+    kvmiso sees return addresses, not the faulting instruction: ``function+offset`` is the frame
+    of the chain whose function (or a callee that returned before the event, ``first_access``)
+    touches the object, at the call it was making (``after_call``: once that call returned);
+    ``on_chain`` False for a function no chain shows (a handler path from source)."""
 
     function: str
     offset: int
@@ -28,11 +33,23 @@ class Fault:
     count: int = 0
     kinds: set[str] = field(default_factory=set)
     stack: tuple[str, ...] = ()
+    first_access: str = ""  # the callee the source says touches the object first, if not the function
+    after_call: bool = False
+    on_chain: bool = True
+
+    def where(self) -> str:
+        """Where the miss is attributed: the frame, and what the frame's offset means."""
+        if not self.on_chain:
+            return f"{self.function} (not on the chain)"
+        at = f"{self.function}+{self.offset:#x}" + (f"/{self.size:#x}" if self.size else "")
+        at += " after that call returned" if self.after_call else ""
+        return at + (f", first access in {self.first_access}" if self.first_access else "")
 
     def line(self, n: int) -> str:
-        """This fault as the RFC's log line, numbered ``n``."""
-        where = f"{self.function}+{self.offset:#x}" + (f"/{self.size:#x}" if self.size else "")
-        return f"KVM isolation: page fault #{n} ({self.count}) at {where} on {self.address:016x} ({self.region})"
+        """This miss, numbered ``n``. Not the RFC's patch-24 line: that prints the faulting
+        instruction and the error code, which a call chain cannot show; this prints the frame the
+        miss is attributed at and how many exits hit it."""
+        return f"kvm_mm miss #{n} on {self.address:016x} ({self.region}) attributed at {self.where()}: {self.count} exits"
 
 
 @dataclass
@@ -126,6 +143,7 @@ class CheckResult:
             "host_mm_reasons": dict(self.reasons),
             "faults": [{"line": f.line(i), "function": f.function, "offset": f.offset, "address": f.address,
                         "region": f.region, "source": f.source, "count": f.count, "kinds": sorted(f.kinds),
+                        "first_access": f.first_access, "after_call": f.after_call, "on_chain": f.on_chain,
                         "stack": list(f.stack)} for i, f in enumerate(self.faults)],
             "unknown_functions": sorted(self.unknown_functions), "unplaced_objects": dict(self.unplaced),
             "switches": self.switches, "switches_per_run": self.switches_per_run,
