@@ -11,7 +11,7 @@ import pytest
 from kvmiso.cli import main
 from kvmiso.guest import Machine, Outcome
 from kvmiso.isolation import CheckError, address_space, build_layout, check, load_access_model, load_regions
-from kvmiso.isolation.access import AccessModelError, opcode
+from kvmiso.isolation.access import ACCESS_TOML, AccessModelError, opcode
 from kvmiso.isolation.check import ANCESTORS_ONLY
 from kvmiso.observe.capture import Capture
 from kvmiso.observe.evidence import collect_evidence, read_evidence
@@ -146,6 +146,24 @@ def test_what_the_capture_left_out_is_checked_where_counted_and_said_where_not()
     assert "lower bounds" in res.unseen[2] and "1000 counted" in res.unseen[1]
     old = check(address_space(lay, "asi-2022"), log, ACCESS)  # guest memory stays mapped in 2022
     assert old.classes["kvm_mm"] == base.exits + 1000
+
+
+def test_the_loops_work_before_the_next_entry_continues_the_last_exit(tmp_path):
+    """After an exit handled in the isolated space, vcpu_enter_guest's work before the next VM
+    entry runs there too (the RFC enters kvm_mm just before VM entry, and nothing leaves it until
+    a designed switch): here kvm_inject_exception delivering the guest's #UD. Made to touch an
+    object the space does not map, it faults, charged to the exit it follows."""
+    log, ev = _saved("fault_ud2-cpl3")
+    lay = build_layout(ev, cpus=2)
+    f = tmp_path / "access.toml"
+    f.write_text(ACCESS_TOML.read_text().replace('name = "kvm_inject_exception"\ntouches = ["vcpu_struct"]',
+                                                 'name = "kvm_inject_exception"\ntouches = ["vcpu_struct", "guest_fpstate"]'))
+    space = load_regions("modern", lay)
+    assert not space.mapped(ev.object("guest_fpstate").address)
+    base, res = check(space, log, ACCESS), check(space, log, load_access_model(f))
+    (inject,) = [x for x in res.faults if x.function == "kvm_inject_exception"]
+    assert (inject.region, inject.count) == ("guest_fpstate", 1)
+    assert res.classes["kvm_mm"] == base.classes["kvm_mm"] - 1 and res.exits == base.exits
 
 
 def test_an_unknown_function_is_a_finding(tmp_path):
@@ -307,7 +325,7 @@ def test_exits_are_cut_by_the_handlers_own_frames(name):
     emulation are one, and each guest page fault is one. So every exit in the window holds one
     kvm_emulate_insn, or is one page fault (one walk started by the fault handler), which may
     emulate the faulting instruction (a write to a shadowed page table, MMIO)."""
-    from kvmiso.isolation.check import Checker
+    from kvmiso.isolation.chainwalk import Checker
     from kvmiso.isolation.exitcut import RUN_PATH, cut_exits
 
     log, ev = _saved(name)

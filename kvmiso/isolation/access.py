@@ -22,7 +22,7 @@ from pathlib import Path
 from .tomlfile import TomlFileError, line_of, load_toml
 
 ACCESS_TOML = Path(__file__).with_name("access.toml")
-ROLES = ("", "run-loop", "exit-handler", "switch-rfc", "observer", "host-mm")
+ROLES = ("", "run-loop", "entry-loop", "exit-handler", "switch-rfc", "observer", "host-mm")
 USERSPACE = "@userspace"
 _CLONE = re.compile(r"\.(?:isra|constprop|part|cold|llvm)\.?\d*.*$")
 
@@ -128,6 +128,12 @@ class AccessModel:
     def exit_handlers(self) -> frozenset[str]:
         """Functions that run only after a VM exit: where the isolated window is seen to begin."""
         return frozenset(f.name for f in self.functions.values() if f.role == "exit-handler")
+
+    @property
+    def entry_loop(self) -> frozenset[str]:
+        """Functions vcpu_enter_guest calls before the next VM entry: after an exit handled in
+        the isolated space they run there too (the window spans the loop's iterations)."""
+        return frozenset(f.name for f in self.functions.values() if f.role == "entry-loop")
 
     def objects(self) -> set[str]:
         """Every object name the model uses."""

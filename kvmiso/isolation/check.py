@@ -32,22 +32,17 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from dataclasses import dataclass
 from operator import attrgetter
 
 from ..kvm.exits import IntrExit
 from ..observe.evidence import Frame
 from ..observe.exitlog import ExitLog, RunRecord, TraceEvent
-from .access import AccessModel, ExitPath, FunctionAccess, base_name, opcode
-from .checkresult import CheckResult, Fault
-from .exitcut import RUN_PATH, cut_exits
-from .layout import PAGE, Region
+from .access import AccessModel, base_name, opcode
+from .chainwalk import Checker, Verdict
+from .checkresult import CheckResult
+from .exitcut import cut_exits
 from .mapset import DenylistSpace, KvmAddressSpace
 
-# Access-model objects that live inside a region the layout names otherwise: kvm_pvm's static
-# per-CPU variables are in each CPU's per-CPU unit.
-ALIASES = {"pvm_percpu": "percpu_area"}
-MAX_PAGES_CHECKED = 1024  # pages of one object checked (guest RAM: 2 MiB)
 ANCESTORS_ONLY = ("call chains show the ancestors of traced events only: a function that returned before the "
                   "next traced event is checked only where access.toml names it (after, [[emulated]], "
                   "[[exit_path]]); what no entry names was not checked")
@@ -55,184 +50,6 @@ ANCESTORS_ONLY = ("call chains show the ancestors of traced events only: a funct
 
 class CheckError(ValueError):
     """An exit log the model cannot check (another kernel, another vendor); names the source."""
-
-
-@dataclass(frozen=True)
-class _Verdict:
-    cls: str
-    kind: str
-    why: str = ""
-    fault: Fault | None = None  # the miss behind a fault (or, under ASI, behind its asi_exit); count 0
-
-
-class Checker:
-    """Classifies the events of KVM_RUNs against one address space and access model."""
-
-    def __init__(self, space: KvmAddressSpace | DenylistSpace, access: AccessModel) -> None:
-        self.space = space
-        self.access = access
-        self.policy = space.policy
-        self.layout = space.layout
-        self.code = self.layout.evidence.code
-        self._mapped: dict[int, bool] = {}
-        self._in_kernel: dict[int, bool] = {}
-        self.unknown: Counter = Counter()
-        self.unplaced: Counter = Counter()
-        self.unresolved = 0
-
-    def _is_mapped(self, addr: int) -> bool:
-        m = self._mapped.get(addr)
-        if m is None:
-            m = self._mapped[addr] = self.space.mapped(addr)
-        return m
-
-    def _first_unmapped(self, region: Region, index: int) -> int | None:
-        """The first page of the object (for vCPU/CPU ``index``) that the kernel maps and the
-        isolated space does not (a page the kernel does not map either is no isolation fault:
-        a guest page never touched, a hole in a section)."""
-        s, e = region.ranges[index % len(region.ranges)]
-        for va in range(s & ~(PAGE - 1), min(e, s + MAX_PAGES_CHECKED * PAGE), PAGE):
-            if not self._is_mapped(va) and self._kernel_maps(va):
-                return max(va, s)
-        return None
-
-    def _kernel_maps(self, addr: int) -> bool:
-        m = self._in_kernel.get(addr)
-        if m is None:
-            try:
-                m = self._in_kernel[addr] = self.space.kernel.translate(addr) is not None
-            except (ValueError, KeyError):  # a table page the evidence did not read
-                m = self._in_kernel[addr] = False
-        return m
-
-    def frames(self, e: TraceEvent) -> list[Frame]:
-        """The event's chain, outermost first, resolved (unresolvable addresses counted)."""
-        out = []
-        for a in reversed(e.stack):
-            f = self.code.get(a)
-            if f is None:
-                self.unresolved += 1
-                f = Frame(a, f"{a:#x}", 0)
-            out.append(f)
-        return out
-
-    def place(self, e: TraceEvent, frames: list[Frame]) -> str:
-        """Where the event ran: 'not_kvm_run', 'outside' the policy's window, or 'checked'."""
-        names = [base_name(f.function) for f in frames]
-        if RUN_PATH not in names:
-            return "not_kvm_run"
-        if e.name in self.policy.before_entry_events or not self.access.exit_handlers.intersection(names):
-            return "outside"
-        return "checked"
-
-    def event(self, e: TraceEvent, frames: list[Frame], vcpu: int, to_userspace: bool = False,
-              last: bool = False) -> tuple[str, _Verdict | None]:
-        """('not_kvm_run' | 'outside' | 'checked', the verdict when it is not kvm_mm), for the
-        event ``e`` whose resolved chain is ``frames`` (:meth:`frames`). Going down the chain each
-        function's accesses before the call it was seen making are checked (access.toml
-        ``before``; all of them where it says nothing); for the ``last`` event of an exit, its
-        accesses after that call too, on the way back up."""
-        where = self.place(e, frames)
-        if where != "checked":
-            return where, None
-        names = [base_name(f.function) for f in frames]
-        start = next(i for i, n in enumerate(names) if n in self.access.exit_handlers)
-        kind = e.kind
-        innermost, after_return = None, []
-        for k in range(start, len(frames)):
-            f, name = frames[k], names[k]
-            fa = self.access.lookup(f.function)
-            if fa is None:
-                self.unknown[name] += 1
-                return "checked", _Verdict("unknown", kind, f"unknown function on the path: {name}")
-            if fa.role == "observer":
-                break  # the tracepoint's own machinery: kvmiso's instrument, not KVM's path
-            why = self.policy.switch_at(name)
-            if why:
-                return "checked", _Verdict("host_mm", kind, f"{name}: {why}")
-            touches = (self.access.implicit if k == start else ()) + self.objects(fa, to_userspace)
-            callee = names[k + 1] if k + 1 < len(names) else ""
-            early = fa.before.get(callee)
-            if early is not None:
-                after_return.append((f, fa, tuple(t for t in touches if t not in early)))
-                touches = tuple(t for t in touches if t in early)
-            miss = self._code_miss(f, frames) or self._object_miss(touches, vcpu, e.cpu, f, fa, frames)
-            if miss is not None:
-                return "checked", self._miss(kind, miss)
-            innermost = fa
-        after = innermost.after.get(e.name, ()) if innermost is not None else ()
-        v = self.unseen_calls(after, kind, vcpu, e.cpu, to_userspace,
-                              f"called by {innermost.name} after its {e.name} event" if after else "")
-        for f, fa, touches in reversed(after_return if last and v is None else []):
-            miss = self._object_miss(touches, vcpu, e.cpu, f, fa, frames, after_call=True)
-            if miss is not None:
-                return "checked", self._miss(kind, miss)
-        return "checked", v
-
-    def objects(self, fa: FunctionAccess, to_userspace: bool) -> tuple[str, ...]:
-        """What ``fa`` touches on this kernel for an exit that does (not) go to userspace."""
-        return fa.objects(self.layout.vendor, self.layout.evidence.config, to_userspace)
-
-    def _miss(self, kind: str, fault: Fault) -> _Verdict:
-        """A missing mapping: a fault under an allowlist, ASI's designed asi_exit under a denylist."""
-        if self.policy.miss_is_switch:
-            return _Verdict("host_mm", kind, f"page fault on sensitive memory ({fault.region}) attributed at "
-                                             f"{fault.where()}: asi_exit", fault)
-        return _Verdict("fault", kind, fault.region, fault)
-
-    def source_path(self, path: ExitPath, vcpu: int, cpu: int, to_userspace: bool) -> _Verdict | None:
-        """The handler functions an exit runs after its kvm_exit, from source (see
-        :class:`ExitPath`): their objects checked, after the observed frames."""
-        return self.unseen_calls(path.functions, f"{path.vendor}:{path.reason}", vcpu, cpu, to_userspace,
-                                 f"handler path from source ({path.cite})")
-
-    def unseen_calls(self, functions: tuple[str, ...], kind: str, vcpu: int, cpu: int, to_userspace: bool,
-                     origin: str) -> _Verdict | None:
-        """Functions no chain shows but the source says ran (``origin`` says how it is known),
-        checked in order: the first switch or miss among their objects."""
-        for name in functions:
-            why = self.policy.switch_at(name)
-            if why:
-                return _Verdict("host_mm", kind, f"{name} ({origin}): {why}")
-            fa = self.access.functions[name]
-            miss = self._object_miss(self.objects(fa, to_userspace), vcpu, cpu, None, fa, (), origin=origin)
-            if miss is not None:
-                return self._miss(kind, miss)
-        return None
-
-    def _code_miss(self, f: Frame, frames: list[Frame]) -> Fault | None:
-        if f.function.startswith("0x") or self._is_mapped(f.address):
-            return None  # unresolved (counted, its code cannot be placed), or mapped
-        return Fault(base_name(f.function), f.offset, f.size, f.address, "kernel text", "the call chain",
-                     stack=_stack(frames))
-
-    def _object_miss(self, touches: tuple[str, ...], vcpu: int, cpu: int, f: Frame | None, fa: FunctionAccess,
-                     frames: list[Frame] | tuple, after_call: bool = False, origin: str = "") -> Fault | None:
-        """The first object of ``touches`` with a page the isolated space does not map, as a
-        Fault attributed at frame ``f`` of function ``fa`` (None: a function no chain shows)."""
-        for name in touches:
-            name = ALIASES.get(name, name)
-            regions = self.layout.matching(name)
-            if not regions and ":" not in name:
-                regions = self.layout.matching(name + ":*")
-            if not regions:
-                self.unplaced[name] += 1
-                continue
-            for r in regions:
-                index = cpu if r.per == "cpu" else vcpu if r.per == "vcpu" else 0
-                addr = self._first_unmapped(r, index)
-                if addr is None:
-                    continue
-                source = ("modeled: " if r.modeled else "") + r.source + (f"; not on the chain: {origin}" if origin else "")
-                return Fault(fa.name, f.offset if f else 0, f.size if f else 0, addr, r.name, source,
-                             stack=_stack(frames) if f else (f"{fa.name} ({origin})",),
-                             first_access=fa.first.get(name, ""), after_call=after_call,
-                             on_chain=f is not None)
-        return None
-
-
-def _stack(frames: list[Frame]) -> tuple[str, ...]:
-    return tuple(f"{g.function}+{g.offset:#x}" for g in reversed(frames))
 
 
 def check(space: KvmAddressSpace | DenylistSpace, log: ExitLog, access: AccessModel,
@@ -294,17 +111,25 @@ def _classify_run(checker: Checker, r: RunRecord, has_exit_events: bool, res: Ch
     evs = r.events
     res.missing_chains += n * sum(1 for e in evs if not e.stack)
     chains = [checker.frames(e) for e in evs]
-    exits = cut_exits(has_exit_events, evs, chains)
+    exits = _split_reentry(checker, evs, chains, cut_exits(has_exit_events, evs, chains))
     # The exit that goes to userspace (when the KVM_RUN returned with one) is the last that ran
     # in the window: events after it (kvm_put_guest_fpu on the way out) are outside it.
     in_window = [x for x, group in enumerate(exits) if any(checker.place(evs[i], chains[i]) == "checked" for i in group)]
     last = in_window[-1] if in_window else -1
     to_user_exit = last if not isinstance(r.exit, IntrExit) else -1
     switches, left = 1, False  # entering the isolated space before the first VM entry
+    isolated = False  # after an exit handled in the isolated space, until a switch or the next entry
+    verdicts: list[list] = []  # [group index, verdict, opener] of each exit
     for x, group in enumerate(exits):
-        verdict, checked, opener = _exit_verdict(checker, r, group, chains, x == to_user_exit, res, n)
-        if not checked:
-            continue
+        verdict, where, opener = _exit_verdict(checker, r, group, chains, x == to_user_exit, res, n, isolated)
+        if where == "reentry":  # the last exit's iteration goes on: its verdict, if it still stayed
+            if verdicts and verdicts[-1][1] is None:
+                verdicts[-1][1] = verdict
+        elif where == "checked":
+            verdicts.append([x, verdict, opener])
+        if where != "outside":
+            isolated = verdicts[-1][1] is None
+    for x, verdict, opener in verdicts:
         cls = _tally(res, verdict, opener.kind, n)
         if cls in ("host_mm", "fault"):
             switches += 1 + (1 if x < last else 0)  # out, and back in before the next entry
@@ -312,23 +137,41 @@ def _classify_run(checker: Checker, r: RunRecord, has_exit_events: bool, res: Ch
     return switches + (0 if left else 1)  # the end of vcpu_run: back to the full space for userspace
 
 
+def _split_reentry(checker: Checker, evs: list[TraceEvent], chains: list[list[Frame]],
+                   exits: list[list[int]]) -> list[list[int]]:
+    """Exits with the loop's work before the next VM entry (kvm_inject_exception, ...) split off
+    their head: the cut joins that work to the exit it precedes, but it continues the last one."""
+    out = []
+    for group in exits:
+        k = next((j for j, i in enumerate(group) if checker.place(evs[i], chains[i]) == "checked"), len(group))
+        head = group[:k]
+        if 0 < k < len(group) and any(checker.place(evs[i], chains[i], True) == "reentry" for i in head):
+            out += [head, group[k:]]
+        else:
+            out.append(group)
+    return out
+
+
 def _exit_verdict(checker: Checker, r: RunRecord, group: list[int], chains: list[list[Frame]], to_user: bool,
-                  res: CheckResult, n: int) -> tuple[_Verdict | None, bool, TraceEvent]:
-    """One exit's verdict (None: it stays), whether any of its events was in the window, and the
-    event that opened it. After the observed frames, the paths no event shows are checked: the
+                  res: CheckResult, n: int, isolated: bool) -> tuple[Verdict | None, str, TraceEvent]:
+    """One exit's verdict (None: it stays), where it ran ('checked' when any event was in the
+    window, 'reentry' for the loop's work before the next entry, else 'outside'), and the event
+    that opened it. After the observed frames, the paths no event shows are checked: the
     handler after a kvm_exit, the execution of a decoded instruction."""
     evs = r.events
-    verdict, checked = None, False
+    verdict, where = None, "outside"
     window = [i for i in group if checker.place(evs[i], chains[i]) == "checked"]
     for i in group:
-        where, v = checker.event(evs[i], chains[i], r.vcpu, to_user, last=bool(window) and i == window[-1])
-        if where != "checked":
-            res.classes[where] += n
+        at, v = checker.event(evs[i], chains[i], r.vcpu, to_user, last=bool(window) and i == window[-1],
+                              isolated=isolated)
+        if at not in ("checked", "reentry"):
+            res.classes[at] += n
             continue
-        checked = True
+        where = "checked" if "checked" in (at, where) else at
         if v is not None:
             verdict = v
             break  # the rest of this exit runs on the full address space
+    checked = where == "checked"
     opener = next((evs[i] for i in group if evs[i].name == "kvm_exit"), evs[group[0]])
     if verdict is None and checked and opener.name == "kvm_exit":
         path = checker.access.exit_paths.get((checker.layout.vendor, opener.symbols.get("exit_reason", "")))
@@ -342,10 +185,10 @@ def _exit_verdict(checker: Checker, r: RunRecord, group: list[int], chains: list
             res.emulated_paths += n
             verdict = checker.unseen_calls(path.functions, f"emulated:{opcode(*decoded)}", r.vcpu, opener.cpu,
                                            to_user, f"executes the decoded instruction, from source ({path.cite})")
-    return verdict, checked, opener
+    return verdict, where, opener
 
 
-def _tally(res: CheckResult, verdict: _Verdict | None, kind: str, n: int) -> str:
+def _tally(res: CheckResult, verdict: Verdict | None, kind: str, n: int) -> str:
     """Count ``n`` exits of ``kind`` with ``verdict`` into ``res``; their class."""
     cls = verdict.cls if verdict else "kvm_mm"
     kind = verdict.kind if verdict else kind
@@ -406,4 +249,4 @@ def _check_host(log: ExitLog, evidence, source: str) -> None:
                          f"{evidence.vendor}")
 
 
-__all__ = ["CheckError", "Checker", "check"]
+__all__ = ["CheckError", "check"]
