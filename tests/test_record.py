@@ -1,0 +1,146 @@
+"""The access record (`kvmiso boot --record-accesses DIR`): the reader on files written here,
+the QEMU versions it refuses, the plugin's build, and a real record of portio under kvm_amd.
+
+The real record needs what test_boot.py's real boots need (qemu-system-x86, busybox-static,
+Debian's kernel in the cache); a missing one skips unless KVMISO_REQUIRE_BOOT=1.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvmiso.boot import BootError
+from kvmiso.boot.record import build_plugin, check_qemu
+from kvmiso.observe.accessrecord import (ACCESS, KERNEL_MIN, RecordError, read_record)
+from test_boot import debian, kvmiso  # noqa: F401 - the session fixture, and the CLI runner
+
+KERNEL_PC = 0xFFFF_FFFF_C081_B20C
+
+
+def _file(vcpu: int, windows: list[tuple[int, int, list[tuple[int, int, int, int]], int, int]]) -> bytes:
+    """A vcpuN.rec as the plugin writes it: windows of (reason, insns, accesses, dropped, filtered)."""
+    out = struct.pack("<8sHHIIIQ", b"KVMISOAR", 1, 32, vcpu, 1000, 1, KERNEL_MIN)
+    for seq, (reason, insns, accesses, dropped, filtered) in enumerate(windows):
+        out += struct.pack("<4sIQQQQIIII", b"WNDW", reason, seq, KERNEL_PC - 3, KERNEL_PC - 3, insns,
+                           len(accesses), dropped, filtered, 0)
+        out += b"".join(ACCESS.pack(*a) for a in accesses)
+    return out
+
+
+# --- the reader ------------------------------------------------------------------------------
+
+def test_reader_gives_back_each_window_and_access_as_written(tmp_path):
+    a = (KERNEL_PC, 0xFFFF_8C86_830E_0130, 8, 1)
+    b = (KERNEL_PC + 7, 0x7F00_0000_1000, 4, 0)
+    (tmp_path / "vcpu0.rec").write_bytes(_file(0, [(1, 100, [a, b], 0, 72), (2, 50, [b], 3, 48)]))
+    (tmp_path / "vcpu1.rec").write_bytes(_file(1, [(3, 7, [], 0, 0)]))
+    (tmp_path / "kallsyms").write_text(f"{KERNEL_PC - 0x9c:016x} t __svm_vcpu_run\t[kvm_amd]\n")
+    rec = read_record(tmp_path)
+    assert rec.vcpus() == [0, 1] and rec.cap == 1000 and rec.api == 1
+    w0, w1, w2 = rec.windows
+    assert (w0.vcpu, w0.seq, w0.reason, w0.insns, w0.filtered, w0.complete) == (0, 0, "vmrun", 100, 72, True)
+    assert w0.accesses[0].write and not w0.accesses[1].write and w0.accesses[1].addr == 0x7F00_0000_1000
+    assert (w1.reason, w1.dropped, w1.complete) == ("user", 3, False)
+    assert (w2.vcpu, w2.reason, w2.accesses, w2.complete) == (1, "end", (), False)
+    assert rec.symbols.resolve(a[0]) == ("__svm_vcpu_run", 0x9c)
+
+
+def test_reader_names_what_is_wrong_with_a_file(tmp_path):
+    with pytest.raises(RecordError, match="holds no access record"):
+        read_record(tmp_path)
+    good = _file(0, [(1, 10, [(KERNEL_PC, KERNEL_PC, 8, 0)] * 2, 0, 0)])
+    (tmp_path / "vcpu0.rec").write_bytes(good[:-5])
+    with pytest.raises(RecordError, match=r"vcpu0.rec: window 0 at byte 32 is cut short \(2 accesses announced\)"):
+        read_record(tmp_path)
+    (tmp_path / "vcpu0.rec").write_bytes(b"ELF" + good[3:])
+    with pytest.raises(RecordError, match="not an access record"):
+        read_record(tmp_path)
+    (tmp_path / "vcpu0.rec").write_bytes(good + b"junk" * 20)
+    with pytest.raises(RecordError, match="no window at byte"):
+        read_record(tmp_path)
+
+
+# --- QEMU and the plugin -----------------------------------------------------------------------
+
+def _fake_qemu(where: Path, version: str) -> Path:
+    qemu = where / "qemu-system-x86_64"
+    qemu.write_text(f"#!/bin/sh\necho 'QEMU emulator version {version} (Debian)'\n")
+    qemu.chmod(0o755)
+    return qemu
+
+
+def test_another_qemu_is_refused_in_one_line_naming_the_supported_ones(tmp_path):
+    assert check_qemu(str(_fake_qemu(tmp_path, "7.2.22"))) == "7.2.22"
+    qemu = _fake_qemu(tmp_path, "8.2.2")
+    with pytest.raises(BootError) as e:
+        check_qemu(str(qemu))
+    assert str(e.value) == f"--record-accesses supports QEMU 7.2 (TCG plugin API 1); {qemu} is QEMU 8.2.2"
+    # through the command line: status 2 and that one line, before any kernel boots
+    header = bytearray(0x1000)
+    header[0x202:0x206] = b"HdrS"
+    (tmp_path / "bzImage").write_bytes(header)
+    p = kvmiso("boot", "--kernel", str(tmp_path / "bzImage"), "--record-accesses", str(tmp_path / "rec"),
+               "--", "true", env=dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}"))
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines()[-1] == f"kvmiso: {e.value}"
+
+
+def test_the_plugin_builds_warning_free_and_exports_what_qemu_looks_for(tmp_path):
+    so = build_plugin(cache=tmp_path)
+    assert build_plugin(cache=tmp_path) == so  # cached by content
+    exported = subprocess.run(["nm", "-D", "--defined-only", str(so)], capture_output=True, text=True, check=True).stdout
+    assert {"qemu_plugin_install", "qemu_plugin_version"} <= {line.split()[-1] for line in exported.splitlines()}
+
+
+# --- a real record -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def portio(debian, tmp_path_factory):  # noqa: F811 - test_boot's fixture
+    """portio in long mode under kvm_amd, recorded: (the record, kvmiso run's output)."""
+    d = tmp_path_factory.mktemp("record")
+    p = kvmiso("boot", "--record-accesses", str(d), "--",
+               sys.executable, "-m", "kvmiso.cli", "run", "portio", "--mode", "long")
+    assert p.returncode == 0, p.stderr
+    assert f"kvmiso: access record in {d}: " in p.stderr
+    return read_record(d), p.stdout
+
+
+def _functions(rec, window) -> set[str]:
+    return {rec.symbols.resolve(a.pc)[0] for a in window.accesses}
+
+
+def test_each_exit_of_portio_has_its_window_of_kernel_accesses(portio):
+    rec, out = portio
+    assert rec.vcpus() == [0] and rec.api >= 1 and rec.symbols is not None
+    runs = int(re.search(r"\((\d+) KVM_RUN calls", out).group(1))
+    assert all(w.complete for w in rec.windows[:-1])
+    assert all(a.pc >= KERNEL_MIN for w in rec.windows for a in w.accesses)  # kernel code only
+    io = [w for w in rec.windows if "io_interception" in _functions(rec, w)]
+    npf = [w for w in rec.windows if "npf_interception" in _functions(rec, w)]
+    # portio makes 7 port I/O exits, each to the VMM (no device in the kernel has its ports),
+    # and nested page faults on its first touches of memory, each handled in the kernel
+    assert len(io) == 7 and all(w.reason == "user" and w.end_pc < KERNEL_MIN for w in io)
+    assert npf and all(w.reason == "vmrun" for w in npf)
+    # every KVM_RUN returns to user mode once; a window may also end where the thread gave way
+    assert sum(w.reason == "user" for w in rec.windows) >= runs == 7
+    assert all(len(w.accesses) > 100 and w.insns > len(w.accesses) / 2 for w in io + npf)
+
+
+def test_vmrun_vmload_and_vmsave_are_filtered(portio):
+    rec, _ = portio
+    # after each VMRUN returns, kvm_amd runs VMSAVE and VMLOAD: 24 accesses of QEMU's each
+    assert all(w.filtered >= 48 for w in rec.windows)
+    for w in rec.windows:
+        assert not any(a.pc == w.vmrun_pc for a in w.accesses)
+        # these functions touch no user memory: an address below the kernel's is a physical
+        # address of the VMCB that QEMU's helpers reported (VMLOAD's once showed up here)
+        near = [a for a in w.accesses if a.addr < KERNEL_MIN and rec.symbols.resolve(a.pc)[0]
+                in ("__svm_vcpu_run", "svm_vcpu_enter_exit", "amd_clear_divider", "svm_vcpu_run")]
+        assert near == []
