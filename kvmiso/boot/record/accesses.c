@@ -17,6 +17,9 @@
  *   plugin API reports as virtual addresses. They need a callback of their own all the same:
  *   QEMU 7.2 reports a helper's accesses to the callback of the last instruction that had one
  *   (without it, VMLOAD's 24 loads of the VMCB appeared as amd_clear_divider's).
+ * - Nothing is instrumented until L1 first translates a VMRUN: booting and starting the VMM
+ *   run at TCG's own speed. Then the plugin resets itself (QEMU flushes its translations)
+ *   and every block is translated again with the callbacks below.
  * - One file per vCPU (vcpuN.rec), written on that vCPU's thread when a window closes: the
  *   callbacks of several vCPUs run concurrently and share nothing but the list of VMRUN sites.
  *
@@ -87,6 +90,8 @@ uint64_t qemu_plugin_insn_vaddr(const struct qemu_plugin_insn *insn);
 unsigned int qemu_plugin_mem_size_shift(qemu_plugin_meminfo_t info);
 bool qemu_plugin_mem_is_store(qemu_plugin_meminfo_t info);
 void qemu_plugin_outs(const char *string);
+typedef void (*simple_cb_t)(qemu_plugin_id_t id);
+void qemu_plugin_reset(qemu_plugin_id_t id, simple_cb_t cb);
 
 EXPORT int qemu_plugin_version = 1;
 
@@ -358,6 +363,26 @@ static void on_translate(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
     }
 }
 
+static void instrument(qemu_plugin_id_t id);
+
+/* Until the first VMRUN: no callback at run time, only the search for VMRUN sites. */
+static void on_translate_before_vmrun(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
+{
+    static bool resetting;
+    size_t n = qemu_plugin_tb_n_insns(tb);
+    for (size_t i = 0; i < n; i++) {
+        struct qemu_plugin_insn *insn = qemu_plugin_tb_get_insn(tb, i);
+        uint64_t pc = qemu_plugin_insn_vaddr(insn);
+        size_t size = qemu_plugin_insn_size(insn);
+        if (pc >= KERNEL_MIN && svm_state_insn(qemu_plugin_insn_data(insn), size) == 1) {
+            add_site(pc, pc + size);
+            /* QEMU resets at the vCPU's next safe point, before the nested guest exits */
+            if (!__atomic_exchange_n(&resetting, true, __ATOMIC_SEQ_CST))
+                qemu_plugin_reset(id, instrument);
+        }
+    }
+}
+
 static void on_qemu_exit(qemu_plugin_id_t id, void *data)
 {
     (void)id;
@@ -370,6 +395,13 @@ static void on_qemu_exit(qemu_plugin_id_t id, void *data)
             fclose(v->out);
         v->out = NULL;
     }
+}
+
+/* The reset's end: every block from now on is translated with the record's callbacks. */
+static void instrument(qemu_plugin_id_t id)
+{
+    qemu_plugin_register_vcpu_tb_trans_cb(id, on_translate);
+    qemu_plugin_register_atexit_cb(id, on_qemu_exit, NULL);
 }
 
 EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_t *info, int argc, char **argv)
@@ -405,7 +437,6 @@ EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_t *info, int
     vcpus = calloc(n_vcpus, sizeof(*vcpus));
     if (!vcpus)
         return -1;
-    qemu_plugin_register_vcpu_tb_trans_cb(id, on_translate);
-    qemu_plugin_register_atexit_cb(id, on_qemu_exit, NULL);
+    qemu_plugin_register_vcpu_tb_trans_cb(id, on_translate_before_vmrun);
     return 0;
 }
