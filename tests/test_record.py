@@ -18,7 +18,8 @@ import pytest
 
 from kvmiso.boot import BootError
 from kvmiso.boot.record import build_plugin, check_qemu
-from kvmiso.observe.accessrecord import (ACCESS, KERNEL_MIN, RecordError, read_record)
+from kvmiso.observe.accessrecord import ACCESS, KERNEL_MIN, RecordError, read_record
+from kvmiso.observe.accesssummary import summarize, summary_text
 from test_boot import debian, kvmiso  # noqa: F401 - the session fixture, and the CLI runner
 
 KERNEL_PC = 0xFFFF_FFFF_C081_B20C
@@ -65,6 +66,32 @@ def test_reader_names_what_is_wrong_with_a_file(tmp_path):
     (tmp_path / "vcpu0.rec").write_bytes(good + b"junk" * 20)
     with pytest.raises(RecordError, match="no window at byte"):
         read_record(tmp_path)
+
+
+def test_summary_names_the_handler_and_each_function_in_path_order(tmp_path):
+    svm_run, npf, fault, image_fn = KERNEL_PC - 0x9c, KERNEL_PC + 0x1000, 0xFFFF_FFFF_C070_0000, 0xFFFF_FFFF_A100_0000
+    stack, user, data = 0xFFFF_D088_005B_BB60, 0x7F00_0000_1000, 0xFFFF_FFFF_A200_0040
+    accesses = [(KERNEL_PC, stack, 8, 0), (npf + 4, stack, 8, 1), (fault + 9, user, 4, 0),
+                (image_fn + 1, data, 8, 1), (KERNEL_PC + 2, stack, 8, 1)]
+    (tmp_path / "vcpu0.rec").write_bytes(_file(0, [(1, 40, accesses, 0, 72)]))
+    (tmp_path / "kallsyms").write_text("\n".join([
+        f"{0xFFFF_FFFF_A000_0000:016x} T _text", f"{image_fn:016x} T copy_user_generic",
+        f"{data:016x} D some_data", f"{0xFFFF_FFFF_A300_0000:016x} B _end",
+        f"{fault:016x} t kvm_mmu_page_fault\t[kvm]", f"{svm_run:016x} t __svm_vcpu_run\t[kvm_amd]",
+        f"{npf:016x} t npf_interception\t[kvm_amd]", ""]))
+    rec = read_record(tmp_path)
+    (s,) = summarize(rec)
+    assert s.handler == "npf_interception" and (s.reads, s.writes) == (2, 3)
+    assert [(f.function, f.module, f.reads, f.writes) for f in s.functions] == [
+        ("__svm_vcpu_run", "kvm_amd", 1, 1), ("npf_interception", "kvm_amd", 0, 1),
+        ("kvm_mmu_page_fault", "kvm", 1, 0), ("copy_user_generic", "", 0, 1)]
+    assert s.regions == {"user": 1, "image": 1, "module": 0, "other": 3}
+    text = summary_text(rec, [s])
+    assert "vCPU 0 window 0: npf_interception; ended at the next VMRUN (handled in the kernel); 40 instructions, " \
+           "5 accesses (2 reads, 3 writes; 1 user, 1 image, 3 other; 72 of VMRUN/VMLOAD/VMSAVE filtered)" in text
+    (tmp_path / "kallsyms").unlink()
+    with pytest.raises(ValueError, match="no kallsyms of the guest"):
+        summarize(read_record(tmp_path))
 
 
 # --- QEMU and the plugin -----------------------------------------------------------------------
@@ -144,3 +171,19 @@ def test_vmrun_vmload_and_vmsave_are_filtered(portio):
         near = [a for a in w.accesses if a.addr < KERNEL_MIN and rec.symbols.resolve(a.pc)[0]
                 in ("__svm_vcpu_run", "svm_vcpu_enter_exit", "amd_clear_divider", "svm_vcpu_run")]
         assert near == []
+
+
+def test_the_measured_summary_shows_each_exits_path(portio, tmp_path):
+    rec, _ = portio
+    summaries = summarize(rec)
+    io = [s for s in summaries if s.handler == "io_interception"]
+    assert len(io) == 7
+    for s in io:
+        path = [(f.function, f.module) for f in s.functions]
+        # svm.c's handler, then x86.c's fast port I/O, then back to the VMM through KVM_RUN's return
+        assert path.index(("io_interception", "kvm_amd")) < path.index(("kvm_fast_pio", "kvm"))
+    npf = [s for s in summaries if s.handler == "npf_interception"]
+    assert npf and all(("kvm_mmu_page_fault", "kvm") in [(f.function, f.module) for f in s.functions] for s in npf)
+    p = kvmiso("check", "--measured", str(rec.directory))
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.count(": io_interception; ended in user mode") == 7
