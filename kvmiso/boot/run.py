@@ -46,7 +46,8 @@ def boot(argv: list[str], kernel: Kernel, *, cpu: str | None = None, accel: str 
         raise BootError("no command given: kvmiso boot [options] -- COMMAND ...")
     log = log or (lambda text: print(text, file=sys.stderr))
     qemu = qemu_binary()
-    acc = choose_accel(accel, cpu)
+    # the record is TCG's: a host that nests runs it under TCG too unless told otherwise
+    acc = choose_accel("tcg" if record_dir is not None and accel == "auto" else accel, cpu)
     extra = _record_setup(qemu, acc.name, record_dir) if record_dir is not None else []
     script = command_script(argv, os.getcwd(), dict(os.environ))
     initrd = build_initramfs(kernel, list(modules), script, host_winsize(), pipes=not sys.stdout.isatty(),
@@ -68,7 +69,7 @@ def boot(argv: list[str], kernel: Kernel, *, cpu: str | None = None, accel: str 
 
 def _record_setup(qemu: str, accel: str, record_dir: Path) -> list[str]:
     if accel != "tcg":
-        raise BootError("--record-accesses needs QEMU's TCG (the plugin sees what TCG emulates): add --accel tcg")
+        raise BootError("--record-accesses needs QEMU's TCG (the plugin sees what TCG emulates), not --accel kvm")
     check_qemu(qemu)
     plugin = build_plugin()
     clear_record(record_dir)
