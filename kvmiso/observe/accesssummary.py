@@ -21,9 +21,13 @@ from typing import Any
 from .accessrecord import KERNEL_MIN, AccessRecord, Window
 from .kallsyms import START_KERNEL_MAP, Symbols
 
-# kvm_amd's exit handlers are svm.c's *_interception functions (svm_exit_handlers[]); the
-# first that touches memory names what the exit was
-HANDLER = re.compile(r"\w+_interception\Z")
+# kvm_amd's exit handlers (svm.c's svm_exit_handlers[], Linux 6.1): its own *_interception
+# functions and x86.c's kvm_emulate_* for CPUID, HLT, VMMCALL and the like; msr_interception is
+# inlined into svm_invoke_exit_handler, so kvm_emulate_rdmsr/wrmsr stand for it. The first of
+# them that touches memory names what the exit was; intr_interception, inlined, touches none
+# of its own.
+HANDLER = re.compile(r"\w+_interception|kvm_emulate_(cpuid|halt|hypercall|rdmsr|wrmsr|wbinvd|invd|monitor|mwait|"
+                     r"xsetbv|rdpmc|as_nop|ap_reset_hold)|handle_ud|kvm_handle_invpcid\Z")
 REGIONS = ("user", "image", "module", "other")
 REASON_TEXT = {"vmrun": "ended at the next VMRUN (handled in the kernel)",
                "user": "ended in user mode (to the VMM, or the thread gave way)",
@@ -42,9 +46,9 @@ class FunctionAccesses:
 
 @dataclass(frozen=True)
 class WindowSummary:
-    """One window, symbolized: its handler (None when no ``*_interception`` function touched
-    memory: an interrupt exit, or a handler inlined into its caller), its functions in the
-    order they first touched memory, and where the data lay."""
+    """One window, symbolized: its handler (None when no exit handler touched memory of its
+    own: an interrupt exit), its functions in the order they first touched memory, and where
+    the data lay."""
 
     window: Window
     handler: str | None
@@ -112,7 +116,7 @@ def _summarize_window(window: Window, where: _Where) -> WindowSummary:
             r = region_of[page] = where.region(a.addr)
         regions[r] += 1
     functions = tuple(FunctionAccesses(f, m, r, w) for (f, m), (r, w) in counts.items())
-    handler = next((f.function for f in functions if HANDLER.match(f.function)), None)
+    handler = next((f.function for f in functions if HANDLER.fullmatch(f.function)), None)
     return WindowSummary(window, handler, functions, regions)
 
 
@@ -125,7 +129,7 @@ def summary_text(record: AccessRecord, summaries: list[WindowSummary], top: int 
     for s in summaries:
         w = s.window
         cut = f"; {w.dropped:,} more dropped past the cap" if w.dropped else ""
-        lines.append(f"vCPU {w.vcpu} window {w.seq}: {s.handler or 'no *_interception function'}; "
+        lines.append(f"vCPU {w.vcpu} window {w.seq}: {s.handler or 'no handler of its own (an interrupt exit?)'}; "
                      f"{REASON_TEXT[w.reason]}; {w.insns:,} instructions, {len(w.accesses):,} accesses "
                      f"({s.reads:,} reads, {s.writes:,} writes; "
                      + ", ".join(f"{s.regions[r]:,} {r}" for r in REGIONS if s.regions.get(r))
