@@ -27,7 +27,7 @@ from .kallsyms import START_KERNEL_MAP, Symbols
 # them that touches memory names what the exit was; intr_interception, inlined, touches none
 # of its own.
 HANDLER = re.compile(r"\w+_interception|kvm_emulate_(cpuid|halt|hypercall|rdmsr|wrmsr|wbinvd|invd|monitor|mwait|"
-                     r"xsetbv|rdpmc|as_nop|ap_reset_hold)|handle_ud|kvm_handle_invpcid\Z")
+                     r"xsetbv|rdpmc|as_nop|ap_reset_hold)|handle_ud|kvm_handle_invpcid")
 REGIONS = ("user", "image", "module", "other")
 REASON_TEXT = {"vmrun": "ended at the next VMRUN (handled in the kernel)",
                "user": "ended in user mode (to the VMM, or the thread gave way)",
