@@ -12,7 +12,7 @@ from ..observe.accessrecord import RecordError, read_record
 from .errors import BootError
 from .initramfs import build_initramfs, command_script, host_winsize
 from .kernel import Kernel
-from .qemu import GuestRun, choose_accel, qemu_binary, qemu_command, record_options, run_qemu
+from .qemu import TCG_CPU, Accel, GuestRun, choose_accel, qemu_binary, qemu_command, record_options, run_qemu
 from .record import build_plugin, check_qemu, clear_record, plugin_argument
 
 DEFAULT_MEMORY_MIB = 2048
@@ -46,8 +46,9 @@ def boot(argv: list[str], kernel: Kernel, *, cpu: str | None = None, accel: str 
         raise BootError("no command given: kvmiso boot [options] -- COMMAND ...")
     log = log or (lambda text: print(text, file=sys.stderr))
     qemu = qemu_binary()
-    # the record is TCG's: a host that nests runs it under TCG too unless told otherwise
-    acc = choose_accel("tcg" if record_dir is not None and accel == "auto" else accel, cpu)
+    acc = choose_accel(accel, cpu)
+    if record_dir is not None and accel == "auto" and acc.name != "tcg":  # the record is TCG's
+        acc = Accel("tcg", cpu or TCG_CPU, "--record-accesses records what TCG emulates")
     extra = _record_setup(qemu, acc.name, record_dir) if record_dir is not None else []
     script = command_script(argv, os.getcwd(), dict(os.environ))
     initrd = build_initramfs(kernel, list(modules), script, host_winsize(), pipes=not sys.stdout.isatty(),
