@@ -18,8 +18,10 @@ import pytest
 
 from kvmiso.boot import BootError
 from kvmiso.boot.record import build_plugin, check_qemu
-from kvmiso.observe.accessrecord import ACCESS, KERNEL_MIN, RecordError, read_record
-from kvmiso.observe.accesssummary import summarize, summary_text
+from kvmiso.observe.accessrecord import ACCESS, KERNEL_MIN, RecordError, Window, read_record
+from kvmiso.isolation import load_access_model
+from kvmiso.isolation.measured import model_coverage, window_coverage
+from kvmiso.observe.accesssummary import FunctionAccesses, WindowSummary, summarize, summary_text
 from test_boot import debian, kvmiso  # noqa: F401 - the session fixture, and the CLI runner
 
 KERNEL_PC = 0xFFFF_FFFF_C081_B20C
@@ -92,6 +94,19 @@ def test_summary_names_the_handler_and_each_function_in_path_order(tmp_path):
     (tmp_path / "kallsyms").unlink()
     with pytest.raises(ValueError, match="no kallsyms of the guest"):
         summarize(read_record(tmp_path))
+
+
+def test_functions_the_access_model_does_not_know_are_named_in_path_order():
+    model = load_access_model()
+    fns = (FunctionAccesses("kvm_arch_vcpu_ioctl_run", "kvm", 3, 1), FunctionAccesses("kvmiso_no_such_b", "kvm_amd", 1, 0),
+           FunctionAccesses("kvmiso_no_such_a", "kvm", 1, 0), FunctionAccesses("kvmiso_no_such_c", "", 2, 0))
+    s = WindowSummary(Window(0, 0, "vmrun", KERNEL_PC - 3, KERNEL_PC - 3, 10, (), 0, 0), None, fns)
+    c = window_coverage(s, model)
+    assert (c.measured, c.known, c.kvm_measured, c.kvm_known) == (4, 1, 3, 1)
+    assert c.unknown_kvm == ("kvmiso_no_such_b", "kvmiso_no_such_a") and c.unknown_kernel == ("kvmiso_no_such_c",)
+    assert c.text() == ("access.toml knows 1 of 4 functions that touched memory (KVM's modules: 1 of 3); "
+                        "not in it from KVM: kvmiso_no_such_b, kvmiso_no_such_a")
+    assert model_coverage([s, s], model) == c  # each function once
 
 
 # --- QEMU and the plugin -----------------------------------------------------------------------
@@ -187,3 +202,5 @@ def test_the_measured_summary_shows_each_exits_path(portio, tmp_path):
     p = kvmiso("check", "--measured", str(rec.directory))
     assert p.returncode == 0, p.stderr
     assert p.stdout.count(": io_interception; ended in user mode") == 7
+    assert p.stdout.count("    access.toml knows ") == len(summaries)
+    assert p.stdout.splitlines()[-1].startswith("all windows: access.toml knows ")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from .accessrecord import KERNEL_MIN, AccessRecord, Window
 from .kallsyms import START_KERNEL_MAP, Symbols
@@ -120,9 +120,11 @@ def _summarize_window(window: Window, where: _Where) -> WindowSummary:
     return WindowSummary(window, handler, functions, regions)
 
 
-def summary_text(record: AccessRecord, summaries: list[WindowSummary], top: int | None = None) -> str:
-    """A person's view: per window its handler, totals and functions (``top``: the busiest
-    that many, still in path order; None: all)."""
+def summary_text(record: AccessRecord, summaries: list[WindowSummary], top: int | None = None,
+                 note: Callable[[WindowSummary], str] | None = None) -> str:
+    """A person's view: per window its handler, totals, ``note`` (a line of the caller's:
+    the access model's verdict) and functions (``top``: the busiest that many, still in path
+    order; None: all)."""
     lines = [f"access record {record.directory}: {len(summaries)} windows on vCPU "
              f"{', '.join(map(str, record.vcpus())) or '-'} (source: tcg-plugin, QEMU plugin API {record.api}; "
              f"symbols: the guest's kallsyms of the same boot)"]
@@ -134,6 +136,8 @@ def summary_text(record: AccessRecord, summaries: list[WindowSummary], top: int 
                      f"({s.reads:,} reads, {s.writes:,} writes; "
                      + ", ".join(f"{s.regions[r]:,} {r}" for r in REGIONS if s.regions.get(r))
                      + f"; {w.filtered} of VMRUN/VMLOAD/VMSAVE filtered{cut})")
+        if note is not None:
+            lines.append(f"    {note(s)}")
         shown = s.functions
         if top is not None and len(shown) > top:
             keep = set(sorted(shown, key=lambda f: -(f.reads + f.writes))[:top])
