@@ -111,6 +111,14 @@ def test_functions_the_access_model_does_not_know_are_named_in_path_order():
 
 # --- QEMU and the plugin -----------------------------------------------------------------------
 
+def _bzimage(where: Path) -> Path:
+    """A kernel file with a bzImage header: all kvmiso boot reads before it starts QEMU."""
+    header = bytearray(0x1000)
+    header[0x202:0x206] = b"HdrS"
+    (where / "bzImage").write_bytes(header)
+    return where / "bzImage"
+
+
 def _fake_qemu(where: Path, version: str) -> Path:
     qemu = where / "qemu-system-x86_64"
     qemu.write_text(f"#!/bin/sh\necho 'QEMU emulator version {version} (Debian)'\n")
@@ -125,13 +133,18 @@ def test_another_qemu_is_refused_in_one_line_naming_the_supported_ones(tmp_path)
         check_qemu(str(qemu))
     assert str(e.value) == f"--record-accesses supports QEMU 7.2 (TCG plugin API 1); {qemu} is QEMU 8.2.2"
     # through the command line: status 2 and that one line, before any kernel boots
-    header = bytearray(0x1000)
-    header[0x202:0x206] = b"HdrS"
-    (tmp_path / "bzImage").write_bytes(header)
+    _bzimage(tmp_path)
     p = kvmiso("boot", "--kernel", str(tmp_path / "bzImage"), "--record-accesses", str(tmp_path / "rec"),
                "--", "true", env=dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}"))
     assert p.returncode == 2
     assert p.stderr.strip().splitlines()[-1] == f"kvmiso: {e.value}"
+
+
+def test_a_record_folder_that_cannot_be_written_is_refused_before_the_boot(tmp_path):
+    _bzimage(tmp_path)
+    p = kvmiso("boot", "--kernel", str(tmp_path / "bzImage"), "--record-accesses", "/proc/kvmiso-record", "--", "true")
+    assert p.returncode == 2
+    assert p.stderr.strip() == "kvmiso: cannot write the access record to /proc/kvmiso-record: No such file or directory"
 
 
 def test_the_plugin_builds_warning_free_and_exports_what_qemu_looks_for(tmp_path):
