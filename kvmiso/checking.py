@@ -196,6 +196,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     from .observe.exitlog import ExitLogError, read_jsonl
     from .session import capture_checked, machine_evidence
 
+    if args.measured:
+        return cmd_measured(args)
     try:
         access = load_access_model()
     except AccessModelError as e:
@@ -255,3 +257,37 @@ def cmd_check(args: argparse.Namespace) -> int:
         raise interrupted
     # a missing mapping, an unknown function or lost evidence is a finding: non-zero, like a failed test
     return EXIT_FAILED if any(r.failed(args.allow_lost) for _, _, r in results) else 0
+
+
+def cmd_measured(args: argparse.Namespace) -> int:
+    """check --measured DIR: an access record, symbolized with the guest's own kallsyms, per
+    window, with the functions access.toml does not know (the measured side of the access
+    model; whether each function's objects are right is still to come)."""
+    from dataclasses import asdict
+
+    from .isolation import AccessModelError, load_access_model
+    from .isolation.measured import model_coverage, window_coverage
+    from .observe.accessrecord import RecordError, read_record
+    from .observe.accesssummary import summarize, summary_dict, summary_text
+
+    if args.payload or process_target(args) is not None:
+        raise CliError("--measured DIR reads a record: give no payload, --pid or -- COMMAND with it")
+    try:
+        record = read_record(args.measured)
+        summaries = summarize(record)
+        model = load_access_model()
+    except OSError as e:
+        raise CliError(f"cannot read the access record in {args.measured}: {e.strerror}") from None
+    except (RecordError, AccessModelError, ValueError) as e:
+        raise CliError(str(e)) from None
+    total = model_coverage(summaries, model)
+    if args.json:
+        out = summary_dict(record, summaries)
+        for w, s in zip(out["windows"], summaries):
+            w["access_model"] = asdict(window_coverage(s, model))
+        out["access_model"] = asdict(total)
+        print(json.dumps(out, indent=2))
+    else:
+        print(summary_text(record, summaries, note=lambda s: window_coverage(s, model).text()))
+        print(f"all windows: {total.text()}")
+    return 0

@@ -148,6 +148,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--allow-lost", action="store_true",
                     help="lost trace records or missing call chains do not fail the check")
     sp.add_argument("--json", action="store_true", help="print the results as JSON")
+    sp.add_argument("--measured", metavar="DIR", help="the access record of kvmiso boot --record-accesses DIR: "
+                    "per exit, the functions that ran and their reads and writes")
     sp.set_defaults(func=_checking("cmd_check"))
 
     sp = sub.add_parser("boot", help="run a command in a kernel under QEMU with this host's files (kvm_amd anywhere)")
