@@ -152,6 +152,14 @@ def _parser() -> argparse.ArgumentParser:
                     "per exit, the functions that ran and their reads and writes")
     sp.set_defaults(func=_checking("cmd_check"))
 
+    sp = sub.add_parser("record", help="inside kvmiso boot --record-accesses DIR: run the suite plainly and traced, "
+                        "with each VM's evidence, for kvmiso check --measured DIR")
+    sp.add_argument("dir", metavar="DIR", help="the record's folder (the one given to --record-accesses)")
+    sp.add_argument("payload", nargs="*", help="only these payloads (portio) or suite labels (portio/long)")
+    sp.add_argument("--timeout", type=positive_seconds, default=30.0,
+                    help="seconds before a guest is stopped (default 30: the record slows TCG down)")
+    sp.set_defaults(func=_recording)
+
     sp = sub.add_parser("boot", help="run a command in a kernel under QEMU with this host's files (kvm_amd anywhere)")
     boot_command.add_boot_args(sp)
     sp.set_defaults(func=boot_command.cmd_boot)
@@ -166,6 +174,12 @@ def _checking(name: str) -> Callable[[argparse.Namespace], int]:
         return getattr(checking, name)(args)
 
     return run
+
+
+def _recording(args: argparse.Namespace) -> int:
+    from .recording import cmd_record  # imported when it runs: it needs the guest, BPF and tracing
+
+    return cmd_record(args)
 
 
 def _probe(args: argparse.Namespace) -> int:

@@ -27,7 +27,8 @@ A ``vcpuN.rec`` file, little-endian::
                             vCPU, u64 the VMRUN after which it opened, u64 where it closed (that
                             VMRUN, or the user-mode address; 0; a mark's ID), u64 instructions
                             (of the translation blocks entered: an upper bound where a block is
-                            left early), u32 accesses kept, u32 dropped past the cap, u32
+                            left early), u32 accesses kept, u32 dropped (past the cap, or
+                            while a mark paused the record), u32
                             accesses of VMRUN/VMLOAD/VMSAVE filtered out, u32 the place of this
                             window or mark among every vCPU's (format 1: zero)
       accesses, 24 bytes    u64 instruction address, u64 data address (virtual), u32 size in
@@ -58,6 +59,7 @@ ACCESS = struct.Struct("<QQII")
 KERNEL_MIN = 0xFFFF_8000_0000_0000
 REASONS = {1: "vmrun", 2: "user", 3: "end", 4: "mark"}
 WRITE = 1
+MARK_PAUSES = 1 << 31  # a mark's ID with this bit pauses the record (accesses only counted)
 _VCPU_FILE = re.compile(r"vcpu(\d+)\.rec\Z")
 
 
@@ -105,11 +107,13 @@ class Window:
 
 @dataclass(frozen=True)
 class Mark:
-    """A point a user-mode program put in the record (``id``), at ``order`` among the windows."""
+    """A point a user-mode program put in the record (``id``), at ``order`` among the windows;
+    ``pauses``: the record keeps no access until the next mark that does not."""
 
     vcpu: int
     id: int
     order: int
+    pauses: bool = False
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,16 @@ class AccessRecord:
     cap: int
     marks: tuple[Mark, ...] = ()
     format: int = FORMAT
+
+    def paused(self) -> list[Window]:
+        """The windows made while a mark paused the record (their accesses only counted)."""
+        stops = sorted((m.order, m.pauses) for m in self.marks)
+        out = []
+        for w in self.windows:
+            before = [p for o, p in stops if o < w.order]
+            if before and before[-1]:
+                out.append(w)
+        return out
 
     def vcpus(self) -> list[int]:
         """The vCPUs (QEMU's, the guest kernel's CPUs) that have a file."""
@@ -147,7 +161,8 @@ def read_record(directory: str | Path) -> AccessRecord:
         got, api, cap, fmt = read_vcpu_file(path)
         windows.extend(got)
     symbols = parse_kallsyms(kallsyms.read_text()) if kallsyms.exists() else None
-    marks = tuple(Mark(w.vcpu, w.end_pc, w.order) for w in windows if w.reason == "mark")
+    marks = tuple(Mark(w.vcpu, w.end_pc & ~MARK_PAUSES, w.order, bool(w.end_pc & MARK_PAUSES))
+                  for w in windows if w.reason == "mark")
     return AccessRecord(d, tuple(w for w in windows if w.reason != "mark"), symbols, api, cap, marks, fmt)
 
 

@@ -93,6 +93,16 @@ class Symbols:
         i = bisect.bisect_right(self._addrs, addr) - 1
         return (self._names[i], addr - self._addrs[i]) if i >= 0 else None
 
+    def resolve_data(self, addr: int) -> tuple[str, int] | None:
+        """(variable, offset) of the data symbol at or below ``addr`` (kallsyms lists data with
+        CONFIG_KALLSYMS_ALL only; a module's per-CPU offsets are not addresses and are left out)."""
+        if not hasattr(self, "_data_addrs"):
+            data = sorted((int(a, 16), n) for a, t, n, _ in self._entries if t in "DdBbRr" and a >= f"{START_KERNEL_MAP:x}")
+            self._data_addrs = [a for a, _ in data]
+            self._data_names = [n for _, n in data]
+        i = bisect.bisect_right(self._data_addrs, addr) - 1
+        return (self._data_names[i], addr - self._data_addrs[i]) if i >= 0 else None
+
     def code_size(self, name: str) -> int:
         """Bytes from the function ``name`` to the next code symbol (its size, padding included)."""
         self._index_code()

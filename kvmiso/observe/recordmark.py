@@ -19,12 +19,13 @@ MARK_NOP = bytes.fromhex("0f1f804b564d49")  # nopl 0x494d564b(%rax): "KVMI"
 ID_NOP = bytes.fromhex("0f1f80")  # nopl ID(%rax), the ID little-endian after it
 RET = b"\xc3"
 SLOT = 16  # bytes per mark's code: the two NOPs and RET
-MAX_ID = 0xFFFF_FFFF
+MAX_ID = 0x7FFF_FFFF
+PAUSES = 1 << 31  # the plugin keeps no access after this mark until the next mark without it
 
 
 def mark_code(mark_id: int) -> bytes:
     """The instructions of mark ``mark_id``: the two NOPs, then RET (it is called)."""
-    if not 0 <= mark_id <= MAX_ID:
+    if not 0 <= mark_id <= 0xFFFF_FFFF:
         raise ValueError(f"a mark's ID is a u32, not {mark_id}")
     return MARK_NOP + ID_NOP + mark_id.to_bytes(4, "little") + RET
 
@@ -50,12 +51,15 @@ class _Marker:
 _marker: _Marker | None = None
 
 
-def mark(mark_id: int) -> None:
-    """Put mark ``mark_id`` (a u32) in the access record, if one is being made."""
+def mark(mark_id: int, pause: bool = False) -> None:
+    """Put mark ``mark_id`` (up to 2**31 - 1) in the access record, if one is being made;
+    ``pause``: keep no access after it (only count them) until the next mark without it."""
     global _marker
+    if not 0 <= mark_id <= MAX_ID:
+        raise ValueError(f"a mark's ID is 0 to {MAX_ID:#x}, not {mark_id}")
     if _marker is None:
         _marker = _Marker()
-    _marker(mark_id)
+    _marker(mark_id | (PAUSES if pause else 0))
 
 
 __all__ = ["MARK_NOP", "mark", "mark_code"]

@@ -28,7 +28,9 @@
  *   (a window of no access, reason 4, the ID where a window's end is) in the order of the
  *   windows. `kvmiso record` marks the end of each guest run so that its windows can be told
  *   from the next run's, whose VM may reuse the same addresses. A NOP with that displacement
- *   is no compiler's padding (padding NOPs have displacement 0).
+ *   is no compiler's padding (padding NOPs have displacement 0). A mark whose ID has bit 31
+ *   set pauses the record until the next mark without it: windows are still written, their
+ *   accesses only counted as dropped (kvmiso record pauses it while it traces).
  *
  * The record cannot tell L1 from L2 by register state (plugin API 1 reads no CR3 and no
  * guest-mode flag): it relies on L2 never running code at the address after L1's VMRUN.
@@ -126,7 +128,7 @@ struct window_header {  /* 56 bytes */
     uint64_t end_pc;    /* the VMRUN or the user-mode address that closed it; 0 at the end;
                            a mark: its ID */
     uint64_t insns;     /* instructions of the blocks entered in the window */
-    uint32_t n_accesses, dropped;  /* kept; past the cap */
+    uint32_t n_accesses, dropped;  /* kept; past the cap or while paused */
     uint32_t filtered;  /* of VMRUN, VMLOAD and VMSAVE */
     uint32_t order;     /* windows and marks of all vCPUs, numbered from 0 as they close */
 };
@@ -154,6 +156,8 @@ static struct {
 } sites[MAX_SITES];
 static unsigned int n_sites;
 static uint32_t order;  /* the next window's or mark's place in the order of all vCPUs' */
+static bool paused;     /* by a mark with MARK_PAUSES: accesses are counted, not kept */
+#define MARK_PAUSES 0x80000000u
 
 /* On QEMU's stderr, where kvmiso looks when QEMU fails: qemu_plugin_outs() writes only under
  * -d plugin. Each failure is said once, so the pipe never fills. */
@@ -267,7 +271,7 @@ static void on_access(unsigned int index, qemu_plugin_meminfo_t info, uint64_t a
     struct vcpu *v = vcpu_of(index);
     if (!v || !v->open)
         return;
-    if (v->w.n_accesses == cap) {
+    if (v->w.n_accesses == cap || __atomic_load_n(&paused, __ATOMIC_RELAXED)) {
         v->w.dropped++;
         return;
     }
@@ -309,6 +313,7 @@ static void on_mark(unsigned int index, void *id)
     v->w.seq = seq;
     v->open = true;
     close_window(v, MARK, (uint64_t)(uintptr_t)id);
+    __atomic_store_n(&paused, ((uint64_t)(uintptr_t)id & MARK_PAUSES) != 0, __ATOMIC_SEQ_CST);
 }
 
 /* What entering a block means, packed into its callback's user data (no allocation per
