@@ -260,20 +260,26 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_measured(args: argparse.Namespace) -> int:
-    """check --measured DIR: an access record, symbolized with the guest's own kallsyms, per
-    window, with the functions access.toml does not know (the measured side of the access
-    model; whether each function's objects are right is still to come)."""
+    """check --measured DIR: a record kvmiso record made gets each exit's measured verdict beside
+    the model's and the access model measured (:mod:`kvmiso.measuring`); any other record is
+    listed per window, symbolized, with the functions access.toml does not know."""
     from dataclasses import asdict
 
     from .isolation import AccessModelError, load_access_model
     from .isolation.measured import model_coverage, window_coverage
     from .observe.accessrecord import RecordError, read_record
     from .observe.accesssummary import summarize, summary_dict, summary_text
+    from .observe.recordruns import read_runs
 
     if args.payload or process_target(args) is not None:
         raise CliError("--measured DIR reads a record: give no payload, --pid or -- COMMAND with it")
     try:
         record = read_record(args.measured)
+        runs = read_runs(args.measured)
+        if runs is not None and not args.windows:
+            from .measuring import cmd_measured_runs
+
+            return cmd_measured_runs(args, record, runs)
         summaries = summarize(record)
         model = load_access_model()
     except OSError as e:

@@ -149,7 +149,13 @@ def _parser() -> argparse.ArgumentParser:
                     help="lost trace records or missing call chains do not fail the check")
     sp.add_argument("--json", action="store_true", help="print the results as JSON")
     sp.add_argument("--measured", metavar="DIR", help="the access record of kvmiso boot --record-accesses DIR: "
-                    "per exit, the functions that ran and their reads and writes")
+                    "each exit's measured verdict beside the model's, and the access model measured (a record "
+                    "kvmiso record made), or per exit the functions that ran and their reads and writes")
+    sp.add_argument("--windows", action="store_true", help="with --measured: list every window's functions instead")
+    sp.add_argument("--table", action="store_true", help="with --measured: every (function, exit kind) compared")
+    for name, what in (("recall", "the access model's recall"), ("precision", "the access model's precision"),
+                       ("agreement", "measured and modeled verdicts' agreement, per policy")):
+        sp.add_argument(f"--min-{name}", type=float, metavar="PCT", help=f"with --measured: exit 1 when {what} is under PCT %%")
     sp.set_defaults(func=_checking("cmd_check"))
 
     sp = sub.add_parser("record", help="inside kvmiso boot --record-accesses DIR: run the suite plainly and traced, "

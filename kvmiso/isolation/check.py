@@ -108,6 +108,20 @@ def _distinct_runs(log: ExitLog) -> list[tuple[RunRecord, int]]:
 def _classify_run(checker: Checker, r: RunRecord, has_exit_events: bool, res: CheckResult, n: int) -> int:
     """Classify the exits of one KVM_RUN (seen ``n`` times) into ``res``; the address-space
     switches it makes."""
+    verdicts, last = _run_verdicts(checker, r, has_exit_events, res, n)
+    switches, left = 1, False  # entering the isolated space before the first VM entry
+    for x, verdict, opener in verdicts:
+        cls = _tally(res, verdict, opener.kind, n)
+        if cls in ("host_mm", "fault"):
+            switches += 1 + (1 if x < last else 0)  # out, and back in before the next entry
+            left = x == last
+    return switches + (0 if left else 1)  # the end of vcpu_run: back to the full space for userspace
+
+
+def _run_verdicts(checker: Checker, r: RunRecord, has_exit_events: bool, res: CheckResult,
+                  n: int) -> tuple[list[list], int]:
+    """The checked exits of one KVM_RUN in order, each [exit index, verdict (None: it stays),
+    the event that opened it], and the index of the last exit in the window."""
     evs = r.events
     res.missing_chains += n * sum(1 for e in evs if not e.stack)
     chains = [checker.frames(e) for e in evs]
@@ -117,7 +131,6 @@ def _classify_run(checker: Checker, r: RunRecord, has_exit_events: bool, res: Ch
     in_window = [x for x, group in enumerate(exits) if any(checker.place(evs[i], chains[i]) == "checked" for i in group)]
     last = in_window[-1] if in_window else -1
     to_user_exit = last if not isinstance(r.exit, IntrExit) else -1
-    switches, left = 1, False  # entering the isolated space before the first VM entry
     isolated = False  # after an exit handled in the isolated space, until a switch or the next entry
     verdicts: list[list] = []  # [group index, verdict, opener] of each exit
     for x, group in enumerate(exits):
@@ -129,12 +142,21 @@ def _classify_run(checker: Checker, r: RunRecord, has_exit_events: bool, res: Ch
             verdicts.append([x, verdict, opener])
         if where != "outside":
             isolated = verdicts[-1][1] is None
-    for x, verdict, opener in verdicts:
-        cls = _tally(res, verdict, opener.kind, n)
-        if cls in ("host_mm", "fault"):
-            switches += 1 + (1 if x < last else 0)  # out, and back in before the next entry
-            left = x == last
-    return switches + (0 if left else 1)  # the end of vcpu_run: back to the full space for userspace
+    return verdicts, last
+
+
+def exit_verdicts(space: KvmAddressSpace | DenylistSpace, log: ExitLog,
+                  access: AccessModel) -> list[tuple[int, str, Verdict | None]]:
+    """Every checked exit of ``log`` in order, unfolded (check() classifies identical KVM_RUNs
+    once): (the KVM_RUN's index in the log, the exit's kind, its verdict; None: it stays)."""
+    checker = Checker(space, access)
+    has_exit_events = any(e.name == "kvm_exit" for r in log.records for e in r.events)
+    scratch = _new_result(space, log, None, "")
+    out = []
+    for k, r in enumerate(log.records):
+        verdicts, _ = _run_verdicts(checker, r, has_exit_events, scratch, 1)
+        out += [(k, opener.kind, v) for _, v, opener in verdicts]
+    return out
 
 
 def _split_reentry(checker: Checker, evs: list[TraceEvent], chains: list[list[Frame]],
@@ -249,4 +271,4 @@ def _check_host(log: ExitLog, evidence, source: str) -> None:
                          f"{evidence.vendor}")
 
 
-__all__ = ["CheckError", "check"]
+__all__ = ["CheckError", "check", "exit_verdicts"]

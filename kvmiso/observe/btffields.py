@@ -69,9 +69,11 @@ def percpu_fields(btf: Btf) -> dict[str, Any]:
     return {"size": max((o + s for o, s, _, _ in leaves), default=0), "element": 0, "fields": leaves}
 
 
-def field_at(flat: dict[str, Any], offset: int) -> str:
+def field_at(flat: dict[str, Any], offset: int, size: int = 0) -> str:
     """The member at ``offset`` of a flattened type: its path, ``[i]`` for an array's element,
-    and ``+N`` where the offset is inside a leaf; "" outside every member (padding)."""
+    and ``+N`` where the offset is inside a leaf; "" outside every member (padding). Where
+    members overlap (unions, bitfields), the first declared that starts there with the access's
+    ``size``, else the innermost."""
     prefix = ""
     if flat.get("element"):
         prefix, offset = f"[{offset // flat['element']}]", offset % flat["element"]
@@ -79,15 +81,17 @@ def field_at(flat: dict[str, Any], offset: int) -> str:
     i = bisect.bisect_right(leaves, offset, key=lambda x: x[0]) - 1
     # leaves overlap where unions and bitfields are: the latest-starting leaf that holds the
     # offset is the innermost member; none within reach is padding
-    for j in range(i, max(-1, i - 64), -1):
-        start, size, path, elem = leaves[j]
-        if start <= offset < start + max(size, 1):
-            rel = offset - start
-            if elem:
-                path, rel = path[:-2] + f"[{rel // elem}]", rel % elem
-            name = prefix + ("." if prefix and path else "") + path
-            return name + (f"+{rel}" if rel else "")
-    return prefix
+    holding = [leaves[j] for j in range(i, max(-1, i - 64), -1)
+               if leaves[j][0] <= offset < leaves[j][0] + max(leaves[j][1], 1)]
+    if not holding:
+        return prefix
+    exact = [x for x in holding if x[0] == offset and x[1] == size]  # the first declared of them last
+    start, width, path, elem = exact[-1] if exact else holding[0]
+    rel = offset - start
+    if elem:
+        path, rel = path[:-2] + f"[{rel // elem}]", rel % elem
+    name = prefix + ("." if prefix and path else "") + path
+    return name + (f"+{rel}" if rel else "")
 
 
 __all__ = ["field_at", "flatten", "percpu_fields"]

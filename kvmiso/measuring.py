@@ -1,0 +1,113 @@
+"""``kvmiso check --measured DIR`` on a record ``kvmiso record`` made: every run's windows against
+its own VM (evidence of the same boot), each exit's measured verdict per policy beside the
+model's for the same exit of the traced run, and the access model measured function by
+function. Reading files is here; what is compared is :mod:`kvmiso.isolation`'s pure logic.
+
+>>> result = measure_record(read_record("/tmp/rec"), read_runs("/tmp/rec"))   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from .exitstatus import EXIT_FAILED, CliError
+from .isolation import AccessModel, address_space, build_layout, load_access_model
+from .isolation.accessmeasure import AccessTable
+from .isolation.accessnames import AccessNamer
+from .isolation.check import exit_verdicts
+from .isolation.measuredcompare import RunComparison, compare_run
+from .isolation.measuredexits import SpaceView
+from .isolation.measuredrender import result_dict, result_text
+from .isolation.measuredresult import MeasuredResult
+from .isolation.windowpath import Sites, WindowPath
+from .observe.accessrecord import AccessRecord, RecordError, read_record
+from .observe.evidence import EvidenceError, read_evidence, resolve_code
+from .observe.exitlog import ExitLogError, read_jsonl
+from .observe.recordruns import FIELDS, RecordRuns, read_runs
+
+POLICIES = ("rfc-v1", "asi", "asi-2022")
+
+
+def cmd_measured_runs(args: argparse.Namespace, record: AccessRecord, runs: RecordRuns) -> int:
+    """The measured check of a ``kvmiso record`` folder; status 1 below a ``--min-*`` target."""
+    try:
+        model = load_access_model()
+        result = measure_record(record, runs, model)
+    except (RecordError, EvidenceError, ExitLogError) as e:
+        raise CliError(str(e)) from None
+    if args.json:
+        print(json.dumps(result_dict(result, record, runs), indent=1))
+    else:
+        print(result_text(result, record, runs, table=args.table))
+    below = _below_targets(args, result)
+    for line in below:
+        print(f"kvmiso: below target: {line}")
+    return EXIT_FAILED if below else 0
+
+
+def measure_record(record: AccessRecord, runs: RecordRuns, model: AccessModel | None = None,
+                   policies: tuple[str, ...] = POLICIES) -> MeasuredResult:
+    """Every run of ``runs`` compared (see the module docstring)."""
+    model = model or load_access_model()
+    if record.symbols is None:
+        raise RecordError(f"{record.directory} has no kallsyms of the guest: the record cannot be symbolized")
+    fields = _fields(runs.path(FIELDS))
+    windows = runs.plain_windows(record)
+    sites = Sites(record.symbols)
+    table = AccessTable(model)
+    compared = []
+    for run in runs.runs:
+        compared.append(_measure_run(run, windows[run.index], runs, record, fields, sites, model, table, policies))
+    return MeasuredResult(compared, table, policies)
+
+
+def _measure_run(run, windows, runs: RecordRuns, record: AccessRecord, fields: dict[str, Any] | None, sites: Sites,
+                 model: AccessModel, table: AccessTable, policies: tuple[str, ...]) -> RunComparison:
+    """One run: its evidence and traced log read, its windows compared and tabled."""
+    evidence = read_evidence(runs.path(run.evidence))
+    log = read_jsonl(runs.path(run.log)) if run.log else None
+    if log is not None:  # the traced run's chains, named with the same boot's kallsyms
+        evidence.code.update(resolve_code(record.symbols, {a for _, e in log.events() for a in e.stack}))
+    layout = build_layout(evidence)
+    namer = AccessNamer(layout, record.symbols, fields)
+    paths = [WindowPath.of(w, sites) for w in windows]
+    for p in paths:
+        table.add(p, namer, evidence.vendor, evidence.config)
+    views, exits = {}, {}
+    for policy in policies:
+        space = address_space(layout, policy)
+        views[policy] = SpaceView(space)
+        exits[policy] = exit_verdicts(space, log, model) if log is not None else []
+    return compare_run(run.label, paths, views, namer, exits)
+
+
+def _fields(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError) as e:
+        raise RecordError(f"{path}: {e}") from None
+
+
+def _below_targets(args: argparse.Namespace, result: MeasuredResult) -> list[str]:
+    """The targets given with --min-recall, --min-precision and --min-agreement that the result
+    misses, one line each."""
+    out = []
+    scores = result.table.scores()
+    for name, got, want in (("recall", scores.recall, args.min_recall), ("precision", scores.precision, args.min_precision)):
+        if want is not None and got * 100 < want:
+            out.append(f"the access model's {name} is {got:.1%}, under {want:g}%")
+    if args.min_agreement is not None:
+        for policy in result.policies:
+            agree, n = result.agreement(policy)
+            if n and agree * 100 < args.min_agreement * n:
+                out.append(f"{policy}: measured and modeled verdicts agree on {agree} of {n} exits "
+                           f"({agree / n:.1%}), under {args.min_agreement:g}%")
+    return out
+
+
+__all__ = ["POLICIES", "cmd_measured_runs", "measure_record"]
