@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 from .accessmeasure import AccessTable
 from .measuredcompare import ExitPair, RunComparison
-from .measuredexits import Miss
+from .chainwalk import Verdict
+from .measuredexits import MeasuredVerdict, Miss
 from .windowpath import IRQ_STUBS
 
 
@@ -100,14 +101,14 @@ class MeasuredResult:
         return out
 
 
-def measured_text(m) -> str:
+def measured_text(m: MeasuredVerdict) -> str:
     """A measured verdict in a few words."""
     if m.miss is not None:
         return f"{m.cls} on {m.miss.named.text()} at {m.miss.site.text()}"
     return f"{m.cls}" + (f" at {m.switch.text()}" if m.switch is not None else "")
 
 
-def modeled_text(v) -> str:
+def modeled_text(v: Verdict | None) -> str:
     """A model verdict in a few words (None: it stays)."""
     if v is None:
         return "kvm_mm"
