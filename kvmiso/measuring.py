@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .exitstatus import EXIT_FAILED, CliError
-from .isolation import AccessModel, address_space, build_layout, load_access_model
+from .isolation import AccessModel, DenylistSpace, address_space, build_layout, load_access_model
 from .isolation.accessmeasure import AccessTable
 from .isolation.accessnames import AccessNamer
 from .isolation.check import exit_verdicts
@@ -72,15 +72,15 @@ def _measure_run(run, windows, runs: RecordRuns, record: AccessRecord, fields: d
     if log is not None:  # the traced run's chains, named with the same boot's kallsyms
         evidence.code.update(resolve_code(record.symbols, {a for _, e in log.events() for a in e.stack}))
     layout = build_layout(evidence)
-    namer = AccessNamer(layout, record.symbols, fields)
+    spaces = {policy: address_space(layout, policy) for policy in policies}
+    aliases = [d for s in spaces.values() if isinstance(s, DenylistSpace) for d in s.denied
+               if d[0].endswith("(direct-map alias)")]
+    namer = AccessNamer(layout, record.symbols, fields, aliases)
     paths = [WindowPath.of(w, sites) for w in windows]
     for p in paths:
-        table.add(p, namer, evidence.vendor, evidence.config)
-    views, exits = {}, {}
-    for policy in policies:
-        space = address_space(layout, policy)
-        views[policy] = SpaceView(space)
-        exits[policy] = exit_verdicts(space, log, model) if log is not None else []
+        table.add(p, namer, evidence.vendor, evidence.config, evidence.kernel)
+    views = {policy: SpaceView(space) for policy, space in spaces.items()}
+    exits = {policy: exit_verdicts(space, log, model) if log is not None else [] for policy, space in spaces.items()}
     return compare_run(run.label, paths, views, namer, exits)
 
 

@@ -51,30 +51,51 @@ class FunctionAccess:
     before: dict[str, tuple[str, ...]] = field(default_factory=dict, compare=False)
     # object -> the callee (no frame on a chain: it returned) whose code touches it first
     first: dict[str, str] = field(default_factory=dict, compare=False)
+    # "vendor@kernel series" (kvm_amd@6.1) -> what an access record of that kernel showed this
+    # function's own instructions touch: it replaces touches and when there (inlining differs
+    # between builds; the measurement wins), with measured_cite naming the record
+    measured: dict[str, tuple[str, ...]] = field(default_factory=dict, compare=False)
+    measured_cite: str = field(default="", compare=False)
 
-    def objects(self, vendor: str, config: dict[str, str], to_userspace: bool) -> tuple[str, ...]:
+    def objects(self, vendor: str, config: dict[str, str], to_userspace: bool, kernel: str = "") -> tuple[str, ...]:
         """What this function touches on ``vendor`` with kernel ``config`` (``CONFIG_KVM*``; where
-        the kernel exports no config every option counts as set), for an exit that does (or does
-        not) go on to userspace."""
+        the kernel exports no config every option counts as set) and release ``kernel``, for an
+        exit that does (or does not) go on to userspace."""
         def holds(cond: str) -> bool:
             if cond.startswith("CONFIG_"):
                 return config.get(cond, "n" if config else "y") in ("y", "m")
             return cond == vendor
 
-        extra = tuple(t for cond, ts in self.when if holds(cond) for t in ts)
-        return tuple(t.removesuffix(USERSPACE) for t in self.touches + extra
-                     if to_userspace or not t.endswith(USERSPACE))
+        seen = self.measured_on(vendor, kernel)
+        every = seen if seen is not None else self.touches + tuple(t for cond, ts in self.when if holds(cond) for t in ts)
+        return tuple(t.removesuffix(USERSPACE) for t in every if to_userspace or not t.endswith(USERSPACE))
+
+    def measured_on(self, vendor: str, kernel: str) -> tuple[str, ...] | None:
+        """The measured objects for ``vendor`` on release ``kernel`` (6.1.0-57-amd64 is of the
+        6.1 series), or None where no record of that kernel was measured."""
+        for key, objects in self.measured.items():
+            v, _, series = key.partition("@")
+            if v == vendor and in_series(kernel, series):
+                return objects
+        return None
 
 
 @dataclass(frozen=True)
 class ExitPath:
     """The handler functions an exit of ``reason`` on ``vendor`` runs after its kvm_exit, from
-    source (they fire no tracepoint, so no chain shows them)."""
+    source (they fire no tracepoint, so no chain shows them); ``kernel``: for that kernel series
+    only (a measured path), "" for any."""
 
     vendor: str
     reason: str
     functions: tuple[str, ...]
     cite: str
+    kernel: str = ""
+
+
+def in_series(kernel: str, series: str) -> bool:
+    """Is release ``kernel`` (``6.1.0-57-amd64``) of the kernel series ``series`` (``6.1``)?"""
+    return kernel == series or kernel.startswith((series + ".", series + "-"))
 
 
 @dataclass(frozen=True)
@@ -106,9 +127,17 @@ class AccessModel:
     implicit: tuple[str, ...]
     implicit_cite: str
     source: str
-    exit_paths: dict[tuple[str, str], ExitPath] = field(default_factory=dict)
+    exit_paths: dict[tuple[str, str, str], ExitPath] = field(default_factory=dict)  # (vendor, reason, series)
     emulated: dict[str, EmulatedPath] = field(default_factory=dict)  # opcode (hex) -> its path
     untraced: dict[str, UntracedPath] = field(default_factory=dict)  # "kvm:kvm_emulate_insn" -> its path
+
+    def exit_path(self, vendor: str, reason: str, kernel: str = "") -> ExitPath | None:
+        """The handler path of an exit of ``reason`` on ``vendor``: the one measured on
+        ``kernel``'s series where there is one, else the one from source."""
+        for (v, r, series), path in self.exit_paths.items():
+            if (v, r) == (vendor, reason) and series and in_series(kernel, series):
+                return path
+        return self.exit_paths.get((vendor, reason, ""))
 
     def emulated_path(self, insn: bytes, long_mode: bool) -> EmulatedPath | None:
         """The path that executes the instruction ``insn`` (kvm_emulate_insn's bytes), or None."""
@@ -139,7 +168,8 @@ class AccessModel:
         """Every object name the model uses."""
         every = [*self.functions.values(), *self.prefixes]
         return ({t.removesuffix(USERSPACE) for f in every for t in f.touches}
-                | {t for f in every for _, ts in f.when for t in ts} | set(self.implicit))
+                | {t for f in every for _, ts in f.when for t in ts}
+                | {t.removesuffix(USERSPACE) for f in every for ts in f.measured.values() for t in ts} | set(self.implicit))
 
 
 _LEGACY_PREFIXES = frozenset(b"\x66\x67\xf2\xf3\x2e\x36\x3e\x26\x64\x65\xf0")
@@ -186,7 +216,8 @@ def load_access_model(path: str | Path = ACCESS_TOML) -> AccessModel:
         cite = e.get("cite", "")
         if not isinstance(cite, str) or not cite.strip():
             raise fail(f"{name}: every entry cites the source it was read from (cite = ...)", needle)
-        unknown = set(e) - {key, "touches", "role", "cite", "note", "when", "after", "before", "first"}
+        unknown = set(e) - {key, "touches", "role", "cite", "note", "when", "after", "before", "first", "measured",
+                            "measured_cite"}
         if unknown:
             raise fail(f"{name}: unknown key {sorted(unknown)[0]!r}", needle)
         vt = e.get("when", {})
@@ -200,9 +231,15 @@ def load_access_model(path: str | Path = ACCESS_TOML) -> AccessModel:
             raise fail(f"{name}: before maps a callee to some of the objects in touches", needle)
         if not isinstance(first, dict) or not all(isinstance(v, str) for v in first.values()):
             raise fail(f"{name}: first maps an object to the callee that touches it first", needle)
+        measured = e.get("measured", {})
+        if not isinstance(measured, dict) or not all(isinstance(v, list) and "@" in k for k, v in measured.items()):
+            raise fail(f"{name}: measured maps \"vendor@kernel series\" to the objects a record showed", needle)
+        if measured and not str(e.get("measured_cite", "")).strip():
+            raise fail(f"{name}: a measured entry cites the record that shows it (measured_cite = ...)", needle)
         return FunctionAccess(name, tuple(touches), role, cite, e.get("note", ""), line_of(text, needle) or 0,
                               tuple((k, tuple(v)) for k, v in vt.items()), {k: tuple(v) for k, v in after.items()},
-                              {k: tuple(v) for k, v in before.items()}, dict(first))
+                              {k: tuple(v) for k, v in before.items()}, dict(first),
+                              {k: tuple(v) for k, v in measured.items()}, e.get("measured_cite", ""))
 
     functions: dict[str, FunctionAccess] = {}
     for e in doc.get("function", []):
@@ -226,7 +263,8 @@ def load_access_model(path: str | Path = ACCESS_TOML) -> AccessModel:
         for fn in fns:
             if fn not in functions:
                 raise fail(f"exit path {e['vendor']} {e['reason']}: {fn} has no [[function]] entry", needle)
-        paths[(e["vendor"], e["reason"])] = ExitPath(e["vendor"], e["reason"], fns, e["cite"])
+        kernel = e.get("kernel", "")
+        paths[(e["vendor"], e["reason"], kernel)] = ExitPath(e["vendor"], e["reason"], fns, e["cite"], kernel)
     def known(section: str, keys: tuple[str, ...], what: str, e: dict) -> tuple[str, ...]:
         """The entry's functions, each with a [[function]] entry, and its keys all present."""
         if not all(e.get(k) for k in keys) or not isinstance(e.get("cite"), str):
@@ -250,5 +288,5 @@ def load_access_model(path: str | Path = ACCESS_TOML) -> AccessModel:
                        emulated, untraced)
 
 
-__all__ = ["USERSPACE", "ACCESS_TOML", "AccessModel", "AccessModelError", "EmulatedPath", "ExitPath", "FunctionAccess", "ROLES", "UntracedPath", "base_name",
+__all__ = ["in_series", "USERSPACE", "ACCESS_TOML", "AccessModel", "AccessModelError", "EmulatedPath", "ExitPath", "FunctionAccess", "ROLES", "UntracedPath", "base_name",
            "load_access_model", "opcode"]

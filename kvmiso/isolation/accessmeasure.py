@@ -99,7 +99,7 @@ class AccessTable:
         self.cells: dict[tuple[str, str], Cell] = {}
         self.implicit = set(model.implicit)
 
-    def add(self, path: WindowPath, namer: AccessNamer, vendor: str, config: dict[str, str]) -> None:
+    def add(self, path: WindowPath, namer: AccessNamer, vendor: str, config: dict[str, str], kernel: str = "") -> None:
         """Count one window's exit accesses (see the module docstring) against the model."""
         seen: set[tuple[str, str]] = set()
         to_user = path.window.reason == "user"
@@ -112,15 +112,15 @@ class AccessTable:
             if key not in seen:
                 seen.add(key)
                 cell.windows += 1
-                self._predict(cell, site.function, namer, vendor, config, to_user)
+                self._predict(cell, site.function, namer, vendor, config, to_user, kernel)
             cell.touched[namer.name(a.addr).object] += 1
 
     def _predict(self, cell: Cell, function: str, namer: AccessNamer, vendor: str, config: dict[str, str],
-                 to_user: bool) -> None:
+                 to_user: bool, kernel: str) -> None:
         fa = self.model.lookup(function)
         if fa is None:
             return
-        for obj in fa.objects(vendor, config, to_user):
+        for obj in fa.objects(vendor, config, to_user, kernel):
             (cell.predicted if _measurable(obj, namer) else cell.unmeasurable).add(obj)
 
     def rows(self) -> list[Row]:

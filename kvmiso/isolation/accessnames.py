@@ -56,8 +56,13 @@ class AccessNamer:
     """Names addresses against one VM's layout, the guest's kallsyms and its BTF members
     (``fields``: fields.json as :mod:`kvmiso.observe.recordruns` describes it; None: no members)."""
 
-    def __init__(self, layout: Layout, symbols: Symbols, fields: dict[str, Any] | None = None) -> None:
+    def __init__(self, layout: Layout, symbols: Symbols, fields: dict[str, Any] | None = None,
+                 aliases: list[tuple[str, int, int]] = ()) -> None:
+        """``aliases``: (region, start, end) of the direct-map alias of each user page the
+        evidence knows (guest memory's, as :class:`.mapset.DenylistSpace` finds them): the
+        kernel reaches guest memory there too (a new page is cleared through it)."""
         self.layout = layout
+        self.aliases = sorted((s, e, name.split(" ", 1)[0]) for name, s, e in aliases)
         self.symbols = symbols
         self.types = (fields or {}).get("types", {})
         self.percpu = (fields or {}).get("percpu")
@@ -73,6 +78,11 @@ class AccessNamer:
         return hit
 
     def _name(self, addr: int, size: int) -> Named:
+        for s, e, region in self.aliases:
+            if s <= addr < e:
+                family = region.split(":", 1)[0]
+                return Named(family if family in FAMILIES else region, "(direct-map alias)", addr - s,
+                             "the live table: the direct-map address of a page of the user mapping")
         r = self.layout.find(addr)
         if r is None:
             module = self.symbols.module_at(addr)

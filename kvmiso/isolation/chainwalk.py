@@ -46,6 +46,22 @@ class Checker:
         self.unknown: Counter = Counter()
         self.unplaced: Counter = Counter()
         self.unresolved = 0
+        # return addresses in KVM_RUN's own frame of its calls to an exit handler (learn())
+        self.handler_calls: set[int] = set()
+
+    def learn(self, events: list[TraceEvent]) -> None:
+        """Note where KVM_RUN calls its exit handlers (the frame above an exit-handler frame on
+        any chain): an event whose chain passes that call without a handler frame ran inside the
+        handler all the same. Handlers tail-call their work (svm_handle_exit ->
+        svm_invoke_exit_handler -> io_interception -> kvm_emulate_instruction, 6.1 with
+        retpolines: each a jmp), so the emulator's events show kvm_arch_vcpu_ioctl_run right
+        above x86_emulate_instruction, at the handler call's return address."""
+        handlers = self.access.exit_handlers
+        for e in events:
+            for outer, inner in zip(e.stack[1:], e.stack):  # innermost first: stack[k + 1] calls stack[k]
+                fo, fi = self.code.get(outer), self.code.get(inner)
+                if fo and fi and base_name(fo.function) == RUN_PATH and base_name(fi.function) in handlers:
+                    self.handler_calls.add(outer)
 
     def _is_mapped(self, addr: int) -> bool:
         m = self._mapped.get(addr)
@@ -92,7 +108,7 @@ class Checker:
             return "not_kvm_run"
         if e.name in self.policy.before_entry_events:
             return "outside"
-        if self.access.exit_handlers.intersection(names):
+        if self.access.exit_handlers.intersection(names) or self._tail_called(frames) is not None:
             return "checked"
         if isolated and self.access.entry_loop.intersection(names):
             return "reentry"
@@ -110,7 +126,9 @@ class Checker:
             return where, None
         names = [base_name(f.function) for f in frames]
         opens = self.access.exit_handlers if where == "checked" else self.access.entry_loop
-        start = next(i for i, n in enumerate(names) if n in opens)
+        start = next((i for i, n in enumerate(names) if n in opens), None)
+        if start is None:
+            start = self._tail_called(frames)
         kind = e.kind
         innermost, after_return = None, []
         for k in range(start, len(frames)):
@@ -143,9 +161,17 @@ class Checker:
                 return where, self._miss(kind, miss)
         return where, v
 
+    def _tail_called(self, frames: list[Frame]) -> int | None:
+        """The index of the frame an exit handler tail-called into, where the chain passes a
+        handler call of KVM_RUN (see :meth:`learn`) without a handler frame; else None."""
+        for k, f in enumerate(frames[:-1]):
+            if f.address in self.handler_calls and base_name(f.function) == RUN_PATH:
+                return k + 1
+        return None
+
     def objects(self, fa: FunctionAccess, to_userspace: bool) -> tuple[str, ...]:
         """What ``fa`` touches on this kernel for an exit that does (not) go to userspace."""
-        return fa.objects(self.layout.vendor, self.layout.evidence.config, to_userspace)
+        return fa.objects(self.layout.vendor, self.layout.evidence.config, to_userspace, self.layout.evidence.kernel)
 
     def _miss(self, kind: str, fault: Fault) -> Verdict:
         """A missing mapping: a fault under an allowlist, ASI's designed asi_exit under a denylist."""

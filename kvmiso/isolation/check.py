@@ -60,6 +60,7 @@ def check(space: KvmAddressSpace | DenylistSpace, log: ExitLog, access: AccessMo
         _check_host(log, space.layout.evidence, source)
     res = _new_result(space, log, switch_cost_ns, switch_cost_source)
     checker = Checker(space, access)
+    checker.learn([e for _, e in log.events()])
     runs = _distinct_runs(log)
     has_exit_events = any(e.name == "kvm_exit" for r, _ in runs for e in r.events)
     for r, n in runs:
@@ -150,6 +151,7 @@ def exit_verdicts(space: KvmAddressSpace | DenylistSpace, log: ExitLog,
     """Every checked exit of ``log`` in order, unfolded (check() classifies identical KVM_RUNs
     once): (the KVM_RUN's index in the log, the exit's kind, its verdict; None: it stays)."""
     checker = Checker(space, access)
+    checker.learn([e for _, e in log.events()])
     has_exit_events = any(e.name == "kvm_exit" for r in log.records for e in r.events)
     scratch = _new_result(space, log, None, "")
     out = []
@@ -196,7 +198,8 @@ def _exit_verdict(checker: Checker, r: RunRecord, group: list[int], chains: list
     checked = where == "checked"
     opener = next((evs[i] for i in group if evs[i].name == "kvm_exit"), evs[group[0]])
     if verdict is None and checked and opener.name == "kvm_exit":
-        path = checker.access.exit_paths.get((checker.layout.vendor, opener.symbols.get("exit_reason", "")))
+        path = checker.access.exit_path(checker.layout.vendor, opener.symbols.get("exit_reason", ""),
+                                        checker.layout.evidence.kernel)
         if path is not None:
             res.source_paths += n
             verdict = checker.source_path(path, r.vcpu, opener.cpu, to_user)
