@@ -15,6 +15,7 @@ functions with role ``exit-handler`` open every policy's isolated window.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,8 +53,8 @@ class FunctionAccess:
     # object -> the callee (no frame on a chain: it returned) whose code touches it first
     first: dict[str, str] = field(default_factory=dict, compare=False)
     # "vendor@kernel series" (kvm_amd@6.1) -> what an access record of that kernel showed this
-    # function's own instructions touch: it replaces touches and when there (inlining differs
-    # between builds; the measurement wins), with measured_cite naming the record
+    # function's own instructions touch (a [[measured]] table): it replaces touches and when there
+    # (inlining differs between builds; the measurement wins), measured_cite naming the record
     measured: dict[str, tuple[str, ...]] = field(default_factory=dict, compare=False)
     measured_cite: str = field(default="", compare=False)
 
@@ -216,8 +217,7 @@ def load_access_model(path: str | Path = ACCESS_TOML) -> AccessModel:
         cite = e.get("cite", "")
         if not isinstance(cite, str) or not cite.strip():
             raise fail(f"{name}: every entry cites the source it was read from (cite = ...)", needle)
-        unknown = set(e) - {key, "touches", "role", "cite", "note", "when", "after", "before", "first", "measured",
-                            "measured_cite"}
+        unknown = set(e) - {key, "touches", "role", "cite", "note", "when", "after", "before", "first"}
         if unknown:
             raise fail(f"{name}: unknown key {sorted(unknown)[0]!r}", needle)
         vt = e.get("when", {})
@@ -231,15 +231,9 @@ def load_access_model(path: str | Path = ACCESS_TOML) -> AccessModel:
             raise fail(f"{name}: before maps a callee to some of the objects in touches", needle)
         if not isinstance(first, dict) or not all(isinstance(v, str) for v in first.values()):
             raise fail(f"{name}: first maps an object to the callee that touches it first", needle)
-        measured = e.get("measured", {})
-        if not isinstance(measured, dict) or not all(isinstance(v, list) and "@" in k for k, v in measured.items()):
-            raise fail(f"{name}: measured maps \"vendor@kernel series\" to the objects a record showed", needle)
-        if measured and not str(e.get("measured_cite", "")).strip():
-            raise fail(f"{name}: a measured entry cites the record that shows it (measured_cite = ...)", needle)
         return FunctionAccess(name, tuple(touches), role, cite, e.get("note", ""), line_of(text, needle) or 0,
                               tuple((k, tuple(v)) for k, v in vt.items()), {k: tuple(v) for k, v in after.items()},
-                              {k: tuple(v) for k, v in before.items()}, dict(first),
-                              {k: tuple(v) for k, v in measured.items()}, e.get("measured_cite", ""))
+                              {k: tuple(v) for k, v in before.items()}, dict(first))
 
     functions: dict[str, FunctionAccess] = {}
     for e in doc.get("function", []):
@@ -252,6 +246,17 @@ def load_access_model(path: str | Path = ACCESS_TOML) -> AccessModel:
             for callee in callees:
                 if callee not in functions:
                     raise fail(f"{f.name}: {callee}, called after {event}, has no [[function]] entry", f'"{f.name}"')
+    for e in doc.get("measured", []):
+        name = e.get("name")
+        if name not in functions:
+            raise fail(f"[[measured]] {name}: no [[function]] entry to correct", f'name = "{name}"')
+        if not all(isinstance(e.get(k), str) and e.get(k) for k in ("vendor", "kernel", "cite")) or \
+                not isinstance(e.get("touches"), list) or set(e) - {"name", "vendor", "kernel", "touches", "cite", "note"}:
+            raise fail(f"[[measured]] {name}: needs vendor, kernel, touches and cite (the record), and no other key",
+                       f'name = "{name}"')
+        f = functions[name]
+        functions[name] = dataclasses.replace(f, measured={**f.measured, f"{e['vendor']}@{e['kernel']}": tuple(e["touches"])},
+                                              measured_cite=e["cite"])
     prefixes = [entry(e, "prefix") for e in doc.get("prefix", [])]
     imp = doc.get("implicit", {})
     paths = {}

@@ -28,6 +28,7 @@ The comparison is over (function, object) pairs:
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -37,6 +38,7 @@ from .windowpath import WindowPath
 
 # Objects named by the area they lie in, not read from the VM: always there to be touched.
 AREA_NAMES = frozenset(AREA_OBJECT.values()) | {"cpu_entry_area"}
+_INDEX = re.compile(r"\[\d+\]")
 
 
 @dataclass
@@ -49,6 +51,12 @@ class Cell:
     predicted: set[str] = field(default_factory=set)
     unmeasurable: set[str] = field(default_factory=set)
     windows: int = 0
+    # objects touched in exits handled in the kernel (windows that ended at the next VMRUN), and
+    # how many such windows ran the function: an object touched only on the way to userspace
+    # is the model's name@userspace
+    in_kernel: set[str] = field(default_factory=set)
+    kernel_windows: int = 0
+    members: Counter = field(default_factory=Counter)  # (object, member, array indexes dropped) -> accesses
 
 
 @dataclass(frozen=True)
@@ -67,6 +75,9 @@ class Row:
     unplaced: int
     unmeasurable: tuple[str, ...]
     windows: int
+    userspace_only: tuple[str, ...] = ()  # touched only in exits to userspace, where it also ran in others
+    kernel_windows: int = 0  # of ``windows``, those of exits handled in the kernel
+    members: tuple[tuple[str, str, int], ...] = ()  # the members touched most, per object
 
 
 @dataclass(frozen=True)
@@ -112,8 +123,14 @@ class AccessTable:
             if key not in seen:
                 seen.add(key)
                 cell.windows += 1
+                cell.kernel_windows += not to_user
                 self._predict(cell, site.function, namer, vendor, config, to_user, kernel)
-            cell.touched[namer.name(a.addr).object] += 1
+            named = namer.name(a.addr, a.size)
+            obj = named.object
+            cell.touched[obj] += 1
+            cell.members[(obj, _INDEX.sub("[]", named.member).split("+")[0])] += 1
+            if not to_user:
+                cell.in_kernel.add(obj)
 
     def _predict(self, cell: Cell, function: str, namer: AccessNamer, vendor: str, config: dict[str, str],
                  to_user: bool, kernel: str) -> None:
@@ -135,7 +152,9 @@ class AccessTable:
                            tuple(sorted(placed - predicted)),
                            () if partial else tuple(sorted(c.predicted - placed - self.implicit)),
                            sum(n for o, n in c.touched.items() if not namer_placed(o)),
-                           tuple(sorted(c.unmeasurable)), c.windows))
+                           tuple(sorted(c.unmeasurable)), c.windows,
+                           tuple(o for o in c.touched if c.kernel_windows and o not in c.in_kernel), c.kernel_windows,
+                           _top_members(c.members)))
         return out
 
     def pairs(self) -> tuple[set[tuple[str, str]], set[tuple[str, str]]]:
@@ -154,6 +173,16 @@ class AccessTable:
         unplaced = sum(n for c in self.cells.values() for o, n in c.touched.items() if not namer_placed(o))
         every = sum(sum(c.touched.values()) for c in self.cells.values())
         return Scores(len(touched), len(predicted), len(touched & predicted), unplaced, every)
+
+
+def _top_members(members: Counter, per_object: int = 3) -> tuple[tuple[str, str, int], ...]:
+    """The members touched most of each object (named ones only), most first."""
+    out, shown = [], Counter()
+    for (obj, member), n in members.most_common():
+        if member and shown[obj] < per_object:
+            shown[obj] += 1
+            out.append((obj, member, n))
+    return tuple(out)
 
 
 def _measurable(obj: str, namer: AccessNamer) -> bool:

@@ -131,13 +131,21 @@ class WindowPath:
 
 
 def _with_delivery(spans: list[tuple[int, int]], accesses: tuple[Access, ...]) -> list[tuple[int, int]]:
-    """Each span widened back over the CPU's delivery of the interrupt (see CPU_ENTRY_AREA)."""
+    """Each span widened back over the CPU's delivery of the interrupt: the IDT gate and GDT read
+    through cpu_entry_area, then the frame pushed, all reported with one instruction (the last
+    that had an access of its own) just before the entry stub."""
     out = []
     for s, e in spans:
-        while s > 0 and CPU_ENTRY_AREA[0] <= accesses[s - 1].addr < CPU_ENTRY_AREA[1]:
-            s -= 1
-        out.append((s, e))
+        k = s
+        pc = accesses[s - 1].pc if s > 0 else None
+        while k > 0 and accesses[k - 1].pc == pc and (accesses[k - 1].write or _in_cea(accesses[k - 1].addr)):
+            k -= 1
+        out.append((k if any(_in_cea(a.addr) for a in accesses[k:s]) else s, e))
     return out
+
+
+def _in_cea(addr: int) -> bool:
+    return CPU_ENTRY_AREA[0] <= addr < CPU_ENTRY_AREA[1]
 
 
 def irq_spans(functions: list[str]) -> list[tuple[int, int]]:

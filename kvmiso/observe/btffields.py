@@ -62,9 +62,13 @@ def _walk(btf: Btf, tid: int, off: int, path: str, out: list[Leaf]) -> None:
 
 
 def percpu_fields(btf: Btf) -> dict[str, Any]:
-    """The static per-CPU variables (BTF's ``.data..percpu`` section) as one flattened type: an
-    offset into a CPU's per-CPU unit names the variable (``runqueues+0x9c0``)."""
-    sec = btf.find(0xF, ".data..percpu")  # BTF_KIND_DATASEC
+    """The kernel's static per-CPU variables (vmlinux BTF's ``.data..percpu`` section) as one
+    flattened type: an offset into a CPU's per-CPU unit names the variable
+    (``fixed_percpu_data+40``, the stack protector's canary). A module's per-CPU variables sit in
+    the unit's dynamic part, beyond these: an offset there is named after the last of them."""
+    base = btf.base()
+    sec = base.find(0xF, ".data..percpu")  # BTF_KIND_DATASEC
+    btf = base
     leaves = sorted([off, size, btf.type(vid).name, 0] for vid, off, size in sec.entries)
     return {"size": max((o + s for o, s, _, _ in leaves), default=0), "element": 0, "fields": leaves}
 
