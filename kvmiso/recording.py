@@ -26,7 +26,7 @@ from .guest.suite import SuiteEntry, suite
 from .host import vendor_module
 from .kvm import Kvm
 from .observe.btf import Btf, BtfError
-from .observe.btffields import flatten, percpu_fields
+from .observe.btffields import flatten
 from .observe.capture import Capture
 from .observe.evidence import Evidence, collect_evidence, write_evidence
 from .observe.recordmark import mark
@@ -115,8 +115,9 @@ def _run(m: Machine, entry: SuiteEntry, timeout: float):
 
 
 def _write_fields(directory: Path, vendor: str, evidence: list[Evidence]) -> None:
-    """fields.json: the members of every object's C type and the per-CPU variables, from this
-    kernel's BTF (the record is read on another kernel)."""
+    """fields.json: the members of every object's C type, from this kernel's BTF (the record is
+    read on another kernel). Per-CPU variables are named from kallsyms, which lists them at
+    their offsets in a CPU's unit."""
     try:
         btf = Btf.running(tuple(m for m in ("kvm", vendor) if (Path("/sys/kernel/btf") / m).exists()))
     except BtfError as e:
@@ -127,7 +128,7 @@ def _write_fields(directory: Path, vendor: str, evidence: list[Evidence]) -> Non
         flat = flatten(btf, o.ctype)
         if flat is not None:
             types[o.ctype] = flat
-    doc = {"source": f"btf: {btf.source}", "types": types, "percpu": percpu_fields(btf)}
+    doc = {"source": f"btf: {btf.source}", "types": types}
     (directory / FIELDS).write_text(json.dumps(doc))
 
 

@@ -57,6 +57,9 @@ class FunctionAccess:
     # (inlining differs between builds; the measurement wins), measured_cite naming the record
     measured: dict[str, tuple[str, ...]] = field(default_factory=dict, compare=False)
     measured_cite: str = field(default="", compare=False)
+    # "vendor@kernel series" -> event -> callees this function called, and that returned, before
+    # that event fired in its own code (a [[measured]] table's returned): no chain shows them
+    returned: dict[str, dict[str, tuple[str, ...]]] = field(default_factory=dict, compare=False)
 
     def objects(self, vendor: str, config: dict[str, str], to_userspace: bool, kernel: str = "") -> tuple[str, ...]:
         """What this function touches on ``vendor`` with kernel ``config`` (``CONFIG_KVM*``; where
@@ -70,6 +73,15 @@ class FunctionAccess:
         seen = self.measured_on(vendor, kernel)
         every = seen if seen is not None else self.touches + tuple(t for cond, ts in self.when if holds(cond) for t in ts)
         return tuple(t.removesuffix(USERSPACE) for t in every if to_userspace or not t.endswith(USERSPACE))
+
+    def returned_before(self, event: str, vendor: str, kernel: str) -> tuple[str, ...]:
+        """The callees that returned before ``event`` fired in this function, on ``vendor``'s
+        ``kernel`` where a record measured them (else none)."""
+        for key, events in self.returned.items():
+            v, _, series = key.partition("@")
+            if v == vendor and in_series(kernel, series):
+                return events.get(event, ())
+        return ()
 
     def measured_on(self, vendor: str, kernel: str) -> tuple[str, ...] | None:
         """The measured objects for ``vendor`` on release ``kernel`` (6.1.0-57-amd64 is of the
@@ -250,13 +262,19 @@ def load_access_model(path: str | Path = ACCESS_TOML) -> AccessModel:
         name = e.get("name")
         if name not in functions:
             raise fail(f"[[measured]] {name}: no [[function]] entry to correct", f'name = "{name}"')
+        returned = e.get("returned", {})
         if not all(isinstance(e.get(k), str) and e.get(k) for k in ("vendor", "kernel", "cite")) or \
-                not isinstance(e.get("touches"), list) or set(e) - {"name", "vendor", "kernel", "touches", "cite", "note"}:
-            raise fail(f"[[measured]] {name}: needs vendor, kernel, touches and cite (the record), and no other key",
-                       f'name = "{name}"')
-        f = functions[name]
-        functions[name] = dataclasses.replace(f, measured={**f.measured, f"{e['vendor']}@{e['kernel']}": tuple(e["touches"])},
-                                              measured_cite=e["cite"])
+                not isinstance(e.get("touches"), list) or not isinstance(returned, dict) or \
+                set(e) - {"name", "vendor", "kernel", "touches", "cite", "note", "returned"}:
+            raise fail(f"[[measured]] {name}: needs vendor, kernel, touches and cite (the record), may have returned, "
+                       "and no other key", f'name = "{name}"')
+        for callee in (c for cs in returned.values() for c in cs):
+            if callee not in functions:
+                raise fail(f"[[measured]] {name}: {callee}, returned before an event, has no [[function]] entry",
+                           f'name = "{name}"')
+        f, key = functions[name], f"{e['vendor']}@{e['kernel']}"
+        functions[name] = dataclasses.replace(f, measured={**f.measured, key: tuple(e["touches"])}, measured_cite=e["cite"],
+                                              returned={**f.returned, key: {k: tuple(v) for k, v in returned.items()}})
     prefixes = [entry(e, "prefix") for e in doc.get("prefix", [])]
     imp = doc.get("implicit", {})
     paths = {}

@@ -65,7 +65,6 @@ class AccessNamer:
         self.aliases = sorted((s, e, name.split(" ", 1)[0]) for name, s, e in aliases)
         self.symbols = symbols
         self.types = (fields or {}).get("types", {})
-        self.percpu = (fields or {}).get("percpu")
         self.ctypes = {o.name: o.ctype for o in layout.evidence.objects}
         self._cache: dict[tuple[int, int], Named] = {}
 
@@ -99,8 +98,9 @@ class AccessNamer:
         offset = addr - start
         family = r.name.split(":", 1)[0]
         obj = family if family in FAMILIES else r.name
-        if r.name == "percpu_area" and self.percpu:
-            member = field_at(self.percpu, offset, size)
+        if r.name == "percpu_area":
+            hit = self.symbols.percpu_var(offset)
+            member = (f"{hit[0]}+{hit[1]:#x}" if hit[1] else hit[0]) if hit else ""
         else:
             flat = self.types.get(self.ctypes.get(r.name, ""))
             member = field_at(flat, offset, size) if flat else ""

@@ -152,9 +152,14 @@ class Checker:
             if miss is not None:
                 return where, self._miss(kind, miss)
             innermost = fa
+        ev = self.layout.evidence
+        returned = innermost.returned_before(e.name, ev.vendor, ev.kernel) if innermost is not None else ()
+        v = self.unseen_calls(returned, kind, vcpu, e.cpu, to_userspace,
+                              f"called by {innermost.name}, returned before its {e.name} event") if returned else None
         after = innermost.after.get(e.name, ()) if innermost is not None else ()
-        v = self.unseen_calls(after, kind, vcpu, e.cpu, to_userspace,
-                              f"called by {innermost.name} after its {e.name} event" if after else "")
+        if v is None:
+            v = self.unseen_calls(after, kind, vcpu, e.cpu, to_userspace,
+                                  f"called by {innermost.name} after its {e.name} event" if after else "")
         for f, fa, touches in reversed(after_return if last and v is None else []):
             miss = self._object_miss(touches, vcpu, e.cpu, f, fa, frames, after_call=True)
             if miss is not None:

@@ -181,11 +181,6 @@ class Btf:
                 return self.type(tid)
         raise BtfError(f"{self.source}: no {_KIND_NAMES.get(kind, kind)} {name!r} in this kernel's BTF")
 
-    def base(self) -> "Btf":
-        """vmlinux's types alone (a module's split BTF has sections of its own: its
-        ``.data..percpu`` is the module's, at offsets of its own)."""
-        return Btf(self._blobs[:1], self.source.split("+", 1)[0])
-
     def has_struct(self, name: str) -> bool:
         """Does the kernel have ``struct name``?"""
         return any((STRUCT, name) in b.names for b in self._blobs)

@@ -61,18 +61,6 @@ def _walk(btf: Btf, tid: int, off: int, path: str, out: list[Leaf]) -> None:
     out.append([off, btf.sizeof(tid), path, 0])
 
 
-def percpu_fields(btf: Btf) -> dict[str, Any]:
-    """The kernel's static per-CPU variables (vmlinux BTF's ``.data..percpu`` section) as one
-    flattened type: an offset into a CPU's per-CPU unit names the variable
-    (``fixed_percpu_data+40``, the stack protector's canary). A module's per-CPU variables sit in
-    the unit's dynamic part, beyond these: an offset there is named after the last of them."""
-    base = btf.base()
-    sec = base.find(0xF, ".data..percpu")  # BTF_KIND_DATASEC
-    btf = base
-    leaves = sorted([off, size, btf.type(vid).name, 0] for vid, off, size in sec.entries)
-    return {"size": max((o + s for o, s, _, _ in leaves), default=0), "element": 0, "fields": leaves}
-
-
 def field_at(flat: dict[str, Any], offset: int, size: int = 0) -> str:
     """The member at ``offset`` of a flattened type: its path, ``[i]`` for an array's element,
     and ``+N`` where the offset is inside a leaf; "" outside every member (padding). Where
@@ -98,4 +86,4 @@ def field_at(flat: dict[str, Any], offset: int, size: int = 0) -> str:
     return name + (f"+{rel}" if rel else "")
 
 
-__all__ = ["field_at", "flatten", "percpu_fields"]
+__all__ = ["field_at", "flatten"]

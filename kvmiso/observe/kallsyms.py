@@ -103,6 +103,22 @@ class Symbols:
         i = bisect.bisect_right(self._data_addrs, addr) - 1
         return (self._data_names[i], addr - self._data_addrs[i]) if i >= 0 else None
 
+    def percpu_var(self, offset: int) -> tuple[str, int] | None:
+        """(variable, offset) of the kernel's per-CPU variable at ``offset`` in a CPU's unit:
+        kallsyms lists them at their offsets (``0000000000000000 A fixed_percpu_data``). Past
+        ``__per_cpu_end`` lies the unit's dynamic part (modules' per-CPU variables, alloc_percpu),
+        which kallsyms does not list at unit offsets: ``("(dynamic)", offset past the end)``."""
+        if not hasattr(self, "_pcpu_addrs"):
+            pcpu = sorted((int(a, 16), n) for a, t, n, m in self._entries
+                          if not m and t in "Aa" and a < f"{START_KERNEL_MAP:x}" and not n.startswith("__per_cpu"))
+            self._pcpu_addrs = [a for a, _ in pcpu]
+            self._pcpu_names = [n for _, n in pcpu]
+        end = self.get("__per_cpu_end")
+        if end is not None and end < START_KERNEL_MAP and offset >= end:
+            return "(dynamic)", offset - end
+        i = bisect.bisect_right(self._pcpu_addrs, offset) - 1
+        return (self._pcpu_names[i], offset - self._pcpu_addrs[i]) if i >= 0 else None
+
     def code_size(self, name: str) -> int:
         """Bytes from the function ``name`` to the next code symbol (its size, padding included)."""
         self._index_code()
