@@ -154,7 +154,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--windows", action="store_true", help="with --measured: list every window's functions instead")
     sp.add_argument("--table", action="store_true", help="with --measured: every (function, exit kind) compared")
     for name, what in (("recall", "the access model's recall"), ("precision", "the access model's precision"),
-                       ("agreement", "measured and modeled verdicts' agreement, per policy")):
+                       ("agreement", "measured and modeled verdicts' agreement per policy, on the exits whose verdicts do not hinge on "
+                        "timing or on state the trace does not show")):
         sp.add_argument(f"--min-{name}", type=float, metavar="PCT", help=f"with --measured: exit 1 when {what} is under PCT %%")
     sp.set_defaults(func=_checking("cmd_check"))
 

@@ -4,10 +4,14 @@ model verdict, :func:`.check.exit_verdicts`), both against the plain run's VM: t
 at the same addresses, the same page table, so a disagreement is the model's and not the
 allocator's.
 
-Pairing is by order and kind: the two runs make the same exits in the same order but for
-interrupts (a timer fires when it fires) and a few exits tracing adds or removes; the longest
-common subsequence of the two kind sequences pairs them (difflib), and the rest stay unpaired
-and are counted.
+Pairing is by order and kind: the two runs make the same KVM_RUNs and, in each, the same exits
+in the same order, but for interrupts (a timer fires when it fires) and a few exits tracing adds
+or removes. KVM_RUN k of the record (its windows up to the one that reached the end of vcpu_run
+on the way to the VMM) goes with KVM_RUN k of the traced log, and inside it the longest common
+subsequence of the two kind sequences pairs the exits (difflib). Where the two runs made
+different numbers of KVM_RUNs, the whole run is paired that way at once. The rest stay unpaired
+and are counted. (A long run of one kind, such as hello's 28 port writes, pairs arbitrarily
+without the KVM_RUNs: any window matches any exit of its kind.)
 
 >>> run = compare_run("portio/long", paths, spaces, namer, model_exits)   # doctest: +SKIP
 >>> run.agreement("rfc-v1")                                              # doctest: +SKIP
@@ -81,6 +85,33 @@ def pair_kinds(windows: list[str], exits: list[str]) -> list[tuple[int | None, i
     return out
 
 
+def kvm_runs(paths: list[WindowPath]) -> list[list[int]]:
+    """The windows of each KVM_RUN, by index: a KVM_RUN ends with the window that reached the end
+    of vcpu_run and went on to user mode (the exit went to the VMM); a window that reached user
+    mode otherwise (the thread gave way) does not end one."""
+    runs: list[list[int]] = [[]]
+    for i, p in enumerate(paths):
+        runs[-1].append(i)
+        if p.window.reason == "user" and p.vcpu_run_end < len(p.sites):
+            runs.append([])
+    return [r for r in runs if r] or [[]]
+
+
+def pair_runs(paths: list[WindowPath], exits: list[ModelExit]) -> list[tuple[int | None, int | None]]:
+    """Window and exit indexes paired KVM_RUN by KVM_RUN (see the module docstring)."""
+    groups = kvm_runs(paths)
+    traced: dict[int, list[int]] = {}
+    for j, (run, _, _) in enumerate(exits):
+        traced.setdefault(run, []).append(j)
+    if len(groups) != len(traced):
+        return pair_kinds([p.kind for p in paths], [k for _, k, _ in exits])
+    out: list[tuple[int | None, int | None]] = []
+    for windows, js in zip(groups, (traced[k] for k in sorted(traced))):
+        for i, j in pair_kinds([paths[w].kind for w in windows], [exits[x][1] for x in js]):
+            out.append((windows[i] if i is not None else None, js[j] if j is not None else None))
+    return out
+
+
 def compare_run(label: str, paths: list[WindowPath], views: dict[str, SpaceView], namer: AccessNamer,
                 model: dict[str, list[ModelExit]]) -> RunComparison:
     """Pair ``paths`` (the plain run's windows) with the traced run's exits (``model``: each
@@ -88,7 +119,7 @@ def compare_run(label: str, paths: list[WindowPath], views: dict[str, SpaceView]
     and give every pair each policy's verdicts."""
     first = next(iter(model.values()), [])
     pairs = []
-    for i, j in pair_kinds([p.kind for p in paths], [k for _, k, _ in first]):
+    for i, j in pair_runs(paths, first):
         pair = ExitPair(paths[i] if i is not None else None, first[j][1] if j is not None else None)
         for policy, view in views.items():
             if i is not None:
@@ -99,4 +130,4 @@ def compare_run(label: str, paths: list[WindowPath], views: dict[str, SpaceView]
     return RunComparison(label, pairs)
 
 
-__all__ = ["ExitPair", "ModelExit", "RunComparison", "compare_run", "pair_kinds"]
+__all__ = ["ExitPair", "ModelExit", "RunComparison", "compare_run", "kvm_runs", "pair_kinds", "pair_runs"]

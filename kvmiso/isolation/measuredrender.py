@@ -9,7 +9,7 @@ from dataclasses import asdict
 from typing import Any
 
 from .accessmeasure import Row
-from .measuredresult import MeasuredResult, measured_text, modeled_text
+from .measuredresult import UNMODELED, MeasuredResult, measured_text, modeled_text
 
 SHOWN = 12  # functions listed per line before "... and N more"
 
@@ -34,8 +34,8 @@ def result_text(res: MeasuredResult, record: Any, runs: Any, table: bool = False
     lines += _model_misses(res.table.rows())
     for policy in res.policies:
         for d in res.disagreements(policy):
-            lines.append(f"  disagreement {policy} {d.run} window {d.window} ({d.kind}): measured {d.measured}; "
-                         f"model {d.modeled}: {d.reason}")
+            lines.append(f"  disagreement {policy} {d.run} window {d.window} ({d.kind}, {d.category}): measured "
+                         f"{d.measured}; model {d.modeled}: {d.reason}")
     if table:
         lines += _table_lines(res.table.rows())
     return "\n".join(lines)
@@ -51,10 +51,16 @@ def _policy_lines(res: MeasuredResult, policy: str, n: int, unpaired_w: int, unp
     for why, c in res.switches(policy).most_common():
         lines.append(f"  switch: {why}: {c} exits")
     agree, paired = res.agreement(policy)
-    share = f" ({agree / paired:.1%})" if paired else ""
+    ok, counted = res.agreement(policy, UNMODELED)
     lines.append(f"  the model (the same exits traced, access.toml; modeled) agrees on {agree} of {paired} paired "
-                 f"exits{share}; unpaired: {unpaired_w} recorded, {unpaired_x} traced")
+                 f"exits{_share(agree, paired)}; leaving out the {paired - counted} whose verdicts hinge on timing or on "
+                 f"state the trace does not show, {ok} of {counted}{_share(ok, counted)}; unpaired: {unpaired_w} "
+                 f"recorded, {unpaired_x} traced")
     return lines
+
+
+def _share(a: int, n: int) -> str:
+    return f" ({a / n:.1%})" if n else ""
 
 
 def _model_misses(rows: list[Row]) -> list[str]:
@@ -121,6 +127,7 @@ def result_dict(res: MeasuredResult, record: Any, runs: Any) -> dict[str, Any]:
                                        "count": d.count, "kinds": dict(d.kinds)} for i, d in enumerate(res.misses(pol))],
                            "switches": dict(res.switches(pol)),
                            "agreement": dict(zip(("agree", "paired"), res.agreement(pol))),
+                           "agreement_modeled": dict(zip(("agree", "paired"), res.agreement(pol, UNMODELED))),
                            "disagreements": [asdict(d) for d in res.disagreements(pol)]}
                      for pol in res.policies},
         "unpaired": dict(zip(("recorded", "traced"), res.unpaired())),

@@ -16,12 +16,24 @@ from .accessmeasure import AccessTable
 from .measuredcompare import ExitPair, RunComparison
 from .chainwalk import Verdict
 from .measuredexits import MeasuredVerdict, Miss
+from .policy import CONTEXT_SWITCH
 from .windowpath import IRQ_STUBS
+
+FAULT_IN = ("clear_page", "copy_page")  # a new page of a user mapping, filled through the direct map
+
+
+# Why a paired exit's two verdicts can differ without the model being wrong: the recorded exit
+# and the traced one are two runs of the same payload.
+TIMING = "timing"  # an interrupt or a context switch came before the first miss in one of them
+STATE = "state"  # the recorded exit met state the trace cannot show (a guest page not yet populated)
+MODEL = "model"  # the model's path or objects differ from the record's
+UNMODELED = (TIMING, STATE)
 
 
 @dataclass(frozen=True)
 class Disagreement:
-    """One paired exit whose measured and modeled classes differ, and why."""
+    """One paired exit whose measured and modeled classes differ, why, and whose it is
+    (``category``: timing, state or model)."""
 
     policy: str
     run: str
@@ -30,6 +42,7 @@ class Disagreement:
     measured: str
     modeled: str
     reason: str
+    category: str
 
 
 @dataclass
@@ -78,10 +91,12 @@ class MeasuredResult:
         return Counter(p.measured[policy].why for _, p in self.windows()
                        if p.measured[policy].cls == "host_mm" and p.measured[policy].miss is None)
 
-    def agreement(self, policy: str) -> tuple[int, int]:
-        """(paired exits whose classes agree, paired exits) under ``policy``."""
+    def agreement(self, policy: str, leave_out: tuple[str, ...] = ()) -> tuple[int, int]:
+        """(paired exits whose classes agree, paired exits) under ``policy``; ``leave_out``:
+        the categories of disagreement (:data:`UNMODELED`) whose exits are not counted."""
         got = [r.agreement(policy) for r in self.runs]
-        return sum(a for a, _ in got), sum(n for _, n in got)
+        left = sum(1 for d in self.disagreements(policy) if d.category in leave_out)
+        return sum(a for a, _ in got), sum(n for _, n in got) - left
 
     def unpaired(self) -> tuple[int, int]:
         """(windows, traced exits) left without a partner."""
@@ -96,8 +111,9 @@ class MeasuredResult:
                 if p.agrees(policy):
                     continue
                 m, v = p.measured[policy], p.modeled.get(policy)
+                why, category = reason(p, policy)
                 out.append(Disagreement(policy, r.label, p.window.window.seq, m.kind, measured_text(m),
-                                        modeled_text(v), reason(p, policy)))
+                                        modeled_text(v), why, category))
         return out
 
 
@@ -117,21 +133,27 @@ def modeled_text(v: Verdict | None) -> str:
     return f"{v.cls}: {v.why}"
 
 
-def reason(p: ExitPair, policy: str) -> str:
-    """Why the measured and modeled classes of ``p`` differ, as far as the two sides tell."""
+def reason(p: ExitPair, policy: str) -> tuple[str, str]:
+    """Why the measured and modeled classes of ``p`` differ, as far as the two sides tell, and
+    whose the difference is (:data:`TIMING`, :data:`STATE` or :data:`MODEL`)."""
     m, v = p.measured[policy], p.modeled.get(policy)
     if m.switch is not None and m.switch.function.startswith(IRQ_STUBS):
-        return ("an interrupt arrived in the recorded exit before any miss (the traced exit had none there): "
-                "timing, not the model")
+        return ("an interrupt arrived in the recorded exit before any miss (the traced exit had none there)", TIMING)
+    if m.switch is not None and m.switch.function in CONTEXT_SWITCH:
+        return ("the vCPU thread gave way (a context switch) in the recorded exit before any miss", TIMING)
+    if m.miss is not None and m.miss.site.function.startswith(FAULT_IN) and m.miss.named.member == "(direct-map alias)":
+        return ("the first touch of a guest page the VMM had never written: KVM's get_user_pages faulted it in and the "
+                f"kernel cleared the new GFP_USER page through the direct map ({m.miss.site.function}); whether a page "
+                "is new is not in the trace", STATE)
     if v is not None and v.cls == "unknown":
-        return f"the model does not know a function on the traced path ({v.why})"
+        return f"the model does not know a function on the traced path ({v.why})", MODEL
     if m.miss is not None and (v is None or v.cls != m.cls):
-        fa = m.miss.site.function
-        return f"the record shows {fa} touching {m.miss.named.object}, which the model's path for this exit does not reach"
+        return (f"the record shows {m.miss.site.function} touching {m.miss.named.object}, which the model's path for "
+                "this exit does not reach", MODEL)
     if v is not None and v.fault is not None:
-        return (f"the model predicts {v.fault.function} touching {v.fault.region}; the record shows no access "
-                "to it before the exit's end")
-    return "the classes differ (see both verdicts)"
+        return (f"the model predicts {v.fault.function} touching {v.fault.region}; the record shows no access to it "
+                "before the exit's end", MODEL)
+    return "the classes differ (see both verdicts)", MODEL
 
 
-__all__ = ["Disagreement", "DistinctMiss", "MeasuredResult", "measured_text", "modeled_text", "reason"]
+__all__ = ["Disagreement", "DistinctMiss", "MODEL", "MeasuredResult", "STATE", "TIMING", "UNMODELED", "measured_text", "modeled_text", "reason"]
