@@ -200,6 +200,7 @@ def test_check_measured_prints_the_verdicts_and_fails_below_a_target(capsys):
     out = capsys.readouterr().out
     assert "  KVM isolation: page fault #1 (2) at emulator_pio_in_out+0x111/0x170 [kvm] on " in out
     assert "rfc-v1: 18 exits measured: 0 stay isolated, 0 switch, 18 fault" in out
+    assert "  ASI: asi_exit on page fault #0 (2) at clear_page_erms+0x7/0x10 on " in out  # the designed exit
     assert "disagreement asi portio/long window " in out and "(npf, state)" in out
     assert main(["check", "--measured", str(RECORD), "--min-precision", "99.5"]) == 1
     assert "kvmiso: below target: the access model's precision is " in capsys.readouterr().out

@@ -45,9 +45,11 @@ class Miss:
     named: Named
     error_code: int
 
-    def line(self, n: int) -> str:
-        """The RFC's patch-24 line for this miss, numbered ``n``, the object and member added."""
-        return (f"KVM isolation: page fault #{n} ({self.error_code}) at {self.site.text()} on {self.address:016x} "
+    def line(self, n: int, asi_exit: bool = False) -> str:
+        """The RFC's patch-24 line for this miss, numbered ``n``, the object and member added;
+        ``asi_exit``: under ASI the same page fault is the designed exit, and says so."""
+        head = "ASI: asi_exit on page fault" if asi_exit else "KVM isolation: page fault"
+        return (f"{head} #{n} ({self.error_code}) at {self.site.text()} on {self.address:016x} "
                 f"({self.named.text()})")
 
 

@@ -9,6 +9,7 @@ from dataclasses import asdict
 from typing import Any
 
 from .accessmeasure import Row
+from .policy import POLICIES
 from .measuredresult import UNMODELED, MeasuredResult, measured_text, modeled_text
 
 SHOWN = 12  # functions listed per line before "... and N more"
@@ -45,9 +46,10 @@ def _policy_lines(res: MeasuredResult, policy: str, n: int, unpaired_w: int, unp
     cls = res.classes(policy)
     lines = [f"{policy}: {n} exits measured: {cls['kvm_mm']} stay isolated, {cls['host_mm']} switch, "
              f"{cls['fault']} fault"]
+    asi = POLICIES[policy].miss_is_switch
     for i, d in enumerate(res.misses(policy)):
         kinds = ", ".join(f"{k} {c}" for k, c in d.kinds.most_common())
-        lines.append(f"  {d.miss.line(i)}: {d.count} exits ({kinds})")
+        lines.append(f"  {d.miss.line(i, asi)}: {d.count} exits ({kinds})")
     for why, c in res.switches(policy).most_common():
         lines.append(f"  switch: {why}: {c} exits")
     agree, paired = res.agreement(policy)
@@ -115,13 +117,13 @@ def result_dict(res: MeasuredResult, record: Any, runs: Any) -> dict[str, Any]:
         w = p.window
         exits.append({"run": label, "window": w.window.seq, "kind": w.kind, "reason": w.window.reason,
                       "paired": p.paired,
-                      "measured": {pol: _measured_dict(v) for pol, v in p.measured.items()},
+                      "measured": {pol: _measured_dict(v, pol) for pol, v in p.measured.items()},
                       "modeled": {pol: modeled_text(v) for pol, v in p.modeled.items()} if p.paired else None})
     return {
         "directory": str(record.directory), "kernel": runs.kernel, "vendor": runs.vendor, "source": "tcg-plugin",
         "runs": [r.label for r in runs.runs],
         "policies": {pol: {"classes": dict(res.classes(pol)),
-                           "misses": [{"line": d.miss.line(i), "function": d.miss.site.function,
+                           "misses": [{"line": d.miss.line(i, POLICIES[pol].miss_is_switch), "function": d.miss.site.function,
                                        "offset": d.miss.site.offset, "address": d.miss.address,
                                        "object": d.miss.named.object, "member": d.miss.named.member,
                                        "count": d.count, "kinds": dict(d.kinds)} for i, d in enumerate(res.misses(pol))],
@@ -137,10 +139,10 @@ def result_dict(res: MeasuredResult, record: Any, runs: Any) -> dict[str, Any]:
     }
 
 
-def _measured_dict(v: Any) -> dict[str, Any]:
+def _measured_dict(v: Any, policy: str) -> dict[str, Any]:
     d = {"class": v.cls, "kind": v.kind, "why": v.why, "text": measured_text(v)}
     if v.miss is not None:
-        d["line"] = v.miss.line(0)
+        d["line"] = v.miss.line(0, POLICIES[policy].miss_is_switch)
     return d
 
 
