@@ -1,10 +1,12 @@
 """What a recorded access touched: the object (in the access model's names), the member (from the
-guest's BTF), and where the object's address comes from.
+guest's BTF; a per-CPU variable from kallsyms, which lists them at their unit offsets), and where
+the object's address comes from.
 
 Objects are the VM's real objects of the same boot (the evidence's regions: ``vcpu_struct``,
 ``vmcb``, ``kvm_run_page`` ...). Where none holds the address, the kernel's map names what it
 can: the kernel's and KVM's global data (``kernel_data``, with the kallsyms variable), a
-``struct page`` in vmemmap (``struct_page``), the cpu_entry_area, user memory; an address in
+``struct page`` in vmemmap (``struct_page``), the cpu_entry_area, user memory, guest memory
+through its direct-map alias (``guest_memory``, member ``(direct-map alias)``); an address in
 the direct map or vmalloc space that no object of the evidence covers is *unplaced*
 (``direct_map?``, ``vmalloc?``): an object kvmiso does not read (a shadow page's header, a TDP
 table below the root, another slab object), never guessed.
