@@ -23,10 +23,10 @@ from .isolation.measuredexits import SpaceView
 from .isolation.measuredrender import result_dict, result_text
 from .isolation.measuredresult import UNMODELED, MeasuredResult
 from .isolation.windowpath import Sites, WindowPath
-from .observe.accessrecord import AccessRecord, RecordError, read_record
+from .observe.accessrecord import AccessRecord, RecordError, Window
 from .observe.evidence import EvidenceError, read_evidence, resolve_code
 from .observe.exitlog import ExitLogError, read_jsonl
-from .observe.recordruns import FIELDS, RecordRuns, read_runs
+from .observe.recordruns import FIELDS, RecordedRun, RecordRuns
 
 POLICIES = ("rfc-v1", "asi", "asi-2022")
 
@@ -64,8 +64,9 @@ def measure_record(record: AccessRecord, runs: RecordRuns, model: AccessModel | 
     return MeasuredResult(compared, table, policies)
 
 
-def _measure_run(run, windows, runs: RecordRuns, record: AccessRecord, fields: dict[str, Any] | None, sites: Sites,
-                 model: AccessModel, table: AccessTable, policies: tuple[str, ...]) -> RunComparison:
+def _measure_run(run: RecordedRun, windows: list[Window], runs: RecordRuns, record: AccessRecord,
+                 fields: dict[str, Any] | None, sites: Sites, model: AccessModel, table: AccessTable,
+                 policies: tuple[str, ...]) -> RunComparison:
     """One run: its evidence and traced log read, its windows compared and tabled."""
     evidence = read_evidence(runs.path(run.evidence))
     log = read_jsonl(runs.path(run.log)) if run.log else None

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from .exitstatus import EXIT_FAILED, CliError
-from .guest import GuestTimeout, Machine, Outcome
+from .guest import GuestTimeout, Machine, Outcome, RunResult
 from .guest.suite import SuiteEntry, suite
 from .host import vendor_module
 from .kvm import Kvm
@@ -107,7 +107,8 @@ def _record_entry(directory: Path, kvm: Kvm, index: int, entry: SuiteEntry,
     return run, ev
 
 
-def _run(m: Machine, entry: SuiteEntry, timeout: float):
+def _run(m: Machine, entry: SuiteEntry, timeout: float) -> RunResult:
+    """The entry's run, a timeout being a result like any other (a payload built to spin)."""
     try:
         return m.run(timeout=timeout, **entry.run_kwargs())
     except GuestTimeout as e:
