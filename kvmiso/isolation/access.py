@@ -1,12 +1,15 @@
 """The access model: for each kernel function that runs while KVM handles an exit, the VM objects
 it dereferences, its role, and the source line that says so (``access.toml``).
 
-The check walks each exit's *observed* call chains through this table: a function on a chain
-that the table does not know is a finding ("unknown function on the path"), never skipped.
-Compiler clones share their function's entry (``__pvm_handle_exit.isra.0`` is
-``__pvm_handle_exit``); the tracepoint machinery (``trace_event_raw_event_*``, role ``observer``)
-is matched by prefix and not checked (it is kvmiso's own instrument, not KVM's path). The
-functions with role ``exit-handler`` open every policy's isolated window.
+The check walks each exit's *observed* call chains through this table. Compiler clones share
+their function's entry (``__pvm_handle_exit.isra.0`` is ``__pvm_handle_exit``); the tracepoint
+machinery (``trace_event_raw_event_*``, role ``observer``) is matched by prefix and not checked
+(it is kvmiso's own instrument, not KVM's path). The functions with role ``exit-handler`` open
+every policy's isolated window.
+
+Each entry has a **basis**: ``source`` (read in the kernel source it cites) or ``inference``
+(named from call chains; its accesses inferred, the note says how). A function on a chain that
+the table does not know is a finding ("unknown function on the path"), never skipped.
 
 >>> model = load_access_model()
 >>> model.lookup("em_out.cold").touches
@@ -23,6 +26,7 @@ from .tomlfile import TomlFileError, line_of, load_toml
 
 ACCESS_TOML = Path(__file__).with_name("access.toml")
 ROLES = ("", "run-loop", "entry-loop", "exit-handler", "switch-rfc", "observer", "host-mm")
+BASES = ("source", "inference", "derived")  # how an entry's accesses are known; see the module docstring
 USERSPACE = "@userspace"
 _CLONE = re.compile(r"\.(?:isra|constprop|part|cold|llvm)\.?\d*.*$")
 
@@ -51,6 +55,13 @@ class FunctionAccess:
     before: dict[str, tuple[str, ...]] = field(default_factory=dict, compare=False)
     # object -> the callee (no frame on a chain: it returned) whose code touches it first
     first: dict[str, str] = field(default_factory=dict, compare=False)
+    basis: str = "source"  # one of BASES
+    hidden_callers: tuple[tuple[str, str], ...] = ()  # (caller on the chain, the tail-calling function between)
+
+    @property
+    def label(self) -> str:
+        """``INFERENCE`` or ``DERIVED`` where the accesses were not read in source, else ""."""
+        return "" if self.basis == "source" else self.basis.upper()
 
     def objects(self, vendor: str, config: dict[str, str], to_userspace: bool) -> tuple[str, ...]:
         """What this function touches on ``vendor`` with kernel ``config`` (``CONFIG_KVM*``; where
@@ -124,6 +135,12 @@ class AccessModel:
                 return p
         return None
 
+    def hidden_frame(self, caller: str, function: str) -> str | None:
+        """The function a tail call hid between ``caller`` and ``function`` on a chain, where
+        the table says so (``hidden_caller``), else None."""
+        fa = self.lookup(function)
+        return dict(fa.hidden_callers).get(base_name(caller)) if fa is not None else None
+
     @property
     def exit_handlers(self) -> frozenset[str]:
         """Functions that run only after a VM exit: where the isolated window is seen to begin."""
@@ -186,9 +203,16 @@ def load_access_model(path: str | Path = ACCESS_TOML) -> AccessModel:
         cite = e.get("cite", "")
         if not isinstance(cite, str) or not cite.strip():
             raise fail(f"{name}: every entry cites the source it was read from (cite = ...)", needle)
-        unknown = set(e) - {key, "touches", "role", "cite", "note", "when", "after", "before", "first"}
+        unknown = set(e) - {key, "touches", "role", "cite", "note", "when", "after", "before", "first", "basis",
+                            "hidden_caller"}
         if unknown:
             raise fail(f"{name}: unknown key {sorted(unknown)[0]!r}", needle)
+        basis = e.get("basis", "source")
+        if basis not in BASES[:2]:
+            raise fail(f"{name}: basis is 'source' or 'inference', not {basis!r}", needle)
+        hidden = e.get("hidden_caller", {})
+        if not isinstance(hidden, dict) or not all(isinstance(v, str) for v in hidden.values()):
+            raise fail(f"{name}: hidden_caller maps a caller to the function a tail call hid", needle)
         vt = e.get("when", {})
         if not isinstance(vt, dict) or not all(isinstance(v, list) for v in vt.values()):
             raise fail(f"{name}: when maps a vendor module or CONFIG_ option to a list of objects", needle)
@@ -202,7 +226,8 @@ def load_access_model(path: str | Path = ACCESS_TOML) -> AccessModel:
             raise fail(f"{name}: first maps an object to the callee that touches it first", needle)
         return FunctionAccess(name, tuple(touches), role, cite, e.get("note", ""), line_of(text, needle) or 0,
                               tuple((k, tuple(v)) for k, v in vt.items()), {k: tuple(v) for k, v in after.items()},
-                              {k: tuple(v) for k, v in before.items()}, dict(first))
+                              {k: tuple(v) for k, v in before.items()}, dict(first),
+                              basis=basis, hidden_callers=tuple(hidden.items()))
 
     functions: dict[str, FunctionAccess] = {}
     for e in doc.get("function", []):
@@ -250,5 +275,5 @@ def load_access_model(path: str | Path = ACCESS_TOML) -> AccessModel:
                        emulated, untraced)
 
 
-__all__ = ["USERSPACE", "ACCESS_TOML", "AccessModel", "AccessModelError", "EmulatedPath", "ExitPath", "FunctionAccess", "ROLES", "UntracedPath", "base_name",
-           "load_access_model", "opcode"]
+__all__ = ["USERSPACE", "ACCESS_TOML", "AccessModel", "AccessModelError", "BASES", "EmulatedPath", "ExitPath", "FunctionAccess",
+           "ROLES", "UntracedPath", "base_name", "load_access_model", "opcode"]

@@ -46,6 +46,7 @@ class Checker:
         self.unknown: Counter = Counter()
         self.unplaced: Counter = Counter()
         self.unresolved = 0
+        self.resting: dict[str, str] = {}  # this exit's entries not read in source: function -> basis
 
     def _is_mapped(self, addr: int) -> bool:
         m = self._mapped.get(addr)
@@ -121,7 +122,8 @@ class Checker:
                 return where, Verdict("unknown", kind, f"unknown function on the path: {name}")
             if fa.role == "observer":
                 break  # the tracepoint's own machinery: kvmiso's instrument, not KVM's path
-            why = self.policy.switch_at(name)
+            self._rest(fa)
+            why = self.policy.switch_at(name) or self._hidden_switch(names[k - 1], name)
             if why:
                 return where, Verdict("host_mm", kind, f"{name}: {why}")
             touches = (self.access.implicit if k == start else ()) + self.objects(fa, to_userspace)
@@ -142,6 +144,19 @@ class Checker:
             if miss is not None:
                 return where, self._miss(kind, miss)
         return where, v
+
+    def _rest(self, fa: FunctionAccess) -> None:
+        """Note that this exit's verdict rests on ``fa`` when it was not read in source."""
+        if fa.basis != "source":
+            self.resting[fa.name] = fa.basis
+
+    def _hidden_switch(self, caller: str, name: str) -> str | None:
+        """The policy's switch at a function a tail call hid between ``caller`` and ``name``."""
+        hidden = self.access.hidden_frame(caller, name)
+        why = self.policy.switch_at(hidden) if hidden else None
+        if why:
+            self.resting[hidden] = "inference"
+        return why and f"{hidden} (hidden by its tail call into {name} under {caller}: INFERENCE): {why}"
 
     def objects(self, fa: FunctionAccess, to_userspace: bool) -> tuple[str, ...]:
         """What ``fa`` touches on this kernel for an exit that does (not) go to userspace."""
@@ -169,6 +184,7 @@ class Checker:
             if why:
                 return Verdict("host_mm", kind, f"{name} ({origin}): {why}")
             fa = self.access.functions[name]
+            self._rest(fa)
             miss = self._object_miss(self.objects(fa, to_userspace), vcpu, cpu, None, fa, (), origin=origin)
             if miss is not None:
                 return self._miss(kind, miss)
@@ -201,7 +217,7 @@ class Checker:
                 return Fault(fa.name, f.offset if f else 0, f.size if f else 0, addr, r.name, source,
                              stack=_stack(frames) if f else (f"{fa.name} ({origin})",),
                              first_access=fa.first.get(name, ""), after_call=after_call,
-                             on_chain=f is not None)
+                             on_chain=f is not None, basis=fa.basis)
         return None
 
 

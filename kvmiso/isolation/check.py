@@ -119,18 +119,21 @@ def _classify_run(checker: Checker, r: RunRecord, has_exit_events: bool, res: Ch
     to_user_exit = last if not isinstance(r.exit, IntrExit) else -1
     switches, left = 1, False  # entering the isolated space before the first VM entry
     isolated = False  # after an exit handled in the isolated space, until a switch or the next entry
-    verdicts: list[list] = []  # [group index, verdict, opener] of each exit
+    verdicts: list[list] = []  # [group index, verdict, opener, entries it rests on] of each exit
     for x, group in enumerate(exits):
+        checker.resting = {}
         verdict, where, opener = _exit_verdict(checker, r, group, chains, x == to_user_exit, res, n, isolated)
         if where == "reentry":  # the last exit's iteration goes on: its verdict, if it still stayed
             if verdicts and verdicts[-1][1] is None:
                 verdicts[-1][1] = verdict
+                verdicts[-1][3].update(checker.resting)
         elif where == "checked":
-            verdicts.append([x, verdict, opener])
+            verdicts.append([x, verdict, opener, checker.resting])
         if where != "outside":
             isolated = verdicts[-1][1] is None
-    for x, verdict, opener in verdicts:
+    for x, verdict, opener, resting in verdicts:
         cls = _tally(res, verdict, opener.kind, n)
+        res.rest(cls, resting, n)
         if cls in ("host_mm", "fault"):
             switches += 1 + (1 if x < last else 0)  # out, and back in before the next entry
             left = x == last

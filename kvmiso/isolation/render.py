@@ -119,6 +119,7 @@ def result_text(res: CheckResult, title: str = "", stack: bool = False) -> str:
             out += [f"    {frame}" for frame in f.stack]
     for fn, n in res.unknown_functions.most_common():
         out.append(f"  unknown function on the path: {fn} ({n} events): not in the access model")
+    out += _resting_lines(res)
     out.append(f"  switches: {res.switches} ({res.switches_per_run:.2f} per KVM_RUN); estimated overhead "
                f"{res.overhead_ns / 1e3:.1f} µs = {100 * res.overhead_share:.2f}% of {res.wall_ns / 1e3:.1f} µs measured "
                f"in KVM_RUN round trips, at {res.switch_cost_ns:g} ns per switch ({res.switch_cost_source})")
@@ -138,6 +139,24 @@ def result_text(res: CheckResult, title: str = "", stack: bool = False) -> str:
     out += [f"  not seen: {u}" for u in res.unseen]
     out += [f"  note: {n}" for n in res.notes]
     return "\n".join(out)
+
+
+_RESTING = {"inference": "on access entries INFERRED from call chains, not read in kernel source",
+            "derived": "on functions access.toml does not name, their objects DERIVED from this kernel's BTF prototypes"}
+
+
+def _resting_lines(res: CheckResult) -> list[str]:
+    """The INFERENCE and DERIVED labels of the verdicts: how many exits of each class rest on
+    which entries."""
+    out = []
+    for basis, what in _RESTING.items():
+        exits = res.resting_exits[basis]
+        if not exits:
+            continue
+        classes = ", ".join(f"{c} {n}" for c, n in exits.most_common())
+        fns = ", ".join(f"{fn} ({n})" for fn, n in res.resting[basis].most_common())
+        out.append(f"  {basis.upper()}: {sum(exits.values())} of {res.exits} exits rest {what} ({classes}): {fns}")
+    return out
 
 
 __all__ = ["model_summary", "model_text", "result_text", "size_text"]
