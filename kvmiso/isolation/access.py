@@ -8,25 +8,36 @@ machinery (``trace_event_raw_event_*``, role ``observer``) is matched by prefix 
 every policy's isolated window.
 
 Each entry has a **basis**: ``source`` (read in the kernel source it cites) or ``inference``
-(named from call chains; its accesses inferred, the note says how). A function on a chain that
-the table does not know is a finding ("unknown function on the path"), never skipped.
+(named from call chains; its accesses inferred, the note says how). A function the table does
+not name is placed by the kernel that ran it (:meth:`AccessModel.resolve`): its BTF prototype's
+pointer parameters name its objects (basis ``derived``, through the ``[derive]`` table), or, where
+that kernel's BTF has no FUNC record for it, its neighbours on the chain do (``inference``). A
+frame that cannot be placed at all (an address no symbol explains, no known caller) stays a
+finding ("unknown function on the path"), never skipped.
 
 >>> model = load_access_model()
 >>> model.lookup("em_out.cold").touches
 ('emulate_ctxt',)
+>>> model.resolve(["pvm_handle_exit", "pvm_push_frame_renamed"], 1, "6.18.44-fc-v1300").basis
+'inference'
 """
 
 from __future__ import annotations
 
+import platform
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..observe.btf import BTF_DIR, Btf, BtfError, Param
 from .tomlfile import TomlFileError, line_of, load_toml
 
 ACCESS_TOML = Path(__file__).with_name("access.toml")
 ROLES = ("", "run-loop", "entry-loop", "exit-handler", "switch-rfc", "observer", "host-mm")
 BASES = ("source", "inference", "derived")  # how an entry's accesses are known; see the module docstring
+# A kernel's function prototypes: name -> its BTF parameters, or None where its BTF has no FUNC record.
+Prototypes = Callable[[str], "tuple[Param, ...] | None"]
 USERSPACE = "@userspace"
 _CLONE = re.compile(r"\.(?:isra|constprop|part|cold|llvm)\.?\d*.*$")
 
@@ -120,6 +131,11 @@ class AccessModel:
     exit_paths: dict[tuple[str, str], ExitPath] = field(default_factory=dict)
     emulated: dict[str, EmulatedPath] = field(default_factory=dict)  # opcode (hex) -> its path
     untraced: dict[str, UntracedPath] = field(default_factory=dict)  # "kvm:kvm_emulate_insn" -> its path
+    derive_types: dict[str, str] = field(default_factory=dict)  # struct name -> object ([derive] types)
+    derive_cite: str = ""
+    # which kernel's prototypes: (kernel release) -> Prototypes, or None where none can be read
+    prototypes_for: Callable[[str], Prototypes | None] = field(default_factory=lambda: running_prototypes)
+    _derived: dict[tuple[str, str], FunctionAccess | None] = field(default_factory=dict, repr=False)
 
     def emulated_path(self, insn: bytes, long_mode: bool) -> EmulatedPath | None:
         """The path that executes the instruction ``insn`` (kvm_emulate_insn's bytes), or None."""
@@ -134,6 +150,51 @@ class AccessModel:
             if function.startswith(p.name):
                 return p
         return None
+
+    def resolve(self, chain: Sequence[str], i: int, kernel: str) -> FunctionAccess | None:
+        """The entry for ``chain[i]`` (a call chain's function names, outermost first) on the
+        kernel release ``kernel``: the table's; else DERIVED from that kernel's BTF prototype;
+        else INFERENCE from its nearest placed neighbours (the objects both its caller and its
+        callee touch: what the caller hands down through it); else None, a finding."""
+        hit = self.lookup(chain[i]) or self.derive(chain[i], kernel)
+        if hit is not None or chain[i].startswith("0x"):
+            return hit
+        caller = next((fa for j in range(i - 1, -1, -1) if (fa := self._known(chain[j], kernel))), None)
+        if caller is None:
+            return None
+        callee = None
+        for name in chain[i + 1:]:
+            fa = self._known(name, kernel)
+            if fa is not None:
+                callee = None if fa.role == "observer" else fa
+                break
+        touches = tuple(t for t in caller.touches if callee is None or t in callee.touches)
+        below = f" and {callee.name} below it: the objects both touch" if callee else ": what it touches"
+        return FunctionAccess(base_name(chain[i]), touches, "", f"not in access.toml and no BTF FUNC record for it on "
+                              f"kernel {kernel or '(unknown)'}: placed by its neighbours on the chain, {caller.name} "
+                              f"above{below}", "INFERENCE: its objects are what its caller hands down", basis="inference")
+
+    def _known(self, function: str, kernel: str) -> FunctionAccess | None:
+        return None if function.startswith("0x") else self.lookup(function) or self.derive(function, kernel)
+
+    def derive(self, function: str, kernel: str) -> FunctionAccess | None:
+        """A DERIVED entry for ``function`` from the BTF prototype ``kernel`` has for it (each
+        pointer parameter to a struct of the ``[derive]`` table names an object), or None where
+        that kernel's BTF has no FUNC record for it (or is not the running kernel's)."""
+        name = base_name(function)
+        key = (name, kernel)
+        if key not in self._derived:
+            protos = self.prototypes_for(kernel)
+            params = protos(name) if protos is not None else None
+            self._derived[key] = None if params is None else self._from_prototype(name, params, kernel)
+        return self._derived[key]
+
+    def _from_prototype(self, name: str, params: tuple[Param, ...], kernel: str) -> FunctionAccess:
+        touches = tuple(dict.fromkeys(self.derive_types[p.pointee] for p in params if p.pointee in self.derive_types))
+        proto = ", ".join(p.ctype + ("" if p.ctype.endswith("*") else " ") + p.name for p in params)
+        return FunctionAccess(name, touches, "", f"BTF FUNC {name}({proto}) of the running kernel {kernel}",
+                              "DERIVED: not in access.toml; its objects are the structs its parameters point at "
+                              "(access.toml [derive])", basis="derived")
 
     def hidden_frame(self, caller: str, function: str) -> str | None:
         """The function a tail call hid between ``caller`` and ``function`` on a chain, where
@@ -178,6 +239,24 @@ def base_name(function: str) -> str:
     return _CLONE.sub("", function)
 
 
+def running_prototypes(kernel: str) -> Prototypes | None:
+    """The function prototypes of the running kernel's BTF (vmlinux and the KVM modules' split
+    BTF), if ``kernel`` is the running kernel's release and it exports BTF; else None."""
+    if not kernel or kernel != platform.release():
+        return None
+    try:
+        btf = Btf.running(tuple(sorted(p.name for p in BTF_DIR.glob("kvm*"))))
+    except BtfError:
+        return None
+
+    def prototype(name: str) -> tuple[Param, ...] | None:
+        try:
+            return btf.func(name)
+        except BtfError:
+            return None
+    return prototype
+
+
 def load_access_model(path: str | Path = ACCESS_TOML) -> AccessModel:
     """Parse and validate an access model."""
     try:
@@ -209,7 +288,7 @@ def load_access_model(path: str | Path = ACCESS_TOML) -> AccessModel:
             raise fail(f"{name}: unknown key {sorted(unknown)[0]!r}", needle)
         basis = e.get("basis", "source")
         if basis not in BASES[:2]:
-            raise fail(f"{name}: basis is 'source' or 'inference', not {basis!r}", needle)
+            raise fail(f"{name}: basis is 'source' or 'inference' (derived entries are made from BTF), not {basis!r}", needle)
         hidden = e.get("hidden_caller", {})
         if not isinstance(hidden, dict) or not all(isinstance(v, str) for v in hidden.values()):
             raise fail(f"{name}: hidden_caller maps a caller to the function a tail call hid", needle)
@@ -271,9 +350,15 @@ def load_access_model(path: str | Path = ACCESS_TOML) -> AccessModel:
     for e in doc.get("untraced", []):
         fns = known("untraced", ("event", "functions"), f"untraced event {e.get('event')}", e)
         untraced[e["event"]] = UntracedPath(e["event"], fns, e["cite"])
+    derive = doc.get("derive", {})
+    types = derive.get("types", {})
+    if not isinstance(types, dict) or not all(isinstance(v, str) for v in types.values()):
+        raise fail("[derive] types maps a struct name to an object name", "[derive")
+    if types and not derive.get("cite"):
+        raise fail("[derive] cites where its struct-to-object table was read (cite = ...)", "[derive")
     return AccessModel(functions, prefixes, tuple(imp.get("touches", ())), imp.get("cite", ""), str(path), paths,
-                       emulated, untraced)
+                       emulated, untraced, derive_types=types, derive_cite=derive.get("cite", ""))
 
 
 __all__ = ["USERSPACE", "ACCESS_TOML", "AccessModel", "AccessModelError", "BASES", "EmulatedPath", "ExitPath", "FunctionAccess",
-           "ROLES", "UntracedPath", "base_name", "load_access_model", "opcode"]
+           "Prototypes", "ROLES", "UntracedPath", "base_name", "load_access_model", "opcode", "running_prototypes"]

@@ -47,6 +47,7 @@ class Checker:
         self.unplaced: Counter = Counter()
         self.unresolved = 0
         self.resting: dict[str, str] = {}  # this exit's entries not read in source: function -> basis
+        self.placed: dict[str, FunctionAccess] = {}  # functions access.toml does not name, as placed
 
     def _is_mapped(self, addr: int) -> bool:
         m = self._mapped.get(addr)
@@ -116,7 +117,7 @@ class Checker:
         innermost, after_return = None, []
         for k in range(start, len(frames)):
             f, name = frames[k], names[k]
-            fa = self.access.lookup(f.function)
+            fa = self.access.resolve([g.function for g in frames], k, self.layout.evidence.kernel)
             if fa is None:
                 self.unknown[name] += 1
                 return where, Verdict("unknown", kind, f"unknown function on the path: {name}")
@@ -149,6 +150,8 @@ class Checker:
         """Note that this exit's verdict rests on ``fa`` when it was not read in source."""
         if fa.basis != "source":
             self.resting[fa.name] = fa.basis
+            if fa.line == 0:  # made for this chain: not an access.toml entry
+                self.placed.setdefault(fa.name, fa)
 
     def _hidden_switch(self, caller: str, name: str) -> str | None:
         """The policy's switch at a function a tail call hid between ``caller`` and ``name``."""

@@ -68,6 +68,7 @@ def check(space: KvmAddressSpace | DenylistSpace, log: ExitLog, access: AccessMo
         res.switch_hist[switches] += n
     _charge_untraced(checker, log, res)
     res.unknown_functions = checker.unknown
+    res.placed = {n: {"basis": fa.basis, "objects": list(fa.touches), "cite": fa.cite} for n, fa in checker.placed.items()}
     res.unplaced = checker.unplaced
     res.unresolved_frames = checker.unresolved
     if res.unresolved_frames:

@@ -85,9 +85,10 @@ class CheckResult:
     unseen: list[str] = field(default_factory=list)  # what the check could not see, and what that means
     notes: list[str] = field(default_factory=list)
     # verdicts resting on access entries not read in source: basis -> Counter(function -> exits),
-    # and basis -> Counter(class -> exits)
+    # and basis -> Counter(class -> exits); and the functions access.toml does not name, as placed
     resting: dict[str, Counter] = field(default_factory=lambda: {"inference": Counter(), "derived": Counter()})
     resting_exits: dict[str, Counter] = field(default_factory=lambda: {"inference": Counter(), "derived": Counter()})
+    placed: dict[str, dict[str, Any]] = field(default_factory=dict)  # function -> basis, objects, cite
 
     @property
     def switches_per_run(self) -> float:
@@ -136,6 +137,8 @@ class CheckResult:
         for basis in self.resting:
             self.resting[basis].update(other.resting[basis])
             self.resting_exits[basis].update(other.resting_exits[basis])
+        for fn, how in other.placed.items():
+            self.placed.setdefault(fn, how)
         mine = {(f.function, f.region): f for f in self.faults}
         for f in other.faults:
             if (f.function, f.region) in mine:
@@ -175,4 +178,5 @@ class CheckResult:
             "notes": self.notes,
             **{basis: {"exits": dict(self.resting_exits[basis]), "functions": dict(self.resting[basis])}
                for basis in ("inference", "derived")},
+            "placed_functions": self.placed,
         }

@@ -147,7 +147,7 @@ _RESTING = {"inference": "on access entries INFERRED from call chains, not read 
 
 def _resting_lines(res: CheckResult) -> list[str]:
     """The INFERENCE and DERIVED labels of the verdicts: how many exits of each class rest on
-    which entries."""
+    which entries, and how each function access.toml does not name was placed."""
     out = []
     for basis, what in _RESTING.items():
         exits = res.resting_exits[basis]
@@ -156,6 +156,8 @@ def _resting_lines(res: CheckResult) -> list[str]:
         classes = ", ".join(f"{c} {n}" for c, n in exits.most_common())
         fns = ", ".join(f"{fn} ({n})" for fn, n in res.resting[basis].most_common())
         out.append(f"  {basis.upper()}: {sum(exits.values())} of {res.exits} exits rest {what} ({classes}): {fns}")
+    for fn, how in sorted(res.placed.items()):
+        out.append(f"    {fn}: {how['basis'].upper()} objects {', '.join(how['objects']) or '(none)'}: {how['cite']}")
     return out
 
 
