@@ -123,12 +123,14 @@ def test_on_the_running_kernel_a_removed_entry_is_derived_or_inferred_by_what_it
     removed = ([n for n in ("pvm_push_frame", *with_func) if n in with_func][:1] + without[:1])
     assert removed and (protos is None or with_func)  # this host's BTF has FUNC records: one is derived
     model = _without(tmp_path, *removed)
-    res = check_run(run, "asi-2022", access=model)
-    assert not res.unknown_functions
+    assert not check_run(run, "asi-2022", access=model).unknown_functions
+    chains = [[run.evidence.code[a].function if a in run.evidence.code else f"{a:#x}" for a in reversed(e.stack)]
+              for _, e in run.log.events()]
     for name in removed:
-        how = res.placed[name]
+        chain = next(c for c in chains if name in map(base_name, c))
+        fa = model.resolve(chain, [base_name(f) for f in chain].index(name), kernel)
         if name in with_func:
-            want = list(dict.fromkeys(model.derive_types[p.pointee] for p in protos(name) if p.pointee in model.derive_types))
-            assert how["basis"] == "derived" and how["objects"] == want and how["cite"].startswith(f"BTF FUNC {name}(")
+            want = tuple(dict.fromkeys(model.derive_types[p.pointee] for p in protos(name) if p.pointee in model.derive_types))
+            assert fa.basis == "derived" and fa.touches == want and fa.cite.startswith(f"BTF FUNC {name}("), fa
         else:
-            assert how["basis"] == "inference" and "placed by its neighbours" in how["cite"]
+            assert fa.basis == "inference" and "placed by its neighbours" in fa.cite, fa
