@@ -5,16 +5,19 @@ For every KVM_RUN of the log, the events inside it are cut into exits (``kvm_exi
 VMX/SVM hosts; on kvm_pvm, which has none, each emulated instruction (``kvm_emulate_insn``) and
 each run of native-trap events does). Each event's kernel call chain is checked if it lies in the
 policy's isolated window (:mod:`.policy`): from the first window frame inward, every function
-must be known to the access model, its code page must be mapped, and every object it touches
-(at its real address, from the evidence) must translate through the isolated table. The first
-miss is the exit's verdict:
+must be placed by the access model (its access.toml entry, else DERIVED from the kernel's BTF
+prototype, else INFERENCE from its neighbours: :meth:`.AccessModel.resolve`), its code page must
+be mapped, and every object it touches (at its real address, from the evidence) must translate
+through the isolated table. The first miss is the exit's verdict; a verdict that rests on an
+entry not read in source says INFERENCE or DERIVED (``CheckResult.resting``):
 
 ``kvm_mm``   handled inside the isolated space;
 ``host_mm``  reached a designed switch (an RFC patch 07 site, an interrupt, a context switch, or
              under ASI a page fault on sensitive memory: asi_exit);
 ``fault``    under an allowlist, an access kvm_mm does not map before any designed switch,
              printed in the RFC's line with the real function+offset and address;
-``unknown``  a function on the path the access model does not know: a finding, never dropped.
+``unknown``  a frame on the path nothing places (an address no symbol explains): a finding,
+             never dropped.
 
 Events outside the window (the ioctl path, ``complete_userspace_io``, ``kvm_mmu_load`` before
 entry) run on the full address space by design: counted as ``outside``, not checked. Events not
