@@ -114,7 +114,7 @@ def test_on_the_running_kernel_a_removed_entry_is_derived_or_inferred_by_what_it
     assert kernel == platform.release()
     protos = running_prototypes(kernel)
     referenced = {fn for p in full.exit_paths.values() for fn in p.functions}
-    referenced |= {fn for p in full.emulated.values() for fn in p.functions}
+    referenced |= {fn for p in [*full.emulated.values(), *full.untraced.values()] for fn in p.functions}
     referenced |= {fn for f in full.functions.values() for fns in f.after.values() for fn in fns}
     shown = {base_name(f.function) for f in run.evidence.code.values()}
     candidates = sorted(n for n in shown if n in full.functions and n not in referenced and not full.functions[n].role)
