@@ -66,12 +66,7 @@ class kvm_userspace_memory_region2(ctypes.Structure):
     """struct kvm_userspace_memory_region2 (KVM_SET_USER_MEMORY_REGION2, Linux 6.8+): a memory
     slot that may also take its private memory from a guest_memfd."""
 
-    _fields_ = [
-        ("slot", c_uint32),
-        ("flags", c_uint32),
-        ("guest_phys_addr", c_uint64),
-        ("memory_size", c_uint64),
-        ("userspace_addr", c_uint64),
+    _fields_ = kvm_userspace_memory_region._fields_ + [  # the first five are struct kvm_userspace_memory_region's
         ("guest_memfd_offset", c_uint64),
         ("guest_memfd", c_uint32),
         ("pad1", c_uint32),
