@@ -46,9 +46,10 @@ X86_FEATURES: dict[str, Feature] = {
     **_leaf(0x7, 0, "edx", "IBT:20 AMX_TILE:24 SPEC_CTRL:26 FLUSH_L1D:28 ARCH_CAPABILITIES:29"),
     **_leaf(0xD, 1, "eax", "XSAVEOPT:0 XSAVEC:1 XGETBV1:2 XSAVES:3 XFD:4"),
     **_leaf(0x80000001, 0, "ecx", "LAHF_LM:0 SVM:2 ABM:5"),
-    **_leaf(0x80000001, 0, "edx", "SYSCALL:11 NX:20 GBPAGES:26 RDTSCP:27 LM:29"),
+    **_leaf(0x80000001, 0, "edx", "SYSCALL:11 NX:20 FXSR_OPT:25 GBPAGES:26 RDTSCP:27 LM:29"),
     **_leaf(0x80000007, 0, "edx", "INVTSC:8"),
     **_leaf(0x8000000A, 0, "edx", "NPT:0 LBRV:1 NRIPS:3"),
+    **_leaf(0x80000021, 0, "eax", "AUTOIBRS:8"),
     **_leaf(0x40000001, 0, "eax", "KVM_CLOCKSOURCE:0 KVM_NOP_IO_DELAY:1 KVM_CLOCKSOURCE2:3 KVM_ASYNC_PF:4 "
             "KVM_STEAL_TIME:5 KVM_PV_EOI:6 KVM_PV_UNHALT:7 KVM_PV_TLB_FLUSH:9 KVM_PV_SEND_IPI:11"),
 }
@@ -90,5 +91,5 @@ CR4 = enum.IntFlag("CR4", _bits("VME:0 PVI:1 TSD:2 DE:3 PSE:4 PAE:5 MCE:6 PGE:7 
                                 "UMIP:11 LA57:12 VMXE:13 SMXE:14 FSGSBASE:16 PCIDE:17 OSXSAVE:18 SMEP:20 SMAP:21 "
                                 "PKE:22 CET:23"))
 CR4.__doc__ = "CR4's bits (``kvm_sregs.cr4``)."
-EFER = enum.IntFlag("EFER", _bits("SCE:0 LME:8 LMA:10 NX:11 SVME:12 LMSLE:13 FFXSR:14"))
+EFER = enum.IntFlag("EFER", _bits("SCE:0 LME:8 LMA:10 NX:11 SVME:12 LMSLE:13 FFXSR:14 AUTOIBRS:21"))
 EFER.__doc__ = "The IA32_EFER MSR's bits (``kvm_sregs.efer``)."

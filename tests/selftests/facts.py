@@ -35,3 +35,25 @@ def msr_index_list_has_one_kvm_refuses(kvm: Kvm) -> bool:
             except KvmError:
                 return True
     return False
+
+
+@_once
+def set_sregs_ignores_cpuid(kvm: Kvm) -> bool:
+    """KVM_SET_SREGS takes a CR4 bit whose feature the vCPU's CPUID (the supported one) lacks,
+    where KVM refuses it with EINVAL (kvm_pvm v1300: CR4.OSXSAVE without XSAVE)."""
+    from kvmiso.kvm.x86 import CR4
+
+    lacking = [bit for name, bit in (("XSAVE", CR4.OSXSAVE), ("LA57", CR4.LA57), ("VMX", CR4.VMXE), ("PKU", CR4.PKE),
+                                     ("SMAP", CR4.SMAP), ("FSGSBASE", CR4.FSGSBASE)) if not kvm.cpu_has(name)]
+    with kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu()
+        vcpu.set_cpuid2(kvm.get_supported_cpuid())
+        for bit in lacking:
+            sregs = vcpu.get_sregs()
+            sregs.cr4 |= bit
+            try:
+                vcpu.set_sregs(sregs)
+            except KvmError:
+                continue
+            return True
+    return False

@@ -7,9 +7,9 @@ Upstream assertions (upstream line: assertion -> line here):
     23 GUEST_ASSERT_EQ(count, 0) -> 26
     24 GUEST_ASSERT_EQ((unsigned long)buffer, end) -> 27
     46 __GUEST_ASSERT(buffer[i] == 0xaa, ...) -> 41
-    67 TEST_ASSERT_KVM_EXIT_REASON(vcpu, KVM_EXIT_IO) -> 56
-    72 TEST_ASSERT(run->io.port == 0x80, ...) -> 50
-    93-97 UCALL_DONE, REPORT_GUEST_ASSERT, TEST_FAIL on any other ucall -> 56
+    68 TEST_ASSERT_KVM_EXIT_REASON(vcpu, KVM_EXIT_IO) -> 56
+    73 TEST_ASSERT(run->io.port == 0x80, ...) -> 50
+    93-98 UCALL_DONE, REPORT_GUEST_ASSERT, TEST_FAIL on any other ucall -> 56
 
 Lines: 31 here (Python and guest code, without this docstring, blank and comment lines) for
 upstream's 69 (103 with comments and blank lines).
