@@ -57,3 +57,14 @@ def set_sregs_ignores_cpuid(kvm: Kvm) -> bool:
                 continue
             return True
     return False
+
+
+@_once
+def get_cpuid2_differs_from_set(kvm: Kvm) -> bool:
+    """KVM_GET_CPUID2 gives other values than KVM_SET_CPUID2 set (the supported CPUID), beyond
+    the bits KVM changes at run time (kvm_pvm v1300: leaf 1 as the host CPU has it)."""
+    with kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu()
+        vcpu.set_cpuid2(kvm.get_supported_cpuid())
+        return {(e.function, e.index): (e.eax, e.edx) for e in vcpu.get_cpuid2() if e.function != 0xD} != {
+            (e.function, e.index): (e.eax, e.edx) for e in kvm.get_supported_cpuid() if e.function != 0xD}
