@@ -119,7 +119,8 @@ def test_debugregs_xsave_xcrs_and_mp_state_read_back_what_was_set(vm):
 
 
 @pytest.mark.kvm_deviation(msr_index_list_has_one_kvm_refuses,
-                           "KVM_SET_MSRS refuses a value KVM_GET_MSRS read of an MSR of KVM_GET_MSR_INDEX_LIST")
+                           "KVM_SET_MSRS refuses a value KVM_GET_MSRS read of an MSR of KVM_GET_MSR_INDEX_LIST",
+                           raises=KvmError)
 def test_a_saved_state_loads_back_and_the_guest_runs_again_from_it(machine):
     m = machine("hello", "long")
     state = m.vcpu.save_state()

@@ -5,19 +5,19 @@ KVM_SET_CPUID2 only the always-allowed bits; never CR0 bits 32-63, NW without CD
 PE, nor an IA32_APIC_BASE with reserved bits (the regression of d3802286fa0f).
 
 Upstream assertions (upstream line: assertion -> line here):
-    37 TEST_INVALID_SREG_BIT: TEST_ASSERT(rc, "KVM allowed invalid ...") -> 44
-    41 TEST_INVALID_SREG_BIT: TEST_ASSERT(!memcmp(...), "KVM modified sregs") -> 46
-    106 TEST_ASSERT(!rc, "Failed to set supported CR4 bits") -> 52
-    108 TEST_ASSERT(OSXSAVE in CPUID == CR4.OSXSAVE) -> 54
-    113 TEST_ASSERT(OSPKE in CPUID == CR4.PKE) -> 55
-    119 TEST_ASSERT_EQ(sregs.cr4, cr4) -> 56
-    121-130 TEST_INVALID_SREG_BIT(cr4, UMIP ... PKE), called at 57 -> 44, 46
-    132-137 TEST_INVALID_SREG_BIT(cr0, bits 32-63, NW, PG), called at 58 -> 44, 46
-    148 TEST_ASSERT(!rc, "Failed to set supported EFER bits") -> 64
-    151 TEST_ASSERT_EQ(sregs.efer, efer) -> 65
-    153-157 TEST_INVALID_SREG_BIT(efer, LME, NX, SVME, FFXSR, AUTOIBRS), called at 66 -> 44, 46
-    186 TEST_ASSERT(rc, "Set IA32_APIC_BASE to 1 << 10 (invalid)") -> 80
-    190 TEST_ASSERT(!rc, "Couldn't set IA32_APIC_BASE to 1 << 11 (valid)") -> 83
+    37 TEST_INVALID_SREG_BIT: TEST_ASSERT(rc, "KVM allowed invalid ...") -> 45
+    41 TEST_INVALID_SREG_BIT: TEST_ASSERT(!memcmp(...), "KVM modified sregs") -> 47
+    106 TEST_ASSERT(!rc, "Failed to set supported CR4 bits") -> 53
+    108 TEST_ASSERT(OSXSAVE in CPUID == CR4.OSXSAVE) -> 55
+    113 TEST_ASSERT(OSPKE in CPUID == CR4.PKE) -> 56
+    119 TEST_ASSERT_EQ(sregs.cr4, cr4) -> 57
+    121-130 TEST_INVALID_SREG_BIT(cr4, UMIP ... PKE), called at 58 -> 45, 47
+    132-137 TEST_INVALID_SREG_BIT(cr0, bits 32-63, NW, PG), called at 59 -> 45, 47
+    148 TEST_ASSERT(!rc, "Failed to set supported EFER bits") -> 65
+    151 TEST_ASSERT_EQ(sregs.efer, efer) -> 66
+    153-157 TEST_INVALID_SREG_BIT(efer, LME, NX, SVME, FFXSR, AUTOIBRS), called at 67 -> 45, 47
+    186 TEST_ASSERT(rc, "Set IA32_APIC_BASE to 1 << 10 (invalid)") -> 81
+    190 TEST_ASSERT(!rc, "Couldn't set IA32_APIC_BASE to 1 << 11 (valid)") -> 84
 
 Lines: 50 here (Python, without this docstring, blank and comment lines) for upstream's 101
 (141 with comments and blank lines), counted in Linux 6.12's set_sregs_test.c, the smaller.
@@ -30,6 +30,8 @@ from kvmiso.kvm.x86 import CR0, CR4, EFER, cpu_has
 
 from .facts import set_sregs_ignores_cpuid
 
+DEVIATION = pytest.mark.kvm_deviation(set_sregs_ignores_cpuid, "it takes bits the CPUID lacks", raises=pytest.fail.Exception)
+
 ALWAYS_CR4 = CR4.VME | CR4.PVI | CR4.TSD | CR4.DE | CR4.PSE | CR4.PAE | CR4.MCE | CR4.PGE | CR4.PCE | CR4.OSFXSR | CR4.OSXMMEXCPT
 CR4_OF = {"UMIP": CR4.UMIP, "LA57": CR4.LA57, "VMX": CR4.VMXE, "SMX": CR4.SMXE, "FSGSBASE": CR4.FSGSBASE,
           "PCID": CR4.PCIDE, "XSAVE": CR4.OSXSAVE, "SMEP": CR4.SMEP, "SMAP": CR4.SMAP, "PKU": CR4.PKE}
@@ -39,8 +41,7 @@ EFER_OF = {"LM": EFER.LME | EFER.LMA, "NX": EFER.NX, "SVM": EFER.SVME, "FXSR_OPT
 def invalid_bits(vcpu, orig, reg, bits):
     for bit in bits:
         if not getattr(orig, reg) & bit:  # else the feature is there: nothing to refuse
-            new = abi.kvm_sregs.from_buffer_copy(orig)
-            setattr(new, reg, getattr(orig, reg) | bit)
+            setattr(new := abi.kvm_sregs.from_buffer_copy(orig), reg, getattr(orig, reg) | bit)
             with pytest.raises(KvmError, match="KVM_SET_SREGS failed: EINVAL"):
                 vcpu.set_sregs(new)  # KVM allowed an invalid bit
             assert bytes(vcpu.get_sregs()) == bytes(orig), "KVM modified sregs"
@@ -66,7 +67,7 @@ def efer_bits(vcpu, efer):
     invalid_bits(vcpu, sregs, "efer", (EFER.LME, EFER.NX, EFER.SVME, EFER.FFXSR, EFER.AUTOIBRS))
 
 
-@pytest.mark.kvm_deviation(set_sregs_ignores_cpuid, "KVM_SET_SREGS takes CR4/EFER bits the vCPU's CPUID lacks")
+@DEVIATION
 def test_without_cpuid_only_the_always_allowed_bits(vm):
     vcpu = vm.create_vcpu()  # no KVM_SET_CPUID2: KVM enforces an empty CPUID all the same
     efer_bits(vcpu, EFER.SCE)
@@ -83,7 +84,7 @@ def test_apic_base_with_reserved_bits_is_refused(machine):
     vcpu.set_sregs(sregs)  # asserts a valid one is taken: KvmError otherwise
 
 
-@pytest.mark.kvm_deviation(set_sregs_ignores_cpuid, "KVM_SET_SREGS takes CR4/EFER bits the vCPU's CPUID lacks")
+@DEVIATION
 def test_with_the_supported_cpuid_its_bits(kvm, machine):
     vcpu = machine("hello").vcpu  # long mode, the supported CPUID
     cr_bits(vcpu, ALWAYS_CR4 | sum(bit for name, bit in CR4_OF.items() if kvm.cpu_has(name)), cpuid=True)
