@@ -175,9 +175,12 @@ class Vm(FdOwner):
     def delete_memory(self, slot: int) -> None:
         """Delete memory slot ``slot`` (KVM_SET_USER_MEMORY_REGION of size 0), then free its
         memory where the VM mapped it. A vCPU running meanwhile sees MMIO where the slot was."""
-        s = self.slots[slot]
-        self.set_user_memory_region(slot, s.guest_phys_addr, 0, s.host_addr, s.flags)
-        del self.slots[slot]
+        s = self.slots.pop(slot)  # first: no reader finds it once KVM may have dropped it
+        try:
+            self.set_user_memory_region(slot, s.guest_phys_addr, 0, s.host_addr, s.flags)
+        except BaseException:
+            self.slots[slot] = s
+            raise
         s._release()
 
     def move_memory(self, slot: int, guest_phys_addr: int) -> MemorySlot:
