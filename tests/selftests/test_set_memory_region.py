@@ -15,20 +15,20 @@ Upstream assertions (upstream line: assertion -> line here):
     244-252 guest delete: GUEST_ASSERT_EQ(MMIO), (0), (MMIO) -> 85, 86, 87
     269 guest delete: GUEST_ASSERT(0) -> 91
     309 TEST_ASSERT(exit SHUTDOWN or INTERNAL_ERROR) -> 165
-    320 TEST_ASSERT(final_rip_start <= rip < final_rip_end) -> 167
-    340 test_zero_memory_regions: TEST_ASSERT_KVM_EXIT_REASON(INTERNAL_ERROR) -> 173
-    374, 382 TEST_ASSERT(EINVAL) from KVM_SET_USER_MEMORY_REGION(2) for each flag -> 184, 187
-    392, 398 TEST_ASSERT(EINVAL) for dirty-logged and read-only guest_memfd slots -> 192
-    426 TEST_ASSERT(max_mem_slots > 0) -> 199
-    443 vm_set_user_memory_region for each slot (kvm_util asserts) -> 203
-    456 TEST_ASSERT(EINVAL) for one more slot -> 204
-    472 test_invalid_guest_memfd: TEST_ASSERT(EINVAL), 4 cases and 4095 offsets -> 223
-    495, 504 vm_set_user_memory_region2 of a good guest_memfd (kvm_util asserts) -> 237, 242
-    523-534 vm_set_user_memory_region2: two slots, one deleted (kvm_util asserts) -> 249, 250, 251
-    542, 550 TEST_ASSERT(EEXIST) for overlapping guest_memfd bindings -> 253, 255
+    320 TEST_ASSERT(final_rip_start <= rip < final_rip_end) -> 168
+    340 test_zero_memory_regions: TEST_ASSERT_KVM_EXIT_REASON(INTERNAL_ERROR) -> 174
+    374, 382 TEST_ASSERT(EINVAL) from KVM_SET_USER_MEMORY_REGION(2) for each flag -> 185, 188
+    392, 398 TEST_ASSERT(EINVAL) for dirty-logged and read-only guest_memfd slots -> 193
+    426 TEST_ASSERT(max_mem_slots > 0) -> 200
+    443 vm_set_user_memory_region for each slot (kvm_util asserts) -> 205
+    456 TEST_ASSERT(EINVAL) for one more slot -> 206
+    472 test_invalid_guest_memfd: TEST_ASSERT(EINVAL), 4 cases and 4095 offsets -> 225
+    495, 504 vm_set_user_memory_region2 of a good guest_memfd (kvm_util asserts) -> 239, 244
+    523-534 vm_set_user_memory_region2: two slots, one deleted (kvm_util asserts) -> 251, 252, 253
+    542, 550 TEST_ASSERT(EEXIST) for overlapping guest_memfd bindings -> 255, 257
 (mmap's TEST_ASSERTs at 439 and 451 are Python's OSError here.)
 
-Lines: 184 here (Python and guest code, without this docstring, blank and comment lines) for
+Lines: 186 here (Python and guest code, without this docstring, blank and comment lines) for
 upstream's 387 (605 with comments and blank lines).
 """
 
@@ -164,7 +164,8 @@ def test_delete_memory_region(kvm, machine):
             r = run.join()
             assert r.outcome in (Outcome.SHUTDOWN, Outcome.INTERNAL_ERROR), r.detail
             if r.outcome is Outcome.INTERNAL_ERROR:
-                assert run.m.image.symbols["final_rip_start"] <= run.m.vcpu.get_regs().rip < run.m.image.symbols["final_rip_end"]
+                sym = run.m.image.symbols
+                assert sym["final_rip_start"] <= run.m.vcpu.get_regs().rip < sym["final_rip_end"]
 
 
 def test_zero_memory_regions(vm):
@@ -197,7 +198,8 @@ def test_invalid_memory_region_flags(kvm):
 def test_add_max_memory_regions(kvm):
     slots = kvm.check_extension("NR_MEMSLOTS")
     assert slots > 0
-    with kvm.create_vm() as vm, mmap.mmap(-1, slots * SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE) as mem:
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE
+    with kvm.create_vm() as vm, mmap.mmap(-1, slots * SIZE, flags=flags) as mem:
         base = mmap_address(mem)
         for slot in range(slots):
             vm.set_user_memory_region(slot, slot * SIZE, SIZE, base + slot * SIZE)  # asserts each is taken

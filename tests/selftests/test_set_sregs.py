@@ -28,11 +28,11 @@ import pytest
 from kvmiso.kvm import KvmError, abi
 from kvmiso.kvm.x86 import CR0, CR4, EFER, cpu_has
 
-from .facts import set_sregs_ignores_cpuid
+from .facts import set_sregs_ignores_cpuid as ignores_cpuid
 
-DEVIATION = pytest.mark.kvm_deviation(set_sregs_ignores_cpuid, "KVM_SET_SREGS takes bits the CPUID lacks", raises=pytest.fail.Exception)
+DEVIATION = pytest.mark.kvm_deviation(ignores_cpuid, "KVM_SET_SREGS takes bits the CPUID lacks", raises=pytest.fail.Exception)
 
-ALWAYS_CR4 = CR4.VME | CR4.PVI | CR4.TSD | CR4.DE | CR4.PSE | CR4.PAE | CR4.MCE | CR4.PGE | CR4.PCE | CR4.OSFXSR | CR4.OSXMMEXCPT
+ALWAYS_CR4 = CR4(sum(CR4[name] for name in "VME PVI TSD DE PSE PAE MCE PGE PCE OSFXSR OSXMMEXCPT".split()))
 CR4_OF = {"UMIP": CR4.UMIP, "LA57": CR4.LA57, "VMX": CR4.VMXE, "SMX": CR4.SMXE, "FSGSBASE": CR4.FSGSBASE,
           "PCID": CR4.PCIDE, "XSAVE": CR4.OSXSAVE, "SMEP": CR4.SMEP, "SMAP": CR4.SMAP, "PKU": CR4.PKE}
 EFER_OF = {"LM": EFER.LME | EFER.LMA, "NX": EFER.NX, "SVM": EFER.SVME, "FXSR_OPT": EFER.FFXSR, "AUTOIBRS": EFER.AUTOIBRS}

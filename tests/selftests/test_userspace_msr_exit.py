@@ -7,32 +7,32 @@ flag bits of the capability, the filter and its ranges are refused. With KVM's f
 emulation prefix on (kvm.force_emulation_prefix), the first test runs again through the emulator.
 
 Upstream assertions (line in Linux 6.12's file; + for one added since: assertion -> line here):
-    220-255 guest_code_filter_allow: GUEST_ASSERT(data, exception count), 10 -> 91, 92, 94, 96, 98, 100, 102, 104, 105, 106
-    265-283 the same 10 through forced emulation (the em_ functions) -> 91, 92, 94, 96, 98, 100, 102, 104, 105, 106
-    296-300 guest_msr_calls: GUEST_ASSERT(rdmsr(SYSCALL_MASK, GS_BASE) ==/!= index) -> 112, 113
-    310 guest_msr_calls: GUEST_ASSERT(rdmsr(0xdeadbeef) == 0xdeadbeef) -> 116
-    334-344 guest_code_permission_bitmap: GUEST_ASSERT(data ==/!= FS/GS_BASE), 4 -> 134, 135, 137, 138
-    + (08c51f5bddc8) the same reads once more after filter_allow: != FS/GS_BASE -> 137
-    360 __guest_gp_handler: GUEST_ASSERT(!"RIP is at an unknown location!") -> 84
-    384 check_for_guest_assert: REPORT_GUEST_ASSERT -> 167
-    394-395 process_rdmsr: TEST_ASSERT_KVM_EXIT_REASON(RDMSR), TEST_ASSERT(index) -> 168
-    416 process_rdmsr: TEST_ASSERT(false, "Unexpected MSR") -> 172
-    426-427 process_wrmsr: TEST_ASSERT_KVM_EXIT_REASON(WRMSR), TEST_ASSERT(index) -> 168
-    444 process_wrmsr: TEST_ASSERT(false, "Unexpected MSR") -> 177
-    454-456 process_ucall_done: TEST_ASSERT_KVM_EXIT_REASON(IO), UCALL_DONE -> 191, 222
-    467, 479 process_ucall: TEST_ASSERT_KVM_EXIT_REASON(IO), "Unexpected ucall" -> 190, 218
-    546 TEST_ASSERT_EQ(cmd, UCALL_SYNC) (forced emulation on) -> 190
-    564 TEST_ASSERT_EQ(cmd, UCALL_DONE) -> 191
-    575 handle_ucall: REPORT_GUEST_ASSERT, 583 TEST_FAIL("Unknown ucall") -> 208
-    596, 601 handle_rdmsr: TEST_ASSERT(reason FILTER, UNKNOWN) -> 203
-    612-621 handle_wrmsr: TEST_ASSERT(data 0x1234, reason FILTER, UNKNOWN) -> 206
-    663-664 TEST_ASSERT(msr_reads == 4, msr_writes == 3) -> 210
-    681 TEST_ASSERT(run_guest_then_process_ucall(vcpu) == UCALL_SYNC) -> 218
-    693-695 test_user_exit_msr_ioctl: TEST_ASSERT(!r) or TEST_ASSERT(EINVAL) -> 227, 229
+    220-255 guest_code_filter_allow: GUEST_ASSERT(data, exception count), 10 -> 92, 93, 95, 97, 99, 101, 103, 105, 106, 107
+    265-283 the same 10 through forced emulation (the em_ functions) -> 92, 93, 95, 97, 99, 101, 103, 105, 106, 107
+    296-300 guest_msr_calls: GUEST_ASSERT(rdmsr(SYSCALL_MASK, GS_BASE) ==/!= index) -> 113, 114
+    310 guest_msr_calls: GUEST_ASSERT(rdmsr(0xdeadbeef) == 0xdeadbeef) -> 117
+    334-344 guest_code_permission_bitmap: GUEST_ASSERT(data ==/!= FS/GS_BASE), 4 -> 135, 136, 138, 139
+    + (08c51f5bddc8) the same reads once more after filter_allow: != FS/GS_BASE -> 141
+    360 __guest_gp_handler: GUEST_ASSERT(!"RIP is at an unknown location!") -> 85
+    384 check_for_guest_assert: REPORT_GUEST_ASSERT -> 170
+    394-395 process_rdmsr: TEST_ASSERT_KVM_EXIT_REASON(RDMSR), TEST_ASSERT(index) -> 171
+    416 process_rdmsr: TEST_ASSERT(false, "Unexpected MSR") -> 176
+    426-427 process_wrmsr: TEST_ASSERT_KVM_EXIT_REASON(WRMSR), TEST_ASSERT(index) -> 171
+    444 process_wrmsr: TEST_ASSERT(false, "Unexpected MSR") -> 181
+    454-456 process_ucall_done: TEST_ASSERT_KVM_EXIT_REASON(IO), UCALL_DONE -> 196, 227
+    467, 479 process_ucall: TEST_ASSERT_KVM_EXIT_REASON(IO), "Unexpected ucall" -> 195, 223
+    546 TEST_ASSERT_EQ(cmd, UCALL_SYNC) (forced emulation on) -> 195
+    564 TEST_ASSERT_EQ(cmd, UCALL_DONE) -> 196
+    575 handle_ucall: REPORT_GUEST_ASSERT, 583 TEST_FAIL("Unknown ucall") -> 213
+    596, 601 handle_rdmsr: TEST_ASSERT(reason FILTER, UNKNOWN) -> 208
+    612-621 handle_wrmsr: TEST_ASSERT(data 0x1234, reason FILTER, UNKNOWN) -> 211
+    663-664 TEST_ASSERT(msr_reads == 4, msr_writes == 3) -> 215
+    681 TEST_ASSERT(run_guest_then_process_ucall(vcpu) == UCALL_SYNC) -> 223
+    693-695 test_user_exit_msr_ioctl: TEST_ASSERT(!r) or TEST_ASSERT(EINVAL) -> 232, 234
 (TEST_ASSERT(kvm_check_cap(...)) at 520, 524, 633, 639, 673, 677, 708 and 736 are the kvm_cap
 marks here, which skip where upstream fails. CPL0, as upstream.)
 
-Lines: 173 here (Python and guest code, without this docstring, blank and comment lines) for
+Lines: 179 here (Python and guest code, without this docstring, blank and comment lines) for
 upstream's 573 (769 with comments and blank lines), counted in Linux 6.12's file, the smaller.
 """
 
@@ -67,7 +67,8 @@ static __attribute__((noinline)) unsigned long test_##p##rdmsr(unsigned int msr)
 static __attribute__((noinline)) void test_##p##wrmsr(unsigned int msr, unsigned long v)                      \
 {                                                                                                         \
 	guest_exception_count = 0;                                                                        \
-	__asm__ volatile(prefix #p "wrmsr_start: wrmsr; " #p "wrmsr_end:" : : "a"((unsigned int)v), "d"((unsigned int)(v >> 32)), "c"(msr) : "memory"); \
+	__asm__ volatile(prefix #p "wrmsr_start: wrmsr; " #p "wrmsr_end:"                              \
+			 : : "a"((unsigned int)v), "d"((unsigned int)(v >> 32)), "c"(msr) : "memory");     \
 }
 MSR_CALLS(, "")
 MSR_CALLS(em_, FEP)
@@ -141,9 +142,11 @@ void main(void)
 	}
 }
 """)
+FILTER, UNKNOWN = abi.KVM_MSR_EXIT_REASON_FILTER, abi.KVM_MSR_EXIT_REASON_UNKNOWN
 R, W, RW = abi.KVM_MSR_FILTER_READ, abi.KVM_MSR_FILTER_WRITE, abi.KVM_MSR_FILTER_READ | abi.KVM_MSR_FILTER_WRITE
 ONE = bytes(8)  # upstream's deny_bits: one MSR, denied
-FILTER_ALLOW = [MsrFilterRange(RW, XSS, ONE, 1), MsrFilterRange(RW, FLUSH_CMD, ONE, 1), MsrFilterRange(RW, NON_EXISTENT, ONE, 1)]
+FILTER_ALLOW = [MsrFilterRange(RW, XSS, ONE, 1), MsrFilterRange(RW, FLUSH_CMD, ONE, 1),
+                MsrFilterRange(RW, NON_EXISTENT, ONE, 1)]
 FILTER_DENY = [MsrFilterRange.allowing(R, 0, 0x3000), MsrFilterRange.allowing(W, 0, 0x3000, deny=[POWER_CTL]),
                MsrFilterRange.allowing(RW, 0x40000000, 0x3000),
                MsrFilterRange.allowing(R, 0xC0000000, 0x3000, deny=[SYSCALL_MASK, GS_BASE]),
@@ -165,7 +168,8 @@ def next_msr(m, kind, index, kept={}):  # noqa: B006 - upstream's static msr_non
     r = m.run(on_exit=lambda e: isinstance(e, (RdmsrExit, WrmsrExit)) and not seen.append(e), stop_at_sync=True)
     if not seen:
         r.raise_for_guest()
-    assert seen and isinstance(seen[0], kind) and seen[0].index == index, f"{seen or r.detail}: wanted {kind.__name__} {index:#x}"
+    assert seen and isinstance(seen[0], kind) and seen[0].index == index, \
+        f"{seen or r.detail}: wanted {kind.__name__} {index:#x}"
     e = seen[0]
     if kind is RdmsrExit:
         answers = {XSS: 0, NON_EXISTENT: kept.get(NON_EXISTENT, 0), FS_BASE: FS_BASE, GS_BASE: GS_BASE}
@@ -183,8 +187,9 @@ def test_msr_filter_allow(machine):
     m = msr_guest(machine, 0)
     m.vm.set_msr_filter(FILTER_ALLOW)
     for emulated in range(1 + FEP):
-        for kind, index in [(RdmsrExit, XSS), (WrmsrExit, XSS), (WrmsrExit, XSS), (RdmsrExit, FLUSH_CMD), (WrmsrExit, FLUSH_CMD),
-                            (WrmsrExit, FLUSH_CMD), (WrmsrExit, NON_EXISTENT), (RdmsrExit, NON_EXISTENT)]:
+        for kind, index in [(RdmsrExit, XSS), (WrmsrExit, XSS), (WrmsrExit, XSS),
+                            (RdmsrExit, FLUSH_CMD), (WrmsrExit, FLUSH_CMD), (WrmsrExit, FLUSH_CMD),
+                            (WrmsrExit, NON_EXISTENT), (RdmsrExit, NON_EXISTENT)]:
             next_msr(m, kind, index)
         if not emulated and FEP:
             m.run_until_sync()  # the guest goes on through the emulator
@@ -200,10 +205,10 @@ def test_msr_filter_deny(machine):
     def handle(e):
         counts[type(e)] += 1
         if isinstance(e, RdmsrExit):
-            assert e.msr_reason == {0xDEADBEEF: abi.KVM_MSR_EXIT_REASON_UNKNOWN}.get(e.index, abi.KVM_MSR_EXIT_REASON_FILTER)
+            assert e.msr_reason == (UNKNOWN if e.index == 0xDEADBEEF else FILTER)  # SYSCALL_MASK, GS_BASE: FILTER
             e.reply(e.index)
         elif e.index in (POWER_CTL, 0xDEADBEEF):
-            assert (e.data, e.msr_reason) == (0x1234, {POWER_CTL: abi.KVM_MSR_EXIT_REASON_FILTER}.get(e.index, abi.KVM_MSR_EXIT_REASON_UNKNOWN))
+            assert (e.data, e.msr_reason) == (0x1234, FILTER if e.index == POWER_CTL else UNKNOWN)
 
     for _ in m.syncs(on_msr=handle):  # a guest that fails raises here
         m.vm.set_msr_filter()  # no filter: the kernel handles everything now
@@ -236,5 +241,6 @@ def test_unused_flag_bits_are_refused(vm):
     for i in range(64):
         accepted_iff(1 << i & abi.KVM_MSR_EXIT_REASON_MASK, vm.enable_cap, "X86_USER_SPACE_MSR", 1 << i)
     for i in range(32):
-        accepted_iff(1 << i & abi.KVM_MSR_FILTER_VALID_MASK, vm.set_msr_filter, [MsrFilterRange(R, 0, ONE, 1)], flags=1 << i)
+        accepted_iff(1 << i & abi.KVM_MSR_FILTER_VALID_MASK, vm.set_msr_filter, [MsrFilterRange(R, 0, ONE, 1)],
+                     flags=1 << i)
         accepted_iff(1 << i & abi.KVM_MSR_FILTER_RANGE_VALID_MASK, vm.set_msr_filter, [MsrFilterRange(1 << i, 0, ONE, 1)])
