@@ -83,7 +83,8 @@ def test_get_cpuid2_says_e2big_while_the_buffer_is_too_small(vm):
     vcpu.set_cpuid2(entries)
     # the wrapper grows its buffer past E2BIG (the values: see selftests/test_cpuid.py)
     assert [(e.function, e.index) for e in vcpu.get_cpuid2()] == [(e.function, e.index) for e in entries]
-    small = type("cpuid2", (ctypes.Structure,), {"_fields_": [("hdr", abi.kvm_cpuid2), ("e", abi.kvm_cpuid_entry2 * 4)]})()
+    small = type("cpuid2", (ctypes.Structure,), {"_fields_": [("hdr", abi.kvm_cpuid2), ("e", abi.kvm_cpuid_entry2 * 4)],
+                                                 "header_type": abi.kvm_cpuid2})()  # the size the request encodes
     small.hdr.nent = 4
     with pytest.raises(KvmError) as e:
         vcpu.ioctl(abi.KVM_GET_CPUID2, small)
