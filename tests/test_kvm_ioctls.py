@@ -132,6 +132,23 @@ def test_a_saved_state_loads_back_and_the_guest_runs_again_from_it(machine):
     assert m.run().console_text == "Hello from a kvmiso guest!\n"
 
 
+def test_every_part_of_a_saved_state_but_a_refused_msr_loads_back(machine):
+    # the same round trip where KVM refuses an MSR of its own list (the test above): without it
+    m = machine("hello", "long")
+    state = m.vcpu.save_state()
+    for index, value in list(state.msrs.items()):
+        try:
+            m.vcpu.set_msrs({index: value})
+        except KvmError:
+            del state.msrs[index]
+    assert m.run().ok
+    m.vcpu.load_state(state)
+    assert bytes(m.vcpu.get_regs()) == bytes(state.regs) and bytes(m.vcpu.get_sregs()) == bytes(state.sregs)
+    msrs = [i for i in state.msrs if i != 0x10]  # not the TSC: it counts on
+    assert m.vcpu.get_msrs(msrs) == {i: state.msrs[i] for i in msrs}
+    assert m.run().console_text == "Hello from a kvmiso guest!\n"
+
+
 def test_the_raw_escapes_reach_each_fd(kvm, vm):
     assert kvm.ioctl(abi.KVM_CHECK_EXTENSION, abi.capability_number("SYNC_REGS")) == kvm.check_extension("SYNC_REGS")
     assert vm.ioctl(abi.KVM_SET_NR_MMU_PAGES, 64) == 0
