@@ -55,8 +55,26 @@ def get_cpuid(fd: int, request: int, nent: int = 100) -> list[CpuidEntry]:
                 nent *= 2
                 continue
             raise
+        count = buf.hdr.nent
+        if request == abi.KVM_GET_CPUID2 and count == nent:
+            count = _vcpu_cpuid_count(fd, nent)
         return [CpuidEntry(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
-                for e in buf.entries[: buf.hdr.nent]]
+                for e in buf.entries[:count]]
+
+
+def _vcpu_cpuid_count(fd: int, room: int) -> int:
+    """How many entries a KVM_GET_CPUID2 that fit in ``room`` and left nent as it was copied:
+    Linux 6.1 (say) writes nent on E2BIG only, never on success, where today's KVM does the
+    reverse. Asked with no room: an E2BIG that writes nent says the count; one that does not is
+    today's KVM, whose success said it already."""
+    buf = _cpuid2_buffer(0)
+    try:
+        ioctl(fd, abi.KVM_GET_CPUID2, buf)
+    except KvmError as e:
+        if e.errno != errno.E2BIG:
+            raise
+        return buf.hdr.nent or room
+    return 0  # no entries at all
 
 
 def set_cpuid(fd: int, entries: list[CpuidEntry]) -> None:
