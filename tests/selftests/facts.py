@@ -4,11 +4,18 @@ vendor module's name. Each takes the Kvm (the plugin's callable facts) and retur
 
 from __future__ import annotations
 
+import ctypes
 import functools
 
-from kvmiso.kvm import Kvm, KvmError
+from kvmiso.kvm import Kvm, KvmError, abi
 
 _measured: dict[str, bool] = {}
+
+
+def cpuid2_buffer(room: int) -> ctypes.Structure:
+    """A ``struct kvm_cpuid2`` with room for ``room`` entries and nent saying so."""
+    fields = [("hdr", abi.kvm_cpuid2), ("entries", abi.kvm_cpuid_entry2 * room)]
+    return type("kvm_cpuid2", (ctypes.Structure,), {"_fields_": fields, "header_type": abi.kvm_cpuid2})(abi.kvm_cpuid2(room))
 
 
 def _once(fact):
@@ -39,18 +46,21 @@ def msr_index_list_has_one_kvm_refuses(kvm: Kvm) -> bool:
 
 @_once
 def set_sregs_ignores_cpuid(kvm: Kvm) -> bool:
-    """KVM_SET_SREGS takes a CR4 bit whose feature the vCPU's CPUID (the supported one) lacks,
-    where KVM refuses it with EINVAL (kvm_pvm v1300: CR4.OSXSAVE without XSAVE)."""
-    from kvmiso.kvm.x86 import CR4
+    """KVM_SET_SREGS takes a CR4 or EFER bit whose feature the vCPU's CPUID (the supported one)
+    lacks, where KVM refuses it with EINVAL (kvm_pvm v1300: CR4.OSXSAVE without XSAVE; Linux 6.1:
+    EFER bits, which its KVM_SET_SREGS never checked)."""
+    from kvmiso.kvm.x86 import CR4, EFER
 
-    lacking = [bit for name, bit in (("XSAVE", CR4.OSXSAVE), ("LA57", CR4.LA57), ("VMX", CR4.VMXE), ("PKU", CR4.PKE),
-                                     ("SMAP", CR4.SMAP), ("FSGSBASE", CR4.FSGSBASE)) if not kvm.cpu_has(name)]
+    lacking = [(reg, bit) for reg, name, bit in (
+        ("cr4", "XSAVE", CR4.OSXSAVE), ("cr4", "LA57", CR4.LA57), ("cr4", "VMX", CR4.VMXE), ("cr4", "PKU", CR4.PKE),
+        ("cr4", "SMAP", CR4.SMAP), ("cr4", "FSGSBASE", CR4.FSGSBASE), ("efer", "SVM", EFER.SVME),
+        ("efer", "FXSR_OPT", EFER.FFXSR), ("efer", "AUTOIBRS", EFER.AUTOIBRS)) if not kvm.cpu_has(name)]
     with kvm.create_vm() as vm:
         vcpu = vm.create_vcpu()
         vcpu.set_cpuid2(kvm.get_supported_cpuid())
-        for bit in lacking:
+        for reg, bit in lacking:
             sregs = vcpu.get_sregs()
-            sregs.cr4 |= bit
+            setattr(sregs, reg, getattr(sregs, reg) | bit)
             try:
                 vcpu.set_sregs(sregs)
             except KvmError:
@@ -68,3 +78,15 @@ def get_cpuid2_differs_from_set(kvm: Kvm) -> bool:
         vcpu.set_cpuid2(kvm.get_supported_cpuid())
         return {(e.function, e.index): (e.eax, e.edx) for e in vcpu.get_cpuid2() if e.function != 0xD} != {
             (e.function, e.index): (e.eax, e.edx) for e in kvm.get_supported_cpuid() if e.function != 0xD}
+
+
+@_once
+def get_cpuid2_keeps_nent_on_success(kvm: Kvm) -> bool:
+    """KVM_GET_CPUID2 with room to spare leaves nent as it was instead of writing the count
+    (Linux 6.1; it writes nent on E2BIG instead)."""
+    with kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu()
+        entries = kvm.get_supported_cpuid()
+        vcpu.set_cpuid2(entries)
+        vcpu.ioctl(abi.KVM_GET_CPUID2, buf := cpuid2_buffer(len(entries) + 1))
+        return buf.hdr.nent != len(entries)

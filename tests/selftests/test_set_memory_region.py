@@ -7,28 +7,29 @@ the memory it had, and deleting the slot of its code and page tables ends it. Mo
 10 times each, and again with KVM_X86_QUIRK_SLOT_ZAP_ALL disabled where KVM offers that.
 
 Upstream assertions (upstream line: assertion -> line here):
-    79-83 vcpu_worker: TEST_ASSERT(!mmio.is_write, mmio.len == 8, mmio.phys_addr) -> 114
-    90 vcpu_worker: REPORT_GUEST_ASSERT -> 150, 165
-    99, 103 wait_for_vcpu: TEST_ASSERT(clock_gettime, sem_timedwait) -> 127
-    128 spawn_vm: TEST_ASSERT(gpa == MEM_REGION_GPA) -> 142
-    158-173 guest move: GUEST_ASSERT(1 or MMIO), (1 or 0), (1 or MMIO), EQ(1) -> 74, 76, 78, 80
-    244-252 guest delete: GUEST_ASSERT_EQ(MMIO), (0), (MMIO) -> 85, 86, 87
-    269 guest delete: GUEST_ASSERT(0) -> 91
-    309 TEST_ASSERT(exit SHUTDOWN or INTERNAL_ERROR) -> 165
-    320 TEST_ASSERT(final_rip_start <= rip < final_rip_end) -> 168
-    340 test_zero_memory_regions: TEST_ASSERT_KVM_EXIT_REASON(INTERNAL_ERROR) -> 174
-    374, 382 TEST_ASSERT(EINVAL) from KVM_SET_USER_MEMORY_REGION(2) for each flag -> 185, 188
-    392, 398 TEST_ASSERT(EINVAL) for dirty-logged and read-only guest_memfd slots -> 193
-    426 TEST_ASSERT(max_mem_slots > 0) -> 200
-    443 vm_set_user_memory_region for each slot (kvm_util asserts) -> 205
-    456 TEST_ASSERT(EINVAL) for one more slot -> 206
-    472 test_invalid_guest_memfd: TEST_ASSERT(EINVAL), 4 cases and 4095 offsets -> 225
-    495, 504 vm_set_user_memory_region2 of a good guest_memfd (kvm_util asserts) -> 239, 244
-    523-534 vm_set_user_memory_region2: two slots, one deleted (kvm_util asserts) -> 251, 252, 253
-    542, 550 TEST_ASSERT(EEXIST) for overlapping guest_memfd bindings -> 255, 257
-(mmap's TEST_ASSERTs at 439 and 451 are Python's OSError here.)
+    79-83 vcpu_worker: TEST_ASSERT(!mmio.is_write, mmio.len == 8, mmio.phys_addr) -> 115
+    90 vcpu_worker: REPORT_GUEST_ASSERT -> 151, 166
+    99, 103 wait_for_vcpu: TEST_ASSERT(clock_gettime, sem_timedwait) -> 128
+    128 spawn_vm: TEST_ASSERT(gpa == MEM_REGION_GPA) -> 143
+    158-173 guest move: GUEST_ASSERT(1 or MMIO), (1 or 0), (1 or MMIO), EQ(1) -> 75, 77, 79, 81
+    244-252 guest delete: GUEST_ASSERT_EQ(MMIO), (0), (MMIO) -> 86, 87, 88
+    269 guest delete: GUEST_ASSERT(0) -> 92
+    309 TEST_ASSERT(exit SHUTDOWN or INTERNAL_ERROR) -> 166
+    320 TEST_ASSERT(final_rip_start <= rip < final_rip_end) -> 169
+    340 test_zero_memory_regions: TEST_ASSERT_KVM_EXIT_REASON(INTERNAL_ERROR) -> 175
+    374, 382 TEST_ASSERT(EINVAL) from KVM_SET_USER_MEMORY_REGION(2) for each flag -> 190, 200
+    392, 398 TEST_ASSERT(EINVAL) for dirty-logged and read-only guest_memfd slots -> 205
+    426 TEST_ASSERT(max_mem_slots > 0) -> 212
+    443 vm_set_user_memory_region for each slot (kvm_util asserts) -> 217
+    456 TEST_ASSERT(EINVAL) for one more slot -> 218
+    472 test_invalid_guest_memfd: TEST_ASSERT(EINVAL), 4 cases and 4095 offsets -> 237
+    495, 504 vm_set_user_memory_region2 of a good guest_memfd (kvm_util asserts) -> 251, 256
+    523-534 vm_set_user_memory_region2: two slots, one deleted (kvm_util asserts) -> 263, 264, 265
+    542, 550 TEST_ASSERT(EEXIST) for overlapping guest_memfd bindings -> 267, 269
+(mmap's TEST_ASSERTs at 439 and 451 are Python's OSError here; KVM_SET_USER_MEMORY_REGION2's
+flags are a test of their own, which kvm_cap skips where the ioctl does not exist: before 6.8.)
 
-Lines: 186 here (Python and guest code, without this docstring, blank and comment lines) for
+Lines: 193 here (Python and guest code, without this docstring, blank and comment lines) for
 upstream's 387 (605 with comments and blank lines).
 """
 
@@ -174,16 +175,27 @@ def test_zero_memory_regions(vm):
     assert isinstance(vcpu.run(), InternalErrorExit)
 
 
-def test_invalid_memory_region_flags(kvm):
+def flags_vm(kvm):  # a protected VM where KVM has them; the flags it takes
     protected = kvm.check_extension("VM_TYPES") & 1 << abi.KVM_X86_SW_PROTECTED_VM
-    supported = abi.KVM_MEM_LOG_DIRTY_PAGES | abi.KVM_MEM_READONLY
-    with kvm.create_vm(abi.KVM_X86_SW_PROTECTED_VM if protected else 0) as vm:
-        if vm.check_extension("MEMORY_ATTRIBUTES") & abi.KVM_MEMORY_ATTRIBUTE_PRIVATE:
-            supported |= abi.KVM_MEM_GUEST_MEMFD
+    vm = kvm.create_vm(abi.KVM_X86_SW_PROTECTED_VM if protected else 0)
+    private = vm.check_extension("MEMORY_ATTRIBUTES") & abi.KVM_MEMORY_ATTRIBUTE_PRIVATE
+    return vm, abi.KVM_MEM_LOG_DIRTY_PAGES | abi.KVM_MEM_READONLY | (abi.KVM_MEM_GUEST_MEMFD if private else 0)
+
+
+def test_invalid_memory_region_flags(kvm):
+    vm, supported = flags_vm(kvm)
+    with vm:
         for flag in (1 << i for i in range(32)):
             if not supported & flag or flag & abi.KVM_MEM_GUEST_MEMFD:  # the second only in region2
                 with pytest.raises(KvmError, match="EINVAL"):
                     vm.set_user_memory_region(0, 0, SIZE, 0, flag)
+
+
+@pytest.mark.kvm_cap("USER_MEMORY2")  # KVM_SET_USER_MEMORY_REGION2: Linux 6.8 and later
+def test_invalid_memory_region2_flags(kvm):
+    vm, supported = flags_vm(kvm)
+    with vm:
+        for flag in (1 << i for i in range(32)):
             if not supported & flag:
                 with pytest.raises(KvmError, match="EINVAL"):
                     vm.set_user_memory_region2(0, 0, SIZE, 0, flag)
