@@ -63,18 +63,21 @@ def get_cpuid(fd: int, request: int, nent: int = 100) -> list[CpuidEntry]:
 
 
 def _vcpu_cpuid_count(fd: int, room: int) -> int:
-    """How many entries a KVM_GET_CPUID2 that fit in ``room`` and left nent as it was copied:
-    Linux 6.1 (say) writes nent on E2BIG only, never on success, where today's KVM does the
-    reverse. Asked with no room: an E2BIG that writes nent says the count; one that does not is
-    today's KVM, whose success said it already."""
-    buf = _cpuid2_buffer(0)
-    try:
-        ioctl(fd, abi.KVM_GET_CPUID2, buf)
-    except KvmError as e:
-        if e.errno != errno.E2BIG:
-            raise
-        return buf.hdr.nent or room
-    return 0  # no entries at all
+    """How many entries a KVM_GET_CPUID2 that fit in ``room`` and left nent as it was copied.
+    Today's KVM writes the count to nent on success; Linux 6.1 (say) writes it nowhere, but says
+    E2BIG exactly while nent is below it: the smallest nent it takes is the count."""
+    lo, hi = 0, room  # E2BIG below lo never seen; hi is taken
+    while lo < hi:
+        mid = (lo + hi) // 2
+        try:
+            ioctl(fd, abi.KVM_GET_CPUID2, _cpuid2_buffer(mid))
+        except KvmError as e:
+            if e.errno != errno.E2BIG:
+                raise
+            lo = mid + 1
+        else:
+            hi = mid
+    return hi
 
 
 def set_cpuid(fd: int, entries: list[CpuidEntry]) -> None:
