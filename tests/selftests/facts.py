@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from typing import Any, Callable
 
+from kvmiso.guest import Machine, RunResult, Source, build
 from kvmiso.kvm import Kvm, KvmError, abi
+from kvmiso.kvm.exits import DebugExit
 
 _measured: dict[str, bool] = {}
 
@@ -90,3 +93,53 @@ def get_cpuid2_keeps_nent_on_success(kvm: Kvm) -> bool:
         vcpu.set_cpuid2(entries)
         vcpu.ioctl(abi.KVM_GET_CPUID2, buf := cpuid2_buffer(len(entries) + 1))
         return buf.hdr.nent != len(entries)
+
+
+
+PROBE = Source.asm(r"""
+        .include "kvmiso.inc"
+        .globl main
+main:
+probe_nop: nop
+probe_int3: int3
+probe_sti: sti
+        nop
+        cli
+        ret
+""", name="debug_probe")
+
+
+def _probe_debug(kvm: Kvm, label: str, debug: Callable[[dict[str, int]], dict[str, Any]]) -> tuple[RunResult, dict[str, int]]:
+    """A run of PROBE from ``label`` under KVM_SET_GUEST_DEBUG(**debug(its symbols)), to its first
+    KVM_EXIT_DEBUG or its end, and the symbols."""
+    image = build(PROBE, "long")
+    with Machine(image, kvm=kvm) as m:
+        regs = m.vcpu.get_regs()
+        regs.rip = image.symbols[label]
+        m.vcpu.set_regs(regs)
+        m.vcpu.set_guest_debug(**debug(image.symbols))
+        return m.run(on_exit=lambda e: isinstance(e, DebugExit)), image.symbols
+
+
+@_once
+def hw_breakpoints_never_exit(kvm: Kvm) -> bool:
+    """An instruction breakpoint in DR0 (KVM_GUESTDBG_USE_HW_BP) ends in no KVM_EXIT_DEBUG: the
+    guest runs on past it (kvm_amd under QEMU's TCG, whose SVM leaves the guest's DR7 unused)."""
+    r, _ = _probe_debug(kvm, "probe_nop", lambda s: dict(debugreg=[s["probe_nop"]] + [0] * 6 + [0x402]))
+    return not isinstance(r.exits[-1], DebugExit)
+
+
+@_once
+def int3_reaches_the_guest(kvm: Kvm) -> bool:
+    """Under KVM_GUESTDBG_USE_SW_BP an INT3 is the guest's own #BP, not a KVM_EXIT_DEBUG (kvm_amd
+    under QEMU's TCG)."""
+    r, _ = _probe_debug(kvm, "probe_int3", lambda s: dict(sw_bp=True))
+    return r.exception is not None and r.exception.vector == 3
+
+
+@_once
+def single_step_skips_the_sti_shadow(kvm: Kvm) -> bool:
+    """Single-stepping STI stops after the instruction that follows it, not at that instruction
+    (kvm_amd under QEMU's TCG: the interrupt shadow holds the trap back)."""
+    r, s = _probe_debug(kvm, "probe_sti", lambda s: dict(single_step=True))
+    return isinstance(r.exits[-1], DebugExit) and r.exits[-1].pc != s["probe_sti"] + 1
