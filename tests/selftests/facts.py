@@ -143,3 +143,9 @@ def single_step_skips_the_sti_shadow(kvm: Kvm) -> bool:
     (kvm_amd under QEMU's TCG: the interrupt shadow holds the trap back)."""
     r, s = _probe_debug(kvm, "probe_sti", lambda s: dict(single_step=True))
     return isinstance(r.exits[-1], DebugExit) and r.exits[-1].pc != s["probe_sti"] + 1
+
+
+def svm_without_nrips(kvm: Kvm) -> bool:
+    """KVM offers a guest SVM but not next-RIP saving (kvm_amd with nrips=0, as QEMU's TCG runs
+    it): KVM cannot inject a soft exception (#BP) it cannot find the next instruction of."""
+    return kvm.cpu_has("SVM") and not kvm.cpu_has("NRIPS")
