@@ -19,6 +19,7 @@ from typing import Callable, NoReturn
 from .bench import command as bench_command
 from .boot import BootError
 from .boot import command as boot_command
+from .conformance import add_conformance_args, cmd_conformance
 from .guest import BuildError, GuestTimeout, Machine, Outcome
 from .guest.build import MODES, available_payloads, payload_modes, payload_path
 from .guest.ucall import PORT_CONSOLE
@@ -151,6 +152,10 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--measured", metavar="DIR", help="the access record of kvmiso boot --record-accesses DIR: "
                     "per exit, the functions that ran and their reads and writes")
     sp.set_defaults(func=_checking("cmd_check"))
+
+    sp = sub.add_parser("conformance", help="run the ports of KVM selftests: where this KVM departs from upstream's")
+    add_conformance_args(sp)
+    sp.set_defaults(func=cmd_conformance)
 
     sp = sub.add_parser("boot", help="run a command in a kernel under QEMU with this host's files (kvm_amd anywhere)")
     boot_command.add_boot_args(sp)
