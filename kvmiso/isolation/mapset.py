@@ -52,6 +52,10 @@ class RegionSpec:
     cite: str
     layout: str = ""  # the layout region(s) it copies (default: the same name)
     vendors: tuple[str, ...] = ()  # only for these vendor modules (empty: all)
+    # copy [first start, last end) of all the ranges as one: the RFC copies the per-CPU first
+    # chunk as pcpu_base_addr + pcpu_unit_size * pcpu_nr_units, not unit by unit (kvmiso reads
+    # one unit per possible CPU; units a group rounds up beyond them are left out)
+    hull: bool = False
 
 
 # The RFC's set (what its patches copy into kvm_mm), in the names of the objects kvmiso reads
@@ -59,7 +63,8 @@ class RegionSpec:
 # without an in-kernel LAPIC) are left out and said so.
 DEFAULT_SET = [
     RegionSpec("kernel_image", "core", "PMD", "RFC patch 19: kernel text, __START_KERNEL_map + KERNEL_IMAGE_SIZE at PMD level"),
-    RegionSpec("percpu_area", "percpu", "PTE", "RFC patch 19: the per-CPU area"),
+    RegionSpec("percpu_area", "percpu", "PMD", "RFC patch 19: kvm_copy_mapping(pcpu_base_addr, pcpu_unit_size * "
+               "pcpu_nr_units, PGT_LEVEL_PMD): every CPU's unit of the first chunk, at PMD level", hull=True),
     RegionSpec("cpu_entry_area", "core", "P4D", "RFC patch 19: cpu_entry_area at P4D level"),
     RegionSpec("espfix", "core", "P4D", "RFC patch 19: ESPFIX at P4D level"),
     RegionSpec("irq_stack", "percpu", "PTE", "RFC patch 19: per-CPU IRQ stacks"),
@@ -148,6 +153,8 @@ class KvmAddressSpace:
         widened to the level's alignment (the RFC maps whole pages)."""
         if ranges is None:
             ranges = [r for reg in self.layout.matching(spec.layout or spec.name) for r in reg.ranges]
+        if spec.hull and ranges:
+            ranges = [(min(s for s, _ in ranges), max(e for _, e in ranges))]
         span = LEVEL_SPAN[_level(spec.level)]
         for s, e in ranges:
             self.copy(s & ~(span - 1), (e + span - 1) & ~(span - 1), spec.level, spec.name)

@@ -1,0 +1,34 @@
+"""Each policy's isolated space as its patch series defines it, built over a fresh VM's real
+objects and live page table (the running kernel's, read through BPF): the 2019 RFC's per-CPU
+copy level and memslots, the 2022 ASI RFC's allowlist, and the mapped-size figure."""
+
+import pytest
+
+from kvmiso.guest import Machine
+from kvmiso.isolation import address_space
+from kvmiso.isolation.pagetable import SIZE_2M
+from kvmiso.session import layout_of, machine_evidence
+
+
+def _fresh(kvm, setup_vm=None):
+    """The layout of a fresh VM that has run (its MMU root, kvm_run page and thread exist)."""
+    with Machine("hello", mode="long", kvm=kvm, setup_vm=setup_vm) as m:
+        m.run(timeout=5)
+        ev = machine_evidence(m)
+        if not ev.real:
+            pytest.fail(f"no real objects on this host: {ev.source}")
+        return layout_of(ev, m)
+
+
+def test_rfc_copies_the_per_cpu_first_chunk_at_pmd_level(kvm):
+    """RFC patch 19: kvm_copy_mapping(pcpu_base_addr, pcpu_unit_size * pcpu_nr_units,
+    PGT_LEVEL_PMD): one copy of every unit, widened to whole 2 MiB PMD entries."""
+    lay = _fresh(kvm)
+    kas = address_space(lay, "rfc-v1")
+    units = lay.region("percpu_area").ranges
+    (c,) = [c for c in kas.copies if c.region == "percpu_area"]
+    lo, hi = min(s for s, _ in units), max(e for _, e in units)
+    assert (c.level, c.start, c.end) == ("PMD", lo & ~(SIZE_2M - 1), (hi + SIZE_2M - 1) & ~(SIZE_2M - 1))
+    for va in range(c.start, c.end, SIZE_2M):  # each 2 MiB the kernel maps there, whole
+        if kas.kernel.translate(va) is not None:
+            assert kas.mapped(va) and kas.mapped(va + SIZE_2M - 1), hex(va)
