@@ -32,3 +32,20 @@ def test_rfc_copies_the_per_cpu_first_chunk_at_pmd_level(kvm):
     for va in range(c.start, c.end, SIZE_2M):  # each 2 MiB the kernel maps there, whole
         if kas.kernel.translate(va) is not None:
             assert kas.mapped(va) and kas.mapped(va + SIZE_2M - 1), hex(va)
+
+
+def test_rfc_maps_every_memslot_of_the_vm(kvm):
+    """RFC patch 26 copies struct kvm_memslots, which held every kvm_memory_slot inline in 2019;
+    on 6.x each slot is its own object: the RFC's set maps each one (here two slots), not only
+    the set inside struct kvm, and still none of the rmap arrays the RFC never mapped."""
+    lay = _fresh(kvm, setup_vm=lambda vm: vm.add_memory(0x4000_0000, 0x20_0000))
+    kas = address_space(lay, "rfc-v1")
+    slots = lay.matching("memslot:*")
+    assert len(slots) == 2
+    copied = [(c.start, c.end) for c in kas.copies if c.region == "memslot"]
+    for r in slots:
+        (s, e), = r.ranges
+        assert any(cs <= s and e <= ce for cs, ce in copied), r.name  # named by the set, not by chance
+        assert kas.mapped(s) and kas.mapped(e - 1)
+    assert any(c.region == "memslots" for c in kas.copies)  # the active set, inside struct kvm
+    assert not any(c.region.startswith("rmap") for c in kas.copies)

@@ -85,7 +85,16 @@ DEFAULT_SET = [
     RegionSpec("vcpu_stack", "task", "PTE", "RFC patch 23: the vCPU task stack (THREAD_SIZE)"),
     RegionSpec("active_mm", "task", "PTE", "RFC patch 23: the task's active_mm"),
     RegionSpec("pgd", "task", "PTE", "RFC patch 23: active_mm->pgd"),
-    RegionSpec("memslots", "memslots", "PTE", "RFC patch 26: kvm->memslots[] (inside struct kvm on 6.x)"),
+    # RFC patch 26 copies sizeof(struct kvm_memslots) at kvm->memslots[i], and re-copies it when
+    # the memslots change: in 2019 that struct held every kvm_memory_slot inline (memslots[
+    # KVM_MEM_SLOTS_NUM]), so one copy mapped the lookup (generation, id_to_index, lru_slot) and the
+    # slots. Since 5.17 the set is embedded in struct kvm (__memslots) and each slot is its own
+    # kzalloc'd object in the set's trees: the intent is both, as two rows. rmap, lpage_info and
+    # the dirty bitmap were separate allocations in 2019 too, and the RFC mapped none of them.
+    RegionSpec("memslots", "memslots", "PTE", "RFC patch 26: kvm->memslots[] (struct kvm_memslots: inside struct kvm "
+               "on 6.x, the active set of address space 0)"),
+    RegionSpec("memslot", "memslots", "PTE", "RFC patch 26 by intent: every struct kvm_memory_slot (inline in 2019's "
+               "struct kvm_memslots; separate objects in the set's gfn/hva trees since 5.17)", "memslot:*"),
     RegionSpec("buses", "buses", "PTE", "RFC patch 27: kvm->buses[], each struct kvm_io_bus", "bus:*"),
 ]
 
