@@ -9,7 +9,8 @@ import pytest
 
 from kvmiso.guest import Machine
 from kvmiso.guest.build import build
-from kvmiso.isolation.kerneltable import ModeledKernelTable
+from kvmiso.isolation import model_summary
+from kvmiso.isolation.kerneltable import ModeledKernelTable, leaf_extents, physical_bytes
 from kvmiso.isolation.layout import build_layout
 from kvmiso.isolation.mapset import (DenylistSpace, KvmAddressSpace, MapSetError, RegionSpec, SharedTableError,
                                      address_space, default_specs)
@@ -263,3 +264,20 @@ def test_user_regions_come_from_the_vcpu_tasks_mm(layout):
     assert kas.kernel.translate(gm.start).user and not kas.mapped(gm.start)
     kas.add_region(RegionSpec("guest_memory", "user-added", "PTE", "test"))
     assert kas.mapped(gm.start) and kas.mapped(gm.ranges[-1][1] - 1)
+
+
+def test_physical_bytes_count_an_aliased_page_once(live):
+    """Saved evidence of this host: the RFC's P4D copy of ESPFIX is 65,536 leaves onto one page
+    per CPU; the distinct physical count takes each page once, the address-space count all of
+    them. A 1 GiB direct-map leaf counts 1 GiB either way."""
+    kas = KvmAddressSpace.default(live)
+    (esp,) = live.region("espfix").ranges
+    aliases = list(leaf_extents(kas.table, *esp))
+    frames = {pa for _, pa, _ in aliases}
+    assert len(aliases) == 65536 and len(frames) <= 2
+    assert physical_bytes(kas.table, [esp]) == 4096 * len(frames)
+    gib = next((va, n) for va, _, n in leaf_extents(kas.table) if n == 1 << 30)
+    assert physical_bytes(kas.table, [(gib[0], gib[0] + gib[1])]) == 1 << 30
+    everything = [(pa, n) for _, pa, n in leaf_extents(kas.table)]
+    assert kas.physical_bytes() == physical_bytes(kas.table) < sum(n for _, n in everything) == kas.mapped_bytes()
+    assert model_summary(kas)["kernel_physical_bytes"] is None  # this evidence predates the kernel half's count

@@ -5,9 +5,11 @@ copy level and memslots, the 2022 ASI RFC's allowlist, and the mapped-size figur
 import pytest
 
 from kvmiso.guest import Machine
-from kvmiso.isolation import address_space
+from kvmiso.isolation import address_space, model_summary, model_text
+from kvmiso.isolation.kerneltable import leaf_extents
+from kvmiso.isolation.layout import PAGE
 from kvmiso.isolation.pagetable import SIZE_2M
-from kvmiso.session import layout_of, machine_evidence
+from kvmiso.session import host_cpus, layout_of, machine_evidence
 
 
 def _fresh(kvm, setup_vm=None):
@@ -49,3 +51,23 @@ def test_rfc_maps_every_memslot_of_the_vm(kvm):
         assert kas.mapped(s) and kas.mapped(e - 1)
     assert any(c.region == "memslots" for c in kas.copies)  # the active set, inside struct kvm
     assert not any(c.region.startswith("rmap") for c in kas.copies)
+
+
+def test_the_mapped_size_figure_counts_each_physical_page_once(kvm):
+    """ESPFIX's P4D copy maps each CPU's page 65,536 times: the address-space count takes every
+    alias, the figure (distinct physical bytes) takes the page once; and the kernel half's own
+    count, the denominator, is of distinct physical bytes too."""
+    lay = _fresh(kvm)
+    kas = address_space(lay, "rfc-v1")
+    s = model_summary(kas)
+    (esp,) = lay.region("espfix").ranges
+    aliases = list(leaf_extents(kas.table, *esp))
+    frames = {pa for _, pa, _ in aliases}
+    assert len(aliases) >= 65536 and 1 <= len(frames) <= host_cpus()
+    without = model_summary(address_space(lay, "rfc-v1", drop=("espfix",)))
+    assert s["isolated_mapped_bytes"] - without["isolated_mapped_bytes"] == sum(n for *_, n in aliases)
+    assert 0 < s["isolated_physical_bytes"] - without["isolated_physical_bytes"] <= PAGE * len(frames)
+    assert s["isolated_physical_bytes"] < s["isolated_mapped_bytes"]
+    assert 0 < s["isolated_physical_bytes"] <= s["kernel_physical_bytes"] <= s["kernel_mapped_bytes"]
+    assert s["share_of_kernel_physical"] == s["isolated_physical_bytes"] / s["kernel_physical_bytes"]
+    assert "of distinct physical memory of the" in model_text(kas)

@@ -68,5 +68,19 @@ class DenylistSpace:
         aliases = merge_ranges([(s, e) for _, s, e in self.denied if s >= KERNEL_HALF])
         return self.kernel.mapped_bytes() - sum(e - s for s, e in aliases)
 
+    def physical_bytes(self) -> int | None:
+        """The kernel half's distinct physical bytes, less the frames behind the sensitive
+        pages' kernel mappings (None where the evidence did not count the kernel half's)."""
+        kernel = self.kernel.physical_bytes()
+        if kernel is None:
+            return None
+        frames = set()
+        for _, s, e in self.denied:
+            for va in range(s, e, PAGE) if s >= KERNEL_HALF else ():
+                t = self.kernel.translate(va)
+                if t is not None:
+                    frames.add(t.phys & ~(PAGE - 1))
+        return kernel - PAGE * len(frames)
+
 
 __all__ = ["DenylistSpace"]

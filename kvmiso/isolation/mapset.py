@@ -18,7 +18,7 @@ True
 from __future__ import annotations
 
 from .denylist import DenylistSpace
-from .kerneltable import LiveKernelTable, ModeledKernelTable, kernel_table
+from .kerneltable import LiveKernelTable, ModeledKernelTable, kernel_table, physical_bytes
 from .layout import Layout
 from .pagetable import (ADDR_MASK, LEVEL_NAMES, LEVEL_SPAN, P, PS, PageTable, canonical, check_canonical_range,
                         level_index, sign_extend)
@@ -202,8 +202,15 @@ class KvmAddressSpace:
         return sum(e - s for s, e in merge_ranges(spans)), objects
 
     def mapped_bytes(self) -> int:
-        """Bytes kvm_mm maps."""
+        """Bytes of address space kvm_mm maps."""
         return sum(r.size for r in self.table.ranges())
+
+    def physical_bytes(self) -> int:
+        """Distinct physical bytes kvm_mm maps: its P4D copy of ESPFIX maps one page per CPU
+        65,536 times, the kernel image is also in the direct map: each page counts once. Spans
+        under table pages the evidence did not read are left out and listed in ``unread``."""
+        self.unread: list[tuple[int, int]] = []
+        return physical_bytes(self.table, unread=self.unread)
 
 
 def address_space(layout: Layout, policy: str = "rfc-v1", drop: tuple[str, ...] = (),

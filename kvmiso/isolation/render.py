@@ -59,10 +59,16 @@ def model_summary(space: KvmAddressSpace | DenylistSpace) -> dict[str, Any]:
                             "mapped": space.mapped(s), "sensitive": space.sensitive(s)})
     kern = space.kernel.mapped_bytes()
     mapped = space.mapped_bytes()
+    # the figure: distinct physical bytes (a page mapped at many addresses counts once), beside
+    # the bytes of address space each side maps
+    phys, kern_phys = space.physical_bytes(), space.kernel.physical_bytes()
     p = space.policy
     return {"policy": p.name, "policy_title": p.title, "mapping": p.mapping, "policy_enter": p.enter,
             "policy_leave": p.leave_text, "policy_cite": p.cite, "vendor": lay.vendor, "evidence": lay.source,
             "real": lay.real, "levels": lay.levels, "regions": rows, "objects": objects, "missing": space.missing,
+            "isolated_physical_bytes": phys, "kernel_physical_bytes": kern_phys,
+            "share_of_kernel_physical": phys / kern_phys if phys is not None and kern_phys else None,
+            "unread_bytes": sum(e - s for s, e in getattr(space, "unread", [])),
             "isolated_mapped_bytes": mapped, "kernel_mapped_bytes": kern,
             "kernel_mapped_source": "the live table, counted leaf by leaf" if lay.real else "modeled table",
             "share_of_kernel_mapped": mapped / kern if kern else 0.0,
@@ -96,13 +102,32 @@ def model_text(space: KvmAddressSpace | DenylistSpace) -> str:
         idx = f"[{o['index']}]" if o["index"] else ""
         out.append(f"  {o['name'] + idx:<22} {o['start']:#018x} {size_text(o['size']):>9} leaf {o['leaf_level']:>4} "
                    f"{state:<10} {o['allocator'] or '-'}; {'MODELED ' if o['modeled'] else ''}{o['source']}")
-    out += ["", f"the isolated space maps {size_text(s['isolated_mapped_bytes'])} of the "
-                f"{size_text(s['kernel_mapped_bytes'])} the kernel half maps ({s['kernel_mapped_source']}): "
-                f"{100 * s['share_of_kernel_mapped']:.2f}%"]
+    out += ["", figure_text(s)]
     out += [f"not in this layout: {m}" for m in s["missing"]]
     out += [f"cross-check {'agreed' if c['agreed'] else 'FAILED'}: {c['what']} ({c['detail']})" for c in s["checks"]]
     out += [f"note: {n}" for n in s["notes"]]
     return "\n".join(out)
+
+
+def figure_text(s: dict[str, Any]) -> str:
+    """The mapped-size line of a :func:`model_summary`: distinct physical bytes first (a page
+    mapped at many addresses, as ESPFIX's, counts once), then bytes of address space."""
+    phys, kern = s["isolated_physical_bytes"], s["kernel_physical_bytes"]
+    if phys is None:
+        line = "the isolated space maps distinct physical memory this evidence cannot count"
+    else:
+        line = f"the isolated space maps {size_text(phys)} of distinct physical memory"
+    if kern:
+        line += f" of the {size_text(kern)} behind the kernel half ({s['kernel_mapped_source']})"
+    else:
+        line += " (the kernel half's is not in this evidence: it predates that count)"
+    if s["share_of_kernel_physical"] is not None:
+        line += f": {100 * s['share_of_kernel_physical']:.2f}%"
+    line += (f"; of address space, {size_text(s['isolated_mapped_bytes'])} of "
+             f"{size_text(s['kernel_mapped_bytes'])}: {100 * s['share_of_kernel_mapped']:.2f}%")
+    if s["unread_bytes"]:
+        line += f" (not counted: {size_text(s['unread_bytes'])} under table pages the evidence did not read)"
+    return line
 
 
 def result_text(res: CheckResult, title: str = "", stack: bool = False) -> str:
@@ -140,4 +165,4 @@ def result_text(res: CheckResult, title: str = "", stack: bool = False) -> str:
     return "\n".join(out)
 
 
-__all__ = ["model_summary", "model_text", "result_text", "size_text"]
+__all__ = ["figure_text", "model_summary", "model_text", "result_text", "size_text"]
