@@ -12,34 +12,25 @@ from __future__ import annotations
 from .kerneltable import LiveKernelTable, ModeledKernelTable, kernel_table
 from .layout import PAGE, Layout
 from .pagetable import KERNEL_HALF, canonical
-from .policy import POLICIES
-from .regionset import Copy, RegionSpec, merge_ranges
+from .regionset import IsolatedSpace, merge_ranges
 
 
-class DenylistSpace:
+class DenylistSpace(IsolatedSpace):
     """The restricted address space of ASI: the kernel table minus sensitive memory.
 
-    Sensitive: the user half (ASI's KVM class maps none: ``asi_maps_user_addr()`` is false),
-    except guest memory under asi-2022 (locally non-sensitive); the direct-map alias of every
-    GFP_USER page the evidence knows (guest memory's pages); and KVM's own kernel mappings of
-    guest pages (the pvclock page).
+    Sensitive: the user half (ASI's KVM class maps none: ``asi_maps_user_addr()`` is false);
+    the direct-map alias of every GFP_USER page the evidence knows (guest memory's pages); and
+    KVM's own kernel mappings of guest pages (the pvclock page).
     """
 
     def __init__(self, kernel: LiveKernelTable | ModeledKernelTable, policy: str = "asi") -> None:
-        self.kernel = kernel
-        self.layout = kernel.layout
-        self.policy = POLICIES[policy]
-        self.regions: list[RegionSpec] = []
-        self.copies: list[Copy] = []
-        self.missing: list[str] = []
-        self.kept = [(s, e) for r in self.layout.regions.values() if r.kind == "user" and self.policy.guest_memory_mapped
-                     and r.name.startswith("guest_memory") for s, e in r.ranges]
+        super().__init__(kernel, policy)
         self.denied: list[tuple[str, int, int]] = [("user half", 0, KERNEL_HALF)]
         dm = self.layout.regions["direct_map"].start
         for r in self.layout.regions.values():
-            if r.allocator.startswith("guest memory") and not self.policy.guest_memory_mapped:
+            if r.allocator.startswith("guest memory"):
                 self.denied += [(r.name, s, e) for s, e in r.ranges]  # a kernel mapping of a guest page
-            if r.kind != "user" or self.policy.guest_memory_mapped and r.name.startswith("guest_memory"):
+            if r.kind != "user":
                 continue
             for s, e in r.ranges:
                 for va in range(s & ~(PAGE - 1), min(e, s + (4 << 20)), PAGE):  # each page's direct-map alias
@@ -55,8 +46,6 @@ class DenylistSpace:
 
     def sensitive(self, addr: int) -> bool:
         """Is ``addr`` memory the policy calls sensitive?"""
-        if any(s <= addr < e for s, e in self.kept):
-            return False
         return any(s <= addr < e for _, s, e in self.denied)
 
     def mapped(self, addr: int) -> bool:

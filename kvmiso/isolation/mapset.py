@@ -10,6 +10,9 @@ shared table page: every write goes through one gate that refuses it.
 ``DenylistSpace`` (``asi``, :mod:`.denylist`): the kernel table as it is, minus the memory the
 policy calls sensitive (GFP_USER: guest memory and other user pages, and their direct-map aliases).
 
+``AnnotatedSpace`` (``asi-2022``, :mod:`.asi2022`): the pages of what the 2022 series marks
+non-sensitive, each object classified by the patch that marks its allocation.
+
 >>> kas = KvmAddressSpace.default(build_layout(evidence))
 >>> kas.mapped(layout.region("pio_data").start)
 True
@@ -17,34 +20,28 @@ True
 
 from __future__ import annotations
 
+from .asi2022 import AnnotatedSpace
 from .denylist import DenylistSpace
 from .kerneltable import LiveKernelTable, ModeledKernelTable, kernel_table, physical_bytes
 from .layout import Layout
 from .pagetable import (ADDR_MASK, LEVEL_NAMES, LEVEL_SPAN, P, PS, PageTable, canonical, check_canonical_range,
                         level_index, sign_extend)
-from .policy import POLICIES, Policy
-from .regionset import (DEFAULT_SET, LEVELS, Copy, MapSetError, RegionSpec, SharedTableError, default_specs, level_of,
-                        merge_ranges)
+from .policy import POLICIES
+from .regionset import (DEFAULT_SET, LEVELS, Copy, IsolatedSpace, MapSetError, RegionSpec, SharedTableError,
+                        default_specs, level_of, merge_ranges)
 
 
-class KvmAddressSpace:
+class KvmAddressSpace(IsolatedSpace):
     """kvm_mm: a PGD of its own whose entries copy the kernel table's at a chosen level.
 
     ``regions`` are the mapping-set regions in effect; ``copies`` every copy made.
     """
 
     def __init__(self, kernel: LiveKernelTable | ModeledKernelTable, policy: str = "rfc-v1") -> None:
-        if policy not in POLICIES:
-            raise MapSetError(f"unknown policy {policy!r}; kvmiso knows {', '.join(POLICIES)}")
-        self.kernel = kernel
-        self.layout = kernel.layout
-        self.policy: Policy = POLICIES[policy]
+        super().__init__(kernel, policy)
         self._kernel_frames = kernel.captured if kernel.live else frozenset(kernel.table_frames())
         self.table = PageTable(kernel.store, gbpages=kernel.gbpages)
         self.owned = {self.table.root}  # table frames KVM allocated: the only ones it may write
-        self.regions: list[RegionSpec] = []
-        self.copies: list[Copy] = []
-        self.missing: list[str] = []  # default regions this layout lacks, with why
 
     # --- building -----------------------------------------------------------------------------
 
@@ -214,17 +211,19 @@ class KvmAddressSpace:
 
 
 def address_space(layout: Layout, policy: str = "rfc-v1", drop: tuple[str, ...] = (),
-                  ram: int = 1 << 30) -> KvmAddressSpace | DenylistSpace:
-    """The isolated address space ``policy`` defines: the RFC's copies, or ASI's denylist."""
+                  ram: int = 1 << 30) -> KvmAddressSpace | DenylistSpace | AnnotatedSpace:
+    """The isolated address space ``policy`` defines: the RFC's copies, the 2022 series'
+    annotated allocations, or the 2024-2025 series' denylist."""
     p = POLICIES.get(policy)
     if p is None:
         raise MapSetError(f"unknown policy {policy!r}; kvmiso knows {', '.join(POLICIES)}")
-    if p.mapping == "denylist":
+    if p.builds != "kvm_mm":
         if drop:
-            raise MapSetError(f"policy {policy} maps everything but sensitive memory: there is no region to drop")
-        return DenylistSpace.default(layout, policy, ram)
+            raise MapSetError(f"policy {policy} maps what its series marks, not a set of copies: there is no region "
+                              f"to drop")
+        return (AnnotatedSpace if p.builds == "annotations" else DenylistSpace).default(layout, policy, ram)
     return KvmAddressSpace.default(layout, policy, drop, ram)
 
 
-__all__ = ["Copy", "DEFAULT_SET", "DenylistSpace", "KvmAddressSpace", "LEVELS", "MapSetError", "RegionSpec",
-           "SharedTableError", "address_space", "default_specs"]
+__all__ = ["AnnotatedSpace", "Copy", "DEFAULT_SET", "DenylistSpace", "KvmAddressSpace", "LEVELS", "MapSetError",
+           "RegionSpec", "SharedTableError", "address_space", "default_specs"]

@@ -8,8 +8,10 @@ default set in the names of the objects kvmiso reads, and the errors the model r
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from .layout import Layout
+from .policy import POLICIES, Policy
 
 # Level names as the RFC's functions take them; P4D is folded into the PGD with 4-level paging.
 LEVELS = {"PGD": 4, "P4D": 4, "PUD": 3, "PMD": 2, "PTE": 1}
@@ -43,6 +45,7 @@ class RegionSpec:
     # chunk as pcpu_base_addr + pcpu_unit_size * pcpu_nr_units, not unit by unit (kvmiso reads
     # one unit per possible CPU; units a group rounds up beyond them are left out)
     hull: bool = False
+    assumed: str = ""  # what kvmiso takes as mapped without reading it (printed as modeled)
 
 
 # The RFC's set (what its patches copy into kvm_mm), in the names of the objects kvmiso reads
@@ -104,6 +107,22 @@ def default_specs(layout: Layout) -> list[RegionSpec]:
     return [s for s in DEFAULT_SET if layout.matching(s.layout or s.name)]
 
 
+class IsolatedSpace:
+    """What every policy's isolated space has: the kernel table it is made from (``kernel``, a
+    live or modeled one), its ``layout`` and ``policy``, its mapping-set rows (``regions``), the
+    copies made for them, and the rows this layout lacks (``missing``)."""
+
+    def __init__(self, kernel: Any, policy: str) -> None:
+        if policy not in POLICIES:
+            raise MapSetError(f"unknown policy {policy!r}; kvmiso knows {', '.join(POLICIES)}")
+        self.kernel = kernel
+        self.layout: Layout = kernel.layout
+        self.policy: Policy = POLICIES[policy]
+        self.regions: list[RegionSpec] = []
+        self.copies: list[Copy] = []
+        self.missing: list[str] = []
+
+
 def level_of(level: str) -> int:
     """The table level (4 = PGD ... 1 = PTE) of a level name as the RFC's functions take it."""
     try:
@@ -123,5 +142,5 @@ def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
-__all__ = ["Copy", "DEFAULT_SET", "LEVELS", "MapSetError", "RegionSpec", "SharedTableError", "default_specs", "level_of",
+__all__ = ["Copy", "DEFAULT_SET", "IsolatedSpace", "LEVELS", "MapSetError", "RegionSpec", "SharedTableError", "default_specs", "level_of",
            "merge_ranges"]

@@ -44,7 +44,7 @@ def model_summary(space: KvmAddressSpace | DenylistSpace) -> dict[str, Any]:
         exposed, own = space.exposed(spec.name)
         first = regs[0]
         rows.append({"name": spec.name, "start": first.start, "size": own, "source": first.source,
-                     "modeled": any(r.modeled for r in regs),
+                     "modeled": any(r.modeled for r in regs) or bool(spec.assumed), "assumed": spec.assumed,
                      "leaf_level": _leaf(space, first.start) if first.kind in ("object", "user") else "-",
                      "copy_level": spec.level, "exposed_bytes": exposed,
                      "other_pages": max(0, exposed - _pages(regs)) // PAGE, "allocator": first.allocator,
@@ -74,7 +74,7 @@ def model_summary(space: KvmAddressSpace | DenylistSpace) -> dict[str, Any]:
             "share_of_kernel_mapped": mapped / kern if kern else 0.0,
             "checks": [{"what": w, "agreed": ok, "detail": d} for w, ok, d in lay.evidence.checks],
             "facts": {k: {"value": v, "source": src} for k, (v, src) in lay.evidence.facts.items()},
-            "notes": lay.notes}
+            "notes": lay.notes + list(getattr(space, "notes", []))}
 
 
 def _pages(regions) -> int:
@@ -91,7 +91,8 @@ def model_text(space: KvmAddressSpace | DenylistSpace) -> str:
         out.append(f"{'region':<16} {'start':<18} {'size':>10} {'leaf':>4} {'copy':>4} {'exposed':>10} "
                    f"{'others':>7}  allocator / source")
         for r in s["regions"]:
-            src = ("MODELED " if r["modeled"] else "") + r["source"]
+            src = ("MODELED " if r["modeled"] and not r["assumed"] else "") + r["source"]
+            src += f" (MODELED: {r['assumed']})" if r["assumed"] else ""
             out.append(f"{r['name']:<16} {r['start']:#018x} {size_text(r['size']):>10} {r['leaf_level']:>4} "
                        f"{r['copy_level']:>4} {size_text(r['exposed_bytes']):>10} {r['other_pages']:>7}  "
                        f"{r['allocator'] or '-'}; {src}")
