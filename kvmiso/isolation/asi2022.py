@@ -127,7 +127,8 @@ SENSITIVE_2022 = {
     "guest_fpstate": "fpu_alloc_guest_fpstate's allocation carries no annotation (patch 32 keeps FPU state out of "
                      "mapped memory)",
     "rmap:*": "the memslot rmap arrays carry no annotation (patch 43 marks lpage_info only)",
-    "struct_page": "no patch maps vmemmap",
+    "struct_page": "no patch maps vmemmap (patch 45 clones the PGDs of cpu_entry_area and ESPFIX only; the 2025 "
+                   "series adds vmemmap's)",
     "vmcs": "alloc_vmcs_cpu carries no annotation (VMREAD/VMWRITE need no mapping)",
     "vmcb": "the series enables the KVM class on VMX only", "msrpm": "the series enables the KVM class on VMX only",
     "vpic": "kvm_pic_init's kzalloc carries no annotation", "vioapic": "kvm_ioapic_init's kzalloc carries no annotation",
