@@ -29,8 +29,9 @@ from .observe.capture import Capture
 SUITE_TIMEOUT = 5.0
 EXPECTED_TIMEOUT = 0.5  # for payloads built to spin: enough to prove the stop, no more
 # The checks the report runs: (label, policy, region file): the RFC's 2019 set, the same plus
-# what a 6.x kernel allocates apart, and ASI's denylist.
-CHECKS = (("rfc-v1", "rfc-v1", None), ("rfc-v1+modern", "rfc-v1", "modern"), ("asi", "asi", None))
+# what a 6.x kernel allocates apart, ASI's denylist, and the 2022 ASI RFC's allowlist.
+CHECKS = (("rfc-v1", "rfc-v1", None), ("rfc-v1+modern", "rfc-v1", "modern"), ("asi", "asi", None),
+          ("asi-2022", "asi-2022", None))
 BENCH = {"kinds": ("out", "in", "mmio_write", "mmio_read", "hlt", "cpuid", "rdmsr", "page_fault"),
          "cpls": (0, 3), "samples": 2000, "runs": 3}
 

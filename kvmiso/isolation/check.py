@@ -87,6 +87,7 @@ def _new_result(space: KvmAddressSpace | DenylistSpace, log: ExitLog, switch_cos
     if switch_cost_ns is not None:
         res.switch_cost_ns, res.switch_cost_source = switch_cost_ns, switch_cost_source or "given"
     res.modeled = [f"object address: {n}" for n in layout.modeled_objects]
+    res.modeled += [f"isolated space: {a}" for a in getattr(space, "assumed", ())]  # what a policy takes as mapped
     if not layout.real:
         res.modeled.insert(0, "kernel page table (modeled: no live table in the evidence)")
     if not log.tracing:
