@@ -8,10 +8,13 @@ import base64
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from kvmiso.bench.compare import Row
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def kvmiso(*args, timeout=120, **kw):
@@ -51,6 +54,14 @@ def test_help_is_whole_sentences():
     p = kvmiso("--help")
     description = p.stdout.split("\n\n")[1].replace("\n", " ")
     assert p.returncode == 0 and description.rstrip().endswith(".")
+
+
+def test_fuzz_script_help_is_whole_sentences():
+    """Before: the description was the docstring's first line, cut mid-sentence ("... half")."""
+    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "fuzz.py"), "--help"], capture_output=True, text=True,
+                       timeout=60)
+    description = p.stdout.split("\n\n")[1].replace("\n", " ")
+    assert p.returncode == 0 and description.rstrip().endswith("."), description
 
 
 @pytest.mark.parametrize("command", [["probe"], ["run", "hello"], ["trace", "hello"]])
