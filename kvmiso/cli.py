@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import signal
 import sys
@@ -22,7 +21,7 @@ from .boot import command as boot_command
 from .guest import BuildError, GuestTimeout, Machine, Outcome
 from .guest.build import MODES, available_payloads, payload_modes, payload_path
 from .guest.ucall import PORT_CONSOLE
-from .exitstatus import EXIT_BAD_INPUT, EXIT_FAILED, CliError
+from .exitstatus import EXIT_BAD_INPUT, EXIT_FAILED, CliError, positive_seconds
 from .interrupt import Interrupted, signals_raise_interrupted
 from .output import CheckedStdout, StdoutError, printable, writable, writable_dir
 from .kvm import KvmError, KvmUnavailable
@@ -78,21 +77,6 @@ class _Parser(argparse.ArgumentParser):
         print(f"kvmiso: {self.prog.removeprefix('kvmiso ')}: {message}" if self.prog != "kvmiso"
               else f"kvmiso: {message}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
-
-
-def positive_seconds(text: str) -> float:
-    """``--timeout`` and ``--duration``: a positive, finite number of seconds up to a day (a
-    deadline already past races the guest; the timer behind one cannot wait forever)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not math.isfinite(value) or value <= 0 or value > MAX_TIMEOUT:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds up to {MAX_TIMEOUT:g}, not {text}")
-    return value
-
-
-MAX_TIMEOUT = 86400.0  # a day: beyond it a deadline is not a deadline
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -36,6 +36,14 @@ def test_timeout_must_be_positive_and_finite(command, value):
     assert p.returncode == 2 and "--timeout" in one_line(p) and p.stdout == ""
 
 
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "0", "-1", "1e10", "soon"])
+def test_boot_timeout_must_be_positive_and_finite(value):
+    """Before: boot took nan and inf (a deadline that never comes); run and trace refused both.
+    The kernel named does not exist, so an accepted timeout fails on it, not after a boot."""
+    p = kvmiso("boot", "--kernel", "/nonexistent/bzImage", "--timeout", value, "--", "true")
+    assert p.returncode == 2 and "--timeout" in one_line(p) and p.stdout == ""
+
+
 @pytest.mark.parametrize("value", ["inf", "nan", "0", "-1", "soon"])
 @pytest.mark.parametrize("command", ["trace", "check"])
 def test_duration_must_be_positive_and_finite(command, value):
