@@ -127,6 +127,9 @@ def _check_process(args, access, cost: dict) -> int:
         print(result_text(total, f"{title} all vCPUs: ", stack=False))
     if interrupted is not None:
         raise interrupted
+    if not total.exits:
+        print(f"kvmiso: {_checked_nothing(f'pid {w.pid}', w.log)}", file=sys.stderr)
+        return EXIT_FAILED
     return EXIT_FAILED if total.failed(args.allow_lost) else 0
 
 
@@ -242,16 +245,26 @@ def cmd_check(args: argparse.Namespace) -> int:
                 return EXIT_FAILED
             except CheckError as e:
                 raise CliError(str(e)) from None
-            results.append((p, log.incomplete, res))
+            results.append((p, log.incomplete, res, log))
             if interrupted is not None:
                 break
     if args.json:
         print(json.dumps([{"payload": p, "incomplete": bool(why), "incomplete_reason": why, **r.to_dict()}
-                          for p, why, r in results], indent=2))
+                          for p, why, r, _ in results], indent=2))
     else:
-        for p, why, r in results:
+        for p, why, r, _ in results:
             print(result_text(r, f"{p}{' (INCOMPLETE: ' + why + ')' if why else ''}: ", stack=args.stack) + "\n")
     if interrupted is not None:
         raise interrupted
+    empty = [_checked_nothing(p, log) for p, _, r, log in results if not r.exits]
+    for line in empty:
+        print(f"kvmiso: {line}", file=sys.stderr)
     # a missing mapping, an unknown function or lost evidence is a finding: non-zero, like a failed test
-    return EXIT_FAILED if any(r.failed(args.allow_lost) for _, _, r in results) else 0
+    return EXIT_FAILED if empty or any(r.failed(args.allow_lost) for _, _, r, _ in results) else 0
+
+
+def _checked_nothing(what: str, log) -> str:
+    """Why ``what`` had no exit to check, in one line: a check of nothing is not a pass."""
+    why = (f"in-kernel events were not traced: {log.tracing_reason}" if not log.tracing
+           else "no traced event fell inside a KVM_RUN's isolated window")
+    return f"{what}: no exit was checked ({why}): a check of nothing is not a pass"

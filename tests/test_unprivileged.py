@@ -91,3 +91,12 @@ def test_report_for_a_user_with_only_dev_kvm_knows_the_vendor(kvm, vendor, as_no
     assert all(x["as_expected"] for x in data["suite"]), [x for x in data["suite"] if not x["as_expected"]]
     assert "needs root" in data["skipped"]["in-kernel events"]
     assert "modeled addresses" in data["skipped"]["kernel addresses"]
+
+
+def test_check_that_could_trace_nothing_is_not_a_pass(kvm, as_nobody):
+    """Before: a user without tracefs checked 0 exits of `hello` and check returned 0."""
+    run, _ = as_nobody
+    p = run("check", "hello")
+    assert p.returncode == 1 and "KVM_RUN calls, 0 exits checked" in p.stdout, p.stderr
+    assert p.stderr == ("kvmiso: hello: no exit was checked (in-kernel events were not traced: tracing kvm events "
+                        "needs root (tracefs instances are root-only)): a check of nothing is not a pass\n")
