@@ -58,7 +58,8 @@ def _trace_outputs_writable(args) -> None:
 
 
 def cmd_trace_process(args: argparse.Namespace) -> int:
-    """trace --pid / -- COMMAND: another process's vCPUs, per vCPU and in total."""
+    """trace --pid / -- COMMAND: another process's vCPUs, per vCPU and in total. Returns the
+    command's own status when it ended by itself, else 0."""
     from .observe.evidence import write_evidence
     from .observe.exitstat import summarize
 
@@ -89,7 +90,8 @@ def cmd_trace_process(args: argparse.Namespace) -> int:
     print(summarize(log).table())
     if interrupted is not None:
         raise interrupted
-    return 0
+    # as time(1) does: the status of a command that ended by itself (kvmiso's own work succeeded)
+    return w.attached.status or 0
 
 
 def _check_process(args, access, cost: dict) -> int:

@@ -43,7 +43,7 @@ def test_trace_a_command_matches_qemus_own_view(kvm, tmp_path, capsys):
     con, log, ev = tmp_path / "con", tmp_path / "q.jsonl", tmp_path / "q.ev.json"
     rc = main(["trace", "--json", str(log), "--evidence", str(ev), "--", *_qemu(_image(tmp_path, count), con)])
     out = capsys.readouterr().out
-    assert rc == 0 and "until the process exited with status 1" in out  # isa-debug-exit(0) = status 1
+    assert rc == 1 and "until the process exited with status 1" in out  # isa-debug-exit(0) = status 1, passed on
     written = con.read_bytes().count(b"K")
     assert written == count
     got = read_jsonl(log)

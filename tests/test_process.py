@@ -4,6 +4,7 @@ even when the process closed it and reused its number in between."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -149,7 +150,7 @@ def test_a_thread_id_is_refused_in_one_line_naming_its_process(capsys):
 def test_a_command_killed_by_a_signal_is_named_so_and_check_refuses_a_run_with_no_kvm_run(kvm):
     p = _kvmiso("trace", "--", "sh", "-c", "kill -9 $$")
     out, err = p.communicate(timeout=120)
-    assert p.returncode == 0, err
+    assert p.returncode == 128 + signal.SIGKILL, err  # the command's status, as a shell gives it
     assert "until the process was killed by SIGKILL" in out and "0 KVM_RUN calls" in out
     p = _kvmiso("check", "--", "sh", "-c", "exit 0")
     out, err = p.communicate(timeout=120)
@@ -157,6 +158,18 @@ def test_a_command_killed_by_a_signal_is_named_so_and_check_refuses_a_run_with_n
     assert err.strip().splitlines() == [
         f"kvmiso: pid {err.split('pid ')[1].split(':')[0]}: no KVM_RUN was traced before the process exited "
         "with status 0: nothing to check"]
+
+
+def test_trace_of_a_command_passes_its_status_on(kvm):
+    """Before: trace -- COMMAND returned 0 whatever the command's status; as time(1) does, it
+    now returns the command's own when kvmiso itself succeeded."""
+    p = _kvmiso("trace", "--", sys.executable, "-m", "kvmiso.cli", "run", "triplefault", "--timeout", "2")
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 1 and "until the process exited with status 1" in out, err
+    assert int(re.search(r"until the process exited with status 1: (\d+) KVM_RUN calls", out)[1]) > 0  # traced
+    p = _kvmiso("trace", "--", "sh", "-c", "exit 3")
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 3 and "until the process exited with status 3" in out, err
 
 
 def test_sigterm_while_kvmiso_stops_its_command_still_stops_it(kvm, tmp_path):

@@ -41,6 +41,9 @@ class Attached:
 
     log: ExitLog
     ended: str  # what ``until`` said ("2 s passed"), how the process exited, or "interrupted"
+    # the status a shell gives the process (its exit code, or 128 + the signal that killed it)
+    # when it ended by itself and was kvmiso's child; None otherwise
+    status: int | None = None
     threads: list[int] = field(default_factory=list)
     unplaced: int = 0  # events of a thread after its last KVM_RUN ended
 
@@ -76,11 +79,11 @@ def watch(target: int | Callable[[], int], until: Callable[[int], str | None],
         for cpu, data in tracer.read_raw().items():
             pages[cpu].append(data)
 
-    def records(ended: str) -> Attached:
+    def records(ended: str, status: int | None = None) -> Attached:
         got = tracer.decode({cpu: b"".join(p) for cpu, p in pages.items()})
-        return _records(pid, got, tracer, lost_before, ended, own)
+        return _records(pid, got, tracer, lost_before, ended, own, status)
 
-    ended = ""
+    ended, status = "", None
     with tracer:
         own = tracer.kernel_tid()  # as trace records name this thread (read back in a namespace)
         if in_namespace and not isinstance(target, int):
@@ -96,7 +99,7 @@ def watch(target: int | Callable[[], int], until: Callable[[int], str | None],
                 r, _, _ = select.select([pidfd], [], [], DRAIN_S)
                 drain()
                 if r:
-                    ended = _exit_status(pid)
+                    ended, status = _exit_status(pid)
                 else:
                     ended = until(pid) or ""
         except KeyboardInterrupt as e:
@@ -107,11 +110,11 @@ def watch(target: int | Callable[[], int], until: Callable[[int], str | None],
             os.close(pidfd)
         tracer.stop()
         drain()
-        return records(ended)
+        return records(ended, status)
 
 
 def _records(pid: int, events: list[TraceEvent], tracer: TraceInstance, lost_before: int, ended: str,
-             own: int) -> Attached:
+             own: int, status: int | None) -> Attached:
     """One record per KVM_RUN of every thread but kvmiso's own (``own``), in time order."""
     by_thread: dict[int, list[TraceEvent]] = defaultdict(list)
     for e in events:
@@ -135,7 +138,7 @@ def _records(pid: int, events: list[TraceEvent], tracer: TraceInstance, lost_bef
     log = ExitLog(records=records, host={"kernel": platform.release(), "vendor": _vendor(), "pid": pid},
                   tracing=True, events_enabled=list(tracer.enabled), lost_events=tracer.lost - lost_before,
                   tracing_reason=tracer.describe(), incomplete="interrupted" if ended == "interrupted" else "")
-    return Attached(log, ended, sorted(by_thread), unplaced)
+    return Attached(log, ended, status, sorted(by_thread), unplaced)
 
 
 def _kvm_events() -> list[str]:
@@ -175,16 +178,17 @@ def exit_of_events(reason: int, events: list[TraceEvent]) -> Exit:
     return DATALESS.get(reason) or ObservedExit(reason)
 
 
-def _exit_status(pid: int) -> str:
-    """Why the watched process is gone (its status or signal, where it is our child)."""
+def _exit_status(pid: int) -> tuple[str, int | None]:
+    """Why the watched process is gone, and the status a shell would give it (where it is our
+    child: its exit code, or 128 + the signal that killed it)."""
     try:
         _, status = os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
-        return "the process exited"
+        return "the process exited", None
     code = os.waitstatus_to_exitcode(status)
     if code < 0:
-        return f"the process was killed by {signal.Signals(-code).name}"
-    return f"the process exited with status {code}"
+        return f"the process was killed by {signal.Signals(-code).name}", 128 - code
+    return f"the process exited with status {code}", code
 
 
 __all__ = ["Attached", "DEFAULT_EXCLUDED", "default_events", "watch"]
