@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import json
 import sys
+from typing import Any, Callable
 
 from .exitstatus import EXIT_FAILED, CliError
 from .guest import Machine
@@ -47,8 +48,8 @@ def _watch(args):
         return e.partial, e
 
 
-def _trace_outputs_writable(args) -> None:
-    """trace's --json and --evidence files are checked before the watch: a path that cannot
+def trace_outputs_writable(args: argparse.Namespace) -> None:
+    """trace's --json and --evidence files are checked before the trace: a path that cannot
     take the result is bad input, not a lost trace."""
     from .output import writable
 
@@ -57,25 +58,27 @@ def _trace_outputs_writable(args) -> None:
             writable(path, what)
 
 
+def write_trace_outputs(args: argparse.Namespace, log, evidence: Callable[[], Any]) -> None:
+    """trace's --json (``log``) and --evidence (what ``evidence()`` reads), each written whole."""
+    from .observe.evidence import write_evidence
+    from .output import write_whole
+
+    if args.json:
+        write_whole(args.json, "the exit log", log.write_jsonl)
+    if args.evidence:
+        ev = evidence()
+        write_whole(args.evidence, "the evidence", lambda path: write_evidence(ev, path))
+
+
 def cmd_trace_process(args: argparse.Namespace) -> int:
     """trace --pid / -- COMMAND: another process's vCPUs, per vCPU and in total. Returns the
     command's own status when it ended by itself, else 0."""
-    from .observe.evidence import write_evidence
     from .observe.exitstat import summarize
 
-    _trace_outputs_writable(args)
+    trace_outputs_writable(args)
     w, interrupted = _watch(args)
     log = w.log
-    if args.json:
-        try:
-            log.write_jsonl(args.json)
-        except OSError as e:
-            raise CliError(f"cannot write the exit log to {args.json}: {e.strerror}") from None
-    if args.evidence:
-        try:
-            write_evidence(w.evidence, args.evidence)
-        except OSError as e:
-            raise CliError(f"cannot write the evidence to {args.evidence}: {e.strerror}") from None
+    write_trace_outputs(args, log, lambda: w.evidence)
     if log.lost_events:
         print(f"kvmiso: {log.lost_events} trace records lost (the trace buffer was full)", file=sys.stderr)
     vcpus = sorted({r.vcpu for r in log.records})
