@@ -10,11 +10,14 @@ import argparse
 import contextlib
 import json
 import sys
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from .exitstatus import EXIT_FAILED, CliError
 from .guest import Machine
 from .interrupt import Interrupted
+
+if TYPE_CHECKING:
+    from .observe.exitlog import ExitLog
 
 
 def process_target(args: argparse.Namespace) -> int | list[str] | None:
@@ -58,7 +61,7 @@ def trace_outputs_writable(args: argparse.Namespace) -> None:
             writable(path, what)
 
 
-def write_trace_outputs(args: argparse.Namespace, log, evidence: Callable[[], Any]) -> None:
+def write_trace_outputs(args: argparse.Namespace, log: ExitLog, evidence: Callable[[], Any]) -> None:
     """trace's --json (``log``) and --evidence (what ``evidence()`` reads), each written whole."""
     from .observe.evidence import write_evidence
     from .output import write_whole
