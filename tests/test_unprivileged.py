@@ -57,8 +57,9 @@ def as_nobody():
         shutil.rmtree(top)
         pytest.skip(f"no Python {sys.version_info[0]}.{sys.version_info[1]} that uid {NOBODY} may execute")
 
-    def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        return as_user(python, "-m", "kvmiso.cli", *args, timeout=timeout)
+    def run(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        settings = [f"{k}={v}" for k, v in (env or {}).items()]
+        return as_user("env", *settings, python, "-m", "kvmiso.cli", *args, timeout=timeout)
 
     yield run, home
     shutil.rmtree(top)
@@ -100,3 +101,16 @@ def test_check_that_could_trace_nothing_is_not_a_pass(kvm, as_nobody):
     assert p.returncode == 1 and "KVM_RUN calls, 0 exits checked" in p.stdout, p.stderr
     assert p.stderr == ("kvmiso: hello: no exit was checked (in-kernel events were not traced: tracing kvm events "
                         "needs root (tracefs instances are root-only)): a check of nothing is not a pass\n")
+
+
+def test_a_user_without_a_writable_home_builds_into_a_private_cache_and_says_so_once(kvm, as_nobody):
+    """Before: every command failed with PermissionError: '/nonexistent' (the build cache)."""
+    run, _ = as_nobody
+    for command in (["run", "hello"], ["trace", "portio", "--mode", "long"]):
+        p = run(*command, env={"HOME": "/nonexistent"})
+        assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+        said = [line for line in p.stderr.splitlines() if "cache" in line]
+        assert len(said) == 1 and said[0].startswith(
+            "kvmiso: warning: no writable cache folder (/nonexistent: Permission denied); building into "), p.stderr
+        private = said[0].split("building into ")[1].split(",")[0]
+        assert not os.path.exists(private)  # removed at exit
