@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -44,7 +45,9 @@ def _watch(args):
     except ProcessError as e:
         raise CliError(str(e)) from None
     except TracefsUnavailable as e:
-        raise CliError(f"cannot trace another process: {e}") from None
+        # what a user with /dev/kvm alone can still do (the kvm group case the README describes)
+        still = "; without root, run, trace PAYLOAD (its exits to userspace), bench and model still work"
+        raise CliError(f"cannot watch another process: {e}{still if os.geteuid() else ''}") from None
     except Interrupted as e:
         if not isinstance(e.partial, WatchedProcess):
             raise
