@@ -41,7 +41,7 @@ def _watch(args):
     from .session import WatchedProcess, watch_process
 
     try:
-        return watch_process(process_target(args), args.duration), None
+        w, interrupted = watch_process(process_target(args), args.duration), None
     except ProcessError as e:
         raise CliError(str(e)) from None
     except TracefsUnavailable as e:
@@ -51,7 +51,10 @@ def _watch(args):
     except Interrupted as e:
         if not isinstance(e.partial, WatchedProcess):
             raise
-        return e.partial, e
+        w, interrupted = e.partial, e
+    if w.left_running:  # a wrapper's VMM, a daemon: gone with the watch, and not silently
+        print(f"kvmiso: the command ended leaving {', '.join(w.left_running)} running: stopped", file=sys.stderr)
+    return w, interrupted
 
 
 def trace_outputs_writable(args: argparse.Namespace) -> None:

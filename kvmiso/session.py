@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .guest import Machine, RunResult
@@ -28,7 +28,7 @@ from .observe.exitlog import ExitLog
 from .observe.attach import Attached, watch
 from .observe.process import ForeignVm, ProcessChanged, ProcessError, kvm_fds
 from .observe.kobject import possible_cpus
-from .process import stop
+from .process import CommandTree
 
 EVIDENCE_EVERY_S = 0.1  # a watched VM is read this often until every vCPU's thread is known,
 EVIDENCE_SETTLED_S = 1.0  # then this often, while it lives
@@ -110,6 +110,7 @@ class WatchedProcess:
     pid: int
     attached: Attached
     evidence: Evidence
+    left_running: list[str] = field(default_factory=list)  # what a command that ended left, then stopped
 
     @property
     def log(self) -> ExitLog:
@@ -122,22 +123,21 @@ def watch_process(target: int | list[str], duration: float | None = None,
     """Trace a running process (a pid) or a command (started here, traced from its first event)
     until it exits or ``duration`` seconds pass. Its VM's evidence is read through copies of its
     vCPU fds as soon as its vCPUs have run, while it lives. A command started here is stopped
-    (SIGTERM, then SIGKILL) on every way out. Interrupted, it raises :class:`Interrupted` with
+    (SIGTERM, then SIGKILL) on every way out, with every process it started in turn
+    (:class:`kvmiso.process.CommandTree`). Interrupted, it raises :class:`Interrupted` with
     the :class:`WatchedProcess` so far as ``partial`` (its log marked incomplete)."""
-    import subprocess
     import time
 
     got: dict[str, Any] = {}
-    child: list[subprocess.Popen] = []
+    tree = CommandTree()
     if isinstance(target, int):
         kvm_fds(target)  # a process without KVM, gone, or not ours to read: refused before tracing
 
     def start() -> int:
         try:
-            child.append(subprocess.Popen(target))
+            return tree.start(target)
         except OSError as e:
             raise ProcessError(f"cannot start {target[0]}: {e.strerror}") from None
-        return child[0].pid
 
     def complete() -> bool:
         return "evidence" in got and len(got["evidence"].threads) >= len(got["vm"].vcpus)
@@ -196,9 +196,8 @@ def watch_process(target: int | list[str], duration: float | None = None,
         if "vm" in got:
             got["vm"].close()
         with deferred():  # a command kvmiso started goes with it, on every way out
-            for c in child:
-                stop(c, STOP_GRACE_S)
-    pid = target if isinstance(target, int) else child[0].pid
+            left = tree.stop(STOP_GRACE_S)
+    pid = target if isinstance(target, int) else tree.proc.pid
     evidence = got.get("evidence") or Evidence(kernel=platform.release(), vendor=vendor_module() or "",
                                                source="the process ended before its vCPUs could be read")
     if got.get("vms", 1) > 1:
@@ -208,7 +207,7 @@ def watch_process(target: int | list[str], duration: float | None = None,
     by_thread = {tid: vid for vid, tid in evidence.threads.items()}
     for r in attached.log.records:
         r.vcpu = by_thread.get(r.vcpu, r.vcpu)
-    watched = WatchedProcess(pid, attached, evidence)
+    watched = WatchedProcess(pid, attached, evidence, left)
     if interrupted is not None:
         raise Interrupted.of(interrupted, watched)
     return watched

@@ -195,6 +195,69 @@ def test_sigterm_while_kvmiso_stops_its_command_still_stops_it(kvm, tmp_path):
     assert shells and not [s for s in shells if s.is_running() and s.status() != psutil.STATUS_ZOMBIE]
 
 
+_STUBBORN = """
+import os, signal, sys, time
+if os.fork() == 0:
+    os.setsid()  # out of the command's process group and session
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with open(sys.argv[1] + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.rename(sys.argv[1] + ".tmp", sys.argv[1])
+    time.sleep(600)
+    os._exit(0)
+time.sleep(600)
+"""
+
+
+def _left_behind(pidfile: Path) -> list[psutil.Process]:
+    """What still runs of the stubborn command (killed here, so no test leaves it behind): every
+    process with ``pidfile`` in its command line, once the grandchild has written it."""
+    for _ in range(3000):  # 10 ms each
+        if pidfile.exists():
+            break
+        time.sleep(0.01)
+    left = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        if str(pidfile) in (p.info["cmdline"] or []) and p.info["status"] != psutil.STATUS_ZOMBIE:
+            p.kill()
+            left.append(p)
+    return left
+
+
+def test_a_command_stopped_at_its_duration_takes_a_child_that_left_its_session_and_ignores_sigterm(tracing, tmp_path):
+    """Before: only the command got SIGTERM; its child, in a session of its own, ignoring SIGTERM,
+    ran on with parent 1, holding kvmiso's stdout (a caller reading it would hang)."""
+    pidfile = tmp_path / "stubborn"
+    p = _kvmiso("trace", "--duration", "1", "--", sys.executable, "-c", _STUBBORN, str(pidfile))
+    try:
+        p.wait(timeout=120)
+        left = _left_behind(pidfile)
+        out, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+        p.wait()
+    assert left == [] and p.returncode == 0, err
+    assert "until 1 s passed" in out
+
+
+def test_a_command_that_ends_leaving_a_daemon_takes_it_along_and_says_so(tracing, tmp_path):
+    """Before: the shell exited, the trace ended, and what it started in the background ran on."""
+    pidfile = tmp_path / "daemon"
+    started = '"$1" -c "$0" "$2" & while [ ! -e "$2" ]; do sleep 0.01; done'  # then exit 0
+    p = _kvmiso("trace", "--", "sh", "-c", started, _STUBBORN, sys.executable, str(pidfile))
+    try:
+        p.wait(timeout=120)
+        left = _left_behind(pidfile)
+        out, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+        p.wait()
+    assert left == [] and p.returncode == 0, err
+    assert "until the process exited with status 0" in out
+    assert err.startswith("kvmiso: the command ended leaving pid ") and err.endswith(" running: stopped\n"), err
+    assert f"pid {pidfile.read_text()} (python" in err
+
+
 def _need_a_pid_namespace() -> None:
     if subprocess.run(["unshare", "-p", "-f", "--mount-proc", "true"]).returncode != 0:
         pytest.skip("needs unshare(1) and CAP_SYS_ADMIN for a new PID namespace")
