@@ -224,11 +224,10 @@ def _left_behind(pidfile: Path) -> list[psutil.Process]:
     return left
 
 
-def test_a_command_stopped_at_its_duration_takes_a_child_that_left_its_session_and_ignores_sigterm(tracing, tmp_path):
-    """Before: only the command got SIGTERM; its child, in a session of its own, ignoring SIGTERM,
-    ran on with parent 1, holding kvmiso's stdout (a caller reading it would hang)."""
-    pidfile = tmp_path / "stubborn"
-    p = _kvmiso("trace", "--duration", "1", "--", sys.executable, "-c", _STUBBORN, str(pidfile))
+def _trace_leaving(pidfile: Path, *args: str) -> tuple[list[psutil.Process], int, str, str]:
+    """``kvmiso trace ARGS`` of the stubborn command: what it left behind, its status and output
+    (read once kvmiso has ended: a leftover holding the pipe would make the read hang)."""
+    p = _kvmiso("trace", *args)
     try:
         p.wait(timeout=120)
         left = _left_behind(pidfile)
@@ -236,7 +235,16 @@ def test_a_command_stopped_at_its_duration_takes_a_child_that_left_its_session_a
     finally:
         p.kill()
         p.wait()
-    assert left == [] and p.returncode == 0, err
+    return left, p.returncode, out, err
+
+
+def test_a_command_stopped_at_its_duration_takes_a_child_that_left_its_session_and_ignores_sigterm(tracing, tmp_path):
+    """Before: only the command got SIGTERM; its child, in a session of its own, ignoring SIGTERM,
+    ran on with parent 1, holding kvmiso's stdout (a caller reading it would hang)."""
+    pidfile = tmp_path / "stubborn"
+    left, status, out, err = _trace_leaving(pidfile, "--duration", "1", "--", sys.executable, "-c", _STUBBORN,
+                                            str(pidfile))
+    assert left == [] and status == 0, err
     assert "until 1 s passed" in out
 
 
@@ -244,15 +252,9 @@ def test_a_command_that_ends_leaving_a_daemon_takes_it_along_and_says_so(tracing
     """Before: the shell exited, the trace ended, and what it started in the background ran on."""
     pidfile = tmp_path / "daemon"
     started = '"$1" -c "$0" "$2" & while [ ! -e "$2" ]; do sleep 0.01; done'  # then exit 0
-    p = _kvmiso("trace", "--", "sh", "-c", started, _STUBBORN, sys.executable, str(pidfile))
-    try:
-        p.wait(timeout=120)
-        left = _left_behind(pidfile)
-        out, err = p.communicate(timeout=60)
-    finally:
-        p.kill()
-        p.wait()
-    assert left == [] and p.returncode == 0, err
+    left, status, out, err = _trace_leaving(pidfile, "--", "sh", "-c", started, _STUBBORN, sys.executable,
+                                            str(pidfile))
+    assert left == [] and status == 0, err
     assert "until the process exited with status 0" in out
     assert err.startswith("kvmiso: the command ended leaving pid ") and err.endswith(" running: stopped\n"), err
     assert f"pid {pidfile.read_text()} (python" in err
