@@ -3,6 +3,7 @@ even when the process closed it and reused its number in between."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -119,8 +120,42 @@ def test_a_watched_command_that_creates_vm_after_vm_is_followed_and_says_so(kvm)
     from kvmiso.session import watch_process
 
     w = watch_process([sys.executable, "-c", _TWO_VMS])
-    assert "the process created 2 VMs one after another: this is the last one's" in w.evidence.source
-    assert w.evidence.threads  # read from the second VM while the command lived
+    assert len(w.vms) == 2 and all(vm.created_ns is not None for vm in w.vms)
+    first, second = w.vms
+    # each VM's records go with its own objects, read while it lived
+    assert first.evidence.real and second.evidence.real and first.evidence.threads and second.evidence.threads
+    assert first.evidence.object("vcpu_struct").address != second.evidence.object("vcpu_struct").address
+    assert len(first.records) == len(second.records) > 0 and len(w.log.records) == 2 * len(first.records)
+    assert max(r.end_ns for r in first.records) < second.created_ns < min(r.end_ns for r in second.records)
+
+
+_MANY_VMS = """
+import sys
+from kvmiso.guest import Machine
+for _ in range(int(sys.argv[1])):
+    with Machine("hello", mode="long") as m:
+        m.run(timeout=10)
+"""
+
+
+def test_check_of_a_command_that_makes_many_short_lived_vms_counts_them_and_names_those_modeled(kvm):
+    """Before: 50 VMs of a few ms each were reported as "created 4 VMs" (or 14, or none), and
+    the exits of those never read were judged on modeled objects without a word."""
+    p = _kvmiso("check", "--json", "--", sys.executable, "-c", _MANY_VMS, "50")
+    out, err = p.communicate(timeout=300)
+    got = json.loads(out)
+    pid = got["pid"]
+    assert got["vms"].startswith(f"pid {pid}: 50 VMs, one at a time (50 created while traced, each seen as one "
+                                 "kvm_update_master_clock from kvm_arch_init_vm)"), got["vms"]
+    hello = got["total"]["runs"] // 50
+    assert got["total"]["runs"] == 50 * hello and hello > 0
+    modeled = re.search(r"the objects and page table of (VMs? [\d, -]+) of 50 are modeled \((\d+) KVM_RUN", got["vms"])
+    assert modeled and int(modeled[2]) % hello == 0, got["vms"]  # whole VMs, not a count of looks
+    p = _kvmiso("check", "--require-real", "--", sys.executable, "-c", _MANY_VMS, "50")
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 1 and out == "", err
+    assert re.fullmatch(rf"kvmiso: pid \d+: --require-real, but the objects and page table of VMs? [\d, -]+ of 50 are "
+                        rf"modeled \(\d+ KVM_RUN calls judged on them\)\n", err), err
 
 
 def _kvmiso(*args: str, **kw) -> subprocess.Popen:

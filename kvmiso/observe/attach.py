@@ -46,6 +46,9 @@ class Attached:
     status: int | None = None
     threads: list[int] = field(default_factory=list)
     unplaced: int = 0  # events of a thread after its last KVM_RUN ended
+    # when each VM the process created while watched was created (CLOCK_MONOTONIC ns); None
+    # where the trace cannot tell (see :func:`vm_creations`)
+    vm_created: list[int] | None = None
 
 
 def default_events(root_events: Iterable[str]) -> list[str]:
@@ -138,7 +141,30 @@ def _records(pid: int, events: list[TraceEvent], tracer: TraceInstance, lost_bef
     log = ExitLog(records=records, host={"kernel": platform.release(), "vendor": _vendor(), "pid": pid},
                   tracing=True, events_enabled=list(tracer.enabled), lost_events=tracer.lost - lost_before,
                   tracing_reason=tracer.describe(), incomplete="interrupted" if ended == "interrupted" else "")
-    return Attached(log, ended, status, sorted(by_thread), unplaced)
+    created = vm_creations(events) if f"kvm:{VM_CREATED[0]}" in tracer.enabled else None
+    return Attached(log, ended, status, sorted(by_thread), unplaced, created)
+
+
+# x86's kvm_arch_init_vm ends with pvclock_update_vm_gtod_copy, which fires kvm_update_master_clock:
+# once per KVM_CREATE_VM, in the creating thread (x86.c; seen on kvm_pvm, kvm_amd and kvm_intel)
+VM_CREATED = ("kvm_update_master_clock", "kvm_arch_init_vm")
+
+
+def vm_creations(events: list[TraceEvent]) -> list[int] | None:
+    """When each VM was created, in order (CLOCK_MONOTONIC ns): the ``kvm_update_master_clock``
+    events whose call chain passes through ``kvm_arch_init_vm`` (no kvm event names the VM
+    created). None where the chains cannot be named (kallsyms hidden)."""
+    from .kallsyms import read_kallsyms
+
+    symbols = read_kallsyms()
+    if symbols is None:
+        return None
+    event, caller = VM_CREATED
+
+    def from_caller(e: TraceEvent) -> bool:
+        return any((hit := symbols.resolve(a)) is not None and hit[0] == caller for a in e.stack)
+
+    return sorted(e.ts_ns for e in events if e.name == event and from_caller(e))
 
 
 def _kvm_events() -> list[str]:
@@ -191,4 +217,4 @@ def _exit_status(pid: int) -> tuple[str, int | None]:
     return f"the process exited with status {code}", code
 
 
-__all__ = ["Attached", "DEFAULT_EXCLUDED", "default_events", "watch"]
+__all__ = ["Attached", "DEFAULT_EXCLUDED", "VM_CREATED", "default_events", "vm_creations", "watch"]
