@@ -94,11 +94,13 @@ class CommandTree:
     def _signal_until_gone(self, grace: float) -> None:
         """SIGTERM each process of the tree as it is found, SIGKILL all of them after ``grace``
         (and as long again, at most, for them to go: a process stuck in the kernel cannot be
-        waited for without end)."""
+        waited for without end). Gone means two looks in a row find nothing: a process being
+        reparented to this one as its parent exits may be missing from one look."""
         termed: set[psutil.Process] = set()
-        started = time.monotonic()
-        while (alive := self._members()) and time.monotonic() - started < 2 * grace:
+        started, empty = time.monotonic(), 0
+        while empty < 2 and time.monotonic() - started < 2 * grace:
             late = time.monotonic() - started >= grace
+            alive = self._members()
             for p in alive:
                 if late or p not in termed:
                     try:
@@ -106,6 +108,7 @@ class CommandTree:
                     except psutil.Error:
                         pass  # gone meanwhile
                     termed.add(p)
+            empty = 0 if alive else empty + 1
             time.sleep(POLL_S)
             self._reap()
 
@@ -117,9 +120,15 @@ class CommandTree:
             if root in self._others:
                 continue
             try:
-                found += [p for p in (root, *root.children(recursive=True)) if p.status() != psutil.STATUS_ZOMBIE]
+                tree = [root, *root.children(recursive=True)]
             except psutil.Error:
-                continue  # gone meanwhile
+                continue  # gone meanwhile: its children are this process's now, and found next look
+            for p in tree:
+                try:
+                    if p.status() != psutil.STATUS_ZOMBIE:
+                        found.append(p)
+                except psutil.Error:
+                    pass  # gone meanwhile
         return found
 
     def _reap(self) -> None:
