@@ -123,9 +123,7 @@ def _check_process(args, access, cost: dict) -> int:
         return EXIT_FAILED
     per: dict[str, Any] = {}
     total = None
-    for vm in w.vms:
-        if not vm.records:
-            continue
+    for vm in [vm for vm in w.vms if vm.records] or w.vms[:1]:  # an empty log (interrupted) is checked too
         space = _space(args, vm.evidence)
         for v in sorted({r.vcpu for r in vm.records}):
             part = dataclasses.replace(w.log, records=[r for r in vm.records if r.vcpu == v])

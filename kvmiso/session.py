@@ -225,8 +225,10 @@ def watch_process(target: int | list[str], duration: float | None = None,
     pid = target if isinstance(target, int) else tree.proc.pid
     evidence = next((ev for _, ev in reversed(readings) if ev is not None), None) or unread_evidence()
     created = attached.vm_created
-    # VMs one at a time, each created where the trace shows it: records and readings go by time
-    apart = created is not None and max(got["most"], held) <= 1 and len(readings) <= len(created) + held
+    # VMs one at a time, each created where the trace shows it (or held from the start): records
+    # and readings go by time
+    apart = (created is not None and len(created) + held >= max(1, len(readings))
+             and max(got["most"], held) <= 1)
     vms = (split_by_vm(created, held, readings, attached.log.records) if apart else
            [WatchedVm(None, evidence, attached.log.records, mixed=len(readings) > 1)])
     for vm in vms:

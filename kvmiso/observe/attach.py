@@ -145,8 +145,9 @@ def _records(pid: int, events: list[TraceEvent], tracer: TraceInstance, lost_bef
     return Attached(log, ended, status, sorted(by_thread), unplaced, created)
 
 
-# x86's kvm_arch_init_vm ends with pvclock_update_vm_gtod_copy, which fires kvm_update_master_clock:
-# once per KVM_CREATE_VM, in the creating thread (x86.c; seen on kvm_pvm, kvm_amd and kvm_intel)
+# x86's kvm_arch_init_vm calls pvclock_update_vm_gtod_copy, which fires kvm_update_master_clock:
+# once per KVM_CREATE_VM, in the creating thread (arch/x86/kvm/x86.c; seen on this host's kvm_pvm,
+# 6.18.44-fc-v1300). A kernel where it does not gives no creation, and the VMs are not told apart.
 VM_CREATED = ("kvm_update_master_clock", "kvm_arch_init_vm")
 
 
