@@ -38,7 +38,10 @@ from kvmiso.kvm import Kvm
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    # the docstring whole: its first paragraph says what the run is, the rest how to use and read it
+    summary, _, rest = __doc__.partition("\n\n")
+    ap = argparse.ArgumentParser(description=summary, epilog=rest,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--count", type=int, default=20000, help="payloads per mode (default 20000)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=0.03, help="seconds per payload (default 0.03)")
