@@ -128,6 +128,7 @@ def _check_process(args, access, cost: dict) -> int:
         for v in sorted({r.vcpu for r in vm.records}):
             part = dataclasses.replace(w.log, records=[r for r in vm.records if r.vcpu == v])
             part.lost_events = 0  # lost records cannot be told apart by vCPU: counted once, in the total
+            part.untraced = dict.fromkeys(w.log.untraced)  # counted for the whole process, not per vCPU
             name = f"vCPU {v}" if v in vm.evidence.threads else f"thread {v}"
             _fold(per, name, check(space, part, access, **cost))
         whole = dataclasses.replace(w.log, records=vm.records)

@@ -24,7 +24,7 @@ from .isolation import (AccessModel, CheckResult, KvmAddressSpace, address_space
 from .isolation.layout import Layout
 from .isolation.mapset import DenylistSpace
 from .observe.capture import Capture
-from .observe.evidence import Evidence, collect_evidence
+from .observe.evidence import Evidence, collect_evidence, vcpu_counters
 from .observe.exitlog import ExitLog, RunRecord
 from .observe.attach import Attached, watch
 from .observe.process import ForeignVm, ProcessChanged, ProcessError, kvm_fds
@@ -147,6 +147,7 @@ def watch_process(target: int | list[str], duration: float | None = None,
     import time
 
     got: dict[str, Any] = {"most": 0}  # most: the most VMs the process held at one look
+    emulated = EmulationCount()
     readings: list[tuple[int, Evidence | None]] = []  # (when kvmiso attached to a VM, its evidence)
     tree = CommandTree()
     # a process without KVM, gone, or not ours to read: refused before tracing
@@ -167,6 +168,7 @@ def watch_process(target: int | list[str], duration: float | None = None,
         return "evidence" in got and len(got["evidence"].threads) >= len(got["vm"].vcpus)
 
     def read(now: float) -> None:
+        emulated.read(got["vm"])
         reading, got["read"] = collect_evidence(got["vm"], vendor_module() or ""), now
         if "evidence" not in got or _completeness(reading) >= _completeness(got["evidence"]):
             got["evidence"] = reading
@@ -195,7 +197,9 @@ def watch_process(target: int | list[str], duration: float | None = None,
                 if replaced:  # the last VM's evidence is kept apart, this one's read anew
                     keep()
                 if "vm" in got:
+                    emulated.read(got["vm"])
                     got["vm"].close()
+                emulated.read(vm)
                 got["vm"] = vm
                 got.setdefault("since", time.monotonic_ns())
         if "vm" in got and now - got.get("read", 0.0) >= (EVIDENCE_SETTLED_S if complete() else EVIDENCE_EVERY_S):
@@ -218,10 +222,12 @@ def watch_process(target: int | list[str], duration: float | None = None,
             read(time.monotonic())
     finally:
         if "vm" in got:
+            emulated.read(got["vm"])
             got["vm"].close()
             keep()
         with deferred():  # a command kvmiso started goes with it, on every way out
             left = tree.stop(STOP_GRACE_S)
+    emulated.charge(attached.log)
     pid = target if isinstance(target, int) else tree.proc.pid
     evidence = next((ev for _, ev in reversed(readings) if ev is not None), None) or unread_evidence()
     created = attached.vm_created
@@ -241,6 +247,31 @@ def watch_process(target: int | list[str], duration: float | None = None,
     if interrupted is not None:
         raise Interrupted.of(interrupted, watched)
     return watched
+
+
+class EmulationCount:
+    """The instructions KVM emulated for another process's vCPUs while kvmiso watched, from each
+    vCPU's insn_emulation stat (vcpu->stat, read through BPF behind the copies of its fds): per
+    vCPU, the last value read less the first. What ran before kvmiso first read a vCPU, or after
+    its last read, is not counted."""
+
+    EVENT = "kvm:kvm_emulate_insn"  # the per-instruction event a watch leaves out
+
+    def __init__(self) -> None:
+        self.first: dict[tuple[int, int], int] = {}  # (the copy's identity, vCPU id) -> value
+        self.last: dict[tuple[int, int], int] = {}
+
+    def read(self, vm: ForeignVm) -> None:
+        """Read every vCPU's counter now (through BPF; nothing where it cannot be read)."""
+        for vid, n in vcpu_counters(vm, "insn_emulation").items():
+            self.first.setdefault((id(vm), vid), n)
+            self.last[(id(vm), vid)] = n
+
+    def charge(self, log: ExitLog) -> None:
+        """Put the count in ``log`` as the untraced kvm_emulate_insn events, where the watch
+        left them out and some vCPU was read; traced ones are not counted twice."""
+        if self.EVENT in log.untraced and self.last:
+            log.untraced[self.EVENT] = sum(self.last[k] - self.first[k] for k in self.last)
 
 
 def unread_evidence() -> Evidence:

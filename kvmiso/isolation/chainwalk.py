@@ -7,6 +7,7 @@ miss is the event's verdict (see :mod:`.check` for how events make exits).
 from __future__ import annotations
 
 from collections import Counter
+from fnmatch import fnmatch
 from dataclasses import dataclass
 
 from ..observe.evidence import Frame
@@ -45,6 +46,7 @@ class Checker:
         self._in_kernel: dict[int, bool] = {}
         self.unknown: Counter = Counter()
         self.unplaced: Counter = Counter()
+        self.gone_user: set[str] = set()  # user regions taken as resident (see _first_unmapped)
         self.unresolved = 0
         self.resting: dict[str, str] = {}  # this exit's entries not read in source: function -> basis
         self.placed: dict[str, FunctionAccess] = {}  # functions access.toml does not name, as placed
@@ -60,9 +62,16 @@ class Checker:
         isolated space does not (a page the kernel does not map either is no isolation fault:
         a guest page never touched, a hole in a section)."""
         s, e = region.ranges[index % len(region.ranges)]
-        for va in range(s & ~(PAGE - 1), min(e, s + MAX_PAGES_CHECKED * PAGE), PAGE):
+        pages = range(s & ~(PAGE - 1), min(e, s + MAX_PAGES_CHECKED * PAGE), PAGE)
+        for va in pages:
             if not self._is_mapped(va) and self._kernel_maps(va):
                 return max(va, s)
+        in_set = any(fnmatch(region.name, spec.layout or spec.name) for spec in self.space.regions)
+        if region.kind == "user" and not in_set and not any(self._kernel_maps(va) for va in pages):
+            # the VMM's mapping held no page when the evidence was read: the process had exited
+            # (its mm torn down) before the last reading; its guest's pages were there when it ran
+            self.gone_user.add(region.name)
+            return s
         return None
 
     def _kernel_maps(self, addr: int) -> bool:

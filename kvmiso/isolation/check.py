@@ -73,6 +73,8 @@ def check(space: KvmAddressSpace | DenylistSpace, log: ExitLog, access: AccessMo
     res.unknown_functions = checker.unknown
     res.placed = {n: {"basis": fa.basis, "objects": list(fa.touches), "cite": fa.cite} for n, fa in checker.placed.items()}
     res.unplaced = checker.unplaced
+    res.modeled += [f"{name}: no page mapped when the evidence was read (the VMM had exited); taken as resident "
+                    "while its guest ran" for name in sorted(checker.gone_user)]
     res.unresolved_frames = checker.unresolved
     if res.unresolved_frames:
         res.notes.append(f"{res.unresolved_frames} return addresses no kallsyms symbol explains")
@@ -229,7 +231,8 @@ def _charge_untraced(checker: Checker, log: ExitLog, res: CheckResult) -> None:
         if count:
             verdict = checker.unseen_calls(path.functions, f"untraced:{event}", 0, 0, False,
                                            f"behind each untraced {event}, from source ({path.cite})")
-            _tally(res, verdict, f"untraced:{event}", count)
+            if _tally(res, verdict, f"untraced:{event}", count) in ("host_mm", "fault"):
+                res.switches += 2 * count  # out, and back in before the next entry
 
 
 def unseen_execution(evs: list[TraceEvent], group: list[int], chains: list[list[Frame]]) -> tuple[bytes, bool] | None:
