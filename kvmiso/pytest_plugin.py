@@ -19,11 +19,12 @@ Markers:
 
 - ``@pytest.mark.kvm_cap("SYNC_REGS", ...)``: skip, naming the capability, unless
   KVM_CHECK_EXTENSION on /dev/kvm says each is there.
-- ``@pytest.mark.kvm_deviation(fact, reason, strict=True)``: where ``fact`` holds on this host,
-  the test is an xfail that names it: a known way this KVM departs from what the test checks.
-  ``fact`` is a vendor module (``"kvm_pvm"``), a fact kvmiso measures (see :data:`PROBED`) or a
-  callable taking the Kvm. Strict by default: a deviation that went away fails as XPASS, so its
-  marker goes too.
+- ``@pytest.mark.kvm_deviation(fact, reason, strict=True, raises=None)``: where ``fact`` holds on
+  this host, the test is an xfail that names it: a known way this KVM departs from what the test
+  checks. ``fact`` is a vendor module (``"kvm_pvm"``), a fact kvmiso measures (see :data:`PROBED`)
+  or a callable taking the Kvm. Strict by default: a deviation that went away fails as XPASS, so
+  its marker goes too. ``raises`` (an exception class or a tuple, as xfail's) keeps any other
+  failure a failure: the deviation covers the assertion it names, not a test that broke.
 
 >>> @pytest.mark.kvm_deviation("cpl0_hypercall_hangs", "KVM re-executes a CPL0 VMCALL for ever")
 ... def test_hypercall(machine):
@@ -61,7 +62,7 @@ def _measure(fact: str, kvm: "Kvm") -> bool:
 def pytest_configure(config: pytest.Config) -> None:
     """Declare the markers (``pytest --markers`` lists them)."""
     config.addinivalue_line("markers", "kvm_cap(*names): skip unless /dev/kvm has each KVM_CAP_<name>")
-    config.addinivalue_line("markers", "kvm_deviation(fact, reason, strict=True): xfail where fact (a vendor module, "
+    config.addinivalue_line("markers", "kvm_deviation(fact, reason, strict=True, raises=None): xfail where fact (a vendor module, "
                             f"one of {', '.join(PROBED)}, or a callable(kvm)) holds on this host")
 
 
@@ -169,7 +170,8 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         if holds:
             # pytest reads xfail marks again when the test is called, so one added here counts
             item.add_marker(pytest.mark.xfail(reason=f"known deviation on this host ({name}): {reason}",
-                                              strict=mark.kwargs.get("strict", True)))
+                                              strict=mark.kwargs.get("strict", True),
+                                              raises=mark.kwargs.get("raises")))
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -213,6 +213,29 @@ def test_unstable_runs_are_flagged():
         stats.summarize([])
 
 
+def test_the_run_off_its_siblings_is_the_unstable_one():
+    assert stats.unstable_runs([100, 101, 99, 130], [100, 101, 99, 130]) == [3]
+    assert stats.unstable_runs([100, 101, 99, 100], [100, 101, 99, 150]) == [3]  # a long tail in one run
+    assert stats.unstable_runs([100, 130], [100, 130]) == []  # of two runs neither is the odd one out
+    assert stats.stable_p50([100, 101, 99, 130]) == 100
+
+
+def test_an_unstable_run_is_measured_again_not_pooled(kvm):
+    """A run a neighbour slowed (here: a real run's samples made half as slow again) is dropped
+    for a new one; the others stay, and the row says how many were replaced."""
+    with Machine("bench_out", kvm=kvm) as m:
+        base = runloop.compiled_loop(m.vcpu, 200, expect="io", port=m.image.symbols["PORT_BENCH"]).latencies()
+    col, key = latency._Collector(), ("out", "c", 0)
+    for run in (base, base, [v * 1.5 for v in base]):
+        col.add(key, list(run))
+    assert col.keep_stable([key], 3) is True and len(col.rows[key]) == 3  # unstable, nothing to swap yet
+    col.add(key, list(base))  # the run measured again
+    assert col.keep_stable([key], 3) is False
+    assert col.rows[key] == [base, base, base] and col.replaced[key] == 1
+    (row,) = latency._rows(col, {"iterations": 1})
+    assert row.replaced == 1 and row.to_dict()["replaced"] == 1 and row.summary["stable_p50"] == row.runs[0]["p50"]
+
+
 def test_isolation_rule_and_overhead():
     assert rfc_switches("out") == 2 and rfc_switches("null_ioctl") == 0
     # each touch leaves kvm_mm and comes back before the next VM entry, as `kvmiso check` counts

@@ -118,15 +118,20 @@ def test_kvm_deviation_is_a_strict_xfail_where_the_fact_holds(kvm, pytester):
         @pytest.mark.kvm_deviation("cpl9_teleports", "no such fact")
         def test_unknown_fact():
             pass
+
+        @pytest.mark.kvm_deviation({here!r}, "an assertion, not a broken test", raises=AssertionError)
+        def test_broken_otherwise():
+            raise KeyError("a typo")
     """)
     r = pytester.runpytest("-p", "no:cacheprovider", "-rxXf")
-    r.assert_outcomes(xfailed=2, failed=2, errors=1)
+    r.assert_outcomes(xfailed=2, failed=3, errors=1)
     r.stdout.fnmatch_lines_random([
         f"XFAIL *test_deviates - known deviation on this host ({here}): this KVM does it its own way",
         f"[[]XPASS(strict)[]] known deviation on this host ({here}): fixed since",
         "FAILED *test_elsewhere*",
         "XFAIL *test_callable - known deviation on this host (<lambda>): a fact a callable decides",
         "*kvm_deviation: unknown fact 'cpl9_teleports'*",
+        "FAILED *test_broken_otherwise*", "E       KeyError: 'a typo'",
     ])
 
 

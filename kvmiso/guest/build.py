@@ -7,11 +7,13 @@ also be written beside the test, as a :class:`Source`.
 
 The cache key is the hash of everything that goes into an image: the payload source and the name
 it is known by, the shared includes, crt0, the linker script, the mode and the tools' versions. A
-changed source therefore rebuilds; an unchanged one is read back from ``$XDG_CACHE_HOME/kvmiso``.
+changed source therefore rebuilds; an unchanged one is read back from ``$XDG_CACHE_HOME/kvmiso`` (or a
+private temporary folder, said once, where no cache folder can be made).
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import re
@@ -19,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -141,8 +144,34 @@ def _source_text(path: Path) -> str:
 
 
 def cache_root() -> Path:
-    """kvmiso's cache folder: ``$XDG_CACHE_HOME/kvmiso``, or ``~/.cache/kvmiso``."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kvmiso"
+    """kvmiso's cache folder, made if needed: ``$XDG_CACHE_HOME/kvmiso``, or ``~/.cache/kvmiso``;
+    where that cannot be made (a service user's HOME=/nonexistent), a private temporary folder."""
+    try:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kvmiso"
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return _private_cache(f"{e.filename}: {e.strerror}")
+    except RuntimeError:  # Path.home(): no HOME and no passwd entry
+        return _private_cache("no home directory")
+    if not os.access(root, os.W_OK | os.X_OK):
+        return _private_cache(f"{root}: not writable")
+    return root
+
+
+_private: list[Path] = []  # this process's private cache, once made
+_private_lock = threading.Lock()  # fuzz jobs build from several threads
+
+
+def _private_cache(why: str) -> Path:
+    """One private cache folder for this process, removed at its exit and announced once on
+    stderr (a command that cannot keep its builds still runs; it says why it rebuilds)."""
+    with _private_lock:
+        if not _private:
+            _private.append(Path(tempfile.mkdtemp(prefix="kvmiso-cache-")))
+            atexit.register(shutil.rmtree, _private[0], ignore_errors=True)
+            print(f"kvmiso: warning: no writable cache folder ({why}); building into {_private[0]}, removed at exit "
+                  "(set XDG_CACHE_HOME to keep the builds)", file=sys.stderr)
+        return _private[0]
 
 
 @dataclass(frozen=True)

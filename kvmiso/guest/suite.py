@@ -17,7 +17,7 @@ from .result import Outcome
 EXPECTED_OUTCOME = {"hlt": Outcome.HALT, "spin": Outcome.TIMEOUT, "triplefault": Outcome.SHUTDOWN}
 # Not in the suite: probe.S is kvmiso probe's own measurement; spin only proves the timeout.
 SUITE_PAYLOADS = ("hello", "portio", "stringio", "mmio", "unbacked", "hlt", "cpuid", "msr",
-                  "hypercall", "triplefault", "singlestep")
+                  "hypercall", "triplefault", "singlestep", "exceptions")
 
 
 def answer_io(e: IoExit) -> None:
@@ -83,6 +83,6 @@ def suite(hypercall_returns: bool, cpl3: bool = True) -> list[SuiteEntry]:
             expected = Outcome.TIMEOUT
         for mode in payload_modes(payload_path(name)):
             entries.append(SuiteEntry(name, mode, 0, expected))
-        if cpl3 and name in ("hello", "portio", "stringio", "cpuid", "mmio", "unbacked"):
+        if cpl3 and name in ("hello", "portio", "stringio", "cpuid", "mmio", "unbacked", "exceptions"):
             entries.append(SuiteEntry(name, "long", 3))
     return entries

@@ -1,29 +1,44 @@
 """The access model: for each kernel function that runs while KVM handles an exit, the VM objects
 it dereferences, its role, and the source line that says so (``access.toml``).
 
-The check walks each exit's *observed* call chains through this table: a function on a chain
-that the table does not know is a finding ("unknown function on the path"), never skipped.
-Compiler clones share their function's entry (``__pvm_handle_exit.isra.0`` is
-``__pvm_handle_exit``); the tracepoint machinery (``trace_event_raw_event_*``, role ``observer``)
-is matched by prefix and not checked (it is kvmiso's own instrument, not KVM's path). The
-functions with role ``exit-handler`` open every policy's isolated window.
+The check walks each exit's *observed* call chains through this table. Compiler clones share
+their function's entry (``__pvm_handle_exit.isra.0`` is ``__pvm_handle_exit``); the tracepoint
+machinery (``trace_event_raw_event_*``, role ``observer``) is matched by prefix and not checked
+(it is kvmiso's own instrument, not KVM's path). The functions with role ``exit-handler`` open
+every policy's isolated window.
+
+Each entry has a **basis**: ``source`` (read in the kernel source it cites) or ``inference``
+(named from call chains; its accesses inferred, the note says how). A function the table does
+not name is placed by the kernel that ran it (:meth:`AccessModel.resolve`): its BTF prototype's
+pointer parameters name its objects (basis ``derived``, through the ``[derive]`` table), or, where
+that kernel's BTF has no FUNC record for it, its neighbours on the chain do (``inference``). A
+frame that cannot be placed at all (an address no symbol explains, no known caller) stays a
+finding ("unknown function on the path"), never skipped.
 
 >>> model = load_access_model()
 >>> model.lookup("em_out.cold").touches
 ('emulate_ctxt',)
+>>> model.resolve(["pvm_handle_exit", "pvm_push_frame_renamed"], 1, "6.18.44-fc-v1300").basis
+'inference'
 """
 
 from __future__ import annotations
 
-import dataclasses
+import platform
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..observe.btf import BTF_DIR, Btf, BtfError, Param
+from .accessseries import apply_measured, in_series, on_series
 from .tomlfile import TomlFileError, line_of, load_toml
 
 ACCESS_TOML = Path(__file__).with_name("access.toml")
 ROLES = ("", "run-loop", "entry-loop", "exit-handler", "switch-rfc", "observer", "host-mm")
+BASES = ("source", "inference", "derived")  # how an entry's accesses are known; see the module docstring
+# A kernel's function prototypes: name -> its BTF parameters, or None where its BTF has no FUNC record.
+Prototypes = Callable[[str], "tuple[Param, ...] | None"]
 USERSPACE = "@userspace"
 _CLONE = re.compile(r"\.(?:isra|constprop|part|cold|llvm)\.?\d*.*$")
 
@@ -52,6 +67,8 @@ class FunctionAccess:
     before: dict[str, tuple[str, ...]] = field(default_factory=dict, compare=False)
     # object -> the callee (no frame on a chain: it returned) whose code touches it first
     first: dict[str, str] = field(default_factory=dict, compare=False)
+    basis: str = "source"  # one of BASES
+    hidden_callers: tuple[tuple[str, str], ...] = ()  # (caller on the chain, the tail-calling function between)
     # "vendor@kernel series" (kvm_amd@6.1) -> what an access record of that kernel showed this
     # function's own instructions touch (a [[measured]] table): it replaces touches and when there
     # (inlining differs between builds; the measurement wins), measured_cite naming the record
@@ -60,6 +77,11 @@ class FunctionAccess:
     # "vendor@kernel series" -> event -> callees this function called, and that returned, before
     # that event fired in its own code (a [[measured]] table's returned): no chain shows them
     returned: dict[str, dict[str, tuple[str, ...]]] = field(default_factory=dict, compare=False)
+
+    @property
+    def label(self) -> str:
+        """``INFERENCE`` or ``DERIVED`` where the accesses were not read in source, else ""."""
+        return "" if self.basis == "source" else self.basis.upper()
 
     def objects(self, vendor: str, config: dict[str, str], to_userspace: bool, kernel: str = "") -> tuple[str, ...]:
         """What this function touches on ``vendor`` with kernel ``config`` (``CONFIG_KVM*``; where
@@ -77,21 +99,12 @@ class FunctionAccess:
     def returned_before(self, event: str, vendor: str, kernel: str) -> tuple[str, ...]:
         """The callees that returned before ``event`` fired in this function, on ``vendor``'s
         ``kernel`` where a record measured them (else none)."""
-        for key, events in self.returned.items():
-            v, _, series = key.partition("@")
-            if v == vendor and in_series(kernel, series):
-                return events.get(event, ())
-        return ()
+        return (on_series(self.returned, vendor, kernel) or {}).get(event, ())
 
     def measured_on(self, vendor: str, kernel: str) -> tuple[str, ...] | None:
         """The measured objects for ``vendor`` on release ``kernel`` (6.1.0-57-amd64 is of the
         6.1 series), or None where no record of that kernel was measured."""
-        for key, objects in self.measured.items():
-            v, _, series = key.partition("@")
-            if v == vendor and in_series(kernel, series):
-                return objects
-        return None
-
+        return on_series(self.measured, vendor, kernel)
 
 @dataclass(frozen=True)
 class ExitPath:
@@ -104,11 +117,6 @@ class ExitPath:
     functions: tuple[str, ...]
     cite: str
     kernel: str = ""
-
-
-def in_series(kernel: str, series: str) -> bool:
-    """Is release ``kernel`` (``6.1.0-57-amd64``) of the kernel series ``series`` (``6.1``)?"""
-    return kernel == series or kernel.startswith((series + ".", series + "-"))
 
 
 @dataclass(frozen=True)
@@ -143,6 +151,11 @@ class AccessModel:
     exit_paths: dict[tuple[str, str, str], ExitPath] = field(default_factory=dict)  # (vendor, reason, series)
     emulated: dict[str, EmulatedPath] = field(default_factory=dict)  # opcode (hex) -> its path
     untraced: dict[str, UntracedPath] = field(default_factory=dict)  # "kvm:kvm_emulate_insn" -> its path
+    derive_types: dict[str, str] = field(default_factory=dict)  # struct name -> object ([derive] types)
+    derive_cite: str = ""
+    # which kernel's prototypes: (kernel release) -> Prototypes, or None where none can be read
+    prototypes_for: Callable[[str], Prototypes | None] = field(default_factory=lambda: running_prototypes)
+    _derived: dict[tuple[str, str], FunctionAccess | None] = field(default_factory=dict, repr=False)
 
     def exit_path(self, vendor: str, reason: str, kernel: str = "") -> ExitPath | None:
         """The handler path of an exit of ``reason`` on ``vendor``: the one measured on
@@ -165,6 +178,57 @@ class AccessModel:
             if function.startswith(p.name):
                 return p
         return None
+
+    def resolve(self, chain: Sequence[str], i: int, kernel: str) -> FunctionAccess | None:
+        """The entry for ``chain[i]`` (a call chain's function names, outermost first) on the
+        kernel release ``kernel``: the table's; else DERIVED from that kernel's BTF prototype;
+        else INFERENCE from its nearest placed neighbours (the objects both its caller and its
+        callee touch: what the caller hands down through it); else None, a finding."""
+        hit = self.lookup(chain[i]) or self.derive(chain[i], kernel)
+        if hit is not None or chain[i].startswith("0x"):
+            return hit
+        caller = next((fa for j in range(i - 1, -1, -1) if (fa := self._known(chain[j], kernel))), None)
+        if caller is None:
+            return None
+        callee = None
+        for name in chain[i + 1:]:
+            fa = self._known(name, kernel)
+            if fa is not None:
+                callee = None if fa.role == "observer" else fa
+                break
+        touches = tuple(t for t in caller.touches if callee is None or t in callee.touches)
+        below = f" and {callee.name} below it: the objects both touch" if callee else ": what it touches"
+        return FunctionAccess(base_name(chain[i]), touches, "", f"not in access.toml and no BTF FUNC record for it on "
+                              f"kernel {kernel or '(unknown)'}: placed by its neighbours on the chain, {caller.name} "
+                              f"above{below}", "INFERENCE: its objects are what its caller hands down", basis="inference")
+
+    def _known(self, function: str, kernel: str) -> FunctionAccess | None:
+        return None if function.startswith("0x") else self.lookup(function) or self.derive(function, kernel)
+
+    def derive(self, function: str, kernel: str) -> FunctionAccess | None:
+        """A DERIVED entry for ``function`` from the BTF prototype ``kernel`` has for it (each
+        pointer parameter to a struct of the ``[derive]`` table names an object), or None where
+        that kernel's BTF has no FUNC record for it (or is not the running kernel's)."""
+        name = base_name(function)
+        key = (name, kernel)
+        if key not in self._derived:
+            protos = self.prototypes_for(kernel)
+            params = protos(name) if protos is not None else None
+            self._derived[key] = None if params is None else self._from_prototype(name, params, kernel)
+        return self._derived[key]
+
+    def _from_prototype(self, name: str, params: tuple[Param, ...], kernel: str) -> FunctionAccess:
+        touches = tuple(dict.fromkeys(self.derive_types[p.pointee] for p in params if p.pointee in self.derive_types))
+        proto = ", ".join(p.ctype + ("" if p.ctype.endswith("*") else " ") + p.name for p in params)
+        return FunctionAccess(name, touches, "", f"BTF FUNC {name}({proto}) of the running kernel {kernel}",
+                              "DERIVED: not in access.toml; its objects are the structs its parameters point at "
+                              "(access.toml [derive])", basis="derived")
+
+    def hidden_frame(self, caller: str, function: str) -> str | None:
+        """The function a tail call hid between ``caller`` and ``function`` on a chain, where
+        the table says so (``hidden_caller``), else None."""
+        fa = self.lookup(function)
+        return dict(fa.hidden_callers).get(base_name(caller)) if fa is not None else None
 
     @property
     def exit_handlers(self) -> frozenset[str]:
@@ -204,6 +268,24 @@ def base_name(function: str) -> str:
     return _CLONE.sub("", function)
 
 
+def running_prototypes(kernel: str) -> Prototypes | None:
+    """The function prototypes of the running kernel's BTF (vmlinux and the KVM modules' split
+    BTF), if ``kernel`` is the running kernel's release and it exports BTF; else None."""
+    if not kernel or kernel != platform.release():
+        return None
+    try:
+        btf = Btf.running(tuple(sorted(p.name for p in BTF_DIR.glob("kvm*"))))
+    except BtfError:
+        return None
+
+    def prototype(name: str) -> tuple[Param, ...] | None:
+        try:
+            return btf.func(name)
+        except BtfError:
+            return None
+    return prototype
+
+
 def load_access_model(path: str | Path = ACCESS_TOML) -> AccessModel:
     """Parse and validate an access model."""
     try:
@@ -229,9 +311,16 @@ def load_access_model(path: str | Path = ACCESS_TOML) -> AccessModel:
         cite = e.get("cite", "")
         if not isinstance(cite, str) or not cite.strip():
             raise fail(f"{name}: every entry cites the source it was read from (cite = ...)", needle)
-        unknown = set(e) - {key, "touches", "role", "cite", "note", "when", "after", "before", "first"}
+        unknown = set(e) - {key, "touches", "role", "cite", "note", "when", "after", "before", "first", "basis",
+                            "hidden_caller"}
         if unknown:
             raise fail(f"{name}: unknown key {sorted(unknown)[0]!r}", needle)
+        basis = e.get("basis", "source")
+        if basis not in BASES[:2]:
+            raise fail(f"{name}: basis is 'source' or 'inference' (derived entries are made from BTF), not {basis!r}", needle)
+        hidden = e.get("hidden_caller", {})
+        if not isinstance(hidden, dict) or not all(isinstance(v, str) for v in hidden.values()):
+            raise fail(f"{name}: hidden_caller maps a caller to the function a tail call hid", needle)
         vt = e.get("when", {})
         if not isinstance(vt, dict) or not all(isinstance(v, list) for v in vt.values()):
             raise fail(f"{name}: when maps a vendor module or CONFIG_ option to a list of objects", needle)
@@ -245,7 +334,8 @@ def load_access_model(path: str | Path = ACCESS_TOML) -> AccessModel:
             raise fail(f"{name}: first maps an object to the callee that touches it first", needle)
         return FunctionAccess(name, tuple(touches), role, cite, e.get("note", ""), line_of(text, needle) or 0,
                               tuple((k, tuple(v)) for k, v in vt.items()), {k: tuple(v) for k, v in after.items()},
-                              {k: tuple(v) for k, v in before.items()}, dict(first))
+                              {k: tuple(v) for k, v in before.items()}, dict(first),
+                              basis=basis, hidden_callers=tuple(hidden.items()))
 
     functions: dict[str, FunctionAccess] = {}
     for e in doc.get("function", []):
@@ -258,23 +348,7 @@ def load_access_model(path: str | Path = ACCESS_TOML) -> AccessModel:
             for callee in callees:
                 if callee not in functions:
                     raise fail(f"{f.name}: {callee}, called after {event}, has no [[function]] entry", f'"{f.name}"')
-    for e in doc.get("measured", []):
-        name = e.get("name")
-        if name not in functions:
-            raise fail(f"[[measured]] {name}: no [[function]] entry to correct", f'name = "{name}"')
-        returned = e.get("returned", {})
-        if not all(isinstance(e.get(k), str) and e.get(k) for k in ("vendor", "kernel", "cite")) or \
-                not isinstance(e.get("touches"), list) or not isinstance(returned, dict) or \
-                set(e) - {"name", "vendor", "kernel", "touches", "cite", "note", "returned"}:
-            raise fail(f"[[measured]] {name}: needs vendor, kernel, touches and cite (the record), may have returned, "
-                       "and no other key", f'name = "{name}"')
-        for callee in (c for cs in returned.values() for c in cs):
-            if callee not in functions:
-                raise fail(f"[[measured]] {name}: {callee}, returned before an event, has no [[function]] entry",
-                           f'name = "{name}"')
-        f, key = functions[name], f"{e['vendor']}@{e['kernel']}"
-        functions[name] = dataclasses.replace(f, measured={**f.measured, key: tuple(e["touches"])}, measured_cite=e["cite"],
-                                              returned={**f.returned, key: {k: tuple(v) for k, v in returned.items()}})
+    apply_measured(functions, doc.get("measured", []), fail)
     prefixes = [entry(e, "prefix") for e in doc.get("prefix", [])]
     imp = doc.get("implicit", {})
     paths = {}
@@ -307,9 +381,15 @@ def load_access_model(path: str | Path = ACCESS_TOML) -> AccessModel:
     for e in doc.get("untraced", []):
         fns = known("untraced", ("event", "functions"), f"untraced event {e.get('event')}", e)
         untraced[e["event"]] = UntracedPath(e["event"], fns, e["cite"])
+    derive = doc.get("derive", {})
+    types = derive.get("types", {})
+    if not isinstance(types, dict) or not all(isinstance(v, str) for v in types.values()):
+        raise fail("[derive] types maps a struct name to an object name", "[derive")
+    if types and not derive.get("cite"):
+        raise fail("[derive] cites where its struct-to-object table was read (cite = ...)", "[derive")
     return AccessModel(functions, prefixes, tuple(imp.get("touches", ())), imp.get("cite", ""), str(path), paths,
-                       emulated, untraced)
+                       emulated, untraced, derive_types=types, derive_cite=derive.get("cite", ""))
 
 
-__all__ = ["in_series", "USERSPACE", "ACCESS_TOML", "AccessModel", "AccessModelError", "EmulatedPath", "ExitPath", "FunctionAccess", "ROLES", "UntracedPath", "base_name",
-           "load_access_model", "opcode"]
+__all__ = ["USERSPACE", "ACCESS_TOML", "AccessModel", "AccessModelError", "BASES", "EmulatedPath", "ExitPath", "FunctionAccess",
+           "Prototypes", "ROLES", "UntracedPath", "base_name", "in_series", "load_access_model", "opcode", "running_prototypes"]

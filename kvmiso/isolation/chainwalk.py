@@ -7,6 +7,7 @@ miss is the event's verdict (see :mod:`.check` for how events make exits).
 from __future__ import annotations
 
 from collections import Counter
+from fnmatch import fnmatch
 from dataclasses import dataclass
 
 from ..observe.evidence import Frame
@@ -45,7 +46,10 @@ class Checker:
         self._in_kernel: dict[int, bool] = {}
         self.unknown: Counter = Counter()
         self.unplaced: Counter = Counter()
+        self.gone_user: set[str] = set()  # user regions taken as resident (see _first_unmapped)
         self.unresolved = 0
+        self.resting: dict[str, str] = {}  # this exit's entries not read in source: function -> basis
+        self.placed: dict[str, FunctionAccess] = {}  # functions access.toml does not name, as placed
         # return addresses in KVM_RUN's own frame of its calls to an exit handler (learn())
         self.handler_calls: set[int] = set()
 
@@ -74,9 +78,16 @@ class Checker:
         isolated space does not (a page the kernel does not map either is no isolation fault:
         a guest page never touched, a hole in a section)."""
         s, e = region.ranges[index % len(region.ranges)]
-        for va in range(s & ~(PAGE - 1), min(e, s + MAX_PAGES_CHECKED * PAGE), PAGE):
+        pages = range(s & ~(PAGE - 1), min(e, s + MAX_PAGES_CHECKED * PAGE), PAGE)
+        for va in pages:
             if not self._is_mapped(va) and self._kernel_maps(va):
                 return max(va, s)
+        in_set = any(fnmatch(region.name, spec.layout or spec.name) for spec in self.space.regions)
+        if region.kind == "user" and not in_set and not any(self._kernel_maps(va) for va in pages):
+            # the VMM's mapping held no page when the evidence was read: the process had exited
+            # (its mm torn down) before the last reading; its guest's pages were there when it ran
+            self.gone_user.add(region.name)
+            return s
         return None
 
     def _kernel_maps(self, addr: int) -> bool:
@@ -133,13 +144,14 @@ class Checker:
         innermost, after_return = None, []
         for k in range(start, len(frames)):
             f, name = frames[k], names[k]
-            fa = self.access.lookup(f.function)
+            fa = self.access.resolve([g.function for g in frames], k, self.layout.evidence.kernel)
             if fa is None:
                 self.unknown[name] += 1
                 return where, Verdict("unknown", kind, f"unknown function on the path: {name}")
             if fa.role == "observer":
                 break  # the tracepoint's own machinery: kvmiso's instrument, not KVM's path
-            why = self.policy.switch_at(name)
+            self._rest(fa)
+            why = self.policy.switch_at(name) or self._hidden_switch(names[k - 1], name)
             if why:
                 return where, Verdict("host_mm", kind, f"{name}: {why}")
             touches = (self.access.implicit if k == start else ()) + self.objects(fa, to_userspace)
@@ -174,6 +186,21 @@ class Checker:
                 return k + 1
         return None
 
+    def _rest(self, fa: FunctionAccess) -> None:
+        """Note that this exit's verdict rests on ``fa`` when it was not read in source."""
+        if fa.basis != "source":
+            self.resting[fa.name] = fa.basis
+            if fa.line == 0:  # made for this chain: not an access.toml entry
+                self.placed.setdefault(fa.name, fa)
+
+    def _hidden_switch(self, caller: str, name: str) -> str | None:
+        """The policy's switch at a function a tail call hid between ``caller`` and ``name``."""
+        hidden = self.access.hidden_frame(caller, name)
+        why = self.policy.switch_at(hidden) if hidden else None
+        if why:
+            self.resting[hidden] = "inference"
+        return why and f"{hidden} (hidden by its tail call into {name} under {caller}: INFERENCE): {why}"
+
     def objects(self, fa: FunctionAccess, to_userspace: bool) -> tuple[str, ...]:
         """What ``fa`` touches on this kernel for an exit that does (not) go to userspace."""
         return fa.objects(self.layout.vendor, self.layout.evidence.config, to_userspace, self.layout.evidence.kernel)
@@ -200,6 +227,7 @@ class Checker:
             if why:
                 return Verdict("host_mm", kind, f"{name} ({origin}): {why}")
             fa = self.access.functions[name]
+            self._rest(fa)
             miss = self._object_miss(self.objects(fa, to_userspace), vcpu, cpu, None, fa, (), origin=origin)
             if miss is not None:
                 return self._miss(kind, miss)
@@ -232,7 +260,7 @@ class Checker:
                 return Fault(fa.name, f.offset if f else 0, f.size if f else 0, addr, r.name, source,
                              stack=_stack(frames) if f else (f"{fa.name} ({origin})",),
                              first_access=fa.first.get(name, ""), after_call=after_call,
-                             on_chain=f is not None)
+                             on_chain=f is not None, basis=fa.basis)
         return None
 
 

@@ -5,16 +5,19 @@ For every KVM_RUN of the log, the events inside it are cut into exits (``kvm_exi
 VMX/SVM hosts; on kvm_pvm, which has none, each emulated instruction (``kvm_emulate_insn``) and
 each run of native-trap events does). Each event's kernel call chain is checked if it lies in the
 policy's isolated window (:mod:`.policy`): from the first window frame inward, every function
-must be known to the access model, its code page must be mapped, and every object it touches
-(at its real address, from the evidence) must translate through the isolated table. The first
-miss is the exit's verdict:
+must be placed by the access model (its access.toml entry, else DERIVED from the kernel's BTF
+prototype, else INFERENCE from its neighbours: :meth:`.AccessModel.resolve`), its code page must
+be mapped, and every object it touches (at its real address, from the evidence) must translate
+through the isolated table. The first miss is the exit's verdict; a verdict that rests on an
+entry not read in source says INFERENCE or DERIVED (``CheckResult.resting``):
 
 ``kvm_mm``   handled inside the isolated space;
 ``host_mm``  reached a designed switch (an RFC patch 07 site, an interrupt, a context switch, or
              under ASI a page fault on sensitive memory: asi_exit);
 ``fault``    under an allowlist, an access kvm_mm does not map before any designed switch,
              printed in the RFC's line with the real function+offset and address;
-``unknown``  a function on the path the access model does not know: a finding, never dropped.
+``unknown``  a frame on the path nothing places (an address no symbol explains): a finding,
+             never dropped.
 
 Events outside the window (the ioctl path, ``complete_userspace_io``, ``kvm_mmu_load`` before
 entry) run on the full address space by design: counted as ``outside``, not checked. Events not
@@ -69,7 +72,10 @@ def check(space: KvmAddressSpace | DenylistSpace, log: ExitLog, access: AccessMo
         res.switch_hist[switches] += n
     _charge_untraced(checker, log, res)
     res.unknown_functions = checker.unknown
+    res.placed = {n: {"basis": fa.basis, "objects": list(fa.touches), "cite": fa.cite} for n, fa in checker.placed.items()}
     res.unplaced = checker.unplaced
+    res.modeled += [f"{name}: no page mapped when the evidence was read (the VMM had exited); taken as resident "
+                    "while its guest ran" for name in sorted(checker.gone_user)]
     res.unresolved_frames = checker.unresolved
     if res.unresolved_frames:
         res.notes.append(f"{res.unresolved_frames} return addresses no kallsyms symbol explains")
@@ -84,6 +90,7 @@ def _new_result(space: KvmAddressSpace | DenylistSpace, log: ExitLog, switch_cos
     if switch_cost_ns is not None:
         res.switch_cost_ns, res.switch_cost_source = switch_cost_ns, switch_cost_source or "given"
     res.modeled = [f"object address: {n}" for n in layout.modeled_objects]
+    res.modeled += [f"isolated space: {a}" for a in getattr(space, "assumed", ())]  # what a policy takes as mapped
     if not layout.real:
         res.modeled.insert(0, "kernel page table (modeled: no live table in the evidence)")
     if not log.tracing:
@@ -111,8 +118,9 @@ def _classify_run(checker: Checker, r: RunRecord, has_exit_events: bool, res: Ch
     switches it makes."""
     verdicts, last = _run_verdicts(checker, r, has_exit_events, res, n)
     switches, left = 1, False  # entering the isolated space before the first VM entry
-    for x, verdict, opener in verdicts:
+    for x, verdict, opener, resting in verdicts:
         cls = _tally(res, verdict, opener.kind, n)
+        res.rest(cls, resting, n)
         if cls in ("host_mm", "fault"):
             switches += 1 + (1 if x < last else 0)  # out, and back in before the next entry
             left = x == last
@@ -122,7 +130,8 @@ def _classify_run(checker: Checker, r: RunRecord, has_exit_events: bool, res: Ch
 def _run_verdicts(checker: Checker, r: RunRecord, has_exit_events: bool, res: CheckResult,
                   n: int) -> tuple[list[list], int]:
     """The checked exits of one KVM_RUN in order, each [exit index, verdict (None: it stays),
-    the event that opened it], and the index of the last exit in the window."""
+    the event that opened it, the entries not read in source it rests on], and the index of the
+    last exit in the window."""
     evs = r.events
     res.missing_chains += n * sum(1 for e in evs if not e.stack)
     chains = [checker.frames(e) for e in evs]
@@ -133,14 +142,16 @@ def _run_verdicts(checker: Checker, r: RunRecord, has_exit_events: bool, res: Ch
     last = in_window[-1] if in_window else -1
     to_user_exit = last if not isinstance(r.exit, IntrExit) else -1
     isolated = False  # after an exit handled in the isolated space, until a switch or the next entry
-    verdicts: list[list] = []  # [group index, verdict, opener] of each exit
+    verdicts: list[list] = []  # [group index, verdict, opener, entries it rests on] of each exit
     for x, group in enumerate(exits):
+        checker.resting = {}
         verdict, where, opener = _exit_verdict(checker, r, group, chains, x == to_user_exit, res, n, isolated)
         if where == "reentry":  # the last exit's iteration goes on: its verdict, if it still stayed
             if verdicts and verdicts[-1][1] is None:
                 verdicts[-1][1] = verdict
+                verdicts[-1][3].update(checker.resting)
         elif where == "checked":
-            verdicts.append([x, verdict, opener])
+            verdicts.append([x, verdict, opener, checker.resting])
         if where != "outside":
             isolated = verdicts[-1][1] is None
     return verdicts, last
@@ -157,7 +168,7 @@ def exit_verdicts(space: KvmAddressSpace | DenylistSpace, log: ExitLog,
     out = []
     for k, r in enumerate(log.records):
         verdicts, _ = _run_verdicts(checker, r, has_exit_events, scratch, 1)
-        out += [(k, opener.kind, v) for _, v, opener in verdicts]
+        out += [(k, opener.kind, v) for _, v, opener, _ in verdicts]
     return out
 
 
@@ -246,7 +257,8 @@ def _charge_untraced(checker: Checker, log: ExitLog, res: CheckResult) -> None:
         if count:
             verdict = checker.unseen_calls(path.functions, f"untraced:{event}", 0, 0, False,
                                            f"behind each untraced {event}, from source ({path.cite})")
-            _tally(res, verdict, f"untraced:{event}", count)
+            if _tally(res, verdict, f"untraced:{event}", count) in ("host_mm", "fault"):
+                res.switches += 2 * count  # out, and back in before the next entry
 
 
 def unseen_execution(evs: list[TraceEvent], group: list[int], chains: list[list[Frame]]) -> tuple[bytes, bool] | None:

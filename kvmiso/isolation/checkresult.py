@@ -36,6 +36,7 @@ class Fault:
     first_access: str = ""  # the callee the source says touches the object first, if not the function
     after_call: bool = False
     on_chain: bool = True
+    basis: str = "source"  # how the attributed function's accesses are known (access.BASES)
 
     def where(self) -> str:
         """Where the miss is attributed: the frame, and what the frame's offset means."""
@@ -49,7 +50,9 @@ class Fault:
         """This miss, numbered ``n``. Not the RFC's patch-24 line: that prints the faulting
         instruction and the error code, which a call chain cannot show; this prints the frame the
         miss is attributed at and how many exits hit it."""
-        return f"kvm_mm miss #{n} on {self.address:016x} ({self.region}) attributed at {self.where()}: {self.count} exits"
+        label = f" [access: {self.basis.upper()}]" if self.basis != "source" else ""
+        return (f"kvm_mm miss #{n} on {self.address:016x} ({self.region}) attributed at {self.where()}: "
+                f"{self.count} exits{label}")
 
 
 @dataclass
@@ -81,6 +84,11 @@ class CheckResult:
     modeled: list[str] = field(default_factory=list)  # facts the verdicts rest on that were not read
     unseen: list[str] = field(default_factory=list)  # what the check could not see, and what that means
     notes: list[str] = field(default_factory=list)
+    # verdicts resting on access entries not read in source: basis -> Counter(function -> exits),
+    # and basis -> Counter(class -> exits); and the functions access.toml does not name, as placed
+    resting: dict[str, Counter] = field(default_factory=lambda: {"inference": Counter(), "derived": Counter()})
+    resting_exits: dict[str, Counter] = field(default_factory=lambda: {"inference": Counter(), "derived": Counter()})
+    placed: dict[str, dict[str, Any]] = field(default_factory=dict)  # function -> basis, objects, cite
 
     @property
     def switches_per_run(self) -> float:
@@ -102,6 +110,14 @@ class CheckResult:
         """Evidence the check did not get: lost trace records plus events without a chain."""
         return self.lost_events + self.missing_chains
 
+    def rest(self, cls: str, resting: dict[str, str], n: int) -> None:
+        """Count ``n`` exits of class ``cls`` whose verdict rests on ``resting`` (function ->
+        basis): each basis once per exit, each function once per exit."""
+        for basis in set(resting.values()):
+            self.resting_exits[basis][cls] += n
+        for fn, basis in resting.items():
+            self.resting[basis][fn] += n
+
     def failed(self, allow_lost: bool = False) -> bool:
         """A fault, an unknown function, or (unless allowed) lost evidence."""
         return bool(self.classes["fault"] or self.unknown_functions or (self.lost and not allow_lost))
@@ -118,6 +134,11 @@ class CheckResult:
             self.by_kind.setdefault(c, Counter()).update(k)
         for attr in ("reasons", "unknown_functions", "unplaced", "switch_hist"):
             getattr(self, attr).update(getattr(other, attr))
+        for basis in self.resting:
+            self.resting[basis].update(other.resting[basis])
+            self.resting_exits[basis].update(other.resting_exits[basis])
+        for fn, how in other.placed.items():
+            self.placed.setdefault(fn, how)
         mine = {(f.function, f.region): f for f in self.faults}
         for f in other.faults:
             if (f.function, f.region) in mine:
@@ -144,7 +165,7 @@ class CheckResult:
             "faults": [{"line": f.line(i), "function": f.function, "offset": f.offset, "address": f.address,
                         "region": f.region, "source": f.source, "count": f.count, "kinds": sorted(f.kinds),
                         "first_access": f.first_access, "after_call": f.after_call, "on_chain": f.on_chain,
-                        "stack": list(f.stack)} for i, f in enumerate(self.faults)],
+                        "stack": list(f.stack), "basis": f.basis} for i, f in enumerate(self.faults)],
             "unknown_functions": sorted(self.unknown_functions), "unplaced_objects": dict(self.unplaced),
             "switches": self.switches, "switches_per_run": self.switches_per_run,
             "switches_per_run_histogram": {str(k): v for k, v in sorted(self.switch_hist.items())},
@@ -155,4 +176,7 @@ class CheckResult:
             "emulated_paths": self.emulated_paths, "tracing": self.tracing, "modeled": self.modeled,
             "unseen": self.unseen,
             "notes": self.notes,
+            **{basis: {"exits": dict(self.resting_exits[basis]), "functions": dict(self.resting[basis])}
+               for basis in ("inference", "derived")},
+            "placed_functions": self.placed,
         }

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from .accessnames import AccessNamer, Named
 from .layout import PAGE
-from .mapset import DenylistSpace, KvmAddressSpace
+from .mapset import AnnotatedSpace, DenylistSpace, KvmAddressSpace
 from .windowpath import IRQ_STUBS, Site, WindowPath
 
 # The page-fault error code the CPU would push (Intel SDM vol. 3 4.7): not present, from
@@ -69,7 +69,7 @@ class SpaceView:
     """What one policy's isolated space maps, per page, for recorded accesses: the kernel
     mapped each of them (the access happened), so under a denylist only sensitivity counts."""
 
-    def __init__(self, space: KvmAddressSpace | DenylistSpace) -> None:
+    def __init__(self, space: KvmAddressSpace | DenylistSpace | AnnotatedSpace) -> None:
         self.space = space
         self.policy = space.policy
         self.denylist = isinstance(space, DenylistSpace)
@@ -124,7 +124,7 @@ def _missed(path: WindowPath, view: SpaceView, namer: AccessNamer, i: int, addr:
     named = Named("kernel text", "", 0, "the instruction's own page") if fetch else \
         namer.name(addr, path.accesses[i].size)
     miss = Miss(i, path.sites[i], addr, named, code)
-    if view.denylist:
+    if view.policy.miss_is_switch:  # ASI: the page fault on sensitive memory is the designed exit
         return MeasuredVerdict("host_mm", path.kind, f"page fault on sensitive memory ({named.object}) at "
                                                      f"{miss.site.text()}: asi_exit", miss)
     return MeasuredVerdict("fault", path.kind, named.object, miss)

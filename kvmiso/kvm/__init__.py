@@ -4,7 +4,8 @@ from .errors import KvmError, KvmUnavailable
 from .cpuid import CpuidEntry
 from .system import Kvm
 from .vcpu import Translation, Vcpu
-from .vm import MemorySlot, Vm
+from .vcpu_state import VcpuState
+from .vm import MemorySlot, MsrFilterRange, Vm
 
-__all__ = ["CpuidEntry", "Kvm", "KvmError", "KvmUnavailable", "MemorySlot",
-           "Translation", "Vcpu", "Vm"]
+__all__ = ["CpuidEntry", "Kvm", "KvmError", "KvmUnavailable", "MemorySlot", "MsrFilterRange",
+           "Translation", "Vcpu", "VcpuState", "Vm"]

@@ -16,7 +16,7 @@ import os
 import signal
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from . import abi
 from ._libc import ioctl, mmap, munmap
@@ -25,6 +25,7 @@ from .errors import KvmError
 from .exitdecode import decode
 from .exits import DATALESS, Exit, IntrExit
 from .stats import Stats
+from .vcpu_state import VcpuStateIoctls
 
 if TYPE_CHECKING:  # a Vm makes its Vcpus: a runtime import would be a cycle
     from .vm import Vm
@@ -98,8 +99,10 @@ class Translation:
     usermode: bool
 
 
-class Vcpu:
-    """A vCPU. Created by :meth:`Vm.create_vcpu`; closed with its VM.
+class Vcpu(VcpuStateIoctls):
+    """A vCPU. Created by :meth:`Vm.create_vcpu`; closed with its VM. Its state ioctls beyond
+    registers and MSRs (debug registers, XSAVE, save/load of the whole) are
+    :class:`~kvmiso.kvm.vcpu_state.VcpuStateIoctls`'.
 
     >>> exit = vcpu.run()
     >>> exit
@@ -318,17 +321,23 @@ class Vcpu:
         ioctl(self.fd, abi.KVM_TRANSLATE, t)
         return Translation(t.linear_address, t.physical_address, bool(t.valid), bool(t.writeable), bool(t.usermode))
 
-    def set_guest_debug(self, enable: bool = True, single_step: bool = False,
-                        debugreg: tuple[int, ...] = ()) -> None:
-        """KVM_SET_GUEST_DEBUG; ``single_step`` gives one DebugExit per guest instruction."""
-        dbg = abi.kvm_guest_debug()
-        dbg.control = (abi.KVM_GUESTDBG_ENABLE if enable else 0) | (
-            abi.KVM_GUESTDBG_SINGLESTEP if single_step else 0
-        )
-        if debugreg:
-            dbg.control |= abi.KVM_GUESTDBG_USE_HW_BP
-            for i, v in enumerate(debugreg):
-                dbg.arch.debugreg[i] = v
+    def set_guest_debug(self, enable: bool = True, single_step: bool = False, debugreg: Sequence[int] = (), *,
+                        sw_bp: bool = False, hw_bp: bool | None = None, block_irq: bool = False,
+                        inject_db: bool = False, inject_bp: bool = False) -> None:
+        """KVM_SET_GUEST_DEBUG (KVM_GUESTDBG_*): ``single_step`` gives one DebugExit per guest
+        instruction; ``sw_bp`` a DebugExit (#BP) at each INT3; ``hw_bp`` (on when ``debugreg`` is
+        given) the breakpoints of ``debugreg`` (DR0-DR3, then DR6 and DR7 at [6] and [7]);
+        ``block_irq`` keeps interrupts from the guest while it single-steps; ``inject_db`` and
+        ``inject_bp`` give the guest a #DB or #BP at the next KVM_RUN. ``enable=False`` stops it all.
+
+        >>> vcpu.set_guest_debug(debugreg=[image.symbols["hw_bp"], 0, 0, 0, 0, 0, 0, 0x402])
+        """
+        bits = ((enable, abi.KVM_GUESTDBG_ENABLE), (single_step, abi.KVM_GUESTDBG_SINGLESTEP),
+                (sw_bp, abi.KVM_GUESTDBG_USE_SW_BP), (bool(debugreg) if hw_bp is None else hw_bp, abi.KVM_GUESTDBG_USE_HW_BP),
+                (block_irq, abi.KVM_GUESTDBG_BLOCKIRQ), (inject_db, abi.KVM_GUESTDBG_INJECT_DB),
+                (inject_bp, abi.KVM_GUESTDBG_INJECT_BP))
+        dbg = abi.kvm_guest_debug(control=sum(bit for on, bit in bits if on))
+        dbg.arch.debugreg[:len(debugreg)] = list(debugreg)
         ioctl(self.fd, abi.KVM_SET_GUEST_DEBUG, dbg)
 
     def get_stats_fd(self) -> int:
