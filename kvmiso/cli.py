@@ -137,6 +137,7 @@ def _parser() -> argparse.ArgumentParser:
                     "kvmiso record made), or per exit the functions that ran and their reads and writes")
     sp.add_argument("--windows", action="store_true", help="with --measured: list every window's functions instead")
     sp.add_argument("--table", action="store_true", help="with --measured: every (function, exit kind) compared")
+    sp.add_argument("--exits", action="store_true", help="with --measured: every exit's measured and modeled verdicts")
     for name, what in (("recall", "the access model's recall"), ("precision", "the access model's precision"),
                        ("agreement", "measured and modeled verdicts' agreement per policy, on the exits whose verdicts do not hinge on "
                         "timing or on state the trace does not show")):

@@ -41,7 +41,7 @@ def cmd_measured_runs(args: argparse.Namespace, record: AccessRecord, runs: Reco
     if args.json:
         print(json.dumps(result_dict(result, record, runs), indent=1))
     else:
-        print(result_text(result, record, runs, table=args.table))
+        print(result_text(result, record, runs, table=args.table, exits=args.exits))
     below = _below_targets(args, result)
     for line in below:
         print(f"kvmiso: below target: {line}")
@@ -78,9 +78,9 @@ def _measure_run(run: RecordedRun, windows: list[Window], runs: RecordRuns, reco
                if d[0].endswith("(direct-map alias)")]
     namer = AccessNamer(layout, record.symbols, fields, aliases)
     paths = [WindowPath.of(w, sites) for w in windows]
-    for p in paths:
-        table.add(p, namer, evidence.vendor, evidence.config, evidence.kernel)
     views = {policy: SpaceView(space) for policy, space in spaces.items()}
+    for p in paths:
+        table.add(p, namer, evidence.vendor, evidence.config, evidence.kernel, views)
     exits = {policy: exit_verdicts(space, log, model) if log is not None else [] for policy, space in spaces.items()}
     return compare_run(run.label, paths, views, namer, exits)
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 from .access import AccessModel
 from .accessnames import AREA_OBJECT, AccessNamer
+from .measuredexits import SpaceView
 from .windowpath import WindowPath
 
 # Objects named by the area they lie in, not read from the VM: always there to be touched.
@@ -57,6 +58,7 @@ class Cell:
     in_kernel: set[str] = field(default_factory=set)
     kernel_windows: int = 0
     members: Counter = field(default_factory=Counter)  # (object, member, array indexes dropped) -> accesses
+    unmapped: dict[str, set[str]] = field(default_factory=dict)  # policy -> objects it left unmapped in some access
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,7 @@ class Row:
     userspace_only: tuple[str, ...] = ()  # touched only in exits to userspace, where it also ran in others
     kernel_windows: int = 0  # of ``windows``, those of exits handled in the kernel
     members: tuple[tuple[str, str, int], ...] = ()  # the members touched most, per object
+    unmapped: dict[str, tuple[str, ...]] = field(default_factory=dict)  # policy -> objects its space left unmapped
 
 
 @dataclass(frozen=True)
@@ -110,8 +113,10 @@ class AccessTable:
         self.cells: dict[tuple[str, str], Cell] = {}
         self.implicit = set(model.implicit)
 
-    def add(self, path: WindowPath, namer: AccessNamer, vendor: str, config: dict[str, str], kernel: str = "") -> None:
-        """Count one window's exit accesses (see the module docstring) against the model."""
+    def add(self, path: WindowPath, namer: AccessNamer, vendor: str, config: dict[str, str], kernel: str = "",
+            views: dict[str, SpaceView] | None = None) -> None:
+        """Count one window's exit accesses (see the module docstring) against the model, and
+        note which objects each policy's isolated space (``views``) does not map."""
         seen: set[tuple[str, str]] = set()
         to_user = path.window.reason == "user"
         for i in path.in_exit():
@@ -129,6 +134,9 @@ class AccessTable:
             obj = named.object
             cell.touched[obj] += 1
             cell.members[(obj, _INDEX.sub("[]", named.member).split("+")[0])] += 1
+            for policy, view in (views or {}).items():
+                if not view.maps(a.addr):
+                    cell.unmapped.setdefault(policy, set()).add(obj)
             if not to_user:
                 cell.in_kernel.add(obj)
 
@@ -154,7 +162,7 @@ class AccessTable:
                            sum(n for o, n in c.touched.items() if not namer_placed(o)),
                            tuple(sorted(c.unmeasurable)), c.windows,
                            tuple(o for o in c.touched if c.kernel_windows and o not in c.in_kernel), c.kernel_windows,
-                           _top_members(c.members)))
+                           _top_members(c.members), {p: tuple(sorted(o)) for p, o in c.unmapped.items()}))
         return out
 
     def pairs(self) -> tuple[set[tuple[str, str]], set[tuple[str, str]]]:

@@ -15,9 +15,10 @@ from .measuredresult import UNMODELED, MeasuredResult, measured_text, modeled_te
 SHOWN = 12  # functions listed per line before "... and N more"
 
 
-def result_text(res: MeasuredResult, record: Any, runs: Any, table: bool = False) -> str:
+def result_text(res: MeasuredResult, record: Any, runs: Any, table: bool = False, exits: bool = False) -> str:
     """A person's view: header, each policy's verdicts and agreement, the access model's scores,
-    the disagreements one by one; ``table``: every (function, exit kind) row too."""
+    the disagreements one by one; ``table``: every (function, exit kind) row too; ``exits``:
+    every exit's measured and modeled verdicts side by side."""
     windows = res.windows()
     scores = res.table.scores()
     lines = [f"access record {record.directory}: {len(runs.runs)} runs (kvmiso record, kernel {runs.kernel}, "
@@ -39,7 +40,22 @@ def result_text(res: MeasuredResult, record: Any, runs: Any, table: bool = False
                          f"{d.measured}; model {d.modeled}: {d.reason}")
     if table:
         lines += _table_lines(res.table.rows())
+    if exits:
+        lines += _exit_lines(res)
     return "\n".join(lines)
+
+
+def _exit_lines(res: MeasuredResult) -> list[str]:
+    lines = ["each exit, measured | modeled (the traced exit paired with it; none: unpaired):"]
+    for r in res.runs:
+        for p in r.pairs:
+            where = f"{r.label} window {p.window.window.seq} ({p.window.kind})" if p.window else \
+                f"{r.label} traced exit ({p.model_kind}, no window)"
+            for policy in res.policies:
+                m = measured_text(p.measured[policy]) if policy in p.measured else "no window"
+                v = modeled_text(p.modeled.get(policy)) if p.model_kind is not None else "unpaired"
+                lines.append(f"  {where} {policy}: {m} | {v}")
+    return lines
 
 
 def _policy_lines(res: MeasuredResult, policy: str, n: int, unpaired_w: int, unpaired_x: int) -> list[str]:
@@ -97,7 +113,8 @@ def _some(items: list[str]) -> str:
 
 def _table_lines(rows: list[Row]) -> list[str]:
     lines = ["the access model, function by function and exit kind (hit: predicted and touched; +: touched, not "
-             "predicted; -: predicted, never touched; ?: accesses no object covers; n/a: predicted, not on these VMs):"]
+             "predicted; -: predicted, never touched; ?: accesses no object covers; n/a: predicted, not on these VMs; "
+             "and the objects each policy's isolated space left unmapped in some access, measured):"]
     for r in rows:
         state = "" if r.known else " (not in access.toml)"
         lines.append(f"  {r.function}{f' [{r.module}]' if r.module else ''} {r.kind}{state}: hit {list(r.hit)}"
@@ -105,6 +122,7 @@ def _table_lines(rows: list[Row]) -> list[str]:
                      + (f" - {list(r.untouched)}" if r.untouched else "")
                      + (f" ? {r.unplaced}" if r.unplaced else "")
                      + (f" n/a {list(r.unmeasurable)}" if r.unmeasurable else "")
+                     + "".join(f"; {p} leaves unmapped {list(o)}" for p, o in r.unmapped.items())
                      + (f" ({r.windows} windows)"))
     return lines
 
