@@ -1,4 +1,5 @@
-"""The only place that calls ioctl(2) and mmap(2): through ctypes, never the fcntl module."""
+"""The only place that calls ioctl(2) and mmap(2): through ctypes, never the fcntl module; and
+the package's one handle on the C library (``libc``), for the other modules' calls into it."""
 
 from __future__ import annotations
 
@@ -11,17 +12,17 @@ from typing import Callable
 from . import abi
 from .errors import KvmError
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.ioctl.restype = ctypes.c_int
-_libc.ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
-_libc.munmap.restype = ctypes.c_int
-_libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
-_libc.madvise.restype = ctypes.c_int
-_libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+# The package's one handle on the C library: every module that calls libc through ctypes imports
+# this one (use_errno, so ctypes.get_errno() reads the errno its calls left).
+libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+libc.ioctl.restype = ctypes.c_int
+libc.ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+libc.munmap.restype = ctypes.c_int
+libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
 
-raw_ioctl = _libc.ioctl
+raw_ioctl = libc.ioctl
 get_errno = ctypes.get_errno
 MAP_FAILED = ctypes.c_void_p(-1).value
 
@@ -55,7 +56,7 @@ def mmap(length: int, fd: int = -1, shared: bool = False, prot: int = _mmap.PROT
     flags = _mmap.MAP_SHARED if shared else _mmap.MAP_PRIVATE
     if fd < 0:
         flags |= _mmap.MAP_ANONYMOUS
-    addr = _libc.mmap(None, length, prot, flags, fd, 0)
+    addr = libc.mmap(None, length, prot, flags, fd, 0)
     if addr is None or addr == MAP_FAILED:
         err = get_errno()
         raise OSError(err, f"mmap of {length} bytes failed: {os.strerror(err)}")
@@ -64,6 +65,6 @@ def mmap(length: int, fd: int = -1, shared: bool = False, prot: int = _mmap.PROT
 
 def munmap(addr: int, length: int) -> None:
     """munmap(2); OSError naming the range if the kernel refuses."""
-    if _libc.munmap(addr, length) != 0:
+    if libc.munmap(addr, length) != 0:
         err = get_errno()
         raise OSError(err, f"munmap({addr:#x}, {length}) failed: {os.strerror(err)}")

@@ -28,8 +28,9 @@ import os
 import struct
 from dataclasses import dataclass
 
+from ..kvm._libc import libc as _libc
+
 _NR_BPF = 321  # x86-64
-_libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 
 # bpf(2) commands, program and map types (include/uapi/linux/bpf.h)
