@@ -8,7 +8,8 @@ import os
 import pytest
 
 from kvmiso.guest import Machine
-from kvmiso.kvm import KvmError
+from kvmiso.kvm import KvmError, abi
+from kvmiso.kvm._libc import ioctl
 from kvmiso.kvm.exits import HltExit, IoExit
 
 
@@ -129,3 +130,15 @@ def test_stats_fd_for_vm_and_vcpu(kvm):
             r = m.run(timeout=5)
             delta = cs.snapshot() - before
     assert delta["exits"] >= r.runs
+
+
+def test_an_argument_of_another_size_than_the_request_encodes_is_refused(kvm):
+    # as kvm_util's kvm_do_ioctl asserts _IOC_SIZE(cmd) == sizeof(*arg): a struct kvm_sregs
+    # handed to KVM_GET_REGS would have the kernel write a kvm_regs into it (or, the other way
+    # round, past its end)
+    with Machine("hello", mode="long", kvm=kvm) as m:
+        with pytest.raises(TypeError, match=r"KVM_GET_REGS takes a 144-byte argument .* not a \d+-byte kvm_sregs"):
+            ioctl(m.vcpu.fd, abi.KVM_GET_REGS, abi.kvm_sregs())
+        # structs with a flexible array are checked by their header: these go through
+        assert m.vcpu.get_msrs([0x10])[0x10] >= 0
+        assert kvm.get_msr_index_list() and m.vcpu.get_cpuid2()

@@ -43,12 +43,24 @@ def ioctl(fd: int, request: int, arg: int | ctypes._CData | None = None,
     elif isinstance(arg, int):
         ptr = arg
     else:
+        _check_size(request, arg)
         ptr = ctypes.addressof(arg)
     ret = raw_ioctl(fd, request, ptr)
     if ret < 0:
         err = get_errno()
         raise KvmError(ioctl_name(request), err, explain(err) if explain else "")
     return ret
+
+
+def _check_size(request: int, arg: ctypes._CData) -> None:
+    """Refuse an argument of another size than ``request`` encodes, as kvm_util's kvm_do_ioctl
+    does: the kernel copies that many bytes in or out. A struct with a flexible array
+    (:func:`abi.with_entries`) is checked by its header."""
+    size = abi.ioc_size(request)
+    given = getattr(arg, "header_type", type(arg))
+    if size and ctypes.sizeof(given) != size:
+        raise TypeError(f"{ioctl_name(request)} takes a {size}-byte argument (the size its request number "
+                        f"encodes), not a {ctypes.sizeof(given)}-byte {given.__name__}")
 
 
 def mmap(length: int, fd: int = -1, shared: bool = False, prot: int = _mmap.PROT_READ | _mmap.PROT_WRITE) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import functools
 from dataclasses import dataclass
 
 from . import abi
@@ -27,18 +26,9 @@ class CpuidEntry:
     edx: int
 
 
-@functools.lru_cache(maxsize=16)
-def _cpuid2_type(nent: int) -> type:
-    """``struct kvm_cpuid2`` with room for ``nent`` entries (a class per length, made once)."""
-    class _Cpuid(ctypes.Structure):
-        _fields_ = [("hdr", abi.kvm_cpuid2), ("entries", abi.kvm_cpuid_entry2 * nent)]
-
-    return _Cpuid
-
-
 def _cpuid2_buffer(nent: int) -> ctypes.Structure:
     """A ``struct kvm_cpuid2`` followed by room for ``nent`` entries, ``nent`` set."""
-    buf = _cpuid2_type(nent)()
+    buf = abi.with_entries(abi.kvm_cpuid2, abi.kvm_cpuid_entry2, nent)()
     buf.hdr.nent = nent
     return buf
 

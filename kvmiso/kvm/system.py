@@ -73,15 +73,16 @@ class Kvm(FdOwner):
     def _msr_list(self, request: int) -> list[int]:
         n = 64
         while True:
-            buf = (ctypes.c_uint32 * (1 + n))(n)
+            buf = abi.with_entries(abi.kvm_msr_list, ctypes.c_uint32, n)()
+            buf.hdr.nmsrs = n
             try:
                 ioctl(self.fd, request, buf)
             except KvmError as e:
                 if e.errno != errno.E2BIG:
                     raise
-                n = buf[0]  # the kernel wrote the count it needs
+                n = buf.hdr.nmsrs  # the kernel wrote the count it needs
                 continue
-            return list(buf[1 : 1 + buf[0]])
+            return list(buf.entries[: buf.hdr.nmsrs])
 
     def get_supported_cpuid(self) -> list[CpuidEntry]:
         """KVM_GET_SUPPORTED_CPUID: every leaf KVM can expose to a guest. Asked once per

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import functools
 import math
 import os
 import signal
@@ -340,18 +339,8 @@ class Vcpu:
         return Stats(self.get_stats_fd())
 
 
-@functools.lru_cache(maxsize=64)
-def _msrs_type(n: int) -> type:
-    """``struct kvm_msrs`` with room for ``n`` entries (a class per length, made once: making
-    a ctypes class costs more than the ioctl)."""
-    class _Msrs(ctypes.Structure):
-        _fields_ = [("hdr", abi.kvm_msrs), ("entries", abi.kvm_msr_entry * n)]
-
-    return _Msrs
-
-
 def _msrs_buffer(values: dict[int, int]) -> ctypes.Structure:
-    buf = _msrs_type(len(values))()
+    buf = abi.with_entries(abi.kvm_msrs, abi.kvm_msr_entry, len(values))()
     buf.hdr.nmsrs = len(values)
     for e, (index, data) in zip(buf.entries, values.items()):
         e.index, e.data = index, data
