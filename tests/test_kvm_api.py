@@ -142,3 +142,19 @@ def test_an_argument_of_another_size_than_the_request_encodes_is_refused(kvm):
         # structs with a flexible array are checked by their header: these go through
         assert m.vcpu.get_msrs([0x10])[0x10] >= 0
         assert kvm.get_msr_index_list() and m.vcpu.get_cpuid2()
+
+
+def _vcpu_mappings() -> int:
+    with open("/proc/self/maps") as f:
+        return sum("anon_inode:kvm-vcpu" in line for line in f)
+
+
+def test_a_vcpu_is_a_context_manager_that_releases_its_fd_and_page(kvm):
+    with kvm.create_vm() as vm:
+        with vm.create_vcpu() as vcpu:
+            fd = vcpu.fd
+            assert os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:kvm-vcpu:0" and _vcpu_mappings() == 1
+        assert vcpu.fd == -1 and repr(vcpu) == "<Vcpu fd=-1>" and _vcpu_mappings() == 0
+        assert not os.path.exists(f"/proc/self/fd/{fd}") or os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:kvm-vcpu:0"
+        vm.create_vcpu(1)  # the VM goes on; it closes this one with itself
+    assert vm.fd == -1 and _vcpu_mappings() == 0

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from ..host import vendor_module
 from ..interrupt import Interrupted, kicked_by_interrupts
-from ..kvm import Kvm, Vcpu, abi
+from ..kvm import Kvm, Vcpu, abi, close_all
 from ..kvm.exits import (DebugExit, Exit, FailEntryExit, HltExit, InternalErrorExit, IntrExit, IoExit,
                          MmioExit, RdmsrExit, ShutdownExit, SystemEventExit, WrmsrExit, detach)
 from . import modes
@@ -123,15 +123,16 @@ class Machine:
         return self.vm.vcpus
 
     def close(self) -> None:
-        """Close the stats fds, the VM (vCPUs, memory) and the Kvm handle if this Machine opened it."""
-        for st in self._stats:
-            st.close()
-        self._stats.clear()
+        """Close the stats fds, the VM (vCPUs, memory) and the Kvm handle if this Machine opened
+        it (idempotent). A Ctrl-C meanwhile goes up once all of it is released."""
+        closers = [st.close for st in self._stats]
         if self.vm is not None:
-            self.vm.close()
-            self.vm = None
+            closers.append(self.vm.close)
         if self._own_kvm:
-            self.kvm.close()
+            closers.append(self.kvm.close)
+        close_all(*closers)
+        self._stats.clear()
+        self.vm = None  # last: until here the finalizer finishes what a Ctrl-C cut short
 
     def __enter__(self) -> "Machine":
         return self

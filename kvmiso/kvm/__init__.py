@@ -1,5 +1,6 @@
 """The ioctl layer: nothing above this package touches a KVM file descriptor or ioctl number."""
 
+from ._fd import close_all
 from .errors import KvmError, KvmUnavailable
 from .cpuid import CpuidEntry
 from .system import Kvm
@@ -7,4 +8,4 @@ from .vcpu import Translation, Vcpu
 from .vm import MemorySlot, Vm
 
 __all__ = ["CpuidEntry", "Kvm", "KvmError", "KvmUnavailable", "MemorySlot",
-           "Translation", "Vcpu", "Vm"]
+           "Translation", "Vcpu", "Vm", "close_all"]

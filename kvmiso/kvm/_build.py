@@ -47,10 +47,13 @@ ffibuilder = FFI()
 ffibuilder.cdef(header_cdef() + """
 long long kvmiso_exit_key(const struct kvmiso_vcpu *v);
 long long kvmiso_vcpu_run(struct kvmiso_vcpu *v);
+int kvmiso_vcpu_kick(struct kvmiso_vcpu *v, unsigned long thread, int signo);
 int kvmiso_kick_install(int signo);
 int kvmiso_kick_after(struct kvmiso_vcpu *v, int signo, int tid, int64_t ns);
 int kvmiso_kick_cancel(struct kvmiso_vcpu *v);
-void kvmiso_vcpu_release(struct kvmiso_vcpu *v);
+int kvmiso_close(int *fd);
+int kvmiso_unmap(struct kvmiso_mapping *m);
+int kvmiso_vcpu_release(struct kvmiso_vcpu *v);
 """)
 ffibuilder.set_source("kvmiso.kvm._vcpu", '#include "_vcpu.c"', include_dirs=[str(HERE)],
                       depends=[str(HERE / "_vcpu.c"), str(HEADER)], extra_compile_args=["-O2", "-std=gnu11"])

@@ -9,14 +9,22 @@
  * - The kick timer: a one-shot POSIX timer per vCPU whose expiry sends the kick signal to the
  *   thread that armed it (SIGEV_THREAD_ID). Its handler sets immediate_exit in that vCPU's
  *   kvm_run page, so a KVM_RUN that had not started yet returns at once too. No watchdog thread.
+ * - Releasing what a handle owns (an fd, a mapping, a vCPU): each is marked gone and released in
+ *   one call, which Python cannot interrupt (its signal handlers, and so Ctrl-C, run between
+ *   bytecodes): a close cut short by Ctrl-C never leaves a number that a second close would
+ *   close again after the kernel gave it to someone else, nor one nobody will close.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE  /* SIGEV_THREAD_ID */
 #endif
 #include "_vcpu.h"
 
+#include <pthread.h>
+#include <sched.h>
 #include <signal.h>
+#include <sys/mman.h>
 #include <time.h>
+#include <unistd.h>
 
 #ifndef sigev_notify_thread_id
 #define sigev_notify_thread_id _sigev_un._tid
@@ -72,6 +80,33 @@ static void kvmiso_kick_handler(int sig, siginfo_t *si, void *uc)
             page[v->lay.immediate_exit] = 1;
         v->timer_fired = 1;
     }
+}
+
+/* The lock between a kick and the release of the page it writes to: both are rare and short, so
+ * it spins. The signal handler does not take it (the timer is deleted before the page goes). */
+static void kvmiso_lock(struct kvmiso_vcpu *v)
+{
+    while (__atomic_test_and_set(&v->lock, __ATOMIC_ACQUIRE))
+        sched_yield();
+}
+
+static void kvmiso_unlock(struct kvmiso_vcpu *v)
+{
+    __atomic_clear(&v->lock, __ATOMIC_RELEASE);
+}
+
+/* Stop the KVM_RUN of `thread` (a pthread_t) on v: immediate_exit, then signo. 0 (nothing done
+ * on a closed vCPU), or -errno from pthread_kill (ESRCH: no such thread). */
+int kvmiso_vcpu_kick(struct kvmiso_vcpu *v, unsigned long thread, int signo)
+{
+    int r = 0;
+    kvmiso_lock(v);
+    if (v->page) {
+        v->page[v->lay.immediate_exit] = 1;
+        r = -pthread_kill((pthread_t)thread, signo);
+    }
+    kvmiso_unlock(v);
+    return r;
 }
 
 /* 0: the handler is installed (now or before); 1: the signal has a handler of someone else's. */
@@ -133,12 +168,36 @@ int kvmiso_kick_cancel(struct kvmiso_vcpu *v)
     return timer_settime((timer_t)v->timer, 0, &its, NULL) < 0 ? -errno : 0;
 }
 
-/* The vCPU is closing: no timer, no page for the handler to write to. */
-void kvmiso_vcpu_release(struct kvmiso_vcpu *v)
+/* Close *fd and set it to -1 (nothing if it is -1 already): 0 or -errno. */
+int kvmiso_close(int *fd)
 {
+    int f = *fd;
+    *fd = -1;
+    return f < 0 || close(f) == 0 ? 0 : -errno;
+}
+
+/* Unmap m and set m->addr to NULL (nothing if it is NULL already): 0 or -errno. */
+int kvmiso_unmap(struct kvmiso_mapping *m)
+{
+    void *addr = m->addr;
+    m->addr = NULL;
+    return !addr || munmap(addr, m->size) == 0 ? 0 : -errno;
+}
+
+/* The vCPU is closing: no timer, no page for the handler to write to, then the mapping and the
+ * fd go. 0, or the -errno of the first step that failed (the others are done all the same). */
+int kvmiso_vcpu_release(struct kvmiso_vcpu *v)
+{
+    struct kvmiso_mapping page = {v->page, v->page_size};
+    int unmapped, closed;
     if (v->timer_made) {
-        timer_delete((timer_t)v->timer);
         v->timer_made = 0;
+        timer_delete((timer_t)v->timer);
     }
+    kvmiso_lock(v);  /* no kick is writing to the page */
     v->page = NULL;
+    kvmiso_unlock(v);
+    unmapped = kvmiso_unmap(&page);
+    closed = kvmiso_close(&v->run.fd);
+    return unmapped ? unmapped : closed;
 }

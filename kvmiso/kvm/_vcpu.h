@@ -31,15 +31,24 @@ struct kvmiso_run_layout {
     uint32_t exit_io, exit_mmio, exit_intr, io_in;
 };
 
-/* One vCPU (kvmiso.kvm.Vcpu): its KVM_RUN, its kvm_run mapping and the kick timer's state. */
+/* A mapping a Python object owns: addr is NULL once it is unmapped. */
+struct kvmiso_mapping {
+    void *addr;
+    size_t size;
+};
+
+/* One vCPU (kvmiso.kvm.Vcpu): its KVM_RUN, its kvm_run mapping and the kick timer's state. The
+ * vCPU fd (run.fd, -1 once closed) and the mapping are this struct's: kvmiso_vcpu_release frees them. */
 struct kvmiso_vcpu {
     struct kvmiso_ioctl run;        /* KVM_RUN on the vCPU fd */
     unsigned char *page;            /* the kvm_run mapping; NULL once the vCPU is closed */
+    size_t page_size;
     struct kvmiso_run_layout lay;
     void *timer;                    /* the kick timer (a timer_t), once made */
     int timer_made;
     int timer_tid;                  /* the thread it signals */
     int timer_fired;                /* set by the kick signal's handler when the timer kicked */
+    unsigned char lock;             /* held by a kick and by the release of the page it writes to */
     long long last_key;             /* the last packed exit key kvmiso_vcpu_run returned */
 };
 

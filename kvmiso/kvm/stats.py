@@ -18,7 +18,7 @@ import struct
 from dataclasses import dataclass
 
 from . import abi
-from ._fd import FdOwner
+from ._fd import FdOwner, fd_cell, release_fd
 
 _DESC_SIZE = ctypes.sizeof(abi.kvm_stats_desc)
 
@@ -71,7 +71,7 @@ class Stats(FdOwner):
     """A stats fd with its parsed descriptors. Owns and closes the fd."""
 
     def __init__(self, fd: int) -> None:
-        self.fd = fd
+        self._fd = fd_cell(fd)
         try:
             hdr = abi.kvm_stats_header.from_buffer_copy(os.pread(fd, ctypes.sizeof(abi.kvm_stats_header), 0))
             self.id = os.pread(fd, hdr.name_size, hdr.id_offset).rstrip(b"\0").decode()
@@ -79,8 +79,7 @@ class Stats(FdOwner):
             raw = os.pread(fd, stride * hdr.num_desc, hdr.desc_offset)
             self.descriptors = [_parse_desc(raw[i * stride : (i + 1) * stride]) for i in range(hdr.num_desc)]
         except BaseException:
-            os.close(fd)
-            self.fd = -1
+            self.close()
             raise
         self._data_offset = hdr.data_offset
         self._data_len = max((d.offset + 8 * d.size for d in self.descriptors), default=0)
@@ -102,9 +101,7 @@ class Stats(FdOwner):
 
     def close(self) -> None:
         """Close the stats fd (idempotent)."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        release_fd(self._fd)
 
     def __contains__(self, name: str) -> bool:
         return name in self._by_name

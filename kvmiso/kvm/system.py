@@ -8,7 +8,7 @@ import os
 from typing import Any
 
 from . import abi
-from ._fd import FdOwner
+from ._fd import FdOwner, fd_cell, release_fd
 from ._libc import ioctl
 from .cpuid import CpuidEntry, get_cpuid
 from .errors import KvmError, KvmUnavailable
@@ -31,7 +31,7 @@ class Kvm(FdOwner):
         self._supported_cpuid: tuple[CpuidEntry, ...] | None = None
         self._msr_index_list: tuple[int, ...] | None = None
         try:
-            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            self._fd = fd_cell(os.open(path, os.O_RDWR | os.O_CLOEXEC))
         except FileNotFoundError:
             raise KvmUnavailable(f"{path} does not exist: this kernel has no KVM, or the device node is missing") from None
         except PermissionError:
@@ -45,15 +45,12 @@ class Kvm(FdOwner):
             check_api_version(self.api_version, path)
             self.vcpu_mmap_size = ioctl(self.fd, abi.KVM_GET_VCPU_MMAP_SIZE)
         except BaseException:
-            os.close(self.fd)
-            self.fd = -1
+            self.close()
             raise
 
     def close(self) -> None:
         """Close the /dev/kvm fd (idempotent)."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        release_fd(self._fd)
 
     def check_extension(self, cap: str | int) -> int:
         """KVM_CHECK_EXTENSION by name ("IMMEDIATE_EXIT") or number; 0 means absent."""

@@ -7,7 +7,6 @@ so does the kick: the signal that stops a KVM_RUN, and the timer that sends it (
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import math
@@ -18,7 +17,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from . import abi
-from ._libc import ioctl, mmap, munmap
+from ._fd import FdOwner, raise_if_failed
+from ._libc import ioctl, mmap
 from .cpuid import CpuidEntry, get_cpuid, set_cpuid
 from .errors import KvmError
 from .exitdecode import decode
@@ -97,47 +97,44 @@ class Translation:
     usermode: bool
 
 
-class Vcpu:
-    """A vCPU. Created by :meth:`Vm.create_vcpu`; closed with its VM.
+class Vcpu(FdOwner):
+    """A vCPU. Created by :meth:`Vm.create_vcpu` and closed with its VM; a context manager too.
 
     >>> exit = vcpu.run()
     >>> exit
     IoExit(port=233, size=1, count=13, is_in=False)
     """
 
+    _warn_unclosed = False  # its VM owns it: an unclosed VM's finalizer warns for both
+
     def __init__(self, vm: Vm, vcpu_id: int, fd: int) -> None:
         self.vm = vm
         self.id = vcpu_id
-        self.fd = fd
-        self._run_size = vm.kvm.vcpu_mmap_size
+        size = vm.kvm.vcpu_mmap_size
+        # the C struct owns the fd and the kvm_run mapping: kvmiso_vcpu_release frees both
+        self._c = ffi.new("struct kvmiso_vcpu *", {
+            "run": {"fd": fd, "request": abi.KVM_RUN, "arg": 0}, "page_size": size, "lay": _RUN_LAYOUT})
         try:
             _install_kick_handler()  # before any kick or timer can send the signal
-            self._run_addr = mmap(self._run_size, fd, shared=True)
+            self._c.page = ffi.cast("unsigned char *", mmap(size, fd, shared=True))
         except BaseException:
-            os.close(fd)
+            lib.kvmiso_vcpu_release(self._c)
             raise
+        self._run_addr = int(ffi.cast("uintptr_t", self._c.page))
         self.kvm_run = abi.kvm_run.from_address(self._run_addr)
-        self.page = memoryview((ctypes.c_char * self._run_size).from_address(self._run_addr)).cast("B")
-        self._c = ffi.new("struct kvmiso_vcpu *", {
-            "run": {"fd": fd, "request": abi.KVM_RUN, "arg": 0},
-            "page": ffi.cast("unsigned char *", self._run_addr), "lay": _RUN_LAYOUT})
-        self._kick_lock = threading.Lock()
+        self.page = memoryview((ctypes.c_char * size).from_address(self._run_addr)).cast("B")
         self._exits: dict[int, Exit] = {}  # packed exit key -> the exit (see run())
         self._last: Exit | None = None  # the exit of the last packed key
+        self._fd = ffi.addressof(self._c, "run", "fd")  # last: close() may run from here on
 
     def close(self) -> None:
         """Delete the kick timer, unmap kvm_run and close the vCPU fd (idempotent)."""
-        with self._kick_lock:  # no kick() is under way, and none will find the fd open
-            if self.fd < 0:
-                return
-            lib.kvmiso_vcpu_release(self._c)
-            self._exits.clear()  # the cached exits view the page
-            self._last = None
-            self.page.release()
-            del self.kvm_run
-            munmap(self._run_addr, self._run_size)
-            os.close(self.fd)
-            self.fd = -1
+        self._exits.clear()  # the cached exits view the page
+        self._last = None
+        self.page.release()
+        self.__dict__.pop("kvm_run", None)  # a ctypes struct at the page's address
+        # one C call, which waits for a kick() under way: none will find the page mapped after it
+        raise_if_failed(lib.kvmiso_vcpu_release(self._c), "close")
 
     @property
     def page_address(self) -> int:
@@ -210,12 +207,11 @@ class Vcpu:
                        f"{_MAX_COMPLETION_RUNS} KVM_RUNs with immediate_exit set")
 
     def kick(self, thread_ident: int) -> None:
-        """Stop the KVM_RUN running on ``thread_ident``: set immediate_exit, then signal it."""
-        with self._kick_lock:
-            if self.fd >= 0:
-                self.kvm_run.immediate_exit = 1
-                with contextlib.suppress(ProcessLookupError):
-                    signal.pthread_kill(thread_ident, KICK_SIGNAL)
+        """Stop the KVM_RUN running on ``thread_ident``: set immediate_exit, then signal it
+        (nothing once the vCPU is closed, or if the thread has ended)."""
+        r = lib.kvmiso_vcpu_kick(self._c, thread_ident, KICK_SIGNAL)
+        if r < 0 and r != -errno.ESRCH:
+            raise OSError(-r, f"cannot kick vCPU {self.id}'s thread: {os.strerror(-r)}")
 
     def kick_after(self, seconds: float) -> None:
         """Kick this vCPU out of the calling thread's KVM_RUN once ``seconds`` have passed: a

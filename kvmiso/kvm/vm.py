@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import abi
-from ._fd import FdOwner
+from ._fd import FdOwner, close_all, fd_cell, mapping_cell, release_fd, release_mapping
 from ._libc import ioctl, mmap, munmap
 from .stats import Stats
 from .vcpu import Vcpu
@@ -33,6 +34,11 @@ class MemorySlot:
     host_addr: int
     flags: int
     view: memoryview = field(repr=False)
+    _mapping: Any = field(repr=False, compare=False)  # the mapping's C cell, emptied when unmapped
+
+    def _unmap(self) -> None:
+        self.view.release()  # first: no access through it once the memory is gone
+        release_mapping(self._mapping)
 
     @property
     def end(self) -> int:
@@ -55,26 +61,20 @@ class Vm(FdOwner):
 
     def __init__(self, kvm: Kvm, fd: int) -> None:
         self.kvm = kvm
-        self.fd = fd
+        self._fd = fd_cell(fd)
         self.slots: dict[int, MemorySlot] = {}
         self.vcpus: list[Vcpu] = []
-        self._eventfds: list[int] = []
+        self._eventfds: list[Any] = []  # their C cells (kvm._fd.fd_cell)
 
     def close(self) -> None:
-        """Close every vCPU, the VM fd, then unmap the memory and close the eventfds (idempotent)."""
-        if self.fd < 0:
-            return
-        for vcpu in self.vcpus:
-            vcpu.close()
+        """Close every vCPU, the VM fd, then unmap the memory and close the eventfds (idempotent).
+        A Ctrl-C meanwhile goes up once all of it is released."""
+        # the kernel drops the slots with the VM; then the backing can go
+        close_all(*(v.close for v in self.vcpus), functools.partial(release_fd, self._fd),
+                  *(s._unmap for s in self.slots.values()),
+                  *(functools.partial(release_fd, efd) for efd in self._eventfds))
         self.vcpus.clear()
-        os.close(self.fd)  # the kernel drops the slots with the VM; then the backing can go
-        self.fd = -1
-        for s in self.slots.values():
-            s.view.release()
-            munmap(s.host_addr, s.size)
         self.slots.clear()
-        for efd in self._eventfds:
-            os.close(efd)
         self._eventfds.clear()
 
     # --- memory -------------------------------------------------------------------------------
@@ -108,7 +108,7 @@ class Vm(FdOwner):
             munmap(addr, size)
             raise
         view = memoryview((ctypes.c_char * size).from_address(addr)).cast("B")
-        ms = MemorySlot(slot, guest_phys_addr, size, addr, flags, view)
+        ms = MemorySlot(slot, guest_phys_addr, size, addr, flags, view, mapping_cell(addr, size))
         self.slots[slot] = ms
         return ms
 
@@ -201,7 +201,7 @@ class Vm(FdOwner):
         except BaseException:
             os.close(efd)
             raise
-        self._eventfds.append(efd)
+        self._eventfds.append(fd_cell(efd))
         return efd
 
     def enable_cap(self, cap: str | int, *args: int, flags: int = 0) -> None:

@@ -204,9 +204,8 @@ class KernelMemory:
 
     def close(self) -> None:
         """Close the programs and the map (nothing else is held)."""
-        for fd in self._fds:
-            os.close(fd)
-        self._fds.clear()
+        while self._fds:  # each fd off the list before its close: an interrupt never leaves one to close twice
+            os.close(self._fds.pop())
 
     def __enter__(self) -> "KernelMemory":
         return self

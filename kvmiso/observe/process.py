@@ -206,9 +206,8 @@ class ForeignVm:
 
     def close(self) -> None:
         """Close the copies (the process keeps its own fds)."""
-        for v in self.vcpus:
-            os.close(v.fd)
-        self.vcpus.clear()
+        while self.vcpus:  # each copy off the list before its close: an interrupt never leaves one to close twice
+            os.close(self.vcpus.pop().fd)
 
     def __enter__(self) -> "ForeignVm":
         return self
