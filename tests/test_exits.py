@@ -79,7 +79,7 @@ def pages(tmp_path_factory) -> tuple[dict[str, memoryview], dict[str, int]]:
 def test_io_out_data_is_a_view_at_data_offset(pages):
     p = pages[0]["io_out"]
     e = decode(p)
-    assert e == IoExit(port=0x3F8, size=2, count=3, is_in=False, data=memoryview(b""))
+    assert e == IoExit(0x3F8, 2, 3, False, memoryview(b""))
     assert bytes(e.data) == b"abcdef" and e.value == 0x6261
     p[4096] = ord("z")
     assert bytes(e.data[:1]) == b"z"  # a view, not a copy
@@ -90,7 +90,7 @@ def test_io_out_data_is_a_view_at_data_offset(pages):
 def test_io_in_reply_writes_the_page(pages):
     p = pages[0]["io_in"]
     e = decode(p)
-    assert e == IoExit(port=0x80, size=4, count=2, is_in=True, data=memoryview(b""))
+    assert e == IoExit(0x80, 4, 2, True, memoryview(b""))
     e.reply(0x11223344)
     assert bytes(p[4096:4104]) == bytes.fromhex("4433221144332211")
     with pytest.raises(ValueError, match="must be 8 bytes"):

@@ -31,6 +31,12 @@ class KvmUnavailable(RuntimeError):
     """/dev/kvm is missing, not accessible, or speaks another API version."""
 
 
+class VcpuClosed(ValueError):
+    """An exit's data or reply was used after its vCPU was closed: the kvm_run page it viewed is
+    unmapped, and its address may be another vCPU's page by now (a ValueError, as the use of a
+    closed file is)."""
+
+
 
 def _errno_text(err: int) -> str:
     import os

@@ -23,6 +23,7 @@ from .cpuid import CpuidEntry, get_cpuid, set_cpuid
 from .errors import KvmError
 from .exitdecode import decode
 from .exits import DATALESS, Exit, IntrExit
+from .runpage import RunPage
 from .stats import Stats
 
 if TYPE_CHECKING:  # a Vm makes its Vcpus: a runtime import would be a cycle
@@ -123,12 +124,14 @@ class Vcpu(FdOwner):
         self._run_addr = int(ffi.cast("uintptr_t", self._c.page))
         self.kvm_run = abi.kvm_run.from_address(self._run_addr)
         self.page = memoryview((ctypes.c_char * size).from_address(self._run_addr)).cast("B")
+        self._mapped = RunPage(f"vCPU {vcpu_id}")  # what this vCPU's exits check before they touch the page
         self._exits: dict[int, Exit] = {}  # packed exit key -> the exit (see run())
         self._last: Exit | None = None  # the exit of the last packed key
         self._fd = ffi.addressof(self._c, "run", "fd")  # last: close() may run from here on
 
     def close(self) -> None:
         """Delete the kick timer, unmap kvm_run and close the vCPU fd (idempotent)."""
+        self._mapped.mapped = False  # first: from here on no exit touches the page
         self._exits.clear()  # the cached exits view the page
         self._last = None
         self.page.release()
@@ -161,7 +164,7 @@ class Vcpu(FdOwner):
                 self._last = exit
                 return exit
             if key >= 0:  # an exit reason: only dataless exits are the same object every time
-                return _dataless(key) or decode(self.page)
+                return _dataless(key) or decode(self.page, self._mapped)
             if key != -errno.EINTR:
                 raise KvmError("KVM_RUN", -key, _run_errno_hint(-key))
             if self.page[_IMMEDIATE_EXIT]:  # somebody asked this vCPU to stop
@@ -172,7 +175,7 @@ class Vcpu(FdOwner):
         starts again when a guest makes too many different ones)."""
         if len(self._exits) >= _MAX_KEYS:
             self._exits.clear()
-        exit = self._exits[key] = decode(self.page)
+        exit = self._exits[key] = decode(self.page, self._mapped)
         return exit
 
     @property
