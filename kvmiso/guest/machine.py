@@ -164,7 +164,8 @@ class Machine:
         (unanswered ones inject #GP, as KVM does without the capability). ``on_exit`` sees every exit first and ends
         the run by returning True. Raises GuestTimeout (with ``.result``) past the deadline;
         Ctrl-C or SIGTERM raises :class:`kvmiso.interrupt.Interrupted` whose ``partial`` is this
-        RunResult (outcome ``interrupted``, what the guest was doing in the detail).
+        RunResult (outcome ``interrupted``, what the guest was doing in the detail). The vCPU is
+        this thread's for the run: another thread's run of it raises :class:`kvmiso.kvm.VcpuBusy`.
         """
         v = self.vm.vcpus[vcpu]
         stats = self._stats[vcpu]
@@ -174,7 +175,7 @@ class Machine:
         t0 = time.perf_counter()
         ident = threading.get_ident()
         try:
-            with deadline(v, timeout) as dl, kicked_by_interrupts(lambda: v.kick(ident)):
+            with v.held(), deadline(v, timeout) as dl, kicked_by_interrupts(lambda: v.kick(ident)):
                 while res.outcome is None:
                     res.runs += 1  # before the call: an interrupted KVM_RUN counts too
                     exit = v.run()

@@ -46,6 +46,8 @@ def check_compiler() -> None:
 ffibuilder = FFI()
 ffibuilder.cdef(header_cdef() + """
 long long kvmiso_exit_key(const struct kvmiso_vcpu *v);
+int kvmiso_vcpu_hold(struct kvmiso_vcpu *v);
+void kvmiso_vcpu_unhold(struct kvmiso_vcpu *v);
 long long kvmiso_vcpu_run(struct kvmiso_vcpu *v);
 int kvmiso_vcpu_kick(struct kvmiso_vcpu *v, unsigned long thread, int signo);
 int kvmiso_kick_install(int signo);

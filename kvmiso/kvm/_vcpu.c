@@ -53,19 +53,46 @@ long long kvmiso_exit_key(const struct kvmiso_vcpu *v)
     return reason;
 }
 
-/* KVM_RUN once: the exit's key (kvmiso_exit_key), KVMISO_SAME_EXIT if that is the packed key
- * it returned last, or -errno. */
-long long kvmiso_vcpu_run(struct kvmiso_vcpu *v)
+/* Keep v to the calling thread: 1 if it takes v now, 0 if it held v already, KVMISO_RUN_BUSY
+ * if another thread runs or holds it. */
+int kvmiso_vcpu_hold(struct kvmiso_vcpu *v)
 {
-    long long key;
-    if (kvmiso_ioctl_issue(&v->run) < 0)
-        return -errno;
-    key = kvmiso_exit_key(v);
+    unsigned long me = (unsigned long)pthread_self(), runner = 0;
+    if (__atomic_compare_exchange_n(&v->runner, &runner, me, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
+        return 1;
+    return runner == me ? 0 : KVMISO_RUN_BUSY;
+}
+
+/* Let another thread run v (after kvmiso_vcpu_hold returned 1). */
+void kvmiso_vcpu_unhold(struct kvmiso_vcpu *v)
+{
+    __atomic_store_n(&v->runner, 0, __ATOMIC_RELEASE);
+}
+
+/* The exit's key (kvmiso_exit_key), KVMISO_SAME_EXIT if that is the packed key returned last. */
+static long long kvmiso_run_key(struct kvmiso_vcpu *v)
+{
+    long long key = kvmiso_exit_key(v);
     if (key < KVMISO_KEY_MMIO)
         return key;
     if (key == v->last_key)
         return KVMISO_SAME_EXIT;
     v->last_key = key;
+    return key;
+}
+
+/* KVM_RUN once from a thread that holds v (for this call, or for longer): the exit's key
+ * (kvmiso_run_key), -errno, or KVMISO_RUN_BUSY without a KVM_RUN. Two threads in KVM_RUN on
+ * one vCPU would take turns at the kernel's vCPU mutex and split its exits between them. */
+long long kvmiso_vcpu_run(struct kvmiso_vcpu *v)
+{
+    long long key;
+    int took = kvmiso_vcpu_hold(v);
+    if (took < 0)
+        return KVMISO_RUN_BUSY;
+    key = kvmiso_ioctl_issue(&v->run) < 0 ? -errno : kvmiso_run_key(v);
+    if (took)
+        kvmiso_vcpu_unhold(v);
     return key;
 }
 

@@ -15,6 +15,8 @@
 /* ... and the answer for the same I/O or MMIO exit as the last such one: a number Python keeps
  * as one shared object (no exit reason comes near it), so the commonest exit costs no lookup. */
 #define KVMISO_SAME_EXIT 255
+/* ... and the answer when another thread is running the vCPU (no -errno is this low). */
+#define KVMISO_RUN_BUSY -4097
 
 /* One ioctl, ready to issue: what a compiled loop times. */
 struct kvmiso_ioctl {
@@ -49,6 +51,7 @@ struct kvmiso_vcpu {
     int timer_tid;                  /* the thread it signals */
     int timer_fired;                /* set by the kick signal's handler when the timer kicked */
     unsigned char lock;             /* held by a kick and by the release of the page it writes to */
+    unsigned long runner;           /* the pthread_self() of the thread running or holding it, or 0 */
     long long last_key;             /* the last packed exit key kvmiso_vcpu_run returned */
 };
 

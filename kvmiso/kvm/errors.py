@@ -31,6 +31,10 @@ class KvmUnavailable(RuntimeError):
     """/dev/kvm is missing, not accessible, or speaks another API version."""
 
 
+class VcpuBusy(RuntimeError):
+    """A thread asked to run a vCPU that another thread is running (or holds for a run)."""
+
+
 class VcpuClosed(ValueError):
     """An exit's data or reply was used after its vCPU was closed: the kvm_run page it viewed is
     unmapped, and its address may be another vCPU's page by now (a ValueError, as the use of a

@@ -7,6 +7,7 @@ so does the kick: the signal that stops a KVM_RUN, and the timer that sends it (
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import math
@@ -14,13 +15,13 @@ import os
 import signal
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from . import abi
 from ._fd import FdOwner, raise_if_failed
 from ._libc import ioctl, mmap
 from .cpuid import CpuidEntry, get_cpuid, set_cpuid
-from .errors import KvmError
+from .errors import KvmError, VcpuBusy
 from .exitdecode import decode
 from .exits import DATALESS, Exit, IntrExit
 from .runpage import RunPage
@@ -44,6 +45,7 @@ _IMMEDIATE_EXIT = abi.kvm_run.immediate_exit.offset
 _vcpu_run = lib.kvmiso_vcpu_run  # a global, not an attribute lookup, on the KVM_RUN hot path
 _KEY_PACKED = min(lib.KVMISO_KEY_IO, lib.KVMISO_KEY_MMIO)  # keys from here up carry a whole exit
 _SAME_EXIT = lib.KVMISO_SAME_EXIT
+_BUSY = lib.KVMISO_RUN_BUSY  # another thread runs the vCPU
 _MAX_KEYS = 4096  # different I/O and MMIO exits kept per vCPU
 _INTR = DATALESS[IntrExit.reason]
 # Exits whose instruction KVM completes at the next KVM_RUN, before it looks at immediate_exit
@@ -166,9 +168,36 @@ class Vcpu(FdOwner):
             if key >= 0:  # an exit reason: only dataless exits are the same object every time
                 return _dataless(key) or decode(self.page, self._mapped)
             if key != -errno.EINTR:
+                if key == _BUSY:
+                    raise self._busy()
                 raise KvmError("KVM_RUN", -key, _run_errno_hint(-key))
             if self.page[_IMMEDIATE_EXIT]:  # somebody asked this vCPU to stop
                 return _INTR
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Keep this vCPU to the calling thread for the block: :meth:`run` from any other thread
+        raises VcpuBusy meanwhile, as it does while one thread is inside :meth:`run`.
+        ``Machine.run`` holds its vCPU for a whole run."""
+        took = lib.kvmiso_vcpu_hold(self._c)
+        if took < 0:
+            raise self._busy()
+        try:
+            yield
+        finally:
+            if took:
+                lib.kvmiso_vcpu_unhold(self._c)
+
+    @property
+    def runner(self) -> int | None:
+        """The ident (``threading.get_ident()``) of the thread running or holding this vCPU."""
+        return self._c.runner or None
+
+    def _busy(self) -> VcpuBusy:
+        ident = self.runner
+        name = next((t.name for t in threading.enumerate() if t.ident == ident), "another thread")
+        return VcpuBusy(f"vCPU {self.id} is already running in thread {name!r} (ident {ident}): one thread "
+                        "at a time runs a vCPU (KVM would split its exits between them)")
 
     def _decode(self, key: int) -> Exit:
         """The exit of a packed key seen for the first time, kept for the next time (the cache
