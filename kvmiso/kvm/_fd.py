@@ -14,7 +14,7 @@ import os
 import warnings
 from typing import Any, Callable, TypeVar
 
-from ._vcpu import ffi, lib
+from ._compiled import ffi, lib
 
 _T = TypeVar("_T", bound="FdOwner")
 

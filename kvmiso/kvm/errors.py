@@ -31,6 +31,11 @@ class KvmUnavailable(RuntimeError):
     """/dev/kvm is missing, not accessible, or speaks another API version."""
 
 
+class KickSignalBlocked(RuntimeError):
+    """A timeout or a kick was asked for a thread that blocks the vCPU kick signal, which is
+    then never delivered: its KVM_RUN would not end."""
+
+
 class VcpuBusy(RuntimeError):
     """A thread asked to run a vCPU that another thread is running (or holds for a run)."""
 

@@ -12,17 +12,18 @@ import ctypes
 import errno
 import math
 import os
-import signal
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from . import abi
+from ._compiled import ffi, lib
 from ._fd import FdOwner, raise_if_failed
 from ._libc import ioctl, mmap
 from .cpuid import CpuidEntry, get_cpuid, set_cpuid
 from .errors import KvmError, VcpuBusy
 from .exitdecode import decode
+from .kick import KICK_SIGNAL, check_kick_reaches, install_kick_handler
 from .exits import DATALESS, Exit, IntrExit
 from .runpage import RunPage
 from .stats import Stats
@@ -30,16 +31,6 @@ from .stats import Stats
 if TYPE_CHECKING:  # a Vm makes its Vcpus: a runtime import would be a cycle
     from .vm import Vm
 
-try:
-    from ._vcpu import ffi, lib
-except ImportError as e:  # a source tree nobody installed: say how to build it
-    raise ImportError(f"kvmiso's compiled vCPU module (kvmiso.kvm._vcpu) is not built ({e}): install kvmiso "
-                      "with `pip install -e .`, which compiles kvmiso/kvm/_vcpu.c and needs a C compiler") from None
-
-# The signal that kicks a vCPU thread out of KVM_RUN. A real-time signal, so it never collides
-# with SIGINT/SIGTERM handling. Its handler (in C, installed by sigaction from whichever thread
-# makes the first vCPU) interrupts KVM_RUN; for the kick timer it also sets immediate_exit.
-KICK_SIGNAL = signal.SIGRTMIN
 _MAX_NS = (1 << 63) - 1
 _IMMEDIATE_EXIT = abi.kvm_run.immediate_exit.offset
 _vcpu_run = lib.kvmiso_vcpu_run  # a global, not an attribute lookup, on the KVM_RUN hot path
@@ -76,15 +67,6 @@ def _run_layout() -> dict[str, int]:
 _RUN_LAYOUT = _run_layout()
 
 
-def _install_kick_handler() -> None:
-    r = lib.kvmiso_kick_install(KICK_SIGNAL)
-    if r < 0:
-        raise OSError(-r, f"cannot install the vCPU kick signal's handler: {os.strerror(-r)}")
-    if r:
-        raise RuntimeError(f"signal {signal.Signals(KICK_SIGNAL).name} already has a handler that is not kvmiso's; "
-                           "kvmiso stops vCPUs with it (KVM_RUN is interrupted by a signal)")
-
-
 @dataclass(frozen=True)
 class Translation:
     """KVM_TRANSLATE's answer for one guest-virtual address.
@@ -118,7 +100,7 @@ class Vcpu(FdOwner):
         self._c = ffi.new("struct kvmiso_vcpu *", {
             "run": {"fd": fd, "request": abi.KVM_RUN, "arg": 0}, "page_size": size, "lay": _RUN_LAYOUT})
         try:
-            _install_kick_handler()  # before any kick or timer can send the signal
+            install_kick_handler()  # before any kick or timer can send the signal
             self._c.page = ffi.cast("unsigned char *", mmap(size, fd, shared=True))
         except BaseException:
             lib.kvmiso_vcpu_release(self._c)
@@ -240,7 +222,11 @@ class Vcpu(FdOwner):
 
     def kick(self, thread_ident: int) -> None:
         """Stop the KVM_RUN running on ``thread_ident``: set immediate_exit, then signal it
-        (nothing once the vCPU is closed, or if the thread has ended)."""
+        (nothing once the vCPU is closed, or if the thread has ended). KickSignalBlocked if that
+        thread blocks the kick signal."""
+        thread = next((t for t in threading.enumerate() if t.ident == thread_ident), None)
+        if thread is not None:  # a thread Python does not know of cannot be checked
+            check_kick_reaches(thread)
         r = lib.kvmiso_vcpu_kick(self._c, thread_ident, KICK_SIGNAL)
         if r < 0 and r != -errno.ESRCH:
             raise OSError(-r, f"cannot kick vCPU {self.id}'s thread: {os.strerror(-r)}")
@@ -249,9 +235,11 @@ class Vcpu(FdOwner):
         """Kick this vCPU out of the calling thread's KVM_RUN once ``seconds`` have passed: a
         one-shot CLOCK_MONOTONIC timer (timer_create(2), SIGEV_THREAD_ID) that replaces an armed
         one. When it fires, ``immediate_exit`` is set and :meth:`run` returns ``IntrExit()``,
-        whether KVM_RUN was under way or about to start. :attr:`timer_kicked` says it fired."""
+        whether KVM_RUN was under way or about to start. :attr:`timer_kicked` says it fired.
+        KickSignalBlocked if the calling thread blocks the kick signal (see :mod:`.kick`)."""
         if not (math.isfinite(seconds) and seconds >= 0):
             raise ValueError(f"a kick needs a finite, non-negative number of seconds, not {seconds!r}")
+        check_kick_reaches(threading.current_thread())
         r = lib.kvmiso_kick_after(self._c, KICK_SIGNAL, threading.get_native_id(), min(int(seconds * 1e9), _MAX_NS))
         if r < 0:
             raise OSError(-r, f"cannot arm vCPU {self.id}'s kick timer: {os.strerror(-r)}")
