@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import subprocess
 import sys
@@ -166,3 +167,40 @@ def test_a_second_thread_is_refused_the_vcpu_another_thread_runs(kvm):
             assert isinstance(got[name], VcpuBusy), (name, got[name])
             assert "vCPU 0 is already running in thread 'first-runner'" in str(got[name])
         assert got["first"] == "timeout" and m.vcpu.runner is None  # its own deadline ended it
+
+
+FORKED = r"""
+import json, os
+from kvmiso.guest import Machine
+
+with Machine("hello", mode="long") as m:
+    r, w = os.pipe()
+    if os.fork() == 0:  # the child: KVM refuses every ioctl of the parent's VM with EIO
+        out = {}
+        for what, call in [("KVM_GET_REGS", m.vcpu.get_regs), ("KVM_RUN", m.vcpu.run),
+                           ("KVM_CHECK_EXTENSION", lambda: m.vm.check_extension("USER_MEMORY"))]:
+            try:
+                call()
+                out[what] = "answered"
+            except Exception as e:
+                out[what] = f"{type(e).__name__}: {e}"
+        os.write(w, json.dumps(out).encode())
+        os._exit(0)
+    os.close(w)
+    out = json.loads(os.read(r, 1 << 16))
+    os.wait()
+    out["parent"] = m.run(timeout=30).console_text
+print(json.dumps(out))
+"""
+
+
+def test_a_vm_kvm_refuses_is_named_as_such(kvm):
+    # kvm_util's test for a VM KVM killed (EIO, then EIO from KVM_CHECK_EXTENSION on the VM fd)
+    # is also true of a VM used from a process that did not create it, which a test can make
+    p = subprocess.run([sys.executable, "-c", FORKED], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = json.loads(p.stdout)
+    for ioctl in ("KVM_GET_REGS", "KVM_RUN", "KVM_CHECK_EXTENSION"):
+        assert out[ioctl].startswith(f"VmDead: {ioctl} failed: EIO (Input/output error): this process ("), out[ioctl]
+        assert "KVM refuses every ioctl of a VM from another process, a fork's child included" in out[ioctl]
+    assert out["parent"] == "Hello from a kvmiso guest!\n"  # the VM itself is fine

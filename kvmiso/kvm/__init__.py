@@ -1,7 +1,7 @@
 """The ioctl layer: nothing above this package touches a KVM file descriptor or ioctl number."""
 
 from ._fd import close_all
-from .errors import KickSignalBlocked, KvmError, KvmUnavailable, VcpuBusy, VcpuClosed
+from .errors import KickSignalBlocked, KvmError, KvmUnavailable, VcpuBusy, VcpuClosed, VmDead
 from .kick import KICK_SIGNAL
 from .cpuid import CpuidEntry
 from .system import Kvm
@@ -9,4 +9,4 @@ from .vcpu import Translation, Vcpu
 from .vm import MemorySlot, Vm
 
 __all__ = ["CpuidEntry", "KICK_SIGNAL", "KickSignalBlocked", "Kvm", "KvmError", "KvmUnavailable", "MemorySlot",
-           "Translation", "Vcpu", "VcpuBusy", "VcpuClosed", "Vm", "close_all"]
+           "Translation", "Vcpu", "VcpuBusy", "VcpuClosed", "Vm", "VmDead", "close_all"]

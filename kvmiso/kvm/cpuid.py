@@ -6,9 +6,9 @@ from __future__ import annotations
 import ctypes
 import errno
 from dataclasses import dataclass
+from typing import Callable
 
 from . import abi
-from ._libc import ioctl
 from .errors import KvmError
 
 
@@ -33,13 +33,16 @@ def _cpuid2_buffer(nent: int) -> ctypes.Structure:
     return buf
 
 
-def get_cpuid(fd: int, request: int, nent: int = 100) -> list[CpuidEntry]:
-    """KVM_GET_SUPPORTED_CPUID or KVM_GET_CPUID2 on ``fd``: the buffer grows until the kernel's
-    list fits (E2BIG says it did not)."""
+Issue = Callable[[int, ctypes.Structure], int]  # ioctl(request, arg) on the fd that answers
+
+
+def get_cpuid(ioctl: Issue, request: int, nent: int = 100) -> list[CpuidEntry]:
+    """KVM_GET_SUPPORTED_CPUID (system fd) or KVM_GET_CPUID2 (vCPU fd) through ``ioctl``: the
+    buffer grows until the kernel's list fits (E2BIG says it did not)."""
     while True:
         buf = _cpuid2_buffer(nent)
         try:
-            ioctl(fd, request, buf)
+            ioctl(request, buf)
         except KvmError as e:
             if e.errno == errno.E2BIG and nent < 4096:
                 nent *= 2
@@ -49,10 +52,10 @@ def get_cpuid(fd: int, request: int, nent: int = 100) -> list[CpuidEntry]:
                 for e in buf.entries[: buf.hdr.nent]]
 
 
-def set_cpuid(fd: int, entries: list[CpuidEntry]) -> None:
-    """KVM_SET_CPUID2 on a vCPU fd: ``entries`` become the guest's CPUID."""
+def set_cpuid(ioctl: Issue, entries: list[CpuidEntry]) -> None:
+    """KVM_SET_CPUID2 through ``ioctl`` (a vCPU's): ``entries`` become the guest's CPUID."""
     buf = _cpuid2_buffer(len(entries))
     for dst, e in zip(buf.entries, entries):
         dst.function, dst.index, dst.flags = e.function, e.index, e.flags
         dst.eax, dst.ebx, dst.ecx, dst.edx = e.eax, e.ebx, e.ecx, e.edx
-    ioctl(fd, abi.KVM_SET_CPUID2, buf)
+    ioctl(abi.KVM_SET_CPUID2, buf)

@@ -31,6 +31,13 @@ class KvmUnavailable(RuntimeError):
     """/dev/kvm is missing, not accessible, or speaks another API version."""
 
 
+class VmDead(KvmError):
+    """KVM refuses every ioctl of the VM with EIO, its own KVM_CHECK_EXTENSION included (the
+    test kvm_util makes): KVM killed it (a KVM_BUG_ON, or a guest error it cannot recover
+    from), or this process is not the one that created it (a fork's child). ``detail`` says
+    which."""
+
+
 class KickSignalBlocked(RuntimeError):
     """A timeout or a kick was asked for a thread that blocks the vCPU kick signal, which is
     then never delivered: its KVM_RUN would not end."""

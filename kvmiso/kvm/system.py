@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 from typing import Any
 
@@ -85,7 +86,7 @@ class Kvm(FdOwner):
         """KVM_GET_SUPPORTED_CPUID: every leaf KVM can expose to a guest. Asked once per
         handle: the answer cannot change while the module is loaded, and every VM wants it."""
         if self._supported_cpuid is None:
-            self._supported_cpuid = tuple(get_cpuid(self.fd, abi.KVM_GET_SUPPORTED_CPUID))
+            self._supported_cpuid = tuple(get_cpuid(functools.partial(ioctl, self.fd), abi.KVM_GET_SUPPORTED_CPUID))
         return list(self._supported_cpuid)
 
     def check_extension_call(self, cap: str | int) -> Any:

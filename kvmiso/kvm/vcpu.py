@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 from . import abi
 from ._compiled import ffi, lib
 from ._fd import FdOwner, raise_if_failed
-from ._libc import ioctl, mmap
+from ._libc import mmap
 from .cpuid import CpuidEntry, get_cpuid, set_cpuid
 from .errors import KvmError, VcpuBusy
 from .exitdecode import decode
@@ -152,7 +152,7 @@ class Vcpu(FdOwner):
             if key != -errno.EINTR:
                 if key == _BUSY:
                     raise self._busy()
-                raise KvmError("KVM_RUN", -key, _run_errno_hint(-key))
+                raise self.vm.diagnose(KvmError("KVM_RUN", -key, _run_errno_hint(-key)))
             if self.page[_IMMEDIATE_EXIT]:  # somebody asked this vCPU to stop
                 return _INTR
 
@@ -264,40 +264,44 @@ class Vcpu(FdOwner):
 
     # --- state --------------------------------------------------------------------------------
 
+    def _ioctl(self, request: int, arg: int | ctypes._CData | None = None,
+               explain: Callable[[int], str] | None = None) -> int:
+        return self.vm.ioctl(request, arg, explain, self.fd)
+
     def get_regs(self) -> abi.kvm_regs:
         """KVM_GET_REGS: the general-purpose registers, rip and rflags."""
         regs = abi.kvm_regs()
-        ioctl(self.fd, abi.KVM_GET_REGS, regs)
+        self._ioctl(abi.KVM_GET_REGS, regs)
         return regs
 
     def set_regs(self, regs: abi.kvm_regs) -> None:
         """KVM_SET_REGS."""
-        ioctl(self.fd, abi.KVM_SET_REGS, regs)
+        self._ioctl(abi.KVM_SET_REGS, regs)
 
     def get_sregs(self) -> abi.kvm_sregs:
         """KVM_GET_SREGS: segments, descriptor tables, control registers, EFER, APIC base."""
         sregs = abi.kvm_sregs()
-        ioctl(self.fd, abi.KVM_GET_SREGS, sregs)
+        self._ioctl(abi.KVM_GET_SREGS, sregs)
         return sregs
 
     def set_sregs(self, sregs: abi.kvm_sregs) -> None:
         """KVM_SET_SREGS; KvmError saying the state is invalid where KVM says EINVAL."""
-        ioctl(self.fd, abi.KVM_SET_SREGS, sregs, lambda e: "the segment/control register state is invalid" if e == errno.EINVAL else "")
+        self._ioctl(abi.KVM_SET_SREGS, sregs, lambda e: "the segment/control register state is invalid" if e == errno.EINVAL else "")
 
     def get_fpu(self) -> abi.kvm_fpu:
         """KVM_GET_FPU: x87 and SSE registers."""
         fpu = abi.kvm_fpu()
-        ioctl(self.fd, abi.KVM_GET_FPU, fpu)
+        self._ioctl(abi.KVM_GET_FPU, fpu)
         return fpu
 
     def set_fpu(self, fpu: abi.kvm_fpu) -> None:
         """KVM_SET_FPU."""
-        ioctl(self.fd, abi.KVM_SET_FPU, fpu)
+        self._ioctl(abi.KVM_SET_FPU, fpu)
 
     def get_msrs(self, indices: list[int]) -> dict[int, int]:
         """KVM_GET_MSRS; raises KvmError naming the first MSR KVM would not read."""
         buf = _msrs_buffer({i: 0 for i in indices})
-        n = ioctl(self.fd, abi.KVM_GET_MSRS, buf)
+        n = self._ioctl(abi.KVM_GET_MSRS, buf)
         if n != len(indices):
             raise KvmError("KVM_GET_MSRS", errno.EINVAL, f"MSR {indices[n]:#x} cannot be read")
         return {e.index: e.data for e in buf.entries}
@@ -305,32 +309,32 @@ class Vcpu(FdOwner):
     def set_msrs(self, values: dict[int, int]) -> None:
         """KVM_SET_MSRS; raises KvmError naming the first MSR KVM refused."""
         buf = _msrs_buffer(values)
-        n = ioctl(self.fd, abi.KVM_SET_MSRS, buf)
+        n = self._ioctl(abi.KVM_SET_MSRS, buf)
         if n != len(values):
             raise KvmError("KVM_SET_MSRS", errno.EINVAL, f"MSR {list(values)[n]:#x} was refused")
 
     def set_cpuid2(self, entries: list[CpuidEntry]) -> None:
         """KVM_SET_CPUID2: the CPUID leaves this vCPU's guest sees."""
-        set_cpuid(self.fd, entries)
+        set_cpuid(self._ioctl, entries)
 
     def get_cpuid2(self) -> list[CpuidEntry]:
         """KVM_GET_CPUID2: the CPUID leaves this vCPU's guest sees."""
-        return get_cpuid(self.fd, abi.KVM_GET_CPUID2)
+        return get_cpuid(self._ioctl, abi.KVM_GET_CPUID2)
 
     def get_vcpu_events(self) -> abi.kvm_vcpu_events:
         """KVM_GET_VCPU_EVENTS: pending or injected exceptions, interrupts, NMIs and SMIs."""
         ev = abi.kvm_vcpu_events()
-        ioctl(self.fd, abi.KVM_GET_VCPU_EVENTS, ev)
+        self._ioctl(abi.KVM_GET_VCPU_EVENTS, ev)
         return ev
 
     def set_vcpu_events(self, events: abi.kvm_vcpu_events) -> None:
         """KVM_SET_VCPU_EVENTS."""
-        ioctl(self.fd, abi.KVM_SET_VCPU_EVENTS, events)
+        self._ioctl(abi.KVM_SET_VCPU_EVENTS, events)
 
     def translate(self, linear_address: int) -> Translation:
         """KVM_TRANSLATE: walk the guest's page tables for one guest-virtual address."""
         t = abi.kvm_translation(linear_address=linear_address)
-        ioctl(self.fd, abi.KVM_TRANSLATE, t)
+        self._ioctl(abi.KVM_TRANSLATE, t)
         return Translation(t.linear_address, t.physical_address, bool(t.valid), bool(t.writeable), bool(t.usermode))
 
     def set_guest_debug(self, enable: bool = True, single_step: bool = False,
@@ -344,11 +348,11 @@ class Vcpu(FdOwner):
             dbg.control |= abi.KVM_GUESTDBG_USE_HW_BP
             for i, v in enumerate(debugreg):
                 dbg.arch.debugreg[i] = v
-        ioctl(self.fd, abi.KVM_SET_GUEST_DEBUG, dbg)
+        self._ioctl(abi.KVM_SET_GUEST_DEBUG, dbg)
 
     def get_stats_fd(self) -> int:
         """KVM_GET_STATS_FD for this vCPU; the caller closes it."""
-        return ioctl(self.fd, abi.KVM_GET_STATS_FD)
+        return self._ioctl(abi.KVM_GET_STATS_FD)
 
     def stats(self) -> Stats:
         """The vCPU's binary stats (KVM_GET_STATS_FD, parsed; a context manager)."""

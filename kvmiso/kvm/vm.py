@@ -7,11 +7,12 @@ import errno
 import functools
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from . import abi
 from ._fd import FdOwner, close_all, fd_cell, mapping_cell, release_fd, release_mapping
-from ._libc import ioctl, mmap, munmap
+from ._libc import get_errno, ioctl, mmap, munmap, raw_ioctl
+from .errors import KvmError, VmDead
 from .stats import Stats
 from .vcpu import Vcpu
 
@@ -61,6 +62,7 @@ class Vm(FdOwner):
 
     def __init__(self, kvm: Kvm, fd: int) -> None:
         self.kvm = kvm
+        self.pid = os.getpid()  # KVM refuses the VM's ioctls from any other process
         self._fd = fd_cell(fd)
         self.slots: dict[int, MemorySlot] = {}
         self.vcpus: list[Vcpu] = []
@@ -76,6 +78,31 @@ class Vm(FdOwner):
         self.vcpus.clear()
         self.slots.clear()
         self._eventfds.clear()
+
+    def ioctl(self, request: int, arg: int | ctypes._CData | None = None,
+              explain: Callable[[int], str] | None = None, fd: int | None = None) -> int:
+        """ioctl(2) on the VM fd, or on ``fd`` (one of its vCPUs'); a KvmError naming the request,
+        VmDead where KVM refuses the VM itself (:meth:`diagnose`)."""
+        try:
+            return ioctl(self.fd if fd is None else fd, request, arg, explain)
+        except KvmError as e:
+            raise self.diagnose(e) from None
+
+    def diagnose(self, e: KvmError) -> KvmError:
+        """``e``, or VmDead in its place: an EIO after which KVM_CHECK_EXTENSION on the VM fd
+        fails with EIO too, as kvm_util checks (a live VM always answers it)."""
+        if e.errno != errno.EIO or not self._refused():
+            return e
+        if os.getpid() != self.pid:
+            return VmDead(e.ioctl, errno.EIO, f"this process ({os.getpid()}) did not create the VM (process {self.pid} "
+                          "did): KVM refuses every ioctl of a VM from another process, a fork's child included")
+        return VmDead(e.ioctl, errno.EIO, "KVM killed the VM (a KVM_BUG_ON, or a guest error it cannot recover "
+                      "from) and refuses every ioctl of it now; the kernel log says why")
+
+    def _refused(self) -> bool:
+        """Whether KVM refuses the VM's own KVM_CHECK_EXTENSION with EIO."""
+        return raw_ioctl(self.fd, abi.KVM_CHECK_EXTENSION, abi.capability_number("USER_MEMORY")) < 0 \
+            and get_errno() == errno.EIO
 
     # --- memory -------------------------------------------------------------------------------
 
@@ -124,7 +151,7 @@ class Vm(FdOwner):
                 return f"slot {slot} at {guest_phys_addr:#x} size {size:#x} flags {flags:#x}: misaligned, too large, or flags unsupported"
             return ""
 
-        ioctl(self.fd, abi.KVM_SET_USER_MEMORY_REGION, region, explain)
+        self.ioctl(abi.KVM_SET_USER_MEMORY_REGION, region, explain)
 
     def slot_for(self, gpa: int, length: int = 1) -> MemorySlot:
         """The slot holding ``[gpa, gpa + length)``; ValueError if no one slot does."""
@@ -156,7 +183,7 @@ class Vm(FdOwner):
         npages = s.size // PAGE_SIZE
         bitmap = (ctypes.c_uint64 * ((npages + 63) // 64))()
         log = abi.kvm_dirty_log(slot, 0, ctypes.addressof(bitmap))
-        ioctl(self.fd, abi.KVM_GET_DIRTY_LOG, log)
+        self.ioctl(abi.KVM_GET_DIRTY_LOG, log)
         return [
             s.guest_phys_addr + (w * 64 + b) * PAGE_SIZE
             for w, word in enumerate(bitmap) if word
@@ -169,25 +196,25 @@ class Vm(FdOwner):
         """KVM_CREATE_VCPU: a new vCPU (default id: the next free one), owned by this VM."""
         if vcpu_id is None:
             vcpu_id = len(self.vcpus)
-        vcpu = Vcpu(self, vcpu_id, ioctl(self.fd, abi.KVM_CREATE_VCPU, vcpu_id))
+        vcpu = Vcpu(self, vcpu_id, self.ioctl(abi.KVM_CREATE_VCPU, vcpu_id))
         self.vcpus.append(vcpu)
         return vcpu
 
     def set_tss_addr(self, addr: int) -> None:
         """KVM_SET_TSS_ADDR: three pages of guest-physical space VMX needs for real mode."""
-        ioctl(self.fd, abi.KVM_SET_TSS_ADDR, addr)
+        self.ioctl(abi.KVM_SET_TSS_ADDR, addr)
 
     def set_identity_map_addr(self, addr: int) -> None:
         """KVM_SET_IDENTITY_MAP_ADDR: where VMX puts its real-mode identity page table (before any vCPU)."""
-        ioctl(self.fd, abi.KVM_SET_IDENTITY_MAP_ADDR, ctypes.c_uint64(addr))
+        self.ioctl(abi.KVM_SET_IDENTITY_MAP_ADDR, ctypes.c_uint64(addr))
 
     def create_irqchip(self) -> None:
         """KVM_CREATE_IRQCHIP: in-kernel PIC, IOAPIC and local APICs (before any vCPU)."""
-        ioctl(self.fd, abi.KVM_CREATE_IRQCHIP)
+        self.ioctl(abi.KVM_CREATE_IRQCHIP)
 
     def irq_line(self, irq: int, level: int) -> None:
         """KVM_IRQ_LINE: raise or lower an interrupt line of the in-kernel irqchip."""
-        ioctl(self.fd, abi.KVM_IRQ_LINE, abi.kvm_irq_level(irq, level))
+        self.ioctl(abi.KVM_IRQ_LINE, abi.kvm_irq_level(irq, level))
 
     def ioeventfd(self, addr: int, length: int, pio: bool = True, datamatch: int | None = None) -> int:
         """KVM_IOEVENTFD: a guest write to ``addr`` signals the returned eventfd in the kernel,
@@ -197,7 +224,7 @@ class Vm(FdOwner):
             abi.KVM_IOEVENTFD_FLAG_DATAMATCH if datamatch is not None else 0
         )
         try:
-            ioctl(self.fd, abi.KVM_IOEVENTFD, abi.kvm_ioeventfd(datamatch or 0, addr, length, efd, flags))
+            self.ioctl(abi.KVM_IOEVENTFD, abi.kvm_ioeventfd(datamatch or 0, addr, length, efd, flags))
         except BaseException:
             os.close(efd)
             raise
@@ -207,11 +234,11 @@ class Vm(FdOwner):
     def enable_cap(self, cap: str | int, *args: int, flags: int = 0) -> None:
         """KVM_ENABLE_CAP on the VM, e.g. ``enable_cap("X86_USER_SPACE_MSR", mask)``."""
         a = (ctypes.c_uint64 * 4)(*args)
-        ioctl(self.fd, abi.KVM_ENABLE_CAP, abi.kvm_enable_cap(abi.capability_number(cap), flags, a))
+        self.ioctl(abi.KVM_ENABLE_CAP, abi.kvm_enable_cap(abi.capability_number(cap), flags, a))
 
     def get_stats_fd(self) -> int:
         """KVM_GET_STATS_FD for the VM; see :mod:`kvmiso.kvm.stats`. The caller closes it."""
-        return ioctl(self.fd, abi.KVM_GET_STATS_FD)
+        return self.ioctl(abi.KVM_GET_STATS_FD)
 
     def stats(self) -> Stats:
         """The VM's binary stats (KVM_GET_STATS_FD, parsed; a context manager)."""
@@ -219,6 +246,6 @@ class Vm(FdOwner):
 
     def check_extension(self, cap: str | int) -> int:
         """KVM_CHECK_EXTENSION on the VM fd (answers for this VM's type)."""
-        return ioctl(self.fd, abi.KVM_CHECK_EXTENSION, abi.capability_number(cap))
+        return self.ioctl(abi.KVM_CHECK_EXTENSION, abi.capability_number(cap))
 
 
