@@ -24,6 +24,9 @@ STRUCTS = [
 ]
 # our padding-only or synthetic names that C spells differently
 SKIP_FIELDS = {("kvm_run", "s"), ("kvm_run", "u.padding")}
+# kvm_run members newer than some installed headers, checked where the header has the exit
+# reason that came with them (elsewhere the C program prints kvmiso's own value)
+NEWER_MEMBERS = {"u.memory_fault": "KVM_EXIT_MEMORY_FAULT"}
 
 
 def _fields(cls, prefix=""):
@@ -46,6 +49,13 @@ def _c_path(struct: str, path: str) -> str:
     return path
 
 
+def _where_defined(statement: str, macro: str | None, ours: int) -> str:
+    """``statement`` if the header defines ``macro`` (or no macro is needed), else a printf of ``ours``."""
+    if macro is None:
+        return statement
+    return f'#ifdef {macro}\n{statement}\n#else\nprintf("%zu\\n", (size_t){ours});\n#endif'
+
+
 def _program():
     lines, expected = [], []
     for s in STRUCTS:
@@ -56,9 +66,10 @@ def _program():
             if (s, path) in SKIP_FIELDS or path == "u" or path.startswith("u.padding"):
                 continue
             cp = _c_path(s, path)
-            lines.append(f'printf("%zu\\n", offsetof(struct {s}, {cp}));')
+            newer = next((m for member, m in NEWER_MEMBERS.items() if s == "kvm_run" and path.startswith(member)), None)
+            lines.append(_where_defined(f'printf("%zu\\n", offsetof(struct {s}, {cp}));', newer, off))
             expected.append((f"offsetof {s}.{path}", off))
-            lines.append(f'printf("%zu\\n", sizeof(((struct {s} *)0)->{cp}));')
+            lines.append(_where_defined(f'printf("%zu\\n", sizeof(((struct {s} *)0)->{cp}));', newer, size))
             expected.append((f"sizeof {s}.{path}", size))
     for value, name in sorted(abi.IOCTL_NAMES.items()):
         lines.append(f'printf("%lu\\n", (unsigned long){name});')

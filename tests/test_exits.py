@@ -16,8 +16,8 @@ from hypothesis import given, strategies as st
 from kvmiso.kvm import abi
 from kvmiso.kvm.exitdecode import decode
 from kvmiso.kvm.exits import (DebugExit, ExceptionExit, FailEntryExit, HltExit, HwUnknownExit, HypercallExit,
-                              InternalErrorExit, IoExit, MmioExit, NotifyExit, RdmsrExit, SystemEventExit,
-                              TprAccessExit, UnknownExit, WrmsrExit, detach)
+                              InternalErrorExit, IoExit, MemoryFaultExit, MmioExit, NotifyExit, RdmsrExit,
+                              SystemEventExit, TprAccessExit, UnknownExit, WrmsrExit, detach)
 
 HEADER = Path("/usr/include/linux/kvm.h")
 PAGE = 8192  # struct kvm_run, then the PIO data page at 4096 as KVM places it
@@ -48,6 +48,10 @@ CASES = {
     "wrmsr": "r->exit_reason = KVM_EXIT_X86_WRMSR; r->msr.reason = 4; r->msr.index = 0x10; r->msr.data = 0xcafe;",
     "notify": "r->exit_reason = KVM_EXIT_NOTIFY; r->notify.flags = 1;",
     "hlt": "r->exit_reason = KVM_EXIT_HLT;",
+    # the installed header may predate memory_fault (Linux 6.8): its three u64, flags, gpa and
+    # size in that order (include/uapi/linux/kvm.h), go at the start of the exit union
+    "memory_fault": "r->exit_reason = 39; { unsigned long long mf[3] = {8, 0x1234000, 0x1000};"
+                    " memcpy(&r->hw, mf, sizeof(mf)); }",
 }
 # Where reply() must write, by C member name.
 OFFSETS = {"mmio.data": "offsetof(struct kvm_run, mmio.data)", "msr.error": "offsetof(struct kvm_run, msr.error)",
@@ -123,6 +127,13 @@ def test_every_fixed_layout_reason(pages):
     assert e == SystemEventExit(2, (0x55,)) and e.type_name == "RESET"
     assert decode(views["notify"]) == NotifyExit(1)
     assert decode(views["hlt"]) == HltExit()
+
+
+def test_a_memory_fault_decodes_to_its_range_and_flags(pages):
+    # what kvm-ioctls returns for a KVM_RUN that failed with EFAULT and left this exit
+    e = decode(pages[0]["memory_fault"])
+    assert e == MemoryFaultExit(gpa=0x1234000, size=0x1000, flags=abi.KVM_MEMORY_EXIT_FLAG_PRIVATE)
+    assert e.to_dict() == {"exit": "MEMORY_FAULT", "gpa": 0x1234000, "size": 0x1000, "flags": 8}
 
 
 def test_msr_exits_and_replies(pages):

@@ -13,8 +13,8 @@ from dataclasses import fields
 from . import abi
 from .abi_run import member, unpacker
 from .exits import (DATALESS, MSR_REPLY_AREA, DebugExit, ExceptionExit, Exit, FailEntryExit, HwUnknownExit,
-                    HypercallExit, InternalErrorExit, IoExit, MmioExit, NotifyExit, RdmsrExit, SystemEventExit,
-                    TprAccessExit, UnknownExit, WrmsrExit)
+                    HypercallExit, InternalErrorExit, IoExit, MemoryFaultExit, MmioExit, NotifyExit, RdmsrExit,
+                    SystemEventExit, TprAccessExit, UnknownExit, WrmsrExit)
 from .runpage import DETACHED, RunPage
 
 
@@ -60,6 +60,7 @@ _system_event = unpacker("u.system_event.type", "u.system_event.ndata")
 _SYSTEM_EVENT_DATA, _ = member("u.system_event.data")
 _msr = unpacker("u.msr.reason", "u.msr.index", "u.msr.data")
 _notify = unpacker("u.notify.flags")
+_memory_fault = unpacker("u.memory_fault.flags", "u.memory_fault.gpa", "u.memory_fault.size")
 _EXIT_IO, _IO_IN = abi.KVM_EXIT_IO, abi.KVM_EXIT_IO_IN
 
 
@@ -107,4 +108,7 @@ def decode(page: memoryview, mapped: RunPage = DETACHED) -> Exit:
         return WrmsrExit(index, msr_reason, err, mapped, data)
     if reason == abi.KVM_EXIT_NOTIFY:
         return NotifyExit(*_notify(page))
+    if reason == abi.KVM_EXIT_MEMORY_FAULT:
+        flags, gpa, size = _memory_fault(page)
+        return MemoryFaultExit(gpa, size, flags)
     return UnknownExit(reason)

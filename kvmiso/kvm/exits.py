@@ -285,6 +285,17 @@ class NotifyExit(Exit):
 
 
 @dataclass(frozen=True, slots=True)
+class MemoryFaultExit(Exit):
+    """KVM_EXIT_MEMORY_FAULT: KVM_RUN failed with EFAULT on guest-physical ``[gpa, gpa + size)``,
+    which KVM could not resolve (``flags``: KVM_MEMORY_EXIT_FLAG_PRIVATE for private memory)."""
+
+    reason: ClassVar[int] = abi.KVM_EXIT_MEMORY_FAULT
+    gpa: int
+    size: int
+    flags: int
+
+
+@dataclass(frozen=True, slots=True)
 class UnknownExit(Exit):
     """Any reason without a class of its own: kept, named where known, never an error."""
 
@@ -339,7 +350,7 @@ DATALESS: dict[int, Exit] = {cls.reason: cls() for cls in (HltExit, IrqWindowOpe
 EXIT_CLASSES: dict[int, type[Exit]] = {cls.reason: cls for cls in (
     IoExit, MmioExit, HwUnknownExit, ExceptionExit, HypercallExit, DebugExit, HltExit, IrqWindowOpenExit,
     ShutdownExit, FailEntryExit, IntrExit, TprAccessExit, NmiExit, InternalErrorExit, SystemEventExit,
-    RdmsrExit, WrmsrExit, NotifyExit)}
+    RdmsrExit, WrmsrExit, NotifyExit, MemoryFaultExit)}
 _REASON_OF_NAME = {name: nr for nr, name in abi.KVM_EXIT_REASONS.items()}
 
 

@@ -137,6 +137,7 @@ class Vcpu(FdOwner):
         then the result is ``IntrExit()``. Equal I/O and MMIO exits come back as the same frozen
         object: the compiled call packs every field the decoder reads into one key, and the exit
         built for a key serves it again (its data views the kvm_run page, as every exit's does).
+        A KVM_RUN that fails with EFAULT and leaves KVM_EXIT_MEMORY_FAULT is ``MemoryFaultExit``.
         """
         c = self._c
         while True:
@@ -152,6 +153,8 @@ class Vcpu(FdOwner):
             if key != -errno.EINTR:
                 if key == _BUSY:
                     raise self._busy()
+                if key == -errno.EFAULT and self.kvm_run.exit_reason == abi.KVM_EXIT_MEMORY_FAULT:
+                    return decode(self.page, self._mapped)  # KVM's report of the fault, as kvm-ioctls returns it
                 raise self.vm.diagnose(KvmError("KVM_RUN", -key, _run_errno_hint(-key)))
             if self.page[_IMMEDIATE_EXIT]:  # somebody asked this vCPU to stop
                 return _INTR
