@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 
 import pytest
 
 from kvmiso.guest import Machine
 from kvmiso.kvm import KvmError, abi
-from kvmiso.kvm._libc import ioctl, mmap, munmap
+from kvmiso.kvm._fd import map_into, mapping_cell, release_mapping
+from kvmiso.kvm._libc import ioctl
 from kvmiso.kvm.exits import HltExit, IoExit, MemoryFaultExit
 
 
@@ -160,16 +162,20 @@ def test_a_vcpu_is_a_context_manager_that_releases_its_fd_and_page(kvm):
     assert vm.fd == -1 and _vcpu_mappings() == 0
 
 
+PROT_NONE = 0  # the mmap module names it from Python 3.13
+
+
 def test_a_kvm_run_that_faults_on_guest_memory_is_a_memory_fault_exit_where_kvm_reports_one(kvm):
     # a slot whose host memory is PROT_NONE: KVM cannot fault the guest's read in, and KVM_RUN
     # fails with EFAULT. A kernel that reports it (KVM_EXIT_MEMORY_FAULT, as for guest_memfd)
     # gives MemoryFaultExit; one that does not (6.18 kvm_pvm: error pfns are not annotated)
     # leaves a plain EFAULT, which must stay an error
     gpa = 0x40000000  # where the unbacked payload reads (1 GiB), inside the guest's identity map
-    backing = mmap(4096, prot=0)
+    backing = mapping_cell(4096)
     try:
         with Machine("unbacked", mode="long", cpl=3, kvm=kvm) as m:
-            m.vm.set_user_memory_region(5, gpa, 4096, backing)
+            addr = map_into(backing, PROT_NONE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            m.vm.set_user_memory_region(5, gpa, 4096, addr)
             try:
                 exits = [m.vcpu.run() for _ in range(64)]
             except KvmError as e:
@@ -177,4 +183,4 @@ def test_a_kvm_run_that_faults_on_guest_memory_is_a_memory_fault_exit_where_kvm_
             else:
                 assert [e for e in exits if isinstance(e, MemoryFaultExit)][0].gpa == gpa
     finally:
-        munmap(backing, 4096)
+        release_mapping(backing)

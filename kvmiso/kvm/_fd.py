@@ -1,11 +1,14 @@
-"""The base of every handle that owns a file descriptor, and the way each releases what it owns.
+"""The base of every handle that owns a file descriptor, and how fds and mappings are owned.
 
-A Ctrl-C may interrupt a close anywhere (its handler runs between two bytecodes), and a close
-cut short is finished later by a second one or by the garbage collector. So a handle never
-closes a number it has not marked closed in the same step: between ``os.close(self.fd)`` and
-``self.fd = -1`` the kernel may give the number to the next file anyone opens, and the second
-close would close that file. The fd lives in a C cell that kvm/_vcpu.c closes and empties in
-one call (:func:`release_fd`), and :func:`close_all` goes on releasing after an interrupt.
+A Ctrl-C may come between any two bytecodes (where Python runs its handler), also inside a
+close or a finalizer. So nothing kvmiso owns is ever held in a plain Python int: between
+``fd = os.open(...)`` and storing it, a Ctrl-C would lose it; between ``os.close(self.fd)`` and
+``self.fd = -1``, it would leave a number that a second close closes after the kernel gave it to
+the next file anyone opened. Each fd and mapping lives in a C cell instead, which kvm/_vcpu.c
+fills (:func:`open_into`, :func:`ioctl_into`, :func:`map_into`) and empties (:func:`release_fd`,
+:func:`release_mapping`) in one call each, and which releases what it still holds when it is
+freed: a close cut short is finished by the next one, or by the garbage collector.
+:func:`close_all` goes on releasing after an exception.
 """
 
 from __future__ import annotations
@@ -15,13 +18,35 @@ import warnings
 from typing import Any, Callable, TypeVar
 
 from ._compiled import ffi, lib
+from ._libc import ioctl_name
+from .errors import KvmError
 
 _T = TypeVar("_T", bound="FdOwner")
 
 
-def fd_cell(fd: int) -> Any:
-    """A C ``int *`` holding ``fd``, for :func:`release_fd` to close."""
-    return ffi.new("int *", fd)
+def fd_cell(fd: int = -1) -> Any:
+    """A C ``int *`` owning ``fd`` (-1: none yet), which closes it when the cell is freed."""
+    return ffi.gc(ffi.new("int *", fd), lib.kvmiso_close)
+
+
+def open_into(cell: Any, path: str, flags: int) -> None:
+    """open(2) into ``cell``; OSError (FileNotFoundError, ...) as os.open raises it."""
+    r = lib.kvmiso_open(os.fsencode(path), flags, cell)
+    if r < 0:
+        raise OSError(-r, os.strerror(-r), path)
+
+
+def ioctl_into(cell: Any, fd: int, request: int, arg: int = 0) -> None:
+    """An ioctl that makes an fd (KVM_CREATE_VM, KVM_CREATE_VCPU, KVM_GET_STATS_FD), into ``cell``;
+    KvmError naming the request."""
+    r = lib.kvmiso_ioctl_fd(fd, request, arg, cell)
+    if r < 0:
+        raise KvmError(ioctl_name(request), -r)
+
+
+def eventfd_into(cell: Any, flags: int) -> None:
+    """eventfd(2) (counting from 0) into ``cell``."""
+    raise_if_failed(lib.kvmiso_eventfd(flags, cell), "eventfd")
 
 
 def release_fd(cell: Any) -> None:
@@ -29,9 +54,16 @@ def release_fd(cell: Any) -> None:
     raise_if_failed(lib.kvmiso_close(cell), "close")
 
 
-def mapping_cell(addr: int, size: int) -> Any:
-    """A C ``struct kvmiso_mapping *`` holding a mapping, for :func:`release_mapping` to unmap."""
-    return ffi.new("struct kvmiso_mapping *", {"addr": ffi.cast("void *", addr), "size": size})
+def mapping_cell(size: int) -> Any:
+    """A C ``struct kvmiso_mapping *`` for ``size`` bytes (none mapped yet), which unmaps them
+    when the cell is freed."""
+    return ffi.gc(ffi.new("struct kvmiso_mapping *", {"size": size}), lib.kvmiso_unmap)
+
+
+def map_into(cell: Any, prot: int, flags: int, fd: int = -1) -> int:
+    """mmap(2) of the cell's size into ``cell``; returns the address."""
+    raise_if_failed(lib.kvmiso_map(cell, prot, flags, fd), f"mmap of {cell.size} bytes")
+    return int(ffi.cast("uintptr_t", cell.addr))
 
 
 def release_mapping(cell: Any) -> None:
@@ -40,9 +72,9 @@ def release_mapping(cell: Any) -> None:
 
 
 def raise_if_failed(result: int, call: str) -> None:
-    """OSError for a -errno ``result`` of kvm/_vcpu.c's releasing ``call``."""
+    """OSError for a -errno ``result`` of ``call`` in kvm/_vcpu.c."""
     if result < 0:
-        raise OSError(-result, f"{call} failed while releasing a KVM handle: {os.strerror(-result)}")
+        raise OSError(-result, f"{call} failed: {os.strerror(-result)}")
 
 
 def close_all(*closers: Callable[[], None]) -> None:
@@ -58,7 +90,7 @@ def close_all(*closers: Callable[[], None]) -> None:
         raise first
 
 
-_NO_FD = fd_cell(-1)  # the cell of a handle that never got an fd (its __init__ failed first)
+_NO_FD = fd_cell()  # the cell of a handle that never got an fd (its __init__ failed first)
 
 
 class FdOwner:
@@ -66,7 +98,9 @@ class FdOwner:
     and, as a file does, one the garbage collector closes with a ResourceWarning when the program
     forgot to. ``close()`` is idempotent, and finishes a close a Ctrl-C cut short."""
 
-    _fd: Any = _NO_FD  # the fd's C cell (fd_cell)
+    _fd: Any = _NO_FD  # the fd's cell (fd_cell)
+    _closed = False  # close() was called: the finalizer's warning cannot go by the fd, which a
+    # cell freed in the same garbage collection may have closed already
     _warn_unclosed = True
 
     @property
@@ -75,8 +109,13 @@ class FdOwner:
         return self._fd[0]
 
     def close(self) -> None:
-        """Close the fd (idempotent); each handle says what else it releases."""
-        raise NotImplementedError
+        """Close the fd and release what else the handle owns (idempotent; it also finishes a
+        close that a Ctrl-C cut short)."""
+        self._closed = True
+        self._release()
+
+    def _release(self) -> None:
+        release_fd(self._fd)
 
     def __enter__(self: _T) -> _T:
         return self
@@ -90,6 +129,6 @@ class FdOwner:
     def __del__(self) -> None:
         if self._fd is _NO_FD:
             return  # its __init__ failed before it owned anything
-        if self.fd >= 0 and self._warn_unclosed:
+        if not self._closed and self._warn_unclosed:
             warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self)
-        self.close()  # also what an interrupted close left, the fd already closed
+        self.close()  # also what an interrupted close left (the cells release the rest when freed)

@@ -1,12 +1,11 @@
-"""The only place that calls ioctl(2) and mmap(2): through ctypes, never the fcntl module; and
-the package's one handle on the C library (``libc``), for the other modules' calls into it."""
+"""ioctl(2) through ctypes, never the fcntl module, and the package's one handle on the C library
+(``libc``), for the other modules' calls into it. The calls that make or release an fd or a
+mapping kvmiso owns are kvm/_vcpu.c's (see kvm/_fd.py)."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import mmap as _mmap
-import os
 from typing import Callable
 
 from . import abi
@@ -17,14 +16,9 @@ from .errors import KvmError
 libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 libc.ioctl.restype = ctypes.c_int
 libc.ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)
-libc.mmap.restype = ctypes.c_void_p
-libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
-libc.munmap.restype = ctypes.c_int
-libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
 
 raw_ioctl = libc.ioctl
 get_errno = ctypes.get_errno
-MAP_FAILED = ctypes.c_void_p(-1).value
 
 
 def ioctl_name(request: int) -> str:
@@ -61,22 +55,3 @@ def _check_size(request: int, arg: ctypes._CData) -> None:
     if size and ctypes.sizeof(given) != size:
         raise TypeError(f"{ioctl_name(request)} takes a {size}-byte argument (the size its request number "
                         f"encodes), not a {ctypes.sizeof(given)}-byte {given.__name__}")
-
-
-def mmap(length: int, fd: int = -1, shared: bool = False, prot: int = _mmap.PROT_READ | _mmap.PROT_WRITE) -> int:
-    """mmap(2); an anonymous private mapping unless ``fd`` is given. Returns the address."""
-    flags = _mmap.MAP_SHARED if shared else _mmap.MAP_PRIVATE
-    if fd < 0:
-        flags |= _mmap.MAP_ANONYMOUS
-    addr = libc.mmap(None, length, prot, flags, fd, 0)
-    if addr is None or addr == MAP_FAILED:
-        err = get_errno()
-        raise OSError(err, f"mmap of {length} bytes failed: {os.strerror(err)}")
-    return addr
-
-
-def munmap(addr: int, length: int) -> None:
-    """munmap(2); OSError naming the range if the kernel refuses."""
-    if libc.munmap(addr, length) != 0:
-        err = get_errno()
-        raise OSError(err, f"munmap({addr:#x}, {length}) failed: {os.strerror(err)}")

@@ -9,19 +9,22 @@
  * - The kick timer: a one-shot POSIX timer per vCPU whose expiry sends the kick signal to the
  *   thread that armed it (SIGEV_THREAD_ID). Its handler sets immediate_exit in that vCPU's
  *   kvm_run page, so a KVM_RUN that had not started yet returns at once too. No watchdog thread.
- * - Releasing what a handle owns (an fd, a mapping, a vCPU): each is marked gone and released in
- *   one call, which Python cannot interrupt (its signal handlers, and so Ctrl-C, run between
- *   bytecodes): a close cut short by Ctrl-C never leaves a number that a second close would
- *   close again after the kernel gave it to someone else, nor one nobody will close.
+ * - Owning an fd or a mapping from Python: each is made straight into its cell (an int, a
+ *   struct kvmiso_mapping, a vCPU's struct), and marked gone and released in one call. Python
+ *   cannot be interrupted inside one call (its signal handlers, and so Ctrl-C, run between
+ *   bytecodes), so a Ctrl-C never leaves an fd that nothing owns, nor a number that a second
+ *   close would close after the kernel gave it to someone else.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE  /* SIGEV_THREAD_ID */
 #endif
 #include "_vcpu.h"
 
+#include <fcntl.h>
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
+#include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
@@ -193,6 +196,52 @@ int kvmiso_kick_cancel(struct kvmiso_vcpu *v)
         return 0;
     memset(&its, 0, sizeof(its));
     return timer_settime((timer_t)v->timer, 0, &its, NULL) < 0 ? -errno : 0;
+}
+
+/* The fd `made` (or -1 and errno) into *into: 0, or -errno. */
+static int kvmiso_into(int made, int *into)
+{
+    if (made < 0)
+        return -errno;
+    *into = made;
+    return 0;
+}
+
+/* open(2) into *into. */
+int kvmiso_open(const char *path, int flags, int *into)
+{
+    return kvmiso_into(open(path, flags), into);
+}
+
+/* An ioctl that makes an fd (KVM_CREATE_VM, KVM_CREATE_VCPU, KVM_GET_STATS_FD), into *into. */
+int kvmiso_ioctl_fd(int fd, unsigned long request, unsigned long arg, int *into)
+{
+    return kvmiso_into(ioctl(fd, request, arg), into);
+}
+
+/* eventfd(2), counting from 0, into *into. */
+int kvmiso_eventfd(int flags, int *into)
+{
+    return kvmiso_into(eventfd(0, flags), into);
+}
+
+/* mmap(2) of m->size bytes into m->addr: 0 or -errno. */
+int kvmiso_map(struct kvmiso_mapping *m, int prot, int flags, int fd)
+{
+    void *addr = mmap(NULL, m->size, prot, flags, fd, 0);
+    if (addr == MAP_FAILED)
+        return -errno;
+    m->addr = addr;
+    return 0;
+}
+
+/* Map v's kvm_run page (mmap of the vCPU fd) into v->page: 0 or -errno. */
+int kvmiso_vcpu_map(struct kvmiso_vcpu *v)
+{
+    struct kvmiso_mapping page = {NULL, v->page_size};
+    int r = kvmiso_map(&page, PROT_READ | PROT_WRITE, MAP_SHARED, v->run.fd);
+    v->page = page.addr;
+    return r;
 }
 
 /* Close *fd and set it to -1 (nothing if it is -1 already): 0 or -errno. */

@@ -12,13 +12,16 @@ from .errors import VcpuClosed
 
 class RunPage:
     """Whether a vCPU's kvm_run page is still mapped, as the exits that view it ask before each
-    use. ``owner`` names the vCPU in the error."""
+    use. ``owner`` names the vCPU in the error; ``keeper`` is what unmaps the page when it is
+    freed (the vCPU's C struct): held here, so that only a close, which clears ``mapped``
+    first, unmaps a page an exit may still read."""
 
-    __slots__ = ("mapped", "owner")
+    __slots__ = ("mapped", "owner", "_keeper")
 
-    def __init__(self, owner: str) -> None:
+    def __init__(self, owner: str, keeper: object = None) -> None:
         self.mapped = True
         self.owner = owner
+        self._keeper = keeper
 
     def check(self) -> None:
         """Raise VcpuClosed once the page is unmapped."""

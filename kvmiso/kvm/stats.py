@@ -18,7 +18,9 @@ import struct
 from dataclasses import dataclass
 
 from . import abi
-from ._fd import FdOwner, fd_cell, release_fd
+from typing import Any
+
+from ._fd import FdOwner, fd_cell
 
 _DESC_SIZE = ctypes.sizeof(abi.kvm_stats_desc)
 
@@ -68,10 +70,12 @@ class Snapshot(dict):
 
 
 class Stats(FdOwner):
-    """A stats fd with its parsed descriptors. Owns and closes the fd."""
+    """A stats fd with its parsed descriptors. Owns and closes the fd: ``fd`` is its number, or
+    the cell (``kvm._fd.fd_cell``) it was made into."""
 
-    def __init__(self, fd: int) -> None:
-        self._fd = fd_cell(fd)
+    def __init__(self, fd: int | Any) -> None:
+        self._fd = fd_cell(fd) if isinstance(fd, int) else fd
+        fd = self.fd
         try:
             hdr = abi.kvm_stats_header.from_buffer_copy(os.pread(fd, ctypes.sizeof(abi.kvm_stats_header), 0))
             self.id = os.pread(fd, hdr.name_size, hdr.id_offset).rstrip(b"\0").decode()
@@ -98,10 +102,6 @@ class Stats(FdOwner):
             self._owner[first : first + d.size] = [i] * d.size
             self._words.append((d.name, first, first + d.size, d.name in self._levels, d.is_tuple))
         self._level_ids = [i for i, w in enumerate(self._words) if w[3]]
-
-    def close(self) -> None:
-        """Close the stats fd (idempotent)."""
-        release_fd(self._fd)
 
     def __contains__(self, name: str) -> bool:
         return name in self._by_name

@@ -9,7 +9,7 @@ import os
 from typing import Any
 
 from . import abi
-from ._fd import FdOwner, fd_cell, release_fd
+from ._fd import FdOwner, fd_cell, ioctl_into, open_into
 from ._libc import ioctl
 from .cpuid import CpuidEntry, get_cpuid
 from .errors import KvmError, KvmUnavailable
@@ -31,8 +31,9 @@ class Kvm(FdOwner):
     def __init__(self, path: str = DEV_KVM) -> None:
         self._supported_cpuid: tuple[CpuidEntry, ...] | None = None
         self._msr_index_list: tuple[int, ...] | None = None
+        fd = fd_cell()
         try:
-            self._fd = fd_cell(os.open(path, os.O_RDWR | os.O_CLOEXEC))
+            open_into(fd, path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
             raise KvmUnavailable(f"{path} does not exist: this kernel has no KVM, or the device node is missing") from None
         except PermissionError:
@@ -41,6 +42,7 @@ class Kvm(FdOwner):
             ) from None
         except OSError as e:
             raise KvmUnavailable(f"{path}: cannot open: {e.strerror}") from None
+        self._fd = fd
         try:
             self.api_version = ioctl(self.fd, abi.KVM_GET_API_VERSION)
             check_api_version(self.api_version, path)
@@ -48,10 +50,6 @@ class Kvm(FdOwner):
         except BaseException:
             self.close()
             raise
-
-    def close(self) -> None:
-        """Close the /dev/kvm fd (idempotent)."""
-        release_fd(self._fd)
 
     def check_extension(self, cap: str | int) -> int:
         """KVM_CHECK_EXTENSION by name ("IMMEDIATE_EXIT") or number; 0 means absent."""
@@ -97,7 +95,9 @@ class Kvm(FdOwner):
 
     def create_vm(self, vm_type: int = 0) -> Vm:
         """KVM_CREATE_VM: a new VM of ``vm_type`` (0: the default x86 VM)."""
-        return Vm(self, ioctl(self.fd, abi.KVM_CREATE_VM, vm_type))
+        fd = fd_cell()
+        ioctl_into(fd, self.fd, abi.KVM_CREATE_VM, vm_type)
+        return Vm(self, fd)
 
 
 def check_api_version(version: int, path: str = DEV_KVM) -> None:

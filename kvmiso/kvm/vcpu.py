@@ -18,8 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from . import abi
 from ._compiled import ffi, lib
-from ._fd import FdOwner, raise_if_failed
-from ._libc import mmap
+from ._fd import FdOwner, fd_cell, raise_if_failed
 from .cpuid import CpuidEntry, get_cpuid, set_cpuid
 from .errors import KvmError, VcpuBusy
 from .exitdecode import decode
@@ -92,29 +91,31 @@ class Vcpu(FdOwner):
 
     _warn_unclosed = False  # its VM owns it: an unclosed VM's finalizer warns for both
 
-    def __init__(self, vm: Vm, vcpu_id: int, fd: int) -> None:
+    def __init__(self, vm: Vm, vcpu_id: int) -> None:
+        """KVM_CREATE_VCPU ``vcpu_id`` in ``vm`` (:meth:`Vm.create_vcpu` is the way to one)."""
         self.vm = vm
         self.id = vcpu_id
         size = vm.kvm.vcpu_mmap_size
-        # the C struct owns the fd and the kvm_run mapping: kvmiso_vcpu_release frees both
-        self._c = ffi.new("struct kvmiso_vcpu *", {
-            "run": {"fd": fd, "request": abi.KVM_RUN, "arg": 0}, "page_size": size, "lay": _RUN_LAYOUT})
-        try:
-            install_kick_handler()  # before any kick or timer can send the signal
-            self._c.page = ffi.cast("unsigned char *", mmap(size, fd, shared=True))
-        except BaseException:
-            lib.kvmiso_vcpu_release(self._c)
-            raise
+        # the C struct owns the vCPU fd and the kvm_run mapping: kvmiso_vcpu_release frees both,
+        # at close() or when the struct is freed
+        self._c = ffi.gc(ffi.new("struct kvmiso_vcpu *", {
+            "run": {"fd": -1, "request": abi.KVM_RUN, "arg": 0}, "page_size": size, "lay": _RUN_LAYOUT}),
+            lib.kvmiso_vcpu_release)
+        vm.make_fd(abi.KVM_CREATE_VCPU, vcpu_id, ffi.addressof(self._c, "run", "fd"))
+        install_kick_handler()  # before any kick or timer can send the signal
+        raise_if_failed(lib.kvmiso_vcpu_map(self._c), "mmap of the kvm_run page")
         self._run_addr = int(ffi.cast("uintptr_t", self._c.page))
         self.kvm_run = abi.kvm_run.from_address(self._run_addr)
         self.page = memoryview((ctypes.c_char * size).from_address(self._run_addr)).cast("B")
-        self._mapped = RunPage(f"vCPU {vcpu_id}")  # what this vCPU's exits check before they touch the page
+        # what this vCPU's exits check before they touch the page (holding the C struct, it keeps
+        # the page mapped for them until close() says it is gone)
+        self._mapped = RunPage(f"vCPU {vcpu_id}", self._c)
         self._exits: dict[int, Exit] = {}  # packed exit key -> the exit (see run())
         self._last: Exit | None = None  # the exit of the last packed key
         self._fd = ffi.addressof(self._c, "run", "fd")  # last: close() may run from here on
 
-    def close(self) -> None:
-        """Delete the kick timer, unmap kvm_run and close the vCPU fd (idempotent)."""
+    def _release(self) -> None:
+        """Delete the kick timer, unmap kvm_run and close the vCPU fd."""
         self._mapped.mapped = False  # first: from here on no exit touches the page
         self._exits.clear()  # the cached exits view the page
         self._last = None
@@ -359,7 +360,9 @@ class Vcpu(FdOwner):
 
     def stats(self) -> Stats:
         """The vCPU's binary stats (KVM_GET_STATS_FD, parsed; a context manager)."""
-        return Stats(self.get_stats_fd())
+        fd = fd_cell()
+        self.vm.make_fd(abi.KVM_GET_STATS_FD, 0, fd, self.fd)
+        return Stats(fd)
 
 
 def _msrs_buffer(values: dict[int, int]) -> ctypes.Structure:

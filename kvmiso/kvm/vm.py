@@ -5,13 +5,15 @@ from __future__ import annotations
 import ctypes
 import errno
 import functools
+import mmap
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from . import abi
-from ._fd import FdOwner, close_all, fd_cell, mapping_cell, release_fd, release_mapping
-from ._libc import get_errno, ioctl, mmap, munmap, raw_ioctl
+from ._fd import (FdOwner, close_all, eventfd_into, fd_cell, ioctl_into, map_into, mapping_cell, release_fd,
+                  release_mapping)
+from ._libc import get_errno, ioctl, raw_ioctl
 from .errors import KvmError, VmDead
 from .stats import Stats
 from .vcpu import Vcpu
@@ -60,17 +62,18 @@ class Vm(FdOwner):
     ...     vcpu = vm.create_vcpu(0)
     """
 
-    def __init__(self, kvm: Kvm, fd: int) -> None:
+    def __init__(self, kvm: Kvm, fd: Any) -> None:
+        """``fd``: the cell (``kvm._fd.fd_cell``) that KVM_CREATE_VM made the VM fd into."""
         self.kvm = kvm
         self.pid = os.getpid()  # KVM refuses the VM's ioctls from any other process
-        self._fd = fd_cell(fd)
+        self._fd = fd
         self.slots: dict[int, MemorySlot] = {}
         self.vcpus: list[Vcpu] = []
         self._eventfds: list[Any] = []  # their C cells (kvm._fd.fd_cell)
 
-    def close(self) -> None:
-        """Close every vCPU, the VM fd, then unmap the memory and close the eventfds (idempotent).
-        A Ctrl-C meanwhile goes up once all of it is released."""
+    def _release(self) -> None:
+        """Close every vCPU, the VM fd, then unmap the memory and close the eventfds. A Ctrl-C
+        meanwhile goes up once all of it is released."""
         # the kernel drops the slots with the VM; then the backing can go
         close_all(*(v.close for v in self.vcpus), functools.partial(release_fd, self._fd),
                   *(s._unmap for s in self.slots.values()),
@@ -85,6 +88,14 @@ class Vm(FdOwner):
         VmDead where KVM refuses the VM itself (:meth:`diagnose`)."""
         try:
             return ioctl(self.fd if fd is None else fd, request, arg, explain)
+        except KvmError as e:
+            raise self.diagnose(e) from None
+
+    def make_fd(self, request: int, arg: int, into: Any, fd: int | None = None) -> None:
+        """An ioctl on the VM fd (or ``fd``) that makes an fd (KVM_CREATE_VCPU, KVM_GET_STATS_FD),
+        put straight into the cell ``into``; errors as :meth:`ioctl`'s."""
+        try:
+            ioctl_into(into, self.fd if fd is None else fd, request, arg)
         except KvmError as e:
             raise self.diagnose(e) from None
 
@@ -128,14 +139,15 @@ class Vm(FdOwner):
         elif slot in self.slots:
             raise ValueError(f"memory slot {slot} is already in use")
         flags = (abi.KVM_MEM_READONLY if readonly else 0) | (abi.KVM_MEM_LOG_DIRTY_PAGES if log_dirty else 0)
-        addr = mmap(size)
+        mapping = mapping_cell(size)
+        addr = map_into(mapping, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         try:
             self.set_user_memory_region(slot, guest_phys_addr, size, addr, flags)
         except BaseException:
-            munmap(addr, size)
+            release_mapping(mapping)
             raise
         view = memoryview((ctypes.c_char * size).from_address(addr)).cast("B")
-        ms = MemorySlot(slot, guest_phys_addr, size, addr, flags, view, mapping_cell(addr, size))
+        ms = MemorySlot(slot, guest_phys_addr, size, addr, flags, view, mapping)
         self.slots[slot] = ms
         return ms
 
@@ -196,7 +208,7 @@ class Vm(FdOwner):
         """KVM_CREATE_VCPU: a new vCPU (default id: the next free one), owned by this VM."""
         if vcpu_id is None:
             vcpu_id = len(self.vcpus)
-        vcpu = Vcpu(self, vcpu_id, self.ioctl(abi.KVM_CREATE_VCPU, vcpu_id))
+        vcpu = Vcpu(self, vcpu_id)
         self.vcpus.append(vcpu)
         return vcpu
 
@@ -219,17 +231,18 @@ class Vm(FdOwner):
     def ioeventfd(self, addr: int, length: int, pio: bool = True, datamatch: int | None = None) -> int:
         """KVM_IOEVENTFD: a guest write to ``addr`` signals the returned eventfd in the kernel,
         with no exit to userspace. The eventfd is closed with the VM."""
-        efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        efd = fd_cell()
+        eventfd_into(efd, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         flags = (abi.KVM_IOEVENTFD_FLAG_PIO if pio else 0) | (
             abi.KVM_IOEVENTFD_FLAG_DATAMATCH if datamatch is not None else 0
         )
         try:
-            self.ioctl(abi.KVM_IOEVENTFD, abi.kvm_ioeventfd(datamatch or 0, addr, length, efd, flags))
+            self.ioctl(abi.KVM_IOEVENTFD, abi.kvm_ioeventfd(datamatch or 0, addr, length, efd[0], flags))
         except BaseException:
-            os.close(efd)
+            release_fd(efd)
             raise
-        self._eventfds.append(fd_cell(efd))
-        return efd
+        self._eventfds.append(efd)
+        return efd[0]
 
     def enable_cap(self, cap: str | int, *args: int, flags: int = 0) -> None:
         """KVM_ENABLE_CAP on the VM, e.g. ``enable_cap("X86_USER_SPACE_MSR", mask)``."""
@@ -242,7 +255,9 @@ class Vm(FdOwner):
 
     def stats(self) -> Stats:
         """The VM's binary stats (KVM_GET_STATS_FD, parsed; a context manager)."""
-        return Stats(self.get_stats_fd())
+        fd = fd_cell()
+        self.make_fd(abi.KVM_GET_STATS_FD, 0, fd)
+        return Stats(fd)
 
     def check_extension(self, cap: str | int) -> int:
         """KVM_CHECK_EXTENSION on the VM fd (answers for this VM's type)."""
