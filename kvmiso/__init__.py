@@ -6,7 +6,8 @@
 Hello from a kvmiso guest!
 """
 
-from .guest import GuestTimeout, Machine, Outcome, RunResult, build
+from .guest import GuestAssertionError, GuestError, GuestTimeout, Machine, Outcome, RunResult, Source, Sync, build
 from .kvm import Kvm, KvmError, KvmUnavailable, Vcpu, Vm
 
-__all__ = ["GuestTimeout", "Kvm", "KvmError", "KvmUnavailable", "Machine", "Outcome", "RunResult", "Vcpu", "Vm", "build"]
+__all__ = ["GuestAssertionError", "GuestError", "GuestTimeout", "Kvm", "KvmError", "KvmUnavailable", "Machine",
+           "Outcome", "RunResult", "Source", "Sync", "Vcpu", "Vm", "build"]

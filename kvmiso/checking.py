@@ -9,11 +9,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
+from typing import TYPE_CHECKING, Any, Callable
 
 from .exitstatus import EXIT_FAILED, CliError
 from .guest import Machine
 from .interrupt import Interrupted
+
+if TYPE_CHECKING:
+    from .observe.exitlog import ExitLog
+    from .session import WatchedProcess
 
 
 def process_target(args: argparse.Namespace) -> int | list[str] | None:
@@ -36,19 +42,24 @@ def _watch(args):
     from .session import WatchedProcess, watch_process
 
     try:
-        return watch_process(process_target(args), args.duration), None
+        w, interrupted = watch_process(process_target(args), args.duration), None
     except ProcessError as e:
         raise CliError(str(e)) from None
     except TracefsUnavailable as e:
-        raise CliError(f"cannot trace another process: {e}") from None
+        # what a user with /dev/kvm alone can still do (the kvm group case the README describes)
+        still = "; without root, run, trace PAYLOAD (its exits to userspace), bench and model still work"
+        raise CliError(f"cannot watch another process: {e}{still if os.geteuid() else ''}") from None
     except Interrupted as e:
         if not isinstance(e.partial, WatchedProcess):
             raise
-        return e.partial, e
+        w, interrupted = e.partial, e
+    if w.left_running:  # a wrapper's VMM, a daemon: gone with the watch, and not silently
+        print(f"kvmiso: the command ended leaving {', '.join(w.left_running)} running: stopped", file=sys.stderr)
+    return w, interrupted
 
 
-def _trace_outputs_writable(args) -> None:
-    """trace's --json and --evidence files are checked before the watch: a path that cannot
+def trace_outputs_writable(args: argparse.Namespace) -> None:
+    """trace's --json and --evidence files are checked before the trace: a path that cannot
     take the result is bad input, not a lost trace."""
     from .output import writable
 
@@ -57,30 +68,34 @@ def _trace_outputs_writable(args) -> None:
             writable(path, what)
 
 
-def cmd_trace_process(args: argparse.Namespace) -> int:
-    """trace --pid / -- COMMAND: another process's vCPUs, per vCPU and in total."""
+def write_trace_outputs(args: argparse.Namespace, log: ExitLog, evidence: Callable[[], Any]) -> None:
+    """trace's --json (``log``) and --evidence (what ``evidence()`` reads), each written whole."""
     from .observe.evidence import write_evidence
+    from .output import write_whole
+
+    if args.json:
+        write_whole(args.json, "the exit log", log.write_jsonl)
+    if args.evidence:
+        ev = evidence()
+        write_whole(args.evidence, "the evidence", lambda path: write_evidence(ev, path))
+
+
+def cmd_trace_process(args: argparse.Namespace) -> int:
+    """trace --pid / -- COMMAND: another process's vCPUs, per vCPU and in total. Returns the
+    command's own status when it ended by itself, else 0."""
     from .observe.exitstat import summarize
 
-    _trace_outputs_writable(args)
+    trace_outputs_writable(args)
     w, interrupted = _watch(args)
     log = w.log
-    if args.json:
-        try:
-            log.write_jsonl(args.json)
-        except OSError as e:
-            raise CliError(f"cannot write the exit log to {args.json}: {e.strerror}") from None
-    if args.evidence:
-        try:
-            write_evidence(w.evidence, args.evidence)
-        except OSError as e:
-            raise CliError(f"cannot write the evidence to {args.evidence}: {e.strerror}") from None
+    write_trace_outputs(args, log, lambda: w.evidence)
     if log.lost_events:
         print(f"kvmiso: {log.lost_events} trace records lost (the trace buffer was full)", file=sys.stderr)
     vcpus = sorted({r.vcpu for r in log.records})
     events = sum(len(r.events) for r in log.records)
+    vms = f" of {len(w.vms)} VMs" if len(w.vms) > 1 else ""  # one at a time, counted as each was created
     print(f"traced pid {w.pid} until {w.attached.ended}{' (INCOMPLETE)' if log.incomplete else ''}: "
-          f"{len(log.records)} KVM_RUN calls on {len(vcpus)} vCPU threads, {events} in-kernel kvm events "
+          f"{len(log.records)} KVM_RUN calls on {len(vcpus)} vCPU threads{vms}, {events} in-kernel kvm events "
           f"(kvm_emulate_insn and kvmmmu left out: once per emulated instruction)\n")
     for v in vcpus:  # a vCPU id where the evidence named its thread, else the thread's id
         name = f"vCPU {v}" if v in w.evidence.threads else f"thread {v}"
@@ -89,45 +104,111 @@ def cmd_trace_process(args: argparse.Namespace) -> int:
     print(summarize(log).table())
     if interrupted is not None:
         raise interrupted
-    return 0
+    # as time(1) does: the status of a command that ended by itself (kvmiso's own work succeeded)
+    return w.attached.status or 0
 
 
 def _check_process(args, access, cost: dict) -> int:
-    """check --pid / -- COMMAND: every vCPU of another process, apart and in total."""
+    """check --pid / -- COMMAND: every vCPU of another process, apart and in total; each VM's
+    records against that VM's own evidence, where its VMs can be told apart."""
     import dataclasses
 
     from .isolation import check, result_text
 
     w, interrupted = _watch(args)
-    evidence = w.evidence
     if not w.log.records and interrupted is None:
         raise CliError(f"pid {w.pid}: no KVM_RUN was traced before {w.attached.ended}: nothing to check")
-    try:
-        _require_real(args, evidence, f"pid {w.pid}")
-    except RealFactsMissing as e:
-        print(f"kvmiso: {e}", file=sys.stderr)
+    if args.require_real and (not_own := _not_own(w)):
+        print(f"kvmiso: pid {w.pid}: --require-real, but {not_own}", file=sys.stderr)
         return EXIT_FAILED
-    space = _space(args, evidence)
-    vcpus = sorted({r.vcpu for r in w.log.records})
-    per = []
-    for v in vcpus:
-        part = dataclasses.replace(w.log, records=[r for r in w.log.records if r.vcpu == v])
-        part.lost_events = 0  # lost records cannot be told apart by vCPU: counted once, in the total
-        per.append((f"vCPU {v}" if v in evidence.threads else f"thread {v}", check(space, part, access, **cost)))
-    total = check(space, w.log, access, **cost)
+    per: dict[str, Any] = {}
+    total = None
+    for vm in [vm for vm in w.vms if vm.records] or w.vms[:1]:  # an empty log (interrupted) is checked too
+        space = _space(args, vm.evidence)
+        for v in sorted({r.vcpu for r in vm.records}):
+            part = dataclasses.replace(w.log, records=[r for r in vm.records if r.vcpu == v])
+            part.lost_events = 0  # lost records cannot be told apart by vCPU: counted once, in the total
+            part.untraced = dict.fromkeys(w.log.untraced)  # counted for the whole process, not per vCPU
+            name = f"vCPU {v}" if v in vm.evidence.threads else f"thread {v}"
+            _fold(per, name, check(space, part, access, **cost))
+        whole = dataclasses.replace(w.log, records=vm.records)
+        whole.lost_events = w.log.lost_events if total is None else 0  # counted once
+        result = check(space, whole, access, **cost)
+        if total is None:
+            total = result
+        else:
+            total.add(result)
     title = f"pid {w.pid} (traced until {w.attached.ended}{', INCOMPLETE' if w.log.incomplete else ''})"
+    said = vms_line(w)
     if args.json:
         print(json.dumps({"pid": w.pid, "ended": w.attached.ended, "incomplete": bool(w.log.incomplete),
-                          "evidence": evidence.source,
-                          "vcpus": [{"vcpu": name, **r.to_dict()} for name, r in per], "total": total.to_dict()},
+                          "evidence": w.evidence.source, "vms": said,
+                          "vcpus": [{"vcpu": name, **r.to_dict()} for name, r in per.items()], "total": total.to_dict()},
                          indent=2))
     else:
-        for name, r in per:
+        for name, r in per.items():
             print(result_text(r, f"{title} {name}: ", stack=args.stack) + "\n")
-        print(result_text(total, f"{title} all vCPUs: ", stack=False))
+        print(result_text(total, f"{title} all vCPUs: ", stack=False) + (f"\n\n{said}" if said else ""))
     if interrupted is not None:
         raise interrupted
+    if not total.exits:
+        print(f"kvmiso: {_checked_nothing(f'pid {w.pid}', w.log)}", file=sys.stderr)
+        return EXIT_FAILED
     return EXIT_FAILED if total.failed(args.allow_lost) else 0
+
+
+def _fold(results: dict[str, Any], name: str, result: Any) -> None:
+    """``result`` added to ``results[name]``: the same vCPU in several VMs."""
+    if name in results:
+        results[name].add(result)
+    else:
+        results[name] = result
+
+
+def vms_line(w: WatchedProcess) -> str:
+    """The VMs of a watched process and what each one's exits were judged on, in one line; ""
+    for one VM whose objects were read (nothing to say)."""
+    from .observe.attach import VM_CREATED
+    from .session import EVIDENCE_EVERY_S
+
+    not_own = _not_own(w)
+    if len(w.vms) == 1:
+        return f"pid {w.pid}: {not_own}" if not_own else ""
+    created = sum(vm.created_ns is not None for vm in w.vms)
+    read = [n for n, vm in enumerate(w.vms, 1) if vm.evidence.real]
+    line = (f"pid {w.pid}: {len(w.vms)} VMs, one at a time ({created} created while traced, each seen as one "
+            f"{VM_CREATED[0]} from {VM_CREATED[1]}); each VM's exits are checked against its own objects where "
+            f"kvmiso read them ({_numbered(read) or 'no VM'})")
+    return line + (f"; {not_own}: they lived between kvmiso's looks, {EVIDENCE_EVERY_S:g} s apart" if not_own else "")
+
+
+def _not_own(w: WatchedProcess) -> str:
+    """Which of ``w``'s VMs have verdicts that rest on other facts than their own objects: modeled
+    ones, or another VM's ("" when none)."""
+    vm = w.vms[0]
+    if vm.mixed:
+        return ("its VMs cannot be told apart (held at once, or their creation not traced): every exit is checked "
+                f"against the last one's objects ({vm.evidence.source or 'no evidence'})")
+    modeled = [(n, vm) for n, vm in enumerate(w.vms, 1) if vm.records and not vm.evidence.real]
+    if not modeled:
+        return ""
+    if len(w.vms) == 1:
+        return f"the objects and page table are modeled ({vm.evidence.source or 'no evidence'})"
+    runs = sum(len(vm.records) for _, vm in modeled)
+    return (f"the objects and page table of {_numbered([n for n, _ in modeled])} of {len(w.vms)} are modeled "
+            f"({runs} KVM_RUN calls judged on them)")
+
+
+def _numbered(numbers: list[int]) -> str:
+    """``VMs 1-3, 7`` from [1, 2, 3, 7]; ``VM 5`` from [5]; "" from []."""
+    spans: list[list[int]] = []
+    for n in numbers:
+        if spans and spans[-1][1] == n - 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    text = ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in spans)
+    return f"VM{'s' * (len(numbers) > 1)} {text}" if numbers else ""
 
 
 def _space(args, evidence, machine=None):
@@ -196,6 +277,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     from .observe.exitlog import ExitLogError, read_jsonl
     from .session import capture_checked, machine_evidence
 
+    if args.measured:
+        return cmd_measured(args)
     try:
         access = load_access_model()
     except AccessModelError as e:
@@ -242,16 +325,61 @@ def cmd_check(args: argparse.Namespace) -> int:
                 return EXIT_FAILED
             except CheckError as e:
                 raise CliError(str(e)) from None
-            results.append((p, log.incomplete, res))
+            results.append((p, log.incomplete, res, log))
             if interrupted is not None:
                 break
     if args.json:
         print(json.dumps([{"payload": p, "incomplete": bool(why), "incomplete_reason": why, **r.to_dict()}
-                          for p, why, r in results], indent=2))
+                          for p, why, r, _ in results], indent=2))
     else:
-        for p, why, r in results:
+        for p, why, r, _ in results:
             print(result_text(r, f"{p}{' (INCOMPLETE: ' + why + ')' if why else ''}: ", stack=args.stack) + "\n")
     if interrupted is not None:
         raise interrupted
+    empty = [_checked_nothing(p, log) for p, _, r, log in results if not r.exits]
+    for line in empty:
+        print(f"kvmiso: {line}", file=sys.stderr)
     # a missing mapping, an unknown function or lost evidence is a finding: non-zero, like a failed test
-    return EXIT_FAILED if any(r.failed(args.allow_lost) for _, _, r in results) else 0
+    return EXIT_FAILED if empty or any(r.failed(args.allow_lost) for _, _, r, _ in results) else 0
+
+
+
+def cmd_measured(args: argparse.Namespace) -> int:
+    """check --measured DIR: an access record, symbolized with the guest's own kallsyms, per
+    window, with the functions access.toml does not know (the measured side of the access
+    model; whether each function's objects are right is still to come)."""
+    from dataclasses import asdict
+
+    from .isolation import AccessModelError, load_access_model
+    from .isolation.measured import model_coverage, window_coverage
+    from .observe.accessrecord import RecordError, read_record
+    from .observe.accesssummary import summarize, summary_dict, summary_text
+
+    if args.payload or process_target(args) is not None:
+        raise CliError("--measured DIR reads a record: give no payload, --pid or -- COMMAND with it")
+    try:
+        record = read_record(args.measured)
+        summaries = summarize(record)
+        model = load_access_model()
+    except OSError as e:
+        raise CliError(f"cannot read the access record in {args.measured}: {e.strerror}") from None
+    except (RecordError, AccessModelError, ValueError) as e:
+        raise CliError(str(e)) from None
+    total = model_coverage(summaries, model)
+    if args.json:
+        out = summary_dict(record, summaries)
+        for w, s in zip(out["windows"], summaries):
+            w["access_model"] = asdict(window_coverage(s, model))
+        out["access_model"] = asdict(total)
+        print(json.dumps(out, indent=2))
+    else:
+        print(summary_text(record, summaries, note=lambda s: window_coverage(s, model).text()))
+        print(f"all windows: {total.text()}")
+    return 0
+
+
+def _checked_nothing(what: str, log) -> str:
+    """Why ``what`` had no exit to check, in one line: a check of nothing is not a pass."""
+    why = (f"in-kernel events were not traced: {log.tracing_reason}" if not log.tracing
+           else "no traced event fell inside a KVM_RUN's isolated window")
+    return f"{what}: no exit was checked ({why}): a check of nothing is not a pass"

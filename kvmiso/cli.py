@@ -8,9 +8,7 @@ guest or the check did not succeed, 2 for bad input (a payload that does not bui
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import math
 import os
 import signal
 import sys
@@ -19,12 +17,13 @@ from typing import Callable, NoReturn
 from .bench import command as bench_command
 from .boot import BootError
 from .boot import command as boot_command
+from .conformance import add_conformance_args, cmd_conformance
 from .guest import BuildError, GuestTimeout, Machine, Outcome
 from .guest.build import MODES, available_payloads, payload_modes, payload_path
 from .guest.ucall import PORT_CONSOLE
-from .exitstatus import EXIT_BAD_INPUT, EXIT_FAILED, CliError
+from .exitstatus import EXIT_BAD_INPUT, EXIT_FAILED, CliError, positive_seconds
 from .interrupt import Interrupted, signals_raise_interrupted
-from .output import CheckedStdout, StdoutError, printable, writable, writable_dir
+from .output import CheckedStdout, StdoutError, printable, write_whole, writable_dir
 from .kvm import KvmError, KvmUnavailable
 from .kvm.exits import DebugExit, Exit, IoExit, MmioExit
 
@@ -80,21 +79,6 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_BAD_INPUT)
 
 
-def positive_seconds(text: str) -> float:
-    """``--timeout`` and ``--duration``: a positive, finite number of seconds up to a day (a
-    deadline already past races the guest; the timer behind one cannot wait forever)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not math.isfinite(value) or value <= 0 or value > MAX_TIMEOUT:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds up to {MAX_TIMEOUT:g}, not {text}")
-    return value
-
-
-MAX_TIMEOUT = 86400.0  # a day: beyond it a deadline is not a deadline
-
-
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="kvmiso", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(metavar="COMMAND", parser_class=_Parser)
@@ -148,7 +132,13 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--allow-lost", action="store_true",
                     help="lost trace records or missing call chains do not fail the check")
     sp.add_argument("--json", action="store_true", help="print the results as JSON")
+    sp.add_argument("--measured", metavar="DIR", help="the access record of kvmiso boot --record-accesses DIR: "
+                    "per exit, the functions that ran and their reads and writes")
     sp.set_defaults(func=_checking("cmd_check"))
+
+    sp = sub.add_parser("conformance", help="run the ports of KVM selftests: where this KVM departs from upstream's")
+    add_conformance_args(sp)
+    sp.set_defaults(func=cmd_conformance)
 
     sp = sub.add_parser("boot", help="run a command in a kernel under QEMU with this host's files (kvm_amd anywhere)")
     boot_command.add_boot_args(sp)
@@ -217,7 +207,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     """``kvmiso report``: every part, its summary, report.json; 0 when the suite ended as built."""
     from . import report
 
-    out = writable_dir(args.out, "the report")
+    out = writable_dir(args.out, "the report", report.FILES)
 
     def progress(stage: str) -> None:
         print(f"kvmiso report: {stage}", file=sys.stderr, flush=True)
@@ -302,7 +292,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_trace(args: argparse.Namespace) -> int:  # noqa: C901 - the payload path; --pid and -- COMMAND are checking.py's
     """``perf kvm stat report`` for one payload: the exit log's kinds counted and timed (the
     table's footer says how time inside the kernel is computed on this host)."""
-    from .checking import cmd_trace_process, process_target
+    from .checking import cmd_trace_process, process_target, trace_outputs_writable, write_trace_outputs
 
     if process_target(args) is not None:
         return cmd_trace_process(args)
@@ -310,32 +300,21 @@ def cmd_trace(args: argparse.Namespace) -> int:  # noqa: C901 - the payload path
         raise CliError("trace what? a payload, --pid PID or -- COMMAND ...")
     from .observe.capture import capture
     from .observe.exitstat import format_event, summarize
+    from .session import machine_evidence
 
     _warn_if_undeclared(args.payload, args.mode)
-    if args.json:  # before the run: a log that cannot be written is bad input, not a lost capture
-        writable(args.json, "the exit log")
+    trace_outputs_writable(args)  # before the run: an output that cannot be written is bad input, not a lost capture
     with Machine(args.payload, mode=args.mode, cpl=args.cpl) as m:
-        out = open(args.json, "w") if args.json else None
-        with out or contextlib.nullcontext():
-            try:
-                result, log = capture(m, timeout=args.timeout, payload=m.image.name)
-            except Interrupted as e:
-                partial = e.partial[1] if e.partial else None
-                if out and partial is not None:
-                    out.writelines(line + "\n" for line in partial.iter_jsonl())
-                    print(f"kvmiso: wrote the partial exit log ({len(partial.records)} KVM_RUN calls, "
-                          f"marked incomplete) to {args.json}", file=sys.stderr)
-                raise
-            if out:
-                out.writelines(line + "\n" for line in log.iter_jsonl())
-        if args.evidence:
-            from .observe.evidence import write_evidence
-            from .session import machine_evidence
-
-            try:
-                write_evidence(machine_evidence(m, log), args.evidence)
-            except OSError as e:
-                raise CliError(f"cannot write the evidence to {args.evidence}: {e.strerror}") from None
+        try:
+            result, log = capture(m, timeout=args.timeout, payload=m.image.name)
+        except Interrupted as e:
+            partial = e.partial[1] if e.partial else None
+            if args.json and partial is not None:
+                write_whole(args.json, "the exit log", partial.write_jsonl)
+                print(f"kvmiso: wrote the partial exit log ({len(partial.records)} KVM_RUN calls, "
+                      f"marked incomplete) to {args.json}", file=sys.stderr)
+            raise
+        write_trace_outputs(args, log, lambda: machine_evidence(m, log))
         where = f"{m.image.name} in {m.mode} mode at CPL{args.cpl} on {m.vendor or 'an unknown vendor module'}"
     if not log.tracing:
         print(f"kvmiso: in-kernel events not traced: {log.tracing_reason}", file=sys.stderr)

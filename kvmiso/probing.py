@@ -26,6 +26,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
          f"emulated ({emu['cpl0']} emulations for {emu['probe_instructions']}+ instructions)"),
         ("CPL3 guest code", "native" if info["cpl3_native"] else f"emulated ({emu['cpl3']} emulations)"),
         *((f"CPUID at CPL{cpl}", _cpuid_text(info["cpuid_intercepted"][f"cpl{cpl}"])) for cpl in (0, 3)),
+        ("CPL0 hypercall", "returns to the guest" if info["cpl0_hypercall_returns"] else
+         "never returns: KVM executes it again inside one KVM_RUN"),
         ("vCPU mmap size", info["vcpu_mmap_size"]),
         ("supported CPUID leaves", info["cpuid_leaves"]),
         ("MSR index list", f"{info['msr_index_count']} MSRs"),

@@ -11,6 +11,7 @@ Interrupted (SIGINT, SIGTERM), it writes ``report.json`` with what was done, mar
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import time
@@ -23,15 +24,16 @@ from .guest import GuestTimeout, Machine, Outcome
 from .guest.probe import fingerprint, probe
 from .guest.suite import SuiteEntry, suite
 from .interrupt import Interrupted
-from .host import vendor_module
 from .kvm import Kvm
 from .observe.capture import Capture
+from .output import OutputError, write_whole
 
 SUITE_TIMEOUT = 5.0
 EXPECTED_TIMEOUT = 0.5  # for payloads built to spin: enough to prove the stop, no more
 # The checks the report runs: (label, policy, region file): the RFC's 2019 set, the same plus
-# what a 6.x kernel allocates apart, and ASI's denylist.
-CHECKS = (("rfc-v1", "rfc-v1", None), ("rfc-v1+modern", "rfc-v1", "modern"), ("asi", "asi", None))
+# what a 6.x kernel allocates apart, ASI's denylist, and the 2022 ASI RFC's allowlist.
+CHECKS = (("rfc-v1", "rfc-v1", None), ("rfc-v1+modern", "rfc-v1", "modern"), ("asi", "asi", None),
+          ("asi-2022", "asi-2022", None))
 BENCH = {"kinds": ("out", "in", "mmio_write", "mmio_read", "hlt", "cpuid", "rdmsr", "page_fault"),
          "cpls": (0, 3), "samples": 2000, "runs": 3}
 
@@ -95,12 +97,12 @@ class SuiteRun:
     evidence: Any = None  # the Evidence of this run's VM, read while it lived
 
 
-def run_suite(kvm: Kvm, cap: Capture, vendor: str | None, runs: list[SuiteRun]) -> list[SuiteRun]:
+def run_suite(kvm: Kvm, cap: Capture, hypercall_returns: bool, runs: list[SuiteRun]) -> list[SuiteRun]:
     """Every suite entry on its own VM, under ``cap``, appended to ``runs`` as it ends (so an
     interruption keeps the runs done); the evidence is read while the VM lives."""
     from .session import capture_checked
 
-    for entry in suite(vendor):
+    for entry in suite(hypercall_returns):
         timeout = EXPECTED_TIMEOUT if entry.expected is Outcome.TIMEOUT else SUITE_TIMEOUT
         with Machine(entry.payload, mode=entry.mode, cpl=entry.cpl, kvm=kvm) as m:
             entry.setup(m)
@@ -168,7 +170,7 @@ def bench_part(kvm: Kvm, out_dir: Path, rep: Report) -> dict[str, Any]:
         result = bench(kvm, BENCH["kinds"], BENCH["cpls"], samples=BENCH["samples"], runs=BENCH["runs"])
     except NotBuilt as e:
         raise Unavailable(str(e)) from None
-    result.write(out_dir / "bench.json")
+    write_whole(out_dir / "bench.json", "the benchmark results", result.write)
     rep.text["bench"] = format_table(result)
     if not result.complete:  # bench() stops at a signal and returns what it measured
         rep.parts["bench"] = result.to_dict()
@@ -181,13 +183,13 @@ def _plot(result: Any, path: Path) -> str:
     try:
         from .bench.plot import plot
 
-        plot(result, str(path))
+        write_whole(path, "the plot", lambda name: plot(result, str(name)))
     except ImportError:
         raise Unavailable("matplotlib is not installed (pip install -e '.[plot]')") from None
     return str(path)
 
 
-def _suite_parts(rep: Report, kvm: Kvm, vendor: str | None, out_dir: Path) -> list[SuiteRun]:
+def _suite_parts(rep: Report, kvm: Kvm, hypercall_returns: bool, out_dir: Path) -> list[SuiteRun]:
     """The guest suite under one capture session, then the parts made of what it recorded:
     written even when the suite was interrupted, from the runs that ended."""
     from .observe.exitstat import summarize
@@ -195,10 +197,10 @@ def _suite_parts(rep: Report, kvm: Kvm, vendor: str | None, out_dir: Path) -> li
     runs: list[SuiteRun] = []
     with Capture() as cap:
         try:
-            run_suite(kvm, cap, vendor, runs)
+            run_suite(kvm, cap, hypercall_returns, runs)
         finally:
             rep.parts["suite"] = suite_part(runs)
-            cap.log.write_jsonl(out_dir / "exitlog.jsonl")
+            write_whole(out_dir / "exitlog.jsonl", "the exit log", cap.log.write_jsonl)
             rep.parts["trace"] = {"tracing": cap.log.tracing, "tracing_reason": cap.log.tracing_reason,
                                   "lost_events": cap.log.lost_events, "records": len(cap.log.records),
                                   "events": sum(len(r.events) for r in cap.log.records)}
@@ -208,6 +210,7 @@ def _suite_parts(rep: Report, kvm: Kvm, vendor: str | None, out_dir: Path) -> li
     return runs
 
 
+FILES = ("report.json", "exitlog.jsonl", "bench.json", "latency.png")  # what build() writes in its folder
 STAGES = ("probing the host", "running the guest suite", "checking every exit against kvm_mm",
           "a short benchmark")
 
@@ -233,7 +236,7 @@ def build(out_dir: Path, progress: Callable[[str], None] | None = None) -> Repor
                 rep.skipped["kernel addresses"] = (f"/proc/kallsyms: {host['kallsyms'].get('reason', '')}: kernel "
                                                    "objects are placed at modeled addresses")
             stage(STAGES[1])
-            runs = _suite_parts(rep, kvm, host["vendor"] or vendor_module(), out_dir)
+            runs = _suite_parts(rep, kvm, host["cpl0_hypercall_returns"], out_dir)
             stage(STAGES[2])
             rep.part("isolation", lambda: isolation_part(runs, rep))
             stage(STAGES[3])
@@ -247,7 +250,9 @@ def build(out_dir: Path, progress: Callable[[str], None] | None = None) -> Repor
         rep.error = "".join(traceback.format_exception_only(e)).strip()
         raise
     finally:
-        rep.write(out_dir / "report.json")
+        # after an error, that error is the one to report, even if report.json cannot be written
+        with contextlib.suppress(OutputError) if rep.error else contextlib.nullcontext():
+            write_whole(out_dir / "report.json", "the report", rep.write)
     return rep
 
 
@@ -283,8 +288,7 @@ def print_summary(rep: Report, out_dir: Path) -> None:
         print(rep.text["bench"])
     for name, why in rep.skipped.items():
         print(f"\nskipped {name}: {why}")
-    files = ["report.json", "exitlog.jsonl", "bench.json", "latency.png"]
-    print("\nwrote " + ", ".join(str(out_dir / f) for f in files if (out_dir / f).exists()))
+    print("\nwrote " + ", ".join(str(out_dir / f) for f in FILES if (out_dir / f).exists()))
     if not rep.complete:
         print(f"INCOMPLETE: {rep.incomplete_reason}; report.json holds what was done (\"complete\": false)")
 

@@ -5,14 +5,15 @@ guest itself).
 >>> with Capture() as cap:
 ...     run = capture_checked(Machine("portio"), cap, "portio")
 >>> check_run(run, "rfc-v1").fault_lines()[0]
-'KVM isolation: page fault #0 (31) at x86_emulate_instruction+0x253/0x850 on ffff88811a2d0000 (emulate_ctxt)'
+'kvm_mm miss #0 on ffff88811a2d0000 (emulate_ctxt) attributed at x86_decode_emulated_instruction+0x36/0xb0, first access in init_emulate_ctxt: 24 exits'
 """
 
 from __future__ import annotations
 
+import bisect
 import os
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .guest import Machine, RunResult
@@ -23,12 +24,12 @@ from .isolation import (AccessModel, CheckResult, KvmAddressSpace, address_space
 from .isolation.layout import Layout
 from .isolation.mapset import DenylistSpace
 from .observe.capture import Capture
-from .observe.evidence import Evidence, collect_evidence
-from .observe.exitlog import ExitLog
+from .observe.evidence import Evidence, collect_evidence, vcpu_counters
+from .observe.exitlog import ExitLog, RunRecord
 from .observe.attach import Attached, watch
 from .observe.process import ForeignVm, ProcessChanged, ProcessError, kvm_fds
 from .observe.kobject import possible_cpus
-from .process import stop
+from .process import CommandTree
 
 EVIDENCE_EVERY_S = 0.1  # a watched VM is read this often until every vCPU's thread is known,
 EVIDENCE_SETTLED_S = 1.0  # then this often, while it lives
@@ -103,13 +104,31 @@ def measure_switches(kvm: Any, payload: Any, cpl: int = 0, regions: str | None =
 
 
 @dataclass
+class WatchedVm:
+    """One VM of a watched process: when it was created (CLOCK_MONOTONIC ns; None: before the
+    watch began), its evidence (:func:`unread_evidence`, all modeled, where it lived between two
+    of kvmiso's looks), and the records of its KVM_RUNs."""
+
+    created_ns: int | None
+    evidence: Evidence | None = None
+    records: list[RunRecord] = field(default_factory=list)
+    # its records include those of other VMs that kvmiso could not tell apart (held at once, or
+    # their creation not traced), checked against this VM's objects
+    mixed: bool = False
+
+
+@dataclass
 class WatchedProcess:
     """Another process watched for a while: its exit log (records' ``vcpu`` is the vCPU id where
-    the evidence names the thread, else the thread id), the evidence of its VM, and how it ended."""
+    the evidence names the thread, else the thread id), the evidence of its (last) VM, and how it
+    ended. ``vms``: each VM it had, with its own evidence and records, in the order they were
+    created; one ``mixed`` VM with every record where they cannot be told apart."""
 
     pid: int
     attached: Attached
     evidence: Evidence
+    left_running: list[str] = field(default_factory=list)  # what a command that ended left, then stopped
+    vms: list[WatchedVm] = field(default_factory=list)
 
     @property
     def log(self) -> ExitLog:
@@ -122,27 +141,34 @@ def watch_process(target: int | list[str], duration: float | None = None,
     """Trace a running process (a pid) or a command (started here, traced from its first event)
     until it exits or ``duration`` seconds pass. Its VM's evidence is read through copies of its
     vCPU fds as soon as its vCPUs have run, while it lives. A command started here is stopped
-    (SIGTERM, then SIGKILL) on every way out. Interrupted, it raises :class:`Interrupted` with
+    (SIGTERM, then SIGKILL) on every way out, with every process it started in turn
+    (:class:`kvmiso.process.CommandTree`). Interrupted, it raises :class:`Interrupted` with
     the :class:`WatchedProcess` so far as ``partial`` (its log marked incomplete)."""
-    import subprocess
     import time
 
-    got: dict[str, Any] = {}
-    child: list[subprocess.Popen] = []
-    if isinstance(target, int):
-        kvm_fds(target)  # a process without KVM, gone, or not ours to read: refused before tracing
+    got: dict[str, Any] = {"most": 0}  # most: the most VMs the process held at one look
+    emulated = EmulationCount()
+    readings: list[tuple[int, Evidence | None]] = []  # (when kvmiso attached to a VM, its evidence)
+    tree = CommandTree()
+    # a process without KVM, gone, or not ours to read: refused before tracing
+    held = len(kvm_fds(target).vms) if isinstance(target, int) else 0
 
     def start() -> int:
         try:
-            child.append(subprocess.Popen(target))
+            return tree.start(target)
         except OSError as e:
             raise ProcessError(f"cannot start {target[0]}: {e.strerror}") from None
-        return child[0].pid
+
+    def keep() -> None:
+        """The VM followed so far, with what was read of it, before the next is followed."""
+        readings.append((got.pop("since"), got.pop("evidence", None)))
+        got.pop("read", None)
 
     def complete() -> bool:
         return "evidence" in got and len(got["evidence"].threads) >= len(got["vm"].vcpus)
 
     def read(now: float) -> None:
+        emulated.read(got["vm"])
         reading, got["read"] = collect_evidence(got["vm"], vendor_module() or ""), now
         if "evidence" not in got or _completeness(reading) >= _completeness(got["evidence"]):
             got["evidence"] = reading
@@ -156,7 +182,8 @@ def watch_process(target: int | list[str], duration: float | None = None,
         now = time.monotonic()
         got.setdefault("t0", now)
         try:
-            seen = len(kvm_fds(pid).vcpus)
+            fds = kvm_fds(pid)
+            seen, got["most"] = len(fds.vcpus), max(got["most"], len(fds.vms))
         except ProcessError:
             seen = 0  # gone, or exec'ing
         # another VM in the same fd numbers (a test program creating VM after VM): kcmp tells
@@ -167,13 +194,14 @@ def watch_process(target: int | list[str], duration: float | None = None,
             except ProcessChanged:
                 pass  # an fd closed or reused since the listing, or the process ended: next tick
             else:
+                if replaced:  # the last VM's evidence is kept apart, this one's read anew
+                    keep()
                 if "vm" in got:
+                    emulated.read(got["vm"])
                     got["vm"].close()
+                emulated.read(vm)
                 got["vm"] = vm
-                if replaced:  # the last VM's evidence is read anew
-                    got["vms"] = got.get("vms", 1) + 1
-                    got.pop("evidence", None)
-                    got.pop("read", None)
+                got.setdefault("since", time.monotonic_ns())
         if "vm" in got and now - got.get("read", 0.0) >= (EVIDENCE_SETTLED_S if complete() else EVIDENCE_EVERY_S):
             read(now)
         if duration is not None and now - got["t0"] >= duration:
@@ -194,24 +222,79 @@ def watch_process(target: int | list[str], duration: float | None = None,
             read(time.monotonic())
     finally:
         if "vm" in got:
+            emulated.read(got["vm"])
             got["vm"].close()
+            keep()
         with deferred():  # a command kvmiso started goes with it, on every way out
-            for c in child:
-                stop(c, STOP_GRACE_S)
-    pid = target if isinstance(target, int) else child[0].pid
-    evidence = got.get("evidence") or Evidence(kernel=platform.release(), vendor=vendor_module() or "",
-                                               source="the process ended before its vCPUs could be read")
-    if got.get("vms", 1) > 1:
-        evidence.source += (f"; the process created {got['vms']} VMs one after another: this is the last one's, "
-                            "and the records of the earlier ones are checked against it")
-    resolve_chains(evidence, attached.log)
-    by_thread = {tid: vid for vid, tid in evidence.threads.items()}
-    for r in attached.log.records:
-        r.vcpu = by_thread.get(r.vcpu, r.vcpu)
-    watched = WatchedProcess(pid, attached, evidence)
+            left = tree.stop(STOP_GRACE_S)
+    emulated.charge(attached.log)
+    pid = target if isinstance(target, int) else tree.proc.pid
+    evidence = next((ev for _, ev in reversed(readings) if ev is not None), None) or unread_evidence()
+    created = attached.vm_created
+    # VMs one at a time, each created where the trace shows it (or held from the start): records
+    # and readings go by time
+    apart = (created is not None and len(created) + held >= max(1, len(readings))
+             and max(got["most"], held) <= 1)
+    vms = (split_by_vm(created, held, readings, attached.log.records) if apart else
+           [WatchedVm(None, evidence, attached.log.records, mixed=len(readings) > 1)])
+    for vm in vms:
+        vm.evidence = vm.evidence or unread_evidence()
+        resolve_chains(vm.evidence, attached.log)
+        by_thread = {tid: vid for vid, tid in vm.evidence.threads.items()}
+        for r in vm.records:
+            r.vcpu = by_thread.get(r.vcpu, r.vcpu)
+    watched = WatchedProcess(pid, attached, evidence, left, vms)
     if interrupted is not None:
         raise Interrupted.of(interrupted, watched)
     return watched
+
+
+class EmulationCount:
+    """The instructions KVM emulated for another process's vCPUs while kvmiso watched, from each
+    vCPU's insn_emulation stat (vcpu->stat, read through BPF behind the copies of its fds): per
+    vCPU, the last value read less the first. What ran before kvmiso first read a vCPU, or after
+    its last read, is not counted."""
+
+    EVENT = "kvm:kvm_emulate_insn"  # the per-instruction event a watch leaves out
+
+    def __init__(self) -> None:
+        self.first: dict[tuple[int, int], int] = {}  # (the copy's identity, vCPU id) -> value
+        self.last: dict[tuple[int, int], int] = {}
+
+    def read(self, vm: ForeignVm) -> None:
+        """Read every vCPU's counter now (through BPF; nothing where it cannot be read)."""
+        for vid, n in vcpu_counters(vm, "insn_emulation").items():
+            self.first.setdefault((id(vm), vid), n)
+            self.last[(id(vm), vid)] = n
+
+    def charge(self, log: ExitLog) -> None:
+        """Put the count in ``log`` as the untraced kvm_emulate_insn events, where the watch
+        left them out and some vCPU was read; traced ones are not counted twice."""
+        if self.EVENT in log.untraced and self.last:
+            log.untraced[self.EVENT] = sum(self.last[k] - self.first[k] for k in self.last)
+
+
+def unread_evidence() -> Evidence:
+    """The evidence of a VM kvmiso could not read: every object and the page table modeled."""
+    return Evidence(kernel=platform.release(), vendor=vendor_module() or "",
+                    source="the VM ended before its vCPUs could be read")
+
+
+def split_by_vm(created: list[int], held: int, readings: list[tuple[int, Evidence | None]],
+                records: list[RunRecord]) -> list[WatchedVm]:
+    """The VMs of a process that had one at a time: ``held`` (0 or 1) before the watch, then one
+    per time in ``created``. Each record goes to the VM that was the latest when its KVM_RUN
+    returned, each reading to the VM that was the latest when kvmiso attached to it."""
+    vms = [WatchedVm(None) for _ in range(held)] + [WatchedVm(t) for t in created]
+
+    def at(ns: int) -> WatchedVm:
+        return vms[max(0, bisect.bisect_right(created, ns) - 1 + held)]
+
+    for since, evidence in readings:
+        at(since).evidence = evidence or at(since).evidence
+    for r in records:
+        at(r.end_ns).records.append(r)
+    return vms
 
 
 def _completeness(evidence: Evidence) -> tuple[int, int]:
@@ -242,5 +325,5 @@ def _ram() -> int:
     return 1 << 30
 
 
-__all__ = ["WatchedProcess", "resolve_chains", "watch_process", "CapturedRun", "capture_checked", "check_run", "host_cpus", "layout_of", "machine_evidence",
+__all__ = ["WatchedProcess", "WatchedVm", "split_by_vm", "unread_evidence", "resolve_chains", "watch_process", "CapturedRun", "capture_checked", "check_run", "host_cpus", "layout_of", "machine_evidence",
            "measure_switches", "space_for"]

@@ -11,10 +11,13 @@ The run uses the C allocator (it re-executes itself with PYTHONMALLOC=malloc): p
     python3 scripts/fuzz.py --jobs 2         # two machines per mode side by side (one per CPU)
     python3 scripts/fuzz.py --json fuzz.json  # the figures as JSON as well
 
-Throughput is payloads per second of wall-clock time per mode. Payloads that run into their
-deadline cost the whole deadline each; the summary says how much of the time that was, and what
-kvmiso itself costs per payload: the median of Machine.reset() plus the run of an empty payload
-(DONE only), timed on a fresh machine after the cases.
+The figure kvmiso answers for is the harness cost per payload: what it spends around the guest,
+whatever the guest does until its deadline. It is the median of Machine.reset() plus writing the
+payload, timed on every case, plus the case's KVM_RUN calls times what Vcpu.run() adds to a KVM_RUN
+round trip (decoding and the Python loop: its p50 over the compiled loop's, measured in the same
+process). Payloads per second are printed too, but they mostly count deadlines: a payload that
+spins costs the whole deadline; the summary says how much of the time that was, and what an empty
+payload (DONE only; reset plus run) costs, timed on a fresh machine after the cases.
 """
 
 from __future__ import annotations
@@ -27,13 +30,18 @@ import statistics
 import time
 from collections import Counter
 
+from kvmiso.bench import runloop
+from kvmiso.guest import Machine, build
 from kvmiso.guest.fuzz import DONE_UCALL, KINDS, TARGETS, Fuzzer, FuzzStats, Resources, fuzz
 from kvmiso.guest.result import Outcome
 from kvmiso.kvm import Kvm
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    # the docstring whole: its first paragraph says what the run is, the rest how to use and read it
+    summary, _, rest = __doc__.partition("\n\n")
+    ap = argparse.ArgumentParser(description=summary, epilog=rest,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--count", type=int, default=20000, help="payloads per mode (default 20000)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=0.03, help="seconds per payload (default 0.03)")
@@ -58,9 +66,15 @@ def main() -> int:
         wall = time.perf_counter() - t0
         # after the leak check: runs in this thread start the process's kick helper (a thread, a pipe)
         floor = {target: _empty_payload_s(target, kvm) for target in args.targets}
+        decode_ns = _decode_ns(kvm)
 
     _table(results)
     _throughput(results, args.timeout, floor)
+    harness = {t: _harness_us(s, decode_ns) for t, s in results.items()}
+    print(f"\nharness cost per payload (reset and payload write, median, plus KVM_RUN calls x {decode_ns:.0f} ns "
+          "that Vcpu.run() adds to a round trip):")
+    for target, (total, setup, runs) in harness.items():
+        print(f"  {target:<10} {total:7.1f} us = {setup:.1f} us + {runs:.2f} KVM_RUN calls x {decode_ns:.0f} ns")
     failed = False
     for target, s in results.items():
         for label, tb in s.errors:
@@ -82,6 +96,8 @@ def main() -> int:
                        "targets": {t: {"runs": s.runs, "kvm_runs": s.kvm_runs, "elapsed_s": s.elapsed,
                                        "payloads_per_s": s.per_second,
                                        "empty_payload_us": floor[t] * 1e6,
+                                       "harness_us": harness[t][0], "setup_us_median": harness[t][1],
+                                       "kvm_runs_per_payload": harness[t][2], "decode_ns": decode_ns,
                                        "outcomes": dict(s.outcomes),
                                        "by_kind": {k: dict(c) for k, c in s.by_kind.items()},
                                        "errors": s.errors, "unclassified": s.unclassified}
@@ -117,6 +133,26 @@ def _empty_payload_s(target: str, kvm: Kvm, n: int = 300) -> float:
             if r.outcome is not Outcome.DONE:
                 raise RuntimeError(f"{target}: the empty payload ended {r.outcome}: {r.detail}")
     return statistics.median(times)
+
+
+def _decode_ns(kvm: Kvm, n: int = 5000, rounds: int = 7) -> float:
+    """What Vcpu.run() adds to a KVM_RUN round trip: the median over ``rounds`` back-to-back pairs
+    of the Python loop's p50 less the compiled loop's, on the port-OUT guest at CPL0 (pairs, so
+    a neighbour's load falls on both sides of each difference)."""
+    with Machine(build("bench_out", "long"), kvm=kvm) as m:
+        args = dict(expect="io", port=m.image.symbols["PORT_BENCH"])
+        runloop.compiled_loop(m.vcpu, n, **args)
+        runloop.python_loop(m.vcpu, n, **args)
+        diffs = [statistics.median(runloop.python_loop(m.vcpu, n, **args).latencies())
+                 - statistics.median(runloop.compiled_loop(m.vcpu, n, **args).latencies()) for _ in range(rounds)]
+    return statistics.median(diffs)
+
+
+def _harness_us(s: FuzzStats, decode_ns: float) -> tuple[float, float, float]:
+    """(harness cost per payload, its reset-and-write median, KVM_RUN calls per payload), in us."""
+    setup = statistics.median(s.setup_ns) / 1e3 if s.setup_ns else 0.0
+    runs = s.kvm_runs / s.runs if s.runs else 0.0
+    return setup + runs * decode_ns / 1e3, setup, runs
 
 
 def _throughput(results: dict[str, FuzzStats], timeout: float, floor: dict[str, float]) -> None:

@@ -1,22 +1,23 @@
-"""Shared fixtures. Tests that need KVM use the real /dev/kvm; only a missing device skips
-(EACCES fails, as in the KVM selftests). KVMISO_REQUIRE_KVM=1 turns that skip into a failure,
-and KVMISO_REQUIRE_VENDOR=kvm_amd (say) fails every device test on another vendor module: CI's
-kvm_amd lane sets both, so a guest without kvm_amd cannot pass it.
+"""Shared fixtures. Tests that need KVM take the ``kvm`` fixture of kvmiso's own pytest plugin
+(kvmiso/pytest_plugin.py, loaded through its ``pytest11`` entry point): the real /dev/kvm, where
+only a missing device skips (EACCES fails, as in the KVM selftests). KVMISO_REQUIRE_KVM=1 turns
+that skip into a failure, and KVMISO_REQUIRE_VENDOR=kvm_amd (say) fails every device test on
+another vendor module: CI's kvm_amd lane sets both, so a guest without kvm_amd cannot pass it.
+The suite thus runs the plugin a user gets, rather than a copy of it.
 
-Every test that takes the ``kvm`` fixture is marked ``device`` here, so that a lane on another
-vendor module can select them (``pytest -m device``) without a mark in every file."""
+Every test that takes the ``kvm`` fixture (itself or through ``vm`` or ``machine``) is marked
+``device`` here, so that a lane on another vendor module can select them (``pytest -m device``)
+without a mark in every file."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 
 import pytest
 
 from kvmiso.host import vendor_module
-from kvmiso.kvm import Kvm, KvmUnavailable
-
-_skip_reason: str | None = None
 
 # A shell starts a background job with SIGINT ignored, and Python (and kvmiso's CLI) then leave
 # it ignored: the signal tests, which Ctrl-C this process and its children, would wait for
@@ -25,11 +26,11 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def _kvm_missing() -> str | None:
-    global _skip_reason
-    if _skip_reason is None:
-        _skip_reason = "" if os.path.exists("/dev/kvm") else "/dev/kvm does not exist on this host"
-    return _skip_reason or None
+def pytest_configure(config) -> None:
+    # where plugins are not autoloaded (PYTEST_DISABLE_PLUGIN_AUTOLOAD=1), the suite loads
+    # kvmiso's itself, under the entry point's name (-p no:kvmiso still blocks it)
+    if not config.pluginmanager.has_plugin("kvmiso"):
+        config.pluginmanager.register(importlib.import_module("kvmiso.pytest_plugin"), "kvmiso")
 
 
 def pytest_collection_modifyitems(items) -> None:
@@ -47,25 +48,6 @@ def tracing() -> None:
     with open("/proc/filesystems") as f:
         if "tracefs" not in f.read().split():
             pytest.skip("this kernel has no tracefs (not in /proc/filesystems)")
-
-
-@pytest.fixture
-def kvm():
-    reason = _kvm_missing()
-    if reason:
-        if os.environ.get("KVMISO_REQUIRE_KVM") == "1":
-            pytest.fail(f"KVMISO_REQUIRE_KVM=1 but {reason}")
-        pytest.skip(reason)
-    try:
-        k = Kvm()
-    except KvmUnavailable as e:
-        pytest.fail(str(e))
-    required = os.environ.get("KVMISO_REQUIRE_VENDOR")
-    if required and vendor_module() != required:
-        k.close()
-        pytest.fail(f"KVMISO_REQUIRE_VENDOR={required} but the vendor module is {vendor_module()}")
-    with k:
-        yield k
 
 
 @pytest.fixture

@@ -20,10 +20,16 @@ STRUCTS = [
     "kvm_msr_entry", "kvm_msrs", "kvm_msr_list", "kvm_cpuid_entry2", "kvm_cpuid2", "kvm_translation",
     "kvm_guest_debug_arch", "kvm_guest_debug", "kvm_vcpu_events", "kvm_irq_level", "kvm_ioeventfd",
     "kvm_dirty_log", "kvm_enable_cap", "kvm_stats_header", "kvm_stats_desc", "kvm_debug_exit_arch",
-    "kvm_run",
+    "kvm_run", "kvm_debugregs", "kvm_xsave", "kvm_xcr", "kvm_xcrs", "kvm_mp_state", "kvm_sync_regs",
+    "kvm_msr_filter_range", "kvm_msr_filter",
 ]
+# newer than the installed header (6.1): checked against the running kernel's BTF below
+NEWER_STRUCTS = ["kvm_userspace_memory_region2", "kvm_create_guest_memfd"]
+# members the kernel spells otherwise inside itself (#ifdef __KERNEL__), as BTF shows them
+BTF_NAMES = {("kvm_run", "immediate_exit"): "immediate_exit__unsafe"}
+BTF_SIZE_DIFFERS = {"kvm_stats_desc"}  # the kernel's own ends in name[KVM_STATS_NAME_SIZE], userspace's is flexible
 # our padding-only or synthetic names that C spells differently
-SKIP_FIELDS = {("kvm_run", "s"), ("kvm_run", "u.padding")}
+SKIP_FIELDS = {("kvm_run", "u.padding")}
 # kvm_run members newer than some installed headers, checked where the header has the exit
 # reason that came with them (elsewhere the C program prints kvmiso's own value)
 NEWER_MEMBERS = {"u.memory_fault": "KVM_EXIT_MEMORY_FAULT"}
@@ -71,8 +77,8 @@ def _program():
             expected.append((f"offsetof {s}.{path}", off))
             lines.append(_where_defined(f'printf("%zu\\n", sizeof(((struct {s} *)0)->{cp}));', newer, size))
             expected.append((f"sizeof {s}.{path}", size))
-    for value, name in sorted(abi.IOCTL_NAMES.items()):
-        lines.append(f'printf("%lu\\n", (unsigned long){name});')
+    for value, name in sorted(abi.IOCTL_NAMES.items()):  # one newer than the header: see the BTF test
+        lines.append(f'#ifdef {name}\nprintf("%lu\\n", (unsigned long){name});\n#else\nprintf("%lu\\n", {value}UL);\n#endif')
         expected.append((name, value))
     for nr, name in abi.KVM_EXIT_REASONS.items():
         lines.append(f'#ifdef KVM_EXIT_{name}\nprintf("%d\\n", KVM_EXIT_{name});\n#else\nprintf("%d\\n", {nr});\n#endif')
@@ -105,3 +111,34 @@ def test_ioctl_numbers_are_built_not_written():
     assert abi.KVM_GET_SUPPORTED_CPUID == (3 << 30) | (8 << 16) | (0xAE << 8) | 0x05
     assert abi.KVM_RUN == 0xAE80
     assert abi.IOCTL_NAMES[abi.KVM_SET_USER_MEMORY_REGION] == "KVM_SET_USER_MEMORY_REGION"
+
+
+def test_abi_matches_the_running_kernel_s_btf():
+    # the kernel's own layout (CO-RE's habit): every struct, those newer than the installed
+    # header included, where this kernel has it (kvm_create_guest_memfd only with guest_memfd)
+    from kvmiso.observe.btf import Btf, BtfError
+
+    try:
+        btf = Btf.running()
+    except BtfError as e:
+        pytest.skip(str(e))
+    checked, wrong, compared = [], [], 0
+    for s in STRUCTS + NEWER_STRUCTS:
+        if not btf.has_struct(s):
+            continue
+        cls, view = getattr(abi, s), btf.struct(s)
+        checked.append(s)
+        if ctypes.sizeof(cls) != view.size and s not in BTF_SIZE_DIFFERS:
+            wrong.append(f"sizeof {s}: kvmiso {ctypes.sizeof(cls)}, BTF {view.size}")
+        for path, off, _ in _fields(cls):
+            if (s, path) in SKIP_FIELDS or path == "u" or path.startswith("u."):
+                continue  # kvm_run's exit union is anonymous in C; BTF names no member "u"
+            try:
+                theirs = view.offset(path)
+            except BtfError:
+                theirs = view.offset(BTF_NAMES.get((s, path), path))
+            if theirs != off:
+                wrong.append(f"offsetof {s}.{path}: kvmiso {off}, BTF {theirs}")
+            compared += 1
+    assert not wrong, "\n".join(wrong)
+    assert {"kvm_run", "kvm_sync_regs", "kvm_msr_filter"} <= set(checked) and compared > 300

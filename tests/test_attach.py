@@ -3,6 +3,7 @@ traced with -- COMMAND and with --pid, its exits against QEMU's own view, its VM
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -43,7 +44,7 @@ def test_trace_a_command_matches_qemus_own_view(kvm, tmp_path, capsys):
     con, log, ev = tmp_path / "con", tmp_path / "q.jsonl", tmp_path / "q.ev.json"
     rc = main(["trace", "--json", str(log), "--evidence", str(ev), "--", *_qemu(_image(tmp_path, count), con)])
     out = capsys.readouterr().out
-    assert rc == 0 and "until the process exited with status 1" in out  # isa-debug-exit(0) = status 1
+    assert rc == 1 and "until the process exited with status 1" in out  # isa-debug-exit(0) = status 1, passed on
     written = con.read_bytes().count(b"K")
     assert written == count
     got = read_jsonl(log)
@@ -101,6 +102,36 @@ def test_a_command_stopped_at_its_duration_is_gone(kvm, tmp_path, capsys):
     assert psutil.Process().children() == []
     threads = read_evidence(ev).threads
     assert set(threads) <= {0} and {r.vcpu for r in read_jsonl(log).records} <= set(threads)
+
+
+@pytest.mark.parametrize("end", ["duration", signal.SIGTERM, signal.SIGINT], ids=["duration", "SIGTERM", "SIGINT"])
+def test_a_vmm_started_by_a_wrapper_goes_with_the_trace(kvm, tmp_path, end):
+    """Before: `trace -- sh -c 'qemu ...; echo done'` stopped the shell only: QEMU ran on with
+    parent 1 after --duration, Ctrl-C or SIGTERM, holding the stdout of whoever read kvmiso's."""
+    con, elf = tmp_path / "con", _image(tmp_path)
+    wrapper = " ".join(shlex.quote(a) for a in _qemu(elf, con)) + "; echo done"
+    duration = ["--duration", "3"] if end == "duration" else []
+    k = subprocess.Popen([sys.executable, "-m", "kvmiso.cli", "trace", *duration, "--", "sh", "-c", wrapper],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        if end != "duration":
+            deadline = time.monotonic() + 60
+            while not (con.exists() and con.stat().st_size):  # QEMU's guest is running
+                assert time.monotonic() < deadline and k.poll() is None
+                time.sleep(0.1)
+            k.send_signal(end)
+        k.wait(timeout=120)
+        leftovers = [p for p in psutil.process_iter(["cmdline", "status"])
+                     if str(elf) in (p.info["cmdline"] or []) and p.info["status"] != psutil.STATUS_ZOMBIE]
+        for p in leftovers:
+            p.kill()
+        out, err = k.communicate(timeout=60)  # QEMU held the pipe: this hung
+    finally:
+        k.kill()
+        k.wait()
+    assert leftovers == [], err
+    assert k.returncode == (0 if end == "duration" else 128 + end) and "Traceback" not in err, err
+    assert "KVM_RUN calls" in out
 
 
 @pytest.mark.parametrize("argv, why", [

@@ -8,10 +8,13 @@ import base64
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from kvmiso.bench.compare import Row
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def kvmiso(*args, timeout=120, **kw):
@@ -33,6 +36,14 @@ def test_timeout_must_be_positive_and_finite(command, value):
     assert p.returncode == 2 and "--timeout" in one_line(p) and p.stdout == ""
 
 
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "0", "-1", "1e10", "soon"])
+def test_boot_timeout_must_be_positive_and_finite(value):
+    """Before: boot took nan and inf (a deadline that never comes); run and trace refused both.
+    The kernel named does not exist, so an accepted timeout fails on it, not after a boot."""
+    p = kvmiso("boot", "--kernel", "/nonexistent/bzImage", "--timeout", value, "--", "true")
+    assert p.returncode == 2 and "--timeout" in one_line(p) and p.stdout == ""
+
+
 @pytest.mark.parametrize("value", ["inf", "nan", "0", "-1", "soon"])
 @pytest.mark.parametrize("command", ["trace", "check"])
 def test_duration_must_be_positive_and_finite(command, value):
@@ -51,6 +62,14 @@ def test_help_is_whole_sentences():
     p = kvmiso("--help")
     description = p.stdout.split("\n\n")[1].replace("\n", " ")
     assert p.returncode == 0 and description.rstrip().endswith(".")
+
+
+def test_fuzz_script_help_is_whole_sentences():
+    """Before: the description was the docstring's first line, cut mid-sentence ("... half")."""
+    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "fuzz.py"), "--help"], capture_output=True, text=True,
+                       timeout=60)
+    description = p.stdout.split("\n\n")[1].replace("\n", " ")
+    assert p.returncode == 0 and description.rstrip().endswith("."), description
 
 
 @pytest.mark.parametrize("command", [["probe"], ["run", "hello"], ["trace", "hello"]])

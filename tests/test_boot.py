@@ -24,7 +24,7 @@ import pytest
 from kvmiso.boot import BootError, Kernel
 from kvmiso.boot.initramfs import _elf_interpreter, command_script, newc_archive
 from kvmiso.boot.kernel import bzimage_release, debian_kernel, module_key
-from kvmiso.boot.qemu import QEMU, GuestRun, _follow, choose_accel
+from kvmiso.boot.qemu import QEMU, GuestRun, _follow, choose_accel, host_nests
 
 FIXTURES = Path(__file__).parent / "fixtures" / "boot"
 BUSYBOX = "/bin/busybox"
@@ -166,9 +166,13 @@ def test_bzimage_release_read_from_the_setup_header(debian, tmp_path):
 
 
 def test_accelerator_follows_what_this_host_can_nest(vendor):
-    if vendor in (None, "kvm_pvm"):
-        acc = choose_accel()
-        assert (acc.name, acc.cpu) == ("tcg", "max,la57=off") and ("kvm_pvm" in acc.why or "no /dev/kvm" in acc.why)
+    nests, why = host_nests(vendor)  # from /dev/kvm, /sys/module/*/parameters/nested and the CPU flags
+    acc = choose_accel()
+    assert acc.why == why
+    if nests:
+        assert (acc.name, acc.cpu) == ("kvm", "host")
+    else:
+        assert (acc.name, acc.cpu) == ("tcg", "max,la57=off")
         with pytest.raises(BootError, match="--accel kvm: "):
             choose_accel("kvm")
     assert choose_accel("tcg", "qemu64").cpu == "qemu64"

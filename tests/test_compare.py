@@ -93,3 +93,15 @@ def test_cli_compare(tmp_path):
     for args in ((str(a), str(bad)), (str(a), str(tmp_path / "missing.json"))):
         p = subprocess.run([sys.executable, "-m", "kvmiso.cli", "compare", *args], capture_output=True, text=True)
         assert p.returncode == 2 and p.stderr.startswith("kvmiso: ")
+
+
+def test_compare_leaves_out_a_run_off_its_siblings():
+    """A file may hold a run a neighbour disturbed: it counts in neither the ratio nor the test."""
+    def row(p50s):
+        return {"kind": "out", "path": "c", "cpl": 0, "summary": {"p50": 0, "stable_p50": stats.stable_p50(p50s)},
+                "runs": [{"p50": p, "mean": p} for p in p50s]}
+
+    a = {"results": [row([7000, 7010, 6990, 7005])]}
+    b = {"results": [row([7000, 7010, 6990, 12000])]}
+    (r,) = compare(a, b)
+    assert r.verdict() == "same" and not r.significant

@@ -156,6 +156,9 @@ def test_fuzz_every_mode_classifies_every_run_and_leaks_nothing(kvm, tmp_path):
         assert set(s["outcomes"]) <= set(Outcome)
         # the generator reaches the interesting ends, not just one
         assert {"done", "exception", "malformed-ucall", "timeout"} <= set(s["outcomes"]), s["outcomes"]
+        # the harness cost is what kvmiso adds: its parts, each measured, add up
+        assert s["setup_us_median"] > 0 and s["kvm_runs_per_payload"] == s["kvm_runs"] / s["runs"]
+        assert s["harness_us"] == pytest.approx(s["setup_us_median"] + s["kvm_runs_per_payload"] * s["decode_ns"] / 1e3)
     assert list(r["targets"]) == list(TARGETS)
     assert r["resources_after"] == r["resources_before"]
     assert p.returncode == 0, p.stderr

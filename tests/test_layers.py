@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import kvmiso
-from kvmiso.guest import build, ucall
+from kvmiso.guest import Source, build, sites, ucall
 
 
 @pytest.mark.parametrize("mode", ["real", "protected", "long"])
@@ -17,17 +17,33 @@ def test_ucall_constants_are_the_guest_conventions(mode):
     # guests/lib/kvmiso.inc defines them for the assembler; the image's symbol table carries
     # the values the guest was really built with
     sym = build("hello", mode).symbols
-    for name in ("PORT_CONSOLE", "PORT_UCALL", "UCALL_DONE", "UCALL_FAIL", "UCALL_REPORT", "UCALL_EXCEPTION"):
+    for name in ("PORT_CONSOLE", "PORT_UCALL", "UCALL_DONE", "UCALL_FAIL", "UCALL_REPORT", "UCALL_EXCEPTION",
+                 "UCALL_ASSERT", "UCALL_SYNC", "UCALL_PRINTF"):
         assert getattr(ucall, name) == sym[name], name
+    # the site kinds GUEST_ASSERT* and the others record, and the names the host gives them
+    for kind, macro in enumerate(sites.MACROS):
+        assert sym["SITE_" + macro.removeprefix("GUEST_").removeprefix("ASSERT_")] == kind, macro
+
+
+
+def test_the_c_header_has_the_assembler_s_conventions():
+    # guests/lib/kvmiso.h restates kvmiso.inc's numbers for C: a C payload exports each as a
+    # symbol (C_<name>) beside crt0's own, and the two must agree
+    names = ["PORT_CONSOLE", "PORT_UCALL", "SCRATCH"] + [n for n in dir(ucall) if n.startswith("UCALL_")]
+    names += ["SITE_" + m.removeprefix("GUEST_").removeprefix("ASSERT_") for m in sites.MACROS]
+    exports = "".join(f'__asm__(".globl C_{n}\\n.set C_{n}, %c0" : : "i"({n}));' for n in names)
+    sym = build(Source("void main(void) {" + exports + "}", "c"), "long").symbols
+    assert {n: sym["C_" + n] for n in names} == {n: sym[n] for n in names}
 
 
 # --- the import graph, read from the source (lazy imports included, TYPE_CHECKING ones not) ---
 
 PACKAGE = Path(kvmiso.__file__).parent
 # Arrows point down: a module imports only from its own part or from parts of a lower rank.
-RANK = {"kvm": 0, "host": 0, "interrupt": 0, "exitstatus": 0, "output": 0, "process": 0, "guest": 1, "observe": 2,
-        "isolation": 3, "bench": 4, "boot": 4, "session": 5, "checking": 6, "probing": 6, "report": 6,
-        "cli": 7, "": 8}
+# process calls prctl through kvm._libc's handle on the C library (the package's one): a rank above kvm
+RANK = {"kvm": 0, "host": 0, "interrupt": 0, "exitstatus": 0, "output": 0, "process": 1, "guest": 1, "observe": 2,
+        "isolation": 3, "bench": 4, "boot": 4, "session": 5, "checking": 6, "probing": 6, "report": 6, "conformance": 6,
+        "cli": 7, "pytest_plugin": 7, "": 8}
 MAX_LINES = 400
 
 

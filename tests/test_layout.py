@@ -42,8 +42,12 @@ def test_without_evidence_every_object_is_modeled_and_says_so():
     assert set(lay.modeled_objects) >= {"vcpu_struct", "pio_data", "emulate_ctxt"}
     assert "vmcs" in lay.regions and "vmcb" not in lay.regions
     assert len(lay.region("vcpu_struct").ranges) == 2 and len(lay.region("percpu_area").ranges) == 3
-    spans = sorted(rg for r in objects for rg in r.ranges)
+    units = lay.region("percpu_area").ranges
+    assert all(a[1] == b[0] for a, b in zip(units, units[1:]))  # the first chunk's units are contiguous
+    assert units[0][0] % (2 << 20) == 0  # and alone in their 2 MiB: the RFC copies them at PMD level
+    spans = sorted([rg for r in objects if r.name != "percpu_area" for rg in r.ranges] + [(units[0][0], units[-1][1])])
     assert all(a[1] < b[0] for a, b in zip(spans, spans[1:]))  # a guard page between neighbours
+    assert all((s >> 21) != (units[-1][1] - 1) >> 21 for s, _ in spans if s >= units[-1][1])
     for r in objects:
         area = next(o[1] for o in MODELED_OBJECTS if o[0] == r.name)
         assert all(lay.region(area).contains(s) for s, _ in r.ranges)

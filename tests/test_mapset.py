@@ -1,6 +1,6 @@
 """kvm_mm built the RFC's way (copies at a level, huge leaves copied whole, no write into a
-shared table) over the live kernel table of the evidence and over a modeled one, and ASI's
-denylist."""
+shared table) over the live kernel table of the evidence and over a modeled one, ASI's denylist,
+the 2022 ASI RFC's allowlist, and the distinct physical bytes each maps."""
 
 import struct
 from pathlib import Path
@@ -9,7 +9,8 @@ import pytest
 
 from kvmiso.guest import Machine
 from kvmiso.guest.build import build
-from kvmiso.isolation.kerneltable import ModeledKernelTable
+from kvmiso.isolation import model_summary
+from kvmiso.isolation.kerneltable import ModeledKernelTable, leaf_extents, physical_bytes
 from kvmiso.isolation.layout import build_layout
 from kvmiso.isolation.mapset import (DenylistSpace, KvmAddressSpace, MapSetError, RegionSpec, SharedTableError,
                                      address_space, default_specs)
@@ -152,8 +153,11 @@ def test_policies_and_drops(layout):
         address_space(layout, "pti")
     with pytest.raises(MapSetError, match="cannot drop 'nope'"):
         address_space(layout, drop=("nope",))
-    with pytest.raises(MapSetError, match="no region to drop"):
-        address_space(layout, "asi", drop=("buses",))
+    for policy in ("asi", "asi-2022"):
+        with pytest.raises(MapSetError, match="no region to drop"):
+            address_space(layout, policy, drop=("buses",))
+        with pytest.raises(MapSetError, match="region files change the RFC's kvm_mm copies only"):
+            load_regions("modern", layout, policy)
 
 
 def test_asi_maps_everything_but_sensitive_memory(live):
@@ -263,3 +267,43 @@ def test_user_regions_come_from_the_vcpu_tasks_mm(layout):
     assert kas.kernel.translate(gm.start).user and not kas.mapped(gm.start)
     kas.add_region(RegionSpec("guest_memory", "user-added", "PTE", "test"))
     assert kas.mapped(gm.start) and kas.mapped(gm.ranges[-1][1] - 1)
+
+
+def test_physical_bytes_count_an_aliased_page_once(live):
+    """Saved evidence of this host: the RFC's P4D copy of ESPFIX is 65,536 leaves onto one page
+    per CPU; the distinct physical count takes each page once, the address-space count all of
+    them. A 1 GiB direct-map leaf counts 1 GiB either way."""
+    kas = KvmAddressSpace.default(live)
+    (esp,) = live.region("espfix").ranges
+    aliases = list(leaf_extents(kas.table, *esp))
+    frames = {pa for _, pa, _ in aliases}
+    assert len(aliases) == 65536 and len(frames) <= 2
+    assert physical_bytes(kas.table, [esp]) == 4096 * len(frames)
+    gib = next((va, n) for va, _, n in leaf_extents(kas.table) if n == 1 << 30)
+    assert physical_bytes(kas.table, [(gib[0], gib[0] + gib[1])]) == 1 << 30
+    everything = [(pa, n) for _, pa, n in leaf_extents(kas.table)]
+    assert kas.physical_bytes() == physical_bytes(kas.table) < sum(n for _, n in everything) == kas.mapped_bytes()
+    assert model_summary(kas)["kernel_physical_bytes"] is None  # this evidence predates the kernel half's count
+
+
+def test_asi_2022_leaves_on_what_its_series_does_not_mark(live):
+    """Saved evidence and exits of this host: under the 2022 RFC the CPL3 page faults leave the
+    restricted space where the shadow MMU reads the root's struct page (no patch maps vmemmap),
+    not on guest memory (patch 33 maps what KVM maps for the guest); the 2024 denylist leaves on
+    guest memory and maps struct pages."""
+    from kvmiso.isolation import check, load_access_model
+    from kvmiso.observe.exitlog import read_jsonl
+
+    fix = Path(__file__).parent / "fixtures" / "evidence"
+    log, ev = read_jsonl(fix / "hello-cpl3.jsonl"), read_evidence(fix / "hello-cpl3.evidence.json")
+    lay = build_layout(ev, cpus=2)
+    old, new = address_space(lay, "asi-2022"), address_space(lay, "asi")
+    sp = lay.region("struct_page").start
+    assert old.sensitive(sp) and not old.mapped(sp) and new.mapped(sp)
+    assert old.mapped(lay.region("mmu_root").start)  # mmu_shadow_page_cache: __GFP_LOCAL_NONSENSITIVE (patch 43)
+    access = load_access_model()
+    r_old, r_new = check(old, log, access), check(new, log, access)
+    assert r_old.classes["fault"] == r_new.classes["fault"] == 0  # an unmapped access is asi_exit, by design
+    assert r_old.classes["host_mm"] > 0 and all("(struct_page)" in why for why in r_old.reasons)
+    assert all("(guest_memory:0)" in why for why in r_new.reasons)
+    assert any(m.startswith("isolated space: percpu_area") for m in r_old.modeled)

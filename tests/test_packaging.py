@@ -44,3 +44,9 @@ def test_non_editable_install_runs_a_guest_from_another_directory(kvm, tmp_path)
     assert "console| Hello from a kvmiso guest!" in p.stdout and "done: the guest reported DONE" in p.stdout
     site = next(venv.glob("lib/python3*/site-packages/kvmiso"))
     assert (site / "guests" / "lib" / "guest.ld").is_file() and (site / "guests" / "hello.S").is_file()
+    assert (site / "guests" / "lib" / "kvmiso.h").is_file()  # every .S and C payload includes it
+    # the pytest plugin comes with the wheel: its entry point is what pytest loads it by
+    p = subprocess.run([str(venv / "bin" / "python"), "-c", "from importlib.metadata import entry_points\n"
+                        "print(*[e.value for e in entry_points(group='pytest11', name='kvmiso')])"],
+                       cwd=elsewhere, capture_output=True, text=True, env=env, timeout=60)
+    assert p.stdout.split() == ["kvmiso.pytest_plugin"], p.stderr

@@ -3,7 +3,9 @@ even when the process closed it and reused its number in between."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -118,8 +120,76 @@ def test_a_watched_command_that_creates_vm_after_vm_is_followed_and_says_so(kvm)
     from kvmiso.session import watch_process
 
     w = watch_process([sys.executable, "-c", _TWO_VMS])
-    assert "the process created 2 VMs one after another: this is the last one's" in w.evidence.source
-    assert w.evidence.threads  # read from the second VM while the command lived
+    assert len(w.vms) == 2 and all(vm.created_ns is not None for vm in w.vms)
+    first, second = w.vms
+    # each VM's records go with its own objects, read while it lived
+    assert first.evidence.real and second.evidence.real and first.evidence.threads and second.evidence.threads
+    assert first.evidence.object("vcpu_struct").address != second.evidence.object("vcpu_struct").address
+    assert len(first.records) == len(second.records) > 0 and len(w.log.records) == 2 * len(first.records)
+    assert max(r.end_ns for r in first.records) < second.created_ns < min(r.end_ns for r in second.records)
+
+
+_MANY_VMS = """
+import sys
+from kvmiso.guest import Machine
+for _ in range(int(sys.argv[1])):
+    with Machine("hello", mode="long") as m:
+        m.run(timeout=10)
+"""
+
+
+def test_check_of_a_command_that_makes_many_short_lived_vms_counts_them_and_names_those_modeled(kvm):
+    """Before: 50 VMs of a few ms each were reported as "created 4 VMs" (or 14, or none), and
+    the exits of those never read were judged on modeled objects without a word."""
+    p = _kvmiso("check", "--json", "--", sys.executable, "-c", _MANY_VMS, "50")
+    out, err = p.communicate(timeout=300)
+    got = json.loads(out)
+    pid = got["pid"]
+    assert got["vms"].startswith(f"pid {pid}: 50 VMs, one at a time (50 created while traced, each seen as one "
+                                 "kvm_update_master_clock from kvm_arch_init_vm)"), got["vms"]
+    hello = got["total"]["runs"] // 50
+    assert got["total"]["runs"] == 50 * hello and hello > 0
+    modeled = re.search(r"the objects and page table of (VMs? [\d, -]+) of 50 are modeled \((\d+) KVM_RUN", got["vms"])
+    assert modeled and int(modeled[2]) % hello == 0, got["vms"]  # whole VMs, not a count of looks
+    p = _kvmiso("check", "--require-real", "--", sys.executable, "-c", _MANY_VMS, "50")
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 1 and out == "", err
+    assert re.fullmatch(rf"kvmiso: pid \d+: --require-real, but the objects and page table of VMs? [\d, -]+ of 50 are "
+                        rf"modeled \(\d+ KVM_RUN calls judged on them\)\n", err), err
+
+
+_BUSY = """\
+        .include "kvmiso.inc"
+        .text
+        .globl main
+main:
+        mov $200, %ecx          # 200 port writes to userspace
+1:      mov $1000, %eax         # each after 1000 turns of a loop KVM emulates at CPL0
+2:      dec %eax
+        jnz 2b
+        mov $0x3000, %dx
+        out %al, %dx
+        loop 1b
+        ret
+"""
+
+
+def test_check_of_a_command_counts_the_instructions_it_did_not_trace(kvm, tmp_path):
+    """A watch leaves the per-instruction events out, so a guest busy in emulated code came out
+    'all stay' under asi although every emulated instruction is fetched from guest memory, which
+    ASI does not map. The instructions are counted (vcpu->stat.insn_emulation, through BPF) and
+    each is checked along the fetch path; what stays uncounted is said, and makes a lower bound."""
+    src = tmp_path / "busy.S"
+    src.write_text(_BUSY)
+    run = f"exec {sys.executable} -m kvmiso.cli run {src} --mode long >/dev/null"
+    p = _kvmiso("check", "--policy", "asi", "--json", "--", "sh", "-c", run)
+    out, err = p.communicate(timeout=300)
+    total = json.loads(out)["total"]
+    counted = re.search(r"kvm:kvm_emulate_insn: not traced; (\d+) counted", " ".join(total["unseen"]))
+    assert counted and int(counted[1]) > 0, total["unseen"]
+    assert total["by_kind"]["host_mm"]["untraced:kvm:kvm_emulate_insn"] == int(counted[1])
+    assert total["classes"]["kvm_mm"] < total["exits"] and any("guest_memory" in r for r in total["host_mm_reasons"])
+    assert any(u.startswith("kvmmmu:*: not traced and not counted") for u in total["unseen"])
 
 
 def _kvmiso(*args: str, **kw) -> subprocess.Popen:
@@ -149,7 +219,7 @@ def test_a_thread_id_is_refused_in_one_line_naming_its_process(capsys):
 def test_a_command_killed_by_a_signal_is_named_so_and_check_refuses_a_run_with_no_kvm_run(kvm):
     p = _kvmiso("trace", "--", "sh", "-c", "kill -9 $$")
     out, err = p.communicate(timeout=120)
-    assert p.returncode == 0, err
+    assert p.returncode == 128 + signal.SIGKILL, err  # the command's status, as a shell gives it
     assert "until the process was killed by SIGKILL" in out and "0 KVM_RUN calls" in out
     p = _kvmiso("check", "--", "sh", "-c", "exit 0")
     out, err = p.communicate(timeout=120)
@@ -157,6 +227,18 @@ def test_a_command_killed_by_a_signal_is_named_so_and_check_refuses_a_run_with_n
     assert err.strip().splitlines() == [
         f"kvmiso: pid {err.split('pid ')[1].split(':')[0]}: no KVM_RUN was traced before the process exited "
         "with status 0: nothing to check"]
+
+
+def test_trace_of_a_command_passes_its_status_on(kvm):
+    """Before: trace -- COMMAND returned 0 whatever the command's status; as time(1) does, it
+    now returns the command's own when kvmiso itself succeeded."""
+    p = _kvmiso("trace", "--", sys.executable, "-m", "kvmiso.cli", "run", "triplefault", "--timeout", "2")
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 1 and "until the process exited with status 1" in out, err
+    assert int(re.search(r"until the process exited with status 1: (\d+) KVM_RUN calls", out)[1]) > 0  # traced
+    p = _kvmiso("trace", "--", "sh", "-c", "exit 3")
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 3 and "until the process exited with status 3" in out, err
 
 
 def test_sigterm_while_kvmiso_stops_its_command_still_stops_it(kvm, tmp_path):
@@ -180,6 +262,71 @@ def test_sigterm_while_kvmiso_stops_its_command_still_stops_it(kvm, tmp_path):
         p.wait()
     assert p.returncode == 128 + signal.SIGTERM and "interrupted by SIGTERM" in err
     assert shells and not [s for s in shells if s.is_running() and s.status() != psutil.STATUS_ZOMBIE]
+
+
+_STUBBORN = """
+import os, signal, sys, time
+if os.fork() == 0:
+    os.setsid()  # out of the command's process group and session
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with open(sys.argv[1] + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.rename(sys.argv[1] + ".tmp", sys.argv[1])
+    time.sleep(600)
+    os._exit(0)
+time.sleep(600)
+"""
+
+
+def _left_behind(pidfile: Path) -> list[psutil.Process]:
+    """What still runs of the stubborn command (killed here, so no test leaves it behind): every
+    process with ``pidfile`` in its command line, once the grandchild has written it."""
+    for _ in range(3000):  # 10 ms each
+        if pidfile.exists():
+            break
+        time.sleep(0.01)
+    left = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        if str(pidfile) in (p.info["cmdline"] or []) and p.info["status"] != psutil.STATUS_ZOMBIE:
+            p.kill()
+            left.append(p)
+    return left
+
+
+def _trace_leaving(pidfile: Path, *args: str) -> tuple[list[psutil.Process], int, str, str]:
+    """``kvmiso trace ARGS`` of the stubborn command: what it left behind, its status and output
+    (read once kvmiso has ended: a leftover holding the pipe would make the read hang)."""
+    p = _kvmiso("trace", *args)
+    try:
+        p.wait(timeout=120)
+        left = _left_behind(pidfile)
+        out, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+        p.wait()
+    return left, p.returncode, out, err
+
+
+def test_a_command_stopped_at_its_duration_takes_a_child_that_left_its_session_and_ignores_sigterm(tracing, tmp_path):
+    """Before: only the command got SIGTERM; its child, in a session of its own, ignoring SIGTERM,
+    ran on with parent 1, holding kvmiso's stdout (a caller reading it would hang)."""
+    pidfile = tmp_path / "stubborn"
+    left, status, out, err = _trace_leaving(pidfile, "--duration", "1", "--", sys.executable, "-c", _STUBBORN,
+                                            str(pidfile))
+    assert left == [] and status == 0, err
+    assert "until 1 s passed" in out
+
+
+def test_a_command_that_ends_leaving_a_daemon_takes_it_along_and_says_so(tracing, tmp_path):
+    """Before: the shell exited, the trace ended, and what it started in the background ran on."""
+    pidfile = tmp_path / "daemon"
+    started = '"$1" -c "$0" "$2" & while [ ! -e "$2" ]; do sleep 0.01; done'  # then exit 0
+    left, status, out, err = _trace_leaving(pidfile, "--", "sh", "-c", started, _STUBBORN, sys.executable,
+                                            str(pidfile))
+    assert left == [] and status == 0, err
+    assert "until the process exited with status 0" in out
+    assert err.startswith("kvmiso: the command ended leaving pid ") and err.endswith(" running: stopped\n"), err
+    assert f"pid {pidfile.read_text()} (python" in err
 
 
 def _need_a_pid_namespace() -> None:

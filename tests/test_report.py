@@ -37,7 +37,7 @@ def test_report_writes_every_part(kvm, tmp_path, vendor):
         assert r["unknown_functions"] == [] and r["missing_chains"] == 0 and r["lost_events"] == 0
     assert modern["classes"]["fault"] < rfc["classes"]["fault"]  # the 6.x allocations the RFC's set lacks
     assert asi["classes"]["fault"] == 0  # a denylist: what it does not map is a designed switch
-    assert all(f["line"].startswith("KVM isolation: page fault #") and not f["source"].startswith("modeled")
+    assert all(f["line"].startswith("kvm_mm miss #") and not f["source"].startswith("modeled")
                for f in rfc["faults"])
 
 

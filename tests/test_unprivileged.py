@@ -14,11 +14,20 @@ import sys
 import sysconfig
 import tempfile
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 NOBODY = 65534
+
+
+class Nobody(NamedTuple):
+    """The unprivileged user: ``run(*kvmiso_args)``, its home, ``sh(script)``."""
+
+    run: Callable[..., subprocess.CompletedProcess]
+    home: Path
+    sh: Callable[..., subprocess.CompletedProcess]
 
 
 @pytest.fixture(scope="module")
@@ -57,15 +66,20 @@ def as_nobody():
         shutil.rmtree(top)
         pytest.skip(f"no Python {sys.version_info[0]}.{sys.version_info[1]} that uid {NOBODY} may execute")
 
-    def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        return as_user(python, "-m", "kvmiso.cli", *args, timeout=timeout)
+    def run(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        settings = [f"{k}={v}" for k, v in (env or {}).items()]
+        return as_user("env", *settings, python, "-m", "kvmiso.cli", *args, timeout=timeout)
 
-    yield run, home
+    def sh(script: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        """``script`` in sh as the user, with ``$0`` the Python that runs kvmiso."""
+        return as_user("sh", "-c", script, python, timeout=timeout)
+
+    yield Nobody(run, home, sh)
     shutil.rmtree(top)
 
 
 def test_probe_run_trace_and_bench_work_for_a_user_with_only_dev_kvm(kvm, as_nobody):
-    run, _ = as_nobody
+    run = as_nobody.run
     p = run("probe")
     assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
     if os.path.ismount("/sys/kernel/tracing"):
@@ -83,7 +97,7 @@ def test_probe_run_trace_and_bench_work_for_a_user_with_only_dev_kvm(kvm, as_nob
 
 @pytest.mark.slow
 def test_report_for_a_user_with_only_dev_kvm_knows_the_vendor(kvm, vendor, as_nobody):
-    run, home = as_nobody
+    run, home = as_nobody.run, as_nobody.home
     p = run("report", "--out", "rep", timeout=900)
     assert p.returncode == 0 and "Traceback" not in p.stderr, (p.stdout[-3000:], p.stderr)
     data = json.loads((home / "rep" / "report.json").read_text())
@@ -91,3 +105,51 @@ def test_report_for_a_user_with_only_dev_kvm_knows_the_vendor(kvm, vendor, as_no
     assert all(x["as_expected"] for x in data["suite"]), [x for x in data["suite"] if not x["as_expected"]]
     assert "needs root" in data["skipped"]["in-kernel events"]
     assert "modeled addresses" in data["skipped"]["kernel addresses"]
+
+
+def test_check_that_could_trace_nothing_is_not_a_pass(kvm, as_nobody):
+    """Before: a user without tracefs checked 0 exits of `hello` and check returned 0."""
+    run = as_nobody.run
+    p = run("check", "hello")
+    assert p.returncode == 1 and "KVM_RUN calls, 0 exits checked" in p.stdout, p.stderr
+    assert p.stderr == ("kvmiso: hello: no exit was checked (in-kernel events were not traced: tracing kvm events "
+                        "needs root (tracefs instances are root-only)): a check of nothing is not a pass\n")
+
+
+def test_a_user_without_a_writable_home_builds_into_a_private_cache_and_says_so_once(kvm, as_nobody):
+    """Before: every command failed with PermissionError: '/nonexistent' (the build cache)."""
+    run = as_nobody.run
+    for command in (["run", "hello"], ["trace", "portio", "--mode", "long"]):
+        p = run(*command, env={"HOME": "/nonexistent"})
+        assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+        said = [line for line in p.stderr.splitlines() if "cache" in line]
+        assert len(said) == 1 and said[0].startswith(
+            "kvmiso: warning: no writable cache folder (/nonexistent: Permission denied); building into "), p.stderr
+        private = said[0].split("building into ")[1].split(",")[0]
+        assert not os.path.exists(private)  # removed at exit
+
+
+
+_HOLDS_A_VM = """
+import pathlib, time
+from kvmiso.kvm import Kvm
+with Kvm() as kvm, kvm.create_vm() as vm:
+    vm.create_vcpu(0)
+    pathlib.Path("holds-a-vm").touch()
+    time.sleep(120)
+"""
+
+WATCH_NEEDS_ROOT = ("kvmiso: cannot watch another process: tracing kvm events needs root (tracefs instances are "
+                    "root-only); without root, run, trace PAYLOAD (its exits to userspace), bench and model still work")
+
+
+def test_watching_another_process_says_in_one_line_that_it_needs_root(kvm, as_nobody):
+    """Before: PermissionError: '/sys/kernel/tracing/instances', a traceback, status 1."""
+    for command in (["trace", "--", "true"], ["check", "--duration", "1", "--", "true"]):
+        p = as_nobody.run(*command)
+        assert p.returncode == 2 and p.stdout == "" and p.stderr == WATCH_NEEDS_ROOT + "\n", p.stderr
+    # --pid of the user's own VMM: readable, but not traceable
+    p = as_nobody.sh(f"""rm -f holds-a-vm; "$0" -c '{_HOLDS_A_VM}' & vmm=$!
+        while [ ! -e holds-a-vm ]; do sleep 0.05; done
+        "$0" -m kvmiso.cli trace --pid $vmm; rc=$?; kill $vmm; exit $rc""")
+    assert p.returncode == 2 and p.stdout == "" and p.stderr == WATCH_NEEDS_ROOT + "\n", p.stderr

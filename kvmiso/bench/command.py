@@ -11,7 +11,7 @@ import sys
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..interrupt import Interrupted
-from ..output import writable
+from ..output import writable, write_whole
 from .kinds import DEFAULT_KINDS, KINDS
 
 if TYPE_CHECKING:
@@ -127,10 +127,10 @@ def cmd_bench(args: argparse.Namespace, measure_switches: Callable[..., Any] | N
         print()
         print(isolation)
     if args.json:
-        result.write(args.json)
+        write_whole(args.json, "the results", result.write)
         print(f"\nwrote {args.json}")
     if args.plot:
-        plot(result, args.plot)
+        write_whole(args.plot, "the plot", lambda name: plot(result, str(name)))
         print(f"wrote {args.plot}")
     if not result.complete:
         # what was measured is printed and written; the CLI reports the signal (exit 128 + signo)

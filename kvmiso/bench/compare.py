@@ -1,5 +1,7 @@
-"""Two ``kvmiso bench --json`` files side by side: ratios, and whether a difference is outside
-the noise (Welch's t-test at 95% over the run means, as pyperf's compare_to tests its values).
+"""Two ``kvmiso bench --json`` files side by side: ratios of the median of stable runs' p50s, and
+whether a difference is outside the noise (Welch's t-test at 95% over the stable runs' means, as
+pyperf's compare_to tests its values); a run off its siblings by the instability threshold
+(:func:`.stats.unstable_runs`) counts in neither.
 
 >>> print(format_compare(compare(load("a.json"), load("b.json"))))
 kind  cpl  path  A p50 us  B p50 us  B vs A         significant
@@ -11,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .stats import significant
+from .results import row_p50
+from .stats import significant, unstable_runs
 
 
 @dataclass(frozen=True)
@@ -58,9 +61,17 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> list[Row]:
         ra, rb = ia.get(key), ib.get(key)
         sig, t = (False, 0.0)
         if ra and rb:
-            sig, t = significant([x["mean"] for x in ra["runs"]], [x["mean"] for x in rb["runs"]])
-        rows.append(Row(*key, ra["summary"]["p50"] if ra else None, rb["summary"]["p50"] if rb else None, sig, t))
+            sig, t = significant(stable_means(ra), stable_means(rb))
+        rows.append(Row(*key, row_p50(ra) if ra else None, row_p50(rb) if rb else None, sig, t))
     return rows
+
+
+def stable_means(row: dict[str, Any]) -> list[float]:
+    """The run means of a result row less its unstable runs (the bench's own rule, applied to
+    a file: an old one may still hold them)."""
+    runs = row["runs"]
+    bad = set(unstable_runs([r.get("p50", r["mean"]) for r in runs], [r["mean"] for r in runs]))
+    return [r["mean"] for i, r in enumerate(runs) if i not in bad] or [r["mean"] for r in runs]
 
 
 def host_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:

@@ -46,6 +46,7 @@ def _result(kind: str, path: str, cpl: int | None, per_run: list[list[float]], *
     summary = stats.summarize(pooled)
     runs = [{"n": len(r), "mean": statistics.fmean(r), "p50": stats.percentile(sorted(r), 50)}
             for r in per_run if r]
+    summary["stable_p50"] = stats.stable_p50([r["p50"] for r in runs], [r["mean"] for r in runs])
     return Result(kind, path, cpl, summary, runs, stats.warnings([r["mean"] for r in runs], [r["p50"] for r in runs]),
                   samples=pooled, **kw)
 
@@ -56,6 +57,7 @@ class _Collector:
     def __init__(self) -> None:
         self.rows: dict[tuple, list[list[float]]] = {}
         self.meta: dict[tuple, dict[str, Any]] = {}
+        self.replaced: dict[tuple, int] = {}  # unstable runs measured again, per key
 
     def add(self, key: tuple, values: list[float], **meta) -> None:
         if values:
@@ -63,6 +65,32 @@ class _Collector:
         m = self.meta.setdefault(key, {})
         for k, v in meta.items():
             m.setdefault(k, []).append(v)
+        self.replaced.setdefault(key, 0)
+
+    def drop_run(self, key: tuple, index: int, unstable: bool) -> None:
+        """Forget run ``index`` of ``key`` (and its per-run facts); count it if it was unstable."""
+        self.rows[key].pop(index)
+        for values in self.meta.get(key, {}).values():
+            if index < len(values):
+                values.pop(index)
+        self.replaced[key] += unstable
+
+    def keep_stable(self, keys: Iterable[tuple], runs: int) -> bool:
+        """Back to ``runs`` runs per key, dropping the one farthest from the others (unstable or
+        not) where a key has more; whether any key still holds an unstable run."""
+        left = False
+        for key in keys:
+            per_run = self.rows.get(key, [])
+            p50s = [stats.percentile(sorted(r), 50) for r in per_run]
+            means = [statistics.fmean(r) for r in per_run]
+            bad = stats.unstable_runs(p50s, means)
+            if len(per_run) > runs:
+                mid = statistics.median(p50s)
+                worst = max(range(len(p50s)), key=lambda i: (i in bad, abs(p50s[i] - mid)))
+                self.drop_run(key, worst, worst in bad)
+                bad = [i for i in bad if i != worst]
+            left = left or bool(bad)
+        return left
 
 
 @contextlib.contextmanager
@@ -229,9 +257,9 @@ def skip_reason(kind: Kind, cpl: int, host: dict[str, Any]) -> str | None:
     """Why ``kind`` cannot run at ``cpl`` on this host, or None."""
     if cpl == 3 and kind.cpl3:
         return kind.cpl3
-    if kind.name == "hypercall" and cpl == 0 and host.get("vendor") == "kvm_pvm":
-        return ("on kvm_pvm a CPL0 hypercall never returns: KVM rewrites VMMCALL to VMCALL and "
-                "emulates it again and again inside one KVM_RUN")
+    if kind.name == "hypercall" and cpl == 0 and host.get("cpl0_hypercall_returns") is False:
+        return ("a CPL0 hypercall never returns on this host (the probe's guest did not get past it): "
+                "KVM executes it again and again inside one KVM_RUN")
     if kind.name == "cpuid" and host.get("cpuid_intercepted", {}).get(f"cpl{cpl}") is False:
         return (f"CPUID at CPL{cpl} is not intercepted on this host (the probe's guest read the host "
                 "CPU's own values, not the CPUID KVM was given): the row would time the bare "
@@ -274,15 +302,16 @@ def bench(kvm: Kvm, kinds: Iterable[str] = DEFAULT_KINDS, cpls: Iterable[int] = 
                     if reason:
                         out.skipped.append({"kind": kind.name, "cpl": cpl, "reason": reason})
                         continue
-                for r in range(runs):
-                    current = f"{label}" + (f" at CPL{cpl}" if cpl is not None else "")
+                current = f"{label}" + (f" at CPL{cpl}" if cpl is not None else "")
+
+                def one_run(r: int, why: str = "") -> None:
                     if progress:
-                        progress(f"[{i}/{len(plan)}] {current}, run {r + 1}/{runs}")
-                    try:
-                        _measure_one(kvm, kind, cpl, label, settings, host, col, python, pinning)
-                    except (LoopError, OSError) as e:
-                        out.skipped.append({"kind": label, "cpl": cpl, "reason": f"failed in run {r + 1}: {e}"})
-                        break
+                        progress(f"[{i}/{len(plan)}] {current}, run {r + 1}/{runs}{why}")
+                    _measure_one(kvm, kind, cpl, label, settings, host, col, python, pinning)
+
+                failed = _stable_runs(one_run, col, runs)
+                if failed:
+                    out.skipped.append({"kind": label, "cpl": cpl, "reason": failed})
         except KeyboardInterrupt as e:  # SIGINT or SIGTERM: the result keeps what was measured
             out.complete = False
             out.interrupted_by = Interrupted.of(e).signal.name
@@ -291,6 +320,24 @@ def bench(kvm: Kvm, kinds: Iterable[str] = DEFAULT_KINDS, cpls: Iterable[int] = 
         return out
     finally:
         unpin(pinning)
+
+
+def _stable_runs(one_run: Callable[..., None], col: _Collector, runs: int) -> str:
+    """``runs`` runs of one plan entry; a run a noisy neighbour disturbed (off its siblings by
+    the instability threshold) is measured again, within a budget of as many extra runs,
+    instead of being pooled. What went wrong, or ""."""
+    before, at = set(col.rows), 0
+    try:
+        for at in range(runs):
+            one_run(at)
+        for at in range(runs, 2 * runs):
+            if not col.keep_stable(set(col.rows) - before, runs):
+                break
+            one_run(at, " (again: an unstable run)")
+        col.keep_stable(set(col.rows) - before, runs)
+    except (LoopError, OSError) as e:
+        return f"failed in run {at + 1}: {e}"
+    return ""
 
 
 def _measure_one(kvm: Kvm, kind: Kind | None, cpl: int | None, label: str, settings: dict[str, Any],
@@ -333,7 +380,8 @@ def _rows(col: _Collector, settings: dict[str, Any]) -> list[Result]:
                 extra[k] = [v for v in meta[k] if v is not None]
         rows.append(_result(kind, path, cpl, per_run, iterations=iterations,
                             insns=base.insns if base else None,
-                            emulated=statistics.fmean(emulated) if emulated else None, extra=extra))
+                            emulated=statistics.fmean(emulated) if emulated else None, extra=extra,
+                            replaced=col.replaced.get(key, 0)))
     floor = next((r for r in rows if r.key == ("null_ioctl", "c", None)), None)
     for r in rows:
         if floor and floor.summary["p50"]:

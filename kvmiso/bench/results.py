@@ -31,6 +31,7 @@ class Result:
     emulated: float | None = None  # instructions KVM emulated per iteration (vCPU stats)
     ratio_to_floor: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    replaced: int = 0  # unstable runs measured again (see stats.unstable_runs)
     samples: list[float] = field(default_factory=list, repr=False)  # for --plot; not saved
 
     @property
@@ -41,7 +42,8 @@ class Result:
     def to_dict(self) -> dict[str, Any]:
         """The row as the result file holds it (``samples`` are not saved)."""
         d = {k: getattr(self, k) for k in ("kind", "path", "cpl", "summary", "runs", "warnings",
-                                            "iterations", "insns", "emulated", "ratio_to_floor", "extra")}
+                                            "iterations", "insns", "emulated", "ratio_to_floor", "extra",
+                                            "replaced")}
         d["unit"] = "ns"
         return d
 
@@ -77,7 +79,7 @@ def python_overhead(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """For every (kind, CPL) timed both by the compiled loop and through the Python API
     (``Vcpu.run()``, decoding included): both p50s, what Python adds per round trip in ns, and
     the ratio. ``rows`` are result rows as the file holds them (:meth:`Result.to_dict`)."""
-    p50 = {(r["kind"], r["cpl"], r["path"]): r["summary"]["p50"] for r in rows}
+    p50 = {(r["kind"], r["cpl"], r["path"]): row_p50(r) for r in rows}
     out = []
     for (kind, cpl, path), c in p50.items():
         py = p50.get((kind, cpl, "python"))
@@ -85,6 +87,12 @@ def python_overhead(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             out.append({"kind": kind, "cpl": cpl, "c_p50_ns": c, "python_p50_ns": py,
                         "added_ns": py - c, "ratio": py / c})
     return out
+
+
+def row_p50(row: dict[str, Any]) -> float:
+    """A result row's figure for ratios: the median of its stable runs' p50s (files written
+    before runs were checked for stability: the pooled p50)."""
+    return row["summary"].get("stable_p50", row["summary"]["p50"])
 
 
 class ResultFileError(ValueError):

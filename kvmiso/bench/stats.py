@@ -61,6 +61,25 @@ def warnings(run_means: Sequence[float], run_p50s: Sequence[float] = ()) -> list
     return out
 
 
+def unstable_runs(run_p50s: Sequence[float], run_means: Sequence[float]) -> list[int]:
+    """Indexes of the runs whose p50 or mean is off the median of all runs' by the instability
+    threshold or more: a run a noisy neighbour disturbed, to be measured again, not pooled."""
+    def off(values: Sequence[float]) -> set[int]:
+        if len(values) < 3:  # with two runs neither is the odd one out
+            return set()
+        mid = statistics.median(values)
+        return {i for i, v in enumerate(values) if mid and abs(v - mid) / mid >= UNSTABLE_STDEV}
+
+    return sorted(off(run_p50s) | off(run_means))
+
+
+def stable_p50(run_p50s: Sequence[float], run_means: Sequence[float] = ()) -> float:
+    """The median of the p50s of the runs :func:`unstable_runs` keeps: what ratios are made of."""
+    bad = set(unstable_runs(run_p50s, run_means or run_p50s))
+    kept = [v for i, v in enumerate(run_p50s) if i not in bad] or list(run_p50s)
+    return statistics.median(kept)
+
+
 # Two-sided 95% critical values of Student's t by degrees of freedom; between rows the next
 # lower row is used, which errs towards "not significant".
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,

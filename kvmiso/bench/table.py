@@ -20,6 +20,8 @@ def format_table(result: BenchResult) -> str:
     for r in result.results:
         s = r.summary
         notes = list(r.warnings)
+        if r.replaced:
+            notes.append(f"{r.replaced} unstable run{'s' if r.replaced > 1 else ''} measured again")
         if r.extra.get("exits_per_s"):
             eps = r.extra["exits_per_s"]
             notes.insert(0, f"{statistics.fmean(eps):,.0f} exits/s")
@@ -38,7 +40,7 @@ def format_table(result: BenchResult) -> str:
     text.insert(1, "-" * len(text[0]))
     overhead = python_overhead([r.to_dict() for r in result.results])
     if overhead:
-        text += ["", "Python API over the compiled loop (Vcpu.run() with decoding; p50 per round trip):"]
+        text += ["", "Python API over the compiled loop (Vcpu.run() with decoding; median of the stable runs' p50s):"]
         text += [f"  {o['kind']:<15} cpl {'-' if o['cpl'] is None else o['cpl']}  {o['added_ns']:+8.0f} ns  "
                  f"{o['ratio']:.3f}x" for o in overhead]
     for s in result.skipped:

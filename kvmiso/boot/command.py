@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..exitstatus import positive_seconds
+from ..output import writable_dir
 from .errors import BootError
 from .kernel import debian_kernel, user_kernel
 from .run import DEFAULT_MEMORY_MIB, boot
@@ -21,9 +23,11 @@ def add_boot_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--accel", choices=("auto", "tcg", "kvm"), default="auto",
                     help="KVM when this host's kvm_amd/kvm_intel nests, else TCG (default auto)")
     sp.add_argument("--memory", type=int, default=DEFAULT_MEMORY_MIB, metavar="MIB", help="guest memory (default %(default)s)")
-    sp.add_argument("--timeout", type=float, default=300.0, metavar="S",
+    sp.add_argument("--timeout", type=positive_seconds, default=300.0, metavar="S",
                     help="seconds for the guest to come up and start the command (default %(default)g)")
     sp.add_argument("--console", action="store_true", help="show the guest's console (kernel messages) on stderr")
+    sp.add_argument("--record-accesses", metavar="DIR", help="record every data access of the guest kernel's KVM "
+                    "per exit it handles, into DIR (TCG; QEMU 7.2)")
     sp.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARG ...], run in the same working directory")
 
 
@@ -32,11 +36,12 @@ def cmd_boot(args: argparse.Namespace) -> int:
     argv = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not argv:
         raise BootError("no command given: kvmiso boot [options] -- COMMAND ...")
-    if args.timeout <= 0 or args.memory < 256:
-        raise BootError("--timeout must be positive and --memory at least 256 MiB")
+    if args.memory < 256:
+        raise BootError("--memory must be at least 256 MiB")
     say = lambda text: print(text, file=sys.stderr)  # noqa: E731 - progress goes beside the command's output
     kernel = debian_kernel(log=say) if args.kernel == "debian" else user_kernel(args.kernel, args.modules_dir)
     modules = [m for group in args.modules for m in group.split(",") if m]
     result = boot(argv, kernel, cpu=args.cpu, accel=args.accel, modules=modules, timeout=args.timeout,
-                  memory_mib=args.memory, show_console=args.console, log=say)
+                  memory_mib=args.memory, show_console=args.console, log=say,
+                  record_dir=writable_dir(args.record_accesses, "the access record") if args.record_accesses else None)
     return result.status

@@ -23,6 +23,7 @@ BUSYBOX = Path("/bin/busybox")
 ROOT_MODULES = ["virtio_pci", "9pnet_virtio", "9p", "overlay"]
 VENDORS = {"svm": "kvm_amd", "vmx": "kvm_intel"}  # /proc/cpuinfo flag -> the module it wants
 MOUNT_TAG = "hostroot"
+RECORD_TAG = "record"  # --record-accesses: the record's folder, writable
 
 INIT = r"""#!/bin/busybox sh
 # kvmiso boot's init (kvmiso/boot/initramfs.py): mount, load, chroot, run, report, power off.
@@ -80,6 +81,12 @@ if [ -s /kvmiso/moddir ]; then
     m=/lib/modules/$(uname -r)
     mkdir -p $n$m && mount --bind "/lower$(cat /kvmiso/moddir)" $n$m
 fi
+if [ -s /kvmiso/record ]; then
+    # --record-accesses: the record's folder, writable, at its own path; this kernel's symbols
+    # go there beside the plugin's files once the command has ended
+    r=$n$(cat /kvmiso/record)
+    mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 record "$r" || fail "mount the access record's folder"
+fi
 for t in 1 2; do
     [ -s /kvmiso/winsize ] && stty -F /dev/ttyS$t $(cat /kvmiso/winsize)
 done
@@ -97,6 +104,9 @@ if [ -e /kvmiso/pipes ]; then
 else
     run >/dev/ttyS1 2>/dev/ttyS2
     status=$?
+fi
+if [ -s /kvmiso/record ]; then
+    cat /proc/kallsyms >"$r/kallsyms" && cat /proc/modules >"$r/modules" && umount "$r"
 fi
 tell "exit $status"
 poweroff -f
@@ -131,9 +141,10 @@ def _elf_interpreter(elf: bytes) -> bool:
 
 
 def build_initramfs(kernel: Kernel, extra_modules: list[str], script: str, winsize: str | None,
-                    pipes: bool) -> bytes:
+                    pipes: bool, record_dir: str | None = None) -> bytes:
     """The initramfs as the kernel wants it (a newc cpio archive), built in memory: nothing
-    of it lands on the host's disk, so nothing of it can be left behind."""
+    of it lands on the host's disk, so nothing of it can be left behind. ``record_dir``: the
+    access record's folder, which the guest mounts (tag ``record``) and writes kallsyms into."""
     files: dict[str, bytes | None] = {d: None for d in ("bin", "dev", "proc", "sys", "tmp", "kvmiso", "kvmiso/mod")}
     files["bin/busybox"] = busybox().read_bytes()
     files["init"] = INIT.encode()
@@ -152,6 +163,8 @@ def build_initramfs(kernel: Kernel, extra_modules: list[str], script: str, winsi
         files["kvmiso/winsize"] = winsize.encode()
     if pipes:
         files["kvmiso/pipes"] = b""
+    if record_dir:
+        files["kvmiso/record"] = record_dir.encode()
     return newc_archive(files, executable={"bin/busybox", "init"})
 
 

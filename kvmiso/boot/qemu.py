@@ -24,7 +24,7 @@ from ..interrupt import SIGNAL_CHECK_S
 from ..kvm._libc import libc
 from ..process import stop
 from .errors import BootError
-from .initramfs import MOUNT_TAG
+from .initramfs import MOUNT_TAG, RECORD_TAG
 
 QEMU = "qemu-system-x86_64"
 CONSOLE, STDOUT, STDERR, CONTROL = range(4)  # ttyS0..ttyS3
@@ -50,7 +50,7 @@ def choose_accel(requested: str = "auto", cpu: str | None = None) -> Accel:
     """KVM when this host's vendor module nests (kvm_amd or kvm_intel with nested=1 and the
     CPU flag), else TCG, QEMU's software emulation, whose ``max`` CPU offers SVM."""
     vendor = vendor_module()
-    nests, why = _nests(vendor)
+    nests, why = host_nests(vendor)
     if requested == "kvm" and not nests:
         raise BootError(f"--accel kvm: {why}")
     if requested == "kvm" or (requested == "auto" and nests):
@@ -58,7 +58,8 @@ def choose_accel(requested: str = "auto", cpu: str | None = None) -> Accel:
     return Accel("tcg", cpu or TCG_CPU, "asked for TCG" if requested == "tcg" else why)
 
 
-def _nests(vendor: str | None) -> tuple[bool, str]:
+def host_nests(vendor: str | None) -> tuple[bool, str]:
+    """Whether KVM here can run QEMU's KVM accelerator for a guest that runs KVM itself, and why."""
     if not os.path.exists("/dev/kvm"):
         return False, "this host has no /dev/kvm"
     if vendor not in NESTED_FLAG:
@@ -80,9 +81,10 @@ def qemu_binary() -> str:
 
 
 def qemu_command(qemu: str, accel: Accel, image: Path, initrd: Path, memory_mib: int,
-                 port_fds: list[int]) -> list[str]:
+                 port_fds: list[int], extra: list[str] = ()) -> list[str]:
     """One CPU (TCG is heavy and the host is shared), the host's / over 9p read-only, four
-    serial ports written to ``port_fds``, no display, no reboot: a panic ends QEMU."""
+    serial ports written to ``port_fds``, no display, no reboot: a panic ends QEMU. ``extra``
+    (the access record's plugin and folder) goes last."""
     cmd = [qemu, "-accel", accel.name, "-cpu", accel.cpu, "-smp", "1", "-m", str(memory_mib),
            "-nodefaults", "-display", "none", "-no-reboot",
            "-kernel", str(image), "-initrd", str(initrd),
@@ -90,7 +92,15 @@ def qemu_command(qemu: str, accel: Accel, image: Path, initrd: Path, memory_mib:
            "-virtfs", f"local,path=/,mount_tag={MOUNT_TAG},security_model=none,readonly=on,multidevs=remap"]
     for i, fd in enumerate(port_fds):
         cmd += ["-chardev", f"file,id=port{i},path=/dev/fd/{fd}", "-serial", f"chardev:port{i}"]
-    return cmd
+    return cmd + list(extra)
+
+
+def record_options(plugin_arg: str, record_dir: Path) -> list[str]:
+    """QEMU's options for ``--record-accesses``: the plugin (``-plugin``'s value made by
+    :func:`kvmiso.boot.record.plugin_argument`) and the record's folder, shared writable."""
+    path = str(record_dir.resolve()).replace(",", ",,")
+    return ["-plugin", plugin_arg,
+            "-virtfs", f"local,path={path},mount_tag={RECORD_TAG},security_model=none,multidevs=remap"]
 
 
 @dataclass

@@ -175,6 +175,7 @@ class FuzzStats:
     errors: list[tuple[str, str]] = field(default_factory=list)  # (case label, traceback): harness bugs
     unclassified: list[tuple[str, str, str]] = field(default_factory=list)  # (label, outcome, detail)
     jobs: int = 1  # machines that ran the cases side by side
+    setup_ns: list[int] = field(default_factory=list)  # per case: Machine.reset() and writing the payload
 
     @property
     def per_second(self) -> float:
@@ -190,6 +191,7 @@ class FuzzStats:
             self.by_kind.setdefault(kind, Counter()).update(c)
         self.errors += other.errors
         self.unclassified += other.unclassified
+        self.setup_ns += other.setup_ns
 
 
 class Fuzzer:
@@ -202,6 +204,7 @@ class Fuzzer:
         self.target, self.timeout = target, timeout
         self.machine = Machine(CARRIER, mode=mode, cpl=cpl, kvm=kvm)
         self._at = self.machine.image.symbols["fuzz_code"]
+        self.last_setup_ns = 0  # what the last case's reset and payload write took
         self._room = self.machine.image.symbols["fuzz_end"] - self._at
 
     def close(self) -> None:
@@ -220,8 +223,10 @@ class Fuzzer:
         for them would blur the leak check."""
         if len(code) > self._room:
             raise ValueError(f"a fuzz payload holds at most {self._room} bytes, not {len(code)}")
+        t0 = time.perf_counter_ns()
         self.machine.reset()
         self.machine.vm.write(self._at, code)
+        self.last_setup_ns = time.perf_counter_ns() - t0
         try:
             return self.machine.run(timeout=self.timeout, record=False)
         except GuestTimeout as e:
@@ -245,6 +250,7 @@ class Fuzzer:
                 continue
             stats.runs += 1
             stats.kvm_runs += r.runs
+            stats.setup_ns.append(self.last_setup_ns)
             stats.outcomes[r.outcome] += 1
             stats.by_kind[case.kind][r.outcome] += 1
             if not isinstance(r.outcome, Outcome) or not r.detail:

@@ -13,22 +13,23 @@ import ctypes
 import threading
 import time
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from ..host import vendor_module
 from ..interrupt import Interrupted, kicked_by_interrupts
-from ..kvm import Kvm, Vcpu, abi, close_all
+from ..kvm import Kvm, Vcpu, Vm, abi, close_all
 from ..kvm.exits import (DebugExit, Exit, FailEntryExit, HltExit, InternalErrorExit, IntrExit, IoExit,
                          MmioExit, RdmsrExit, ShutdownExit, SystemEventExit, WrmsrExit, detach)
 from . import modes
-from .build import BITS, Image, build, payload_modes, payload_path
+from .build import BITS, Image, Source, build, default_mode
 from .deadline import GuestTimeout, deadline
-from .result import Outcome, RunResult
+from .result import GuestError, Outcome, RunResult
+from .sites import guest_reader
 from .snapshot import RESET_MSRS, VcpuState
 from .stopped import at_rip, describe_stop
 from .threads import run_in_threads
-from .ucall import (PORT_CONSOLE, PORT_UCALL, Done, Fail, GuestException, MalformedUcall, Report,
-                    decode_ucall)
+from .ucall import (PORT_CONSOLE, PORT_UCALL, Done, Fail, GuestAssertion, GuestException, MalformedUcall, Printf,
+                    Report, Sync, decode_ucall)
 
 DEFAULT_MEMORY = 2 << 20
 VCPU_STACK = 0x8000  # each vCPU: a kernel and a user stack of half this size
@@ -40,16 +41,20 @@ RESET_STATE = (0xFFF0, 0xF000, 0xFFFF0000)  # rip, cs, cs.base: where a reset x8
 class Machine:
     """A VM with memory, ``vcpus`` vCPUs and ``payload`` loaded for ``mode`` at ``cpl``.
 
+    ``payload`` is a name from guests/, a path, a :class:`~kvmiso.guest.build.Source` or an
+    Image. What must exist before the vCPUs do is made by ``irqchip=True`` (KVM_CREATE_IRQCHIP:
+    an in-kernel local APIC, where HLT waits for an interrupt instead of exiting) and by
+    ``setup_vm(vm)``, called with the VM, its memory and the image in place.
     Owns everything it creates (the Kvm handle too unless one is passed in); a context manager.
     """
 
-    def __init__(self, payload: str | Image, mode: str | None = None, cpl: int = 0,
-                 memory: int = DEFAULT_MEMORY, vcpus: int = 1, kvm: Kvm | None = None) -> None:
+    def __init__(self, payload: str | Image | Source, mode: str | None = None, cpl: int = 0,
+                 memory: int = DEFAULT_MEMORY, vcpus: int = 1, kvm: Kvm | None = None,
+                 irqchip: bool = False, setup_vm: Callable[[Vm], None] | None = None) -> None:
         if isinstance(payload, Image):
             self.image = payload
         else:
-            mode = mode or payload_modes(payload_path(payload))[0]
-            self.image = build(payload, mode)
+            self.image = build(payload, mode or default_mode(payload))
         self.mode = self.image.mode
         self.cpl = cpl
         self.bits = BITS[self.mode]
@@ -62,6 +67,7 @@ class Machine:
         self._stats: list = []
         self._pristine: list[VcpuState] = []
         self._boots: list[modes.Boot] = []  # what each vCPU's setup loaded, for reset() to load again
+        self.console = bytearray()  # the last MAX_CONSOLE bytes of every run's console (a test's failure shows it)
         try:
             self.vm = self.kvm.create_vm()
             self.vendor = vendor_module()
@@ -69,6 +75,10 @@ class Machine:
                 self.vm.set_tss_addr(0xFFFBD000)  # VMX real mode needs it, as QEMU places it
             self.vm.add_memory(0, memory)
             self.vm.write(self.image.load_address, self.image.code)
+            if irqchip:
+                self.vm.create_irqchip()
+            if setup_vm is not None:
+                setup_vm(self.vm)
             cpuid = self.kvm.get_supported_cpuid()
             saved = set(self.kvm.get_msr_index_list())
             reset_msrs = [i for i in RESET_MSRS if i in saved]
@@ -156,8 +166,12 @@ class Machine:
             on_mmio: Callable[[MmioExit], None] | None = None,
             on_msr: Callable[[RdmsrExit | WrmsrExit], None] | None = None,
             on_exit: Callable[[Exit], bool | None] | None = None,
-            max_exits: int | None = None, record: bool = True) -> RunResult:
+            max_exits: int | None = None, record: bool = True, stop_at_sync: bool = False) -> RunResult:
         """Run vCPU ``vcpu`` until the guest reports DONE/FAIL, stops, or ``timeout`` passes.
+
+        A GUEST_SYNC is recorded in ``result.syncs``; with ``stop_at_sync`` it ends the run (outcome
+        ``sync``; the next run resumes the guest). A failed GUEST_ASSERT is outcome ``fail`` with
+        ``result.assertion``, raised as an AssertionError by ``result.raise_for_guest()``.
 
         ``on_io``/``on_mmio`` see every I/O and MMIO exit outside the ucall ports and may
         ``reply()``; unanswered reads get all-ones. ``on_msr`` answers userspace MSR exits
@@ -189,7 +203,7 @@ class Machine:
                     if on_exit is not None and on_exit(exit):
                         res.outcome, res.detail = Outcome.STOPPED, f"on_exit ended the run at {exit.name}"
                     else:
-                        self._handle(v, exit, res, console, on_io, on_mmio, on_msr)
+                        self._handle(v, exit, res, console, on_io, on_mmio, on_msr, stop_at_sync)
                     if record:
                         if len(res.exits) < MAX_EXITS:
                             res.exits.append(detach(exit))
@@ -208,6 +222,8 @@ class Machine:
         finally:
             res.elapsed = time.perf_counter() - t0
             res.console = bytes(console)
+            if console:
+                self.console[:] = (self.console + console)[-MAX_CONSOLE:]
             res.stats = stats.delta(before, stats.read_raw())
         if res.outcome is Outcome.TIMEOUT:
             raise GuestTimeout(timeout, res.detail, res.runs - 1, result=res)
@@ -236,13 +252,35 @@ class Machine:
             raise errors[0]
         return results  # type: ignore[return-value]
 
-    def _handle(self, vcpu, exit: Exit, res: RunResult, console: bytearray, on_io, on_mmio, on_msr) -> None:
+    def run_until_sync(self, timeout: float = 5.0, vcpu: int = 0, **kwargs: Any) -> Sync:
+        """Run until the guest's next GUEST_SYNC and return it; the guest waits there while the
+        host acts, and the next run (this, :meth:`run`, :meth:`syncs`) resumes it. A guest that
+        ends instead raises: GuestAssertionError for a failed GUEST_ASSERT, GuestError otherwise
+        (DONE included: a sync was expected), GuestTimeout past ``timeout``."""
+        __tracebackhide__ = True  # a guest's failure shows at the test's line
+        res = self.run(timeout, vcpu=vcpu, stop_at_sync=True, **kwargs)
+        if res.outcome is Outcome.SYNC:
+            return res.sync  # type: ignore[return-value]
+        res.raise_for_guest()
+        raise GuestError(f"the guest finished without a GUEST_SYNC: {res.detail}", res)
+
+    def syncs(self, timeout: float = 5.0, vcpu: int = 0, **kwargs: Any) -> Iterator[Sync]:
+        """Each GUEST_SYNC in turn until the guest reports DONE, as selftests' ucall loop: the
+        loop's body is the host's turn, the next iteration resumes the guest. A guest that fails
+        raises as :meth:`run_until_sync` does; ``timeout`` is each stretch's."""
+        __tracebackhide__ = True
+        while True:
+            res = self.run(timeout, vcpu=vcpu, stop_at_sync=True, **kwargs)
+            if res.outcome is not Outcome.SYNC:
+                res.raise_for_guest()
+                return
+            yield res.sync  # type: ignore[misc]
+
+    def _handle(self, vcpu, exit: Exit, res: RunResult, console: bytearray, on_io, on_mmio, on_msr,
+                stop_at_sync: bool = False) -> None:
         if isinstance(exit, IoExit):
             if exit.port == PORT_CONSOLE and not exit.is_in:
-                room = MAX_CONSOLE - len(console)
-                data = bytes(exit.data)
-                console += data[:room]
-                res.console_dropped += max(0, len(data) - room)
+                _add_console(res, console, bytes(exit.data))
                 return
             if exit.port == PORT_UCALL and not exit.is_in:
                 if exit.size != 1 or exit.count != 1:
@@ -251,7 +289,7 @@ class Machine:
                         f"{exit.count} x {exit.size} bytes ({bytes(exit.data[:16]).hex(' ')})")
                     return
                 try:
-                    u = decode_ucall(exit.value, vcpu.get_regs(), self.bits)
+                    u = decode_ucall(exit.value, vcpu.get_regs(), self.bits, guest_reader(self.vm, vcpu))
                 except MalformedUcall as e:
                     res.outcome, res.detail = Outcome.MALFORMED_UCALL, str(e)
                     return
@@ -264,7 +302,19 @@ class Machine:
                     res.outcome, res.detail = Outcome.FAIL, f"the guest reported FAIL with code {u.code}"
                 elif isinstance(u, GuestException):
                     res.exception = u
-                    res.outcome, res.detail = Outcome.EXCEPTION, f"the guest took {u}"
+                    ip = u.rip + (u.cs << 4 if u.cs is not None else 0)  # real mode: cs:ip
+                    res.outcome, res.detail = Outcome.EXCEPTION, f"the guest took {u}{self._symbol(ip)}"
+                elif isinstance(u, GuestAssertion):
+                    res.assertion = u
+                    res.outcome, res.detail = Outcome.FAIL, u.describe(self.image.symbolize(self._linear(vcpu, u.rip)))
+                elif isinstance(u, Sync):
+                    if len(res.syncs) < MAX_EXITS:
+                        res.syncs.append(u)
+                    if stop_at_sync:
+                        res.sync = u
+                        res.outcome, res.detail = Outcome.SYNC, f"the guest stopped at {u}"
+                elif isinstance(u, Printf):
+                    _add_console(res, console, u.text.encode())
                 return
             _default_answer(exit)  # on_io may replace it
             if on_io is not None:
@@ -292,10 +342,11 @@ class Machine:
                 # kvm_amd reinitializes the VMCB and resets the vCPU before reporting a shutdown
                 # (svm.c shutdown_interception): where the guest died is lost
                 where = " (the vCPU's reset state: KVM reset it on shutdown, as kvm_amd does)"
-            res.outcome, res.detail = Outcome.SHUTDOWN, f"the guest triple-faulted (KVM_EXIT_SHUTDOWN) near rip {rip:#x}{where}"
+            res.outcome, res.detail = Outcome.SHUTDOWN, (
+                f"the guest triple-faulted (KVM_EXIT_SHUTDOWN) near rip {rip:#x}{self._symbol(rip)}{where}")
         elif isinstance(exit, InternalErrorExit):
             _, rip, where, _ = at_rip(self.vm, vcpu, self.mode)
-            text = f"KVM_EXIT_INTERNAL_ERROR suberror {exit.suberror_name} at rip {rip:#x}{where}"
+            text = f"KVM_EXIT_INTERNAL_ERROR suberror {exit.suberror_name} at rip {rip:#x}{self._symbol(rip)}{where}"
             if exit.suberror_name == "EMULATION" and len(exit.data) >= 3 and exit.data[0] & 1:
                 # data: flags (bit 0: instruction bytes follow), then insn_size and 15 bytes
                 raw = b"".join(d.to_bytes(8, "little") for d in exit.data[1:3])
@@ -314,11 +365,26 @@ class Machine:
     def _describe_stop(self, vcpu, stats, before, exits: int, console_dropped: int) -> str:
         """:func:`describe_stop` for this run: the instructions KVM emulated since ``before``,
         and the console bytes dropped."""
-        text = describe_stop(self.vm, vcpu, self.mode, self.vendor, exits,
-                             emulated=stats.delta(before, stats.read_raw()).get("insn_emulation", 0))
+        text = describe_stop(self.vm, vcpu, self.mode, exits,
+                             emulated=stats.delta(before, stats.read_raw()).get("insn_emulation", 0),
+                             symbolize=self.image.symbolize)
         if console_dropped:
             text += f"; console output capped at {MAX_CONSOLE} bytes, {console_dropped} more dropped"
         return text
+
+
+    def _symbol(self, linear: int) -> str:  # " (main+0x5c)" inside the image, else ""
+        return f" ({name})" if (name := self.image.symbolize(linear)) else ""
+
+    def _linear(self, vcpu: Vcpu, rip: int) -> int:
+        return rip + (vcpu.get_sregs().cs.base if self.mode == "real" else 0)  # real mode: an offset in cs
+
+
+def _add_console(res: RunResult, console: bytearray, data: bytes) -> None:
+    """The guest's text to the console, up to MAX_CONSOLE bytes; the rest is counted."""
+    room = MAX_CONSOLE - len(console)
+    console += data[:room]
+    res.console_dropped += max(0, len(data) - room)
 
 
 def _default_answer(exit: Exit) -> None:

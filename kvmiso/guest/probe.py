@@ -8,6 +8,7 @@ from typing import Any
 
 from ..host import Host
 from ..kvm import CpuidEntry, Kvm
+from .deadline import GuestTimeout
 from .machine import Machine
 
 PROBE_INSNS = 16  # plain instructions in guests/probe.S
@@ -78,6 +79,20 @@ def cpuid_intercepted(kvm: Kvm, cpl: int) -> bool | str:
     return tuple(r.report(tag) for tag in range(3)) == CPUID_MARKER
 
 
+HYPERCALL_DEADLINE = 1.0  # s: a hypercall that returns does so within microseconds, even under TCG
+
+
+def hypercall_returns(kvm: Kvm) -> bool:
+    """Whether a CPL0 hypercall (guests/hypercall.S) comes back to the guest. Measured: on some
+    hosts KVM re-executes it inside one KVM_RUN for ever (kvm_pvm rewrites VMMCALL to VMCALL
+    and emulates it again), and the guest never gets past it."""
+    with Machine("hypercall", mode="long", kvm=kvm) as m:
+        try:
+            return m.run(timeout=HYPERCALL_DEADLINE).ok
+        except GuestTimeout:
+            return False
+
+
 def probe(kvm: Kvm) -> dict[str, Any]:
     """Every fact ``kvmiso probe`` prints: measured by running guests where it can be."""
     host = Host.read()
@@ -93,6 +108,7 @@ def probe(kvm: Kvm) -> dict[str, Any]:
         "cpl3_native": cpl3 < PROBE_INSNS,
         "emulated_instructions": {"probe_instructions": PROBE_INSNS, "cpl0": cpl0, "cpl3": cpl3},
         "cpuid_intercepted": {"cpl0": cpuid_intercepted(kvm, 0), "cpl3": cpuid_intercepted(kvm, 3)},
+        "cpl0_hypercall_returns": hypercall_returns(kvm),
         "capabilities": {k: v for k, v in caps.items() if v},
         "capabilities_absent": sorted(k for k, v in caps.items() if not v),
         "vcpu_mmap_size": kvm.vcpu_mmap_size,
@@ -109,7 +125,8 @@ def probe(kvm: Kvm) -> dict[str, Any]:
 
 def fingerprint(info: dict[str, Any]) -> dict[str, Any]:
     """The short host identity recorded with every result file."""
-    keys = ("cpu", "cpus", "kernel", "vendor", "cpl0_native", "cpuid_intercepted", "api_version")
+    keys = ("cpu", "cpus", "kernel", "vendor", "cpl0_native", "cpuid_intercepted", "cpl0_hypercall_returns",
+            "api_version")
     fp = {k: info[k] for k in keys}
     fp["mitigations"] = {k: v for k, v in info["vulnerabilities"].items() if v != "Not affected"}
     return fp

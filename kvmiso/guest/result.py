@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..kvm.exits import Exit
-from .ucall import GuestException, Report
+from .ucall import GuestAssertion, GuestException, Report, Sync
 
 
 class Outcome(enum.StrEnum):
@@ -17,7 +17,7 @@ class Outcome(enum.StrEnum):
     text show the value and a JSON reader compares with plain strings."""
 
     DONE = "done"  # the DONE ucall
-    FAIL = "fail"  # the FAIL ucall, with a code
+    FAIL = "fail"  # the FAIL ucall with a code, or a failed GUEST_ASSERT* (RunResult.assertion)
     EXCEPTION = "exception"  # the guest's exception handler reported a vector
     HALT = "halt"  # KVM_EXIT_HLT
     SHUTDOWN = "shutdown"  # KVM_EXIT_SHUTDOWN: a triple fault
@@ -30,6 +30,24 @@ class Outcome(enum.StrEnum):
     STOPPED = "stopped"  # on_exit returned True
     TIMEOUT = "timeout"  # the deadline passed
     INTERRUPTED = "interrupted"  # a kick, SIGINT or SIGTERM ended KVM_RUN
+    SYNC = "sync"  # a GUEST_SYNC, in a run asked to stop there; the next run resumes the guest
+
+
+class GuestError(RuntimeError):
+    """A guest run that did not end in DONE, raised by :meth:`RunResult.raise_for_guest`; the
+    message is the run's detail and ``result`` the run."""
+
+    def __init__(self, message: str, result: RunResult) -> None:
+        super().__init__(message)
+        self.result = result
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (str(self), self.result))
+
+
+class GuestAssertionError(GuestError, AssertionError):
+    """A failed GUEST_ASSERT* or GUEST_FAIL: an AssertionError, as pytest shows a failed assert,
+    whose message names the guest's file and line, the values and where the guest was."""
 
 
 @dataclass
@@ -48,6 +66,9 @@ class RunResult:
     reports: list[Report] = field(default_factory=list)
     fail_code: int | None = None
     exception: GuestException | None = None
+    assertion: GuestAssertion | None = None  # the failed GUEST_ASSERT* or GUEST_FAIL
+    syncs: list[Sync] = field(default_factory=list)  # every GUEST_SYNC of the run, in order
+    sync: Sync | None = None  # the one the run stopped at (outcome SYNC)
     runs: int = 0
     elapsed: float = 0.0
     stats: dict[str, Any] = field(default_factory=dict)
@@ -61,6 +82,21 @@ class RunResult:
     def ok(self) -> bool:
         """The guest reported DONE."""
         return self.outcome is Outcome.DONE
+
+    def raise_for_guest(self) -> RunResult:
+        """This result if the guest reported DONE; otherwise raise :class:`GuestAssertionError`
+        for a failed GUEST_ASSERT* (the message as pytest prints it) or :class:`GuestError` with
+        the detail, for every other end (an exception, FAIL, a triple fault, a sync, ...).
+
+        >>> m.run().raise_for_guest()
+        GuestAssertionError: tests/test_x.py:14: GUEST_ASSERT_EQ(%eax, $0xaa) failed: expected 0xaa, got 0xab (main+0x1d)
+        """
+        __tracebackhide__ = True  # pytest's traceback ends at the test's line, not in here
+        if self.outcome is Outcome.DONE:
+            return self
+        if self.assertion is not None:
+            raise GuestAssertionError(self.detail, self)
+        raise GuestError(f"{self.outcome}: {self.detail}", self)
 
     def report(self, tag: int) -> int:
         """The value of the last REPORT with ``tag``."""
@@ -84,6 +120,8 @@ class RunResult:
             "exits_dropped": self.exits_dropped,
             "reports": [dataclasses.asdict(r) for r in self.reports], "fail_code": self.fail_code,
             "exception": dataclasses.asdict(self.exception) if self.exception else None,
+            "assertion": dataclasses.asdict(self.assertion) if self.assertion else None,
+            "syncs": [dataclasses.asdict(s) for s in self.syncs],
             "runs": self.runs, "elapsed_s": self.elapsed, "stats_delta": self.stats,
             "exits": [e.to_dict() for e in self.exits],
         }

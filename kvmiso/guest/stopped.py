@@ -4,7 +4,7 @@ a triple fault or an emulation failure."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from ..kvm import Vcpu, Vm
 
@@ -44,12 +44,15 @@ def _byte_before(vm: Vm, vcpu: Vcpu, rip: int) -> bytes:
         return b""
 
 
-def describe_stop(vm: Vm, vcpu: Vcpu, mode: str, vendor: str, exits: int, emulated: int) -> str:
-    """What a guest stopped inside KVM_RUN was doing: its RIP, the instruction there, whether
-    interrupts were off, how many instructions KVM emulated (``emulated``, from the vCPU's
-    stats) and how many ``exits`` it made to userspace meanwhile."""
+def describe_stop(vm: Vm, vcpu: Vcpu, mode: str, exits: int, emulated: int,
+                  symbolize: Callable[[int], str | None] | None = None) -> str:
+    """What a guest stopped inside KVM_RUN was doing: its RIP (with the label it is in, through
+    ``symbolize``: :meth:`Image.symbolize`), the instruction there, whether interrupts were off,
+    how many instructions KVM emulated (``emulated``, from the vCPU's stats) and how many
+    ``exits`` it made to userspace meanwhile."""
     regs, rip, where, insn = at_rip(vm, vcpu, mode)
-    text = f"stopped at rip {rip:#x}{where}"
+    label = symbolize(rip) if symbolize else None
+    text = f"stopped at rip {rip:#x}{f' ({label})' if label else ''}{where}"
     name = next((n for b, n in _KNOWN_INSNS.items() if insn.startswith(b)), None)
     if insn:
         text += f" ({insn.hex(' ')}{': ' + name if name else ''})"
@@ -63,6 +66,5 @@ def describe_stop(vm: Vm, vcpu: Vcpu, mode: str, vendor: str, exits: int, emulat
     elif exits:
         text += f"; {exits} exits to userspace"
     if name in ("VMCALL", "VMMCALL"):
-        text += ("; the guest is in a hypercall that KVM keeps re-executing inside KVM_RUN"
-                 + (" (on kvm_pvm a CPL0 hypercall never returns)" if vendor == "kvm_pvm" else ""))
+        text += "; the guest is in a hypercall that KVM keeps re-executing inside KVM_RUN"
     return text

@@ -17,7 +17,7 @@ from .result import Outcome
 EXPECTED_OUTCOME = {"hlt": Outcome.HALT, "spin": Outcome.TIMEOUT, "triplefault": Outcome.SHUTDOWN}
 # Not in the suite: probe.S is kvmiso probe's own measurement; spin only proves the timeout.
 SUITE_PAYLOADS = ("hello", "portio", "stringio", "mmio", "unbacked", "hlt", "cpuid", "msr",
-                  "hypercall", "triplefault", "singlestep")
+                  "hypercall", "triplefault", "singlestep", "exceptions")
 
 
 def answer_io(e: IoExit) -> None:
@@ -72,15 +72,17 @@ class SuiteEntry:
             SETUP[self.payload](m)
 
 
-def suite(vendor: str | None, cpl3: bool = True) -> list[SuiteEntry]:
-    """Every suite payload in each declared mode, plus long mode at CPL3 where it is legal."""
+def suite(hypercall_returns: bool, cpl3: bool = True) -> list[SuiteEntry]:
+    """Every suite payload in each declared mode, plus long mode at CPL3 where it is legal.
+    ``hypercall_returns``: what the probe measured (:func:`kvmiso.guest.probe.hypercall_returns`);
+    where a CPL0 hypercall never returns, the hypercall payload is expected to time out."""
     entries = []
     for name in SUITE_PAYLOADS:
         expected = EXPECTED_OUTCOME.get(name, Outcome.DONE)
-        if name == "hypercall" and vendor == "kvm_pvm":
-            expected = Outcome.TIMEOUT  # on kvm_pvm a CPL0 hypercall never returns (KVM re-executes it)
+        if name == "hypercall" and not hypercall_returns:
+            expected = Outcome.TIMEOUT
         for mode in payload_modes(payload_path(name)):
             entries.append(SuiteEntry(name, mode, 0, expected))
-        if cpl3 and name in ("hello", "portio", "stringio", "cpuid", "mmio", "unbacked"):
+        if cpl3 and name in ("hello", "portio", "stringio", "cpuid", "mmio", "unbacked", "exceptions"):
             entries.append(SuiteEntry(name, "long", 3))
     return entries

@@ -1,28 +1,43 @@
 """The access model: for each kernel function that runs while KVM handles an exit, the VM objects
 it dereferences, its role, and the source line that says so (``access.toml``).
 
-The check walks each exit's *observed* call chains through this table: a function on a chain
-that the table does not know is a finding ("unknown function on the path"), never skipped.
-Compiler clones share their function's entry (``__pvm_handle_exit.isra.0`` is
-``__pvm_handle_exit``); the tracepoint machinery (``trace_event_raw_event_*``, role ``observer``)
-is matched by prefix and not checked (it is kvmiso's own instrument, not KVM's path). The
-functions with role ``exit-handler`` open every policy's isolated window.
+The check walks each exit's *observed* call chains through this table. Compiler clones share
+their function's entry (``__pvm_handle_exit.isra.0`` is ``__pvm_handle_exit``); the tracepoint
+machinery (``trace_event_raw_event_*``, role ``observer``) is matched by prefix and not checked
+(it is kvmiso's own instrument, not KVM's path). The functions with role ``exit-handler`` open
+every policy's isolated window.
+
+Each entry has a **basis**: ``source`` (read in the kernel source it cites) or ``inference``
+(named from call chains; its accesses inferred, the note says how). A function the table does
+not name is placed by the kernel that ran it (:meth:`AccessModel.resolve`): its BTF prototype's
+pointer parameters name its objects (basis ``derived``, through the ``[derive]`` table), or, where
+that kernel's BTF has no FUNC record for it, its neighbours on the chain do (``inference``). A
+frame that cannot be placed at all (an address no symbol explains, no known caller) stays a
+finding ("unknown function on the path"), never skipped.
 
 >>> model = load_access_model()
 >>> model.lookup("em_out.cold").touches
 ('emulate_ctxt',)
+>>> model.resolve(["pvm_handle_exit", "pvm_push_frame_renamed"], 1, "6.18.44-fc-v1300").basis
+'inference'
 """
 
 from __future__ import annotations
 
+import platform
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..observe.btf import BTF_DIR, Btf, BtfError, Param
 from .tomlfile import TomlFileError, line_of, load_toml
 
 ACCESS_TOML = Path(__file__).with_name("access.toml")
-ROLES = ("", "run-loop", "exit-handler", "switch-rfc", "observer", "host-mm")
+ROLES = ("", "run-loop", "entry-loop", "exit-handler", "switch-rfc", "observer", "host-mm")
+BASES = ("source", "inference", "derived")  # how an entry's accesses are known; see the module docstring
+# A kernel's function prototypes: name -> its BTF parameters, or None where its BTF has no FUNC record.
+Prototypes = Callable[[str], "tuple[Param, ...] | None"]
 USERSPACE = "@userspace"
 _CLONE = re.compile(r"\.(?:isra|constprop|part|cold|llvm)\.?\d*.*$")
 
@@ -43,6 +58,21 @@ class FunctionAccess:
     note: str = ""
     line: int = 0
     when: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (vendor module or CONFIG_ option, objects)
+    # event -> callees this function makes after that tracepoint fired in its own code: they
+    # return before any later event, so no chain shows them (emulator_pio_in_out after kvm_pio)
+    after: dict[str, tuple[str, ...]] = field(default_factory=dict, compare=False)
+    # callee -> the objects this function touches before it calls that callee (the rest after
+    # it returns); a function seen calling a callee not named here is checked whole, going down
+    before: dict[str, tuple[str, ...]] = field(default_factory=dict, compare=False)
+    # object -> the callee (no frame on a chain: it returned) whose code touches it first
+    first: dict[str, str] = field(default_factory=dict, compare=False)
+    basis: str = "source"  # one of BASES
+    hidden_callers: tuple[tuple[str, str], ...] = ()  # (caller on the chain, the tail-calling function between)
+
+    @property
+    def label(self) -> str:
+        """``INFERENCE`` or ``DERIVED`` where the accesses were not read in source, else ""."""
+        return "" if self.basis == "source" else self.basis.upper()
 
     def objects(self, vendor: str, config: dict[str, str], to_userspace: bool) -> tuple[str, ...]:
         """What this function touches on ``vendor`` with kernel ``config`` (``CONFIG_KVM*``; where
@@ -69,6 +99,25 @@ class ExitPath:
     cite: str
 
 
+@dataclass(frozen=True)
+class EmulatedPath:
+    """The functions the emulator runs to execute an instruction after its decode, by opcode,
+    from emulate.c's opcode table (no event fires on the way: see access.toml's section)."""
+
+    opcodes: tuple[str, ...]
+    functions: tuple[str, ...]
+    cite: str
+
+
+@dataclass(frozen=True)
+class UntracedPath:
+    """The functions behind each firing of an event a capture left out (see access.toml)."""
+
+    event: str
+    functions: tuple[str, ...]
+    cite: str
+
+
 @dataclass
 class AccessModel:
     """access.toml: functions by name, prefixes for families, and the accesses every function
@@ -80,6 +129,17 @@ class AccessModel:
     implicit_cite: str
     source: str
     exit_paths: dict[tuple[str, str], ExitPath] = field(default_factory=dict)
+    emulated: dict[str, EmulatedPath] = field(default_factory=dict)  # opcode (hex) -> its path
+    untraced: dict[str, UntracedPath] = field(default_factory=dict)  # "kvm:kvm_emulate_insn" -> its path
+    derive_types: dict[str, str] = field(default_factory=dict)  # struct name -> object ([derive] types)
+    derive_cite: str = ""
+    # which kernel's prototypes: (kernel release) -> Prototypes, or None where none can be read
+    prototypes_for: Callable[[str], Prototypes | None] = field(default_factory=lambda: running_prototypes)
+    _derived: dict[tuple[str, str], FunctionAccess | None] = field(default_factory=dict, repr=False)
+
+    def emulated_path(self, insn: bytes, long_mode: bool) -> EmulatedPath | None:
+        """The path that executes the instruction ``insn`` (kvm_emulate_insn's bytes), or None."""
+        return self.emulated.get(opcode(insn, long_mode))
 
     def lookup(self, function: str) -> FunctionAccess | None:
         """The entry for ``function`` (a compiler clone's base name, or a prefix family), or None."""
@@ -91,10 +151,67 @@ class AccessModel:
                 return p
         return None
 
+    def resolve(self, chain: Sequence[str], i: int, kernel: str) -> FunctionAccess | None:
+        """The entry for ``chain[i]`` (a call chain's function names, outermost first) on the
+        kernel release ``kernel``: the table's; else DERIVED from that kernel's BTF prototype;
+        else INFERENCE from its nearest placed neighbours (the objects both its caller and its
+        callee touch: what the caller hands down through it); else None, a finding."""
+        hit = self.lookup(chain[i]) or self.derive(chain[i], kernel)
+        if hit is not None or chain[i].startswith("0x"):
+            return hit
+        caller = next((fa for j in range(i - 1, -1, -1) if (fa := self._known(chain[j], kernel))), None)
+        if caller is None:
+            return None
+        callee = None
+        for name in chain[i + 1:]:
+            fa = self._known(name, kernel)
+            if fa is not None:
+                callee = None if fa.role == "observer" else fa
+                break
+        touches = tuple(t for t in caller.touches if callee is None or t in callee.touches)
+        below = f" and {callee.name} below it: the objects both touch" if callee else ": what it touches"
+        return FunctionAccess(base_name(chain[i]), touches, "", f"not in access.toml and no BTF FUNC record for it on "
+                              f"kernel {kernel or '(unknown)'}: placed by its neighbours on the chain, {caller.name} "
+                              f"above{below}", "INFERENCE: its objects are what its caller hands down", basis="inference")
+
+    def _known(self, function: str, kernel: str) -> FunctionAccess | None:
+        return None if function.startswith("0x") else self.lookup(function) or self.derive(function, kernel)
+
+    def derive(self, function: str, kernel: str) -> FunctionAccess | None:
+        """A DERIVED entry for ``function`` from the BTF prototype ``kernel`` has for it (each
+        pointer parameter to a struct of the ``[derive]`` table names an object), or None where
+        that kernel's BTF has no FUNC record for it (or is not the running kernel's)."""
+        name = base_name(function)
+        key = (name, kernel)
+        if key not in self._derived:
+            protos = self.prototypes_for(kernel)
+            params = protos(name) if protos is not None else None
+            self._derived[key] = None if params is None else self._from_prototype(name, params, kernel)
+        return self._derived[key]
+
+    def _from_prototype(self, name: str, params: tuple[Param, ...], kernel: str) -> FunctionAccess:
+        touches = tuple(dict.fromkeys(self.derive_types[p.pointee] for p in params if p.pointee in self.derive_types))
+        proto = ", ".join(p.ctype + ("" if p.ctype.endswith("*") else " ") + p.name for p in params)
+        return FunctionAccess(name, touches, "", f"BTF FUNC {name}({proto}) of the running kernel {kernel}",
+                              "DERIVED: not in access.toml; its objects are the structs its parameters point at "
+                              "(access.toml [derive])", basis="derived")
+
+    def hidden_frame(self, caller: str, function: str) -> str | None:
+        """The function a tail call hid between ``caller`` and ``function`` on a chain, where
+        the table says so (``hidden_caller``), else None."""
+        fa = self.lookup(function)
+        return dict(fa.hidden_callers).get(base_name(caller)) if fa is not None else None
+
     @property
     def exit_handlers(self) -> frozenset[str]:
         """Functions that run only after a VM exit: where the isolated window is seen to begin."""
         return frozenset(f.name for f in self.functions.values() if f.role == "exit-handler")
+
+    @property
+    def entry_loop(self) -> frozenset[str]:
+        """Functions vcpu_enter_guest calls before the next VM entry: after an exit handled in
+        the isolated space they run there too (the window spans the loop's iterations)."""
+        return frozenset(f.name for f in self.functions.values() if f.role == "entry-loop")
 
     def objects(self) -> set[str]:
         """Every object name the model uses."""
@@ -103,9 +220,41 @@ class AccessModel:
                 | {t for f in every for _, ts in f.when for t in ts} | set(self.implicit))
 
 
+_LEGACY_PREFIXES = frozenset(b"\x66\x67\xf2\xf3\x2e\x36\x3e\x26\x64\x65\xf0")
+
+
+def opcode(insn: bytes, long_mode: bool) -> str:
+    """The opcode of an x86 instruction, in hex: its first byte after the legacy prefixes (and
+    REX, in 64-bit mode), two bytes for the 0f escape (``"e6"``, ``"0f32"``)."""
+    i = 0
+    while i < len(insn) and insn[i] in _LEGACY_PREFIXES:
+        i += 1
+    if long_mode and i < len(insn) and 0x40 <= insn[i] <= 0x4F:
+        i += 1
+    return insn[i:i + 2].hex() if insn[i:i + 1] == b"\x0f" else insn[i:i + 1].hex()
+
+
 def base_name(function: str) -> str:
     """The function a compiler clone belongs to: ``pvm_emulate_one.isra.0`` -> ``pvm_emulate_one``."""
     return _CLONE.sub("", function)
+
+
+def running_prototypes(kernel: str) -> Prototypes | None:
+    """The function prototypes of the running kernel's BTF (vmlinux and the KVM modules' split
+    BTF), if ``kernel`` is the running kernel's release and it exports BTF; else None."""
+    if not kernel or kernel != platform.release():
+        return None
+    try:
+        btf = Btf.running(tuple(sorted(p.name for p in BTF_DIR.glob("kvm*"))))
+    except BtfError:
+        return None
+
+    def prototype(name: str) -> tuple[Param, ...] | None:
+        try:
+            return btf.func(name)
+        except BtfError:
+            return None
+    return prototype
 
 
 def load_access_model(path: str | Path = ACCESS_TOML) -> AccessModel:
@@ -133,14 +282,31 @@ def load_access_model(path: str | Path = ACCESS_TOML) -> AccessModel:
         cite = e.get("cite", "")
         if not isinstance(cite, str) or not cite.strip():
             raise fail(f"{name}: every entry cites the source it was read from (cite = ...)", needle)
-        unknown = set(e) - {key, "touches", "role", "cite", "note", "when"}
+        unknown = set(e) - {key, "touches", "role", "cite", "note", "when", "after", "before", "first", "basis",
+                            "hidden_caller"}
         if unknown:
             raise fail(f"{name}: unknown key {sorted(unknown)[0]!r}", needle)
+        basis = e.get("basis", "source")
+        if basis not in BASES[:2]:
+            raise fail(f"{name}: basis is 'source' or 'inference' (derived entries are made from BTF), not {basis!r}", needle)
+        hidden = e.get("hidden_caller", {})
+        if not isinstance(hidden, dict) or not all(isinstance(v, str) for v in hidden.values()):
+            raise fail(f"{name}: hidden_caller maps a caller to the function a tail call hid", needle)
         vt = e.get("when", {})
         if not isinstance(vt, dict) or not all(isinstance(v, list) for v in vt.values()):
             raise fail(f"{name}: when maps a vendor module or CONFIG_ option to a list of objects", needle)
+        after, before, first = e.get("after", {}), e.get("before", {}), e.get("first", {})
+        if not isinstance(after, dict) or not all(isinstance(v, list) for v in after.values()):
+            raise fail(f"{name}: after maps an event name to the callees that run after it", needle)
+        if not isinstance(before, dict) or not all(isinstance(v, list) and set(v) <= set(touches)
+                                                   for v in before.values()):
+            raise fail(f"{name}: before maps a callee to some of the objects in touches", needle)
+        if not isinstance(first, dict) or not all(isinstance(v, str) for v in first.values()):
+            raise fail(f"{name}: first maps an object to the callee that touches it first", needle)
         return FunctionAccess(name, tuple(touches), role, cite, e.get("note", ""), line_of(text, needle) or 0,
-                              tuple((k, tuple(v)) for k, v in vt.items()))
+                              tuple((k, tuple(v)) for k, v in vt.items()), {k: tuple(v) for k, v in after.items()},
+                              {k: tuple(v) for k, v in before.items()}, dict(first),
+                              basis=basis, hidden_callers=tuple(hidden.items()))
 
     functions: dict[str, FunctionAccess] = {}
     for e in doc.get("function", []):
@@ -148,6 +314,11 @@ def load_access_model(path: str | Path = ACCESS_TOML) -> AccessModel:
         if f.name in functions:
             raise fail(f"{f.name} is described twice (line {functions[f.name].line})", f'"{f.name}"')
         functions[f.name] = f
+    for f in functions.values():
+        for event, callees in f.after.items():
+            for callee in callees:
+                if callee not in functions:
+                    raise fail(f"{f.name}: {callee}, called after {event}, has no [[function]] entry", f'"{f.name}"')
     prefixes = [entry(e, "prefix") for e in doc.get("prefix", [])]
     imp = doc.get("implicit", {})
     paths = {}
@@ -160,8 +331,34 @@ def load_access_model(path: str | Path = ACCESS_TOML) -> AccessModel:
             if fn not in functions:
                 raise fail(f"exit path {e['vendor']} {e['reason']}: {fn} has no [[function]] entry", needle)
         paths[(e["vendor"], e["reason"])] = ExitPath(e["vendor"], e["reason"], fns, e["cite"])
-    return AccessModel(functions, prefixes, tuple(imp.get("touches", ())), imp.get("cite", ""), str(path), paths)
+    def known(section: str, keys: tuple[str, ...], what: str, e: dict) -> tuple[str, ...]:
+        """The entry's functions, each with a [[function]] entry, and its keys all present."""
+        if not all(e.get(k) for k in keys) or not isinstance(e.get("cite"), str):
+            raise fail(f"a [[{section}]] needs {', '.join(keys)} and cite", f"[[{section}]]")
+        fns = tuple(e["functions"])
+        for fn in fns:
+            if fn not in functions:
+                raise fail(f"{what}: {fn} has no [[function]] entry", f"[[{section}]]")
+        return fns
+
+    emulated = {}
+    for e in doc.get("emulated", []):
+        fns = known("emulated", ("opcodes", "functions"), f"emulated opcodes {e.get('opcodes')}", e)
+        for op in e["opcodes"]:
+            emulated[op] = EmulatedPath(tuple(e["opcodes"]), fns, e["cite"])
+    untraced = {}
+    for e in doc.get("untraced", []):
+        fns = known("untraced", ("event", "functions"), f"untraced event {e.get('event')}", e)
+        untraced[e["event"]] = UntracedPath(e["event"], fns, e["cite"])
+    derive = doc.get("derive", {})
+    types = derive.get("types", {})
+    if not isinstance(types, dict) or not all(isinstance(v, str) for v in types.values()):
+        raise fail("[derive] types maps a struct name to an object name", "[derive")
+    if types and not derive.get("cite"):
+        raise fail("[derive] cites where its struct-to-object table was read (cite = ...)", "[derive")
+    return AccessModel(functions, prefixes, tuple(imp.get("touches", ())), imp.get("cite", ""), str(path), paths,
+                       emulated, untraced, derive_types=types, derive_cite=derive.get("cite", ""))
 
 
-__all__ = ["USERSPACE", "ACCESS_TOML", "AccessModel", "AccessModelError", "ExitPath", "FunctionAccess", "ROLES", "base_name",
-           "load_access_model"]
+__all__ = ["USERSPACE", "ACCESS_TOML", "AccessModel", "AccessModelError", "BASES", "EmulatedPath", "ExitPath", "FunctionAccess",
+           "Prototypes", "ROLES", "UntracedPath", "base_name", "load_access_model", "opcode", "running_prototypes"]

@@ -5,275 +5,248 @@ For every KVM_RUN of the log, the events inside it are cut into exits (``kvm_exi
 VMX/SVM hosts; on kvm_pvm, which has none, each emulated instruction (``kvm_emulate_insn``) and
 each run of native-trap events does). Each event's kernel call chain is checked if it lies in the
 policy's isolated window (:mod:`.policy`): from the first window frame inward, every function
-must be known to the access model, its code page must be mapped, and every object it touches
-(at its real address, from the evidence) must translate through the isolated table. The first
-miss is the exit's verdict:
+must be placed by the access model (its access.toml entry, else DERIVED from the kernel's BTF
+prototype, else INFERENCE from its neighbours: :meth:`.AccessModel.resolve`), its code page must
+be mapped, and every object it touches (at its real address, from the evidence) must translate
+through the isolated table. The first miss is the exit's verdict; a verdict that rests on an
+entry not read in source says INFERENCE or DERIVED (``CheckResult.resting``):
 
 ``kvm_mm``   handled inside the isolated space;
 ``host_mm``  reached a designed switch (an RFC patch 07 site, an interrupt, a context switch, or
              under ASI a page fault on sensitive memory: asi_exit);
 ``fault``    under an allowlist, an access kvm_mm does not map before any designed switch,
              printed in the RFC's line with the real function+offset and address;
-``unknown``  a function on the path the access model does not know: a finding, never dropped.
+``unknown``  a frame on the path nothing places (an address no symbol explains): a finding,
+             never dropped.
 
 Events outside the window (the ioctl path, ``complete_userspace_io``, ``kvm_mmu_load`` before
 entry) run on the full address space by design: counted as ``outside``, not checked. Events not
 on the KVM_RUN path at all (a munmap's MMU notifier between two runs) are counted apart.
 
-The fault line is the RFC's (patch 24: ``KVM isolation: page fault #N (M) at %pS on %px (%pS)``):
-here #N numbers distinct (function, object) faults and M counts the exits that hit it; the
-offset is the return address at which the function was seen on the chain (the call it was
-making), not the faulting instruction, which a tracepoint cannot see.
+A miss is not printed as the RFC's patch-24 line (``KVM isolation: page fault #N (error code) at
+<faulting instruction> on <address>``): a call chain shows return addresses, not the faulting
+instruction, and no error code. It is ``kvm_mm miss #N on <address> (<object>) attributed at
+<function>+<offset>``: the frame whose function (or a callee that returned before the event,
+access.toml ``first``) touches the object, at the call it was making; #N numbers distinct
+(function, object) misses and the count is of exits.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
-from dataclasses import dataclass
 from operator import attrgetter
 
 from ..kvm.exits import IntrExit
 from ..observe.evidence import Frame
 from ..observe.exitlog import ExitLog, RunRecord, TraceEvent
-from .access import AccessModel, ExitPath, base_name
-from .checkresult import CheckResult, Fault
-from .exitcut import RUN_PATH, cut_exits
-from .layout import PAGE, Region
+from .access import AccessModel, base_name, opcode
+from .chainwalk import Checker, Verdict
+from .checkresult import CheckResult
+from .exitcut import cut_exits
 from .mapset import DenylistSpace, KvmAddressSpace
 
-# Access-model objects that live inside a region the layout names otherwise: kvm_pvm's static
-# per-CPU variables are in each CPU's per-CPU unit.
-ALIASES = {"pvm_percpu": "percpu_area"}
-MAX_PAGES_CHECKED = 1024  # pages of one object checked (guest RAM: 2 MiB)
+ANCESTORS_ONLY = ("call chains show the ancestors of traced events only: a function that returned before the "
+                  "next traced event is checked only where access.toml names it (after, [[emulated]], "
+                  "[[exit_path]]); what no entry names was not checked")
 
 
 class CheckError(ValueError):
     """An exit log the model cannot check (another kernel, another vendor); names the source."""
 
 
-@dataclass(frozen=True)
-class _Verdict:
-    cls: str
-    kind: str
-    why: str = ""
-    fault: tuple | None = None  # (function, offset, size, address, object, source, stack)
-
-
-class Checker:
-    """Classifies the events of KVM_RUNs against one address space and access model."""
-
-    def __init__(self, space: KvmAddressSpace | DenylistSpace, access: AccessModel) -> None:
-        self.space = space
-        self.access = access
-        self.policy = space.policy
-        self.layout = space.layout
-        self.code = self.layout.evidence.code
-        self._mapped: dict[int, bool] = {}
-        self._in_kernel: dict[int, bool] = {}
-        self.unknown: Counter = Counter()
-        self.unplaced: Counter = Counter()
-        self.unresolved = 0
-
-    def _is_mapped(self, addr: int) -> bool:
-        m = self._mapped.get(addr)
-        if m is None:
-            m = self._mapped[addr] = self.space.mapped(addr)
-        return m
-
-    def _first_unmapped(self, region: Region, index: int) -> int | None:
-        """The first page of the object (for vCPU/CPU ``index``) that the kernel maps and the
-        isolated space does not (a page the kernel does not map either is no isolation fault:
-        a guest page never touched, a hole in a section)."""
-        s, e = region.ranges[index % len(region.ranges)]
-        for va in range(s & ~(PAGE - 1), min(e, s + MAX_PAGES_CHECKED * PAGE), PAGE):
-            if not self._is_mapped(va) and self._kernel_maps(va):
-                return max(va, s)
-        return None
-
-    def _kernel_maps(self, addr: int) -> bool:
-        m = self._in_kernel.get(addr)
-        if m is None:
-            try:
-                m = self._in_kernel[addr] = self.space.kernel.translate(addr) is not None
-            except (ValueError, KeyError):  # a table page the evidence did not read
-                m = self._in_kernel[addr] = False
-        return m
-
-    def frames(self, e: TraceEvent) -> list[Frame]:
-        """The event's chain, outermost first, resolved (unresolvable addresses counted)."""
-        out = []
-        for a in reversed(e.stack):
-            f = self.code.get(a)
-            if f is None:
-                self.unresolved += 1
-                f = Frame(a, f"{a:#x}", 0)
-            out.append(f)
-        return out
-
-    def event(self, e: TraceEvent, vcpu: int, to_userspace: bool = False) -> tuple[str, _Verdict | None]:
-        """('not_kvm_run' | 'outside' | 'checked', the verdict when it is not kvm_mm)."""
-        frames = self.frames(e)
-        names = [base_name(f.function) for f in frames]
-        if RUN_PATH not in names:
-            return "not_kvm_run", None
-        window = self.access.exit_handlers
-        if e.name in self.policy.before_entry_events or not window.intersection(names):
-            return "outside", None
-        start = next(i for i, n in enumerate(names) if n in window)
-        kind = e.kind
-        for f, name in zip(frames[start:], names[start:]):
-            fa = self.access.lookup(f.function)
-            if fa is None:
-                self.unknown[name] += 1
-                return "checked", _Verdict("unknown", kind, f"unknown function on the path: {name}")
-            if fa.role == "observer":
-                break  # the tracepoint's own machinery: kvmiso's instrument, not KVM's path
-            why = self.policy.switch_at(name)
-            if why:
-                return "checked", _Verdict("host_mm", kind, f"{name}: {why}")
-            touches = (self.access.implicit if f is frames[start] else ()) + fa.objects(self.layout.vendor, self.layout.evidence.config, to_userspace)
-            miss = self._code_miss(f) or self._object_miss(touches, vcpu, e.cpu)
-            if miss is not None:
-                addr, obj, source = miss
-                stack = tuple(f"{g.function}+{g.offset:#x}" for g in reversed(frames))
-                fault = (name, f.offset, f.size, addr, obj, source, stack)
-                if self.policy.miss_is_switch:
-                    return "checked", _Verdict("host_mm", kind, f"page fault on sensitive memory ({obj}) at "
-                                                                f"{name}+{f.offset:#x}: asi_exit", fault)
-                return "checked", _Verdict("fault", kind, obj, fault)
-        return "checked", None
-
-    def source_path(self, path: ExitPath, vcpu: int, cpu: int, to_userspace: bool) -> _Verdict | None:
-        """The handler functions an exit runs after its kvm_exit, from source (see
-        :class:`ExitPath`): their objects checked, after the observed frames."""
-        kind = f"{path.vendor}:{path.reason}"
-        for name in path.functions:
-            why = self.policy.switch_at(name)
-            if why:
-                return _Verdict("host_mm", kind, f"{name} (handler path from source): {why}")
-            fa = self.access.functions[name]
-            miss = self._object_miss(fa.objects(self.layout.vendor, self.layout.evidence.config, to_userspace),
-                                     vcpu, cpu)
-            if miss is not None:
-                addr, obj, source = miss
-                fault = (name, 0, 0, addr, obj, f"{source}; on the handler path from source ({path.cite})",
-                         (f"{name} (from source)",))
-                if self.policy.miss_is_switch:
-                    return _Verdict("host_mm", kind, f"page fault on sensitive memory ({obj}) at {name} "
-                                                     f"(handler path from source): asi_exit", fault)
-                return _Verdict("fault", kind, obj, fault)
-        return None
-
-    def _code_miss(self, f: Frame) -> tuple[int, str, str] | None:
-        if f.function.startswith("0x"):
-            return None  # unresolved: counted, its code cannot be placed
-        return (f.address, "kernel text", "the call chain") if not self._is_mapped(f.address) else None
-
-    def _object_miss(self, touches: tuple[str, ...], vcpu: int, cpu: int) -> tuple[int, str, str] | None:
-        for name in touches:
-            name = ALIASES.get(name, name)
-            regions = self.layout.matching(name)
-            if not regions and ":" not in name:
-                regions = self.layout.matching(name + ":*")
-            if not regions:
-                self.unplaced[name] += 1
-                continue
-            for r in regions:
-                index = cpu if r.per == "cpu" else vcpu if r.per == "vcpu" else 0
-                addr = self._first_unmapped(r, index)
-                if addr is not None:
-                    return addr, r.name, ("modeled: " if r.modeled else "") + r.source
-        return None
-
-
 def check(space: KvmAddressSpace | DenylistSpace, log: ExitLog, access: AccessModel,
           switch_cost_ns: float | None = None, switch_cost_source: str = "", source: str = "<exit log>",
           same_kernel: bool = True) -> CheckResult:
     """Classify every exit of ``log`` under ``space``'s policy; see the module docstring."""
-    layout = space.layout
     if same_kernel:
-        _check_host(log, layout.evidence, source)
+        _check_host(log, space.layout.evidence, source)
+    res = _new_result(space, log, switch_cost_ns, switch_cost_source)
+    checker = Checker(space, access)
+    runs = _distinct_runs(log)
+    has_exit_events = any(e.name == "kvm_exit" for r, _ in runs for e in r.events)
+    for r, n in runs:
+        switches = _classify_run(checker, r, has_exit_events, res, n)
+        res.switches += switches * n
+        res.switch_hist[switches] += n
+    _charge_untraced(checker, log, res)
+    res.unknown_functions = checker.unknown
+    res.placed = {n: {"basis": fa.basis, "objects": list(fa.touches), "cite": fa.cite} for n, fa in checker.placed.items()}
+    res.unplaced = checker.unplaced
+    res.modeled += [f"{name}: no page mapped when the evidence was read (the VMM had exited); taken as resident "
+                    "while its guest ran" for name in sorted(checker.gone_user)]
+    res.unresolved_frames = checker.unresolved
+    if res.unresolved_frames:
+        res.notes.append(f"{res.unresolved_frames} return addresses no kallsyms symbol explains")
+    return res
+
+
+def _new_result(space: KvmAddressSpace | DenylistSpace, log: ExitLog, switch_cost_ns: float | None,
+                switch_cost_source: str) -> CheckResult:
+    """An empty result that says what the verdicts rest on: modeled facts, what was not seen."""
+    layout = space.layout
     res = CheckResult(space.policy.name, layout.vendor, layout.source, tracing=log.tracing)
     if switch_cost_ns is not None:
         res.switch_cost_ns, res.switch_cost_source = switch_cost_ns, switch_cost_source or "given"
     res.modeled = [f"object address: {n}" for n in layout.modeled_objects]
+    res.modeled += [f"isolated space: {a}" for a in getattr(space, "assumed", ())]  # what a policy takes as mapped
     if not layout.real:
         res.modeled.insert(0, "kernel page table (modeled: no live table in the evidence)")
     if not log.tracing:
         res.notes.append(f"no trace events ({log.tracing_reason or 'tracing off'}): no exit has a call chain")
     res.lost_events = log.lost_events
-    checker = Checker(space, access)
-    event_key = attrgetter("name", "cpu", "stack")
-    # identical KVM_RUNs (same exit, vCPU, events and chains) are classified once
-    signatures: dict[tuple, int] = {}
-    rep: dict[tuple, RunRecord] = {}
-    for r in log.records:
-        sig = (r.exit.name, r.vcpu, tuple(map(event_key, r.events)))
-        if sig in signatures:
-            signatures[sig] += 1
-        else:
-            signatures[sig], rep[sig] = 1, r
-    has_exit_events = any(name == "kvm_exit" for _, _, evs in signatures for name, _, _ in evs)
     res.runs = len(log.records)
     res.wall_ns = sum(r.end_ns for r in log.records) - sum(r.start_ns for r in log.records)
-    fault_index: dict[tuple[str, str], int] = {}
-    for sig, n in signatures.items():
-        r = rep[sig]
-        evs = r.events
-        res.missing_chains += n * sum(1 for e in evs if not e.stack)
-        chains = [checker.frames(e) for e in evs]
-        switches, left = 1, False  # entering the isolated space before the first VM entry
-        exits = cut_exits(has_exit_events, evs, chains)
-        for x, group in enumerate(exits):
-            verdict, checked = None, False
-            # the last exit of a KVM_RUN that returned with an exit is the one that goes to userspace
-            to_user = x == len(exits) - 1 and not isinstance(r.exit, IntrExit)
-            for i in group:
-                where, v = checker.event(evs[i], r.vcpu, to_user)
-                if where != "checked":
-                    res.classes[where] += n
-                    continue
-                checked = True
-                if v is not None:
-                    verdict = v
-                    break  # the rest of this exit runs on the full address space
-            if not checked:
-                continue
-            opener = next((evs[i] for i in group if evs[i].name == "kvm_exit"), evs[group[0]])
-            if verdict is None and opener.name == "kvm_exit":
-                path = access.exit_paths.get((layout.vendor, opener.symbols.get("exit_reason", "")))
-                if path is not None:
-                    res.source_paths += n
-                    verdict = checker.source_path(path, r.vcpu, opener.cpu, to_user)
-            cls = verdict.cls if verdict else "kvm_mm"
-            kind = verdict.kind if verdict else opener.kind
-            res.exits += n
-            res.classes[cls] += n
-            res.by_kind.setdefault(cls, Counter())[kind] += n
-            if cls == "host_mm":
-                res.reasons[verdict.why] += n
-            if verdict and verdict.fault:
-                fn, off, size, addr, obj, src, stack = verdict.fault
-                key = (fn, obj)
-                if cls == "fault":
-                    if key not in fault_index:
-                        fault_index[key] = len(res.faults)
-                        res.faults.append(Fault(fn, off, size, addr, obj, src, stack=stack))
-                    res.faults[fault_index[key]].count += n
-                    res.faults[fault_index[key]].kinds.add(kind)
-            if cls in ("host_mm", "fault"):
-                switches += 1 + (1 if x < len(exits) - 1 else 0)  # out, and back in before the next entry
-                left = x == len(exits) - 1
-        if not left:
-            switches += 1  # the end of vcpu_run: back to the full address space for userspace
-        res.switches += switches * n
-        res.switch_hist[switches] += n
-    res.unknown_functions = checker.unknown
-    res.unplaced = checker.unplaced
-    res.unresolved_frames = checker.unresolved
-    if res.unresolved_frames:
-        res.notes.append(f"{res.unresolved_frames} return addresses no kallsyms symbol explains")
+    res.unseen = [ANCESTORS_ONLY]
     return res
+
+
+def _distinct_runs(log: ExitLog) -> list[tuple[RunRecord, int]]:
+    """One record of each distinct KVM_RUN (same exit, vCPU, events and chains) with its count:
+    identical runs are classified once."""
+    event_key = attrgetter("name", "cpu", "stack")
+    distinct: dict[tuple, list] = {}
+    for r in log.records:
+        sig = (r.exit.name, r.vcpu, tuple(map(event_key, r.events)))
+        distinct.setdefault(sig, [r, 0])[1] += 1
+    return [(r, n) for r, n in distinct.values()]
+
+
+def _classify_run(checker: Checker, r: RunRecord, has_exit_events: bool, res: CheckResult, n: int) -> int:
+    """Classify the exits of one KVM_RUN (seen ``n`` times) into ``res``; the address-space
+    switches it makes."""
+    evs = r.events
+    res.missing_chains += n * sum(1 for e in evs if not e.stack)
+    chains = [checker.frames(e) for e in evs]
+    exits = _split_reentry(checker, evs, chains, cut_exits(has_exit_events, evs, chains))
+    # The exit that goes to userspace (when the KVM_RUN returned with one) is the last that ran
+    # in the window: events after it (kvm_put_guest_fpu on the way out) are outside it.
+    in_window = [x for x, group in enumerate(exits) if any(checker.place(evs[i], chains[i]) == "checked" for i in group)]
+    last = in_window[-1] if in_window else -1
+    to_user_exit = last if not isinstance(r.exit, IntrExit) else -1
+    switches, left = 1, False  # entering the isolated space before the first VM entry
+    isolated = False  # after an exit handled in the isolated space, until a switch or the next entry
+    verdicts: list[list] = []  # [group index, verdict, opener, entries it rests on] of each exit
+    for x, group in enumerate(exits):
+        checker.resting = {}
+        verdict, where, opener = _exit_verdict(checker, r, group, chains, x == to_user_exit, res, n, isolated)
+        if where == "reentry":  # the last exit's iteration goes on: its verdict, if it still stayed
+            if verdicts and verdicts[-1][1] is None:
+                verdicts[-1][1] = verdict
+                verdicts[-1][3].update(checker.resting)
+        elif where == "checked":
+            verdicts.append([x, verdict, opener, checker.resting])
+        if where != "outside":
+            isolated = verdicts[-1][1] is None
+    for x, verdict, opener, resting in verdicts:
+        cls = _tally(res, verdict, opener.kind, n)
+        res.rest(cls, resting, n)
+        if cls in ("host_mm", "fault"):
+            switches += 1 + (1 if x < last else 0)  # out, and back in before the next entry
+            left = x == last
+    return switches + (0 if left else 1)  # the end of vcpu_run: back to the full space for userspace
+
+
+def _split_reentry(checker: Checker, evs: list[TraceEvent], chains: list[list[Frame]],
+                   exits: list[list[int]]) -> list[list[int]]:
+    """Exits with the loop's work before the next VM entry (kvm_inject_exception, ...) split off
+    their head: the cut joins that work to the exit it precedes, but it continues the last one."""
+    out = []
+    for group in exits:
+        k = next((j for j, i in enumerate(group) if checker.place(evs[i], chains[i]) == "checked"), len(group))
+        head = group[:k]
+        if 0 < k < len(group) and any(checker.place(evs[i], chains[i], True) == "reentry" for i in head):
+            out += [head, group[k:]]
+        else:
+            out.append(group)
+    return out
+
+
+def _exit_verdict(checker: Checker, r: RunRecord, group: list[int], chains: list[list[Frame]], to_user: bool,
+                  res: CheckResult, n: int, isolated: bool) -> tuple[Verdict | None, str, TraceEvent]:
+    """One exit's verdict (None: it stays), where it ran ('checked' when any event was in the
+    window, 'reentry' for the loop's work before the next entry, else 'outside'), and the event
+    that opened it. After the observed frames, the paths no event shows are checked: the
+    handler after a kvm_exit, the execution of a decoded instruction."""
+    evs = r.events
+    verdict, where = None, "outside"
+    window = [i for i in group if checker.place(evs[i], chains[i]) == "checked"]
+    for i in group:
+        at, v = checker.event(evs[i], chains[i], r.vcpu, to_user, last=bool(window) and i == window[-1],
+                              isolated=isolated)
+        if at not in ("checked", "reentry"):
+            res.classes[at] += n
+            continue
+        where = "checked" if "checked" in (at, where) else at
+        if v is not None:
+            verdict = v
+            break  # the rest of this exit runs on the full address space
+    checked = where == "checked"
+    opener = next((evs[i] for i in group if evs[i].name == "kvm_exit"), evs[group[0]])
+    if verdict is None and checked and opener.name == "kvm_exit":
+        path = checker.access.exit_paths.get((checker.layout.vendor, opener.symbols.get("exit_reason", "")))
+        if path is not None:
+            res.source_paths += n
+            verdict = checker.source_path(path, r.vcpu, opener.cpu, to_user)
+    if verdict is None and checked:
+        decoded = unseen_execution(evs, group, chains)
+        path = checker.access.emulated_path(*decoded) if decoded else None
+        if path is not None:
+            res.emulated_paths += n
+            verdict = checker.unseen_calls(path.functions, f"emulated:{opcode(*decoded)}", r.vcpu, opener.cpu,
+                                           to_user, f"executes the decoded instruction, from source ({path.cite})")
+    return verdict, where, opener
+
+
+def _tally(res: CheckResult, verdict: Verdict | None, kind: str, n: int) -> str:
+    """Count ``n`` exits of ``kind`` with ``verdict`` into ``res``; their class."""
+    cls = verdict.cls if verdict else "kvm_mm"
+    kind = verdict.kind if verdict else kind
+    res.exits += n
+    res.classes[cls] += n
+    res.by_kind.setdefault(cls, Counter())[kind] += n
+    if cls == "host_mm":
+        res.reasons[verdict.why] += n
+    if cls == "fault":
+        f = verdict.fault
+        fault = next((x for x in res.faults if (x.function, x.region) == (f.function, f.region)), None)
+        if fault is None:
+            fault = dataclasses.replace(f, kinds=set())
+            res.faults.append(fault)
+        fault.count += n
+        fault.kinds.add(kind)
+    return cls
+
+
+def _charge_untraced(checker: Checker, log: ExitLog, res: CheckResult) -> None:
+    """The events the capture left out: each counted one is an exit checked along its path from
+    source (on vCPU 0's objects); an uncounted kind makes every verdict a lower bound."""
+    for event, count in log.untraced.items():
+        path = checker.access.untraced.get(event)
+        if count is None or path is None:
+            res.unseen.append(f"{event}: not traced and not counted; the exits behind it were not checked, so the "
+                              "counts above are lower bounds")
+            continue
+        res.unseen.append(f"{event}: not traced; {count} counted, each checked along its path from source")
+        if count:
+            verdict = checker.unseen_calls(path.functions, f"untraced:{event}", 0, 0, False,
+                                           f"behind each untraced {event}, from source ({path.cite})")
+            if _tally(res, verdict, f"untraced:{event}", count) in ("host_mm", "fault"):
+                res.switches += 2 * count  # out, and back in before the next entry
+
+
+def unseen_execution(evs: list[TraceEvent], group: list[int], chains: list[list[Frame]]) -> tuple[bytes, bool] | None:
+    """The instruction (bytes, 64-bit mode) an exit's kvm_emulate_insn decoded when no later event
+    of the exit shows its execution (x86_emulate_insn on the chain), else None."""
+    for k, i in enumerate(group):
+        e = evs[i]
+        if e.name != "kvm_emulate_insn" or e.fields.get("failed"):
+            continue
+        if any("x86_emulate_insn" in {base_name(f.function) for f in chains[j]} for j in group[k + 1:]):
+            return None
+        insn = bytes.fromhex(str(e.fields.get("insn", "")))[:int(e.fields.get("len", 15))]
+        return insn, "prot64" in str(e.symbols.get("flags", ""))
+    return None
 
 
 def _check_host(log: ExitLog, evidence, source: str) -> None:
@@ -287,4 +260,4 @@ def _check_host(log: ExitLog, evidence, source: str) -> None:
                          f"{evidence.vendor}")
 
 
-__all__ = ["CheckError", "Checker", "check"]
+__all__ = ["CheckError", "check"]

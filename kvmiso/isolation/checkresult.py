@@ -17,7 +17,12 @@ DEFAULT_SWITCH_COST_SOURCE = ("assumed 250 ns: a CR3 write with PCID (no TLB flu
 
 @dataclass
 class Fault:
-    """One distinct missing mapping: where (function+offset), on what (address, object)."""
+    """One distinct missing mapping: on what (address, object), and where it is attributed.
+
+    kvmiso sees return addresses, not the faulting instruction: ``function+offset`` is the frame
+    of the chain whose function (or a callee that returned before the event, ``first_access``)
+    touches the object, at the call it was making (``after_call``: once that call returned);
+    ``on_chain`` False for a function no chain shows (a handler path from source)."""
 
     function: str
     offset: int
@@ -28,11 +33,26 @@ class Fault:
     count: int = 0
     kinds: set[str] = field(default_factory=set)
     stack: tuple[str, ...] = ()
+    first_access: str = ""  # the callee the source says touches the object first, if not the function
+    after_call: bool = False
+    on_chain: bool = True
+    basis: str = "source"  # how the attributed function's accesses are known (access.BASES)
+
+    def where(self) -> str:
+        """Where the miss is attributed: the frame, and what the frame's offset means."""
+        if not self.on_chain:
+            return f"{self.function} (not on the chain)"
+        at = f"{self.function}+{self.offset:#x}" + (f"/{self.size:#x}" if self.size else "")
+        at += " after that call returned" if self.after_call else ""
+        return at + (f", first access in {self.first_access}" if self.first_access else "")
 
     def line(self, n: int) -> str:
-        """This fault as the RFC's log line, numbered ``n``."""
-        where = f"{self.function}+{self.offset:#x}" + (f"/{self.size:#x}" if self.size else "")
-        return f"KVM isolation: page fault #{n} ({self.count}) at {where} on {self.address:016x} ({self.region})"
+        """This miss, numbered ``n``. Not the RFC's patch-24 line: that prints the faulting
+        instruction and the error code, which a call chain cannot show; this prints the frame the
+        miss is attributed at and how many exits hit it."""
+        label = f" [access: {self.basis.upper()}]" if self.basis != "source" else ""
+        return (f"kvm_mm miss #{n} on {self.address:016x} ({self.region}) attributed at {self.where()}: "
+                f"{self.count} exits{label}")
 
 
 @dataclass
@@ -58,10 +78,17 @@ class CheckResult:
     lost_events: int = 0
     missing_chains: int = 0  # events that came without a call chain
     source_paths: int = 0  # exits whose handler path after kvm_exit was also checked from source
+    emulated_paths: int = 0  # exits whose emulated instruction's execution was checked from source
     unresolved_frames: int = 0
     tracing: bool = False
     modeled: list[str] = field(default_factory=list)  # facts the verdicts rest on that were not read
+    unseen: list[str] = field(default_factory=list)  # what the check could not see, and what that means
     notes: list[str] = field(default_factory=list)
+    # verdicts resting on access entries not read in source: basis -> Counter(function -> exits),
+    # and basis -> Counter(class -> exits); and the functions access.toml does not name, as placed
+    resting: dict[str, Counter] = field(default_factory=lambda: {"inference": Counter(), "derived": Counter()})
+    resting_exits: dict[str, Counter] = field(default_factory=lambda: {"inference": Counter(), "derived": Counter()})
+    placed: dict[str, dict[str, Any]] = field(default_factory=dict)  # function -> basis, objects, cite
 
     @property
     def switches_per_run(self) -> float:
@@ -83,6 +110,14 @@ class CheckResult:
         """Evidence the check did not get: lost trace records plus events without a chain."""
         return self.lost_events + self.missing_chains
 
+    def rest(self, cls: str, resting: dict[str, str], n: int) -> None:
+        """Count ``n`` exits of class ``cls`` whose verdict rests on ``resting`` (function ->
+        basis): each basis once per exit, each function once per exit."""
+        for basis in set(resting.values()):
+            self.resting_exits[basis][cls] += n
+        for fn, basis in resting.items():
+            self.resting[basis][fn] += n
+
     def failed(self, allow_lost: bool = False) -> bool:
         """A fault, an unknown function, or (unless allowed) lost evidence."""
         return bool(self.classes["fault"] or self.unknown_functions or (self.lost and not allow_lost))
@@ -91,7 +126,7 @@ class CheckResult:
         """Fold ``other`` (the same policy, another VM's log) into this result. Faults merge by
         function and object: their addresses differ between VMs."""
         for name in ("exits", "runs", "switches", "wall_ns", "lost_events", "missing_chains", "unresolved_frames",
-                     "source_paths"):
+                     "source_paths", "emulated_paths"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for c, n in other.classes.items():
             self.classes[c] = self.classes.get(c, 0) + n
@@ -99,6 +134,11 @@ class CheckResult:
             self.by_kind.setdefault(c, Counter()).update(k)
         for attr in ("reasons", "unknown_functions", "unplaced", "switch_hist"):
             getattr(self, attr).update(getattr(other, attr))
+        for basis in self.resting:
+            self.resting[basis].update(other.resting[basis])
+            self.resting_exits[basis].update(other.resting_exits[basis])
+        for fn, how in other.placed.items():
+            self.placed.setdefault(fn, how)
         mine = {(f.function, f.region): f for f in self.faults}
         for f in other.faults:
             if (f.function, f.region) in mine:
@@ -107,7 +147,7 @@ class CheckResult:
             else:
                 self.faults.append(dataclasses.replace(f, kinds=set(f.kinds)))
                 mine[(f.function, f.region)] = self.faults[-1]
-        for attr in ("modeled", "notes"):
+        for attr in ("modeled", "unseen", "notes"):
             have = getattr(self, attr)
             have.extend(x for x in getattr(other, attr) if x not in have)
         self.tracing = self.tracing or other.tracing
@@ -124,13 +164,19 @@ class CheckResult:
             "host_mm_reasons": dict(self.reasons),
             "faults": [{"line": f.line(i), "function": f.function, "offset": f.offset, "address": f.address,
                         "region": f.region, "source": f.source, "count": f.count, "kinds": sorted(f.kinds),
-                        "stack": list(f.stack)} for i, f in enumerate(self.faults)],
+                        "first_access": f.first_access, "after_call": f.after_call, "on_chain": f.on_chain,
+                        "stack": list(f.stack), "basis": f.basis} for i, f in enumerate(self.faults)],
             "unknown_functions": sorted(self.unknown_functions), "unplaced_objects": dict(self.unplaced),
             "switches": self.switches, "switches_per_run": self.switches_per_run,
             "switches_per_run_histogram": {str(k): v for k, v in sorted(self.switch_hist.items())},
             "wall_ns": self.wall_ns, "switch_cost_ns": self.switch_cost_ns,
             "switch_cost_source": self.switch_cost_source, "overhead_ns": self.overhead_ns,
             "overhead_share": self.overhead_share, "lost_events": self.lost_events,
-            "missing_chains": self.missing_chains, "source_paths": self.source_paths, "tracing": self.tracing, "modeled": self.modeled,
+            "missing_chains": self.missing_chains, "source_paths": self.source_paths,
+            "emulated_paths": self.emulated_paths, "tracing": self.tracing, "modeled": self.modeled,
+            "unseen": self.unseen,
             "notes": self.notes,
+            **{basis: {"exits": dict(self.resting_exits[basis]), "functions": dict(self.resting[basis])}
+               for basis in ("inference", "derived")},
+            "placed_functions": self.placed,
         }

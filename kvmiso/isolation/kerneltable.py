@@ -11,9 +11,13 @@ cpu_entry_area and ESPFIX pages. Every number it yields is modeled, and the layo
 
 from __future__ import annotations
 
+from typing import Iterator
+
+from ..observe.livemm import distinct_bytes
 from .layout import PAGE, Layout
-from .framestore import ByteStore, FrameStore, SnapshotStore
-from .pagetable import G, NX, P, RW, SIZE_1G, SIZE_2M, SIZE_4K, US, PageTable
+from .framestore import ByteStore, FrameStore, PageTableError, SnapshotStore
+from .pagetable import (ADDR_MASK, G, KERNEL_HALF, LEVEL_SHIFT, LEVEL_SPAN, NX, PS, P, RW, SIZE_1G, SIZE_2M, SIZE_4K, US,
+                        PageTable, sign_extend)
 
 CEA_PER_CPU = 0x3B000  # sizeof(struct cpu_entry_area), rounded to pages, on a 6.x x86-64 build: modeled
 
@@ -32,6 +36,11 @@ class LiveKernelTable(PageTable):
     def mapped_bytes(self) -> int:
         """Bytes the kernel half maps (counted over the whole live table by the collector)."""
         return sum(self.layout.evidence.kernel_mapped.values())
+
+    def physical_bytes(self) -> int | None:
+        """Distinct physical bytes behind the kernel half (counted by the collector), or None
+        where the evidence predates that count."""
+        return self.layout.evidence.kernel_mapped_physical or None
 
 
 class ModeledKernelTable(PageTable):
@@ -99,6 +108,10 @@ class ModeledKernelTable(PageTable):
         """Bytes the modeled table maps."""
         return sum(r.size for r in self.ranges())
 
+    def physical_bytes(self) -> int:
+        """Distinct physical bytes behind the modeled kernel half."""
+        return physical_bytes(self)
+
 
 def kernel_table(layout: Layout, ram: int = 1 << 30) -> LiveKernelTable | ModeledKernelTable:
     """The live table where the evidence has one, else the modeled one (``ram``: MemTotal)."""
@@ -107,4 +120,52 @@ def kernel_table(layout: Layout, ram: int = 1 << 30) -> LiveKernelTable | Modele
     return ModeledKernelTable(layout, ram)
 
 
-__all__ = ["LiveKernelTable", "ModeledKernelTable", "kernel_table"]
+def leaf_extents(table: PageTable, start: int = KERNEL_HALF, end: int = 1 << 64,
+                 unread: list[tuple[int, int]] | None = None) -> Iterator[tuple[int, int, int]]:
+    """(virtual, physical, bytes) of each leaf of ``table`` in [start, end), clipped to it, in
+    address order. A span under a table page the evidence did not read goes to ``unread`` (when
+    given) instead: what it maps is not known.
+
+    >>> next(leaf_extents(kas.table, espfix, espfix + (1 << 39)))
+    (0xffffff0000000000, 0x1052a3000, 4096)
+    """
+    yield from _extents(table, table.root, 4, 0, start, end, unread)
+
+
+def _extents(table: PageTable, frame: int, level: int, base: int, start: int, end: int,
+             unread: list[tuple[int, int]] | None) -> Iterator[tuple[int, int, int]]:
+    span = LEVEL_SPAN[level]
+    try:
+        entries = table.read_table(frame)
+    except PageTableError:
+        if unread is not None:
+            lo = sign_extend(base)
+            unread.append((max(lo, start), min(lo + span * 512, end)))
+        return
+    for i, e in enumerate(entries):
+        if not e & P or (level == 4 and e & PS):
+            continue
+        raw = base | i << LEVEL_SHIFT[level]
+        va = sign_extend(raw)
+        if va + span <= start or va >= end:
+            continue
+        if level == 1 or e & PS:
+            if level == 3 and not table.gbpages:
+                continue  # PS is reserved there: the walk faults, nothing is mapped
+            lo, hi = max(va, start), min(va + span, end)
+            yield lo, (e & ADDR_MASK & ~(span - 1)) + (lo - va), hi - lo
+        else:
+            yield from _extents(table, e & ADDR_MASK, level - 1, raw, start, end, unread)
+
+
+def physical_bytes(table: PageTable, ranges: list[tuple[int, int]] | None = None,
+                   unread: list[tuple[int, int]] | None = None) -> int:
+    """Distinct physical bytes ``table`` maps in ``ranges`` (default: the kernel half): a page
+    mapped at many virtual addresses (ESPFIX's, 65,536 times; the kernel image through its own
+    mapping and the direct map) counts once."""
+    spans = [(pa, pa + n) for s, e in (ranges or [(KERNEL_HALF, 1 << 64)])
+             for _, pa, n in leaf_extents(table, s, e, unread)]
+    return distinct_bytes(spans)
+
+
+__all__ = ["LiveKernelTable", "ModeledKernelTable", "kernel_table", "leaf_extents", "physical_bytes"]

@@ -117,6 +117,10 @@ MODELED_OBJECTS: list[tuple[str, str, int, str, tuple[str, ...], str]] = [
     ("bus:PIO", "direct_map", 24, "vm", (), "kvm->buses[KVM_PIO_BUS]"),
 ]
 _GUARD = PAGE  # one unmapped page between modeled objects, so that copying one never maps another
+# Placed on 2 MiB of their own: the RFC copies the per-CPU first chunk at PMD level (patch 19), and
+# a real first chunk is a memblock allocation that no slab or page-allocator object shares.
+_OWN_PMD = frozenset({"percpu_area"})
+_PMD = 2 << 20
 
 
 @dataclass
@@ -247,9 +251,14 @@ def _modeled_objects(regions: dict[str, Region], add, vendor: str, cpus: int, vc
         if vendors and vendor not in vendors:
             continue
         ranges = []
+        own = name in _OWN_PMD  # contiguous units (as the embedded first chunk's), alone in their PMDs
+        if own:
+            cursor[area] = (cursor[area] + _PMD - 1) & ~(_PMD - 1)
         for _ in range({"vm": 1, "vcpu": vcpus, "cpu": cpus}[per]):
             start = cursor[area]
             ranges.append((start, start + size))
-            cursor[area] = start + ((size + PAGE - 1) & ~(PAGE - 1)) + _GUARD
+            cursor[area] = start + ((size + PAGE - 1) & ~(PAGE - 1)) + (0 if own else _GUARD)
+        if own:
+            cursor[area] = ((cursor[area] + _PMD - 1) & ~(_PMD - 1)) + _GUARD
         add(Region(name, tuple(ranges), "object", f"{area}, {size} bytes per {per}", desc, modeled=True,
                    per=per if per != "vm" else ""))

@@ -1,4 +1,5 @@
-"""kvm_mm built from the kernel table the way the 2019 RFC builds it, and ASI's denylist.
+"""kvm_mm built from the kernel table the way the 2019 RFC builds it, and the policy's isolated
+space for any policy (:func:`address_space`).
 
 ``KvmAddressSpace`` (allowlist, ``rfc-v1``): an empty PGD whose entries copy the kernel's at a
 chosen level (``kvm_copy_pgd_range`` and friends, RFC patches 13-14). Everything below the copy
@@ -6,8 +7,11 @@ level is *shared* with the kernel table, and a huge kernel leaf is copied whole,
 object maps what the kernel's leaf holds beside it: the summary counts it. KVM never writes a
 shared table page: every write goes through one gate that refuses it.
 
-``DenylistSpace`` (``asi``): the kernel table as it is, minus the memory the policy calls
-sensitive (GFP_USER: guest memory and other user pages, and their direct-map aliases).
+``DenylistSpace`` (``asi``, :mod:`.denylist`): the kernel table as it is, minus the memory the
+policy calls sensitive (GFP_USER: guest memory and other user pages, and their direct-map aliases).
+
+``AnnotatedSpace`` (``asi-2022``, :mod:`.asi2022`): the pages of what the 2022 series marks
+non-sensitive, each object classified by the patch that marks its allocation.
 
 >>> kas = KvmAddressSpace.default(build_layout(evidence))
 >>> kas.mapped(layout.region("pio_data").start)
@@ -16,111 +20,28 @@ True
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-from .kerneltable import LiveKernelTable, ModeledKernelTable, kernel_table
-from .layout import PAGE, Layout
-from .pagetable import (ADDR_MASK, KERNEL_HALF, LEVEL_NAMES, LEVEL_SPAN, P, PS, PageTable, canonical, check_canonical_range,
+from .asi2022 import AnnotatedSpace
+from .denylist import DenylistSpace
+from .kerneltable import LiveKernelTable, ModeledKernelTable, kernel_table, physical_bytes
+from .layout import Layout
+from .pagetable import (ADDR_MASK, LEVEL_NAMES, LEVEL_SPAN, P, PS, PageTable, canonical, check_canonical_range,
                         level_index, sign_extend)
-from .policy import POLICIES, Policy
-
-# Level names as the RFC's functions take them; P4D is folded into the PGD with 4-level paging.
-LEVELS = {"PGD": 4, "P4D": 4, "PUD": 3, "PMD": 2, "PTE": 1}
-
-
-class MapSetError(ValueError):
-    """A mapping-set change the model refuses; ``line`` names the TOML line when there is one."""
-
-    def __init__(self, message: str, line: int | None = None, source: str = "") -> None:
-        where = f"{source}:{line}: " if line else (f"{source}: " if source else "")
-        super().__init__(where + message)
-        self.line = line
+from .policy import POLICIES
+from .regionset import (DEFAULT_SET, LEVELS, Copy, IsolatedSpace, MapSetError, RegionSpec, SharedTableError,
+                        default_specs, level_of, merge_ranges)
 
 
-class SharedTableError(MapSetError):
-    """A KVM-side write would land in a page-table page the kernel table uses too."""
-
-
-@dataclass(frozen=True)
-class RegionSpec:
-    """One region of the mapping set: which layout regions (a name, or ``bus:*`` for all with that
-    prefix), copied at which level, and why."""
-
-    name: str
-    group: str  # core, vendor, vm, vcpu, task, percpu, memslots, buses, user-added
-    level: str  # PGD, P4D, PUD, PMD, PTE
-    cite: str
-    layout: str = ""  # the layout region(s) it copies (default: the same name)
-    vendors: tuple[str, ...] = ()  # only for these vendor modules (empty: all)
-
-
-# The RFC's set (what its patches copy into kvm_mm), in the names of the objects kvmiso reads
-# from the running kernel. Regions the layout lacks (another vendor's, a module built in, lapic
-# without an in-kernel LAPIC) are left out and said so.
-DEFAULT_SET = [
-    RegionSpec("kernel_image", "core", "PMD", "RFC patch 19: kernel text, __START_KERNEL_map + KERNEL_IMAGE_SIZE at PMD level"),
-    RegionSpec("percpu_area", "percpu", "PTE", "RFC patch 19: the per-CPU area"),
-    RegionSpec("cpu_entry_area", "core", "P4D", "RFC patch 19: cpu_entry_area at P4D level"),
-    RegionSpec("espfix", "core", "P4D", "RFC patch 19: ESPFIX at P4D level"),
-    RegionSpec("irq_stack", "percpu", "PTE", "RFC patch 19: per-CPU IRQ stacks"),
-    RegionSpec("kvm_module", "core", "PTE", "RFC patch 19: the kvm module"),
-    RegionSpec("kvm_intel_module", "vendor", "PTE", "RFC patch 20: the kvm_intel module"),
-    RegionSpec("kvm_amd_module", "vendor", "PTE", "by analogy with RFC patch 20 (the RFC covers VMX only)"),
-    RegionSpec("kvm_pvm_module", "vendor", "PTE", "by analogy with RFC patch 20 (the RFC covers VMX only)"),
-    RegionSpec("vm_struct", "vm", "PTE", "RFC patch 21: struct kvm_vmx"),
-    RegionSpec("srcu_sda", "vm", "PTE", "RFC patch 21: the per-CPU kvm->srcu.sda"),
-    RegionSpec("vcpu_struct", "vcpu", "PTE", "RFC patch 22: struct vcpu_vmx"),
-    RegionSpec("vmcs", "vcpu", "PTE", "RFC patch 22: vmcs01.vmcs", vendors=("kvm_intel",)),
-    RegionSpec("msr_bitmap", "vcpu", "PTE", "RFC patch 22: vmcs01.msr_bitmap", vendors=("kvm_intel",)),
-    RegionSpec("vmcb", "vcpu", "PTE", "by analogy with RFC patch 22 (SVM's VMCB)", vendors=("kvm_amd",)),
-    RegionSpec("msrpm", "vcpu", "PTE", "by analogy with RFC patch 22 (SVM's MSR permission map)", vendors=("kvm_amd",)),
-    RegionSpec("pio_data", "vcpu", "PTE", "RFC patch 22: vcpu.arch.pio_data"),
-    RegionSpec("lapic", "vcpu", "PTE", "RFC patch 22: struct kvm_lapic"),
-    RegionSpec("vcpu_task", "task", "PTE", "RFC patch 23: the vCPU task_struct"),
-    RegionSpec("vcpu_stack", "task", "PTE", "RFC patch 23: the vCPU task stack (THREAD_SIZE)"),
-    RegionSpec("active_mm", "task", "PTE", "RFC patch 23: the task's active_mm"),
-    RegionSpec("pgd", "task", "PTE", "RFC patch 23: active_mm->pgd"),
-    RegionSpec("memslots", "memslots", "PTE", "RFC patch 26: kvm->memslots[] (inside struct kvm on 6.x)"),
-    RegionSpec("buses", "buses", "PTE", "RFC patch 27: kvm->buses[], each struct kvm_io_bus", "bus:*"),
-]
-
-
-@dataclass
-class Copy:
-    """One copy into the KVM table: the range asked for, the ranges actually mapped (wider when
-    the kernel maps it with a bigger page than the level), the level, and the region."""
-
-    region: str
-    start: int
-    end: int
-    level: str
-    mapped: list[tuple[int, int]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-
-def default_specs(layout: Layout) -> list[RegionSpec]:
-    """The default set's regions that exist in this layout (vendor objects, loaded modules)."""
-    return [s for s in DEFAULT_SET if layout.matching(s.layout or s.name)]
-
-
-class KvmAddressSpace:
+class KvmAddressSpace(IsolatedSpace):
     """kvm_mm: a PGD of its own whose entries copy the kernel table's at a chosen level.
 
     ``regions`` are the mapping-set regions in effect; ``copies`` every copy made.
     """
 
     def __init__(self, kernel: LiveKernelTable | ModeledKernelTable, policy: str = "rfc-v1") -> None:
-        if policy not in POLICIES:
-            raise MapSetError(f"unknown policy {policy!r}; kvmiso knows {', '.join(POLICIES)}")
-        self.kernel = kernel
-        self.layout = kernel.layout
-        self.policy: Policy = POLICIES[policy]
+        super().__init__(kernel, policy)
         self._kernel_frames = kernel.captured if kernel.live else frozenset(kernel.table_frames())
         self.table = PageTable(kernel.store, gbpages=kernel.gbpages)
         self.owned = {self.table.root}  # table frames KVM allocated: the only ones it may write
-        self.regions: list[RegionSpec] = []
-        self.copies: list[Copy] = []
-        self.missing: list[str] = []  # default regions this layout lacks, with why
 
     # --- building -----------------------------------------------------------------------------
 
@@ -148,7 +69,9 @@ class KvmAddressSpace:
         widened to the level's alignment (the RFC maps whole pages)."""
         if ranges is None:
             ranges = [r for reg in self.layout.matching(spec.layout or spec.name) for r in reg.ranges]
-        span = LEVEL_SPAN[_level(spec.level)]
+        if spec.hull and ranges:
+            ranges = [(min(s for s, _ in ranges), max(e for _, e in ranges))]
+        span = LEVEL_SPAN[level_of(spec.level)]
         for s, e in ranges:
             self.copy(s & ~(span - 1), (e + span - 1) & ~(span - 1), spec.level, spec.name)
         self.regions.append(spec)
@@ -175,7 +98,7 @@ class KvmAddressSpace:
         bigger page than the level, that whole page is copied (as kvm_copy_pmd_range copies a
         large PMD) and the copy's ``mapped`` says so. Entries already present are merged.
         """
-        lvl = _level(level)
+        lvl = level_of(level)
         span = LEVEL_SPAN[lvl]
         check_canonical_range(start, end)
         if start % span or end % span:
@@ -185,7 +108,7 @@ class KvmAddressSpace:
         va = start
         while va < end:
             va = self._copy_one(va, lvl, c)
-        c.mapped = _merge(c.mapped)
+        c.mapped = merge_ranges(c.mapped)
         self.copies.append(c)
         return c
 
@@ -233,7 +156,7 @@ class KvmAddressSpace:
     def clear(self, start: int, end: int, level: str) -> None:
         """Clear the KVM table's entries for [start, end) at ``level``. Refused (SharedTableError)
         where those entries sit in a table page shared with the kernel."""
-        lvl = _level(level)
+        lvl = level_of(level)
         span = LEVEL_SPAN[lvl]
         check_canonical_range(start, end)
         if start % span or end % span:
@@ -273,95 +196,34 @@ class KvmAddressSpace:
         """(bytes the copies of region ``name`` make kvm_mm map, bytes of the objects themselves)."""
         spans = [(s, e) for c in self.copies if c.region == name for s, e in c.mapped]
         objects = sum(r.size for r in self.layout.matching(self.spec(name).layout or name))
-        return sum(e - s for s, e in _merge(spans)), objects
+        return sum(e - s for s, e in merge_ranges(spans)), objects
 
     def mapped_bytes(self) -> int:
-        """Bytes kvm_mm maps."""
+        """Bytes of address space kvm_mm maps."""
         return sum(r.size for r in self.table.ranges())
 
-
-class DenylistSpace:
-    """The restricted address space of ASI: the kernel table minus sensitive memory.
-
-    Sensitive: the user half (ASI's KVM class maps none: ``asi_maps_user_addr()`` is false),
-    except guest memory under asi-2022 (locally non-sensitive); the direct-map alias of every
-    GFP_USER page the evidence knows (guest memory's pages); and KVM's own kernel mappings of
-    guest pages (the pvclock page).
-    """
-
-    def __init__(self, kernel: LiveKernelTable | ModeledKernelTable, policy: str = "asi") -> None:
-        self.kernel = kernel
-        self.layout = kernel.layout
-        self.policy = POLICIES[policy]
-        self.regions: list[RegionSpec] = []
-        self.copies: list[Copy] = []
-        self.missing: list[str] = []
-        self.kept = [(s, e) for r in self.layout.regions.values() if r.kind == "user" and self.policy.guest_memory_mapped
-                     and r.name.startswith("guest_memory") for s, e in r.ranges]
-        self.denied: list[tuple[str, int, int]] = [("user half", 0, KERNEL_HALF)]
-        dm = self.layout.regions["direct_map"].start
-        for r in self.layout.regions.values():
-            if r.allocator.startswith("guest memory") and not self.policy.guest_memory_mapped:
-                self.denied += [(r.name, s, e) for s, e in r.ranges]  # a kernel mapping of a guest page
-            if r.kind != "user" or self.policy.guest_memory_mapped and r.name.startswith("guest_memory"):
-                continue
-            for s, e in r.ranges:
-                for va in range(s & ~(PAGE - 1), min(e, s + (4 << 20)), PAGE):  # each page's direct-map alias
-                    t = kernel.translate(va)
-                    if t is not None:
-                        alias = dm + (t.phys & ~(PAGE - 1))
-                        self.denied.append((f"{r.name} (direct-map alias)", alias, alias + PAGE))
-
-    @classmethod
-    def default(cls, layout: Layout, policy: str = "asi", ram: int = 1 << 30) -> "DenylistSpace":
-        """ASI's restricted space over the layout's kernel table."""
-        return cls(kernel_table(layout, ram), policy)
-
-    def sensitive(self, addr: int) -> bool:
-        """Is ``addr`` memory the policy calls sensitive?"""
-        if any(s <= addr < e for s, e in self.kept):
-            return False
-        return any(s <= addr < e for _, s, e in self.denied)
-
-    def mapped(self, addr: int) -> bool:
-        """Does the restricted space map ``addr`` (the kernel does, and it is not sensitive)?"""
-        return canonical(addr) and not self.sensitive(addr) and self.kernel.translate(addr) is not None
-
-    def mapped_bytes(self) -> int:
-        """The kernel half as the kernel maps it, less the sensitive pages' aliases."""
-        aliases = _merge([(s, e) for _, s, e in self.denied if s >= KERNEL_HALF])
-        return self.kernel.mapped_bytes() - sum(e - s for s, e in aliases)
-
-
-def _level(level: str) -> int:
-    try:
-        return LEVELS[level.upper()]
-    except (KeyError, AttributeError):
-        raise MapSetError(f"unknown level {level!r}; one of {', '.join(LEVELS)}") from None
-
-
-def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for s, e in sorted(ranges):
-        if out and s <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], e))
-        else:
-            out.append((s, e))
-    return out
+    def physical_bytes(self) -> int:
+        """Distinct physical bytes kvm_mm maps: its P4D copy of ESPFIX maps one page per CPU
+        65,536 times, the kernel image is also in the direct map: each page counts once. Spans
+        under table pages the evidence did not read are left out and listed in ``unread``."""
+        self.unread: list[tuple[int, int]] = []
+        return physical_bytes(self.table, unread=self.unread)
 
 
 def address_space(layout: Layout, policy: str = "rfc-v1", drop: tuple[str, ...] = (),
-                  ram: int = 1 << 30) -> KvmAddressSpace | DenylistSpace:
-    """The isolated address space ``policy`` defines: the RFC's copies, or ASI's denylist."""
+                  ram: int = 1 << 30) -> KvmAddressSpace | DenylistSpace | AnnotatedSpace:
+    """The isolated address space ``policy`` defines: the RFC's copies, the 2022 series'
+    annotated allocations, or the 2024-2025 series' denylist."""
     p = POLICIES.get(policy)
     if p is None:
         raise MapSetError(f"unknown policy {policy!r}; kvmiso knows {', '.join(POLICIES)}")
-    if p.mapping == "denylist":
+    if p.builds != "kvm_mm":
         if drop:
-            raise MapSetError(f"policy {policy} maps everything but sensitive memory: there is no region to drop")
-        return DenylistSpace.default(layout, policy, ram)
+            raise MapSetError(f"policy {policy} maps what its series marks, not a set of copies: there is no region "
+                              f"to drop")
+        return (AnnotatedSpace if p.builds == "annotations" else DenylistSpace).default(layout, policy, ram)
     return KvmAddressSpace.default(layout, policy, drop, ram)
 
 
-__all__ = ["Copy", "DEFAULT_SET", "DenylistSpace", "KvmAddressSpace", "LEVELS", "MapSetError", "RegionSpec",
-           "SharedTableError", "address_space", "default_specs"]
+__all__ = ["AnnotatedSpace", "Copy", "DEFAULT_SET", "DenylistSpace", "KvmAddressSpace", "LEVELS", "MapSetError",
+           "RegionSpec", "SharedTableError", "address_space", "default_specs"]

@@ -12,8 +12,8 @@
     size = 0x200000
     level = "PMD"
 
-Every error names the file and line. Region files change allowlists (``rfc-v1``); a denylist
-policy (``asi``) maps everything that is not sensitive and takes none.
+Every error names the file and line. Region files change the RFC's copies (``rfc-v1``); the ASI
+policies map what their series marks (``asi-2022``) or everything it does not (``asi``) and take none.
 """
 
 from __future__ import annotations
@@ -50,8 +50,9 @@ def resolve_region_file(name: str | Path) -> Path:
 def load_regions(name: str | Path, layout: Layout, policy: str = "rfc-v1", drop: tuple[str, ...] = (),
                  ram: int = 1 << 30) -> KvmAddressSpace:
     """The default set changed by the region file ``name`` (see the module docstring)."""
-    if POLICIES[policy].mapping != "allowlist":
-        raise MapSetError(f"policy {policy} is a denylist: region files change allowlists only (rfc-v1)")
+    if POLICIES[policy].builds != "kvm_mm":
+        raise MapSetError(f"policy {policy} maps what its series marks: region files change the RFC's kvm_mm copies "
+                          f"only (rfc-v1)")
     path = resolve_region_file(name)
     try:
         doc, text = load_toml(path, "region file")

@@ -6,7 +6,8 @@ from .kick import KICK_SIGNAL
 from .cpuid import CpuidEntry
 from .system import Kvm
 from .vcpu import Translation, Vcpu
-from .vm import MemorySlot, Vm
+from .vcpu_state import VcpuState
+from .vm import MemorySlot, MsrFilterRange, Vm
 
 __all__ = ["CpuidEntry", "KICK_SIGNAL", "KickSignalBlocked", "Kvm", "KvmError", "KvmUnavailable", "MemorySlot",
-           "Translation", "Vcpu", "VcpuBusy", "VcpuClosed", "Vm", "VmDead", "close_all"]
+           "MsrFilterRange", "Translation", "Vcpu", "VcpuBusy", "VcpuClosed", "VcpuState", "Vm", "VmDead", "close_all"]

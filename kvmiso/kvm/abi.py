@@ -81,13 +81,62 @@ class kvm_userspace_memory_region(ctypes.Structure):
     ]
 
 
+class kvm_userspace_memory_region2(ctypes.Structure):
+    """struct kvm_userspace_memory_region2 (KVM_SET_USER_MEMORY_REGION2, Linux 6.8+): a memory
+    slot that may also take its private memory from a guest_memfd."""
+
+    _fields_ = kvm_userspace_memory_region._fields_ + [  # the first five are struct kvm_userspace_memory_region's
+        ("guest_memfd_offset", c_uint64),
+        ("guest_memfd", c_uint32),
+        ("pad1", c_uint32),
+        ("pad2", c_uint64 * 14),
+    ]
+
+
+class kvm_create_guest_memfd(ctypes.Structure):
+    """struct kvm_create_guest_memfd (KVM_CREATE_GUEST_MEMFD, Linux 6.8+): the size of a guest_memfd."""
+
+    _fields_ = [("size", c_uint64), ("flags", c_uint64), ("reserved", c_uint64 * 6)]
+
+
 KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
 KVM_MEM_READONLY = 1 << 1
+KVM_MEM_GUEST_MEMFD = 1 << 2
+KVM_X86_DEFAULT_VM = 0
+KVM_X86_SW_PROTECTED_VM = 1
+KVM_MEMORY_ATTRIBUTE_PRIVATE = 1 << 3
+KVM_X86_QUIRK_SLOT_ZAP_ALL = 1 << 7  # KVM_CAP_DISABLE_QUIRKS2 argument (<asm/kvm.h>, 6.12)
+
+
+class kvm_msr_filter_range(ctypes.Structure):
+    """struct kvm_msr_filter_range: ``nmsrs`` MSRs from ``base`` whose ``flags`` accesses
+    (KVM_MSR_FILTER_READ/WRITE) ``bitmap`` allows (a 1 bit) or denies (a 0 bit)."""
+
+    _fields_ = [("flags", c_uint32), ("nmsrs", c_uint32), ("base", c_uint32), ("bitmap", c_uint64)]
+
+
+KVM_MSR_FILTER_MAX_BITMAP_SIZE = 0x600
+KVM_MSR_FILTER_MAX_RANGES = 16
+
+
+class kvm_msr_filter(ctypes.Structure):
+    """struct kvm_msr_filter (KVM_X86_SET_MSR_FILTER): the default (allow or deny) and up to 16 ranges."""
+
+    _fields_ = [("flags", c_uint32), ("ranges", kvm_msr_filter_range * KVM_MSR_FILTER_MAX_RANGES)]
+
+
+KVM_MSR_FILTER_READ = 1 << 0
+KVM_MSR_FILTER_WRITE = 1 << 1
+KVM_MSR_FILTER_RANGE_VALID_MASK = KVM_MSR_FILTER_READ | KVM_MSR_FILTER_WRITE
+KVM_MSR_FILTER_DEFAULT_ALLOW = 0
+KVM_MSR_FILTER_DEFAULT_DENY = 1 << 0
+KVM_MSR_FILTER_VALID_MASK = KVM_MSR_FILTER_DEFAULT_DENY
 
 
 from .abi_vcpu import *  # noqa: E402,F401,F403 (registers, FPU, MSRs, CPUID, debug, events)
-from .abi_vcpu import (kvm_cpuid2, kvm_fpu, kvm_guest_debug, kvm_msr_list, kvm_msrs, kvm_regs,  # noqa: E402
-                       kvm_sregs, kvm_translation, kvm_vcpu_events)
+from .abi_vcpu import (kvm_cpuid2, kvm_debugregs, kvm_fpu, kvm_guest_debug, kvm_mp_state,  # noqa: E402
+                       kvm_msr_list, kvm_msrs, kvm_regs, kvm_sregs, kvm_translation, kvm_vcpu_events, kvm_xcrs,
+                       kvm_xsave)
 
 
 class kvm_irq_level(ctypes.Structure):
@@ -182,7 +231,7 @@ KVM_CAPS = {
     "X86_USER_SPACE_MSR": 188, "X86_MSR_FILTER": 189, "DIRTY_LOG_RING": 192,
     "X86_BUS_LOCK_EXIT": 193, "EXIT_HYPERCALL": 201, "BINARY_STATS_FD": 203,
     "XSAVE2": 208, "SYS_ATTRIBUTES": 209, "PMU_CAPABILITY": 212, "X86_NOTIFY_VMEXIT": 219,
-    "DIRTY_LOG_RING_ACQ_REL": 223, "USER_MEMORY2": 231, "MEMORY_FAULT_INFO": 232,
+    "DISABLE_QUIRKS": 116, "DISABLE_QUIRKS2": 213, "DIRTY_LOG_RING_ACQ_REL": 223, "USER_MEMORY2": 231, "MEMORY_FAULT_INFO": 232,
     "MEMORY_ATTRIBUTES": 233, "GUEST_MEMFD": 234, "VM_TYPES": 235,
 }
 
@@ -211,14 +260,19 @@ KVM_GET_SUPPORTED_CPUID = _IOWR(KVMIO, 0x05, kvm_cpuid2)
 # vm
 KVM_CREATE_VCPU = _IO(KVMIO, 0x41)
 KVM_GET_DIRTY_LOG = _IOW(KVMIO, 0x42, kvm_dirty_log)
+KVM_SET_NR_MMU_PAGES = _IO(KVMIO, 0x44)
+KVM_GET_NR_MMU_PAGES = _IO(KVMIO, 0x45)
 KVM_SET_USER_MEMORY_REGION = _IOW(KVMIO, 0x46, kvm_userspace_memory_region)
+KVM_SET_USER_MEMORY_REGION2 = _IOW(KVMIO, 0x49, kvm_userspace_memory_region2)
 KVM_SET_TSS_ADDR = _IO(KVMIO, 0x47)
 KVM_SET_IDENTITY_MAP_ADDR = _IOW(KVMIO, 0x48, c_uint64)
 KVM_CREATE_IRQCHIP = _IO(KVMIO, 0x60)
 KVM_IRQ_LINE = _IOW(KVMIO, 0x61, kvm_irq_level)
 KVM_IOEVENTFD = _IOW(KVMIO, 0x79, kvm_ioeventfd)
 KVM_ENABLE_CAP = _IOW(KVMIO, 0xA3, kvm_enable_cap)
+KVM_X86_SET_MSR_FILTER = _IOW(KVMIO, 0xC6, kvm_msr_filter)
 KVM_GET_STATS_FD = _IO(KVMIO, 0xCE)
+KVM_CREATE_GUEST_MEMFD = _IOWR(KVMIO, 0xD4, kvm_create_guest_memfd)
 # vcpu
 KVM_RUN = _IO(KVMIO, 0x80)
 KVM_GET_REGS = _IOR(KVMIO, 0x81, kvm_regs)
@@ -233,8 +287,17 @@ KVM_SET_FPU = _IOW(KVMIO, 0x8D, kvm_fpu)
 KVM_SET_CPUID2 = _IOW(KVMIO, 0x90, kvm_cpuid2)
 KVM_GET_CPUID2 = _IOWR(KVMIO, 0x91, kvm_cpuid2)
 KVM_SET_GUEST_DEBUG = _IOW(KVMIO, 0x9B, kvm_guest_debug)
+KVM_GET_MP_STATE = _IOR(KVMIO, 0x98, kvm_mp_state)
+KVM_SET_MP_STATE = _IOW(KVMIO, 0x99, kvm_mp_state)
 KVM_GET_VCPU_EVENTS = _IOR(KVMIO, 0x9F, kvm_vcpu_events)
 KVM_SET_VCPU_EVENTS = _IOW(KVMIO, 0xA0, kvm_vcpu_events)
+KVM_GET_DEBUGREGS = _IOR(KVMIO, 0xA1, kvm_debugregs)
+KVM_SET_DEBUGREGS = _IOW(KVMIO, 0xA2, kvm_debugregs)
+KVM_GET_XSAVE = _IOR(KVMIO, 0xA4, kvm_xsave)
+KVM_SET_XSAVE = _IOW(KVMIO, 0xA5, kvm_xsave)
+KVM_GET_XCRS = _IOR(KVMIO, 0xA6, kvm_xcrs)
+KVM_SET_XCRS = _IOW(KVMIO, 0xA7, kvm_xcrs)
+KVM_GET_XSAVE2 = _IOR(KVMIO, 0xCF, kvm_xsave)
 
 IOCTL_NAMES = {v: k for k, v in globals().items() if k.startswith("KVM_") and k.isupper()
                and isinstance(v, int) and (v >> _IOC_TYPESHIFT) & 0xFF == KVMIO}

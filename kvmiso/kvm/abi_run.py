@@ -15,6 +15,8 @@ import struct
 from ctypes import c_char, c_uint8, c_uint16, c_uint32, c_uint64
 from typing import Callable
 
+from .abi_vcpu import kvm_sync_regs
+
 
 class kvm_run_io(ctypes.Structure):
     """kvm_run.io (KVM_EXIT_IO): direction, access size, port, count and the data's offset in the page."""
@@ -136,6 +138,12 @@ class kvm_run_exit(ctypes.Union):
     ]
 
 
+class kvm_run_s(ctypes.Union):
+    """The union ``kvm_run.s``: the synced registers (``regs``) in 2048 bytes."""
+
+    _fields_ = [("regs", kvm_sync_regs), ("padding", c_char * 2048)]
+
+
 class kvm_run(ctypes.Structure):
     """struct kvm_run: the page KVM_RUN shares with userspace (mmap of the vCPU fd), exit and all."""
 
@@ -152,7 +160,7 @@ class kvm_run(ctypes.Structure):
         ("u", kvm_run_exit),
         ("kvm_valid_regs", c_uint64),
         ("kvm_dirty_regs", c_uint64),
-        ("s", c_char * 2048),
+        ("s", kvm_run_s),
     ]
 
 

@@ -164,6 +164,9 @@ KVM_GUESTDBG_ENABLE = 0x00000001
 KVM_GUESTDBG_SINGLESTEP = 0x00000002
 KVM_GUESTDBG_USE_SW_BP = 0x00010000
 KVM_GUESTDBG_USE_HW_BP = 0x00020000
+KVM_GUESTDBG_INJECT_DB = 0x00040000
+KVM_GUESTDBG_INJECT_BP = 0x00080000
+KVM_GUESTDBG_BLOCKIRQ = 0x00100000
 
 
 class _events_exception(ctypes.Structure):
@@ -212,6 +215,61 @@ class kvm_vcpu_events(ctypes.Structure):
         ("exception_has_payload", c_uint8),
         ("exception_payload", c_uint64),
     ]
+
+
+class kvm_debugregs(ctypes.Structure):
+    """struct kvm_debugregs (KVM_GET_DEBUGREGS, KVM_SET_DEBUGREGS): the guest's own DR0-3, DR6, DR7."""
+
+    _fields_ = [("db", c_uint64 * 4), ("dr6", c_uint64), ("dr7", c_uint64), ("flags", c_uint64),
+                ("reserved", c_uint64 * 9)]
+
+
+class kvm_xsave(ctypes.Structure):
+    """struct kvm_xsave (KVM_GET_XSAVE, KVM_SET_XSAVE, KVM_GET_XSAVE2): the XSAVE area, laid out as
+    the host's CPUID leaf 0xD says; KVM_GET_XSAVE2 may write past these 4096 bytes (the flexible
+    ``extra``), as many as KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2) on the VM says."""
+
+    _fields_ = [("region", c_uint32 * 1024)]
+
+
+KVM_MAX_XCRS = 16
+
+
+class kvm_xcr(ctypes.Structure):
+    """struct kvm_xcr: one extended control register (XCR0 is ``xcr`` 0) and its value."""
+
+    _fields_ = [("xcr", c_uint32), ("reserved", c_uint32), ("value", c_uint64)]
+
+
+class kvm_xcrs(ctypes.Structure):
+    """struct kvm_xcrs (KVM_GET_XCRS, KVM_SET_XCRS): ``nr_xcrs`` extended control registers."""
+
+    _fields_ = [("nr_xcrs", c_uint32), ("flags", c_uint32), ("xcrs", kvm_xcr * KVM_MAX_XCRS),
+                ("padding", c_uint64 * 16)]
+
+
+class kvm_mp_state(ctypes.Structure):
+    """struct kvm_mp_state (KVM_GET_MP_STATE, KVM_SET_MP_STATE): a KVM_MP_STATE_* value."""
+
+    _fields_ = [("mp_state", c_uint32)]
+
+
+KVM_MP_STATE_NAMES = {0: "RUNNABLE", 1: "UNINITIALIZED", 2: "INIT_RECEIVED", 3: "HALTED", 4: "SIPI_RECEIVED",
+                      5: "STOPPED", 6: "CHECK_STOP", 7: "OPERATING", 8: "LOAD", 9: "AP_RESET_HOLD", 10: "SUSPENDED"}
+globals().update({f"KVM_MP_STATE_{name}": nr for nr, name in KVM_MP_STATE_NAMES.items()})
+
+
+class kvm_sync_regs(ctypes.Structure):
+    """struct kvm_sync_regs: ``kvm_run.s.regs``, the registers KVM_RUN copies out (the
+    KVM_SYNC_X86_* bits of ``kvm_run.kvm_valid_regs``) and in (``kvm_dirty_regs``)."""
+
+    _fields_ = [("regs", kvm_regs), ("sregs", kvm_sregs), ("events", kvm_vcpu_events)]
+
+
+KVM_SYNC_X86_REGS = 1 << 0
+KVM_SYNC_X86_SREGS = 1 << 1
+KVM_SYNC_X86_EVENTS = 1 << 2
+KVM_SYNC_X86_VALID_FIELDS = KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS | KVM_SYNC_X86_EVENTS
 
 
 __all__ = [name for name in globals() if name.startswith(("kvm_", "KVM_"))]

@@ -48,8 +48,29 @@ def get_cpuid(ioctl: Issue, request: int, nent: int = 100) -> list[CpuidEntry]:
                 nent *= 2
                 continue
             raise
+        count = buf.hdr.nent
+        if request == abi.KVM_GET_CPUID2 and count == nent:
+            count = _vcpu_cpuid_count(ioctl, nent)
         return [CpuidEntry(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
-                for e in buf.entries[: buf.hdr.nent]]
+                for e in buf.entries[:count]]
+
+
+def _vcpu_cpuid_count(ioctl: Issue, room: int) -> int:
+    """How many entries a KVM_GET_CPUID2 that fit in ``room`` and left nent as it was copied.
+    Today's KVM writes the count to nent on success; Linux 6.1 (say) writes it nowhere, but says
+    E2BIG exactly while nent is below it: the smallest nent it takes is the count."""
+    lo, hi = 0, room  # E2BIG below lo never seen; hi is taken
+    while lo < hi:
+        mid = (lo + hi) // 2
+        try:
+            ioctl(abi.KVM_GET_CPUID2, _cpuid2_buffer(mid))
+        except KvmError as e:
+            if e.errno != errno.E2BIG:
+                raise
+            lo = mid + 1
+        else:
+            hi = mid
+    return hi
 
 
 def set_cpuid(ioctl: Issue, entries: list[CpuidEntry]) -> None:

@@ -215,6 +215,12 @@ class InternalErrorExit(Exit):
         """KVM_INTERNAL_ERROR_* name of the suberror (``EMULATION``), or its number."""
         return abi.KVM_INTERNAL_ERROR_NAMES.get(self.suberror, str(self.suberror))
 
+    def __repr__(self) -> str:
+        # the suberror by name: a bare number sends the reader to <linux/kvm.h>
+        name = abi.KVM_INTERNAL_ERROR_NAMES.get(self.suberror)
+        data = ", ".join(f"{d:#x}" for d in self.data)
+        return f"InternalErrorExit(suberror={self.suberror}{f' {name}' if name else ''}, data=({data}))"
+
 
 @dataclass(frozen=True, slots=True)
 class SystemEventExit(Exit):

@@ -158,3 +158,4 @@ def _parse_desc(raw: bytes) -> StatDesc:
         offset=d.offset,
         bucket_size=d.bucket_size,
     )
+

@@ -15,6 +15,7 @@ from .cpuid import CpuidEntry, get_cpuid
 from .errors import KvmError, KvmUnavailable
 from .vcpu import ffi
 from .vm import Vm
+from .x86 import cpu_has
 
 DEV_KVM = "/dev/kvm"
 
@@ -86,6 +87,23 @@ class Kvm(FdOwner):
         if self._supported_cpuid is None:
             self._supported_cpuid = tuple(get_cpuid(functools.partial(ioctl, self.fd), abi.KVM_GET_SUPPORTED_CPUID))
         return list(self._supported_cpuid)
+
+    def cpu_has(self, feature: str) -> bool:
+        """Whether KVM can offer a guest the CPU feature ``feature``, by its Linux name
+        (``"XSAVE"``, ``"X86_FEATURE_LA57"``; the table is :data:`kvmiso.kvm.x86.X86_FEATURES`),
+        read in KVM_GET_SUPPORTED_CPUID: selftests' ``kvm_cpu_has(X86_FEATURE_XSAVE)``."""
+        return cpu_has(self.get_supported_cpuid(), feature)
+
+    def ioctl(self, request: int, arg: int | ctypes._CData | None = None) -> int:
+        """Any ioctl on /dev/kvm that kvmiso does not wrap: ``request`` (an ``abi.KVM_*`` number,
+        or one built with ``abi._IOW``...) with ``arg`` (an int, or a ctypes object passed by
+        address); returns the ioctl's result, raises KvmError naming it. The escape hatch, as
+        selftests' ``kvm_ioctl``; :meth:`Vm.ioctl` and :meth:`Vcpu.ioctl` are the same for theirs.
+
+        >>> kvm.ioctl(abi.KVM_CHECK_EXTENSION, abi.KVM_CAPS["SYNC_REGS"])
+        7
+        """
+        return ioctl(self.fd, request, arg)
 
     def check_extension_call(self, cap: str | int) -> Any:
         """KVM_CHECK_EXTENSION(``cap``) on this fd as compiled code issues it: a

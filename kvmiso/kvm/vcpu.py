@@ -14,7 +14,7 @@ import math
 import os
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from . import abi
 from ._compiled import ffi, lib
@@ -26,6 +26,7 @@ from .kick import KICK_SIGNAL, check_kick_reaches, install_kick_handler
 from .exits import DATALESS, Exit, IntrExit
 from .runpage import RunPage
 from .stats import Stats
+from .vcpu_state import VcpuStateIoctls
 
 if TYPE_CHECKING:  # a Vm makes its Vcpus: a runtime import would be a cycle
     from .vm import Vm
@@ -81,8 +82,10 @@ class Translation:
     usermode: bool
 
 
-class Vcpu(FdOwner):
+class Vcpu(FdOwner, VcpuStateIoctls):
     """A vCPU. Created by :meth:`Vm.create_vcpu` and closed with its VM; a context manager too.
+    Its state ioctls beyond registers and MSRs (debug registers, XSAVE, save/load of the whole)
+    are :class:`~kvmiso.kvm.vcpu_state.VcpuStateIoctls`'.
 
     >>> exit = vcpu.run()
     >>> exit
@@ -268,44 +271,40 @@ class Vcpu(FdOwner):
 
     # --- state --------------------------------------------------------------------------------
 
-    def _ioctl(self, request: int, arg: int | ctypes._CData | None = None,
-               explain: Callable[[int], str] | None = None) -> int:
-        return self.vm.ioctl(request, arg, explain, self.fd)
-
     def get_regs(self) -> abi.kvm_regs:
         """KVM_GET_REGS: the general-purpose registers, rip and rflags."""
         regs = abi.kvm_regs()
-        self._ioctl(abi.KVM_GET_REGS, regs)
+        self.ioctl(abi.KVM_GET_REGS, regs)
         return regs
 
     def set_regs(self, regs: abi.kvm_regs) -> None:
         """KVM_SET_REGS."""
-        self._ioctl(abi.KVM_SET_REGS, regs)
+        self.ioctl(abi.KVM_SET_REGS, regs)
 
     def get_sregs(self) -> abi.kvm_sregs:
         """KVM_GET_SREGS: segments, descriptor tables, control registers, EFER, APIC base."""
         sregs = abi.kvm_sregs()
-        self._ioctl(abi.KVM_GET_SREGS, sregs)
+        self.ioctl(abi.KVM_GET_SREGS, sregs)
         return sregs
 
     def set_sregs(self, sregs: abi.kvm_sregs) -> None:
         """KVM_SET_SREGS; KvmError saying the state is invalid where KVM says EINVAL."""
-        self._ioctl(abi.KVM_SET_SREGS, sregs, lambda e: "the segment/control register state is invalid" if e == errno.EINVAL else "")
+        self.ioctl(abi.KVM_SET_SREGS, sregs, lambda e: "the segment/control register state is invalid" if e == errno.EINVAL else "")
 
     def get_fpu(self) -> abi.kvm_fpu:
         """KVM_GET_FPU: x87 and SSE registers."""
         fpu = abi.kvm_fpu()
-        self._ioctl(abi.KVM_GET_FPU, fpu)
+        self.ioctl(abi.KVM_GET_FPU, fpu)
         return fpu
 
     def set_fpu(self, fpu: abi.kvm_fpu) -> None:
         """KVM_SET_FPU."""
-        self._ioctl(abi.KVM_SET_FPU, fpu)
+        self.ioctl(abi.KVM_SET_FPU, fpu)
 
     def get_msrs(self, indices: list[int]) -> dict[int, int]:
         """KVM_GET_MSRS; raises KvmError naming the first MSR KVM would not read."""
         buf = _msrs_buffer({i: 0 for i in indices})
-        n = self._ioctl(abi.KVM_GET_MSRS, buf)
+        n = self.ioctl(abi.KVM_GET_MSRS, buf)
         if n != len(indices):
             raise KvmError("KVM_GET_MSRS", errno.EINVAL, f"MSR {indices[n]:#x} cannot be read")
         return {e.index: e.data for e in buf.entries}
@@ -313,50 +312,56 @@ class Vcpu(FdOwner):
     def set_msrs(self, values: dict[int, int]) -> None:
         """KVM_SET_MSRS; raises KvmError naming the first MSR KVM refused."""
         buf = _msrs_buffer(values)
-        n = self._ioctl(abi.KVM_SET_MSRS, buf)
+        n = self.ioctl(abi.KVM_SET_MSRS, buf)
         if n != len(values):
             raise KvmError("KVM_SET_MSRS", errno.EINVAL, f"MSR {list(values)[n]:#x} was refused")
 
     def set_cpuid2(self, entries: list[CpuidEntry]) -> None:
         """KVM_SET_CPUID2: the CPUID leaves this vCPU's guest sees."""
-        set_cpuid(self._ioctl, entries)
+        set_cpuid(self.ioctl, entries)
 
     def get_cpuid2(self) -> list[CpuidEntry]:
         """KVM_GET_CPUID2: the CPUID leaves this vCPU's guest sees."""
-        return get_cpuid(self._ioctl, abi.KVM_GET_CPUID2)
+        return get_cpuid(self.ioctl, abi.KVM_GET_CPUID2)
 
     def get_vcpu_events(self) -> abi.kvm_vcpu_events:
         """KVM_GET_VCPU_EVENTS: pending or injected exceptions, interrupts, NMIs and SMIs."""
         ev = abi.kvm_vcpu_events()
-        self._ioctl(abi.KVM_GET_VCPU_EVENTS, ev)
+        self.ioctl(abi.KVM_GET_VCPU_EVENTS, ev)
         return ev
 
     def set_vcpu_events(self, events: abi.kvm_vcpu_events) -> None:
         """KVM_SET_VCPU_EVENTS."""
-        self._ioctl(abi.KVM_SET_VCPU_EVENTS, events)
+        self.ioctl(abi.KVM_SET_VCPU_EVENTS, events)
 
     def translate(self, linear_address: int) -> Translation:
         """KVM_TRANSLATE: walk the guest's page tables for one guest-virtual address."""
         t = abi.kvm_translation(linear_address=linear_address)
-        self._ioctl(abi.KVM_TRANSLATE, t)
+        self.ioctl(abi.KVM_TRANSLATE, t)
         return Translation(t.linear_address, t.physical_address, bool(t.valid), bool(t.writeable), bool(t.usermode))
 
-    def set_guest_debug(self, enable: bool = True, single_step: bool = False,
-                        debugreg: tuple[int, ...] = ()) -> None:
-        """KVM_SET_GUEST_DEBUG; ``single_step`` gives one DebugExit per guest instruction."""
-        dbg = abi.kvm_guest_debug()
-        dbg.control = (abi.KVM_GUESTDBG_ENABLE if enable else 0) | (
-            abi.KVM_GUESTDBG_SINGLESTEP if single_step else 0
-        )
-        if debugreg:
-            dbg.control |= abi.KVM_GUESTDBG_USE_HW_BP
-            for i, v in enumerate(debugreg):
-                dbg.arch.debugreg[i] = v
-        self._ioctl(abi.KVM_SET_GUEST_DEBUG, dbg)
+    def set_guest_debug(self, enable: bool = True, single_step: bool = False, debugreg: Sequence[int] = (), *,
+                        sw_bp: bool = False, hw_bp: bool | None = None, block_irq: bool = False,
+                        inject_db: bool = False, inject_bp: bool = False) -> None:
+        """KVM_SET_GUEST_DEBUG (KVM_GUESTDBG_*): ``single_step`` gives one DebugExit per guest
+        instruction; ``sw_bp`` a DebugExit (#BP) at each INT3; ``hw_bp`` (on when ``debugreg`` is
+        given) the breakpoints of ``debugreg`` (DR0-DR3, then DR6 and DR7 at [6] and [7]);
+        ``block_irq`` keeps interrupts from the guest while it single-steps; ``inject_db`` and
+        ``inject_bp`` give the guest a #DB or #BP at the next KVM_RUN. ``enable=False`` stops it all.
+
+        >>> vcpu.set_guest_debug(debugreg=[image.symbols["hw_bp"], 0, 0, 0, 0, 0, 0, 0x402])
+        """
+        bits = ((enable, abi.KVM_GUESTDBG_ENABLE), (single_step, abi.KVM_GUESTDBG_SINGLESTEP),
+                (sw_bp, abi.KVM_GUESTDBG_USE_SW_BP), (bool(debugreg) if hw_bp is None else hw_bp, abi.KVM_GUESTDBG_USE_HW_BP),
+                (block_irq, abi.KVM_GUESTDBG_BLOCKIRQ), (inject_db, abi.KVM_GUESTDBG_INJECT_DB),
+                (inject_bp, abi.KVM_GUESTDBG_INJECT_BP))
+        dbg = abi.kvm_guest_debug(control=sum(bit for on, bit in bits if on))
+        dbg.arch.debugreg[:len(debugreg)] = list(debugreg)
+        self.ioctl(abi.KVM_SET_GUEST_DEBUG, dbg)
 
     def get_stats_fd(self) -> int:
         """KVM_GET_STATS_FD for this vCPU; the caller closes it."""
-        return self._ioctl(abi.KVM_GET_STATS_FD)
+        return self.ioctl(abi.KVM_GET_STATS_FD)
 
     def stats(self) -> Stats:
         """The vCPU's binary stats (KVM_GET_STATS_FD, parsed; a context manager)."""

@@ -8,7 +8,7 @@ import functools
 import mmap
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from . import abi
 from ._fd import (FdOwner, close_all, eventfd_into, fd_cell, ioctl_into, map_into, mapping_cell, release_fd,
@@ -26,9 +26,10 @@ PAGE_SIZE = 4096
 
 @dataclass
 class MemorySlot:
-    """One KVM memory slot, backed by an anonymous mapping owned by the VM.
+    """One KVM memory slot, backed by an anonymous mapping owned by the VM, or (``owned`` False)
+    by memory the caller gave :meth:`Vm.add_memory` and frees itself.
 
-    ``view`` is a writable memoryview of the host mapping; it is released with the VM.
+    ``view`` is a writable memoryview of the host memory; it is released with the slot.
     """
 
     slot: int
@@ -37,11 +38,16 @@ class MemorySlot:
     host_addr: int
     flags: int
     view: memoryview = field(repr=False)
-    _mapping: Any = field(repr=False, compare=False)  # the mapping's C cell, emptied when unmapped
+    owned: bool = True
+    _export: Any = field(default=None, repr=False, compare=False)  # holds the caller's buffer while in use
+    _mapping: Any = field(default=None, repr=False, compare=False)  # the VM's mapping's cell (kvm._fd.mapping_cell)
 
-    def _unmap(self) -> None:
+    def _release(self) -> None:
+        """Release the view, then unmap the memory where the VM mapped it."""
         self.view.release()  # first: no access through it once the memory is gone
-        release_mapping(self._mapping)
+        self._export = None
+        if self._mapping is not None:
+            release_mapping(self._mapping)
 
     @property
     def end(self) -> int:
@@ -51,6 +57,40 @@ class MemorySlot:
     def contains(self, gpa: int, length: int = 1) -> bool:
         """Whether ``[gpa, gpa + length)`` lies inside the slot."""
         return self.guest_phys_addr <= gpa and gpa + length <= self.end
+
+
+@dataclass(frozen=True)
+class MsrFilterRange:
+    """One range of :meth:`Vm.set_msr_filter` (``struct kvm_msr_filter_range``): ``nmsrs`` MSRs
+    (default: every bit of ``bitmap``) from index ``base``, whose ``flags`` accesses
+    (``abi.KVM_MSR_FILTER_READ``, ``_WRITE``) KVM handles where ``bitmap``'s bit is 1 and denies
+    where it is 0 (bit n of byte n // 8: MSR ``base + n``)."""
+
+    flags: int
+    base: int
+    bitmap: bytes
+    nmsrs: int | None = None
+
+    @classmethod
+    def allowing(cls, flags: int, base: int, nmsrs: int, deny: Iterable[int] = ()) -> "MsrFilterRange":
+        """``nmsrs`` MSRs from ``base``, every one allowed but those in ``deny``."""
+        bitmap = bytearray(b"\xff" * ((nmsrs + 7) // 8))
+        for msr in deny:
+            bitmap[(msr - base) // 8] &= ~(1 << (msr - base) % 8)
+        return cls(flags, base, bytes(bitmap), nmsrs)
+
+
+def _export(memory: Any, size: int) -> ctypes.Array:
+    """A ctypes view of the caller's ``memory`` (which it keeps exported, so it cannot be freed
+    or resized meanwhile) of ``size`` bytes; ValueError where that cannot back a memory slot."""
+    try:
+        buf = (ctypes.c_char * size).from_buffer(memory)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"memory for a slot must be a writable buffer of at least {size:#x} bytes: {e}") from None
+    if ctypes.addressof(buf) % PAGE_SIZE:
+        raise ValueError(f"memory for a slot must start on a {PAGE_SIZE}-byte page (an mmap does), "
+                         f"not at {ctypes.addressof(buf):#x}")
+    return buf
 
 
 class Vm(FdOwner):
@@ -76,7 +116,7 @@ class Vm(FdOwner):
         meanwhile goes up once all of it is released."""
         # the kernel drops the slots with the VM; then the backing can go
         close_all(*(v.close for v in self.vcpus), functools.partial(release_fd, self._fd),
-                  *(s._unmap for s in self.slots.values()),
+                  *(s._release for s in self.slots.values()),
                   *(functools.partial(release_fd, efd) for efd in self._eventfds))
         self.vcpus.clear()
         self.slots.clear()
@@ -84,8 +124,13 @@ class Vm(FdOwner):
 
     def ioctl(self, request: int, arg: int | ctypes._CData | None = None,
               explain: Callable[[int], str] | None = None, fd: int | None = None) -> int:
-        """ioctl(2) on the VM fd, or on ``fd`` (one of its vCPUs'); a KvmError naming the request,
-        VmDead where KVM refuses the VM itself (:meth:`diagnose`)."""
+        """ioctl(2) on the VM fd, or on ``fd`` (one of its vCPUs'): a KvmError naming the request,
+        VmDead where KVM refuses the VM itself (:meth:`diagnose`). Also the escape for any VM
+        ioctl kvmiso does not wrap (see :meth:`Kvm.ioctl`): selftests' ``vm_ioctl``.
+
+        >>> vm.ioctl(abi.KVM_SET_NR_MMU_PAGES, 64)
+        0
+        """
         try:
             return ioctl(self.fd if fd is None else fd, request, arg, explain)
         except KvmError as e:
@@ -118,38 +163,75 @@ class Vm(FdOwner):
     # --- memory -------------------------------------------------------------------------------
 
     def add_memory(self, guest_phys_addr: int, size: int, slot: int | None = None,
-                   readonly: bool = False, log_dirty: bool = False) -> MemorySlot:
-        """Back ``size`` bytes at ``guest_phys_addr`` with fresh anonymous memory (one slot).
+                   readonly: bool = False, log_dirty: bool = False, memory: Any = None) -> MemorySlot:
+        """Back ``size`` bytes at ``guest_phys_addr`` with fresh anonymous memory (one slot), or
+        with the first ``size`` bytes of ``memory``: a writable, page-aligned buffer the caller
+        owns (an ``mmap.mmap``, say, of a file or with MAP_NORESERVE), held while the slot lives
+        and never unmapped by the VM.
 
         Overlapping or misaligned slots are refused with a message naming the cause.
+
+        >>> buf = mmap.mmap(-1, 2 << 20)
+        >>> vm.add_memory(0xc0000000, 2 << 20, slot=10, memory=buf)
         """
+        self._check_place(guest_phys_addr, size)
+        if slot is None:
+            slot = next(i for i in range(len(self.slots) + 1) if i not in self.slots)
+        elif slot in self.slots:
+            raise ValueError(f"memory slot {slot} is already in use")
+        flags = (abi.KVM_MEM_READONLY if readonly else 0) | (abi.KVM_MEM_LOG_DIRTY_PAGES if log_dirty else 0)
+        export = mapping = None
+        if memory is None:
+            mapping = mapping_cell(size)
+            addr = map_into(mapping, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        else:
+            export = _export(memory, size)
+            addr = ctypes.addressof(export)
+        try:
+            self.set_user_memory_region(slot, guest_phys_addr, size, addr, flags)
+        except BaseException:
+            if mapping is not None:
+                release_mapping(mapping)
+            raise
+        view = memoryview((ctypes.c_char * size).from_address(addr)).cast("B")
+        ms = MemorySlot(slot, guest_phys_addr, size, addr, flags, view, export is None, export, mapping)
+        self.slots[slot] = ms
+        return ms
+
+    def _check_place(self, guest_phys_addr: int, size: int, moving: int | None = None) -> None:
+        """ValueError unless ``[guest_phys_addr, +size)`` is page-aligned and overlaps no slot
+        (but slot ``moving``)."""
         if guest_phys_addr % PAGE_SIZE or size % PAGE_SIZE or size <= 0:
             raise ValueError(
                 f"memory slot at {guest_phys_addr:#x} size {size:#x}: address and size must be "
                 f"positive multiples of the {PAGE_SIZE}-byte page"
             )
         for s in self.slots.values():
-            if guest_phys_addr < s.end and s.guest_phys_addr < guest_phys_addr + size:
+            if s.slot != moving and guest_phys_addr < s.end and s.guest_phys_addr < guest_phys_addr + size:
                 raise ValueError(
                     f"memory slot [{guest_phys_addr:#x}, {guest_phys_addr + size:#x}) overlaps slot "
                     f"{s.slot} [{s.guest_phys_addr:#x}, {s.end:#x})"
                 )
-        if slot is None:
-            slot = next(i for i in range(len(self.slots) + 1) if i not in self.slots)
-        elif slot in self.slots:
-            raise ValueError(f"memory slot {slot} is already in use")
-        flags = (abi.KVM_MEM_READONLY if readonly else 0) | (abi.KVM_MEM_LOG_DIRTY_PAGES if log_dirty else 0)
-        mapping = mapping_cell(size)
-        addr = map_into(mapping, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+
+    def delete_memory(self, slot: int) -> None:
+        """Delete memory slot ``slot`` (KVM_SET_USER_MEMORY_REGION of size 0), then free its
+        memory where the VM mapped it. A vCPU running meanwhile sees MMIO where the slot was."""
+        s = self.slots.pop(slot)  # first: no reader finds it once KVM may have dropped it
         try:
-            self.set_user_memory_region(slot, guest_phys_addr, size, addr, flags)
+            self.set_user_memory_region(slot, s.guest_phys_addr, 0, s.host_addr, s.flags)
         except BaseException:
-            release_mapping(mapping)
+            self.slots[slot] = s
             raise
-        view = memoryview((ctypes.c_char * size).from_address(addr)).cast("B")
-        ms = MemorySlot(slot, guest_phys_addr, size, addr, flags, view, mapping)
-        self.slots[slot] = ms
-        return ms
+        s._release()
+
+    def move_memory(self, slot: int, guest_phys_addr: int) -> MemorySlot:
+        """Move memory slot ``slot`` to ``guest_phys_addr``, same memory, same size (KVM's
+        KVM_MR_MOVE: the region again with a new address); the slot, updated in place."""
+        s = self.slots[slot]
+        self._check_place(guest_phys_addr, s.size, moving=slot)
+        self.set_user_memory_region(slot, guest_phys_addr, s.size, s.host_addr, s.flags)
+        s.guest_phys_addr = guest_phys_addr
+        return s
 
     def set_user_memory_region(self, slot: int, guest_phys_addr: int, size: int, userspace_addr: int,
                                flags: int = 0) -> None:
@@ -164,6 +246,37 @@ class Vm(FdOwner):
             return ""
 
         self.ioctl(abi.KVM_SET_USER_MEMORY_REGION, region, explain)
+
+    def set_user_memory_region2(self, slot: int, guest_phys_addr: int, size: int, userspace_addr: int,
+                                flags: int = 0, guest_memfd: int = 0, guest_memfd_offset: int = 0) -> None:
+        """KVM_SET_USER_MEMORY_REGION2 as is (Linux 6.8+, KVM_CAP_USER_MEMORY2): a slot whose
+        private memory (KVM_MEM_GUEST_MEMFD) comes from ``guest_memfd`` at ``guest_memfd_offset``."""
+        region = abi.kvm_userspace_memory_region2(slot, flags, guest_phys_addr, size, userspace_addr,
+                                                  guest_memfd_offset, guest_memfd)
+        self.ioctl(abi.KVM_SET_USER_MEMORY_REGION2, region)
+
+    def set_nr_mmu_pages(self, pages: int) -> None:
+        """KVM_SET_NR_MMU_PAGES: at most ``pages`` shadow/TDP page-table pages for this VM."""
+        self.ioctl(abi.KVM_SET_NR_MMU_PAGES, pages)
+
+    def set_msr_filter(self, ranges: Sequence["MsrFilterRange"] = (), default_deny: bool = False,
+                       flags: int | None = None) -> None:
+        """KVM_X86_SET_MSR_FILTER: which RDMSR/WRMSR KVM handles itself; a denied access goes to
+        userspace (KVM_EXIT_X86_RDMSR/WRMSR) where KVM_CAP_X86_USER_SPACE_MSR asks for
+        KVM_MSR_EXIT_REASON_FILTER, else the guest takes #GP. No ranges and no deny: no filter.
+        ``flags`` (default: KVM_MSR_FILTER_DEFAULT_DENY or _ALLOW) is passed as it is.
+
+        >>> vm.set_msr_filter([MsrFilterRange.allowing(abi.KVM_MSR_FILTER_READ, 0xc0000000, 0x2000, deny=[0xc0000101])])
+        """
+        if len(ranges) > abi.KVM_MSR_FILTER_MAX_RANGES:
+            raise ValueError(f"an MSR filter has at most {abi.KVM_MSR_FILTER_MAX_RANGES} ranges, not {len(ranges)}")
+        f = abi.kvm_msr_filter(flags if flags is not None else
+                               abi.KVM_MSR_FILTER_DEFAULT_DENY if default_deny else abi.KVM_MSR_FILTER_DEFAULT_ALLOW)
+        bitmaps = [ctypes.create_string_buffer(bytes(r.bitmap), len(r.bitmap)) for r in ranges]  # alive for the call
+        for dst, r, bitmap in zip(f.ranges, ranges, bitmaps):
+            dst.flags, dst.base, dst.bitmap = r.flags, r.base, ctypes.addressof(bitmap)
+            dst.nmsrs = r.nmsrs if r.nmsrs is not None else 8 * len(r.bitmap)
+        self.ioctl(abi.KVM_X86_SET_MSR_FILTER, f)
 
     def slot_for(self, gpa: int, length: int = 1) -> MemorySlot:
         """The slot holding ``[gpa, gpa + length)``; ValueError if no one slot does."""

@@ -12,6 +12,8 @@ first time it is asked for.
 2128
 >>> btf.sizeof("vcpu_pvm")
 51488
+>>> [(p.name, p.ctype) for p in btf.func("kvm_mmu_page_fault")][:2]
+[('vcpu', 'struct kvm_vcpu *'), ('cr2_or_gpa', 'gpa_t')]
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ INT, PTR, ARRAY, STRUCT, UNION, ENUM, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT = 
 FUNC, FUNC_PROTO, VAR, DATASEC, FLOAT, DECL_TAG, TYPE_TAG, ENUM64 = range(12, 20)
 _QUALIFIERS = (TYPEDEF, VOLATILE, CONST, RESTRICT, TYPE_TAG)
 _SIZED = (INT, STRUCT, UNION, ENUM, DATASEC, FLOAT, ENUM64)
-_INDEXED = (STRUCT, UNION, ENUM, ENUM64, VAR, DATASEC)  # kinds looked up by name
+_INDEXED = (STRUCT, UNION, ENUM, ENUM64, VAR, DATASEC, FUNC)  # kinds looked up by name
 _EXTRA = {INT: 4, ARRAY: 12, VAR: 4, DECL_TAG: 4}  # bytes after btf_type, fixed
 _PER_MEMBER = {STRUCT: 12, UNION: 12, ENUM: 8, FUNC_PROTO: 8, DATASEC: 12, ENUM64: 12}
 _HEADER = struct.Struct("<III")
@@ -52,8 +54,10 @@ class Member:
 @dataclass(frozen=True)
 class Type:
     """One BTF type: ``size`` for sized kinds, ``ref`` for pointers, qualifiers, arrays
-    (element type) and vars; ``members`` for structs and unions; ``nelems`` for arrays;
-    ``entries`` (var id, offset, size) for a DATASEC; ``enumerators`` for enums."""
+    (element type), vars, a FUNC (its FUNC_PROTO) and a FUNC_PROTO (its return type);
+    ``members`` for structs and unions, and a FUNC_PROTO's parameters (bit offset 0);
+    ``nelems`` for arrays; ``entries`` (var id, offset, size) for a DATASEC; ``enumerators``
+    for enums; ``kflag`` for a FWD (1: a union)."""
 
     id: int
     kind: int
@@ -64,6 +68,18 @@ class Type:
     nelems: int = 0
     entries: tuple[tuple[int, int, int], ...] = ()
     enumerators: tuple[tuple[str, int], ...] = ()
+    kflag: int = 0
+
+
+@dataclass(frozen=True)
+class Param:
+    """A parameter of a kernel function (its BTF FUNC_PROTO): name, type key, the C type as
+    text, and the struct or union a pointer parameter points at ("" for any other type)."""
+
+    name: str
+    type: int
+    ctype: str
+    pointee: str
 
 
 _VOID = Type(0, 0, "void")
@@ -116,6 +132,9 @@ class _Blob:
         if kind == ARRAY:
             ref, _index, nelems = struct.unpack_from("<III", self.tdata, body)
             return Type(key, kind, name, ref=self.key(ref), nelems=nelems)
+        if kind == FUNC_PROTO:
+            ps = (struct.unpack_from("<II", self.tdata, body + 8 * i) for i in range(vlen))
+            return Type(key, kind, name, ref=ref, members=tuple(Member(self.name(n), self.key(t), 0) for n, t in ps))
         if kind in (STRUCT, UNION):
             ms = []
             for i in range(vlen):
@@ -132,7 +151,7 @@ class _Blob:
                 hi = struct.unpack_from("<I", self.tdata, body + step * i + 8)[0] if kind == ENUM64 else 0
                 values.append((self.name(e_name), (hi << 32) | lo))
             return Type(key, kind, name, size=size, enumerators=tuple(values))
-        return Type(key, kind, name, size=size, ref=ref)
+        return Type(key, kind, name, size=size, ref=ref, kflag=kflag)
 
 
 class Btf:
@@ -214,13 +233,48 @@ class Btf:
                 return var.id, off
         raise BtfError(f"{name} is not a per-CPU variable in this kernel's BTF")
 
+    def func(self, name: str) -> tuple[Param, ...]:
+        """The parameters of kernel function ``name`` from its BTF FUNC record (BtfError where
+        the kernel's BTF has none: a build without them, or a function the compiler left out).
+        Where two static functions share the name, the first record's."""
+        proto = self.type(self.find(FUNC, name).ref)
+        return tuple(Param(m.name, m.type, self.type_text(m.type), self._pointee(m.type)) for m in proto.members)
+
+    def type_text(self, tid: int) -> str:
+        """The C spelling of a type: ``struct kvm_vcpu *``, ``gpa_t``, ``const char *``."""
+        t = self.type(tid)
+        if t.kind == PTR:
+            inner = self.type_text(t.ref)
+            return inner + ("*" if inner.endswith("*") else " *")
+        if t.kind == CONST:
+            return "const " + self.type_text(t.ref)
+        if t.kind == VOLATILE:
+            return "volatile " + self.type_text(t.ref)
+        if t.kind in (RESTRICT, TYPE_TAG):
+            return self.type_text(t.ref)
+        if t.kind in (STRUCT, UNION, ENUM, ENUM64, FWD):
+            tag = {STRUCT: "struct", UNION: "union", FWD: "union" if t.kflag else "struct"}.get(t.kind, "enum")
+            return f"{tag} {t.name}"
+        if t.kind == FUNC_PROTO:
+            return "function"
+        if t.kind == ARRAY:
+            return self.type_text(t.ref) + f"[{t.nelems}]"
+        return t.name or "void"
+
+    def _pointee(self, tid: int) -> str:
+        t = self.resolve(tid)
+        if t.kind != PTR:
+            return ""
+        p = self.resolve(t.ref)
+        return p.name if p.kind in (STRUCT, UNION, FWD) else ""
+
     def enum_value(self, name: str) -> int | None:
         """The value of an enumerator by name (``PGTY_slab``), or None where no enum has it."""
         return _enumerators(self).get(name)
 
 
 _KIND_NAMES = {STRUCT: "struct", UNION: "union", VAR: "variable", TYPEDEF: "typedef", ENUM: "enum",
-               DATASEC: "section"}
+               DATASEC: "section", FUNC: "function"}
 
 
 @lru_cache(maxsize=4)
@@ -313,4 +367,4 @@ def _find_member(btf: Btf, t: Type, name: str) -> tuple[int, int] | None:
     return None
 
 
-__all__ = ["BTF_DIR", "Btf", "BtfError", "Member", "StructView", "Type"]
+__all__ = ["BTF_DIR", "Btf", "BtfError", "Member", "Param", "StructView", "Type"]

@@ -4,7 +4,7 @@
 * the live page table of the vCPU task: every table page on the way to those objects, to the
   code of every function seen on a call chain, and the whole table under the kernel image,
   cpu_entry_area and ESPFIX (what the RFC copies at high levels); plus how many bytes the kernel
-  half maps in 4 KiB, 2 MiB and 1 GiB leaves;
+  half maps in 4 KiB, 2 MiB and 1 GiB leaves, and how many distinct physical bytes are behind them;
 * the functions (kallsyms) of every return address the call chains hold;
 * derived facts (``page_offset_base``, ``vmemmap_base``, the per-CPU offsets) and the cross-checks
   they passed or failed.
@@ -31,8 +31,8 @@ from typing import Any, Iterable
 from .bpf import BpfUnavailable, KernelMemory, KernelReadError
 from .btf import Btf, BtfError
 from .kallsyms import Symbols, read_kallsyms
-from .livemm import LiveTableError, LiveTables
-from .kobject import KernelObject, possible_cpus
+from .livemm import LiveTableError, LiveTables, distinct_bytes
+from .kobject import KernelObject, KernelView, possible_cpus
 from .vmobjects import find_vm, read_vm_objects
 
 FORMAT_VERSION = 1
@@ -75,6 +75,7 @@ class Evidence:
     page_offset_base: int = 0
     frames: dict[int, bytes] = field(default_factory=dict)  # page-table pages by physical address
     kernel_mapped: dict[int, int] = field(default_factory=dict)  # leaf level -> bytes the kernel half maps
+    kernel_mapped_physical: int = 0  # distinct physical bytes behind them (0: not counted, older evidence)
     frames_source: str = ""
     code: dict[int, Frame] = field(default_factory=dict)  # return address -> function
     sections: dict[str, tuple[int, int, str]] = field(default_factory=dict)  # name -> (start, end, source)
@@ -127,10 +128,29 @@ def collect_evidence(vm: Any, vendor: str, code_addresses: Iterable[int] = (), s
     return ev
 
 
+def vcpu_counters(vm: Any, stat: str = "insn_emulation") -> dict[int, int]:
+    """Each vCPU's ``stat`` (a member of struct kvm_vcpu_stat), read through BPF from the
+    struct kvm_vcpu behind each of ``vm``'s vCPU fds (as :func:`collect_evidence` takes them).
+    For another process's vCPUs KVM_GET_STATS_FD cannot be asked: KVM refuses a vCPU ioctl from
+    another mm (EIO). Empty where BPF, BTF or the vCPU cannot be read."""
+    try:
+        mem = KernelMemory()
+    except BpfUnavailable:
+        return {}
+    with mem:
+        try:
+            btf = Btf.running(("kvm",) if (Path("/sys/kernel/btf") / "kvm").exists() else ())
+            handle = find_vm(mem, btf, {v.id: v.fd for v in vm.vcpus})
+            off = KernelView(mem, btf).off("kvm_vcpu", f"stat.{stat}")
+            return {vid: mem.u64(vcpu + off) for vid, vcpu in handle.vcpus.items()}
+        except (BtfError, KernelReadError, KeyError):
+            return {}
+
+
 # The parts of the kernel table that do not depend on the VM, per page-table root: the frames
 # under WHOLE_TABLE_SPANS and the census of the kernel half. Read once per process (they cost
 # about a second); the frames on the way to a VM's own objects are read afresh for every VM.
-_STATIC: dict[int, tuple[int, dict[int, bytes], dict[int, int]]] = {}
+_STATIC: dict[int, tuple[int, dict[int, bytes], dict[int, int], int]] = {}
 
 
 def _read_kernel(ev: Evidence, mem: KernelMemory, vm: Any, vendor: str, code: list[int], cpus: int | None) -> None:
@@ -142,7 +162,9 @@ def _read_kernel(ev: Evidence, mem: KernelMemory, vm: Any, vendor: str, code: li
         tables = LiveTables(mem, handle.pgd)
         for start, end in WHOLE_TABLE_SPANS.values():
             tables.read_subtree(start, end)
-        static = _STATIC[handle.pgd] = (tables.page_offset_base, dict(tables.frames), tables.mapped_bytes())
+        spans: list[tuple[int, int]] = []
+        census = tables.mapped_bytes(physical=spans)
+        static = _STATIC[handle.pgd] = (tables.page_offset_base, dict(tables.frames), census, distinct_bytes(spans))
     tables = LiveTables(mem, handle.pgd, static[0])
     ev.facts["page_offset_base"] = (tables.page_offset_base, "the live page table: the one 1 GiB-aligned base "
                                                             "that makes the walk of mm->pgd end at pgd - base")
@@ -159,7 +181,7 @@ def _read_kernel(ev: Evidence, mem: KernelMemory, vm: Any, vendor: str, code: li
             tables.walk(va)
     for a in code:
         tables.walk(a)
-    ev.kernel_mapped = dict(static[2])
+    ev.kernel_mapped, ev.kernel_mapped_physical = dict(static[2]), static[3]
     ev.frames = {**static[1], **tables.frames}
     ev.pgd_phys, ev.page_offset_base = tables.root, tables.page_offset_base
     ev.frames_source = "bpf: kvm->mm->pgd (the VMM's page table), walked"
@@ -261,7 +283,8 @@ def evidence_from_dict(d: dict[str, Any], source: str = "<evidence>") -> Evidenc
             checks=[(a, b, c) for a, b, c in d["checks"]], per_cpu_offsets=d["per_cpu_offsets"],
             threads={int(k): v for k, v in d.get("threads", {}).items()},
             pgd_phys=d["pgd_phys"], page_offset_base=d["page_offset_base"], frames=frames,
-            kernel_mapped={int(k): v for k, v in d["kernel_mapped"].items()}, frames_source=d["frames_source"],
+            kernel_mapped={int(k): v for k, v in d["kernel_mapped"].items()},
+            kernel_mapped_physical=d.get("kernel_mapped_physical", 0), frames_source=d["frames_source"],
             code={int(a, 16): Frame(int(a, 16), f, o, s) for a, (f, o, s) in d["code"].items()},
             sections={k: (v[0], v[1], v[2]) for k, v in d["sections"].items()}, notes=d["notes"],
             config=d.get("config", {}))

@@ -74,6 +74,9 @@ class ExitLog:
     tracing: bool = False  # were in-kernel events captured?
     tracing_reason: str = ""  # why not, or which events were missing
     events_enabled: list[str] = field(default_factory=list)  # "kvm:kvm_pio", ...
+    # events that fired but were left out on purpose (too many to trace), with how many fired
+    # where a counter says (kvm_emulate_insn: the vCPUs' insn_emulation stat), else None
+    untraced: dict[str, int | None] = field(default_factory=dict)
     lost_events: int = 0  # records the kernel dropped (buffer full): counted, never hidden
     incomplete: str = ""  # why the capture ended early (e.g. "interrupted by SIGTERM"), or ""
 
@@ -95,6 +98,9 @@ class ExitLog:
         for name in other.events_enabled:
             if name not in self.events_enabled:
                 self.events_enabled.append(name)
+        for name, n in other.untraced.items():
+            mine = self.untraced.get(name, 0)
+            self.untraced[name] = None if n is None or mine is None else mine + n
         if other.tracing_reason and other.tracing_reason not in self.tracing_reason:
             self.tracing_reason = "; ".join(x for x in (self.tracing_reason, other.tracing_reason) if x)
         self.host = self.host or other.host
@@ -103,7 +109,7 @@ class ExitLog:
         """The first JSON line: format version, host and what was traced."""
         return {"kvmiso_exitlog": FORMAT_VERSION, "host": self.host, "tracing": self.tracing,
                 "tracing_reason": self.tracing_reason, "events_enabled": self.events_enabled,
-                "lost_events": self.lost_events, "incomplete": self.incomplete, "records": len(self.records)}
+                "untraced": self.untraced, "lost_events": self.lost_events, "incomplete": self.incomplete, "records": len(self.records)}
 
     def write_jsonl(self, path: str | Path) -> None:
         """Write the log as JSON lines."""
@@ -144,7 +150,7 @@ def parse_jsonl(lines: Iterable[str], source: str = "<exit log>") -> ExitLog:
         raise ExitLogError(f"{source}:1: exit log format {head['kvmiso_exitlog']}, this kvmiso reads {FORMAT_VERSION}")
     log = ExitLog(host=head.get("host", {}), tracing=head.get("tracing", False),
                   tracing_reason=head.get("tracing_reason", ""), events_enabled=head.get("events_enabled", []),
-                  lost_events=head.get("lost_events", 0), incomplete=head.get("incomplete", ""))
+                  untraced=head.get("untraced", {}), lost_events=head.get("lost_events", 0), incomplete=head.get("incomplete", ""))
     for n, line in enumerate(it, start=2):
         if not line.strip():
             continue

@@ -74,6 +74,19 @@ class Symbols:
         span = self._modules.get(module)
         return (span[0] & ~(PAGE - 1), _page_up(span[1] + 1)) if span else None
 
+    def module_at(self, addr: int) -> str | None:
+        """The loaded module whose symbols' span holds ``addr``, or None (the kernel image, or
+        no module).
+
+        >>> syms.module_at(syms.address("npf_interception"))
+        'kvm_amd'
+        """
+        for name in self._modules:
+            lo, hi = self.module_span(name)
+            if lo <= addr < hi:
+                return name
+        return None
+
     def resolve(self, addr: int) -> tuple[str, int] | None:
         """(function, offset) of the code symbol at or below ``addr``."""
         self._index_code()

@@ -133,18 +133,22 @@ class LiveTables:
         that a copy at any level and the bytes it maps can be counted from the frames."""
         self._visit(self.root, 4, start, end, 0, None)
 
-    def mapped_bytes(self, start: int = KERNEL_HALF, end: int = 1 << 64) -> dict[int, int]:
+    def mapped_bytes(self, start: int = KERNEL_HALF, end: int = 1 << 64,
+                     physical: list[tuple[int, int]] | None = None) -> dict[int, int]:
         """Bytes the table maps in [start, end), by leaf level: the whole kernel half by default.
-        The table pages this reads are counted, not kept (unless kept already)."""
+        Each leaf's physical span goes to ``physical`` when given (:func:`distinct_bytes` counts
+        them: ESPFIX maps one page 65,536 times). The table pages this reads are counted, not
+        kept (unless kept already)."""
         keep, keep_tables = dict(self.frames), dict(self._tables)
         out = {1: 0, 2: 0, 3: 0}
         try:
-            self._visit(self.root, 4, start, end, 0, out)
+            self._visit(self.root, 4, start, end, 0, out, physical)
         finally:
             self.frames, self._tables = keep, keep_tables
         return out
 
-    def _visit(self, table: int, level: int, start: int, end: int, prefix: int, census: dict[int, int] | None) -> None:
+    def _visit(self, table: int, level: int, start: int, end: int, prefix: int, census: dict[int, int] | None,
+               physical: list[tuple[int, int]] | None = None) -> None:
         shift = _SHIFT[level]
         span = 1 << shift
         entries = self.table(table)
@@ -158,11 +162,25 @@ class LiveTables:
             if level == 1 or (level < 4 and e & _PS):
                 if census is not None:
                     census[level] += span
+                if physical is not None:
+                    pa = e & _ADDR & ~(span - 1)
+                    physical.append((pa, pa + span))
             else:
-                self._visit(e & _ADDR, level - 1, start, end, lo, census)
+                self._visit(e & _ADDR, level - 1, start, end, lo, census, physical)
         if census is not None and len(self.frames) > 4096:  # a census keeps memory bounded
             self.frames.clear()
             self._tables.clear()
 
 
-__all__ = ["LiveTableError", "LiveTables", "max_physical_address"]
+def distinct_bytes(spans: list[tuple[int, int]]) -> int:
+    """Bytes in the union of [start, end) ``spans``: a page mapped at many addresses counts once."""
+    total, reach = 0, -1
+    for s, e in sorted(spans):
+        if e <= reach:
+            continue
+        total += e - max(s, reach)
+        reach = e
+    return total
+
+
+__all__ = ["LiveTableError", "LiveTables", "distinct_bytes", "max_physical_address"]
