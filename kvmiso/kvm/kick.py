@@ -35,14 +35,20 @@ def install_kick_handler() -> None:
 
 
 def check_kick_reaches(thread: threading.Thread) -> None:
-    """Raise KickSignalBlocked if ``thread`` blocks the kick signal (its /proc status SigBlk)."""
-    try:
-        with open(f"/proc/self/task/{thread.native_id}/status") as f:
-            blocked = next(int(line.split()[1], 16) for line in f if line.startswith("SigBlk:"))
-    except FileNotFoundError:
-        return  # it has ended: there is no KVM_RUN to stop
-    if blocked >> (KICK_SIGNAL - 1) & 1:
+    """Raise KickSignalBlocked if ``thread`` blocks the kick signal."""
+    if _blocks_kick(thread):
         raise KickSignalBlocked(
             f"thread {thread.name!r} blocks {signal.Signals(KICK_SIGNAL).name}, the signal that kvmiso's timeouts "
             "and kicks stop KVM_RUN with: its KVM_RUN would never end. Unblock it in that thread first: "
             "signal.pthread_sigmask(signal.SIG_UNBLOCK, [kvmiso.kvm.KICK_SIGNAL])")
+
+
+def _blocks_kick(thread: threading.Thread) -> bool:
+    if thread is threading.current_thread():  # its own mask, without reading /proc (every Machine.run asks)
+        return KICK_SIGNAL in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    try:
+        with open(f"/proc/self/task/{thread.native_id}/status") as f:
+            blocked = next(int(line.split()[1], 16) for line in f if line.startswith("SigBlk:"))
+    except FileNotFoundError:
+        return False  # it has ended: there is no KVM_RUN to stop
+    return bool(blocked >> (KICK_SIGNAL - 1) & 1)
