@@ -75,12 +75,12 @@ class Stats(FdOwner):
 
     def __init__(self, fd: int | Any) -> None:
         self._fd = fd_cell(fd) if isinstance(fd, int) else fd
-        fd = self.fd
+        number = self.fd
         try:
-            hdr = abi.kvm_stats_header.from_buffer_copy(os.pread(fd, ctypes.sizeof(abi.kvm_stats_header), 0))
-            self.id = os.pread(fd, hdr.name_size, hdr.id_offset).rstrip(b"\0").decode()
+            hdr = abi.kvm_stats_header.from_buffer_copy(os.pread(number, ctypes.sizeof(abi.kvm_stats_header), 0))
+            self.id = os.pread(number, hdr.name_size, hdr.id_offset).rstrip(b"\0").decode()
             stride = _DESC_SIZE + hdr.name_size
-            raw = os.pread(fd, stride * hdr.num_desc, hdr.desc_offset)
+            raw = os.pread(number, stride * hdr.num_desc, hdr.desc_offset)
             self.descriptors = [_parse_desc(raw[i * stride : (i + 1) * stride]) for i in range(hdr.num_desc)]
         except BaseException:
             self.close()
