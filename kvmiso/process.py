@@ -21,6 +21,8 @@ import time
 
 import psutil
 
+from .kvm._libc import libc
+
 PR_SET_CHILD_SUBREAPER, PR_GET_CHILD_SUBREAPER = 36, 37  # <linux/prctl.h>
 POLL_S = 0.05  # how often a stopping tree is looked at again
 
@@ -37,7 +39,6 @@ def stop(proc: subprocess.Popen, grace: float) -> None:
 
 
 def _prctl(option: int, arg: int) -> int:
-    libc = ctypes.CDLL(None, use_errno=True)
     value = ctypes.c_int(0)
     r = libc.prctl(option, ctypes.byref(value) if option == PR_GET_CHILD_SUBREAPER else ctypes.c_ulong(arg), 0, 0, 0)
     if r != 0:

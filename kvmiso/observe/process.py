@@ -16,9 +16,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..kvm._libc import libc as _libc
+
 _NR_PIDFD_GETFD = 438  # the same on every architecture but alpha (os has pidfd_open, not pidfd_getfd)
 _NR_KCMP, _KCMP_FILE = 312, 0  # x86_64 (KVM's own architecture here); os has no kcmp
-_libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 _VCPU = re.compile(r"anon_inode:kvm-vcpu:(\d+)$")
 VCPU_STATS_LINK = "anon_inode:kvm-vcpu-stats:"  # a vCPU's binary stats fd, then its id
@@ -205,9 +206,8 @@ class ForeignVm:
 
     def close(self) -> None:
         """Close the copies (the process keeps its own fds)."""
-        for v in self.vcpus:
-            os.close(v.fd)
-        self.vcpus.clear()
+        while self.vcpus:  # each copy off the list before its close: an interrupt never leaves one to close twice
+            os.close(self.vcpus.pop().fd)
 
     def __enter__(self) -> "ForeignVm":
         return self

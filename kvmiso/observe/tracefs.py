@@ -223,9 +223,8 @@ class TraceInstance:
 
         Ctrl-C or SIGTERM arriving meanwhile take effect once the instance is gone."""
         with interrupt.deferred() as restore:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
+            while self._fds:  # each fd off the dict before its close: an error never leaves one to close twice
+                os.close(self._fds.popitem()[1])
             if self.path is not None:
                 for attempt in range(50):
                     try:
