@@ -103,7 +103,8 @@ class Machine:
 
         Far cheaper than a new Machine, so a fuzzer can run thousands of payloads on one VM:
 
-        >>> m.reset(dataclasses.replace(m.image, code=new_code))
+        >>> m.reset(build("portio", m.mode)); m.run().reports     # another payload, same VM
+        [Report(tag=1, value=255), Report(tag=2, value=65535)]
         """
         if image is not None:
             if image.mode != self.mode:
