@@ -39,9 +39,17 @@ def _examples() -> list[doctest.DocTest]:
 
 
 EXAMPLES = _examples()
+# an example that captures a traced run (every kvm event with its call chain) takes 5-10 s here,
+# minutes under TCG: marked slow, which the kvm_amd lane leaves out
+TRACED = ("Capture(", "capture(")
 
 
-@pytest.mark.parametrize("test", EXAMPLES, ids=lambda t: t.name)
+def _param(test: doctest.DocTest):
+    slow = any(t in "".join(e.source for e in test.examples) for t in TRACED)
+    return pytest.param(test, id=test.name, marks=[pytest.mark.slow] if slow else [])
+
+
+@pytest.mark.parametrize("test", [_param(t) for t in EXAMPLES])
 def test_a_docstring_s_examples_run(kvm, test, tmp_path, monkeypatch):
     if "needs root" in (test.docstring or "") and os.geteuid() != 0:
         pytest.skip(f"{test.name}: its example reads the kernel, which needs root")
