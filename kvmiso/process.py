@@ -51,9 +51,11 @@ class CommandTree:
     """A command kvmiso starts, and every process it starts in turn, stopped together.
 
     >>> tree = CommandTree()
-    >>> pid = tree.start(["sh", "-c", "qemu-system-x86_64 ...; echo done"])
-    >>> tree.stop(grace=5.0)  # QEMU too, though the shell has gone
-    ['pid 4242 (qemu-system-x86)']
+    >>> pid = tree.start(["sh", "-c", "sleep 60 & exit 0"])   # as a VMM under a wrapper
+    >>> tree.proc.wait()                                      # the shell ends at once
+    0
+    >>> tree.stop(grace=5.0)                                  # sleep too, though the shell has gone
+    ['pid ... (sleep)']
     """
 
     def __init__(self) -> None:

@@ -17,7 +17,7 @@ finding ("unknown function on the path"), never skipped.
 
 >>> model = load_access_model()
 >>> model.lookup("em_out.cold").touches
-('emulate_ctxt',)
+('emulate_ctxt', 'kernel_data')
 >>> model.resolve(["pvm_handle_exit", "pvm_push_frame_renamed"], 1, "6.18.44-fc-v1300").basis
 'inference'
 """

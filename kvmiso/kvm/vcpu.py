@@ -87,9 +87,11 @@ class Vcpu(FdOwner, VcpuStateIoctls):
     Its state ioctls beyond registers and MSRs (debug registers, XSAVE, save/load of the whole)
     are :class:`~kvmiso.kvm.vcpu_state.VcpuStateIoctls`'.
 
-    >>> exit = vcpu.run()
+    >>> exit = vcpu.run()                  # the hello payload's first console byte
     >>> exit
-    IoExit(port=233, size=1, count=13, is_in=False)
+    IoExit(port=233, size=1, count=1, is_in=False)
+    >>> bytes(exit.data)
+    b'H'
     """
 
     _warn_unclosed = False  # its VM owns it: an unclosed VM's finalizer warns for both
@@ -349,7 +351,9 @@ class Vcpu(FdOwner, VcpuStateIoctls):
         ``block_irq`` keeps interrupts from the guest while it single-steps; ``inject_db`` and
         ``inject_bp`` give the guest a #DB or #BP at the next KVM_RUN. ``enable=False`` stops it all.
 
-        >>> vcpu.set_guest_debug(debugreg=[image.symbols["hw_bp"], 0, 0, 0, 0, 0, 0, 0x402])
+        >>> vcpu.set_guest_debug(single_step=True)
+        >>> vcpu.run()
+        DebugExit(exception=1, pc=..., dr6=..., dr7=...)
         """
         bits = ((enable, abi.KVM_GUESTDBG_ENABLE), (single_step, abi.KVM_GUESTDBG_SINGLESTEP),
                 (sw_bp, abi.KVM_GUESTDBG_USE_SW_BP), (bool(debugreg) if hw_bp is None else hw_bp, abi.KVM_GUESTDBG_USE_HW_BP),

@@ -5,7 +5,11 @@ through ``kvm_run.s``, and the whole of it saved and loaded as selftests' ``vcpu
 
 >>> state = vcpu.save_state()
 >>> vcpu.run()                              # the guest goes on, changes things
+IoExit(port=233, size=1, count=1, is_in=False)
+>>> _ = state.msrs.pop(0x4b564d06, None)    # kvm_pvm refuses MSR_KVM_POLL_CONTROL's own value
 >>> vcpu.load_state(state)                  # and is back where it was
+>>> vcpu.get_regs().rip == state.regs.rip
+True
 """
 
 from __future__ import annotations
@@ -73,7 +77,9 @@ class VcpuStateIoctls:
         loads on its way in for each bit of ``kvm_run.kvm_dirty_regs`` (KVM_CAP_SYNC_REGS).
 
         >>> vcpu.kvm_run.kvm_valid_regs = abi.KVM_SYNC_X86_REGS
-        >>> vcpu.run(); vcpu.sync_regs.regs.rip
+        >>> exit = vcpu.run()
+        >>> vcpu.sync_regs.regs.rip == vcpu.get_regs().rip
+        True
         """
         return self.kvm_run.s.regs
 

@@ -97,9 +97,12 @@ class Vm(FdOwner):
     """A KVM VM. Created by :meth:`Kvm.create_vm`; a context manager that closes every vCPU,
     unmaps every memory slot and closes every eventfd it made.
 
+    >>> from kvmiso import Kvm
     >>> with Kvm() as kvm, kvm.create_vm() as vm:
     ...     slot = vm.add_memory(0, 2 << 20)
     ...     vcpu = vm.create_vcpu(0)
+    >>> slot
+    MemorySlot(slot=0, guest_phys_addr=0, size=2097152, host_addr=..., flags=0, owned=True)
     """
 
     def __init__(self, kvm: Kvm, fd: Any) -> None:
@@ -171,8 +174,10 @@ class Vm(FdOwner):
 
         Overlapping or misaligned slots are refused with a message naming the cause.
 
+        >>> import mmap
         >>> buf = mmap.mmap(-1, 2 << 20)
         >>> vm.add_memory(0xc0000000, 2 << 20, slot=10, memory=buf)
+        MemorySlot(slot=10, guest_phys_addr=3221225472, size=2097152, host_addr=..., flags=0, owned=False)
         """
         self._check_place(guest_phys_addr, size)
         if slot is None:

@@ -8,8 +8,9 @@ Machine.run handles the exit after the hook, so that handling is inside the next
 each successful KVM_RUN in the vCPU thread; without it (not traced, or records lost), by
 timestamp. Where tracing cannot work the log still holds exits and stats, and says why.
 
->>> with Machine("cpuid", mode="long") as m:
-...     result, log = capture(m)
+>>> from kvmiso import Machine
+>>> with Machine("cpuid", mode="long", kvm=kvm) as cpuid:   # needs root: tracefs
+...     result, log = capture(cpuid)
 >>> [(e.fields["function"], e.fields["index"]) for _, e in log.events() if e.name == "kvm_cpuid"]
 [(0, 0), (1, 0)]
 """
@@ -41,12 +42,13 @@ class Capture:
     ``log``. ``trace``: True for every kvm/kvmmmu event this kernel has, False for none, or
     event names (see :class:`TraceInstance`).
 
-    >>> with Capture() as cap:
+    >>> from kvmiso import Machine
+    >>> with Capture() as cap:                       # needs root: tracefs
     ...     for p in ("portio", "cpuid"):
-    ...         with Machine(p) as m:
-    ...             cap.run(m, payload=p)
-    >>> len(cap.log.records)
-    9
+    ...         with Machine(p, kvm=kvm) as pm:
+    ...             result = cap.run(pm, payload=p)
+    >>> len(cap.log.records)                         # KVM_RUN calls: portio's 7, cpuid's 6
+    13
     """
 
     def __init__(self, trace: bool | Iterable[str] = True, buffer_kb: int = DEFAULT_BUFFER_KB,

@@ -14,7 +14,7 @@ holds no objects: the model then places modeled objects and says so on every lin
 
 Serialised as one JSON document; ``read_evidence(write_evidence(e))`` gives ``e`` back.
 
->>> ev = collect_evidence(machine.vm, machine.vendor, code_addresses)
+>>> ev = collect_evidence(m.vm, m.vendor, set())     # needs root: BPF
 >>> next(o for o in ev.objects if o.name == "pio_data").allocator
 'page allocator'
 """

@@ -29,6 +29,7 @@ class Symbols:
     Addresses stay the fixed-width hex strings kallsyms prints until asked for (sorting those
     strings sorts the addresses), which keeps reading 120k symbols cheap.
 
+    >>> syms = read_kallsyms()                    # needs root: real addresses
     >>> syms.resolve(syms.address("kvm_fast_pio") + 0x10)
     ('kvm_fast_pio', 16)
     """
@@ -78,8 +79,11 @@ class Symbols:
         """The loaded module whose symbols' span holds ``addr``, or None (the kernel image, or
         no module).
 
-        >>> syms.module_at(syms.address("npf_interception"))
-        'kvm_amd'
+        >>> syms = read_kallsyms()                # needs root: real addresses
+        >>> print(syms.module_at(syms.address("schedule")))
+        None
+
+        (``syms.module_at(syms.address("npf_interception"))`` is ``'kvm_amd'`` on an AMD host.)
         """
         for name in self._modules:
             lo, hi = self.module_span(name)

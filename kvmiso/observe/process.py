@@ -2,9 +2,10 @@
 its vCPU fds in this process (``pidfd_getfd(2)``), through which kvmiso reads the real objects of
 its VM exactly as it reads its own.
 
->>> with ForeignVm.attach(pid) as vm:
-...     [(v.id, v.fd) for v in vm.vcpus]
-[(0, 7), (1, 8)]
+>>> import os
+>>> with ForeignVm.attach(os.getpid()) as foreign:    # needs root; this process holds m's VM
+...     [(v.id, v.fd != m.vcpu.fd) for v in foreign.vcpus]   # vCPU 0, through a copy of its fd
+[(0, True)]
 """
 
 from __future__ import annotations
