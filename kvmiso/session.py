@@ -195,7 +195,7 @@ def watch_process(target: int | list[str], duration: float | None = None,
         replaced = seen > 0 and "vm" in got and not got["vm"].still_held()
         if seen > (len(got["vm"].vcpus) if "vm" in got else 0) or replaced:
             try:
-                vm = ForeignVm.attach(pid)
+                vm = ForeignVm.attach(pid, fds)  # the listing above: a second one may find the VM gone
             except ProcessChanged:
                 pass  # an fd closed or reused since the listing, or the process ended: next tick
             else:

@@ -79,8 +79,10 @@ def test_an_unclosed_machine_is_released_by_the_garbage_collector(kvm):
             assert m.run(timeout=30).ok
         del m
         gc.collect()
+    unclosed = [str(w.message) for w in caught if w.category is ResourceWarning and "unclosed <Machine hello" in str(w.message)]
+    del caught  # a recorded warning holds its source, the Machine
+    gc.collect()
     assert _resources() == before
-    unclosed = [w for w in caught if w.category is ResourceWarning and "unclosed <Machine hello" in str(w.message)]
     assert len(unclosed) == 200
 
 
@@ -94,9 +96,11 @@ def test_unclosed_kvm_handles_are_closed_by_the_garbage_collector(kvm):
         stats = vm.create_vcpu().stats()
         del k, vm, stats
         gc.collect()  # the VM and its vCPU refer to each other: only the cycle collector frees them
+    unclosed = sorted(str(w.message).split()[1].strip("<>") for w in caught if w.category is ResourceWarning)
+    del caught  # a recorded warning holds its source, the handle
+    gc.collect()
     assert _resources() == before
-    assert sorted(str(w.message).split()[1].strip("<") for w in caught if w.category is ResourceWarning) == [
-        "Kvm", "Stats", "Vm"]
+    assert unclosed == ["Kvm", "Stats", "Vm"]
 
 
 AFTER_CLOSE = r"""

@@ -150,10 +150,10 @@ class Machine:
         return f"<Machine {self.image.name} {self.mode} CPL{self.cpl}{' closed' if self.vm is None else ''}>"
 
     def __del__(self) -> None:
-        # as an unclosed file does: warn, then release the fds, the mappings and KVM's thread
+        # as an unclosed file does: warn; the fds, the mappings and KVM's thread go with the cells
+        # that hold them (kvm._fd.FdOwner), which the finalizer must not touch: they may be freed
         if getattr(self, "vm", None) is not None:
             warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self)
-            self.close()
 
     def __exit__(self, *exc) -> None:
         self.close()

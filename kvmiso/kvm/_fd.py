@@ -95,12 +95,16 @@ _NO_FD = fd_cell()  # the cell of a handle that never got an fd (its __init__ fa
 
 class FdOwner:
     """A handle owning ``fd`` (-1 once closed): a context manager that closes it on the way out,
-    and, as a file does, one the garbage collector closes with a ResourceWarning when the program
-    forgot to. ``close()`` is idempotent, and finishes a close a Ctrl-C cut short."""
+    and, as a file does, one the garbage collector releases with a ResourceWarning when the
+    program forgot to. ``close()`` is idempotent, and finishes a close a Ctrl-C cut short.
+
+    The finalizer only warns: the cells release what they hold when they are freed. It must not
+    touch them: where a handle is in a reference cycle (a VM and its vCPUs), the cycle collector
+    runs a cffi cell's destructor, and frees the cell, before the handle's ``__del__``, which
+    would then read freed memory and close whatever number it found there."""
 
     _fd: Any = _NO_FD  # the fd's cell (fd_cell)
-    _closed = False  # close() was called: the finalizer's warning cannot go by the fd, which a
-    # cell freed in the same garbage collection may have closed already
+    _closed = False  # close() was called (the finalizer cannot go by the fd: it may not read the cell)
     _warn_unclosed = True
 
     @property
@@ -130,5 +134,5 @@ class FdOwner:
         if self._fd is _NO_FD:
             return  # its __init__ failed before it owned anything
         if not self._closed and self._warn_unclosed:
-            warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self)
-        self.close()  # also what an interrupted close left (the cells release the rest when freed)
+            # by name, not repr: the repr reads the fd from the cell
+            warnings.warn(f"unclosed <{type(self).__name__}>", ResourceWarning, source=self)
