@@ -62,7 +62,7 @@ def main() -> int:
             results[target] = s = fuzz(target, args.count, seed=args.seed, timeout=args.timeout, jobs=args.jobs, kvm=kvm)
             print(f"{target}: {s.runs} runs in {s.elapsed:.1f} s ({s.per_second:.0f} payloads/s, {s.jobs} "
                   f"job{'s' * (s.jobs > 1)}), {s.kvm_runs} KVM_RUN calls", file=sys.stderr)
-        after = Resources.now()
+        after = Resources.after(before)
         wall = time.perf_counter() - t0
         # after the leak check: runs in this thread start the process's kick helper (a thread, a pipe)
         floor = {target: _empty_payload_s(target, kvm) for target in args.targets}
