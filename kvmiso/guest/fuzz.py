@@ -21,7 +21,7 @@ import time
 import traceback
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import psutil
 
@@ -296,22 +296,9 @@ def fuzz(target: str, count: int, seed: int = 0, kinds: tuple[str, ...] = KINDS,
     return total
 
 
-def vm_mappings(p: psutil.Process) -> int:
-    """The mappings of process ``p`` a VM makes: KVM's own (a vCPU's kvm_run: anon_inode:kvm-vcpu)
-    and anonymous ones of 2 MiB or more (guest RAM). Python's allocator arenas (1 MiB) come and
-    go with the interpreter's own use: a count of every mapping is flaky (2 more in one run)."""
-    def size(m: Any) -> int:
-        lo, hi = m.addr.split("-")
-        return int(hi, 16) - int(lo, 16)
-
-    # grouped=False: grouped maps merge every anonymous mapping into one entry, hiding a leak
-    return sum(1 for m in p.memory_maps(grouped=False)
-               if "kvm" in m.path or (m.path in ("", "[anon]") and size(m) >= 2 << 20))
-
-
 @dataclass(frozen=True)
 class Resources:
-    """What a leak would show: open fds, the mappings VMs make and threads of this process."""
+    """What a leak would show: open fds, memory mappings and threads of this process."""
 
     fds: int
     maps: int
@@ -319,9 +306,9 @@ class Resources:
 
     @classmethod
     def now(cls) -> "Resources":
-        """This process's open fds, VM mappings and threads, now."""
+        """This process's open fds, mappings and threads, now."""
         p = psutil.Process()
-        return cls(p.num_fds(), vm_mappings(p), p.num_threads())
+        return cls(p.num_fds(), len(p.memory_maps(grouped=False)), p.num_threads())
 
     @classmethod
     def after(cls, before: "Resources", settle_s: float = 2.0) -> "Resources":
