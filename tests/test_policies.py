@@ -115,4 +115,7 @@ def test_asi_2022_is_an_allowlist_of_what_its_series_marks(kvm):
     assert beside  # the direct map is 2 MiB and 1 GiB leaves but for a few MiB: some object sits in one
     s = model_summary(space)
     assert s["mapping"] == "allowlist" and {"kernel_data", "percpu_area"} <= {r["name"] for r in s["regions"] if r["modeled"]}
-    assert s["isolated_physical_bytes"] < s["kernel_physical_bytes"] // 100  # pages, not leaves
+    # pages, not leaves: less than the RFC, which copies each object's leaf whole, on the same
+    # layout (a share of RAM would be a property of the host: 0.19% here, 2.8% in the lane's 2 GiB)
+    copied = model_summary(rfc)["isolated_physical_bytes"]
+    assert s["isolated_physical_bytes"] < copied, (s["isolated_physical_bytes"], copied)

@@ -163,12 +163,12 @@ _BUSY = """\
         .text
         .globl main
 main:
-        mov $200, %ecx          # 200 port writes to userspace
-1:      mov $1000, %eax         # each after 1000 turns of a loop KVM emulates at CPL0
+        mov $200, %ecx          # 200 MMIO writes, each an instruction KVM's emulator decodes
+        mov $MMIO_BASE, %ebx    # on every host, after 1000 turns of a loop that a host whose
+1:      mov $1000, %eax         # CPL0 code is emulated (kvm_pvm) emulates too
 2:      dec %eax
         jnz 2b
-        mov $0x3000, %dx
-        out %al, %dx
+        movb %al, (%ebx)
         loop 1b
         ret
 """

@@ -153,7 +153,8 @@ def test_a_probed_fact_is_measured_on_this_host(kvm, pytester):
     from kvmiso.guest.probe import PROBE_INSNS, emulated_instructions, hypercall_returns
 
     emulated, hangs = emulated_instructions(kvm, "long", 0) >= PROBE_INSNS, not hypercall_returns(kvm)
-    r.assert_outcomes(xfailed=emulated + hangs, failed=2 - emulated - hangs)
+    # a deviation this host lacks leaves the test as it is: assert False fails, the hypercall passes
+    r.assert_outcomes(xfailed=emulated + hangs, failed=1 - emulated, passed=1 - hangs)
 
 
 def test_only_a_missing_device_skips_and_require_kvm_fails_instead(pytester, monkeypatch):

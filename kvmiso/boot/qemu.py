@@ -91,7 +91,7 @@ def qemu_command(qemu: str, accel: Accel, image: Path, initrd: Path, memory_mib:
            "-append", "console=ttyS0 panic=-1",
            "-virtfs", f"local,path=/,mount_tag={MOUNT_TAG},security_model=none,readonly=on,multidevs=remap"]
     for i, fd in enumerate(port_fds):
-        cmd += ["-chardev", f"file,id=port{i},path=/dev/fd/{fd}", "-serial", f"chardev:port{i}"]
+        cmd += ["-chardev", f"file,id=port{i},path=/proc/self/fd/{fd}", "-serial", f"chardev:port{i}"]
     return cmd + list(extra)
 
 

@@ -54,11 +54,12 @@ def boot(argv: list[str], kernel: Kernel, *, cpu: str | None = None, accel: str 
     initrd = build_initramfs(kernel, list(modules), script, host_winsize(), pipes=not sys.stdout.isatty(),
                              record_dir=str(record_dir.resolve()) if record_dir is not None else None)
     log(f"kvmiso: booting {kernel.origin} under QEMU {acc.name.upper()} (-cpu {acc.cpu}: {acc.why})")
-    # the initramfs lives in a memfd that QEMU opens by /dev/fd: no file to leave behind
+    # the initramfs lives in a memfd that QEMU opens by /proc/self/fd (a minimal root, such as
+    # the lane's, has no /dev/fd): no file to leave behind
     memfd = os.memfd_create("kvmiso-initramfs", os.MFD_CLOEXEC)
     try:
         os.write(memfd, initrd)
-        initrd_path = Path(f"/dev/fd/{memfd}")
+        initrd_path = Path(f"/proc/self/fd/{memfd}")
         run = run_qemu(lambda ports: qemu_command(qemu, acc, kernel.image, initrd_path, memory_mib, ports, extra),
                        [memfd], timeout, show_console, on_up=lambda r: log(_up_text(r)))
     finally:

@@ -28,7 +28,7 @@ from .sites import guest_reader
 from .snapshot import RESET_MSRS, VcpuState
 from .stopped import at_rip, describe_stop
 from .threads import run_in_threads
-from .ucall import (PORT_CONSOLE, PORT_UCALL, Done, Fail, GuestAssertion, GuestException, MalformedUcall, Printf,
+from .ucall import (PORT_CONSOLE, PORT_UCALL, UCALL_OUT, Done, Fail, GuestAssertion, GuestException, MalformedUcall, Printf,
                     Report, Sync, decode_ucall)
 
 DEFAULT_MEMORY = 2 << 20
@@ -305,7 +305,7 @@ class Machine:
                     res.outcome, res.detail = Outcome.EXCEPTION, f"the guest took {u}{self._symbol(ip)}"
                 elif isinstance(u, GuestAssertion):
                     res.assertion = u
-                    res.outcome, res.detail = Outcome.FAIL, u.describe(self.image.symbolize(self._linear(vcpu, u.rip)))
+                    res.outcome, res.detail = Outcome.FAIL, u.describe(self.image.symbolize(self._ucall_site(vcpu, u.rip)))
                 elif isinstance(u, Sync):
                     if len(res.syncs) < MAX_EXITS:
                         res.syncs.append(u)
@@ -377,6 +377,20 @@ class Machine:
 
     def _linear(self, vcpu: Vcpu, rip: int) -> int:
         return rip + (vcpu.get_sregs().cs.base if self.mode == "real" else 0)  # real mode: an offset in cs
+
+    def _ucall_site(self, vcpu: Vcpu, rip: int) -> int:
+        """The linear address of the ``out %al, $PORT_UCALL`` that made a call, whichever side of
+        it KVM left RIP: on it where the exit's completion skips it on the next KVM_RUN (6.1's
+        kvm_fast_pio_out), past it where KVM skipped it before the exit (kvm_pvm, 6.18)."""
+        at = self._linear(vcpu, rip)
+        read = guest_reader(self.vm, vcpu)
+        for site in (at, at - len(UCALL_OUT)):
+            try:
+                if read(site, len(UCALL_OUT)) == UCALL_OUT:
+                    return site
+            except ValueError:  # not mapped: no OUT there
+                pass
+        return at
 
 
 def _add_console(res: RunResult, console: bytearray, data: bytes) -> None:
