@@ -163,10 +163,10 @@ _BUSY = """\
         .text
         .globl main
 main:
-        mov $200, %ecx          # 200 MMIO writes, each an instruction KVM's emulator decodes
-        mov $MMIO_BASE, %ebx    # on every host, after 1000 turns of a loop that a host whose
-1:      mov $1000, %eax         # CPL0 code is emulated (kvm_pvm) emulates too
-2:      dec %eax
+        mov $20000, %ecx        # 20,000 MMIO writes, each an instruction KVM's emulator decodes
+        mov $MMIO_BASE, %ebx    # on every host (and seconds of them: the count is read while the
+1:      mov $10, %eax           # guest runs, a tick apart), after 10 turns of a loop that a host
+2:      dec %eax                # whose CPL0 code is emulated (kvm_pvm) emulates too
         jnz 2b
         movb %al, (%ebx)
         loop 1b
