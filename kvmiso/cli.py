@@ -14,10 +14,10 @@ import signal
 import sys
 from typing import Callable, NoReturn
 
-from .bench import command as bench_command
+from .commands import bench as bench_command
 from .boot import BootError
-from .boot import command as boot_command
-from .conformance import add_conformance_args, cmd_conformance
+from .commands import boot as boot_command
+from .commands.conformance import add_conformance_args, cmd_conformance
 from .guest import BuildError, GuestTimeout, Machine, Outcome
 from .guest.build import MODES, available_payloads, payload_modes, payload_path
 from .guest.ucall import PORT_CONSOLE
@@ -147,9 +147,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _checking(name: str) -> Callable[[argparse.Namespace], int]:
-    """A command of :mod:`kvmiso.checking`, imported when it runs (it needs the isolation model)."""
+    """A command of :mod:`kvmiso.commands.check`, imported when it runs (it needs the isolation model)."""
     def run(args: argparse.Namespace) -> int:
-        from . import checking
+        from .commands import check as checking
 
         return getattr(checking, name)(args)
 
@@ -157,7 +157,7 @@ def _checking(name: str) -> Callable[[argparse.Namespace], int]:
 
 
 def _probe(args: argparse.Namespace) -> int:
-    from .probing import cmd_probe  # imported when it runs: parsing arguments needs none of it
+    from .commands.probe import cmd_probe  # imported when it runs: parsing arguments needs none of it
 
     return cmd_probe(args)
 
@@ -292,7 +292,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_trace(args: argparse.Namespace) -> int:  # noqa: C901 - the payload path; --pid and -- COMMAND are checking.py's
     """``perf kvm stat report`` for one payload: the exit log's kinds counted and timed (the
     table's footer says how time inside the kernel is computed on this host)."""
-    from .checking import cmd_trace_process, process_target, trace_outputs_writable, write_trace_outputs
+    from .commands.check import cmd_trace_process, process_target, trace_outputs_writable, write_trace_outputs
 
     if process_target(args) is not None:
         return cmd_trace_process(args)

@@ -7,9 +7,9 @@ import sys
 
 from ..exitstatus import positive_seconds
 from ..output import writable_dir
-from .errors import BootError
-from .kernel import debian_kernel, user_kernel
-from .run import DEFAULT_MEMORY_MIB, boot
+from ..boot.errors import BootError
+from ..boot.kernel import debian_kernel, user_kernel
+from ..boot.run import DEFAULT_MEMORY_MIB, boot
 
 
 def add_boot_args(sp: argparse.ArgumentParser) -> None:

@@ -6,12 +6,12 @@ import argparse
 import json
 from typing import Any
 
-from .kvm import Kvm
+from ..kvm import Kvm
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
     """``kvmiso probe``: the host's KVM facts as rows (or JSON)."""
-    from .guest.probe import probe
+    from ..guest.probe import probe
 
     with Kvm() as kvm:
         info = probe(kvm)

@@ -13,13 +13,13 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any, Callable
 
-from .exitstatus import EXIT_FAILED, CliError
-from .guest import Machine
-from .interrupt import Interrupted
+from ..exitstatus import EXIT_FAILED, CliError
+from ..guest import Machine
+from ..interrupt import Interrupted
 
 if TYPE_CHECKING:
-    from .observe.exitlog import ExitLog
-    from .session import WatchedProcess
+    from ..observe.exitlog import ExitLog
+    from ..session import WatchedProcess
 
 
 def process_target(args: argparse.Namespace) -> int | list[str] | None:
@@ -37,9 +37,9 @@ def process_target(args: argparse.Namespace) -> int | list[str] | None:
 def _watch(args):
     """The watched process, and the Interrupted that ended the watch (None if it ended by itself
     or at --duration): the caller reports what was seen, marked incomplete, then raises it."""
-    from .observe.process import ProcessError
-    from .observe.tracefs import TracefsUnavailable
-    from .session import WatchedProcess, watch_process
+    from ..observe.process import ProcessError
+    from ..observe.tracefs import TracefsUnavailable
+    from ..session import WatchedProcess, watch_process
 
     try:
         w, interrupted = watch_process(process_target(args), args.duration), None
@@ -61,7 +61,7 @@ def _watch(args):
 def trace_outputs_writable(args: argparse.Namespace) -> None:
     """trace's --json and --evidence files are checked before the trace: a path that cannot
     take the result is bad input, not a lost trace."""
-    from .output import writable
+    from ..output import writable
 
     for path, what in ((args.json, "the exit log"), (args.evidence, "the evidence")):
         if path:
@@ -70,8 +70,8 @@ def trace_outputs_writable(args: argparse.Namespace) -> None:
 
 def write_trace_outputs(args: argparse.Namespace, log: ExitLog, evidence: Callable[[], Any]) -> None:
     """trace's --json (``log``) and --evidence (what ``evidence()`` reads), each written whole."""
-    from .observe.evidence import write_evidence
-    from .output import write_whole
+    from ..observe.evidence import write_evidence
+    from ..output import write_whole
 
     if args.json:
         write_whole(args.json, "the exit log", log.write_jsonl)
@@ -83,7 +83,7 @@ def write_trace_outputs(args: argparse.Namespace, log: ExitLog, evidence: Callab
 def cmd_trace_process(args: argparse.Namespace) -> int:
     """trace --pid / -- COMMAND: another process's vCPUs, per vCPU and in total. Returns the
     command's own status when it ended by itself, else 0."""
-    from .observe.exitstat import summarize
+    from ..observe.exitstat import summarize
 
     trace_outputs_writable(args)
     w, interrupted = _watch(args)
@@ -113,7 +113,7 @@ def _check_process(args, access, cost: dict) -> int:
     records against that VM's own evidence, where its VMs can be told apart."""
     import dataclasses
 
-    from .isolation import check, result_text
+    from ..isolation import check, result_text
 
     w, interrupted = _watch(args)
     if not w.log.records and interrupted is None:
@@ -167,8 +167,8 @@ def _fold(results: dict[str, Any], name: str, result: Any) -> None:
 def vms_line(w: WatchedProcess) -> str:
     """The VMs of a watched process and what each one's exits were judged on, in one line; ""
     for one VM whose objects were read (nothing to say)."""
-    from .observe.attach import VM_CREATED
-    from .session import EVIDENCE_EVERY_S
+    from ..observe.attach import VM_CREATED
+    from ..session import EVIDENCE_EVERY_S
 
     not_own = _not_own(w)
     if len(w.vms) == 1:
@@ -211,9 +211,9 @@ def _numbered(numbers: list[int]) -> str:
 
 
 def _space(args, evidence, machine=None):
-    from .isolation import MapSetError
-    from .isolation.policy import POLICIES
-    from .session import layout_of, space_for
+    from ..isolation import MapSetError
+    from ..isolation.policy import POLICIES
+    from ..session import layout_of, space_for
 
     if args.policy not in POLICIES:
         raise CliError(f"unknown policy {args.policy!r}; one of {', '.join(POLICIES)}")
@@ -235,7 +235,7 @@ class RealFactsMissing(Exception):
 
 
 def _read_evidence(path: str):
-    from .observe.evidence import EvidenceError, read_evidence
+    from ..observe.evidence import EvidenceError, read_evidence
 
     try:
         return read_evidence(path)
@@ -247,8 +247,8 @@ def _read_evidence(path: str):
 
 def cmd_model(args: argparse.Namespace) -> int:
     """The isolated address space of a fresh VM of this host (or of saved evidence)."""
-    from .isolation import model_summary, model_text
-    from .session import machine_evidence
+    from ..isolation import model_summary, model_text
+    from ..session import machine_evidence
 
     if args.evidence:
         evidence, machine_ctx = _read_evidence(args.evidence), contextlib.nullcontext(None)
@@ -271,10 +271,10 @@ def cmd_model(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     """Each payload runs under capture on its own VM and is checked against that VM's evidence;
     an exit log is checked against the evidence saved with it (--evidence)."""
-    from .isolation import AccessModelError, CheckError, check, load_access_model, result_text
-    from .observe.capture import Capture
-    from .observe.exitlog import ExitLogError, read_jsonl
-    from .session import capture_checked, machine_evidence
+    from ..isolation import AccessModelError, CheckError, check, load_access_model, result_text
+    from ..observe.capture import Capture
+    from ..observe.exitlog import ExitLogError, read_jsonl
+    from ..session import capture_checked, machine_evidence
 
     if args.measured:
         return cmd_measured(args)
@@ -349,10 +349,10 @@ def cmd_measured(args: argparse.Namespace) -> int:
     model; whether each function's objects are right is still to come)."""
     from dataclasses import asdict
 
-    from .isolation import AccessModelError, load_access_model
-    from .isolation.measured import model_coverage, window_coverage
-    from .observe.accessrecord import RecordError, read_record
-    from .observe.accesssummary import summarize, summary_dict, summary_text
+    from ..isolation import AccessModelError, load_access_model
+    from ..isolation.measured import model_coverage, window_coverage
+    from ..observe.accessrecord import RecordError, read_record
+    from ..observe.accesssummary import summarize, summary_dict, summary_text
 
     if args.payload or process_target(args) is not None:
         raise CliError("--measured DIR reads a record: give no payload, --pid or -- COMMAND with it")

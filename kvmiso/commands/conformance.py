@@ -26,10 +26,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .exitstatus import EXIT_FAILED, CliError
-from .host import vendor_module
+from ..exitstatus import EXIT_FAILED, CliError
+from ..host import vendor_module
 
-PORTS = Path(__file__).resolve().parents[1] / "tests" / "selftests"  # in a checkout (an editable install)
+PORTS = Path(__file__).resolve().parents[2] / "tests" / "selftests"  # in a checkout (an editable install)
 RESULTS_OPTION = "--kvmiso-conformance-results"
 DEVIATION = re.compile(r"known deviation on this host \((.*?)\): (.*)", re.S)
 
@@ -122,7 +122,7 @@ def _read(path: str) -> dict[str, Any]:
     return run
 
 
-# --- the pytest plugin the child process runs with (-p kvmiso.conformance) ------------------
+# --- the pytest plugin the child process runs with (-p kvmiso.commands.conformance) ------------------
 
 _results: list[dict[str, str]] = []
 

@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ..interrupt import Interrupted
 from ..output import writable, write_whole
-from .kinds import DEFAULT_KINDS, KINDS
+from ..bench.kinds import DEFAULT_KINDS, KINDS
 
 if TYPE_CHECKING:
     from ..kvm import Kvm
-    from .results import BenchResult
+    from ..bench.results import BenchResult
 
 
 class BenchInputError(ValueError):
@@ -90,10 +90,10 @@ def cmd_bench(args: argparse.Namespace, measure_switches: Callable[..., Any] | N
     """``kvmiso bench``; ``measure_switches(kvm, guest, cpl=, regions=)`` (the orchestrator's
     capture-and-check) gives --isolation its switches per round trip."""
     from ..kvm import Kvm
-    from .latency import bench
-    from .plot import plot
-    from .table import format_table
-    from .runloop import NotBuilt
+    from ..bench.latency import bench
+    from ..bench.plot import plot
+    from ..bench.table import format_table
+    from ..bench.runloop import NotBuilt
 
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     if not kinds:
@@ -140,7 +140,7 @@ def cmd_bench(args: argparse.Namespace, measure_switches: Callable[..., Any] | N
 
 def _isolation(kvm: Kvm, result: BenchResult, switch_cost: float | None, regions: str | None,
                measure_switches: Callable[..., Any]) -> str:
-    from .overhead import SwitchCost, estimate_switch_cost, format_isolation, isolation_rows
+    from ..bench.overhead import SwitchCost, estimate_switch_cost, format_isolation, isolation_rows
 
     if switch_cost is not None:
         cost = SwitchCost(switch_cost, "given with --switch-cost")
@@ -168,8 +168,8 @@ def _isolation(kvm: Kvm, result: BenchResult, switch_cost: float | None, regions
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """``kvmiso compare A.json B.json``: both files' rows side by side with ratios."""
-    from .compare import compare, format_compare
-    from .results import load
+    from ..bench.compare import compare, format_compare
+    from ..bench.results import load
 
     a, b = load(args.a), load(args.b)
     print(f"A: {args.a} ({a.get('created', '?')})\nB: {args.b} ({b.get('created', '?')})")
