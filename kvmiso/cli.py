@@ -298,8 +298,8 @@ def cmd_trace(args: argparse.Namespace) -> int:  # noqa: C901 - the payload path
         return cmd_trace_process(args)
     if not args.payload:
         raise CliError("trace what? a payload, --pid PID or -- COMMAND ...")
-    from .observe.capture import capture
-    from .observe.exitstat import format_event, summarize
+    from .observe.tracing.capture import capture
+    from .observe.tracing.exitstat import format_event, summarize
     from .session import machine_evidence
 
     _warn_if_undeclared(args.payload, args.mode)
@@ -327,7 +327,7 @@ def cmd_trace(args: argparse.Namespace) -> int:  # noqa: C901 - the payload path
     if args.events:
         symbols = None
         if args.stacks:
-            from .observe.kallsyms import read_kallsyms
+            from .observe.kernel.kallsyms import read_kallsyms
 
             symbols = read_kallsyms()
         for r in log.records:

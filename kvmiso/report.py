@@ -25,7 +25,7 @@ from .guest.probe import fingerprint, probe
 from .guest.suite import SuiteEntry, suite
 from .interrupt import Interrupted
 from .kvm import Kvm
-from .observe.capture import Capture
+from .observe.tracing.capture import Capture
 from .output import OutputError, write_whole
 
 SUITE_TIMEOUT = 5.0
@@ -192,7 +192,7 @@ def _plot(result: Any, path: Path) -> str:
 def _suite_parts(rep: Report, kvm: Kvm, hypercall_returns: bool, out_dir: Path) -> list[SuiteRun]:
     """The guest suite under one capture session, then the parts made of what it recorded:
     written even when the suite was interrupted, from the runs that ended."""
-    from .observe.exitstat import summarize
+    from .observe.tracing.exitstat import summarize
 
     runs: list[SuiteRun] = []
     with Capture() as cap:

@@ -23,13 +23,13 @@ from .isolation import (AccessModel, CheckResult, KvmAddressSpace, address_space
                         load_access_model, load_regions)
 from .isolation.layout import Layout
 from .isolation.mapset import DenylistSpace
-from .observe.capture import Capture
-from .observe.evidence import Evidence, collect_evidence
-from .observe.exitlog import ExitLog, RunRecord
-from .observe.attach import Attached, watch
-from .observe.process import ForeignVm, ProcessChanged, ProcessError, kvm_fds
-from .observe.kobject import possible_cpus
-from .process import CommandTree
+from .observe.tracing.capture import Capture
+from .observe.kernel.evidence import Evidence, collect_evidence
+from .observe.tracing.exitlog import ExitLog, RunRecord
+from .observe.tracing.attach import Attached, watch
+from .observe.foreign.vms import ForeignVm, ProcessChanged, ProcessError, kvm_fds
+from .observe.kernel.kobject import possible_cpus
+from .commandtree import CommandTree
 
 EVIDENCE_EVERY_S = 0.1  # a watched VM is read this often until every vCPU's thread is known,
 EVIDENCE_SETTLED_S = 1.0  # then this often, while it lives
@@ -142,7 +142,7 @@ def watch_process(target: int | list[str], duration: float | None = None,
     until it exits or ``duration`` seconds pass. Its VM's evidence is read through copies of its
     vCPU fds as soon as its vCPUs have run, while it lives. A command started here is stopped
     (SIGTERM, then SIGKILL) on every way out, with every process it started in turn
-    (:class:`kvmiso.process.CommandTree`). Interrupted, it raises :class:`Interrupted` with
+    (:class:`kvmiso.commandtree.CommandTree`). Interrupted, it raises :class:`Interrupted` with
     the :class:`WatchedProcess` so far as ``partial`` (its log marked incomplete)."""
     import time
 
@@ -273,8 +273,8 @@ def _completeness(evidence: Evidence) -> tuple[int, int]:
 
 def resolve_chains(evidence: Evidence, log: ExitLog) -> None:
     """Name the functions of ``log``'s call chains in ``evidence`` (kallsyms)."""
-    from .observe.evidence import image_sections, resolve_code
-    from .observe.kallsyms import read_kallsyms
+    from .observe.kernel.evidence import image_sections, resolve_code
+    from .observe.kernel.kallsyms import read_kallsyms
 
     symbols = read_kallsyms()
     if symbols is not None:

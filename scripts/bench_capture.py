@@ -23,7 +23,7 @@ import time
 
 from kvmiso.guest import Machine
 from kvmiso.host import vendor_module
-from kvmiso.observe.capture import Capture
+from kvmiso.observe.tracing.capture import Capture
 
 
 def plain(m: Machine, exits: int) -> tuple[list[int], float]:

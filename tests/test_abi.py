@@ -105,7 +105,7 @@ def test_ioctl_numbers_are_built_not_written():
 def test_abi_matches_the_running_kernel_s_btf():
     # the kernel's own layout (CO-RE's habit): every struct, those newer than the installed
     # header included, where this kernel has it (kvm_create_guest_memfd only with guest_memfd)
-    from kvmiso.observe.btf import Btf, BtfError
+    from kvmiso.observe.kernel.btf import Btf, BtfError
 
     try:
         btf = Btf.running()

@@ -16,7 +16,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from ready import wait_until_counted
 
-from kvmiso.bench import environment, latency, results, runloop, stats, table
+from kvmiso.bench import environment, latency, results, runloop, table
+from kvmiso.bench import samples as stats
 from kvmiso.bench.overhead import MODEL, SwitchCost, format_isolation, isolation_rows, rfc_switches
 from kvmiso.bench.runloop import LoopError
 from kvmiso.guest import Machine, build

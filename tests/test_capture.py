@@ -14,10 +14,10 @@ import pytest
 from ready import READY_SPIN, wait_until_counted
 
 from kvmiso.guest import Machine, Outcome
-from kvmiso.observe.capture import Capture, capture
+from kvmiso.observe.tracing.capture import Capture, capture
 from kvmiso.kvm.exits import HltExit, IntrExit, IoExit, MmioExit, RdmsrExit, WrmsrExit
-from kvmiso.observe.exitlog import parse_jsonl, read_jsonl
-from kvmiso.observe.exitstat import summarize
+from kvmiso.observe.tracing.exitlog import parse_jsonl, read_jsonl
+from kvmiso.observe.tracing.exitstat import summarize
 
 ROOT = Path(__file__).parent.parent
 
@@ -267,7 +267,7 @@ def test_cli_trace_failures(kvm, tracing, tmp_path):
 def test_two_kvmiso_processes_tracing_at_once_each_see_only_their_own(kvm, tracing, tmp_path):
     """Issue 6's concurrency case: two `kvmiso trace` processes, each with its own instance,
     overlapping in time; every event in each log comes from that process's own vCPU thread."""
-    from kvmiso.observe.exitlog import read_jsonl
+    from kvmiso.observe.tracing.exitlog import read_jsonl
 
     a_log, b_log = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     cmd = [sys.executable, "-m", "kvmiso.cli", "trace"]
@@ -302,7 +302,7 @@ def test_lost_end_records_are_called_lost_not_untraced(kvm, tracing):
     traced" is only for a trace that did not enable the event."""
     import dataclasses
 
-    from kvmiso.observe.capture import assign_events
+    from kvmiso.observe.tracing.capture import assign_events
 
     with Machine("portio", mode="long", kvm=kvm) as m:
         _, log = capture(m, on_io=_answer_io)

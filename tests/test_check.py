@@ -15,10 +15,10 @@ from kvmiso.isolation import (CheckError, address_space, build_layout, check, lo
                               result_text)
 from kvmiso.isolation.access import ACCESS_TOML, AccessModelError, base_name, opcode
 from kvmiso.isolation.check import ANCESTORS_ONLY
-from kvmiso.observe.capture import Capture
-from kvmiso.observe.evidence import collect_evidence, read_evidence
-from kvmiso.observe.exitlog import read_jsonl
-from kvmiso.observe.kobject import KernelObject
+from kvmiso.observe.tracing.capture import Capture
+from kvmiso.observe.kernel.evidence import collect_evidence, read_evidence
+from kvmiso.observe.tracing.exitlog import read_jsonl
+from kvmiso.observe.kernel.kobject import KernelObject
 
 FIX = Path(__file__).parent / "fixtures" / "evidence"
 ACCESS = load_access_model()

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from kvmiso.kvm.exits import (HltExit, HypercallExit, IntrExit, IoExit, MmioExit, ObservedExit, RdmsrExit,
                               SystemEventExit, UnknownExit, WrmsrExit, exit_from_dict)
-from kvmiso.observe.exitlog import ExitLog, ExitLogError, RunRecord, TraceEvent, parse_jsonl, read_jsonl
-from kvmiso.observe.exitstat import format_event, summarize
+from kvmiso.observe.tracing.exitlog import ExitLog, ExitLogError, RunRecord, TraceEvent, parse_jsonl, read_jsonl
+from kvmiso.observe.tracing.exitstat import format_event, summarize
 
 OUT = IoExit(0x3000, 1, 1, False, memoryview(b"\xa5"))
 json_scalar = st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.text(max_size=12))

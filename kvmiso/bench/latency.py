@@ -29,7 +29,8 @@ from ..kvm import Kvm
 from ..kvm.exitdecode import decode
 from ..kvm.exits import IoExit
 from ..kvm.vm import PAGE_SIZE
-from . import runloop, stats
+from . import runloop
+from . import samples as stats
 from .environment import host_facts, pin, unpin
 from .kinds import DEFAULT_KINDS, KINDS, Kind
 from .results import BenchResult, Result

@@ -22,8 +22,8 @@ from typing import Callable
 
 from ..host import vendor_module
 from ..interrupt import SIGNAL_CHECK_S
-from ..process import stop
-from .errors import BootError
+from ..commandtree import stop
+from .booterror import BootError
 from .initramfs import MOUNT_TAG, RECORD_TAG
 
 QEMU = "qemu-system-x86_64"

@@ -7,7 +7,7 @@ import sys
 
 from ..exitstatus import positive_seconds
 from ..output import writable_dir
-from ..boot.errors import BootError
+from ..boot.booterror import BootError
 from ..boot.kernel import debian_kernel, user_kernel
 from ..boot.run import DEFAULT_MEMORY_MIB, boot
 

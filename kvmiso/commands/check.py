@@ -18,7 +18,7 @@ from ..guest import Machine
 from ..interrupt import Interrupted
 
 if TYPE_CHECKING:
-    from ..observe.exitlog import ExitLog
+    from ..observe.tracing.exitlog import ExitLog
     from ..session import WatchedProcess
 
 
@@ -37,8 +37,8 @@ def process_target(args: argparse.Namespace) -> int | list[str] | None:
 def _watch(args):
     """The watched process, and the Interrupted that ended the watch (None if it ended by itself
     or at --duration): the caller reports what was seen, marked incomplete, then raises it."""
-    from ..observe.process import ProcessError
-    from ..observe.tracefs import TracefsUnavailable
+    from ..observe.foreign.vms import ProcessError
+    from ..observe.tracing.tracefs import TracefsUnavailable
     from ..session import WatchedProcess, watch_process
 
     try:
@@ -70,7 +70,7 @@ def trace_outputs_writable(args: argparse.Namespace) -> None:
 
 def write_trace_outputs(args: argparse.Namespace, log: ExitLog, evidence: Callable[[], Any]) -> None:
     """trace's --json (``log``) and --evidence (what ``evidence()`` reads), each written whole."""
-    from ..observe.evidence import write_evidence
+    from ..observe.kernel.evidence import write_evidence
     from ..output import write_whole
 
     if args.json:
@@ -83,7 +83,7 @@ def write_trace_outputs(args: argparse.Namespace, log: ExitLog, evidence: Callab
 def cmd_trace_process(args: argparse.Namespace) -> int:
     """trace --pid / -- COMMAND: another process's vCPUs, per vCPU and in total. Returns the
     command's own status when it ended by itself, else 0."""
-    from ..observe.exitstat import summarize
+    from ..observe.tracing.exitstat import summarize
 
     trace_outputs_writable(args)
     w, interrupted = _watch(args)
@@ -167,7 +167,7 @@ def _fold(results: dict[str, Any], name: str, result: Any) -> None:
 def vms_line(w: WatchedProcess) -> str:
     """The VMs of a watched process and what each one's exits were judged on, in one line; ""
     for one VM whose objects were read (nothing to say)."""
-    from ..observe.attach import VM_CREATED
+    from ..observe.tracing.attach import VM_CREATED
     from ..session import EVIDENCE_EVERY_S
 
     not_own = _not_own(w)
@@ -235,7 +235,7 @@ class RealFactsMissing(Exception):
 
 
 def _read_evidence(path: str):
-    from ..observe.evidence import EvidenceError, read_evidence
+    from ..observe.kernel.evidence import EvidenceError, read_evidence
 
     try:
         return read_evidence(path)
@@ -272,8 +272,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     """Each payload runs under capture on its own VM and is checked against that VM's evidence;
     an exit log is checked against the evidence saved with it (--evidence)."""
     from ..isolation import AccessModelError, CheckError, check, load_access_model, result_text
-    from ..observe.capture import Capture
-    from ..observe.exitlog import ExitLogError, read_jsonl
+    from ..observe.tracing.capture import Capture
+    from ..observe.tracing.exitlog import ExitLogError, read_jsonl
     from ..session import capture_checked, machine_evidence
 
     if args.measured:
@@ -351,8 +351,8 @@ def cmd_measured(args: argparse.Namespace) -> int:
 
     from ..isolation import AccessModelError, load_access_model
     from ..isolation.measured import model_coverage, window_coverage
-    from ..observe.accessrecord import RecordError, read_record
-    from ..observe.accesssummary import summarize, summary_dict, summary_text
+    from ..observe.accesses.accessrecord import RecordError, read_record
+    from ..observe.accesses.accesssummary import summarize, summary_dict, summary_text
 
     if args.payload or process_target(args) is not None:
         raise CliError("--measured DIR reads a record: give no payload, --pid or -- COMMAND with it")

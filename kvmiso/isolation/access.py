@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..observe.btf import BTF_DIR, Btf, BtfError, Param
+from ..observe.kernel.btf import BTF_DIR, Btf, BtfError, Param
 from .tomlfile import TomlFileError, line_of, load_toml
 
 ACCESS_TOML = Path(__file__).with_name("access.toml")

@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from ..observe.evidence import Frame
-from ..observe.exitlog import TraceEvent
+from ..observe.kernel.evidence import Frame
+from ..observe.tracing.exitlog import TraceEvent
 from .access import AccessModel, ExitPath, FunctionAccess, base_name
 from .checkresult import Fault
 from .exitcut import RUN_PATH

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from .kallsyms import Symbols, parse_kallsyms
+from ..kernel.kallsyms import Symbols, parse_kallsyms
 
 MAGIC = b"KVMISOAR"
 WINDOW_MAGIC = b"WNDW"

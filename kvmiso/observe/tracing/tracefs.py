@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .. import interrupt
+from ... import interrupt
 from .exitlog import TraceEvent
 from .ringbuffer import PageHeader, decode_buffers
 from .traceformat import EventFormat, FormatError

@@ -21,10 +21,10 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from ..interrupt import Interrupted
-from ..kvm.exits import DATALESS, Exit, IoExit, MmioExit, ObservedExit
+from ...interrupt import Interrupted
+from ...kvm.exits import DATALESS, Exit, IoExit, MmioExit, ObservedExit
 from .exitlog import ExitLog, RunRecord, TraceEvent
-from .process import ProcessError, pidfd_open, threads
+from ..foreign.vms import ProcessError, pidfd_open, threads
 from .tracefs import TraceInstance, TracefsUnavailable
 from .tracefsmount import pid_namespace
 
@@ -156,7 +156,7 @@ def vm_creations(events: list[TraceEvent]) -> list[int] | None:
     """When each VM was created, in order (CLOCK_MONOTONIC ns): the ``kvm_update_master_clock``
     events whose call chain passes through ``kvm_arch_init_vm`` (no kvm event names the VM
     created). None where the chains cannot be named (kallsyms hidden)."""
-    from .kallsyms import read_kallsyms
+    from ..kernel.kallsyms import read_kallsyms
 
     symbols = read_kallsyms()
     if symbols is None:
@@ -190,7 +190,7 @@ def _kvm_events() -> list[str]:
 
 
 def _vendor() -> str:
-    from ..host import vendor_module
+    from ...host import vendor_module
 
     return vendor_module() or ""
 

@@ -24,16 +24,16 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Iterable
 
-from ..guest.deadline import GuestTimeout
-from ..guest.result import Outcome
-from ..interrupt import Interrupted
-from ..kvm.exits import Exit, IntrExit, detach
+from ...guest.deadline import GuestTimeout
+from ...guest.result import Outcome
+from ...interrupt import Interrupted
+from ...kvm.exits import Exit, IntrExit, detach
 from .exitlog import ExitLog, RunRecord, TraceEvent
 from .traceformat import FormatError
 from .tracefs import DEFAULT_BUFFER_KB, TraceInstance, TracefsUnavailable
 
 if TYPE_CHECKING:
-    from ..guest import Machine, RunResult
+    from ...guest import Machine, RunResult
 
 
 class Capture:
@@ -211,6 +211,6 @@ def _delta(stats, before: bytes, after: bytes) -> dict[str, Any]:
 
 
 def _host(machine: "Machine") -> dict[str, Any]:
-    from ..host import cpu_model
+    from ...host import cpu_model
 
     return {"kernel": platform.release(), "vendor": machine.vendor, "cpu": cpu_model(), "pid": os.getpid()}

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from ..kvm.exits import Exit, exit_from_dict
+from ...kvm.exits import Exit, exit_from_dict
 
 FORMAT_VERSION = 1
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .accessrecord import KERNEL_MIN, AccessRecord, Window
-from .kallsyms import START_KERNEL_MAP, Symbols
+from ..kernel.kallsyms import START_KERNEL_MAP, Symbols
 
 # kvm_amd's exit handlers (svm.c's svm_exit_handlers[], Linux 6.1): its own *_interception
 # functions and x86.c's kvm_emulate_* for CPUID, HLT, VMMCALL and the like; msr_interception is
