@@ -205,7 +205,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """``kvmiso report``: every part, its summary, report.json; 0 when the suite ended as built."""
-    from . import report
+    from .session import hostreport as report
 
     out = writable_dir(args.out, "the report", report.FILES)
 

@@ -11,7 +11,7 @@ import sys
 import pytest
 from ready import interrupt_when
 
-from kvmiso import report
+from kvmiso.session import hostreport as report
 
 
 def test_report_writes_every_part(kvm, tmp_path, vendor):

@@ -20,13 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .guest import GuestTimeout, Machine, Outcome
-from .guest.probe import fingerprint, probe
-from .guest.suite import SuiteEntry, suite
-from .interrupt import Interrupted
-from .kvm import Kvm
-from .observe.tracing.capture import Capture
-from .output import OutputError, write_whole
+from ..guest import GuestTimeout, Machine, Outcome
+from ..guest.probe import fingerprint, probe
+from ..guest.suite import SuiteEntry, suite
+from ..interrupt import Interrupted
+from ..kvm import Kvm
+from ..observe.tracing.capture import Capture
+from ..output import OutputError, write_whole
 
 SUITE_TIMEOUT = 5.0
 EXPECTED_TIMEOUT = 0.5  # for payloads built to spin: enough to prove the stop, no more
@@ -100,7 +100,7 @@ class SuiteRun:
 def run_suite(kvm: Kvm, cap: Capture, hypercall_returns: bool, runs: list[SuiteRun]) -> list[SuiteRun]:
     """Every suite entry on its own VM, under ``cap``, appended to ``runs`` as it ends (so an
     interruption keeps the runs done); the evidence is read while the VM lives."""
-    from .session import capture_checked
+    from .watch import capture_checked
 
     for entry in suite(hypercall_returns):
         timeout = EXPECTED_TIMEOUT if entry.expected is Outcome.TIMEOUT else SUITE_TIMEOUT
@@ -136,8 +136,8 @@ def suite_part(runs: list[SuiteRun]) -> list[dict[str, Any]]:
 
 def isolation_part(runs: list[SuiteRun], rep: Report) -> dict[str, Any]:
     """Each run checked under each policy against its own VM's evidence, then folded."""
-    from .isolation import check, load_access_model, result_text
-    from .session import layout_of, space_for
+    from ..isolation import check, load_access_model, result_text
+    from .watch import layout_of, space_for
 
     runs = [r for r in runs if r.log is not None]
     access = load_access_model()
@@ -162,9 +162,9 @@ def isolation_part(runs: list[SuiteRun], rep: Report) -> dict[str, Any]:
 def bench_part(kvm: Kvm, out_dir: Path, rep: Report) -> dict[str, Any]:
     """The short benchmark, written to bench.json (and latency.png with matplotlib). An
     interrupted benchmark keeps what it measured and raises Interrupted."""
-    from .bench.latency import bench
-    from .bench.runloop import NotBuilt
-    from .bench.table import format_table
+    from ..bench.latency import bench
+    from ..bench.runloop import NotBuilt
+    from ..bench.table import format_table
 
     try:
         result = bench(kvm, BENCH["kinds"], BENCH["cpls"], samples=BENCH["samples"], runs=BENCH["runs"])
@@ -181,7 +181,7 @@ def bench_part(kvm: Kvm, out_dir: Path, rep: Report) -> dict[str, Any]:
 
 def _plot(result: Any, path: Path) -> str:
     try:
-        from .bench.plot import plot
+        from ..bench.plot import plot
 
         write_whole(path, "the plot", lambda name: plot(result, str(name)))
     except ImportError:
@@ -192,7 +192,7 @@ def _plot(result: Any, path: Path) -> str:
 def _suite_parts(rep: Report, kvm: Kvm, hypercall_returns: bool, out_dir: Path) -> list[SuiteRun]:
     """The guest suite under one capture session, then the parts made of what it recorded:
     written even when the suite was interrupted, from the runs that ended."""
-    from .observe.tracing.exitstat import summarize
+    from ..observe.tracing.exitstat import summarize
 
     runs: list[SuiteRun] = []
     with Capture() as cap:

@@ -16,20 +16,20 @@ import platform
 from dataclasses import dataclass, field
 from typing import Any
 
-from .guest import Machine, RunResult
-from .host import vendor_module
-from .interrupt import Interrupted, deferred
-from .isolation import (AccessModel, CheckResult, KvmAddressSpace, address_space, build_layout, check,
+from ..guest import Machine, RunResult
+from ..host import vendor_module
+from ..interrupt import Interrupted, deferred
+from ..isolation import (AccessModel, CheckResult, KvmAddressSpace, address_space, build_layout, check,
                         load_access_model, load_regions)
-from .isolation.layout import Layout
-from .isolation.mapset import DenylistSpace
-from .observe.tracing.capture import Capture
-from .observe.kernel.evidence import Evidence, collect_evidence
-from .observe.tracing.exitlog import ExitLog, RunRecord
-from .observe.tracing.attach import Attached, watch
-from .observe.foreign.vms import ForeignVm, ProcessChanged, ProcessError, kvm_fds
-from .observe.kernel.kobject import possible_cpus
-from .commandtree import CommandTree
+from ..isolation.layout import Layout
+from ..isolation.mapset import DenylistSpace
+from ..observe.tracing.capture import Capture
+from ..observe.kernel.evidence import Evidence, collect_evidence
+from ..observe.tracing.exitlog import ExitLog, RunRecord
+from ..observe.tracing.attach import Attached, watch
+from ..observe.foreign.vms import ForeignVm, ProcessChanged, ProcessError, kvm_fds
+from ..observe.kernel.kobject import possible_cpus
+from ..commandtree import CommandTree
 
 EVIDENCE_EVERY_S = 0.1  # a watched VM is read this often until every vCPU's thread is known,
 EVIDENCE_SETTLED_S = 1.0  # then this often, while it lives
@@ -273,8 +273,8 @@ def _completeness(evidence: Evidence) -> tuple[int, int]:
 
 def resolve_chains(evidence: Evidence, log: ExitLog) -> None:
     """Name the functions of ``log``'s call chains in ``evidence`` (kallsyms)."""
-    from .observe.kernel.evidence import image_sections, resolve_code
-    from .observe.kernel.kallsyms import read_kallsyms
+    from ..observe.kernel.evidence import image_sections, resolve_code
+    from ..observe.kernel.kallsyms import read_kallsyms
 
     symbols = read_kallsyms()
     if symbols is not None:
