@@ -1,15 +1,15 @@
-"""``kvmiso bench`` and ``kvmiso compare``: the arguments and what the commands print.
-
-kvmiso/cli.py only wires these in, so the shared CLI file stays small.
-"""
+"""``kvmiso bench``: KVM_RUN round trips per exit kind, timed beside the floors, with
+``--isolation`` what kvm_mm's extra address-space switches would add (the model's switches per
+round trip, from a short captured run of each kind's guest)."""
 
 from __future__ import annotations
 
 import argparse
 import signal
 import sys
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Callable
 
+from ..exitstatus import CliError
 from ..interrupt import Interrupted
 from ..output import writable, write_whole
 from ..bench.kinds import DEFAULT_KINDS, KINDS
@@ -19,12 +19,9 @@ if TYPE_CHECKING:
     from ..bench.results import BenchResult
 
 
-class BenchInputError(ValueError):
-    """Bad input to bench/compare: the CLI prints it and exits with status 2."""
-
-
-def add_bench_args(sp: argparse.ArgumentParser) -> None:
-    """The arguments of ``kvmiso bench``."""
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """The parser of ``kvmiso bench``."""
+    sp = subparsers.add_parser("bench", help="time KVM_RUN round trips per exit kind, beside the floors")
     sp.add_argument("--kinds", default=",".join(DEFAULT_KINDS),
                     help=f"comma-separated exit kinds (default: all): {', '.join(KINDS)}; the floors always run")
     sp.add_argument("--samples", type=int, default=5000, help="round trips per run and kind (default 5000)")
@@ -44,12 +41,7 @@ def add_bench_args(sp: argparse.ArgumentParser) -> None:
                     help="cost of one address-space switch for --isolation (default: estimated where possible)")
     sp.add_argument("--regions", metavar="FILE.toml",
                     help="kvm_mm region set the model uses for --isolation (a TOML file or a shipped set: modern)")
-
-
-def add_compare_args(sp: argparse.ArgumentParser) -> None:
-    """The arguments of ``kvmiso compare``."""
-    sp.add_argument("a", metavar="A.json", help="the baseline result file")
-    sp.add_argument("b", metavar="B.json", help="the result file compared with it")
+    return sp
 
 
 def _progress() -> tuple[Callable[[str], None] | None, Callable[[], None]]:
@@ -72,7 +64,7 @@ def _check_plot_backend() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise BenchInputError("--plot needs matplotlib, an optional extra: pip install 'kvmiso[plot]'") from None
+        raise CliError("--plot needs matplotlib, an optional extra: pip install 'kvmiso[plot]'") from None
 
 
 def _command(args: argparse.Namespace) -> str:
@@ -86,9 +78,8 @@ def _command(args: argparse.Namespace) -> str:
     return " ".join(parts)
 
 
-def cmd_bench(args: argparse.Namespace, measure_switches: Callable[..., Any] | None = None) -> int:
-    """``kvmiso bench``; ``measure_switches(kvm, guest, cpl=, regions=)`` (the orchestrator's
-    capture-and-check) gives --isolation its switches per round trip."""
+def run(args: argparse.Namespace) -> int:
+    """Time every kind asked for, print the table (and --isolation's), write --json and --plot."""
     from ..kvm import Kvm
     from ..bench.latency import bench
     from ..bench.plot import plot
@@ -97,14 +88,14 @@ def cmd_bench(args: argparse.Namespace, measure_switches: Callable[..., Any] | N
 
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     if not kinds:
-        raise BenchInputError(f"--kinds names no kind; kinds: {', '.join(KINDS)}")
+        raise CliError(f"--kinds names no kind; kinds: {', '.join(KINDS)}")
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
-        raise BenchInputError(f"unknown kind(s) {', '.join(unknown)}; kinds: {', '.join(KINDS)}")
+        raise CliError(f"unknown kind(s) {', '.join(unknown)}; kinds: {', '.join(KINDS)}")
     if args.samples < 2 or args.runs < 1 or args.iterations < 1:
-        raise BenchInputError("--samples must be >= 2, --runs and --iterations >= 1")
+        raise CliError("--samples must be >= 2, --runs and --iterations >= 1")
     if (args.switch_cost is not None or args.regions) and not args.isolation:
-        raise BenchInputError("--switch-cost and --regions are for --isolation")
+        raise CliError("--switch-cost and --regions are for --isolation")
     if args.plot:
         _check_plot_backend()
     for path, what in ((args.json, "the results"), (args.plot, "the plot")):
@@ -116,12 +107,11 @@ def cmd_bench(args: argparse.Namespace, measure_switches: Callable[..., Any] | N
             result = bench(kvm, kinds, cpls=args.cpl, samples=args.samples, runs=args.runs, warmup=args.warmup,
                            iterations=args.iterations, cpu=args.cpu, python=not args.no_python, progress=show)
         except NotBuilt as e:
-            raise BenchInputError(str(e)) from None
+            raise CliError(str(e)) from None
         finally:
             clear()
         result.settings["command"] = _command(args)
-        isolation = (_isolation(kvm, result, args.switch_cost, args.regions, measure_switches)
-                     if args.isolation and measure_switches is not None else None)
+        isolation = _isolation(kvm, result, args.switch_cost, args.regions) if args.isolation else None
     print(format_table(result))
     if isolation is not None:
         print()
@@ -138,9 +128,9 @@ def cmd_bench(args: argparse.Namespace, measure_switches: Callable[..., Any] | N
     return 0
 
 
-def _isolation(kvm: Kvm, result: BenchResult, switch_cost: float | None, regions: str | None,
-               measure_switches: Callable[..., Any]) -> str:
+def _isolation(kvm: Kvm, result: BenchResult, switch_cost: float | None, regions: str | None) -> str:
     from ..bench.overhead import SwitchCost, estimate_switch_cost, format_isolation, isolation_rows
+    from ..session import measure_switches
 
     if switch_cost is not None:
         cost = SwitchCost(switch_cost, "given with --switch-cost")
@@ -164,14 +154,3 @@ def _isolation(kvm: Kvm, result: BenchResult, switch_cost: float | None, regions
                                     "regions": regions or "rfc", "rows": rows, "notes": notes}
     text = format_isolation(rows, cost) + f"\n  model region set: {regions or 'the RFC default set'}"
     return "\n".join([text, *(f"  note: {n}" for n in notes)])
-
-
-def cmd_compare(args: argparse.Namespace) -> int:
-    """``kvmiso compare A.json B.json``: both files' rows side by side with ratios."""
-    from ..bench.compare import compare, format_compare
-    from ..bench.results import load
-
-    a, b = load(args.a), load(args.b)
-    print(f"A: {args.a} ({a.get('created', '?')})\nB: {args.b} ({b.get('created', '?')})")
-    print(format_compare(compare(a, b), a, b))
-    return 0

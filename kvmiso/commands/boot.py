@@ -1,4 +1,5 @@
-"""The `kvmiso boot` command line."""
+"""``kvmiso boot``: a kernel in QEMU with this host's files, running one command there (kvm_amd
+anywhere, under TCG, and kernels under development)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from ..boot.kernel import debian_kernel, user_kernel
 from ..boot.run import DEFAULT_MEMORY_MIB, boot
 
 
-def add_boot_args(sp: argparse.ArgumentParser) -> None:
-    """The arguments of ``kvmiso boot``."""
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """The parser of ``kvmiso boot``."""
+    sp = subparsers.add_parser("boot", help="run a command in a kernel under QEMU with this host's files (kvm_amd anywhere)")
     sp.add_argument("--kernel", default="debian", metavar="PATH|debian",
                     help="a bzImage you built, or 'debian' for Debian's kernel package, fetched once into the cache (default)")
     sp.add_argument("--modules-dir", metavar="DIR", help="the kernel's lib/modules/RELEASE folder (default /lib/modules/RELEASE)")
@@ -29,9 +31,10 @@ def add_boot_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--record-accesses", metavar="DIR", help="record every data access of the guest kernel's KVM "
                     "per exit it handles, into DIR (TCG; QEMU 7.2)")
     sp.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARG ...], run in the same working directory")
+    return sp
 
 
-def cmd_boot(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Exit with the command's own status; a guest that cannot run it is a BootError (2)."""
     argv = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not argv:

@@ -1,130 +1,201 @@
-"""The commands that hand what kvmiso saw to the kvm_mm check: ``kvmiso model``, ``kvmiso
-check`` (payloads, saved logs, ``--pid PID``, ``-- COMMAND``) and ``kvmiso trace`` of another
-process. Bad input raises :class:`kvmiso.exitstatus.CliError` (status 2); a fault, an unknown function
-or lost evidence is status 1, as a failed test.
+"""``kvmiso check``: payloads (each on its own VM, under capture), saved exit logs, ``--pid PID``
+or ``-- COMMAND``, every exit classified against kvm_mm; or ``--measured DIR``, an access record.
+Bad input raises :class:`kvmiso.exitstatus.CliError` (status 2); a fault, an unknown function or
+lost evidence is status 1, as a failed test.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import sys
-from typing import TYPE_CHECKING, Any, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from ..exitstatus import EXIT_FAILED, CliError
-from ..guest import Machine
 from ..interrupt import Interrupted
+from .options import (RealFactsMissing, add_guest_args, add_model_args, add_process_args, check_cpl, process_target,
+                      read_evidence_file, require_real, space_for_args, watch)
 
 if TYPE_CHECKING:
+    from ..isolation import AccessModel, CheckResult, KvmAddressSpace
+    from ..isolation.mapset import DenylistSpace
+    from ..observe.kernel.evidence import Evidence
+    from ..observe.tracing.capture import Capture
     from ..observe.tracing.exitlog import ExitLog
     from ..session import WatchedProcess
 
 
-def process_target(args: argparse.Namespace) -> int | list[str] | None:
-    """--pid or -- COMMAND (one of them, with no payload), or None for a payload."""
-    wanted = [x for x in (args.pid is not None, bool(args.command), bool(args.payload)) if x]
-    if len(wanted) > 1:
-        raise CliError("give a payload, --pid PID or -- COMMAND ..., one of them")
-    if args.duration is not None and not (args.pid is not None or args.command):
-        raise CliError("--duration is for --pid or -- COMMAND")
-    if args.pid is not None:
-        return args.pid
-    return args.command or None
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """The parser of ``kvmiso check``."""
+    sp = subparsers.add_parser("check", help="run payloads (or read exit logs) and classify every exit against kvm_mm")
+    sp.add_argument("payload", nargs="*", help="a name from guests/, a .S path, or an exit log (.jsonl) "
+                    "(or --pid PID, or -- COMMAND ...)")
+    add_guest_args(sp)
+    add_process_args(sp)
+    add_model_args(sp)
+    sp.add_argument("--switch-cost", type=float, metavar="NS", help="cost of one address-space switch in ns")
+    sp.add_argument("--stack", action="store_true", help="print each fault's call trace, as the RFC does")
+    sp.add_argument("--allow-lost", action="store_true",
+                    help="lost trace records or missing call chains do not fail the check")
+    sp.add_argument("--json", action="store_true", help="print the results as JSON")
+    sp.add_argument("--measured", metavar="DIR", help="the access record of kvmiso boot --record-accesses DIR: "
+                    "per exit, the functions that ran and their reads and writes")
+    return sp
 
 
-def _watch(args):
-    """The watched process, and the Interrupted that ended the watch (None if it ended by itself
-    or at --duration): the caller reports what was seen, marked incomplete, then raises it."""
-    from ..observe.foreign.vms import ProcessError
-    from ..observe.tracing.tracefs import TracefsUnavailable
-    from ..session import WatchedProcess, watch_process
+def run(args: argparse.Namespace) -> int:
+    """Each payload runs under capture on its own VM and is checked against that VM's evidence;
+    an exit log is checked against the evidence saved with it (--evidence)."""
+    from ..isolation import AccessModelError, load_access_model
 
+    if args.measured:
+        return cmd_measured(args)
     try:
-        w, interrupted = watch_process(process_target(args), args.duration), None
-    except ProcessError as e:
+        access = load_access_model()
+    except AccessModelError as e:
         raise CliError(str(e)) from None
-    except TracefsUnavailable as e:
-        # what a user with /dev/kvm alone can still do (the kvm group case the README describes)
-        still = "; without root, run, trace PAYLOAD (its exits to userspace), bench and model still work"
-        raise CliError(f"cannot watch another process: {e}{still if os.geteuid() else ''}") from None
-    except Interrupted as e:
-        if not isinstance(e.partial, WatchedProcess):
-            raise
-        w, interrupted = e.partial, e
-    if w.left_running:  # a wrapper's VMM, a daemon: gone with the watch, and not silently
-        print(f"kvmiso: the command ended leaving {', '.join(w.left_running)} running: stopped", file=sys.stderr)
-    return w, interrupted
-
-
-def trace_outputs_writable(args: argparse.Namespace) -> None:
-    """trace's --json and --evidence files are checked before the trace: a path that cannot
-    take the result is bad input, not a lost trace."""
-    from ..output import writable
-
-    for path, what in ((args.json, "the exit log"), (args.evidence, "the evidence")):
-        if path:
-            writable(path, what)
-
-
-def write_trace_outputs(args: argparse.Namespace, log: ExitLog, evidence: Callable[[], Any]) -> None:
-    """trace's --json (``log``) and --evidence (what ``evidence()`` reads), each written whole."""
-    from ..observe.kernel.evidence import write_evidence
-    from ..output import write_whole
-
-    if args.json:
-        write_whole(args.json, "the exit log", log.write_jsonl)
-    if args.evidence:
-        ev = evidence()
-        write_whole(args.evidence, "the evidence", lambda path: write_evidence(ev, path))
-
-
-def cmd_trace_process(args: argparse.Namespace) -> int:
-    """trace --pid / -- COMMAND: another process's vCPUs, per vCPU and in total. Returns the
-    command's own status when it ended by itself, else 0."""
-    from ..observe.tracing.exitstat import summarize
-
-    trace_outputs_writable(args)
-    w, interrupted = _watch(args)
-    log = w.log
-    write_trace_outputs(args, log, lambda: w.evidence)
-    if log.lost_events:
-        print(f"kvmiso: {log.lost_events} trace records lost (the trace buffer was full)", file=sys.stderr)
-    vcpus = sorted({r.vcpu for r in log.records})
-    events = sum(len(r.events) for r in log.records)
-    vms = f" of {len(w.vms)} VMs" if len(w.vms) > 1 else ""  # one at a time, counted as each was created
-    print(f"traced pid {w.pid} until {w.attached.ended}{' (INCOMPLETE)' if log.incomplete else ''}: "
-          f"{len(log.records)} KVM_RUN calls on {len(vcpus)} vCPU threads{vms}, {events} in-kernel kvm events "
-          f"(kvm_emulate_insn and kvmmmu left out: once per emulated instruction)\n")
-    for v in vcpus:  # a vCPU id where the evidence named its thread, else the thread's id
-        name = f"vCPU {v}" if v in w.evidence.threads else f"thread {v}"
-        print(f"{name}: {sum(1 for r in log.records if r.vcpu == v)} KVM_RUN calls")
-    print()
-    print(summarize(log).table())
+    cost = {} if args.switch_cost is None else {"switch_cost_ns": args.switch_cost,
+                                                 "switch_cost_source": "given with --switch-cost"}
+    if process_target(args) is not None:
+        return _check_process(args, access, cost)
+    if not args.payload:
+        raise CliError("check what? payloads, exit logs, --pid PID or -- COMMAND ...")
+    try:
+        checked, interrupted = _check_each(args, access, cost)
+    except RealFactsMissing as e:
+        print(f"kvmiso: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    _print_checked(args, checked)
     if interrupted is not None:
         raise interrupted
-    # as time(1) does: the status of a command that ended by itself (kvmiso's own work succeeded)
-    return w.attached.status or 0
+    empty = [_checked_nothing(c.source, c.log) for c in checked if not c.result.exits]
+    for line in empty:
+        print(f"kvmiso: {line}", file=sys.stderr)
+    # a missing mapping, an unknown function or lost evidence is a finding: non-zero, like a failed test
+    return EXIT_FAILED if empty or any(c.result.failed(args.allow_lost) for c in checked) else 0
 
 
-def _check_process(args, access, cost: dict) -> int:
+@dataclass
+class Seen:
+    """What one payload or exit log showed: its log, the evidence and the address space it is
+    checked against, and the interruption that cut it short (its log then partial, or None)."""
+
+    log: ExitLog | None
+    evidence: Evidence | None = None
+    space: KvmAddressSpace | DenylistSpace | None = None
+    interrupted: Interrupted | None = None
+
+
+@dataclass
+class Checked:
+    """One payload or exit log, checked."""
+
+    source: str
+    log: ExitLog
+    result: CheckResult
+
+
+def _check_each(args: argparse.Namespace, access: AccessModel, cost: dict[str, Any]) -> tuple[list[Checked], Interrupted | None]:
+    """Every payload and exit log in turn, under one capture session; an interruption ends the
+    series after the one it cut short is checked as far as it got."""
+    from ..isolation import CheckError, check
+    from ..observe.tracing.capture import Capture
+
+    checked: list[Checked] = []
+    with Capture() as cap:
+        for p in args.payload:
+            seen = _saved(args, p) if p.endswith(".jsonl") else _captured(args, p, cap)
+            if seen.log is None:  # interrupted before the run began
+                return checked, seen.interrupted
+            require_real(args, seen.evidence, p)
+            try:
+                checked.append(Checked(p, seen.log, check(seen.space, seen.log, access, source=p, **cost)))
+            except CheckError as e:
+                raise CliError(str(e)) from None
+            if seen.interrupted is not None:
+                return checked, seen.interrupted
+    return checked, None
+
+
+def _saved(args: argparse.Namespace, path: str) -> Seen:
+    """An exit log and the evidence saved with it (--evidence)."""
+    from ..observe.tracing.exitlog import ExitLogError, read_jsonl
+
+    if not args.evidence:
+        raise CliError(f"{path}: an exit log is checked against the evidence saved with it: "
+                       f"--evidence FILE (kvmiso trace --json LOG --evidence FILE writes both)")
+    try:
+        log = read_jsonl(path)
+    except OSError as e:
+        raise CliError(f"cannot read exit log {path}: {e.strerror}") from None
+    except ExitLogError as e:
+        raise CliError(str(e)) from None
+    evidence = read_evidence_file(args.evidence)
+    return Seen(log, evidence, space_for_args(args, evidence))
+
+
+def _captured(args: argparse.Namespace, payload: str, cap: Capture) -> Seen:
+    """``payload`` run under ``cap`` on its own VM, with that VM's evidence."""
+    from ..guest import Machine
+    from ..session import capture_checked, machine_evidence
+
+    check_cpl(payload, args.mode, args.cpl)
+    with Machine(payload, mode=args.mode, cpl=args.cpl) as m:
+        try:
+            run = capture_checked(m, cap, m.image.name, timeout=args.timeout)
+            return Seen(run.log, run.evidence, space_for_args(args, run.evidence, m))
+        except Interrupted as e:  # check what was seen, marked incomplete, then stop
+            log = e.partial[1] if e.partial else None
+            if log is None:
+                return Seen(None, interrupted=e)
+            evidence = machine_evidence(m, log)
+            return Seen(log, evidence, space_for_args(args, evidence, m), e)
+
+
+def _print_checked(args: argparse.Namespace, checked: list[Checked]) -> None:
+    """Each result as JSON or as text, an interrupted one marked INCOMPLETE."""
+    from ..isolation import result_text
+
+    if args.json:
+        print(json.dumps([{"payload": c.source, "incomplete": bool(c.log.incomplete),
+                           "incomplete_reason": c.log.incomplete, **c.result.to_dict()} for c in checked], indent=2))
+        return
+    for c in checked:
+        why = c.log.incomplete
+        print(result_text(c.result, f"{c.source}{' (INCOMPLETE: ' + why + ')' if why else ''}: ", stack=args.stack) + "\n")
+
+
+def _check_process(args: argparse.Namespace, access: AccessModel, cost: dict[str, Any]) -> int:
     """check --pid / -- COMMAND: every vCPU of another process, apart and in total; each VM's
     records against that VM's own evidence, where its VMs can be told apart."""
-    import dataclasses
-
-    from ..isolation import check, result_text
-
-    w, interrupted = _watch(args)
+    w, interrupted = watch(args)
     if not w.log.records and interrupted is None:
         raise CliError(f"pid {w.pid}: no KVM_RUN was traced before {w.attached.ended}: nothing to check")
     if args.require_real and (not_own := _not_own(w)):
         print(f"kvmiso: pid {w.pid}: --require-real, but {not_own}", file=sys.stderr)
         return EXIT_FAILED
-    per: dict[str, Any] = {}
+    per, total = _check_vms(args, w, access, cost)
+    _print_process(args, w, per, total)
+    if interrupted is not None:
+        raise interrupted
+    if not total.exits:
+        print(f"kvmiso: {_checked_nothing(f'pid {w.pid}', w.log)}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_FAILED if total.failed(args.allow_lost) else 0
+
+
+def _check_vms(args: argparse.Namespace, w: WatchedProcess, access: AccessModel,
+               cost: dict[str, Any]) -> tuple[dict[str, CheckResult], CheckResult]:
+    """Each vCPU's records (by name) and all of them, each VM's against its own evidence."""
+    import dataclasses
+
+    from ..isolation import check
+
+    per: dict[str, CheckResult] = {}
     total = None
     for vm in [vm for vm in w.vms if vm.records] or w.vms[:1]:  # an empty log (interrupted) is checked too
-        space = _space(args, vm.evidence)
+        space = space_for_args(args, vm.evidence)
         for v in sorted({r.vcpu for r in vm.records}):
             part = dataclasses.replace(w.log, records=[r for r in vm.records if r.vcpu == v])
             part.lost_events = 0  # lost records cannot be told apart by vCPU: counted once, in the total
@@ -137,6 +208,13 @@ def _check_process(args, access, cost: dict) -> int:
             total = result
         else:
             total.add(result)
+    return per, total
+
+
+def _print_process(args: argparse.Namespace, w: WatchedProcess, per: dict[str, CheckResult], total: CheckResult) -> None:
+    """The per-vCPU results and the total, as JSON or as text."""
+    from ..isolation import result_text
+
     title = f"pid {w.pid} (traced until {w.attached.ended}{', INCOMPLETE' if w.log.incomplete else ''})"
     said = vms_line(w)
     if args.json:
@@ -144,19 +222,13 @@ def _check_process(args, access, cost: dict) -> int:
                           "evidence": w.evidence.source, "vms": said,
                           "vcpus": [{"vcpu": name, **r.to_dict()} for name, r in per.items()], "total": total.to_dict()},
                          indent=2))
-    else:
-        for name, r in per.items():
-            print(result_text(r, f"{title} {name}: ", stack=args.stack) + "\n")
-        print(result_text(total, f"{title} all vCPUs: ", stack=False) + (f"\n\n{said}" if said else ""))
-    if interrupted is not None:
-        raise interrupted
-    if not total.exits:
-        print(f"kvmiso: {_checked_nothing(f'pid {w.pid}', w.log)}", file=sys.stderr)
-        return EXIT_FAILED
-    return EXIT_FAILED if total.failed(args.allow_lost) else 0
+        return
+    for name, r in per.items():
+        print(result_text(r, f"{title} {name}: ", stack=args.stack) + "\n")
+    print(result_text(total, f"{title} all vCPUs: ", stack=False) + (f"\n\n{said}" if said else ""))
 
 
-def _fold(results: dict[str, Any], name: str, result: Any) -> None:
+def _fold(results: dict[str, CheckResult], name: str, result: CheckResult) -> None:
     """``result`` added to ``results[name]``: the same vCPU in several VMs."""
     if name in results:
         results[name].add(result)
@@ -210,139 +282,6 @@ def _numbered(numbers: list[int]) -> str:
     return f"VM{'s' * (len(numbers) > 1)} {text}" if numbers else ""
 
 
-def _space(args, evidence, machine=None):
-    from ..isolation import MapSetError
-    from ..isolation.policy import POLICIES
-    from ..session import layout_of, space_for
-
-    if args.policy not in POLICIES:
-        raise CliError(f"unknown policy {args.policy!r}; one of {', '.join(POLICIES)}")
-    try:
-        return space_for(layout_of(evidence, machine), args.policy, args.regions, tuple(args.drop))
-    except MapSetError as e:
-        raise CliError(str(e)) from None
-
-
-def _require_real(args, evidence, what: str) -> None:
-    """--require-real: every fact the verdicts rest on must have been read, not modeled."""
-    if args.require_real and not evidence.real:
-        raise RealFactsMissing(f"{what}: --require-real, but the objects and page table are modeled "
-                               f"({evidence.source or 'no evidence'})")
-
-
-class RealFactsMissing(Exception):
-    """--require-real and a fact had to be modeled: status 1, one line naming it."""
-
-
-def _read_evidence(path: str):
-    from ..observe.kernel.evidence import EvidenceError, read_evidence
-
-    try:
-        return read_evidence(path)
-    except OSError as e:
-        raise CliError(f"cannot read evidence {path}: {e.strerror}") from None
-    except EvidenceError as e:
-        raise CliError(str(e)) from None
-
-
-def cmd_model(args: argparse.Namespace) -> int:
-    """The isolated address space of a fresh VM of this host (or of saved evidence)."""
-    from ..isolation import model_summary, model_text
-    from ..session import machine_evidence
-
-    if args.evidence:
-        evidence, machine_ctx = _read_evidence(args.evidence), contextlib.nullcontext(None)
-    else:
-        machine_ctx = Machine("hello", mode="long")
-    with machine_ctx as m:
-        if m is not None:
-            m.run(timeout=5)  # a VM that has run: its MMU root, kvm_run page and vCPU thread exist
-            evidence = machine_evidence(m)
-        space = _space(args, evidence, m)
-    try:
-        _require_real(args, evidence, "model")
-    except RealFactsMissing as e:
-        print(f"kvmiso: {e}", file=sys.stderr)
-        return EXIT_FAILED
-    print(json.dumps(model_summary(space), indent=2) if args.json else model_text(space))
-    return 0
-
-
-def cmd_check(args: argparse.Namespace) -> int:
-    """Each payload runs under capture on its own VM and is checked against that VM's evidence;
-    an exit log is checked against the evidence saved with it (--evidence)."""
-    from ..isolation import AccessModelError, CheckError, check, load_access_model, result_text
-    from ..observe.tracing.capture import Capture
-    from ..observe.tracing.exitlog import ExitLogError, read_jsonl
-    from ..session import capture_checked, machine_evidence
-
-    if args.measured:
-        return cmd_measured(args)
-    try:
-        access = load_access_model()
-    except AccessModelError as e:
-        raise CliError(str(e)) from None
-    cost = {} if args.switch_cost is None else {"switch_cost_ns": args.switch_cost,
-                                                 "switch_cost_source": "given with --switch-cost"}
-    if process_target(args) is not None:
-        return _check_process(args, access, cost)
-    if not args.payload:
-        raise CliError("check what? payloads, exit logs, --pid PID or -- COMMAND ...")
-    results = []
-    interrupted: Interrupted | None = None
-    with Capture() as cap:
-        for p in args.payload:
-            if p.endswith(".jsonl"):
-                if not args.evidence:
-                    raise CliError(f"{p}: an exit log is checked against the evidence saved with it: "
-                                   f"--evidence FILE (kvmiso trace --json LOG --evidence FILE writes both)")
-                try:
-                    log = read_jsonl(p)
-                except OSError as e:
-                    raise CliError(f"cannot read exit log {p}: {e.strerror}") from None
-                except ExitLogError as e:
-                    raise CliError(str(e)) from None
-                evidence = _read_evidence(args.evidence)
-                space = _space(args, evidence)
-            else:
-                with Machine(p, mode=args.mode, cpl=args.cpl) as m:
-                    try:
-                        run = capture_checked(m, cap, m.image.name, timeout=args.timeout)
-                        log, evidence = run.log, run.evidence
-                    except Interrupted as e:  # check what was seen, marked incomplete, then stop
-                        interrupted = e
-                        log = e.partial[1] if e.partial else None
-                        if log is None:
-                            break
-                        evidence = machine_evidence(m, log)
-                    space = _space(args, evidence, m)
-            try:
-                _require_real(args, evidence, p)
-                res = check(space, log, access, source=p, **cost)
-            except RealFactsMissing as e:
-                print(f"kvmiso: {e}", file=sys.stderr)
-                return EXIT_FAILED
-            except CheckError as e:
-                raise CliError(str(e)) from None
-            results.append((p, log.incomplete, res, log))
-            if interrupted is not None:
-                break
-    if args.json:
-        print(json.dumps([{"payload": p, "incomplete": bool(why), "incomplete_reason": why, **r.to_dict()}
-                          for p, why, r, _ in results], indent=2))
-    else:
-        for p, why, r, _ in results:
-            print(result_text(r, f"{p}{' (INCOMPLETE: ' + why + ')' if why else ''}: ", stack=args.stack) + "\n")
-    if interrupted is not None:
-        raise interrupted
-    empty = [_checked_nothing(p, log) for p, _, r, log in results if not r.exits]
-    for line in empty:
-        print(f"kvmiso: {line}", file=sys.stderr)
-    # a missing mapping, an unknown function or lost evidence is a finding: non-zero, like a failed test
-    return EXIT_FAILED if empty or any(r.failed(args.allow_lost) for _, _, r, _ in results) else 0
-
-
-
 def cmd_measured(args: argparse.Namespace) -> int:
     """check --measured DIR: an access record, symbolized with the guest's own kallsyms, per
     window, with the functions access.toml does not know (the measured side of the access
@@ -377,7 +316,7 @@ def cmd_measured(args: argparse.Namespace) -> int:
     return 0
 
 
-def _checked_nothing(what: str, log) -> str:
+def _checked_nothing(what: str, log: ExitLog) -> str:
     """Why ``what`` had no exit to check, in one line: a check of nothing is not a pass."""
     why = (f"in-kernel events were not traced: {log.tracing_reason}" if not log.tracing
            else "no traced event fell inside a KVM_RUN's isolated window")

@@ -9,17 +9,15 @@ on this host and print, test by test, where its KVM passes, departs from upstrea
 
 Other vendor modules: ``kvmiso boot --kernel debian -- kvmiso conformance --json > amd.json`` runs
 it under kvm_amd, and ``kvmiso conformance --merge pvm.json amd.json`` sets the tables side by
-side. The tests run in a pytest of their own (this module is its plugin), whose progress goes to
-stderr.
+side. The tests run in a pytest of their own (:mod:`kvmiso.conformance_plugin` is its plugin), whose
+progress goes to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import re
 import subprocess
 import sys
 import tempfile
@@ -27,22 +25,23 @@ from pathlib import Path
 from typing import Any
 
 from ..exitstatus import EXIT_FAILED, CliError
+from ..conformance_plugin import RESULTS_OPTION
 from ..host import vendor_module
 
 PORTS = Path(__file__).resolve().parents[2] / "tests" / "selftests"  # in a checkout (an editable install)
-RESULTS_OPTION = "--kvmiso-conformance-results"
-DEVIATION = re.compile(r"known deviation on this host \((.*?)\): (.*)", re.S)
 
 
-def add_conformance_args(sp: argparse.ArgumentParser) -> None:
-    """The arguments of ``kvmiso conformance``."""
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """The parser of ``kvmiso conformance``."""
+    sp = subparsers.add_parser("conformance", help="run the ports of KVM selftests: where this KVM departs from upstream's")
     sp.add_argument("path", nargs="?", default=str(PORTS), help="the ports (default: tests/selftests of this checkout)")
     sp.add_argument("-k", metavar="EXPR", help="only the tests pytest's -k EXPR selects")
     sp.add_argument("--json", action="store_true", help="print the results as JSON (for --merge)")
     sp.add_argument("--merge", nargs="+", metavar="FILE", help="set saved --json results side by side, one column a host")
+    return sp
 
 
-def cmd_conformance(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Run the ports (or read saved results) and print the table; 1 when a test failed."""
     runs = [_read(f) for f in args.merge] if args.merge else [run_ports(args.path, args.k)]
     if args.json:
@@ -55,13 +54,13 @@ def cmd_conformance(args: argparse.Namespace) -> int:
 
 
 def run_ports(path: str, select: str | None = None) -> dict[str, Any]:
-    """Run pytest on ``path`` in a child process with this module as its plugin: the host, and
+    """Run pytest on ``path`` in a child process with kvmiso's conformance plugin: the host, and
     one result for each test (``pass``, ``deviation``, ``skip`` or ``fail``, with the reason)."""
     if not Path(path).exists():
         raise CliError(f"no selftest ports at {path}: give the path to tests/selftests of a kvmiso checkout")
     with tempfile.TemporaryDirectory(prefix="kvmiso-conformance-") as tmp:
         out = Path(tmp) / "results.json"
-        argv = [sys.executable, "-m", "pytest", path, "-p", __name__, RESULTS_OPTION, str(out), "-q",
+        argv = [sys.executable, "-m", "pytest", path, "-p", "kvmiso.conformance_plugin", RESULTS_OPTION, str(out), "-q",
                 "-p", "no:cacheprovider", *(["-k", select] if select else [])]
         try:
             status = subprocess.run(argv, stdout=_stderr(), check=False).returncode
@@ -120,50 +119,3 @@ def _read(path: str) -> dict[str, Any]:
     if not isinstance(run, dict) or not isinstance(run.get("results"), list):
         raise CliError(f"{path}: not a kvmiso conformance --json file (no results)")
     return run
-
-
-# --- the pytest plugin the child process runs with (-p kvmiso.commands.conformance) ------------------
-
-_results: list[dict[str, str]] = []
-
-
-def pytest_addoption(parser: Any) -> None:
-    """The file the results go to."""
-    parser.addoption(RESULTS_OPTION, metavar="FILE", help="kvmiso conformance: write each test's result here")
-
-
-def pytest_runtest_logreport(report: Any) -> None:
-    """One result per test: its call's outcome, or its setup's skip or error."""
-    if report.when == "call" or (report.when == "setup" and not report.passed):
-        _results.append({"test": _name(report.nodeid), **_outcome(report)})
-
-
-def pytest_sessionfinish(session: Any) -> None:
-    """Write the results where ``kvmiso conformance`` reads them."""
-    out = session.config.getoption(RESULTS_OPTION)
-    if out:
-        Path(out).write_text(json.dumps(_results))
-
-
-def _name(nodeid: str) -> str:
-    """``tests/selftests/test_cpuid.py::test_x`` as ``cpuid::test_x``."""
-    file, _, test = nodeid.partition("::")
-    return f"{os.path.basename(file).removeprefix('test_').removesuffix('.py')}::{test}"
-
-
-def _outcome(report: Any) -> dict[str, str]:
-    if hasattr(report, "wasxfail"):
-        m = DEVIATION.match(report.wasxfail)
-        reason = f"{m[1]}: {m[2]}" if m else report.wasxfail
-        if report.skipped:
-            return {"result": "deviation", "reason": reason}
-        return {"result": "pass", "reason": f"the deviation did not show ({reason})"}  # a strict=False one
-    if report.failed and str(report.longrepr).startswith("[XPASS(strict)]"):
-        return {"result": "fail", "reason": f"the deviation is gone: {str(report.longrepr).removeprefix('[XPASS(strict)] ')}"}
-    if report.passed:
-        return {"result": "pass", "reason": ""}
-    if report.skipped:
-        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
-        return {"result": "skip", "reason": reason.removeprefix("Skipped: ")}
-    crash = getattr(report.longrepr, "reprcrash", None)
-    return {"result": "fail", "reason": crash.message.splitlines()[0] if crash else str(report.longrepr)[:200]}

@@ -6,11 +6,17 @@ import argparse
 import json
 from typing import Any
 
-from ..kvm import Kvm
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """The parser of ``kvmiso probe``."""
+    sp = subparsers.add_parser("probe", help="what this host's KVM is and can do")
+    sp.add_argument("--json", action="store_true", help="print the facts as JSON")
+    return sp
 
 
-def cmd_probe(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """``kvmiso probe``: the host's KVM facts as rows (or JSON)."""
+    from ..kvm import Kvm
     from ..guest.probe import probe
 
     with Kvm() as kvm:
