@@ -14,7 +14,8 @@ import pytest
 from ready import READY_SPIN, wait_until_counted
 
 from kvmiso.guest import Machine, Outcome
-from kvmiso.observe.tracing.capture import Capture, capture
+from kvmiso.observe.tracing.capture import Capture
+from kvmiso.session import capture, capture_run
 from kvmiso.kvm.exits import HltExit, IntrExit, IoExit, MmioExit, RdmsrExit, WrmsrExit
 from kvmiso.observe.tracing.exitlog import parse_jsonl, read_jsonl
 from kvmiso.observe.tracing.exitstat import summarize
@@ -48,7 +49,7 @@ def session(tracing):
             with Machine(payload, mode=mode, cpl=cpl) as m:
                 if payload == "msr":
                     m.vm.enable_cap("X86_USER_SPACE_MSR", 2)
-                result, log = cap.run(m, payload=f"{payload}/{mode}/{cpl}", on_io=_answer_io, on_msr=_answer_msr)
+                result, log = capture_run(cap, m, payload=f"{payload}/{mode}/{cpl}", on_io=_answer_io, on_msr=_answer_msr)
                 image = m.image
             out[(payload, mode, cpl)] = (result, log, image)
         out["foreign"] = cap.tracer.foreign
@@ -168,7 +169,7 @@ def test_another_process_running_a_vm_is_never_seen(kvm, tracing):
         with Capture() as cap:
             for _ in range(3):
                 with Machine("portio", mode="long", kvm=kvm) as m:
-                    result, log = cap.run(m, on_io=_answer_io)
+                    result, log = capture_run(cap, m, on_io=_answer_io)
                 assert result.ok
             assert other.poll() is None  # it ran all along
             mine = cap.tracer.pids
@@ -189,7 +190,7 @@ def test_timeout_is_a_result_not_an_exception_and_lost_records_are_counted(kvm, 
             0x0F, 0xA2,  # cpuid
             0xEB, 0xFC,  # jmp back to the cpuid
         ]))
-        result, log = cap.run(m, timeout=0.3)
+        result, log = capture_run(cap, m, timeout=0.3)
     assert result.outcome is Outcome.TIMEOUT and result.detail.startswith("stopped at rip")
     assert [r.exit for r in log.records] == [IntrExit()]
     assert log.records[0].stats["exits"] > 0

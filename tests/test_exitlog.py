@@ -92,6 +92,7 @@ def test_extend_renumbers_and_merges_what_was_seen():
                 events_enabled=["kvm:kvm_pio"], lost_events=3)
     a.extend(b)
     assert [r.run for r in a.records] == [0, 1, 2]
+    assert [r.run for r in b.records] == [0, 1]  # copies went in: b is as it was
     assert a.lost_events == 5 and a.tracing and a.events_enabled == ["kvm:kvm_pio"]
 
 

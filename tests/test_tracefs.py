@@ -326,9 +326,10 @@ import sys
 import time
 from kvmiso.guest import Machine
 from kvmiso.observe.tracing.capture import Capture
+from kvmiso.session import capture_run
 with Capture(["kvm:kvm_emulate_insn"]) as cap, Machine("spin", mode="long") as m:
     print(cap.tracer.path, flush=True)
-    cap.run(m, timeout=60)
+    capture_run(cap, m, timeout=60)
 """
 
 

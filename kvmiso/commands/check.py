@@ -146,7 +146,7 @@ def _captured(args: argparse.Namespace, payload: str, cap: Capture) -> Seen:
             run = capture_checked(m, cap, m.image.name, timeout=args.timeout)
             return Seen(run.log, run.evidence, space_for_args(args, run.evidence, m))
         except Interrupted as e:  # check what was seen, marked incomplete, then stop
-            log = e.partial[1] if e.partial else None
+            log = e.partial.log if e.partial else None
             if log is None:
                 return Seen(None, interrupted=e)
             evidence = machine_evidence(m, log)

@@ -43,9 +43,8 @@ def run(args: argparse.Namespace) -> int:
 def _trace_payload(args: argparse.Namespace) -> int:
     """One payload on its own VM: its exits, with --events each event, then the table."""
     from ..guest import Machine
-    from ..observe.tracing.capture import capture
     from ..observe.tracing.exitstat import summarize
-    from ..session import machine_evidence
+    from ..session import capture, machine_evidence
 
     warn_if_undeclared(args.payload, args.mode)
     check_cpl(args.payload, args.mode, args.cpl)
@@ -54,7 +53,7 @@ def _trace_payload(args: argparse.Namespace) -> int:
         try:
             result, log = capture(m, timeout=args.timeout, payload=m.image.name)
         except Interrupted as e:
-            _keep_partial(args, e.partial[1] if e.partial else None)
+            _keep_partial(args, e.partial.log if e.partial else None)
             raise
         write_outputs(args, log, lambda: machine_evidence(m, log))
         where = f"{m.image.name} in {m.mode} mode at CPL{args.cpl} on {m.vendor or 'an unknown vendor module'}"

@@ -1,11 +1,20 @@
 """Running guests under capture and handing what they showed to the check: the orchestration
 between :mod:`kvmiso.guest`, :mod:`kvmiso.observe` and :mod:`kvmiso.isolation` (which runs no
-guest itself). ``kvmiso report``'s whole picture of a host is :mod:`.hostreport`."""
+guest itself). A Machine run under capture is :mod:`.capture`'s, the check of what it showed
+:mod:`.modelcheck`'s, another process's VMs watched :mod:`.watch`'s, and ``kvmiso report``'s
+whole picture of a host :mod:`.hostreport`'s (not re-exported here: it drives the benchmark too).
 
-from .watch import (EVIDENCE_EVERY_S, CapturedRun, WatchedProcess, WatchedVm, capture_checked, check_run, host_cpus,
-                    layout_of, machine_evidence, measure_switches, resolve_chains, space_for, split_by_vm,
-                    unread_evidence, watch_process)
+>>> with Capture() as cap:
+...     run = capture_checked(Machine("portio"), cap, "portio")
+>>> check_run(run, "rfc-v1").fault_lines()[0]
+'kvm_mm miss #0 on ffff88811a2d0000 (emulate_ctxt) attributed at x86_decode_emulated_instruction+0x36/0xb0, first access in init_emulate_ctxt: 24 exits'
+"""
 
-__all__ = ["EVIDENCE_EVERY_S", "CapturedRun", "WatchedProcess", "WatchedVm", "capture_checked", "check_run", "host_cpus",
-           "layout_of", "machine_evidence", "measure_switches", "resolve_chains", "space_for", "split_by_vm",
-           "unread_evidence", "watch_process"]
+from .capture import CapturedRun, RunCapture, capture, capture_checked, capture_run, machine_evidence
+from .modelcheck import check_run, host_cpus, layout_of, measure_switches, space_for
+from .watch import (EVIDENCE_EVERY_S, WatchedProcess, WatchedVm, resolve_chains, split_by_vm, unread_evidence,
+                    watch_process)
+
+__all__ = ["EVIDENCE_EVERY_S", "CapturedRun", "RunCapture", "WatchedProcess", "WatchedVm", "capture", "capture_checked",
+           "capture_run", "check_run", "host_cpus", "layout_of", "machine_evidence", "measure_switches",
+           "resolve_chains", "space_for", "split_by_vm", "unread_evidence", "watch_process"]

@@ -100,7 +100,7 @@ class SuiteRun:
 def run_suite(kvm: Kvm, cap: Capture, hypercall_returns: bool, runs: list[SuiteRun]) -> list[SuiteRun]:
     """Every suite entry on its own VM, under ``cap``, appended to ``runs`` as it ends (so an
     interruption keeps the runs done); the evidence is read while the VM lives."""
-    from .watch import capture_checked
+    from .capture import capture_checked
 
     for entry in suite(hypercall_returns):
         timeout = EXPECTED_TIMEOUT if entry.expected is Outcome.TIMEOUT else SUITE_TIMEOUT
@@ -137,7 +137,7 @@ def suite_part(runs: list[SuiteRun]) -> list[dict[str, Any]]:
 def isolation_part(runs: list[SuiteRun], rep: Report) -> dict[str, Any]:
     """Each run checked under each policy against its own VM's evidence, then folded."""
     from ..isolation import check, load_access_model, result_text
-    from .watch import layout_of, space_for
+    from .modelcheck import layout_of, space_for
 
     runs = [r for r in runs if r.log is not None]
     access = load_access_model()

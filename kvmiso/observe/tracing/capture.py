@@ -1,15 +1,18 @@
-"""Running a Machine under capture: every KVM_RUN as a :class:`RunRecord` with its userspace
-exit, the in-kernel trace events that happened inside it and its vCPU stats delta.
+"""A capture session: every KVM_RUN of a run as a :class:`RunRecord` with its userspace exit, the
+in-kernel trace events that happened inside it and its vCPU stats delta. What runs the guest is
+the caller's (:func:`kvmiso.session.capture_run` runs a Machine under one): this module only
+stamps the exits it is handed and reads the trace.
 
-Boundaries come from Machine.run's ``on_exit`` hook: CLOCK_MONOTONIC when an exit reaches
-kvmiso (``end_ns``) and when the hook hands the exit back (``start_ns`` of the next KVM_RUN;
-Machine.run handles the exit after the hook, so that handling is inside the next run's
-``wall_ns``). Trace events are assigned to runs by the ``kvm_userspace_exit`` event that ends
-each successful KVM_RUN in the vCPU thread; without it (not traced, or records lost), by
-timestamp. Where tracing cannot work the log still holds exits and stats, and says why.
+Boundaries come from the run loop's ``on_exit`` hook (:meth:`CaptureWindow.on_exit`):
+CLOCK_MONOTONIC when an exit reaches kvmiso (``end_ns``) and when the hook hands the exit back
+(``start_ns`` of the next KVM_RUN; the run loop handles the exit after the hook, so that handling
+is inside the next run's ``wall_ns``). Trace events are assigned to runs by the
+``kvm_userspace_exit`` event that ends each successful KVM_RUN in the vCPU thread; without it
+(not traced, or records lost), by timestamp. Where tracing cannot work the log still holds exits
+and stats, and says why.
 
->>> with Machine("cpuid", mode="long") as m:
-...     result, log = capture(m)
+>>> with Capture() as cap, Machine("cpuid", mode="long") as m:
+...     result, log = capture_run(cap, m)
 >>> [(e.fields["function"], e.fields["index"]) for _, e in log.events() if e.name == "kvm_cpuid"]
 [(0, 0), (1, 0)]
 """
@@ -17,23 +20,17 @@ timestamp. Where tracing cannot work the log still holds exits and stats, and sa
 from __future__ import annotations
 
 import bisect
-import dataclasses
-import os
-import platform
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
-from ...guest.deadline import GuestTimeout
-from ...guest.result import Outcome
-from ...interrupt import Interrupted
 from ...kvm.exits import Exit, IntrExit, detach
 from .exitlog import ExitLog, RunRecord, TraceEvent
 from .traceformat import FormatError
 from .tracefs import DEFAULT_BUFFER_KB, TraceInstance, TracefsUnavailable
 
 if TYPE_CHECKING:
-    from ...guest import Machine, RunResult
+    from ...kvm.stats import Stats
 
 
 class Capture:
@@ -44,7 +41,7 @@ class Capture:
     >>> with Capture() as cap:
     ...     for p in ("portio", "cpuid"):
     ...         with Machine(p) as m:
-    ...             cap.run(m, payload=p)
+    ...             capture_run(cap, m, payload=p)
     >>> len(cap.log.records)
     9
     """
@@ -56,7 +53,7 @@ class Capture:
         self._trace = trace
         self._stacks = stacks
         self._buffer_kb = buffer_kb
-        self._reason = "" if trace else "tracing not requested"
+        self.reason = "" if trace else "tracing not requested"  # why not traced, or what was
 
     def __enter__(self) -> "Capture":
         if self._trace:
@@ -64,102 +61,105 @@ class Capture:
             try:
                 self.tracer = TraceInstance(events, buffer_kb=self._buffer_kb, stacks=self._stacks)
                 self.tracer.open()
-                self._reason = self.tracer.describe()
+                self.reason = self.tracer.describe()
             except (TracefsUnavailable, OSError) as e:
                 self.tracer = None
-                self._reason = str(e) if isinstance(e, TracefsUnavailable) else f"tracefs failed: {e}"
+                self.reason = str(e) if isinstance(e, TracefsUnavailable) else f"tracefs failed: {e}"
         self.log.tracing = self.tracer is not None
-        self.log.tracing_reason = self._reason
+        self.log.tracing_reason = self.reason
         self.log.events_enabled = list(self.tracer.enabled) if self.tracer else []
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self.tracer is not None:
             self.tracer.close()
             self.tracer = None
 
-    def run(self, machine: "Machine", timeout: float = 5.0, payload: str = "", vcpu: int = 0,
-            **run_kwargs: Any) -> tuple["RunResult", ExitLog]:
-        """``machine.run(timeout, vcpu=vcpu, **run_kwargs)`` under capture; returns its result
-        and the exit log of this run (also added to ``self.log``). A timeout is a result with
-        outcome ``Outcome.TIMEOUT``, never a GuestTimeout. Ctrl-C or SIGTERM raises
-        :class:`kvmiso.interrupt.Interrupted` whose ``partial`` is ``(result, log)``, the log
-        marked ``incomplete``."""
-        tracer = self.tracer
+    def window(self, stats: Stats, vcpu: int = 0, payload: str = "",
+               on_exit: Callable[[Exit], bool | None] | None = None) -> CaptureWindow:
+        """Begin capturing the KVM_RUN calls the calling thread (the vCPU thread) makes on vCPU
+        ``vcpu``, whose binary stats are ``stats``: hand the run loop the window's
+        :meth:`~CaptureWindow.on_exit` (which calls ``on_exit`` too), then take
+        :meth:`~CaptureWindow.close`'s log."""
+        return CaptureWindow(self, stats, vcpu, payload, on_exit)
+
+
+class CaptureWindow:
+    """The KVM_RUN calls of one run under a :class:`Capture`: each exit stamped as it reaches
+    userspace, the trace started now and stopped by :meth:`stop` (or :meth:`close`)."""
+
+    def __init__(self, cap: Capture, stats: Stats, vcpu: int, payload: str,
+                 user_hook: Callable[[Exit], bool | None] | None) -> None:
+        self.cap, self.stats, self.vcpu, self.payload, self.user_hook = cap, stats, vcpu, payload, user_hook
+        tracer = cap.tracer
         tid = tracer.kernel_tid() if tracer is not None else threading.get_native_id()
         if tracer is not None and tid not in tracer.pids:
-            tracer.set_pids(tracer.pids | {tid})  # the vCPU thread is whoever calls run()
-        user_hook = run_kwargs.pop("on_exit", None)
-        starts: list[int] = []
-        ends: list[int] = []
-        raws: list[bytes] = []
-        exits: list[Exit] = []
-        with machine.vcpus[vcpu].stats() as stats:
+            tracer.set_pids(tracer.pids | {tid})  # the vCPU thread is whoever runs the guest
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+        self.raws: list[bytes] = []
+        self.exits: list[Exit] = []
+        self.lost_before = tracer.lost if tracer else 0
+        self.base = stats.read_raw()
+        if tracer:
+            tracer.start()
+        self.starts.append(time.monotonic_ns())
 
-            def on_exit(exit) -> bool | None:
-                ends.append(time.monotonic_ns())
-                raws.append(stats.read_raw())
-                exits.append(detach(exit))  # now: IO/MMIO data views change with the next run
-                stop = user_hook(exit) if user_hook is not None else None
-                starts.append(time.monotonic_ns())
-                return stop
+    def on_exit(self, exit: Exit) -> bool | None:
+        """The run loop's hook: stamp ``exit`` (detached now: its data views change with the
+        next run), then ask the caller's hook whether to stop."""
+        self.ends.append(time.monotonic_ns())
+        self.raws.append(self.stats.read_raw())
+        self.exits.append(detach(exit))
+        stop = self.user_hook(exit) if self.user_hook is not None else None
+        self.starts.append(time.monotonic_ns())
+        return stop
 
-            lost_before = tracer.lost if tracer else 0
-            base = stats.read_raw()
-            if tracer:
-                tracer.start()
-            starts.append(time.monotonic_ns())
-            interrupted: Interrupted | None = None
-            try:
-                result = machine.run(timeout, vcpu=vcpu, on_exit=on_exit, **run_kwargs)
-            except GuestTimeout as e:
-                result = e.result
-            except Interrupted as e:  # Ctrl-C/SIGTERM: keep what was seen, then re-raise
-                if e.partial is None:  # it came before the run began: nothing was seen
-                    raise
-                interrupted, result = e, e.partial
-            finally:
-                if tracer:
-                    tracer.stop()
-            if result.outcome in (Outcome.TIMEOUT, Outcome.INTERRUPTED):  # an IntrExit: on_exit never saw it
-                ends.append(time.monotonic_ns())
-                raws.append(stats.read_raw())
-                exits.append(IntrExit())
-            else:
-                starts.pop()  # the start of a KVM_RUN that never happened
-            deltas = [_delta(stats, before, after) for before, after in zip([base, *raws], raws)]
-        records = [RunRecord(run=i, vcpu=vcpu, start_ns=s, end_ns=e, exit=x, payload=payload, stats=d)
-                   for i, (s, e, x, d) in enumerate(zip(starts, ends, exits, deltas))]
-        log = ExitLog(records=records, host=_host(machine), tracing=tracer is not None,
-                      tracing_reason=self._reason, events_enabled=list(self.log.events_enabled))
-        if tracer is not None:
-            try:
-                note = assign_events(records, tracer.read(), lost=tracer.lost - lost_before,
-                                     ends_traced="kvm:kvm_userspace_exit" in tracer.enabled)
-            except FormatError as e:  # the run still counts: exits and stats without events
-                log.tracing, note = False, f"the trace pages could not be parsed ({e}): in-kernel events left out"
-            log.lost_events = tracer.lost - lost_before
-            log.tracing_reason = "; ".join(x for x in (self._reason, note) if x)
-        if interrupted is not None:
-            log.incomplete = f"interrupted by {interrupted.signal.name}"
-        self.log.extend(ExitLog(records=[dataclasses.replace(r) for r in records], host=log.host,
-                                tracing=log.tracing, tracing_reason=log.tracing_reason,
-                                events_enabled=log.events_enabled, lost_events=log.lost_events,
-                                incomplete=log.incomplete))
-        if interrupted is not None:  # the partial capture, marked incomplete, for the caller to keep
-            raise Interrupted.of(interrupted, (result, log)) from None
-        return result, log
+    def stop(self) -> None:
+        """Stop the trace (the run is over, however it ended)."""
+        if self.cap.tracer:
+            self.cap.tracer.stop()
 
+    def close(self, cut_short: bool, host: dict[str, Any], incomplete: str = "") -> ExitLog:
+        """The exit log of the run, also added to the session's ``log``. ``cut_short``: it ended
+        inside a KVM_RUN (a timeout or a signal: an exit ``on_exit`` never saw); ``incomplete``:
+        why the run ended early, if it did."""
+        self.stop()
+        if cut_short:
+            self.ends.append(time.monotonic_ns())
+            self.raws.append(self.stats.read_raw())
+            self.exits.append(IntrExit())
+        else:
+            self.starts.pop()  # the start of a KVM_RUN that never happened
+        records = [RunRecord(run=i, vcpu=self.vcpu, start_ns=s, end_ns=e, exit=x, payload=self.payload, stats=d)
+                   for i, (s, e, x, d) in enumerate(zip(self.starts, self.ends, self.exits, self._deltas()))]
+        log = ExitLog(records=records, host=host, tracing=self.cap.tracer is not None,
+                      tracing_reason=self.cap.reason, events_enabled=list(self.cap.log.events_enabled),
+                      incomplete=incomplete)
+        self._read_trace(log)
+        self.cap.log.extend(log)
+        return log
 
-def capture(machine: "Machine", timeout: float = 5.0, trace: bool | Iterable[str] = True, payload: str = "",
-            **run_kwargs: Any) -> tuple["RunResult", ExitLog]:
-    """Run ``machine`` once under capture (a :class:`Capture` of one run).
+    def _deltas(self) -> list[dict[str, Any]]:
+        """The nonzero stats changes over each KVM_RUN, histograms as lists (JSON-exact)."""
+        out = []
+        for before, after in zip([self.base, *self.raws], self.raws):
+            d = self.stats.delta(before, after)
+            out.append({k: list(v) if isinstance(v, tuple) else v for k, v in d.items()})
+        return out
 
-    ``run_kwargs`` go to Machine.run (``on_io``, ``on_msr``, ``on_exit``, ``vcpu``, ...).
-    Never raises GuestTimeout: a timeout is ``result.outcome == Outcome.TIMEOUT`` plus the log.
-    """
-    with Capture(trace) as cap:
-        return cap.run(machine, timeout=timeout, payload=payload, **run_kwargs)
+    def _read_trace(self, log: ExitLog) -> None:
+        """The trace's events into ``log``'s records, with what was lost and how they were placed."""
+        tracer = self.cap.tracer
+        if tracer is None:
+            return
+        try:
+            note = assign_events(log.records, tracer.read(), lost=tracer.lost - self.lost_before,
+                                 ends_traced="kvm:kvm_userspace_exit" in tracer.enabled)
+        except FormatError as e:  # the run still counts: exits and stats without events
+            log.tracing, note = False, f"the trace pages could not be parsed ({e}): in-kernel events left out"
+        log.lost_events = tracer.lost - self.lost_before
+        log.tracing_reason = "; ".join(x for x in (self.cap.reason, note) if x)
 
 
 def assign_events(records: list[RunRecord], events: list[TraceEvent], lost: int = 0,
@@ -202,15 +202,3 @@ def assign_events(records: list[RunRecord], events: list[TraceEvent], lost: int 
     if outside:
         note = "; ".join(x for x in (note, f"{outside} trace events outside any KVM_RUN left out") if x)
     return note
-
-
-def _delta(stats, before: bytes, after: bytes) -> dict[str, Any]:
-    """The nonzero stats changes between two raw reads, histograms as lists (JSON-exact)."""
-    d = stats.delta(before, after)
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-
-def _host(machine: "Machine") -> dict[str, Any]:
-    from ...host import cpu_model
-
-    return {"kernel": platform.release(), "vendor": machine.vendor, "cpu": cpu_model(), "pid": os.getpid()}

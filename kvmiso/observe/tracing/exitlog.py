@@ -14,7 +14,7 @@ returned; JSON exists only here, in the writer and the reader.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -87,11 +87,10 @@ class ExitLog:
                 yield r, e
 
     def extend(self, other: "ExitLog") -> None:
-        """Append ``other``'s records (renumbered) and what its capture could not see."""
+        """Append copies of ``other``'s records (numbered on from this log's) and what its capture
+        could not see; ``other`` is left as it was."""
         base = len(self.records)
-        for r in other.records:
-            r.run += base
-            self.records.append(r)
+        self.records.extend(replace(r, run=r.run + base) for r in other.records)
         self.lost_events += other.lost_events
         self.incomplete = self.incomplete or other.incomplete
         self.tracing = self.tracing or other.tracing
