@@ -18,7 +18,7 @@ from kvmiso.observe.tracing.capture import Capture
 from kvmiso.session import capture, capture_run
 from kvmiso.kvm.exits import HltExit, IntrExit, IoExit, MmioExit, RdmsrExit, WrmsrExit
 from kvmiso.observe.tracing.exitlog import parse_jsonl, read_jsonl
-from kvmiso.observe.tracing.exitstat import summarize
+from kvmiso.observe.tracing.exitstat import summarize_exits
 
 ROOT = Path(__file__).parent.parent
 
@@ -139,7 +139,7 @@ def test_exit_log_json_lines_round_trip(session, tmp_path):
 
 def test_summary_counts_every_event_and_run(session):
     _, log, _ = session[("portio", "long", 0)]
-    s = summarize(log)
+    s = summarize_exits(log)
     assert s.method == "events"
     events = [e for _, e in log.events() if e.name != "kvm_userspace_exit"]
     assert sum(k.count for k in s.kernel) == len(events)
@@ -195,7 +195,7 @@ def test_timeout_is_a_result_not_an_exception_and_lost_records_are_counted(kvm, 
     assert [r.exit for r in log.records] == [IntrExit()]
     assert log.records[0].stats["exits"] > 0
     assert log.lost_events > 0  # far more than 16 KiB of records in 0.3 s
-    assert "LOST" in summarize(log).table()
+    assert "LOST" in summarize_exits(log).table()
 
 
 def test_without_tracing_the_log_keeps_exits_and_stats(kvm):
@@ -204,7 +204,7 @@ def test_without_tracing_the_log_keeps_exits_and_stats(kvm):
     assert result.ok and not log.tracing and log.tracing_reason == "tracing not requested"
     assert [type(r.exit) for r in log.records] == [IoExit] * result.runs
     assert sum(r.stats.get("exits", 0) for r in log.records) >= result.runs
-    assert "not traced" in summarize(log).table()
+    assert "not traced" in summarize_exits(log).table()
 
 
 def test_not_root_captures_what_it_can(kvm):

@@ -1,7 +1,7 @@
 """Summaries of timing samples, after pyperf: percentiles, mean and spread, and the warnings
 that say a result should not be trusted.
 
->>> summarize([3, 1, 2, 4])["p50"]
+>>> summarize_samples([3, 1, 2, 4])["p50"]
 2.5
 """
 
@@ -27,7 +27,7 @@ def percentile(ordered: Sequence[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
-def summarize(values: Sequence[float]) -> dict[str, float]:
+def summarize_samples(values: Sequence[float]) -> dict[str, float]:
     """n, min, p50, p90, p99, max, mean and (sample) standard deviation of ``values``."""
     ordered = sorted(values)
     if not ordered:

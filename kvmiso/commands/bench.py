@@ -78,14 +78,9 @@ def _command(args: argparse.Namespace) -> str:
     return " ".join(parts)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Time every kind asked for, print the table (and --isolation's), write --json and --plot."""
-    from ..kvm import Kvm
-    from ..bench.latency import bench
-    from ..bench.plot import plot
-    from ..bench.table import format_table
-    from ..bench.runloop import NotBuilt
-
+def _checked_input(args: argparse.Namespace) -> list[str]:
+    """The kinds --kinds names, every argument checked before minutes of measuring: bad input,
+    a missing plotting extra, or an output that cannot be written is CliError."""
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     if not kinds:
         raise CliError(f"--kinds names no kind; kinds: {', '.join(KINDS)}")
@@ -101,6 +96,18 @@ def run(args: argparse.Namespace) -> int:
     for path, what in ((args.json, "the results"), (args.plot, "the plot")):
         if path:
             writable(path, what)  # before measuring: a result nobody can keep is not worth minutes
+    return kinds
+
+
+def run(args: argparse.Namespace) -> int:
+    """Time every kind asked for, print the table (and --isolation's), write --json and --plot."""
+    from ..kvm import Kvm
+    from ..bench.latency import bench
+    from ..bench.plot import plot
+    from ..bench.table import format_table
+    from ..bench.runloop import NotBuilt
+
+    kinds = _checked_input(args)
     show, clear = _progress()
     with Kvm() as kvm:
         try:

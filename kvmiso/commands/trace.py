@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
 def _trace_payload(args: argparse.Namespace) -> int:
     """One payload on its own VM: its exits, with --events each event, then the table."""
     from ..guest import Machine
-    from ..observe.tracing.exitstat import summarize
+    from ..observe.tracing.exitstat import summarize_exits
     from ..session import capture, machine_evidence
 
     warn_if_undeclared(args.payload, args.mode)
@@ -62,7 +62,7 @@ def _trace_payload(args: argparse.Namespace) -> int:
     print(f"traced {where}: {len(log.records)} KVM_RUN calls, {events} in-kernel events\n")
     if args.events:
         _print_events(log, args.stacks)
-    print(summarize(log).table())
+    print(summarize_exits(log).table())
     print(f"\n{result.outcome}: {result.detail}")
     return 0 if result.ok else EXIT_FAILED
 
@@ -106,7 +106,7 @@ def _print_events(log: ExitLog, stacks: bool) -> None:
 def _trace_process(args: argparse.Namespace) -> int:
     """--pid / -- COMMAND: another process's vCPUs, per vCPU and in total. Returns the command's
     own status when it ended by itself, else 0."""
-    from ..observe.tracing.exitstat import summarize
+    from ..observe.tracing.exitstat import summarize_exits
 
     outputs_writable(args)
     w, interrupted = watch(args)
@@ -124,7 +124,7 @@ def _trace_process(args: argparse.Namespace) -> int:
         name = f"vCPU {v}" if v in w.evidence.threads else f"thread {v}"
         print(f"{name}: {sum(1 for r in log.records if r.vcpu == v)} KVM_RUN calls")
     print()
-    print(summarize(log).table())
+    print(summarize_exits(log).table())
     if interrupted is not None:
         raise interrupted
     # as time(1) does: the status of a command that ended by itself (kvmiso's own work succeeded)

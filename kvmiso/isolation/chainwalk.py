@@ -22,6 +22,7 @@ from .mapset import DenylistSpace, KvmAddressSpace
 ALIASES = {"pvm_percpu": "percpu_area"}
 MAX_PAGES_CHECKED = 1024  # pages of one object checked (guest RAM: 2 MiB)
 
+
 @dataclass(frozen=True)
 class Verdict:
     """What one event (or one exit) comes to: its class (kvm_mm is None), the exit kind, why."""

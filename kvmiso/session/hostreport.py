@@ -192,7 +192,7 @@ def _plot(result: Any, path: Path) -> str:
 def _suite_parts(rep: Report, kvm: Kvm, hypercall_returns: bool, out_dir: Path) -> list[SuiteRun]:
     """The guest suite under one capture session, then the parts made of what it recorded:
     written even when the suite was interrupted, from the runs that ended."""
-    from ..observe.tracing.exitstat import summarize
+    from ..observe.tracing.exitstat import summarize_exits
 
     runs: list[SuiteRun] = []
     with Capture() as cap:
@@ -204,7 +204,7 @@ def _suite_parts(rep: Report, kvm: Kvm, hypercall_returns: bool, out_dir: Path) 
             rep.parts["trace"] = {"tracing": cap.log.tracing, "tracing_reason": cap.log.tracing_reason,
                                   "lost_events": cap.log.lost_events, "records": len(cap.log.records),
                                   "events": sum(len(r.events) for r in cap.log.records)}
-            rep.text["trace"] = summarize(cap.log).table()
+            rep.text["trace"] = summarize_exits(cap.log).table()
             if not cap.log.tracing:
                 rep.skipped["in-kernel events"] = cap.log.tracing_reason
     return runs

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import bisect
 import platform
+import time
 from dataclasses import dataclass, field
-from typing import Any
 
 from ..host import vendor_module
 from ..interrupt import Interrupted, deferred
@@ -54,6 +54,78 @@ class WatchedProcess:
         return self.attached.log
 
 
+@dataclass
+class VmFollower:
+    """What the watch of a process follows between two looks (every 0.1 s): the VM whose vCPU
+    fds kvmiso holds copies of, when it attached to it (``since``), its best reading so far and
+    when it was read, the readings of the VMs it followed before, and the most VMs the process
+    held at one look."""
+
+    duration: float | None = None
+    t0: float | None = None
+    most: int = 0
+    vm: ForeignVm | None = None
+    since: int | None = None  # CLOCK_MONOTONIC ns when kvmiso attached to ``vm``
+    evidence: Evidence | None = None
+    read_at: float = 0.0
+    readings: list[tuple[int, Evidence | None]] = field(default_factory=list)  # (since, evidence) of each VM
+
+    def complete(self) -> bool:
+        """Whether the reading names a thread for each vCPU of the VM."""
+        return self.evidence is not None and self.vm is not None and len(self.evidence.threads) >= len(self.vm.vcpus)
+
+    def read(self, now: float) -> None:
+        """Read the VM's evidence; kept unless it knows fewer vCPU threads or objects than the
+        reading before (a vCPU thread's task, stack and mm are gone as the process exits)."""
+        reading, self.read_at = collect_evidence(self.vm, vendor_module() or ""), now
+        if self.evidence is None or _completeness(reading) >= _completeness(self.evidence):
+            self.evidence = reading
+
+    def keep(self) -> None:
+        """The VM followed so far, with what was read of it, before the next is followed."""
+        self.readings.append((self.since, self.evidence))
+        self.since, self.evidence, self.read_at = None, None, 0.0
+
+    def follow(self, vm: ForeignVm, replaced: bool) -> None:
+        """Follow ``vm`` from now on (the same VM with more vCPUs, or, ``replaced``, another)."""
+        if replaced:  # the last VM's evidence is kept apart, this one's read anew
+            self.keep()
+        if self.vm is not None:
+            self.vm.close()
+        self.vm = vm
+        self.since = self.since if self.since is not None else time.monotonic_ns()
+
+    def until(self, pid: int) -> str | None:
+        """Every 0.1 s: take copies of the process's vCPU fds as they appear (the VM outlives
+        the process through them), and read the VM's evidence while the process lives: every
+        0.1 s until it names a thread for each vCPU, then every second. Why to stop, or None."""
+        now = time.monotonic()
+        self.t0 = self.t0 if self.t0 is not None else now
+        try:
+            fds = kvm_fds(pid)
+            seen, self.most = len(fds.vcpus), max(self.most, len(fds.vms))
+        except ProcessError:
+            seen = 0  # gone, or exec'ing
+        # another VM in the same fd numbers (a test program creating VM after VM): kcmp tells
+        replaced = seen > 0 and self.vm is not None and not self.vm.still_held()
+        if seen > (len(self.vm.vcpus) if self.vm is not None else 0) or replaced:
+            try:
+                self.follow(ForeignVm.attach(pid), replaced)
+            except ProcessChanged:
+                pass  # an fd closed or reused since the listing, or the process ended: next tick
+        if self.vm is not None and now - self.read_at >= (EVIDENCE_SETTLED_S if self.complete() else EVIDENCE_EVERY_S):
+            self.read(now)
+        if self.duration is not None and now - self.t0 >= self.duration:
+            return f"{self.duration:g} s passed"
+        return None
+
+    def close(self) -> None:
+        """Let go of the VM's fd copies, its reading kept."""
+        if self.vm is not None:
+            self.vm.close()
+            self.keep()
+
+
 def watch_process(target: int | list[str], duration: float | None = None,
                   events: list[str] | None = None) -> WatchedProcess:
     """Trace a running process (a pid) or a command (started here, traced from its first event)
@@ -62,10 +134,7 @@ def watch_process(target: int | list[str], duration: float | None = None,
     (SIGTERM, then SIGKILL) on every way out, with every process it started in turn
     (:class:`kvmiso.commandtree.CommandTree`). Interrupted, it raises :class:`Interrupted` with
     the :class:`WatchedProcess` so far as ``partial`` (its log marked incomplete)."""
-    import time
-
-    got: dict[str, Any] = {"most": 0}  # most: the most VMs the process held at one look
-    readings: list[tuple[int, Evidence | None]] = []  # (when kvmiso attached to a VM, its evidence)
+    follower = VmFollower(duration)
     tree = CommandTree()
     # a process without KVM, gone, or not ours to read: refused before tracing
     held = len(kvm_fds(target).vms) if isinstance(target, int) else 0
@@ -76,77 +145,39 @@ def watch_process(target: int | list[str], duration: float | None = None,
         except OSError as e:
             raise ProcessError(f"cannot start {target[0]}: {e.strerror}") from None
 
-    def keep() -> None:
-        """The VM followed so far, with what was read of it, before the next is followed."""
-        readings.append((got.pop("since"), got.pop("evidence", None)))
-        got.pop("read", None)
-
-    def complete() -> bool:
-        return "evidence" in got and len(got["evidence"].threads) >= len(got["vm"].vcpus)
-
-    def read(now: float) -> None:
-        reading, got["read"] = collect_evidence(got["vm"], vendor_module() or ""), now
-        if "evidence" not in got or _completeness(reading) >= _completeness(got["evidence"]):
-            got["evidence"] = reading
-
-    def until(pid: int) -> str | None:
-        """Every 0.1 s: take copies of the process's vCPU fds as they appear (the VM outlives
-        the process through them), and read the VM's evidence while the process lives: every
-        0.1 s until it names a thread for each vCPU, then every second. The latest reading is
-        kept unless it knows fewer vCPU threads or objects than the one before: a vCPU thread's
-        task, stack and mm are gone as the process exits."""
-        now = time.monotonic()
-        got.setdefault("t0", now)
-        try:
-            fds = kvm_fds(pid)
-            seen, got["most"] = len(fds.vcpus), max(got["most"], len(fds.vms))
-        except ProcessError:
-            seen = 0  # gone, or exec'ing
-        # another VM in the same fd numbers (a test program creating VM after VM): kcmp tells
-        replaced = seen > 0 and "vm" in got and not got["vm"].still_held()
-        if seen > (len(got["vm"].vcpus) if "vm" in got else 0) or replaced:
-            try:
-                vm = ForeignVm.attach(pid)
-            except ProcessChanged:
-                pass  # an fd closed or reused since the listing, or the process ended: next tick
-            else:
-                if replaced:  # the last VM's evidence is kept apart, this one's read anew
-                    keep()
-                if "vm" in got:
-                    got["vm"].close()
-                got["vm"] = vm
-                got.setdefault("since", time.monotonic_ns())
-        if "vm" in got and now - got.get("read", 0.0) >= (EVIDENCE_SETTLED_S if complete() else EVIDENCE_EVERY_S):
-            read(now)
-        if duration is not None and now - got["t0"] >= duration:
-            return f"{duration:g} s passed"
-        return None
-
     interrupted: Interrupted | None = None
     try:
         try:
-            attached = watch(target if isinstance(target, int) else start, until, events)
+            attached = watch(target if isinstance(target, int) else start, follower.until, events)
         except Interrupted as e:  # Ctrl-C is how a watch without --duration ends: keep what it saw
             if not isinstance(e.partial, Attached):
                 raise
             interrupted, attached = e, e.partial
-        if "vm" in got and not complete():
+        if follower.vm is not None and not follower.complete():
             # it exited before a reading saw every vCPU's thread (a reading takes seconds under
             # TCG): the VM outlives it through the copies, and vcpu->pid still names the threads
-            read(time.monotonic())
+            follower.read(time.monotonic())
     finally:
-        if "vm" in got:
-            got["vm"].close()
-            keep()
+        follower.close()
         with deferred():  # a command kvmiso started goes with it, on every way out
             left = tree.stop(STOP_GRACE_S)
     pid = target if isinstance(target, int) else tree.proc.pid
+    watched = _watched(pid, attached, follower, held, left)
+    if interrupted is not None:
+        raise Interrupted.of(interrupted, watched)
+    return watched
+
+
+def _watched(pid: int, attached: Attached, follower: VmFollower, held: int, left: list[str]) -> WatchedProcess:
+    """What the watch saw, each VM with its records and evidence (kallsyms naming its call
+    chains), each record's ``vcpu`` the vCPU id where the evidence names its thread."""
+    readings = follower.readings
     evidence = next((ev for _, ev in reversed(readings) if ev is not None), None) or unread_evidence()
     created = attached.vm_created
     # VMs one at a time, each created where the trace shows it (or held from the start): records
     # and readings go by time
     apart = (created is not None and len(created) + held >= max(1, len(readings))
-             and max(got["most"], held) <= 1)
+             and max(follower.most, held) <= 1)
     vms = (split_by_vm(created, held, readings, attached.log.records) if apart else
            [WatchedVm(None, evidence, attached.log.records, mixed=len(readings) > 1)])
     for vm in vms:
@@ -155,10 +186,7 @@ def watch_process(target: int | list[str], duration: float | None = None,
         by_thread = {tid: vid for vid, tid in vm.evidence.threads.items()}
         for r in vm.records:
             r.vcpu = by_thread.get(r.vcpu, r.vcpu)
-    watched = WatchedProcess(pid, attached, evidence, left, vms)
-    if interrupted is not None:
-        raise Interrupted.of(interrupted, watched)
-    return watched
+    return WatchedProcess(pid, attached, evidence, left, vms)
 
 
 def unread_evidence() -> Evidence:

@@ -124,7 +124,6 @@ def parse_kallsyms(text: str) -> Symbols | None:
     return Symbols(entries)
 
 
-
 @lru_cache(maxsize=2)
 def read_kallsyms(path: str | Path = KALLSYMS) -> Symbols | None:
     """The running kernel's symbols, or None where the addresses are hidden or unreadable.

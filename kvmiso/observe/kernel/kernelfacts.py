@@ -149,6 +149,4 @@ def struct_pages(k: KernelView, out: VmObjects, tables: LiveTables) -> None:
                                             "vmemmap", "vcpu", root.index))
 
 
-
-
 __all__ = ["per_cpu_objects", "per_cpu_offsets", "struct_pages", "with_allocator"]

@@ -103,6 +103,4 @@ def possible_cpus(text: str) -> int:
     return n
 
 
-
-
 __all__ = ["KernelObject", "KernelView", "OBJECT_NAMES", "PAGE", "VmObjects", "known_object", "possible_cpus"]

@@ -100,7 +100,7 @@ class ExitSummary:
         return "\n".join([fmt(head), *(fmt(r) for r in rows), ""] + [textwrap.fill(n, 100) for n in notes])
 
 
-def summarize(log: ExitLog) -> ExitSummary:
+def summarize_exits(log: ExitLog) -> ExitSummary:
     """Count and time every exit kind in ``log`` (see :data:`ExitSummary.time_rule`)."""
     kernel: dict[str, KindStat] = {}
     user: dict[str, KindStat] = {}
@@ -109,28 +109,7 @@ def summarize(log: ExitLog) -> ExitSummary:
         kind = f"KVM_EXIT_{r.exit.name}"
         u = user.setdefault(kind, KindStat(kind))
         u.add(r.wall_ns)
-        evs = r.events
-        if by_exits:
-            open_exit: tuple[KindStat, int] | None = None
-            for e in evs:
-                if e.name == "kvm_exit":
-                    if open_exit:  # two exits without an entry between them: records were lost
-                        open_exit[0].count += 1
-                    open_exit = (kernel.setdefault(e.kind, KindStat(e.kind)), e.ts_ns)
-                elif e.name in BOUNDARY_EVENTS:
-                    if open_exit:
-                        open_exit[0].add(e.ts_ns - open_exit[1])
-                        open_exit = None
-                else:
-                    kernel.setdefault(e.kind, KindStat(e.kind)).add()
-            if open_exit:  # its kvm_entry or kvm_userspace_exit was not recorded: count, no time
-                open_exit[0].count += 1
-        else:
-            for i, e in enumerate(evs):
-                if e.name in BOUNDARY_EVENTS:
-                    continue
-                # the last event of a run whose end was not recorded (lost) has no time
-                kernel.setdefault(e.kind, KindStat(e.kind)).add(evs[i + 1].ts_ns - e.ts_ns if i + 1 < len(evs) else None)
+        (_time_exits if by_exits else _time_events)(r.events, kernel)
     # the share is of exits: kvm_exit reasons where they exist, else every in-kernel event
     exit_kinds = {e.kind for _, e in log.events() if e.name == "kvm_exit"} if by_exits else set(kernel)
     exits = sum(kernel[k].count for k in exit_kinds)
@@ -141,6 +120,34 @@ def summarize(log: ExitLog) -> ExitSummary:
     order = lambda k: (-k.count, k.kind)  # noqa: E731
     return ExitSummary("kvm_exit" if by_exits else "events", sorted(kernel.values(), key=order),
                        sorted(user.values(), key=order), len(log.records), log.lost_events, log.tracing)
+
+
+def _time_exits(evs: list[TraceEvent], kernel: dict[str, KindStat]) -> None:
+    """One KVM_RUN's events where ``kvm_exit`` fires: each exit reason counted and timed from
+    its ``kvm_exit`` to the next boundary (``kvm_entry``, ``kvm_userspace_exit``)."""
+    open_exit: tuple[KindStat, int] | None = None
+    for e in evs:
+        if e.name == "kvm_exit":
+            if open_exit:  # two exits without an entry between them: records were lost
+                open_exit[0].count += 1
+            open_exit = (kernel.setdefault(e.kind, KindStat(e.kind)), e.ts_ns)
+        elif e.name in BOUNDARY_EVENTS:
+            if open_exit:
+                open_exit[0].add(e.ts_ns - open_exit[1])
+                open_exit = None
+        else:
+            kernel.setdefault(e.kind, KindStat(e.kind)).add()
+    if open_exit:  # its kvm_entry or kvm_userspace_exit was not recorded: count, no time
+        open_exit[0].count += 1
+
+
+def _time_events(evs: list[TraceEvent], kernel: dict[str, KindStat]) -> None:
+    """One KVM_RUN's events where no hardware exit fires: each event counted and timed to the next."""
+    for i, e in enumerate(evs):
+        if e.name in BOUNDARY_EVENTS:
+            continue
+        # the last event of a run whose end was not recorded (lost) has no time
+        kernel.setdefault(e.kind, KindStat(e.kind)).add(evs[i + 1].ts_ns - e.ts_ns if i + 1 < len(evs) else None)
 
 
 def format_event(e: TraceEvent, t0_ns: int) -> str:
@@ -155,4 +162,4 @@ def format_event(e: TraceEvent, t0_ns: int) -> str:
     return f"{(e.ts_ns - t0_ns) / 1e3:+10.3f} µs  cpu{e.cpu}  {e.name:<24} {' '.join(parts)}"
 
 
-__all__ = ["BOUNDARY_EVENTS", "ExitSummary", "KindStat", "format_event", "summarize"]
+__all__ = ["BOUNDARY_EVENTS", "ExitSummary", "KindStat", "format_event", "summarize_exits"]

@@ -17,6 +17,7 @@ class PrintFmtError(ValueError):
 # and ``__print_flags``, possibly under a condition such as ``(REC->isa == 1) ? ... : ...``.
 # So: a small recursive-descent parser for the C expression grammar, evaluated against a record.
 
+
 _TOKEN_RE = re.compile(r"""
     \s*(?:
       (?P<str>"(?:[^"\\]|\\.)*")

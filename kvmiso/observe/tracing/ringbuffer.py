@@ -115,8 +115,6 @@ def iter_pages(raw: bytes, page_size: int) -> Iterator[bytes]:
         yield raw[off : off + page_size]
 
 
-
-
 @dataclass
 class Decoded:
     """Records decoded from ring-buffer pages, and those that were not kept."""
