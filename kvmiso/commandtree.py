@@ -21,6 +21,8 @@ import time
 
 import psutil
 
+from .kvm._libc import libc
+
 PR_SET_CHILD_SUBREAPER, PR_GET_CHILD_SUBREAPER = 36, 37  # <linux/prctl.h>
 POLL_S = 0.05  # how often a stopping tree is looked at again
 
@@ -37,7 +39,6 @@ def stop(proc: subprocess.Popen, grace: float) -> None:
 
 
 def _prctl(option: int, arg: int) -> int:
-    libc = ctypes.CDLL(None, use_errno=True)
     value = ctypes.c_int(0)
     r = libc.prctl(option, ctypes.byref(value) if option == PR_GET_CHILD_SUBREAPER else ctypes.c_ulong(arg), 0, 0, 0)
     if r != 0:
@@ -50,9 +51,11 @@ class CommandTree:
     """A command kvmiso starts, and every process it starts in turn, stopped together.
 
     >>> tree = CommandTree()
-    >>> pid = tree.start(["sh", "-c", "qemu-system-x86_64 ...; echo done"])
-    >>> tree.stop(grace=5.0)  # QEMU too, though the shell has gone
-    ['pid 4242 (qemu-system-x86)']
+    >>> pid = tree.start(["sh", "-c", "sleep 60 & exit 0"])   # as a VMM under a wrapper
+    >>> tree.proc.wait()                                      # the shell ends at once
+    0
+    >>> tree.stop(grace=5.0)                                  # sleep too, though the shell has gone
+    ['pid ... (sleep)']
     """
 
     def __init__(self) -> None:

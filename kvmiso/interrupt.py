@@ -55,11 +55,18 @@ class Interrupted(KeyboardInterrupt):
 
     A KeyboardInterrupt, so code that handles Ctrl-C handles this too.
 
-    >>> try:
-    ...     machine.run(timeout=600)
-    ... except Interrupted as e:
-    ...     print(e.signal.name, e.partial.outcome)
-    SIGTERM interrupted
+    >>> import os, threading
+    >>> from kvmiso import Machine
+    >>> ctrl_c = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT))  # Ctrl-C, 0.2 s on
+    >>> with Machine("spin", kvm=kvm) as spin:
+    ...     ctrl_c.start()
+    ...     try:
+    ...         spin.run(timeout=600)
+    ...     except Interrupted as e:
+    ...         print(e.signal.name, e.partial.outcome)
+    ...     finally:
+    ...         ctrl_c.cancel()
+    SIGINT interrupted
     """
 
     def __init__(self, signum: int = signal.SIGINT, partial: Any = None) -> None:

@@ -91,7 +91,9 @@ def write_whole(path: str | os.PathLike, what: str, write: Callable[[Path], None
     leaves the old file (or none). A device is written in place. A failure removes the new file
     and is an OutputError naming ``path``.
 
-    >>> write_whole("run.jsonl", "the exit log", log.write_jsonl)
+    >>> write_whole("greeting.txt", "the greeting", lambda p: p.write_text("hello\\n"))
+    >>> open("greeting.txt").read()
+    'hello\\n'
     """
     p = Path(path)
     if _in_place(p, what):

@@ -3,25 +3,39 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import subprocess
 import sys
 import threading
+import time
 
 import psutil
 import pytest
 
-from kvmiso.guest import BuildError, Machine, build
+from kvmiso.guest import BuildError, GuestTimeout, Machine, build
 from kvmiso.interrupt import start_kicker
-from kvmiso.kvm import Kvm, KvmError, KvmUnavailable
+from kvmiso.kvm import Kvm, KvmError, KvmUnavailable, VcpuBusy
 from kvmiso.kvm.system import check_api_version
 
 
 def _resources():
     start_kicker()  # the process's one interrupt kicker (kvmiso.interrupt) lives as long as it does
     p = psutil.Process()
+    return p.num_fds(), _vm_maps(p), threading.active_count()
+
+
+def _vm_maps(p) -> int:
+    """The mappings a VM makes: KVM's own (a vCPU's kvm_run: anon_inode:kvm-vcpu) and anonymous
+    ones of guest RAM's size or more. Python's allocator arenas (1 MiB) come and go with the
+    interpreter's own use and would make any count of every mapping flaky."""
+    def size(m) -> int:
+        lo, hi = m.addr.split("-")
+        return int(hi, 16) - int(lo, 16)
+
     # grouped=False: grouped maps merge every anonymous mapping into one entry, hiding a leak
-    return p.num_fds(), len(p.memory_maps(grouped=False)), threading.active_count()
+    return sum(1 for m in p.memory_maps(grouped=False)
+               if "kvm" in m.path or (m.path in ("", "[anon]") and size(m) >= 2 << 20))
 
 
 def test_missing_device_is_named(tmp_path):
@@ -83,14 +97,19 @@ def test_overlapping_and_misaligned_slots(kvm):
 
 
 def test_failed_machine_leaves_nothing(kvm, tmp_path):
-    build("hello", "long")  # warm the cache: its files are not leaks
-    before = _resources()
-    with pytest.raises(ValueError, match="guest memory"):
-        Machine("hello", memory=4096, kvm=kvm)
     bad = tmp_path / "bad.S"
     bad.write_text("garbage\n")
-    with pytest.raises(BuildError):
-        Machine(bad, kvm=kvm)
+
+    def fail_twice() -> None:
+        with pytest.raises(ValueError, match="guest memory"):
+            Machine("hello", memory=4096, kvm=kvm)
+        with pytest.raises(BuildError):
+            Machine(bad, kvm=kvm)
+
+    build("hello", "long")  # warm the cache: its files are not leaks
+    fail_twice()  # and the modules a failure imports on first use
+    before = _resources()
+    fail_twice()
     assert _resources() == before
 
 
@@ -123,3 +142,82 @@ def test_500_vms_do_not_leak(kvm):
     assert proc.num_fds() == fds
     assert len(proc.memory_maps(grouped=False)) == maps
     assert proc.memory_info().rss - rss < 8 << 20  # no per-VM growth (1 MiB slots would be 500 MiB)
+
+
+def _wait_until_in_kvm_run(stats) -> None:
+    """Until the vCPU has exited to KVM at least once: the spin guest's first KVM_RUN is under
+    way (it never comes back to userspace before its deadline)."""
+    for _ in range(3000):
+        if stats.snapshot()["exits"]:
+            return
+        time.sleep(0.01)
+    raise AssertionError("the vCPU never entered KVM_RUN")
+
+
+def test_a_second_thread_is_refused_the_vcpu_another_thread_runs(kvm):
+    with Machine("spin", mode="long", kvm=kvm) as m, m.vcpu.stats() as stats:
+        got: dict[str, object] = {}
+
+        def run(name, call):
+            try:
+                got[name] = call()
+            except GuestTimeout as e:
+                got[name] = e.result.outcome
+            except Exception as e:
+                got[name] = e
+
+        first = threading.Thread(target=run, args=("first", lambda: m.run(timeout=3)), name="first-runner")
+        first.start()
+        _wait_until_in_kvm_run(stats)
+        seconds = [threading.Thread(target=run, args=(name, call)) for name, call in
+                   [("Vcpu.run", m.vcpu.run), ("Machine.run", lambda: m.run(timeout=1))]]
+        for t in seconds:
+            t.start()
+            t.join(20)  # refused at once; before, each waited for the vCPU, and two deadlines shared one timer
+        stuck = [t for t in seconds if t.is_alive()]
+        for t in stuck + [first] if stuck else ():  # without this, neither run would ever return
+            m.vcpu.kick(t.ident)
+        for t in seconds + [first]:
+            t.join()
+        assert not stuck, f"{len(stuck)} runs neither returned nor were refused"
+        for name in ("Vcpu.run", "Machine.run"):
+            assert isinstance(got[name], VcpuBusy), (name, got[name])
+            assert "vCPU 0 is already running in thread 'first-runner'" in str(got[name])
+        assert got["first"] == "timeout" and m.vcpu.runner is None  # its own deadline ended it
+
+
+FORKED = r"""
+import json, os
+from kvmiso.guest import Machine
+
+with Machine("hello", mode="long") as m:
+    r, w = os.pipe()
+    if os.fork() == 0:  # the child: KVM refuses every ioctl of the parent's VM with EIO
+        out = {}
+        for what, call in [("KVM_GET_REGS", m.vcpu.get_regs), ("KVM_RUN", m.vcpu.run),
+                           ("KVM_CHECK_EXTENSION", lambda: m.vm.check_extension("USER_MEMORY"))]:
+            try:
+                call()
+                out[what] = "answered"
+            except Exception as e:
+                out[what] = f"{type(e).__name__}: {e}"
+        os.write(w, json.dumps(out).encode())
+        os._exit(0)
+    os.close(w)
+    out = json.loads(os.read(r, 1 << 16))
+    os.wait()
+    out["parent"] = m.run(timeout=30).console_text
+print(json.dumps(out))
+"""
+
+
+def test_a_vm_kvm_refuses_is_named_as_such(kvm):
+    # kvm_util's test for a VM KVM killed (EIO, then EIO from KVM_CHECK_EXTENSION on the VM fd)
+    # is also true of a VM used from a process that did not create it, which a test can make
+    p = subprocess.run([sys.executable, "-c", FORKED], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = json.loads(p.stdout)
+    for ioctl in ("KVM_GET_REGS", "KVM_RUN", "KVM_CHECK_EXTENSION"):
+        assert out[ioctl].startswith(f"VmDead: {ioctl} failed: EIO (Input/output error): this process ("), out[ioctl]
+        assert "KVM refuses every ioctl of a VM from another process, a fork's child included" in out[ioctl]
+    assert out["parent"] == "Hello from a kvmiso guest!\n"  # the VM itself is fine

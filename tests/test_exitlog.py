@@ -26,8 +26,8 @@ view = st.binary(max_size=8).map(memoryview)
 reply_area = st.binary(min_size=16, max_size=16).map(lambda b: memoryview(bytearray(b)))
 exits = st.one_of(
     st.builds(IoExit, port=st.integers(0, 0xFFFF), size=st.sampled_from([1, 2, 4]), count=st.integers(1, 64),
-              is_in=st.booleans(), data=view),
-    st.builds(MmioExit, address=u64, length=st.sampled_from([1, 2, 4, 8]), is_write=st.booleans(), data=view),
+              is_in=st.booleans(), _view=view),
+    st.builds(MmioExit, address=u64, length=st.sampled_from([1, 2, 4, 8]), is_write=st.booleans(), _view=view),
     st.just(HltExit()), st.just(IntrExit()),
     st.builds(HypercallExit, nr=u64, args=st.tuples(*[u64] * 6), longmode=st.integers(0, 1)),
     st.builds(SystemEventExit, type=st.integers(0, 10), data=st.lists(u64, max_size=16).map(tuple)),

@@ -16,8 +16,8 @@ from hypothesis import given, strategies as st
 from kvmiso.kvm import abi
 from kvmiso.kvm.exitdecode import decode
 from kvmiso.kvm.exits import (DebugExit, ExceptionExit, FailEntryExit, HltExit, HwUnknownExit, HypercallExit,
-                              InternalErrorExit, IoExit, MmioExit, NotifyExit, RdmsrExit, SystemEventExit,
-                              TprAccessExit, UnknownExit, WrmsrExit, detach)
+                              InternalErrorExit, IoExit, MemoryFaultExit, MmioExit, NotifyExit, RdmsrExit,
+                              SystemEventExit, TprAccessExit, UnknownExit, WrmsrExit, detach)
 
 HEADER = Path("/usr/include/linux/kvm.h")
 PAGE = 8192  # struct kvm_run, then the PIO data page at 4096 as KVM places it
@@ -48,6 +48,10 @@ CASES = {
     "wrmsr": "r->exit_reason = KVM_EXIT_X86_WRMSR; r->msr.reason = 4; r->msr.index = 0x10; r->msr.data = 0xcafe;",
     "notify": "r->exit_reason = KVM_EXIT_NOTIFY; r->notify.flags = 1;",
     "hlt": "r->exit_reason = KVM_EXIT_HLT;",
+    # the installed header may predate memory_fault (Linux 6.8): its three u64, flags, gpa and
+    # size in that order (include/uapi/linux/kvm.h), go at the start of the exit union
+    "memory_fault": "r->exit_reason = 39; { unsigned long long mf[3] = {8, 0x1234000, 0x1000};"
+                    " memcpy(&r->hw, mf, sizeof(mf)); }",
 }
 # Where reply() must write, by C member name.
 OFFSETS = {"mmio.data": "offsetof(struct kvm_run, mmio.data)", "msr.error": "offsetof(struct kvm_run, msr.error)",
@@ -79,7 +83,7 @@ def pages(tmp_path_factory) -> tuple[dict[str, memoryview], dict[str, int]]:
 def test_io_out_data_is_a_view_at_data_offset(pages):
     p = pages[0]["io_out"]
     e = decode(p)
-    assert e == IoExit(port=0x3F8, size=2, count=3, is_in=False, data=memoryview(b""))
+    assert e == IoExit(0x3F8, 2, 3, False, memoryview(b""))
     assert bytes(e.data) == b"abcdef" and e.value == 0x6261
     p[4096] = ord("z")
     assert bytes(e.data[:1]) == b"z"  # a view, not a copy
@@ -90,7 +94,7 @@ def test_io_out_data_is_a_view_at_data_offset(pages):
 def test_io_in_reply_writes_the_page(pages):
     p = pages[0]["io_in"]
     e = decode(p)
-    assert e == IoExit(port=0x80, size=4, count=2, is_in=True, data=memoryview(b""))
+    assert e == IoExit(0x80, 4, 2, True, memoryview(b""))
     e.reply(0x11223344)
     assert bytes(p[4096:4104]) == bytes.fromhex("4433221144332211")
     with pytest.raises(ValueError, match="must be 8 bytes"):
@@ -123,6 +127,13 @@ def test_every_fixed_layout_reason(pages):
     assert e == SystemEventExit(2, (0x55,)) and e.type_name == "RESET"
     assert decode(views["notify"]) == NotifyExit(1)
     assert decode(views["hlt"]) == HltExit()
+
+
+def test_a_memory_fault_decodes_to_its_range_and_flags(pages):
+    # what kvm-ioctls returns for a KVM_RUN that failed with EFAULT and left this exit
+    e = decode(pages[0]["memory_fault"])
+    assert e == MemoryFaultExit(gpa=0x1234000, size=0x1000, flags=abi.KVM_MEMORY_EXIT_FLAG_PRIVATE)
+    assert e.to_dict() == {"exit": "MEMORY_FAULT", "gpa": 0x1234000, "size": 0x1000, "flags": 8}
 
 
 def test_msr_exits_and_replies(pages):

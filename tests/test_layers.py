@@ -228,3 +228,10 @@ def test_every_public_function_has_type_hints():
                             and (not f.name.startswith("_") or f.name == "__init__")
                             for m in unhinted(f, f"{name}.{node.name}.")]
     assert not missing, missing
+
+
+def test_one_handle_on_the_c_library():
+    # kvm/_libc.py opens libc once; every other module borrows that handle (issue 25: five
+    # ctypes.CDLL calls had each set up argtypes of their own on separate handles)
+    opened = {name for name, p in _MODS.items() if "ctypes.CDLL(" in p.read_text()}
+    assert opened == {"kvm._libc"}, opened

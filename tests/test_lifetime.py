@@ -97,3 +97,48 @@ def test_unclosed_kvm_handles_are_closed_by_the_garbage_collector(kvm):
     assert _resources() == before
     assert sorted(str(w.message).split()[1].strip("<") for w in caught if w.category is ResourceWarning) == [
         "Kvm", "Stats", "Vm"]
+
+
+AFTER_CLOSE = r"""
+import json
+from kvmiso.guest import Machine
+
+
+def io_in(m):
+    while True:
+        e = m.vcpu.run()
+        if e.name == "IO" and e.is_in:
+            return e
+
+
+def outcome(touch):
+    try:
+        touch()
+    except Exception as x:
+        return f"{type(x).__name__}: {x}"
+    return "no error"
+
+
+m = Machine("portio", mode="long")
+old = io_in(m)
+m.close()
+out = {what: outcome(touch) for what, touch in
+       [("reply", lambda: old.reply(1)), ("data", lambda: bytes(old.data)), ("value", lambda: old.value)]}
+with Machine("portio", mode="long") as new:  # its kvm_run page may take the old page's address
+    page = bytes(new.vcpu.page)
+    out["reply with a new VM"] = outcome(lambda: old.reply(0x41))
+    out["new page untouched"] = bytes(new.vcpu.page) == page
+    out["new guest reads"] = [r.value for r in new.run(timeout=30).reports]
+print(json.dumps(out))
+"""
+
+
+def test_an_exit_of_a_closed_vcpu_raises_and_touches_no_memory(kvm):
+    # in a child process: before kvmiso checked, the first reply() wrote to the unmapped page
+    # and Python died of SIGSEGV
+    p = subprocess.run([sys.executable, "-c", AFTER_CLOSE], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, (p.returncode, p.stderr[-2000:])
+    out = json.loads(p.stdout)
+    for what in ("reply", "data", "value", "reply with a new VM"):
+        assert out[what].startswith("VcpuClosed: vCPU 0 is closed"), (what, out[what])
+    assert out["new page untouched"] and out["new guest reads"] == [0xFF, 0xFFFF]  # the host's default answer

@@ -158,6 +158,40 @@ def test_check_of_a_command_that_makes_many_short_lived_vms_counts_them_and_name
                         rf"modeled \(\d+ KVM_RUN calls judged on them\)\n", err), err
 
 
+_BUSY = """\
+        .include "kvmiso.inc"
+        .text
+        .globl main
+main:
+        mov $200, %ecx          # 200 port writes to userspace
+1:      mov $1000, %eax         # each after 1000 turns of a loop KVM emulates at CPL0
+2:      dec %eax
+        jnz 2b
+        mov $0x3000, %dx
+        out %al, %dx
+        loop 1b
+        ret
+"""
+
+
+def test_check_of_a_command_counts_the_instructions_it_did_not_trace(kvm, tmp_path):
+    """A watch leaves the per-instruction events out, so a guest busy in emulated code came out
+    'all stay' under asi although every emulated instruction is fetched from guest memory, which
+    ASI does not map. The instructions are counted (vcpu->stat.insn_emulation, through BPF) and
+    each is checked along the fetch path; what stays uncounted is said, and makes a lower bound."""
+    src = tmp_path / "busy.S"
+    src.write_text(_BUSY)
+    run = f"exec {sys.executable} -m kvmiso.cli run {src} --mode long >/dev/null"
+    p = _kvmiso("check", "--policy", "asi", "--json", "--", "sh", "-c", run)
+    out, err = p.communicate(timeout=300)
+    total = json.loads(out)["total"]
+    counted = re.search(r"kvm:kvm_emulate_insn: not traced; (\d+) counted", " ".join(total["unseen"]))
+    assert counted and int(counted[1]) > 0, total["unseen"]
+    assert total["by_kind"]["host_mm"]["untraced:kvm:kvm_emulate_insn"] == int(counted[1])
+    assert total["classes"]["kvm_mm"] < total["exits"] and any("guest_memory" in r for r in total["host_mm_reasons"])
+    assert any(u.startswith("kvmmmu:*: not traced and not counted") for u in total["unseen"])
+
+
 def _kvmiso(*args: str, **kw) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "kvmiso.cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kw)

@@ -18,7 +18,8 @@ import pytest
 
 from kvmiso.boot import BootError
 from kvmiso.boot.record import build_plugin, check_qemu
-from kvmiso.observe.accesses.accessrecord import ACCESS, KERNEL_MIN, RecordError, Window, read_record
+from kvmiso.observe.accesses.accessrecord import ACCESS, KERNEL_MIN, Mark, RecordError, Window, read_record
+from kvmiso.observe.accesses.recordmark import mark_code
 from kvmiso.isolation import load_access_model
 from kvmiso.isolation.measured import model_coverage, window_coverage
 from kvmiso.observe.accesses.accesssummary import FunctionAccesses, WindowSummary, summarize, summary_text
@@ -27,12 +28,15 @@ from test_boot import debian, kvmiso  # noqa: F401 - the session fixture, and th
 KERNEL_PC = 0xFFFF_FFFF_C081_B20C
 
 
-def _file(vcpu: int, windows: list[tuple[int, int, list[tuple[int, int, int, int]], int, int]]) -> bytes:
-    """A vcpuN.rec as the plugin writes it: windows of (reason, insns, accesses, dropped, filtered)."""
-    out = struct.pack("<8sHHIIIQ", b"KVMISOAR", 1, 32, vcpu, 1000, 1, KERNEL_MIN)
+def _file(vcpu: int, windows: list[tuple[int, int, list[tuple[int, int, int, int]], int, int]], fmt: int = 1,
+          order: list[int] | None = None) -> bytes:
+    """A vcpuN.rec as the plugin writes it: windows of (reason, insns, accesses, dropped, filtered),
+    in format 1 or 2 (``order``: each window's place among every vCPU's; a mark's ID is its insns)."""
+    out = struct.pack("<8sHHIIIQ", b"KVMISOAR", fmt, 32, vcpu, 1000, 1, KERNEL_MIN)
     for seq, (reason, insns, accesses, dropped, filtered) in enumerate(windows):
-        out += struct.pack("<4sIQQQQIIII", b"WNDW", reason, seq, KERNEL_PC - 3, KERNEL_PC - 3, insns,
-                           len(accesses), dropped, filtered, 0)
+        end = insns if reason == 4 else KERNEL_PC - 3
+        out += struct.pack("<4sIQQQQIIII", b"WNDW", reason, seq, KERNEL_PC - 3, end, insns,
+                           len(accesses), dropped, filtered, order[seq] if order else 0)
         out += b"".join(ACCESS.pack(*a) for a in accesses)
     return out
 
@@ -53,6 +57,16 @@ def test_reader_gives_back_each_window_and_access_as_written(tmp_path):
     assert (w1.reason, w1.dropped, w1.complete) == ("user", 3, False)
     assert (w2.vcpu, w2.reason, w2.accesses, w2.complete) == (1, "end", (), False)
     assert rec.symbols.resolve(a[0]) == ("__svm_vcpu_run", 0x9c)
+
+
+def test_marks_are_read_apart_from_the_windows_in_the_order_of_every_vcpu(tmp_path):
+    a = (KERNEL_PC, 0xFFFF_8C86_830E_0130, 8, 1)
+    # vCPU 0: a window, mark 7, a window; vCPU 1: one window between the two of vCPU 0
+    (tmp_path / "vcpu0.rec").write_bytes(_file(0, [(1, 10, [a], 0, 0), (4, 7, [], 0, 0), (2, 5, [a], 0, 0)], 2, [0, 1, 3]))
+    (tmp_path / "vcpu1.rec").write_bytes(_file(1, [(1, 10, [a], 0, 0)], 2, [2]))
+    rec = read_record(tmp_path)
+    assert rec.format == 2 and rec.marks == (Mark(0, 7, 1),)
+    assert [(w.vcpu, w.order, w.reason) for w in rec.windows] == [(0, 0, "vmrun"), (0, 3, "user"), (1, 2, "vmrun")]
 
 
 def test_reader_names_what_is_wrong_with_a_file(tmp_path):
@@ -217,3 +231,13 @@ def test_the_measured_summary_shows_each_exits_path(portio, tmp_path):
     assert p.stdout.count(": io_interception; ended in user mode") == 7
     assert p.stdout.count("    access.toml knows ") == len(summaries)
     assert p.stdout.splitlines()[-1].startswith("all windows: access.toml knows ")
+
+
+def test_a_mark_is_two_nops_and_a_return_that_the_plugin_recognizes():
+    code = mark_code(0x1234)
+    # nopl 0x494d564b(%rax) ("KVMI"); nopl 0x1234(%rax); ret
+    assert code == bytes.fromhex("0f1f804b564d49" "0f1f8034120000" "c3")
+    plugin = (Path(__file__).parent.parent / "kvmiso/boot/record/accesses.c").read_text()
+    assert "{0x0f, 0x1f, 0x80, 0x4b, 0x56, 0x4d, 0x49}" in plugin  # the same bytes on both sides
+    with pytest.raises(ValueError):
+        mark_code(1 << 32)

@@ -301,3 +301,60 @@ def test_a_signal_noted_just_before_kvm_run_still_ends_it(kvm):
         signal.signal(signal.SIGINT, old)
     assert noted == [signal.SIGINT]
     assert r.outcome is Outcome.INTERRUPTED and r.detail == "KVM_RUN was interrupted by a kick"
+
+
+BLOCKING_THREAD = r"""
+import json, signal, threading
+from kvmiso.guest import GuestTimeout, Machine
+from kvmiso.kvm import KICK_SIGNAL
+
+out = {}
+
+
+def outcome(call):
+    try:
+        call()
+    except GuestTimeout:
+        return "timeout"
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    return "returned"
+
+
+def blocking_all_signals(work):
+    def target():
+        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        work()
+    return threading.Thread(target=target, name="quiet")
+
+
+def runs():
+    with Machine("spin", mode="long") as m:
+        out["run(timeout=0.5)"] = outcome(lambda: m.run(timeout=0.5))
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [KICK_SIGNAL])  # what the error says to do
+        out["after unblocking"] = outcome(lambda: m.run(timeout=0.5))
+
+
+t = blocking_all_signals(runs)
+t.start()
+t.join()
+waiting = threading.Event()
+t = blocking_all_signals(waiting.wait)
+t.start()
+with Machine("spin", mode="long") as m:
+    out["kick"] = outcome(lambda: m.vcpu.kick(t.ident))
+waiting.set()
+t.join()
+print(json.dumps(out))
+"""
+
+
+def test_a_timeout_or_kick_for_a_thread_that_blocks_the_kick_signal_is_refused(kvm):
+    # in a child process: before kvmiso checked, the run in that thread never ended
+    p = subprocess.run([sys.executable, "-c", BLOCKING_THREAD], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = json.loads(p.stdout)
+    for what in ("run(timeout=0.5)", "kick"):
+        assert out[what].startswith("KickSignalBlocked: thread 'quiet' blocks SIGRTMIN"), out[what]
+        assert "signal.pthread_sigmask(signal.SIG_UNBLOCK, [kvmiso.kvm.KICK_SIGNAL])" in out[what]
+    assert out["after unblocking"] == "timeout"

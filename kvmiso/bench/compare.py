@@ -3,9 +3,13 @@ whether a difference is outside the noise (Welch's t-test at 95% over the stable
 pyperf's compare_to tests its values); a run off its siblings by the instability threshold
 (:func:`.stats.unstable_runs`) counts in neither.
 
+>>> from kvmiso.bench import bench, load
+>>> for name in ("a.json", "b.json"):
+...     bench(kvm, kinds=["out"], samples=500, runs=3, python=False).write(name)
 >>> print(format_compare(compare(load("a.json"), load("b.json"))))
-kind  cpl  path  A p50 us  B p50 us  B vs A         significant
-out   0    c        7.312     9.001  1.23x slower   yes (t=-8.1)
+kind            cpl  path  A p50 us  B p50 us  B vs A ...  significant
+null_ioctl      -    c ...
+out             0    c ...
 """
 
 from __future__ import annotations

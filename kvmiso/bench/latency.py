@@ -1,9 +1,14 @@
 """KVM_RUN round trips per exit kind, measured after pyperf: pinned, warmed up, several runs of
 many samples, floors in the same run, the host fingerprint in the result.
 
+>>> from kvmiso.bench import format_table
 >>> with Kvm() as kvm:
-...     result = bench(kvm, kinds=["out"], samples=2000, runs=3)
+...     result = bench(kvm, kinds=["out"], samples=500, runs=3)
 >>> print(format_table(result))
+kind            cpl  path  ...
+null_ioctl      -    c ...
+out             0    c ...
+out             0    python ...
 
 Each run builds a fresh VM (pyperf runs fresh processes; a fresh VM is this harness's analogue:
 new memory, new vCPU, new kvm_run page). Kinds that exit to userspace are timed per KVM_RUN by

@@ -8,7 +8,6 @@ QEMU itself; PR_SET_PDEATHSIG stops it too should kvmiso be killed outright.
 from __future__ import annotations
 
 import collections
-import ctypes
 import os
 import selectors
 import shutil
@@ -22,6 +21,7 @@ from typing import Callable
 
 from ..host import vendor_module
 from ..interrupt import SIGNAL_CHECK_S
+from ..kvm._libc import libc
 from ..commandtree import stop
 from .booterror import BootError
 from .initramfs import MOUNT_TAG, RECORD_TAG
@@ -225,7 +225,7 @@ def _write(stream, data: bytes) -> None:
 
 
 def _die_with_parent() -> None:
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def _stop(proc: subprocess.Popen) -> None:

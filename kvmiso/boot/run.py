@@ -86,9 +86,11 @@ def record_text(record_dir: Path) -> str:
         return f"kvmiso: no access record: {e}"
     size = sum(f.stat().st_size for f in record_dir.glob("vcpu*.rec"))
     n = sum(len(w.accesses) for w in rec.windows)
-    cut = sum(1 for w in rec.windows if w.dropped)
+    paused = rec.paused()
+    cut = sum(1 for w in rec.windows if w.dropped) - len(paused)
     return (f"kvmiso: access record in {record_dir}: {len(rec.windows)} windows on {len(rec.vcpus())} vCPU(s), "
             f"{n:,} accesses, {size / 1e6:.1f} MB" + (f", {cut} windows cut at {rec.cap:,} accesses" if cut else "")
+            + (f", {len(paused)} windows while paused (accesses counted only)" if paused else "")
             + ("; the guest's kallsyms beside it" if rec.symbols else "; no kallsyms from the guest: it cannot be symbolized"))
 
 

@@ -14,8 +14,8 @@ assembles the parser from it. What several commands share (argument groups, the 
 check, the model's address space, the watch of another process) is in :mod:`.options`.
 """
 
-from . import bench, boot, check, compare, conformance, model, probe, report, run, trace
+from . import bench, boot, check, compare, conformance, model, probe, record, report, run, trace
 
-COMMANDS = (probe, bench, compare, report, run, trace, model, check, conformance, boot)
+COMMANDS = (probe, bench, compare, report, run, trace, model, check, record, conformance, boot)
 
 __all__ = ["COMMANDS"]

@@ -20,6 +20,9 @@ from .options import (RealFactsMissing, add_guest_args, add_model_args, add_proc
 if TYPE_CHECKING:
     from ..isolation import AccessModel, CheckResult, KvmAddressSpace
     from ..isolation.mapset import DenylistSpace
+    from ..isolation.measuredresult import MeasuredResult
+    from ..observe.accesses.accessrecord import AccessRecord
+    from ..observe.accesses.recordruns import RecordRuns
     from ..observe.kernel.evidence import Evidence
     from ..observe.tracing.capture import Capture
     from ..observe.tracing.exitlog import ExitLog
@@ -40,7 +43,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     help="lost trace records or missing call chains do not fail the check")
     sp.add_argument("--json", action="store_true", help="print the results as JSON")
     sp.add_argument("--measured", metavar="DIR", help="the access record of kvmiso boot --record-accesses DIR: "
-                    "per exit, the functions that ran and their reads and writes")
+                    "each exit's measured verdict beside the model's, and the access model measured (a record "
+                    "kvmiso record made), or per exit the functions that ran and their reads and writes")
+    sp.add_argument("--windows", action="store_true", help="with --measured: list every window's functions instead")
+    sp.add_argument("--table", action="store_true", help="with --measured: every (function, exit kind) compared")
+    sp.add_argument("--exits", action="store_true", help="with --measured: every exit's measured and modeled verdicts")
+    for name, what in (("recall", "the access model's recall"), ("precision", "the access model's precision"),
+                       ("agreement", "measured and modeled verdicts' agreement per policy, on the exits whose verdicts do not hinge on "
+                        "timing or on state the trace does not show")):
+        sp.add_argument(f"--min-{name}", type=float, metavar="PCT", help=f"with --measured: exit 1 when {what} is under PCT %%")
     return sp
 
 
@@ -199,6 +210,7 @@ def _check_vms(args: argparse.Namespace, w: WatchedProcess, access: AccessModel,
         for v in sorted({r.vcpu for r in vm.records}):
             part = dataclasses.replace(w.log, records=[r for r in vm.records if r.vcpu == v])
             part.lost_events = 0  # lost records cannot be told apart by vCPU: counted once, in the total
+            part.untraced = dict.fromkeys(w.log.untraced)  # counted for the whole process, not per vCPU
             name = f"vCPU {v}" if v in vm.evidence.threads else f"thread {v}"
             _fold(per, name, check(space, part, access, **cost))
         whole = dataclasses.replace(w.log, records=vm.records)
@@ -283,20 +295,24 @@ def _numbered(numbers: list[int]) -> str:
 
 
 def cmd_measured(args: argparse.Namespace) -> int:
-    """check --measured DIR: an access record, symbolized with the guest's own kallsyms, per
-    window, with the functions access.toml does not know (the measured side of the access
-    model; whether each function's objects are right is still to come)."""
+    """check --measured DIR: a record kvmiso record made gets each exit's measured verdict beside
+    the model's and the access model measured (:func:`_measured_runs`); any other record is
+    listed per window, symbolized, with the functions access.toml does not know."""
     from dataclasses import asdict
 
     from ..isolation import AccessModelError, load_access_model
     from ..isolation.measured import model_coverage, window_coverage
     from ..observe.accesses.accessrecord import RecordError, read_record
     from ..observe.accesses.accesssummary import summarize, summary_dict, summary_text
+    from ..observe.accesses.recordruns import read_runs
 
     if args.payload or process_target(args) is not None:
         raise CliError("--measured DIR reads a record: give no payload, --pid or -- COMMAND with it")
     try:
         record = read_record(args.measured)
+        runs = read_runs(args.measured)
+        if runs is not None and not args.windows:
+            return _measured_runs(args, record, runs)
         summaries = summarize(record)
         model = load_access_model()
     except OSError as e:
@@ -314,6 +330,50 @@ def cmd_measured(args: argparse.Namespace) -> int:
         print(summary_text(record, summaries, note=lambda s: window_coverage(s, model).text()))
         print(f"all windows: {total.text()}")
     return 0
+
+
+def _measured_runs(args: argparse.Namespace, record: AccessRecord, runs: RecordRuns) -> int:
+    """The measured check of a ``kvmiso record`` folder (:mod:`kvmiso.session.measuredcheck`);
+    status 1 below a ``--min-*`` target."""
+    from ..isolation import load_access_model
+    from ..isolation.measuredrender import result_dict, result_text
+    from ..observe.accesses.accessrecord import RecordError
+    from ..observe.kernel.evidence import EvidenceError
+    from ..observe.tracing.exitlog import ExitLogError
+    from ..session.measuredcheck import measure_record
+
+    try:
+        model = load_access_model()
+        result = measure_record(record, runs, model)
+    except (RecordError, EvidenceError, ExitLogError) as e:
+        raise CliError(str(e)) from None
+    if args.json:
+        print(json.dumps(result_dict(result, record, runs), indent=1))
+    else:
+        print(result_text(result, record, runs, table=args.table, exits=args.exits))
+    below = _below_targets(args, result)
+    for line in below:
+        print(f"kvmiso: below target: {line}")
+    return EXIT_FAILED if below else 0
+
+
+def _below_targets(args: argparse.Namespace, result: MeasuredResult) -> list[str]:
+    """The targets given with --min-recall, --min-precision and --min-agreement that the result
+    misses, one line each."""
+    from ..isolation.measuredresult import UNMODELED
+
+    out = []
+    scores = result.table.scores()
+    for name, got, want in (("recall", scores.recall, args.min_recall), ("precision", scores.precision, args.min_precision)):
+        if want is not None and got * 100 < want:
+            out.append(f"the access model's {name} is {got:.1%}, under {want:g}%")
+    if args.min_agreement is not None:
+        for policy in result.policies:
+            agree, n = result.agreement(policy, UNMODELED)
+            if n and agree * 100 < args.min_agreement * n:
+                out.append(f"{policy}: measured and modeled verdicts agree on {agree} of {n} exits whose verdicts do "
+                           f"not hinge on timing or unseen state ({agree / n:.1%}), under {args.min_agreement:g}%")
+    return out
 
 
 def _checked_nothing(what: str, log: ExitLog) -> str:

@@ -186,7 +186,10 @@ class Source:
     ... main:   GUEST_ASSERT_EQ %eax, $0
     ...         ret
     ... ''')
-    >>> Machine(GUEST, mode="long")
+    >>> from kvmiso import Machine
+    >>> with Machine(GUEST, mode="long", kvm=kvm) as g:
+    ...     print(g.run().outcome)
+    done
 
     The text is found in the calling file to learn its line; where it is not there as written
     (a string with escapes that Python turned into other characters), ``file`` is None and the

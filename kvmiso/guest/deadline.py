@@ -5,8 +5,9 @@ The kick itself is the ioctl layer's (:meth:`kvmiso.kvm.Vcpu.kick_after`: a kern
 signals the running thread, so no watchdog thread and no main-thread signal handler): any
 thread may run a vCPU under a deadline.
 
->>> with deadline(vcpu, 0.5) as dl:
-...     exit = vcpu.run()  # a guest spinning in `jmp .`
+>>> from kvmiso import Machine
+>>> with Machine("spin", kvm=kvm) as spin, deadline(spin.vcpu, 0.1) as dl:
+...     exit = spin.vcpu.run()  # a guest spinning in `jmp .`
 >>> exit, dl.expired
 (IntrExit(), True)
 """

@@ -2,9 +2,12 @@
 small generator — run one after another on one reused VM per mode. Every run must end in a
 classified :class:`RunResult`; the harness must not crash, hang or leak.
 
->>> stats = fuzz("long-cpl3", 2000, seed=20261124, jobs=2)
->>> stats.outcomes.most_common(3)  # timeouts vary a little with the host's load
-[('exception', 1426), ('done', 194), ('timeout', 153)]
+>>> stats = fuzz("long-cpl3", 100, seed=20261124, kvm=kvm)
+>>> sum(stats.outcomes.values()), all(isinstance(o, Outcome) for o in stats.outcomes)
+(100, True)
+
+(2,000 cases of that seed with 2 jobs on kvm_pvm ended mostly in an exception (1,426), DONE
+(194) and a timeout (153); timeouts vary a little with the host's load.)
 
 A case is reproducible from its label: ``Fuzzer(target).run(make_case(target, kind, seed, i).code)``.
 """

@@ -88,8 +88,20 @@ class RunResult:
         for a failed GUEST_ASSERT* (the message as pytest prints it) or :class:`GuestError` with
         the detail, for every other end (an exception, FAIL, a triple fault, a sync, ...).
 
-        >>> m.run().raise_for_guest()
-        GuestAssertionError: tests/test_x.py:14: GUEST_ASSERT_EQ(%eax, $0xaa) failed: expected 0xaa, got 0xab (main+0x1d)
+        >>> m.run().raise_for_guest().console_text      # hello reported DONE
+        'Hello from a kvmiso guest!\\n'
+        >>> from kvmiso import Machine, Source
+        >>> with Machine(Source.asm('''
+        ...         .include "kvmiso.inc"
+        ...         .globl main
+        ... main:   mov $0xab, %eax
+        ...         GUEST_ASSERT_EQ %eax, $0xaa
+        ...         ret
+        ... '''), "long", kvm=kvm) as bad:
+        ...     bad.run().raise_for_guest()
+        Traceback (most recent call last):
+        ...
+        kvmiso.guest.result.GuestAssertionError: ...: GUEST_ASSERT_EQ(%eax, $0xaa) failed: expected 0xaa, got 0xab (main+0x...)
         """
         __tracebackhide__ = True  # pytest's traceback ends at the test's line, not in here
         if self.outcome is Outcome.DONE:

@@ -18,7 +18,11 @@ they differ); everything else is sensitive, and an access to it leaves the restr
 global and local memory in different pages and ``asi_map`` splits huge pages (patch 07), so
 mapping an object maps its own pages only: no neighbour comes along with a huge leaf.
 
->>> space = AnnotatedSpace.default(build_layout(evidence))
+>>> from kvmiso.session import machine_evidence
+>>> evidence = machine_evidence(m)    # needs root: m's VM, read from the kernel through BPF
+>>> from kvmiso.isolation import build_layout
+>>> layout = build_layout(evidence)
+>>> space = AnnotatedSpace.default(layout)
 >>> space.mapped(layout.region("emulate_ctxt").start), space.sensitive(layout.region("pgd").start)
 (True, True)
 """

@@ -7,6 +7,7 @@ miss is the event's verdict (see :mod:`.check` for how events make exits).
 from __future__ import annotations
 
 from collections import Counter
+from fnmatch import fnmatch
 from dataclasses import dataclass
 
 from ..observe.kernel.evidence import Frame
@@ -46,9 +47,26 @@ class Checker:
         self._in_kernel: dict[int, bool] = {}
         self.unknown: Counter = Counter()
         self.unplaced: Counter = Counter()
+        self.gone_user: set[str] = set()  # user regions taken as resident (see _first_unmapped)
         self.unresolved = 0
         self.resting: dict[str, str] = {}  # this exit's entries not read in source: function -> basis
         self.placed: dict[str, FunctionAccess] = {}  # functions access.toml does not name, as placed
+        # return addresses in KVM_RUN's own frame of its calls to an exit handler (learn())
+        self.handler_calls: set[int] = set()
+
+    def learn(self, events: list[TraceEvent]) -> None:
+        """Note where KVM_RUN calls its exit handlers (the frame above an exit-handler frame on
+        any chain): an event whose chain passes that call without a handler frame ran inside the
+        handler all the same. Handlers tail-call their work (svm_handle_exit ->
+        svm_invoke_exit_handler -> io_interception -> kvm_emulate_instruction, 6.1 with
+        retpolines: each a jmp), so the emulator's events show kvm_arch_vcpu_ioctl_run right
+        above x86_emulate_instruction, at the handler call's return address."""
+        handlers = self.access.exit_handlers
+        for e in events:
+            for outer, inner in zip(e.stack[1:], e.stack):  # innermost first: stack[k + 1] calls stack[k]
+                fo, fi = self.code.get(outer), self.code.get(inner)
+                if fo and fi and base_name(fo.function) == RUN_PATH and base_name(fi.function) in handlers:
+                    self.handler_calls.add(outer)
 
     def _is_mapped(self, addr: int) -> bool:
         m = self._mapped.get(addr)
@@ -61,9 +79,16 @@ class Checker:
         isolated space does not (a page the kernel does not map either is no isolation fault:
         a guest page never touched, a hole in a section)."""
         s, e = region.ranges[index % len(region.ranges)]
-        for va in range(s & ~(PAGE - 1), min(e, s + MAX_PAGES_CHECKED * PAGE), PAGE):
+        pages = range(s & ~(PAGE - 1), min(e, s + MAX_PAGES_CHECKED * PAGE), PAGE)
+        for va in pages:
             if not self._is_mapped(va) and self._kernel_maps(va):
                 return max(va, s)
+        in_set = any(fnmatch(region.name, spec.layout or spec.name) for spec in self.space.regions)
+        if region.kind == "user" and not in_set and not any(self._kernel_maps(va) for va in pages):
+            # the VMM's mapping held no page when the evidence was read: the process had exited
+            # (its mm torn down) before the last reading; its guest's pages were there when it ran
+            self.gone_user.add(region.name)
+            return s
         return None
 
     def _kernel_maps(self, addr: int) -> bool:
@@ -95,7 +120,7 @@ class Checker:
             return "not_kvm_run"
         if e.name in self.policy.before_entry_events:
             return "outside"
-        if self.access.exit_handlers.intersection(names):
+        if self.access.exit_handlers.intersection(names) or self._tail_called(frames) is not None:
             return "checked"
         if isolated and self.access.entry_loop.intersection(names):
             return "reentry"
@@ -113,7 +138,9 @@ class Checker:
             return where, None
         names = [base_name(f.function) for f in frames]
         opens = self.access.exit_handlers if where == "checked" else self.access.entry_loop
-        start = next(i for i, n in enumerate(names) if n in opens)
+        start = next((i for i, n in enumerate(names) if n in opens), None)
+        if start is None:
+            start = self._tail_called(frames)
         kind = e.kind
         innermost, after_return = None, []
         for k in range(start, len(frames)):
@@ -138,14 +165,27 @@ class Checker:
             if miss is not None:
                 return where, self._miss(kind, miss)
             innermost = fa
+        ev = self.layout.evidence
+        returned = innermost.returned_before(e.name, ev.vendor, ev.kernel) if innermost is not None else ()
+        v = self.unseen_calls(returned, kind, vcpu, e.cpu, to_userspace,
+                              f"called by {innermost.name}, returned before its {e.name} event") if returned else None
         after = innermost.after.get(e.name, ()) if innermost is not None else ()
-        v = self.unseen_calls(after, kind, vcpu, e.cpu, to_userspace,
-                              f"called by {innermost.name} after its {e.name} event" if after else "")
+        if v is None:
+            v = self.unseen_calls(after, kind, vcpu, e.cpu, to_userspace,
+                                  f"called by {innermost.name} after its {e.name} event" if after else "")
         for f, fa, touches in reversed(after_return if last and v is None else []):
             miss = self._object_miss(touches, vcpu, e.cpu, f, fa, frames, after_call=True)
             if miss is not None:
                 return where, self._miss(kind, miss)
         return where, v
+
+    def _tail_called(self, frames: list[Frame]) -> int | None:
+        """The index of the frame an exit handler tail-called into, where the chain passes a
+        handler call of KVM_RUN (see :meth:`learn`) without a handler frame; else None."""
+        for k, f in enumerate(frames[:-1]):
+            if f.address in self.handler_calls and base_name(f.function) == RUN_PATH:
+                return k + 1
+        return None
 
     def _rest(self, fa: FunctionAccess) -> None:
         """Note that this exit's verdict rests on ``fa`` when it was not read in source."""
@@ -164,7 +204,7 @@ class Checker:
 
     def objects(self, fa: FunctionAccess, to_userspace: bool) -> tuple[str, ...]:
         """What ``fa`` touches on this kernel for an exit that does (not) go to userspace."""
-        return fa.objects(self.layout.vendor, self.layout.evidence.config, to_userspace)
+        return fa.objects(self.layout.vendor, self.layout.evidence.config, to_userspace, self.layout.evidence.kernel)
 
     def _miss(self, kind: str, fault: Fault) -> Verdict:
         """A missing mapping: a fault under an allowlist, ASI's designed asi_exit under a denylist."""

@@ -63,6 +63,7 @@ def check(space: KvmAddressSpace | DenylistSpace, log: ExitLog, access: AccessMo
         _check_host(log, space.layout.evidence, source)
     res = _new_result(space, log, switch_cost_ns, switch_cost_source)
     checker = Checker(space, access)
+    checker.learn([e for _, e in log.events()])
     runs = _distinct_runs(log)
     has_exit_events = any(e.name == "kvm_exit" for r, _ in runs for e in r.events)
     for r, n in runs:
@@ -73,6 +74,8 @@ def check(space: KvmAddressSpace | DenylistSpace, log: ExitLog, access: AccessMo
     res.unknown_functions = checker.unknown
     res.placed = {n: {"basis": fa.basis, "objects": list(fa.touches), "cite": fa.cite} for n, fa in checker.placed.items()}
     res.unplaced = checker.unplaced
+    res.modeled += [f"{name}: no page mapped when the evidence was read (the VMM had exited); taken as resident "
+                    "while its guest ran" for name in sorted(checker.gone_user)]
     res.unresolved_frames = checker.unresolved
     if res.unresolved_frames:
         res.notes.append(f"{res.unresolved_frames} return addresses no kallsyms symbol explains")
@@ -113,6 +116,22 @@ def _distinct_runs(log: ExitLog) -> list[tuple[RunRecord, int]]:
 def _classify_run(checker: Checker, r: RunRecord, has_exit_events: bool, res: CheckResult, n: int) -> int:
     """Classify the exits of one KVM_RUN (seen ``n`` times) into ``res``; the address-space
     switches it makes."""
+    verdicts, last = _run_verdicts(checker, r, has_exit_events, res, n)
+    switches, left = 1, False  # entering the isolated space before the first VM entry
+    for x, verdict, opener, resting in verdicts:
+        cls = _tally(res, verdict, opener.kind, n)
+        res.rest(cls, resting, n)
+        if cls in ("host_mm", "fault"):
+            switches += 1 + (1 if x < last else 0)  # out, and back in before the next entry
+            left = x == last
+    return switches + (0 if left else 1)  # the end of vcpu_run: back to the full space for userspace
+
+
+def _run_verdicts(checker: Checker, r: RunRecord, has_exit_events: bool, res: CheckResult,
+                  n: int) -> tuple[list[list], int]:
+    """The checked exits of one KVM_RUN in order, each [exit index, verdict (None: it stays),
+    the event that opened it, the entries not read in source it rests on], and the index of the
+    last exit in the window."""
     evs = r.events
     res.missing_chains += n * sum(1 for e in evs if not e.stack)
     chains = [checker.frames(e) for e in evs]
@@ -122,7 +141,6 @@ def _classify_run(checker: Checker, r: RunRecord, has_exit_events: bool, res: Ch
     in_window = [x for x, group in enumerate(exits) if any(checker.place(evs[i], chains[i]) == "checked" for i in group)]
     last = in_window[-1] if in_window else -1
     to_user_exit = last if not isinstance(r.exit, IntrExit) else -1
-    switches, left = 1, False  # entering the isolated space before the first VM entry
     isolated = False  # after an exit handled in the isolated space, until a switch or the next entry
     verdicts: list[list] = []  # [group index, verdict, opener, entries it rests on] of each exit
     for x, group in enumerate(exits):
@@ -136,13 +154,22 @@ def _classify_run(checker: Checker, r: RunRecord, has_exit_events: bool, res: Ch
             verdicts.append([x, verdict, opener, checker.resting])
         if where != "outside":
             isolated = verdicts[-1][1] is None
-    for x, verdict, opener, resting in verdicts:
-        cls = _tally(res, verdict, opener.kind, n)
-        res.rest(cls, resting, n)
-        if cls in ("host_mm", "fault"):
-            switches += 1 + (1 if x < last else 0)  # out, and back in before the next entry
-            left = x == last
-    return switches + (0 if left else 1)  # the end of vcpu_run: back to the full space for userspace
+    return verdicts, last
+
+
+def exit_verdicts(space: KvmAddressSpace | DenylistSpace, log: ExitLog,
+                  access: AccessModel) -> list[tuple[int, str, Verdict | None]]:
+    """Every checked exit of ``log`` in order, unfolded (check() classifies identical KVM_RUNs
+    once): (the KVM_RUN's index in the log, the exit's kind, its verdict; None: it stays)."""
+    checker = Checker(space, access)
+    checker.learn([e for _, e in log.events()])
+    has_exit_events = any(e.name == "kvm_exit" for r in log.records for e in r.events)
+    scratch = _new_result(space, log, None, "")
+    out = []
+    for k, r in enumerate(log.records):
+        verdicts, _ = _run_verdicts(checker, r, has_exit_events, scratch, 1)
+        out += [(k, opener.kind, v) for _, v, opener, _ in verdicts]
+    return out
 
 
 def _split_reentry(checker: Checker, evs: list[TraceEvent], chains: list[list[Frame]],
@@ -182,7 +209,8 @@ def _exit_verdict(checker: Checker, r: RunRecord, group: list[int], chains: list
     checked = where == "checked"
     opener = next((evs[i] for i in group if evs[i].name == "kvm_exit"), evs[group[0]])
     if verdict is None and checked and opener.name == "kvm_exit":
-        path = checker.access.exit_paths.get((checker.layout.vendor, opener.symbols.get("exit_reason", "")))
+        path = checker.access.exit_path(checker.layout.vendor, opener.symbols.get("exit_reason", ""),
+                                        checker.layout.evidence.kernel)
         if path is not None:
             res.source_paths += n
             verdict = checker.source_path(path, r.vcpu, opener.cpu, to_user)
@@ -229,7 +257,8 @@ def _charge_untraced(checker: Checker, log: ExitLog, res: CheckResult) -> None:
         if count:
             verdict = checker.unseen_calls(path.functions, f"untraced:{event}", 0, 0, False,
                                            f"behind each untraced {event}, from source ({path.cite})")
-            _tally(res, verdict, f"untraced:{event}", count)
+            if _tally(res, verdict, f"untraced:{event}", count) in ("host_mm", "fault"):
+                res.switches += 2 * count  # out, and back in before the next entry
 
 
 def unseen_execution(evs: list[TraceEvent], group: list[int], chains: list[list[Frame]]) -> tuple[bytes, bool] | None:
@@ -257,4 +286,4 @@ def _check_host(log: ExitLog, evidence, source: str) -> None:
                          f"{evidence.vendor}")
 
 
-__all__ = ["CheckError", "check"]
+__all__ = ["CheckError", "check", "exit_verdicts"]

@@ -2,7 +2,11 @@
 table minus the memory it calls sensitive (GFP_USER: guest memory and other user pages, and their
 direct-map aliases).
 
->>> asi = DenylistSpace.default(build_layout(evidence))
+>>> from kvmiso.session import machine_evidence
+>>> evidence = machine_evidence(m)    # needs root: m's VM, read from the kernel through BPF
+>>> from kvmiso.isolation import build_layout
+>>> layout = build_layout(evidence)
+>>> asi = DenylistSpace.default(layout)
 >>> asi.sensitive(layout.region("guest_memory:0").start)
 True
 """

@@ -1,7 +1,12 @@
 """Where page-table frames live: a bytearray (the model's own tables), a VM's guest-physical
 memory (tables a vCPU can load into CR3), or frames captured from the live kernel.
 
->>> pt = PageTable(ByteStore(1 << 20))
+>>> from kvmiso.isolation import PageTable
+>>> slot = vm.add_memory(0x40000000, 1 << 20)                # 1 MiB beside the guest's RAM
+>>> pt = PageTable(GuestStore(vm, 0x40000000, 1 << 20))       # tables a vCPU can load into CR3
+>>> pt.map(0x7000000000, 0, 4096)
+>>> hex(pt.root), pt.translate(0x7000000123).phys
+('0x40000000', 291)
 """
 
 from __future__ import annotations

@@ -126,8 +126,13 @@ def leaf_extents(table: PageTable, start: int = KERNEL_HALF, end: int = 1 << 64,
     address order. A span under a table page the evidence did not read goes to ``unread`` (when
     given) instead: what it maps is not known.
 
-    >>> next(leaf_extents(kas.table, espfix, espfix + (1 << 39)))
-    (0xffffff0000000000, 0x1052a3000, 4096)
+    >>> from kvmiso.isolation import build_layout
+    >>> from kvmiso.session import machine_evidence
+    >>> kernel = kernel_table(build_layout(machine_evidence(m)))    # needs root: the live table
+    >>> espfix = 0xffffff0000000000                                   # ESPFIX's P4D (mm.rst)
+    >>> virt, phys, size = next(leaf_extents(kernel, espfix, espfix + (1 << 39)))
+    >>> espfix <= virt < espfix + (1 << 39), size           # the first of ESPFIX's 4 KiB pages
+    (True, 4096)
     """
     yield from _extents(table, table.root, 4, 0, start, end, unread)
 

@@ -11,6 +11,8 @@ address comes from (``source``) and whether it is a fact or a placement (``model
   vmemmap's bases read from the running kernel where the evidence has them (both are randomized
   with CONFIG_RANDOMIZE_MEMORY; the documented defaults are marked as such).
 
+>>> from kvmiso.session import machine_evidence
+>>> evidence = machine_evidence(m)    # needs root: m's VM, read from the kernel through BPF
 >>> lay = build_layout(evidence)
 >>> lay.region("pio_data").source
 'bpf: vcpu->arch.pio_data'

@@ -13,7 +13,11 @@ policy calls sensitive (GFP_USER: guest memory and other user pages, and their d
 ``AnnotatedSpace`` (``asi-2022``, :mod:`.asi2022`): the pages of what the 2022 series marks
 non-sensitive, each object classified by the patch that marks its allocation.
 
->>> kas = KvmAddressSpace.default(build_layout(evidence))
+>>> from kvmiso.session import machine_evidence
+>>> evidence = machine_evidence(m)    # needs root: m's VM, read from the kernel through BPF
+>>> from kvmiso.isolation import build_layout
+>>> layout = build_layout(evidence)
+>>> kas = KvmAddressSpace.default(layout)
 >>> kas.mapped(layout.region("pio_data").start)
 True
 """

@@ -5,6 +5,7 @@ kernel's walkers do, from the root: 4 = PGD (PML4), 3 = PUD (PDPT), 2 = PMD (PD)
 With 4-level paging the P4D level is folded into the PGD, as in Linux. A leaf is a PTE, or a
 PMD/PUD entry with PS set (2 MiB / 1 GiB page).
 
+>>> from kvmiso.isolation import ByteStore
 >>> pt = PageTable(ByteStore(1 << 20))
 >>> pt.map(0xffffffff81000000, 0x1000000, 2 << 20, page_size=SIZE_2M, flags=P | RW)
 >>> hex(pt.translate(0xffffffff81000123).phys)
@@ -142,6 +143,9 @@ class PageTable:
     def walk(self, va: int) -> list[WalkStep]:
         """The entries the MMU reads for ``va``, root first; stops at a non-present entry or a leaf.
 
+        >>> from kvmiso.isolation import ByteStore
+        >>> pt = PageTable(ByteStore(1 << 20))
+        >>> pt.map(0xffffffff81000000, 0x1000000, 2 << 20, page_size=SIZE_2M, flags=P | RW)
         >>> [(s.level, hex(s.pte)) for s in pt.walk(0xffffffff81000000)]
         [(4, '0x1007'), (3, '0x2007'), (2, '0x1000083')]
         """

@@ -1,6 +1,10 @@
 """The rows of a mapping set (what an isolated space maps, at which level, and why), the RFC's
 default set in the names of the objects kvmiso reads, and the errors the model raises.
 
+>>> from kvmiso.session import machine_evidence
+>>> evidence = machine_evidence(m)    # needs root: m's VM, read from the kernel through BPF
+>>> from kvmiso.isolation import build_layout
+>>> layout = build_layout(evidence)
 >>> [s.name for s in default_specs(layout)][:3]
 ['kernel_image', 'percpu_area', 'cpu_entry_area']
 """

@@ -46,11 +46,21 @@ def check_compiler() -> None:
 ffibuilder = FFI()
 ffibuilder.cdef(header_cdef() + """
 long long kvmiso_exit_key(const struct kvmiso_vcpu *v);
+int kvmiso_vcpu_hold(struct kvmiso_vcpu *v);
+void kvmiso_vcpu_unhold(struct kvmiso_vcpu *v);
 long long kvmiso_vcpu_run(struct kvmiso_vcpu *v);
+int kvmiso_vcpu_kick(struct kvmiso_vcpu *v, unsigned long thread, int signo);
 int kvmiso_kick_install(int signo);
 int kvmiso_kick_after(struct kvmiso_vcpu *v, int signo, int tid, int64_t ns);
 int kvmiso_kick_cancel(struct kvmiso_vcpu *v);
-void kvmiso_vcpu_release(struct kvmiso_vcpu *v);
+int kvmiso_open(const char *path, int flags, int *into);
+int kvmiso_ioctl_fd(int fd, unsigned long request, unsigned long arg, int *into);
+int kvmiso_eventfd(int flags, int *into);
+int kvmiso_map(struct kvmiso_mapping *m, int prot, int flags, int fd);
+int kvmiso_vcpu_map(struct kvmiso_vcpu *v);
+int kvmiso_close(int *fd);
+int kvmiso_unmap(struct kvmiso_mapping *m);
+int kvmiso_vcpu_release(struct kvmiso_vcpu *v);
 """)
 ffibuilder.set_source("kvmiso.kvm._vcpu", '#include "_vcpu.c"', include_dirs=[str(HERE)],
                       depends=[str(HERE / "_vcpu.c"), str(HEADER)], extra_compile_args=["-O2", "-std=gnu11"])

@@ -15,6 +15,8 @@
 /* ... and the answer for the same I/O or MMIO exit as the last such one: a number Python keeps
  * as one shared object (no exit reason comes near it), so the commonest exit costs no lookup. */
 #define KVMISO_SAME_EXIT 255
+/* ... and the answer when another thread is running the vCPU (no -errno is this low). */
+#define KVMISO_RUN_BUSY -4097
 
 /* One ioctl, ready to issue: what a compiled loop times. */
 struct kvmiso_ioctl {
@@ -31,15 +33,25 @@ struct kvmiso_run_layout {
     uint32_t exit_io, exit_mmio, exit_intr, io_in;
 };
 
-/* One vCPU (kvmiso.kvm.Vcpu): its KVM_RUN, its kvm_run mapping and the kick timer's state. */
+/* A mapping a Python object owns: addr is NULL once it is unmapped. */
+struct kvmiso_mapping {
+    void *addr;
+    size_t size;
+};
+
+/* One vCPU (kvmiso.kvm.Vcpu): its KVM_RUN, its kvm_run mapping and the kick timer's state. The
+ * vCPU fd (run.fd, -1 once closed) and the mapping are this struct's: kvmiso_vcpu_release frees them. */
 struct kvmiso_vcpu {
     struct kvmiso_ioctl run;        /* KVM_RUN on the vCPU fd */
     unsigned char *page;            /* the kvm_run mapping; NULL once the vCPU is closed */
+    size_t page_size;
     struct kvmiso_run_layout lay;
     void *timer;                    /* the kick timer (a timer_t), once made */
     int timer_made;
     int timer_tid;                  /* the thread it signals */
     int timer_fired;                /* set by the kick signal's handler when the timer kicked */
+    unsigned char lock;             /* held by a kick and by the release of the page it writes to */
+    unsigned long runner;           /* the pthread_self() of the thread running or holding it, or 0 */
     long long last_key;             /* the last packed exit key kvmiso_vcpu_run returned */
 };
 

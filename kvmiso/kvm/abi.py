@@ -10,6 +10,7 @@ structs live in :mod:`kvmiso.kvm.abi_vcpu`, struct kvm_run and the KVM_EXIT_* nu
 from __future__ import annotations
 
 import ctypes
+import functools
 from ctypes import c_int32, c_int16, c_uint8, c_uint16, c_uint32, c_uint64
 
 # the vCPU state structs and struct kvm_run with the exit reasons live beside this file; every
@@ -73,6 +74,24 @@ def _IOW(typ: int, nr: int, ctype: type) -> int:
 
 def _IOWR(typ: int, nr: int, ctype: type) -> int:
     return _IOC(_IOC_READ | _IOC_WRITE, typ, nr, ctypes.sizeof(ctype))
+
+
+def ioc_size(request: int) -> int:
+    """_IOC_SIZE: the argument size an ioctl request number encodes (0 for _IO requests)."""
+    return request >> _IOC_SIZESHIFT & ((1 << _IOC_SIZEBITS) - 1)
+
+
+@functools.lru_cache(maxsize=64)
+def with_entries(header: type, entry: type, n: int) -> type:
+    """A struct with a flexible array member (``kvm_msrs``, ``kvm_cpuid2``, ``kvm_msr_list``)
+    with room for ``n`` entries: fields ``hdr`` and ``entries``. Its ``header_type`` is what the
+    request number's size describes. One class per shape, made once: making a ctypes class
+    costs more than the ioctl."""
+    class _WithEntries(ctypes.Structure):
+        _fields_ = [("hdr", header), ("entries", entry * n)]
+        header_type = header
+
+    return _WithEntries
 
 
 KVMIO = 0xAE
@@ -236,7 +255,6 @@ KVM_CAPS = {
     "DISABLE_QUIRKS": 116, "DISABLE_QUIRKS2": 213, "DIRTY_LOG_RING_ACQ_REL": 223, "USER_MEMORY2": 231, "MEMORY_FAULT_INFO": 232,
     "MEMORY_ATTRIBUTES": 233, "GUEST_MEMFD": 234, "VM_TYPES": 235,
 }
-
 
 
 def capability_number(cap: str | int) -> int:

@@ -106,6 +106,17 @@ class kvm_run_notify(ctypes.Structure):
     _fields_ = [("flags", c_uint32)]
 
 
+class kvm_run_memory_fault(ctypes.Structure):
+    """kvm_run.memory_fault (KVM_EXIT_MEMORY_FAULT, Linux 6.8+; newer than some installed headers,
+    so written from the kernel's include/uapi/linux/kvm.h): the guest-physical range
+    [gpa, gpa + size) KVM could not resolve, and why (``flags``)."""
+
+    _fields_ = [("flags", c_uint64), ("gpa", c_uint64), ("size", c_uint64)]
+
+
+KVM_MEMORY_EXIT_FLAG_PRIVATE = 1 << 3  # the access was to private (guest_memfd) memory
+
+
 class kvm_run_exit(ctypes.Union):
     """The anonymous union of struct kvm_run that holds the exit's details (``kvm_run.u``)."""
 
@@ -122,6 +133,7 @@ class kvm_run_exit(ctypes.Union):
         ("system_event", kvm_run_system_event),
         ("msr", kvm_run_msr),
         ("notify", kvm_run_notify),
+        ("memory_fault", kvm_run_memory_fault),
         ("padding", c_char * 256),
     ]
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import functools
 from dataclasses import dataclass
+from typing import Callable
 
 from . import abi
-from ._libc import ioctl
 from .errors import KvmError
 
 
@@ -27,29 +26,23 @@ class CpuidEntry:
     edx: int
 
 
-@functools.lru_cache(maxsize=16)
-def _cpuid2_type(nent: int) -> type:
-    """``struct kvm_cpuid2`` with room for ``nent`` entries (a class per length, made once)."""
-    class _Cpuid(ctypes.Structure):
-        _fields_ = [("hdr", abi.kvm_cpuid2), ("entries", abi.kvm_cpuid_entry2 * nent)]
-
-    return _Cpuid
-
-
 def _cpuid2_buffer(nent: int) -> ctypes.Structure:
     """A ``struct kvm_cpuid2`` followed by room for ``nent`` entries, ``nent`` set."""
-    buf = _cpuid2_type(nent)()
+    buf = abi.with_entries(abi.kvm_cpuid2, abi.kvm_cpuid_entry2, nent)()
     buf.hdr.nent = nent
     return buf
 
 
-def get_cpuid(fd: int, request: int, nent: int = 100) -> list[CpuidEntry]:
-    """KVM_GET_SUPPORTED_CPUID or KVM_GET_CPUID2 on ``fd``: the buffer grows until the kernel's
-    list fits (E2BIG says it did not)."""
+Issue = Callable[[int, ctypes.Structure], int]  # ioctl(request, arg) on the fd that answers
+
+
+def get_cpuid(ioctl: Issue, request: int, nent: int = 100) -> list[CpuidEntry]:
+    """KVM_GET_SUPPORTED_CPUID (system fd) or KVM_GET_CPUID2 (vCPU fd) through ``ioctl``: the
+    buffer grows until the kernel's list fits (E2BIG says it did not)."""
     while True:
         buf = _cpuid2_buffer(nent)
         try:
-            ioctl(fd, request, buf)
+            ioctl(request, buf)
         except KvmError as e:
             if e.errno == errno.E2BIG and nent < 4096:
                 nent *= 2
@@ -57,12 +50,12 @@ def get_cpuid(fd: int, request: int, nent: int = 100) -> list[CpuidEntry]:
             raise
         count = buf.hdr.nent
         if request == abi.KVM_GET_CPUID2 and count == nent:
-            count = _vcpu_cpuid_count(fd, nent)
+            count = _vcpu_cpuid_count(ioctl, nent)
         return [CpuidEntry(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
                 for e in buf.entries[:count]]
 
 
-def _vcpu_cpuid_count(fd: int, room: int) -> int:
+def _vcpu_cpuid_count(ioctl: Issue, room: int) -> int:
     """How many entries a KVM_GET_CPUID2 that fit in ``room`` and left nent as it was copied.
     Today's KVM writes the count to nent on success; Linux 6.1 (say) writes it nowhere, but says
     E2BIG exactly while nent is below it: the smallest nent it takes is the count."""
@@ -70,7 +63,7 @@ def _vcpu_cpuid_count(fd: int, room: int) -> int:
     while lo < hi:
         mid = (lo + hi) // 2
         try:
-            ioctl(fd, abi.KVM_GET_CPUID2, _cpuid2_buffer(mid))
+            ioctl(abi.KVM_GET_CPUID2, _cpuid2_buffer(mid))
         except KvmError as e:
             if e.errno != errno.E2BIG:
                 raise
@@ -80,10 +73,10 @@ def _vcpu_cpuid_count(fd: int, room: int) -> int:
     return hi
 
 
-def set_cpuid(fd: int, entries: list[CpuidEntry]) -> None:
-    """KVM_SET_CPUID2 on a vCPU fd: ``entries`` become the guest's CPUID."""
+def set_cpuid(ioctl: Issue, entries: list[CpuidEntry]) -> None:
+    """KVM_SET_CPUID2 through ``ioctl`` (a vCPU's): ``entries`` become the guest's CPUID."""
     buf = _cpuid2_buffer(len(entries))
     for dst, e in zip(buf.entries, entries):
         dst.function, dst.index, dst.flags = e.function, e.index, e.flags
         dst.eax, dst.ebx, dst.ecx, dst.edx = e.eax, e.ebx, e.ecx, e.edx
-    ioctl(fd, abi.KVM_SET_CPUID2, buf)
+    ioctl(abi.KVM_SET_CPUID2, buf)

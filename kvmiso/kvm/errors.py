@@ -31,6 +31,27 @@ class KvmUnavailable(RuntimeError):
     """/dev/kvm is missing, not accessible, or speaks another API version."""
 
 
+class VmDead(KvmError):
+    """KVM refuses every ioctl of the VM with EIO, its own KVM_CHECK_EXTENSION included (the
+    test kvm_util makes): KVM killed it (a KVM_BUG_ON, or a guest error it cannot recover
+    from), or this process is not the one that created it (a fork's child). ``detail`` says
+    which."""
+
+
+class KickSignalBlocked(RuntimeError):
+    """A timeout or a kick was asked for a thread that blocks the vCPU kick signal, which is
+    then never delivered: its KVM_RUN would not end."""
+
+
+class VcpuBusy(RuntimeError):
+    """A thread asked to run a vCPU that another thread is running (or holds for a run)."""
+
+
+class VcpuClosed(ValueError):
+    """An exit's data or reply was used after its vCPU was closed: the kvm_run page it viewed is
+    unmapped, and its address may be another vCPU's page by now (a ValueError, as the use of a
+    closed file is)."""
+
 
 def _errno_text(err: int) -> str:
     import os

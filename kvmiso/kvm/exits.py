@@ -3,6 +3,7 @@
 The set is closed: a reason kvmiso does not know becomes ``UnknownExit(reason)``, never an
 exception. I/O and MMIO data are views into the vCPU's kvm_run page, not copies, so they are
 valid until the next KVM_RUN; ``reply()`` writes the answer to an IN or an MMIO read there.
+Once the vCPU is closed they raise :class:`VcpuClosed` (:class:`RunPage`, checked at each use).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any, ClassVar
 
 from . import abi
 from .abi_run import member
+from .runpage import DETACHED, RunPage, ViewsKvmRun
 
 
 def exit_name(reason: int) -> str:
@@ -31,24 +33,27 @@ class Exit:
         return exit_name(self.reason)
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict: ``{"exit": "IO", ...fields}`` with views copied to hex strings."""
+        """A JSON-ready dict: ``{"exit": "IO", ...fields}`` (each class adds what it views in
+        kvm_run, copied to a hex string)."""
         out: dict[str, Any] = {"exit": self.name}
         for f in fields(self):
-            v = getattr(self, f.name)
-            out[f.name] = bytes(v).hex() if isinstance(v, (memoryview, bytes)) else v
+            if not f.name.startswith("_"):  # not the views into the page, nor the page
+                out[f.name] = getattr(self, f.name)
         return out
 
 
 @dataclass(frozen=True, slots=True)
-class IoExit(Exit):
-    """KVM_EXIT_IO: ``count`` accesses of ``size`` bytes at ``port``; ``data`` views kvm_run."""
+class IoExit(ViewsKvmRun, Exit):
+    """KVM_EXIT_IO: ``count`` accesses of ``size`` bytes at ``port``; ``data`` (``size * count``
+    bytes) views kvm_run."""
 
     reason: ClassVar[int] = abi.KVM_EXIT_IO
     port: int
     size: int
     count: int
     is_in: bool
-    data: memoryview = field(repr=False, compare=False)
+    _view: memoryview = field(repr=False, compare=False)
+    _page: RunPage = field(default=DETACHED, repr=False, compare=False)
 
     @property
     def value(self) -> int:
@@ -66,22 +71,25 @@ class IoExit(Exit):
         self.data[:] = value
 
     def to_dict(self) -> dict[str, Any]:
-        """As :meth:`Exit.to_dict`, without ``data`` for an IN (the kernel has not written it)."""
+        """As :meth:`Exit.to_dict`, with ``data`` for an OUT (an IN's is the reply buffer, which
+        the kernel has not written)."""
         d = Exit.to_dict(self)
-        if self.is_in:
-            d.pop("data")  # the kernel has not written an IN's data; it is the reply buffer
+        if not self.is_in:
+            d["data"] = bytes(self.data).hex()
         return d
 
 
 @dataclass(frozen=True, slots=True)
-class MmioExit(Exit):
-    """KVM_EXIT_MMIO: a guest access to guest-physical memory no slot backs."""
+class MmioExit(ViewsKvmRun, Exit):
+    """KVM_EXIT_MMIO: a guest access to guest-physical memory no slot backs; ``data`` views
+    kvm_run's 8-byte ``mmio.data`` (a write's first ``length`` bytes)."""
 
     reason: ClassVar[int] = abi.KVM_EXIT_MMIO
     address: int
     length: int
     is_write: bool
-    data: memoryview = field(repr=False, compare=False)
+    _view: memoryview = field(repr=False, compare=False)
+    _page: RunPage = field(default=DETACHED, repr=False, compare=False)
 
     @property
     def value(self) -> int:
@@ -233,6 +241,12 @@ class _MsrExit(Exit):
     index: int
     msr_reason: int
     _error: memoryview = field(repr=False, compare=False)
+    _page: RunPage = field(default=DETACHED, repr=False, compare=False)
+
+    def _reply_area(self) -> memoryview:
+        """kvm_run's msr.error through msr.data, where reply() writes."""
+        self._page.check()
+        return self._error
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,8 +257,9 @@ class RdmsrExit(_MsrExit):
 
     def reply(self, value: int = 0, error: bool = False) -> None:
         """Give the guest ``value``, or inject #GP with ``error=True``."""
-        self._error[0] = int(error)
-        self._error[_MSR_REPLY : _MSR_REPLY + 8] = value.to_bytes(8, "little")
+        area = self._reply_area()
+        area[0] = int(error)
+        area[_MSR_REPLY : _MSR_REPLY + 8] = value.to_bytes(8, "little")
 
     def to_dict(self) -> dict[str, Any]:
         """The exit, index and why (KVM_MSR_EXIT_REASON_*) as JSON-ready values."""
@@ -260,7 +275,7 @@ class WrmsrExit(_MsrExit):
 
     def reply(self, error: bool = False) -> None:
         """Let the write happen, or inject #GP with ``error=True``."""
-        self._error[0] = int(error)
+        self._reply_area()[0] = int(error)
 
     def to_dict(self) -> dict[str, Any]:
         """The exit, index, why (KVM_MSR_EXIT_REASON_*) and the value written, JSON-ready."""
@@ -272,6 +287,17 @@ class NotifyExit(Exit):
     """KVM_EXIT_NOTIFY: a notify VM exit (the guest stayed too long in a non-interruptible window)."""
 
     reason: ClassVar[int] = abi.KVM_EXIT_NOTIFY
+    flags: int
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryFaultExit(Exit):
+    """KVM_EXIT_MEMORY_FAULT: KVM_RUN failed with EFAULT on guest-physical ``[gpa, gpa + size)``,
+    which KVM could not resolve (``flags``: KVM_MEMORY_EXIT_FLAG_PRIVATE for private memory)."""
+
+    reason: ClassVar[int] = abi.KVM_EXIT_MEMORY_FAULT
+    gpa: int
+    size: int
     flags: int
 
 
@@ -308,9 +334,9 @@ def detach(exit: Exit) -> Exit:
     """A copy of ``exit`` that no longer views the kvm_run page (safe to keep past the next
     KVM_RUN and the vCPU's close): I/O and MMIO data and the MSR reply area are copied out."""
     if isinstance(exit, (IoExit, MmioExit)):
-        return replace(exit, data=memoryview(bytes(exit.data)))
+        return replace(exit, _view=memoryview(bytes(exit.data)), _page=DETACHED)
     if isinstance(exit, _MsrExit):
-        return replace(exit, _error=memoryview(bytearray(exit._error)))
+        return replace(exit, _error=memoryview(bytearray(exit._reply_area())), _page=DETACHED)
     return exit
 
 
@@ -330,7 +356,7 @@ DATALESS: dict[int, Exit] = {cls.reason: cls() for cls in (HltExit, IrqWindowOpe
 EXIT_CLASSES: dict[int, type[Exit]] = {cls.reason: cls for cls in (
     IoExit, MmioExit, HwUnknownExit, ExceptionExit, HypercallExit, DebugExit, HltExit, IrqWindowOpenExit,
     ShutdownExit, FailEntryExit, IntrExit, TprAccessExit, NmiExit, InternalErrorExit, SystemEventExit,
-    RdmsrExit, WrmsrExit, NotifyExit)}
+    RdmsrExit, WrmsrExit, NotifyExit, MemoryFaultExit)}
 _REASON_OF_NAME = {name: nr for nr, name in abi.KVM_EXIT_REASONS.items()}
 
 
@@ -352,8 +378,8 @@ def exit_from_dict(d: dict[str, Any]) -> Exit:
     for f in fields(cls):
         if f.name == "_error":
             kwargs[f.name] = memoryview(bytearray(MSR_REPLY_AREA.stop - MSR_REPLY_AREA.start))
-        elif "memoryview" in str(f.type):
-            kwargs[f.name] = memoryview(bytes.fromhex(d.get(f.name) or ""))
+        elif f.name == "_view":
+            kwargs[f.name] = memoryview(bytes.fromhex(d.get("data") or ""))
         elif f.name in d:
             kwargs[f.name] = tuple(d[f.name]) if isinstance(d[f.name], list) else d[f.name]
     return cls(**kwargs)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 from typing import Any
 
 from . import abi
-from ._fd import FdOwner
+from ._fd import FdOwner, fd_cell, ioctl_into, open_into
 from ._libc import ioctl
 from .cpuid import CpuidEntry, get_cpuid
 from .errors import KvmError, KvmUnavailable
@@ -17,7 +18,6 @@ from .vm import Vm
 from .x86 import cpu_has
 
 DEV_KVM = "/dev/kvm"
-
 
 
 class Kvm(FdOwner):
@@ -31,8 +31,9 @@ class Kvm(FdOwner):
     def __init__(self, path: str = DEV_KVM) -> None:
         self._supported_cpuid: tuple[CpuidEntry, ...] | None = None
         self._msr_index_list: tuple[int, ...] | None = None
+        fd = fd_cell()
         try:
-            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            open_into(fd, path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
             raise KvmUnavailable(f"{path} does not exist: this kernel has no KVM, or the device node is missing") from None
         except PermissionError:
@@ -41,20 +42,14 @@ class Kvm(FdOwner):
             ) from None
         except OSError as e:
             raise KvmUnavailable(f"{path}: cannot open: {e.strerror}") from None
+        self._fd = fd
         try:
             self.api_version = ioctl(self.fd, abi.KVM_GET_API_VERSION)
             check_api_version(self.api_version, path)
             self.vcpu_mmap_size = ioctl(self.fd, abi.KVM_GET_VCPU_MMAP_SIZE)
         except BaseException:
-            os.close(self.fd)
-            self.fd = -1
+            self.close()
             raise
-
-    def close(self) -> None:
-        """Close the /dev/kvm fd (idempotent)."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
 
     def check_extension(self, cap: str | int) -> int:
         """KVM_CHECK_EXTENSION by name ("IMMEDIATE_EXIT") or number; 0 means absent."""
@@ -74,21 +69,22 @@ class Kvm(FdOwner):
     def _msr_list(self, request: int) -> list[int]:
         n = 64
         while True:
-            buf = (ctypes.c_uint32 * (1 + n))(n)
+            buf = abi.with_entries(abi.kvm_msr_list, ctypes.c_uint32, n)()
+            buf.hdr.nmsrs = n
             try:
                 ioctl(self.fd, request, buf)
             except KvmError as e:
                 if e.errno != errno.E2BIG:
                     raise
-                n = buf[0]  # the kernel wrote the count it needs
+                n = buf.hdr.nmsrs  # the kernel wrote the count it needs
                 continue
-            return list(buf[1 : 1 + buf[0]])
+            return list(buf.entries[: buf.hdr.nmsrs])
 
     def get_supported_cpuid(self) -> list[CpuidEntry]:
         """KVM_GET_SUPPORTED_CPUID: every leaf KVM can expose to a guest. Asked once per
         handle: the answer cannot change while the module is loaded, and every VM wants it."""
         if self._supported_cpuid is None:
-            self._supported_cpuid = tuple(get_cpuid(self.fd, abi.KVM_GET_SUPPORTED_CPUID))
+            self._supported_cpuid = tuple(get_cpuid(functools.partial(ioctl, self.fd), abi.KVM_GET_SUPPORTED_CPUID))
         return list(self._supported_cpuid)
 
     def cpu_has(self, feature: str) -> bool:
@@ -116,7 +112,9 @@ class Kvm(FdOwner):
 
     def create_vm(self, vm_type: int = 0) -> Vm:
         """KVM_CREATE_VM: a new VM of ``vm_type`` (0: the default x86 VM)."""
-        return Vm(self, ioctl(self.fd, abi.KVM_CREATE_VM, vm_type))
+        fd = fd_cell()
+        ioctl_into(fd, self.fd, abi.KVM_CREATE_VM, vm_type)
+        return Vm(self, fd)
 
 
 def check_api_version(version: int, path: str = DEV_KVM) -> None:

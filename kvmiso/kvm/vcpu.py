@@ -10,41 +10,33 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import functools
 import math
 import os
-import signal
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from . import abi
-from ._libc import ioctl, mmap, munmap
+from ._compiled import ffi, lib
+from ._fd import FdOwner, fd_cell, raise_if_failed
 from .cpuid import CpuidEntry, get_cpuid, set_cpuid
-from .errors import KvmError
+from .errors import KvmError, VcpuBusy
 from .exitdecode import decode
+from .kick import KICK_SIGNAL, check_kick_reaches, install_kick_handler
 from .exits import DATALESS, Exit, IntrExit
+from .runpage import RunPage
 from .stats import Stats
 from .vcpu_state import VcpuStateIoctls
 
 if TYPE_CHECKING:  # a Vm makes its Vcpus: a runtime import would be a cycle
     from .vm import Vm
 
-try:
-    from ._vcpu import ffi, lib
-except ImportError as e:  # a source tree nobody installed: say how to build it
-    raise ImportError(f"kvmiso's compiled vCPU module (kvmiso.kvm._vcpu) is not built ({e}): install kvmiso "
-                      "with `pip install -e .`, which compiles kvmiso/kvm/_vcpu.c and needs a C compiler") from None
-
-# The signal that kicks a vCPU thread out of KVM_RUN. A real-time signal, so it never collides
-# with SIGINT/SIGTERM handling. Its handler (in C, installed by sigaction from whichever thread
-# makes the first vCPU) interrupts KVM_RUN; for the kick timer it also sets immediate_exit.
-KICK_SIGNAL = signal.SIGRTMIN
 _MAX_NS = (1 << 63) - 1
 _IMMEDIATE_EXIT = abi.kvm_run.immediate_exit.offset
 _vcpu_run = lib.kvmiso_vcpu_run  # a global, not an attribute lookup, on the KVM_RUN hot path
 _KEY_PACKED = min(lib.KVMISO_KEY_IO, lib.KVMISO_KEY_MMIO)  # keys from here up carry a whole exit
 _SAME_EXIT = lib.KVMISO_SAME_EXIT
+_BUSY = lib.KVMISO_RUN_BUSY  # another thread runs the vCPU
 _MAX_KEYS = 4096  # different I/O and MMIO exits kept per vCPU
 _INTR = DATALESS[IntrExit.reason]
 # Exits whose instruction KVM completes at the next KVM_RUN, before it looks at immediate_exit
@@ -75,15 +67,6 @@ def _run_layout() -> dict[str, int]:
 _RUN_LAYOUT = _run_layout()
 
 
-def _install_kick_handler() -> None:
-    r = lib.kvmiso_kick_install(KICK_SIGNAL)
-    if r < 0:
-        raise OSError(-r, f"cannot install the vCPU kick signal's handler: {os.strerror(-r)}")
-    if r:
-        raise RuntimeError(f"signal {signal.Signals(KICK_SIGNAL).name} already has a handler that is not kvmiso's; "
-                           "kvmiso stops vCPUs with it (KVM_RUN is interrupted by a signal)")
-
-
 @dataclass(frozen=True)
 class Translation:
     """KVM_TRANSLATE's answer for one guest-virtual address.
@@ -99,49 +82,52 @@ class Translation:
     usermode: bool
 
 
-class Vcpu(VcpuStateIoctls):
-    """A vCPU. Created by :meth:`Vm.create_vcpu`; closed with its VM. Its state ioctls beyond
-    registers and MSRs (debug registers, XSAVE, save/load of the whole) are
-    :class:`~kvmiso.kvm.vcpu_state.VcpuStateIoctls`'.
+class Vcpu(FdOwner, VcpuStateIoctls):
+    """A vCPU. Created by :meth:`Vm.create_vcpu` and closed with its VM; a context manager too.
+    Its state ioctls beyond registers and MSRs (debug registers, XSAVE, save/load of the whole)
+    are :class:`~kvmiso.kvm.vcpu_state.VcpuStateIoctls`'.
 
-    >>> exit = vcpu.run()
+    >>> exit = vcpu.run()                  # the hello payload's first console byte
     >>> exit
-    IoExit(port=233, size=1, count=13, is_in=False)
+    IoExit(port=233, size=1, count=1, is_in=False)
+    >>> bytes(exit.data)
+    b'H'
     """
 
-    def __init__(self, vm: Vm, vcpu_id: int, fd: int) -> None:
+    _warn_unclosed = False  # its VM owns it: an unclosed VM's finalizer warns for both
+
+    def __init__(self, vm: Vm, vcpu_id: int) -> None:
+        """KVM_CREATE_VCPU ``vcpu_id`` in ``vm`` (:meth:`Vm.create_vcpu` is the way to one)."""
         self.vm = vm
         self.id = vcpu_id
-        self.fd = fd
-        self._run_size = vm.kvm.vcpu_mmap_size
-        try:
-            _install_kick_handler()  # before any kick or timer can send the signal
-            self._run_addr = mmap(self._run_size, fd, shared=True)
-        except BaseException:
-            os.close(fd)
-            raise
+        size = vm.kvm.vcpu_mmap_size
+        # the C struct owns the vCPU fd and the kvm_run mapping: kvmiso_vcpu_release frees both,
+        # at close() or when the struct is freed
+        self._c = ffi.gc(ffi.new("struct kvmiso_vcpu *", {
+            "run": {"fd": -1, "request": abi.KVM_RUN, "arg": 0}, "page_size": size, "lay": _RUN_LAYOUT}),
+            lib.kvmiso_vcpu_release)
+        vm.make_fd(abi.KVM_CREATE_VCPU, vcpu_id, ffi.addressof(self._c, "run", "fd"))
+        install_kick_handler()  # before any kick or timer can send the signal
+        raise_if_failed(lib.kvmiso_vcpu_map(self._c), "mmap of the kvm_run page")
+        self._run_addr = int(ffi.cast("uintptr_t", self._c.page))
         self.kvm_run = abi.kvm_run.from_address(self._run_addr)
-        self.page = memoryview((ctypes.c_char * self._run_size).from_address(self._run_addr)).cast("B")
-        self._c = ffi.new("struct kvmiso_vcpu *", {
-            "run": {"fd": fd, "request": abi.KVM_RUN, "arg": 0},
-            "page": ffi.cast("unsigned char *", self._run_addr), "lay": _RUN_LAYOUT})
-        self._kick_lock = threading.Lock()
+        self.page = memoryview((ctypes.c_char * size).from_address(self._run_addr)).cast("B")
+        # what this vCPU's exits check before they touch the page (holding the C struct, it keeps
+        # the page mapped for them until close() says it is gone)
+        self._mapped = RunPage(f"vCPU {vcpu_id}", self._c)
         self._exits: dict[int, Exit] = {}  # packed exit key -> the exit (see run())
         self._last: Exit | None = None  # the exit of the last packed key
+        self._fd = ffi.addressof(self._c, "run", "fd")  # last: close() may run from here on
 
-    def close(self) -> None:
-        """Delete the kick timer, unmap kvm_run and close the vCPU fd (idempotent)."""
-        with self._kick_lock:  # no kick() is under way, and none will find the fd open
-            if self.fd < 0:
-                return
-            lib.kvmiso_vcpu_release(self._c)
-            self._exits.clear()  # the cached exits view the page
-            self._last = None
-            self.page.release()
-            del self.kvm_run
-            munmap(self._run_addr, self._run_size)
-            os.close(self.fd)
-            self.fd = -1
+    def _release(self) -> None:
+        """Delete the kick timer, unmap kvm_run and close the vCPU fd."""
+        self._mapped.mapped = False  # first: from here on no exit touches the page
+        self._exits.clear()  # the cached exits view the page
+        self._last = None
+        self.page.release()
+        self.__dict__.pop("kvm_run", None)  # a ctypes struct at the page's address
+        # one C call, which waits for a kick() under way: none will find the page mapped after it
+        raise_if_failed(lib.kvmiso_vcpu_release(self._c), "close")
 
     @property
     def page_address(self) -> int:
@@ -157,6 +143,7 @@ class Vcpu(VcpuStateIoctls):
         then the result is ``IntrExit()``. Equal I/O and MMIO exits come back as the same frozen
         object: the compiled call packs every field the decoder reads into one key, and the exit
         built for a key serves it again (its data views the kvm_run page, as every exit's does).
+        A KVM_RUN that fails with EFAULT and leaves KVM_EXIT_MEMORY_FAULT is ``MemoryFaultExit``.
         """
         c = self._c
         while True:
@@ -168,18 +155,47 @@ class Vcpu(VcpuStateIoctls):
                 self._last = exit
                 return exit
             if key >= 0:  # an exit reason: only dataless exits are the same object every time
-                return _dataless(key) or decode(self.page)
+                return _dataless(key) or decode(self.page, self._mapped)
             if key != -errno.EINTR:
-                raise KvmError("KVM_RUN", -key, _run_errno_hint(-key))
+                if key == _BUSY:
+                    raise self._busy()
+                if key == -errno.EFAULT and self.kvm_run.exit_reason == abi.KVM_EXIT_MEMORY_FAULT:
+                    return decode(self.page, self._mapped)  # KVM's report of the fault, as kvm-ioctls returns it
+                raise self.vm.diagnose(KvmError("KVM_RUN", -key, _run_errno_hint(-key)))
             if self.page[_IMMEDIATE_EXIT]:  # somebody asked this vCPU to stop
                 return _INTR
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Keep this vCPU to the calling thread for the block: :meth:`run` from any other thread
+        raises VcpuBusy meanwhile, as it does while one thread is inside :meth:`run`.
+        ``Machine.run`` holds its vCPU for a whole run."""
+        took = lib.kvmiso_vcpu_hold(self._c)
+        if took < 0:
+            raise self._busy()
+        try:
+            yield
+        finally:
+            if took:
+                lib.kvmiso_vcpu_unhold(self._c)
+
+    @property
+    def runner(self) -> int | None:
+        """The ident (``threading.get_ident()``) of the thread running or holding this vCPU."""
+        return self._c.runner or None
+
+    def _busy(self) -> VcpuBusy:
+        ident = self.runner
+        name = next((t.name for t in threading.enumerate() if t.ident == ident), "another thread")
+        return VcpuBusy(f"vCPU {self.id} is already running in thread {name!r} (ident {ident}): one thread "
+                        "at a time runs a vCPU (KVM would split its exits between them)")
 
     def _decode(self, key: int) -> Exit:
         """The exit of a packed key seen for the first time, kept for the next time (the cache
         starts again when a guest makes too many different ones)."""
         if len(self._exits) >= _MAX_KEYS:
             self._exits.clear()
-        exit = self._exits[key] = decode(self.page)
+        exit = self._exits[key] = decode(self.page, self._mapped)
         return exit
 
     @property
@@ -214,20 +230,25 @@ class Vcpu(VcpuStateIoctls):
                        f"{_MAX_COMPLETION_RUNS} KVM_RUNs with immediate_exit set")
 
     def kick(self, thread_ident: int) -> None:
-        """Stop the KVM_RUN running on ``thread_ident``: set immediate_exit, then signal it."""
-        with self._kick_lock:
-            if self.fd >= 0:
-                self.kvm_run.immediate_exit = 1
-                with contextlib.suppress(ProcessLookupError):
-                    signal.pthread_kill(thread_ident, KICK_SIGNAL)
+        """Stop the KVM_RUN running on ``thread_ident``: set immediate_exit, then signal it
+        (nothing once the vCPU is closed, or if the thread has ended). KickSignalBlocked if that
+        thread blocks the kick signal."""
+        thread = next((t for t in threading.enumerate() if t.ident == thread_ident), None)
+        if thread is not None:  # a thread Python does not know of cannot be checked
+            check_kick_reaches(thread)
+        r = lib.kvmiso_vcpu_kick(self._c, thread_ident, KICK_SIGNAL)
+        if r < 0 and r != -errno.ESRCH:
+            raise OSError(-r, f"cannot kick vCPU {self.id}'s thread: {os.strerror(-r)}")
 
     def kick_after(self, seconds: float) -> None:
         """Kick this vCPU out of the calling thread's KVM_RUN once ``seconds`` have passed: a
         one-shot CLOCK_MONOTONIC timer (timer_create(2), SIGEV_THREAD_ID) that replaces an armed
         one. When it fires, ``immediate_exit`` is set and :meth:`run` returns ``IntrExit()``,
-        whether KVM_RUN was under way or about to start. :attr:`timer_kicked` says it fired."""
+        whether KVM_RUN was under way or about to start. :attr:`timer_kicked` says it fired.
+        KickSignalBlocked if the calling thread blocks the kick signal (see :mod:`.kick`)."""
         if not (math.isfinite(seconds) and seconds >= 0):
             raise ValueError(f"a kick needs a finite, non-negative number of seconds, not {seconds!r}")
+        check_kick_reaches(threading.current_thread())
         r = lib.kvmiso_kick_after(self._c, KICK_SIGNAL, threading.get_native_id(), min(int(seconds * 1e9), _MAX_NS))
         if r < 0:
             raise OSError(-r, f"cannot arm vCPU {self.id}'s kick timer: {os.strerror(-r)}")
@@ -255,37 +276,37 @@ class Vcpu(VcpuStateIoctls):
     def get_regs(self) -> abi.kvm_regs:
         """KVM_GET_REGS: the general-purpose registers, rip and rflags."""
         regs = abi.kvm_regs()
-        ioctl(self.fd, abi.KVM_GET_REGS, regs)
+        self.ioctl(abi.KVM_GET_REGS, regs)
         return regs
 
     def set_regs(self, regs: abi.kvm_regs) -> None:
         """KVM_SET_REGS."""
-        ioctl(self.fd, abi.KVM_SET_REGS, regs)
+        self.ioctl(abi.KVM_SET_REGS, regs)
 
     def get_sregs(self) -> abi.kvm_sregs:
         """KVM_GET_SREGS: segments, descriptor tables, control registers, EFER, APIC base."""
         sregs = abi.kvm_sregs()
-        ioctl(self.fd, abi.KVM_GET_SREGS, sregs)
+        self.ioctl(abi.KVM_GET_SREGS, sregs)
         return sregs
 
     def set_sregs(self, sregs: abi.kvm_sregs) -> None:
         """KVM_SET_SREGS; KvmError saying the state is invalid where KVM says EINVAL."""
-        ioctl(self.fd, abi.KVM_SET_SREGS, sregs, lambda e: "the segment/control register state is invalid" if e == errno.EINVAL else "")
+        self.ioctl(abi.KVM_SET_SREGS, sregs, lambda e: "the segment/control register state is invalid" if e == errno.EINVAL else "")
 
     def get_fpu(self) -> abi.kvm_fpu:
         """KVM_GET_FPU: x87 and SSE registers."""
         fpu = abi.kvm_fpu()
-        ioctl(self.fd, abi.KVM_GET_FPU, fpu)
+        self.ioctl(abi.KVM_GET_FPU, fpu)
         return fpu
 
     def set_fpu(self, fpu: abi.kvm_fpu) -> None:
         """KVM_SET_FPU."""
-        ioctl(self.fd, abi.KVM_SET_FPU, fpu)
+        self.ioctl(abi.KVM_SET_FPU, fpu)
 
     def get_msrs(self, indices: list[int]) -> dict[int, int]:
         """KVM_GET_MSRS; raises KvmError naming the first MSR KVM would not read."""
         buf = _msrs_buffer({i: 0 for i in indices})
-        n = ioctl(self.fd, abi.KVM_GET_MSRS, buf)
+        n = self.ioctl(abi.KVM_GET_MSRS, buf)
         if n != len(indices):
             raise KvmError("KVM_GET_MSRS", errno.EINVAL, f"MSR {indices[n]:#x} cannot be read")
         return {e.index: e.data for e in buf.entries}
@@ -293,32 +314,32 @@ class Vcpu(VcpuStateIoctls):
     def set_msrs(self, values: dict[int, int]) -> None:
         """KVM_SET_MSRS; raises KvmError naming the first MSR KVM refused."""
         buf = _msrs_buffer(values)
-        n = ioctl(self.fd, abi.KVM_SET_MSRS, buf)
+        n = self.ioctl(abi.KVM_SET_MSRS, buf)
         if n != len(values):
             raise KvmError("KVM_SET_MSRS", errno.EINVAL, f"MSR {list(values)[n]:#x} was refused")
 
     def set_cpuid2(self, entries: list[CpuidEntry]) -> None:
         """KVM_SET_CPUID2: the CPUID leaves this vCPU's guest sees."""
-        set_cpuid(self.fd, entries)
+        set_cpuid(self.ioctl, entries)
 
     def get_cpuid2(self) -> list[CpuidEntry]:
         """KVM_GET_CPUID2: the CPUID leaves this vCPU's guest sees."""
-        return get_cpuid(self.fd, abi.KVM_GET_CPUID2)
+        return get_cpuid(self.ioctl, abi.KVM_GET_CPUID2)
 
     def get_vcpu_events(self) -> abi.kvm_vcpu_events:
         """KVM_GET_VCPU_EVENTS: pending or injected exceptions, interrupts, NMIs and SMIs."""
         ev = abi.kvm_vcpu_events()
-        ioctl(self.fd, abi.KVM_GET_VCPU_EVENTS, ev)
+        self.ioctl(abi.KVM_GET_VCPU_EVENTS, ev)
         return ev
 
     def set_vcpu_events(self, events: abi.kvm_vcpu_events) -> None:
         """KVM_SET_VCPU_EVENTS."""
-        ioctl(self.fd, abi.KVM_SET_VCPU_EVENTS, events)
+        self.ioctl(abi.KVM_SET_VCPU_EVENTS, events)
 
     def translate(self, linear_address: int) -> Translation:
         """KVM_TRANSLATE: walk the guest's page tables for one guest-virtual address."""
         t = abi.kvm_translation(linear_address=linear_address)
-        ioctl(self.fd, abi.KVM_TRANSLATE, t)
+        self.ioctl(abi.KVM_TRANSLATE, t)
         return Translation(t.linear_address, t.physical_address, bool(t.valid), bool(t.writeable), bool(t.usermode))
 
     def set_guest_debug(self, enable: bool = True, single_step: bool = False, debugreg: Sequence[int] = (), *,
@@ -330,7 +351,9 @@ class Vcpu(VcpuStateIoctls):
         ``block_irq`` keeps interrupts from the guest while it single-steps; ``inject_db`` and
         ``inject_bp`` give the guest a #DB or #BP at the next KVM_RUN. ``enable=False`` stops it all.
 
-        >>> vcpu.set_guest_debug(debugreg=[image.symbols["hw_bp"], 0, 0, 0, 0, 0, 0, 0x402])
+        >>> vcpu.set_guest_debug(single_step=True)
+        >>> vcpu.run()
+        DebugExit(exception=1, pc=..., dr6=..., dr7=...)
         """
         bits = ((enable, abi.KVM_GUESTDBG_ENABLE), (single_step, abi.KVM_GUESTDBG_SINGLESTEP),
                 (sw_bp, abi.KVM_GUESTDBG_USE_SW_BP), (bool(debugreg) if hw_bp is None else hw_bp, abi.KVM_GUESTDBG_USE_HW_BP),
@@ -338,29 +361,21 @@ class Vcpu(VcpuStateIoctls):
                 (inject_bp, abi.KVM_GUESTDBG_INJECT_BP))
         dbg = abi.kvm_guest_debug(control=sum(bit for on, bit in bits if on))
         dbg.arch.debugreg[:len(debugreg)] = list(debugreg)
-        ioctl(self.fd, abi.KVM_SET_GUEST_DEBUG, dbg)
+        self.ioctl(abi.KVM_SET_GUEST_DEBUG, dbg)
 
     def get_stats_fd(self) -> int:
         """KVM_GET_STATS_FD for this vCPU; the caller closes it."""
-        return ioctl(self.fd, abi.KVM_GET_STATS_FD)
+        return self.ioctl(abi.KVM_GET_STATS_FD)
 
     def stats(self) -> Stats:
         """The vCPU's binary stats (KVM_GET_STATS_FD, parsed; a context manager)."""
-        return Stats(self.get_stats_fd())
-
-
-@functools.lru_cache(maxsize=64)
-def _msrs_type(n: int) -> type:
-    """``struct kvm_msrs`` with room for ``n`` entries (a class per length, made once: making
-    a ctypes class costs more than the ioctl)."""
-    class _Msrs(ctypes.Structure):
-        _fields_ = [("hdr", abi.kvm_msrs), ("entries", abi.kvm_msr_entry * n)]
-
-    return _Msrs
+        fd = fd_cell()
+        self.vm.make_fd(abi.KVM_GET_STATS_FD, 0, fd, self.fd)
+        return Stats(fd)
 
 
 def _msrs_buffer(values: dict[int, int]) -> ctypes.Structure:
-    buf = _msrs_type(len(values))()
+    buf = abi.with_entries(abi.kvm_msrs, abi.kvm_msr_entry, len(values))()
     buf.hdr.nmsrs = len(values)
     for e, (index, data) in zip(buf.entries, values.items()):
         e.index, e.data = index, data

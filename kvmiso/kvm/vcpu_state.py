@@ -5,7 +5,11 @@ through ``kvm_run.s``, and the whole of it saved and loaded as selftests' ``vcpu
 
 >>> state = vcpu.save_state()
 >>> vcpu.run()                              # the guest goes on, changes things
+IoExit(port=233, size=1, count=1, is_in=False)
+>>> _ = state.msrs.pop(0x4b564d06, None)    # kvm_pvm refuses MSR_KVM_POLL_CONTROL's own value
 >>> vcpu.load_state(state)                  # and is back where it was
+>>> vcpu.get_regs().rip == state.regs.rip
+True
 """
 
 from __future__ import annotations
@@ -13,10 +17,9 @@ from __future__ import annotations
 import ctypes
 import functools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from . import abi
-from ._libc import ioctl
 
 if TYPE_CHECKING:
     from .vm import Vm
@@ -57,13 +60,15 @@ class VcpuStateIoctls:
     vm: "Vm"
     kvm_run: abi.kvm_run
 
-    def ioctl(self, request: int, arg: int | ctypes._CData | None = None) -> int:
-        """Any vCPU ioctl kvmiso does not wrap (see :meth:`Kvm.ioctl`): selftests' ``vcpu_ioctl``.
+    def ioctl(self, request: int, arg: int | ctypes._CData | None = None,
+              explain: Callable[[int], str] | None = None) -> int:
+        """Any vCPU ioctl (see :meth:`Kvm.ioctl`): selftests' ``vcpu_ioctl``; errors as
+        :meth:`Vm.ioctl`'s (VmDead where KVM refuses the VM).
 
         >>> vcpu.ioctl(abi.KVM_GET_REGS, regs := abi.kvm_regs())
         0
         """
-        return ioctl(self.fd, request, arg)
+        return self.vm.ioctl(request, arg, explain, self.fd)
 
     @property
     def sync_regs(self) -> abi.kvm_sync_regs:
@@ -72,51 +77,53 @@ class VcpuStateIoctls:
         loads on its way in for each bit of ``kvm_run.kvm_dirty_regs`` (KVM_CAP_SYNC_REGS).
 
         >>> vcpu.kvm_run.kvm_valid_regs = abi.KVM_SYNC_X86_REGS
-        >>> vcpu.run(); vcpu.sync_regs.regs.rip
+        >>> exit = vcpu.run()
+        >>> vcpu.sync_regs.regs.rip == vcpu.get_regs().rip
+        True
         """
         return self.kvm_run.s.regs
 
     def get_debugregs(self) -> abi.kvm_debugregs:
         """KVM_GET_DEBUGREGS: the guest's own DR0-DR3, DR6 and DR7."""
         dr = abi.kvm_debugregs()
-        ioctl(self.fd, abi.KVM_GET_DEBUGREGS, dr)
+        self.ioctl(abi.KVM_GET_DEBUGREGS, dr)
         return dr
 
     def set_debugregs(self, debugregs: abi.kvm_debugregs) -> None:
         """KVM_SET_DEBUGREGS."""
-        ioctl(self.fd, abi.KVM_SET_DEBUGREGS, debugregs)
+        self.ioctl(abi.KVM_SET_DEBUGREGS, debugregs)
 
     def get_xsave(self) -> bytes:
         """The XSAVE area: KVM_GET_XSAVE2 with as many bytes as KVM_CAP_XSAVE2 says on the VM
         (4096 or more), else KVM_GET_XSAVE (4096)."""
         size = self.vm.check_extension("XSAVE2")
         buf = _xsave_type(max(size, ctypes.sizeof(abi.kvm_xsave)))()
-        ioctl(self.fd, abi.KVM_GET_XSAVE2 if size else abi.KVM_GET_XSAVE, buf)
+        self.ioctl(abi.KVM_GET_XSAVE2 if size else abi.KVM_GET_XSAVE, buf)
         return bytes(buf)
 
     def set_xsave(self, area: bytes) -> None:
         """KVM_SET_XSAVE of an area :meth:`get_xsave` read."""
-        ioctl(self.fd, abi.KVM_SET_XSAVE, _xsave_type(len(area)).from_buffer_copy(area))
+        self.ioctl(abi.KVM_SET_XSAVE, _xsave_type(len(area)).from_buffer_copy(area))
 
     def get_xcrs(self) -> abi.kvm_xcrs:
         """KVM_GET_XCRS: the extended control registers (XCR0), none where the host has no XSAVE."""
         xcrs = abi.kvm_xcrs()
-        ioctl(self.fd, abi.KVM_GET_XCRS, xcrs)
+        self.ioctl(abi.KVM_GET_XCRS, xcrs)
         return xcrs
 
     def set_xcrs(self, xcrs: abi.kvm_xcrs) -> None:
         """KVM_SET_XCRS."""
-        ioctl(self.fd, abi.KVM_SET_XCRS, xcrs)
+        self.ioctl(abi.KVM_SET_XCRS, xcrs)
 
     def get_mp_state(self) -> int:
         """KVM_GET_MP_STATE: a KVM_MP_STATE_* value (``abi.KVM_MP_STATE_NAMES`` names it)."""
         mp = abi.kvm_mp_state()
-        ioctl(self.fd, abi.KVM_GET_MP_STATE, mp)
+        self.ioctl(abi.KVM_GET_MP_STATE, mp)
         return mp.mp_state
 
     def set_mp_state(self, mp_state: int) -> None:
         """KVM_SET_MP_STATE."""
-        ioctl(self.fd, abi.KVM_SET_MP_STATE, abi.kvm_mp_state(mp_state))
+        self.ioctl(abi.KVM_SET_MP_STATE, abi.kvm_mp_state(mp_state))
 
     def save_state(self) -> VcpuState:
         """The whole state (selftests' ``vcpu_save_state``, in its order): a vCPU whose last

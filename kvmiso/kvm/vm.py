@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
+import mmap
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from . import abi
-from ._fd import FdOwner
-from ._libc import ioctl, mmap, munmap
+from ._fd import (FdOwner, close_all, eventfd_into, fd_cell, ioctl_into, map_into, mapping_cell, release_fd,
+                  release_mapping)
+from ._libc import get_errno, ioctl, raw_ioctl
+from .errors import KvmError, VmDead
 from .stats import Stats
 from .vcpu import Vcpu
 
@@ -36,13 +40,14 @@ class MemorySlot:
     view: memoryview = field(repr=False)
     owned: bool = True
     _export: Any = field(default=None, repr=False, compare=False)  # holds the caller's buffer while in use
+    _mapping: Any = field(default=None, repr=False, compare=False)  # the VM's mapping's cell (kvm._fd.mapping_cell)
 
     def _release(self) -> None:
         """Release the view, then unmap the memory where the VM mapped it."""
-        self.view.release()
+        self.view.release()  # first: no access through it once the memory is gone
         self._export = None
-        if self.owned:
-            munmap(self.host_addr, self.size)
+        if self._mapping is not None:
+            release_mapping(self._mapping)
 
     @property
     def end(self) -> int:
@@ -92,33 +97,71 @@ class Vm(FdOwner):
     """A KVM VM. Created by :meth:`Kvm.create_vm`; a context manager that closes every vCPU,
     unmaps every memory slot and closes every eventfd it made.
 
+    >>> from kvmiso import Kvm
     >>> with Kvm() as kvm, kvm.create_vm() as vm:
     ...     slot = vm.add_memory(0, 2 << 20)
     ...     vcpu = vm.create_vcpu(0)
+    >>> slot
+    MemorySlot(slot=0, guest_phys_addr=0, size=2097152, host_addr=..., flags=0, owned=True)
     """
 
-    def __init__(self, kvm: Kvm, fd: int) -> None:
+    def __init__(self, kvm: Kvm, fd: Any) -> None:
+        """``fd``: the cell (``kvm._fd.fd_cell``) that KVM_CREATE_VM made the VM fd into."""
         self.kvm = kvm
-        self.fd = fd
+        self.pid = os.getpid()  # KVM refuses the VM's ioctls from any other process
+        self._fd = fd
         self.slots: dict[int, MemorySlot] = {}
         self.vcpus: list[Vcpu] = []
-        self._eventfds: list[int] = []
+        self._eventfds: list[Any] = []  # their C cells (kvm._fd.fd_cell)
 
-    def close(self) -> None:
-        """Close every vCPU, the VM fd, then unmap the memory and close the eventfds (idempotent)."""
-        if self.fd < 0:
-            return
-        for vcpu in self.vcpus:
-            vcpu.close()
+    def _release(self) -> None:
+        """Close every vCPU, the VM fd, then unmap the memory and close the eventfds. A Ctrl-C
+        meanwhile goes up once all of it is released."""
+        # the kernel drops the slots with the VM; then the backing can go
+        close_all(*(v.close for v in self.vcpus), functools.partial(release_fd, self._fd),
+                  *(s._release for s in self.slots.values()),
+                  *(functools.partial(release_fd, efd) for efd in self._eventfds))
         self.vcpus.clear()
-        os.close(self.fd)  # the kernel drops the slots with the VM; then the backing can go
-        self.fd = -1
-        for s in self.slots.values():
-            s._release()
         self.slots.clear()
-        for efd in self._eventfds:
-            os.close(efd)
         self._eventfds.clear()
+
+    def ioctl(self, request: int, arg: int | ctypes._CData | None = None,
+              explain: Callable[[int], str] | None = None, fd: int | None = None) -> int:
+        """ioctl(2) on the VM fd, or on ``fd`` (one of its vCPUs'): a KvmError naming the request,
+        VmDead where KVM refuses the VM itself (:meth:`diagnose`). Also the escape for any VM
+        ioctl kvmiso does not wrap (see :meth:`Kvm.ioctl`): selftests' ``vm_ioctl``.
+
+        >>> vm.ioctl(abi.KVM_SET_NR_MMU_PAGES, 64)
+        0
+        """
+        try:
+            return ioctl(self.fd if fd is None else fd, request, arg, explain)
+        except KvmError as e:
+            raise self.diagnose(e) from None
+
+    def make_fd(self, request: int, arg: int, into: Any, fd: int | None = None) -> None:
+        """An ioctl on the VM fd (or ``fd``) that makes an fd (KVM_CREATE_VCPU, KVM_GET_STATS_FD),
+        put straight into the cell ``into``; errors as :meth:`ioctl`'s."""
+        try:
+            ioctl_into(into, self.fd if fd is None else fd, request, arg)
+        except KvmError as e:
+            raise self.diagnose(e) from None
+
+    def diagnose(self, e: KvmError) -> KvmError:
+        """``e``, or VmDead in its place: an EIO after which KVM_CHECK_EXTENSION on the VM fd
+        fails with EIO too, as kvm_util checks (a live VM always answers it)."""
+        if e.errno != errno.EIO or not self._refused():
+            return e
+        if os.getpid() != self.pid:
+            return VmDead(e.ioctl, errno.EIO, f"this process ({os.getpid()}) did not create the VM (process {self.pid} "
+                          "did): KVM refuses every ioctl of a VM from another process, a fork's child included")
+        return VmDead(e.ioctl, errno.EIO, "KVM killed the VM (a KVM_BUG_ON, or a guest error it cannot recover "
+                      "from) and refuses every ioctl of it now; the kernel log says why")
+
+    def _refused(self) -> bool:
+        """Whether KVM refuses the VM's own KVM_CHECK_EXTENSION with EIO."""
+        return raw_ioctl(self.fd, abi.KVM_CHECK_EXTENSION, abi.capability_number("USER_MEMORY")) < 0 \
+            and get_errno() == errno.EIO
 
     # --- memory -------------------------------------------------------------------------------
 
@@ -131,8 +174,10 @@ class Vm(FdOwner):
 
         Overlapping or misaligned slots are refused with a message naming the cause.
 
+        >>> import mmap
         >>> buf = mmap.mmap(-1, 2 << 20)
         >>> vm.add_memory(0xc0000000, 2 << 20, slot=10, memory=buf)
+        MemorySlot(slot=10, guest_phys_addr=3221225472, size=2097152, host_addr=..., flags=0, owned=False)
         """
         self._check_place(guest_phys_addr, size)
         if slot is None:
@@ -140,20 +185,21 @@ class Vm(FdOwner):
         elif slot in self.slots:
             raise ValueError(f"memory slot {slot} is already in use")
         flags = (abi.KVM_MEM_READONLY if readonly else 0) | (abi.KVM_MEM_LOG_DIRTY_PAGES if log_dirty else 0)
-        export = None
+        export = mapping = None
         if memory is None:
-            addr = mmap(size)
+            mapping = mapping_cell(size)
+            addr = map_into(mapping, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         else:
             export = _export(memory, size)
             addr = ctypes.addressof(export)
         try:
             self.set_user_memory_region(slot, guest_phys_addr, size, addr, flags)
         except BaseException:
-            if export is None:
-                munmap(addr, size)
+            if mapping is not None:
+                release_mapping(mapping)
             raise
         view = memoryview((ctypes.c_char * size).from_address(addr)).cast("B")
-        ms = MemorySlot(slot, guest_phys_addr, size, addr, flags, view, export is None, export)
+        ms = MemorySlot(slot, guest_phys_addr, size, addr, flags, view, export is None, export, mapping)
         self.slots[slot] = ms
         return ms
 
@@ -204,7 +250,7 @@ class Vm(FdOwner):
                 return f"slot {slot} at {guest_phys_addr:#x} size {size:#x} flags {flags:#x}: misaligned, too large, or flags unsupported"
             return ""
 
-        ioctl(self.fd, abi.KVM_SET_USER_MEMORY_REGION, region, explain)
+        self.ioctl(abi.KVM_SET_USER_MEMORY_REGION, region, explain)
 
     def set_user_memory_region2(self, slot: int, guest_phys_addr: int, size: int, userspace_addr: int,
                                 flags: int = 0, guest_memfd: int = 0, guest_memfd_offset: int = 0) -> None:
@@ -212,11 +258,11 @@ class Vm(FdOwner):
         private memory (KVM_MEM_GUEST_MEMFD) comes from ``guest_memfd`` at ``guest_memfd_offset``."""
         region = abi.kvm_userspace_memory_region2(slot, flags, guest_phys_addr, size, userspace_addr,
                                                   guest_memfd_offset, guest_memfd)
-        ioctl(self.fd, abi.KVM_SET_USER_MEMORY_REGION2, region)
+        self.ioctl(abi.KVM_SET_USER_MEMORY_REGION2, region)
 
     def set_nr_mmu_pages(self, pages: int) -> None:
         """KVM_SET_NR_MMU_PAGES: at most ``pages`` shadow/TDP page-table pages for this VM."""
-        ioctl(self.fd, abi.KVM_SET_NR_MMU_PAGES, pages)
+        self.ioctl(abi.KVM_SET_NR_MMU_PAGES, pages)
 
     def set_msr_filter(self, ranges: Sequence["MsrFilterRange"] = (), default_deny: bool = False,
                        flags: int | None = None) -> None:
@@ -235,15 +281,7 @@ class Vm(FdOwner):
         for dst, r, bitmap in zip(f.ranges, ranges, bitmaps):
             dst.flags, dst.base, dst.bitmap = r.flags, r.base, ctypes.addressof(bitmap)
             dst.nmsrs = r.nmsrs if r.nmsrs is not None else 8 * len(r.bitmap)
-        ioctl(self.fd, abi.KVM_X86_SET_MSR_FILTER, f)
-
-    def ioctl(self, request: int, arg: int | ctypes._CData | None = None) -> int:
-        """Any VM ioctl kvmiso does not wrap (see :meth:`Kvm.ioctl`): selftests' ``vm_ioctl``.
-
-        >>> vm.ioctl(abi.KVM_SET_NR_MMU_PAGES, 64)
-        0
-        """
-        return ioctl(self.fd, request, arg)
+        self.ioctl(abi.KVM_X86_SET_MSR_FILTER, f)
 
     def slot_for(self, gpa: int, length: int = 1) -> MemorySlot:
         """The slot holding ``[gpa, gpa + length)``; ValueError if no one slot does."""
@@ -275,7 +313,7 @@ class Vm(FdOwner):
         npages = s.size // PAGE_SIZE
         bitmap = (ctypes.c_uint64 * ((npages + 63) // 64))()
         log = abi.kvm_dirty_log(slot, 0, ctypes.addressof(bitmap))
-        ioctl(self.fd, abi.KVM_GET_DIRTY_LOG, log)
+        self.ioctl(abi.KVM_GET_DIRTY_LOG, log)
         return [
             s.guest_phys_addr + (w * 64 + b) * PAGE_SIZE
             for w, word in enumerate(bitmap) if word
@@ -288,56 +326,59 @@ class Vm(FdOwner):
         """KVM_CREATE_VCPU: a new vCPU (default id: the next free one), owned by this VM."""
         if vcpu_id is None:
             vcpu_id = len(self.vcpus)
-        vcpu = Vcpu(self, vcpu_id, ioctl(self.fd, abi.KVM_CREATE_VCPU, vcpu_id))
+        vcpu = Vcpu(self, vcpu_id)
         self.vcpus.append(vcpu)
         return vcpu
 
     def set_tss_addr(self, addr: int) -> None:
         """KVM_SET_TSS_ADDR: three pages of guest-physical space VMX needs for real mode."""
-        ioctl(self.fd, abi.KVM_SET_TSS_ADDR, addr)
+        self.ioctl(abi.KVM_SET_TSS_ADDR, addr)
 
     def set_identity_map_addr(self, addr: int) -> None:
         """KVM_SET_IDENTITY_MAP_ADDR: where VMX puts its real-mode identity page table (before any vCPU)."""
-        ioctl(self.fd, abi.KVM_SET_IDENTITY_MAP_ADDR, ctypes.c_uint64(addr))
+        self.ioctl(abi.KVM_SET_IDENTITY_MAP_ADDR, ctypes.c_uint64(addr))
 
     def create_irqchip(self) -> None:
         """KVM_CREATE_IRQCHIP: in-kernel PIC, IOAPIC and local APICs (before any vCPU)."""
-        ioctl(self.fd, abi.KVM_CREATE_IRQCHIP)
+        self.ioctl(abi.KVM_CREATE_IRQCHIP)
 
     def irq_line(self, irq: int, level: int) -> None:
         """KVM_IRQ_LINE: raise or lower an interrupt line of the in-kernel irqchip."""
-        ioctl(self.fd, abi.KVM_IRQ_LINE, abi.kvm_irq_level(irq, level))
+        self.ioctl(abi.KVM_IRQ_LINE, abi.kvm_irq_level(irq, level))
 
     def ioeventfd(self, addr: int, length: int, pio: bool = True, datamatch: int | None = None) -> int:
         """KVM_IOEVENTFD: a guest write to ``addr`` signals the returned eventfd in the kernel,
         with no exit to userspace. The eventfd is closed with the VM."""
-        efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        efd = fd_cell()
+        eventfd_into(efd, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         flags = (abi.KVM_IOEVENTFD_FLAG_PIO if pio else 0) | (
             abi.KVM_IOEVENTFD_FLAG_DATAMATCH if datamatch is not None else 0
         )
         try:
-            ioctl(self.fd, abi.KVM_IOEVENTFD, abi.kvm_ioeventfd(datamatch or 0, addr, length, efd, flags))
+            self.ioctl(abi.KVM_IOEVENTFD, abi.kvm_ioeventfd(datamatch or 0, addr, length, efd[0], flags))
         except BaseException:
-            os.close(efd)
+            release_fd(efd)
             raise
         self._eventfds.append(efd)
-        return efd
+        return efd[0]
 
     def enable_cap(self, cap: str | int, *args: int, flags: int = 0) -> None:
         """KVM_ENABLE_CAP on the VM, e.g. ``enable_cap("X86_USER_SPACE_MSR", mask)``."""
         a = (ctypes.c_uint64 * 4)(*args)
-        ioctl(self.fd, abi.KVM_ENABLE_CAP, abi.kvm_enable_cap(abi.capability_number(cap), flags, a))
+        self.ioctl(abi.KVM_ENABLE_CAP, abi.kvm_enable_cap(abi.capability_number(cap), flags, a))
 
     def get_stats_fd(self) -> int:
         """KVM_GET_STATS_FD for the VM; see :mod:`kvmiso.kvm.stats`. The caller closes it."""
-        return ioctl(self.fd, abi.KVM_GET_STATS_FD)
+        return self.ioctl(abi.KVM_GET_STATS_FD)
 
     def stats(self) -> Stats:
         """The VM's binary stats (KVM_GET_STATS_FD, parsed; a context manager)."""
-        return Stats(self.get_stats_fd())
+        fd = fd_cell()
+        self.make_fd(abi.KVM_GET_STATS_FD, 0, fd)
+        return Stats(fd)
 
     def check_extension(self, cap: str | int) -> int:
         """KVM_CHECK_EXTENSION on the VM fd (answers for this VM's type)."""
-        return ioctl(self.fd, abi.KVM_CHECK_EXTENSION, abi.capability_number(cap))
+        return self.ioctl(abi.KVM_CHECK_EXTENSION, abi.capability_number(cap))
 
 

@@ -2,7 +2,7 @@
 subleaf, register, bit, as the SDM and the APM give them and selftests' processor.h spells them),
 and the bits of CR0, CR4 and EFER as flags.
 
->>> cpu_has(kvm.get_supported_cpuid(), "XSAVE")
+>>> cpu_has(kvm.get_supported_cpuid(), "LM")
 True
 >>> CR4.PAE | CR4.OSFXSR
 <CR4.PAE|OSFXSR: 544>

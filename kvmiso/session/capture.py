@@ -2,8 +2,8 @@
 timeout or a signal kept as a result, and the exit log of the run with it
 (:mod:`kvmiso.observe.tracing.capture` stamps and traces; this module runs the guest).
 
->>> with Machine("cpuid", mode="long") as m:
-...     result, log = capture(m)
+>>> with Machine("cpuid", mode="long", kvm=kvm) as cpuid:   # needs root: tracefs
+...     result, log = capture(cpuid)
 >>> [(e.fields["function"], e.fields["index"]) for _, e in log.events() if e.name == "kvm_cpuid"]
 [(0, 0), (1, 0)]
 """

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from ..host import vendor_module
 from ..interrupt import Interrupted, deferred
-from ..observe.kernel.evidence import Evidence, collect_evidence
+from ..observe.kernel.evidence import Evidence, collect_evidence, vcpu_counters
 from ..observe.tracing.exitlog import ExitLog, RunRecord
 from ..observe.tracing.attach import Attached, watch
 from ..observe.foreign.vms import ForeignVm, ProcessChanged, ProcessError, kvm_fds
@@ -54,12 +54,37 @@ class WatchedProcess:
         return self.attached.log
 
 
+class EmulationCount:
+    """The instructions KVM emulated for another process's vCPUs while kvmiso watched, from each
+    vCPU's insn_emulation stat (vcpu->stat, read through BPF behind the copies of its fds): per
+    vCPU, the last value read less the first. What ran before kvmiso first read a vCPU, or after
+    its last read, is not counted."""
+
+    EVENT = "kvm:kvm_emulate_insn"  # the per-instruction event a watch leaves out
+
+    def __init__(self) -> None:
+        self.first: dict[tuple[int, int], int] = {}  # (the copy's identity, vCPU id) -> value
+        self.last: dict[tuple[int, int], int] = {}
+
+    def read(self, vm: ForeignVm) -> None:
+        """Read every vCPU's counter now (through BPF; nothing where it cannot be read)."""
+        for vid, n in vcpu_counters(vm, "insn_emulation").items():
+            self.first.setdefault((id(vm), vid), n)
+            self.last[(id(vm), vid)] = n
+
+    def charge(self, log: ExitLog) -> None:
+        """Put the count in ``log`` as the untraced kvm_emulate_insn events, where the watch
+        left them out and some vCPU was read; traced ones are not counted twice."""
+        if self.EVENT in log.untraced and self.last:
+            log.untraced[self.EVENT] = sum(self.last[k] - self.first[k] for k in self.last)
+
+
 @dataclass
 class VmFollower:
     """What the watch of a process follows between two looks (every 0.1 s): the VM whose vCPU
     fds kvmiso holds copies of, when it attached to it (``since``), its best reading so far and
-    when it was read, the readings of the VMs it followed before, and the most VMs the process
-    held at one look."""
+    when it was read, the readings of the VMs it followed before, the most VMs the process
+    held at one look, and the instructions KVM emulated for them (``emulated``)."""
 
     duration: float | None = None
     t0: float | None = None
@@ -69,6 +94,7 @@ class VmFollower:
     evidence: Evidence | None = None
     read_at: float = 0.0
     readings: list[tuple[int, Evidence | None]] = field(default_factory=list)  # (since, evidence) of each VM
+    emulated: EmulationCount = field(default_factory=EmulationCount)
 
     def complete(self) -> bool:
         """Whether the reading names a thread for each vCPU of the VM."""
@@ -77,6 +103,7 @@ class VmFollower:
     def read(self, now: float) -> None:
         """Read the VM's evidence; kept unless it knows fewer vCPU threads or objects than the
         reading before (a vCPU thread's task, stack and mm are gone as the process exits)."""
+        self.emulated.read(self.vm)
         reading, self.read_at = collect_evidence(self.vm, vendor_module() or ""), now
         if self.evidence is None or _completeness(reading) >= _completeness(self.evidence):
             self.evidence = reading
@@ -91,7 +118,9 @@ class VmFollower:
         if replaced:  # the last VM's evidence is kept apart, this one's read anew
             self.keep()
         if self.vm is not None:
+            self.emulated.read(self.vm)
             self.vm.close()
+        self.emulated.read(vm)
         self.vm = vm
         self.since = self.since if self.since is not None else time.monotonic_ns()
 
@@ -122,6 +151,7 @@ class VmFollower:
     def close(self) -> None:
         """Let go of the VM's fd copies, its reading kept."""
         if self.vm is not None:
+            self.emulated.read(self.vm)
             self.vm.close()
             self.keep()
 
@@ -161,6 +191,7 @@ def watch_process(target: int | list[str], duration: float | None = None,
         follower.close()
         with deferred():  # a command kvmiso started goes with it, on every way out
             left = tree.stop(STOP_GRACE_S)
+    follower.emulated.charge(attached.log)
     pid = target if isinstance(target, int) else tree.proc.pid
     watched = _watched(pid, attached, follower, held, left)
     if interrupted is not None:

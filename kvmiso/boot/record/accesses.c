@@ -21,7 +21,16 @@
  *   run at TCG's own speed. Then the plugin resets itself (QEMU flushes its translations)
  *   and every block is translated again with the callbacks below.
  * - One file per vCPU (vcpuN.rec), written on that vCPU's thread when a window closes: the
- *   callbacks of several vCPUs run concurrently and share nothing but the list of VMRUN sites.
+ *   callbacks of several vCPUs run concurrently and share nothing but the list of VMRUN sites
+ *   and one counter that puts every window and mark of every vCPU in a single order.
+ * - Marks: a user-mode program marks a point of its own in the record by running two 7-byte
+ *   NOPs, `nopl 0x494d564b(%rax)` ("KVMI") then `nopl ID(%rax)`. The plugin writes a mark
+ *   (a window of no access, reason 4, the ID where a window's end is) in the order of the
+ *   windows. `kvmiso record` marks the end of each guest run so that its windows can be told
+ *   from the next run's, whose VM may reuse the same addresses. A NOP with that displacement
+ *   is no compiler's padding (padding NOPs have displacement 0). A mark whose ID has bit 31
+ *   set pauses the record until the next mark without it: windows are still written, their
+ *   accesses only counted as dropped (kvmiso record pauses it while it traces).
  *
  * The record cannot tell L1 from L2 by register state (plugin API 1 reads no CR3 and no
  * guest-mode flag): it relies on L2 never running code at the address after L1's VMRUN.
@@ -97,11 +106,11 @@ EXPORT int qemu_plugin_version = 1;
 /* --- the record ----------------------------------------------------------------------------- */
 
 #define KERNEL_MIN 0xffff800000000000ull  /* x86-64's upper half, 4-level paging */
-#define FORMAT_VERSION 1
+#define FORMAT_VERSION 2  /* 2: marks, and the order of windows over all vCPUs */
 #define DEFAULT_CAP 1000000u
 #define MAX_SITES 64  /* VMRUN instructions in L1's kernel: kvm_amd has two */
 
-enum reason { CLOSED_BY_VMRUN = 1, CLOSED_BY_USER = 2, OPEN_AT_END = 3 };
+enum reason { CLOSED_BY_VMRUN = 1, CLOSED_BY_USER = 2, OPEN_AT_END = 3, MARK = 4 };
 enum { ACCESS_WRITE = 1 };
 
 struct file_header {  /* 32 bytes, little-endian as the host */
@@ -115,11 +124,13 @@ struct window_header {  /* 56 bytes */
     char magic[4];      /* "WNDW" */
     uint32_t reason;
     uint64_t seq;       /* this vCPU's windows, from 0 */
-    uint64_t vmrun_pc;  /* the VMRUN whose return opened it */
-    uint64_t end_pc;    /* the VMRUN or the user-mode address that closed it; 0 at the end */
+    uint64_t vmrun_pc;  /* the VMRUN whose return opened it (a mark: 0) */
+    uint64_t end_pc;    /* the VMRUN or the user-mode address that closed it; 0 at the end;
+                           a mark: its ID */
     uint64_t insns;     /* instructions of the blocks entered in the window */
-    uint32_t n_accesses, dropped;  /* kept; past the cap */
-    uint32_t filtered, zero;       /* of VMRUN, VMLOAD and VMSAVE */
+    uint32_t n_accesses, dropped;  /* kept; past the cap or while paused */
+    uint32_t filtered;  /* of VMRUN, VMLOAD and VMSAVE */
+    uint32_t order;     /* windows and marks of all vCPUs, numbered from 0 as they close */
 };
 
 struct access {  /* 24 bytes */
@@ -144,6 +155,9 @@ static struct {
     uint64_t vmrun, after;  /* each VMRUN seen, and the address after it, where windows open */
 } sites[MAX_SITES];
 static unsigned int n_sites;
+static uint32_t order;  /* the next window's or mark's place in the order of all vCPUs' */
+static bool paused;     /* by a mark with MARK_PAUSES: accesses are counted, not kept */
+#define MARK_PAUSES 0x80000000u
 
 /* On QEMU's stderr, where kvmiso looks when QEMU fails: qemu_plugin_outs() writes only under
  * -d plugin. Each failure is said once, so the pipe never fills. */
@@ -189,6 +203,7 @@ static void close_window(struct vcpu *v, enum reason why, uint64_t end_pc)
     v->open = false;
     v->w.reason = why;
     v->w.end_pc = end_pc;
+    v->w.order = __atomic_fetch_add(&order, 1, __ATOMIC_SEQ_CST);
     if (fwrite(&v->w, sizeof(v->w), 1, v->out) != 1 ||
         fwrite(v->buf, sizeof(struct access), v->w.n_accesses, v->out) != v->w.n_accesses ||
         fflush(v->out) != 0) {
@@ -256,7 +271,7 @@ static void on_access(unsigned int index, qemu_plugin_meminfo_t info, uint64_t a
     struct vcpu *v = vcpu_of(index);
     if (!v || !v->open)
         return;
-    if (v->w.n_accesses == cap) {
+    if (v->w.n_accesses == cap || __atomic_load_n(&paused, __ATOMIC_RELAXED)) {
         v->w.dropped++;
         return;
     }
@@ -280,6 +295,25 @@ static void on_vmrun(unsigned int index, void *pc)
     struct vcpu *v = vcpu_of(index);
     if (v && v->open)
         close_window(v, CLOSED_BY_VMRUN, (uint64_t)(uintptr_t)pc);
+}
+
+/* A mark (see the top of this file): written as a window of no access, closed by MARK, with
+ * the ID where a window's end address is. The window open before it (if any) was closed as
+ * the user-mode block holding the NOPs was entered. */
+static void on_mark(unsigned int index, void *id)
+{
+    struct vcpu *v = vcpu_of(index);
+    if (!v || !ready(v, index))
+        return;
+    if (v->open)  /* not expected: the block's own callback ran first */
+        close_window(v, CLOSED_BY_USER, 0);
+    uint64_t seq = v->w.seq;
+    memset(&v->w, 0, sizeof(v->w));
+    memcpy(v->w.magic, "WNDW", 4);
+    v->w.seq = seq;
+    v->open = true;
+    close_window(v, MARK, (uint64_t)(uintptr_t)id);
+    __atomic_store_n(&paused, ((uint64_t)(uintptr_t)id & MARK_PAUSES) != 0, __ATOMIC_SEQ_CST);
 }
 
 /* What entering a block means, packed into its callback's user data (no allocation per
@@ -331,6 +365,25 @@ static int svm_state_insn(const uint8_t *p, size_t n)
     return p[i + 2] == 0xd8 ? 1 : (p[i + 2] == 0xda || p[i + 2] == 0xdb) ? 2 : 0;
 }
 
+/* The marking NOP's bytes: `nopl 0x494d564b(%rax)`; the next instruction, `nopl ID(%rax)`,
+ * carries the mark's ID in the same place. */
+static const uint8_t MARK_NOP[7] = {0x0f, 0x1f, 0x80, 0x4b, 0x56, 0x4d, 0x49};
+
+/* Marks in a user-mode block: each gets a callback with its ID. */
+static void find_marks(struct qemu_plugin_tb *tb, size_t n)
+{
+    for (size_t i = 0; i + 1 < n; i++) {
+        struct qemu_plugin_insn *insn = qemu_plugin_tb_get_insn(tb, i), *next = qemu_plugin_tb_get_insn(tb, i + 1);
+        const uint8_t *p = qemu_plugin_insn_data(insn), *q = qemu_plugin_insn_data(next);
+        if (qemu_plugin_insn_size(insn) != sizeof(MARK_NOP) || memcmp(p, MARK_NOP, sizeof(MARK_NOP)) != 0 ||
+            qemu_plugin_insn_size(next) != sizeof(MARK_NOP) || memcmp(q, MARK_NOP, 3) != 0)
+            continue;
+        uint32_t id;
+        memcpy(&id, q + 3, sizeof(id));
+        qemu_plugin_register_vcpu_insn_exec_cb(next, on_mark, QEMU_PLUGIN_CB_NO_REGS, (void *)(uintptr_t)id);
+    }
+}
+
 static void on_translate(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
 {
     (void)id;
@@ -340,6 +393,7 @@ static void on_translate(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
     uint64_t first = qemu_plugin_insn_vaddr(qemu_plugin_tb_get_insn(tb, 0));
     if (first < KERNEL_MIN) {  /* user mode, or L2 at a low address: no access is kept */
         qemu_plugin_register_vcpu_tb_exec_cb(tb, on_block, QEMU_PLUGIN_CB_NO_REGS, block_data(USER_BLOCK, n, first));
+        find_marks(tb, n);
         return;
     }
     /* QEMU ends a block after VMRUN, so the instruction after one always starts a block; a
@@ -369,6 +423,8 @@ static void on_translate_before_vmrun(qemu_plugin_id_t id, struct qemu_plugin_tb
 {
     static bool resetting;
     size_t n = qemu_plugin_tb_n_insns(tb);
+    if (n && qemu_plugin_insn_vaddr(qemu_plugin_tb_get_insn(tb, 0)) < KERNEL_MIN)
+        find_marks(tb, n);  /* a mark before the first VMRUN is kept too */
     for (size_t i = 0; i < n; i++) {
         struct qemu_plugin_insn *insn = qemu_plugin_tb_get_insn(tb, i);
         uint64_t pc = qemu_plugin_insn_vaddr(insn);

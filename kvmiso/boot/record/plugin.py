@@ -26,7 +26,8 @@ SUPPORTED_QEMU = ("7.2",)
 PLUGIN_API = 1
 DEFAULT_CAP = 1_000_000  # accesses kept per window; the plugin counts the rest as dropped
 CFLAGS = ["-O2", "-std=gnu11", "-fPIC", "-shared", "-fvisibility=hidden", "-Wall", "-Werror"]
-RECORD_FILES = ("vcpu*.rec", "kallsyms", "modules")  # what a boot writes into the record folder
+# what a boot writes into the record folder: the plugin's, the guest's symbols, kvmiso record's
+RECORD_FILES = ("vcpu*.rec", "kallsyms", "modules", "runs.json", "fields.json", "runs/*")
 
 
 def qemu_version(qemu: str) -> str:
@@ -95,3 +96,5 @@ def clear_record(record_dir: Path) -> None:
     for pattern in RECORD_FILES:
         for f in record_dir.glob(pattern):
             f.unlink()
+    if (record_dir / "runs").is_dir():
+        (record_dir / "runs").rmdir()

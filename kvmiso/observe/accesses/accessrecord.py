@@ -7,6 +7,9 @@ data's virtual address, the size and the direction. It carries no data values an
 state, so it cannot say which exit a window handled; the functions that ran say it
 (``io_interception``, ``npf_interception``).
 
+A *mark* is a point a user-mode program put in the record (:mod:`.recordmark`): ``kvmiso record``
+marks the end of each guest run, so that each run's windows can be told from the next run's.
+
 The folder::
 
     vcpu0.rec, vcpu1.rec ...  the plugin's files, one per vCPU that handled an exit
@@ -15,17 +18,19 @@ The folder::
 
 A ``vcpuN.rec`` file, little-endian::
 
-    file header, 32 bytes   magic "KVMISOAR", u16 format (1), u16 header size (32), u32 vCPU,
+    file header, 32 bytes   magic "KVMISOAR", u16 format (2; 1 is read too), u16 header size (32), u32 vCPU,
                             u32 cap (accesses kept per window), u32 QEMU's plugin API version,
                             u64 the lowest kernel address (0xffff800000000000)
     then windows, each:
       header, 56 bytes      magic "WNDW", u32 why it closed (1 the next VMRUN, 2 L1's user mode,
-                            3 still open when QEMU ended), u64 sequence number on this vCPU,
-                            u64 the VMRUN after which it opened, u64 where it closed (that VMRUN,
-                            or the user-mode address; 0), u64 instructions (of the translation
-                            blocks entered: an upper bound where a block is left early),
-                            u32 accesses kept, u32 dropped past the cap, u32 accesses of
-                            VMRUN/VMLOAD/VMSAVE filtered out, u32 zero
+                            3 still open when QEMU ended, 4 a mark), u64 sequence number on this
+                            vCPU, u64 the VMRUN after which it opened, u64 where it closed (that
+                            VMRUN, or the user-mode address; 0; a mark's ID), u64 instructions
+                            (of the translation blocks entered: an upper bound where a block is
+                            left early), u32 accesses kept, u32 dropped (past the cap, or
+                            while a mark paused the record), u32
+                            accesses of VMRUN/VMLOAD/VMSAVE filtered out, u32 the place of this
+                            window or mark among every vCPU's (format 1: zero)
       accesses, 24 bytes    u64 instruction address, u64 data address (virtual), u32 size in
                             bytes, u32 flags (bit 0: a write)
 
@@ -46,13 +51,15 @@ from ..kernel.kallsyms import Symbols, parse_kallsyms
 
 MAGIC = b"KVMISOAR"
 WINDOW_MAGIC = b"WNDW"
-FORMAT = 1
+FORMAT = 2
+FORMATS = (1, 2)  # format 1: no marks, no order across vCPUs
 FILE_HEADER = struct.Struct("<8sHHIIIQ")
 WINDOW_HEADER = struct.Struct("<4sIQQQQIIII")
 ACCESS = struct.Struct("<QQII")
 KERNEL_MIN = 0xFFFF_8000_0000_0000
-REASONS = {1: "vmrun", 2: "user", 3: "end"}
+REASONS = {1: "vmrun", 2: "user", 3: "end", 4: "mark"}
 WRITE = 1
+MARK_PAUSES = 1 << 31  # a mark's ID with this bit pauses the record (accesses only counted)
 _VCPU_FILE = re.compile(r"vcpu(\d+)\.rec\Z")
 
 
@@ -90,11 +97,23 @@ class Window:
     accesses: tuple[Access, ...]
     dropped: int
     filtered: int
+    order: int = 0  # the place among every vCPU's windows and marks (format 1: seq, one vCPU)
 
     @property
     def complete(self) -> bool:
         """Every access is here: none past the cap, and the window closed."""
         return self.dropped == 0 and self.reason != "end"
+
+
+@dataclass(frozen=True)
+class Mark:
+    """A point a user-mode program put in the record (``id``), at ``order`` among the windows;
+    ``pauses``: the record keeps no access until the next mark that does not."""
+
+    vcpu: int
+    id: int
+    order: int
+    pauses: bool = False
 
 
 @dataclass(frozen=True)
@@ -107,6 +126,18 @@ class AccessRecord:
     symbols: Symbols | None
     api: int  # QEMU's plugin API version, as the plugin was told
     cap: int
+    marks: tuple[Mark, ...] = ()
+    format: int = FORMAT
+
+    def paused(self) -> list[Window]:
+        """The windows made while a mark paused the record (their accesses only counted)."""
+        stops = sorted((m.order, m.pauses) for m in self.marks)
+        out = []
+        for w in self.windows:
+            before = [p for o, p in stops if o < w.order]
+            if before and before[-1]:
+                out.append(w)
+        return out
 
     def vcpus(self) -> list[int]:
         """The vCPUs (QEMU's, the guest kernel's CPUs) that have a file."""
@@ -125,29 +156,34 @@ def read_record(directory: str | Path) -> AccessRecord:
                           "kvmiso boot --record-accesses DIR writes one")
     windows: list[Window] = []
     api = cap = 0
+    fmt = FORMAT
     for _, path in files:
-        got, api, cap = read_vcpu_file(path)
+        got, api, cap, fmt = read_vcpu_file(path)
         windows.extend(got)
     symbols = parse_kallsyms(kallsyms.read_text()) if kallsyms.exists() else None
-    return AccessRecord(d, tuple(windows), symbols, api, cap)
+    marks = tuple(Mark(w.vcpu, w.end_pc & ~MARK_PAUSES, w.order, bool(w.end_pc & MARK_PAUSES))
+                  for w in windows if w.reason == "mark")
+    return AccessRecord(d, tuple(w for w in windows if w.reason != "mark"), symbols, api, cap, marks, fmt)
 
 
-def read_vcpu_file(path: Path) -> tuple[list[Window], int, int]:
-    """One ``vcpuN.rec``: its windows, QEMU's plugin API version and the cap."""
+def read_vcpu_file(path: Path) -> tuple[list[Window], int, int, int]:
+    """One ``vcpuN.rec``: its windows and marks, QEMU's plugin API version, the cap and the
+    file's format."""
     data = path.read_bytes()
     if len(data) < FILE_HEADER.size:
         raise RecordError(f"{path}: {len(data)} bytes, shorter than the record's header")
     magic, fmt, header_size, vcpu, cap, api, kernel_min = FILE_HEADER.unpack_from(data)
     if magic != MAGIC:
         raise RecordError(f"{path}: not an access record (magic {magic!r})")
-    if fmt != FORMAT or header_size != FILE_HEADER.size or kernel_min != KERNEL_MIN:
-        raise RecordError(f"{path}: record format {fmt} (header {header_size} bytes); this kvmiso reads format {FORMAT}")
+    if fmt not in FORMATS or header_size != FILE_HEADER.size or kernel_min != KERNEL_MIN:
+        raise RecordError(f"{path}: record format {fmt} (header {header_size} bytes); this kvmiso reads formats "
+                          f"{', '.join(map(str, FORMATS))}")
     windows = []
     off = header_size
     while off < len(data):
         if off + WINDOW_HEADER.size > len(data):
             raise RecordError(f"{path}: cut short at byte {off} (a window header needs {WINDOW_HEADER.size})")
-        wmagic, reason, seq, vmrun_pc, end_pc, insns, n, dropped, filtered, _ = WINDOW_HEADER.unpack_from(data, off)
+        wmagic, reason, seq, vmrun_pc, end_pc, insns, n, dropped, filtered, order = WINDOW_HEADER.unpack_from(data, off)
         if wmagic != WINDOW_MAGIC or reason not in REASONS:
             raise RecordError(f"{path}: no window at byte {off} (magic {wmagic!r}, reason {reason})")
         off += WINDOW_HEADER.size
@@ -156,9 +192,10 @@ def read_vcpu_file(path: Path) -> tuple[list[Window], int, int]:
             raise RecordError(f"{path}: window {seq} at byte {off - WINDOW_HEADER.size} is cut short "
                               f"({n} accesses announced)")
         accesses = tuple(map(Access._make, ACCESS.iter_unpack(data[off:end])))
-        windows.append(Window(vcpu, seq, REASONS[reason], vmrun_pc, end_pc, insns, accesses, dropped, filtered))
+        windows.append(Window(vcpu, seq, REASONS[reason], vmrun_pc, end_pc, insns, accesses, dropped, filtered,
+                              order if fmt >= 2 else seq))
         off = end
-    return windows, api, cap
+    return windows, api, cap, fmt
 
 
-__all__ = ["ACCESS", "Access", "AccessRecord", "KERNEL_MIN", "RecordError", "Window", "read_record", "read_vcpu_file"]
+__all__ = ["ACCESS", "Access", "AccessRecord", "KERNEL_MIN", "Mark", "RecordError", "Window", "read_record", "read_vcpu_file"]

@@ -2,9 +2,10 @@
 its vCPU fds in this process (``pidfd_getfd(2)``), through which kvmiso reads the real objects of
 its VM exactly as it reads its own.
 
->>> with ForeignVm.attach(pid) as vm:
-...     [(v.id, v.fd) for v in vm.vcpus]
-[(0, 7), (1, 8)]
+>>> import os
+>>> with ForeignVm.attach(os.getpid()) as foreign:    # needs root; this process holds m's VM
+...     [(v.id, v.fd != m.vcpu.fd) for v in foreign.vcpus]   # vCPU 0, through a copy of its fd
+[(0, True)]
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ...kvm._libc import libc as _libc
+
 _NR_PIDFD_GETFD = 438  # the same on every architecture but alpha (os has pidfd_open, not pidfd_getfd)
 _NR_KCMP, _KCMP_FILE = 312, 0  # x86_64 (KVM's own architecture here); os has no kcmp
-_libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 _VCPU = re.compile(r"anon_inode:kvm-vcpu:(\d+)$")
 VCPU_STATS_LINK = "anon_inode:kvm-vcpu-stats:"  # a vCPU's binary stats fd, then its id
@@ -205,9 +207,8 @@ class ForeignVm:
 
     def close(self) -> None:
         """Close the copies (the process keeps its own fds)."""
-        for v in self.vcpus:
-            os.close(v.fd)
-        self.vcpus.clear()
+        while self.vcpus:  # each copy off the list before its close: an interrupt never leaves one to close twice
+            os.close(self.vcpus.pop().fd)
 
     def __enter__(self) -> "ForeignVm":
         return self

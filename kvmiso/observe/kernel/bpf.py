@@ -28,8 +28,9 @@ import os
 import struct
 from dataclasses import dataclass
 
+from ...kvm._libc import libc as _libc
+
 _NR_BPF = 321  # x86-64
-_libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 
 # bpf(2) commands, program and map types (include/uapi/linux/bpf.h)
@@ -203,9 +204,8 @@ class KernelMemory:
 
     def close(self) -> None:
         """Close the programs and the map (nothing else is held)."""
-        for fd in self._fds:
-            os.close(fd)
-        self._fds.clear()
+        while self._fds:  # each fd off the list before its close: an interrupt never leaves one to close twice
+            os.close(self._fds.pop())
 
     def __enter__(self) -> "KernelMemory":
         return self

@@ -8,12 +8,16 @@ names kvmiso looks up (structs, unions, enums, variables); a type's members are 
 first time it is asked for.
 
 >>> btf = Btf.running()
->>> btf.struct("kvm_vcpu").offset("arch.pio_data")
-2128
->>> btf.sizeof("vcpu_pvm")
-51488
->>> [(p.name, p.ctype) for p in btf.func("kvm_mmu_page_fault")][:2]
-[('vcpu', 'struct kvm_vcpu *'), ('cr2_or_gpa', 'gpa_t')]
+>>> btf.sizeof("list_head")
+16
+>>> [(p.name, p.ctype) for p in btf.func("msleep")]
+[('msecs', 'unsigned int')]
+>>> btf.struct("kvm_vcpu").offset("arch.pio_data") > 0    # this kernel's own layout
+True
+
+(On 6.18.44-fc-v1300 that offset is 2128 and ``struct vcpu_pvm`` is 51,488 bytes; on Debian's
+6.1 under ``kvmiso boot`` the offset is 2088, and KVM's own functions, ``kvm_mmu_page_fault``
+among them, are in the kvm module's split BTF.)
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ holds no objects: the model then places modeled objects and says so on every lin
 
 Serialised as one JSON document; ``read_evidence(write_evidence(e))`` gives ``e`` back.
 
->>> ev = collect_evidence(machine.vm, machine.vendor, code_addresses)
+>>> ev = collect_evidence(m.vm, m.vendor, set())     # needs root: BPF
 >>> next(o for o in ev.objects if o.name == "pio_data").allocator
 'page allocator'
 """
@@ -32,7 +32,7 @@ from .bpf import BpfUnavailable, KernelMemory, KernelReadError
 from .btf import Btf, BtfError
 from .kallsyms import Symbols, read_kallsyms
 from .livemm import LiveTableError, LiveTables, distinct_bytes
-from .kobject import KernelObject, possible_cpus
+from .kobject import KernelObject, KernelView, possible_cpus
 from .vmobjects import find_vm, read_vm_objects
 
 FORMAT_VERSION = 1
@@ -126,6 +126,25 @@ def collect_evidence(vm: Any, vendor: str, code_addresses: Iterable[int] = (), s
             ev.source = f"BPF could not read this VM's objects: {e}"
             ev.objects, ev.frames = [], {}
     return ev
+
+
+def vcpu_counters(vm: Any, stat: str = "insn_emulation") -> dict[int, int]:
+    """Each vCPU's ``stat`` (a member of struct kvm_vcpu_stat), read through BPF from the
+    struct kvm_vcpu behind each of ``vm``'s vCPU fds (as :func:`collect_evidence` takes them).
+    For another process's vCPUs KVM_GET_STATS_FD cannot be asked: KVM refuses a vCPU ioctl from
+    another mm (EIO). Empty where BPF, BTF or the vCPU cannot be read."""
+    try:
+        mem = KernelMemory()
+    except BpfUnavailable:
+        return {}
+    with mem:
+        try:
+            btf = Btf.running(("kvm",) if (Path("/sys/kernel/btf") / "kvm").exists() else ())
+            handle = find_vm(mem, btf, {v.id: v.fd for v in vm.vcpus})
+            off = KernelView(mem, btf).off("kvm_vcpu", f"stat.{stat}")
+            return {vid: mem.u64(vcpu + off) for vid, vcpu in handle.vcpus.items()}
+        except (BtfError, KernelReadError, KeyError):
+            return {}
 
 
 # The parts of the kernel table that do not depend on the VM, per page-table root: the frames

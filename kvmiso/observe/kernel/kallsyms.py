@@ -29,6 +29,7 @@ class Symbols:
     Addresses stay the fixed-width hex strings kallsyms prints until asked for (sorting those
     strings sorts the addresses), which keeps reading 120k symbols cheap.
 
+    >>> syms = read_kallsyms()                    # needs root: real addresses
     >>> syms.resolve(syms.address("kvm_fast_pio") + 0x10)
     ('kvm_fast_pio', 16)
     """
@@ -78,8 +79,11 @@ class Symbols:
         """The loaded module whose symbols' span holds ``addr``, or None (the kernel image, or
         no module).
 
-        >>> syms.module_at(syms.address("npf_interception"))
-        'kvm_amd'
+        >>> syms = read_kallsyms()                # needs root: real addresses
+        >>> print(syms.module_at(syms.address("schedule")))
+        None
+
+        (``syms.module_at(syms.address("npf_interception"))`` is ``'kvm_amd'`` on an AMD host.)
         """
         for name in self._modules:
             lo, hi = self.module_span(name)
@@ -92,6 +96,32 @@ class Symbols:
         self._index_code()
         i = bisect.bisect_right(self._addrs, addr) - 1
         return (self._names[i], addr - self._addrs[i]) if i >= 0 else None
+
+    def resolve_data(self, addr: int) -> tuple[str, int] | None:
+        """(variable, offset) of the data symbol at or below ``addr`` (kallsyms lists data with
+        CONFIG_KALLSYMS_ALL only; a module's per-CPU offsets are not addresses and are left out)."""
+        if not hasattr(self, "_data_addrs"):
+            data = sorted((int(a, 16), n) for a, t, n, _ in self._entries if t in "DdBbRr" and a >= f"{START_KERNEL_MAP:x}")
+            self._data_addrs = [a for a, _ in data]
+            self._data_names = [n for _, n in data]
+        i = bisect.bisect_right(self._data_addrs, addr) - 1
+        return (self._data_names[i], addr - self._data_addrs[i]) if i >= 0 else None
+
+    def percpu_var(self, offset: int) -> tuple[str, int] | None:
+        """(variable, offset) of the kernel's per-CPU variable at ``offset`` in a CPU's unit:
+        kallsyms lists them at their offsets (``0000000000000000 A fixed_percpu_data``). Past
+        ``__per_cpu_end`` lies the unit's dynamic part (modules' per-CPU variables, alloc_percpu),
+        which kallsyms does not list at unit offsets: ``("(dynamic)", offset past the end)``."""
+        if not hasattr(self, "_pcpu_addrs"):
+            pcpu = sorted((int(a, 16), n) for a, t, n, m in self._entries
+                          if not m and t in "Aa" and a < f"{START_KERNEL_MAP:x}" and not n.startswith("__per_cpu"))
+            self._pcpu_addrs = [a for a, _ in pcpu]
+            self._pcpu_names = [n for _, n in pcpu]
+        end = self.get("__per_cpu_end")
+        if end is not None and end < START_KERNEL_MAP and offset >= end:
+            return "(dynamic)", offset - end
+        i = bisect.bisect_right(self._pcpu_addrs, offset) - 1
+        return (self._pcpu_names[i], offset - self._pcpu_addrs[i]) if i >= 0 else None
 
     def code_size(self, name: str) -> int:
         """Bytes from the function ``name`` to the next code symbol (its size, padding included)."""

@@ -11,8 +11,10 @@ is inside the next run's ``wall_ns``). Trace events are assigned to runs by the
 (not traced, or records lost), by timestamp. Where tracing cannot work the log still holds exits
 and stats, and says why.
 
->>> with Capture() as cap, Machine("cpuid", mode="long") as m:
-...     result, log = capture_run(cap, m)
+>>> from kvmiso import Machine
+>>> from kvmiso.session import capture_run
+>>> with Capture() as cap, Machine("cpuid", mode="long", kvm=kvm) as cpuid:   # needs root: tracefs
+...     result, log = capture_run(cap, cpuid)
 >>> [(e.fields["function"], e.fields["index"]) for _, e in log.events() if e.name == "kvm_cpuid"]
 [(0, 0), (1, 0)]
 """
@@ -38,12 +40,14 @@ class Capture:
     ``log``. ``trace``: True for every kvm/kvmmmu event this kernel has, False for none, or
     event names (see :class:`TraceInstance`).
 
-    >>> with Capture() as cap:
+    >>> from kvmiso import Machine
+    >>> from kvmiso.session import capture_run
+    >>> with Capture() as cap:                       # needs root: tracefs
     ...     for p in ("portio", "cpuid"):
-    ...         with Machine(p) as m:
-    ...             capture_run(cap, m, payload=p)
-    >>> len(cap.log.records)
-    9
+    ...         with Machine(p, kvm=kvm) as pm:
+    ...             result = capture_run(cap, pm, payload=p)
+    >>> len(cap.log.records)                         # KVM_RUN calls: portio's 7, cpuid's 6
+    13
     """
 
     def __init__(self, trace: bool | Iterable[str] = True, buffer_kb: int = DEFAULT_BUFFER_KB,

@@ -4,8 +4,17 @@ in-kernel trace events that happened inside it (in order), and the vCPU stats de
 Serialised as JSON lines: a header line, then one line per record; ``read_jsonl(write_jsonl(x))``
 gives back ``x`` exactly.
 
->>> log.records[0].exit, [e.name for e in log.records[0].events]
-(IoExit(port=12288, size=1, count=1, is_in=False), ['kvm_emulate_insn', 'kvm_pio', 'kvm_userspace_exit'])
+>>> from kvmiso import Machine
+>>> from kvmiso.observe.tracing.capture import Capture
+>>> from kvmiso.session import capture_run
+>>> with Capture() as cap, Machine("portio", "long", kvm=kvm) as pm:    # needs root: tracefs
+...     result = capture_run(cap, pm, payload="portio")
+>>> log = cap.log
+>>> log.records[0].exit                    # portio's first OUT, with what KVM did inside the KVM_RUN
+IoExit(port=12288, size=1, count=1, is_in=False)
+>>> names = [e.name for e in log.records[0].events]
+>>> "kvm_pio" in names, names[-1]
+(True, 'kvm_userspace_exit')
 
 Records hold the exit as the typed, detached :class:`kvmiso.kvm.exits.Exit` that ``Vcpu.run()``
 returned; JSON exists only here, in the writer and the reader.

@@ -3,8 +3,13 @@ sizes, signedness, and the ``print fmt`` with its ``__print_symbolic`` tables
 (:mod:`.printfmt`), and records decoded by them; the ring-buffer pages are :mod:`.ringbuffer`'s. Pure functions of bytes and text, so recorded
 samples and records built from the kernel's own format strings are parsed by the same code.
 
->>> fmt = EventFormat.parse(open(".../events/kvm/kvm_exit/format").read(), "kvm")
->>> fields, symbols = fmt.decode(record)
+>>> import struct
+>>> from kvmiso.observe.tracing.tracefsmount import tracefs_root
+>>> fmt = EventFormat.parse((tracefs_root() / "events/kvm/kvm_exit/format").read_text(), "kvm")  # needs root
+>>> at = {f.name: f.offset for f in fmt.fields}
+>>> record = bytearray(max(f.offset + f.size for f in fmt.fields))
+>>> struct.pack_into("<I", record, at["exit_reason"], 30); struct.pack_into("<I", record, at["isa"], 1)  # VMX
+>>> fields, symbols = fmt.decode(bytes(record))
 >>> fields["exit_reason"], symbols["exit_reason"]
 (30, 'IO_INSTRUCTION')
 """

@@ -14,8 +14,8 @@ Ctrl-C, and SIGTERM (while the instance exists, a program without its own SIGTER
 There is no text fallback: a page the parser cannot read raises FormatError, and capture
 then reports the run without in-kernel events and says why.
 
->>> with TraceInstance(["kvm:kvm_pio", "kvm:kvm_userspace_exit"]) as t:
-...     t.start(); machine.run(); t.stop()
+>>> with TraceInstance(["kvm:kvm_pio", "kvm:kvm_userspace_exit"]) as t:    # needs root
+...     t.start(); result = m.run(); t.stop()
 ...     events = t.read()
 >>> [e.name for e in events][:2]
 ['kvm_pio', 'kvm_userspace_exit']
@@ -223,9 +223,8 @@ class TraceInstance:
 
         Ctrl-C or SIGTERM arriving meanwhile take effect once the instance is gone."""
         with interrupt.deferred() as restore:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
+            while self._fds:  # each fd off the dict before its close: an error never leaves one to close twice
+                os.close(self._fds.popitem()[1])
             if self.path is not None:
                 for attempt in range(50):
                     try:

@@ -5,10 +5,11 @@ needs before it makes its own instance."""
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import re
 from pathlib import Path
+
+from ...kvm._libc import libc
 
 TRACEFS = Path("/sys/kernel/tracing")
 PREFIX = "kvmiso-"
@@ -20,7 +21,6 @@ class TracefsUnavailable(RuntimeError):
 
 def _mount(root: Path) -> None:
     """Mount tracefs at ``root`` (mount(2) through libc: kvmiso runs no external commands)."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     if libc.mount(b"nodev", str(root).encode(), b"tracefs", 0, None) != 0:
         err = ctypes.get_errno()
         raise TracefsUnavailable(f"tracefs is not mounted at {root} and mounting it failed: {os.strerror(err)}")
