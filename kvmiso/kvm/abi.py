@@ -18,7 +18,8 @@ from ctypes import c_int32, c_int16, c_uint8, c_uint16, c_uint32, c_uint64
 from .abi_run import (  # struct kvm_run, its exit union, KVM_EXIT_*
     kvm_run_io, KVM_EXIT_IO_IN, KVM_EXIT_IO_OUT, kvm_run_mmio, kvm_run_hw,
     kvm_run_fail_entry, kvm_run_ex, kvm_debug_exit_arch, kvm_run_hypercall, kvm_run_tpr_access,
-    kvm_run_internal, kvm_run_system_event, kvm_run_msr, kvm_run_notify, kvm_run_exit, kvm_run_s,
+    kvm_run_internal, kvm_run_system_event, kvm_run_msr, kvm_run_notify, kvm_run_memory_fault,
+    KVM_MEMORY_EXIT_FLAG_PRIVATE, kvm_run_exit, kvm_run_s,
     kvm_run, KVM_EXIT_UNKNOWN, KVM_EXIT_EXCEPTION, KVM_EXIT_IO, KVM_EXIT_HYPERCALL, KVM_EXIT_DEBUG,
     KVM_EXIT_HLT, KVM_EXIT_MMIO, KVM_EXIT_IRQ_WINDOW_OPEN, KVM_EXIT_SHUTDOWN, KVM_EXIT_FAIL_ENTRY,
     KVM_EXIT_INTR, KVM_EXIT_SET_TPR, KVM_EXIT_TPR_ACCESS, KVM_EXIT_S390_SIEIC, KVM_EXIT_S390_RESET,
