@@ -87,6 +87,11 @@ class Host:
         """The vulnerabilities this CPU has and how the kernel mitigates each."""
         return {k: v for k, v in self.vulnerabilities.items() if v != "Not affected"}
 
+    def exitlog_host(self, pid: int) -> dict[str, str | int | None]:
+        """Where an exit log was taken, as its header records it: kernel, vendor module, CPU and
+        the pid of the kvmiso that captured it."""
+        return {"kernel": self.kernel, "vendor": self.vendor, "cpu": self.cpu, "pid": pid}
+
 
 def _read(path: str | Path) -> str:
     try:

@@ -9,8 +9,8 @@ The policy, all of it here:
   returns EINTR), even a guest's endless CPL0 hypercall on kvm_pvm.
 - A call that has something to keep catches ``KeyboardInterrupt`` (a plain Ctrl-C without that
   wrapper is one too) and raises ``Interrupted.of(e, partial)``: the same signal, with what the
-  call would have returned, cut short. ``Machine.run`` gives a ``RunResult``, ``Capture.run``
-  its ``(RunResult, ExitLog)``, the bench loops their ``Timings``, ``bench`` its ``BenchResult``,
+  call would have returned, cut short. ``Machine.run`` gives a ``RunResult``, ``capture_run``
+  its ``RunCapture(result, log)``, the bench loops their ``Timings``, ``bench`` its ``BenchResult``,
   ``report.build`` its ``Report``. Callers read ``e.partial``; nothing rides on ad-hoc attributes.
 - A block that must not be cut in half (creating or removing a tracefs instance) runs under
   :func:`deferred`; the signals arrive once it is done.

@@ -13,8 +13,10 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from .exitstatus import CliError
 
-class OutputError(ValueError):
+
+class OutputError(CliError):
     """An output that cannot be written: one line naming the path and the errno (the CLI prints
     it and exits with status 2)."""
 

@@ -31,8 +31,8 @@ from pathlib import Path
 
 from kvmiso.guest.probe import fingerprint, probe
 from kvmiso.kvm import Kvm
-from kvmiso.observe.exitlog import read_jsonl
-from kvmiso.observe.tracefsmount import tracefs_root
+from kvmiso.observe.tracing.exitlog import read_jsonl
+from kvmiso.observe.tracing.tracefsmount import tracefs_root
 
 GUEST = Path(__file__).resolve().parent.parent / "tests" / "guests" / "multiboot.S"
 

@@ -23,7 +23,8 @@ import time
 
 from kvmiso.guest import Machine
 from kvmiso.host import vendor_module
-from kvmiso.observe.capture import Capture
+from kvmiso.observe.tracing.capture import Capture
+from kvmiso.session import capture_run
 
 
 def plain(m: Machine, exits: int) -> tuple[list[int], float]:
@@ -40,7 +41,7 @@ def plain(m: Machine, exits: int) -> tuple[list[int], float]:
 def captured(m: Machine, exits: int, trace: bool | list[str]) -> tuple[list[int], float, int, int]:
     # a buffer big enough for every record of the run: nothing lost, nothing to skew the numbers
     with Capture(trace, buffer_kb=65536) as cap:
-        r, log = cap.run(m, timeout=60, max_exits=exits, record=False)
+        r, log = capture_run(cap, m, timeout=60, max_exits=exits, record=False)
     events = sum(len(x.events) for x in log.records)
     return [x.wall_ns for x in log.records], r.elapsed / r.runs, events, log.lost_events
 

@@ -27,8 +27,8 @@ import time
 
 from kvmiso.guest import Machine
 from kvmiso.isolation import address_space, build_layout, check, load_access_model
-from kvmiso.observe.capture import Capture
-from kvmiso.observe.exitlog import ExitLog, RunRecord
+from kvmiso.observe.tracing.capture import Capture
+from kvmiso.observe.tracing.exitlog import ExitLog, RunRecord
 from kvmiso.session import capture_checked, host_cpus, machine_evidence
 
 PAYLOADS = ["portio", "cpuid", "msr", "mmio", "hlt", "hello"]

@@ -25,9 +25,9 @@ from collections import defaultdict
 from pathlib import Path
 
 from kvmiso.isolation import load_access_model
-from kvmiso.measuring import measure_record
-from kvmiso.observe.accessrecord import read_record
-from kvmiso.observe.recordruns import read_runs
+from kvmiso.session.measuredcheck import measure_record
+from kvmiso.observe.accesses.accessrecord import read_record
+from kvmiso.observe.accesses.recordruns import read_runs
 
 _C_DEF = re.compile(r"^(?!static_assert|#|\s)[\w\s\*]*?\b(\w+)\(")
 _ASM_DEF = re.compile(r"^SYM_(?:FUNC_START|CODE_START|INNER_LABEL)\w*\((\w+)")

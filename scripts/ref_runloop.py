@@ -24,7 +24,7 @@ from pathlib import Path
 
 from kvmiso.bench import runloop
 from kvmiso.bench.environment import pin, unpin
-from kvmiso.bench.stats import percentile
+from kvmiso.bench.samples import percentile
 from kvmiso.guest import Machine, build
 from kvmiso.kvm import Kvm
 

@@ -18,10 +18,10 @@ import bisect
 import shutil
 from pathlib import Path
 
-from kvmiso.observe.accessrecord import ACCESS, FILE_HEADER, WINDOW_HEADER, read_record
-from kvmiso.observe.exitlog import read_jsonl
-from kvmiso.observe.kallsyms import START_KERNEL_MAP
-from kvmiso.observe.recordruns import FIELDS, MANIFEST, START_MARK, read_runs
+from kvmiso.observe.accesses.accessrecord import ACCESS, FILE_HEADER, WINDOW_HEADER, read_record
+from kvmiso.observe.tracing.exitlog import read_jsonl
+from kvmiso.observe.kernel.kallsyms import START_KERNEL_MAP
+from kvmiso.observe.accesses.recordruns import FIELDS, MANIFEST, START_MARK, read_runs
 
 
 def trim_vcpu_file(src: Path, dst: Path, first_order: int) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from kvmiso.kvm.stats import Stats
-from kvmiso.observe.process import VCPU_STATS_LINK, ProcessEnded, copy_fd, fd_links
+from kvmiso.observe.foreign.vms import VCPU_STATS_LINK, ProcessEnded, copy_fd, fd_links
 
 GUESTS = Path(__file__).parent / "guests"
 READY_SPIN = str(GUESTS / "ready_spin.S")

@@ -114,10 +114,18 @@ def test_ioctl_numbers_are_built_not_written():
     assert abi.IOCTL_NAMES[abi.KVM_SET_USER_MEMORY_REGION] == "KVM_SET_USER_MEMORY_REGION"
 
 
+def test_abi_names_every_struct_and_constant_of_its_parts():
+    # abi re-exports abi_run's and abi_vcpu's names one by one: a name added there is listed there
+    from kvmiso.kvm import abi_run, abi_vcpu
+
+    missing = [n for part in (abi_run, abi_vcpu) for n in part.__all__ if not hasattr(abi, n)]
+    assert not missing, missing
+
+
 def test_abi_matches_the_running_kernel_s_btf():
     # the kernel's own layout (CO-RE's habit): every struct, those newer than the installed
     # header included, where this kernel has it (kvm_create_guest_memfd only with guest_memfd)
-    from kvmiso.observe.btf import Btf, BtfError
+    from kvmiso.observe.kernel.btf import Btf, BtfError
 
     try:
         btf = Btf.running()

@@ -10,11 +10,12 @@ from pathlib import Path
 
 from kvmiso.guest import Machine
 from kvmiso.isolation import address_space, build_layout, check, load_access_model, result_text
-from kvmiso.isolation.access import ACCESS_TOML, base_name, running_prototypes
-from kvmiso.observe.btf import Param
-from kvmiso.observe.capture import Capture
-from kvmiso.observe.evidence import read_evidence
-from kvmiso.observe.exitlog import read_jsonl
+from kvmiso.isolation.access import base_name, running_prototypes
+from kvmiso.isolation.accessfile import ACCESS_TOML
+from kvmiso.observe.kernel.btf import Param
+from kvmiso.observe.tracing.capture import Capture
+from kvmiso.observe.kernel.evidence import read_evidence
+from kvmiso.observe.tracing.exitlog import read_jsonl
 
 FIX = Path(__file__).parent / "fixtures" / "evidence"
 

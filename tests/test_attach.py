@@ -16,8 +16,8 @@ import pytest
 
 from kvmiso.cli import main
 from kvmiso.kvm.exits import IoExit
-from kvmiso.observe.exitlog import read_jsonl
-from kvmiso.observe.evidence import read_evidence
+from kvmiso.observe.tracing.exitlog import read_jsonl
+from kvmiso.observe.kernel.evidence import read_evidence
 
 QEMU = shutil.which("qemu-system-x86_64")
 GUEST = Path(__file__).parent / "guests" / "multiboot.S"
@@ -151,7 +151,7 @@ def test_another_users_process_is_refused_in_one_line(kvm, tmp_path):
     if os.geteuid() != 0:
         pytest.skip("needs root to drop to an unprivileged user")
     # import first: this Python's own files may be unreadable to the unprivileged user
-    code = ("import os, sys, textwrap\nimport kvmiso.session, kvmiso.observe.evidence\nfrom kvmiso.cli import main\n"
+    code = ("import os, sys, textwrap\nimport kvmiso.session, kvmiso.observe.kernel.evidence\nfrom kvmiso.cli import main\n"
             "os.setgid(65534); os.setuid(65534)\n"
             "sys.exit(main(['trace', '--pid', '1']))")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)

@@ -16,7 +16,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from ready import wait_until_counted
 
-from kvmiso.bench import environment, latency, results, runloop, stats, table
+from kvmiso.bench import environment, latency, results, runloop, table
+from kvmiso.bench import samples as stats
 from kvmiso.bench.overhead import MODEL, SwitchCost, format_isolation, isolation_rows, rfc_switches
 from kvmiso.bench.runloop import LoopError
 from kvmiso.guest import Machine, build
@@ -200,7 +201,7 @@ def test_percentile_lies_within_the_values(v, q):
 
 @given(values)
 def test_summary_is_ordered_and_p50_is_the_median(v):
-    s = stats.summarize(v)
+    s = stats.summarize_samples(v)
     assert s["min"] <= s["p50"] <= s["p90"] <= s["p99"] <= s["max"]
     assert s["p50"] == pytest.approx(sorted(v)[len(v) // 2] if len(v) % 2 else
                                      (sorted(v)[len(v) // 2 - 1] + sorted(v)[len(v) // 2]) / 2)
@@ -212,7 +213,7 @@ def test_unstable_runs_are_flagged():
     assert stats.warnings([100, 150, 80], [100, 101, 99]) == ["disturbed: run means differ by 33%"]
     assert stats.warnings([100, 101, 99], [100, 150, 80]) == ["unstable: run p50s differ by 33%"]
     with pytest.raises(ValueError):
-        stats.summarize([])
+        stats.summarize_samples([])
 
 
 def test_the_run_off_its_siblings_is_the_unstable_one():
@@ -243,7 +244,7 @@ def test_isolation_rule_and_overhead():
     # each touch leaves kvm_mm and comes back before the next VM entry, as `kvmiso check` counts
     assert rfc_switches("page_fault", iterations=100) == pytest.approx(2.02)
     assert rfc_switches("cpuid", iterations=100) == pytest.approx(0.02)
-    res = results.BenchResult({}, {}, [results.Result("out", "c", 0, stats.summarize([1000, 1000]), [])])
+    res = results.BenchResult({}, {}, [results.Result("out", "c", 0, stats.summarize_samples([1000, 1000]), [])])
     row = isolation_rows(res, SwitchCost(100, "given"))[0]
     assert row["added_ns"] == 200 and row["added_pct"] == 20
     row = isolation_rows(res, SwitchCost(100, "given"), switches={"out": 3})[0]
@@ -256,7 +257,7 @@ def test_isolation_rule_and_overhead():
 
 def test_isolation_table_columns_line_up_for_the_longest_kind():
     res = results.BenchResult({}, {}, [results.Result(k, "c", None if k == "immediate_exit" else 0,
-                                                      stats.summarize([1000, 1000]), [])
+                                                      stats.summarize_samples([1000, 1000]), [])
                                        for k in ("immediate_exit", "out")])
     header, *rows = format_isolation(isolation_rows(res, SwitchCost(100, "given")), SwitchCost(100, "given")).splitlines()[1:-1]
     assert "(modeled)" in header and len(rows) == 2

@@ -3,7 +3,7 @@ from /sys/kernel/btf (vmlinux plus the split BTF of the KVM modules where KVM is
 
 import pytest
 
-from kvmiso.observe.btf import BTF_DIR, Btf, BtfError
+from kvmiso.observe.kernel.btf import BTF_DIR, Btf, BtfError
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,11 @@ import pytest
 from ready import READY_SPIN, wait_until_counted
 
 from kvmiso.guest import Machine, Outcome
-from kvmiso.observe.capture import Capture, capture
+from kvmiso.observe.tracing.capture import Capture
+from kvmiso.session import capture, capture_run
 from kvmiso.kvm.exits import HltExit, IntrExit, IoExit, MmioExit, RdmsrExit, WrmsrExit
-from kvmiso.observe.exitlog import parse_jsonl, read_jsonl
-from kvmiso.observe.exitstat import summarize
+from kvmiso.observe.tracing.exitlog import parse_jsonl, read_jsonl
+from kvmiso.observe.tracing.exitstat import summarize_exits
 
 ROOT = Path(__file__).parent.parent
 
@@ -48,7 +49,7 @@ def session(tracing):
             with Machine(payload, mode=mode, cpl=cpl) as m:
                 if payload == "msr":
                     m.vm.enable_cap("X86_USER_SPACE_MSR", 2)
-                result, log = cap.run(m, payload=f"{payload}/{mode}/{cpl}", on_io=_answer_io, on_msr=_answer_msr)
+                result, log = capture_run(cap, m, payload=f"{payload}/{mode}/{cpl}", on_io=_answer_io, on_msr=_answer_msr)
                 image = m.image
             out[(payload, mode, cpl)] = (result, log, image)
         out["foreign"] = cap.tracer.foreign
@@ -138,7 +139,7 @@ def test_exit_log_json_lines_round_trip(session, tmp_path):
 
 def test_summary_counts_every_event_and_run(session):
     _, log, _ = session[("portio", "long", 0)]
-    s = summarize(log)
+    s = summarize_exits(log)
     assert s.method == "events"
     events = [e for _, e in log.events() if e.name != "kvm_userspace_exit"]
     assert sum(k.count for k in s.kernel) == len(events)
@@ -168,7 +169,7 @@ def test_another_process_running_a_vm_is_never_seen(kvm, tracing):
         with Capture() as cap:
             for _ in range(3):
                 with Machine("portio", mode="long", kvm=kvm) as m:
-                    result, log = cap.run(m, on_io=_answer_io)
+                    result, log = capture_run(cap, m, on_io=_answer_io)
                 assert result.ok
             assert other.poll() is None  # it ran all along
             mine = cap.tracer.pids
@@ -189,12 +190,12 @@ def test_timeout_is_a_result_not_an_exception_and_lost_records_are_counted(kvm, 
             0x0F, 0xA2,  # cpuid
             0xEB, 0xFC,  # jmp back to the cpuid
         ]))
-        result, log = cap.run(m, timeout=0.3)
+        result, log = capture_run(cap, m, timeout=0.3)
     assert result.outcome is Outcome.TIMEOUT and result.detail.startswith("stopped at rip")
     assert [r.exit for r in log.records] == [IntrExit()]
     assert log.records[0].stats["exits"] > 0
     assert log.lost_events > 0  # far more than 16 KiB of records in 0.3 s
-    assert "LOST" in summarize(log).table()
+    assert "LOST" in summarize_exits(log).table()
 
 
 def test_without_tracing_the_log_keeps_exits_and_stats(kvm):
@@ -203,7 +204,7 @@ def test_without_tracing_the_log_keeps_exits_and_stats(kvm):
     assert result.ok and not log.tracing and log.tracing_reason == "tracing not requested"
     assert [type(r.exit) for r in log.records] == [IoExit] * result.runs
     assert sum(r.stats.get("exits", 0) for r in log.records) >= result.runs
-    assert "not traced" in summarize(log).table()
+    assert "not traced" in summarize_exits(log).table()
 
 
 def test_not_root_captures_what_it_can(kvm):
@@ -267,7 +268,7 @@ def test_cli_trace_failures(kvm, tracing, tmp_path):
 def test_two_kvmiso_processes_tracing_at_once_each_see_only_their_own(kvm, tracing, tmp_path):
     """Issue 6's concurrency case: two `kvmiso trace` processes, each with its own instance,
     overlapping in time; every event in each log comes from that process's own vCPU thread."""
-    from kvmiso.observe.exitlog import read_jsonl
+    from kvmiso.observe.tracing.exitlog import read_jsonl
 
     a_log, b_log = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     cmd = [sys.executable, "-m", "kvmiso.cli", "trace"]
@@ -302,7 +303,7 @@ def test_lost_end_records_are_called_lost_not_untraced(kvm, tracing):
     traced" is only for a trace that did not enable the event."""
     import dataclasses
 
-    from kvmiso.observe.capture import assign_events
+    from kvmiso.observe.tracing.capture import assign_events
 
     with Machine("portio", mode="long", kvm=kvm) as m:
         _, log = capture(m, on_io=_answer_io)

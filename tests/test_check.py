@@ -13,13 +13,14 @@ from kvmiso.cli import main
 from kvmiso.guest import Machine, Outcome
 from kvmiso.isolation import (CheckError, address_space, build_layout, check, load_access_model, load_regions,
                               result_text)
-from kvmiso.isolation.access import ACCESS_TOML, AccessModelError, base_name, opcode
+from kvmiso.isolation.access import AccessModelError, base_name, opcode
+from kvmiso.isolation.accessfile import ACCESS_TOML
 from kvmiso.isolation.check import ANCESTORS_ONLY
 from kvmiso.isolation.exitcut import RUN_PATH
-from kvmiso.observe.capture import Capture
-from kvmiso.observe.evidence import collect_evidence, read_evidence
-from kvmiso.observe.exitlog import read_jsonl
-from kvmiso.observe.kobject import KernelObject
+from kvmiso.observe.tracing.capture import Capture
+from kvmiso.observe.kernel.evidence import collect_evidence, read_evidence
+from kvmiso.observe.tracing.exitlog import read_jsonl
+from kvmiso.observe.kernel.kobject import KernelObject
 
 FIX = Path(__file__).parent / "fixtures" / "evidence"
 ACCESS = load_access_model()

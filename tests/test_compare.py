@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvmiso.bench import stats
+from kvmiso.bench import samples as stats
 from kvmiso.bench.compare import Row, compare, format_compare
 from kvmiso.bench.results import SCHEMA, SCHEMA_VERSION, ResultFileError, load
 

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from kvmiso.kvm.exits import (HltExit, HypercallExit, IntrExit, IoExit, MmioExit, ObservedExit, RdmsrExit,
                               SystemEventExit, UnknownExit, WrmsrExit, exit_from_dict)
-from kvmiso.observe.exitlog import ExitLog, ExitLogError, RunRecord, TraceEvent, parse_jsonl, read_jsonl
-from kvmiso.observe.exitstat import format_event, summarize
+from kvmiso.observe.tracing.exitlog import ExitLog, ExitLogError, RunRecord, TraceEvent, parse_jsonl, read_jsonl
+from kvmiso.observe.tracing.exitstat import format_event, summarize_exits
 
 OUT = IoExit(0x3000, 1, 1, False, memoryview(b"\xa5"))
 json_scalar = st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.text(max_size=12))
@@ -92,6 +92,7 @@ def test_extend_renumbers_and_merges_what_was_seen():
                 events_enabled=["kvm:kvm_pio"], lost_events=3)
     a.extend(b)
     assert [r.run for r in a.records] == [0, 1, 2]
+    assert [r.run for r in b.records] == [0, 1]  # copies went in: b is as it was
     assert a.lost_events == 5 and a.tracing and a.events_enabled == ["kvm:kvm_pio"]
 
 
@@ -110,7 +111,7 @@ def test_summary_on_vmx_svm_hosts_times_exit_to_entry():
             _ev(1190, "kvm_entry"), _ev(1200, "kvm_exit", exit_reason=30, exit_reason_sym="IO_INSTRUCTION")]
     log = ExitLog([RunRecord(0, 0, 90, 450, OUT, events=run0),
                    RunRecord(1, 0, 990, 1500, IntrExit(), events=run1)], tracing=True)
-    s = summarize(log)
+    s = summarize_exits(log)
     assert s.method == "kvm_exit"
     got = {k.kind: (k.count, k.timed, k.total_ns, k.min_ns, k.max_ns, k.share) for k in s.kernel}
     assert got == {"CPUID": (2, 2, 30 + 90, 30, 90, 0.5),
@@ -127,7 +128,7 @@ def test_summary_on_pvm_times_event_to_next_event():
             _ev(300, "kvm_emulate_insn"), _ev(301, "kvm_emulate_insn")]  # then lost: no end
     log = ExitLog([RunRecord(0, 0, 90, 140, OUT, events=run0),
                    RunRecord(1, 0, 190, 400, IntrExit(), events=run1)], tracing=True, lost_events=7)
-    s = summarize(log)
+    s = summarize_exits(log)
     got = {k.kind: (k.count, k.timed, k.total_ns) for k in s.kernel}
     assert got == {"kvm_fpu": (1, 1, 10), "kvm_emulate_insn": (4, 3, 20 + 60 + 1), "kvm_pio": (1, 1, 5)}
     assert [k.kind for k in s.kernel] == ["kvm_emulate_insn", "kvm_fpu", "kvm_pio"]  # by count, then name

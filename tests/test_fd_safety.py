@@ -139,17 +139,23 @@ def ctrl_c():
 
 sender = threading.Thread(target=ctrl_c)
 sender.start()
-interrupts = 0
+interrupts = made = 0
 go.set()
-for _ in range(int(sys.argv[1])):
+while True:  # an interrupt between two Machines (the loop's own code) lands in the outer try
     try:
-        with Machine("hello", mode="long", memory=RAM) as m:
-            m.run(timeout=30)
+        while made < int(sys.argv[1]):
+            made += 1
+            try:
+                with Machine("hello", mode="long", memory=RAM) as m:
+                    m.run(timeout=30)
+            except KeyboardInterrupt:
+                interrupts += 1
+            except Exception as e:
+                errors.append(repr(e))
+        stop.set()
+        break
     except KeyboardInterrupt:
-        interrupts += 1
-    except Exception as e:
-        errors.append(repr(e))
-stop.set()
+        pass
 while True:
     try:
         sender.join()

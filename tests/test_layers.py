@@ -1,5 +1,7 @@
 """The package's shape, checked: one source for each constant the guests and the host share; the
-import graph (no cycle, arrows down, isolation pure); module length; docstrings and type hints."""
+import graph against docs/layers.md's picture (no cycle, arrows down followed transitively,
+observe and guest side by side, isolation pure, subcommands in commands/ only); module length;
+docstrings and type hints."""
 
 from __future__ import annotations
 
@@ -39,12 +41,24 @@ def test_the_c_header_has_the_assembler_s_conventions():
 # --- the import graph, read from the source (lazy imports included, TYPE_CHECKING ones not) ---
 
 PACKAGE = Path(kvmiso.__file__).parent
-# Arrows point down: a module imports only from its own part or from parts of a lower rank.
-# process calls prctl through kvm._libc's handle on the C library (the package's one): a rank above kvm
-RANK = {"kvm": 0, "host": 0, "interrupt": 0, "exitstatus": 0, "output": 0, "process": 1, "guest": 1, "observe": 2,
-        "isolation": 3, "bench": 4, "boot": 4, "session": 5, "checking": 6, "probing": 6, "report": 6, "conformance": 6,
-        "recording": 6, "measuring": 5,
-        "cli": 7, "pytest_plugin": 7, "": 8}
+LAYERS = PACKAGE.parent / "docs" / "layers.md"
+
+
+def _floors() -> dict[str, int]:
+    """docs/layers.md's table: each part (a top-level module or package of kvmiso; "" for the
+    package's __init__) and its floor. Arrows point down: a module imports only from its own
+    part or from parts on lower floors; parts on one floor never import each other."""
+    text = LAYERS.read_text()
+    table = text[text.index("```layers\n") + len("```layers\n"):]
+    table = table[:table.index("```")]
+    floors = {}
+    for line in table.splitlines():
+        floor, *parts = line.split()
+        floors.update({part.strip('"'): int(floor) for part in parts})
+    return floors
+
+
+RANK = _floors()
 MAX_LINES = 400
 
 
@@ -93,7 +107,7 @@ def test_the_graph_is_read():
     # the reader above must see what is plainly there, or the checks below pass on nothing
     assert "kvm.vcpu" in _GRAPH["kvm.vm"] and "kvm.abi" in _GRAPH["kvm.vm"]
     assert "isolation.check" in _GRAPH["isolation"] and "kvm.system" not in _GRAPH["kvm.vm"]
-    assert {"checking", "probing"} <= _GRAPH["cli"]
+    assert "commands" in _GRAPH["cli"] and {"commands.check", "commands.probe"} <= _GRAPH["commands"]
 
 
 def test_no_import_cycle():
@@ -113,16 +127,62 @@ def test_no_import_cycle():
             visit(m, [m])
 
 
+def _reach(m: str) -> set[str]:
+    """Every kvmiso module ``m`` imports, directly or through others, when it runs."""
+    seen: set[str] = set()
+    todo = [m]
+    while todo:
+        for n in _GRAPH.get(todo.pop(), ()):
+            if n not in seen:
+                seen.add(n)
+                todo.append(n)
+    return seen - {m}
+
+
+_REACH = {m: _reach(m) for m in _GRAPH}
+
+
+def test_every_part_is_on_a_floor_of_the_picture():
+    assert {"commands", "session", "observe", "kvm"} <= set(RANK)  # the table was read
+    unplaced = sorted({_part(m) for m in _MODS} - set(RANK))
+    assert not unplaced, f"parts docs/layers.md does not place: {unplaced}"
+
+
 def test_arrows_point_down():
-    wrong = [f"{m} imports {n}" for m, targets in _GRAPH.items() for n in targets
-             if _part(n) != _part(m) and RANK[_part(n)] >= RANK[_part(m)]]
+    # followed transitively: a module reaches only its own part and parts on lower floors
+    wrong = sorted(f"{m} reaches {n}" for m, targets in _REACH.items() for n in targets
+                   if _part(n) != _part(m) and RANK[_part(n)] >= RANK[_part(m)])
     assert not wrong, wrong
 
 
+def test_kvm_reaches_nothing_of_kvmiso_but_itself():
+    reach = {n for m, targets in _REACH.items() if _part(m) == "kvm" for n in targets}
+    assert {_part(n) for n in reach} <= {"kvm"}, reach
+
+
+def test_observe_and_guest_stand_side_by_side():
+    # observe/ runs no guest (session/capture.py does), and guest/ reads no trace
+    for a, b in (("observe", "guest"), ("guest", "observe")):
+        crossing = {f"{m} -> {n}" for m, targets in _REACH.items() if _part(m) == a for n in targets if _part(n) == b}
+        assert not crossing, crossing
+
+
 def test_isolation_runs_no_guest_and_opens_no_device():
-    reach = {n for m, targets in _GRAPH.items() if _part(m) == "isolation" for n in targets}
+    reach = {n for m, targets in _REACH.items() if _part(m) == "isolation" for n in targets}
     assert not {n for n in reach if _part(n) in ("guest", "session", "bench")
-                or n in ("kvm.system", "kvm.vm", "kvm.vcpu", "observe.capture", "observe.tracefs")}, reach
+                or n in ("kvm.system", "kvm.vm", "kvm.vcpu", "observe.tracing.capture", "observe.tracing.tracefs")}, reach
+
+
+def test_a_subcommand_lives_in_commands_only():
+    # one room for a subcommand: cli.py assembles the parser from commands.COMMANDS
+    from kvmiso.commands import COMMANDS
+
+    outside = sorted(name for name, p in _MODS.items() if _part(name) != "commands"
+                     and any(isinstance(n, ast.FunctionDef) and (n.name.startswith("cmd_") or n.name == "add_parser")
+                             for n in ast.parse(p.read_text()).body))
+    assert not outside, outside
+    for module in COMMANDS:
+        assert callable(module.add_parser) and callable(module.run), module.__name__
 
 
 def test_no_module_is_over_400_lines():

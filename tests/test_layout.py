@@ -4,8 +4,8 @@
 from pathlib import Path
 
 from kvmiso.isolation.layout import MODELED_OBJECTS, build_layout
-from kvmiso.observe.evidence import Evidence, image_sections, read_evidence
-from kvmiso.observe.kallsyms import parse_kallsyms
+from kvmiso.observe.kernel.evidence import Evidence, image_sections, read_evidence
+from kvmiso.observe.kernel.kallsyms import parse_kallsyms
 
 HERE = Path(__file__).parent / "fixtures"
 KALLSYMS = (HERE / "isolation" / "kallsyms.txt").read_text()  # recorded on the kvm_pvm host (6.18, no KALLSYMS_ALL)

@@ -17,7 +17,7 @@ from kvmiso.isolation.mapset import (DenylistSpace, KvmAddressSpace, MapSetError
 from kvmiso.isolation.framestore import GuestStore, PageTableError
 from kvmiso.isolation.pagetable import SIZE_2M, P, RW
 from kvmiso.isolation.regionfile import load_regions
-from kvmiso.observe.evidence import read_evidence
+from kvmiso.observe.kernel.evidence import read_evidence
 
 from test_layout import modeled
 
@@ -292,7 +292,7 @@ def test_asi_2022_leaves_on_what_its_series_does_not_mark(live):
     not on guest memory (patch 33 maps what KVM maps for the guest); the 2024 denylist leaves on
     guest memory and maps struct pages."""
     from kvmiso.isolation import check, load_access_model
-    from kvmiso.observe.exitlog import read_jsonl
+    from kvmiso.observe.tracing.exitlog import read_jsonl
 
     fix = Path(__file__).parent / "fixtures" / "evidence"
     log, ev = read_jsonl(fix / "hello-cpl3.jsonl"), read_evidence(fix / "hello-cpl3.evidence.json")

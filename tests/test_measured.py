@@ -19,12 +19,12 @@ from kvmiso.isolation.accessnames import AccessNamer
 from kvmiso.isolation.measuredcompare import pair_kinds
 from kvmiso.isolation.measuredexits import SpaceView, measured_verdict
 from kvmiso.isolation.windowpath import Sites, WindowPath, irq_spans
-from kvmiso.measuring import measure_record
-from kvmiso.observe.accessrecord import read_record, read_vcpu_file
-from kvmiso.observe.btffields import field_at
-from kvmiso.observe.evidence import read_evidence
-from kvmiso.observe.kallsyms import parse_kallsyms
-from kvmiso.observe.recordruns import read_runs
+from kvmiso.session.measuredcheck import measure_record
+from kvmiso.observe.accesses.accessrecord import read_record, read_vcpu_file
+from kvmiso.observe.kernel.btffields import field_at
+from kvmiso.observe.kernel.evidence import read_evidence
+from kvmiso.observe.kernel.kallsyms import parse_kallsyms
+from kvmiso.observe.accesses.recordruns import read_runs
 from test_boot import debian, kvmiso  # noqa: F401 - the session fixture, and the CLI runner
 
 FIXTURES = Path(__file__).parent / "fixtures" / "record"

@@ -14,7 +14,7 @@ import pytest
 from test_bad_input import kvmiso, one_line
 from test_boot import debian  # noqa: F401 - the fixture: Debian's kernel, QEMU and busybox, or a skip
 
-from kvmiso.observe.exitlog import read_jsonl
+from kvmiso.observe.tracing.exitlog import read_jsonl
 
 
 @pytest.fixture

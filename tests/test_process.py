@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from kvmiso.observe.process import ForeignVm, ProcessEnded, ProcessError, kvm_fds
+from kvmiso.observe.foreign.vms import ForeignVm, ProcessEnded, ProcessError, kvm_fds
 
 _CHILD = """
 import os, sys

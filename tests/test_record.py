@@ -18,11 +18,11 @@ import pytest
 
 from kvmiso.boot import BootError
 from kvmiso.boot.record import build_plugin, check_qemu
-from kvmiso.observe.accessrecord import ACCESS, KERNEL_MIN, Mark, RecordError, Window, read_record
-from kvmiso.observe.recordmark import mark_code
+from kvmiso.observe.accesses.accessrecord import ACCESS, KERNEL_MIN, Mark, RecordError, Window, read_record
+from kvmiso.observe.accesses.recordmark import mark_code
 from kvmiso.isolation import load_access_model
 from kvmiso.isolation.measured import model_coverage, window_coverage
-from kvmiso.observe.accesssummary import FunctionAccesses, WindowSummary, summarize, summary_text
+from kvmiso.observe.accesses.accesssummary import FunctionAccesses, WindowSummary, summarize, summary_text
 from test_boot import debian, kvmiso  # noqa: F401 - the session fixture, and the CLI runner
 
 KERNEL_PC = 0xFFFF_FFFF_C081_B20C

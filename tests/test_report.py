@@ -11,7 +11,7 @@ import sys
 import pytest
 from ready import interrupt_when
 
-from kvmiso import report
+from kvmiso.session import hostreport as report
 
 
 def test_report_writes_every_part(kvm, tmp_path, vendor):
@@ -43,7 +43,7 @@ def test_report_writes_every_part(kvm, tmp_path, vendor):
 
 def test_check_results_fold(kvm):
     from kvmiso.guest import Machine
-    from kvmiso.observe.capture import Capture
+    from kvmiso.observe.tracing.capture import Capture
     from kvmiso.session import capture_checked, check_run
 
     results = []

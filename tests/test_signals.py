@@ -259,7 +259,7 @@ def test_reader_closing_the_pipe_ends_kvmiso_run_quietly(kvm):
 def test_interrupted_trace_and_check_keep_what_they_saw(kvm, tmp_path, sig):
     """trace writes the partial exit log, check reports the payloads it finished plus the
     interrupted one; both marked incomplete, no tracefs instance left behind."""
-    from kvmiso.observe.exitlog import read_jsonl
+    from kvmiso.observe.tracing.exitlog import read_jsonl
 
     name = signal.Signals(sig).name
     log_path = tmp_path / "trace.jsonl"

@@ -19,12 +19,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvmiso.observe.exitlog import TraceEvent
-from kvmiso.observe.ringbuffer import (MISSED_EVENTS, MISSED_STORED, TS_SHIFT, TYPE_PADDING, TYPE_TIME_EXTEND,
-                                       PageHeader, decode_buffers, parse_page)
-from kvmiso.observe.traceformat import EventFormat, FormatError
-from kvmiso.observe.tracefs import TraceInstance, TracefsUnavailable
-from kvmiso.observe.tracefsmount import tracefs_root
+from kvmiso.observe.tracing.exitlog import TraceEvent
+from kvmiso.observe.tracing.ringbuffer import (MISSED_EVENTS, MISSED_STORED, TS_SHIFT, TYPE_PADDING, TYPE_TIME_EXTEND, PageHeader, decode_buffers, parse_page)
+from kvmiso.observe.tracing.traceformat import EventFormat, FormatError
+from kvmiso.observe.tracing.tracefs import TraceInstance, TracefsUnavailable
+from kvmiso.observe.tracing.tracefsmount import tracefs_root
 
 FIXTURES = Path(__file__).parent / "fixtures" / "trace"
 HOST = FIXTURES / "host"
@@ -326,10 +325,11 @@ _SIGTERM_CHILD = """
 import sys
 import time
 from kvmiso.guest import Machine
-from kvmiso.observe.capture import Capture
+from kvmiso.observe.tracing.capture import Capture
+from kvmiso.session import capture_run
 with Capture(["kvm:kvm_emulate_insn"]) as cap, Machine("spin", mode="long") as m:
     print(cap.tracer.path, flush=True)
-    cap.run(m, timeout=60)
+    capture_run(cap, m, timeout=60)
 """
 
 
@@ -382,7 +382,7 @@ def _in_new_pid_namespace(*args: str, **kw) -> subprocess.Popen:
 def test_trace_inside_a_pid_namespace_filters_on_the_kernels_thread_ids(kvm, tracefs, tmp_path):
     """Inside `unshare -p`, gettid() is 1 but set_event_pid and common_pid use the kernel's id:
     kvmiso finds it (a trace_marker record of its own) and traces as it does outside."""
-    from kvmiso.observe.exitlog import read_jsonl
+    from kvmiso.observe.tracing.exitlog import read_jsonl
 
     p = _in_new_pid_namespace("trace", "hello", "--json", str(tmp_path / "ns.jsonl"))
     out, err = p.communicate(timeout=300)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .results import row_p50
-from .stats import significant, unstable_runs
+from .samples import significant, unstable_runs
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,6 @@ def unpin(pinning: dict[str, Any]) -> None:
         psutil.Process().cpu_affinity(pinning["allowed"])
 
 
-
 def host_facts(kvm: Kvm, pinning: dict[str, Any]) -> dict[str, Any]:
     """The host fingerprint every result file records (kvmiso.guest.probe's, plus timing facts)."""
     from ..guest.probe import fingerprint, probe

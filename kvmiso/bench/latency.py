@@ -34,11 +34,12 @@ from ..kvm import Kvm
 from ..kvm.exitdecode import decode
 from ..kvm.exits import IoExit
 from ..kvm.vm import PAGE_SIZE
-from . import runloop, stats
+from . import runloop
 from .environment import host_facts, pin, unpin
 from .kinds import DEFAULT_KINDS, KINDS, Kind
 from .results import BenchResult, Result
 from .runloop import LoopError, Timings
+from .samples import percentile, stable_p50, summarize_samples, unstable_runs, warnings
 
 BENCH_MEMORY = 8 << 20  # guest RAM: room for the page-fault region above FAULT_BASE
 MAX_FAULT_PAGES = 512  # pages one page-fault batch touches at most
@@ -48,11 +49,11 @@ MAX_FAULT_PAGES = 512  # pages one page-fault batch touches at most
 
 def _result(kind: str, path: str, cpl: int | None, per_run: list[list[float]], **kw) -> Result:
     pooled = [v for run in per_run for v in run]
-    summary = stats.summarize(pooled)
-    runs = [{"n": len(r), "mean": statistics.fmean(r), "p50": stats.percentile(sorted(r), 50)}
+    summary = summarize_samples(pooled)
+    runs = [{"n": len(r), "mean": statistics.fmean(r), "p50": percentile(sorted(r), 50)}
             for r in per_run if r]
-    summary["stable_p50"] = stats.stable_p50([r["p50"] for r in runs], [r["mean"] for r in runs])
-    return Result(kind, path, cpl, summary, runs, stats.warnings([r["mean"] for r in runs], [r["p50"] for r in runs]),
+    summary["stable_p50"] = stable_p50([r["p50"] for r in runs], [r["mean"] for r in runs])
+    return Result(kind, path, cpl, summary, runs, warnings([r["mean"] for r in runs], [r["p50"] for r in runs]),
                   samples=pooled, **kw)
 
 
@@ -86,9 +87,9 @@ class _Collector:
         left = False
         for key in keys:
             per_run = self.rows.get(key, [])
-            p50s = [stats.percentile(sorted(r), 50) for r in per_run]
+            p50s = [percentile(sorted(r), 50) for r in per_run]
             means = [statistics.fmean(r) for r in per_run]
-            bad = stats.unstable_runs(p50s, means)
+            bad = unstable_runs(p50s, means)
             if len(per_run) > runs:
                 mid = statistics.median(p50s)
                 worst = max(range(len(p50s)), key=lambda i: (i in bad, abs(p50s[i] - mid)))
@@ -136,8 +137,8 @@ def _measure_exit_kind(kvm: Kvm, kind: Kind, cpl: int, n: int, warmup: int, col:
             raise
         cycles = t.cycles()
         col.add((kind.name, "c", cpl), t.latencies(), emulated=_emulated(st, before, t.n),
-                period_p50=stats.percentile(sorted(t.periods()), 50),
-                tsc_p50=stats.percentile(sorted(cycles), 50) if cycles else None)
+                period_p50=percentile(sorted(t.periods()), 50),
+                tsc_p50=percentile(sorted(cycles), 50) if cycles else None)
         if python:
             runloop.python_loop(m.vcpu, warmup, **args)
             try:
@@ -147,7 +148,7 @@ def _measure_exit_kind(kvm: Kvm, kind: Kind, cpl: int, n: int, warmup: int, col:
                     col.add((kind.name, "python", cpl), e.partial.latencies())
                 raise
             col.add((kind.name, "python", cpl), t.latencies(),
-                    period_p50=stats.percentile(sorted(t.periods()), 50))
+                    period_p50=percentile(sorted(t.periods()), 50))
 
 
 def _measure_in_kernel(kvm: Kvm, kind: Kind, cpl: int, batches: int, warmup: int, iterations: int,

@@ -5,7 +5,7 @@ For a real kvm_amd on any machine (QEMU's TCG offers SVM) and for kernels under 
 >>> status = boot(["kvmiso", "probe", "--json"], kernel=debian_kernel())   # doctest: +SKIP
 """
 
-from .errors import BootError
+from .booterror import BootError
 from .kernel import Kernel, debian_kernel, user_kernel
 from .run import BootResult, boot
 

@@ -15,7 +15,7 @@ import re
 import shlex
 from pathlib import Path
 
-from .errors import BootError
+from .booterror import BootError
 from .kernel import Kernel, module_bytes, module_key
 
 BUSYBOX = Path("/bin/busybox")

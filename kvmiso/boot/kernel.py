@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..guest.build import cache_root
-from .errors import BootError
+from .booterror import BootError
 
 DEBIAN_META = "linux-image-amd64"  # the package that depends on Debian's current kernel
 SBIN = ("/usr/sbin", "/sbin")  # dpkg and depmod live here; a user's PATH may lack them

@@ -22,8 +22,8 @@ from typing import Callable
 from ..host import vendor_module
 from ..interrupt import SIGNAL_CHECK_S
 from ..kvm._libc import libc
-from ..process import stop
-from .errors import BootError
+from ..commandtree import stop
+from .booterror import BootError
 from .initramfs import MOUNT_TAG, RECORD_TAG
 
 QEMU = "qemu-system-x86_64"
@@ -170,28 +170,35 @@ def _follow(reads: list[int], run: GuestRun, started: float,
                 if not data:
                     sel.unregister(key.fd)
                     continue
-                port = key.data
-                if port == STDOUT:
-                    _write(sys.stdout, data)
-                elif port == STDERR:
-                    _write(sys.stderr, data)
-                else:
-                    if port == CONSOLE and show_console:
-                        _write(sys.stderr, data)
-                    lines = (partial[port] + data).split(b"\n")
-                    partial[port] = lines.pop()
-                    for line in lines:
-                        text = line.decode(errors="replace").rstrip("\r")
-                        if port == CONSOLE:
-                            run.console.append(text)
-                        else:
-                            _control(run, text, started)
+                _take(key.data, data, run, partial, started, show_console)
             if run.failure:
                 return
     finally:
         sel.close()
         if partial[CONSOLE]:
             run.console.append(partial[CONSOLE].decode(errors="replace"))
+
+
+def _take(port: int, data: bytes, run: GuestRun, partial: dict[int, bytes], started: float,
+          show_console: bool) -> None:
+    """``data`` read from the guest's ``port``: the command's own output passed on, the console
+    and the control channel cut into lines (``partial`` keeps what no newline ended yet)."""
+    if port == STDOUT:
+        _write(sys.stdout, data)
+        return
+    if port == STDERR:
+        _write(sys.stderr, data)
+        return
+    if port == CONSOLE and show_console:
+        _write(sys.stderr, data)
+    lines = (partial[port] + data).split(b"\n")
+    partial[port] = lines.pop()
+    for line in lines:
+        text = line.decode(errors="replace").rstrip("\r")
+        if port == CONSOLE:
+            run.console.append(text)
+        else:
+            _control(run, text, started)
 
 
 def _control(run: GuestRun, line: str, started: float) -> None:

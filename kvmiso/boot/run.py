@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..observe.accessrecord import RecordError, read_record
-from .errors import BootError
+from ..observe.accesses.accessrecord import RecordError, read_record
+from .booterror import BootError
 from .initramfs import build_initramfs, command_script, host_winsize
 from .kernel import Kernel
 from .qemu import TCG_CPU, Accel, GuestRun, choose_accel, qemu_binary, qemu_command, record_options, run_qemu
@@ -40,7 +40,7 @@ def boot(argv: list[str], kernel: Kernel, *, cpu: str | None = None, accel: str 
 
     ``record_dir`` (an existing folder) turns on the access record: the TCG plugin writes one
     ``vcpuN.rec`` per vCPU there, and the guest its ``kallsyms`` and ``modules`` when the
-    command has ended (see :mod:`kvmiso.observe.accessrecord`). It needs TCG and a QEMU the
+    command has ended (see :mod:`kvmiso.observe.accesses.accessrecord`). It needs TCG and a QEMU the
     plugin supports; the folder's earlier record is removed first."""
     if not argv:
         raise BootError("no command given: kvmiso boot [options] -- COMMAND ...")

@@ -18,24 +18,22 @@ from typing import Any, Callable, Iterator
 from ..host import vendor_module
 from ..interrupt import Interrupted, kicked_by_interrupts
 from ..kvm import Kvm, Vcpu, Vm, abi, close_all
-from ..kvm.exits import (DebugExit, Exit, FailEntryExit, HltExit, InternalErrorExit, IntrExit, IoExit,
-                         MmioExit, RdmsrExit, ShutdownExit, SystemEventExit, WrmsrExit, detach)
+from ..kvm.exits import DebugExit, Exit, IntrExit, IoExit, MmioExit, RdmsrExit, WrmsrExit, detach
 from . import modes
 from .build import BITS, Image, Source, build, default_mode
 from .deadline import GuestTimeout, deadline
 from .result import GuestError, Outcome, RunResult
 from .sites import guest_reader
 from .snapshot import RESET_MSRS, VcpuState
-from .stopped import at_rip, describe_stop
+from .stopped import describe_stop, run_ended
 from .threads import run_in_threads
-from .ucall import (PORT_CONSOLE, PORT_UCALL, UCALL_OUT, Done, Fail, GuestAssertion, GuestException, MalformedUcall, Printf,
+from .ucall import (PORT_CONSOLE, PORT_UCALL, PORT_UCALL_OUT, Done, Fail, GuestAssertion, GuestException, MalformedUcall, Printf,
                     Report, Sync, decode_ucall)
 
 DEFAULT_MEMORY = 2 << 20
 VCPU_STACK = 0x8000  # each vCPU: a kernel and a user stack of half this size
 MAX_CONSOLE = 64 << 10  # console bytes kept per run; the rest is counted, not stored
 MAX_EXITS = 64 << 10  # exits recorded per run (~0.4 KiB each); the rest are counted, not stored
-RESET_STATE = (0xFFF0, 0xF000, 0xFFFF0000)  # rip, cs, cs.base: where a reset x86 CPU starts
 
 
 class Machine:
@@ -278,88 +276,62 @@ class Machine:
     def _handle(self, vcpu, exit: Exit, res: RunResult, console: bytearray, on_io, on_mmio, on_msr,
                 stop_at_sync: bool = False) -> None:
         if isinstance(exit, IoExit):
-            if exit.port == PORT_CONSOLE and not exit.is_in:
-                _add_console(res, console, bytes(exit.data))
-                return
-            if exit.port == PORT_UCALL and not exit.is_in:
-                if exit.size != 1 or exit.count != 1:
-                    res.outcome, res.detail = Outcome.MALFORMED_UCALL, (
-                        f"a ucall is one 1-byte OUT to port {PORT_UCALL:#x}; the guest wrote "
-                        f"{exit.count} x {exit.size} bytes ({bytes(exit.data[:16]).hex(' ')})")
-                    return
-                try:
-                    u = decode_ucall(exit.value, vcpu.get_regs(), self.bits, guest_reader(self.vm, vcpu))
-                except MalformedUcall as e:
-                    res.outcome, res.detail = Outcome.MALFORMED_UCALL, str(e)
-                    return
-                if isinstance(u, Report):
-                    res.reports.append(u)
-                elif isinstance(u, Done):
-                    res.outcome, res.detail = Outcome.DONE, "the guest reported DONE"
-                elif isinstance(u, Fail):
-                    res.fail_code = u.code
-                    res.outcome, res.detail = Outcome.FAIL, f"the guest reported FAIL with code {u.code}"
-                elif isinstance(u, GuestException):
-                    res.exception = u
-                    ip = u.rip + (u.cs << 4 if u.cs is not None else 0)  # real mode: cs:ip
-                    res.outcome, res.detail = Outcome.EXCEPTION, f"the guest took {u}{self._symbol(ip)}"
-                elif isinstance(u, GuestAssertion):
-                    res.assertion = u
-                    res.outcome, res.detail = Outcome.FAIL, u.describe(self.image.symbolize(self._ucall_site(vcpu, u.rip)))
-                elif isinstance(u, Sync):
-                    if len(res.syncs) < MAX_EXITS:
-                        res.syncs.append(u)
-                    if stop_at_sync:
-                        res.sync = u
-                        res.outcome, res.detail = Outcome.SYNC, f"the guest stopped at {u}"
-                elif isinstance(u, Printf):
-                    _add_console(res, console, u.text.encode())
-                return
-            _default_answer(exit)  # on_io may replace it
-            if on_io is not None:
-                on_io(exit)
-            return
-        if isinstance(exit, MmioExit):
+            self._handle_io(vcpu, exit, res, console, on_io, stop_at_sync)
+        elif isinstance(exit, MmioExit):
             _default_answer(exit)  # on_mmio may replace it
             if on_mmio is not None:
                 on_mmio(exit)
-            return
-        if isinstance(exit, (RdmsrExit, WrmsrExit)):
+        elif isinstance(exit, (RdmsrExit, WrmsrExit)):
             if on_msr is not None:
                 on_msr(exit)
             else:
                 _default_answer(exit)
-            return
-        if isinstance(exit, DebugExit):
-            return  # single-stepping: recorded, and the run goes on
-        if isinstance(exit, HltExit):
-            res.outcome, res.detail = Outcome.HALT, "the guest executed HLT"
-        elif isinstance(exit, ShutdownExit):
-            regs, rip, where, _ = at_rip(self.vm, vcpu, self.mode)
-            sregs = vcpu.get_sregs()
-            if (regs.rip, sregs.cs.selector, sregs.cs.base) == RESET_STATE:
-                # kvm_amd reinitializes the VMCB and resets the vCPU before reporting a shutdown
-                # (svm.c shutdown_interception): where the guest died is lost
-                where = " (the vCPU's reset state: KVM reset it on shutdown, as kvm_amd does)"
-            res.outcome, res.detail = Outcome.SHUTDOWN, (
-                f"the guest triple-faulted (KVM_EXIT_SHUTDOWN) near rip {rip:#x}{self._symbol(rip)}{where}")
-        elif isinstance(exit, InternalErrorExit):
-            _, rip, where, _ = at_rip(self.vm, vcpu, self.mode)
-            text = f"KVM_EXIT_INTERNAL_ERROR suberror {exit.suberror_name} at rip {rip:#x}{self._symbol(rip)}{where}"
-            if exit.suberror_name == "EMULATION" and len(exit.data) >= 3 and exit.data[0] & 1:
-                # data: flags (bit 0: instruction bytes follow), then insn_size and 15 bytes
-                raw = b"".join(d.to_bytes(8, "little") for d in exit.data[1:3])
-                text += f"; KVM's emulator cannot execute {raw[1:1 + min(raw[0], 15)].hex(' ')}"
-            else:
-                text += ", data " + " ".join(f"{d:#x}" for d in exit.data)
-            res.outcome, res.detail = Outcome.INTERNAL_ERROR, text
-        elif isinstance(exit, FailEntryExit):
-            res.outcome, res.detail = Outcome.FAIL_ENTRY, (
-                f"VM entry failed: hardware reason {exit.hardware_entry_failure_reason:#x} on cpu {exit.cpu}")
-        elif isinstance(exit, SystemEventExit):
-            res.outcome, res.detail = Outcome.SYSTEM_EVENT, f"system event {exit.type_name}"
+        elif not isinstance(exit, DebugExit):  # single-stepping: recorded, and the run goes on
+            res.outcome, res.detail = run_ended(self.vm, vcpu, self.mode, exit, self._symbol)
+
+    def _handle_io(self, vcpu, exit: IoExit, res: RunResult, console: bytearray, on_io, stop_at_sync: bool) -> None:
+        if exit.port == PORT_CONSOLE and not exit.is_in:
+            _add_console(res, console, bytes(exit.data))
+        elif exit.port == PORT_UCALL and not exit.is_in:
+            if exit.size != 1 or exit.count != 1:
+                res.outcome, res.detail = Outcome.MALFORMED_UCALL, (
+                    f"a ucall is one 1-byte OUT to port {PORT_UCALL:#x}; the guest wrote "
+                    f"{exit.count} x {exit.size} bytes ({bytes(exit.data[:16]).hex(' ')})")
+                return
+            try:
+                u = decode_ucall(exit.value, vcpu.get_regs(), self.bits, guest_reader(self.vm, vcpu))
+            except MalformedUcall as e:
+                res.outcome, res.detail = Outcome.MALFORMED_UCALL, str(e)
+                return
+            self._serve_ucall(vcpu, u, res, console, stop_at_sync)
         else:
-            res.outcome, res.detail = Outcome.UNHANDLED_EXIT, f"no handler for {exit!r}"
+            _default_answer(exit)  # on_io may replace it
+            if on_io is not None:
+                on_io(exit)
+
+    def _serve_ucall(self, vcpu, u: object, res: RunResult, console: bytearray, stop_at_sync: bool) -> None:
+        if isinstance(u, Report):
+            res.reports.append(u)
+        elif isinstance(u, Done):
+            res.outcome, res.detail = Outcome.DONE, "the guest reported DONE"
+        elif isinstance(u, Fail):
+            res.fail_code = u.code
+            res.outcome, res.detail = Outcome.FAIL, f"the guest reported FAIL with code {u.code}"
+        elif isinstance(u, GuestException):
+            res.exception = u
+            ip = u.rip + (u.cs << 4 if u.cs is not None else 0)  # real mode: cs:ip
+            res.outcome, res.detail = Outcome.EXCEPTION, f"the guest took {u}{self._symbol(ip)}"
+        elif isinstance(u, GuestAssertion):
+            res.assertion = u
+            res.outcome, res.detail = Outcome.FAIL, u.describe(self.image.symbolize(self._ucall_site(vcpu, u.rip)))
+        elif isinstance(u, Sync):
+            if len(res.syncs) < MAX_EXITS:
+                res.syncs.append(u)
+            if stop_at_sync:
+                res.sync = u
+                res.outcome, res.detail = Outcome.SYNC, f"the guest stopped at {u}"
+        elif isinstance(u, Printf):
+            _add_console(res, console, u.text.encode())
 
     def _describe_stop(self, vcpu, stats, before, exits: int, console_dropped: int) -> str:
         """:func:`describe_stop` for this run: the instructions KVM emulated since ``before``,
@@ -370,7 +342,6 @@ class Machine:
         if console_dropped:
             text += f"; console output capped at {MAX_CONSOLE} bytes, {console_dropped} more dropped"
         return text
-
 
     def _symbol(self, linear: int) -> str:  # " (main+0x5c)" inside the image, else ""
         return f" ({name})" if (name := self.image.symbolize(linear)) else ""
@@ -384,9 +355,9 @@ class Machine:
         kvm_fast_pio_out), past it where KVM skipped it before the exit (kvm_pvm, 6.18)."""
         at = self._linear(vcpu, rip)
         read = guest_reader(self.vm, vcpu)
-        for site in (at, at - len(UCALL_OUT)):
+        for site in (at, at - len(PORT_UCALL_OUT)):
             try:
-                if read(site, len(UCALL_OUT)) == UCALL_OUT:
+                if read(site, len(PORT_UCALL_OUT)) == PORT_UCALL_OUT:
                     return site
             except ValueError:  # not mapped: no OUT there
                 pass

@@ -1,14 +1,18 @@
 """Where a guest stopped inside KVM_RUN is, in words: its linear RIP, the instruction there, and
 what KVM did meanwhile. Machine's run loop puts this in the detail of a timeout, an interruption,
-a triple fault or an emulation failure."""
+a triple fault or an emulation failure; :func:`run_ended` names the outcome of an exit that ends
+a run."""
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
 from ..kvm import Vcpu, Vm
+from ..kvm.exits import Exit, FailEntryExit, HltExit, InternalErrorExit, ShutdownExit, SystemEventExit
+from .result import Outcome
 
 RFLAGS_IF = 1 << 9
+RESET_STATE = (0xFFF0, 0xF000, 0xFFFF0000)  # rip, cs, cs.base: where a reset x86 CPU starts
 
 # Instructions worth naming when a guest is stopped inside KVM_RUN.
 _KNOWN_INSNS = {
@@ -68,3 +72,35 @@ def describe_stop(vm: Vm, vcpu: Vcpu, mode: str, exits: int, emulated: int,
     if name in ("VMCALL", "VMMCALL"):
         text += "; the guest is in a hypercall that KVM keeps re-executing inside KVM_RUN"
     return text
+
+
+def run_ended(vm: Vm, vcpu: Vcpu, mode: str, exit: Exit, symbol: Callable[[int], str]) -> tuple[Outcome, str]:
+    """The outcome of a run that ``exit`` ends (HLT, a triple fault, an internal error, a failed
+    entry, a system event, or an exit nothing handles) and its detail; ``symbol(linear)`` names
+    where in the image an address is (`` (main+0x5c)`` or "")."""
+    if isinstance(exit, HltExit):
+        return Outcome.HALT, "the guest executed HLT"
+    if isinstance(exit, ShutdownExit):
+        regs, rip, where, _ = at_rip(vm, vcpu, mode)
+        sregs = vcpu.get_sregs()
+        if (regs.rip, sregs.cs.selector, sregs.cs.base) == RESET_STATE:
+            # kvm_amd reinitializes the VMCB and resets the vCPU before reporting a shutdown
+            # (svm.c shutdown_interception): where the guest died is lost
+            where = " (the vCPU's reset state: KVM reset it on shutdown, as kvm_amd does)"
+        return Outcome.SHUTDOWN, f"the guest triple-faulted (KVM_EXIT_SHUTDOWN) near rip {rip:#x}{symbol(rip)}{where}"
+    if isinstance(exit, InternalErrorExit):
+        _, rip, where, _ = at_rip(vm, vcpu, mode)
+        text = f"KVM_EXIT_INTERNAL_ERROR suberror {exit.suberror_name} at rip {rip:#x}{symbol(rip)}{where}"
+        if exit.suberror_name == "EMULATION" and len(exit.data) >= 3 and exit.data[0] & 1:
+            # data: flags (bit 0: instruction bytes follow), then insn_size and 15 bytes
+            raw = b"".join(d.to_bytes(8, "little") for d in exit.data[1:3])
+            text += f"; KVM's emulator cannot execute {raw[1:1 + min(raw[0], 15)].hex(' ')}"
+        else:
+            text += ", data " + " ".join(f"{d:#x}" for d in exit.data)
+        return Outcome.INTERNAL_ERROR, text
+    if isinstance(exit, FailEntryExit):
+        return Outcome.FAIL_ENTRY, (f"VM entry failed: hardware reason {exit.hardware_entry_failure_reason:#x} "
+                                    f"on cpu {exit.cpu}")
+    if isinstance(exit, SystemEventExit):
+        return Outcome.SYSTEM_EVENT, f"system event {exit.type_name}"
+    return Outcome.UNHANDLED_EXIT, f"no handler for {exit!r}"

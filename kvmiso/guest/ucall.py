@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 PORT_CONSOLE = 0xE9
 PORT_UCALL = 0xEA
-UCALL_OUT = bytes((0xE6, PORT_UCALL))  # out %al, $PORT_UCALL: the instruction of kvmiso.inc's UCALL
+PORT_UCALL_OUT = bytes((0xE6, PORT_UCALL))  # out %al, $PORT_UCALL: the instruction of kvmiso.inc's UCALL
 UCALL_DONE, UCALL_FAIL, UCALL_REPORT, UCALL_EXCEPTION = 1, 2, 3, 4
 UCALL_ASSERT, UCALL_SYNC, UCALL_PRINTF = 5, 6, 7
 

@@ -3,7 +3,8 @@ table rebuilt from the live one, the RFC's mapping set, the 2022 ASI RFC's annot
 the check of each exit's observed path.
 
 >>> from kvmiso.isolation import address_space, build_layout, check, load_access_model
->>> from kvmiso.session import Capture, capture_checked
+>>> from kvmiso.observe.tracing.capture import Capture
+>>> from kvmiso.session import capture_checked
 >>> with Capture() as cap:            # needs root: tracefs for the log, BPF for the evidence
 ...     run = capture_checked(m, cap, "hello")
 >>> space = address_space(build_layout(run.evidence), "rfc-v1")
@@ -12,7 +13,8 @@ the check of each exit's observed path.
 (True, ['fault', 'host_mm', 'kvm_mm', 'not_kvm_run', 'outside', 'unknown'])
 """
 
-from .access import AccessModel, AccessModelError, load_access_model
+from .access import AccessModel, AccessModelError
+from .accessfile import load_access_model
 from .check import CheckError, check
 from .checkresult import CheckResult
 from .layout import Layout, Region, build_layout

@@ -15,6 +15,7 @@ that kernel's BTF has no FUNC record for it, its neighbours on the chain do (``i
 frame that cannot be placed at all (an address no symbol explains, no known caller) stays a
 finding ("unknown function on the path"), never skipped.
 
+>>> from kvmiso.isolation import load_access_model
 >>> model = load_access_model()
 >>> model.lookup("em_out.cold").touches
 ('emulate_ctxt', 'kernel_data')
@@ -28,13 +29,10 @@ import platform
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from ..observe.btf import BTF_DIR, Btf, BtfError, Param
-from .accessseries import apply_measured, in_series, on_series
-from .tomlfile import TomlFileError, line_of, load_toml
+from ..observe.kernel.btf import BTF_DIR, Btf, BtfError, Param
+from .accessseries import in_series, on_series
 
-ACCESS_TOML = Path(__file__).with_name("access.toml")
 ROLES = ("", "run-loop", "entry-loop", "exit-handler", "switch-rfc", "observer", "host-mm")
 BASES = ("source", "inference", "derived")  # how an entry's accesses are known; see the module docstring
 # A kernel's function prototypes: name -> its BTF parameters, or None where its BTF has no FUNC record.
@@ -105,6 +103,7 @@ class FunctionAccess:
         """The measured objects for ``vendor`` on release ``kernel`` (6.1.0-57-amd64 is of the
         6.1 series), or None where no record of that kernel was measured."""
         return on_series(self.measured, vendor, kernel)
+
 
 @dataclass(frozen=True)
 class ExitPath:
@@ -286,110 +285,5 @@ def running_prototypes(kernel: str) -> Prototypes | None:
     return prototype
 
 
-def load_access_model(path: str | Path = ACCESS_TOML) -> AccessModel:
-    """Parse and validate an access model."""
-    try:
-        doc, text = load_toml(path, "access model")
-    except TomlFileError as e:
-        raise AccessModelError(str(e)) from None
-
-    def fail(msg: str, needle: str) -> AccessModelError:
-        line = line_of(text, needle)
-        return AccessModelError(f"{path}:{line}: {msg}" if line else f"{path}: {msg}")
-
-    def entry(e: dict, key: str) -> FunctionAccess:
-        name = e.get(key)
-        if not isinstance(name, str) or not name:
-            raise fail(f"an entry needs {key}", f"[[{'function' if key == 'name' else 'prefix'}]]")
-        needle = f'"{name}"'
-        touches = e.get("touches", [])
-        if not isinstance(touches, list) or not all(isinstance(t, str) for t in touches):
-            raise fail(f"{name}: touches must be a list of object names", needle)
-        role = e.get("role", "")
-        if role not in ROLES:
-            raise fail(f"{name}: unknown role {role!r} (one of {', '.join(r or '(none)' for r in ROLES)})", needle)
-        cite = e.get("cite", "")
-        if not isinstance(cite, str) or not cite.strip():
-            raise fail(f"{name}: every entry cites the source it was read from (cite = ...)", needle)
-        unknown = set(e) - {key, "touches", "role", "cite", "note", "when", "after", "before", "first", "basis",
-                            "hidden_caller"}
-        if unknown:
-            raise fail(f"{name}: unknown key {sorted(unknown)[0]!r}", needle)
-        basis = e.get("basis", "source")
-        if basis not in BASES[:2]:
-            raise fail(f"{name}: basis is 'source' or 'inference' (derived entries are made from BTF), not {basis!r}", needle)
-        hidden = e.get("hidden_caller", {})
-        if not isinstance(hidden, dict) or not all(isinstance(v, str) for v in hidden.values()):
-            raise fail(f"{name}: hidden_caller maps a caller to the function a tail call hid", needle)
-        vt = e.get("when", {})
-        if not isinstance(vt, dict) or not all(isinstance(v, list) for v in vt.values()):
-            raise fail(f"{name}: when maps a vendor module or CONFIG_ option to a list of objects", needle)
-        after, before, first = e.get("after", {}), e.get("before", {}), e.get("first", {})
-        if not isinstance(after, dict) or not all(isinstance(v, list) for v in after.values()):
-            raise fail(f"{name}: after maps an event name to the callees that run after it", needle)
-        if not isinstance(before, dict) or not all(isinstance(v, list) and set(v) <= set(touches)
-                                                   for v in before.values()):
-            raise fail(f"{name}: before maps a callee to some of the objects in touches", needle)
-        if not isinstance(first, dict) or not all(isinstance(v, str) for v in first.values()):
-            raise fail(f"{name}: first maps an object to the callee that touches it first", needle)
-        return FunctionAccess(name, tuple(touches), role, cite, e.get("note", ""), line_of(text, needle) or 0,
-                              tuple((k, tuple(v)) for k, v in vt.items()), {k: tuple(v) for k, v in after.items()},
-                              {k: tuple(v) for k, v in before.items()}, dict(first),
-                              basis=basis, hidden_callers=tuple(hidden.items()))
-
-    functions: dict[str, FunctionAccess] = {}
-    for e in doc.get("function", []):
-        f = entry(e, "name")
-        if f.name in functions:
-            raise fail(f"{f.name} is described twice (line {functions[f.name].line})", f'"{f.name}"')
-        functions[f.name] = f
-    for f in functions.values():
-        for event, callees in f.after.items():
-            for callee in callees:
-                if callee not in functions:
-                    raise fail(f"{f.name}: {callee}, called after {event}, has no [[function]] entry", f'"{f.name}"')
-    apply_measured(functions, doc.get("measured", []), fail)
-    prefixes = [entry(e, "prefix") for e in doc.get("prefix", [])]
-    imp = doc.get("implicit", {})
-    paths = {}
-    for e in doc.get("exit_path", []):
-        needle = f'reason = "{e.get("reason")}"'
-        if not all(isinstance(e.get(k), str) and e.get(k) for k in ("vendor", "reason", "cite")):
-            raise fail("an [[exit_path]] needs vendor, reason and cite", "[[exit_path]]")
-        fns = tuple(e.get("functions", ()))
-        for fn in fns:
-            if fn not in functions:
-                raise fail(f"exit path {e['vendor']} {e['reason']}: {fn} has no [[function]] entry", needle)
-        kernel = e.get("kernel", "")
-        paths[(e["vendor"], e["reason"], kernel)] = ExitPath(e["vendor"], e["reason"], fns, e["cite"], kernel)
-    def known(section: str, keys: tuple[str, ...], what: str, e: dict) -> tuple[str, ...]:
-        """The entry's functions, each with a [[function]] entry, and its keys all present."""
-        if not all(e.get(k) for k in keys) or not isinstance(e.get("cite"), str):
-            raise fail(f"a [[{section}]] needs {', '.join(keys)} and cite", f"[[{section}]]")
-        fns = tuple(e["functions"])
-        for fn in fns:
-            if fn not in functions:
-                raise fail(f"{what}: {fn} has no [[function]] entry", f"[[{section}]]")
-        return fns
-
-    emulated = {}
-    for e in doc.get("emulated", []):
-        fns = known("emulated", ("opcodes", "functions"), f"emulated opcodes {e.get('opcodes')}", e)
-        for op in e["opcodes"]:
-            emulated[op] = EmulatedPath(tuple(e["opcodes"]), fns, e["cite"])
-    untraced = {}
-    for e in doc.get("untraced", []):
-        fns = known("untraced", ("event", "functions"), f"untraced event {e.get('event')}", e)
-        untraced[e["event"]] = UntracedPath(e["event"], fns, e["cite"])
-    derive = doc.get("derive", {})
-    types = derive.get("types", {})
-    if not isinstance(types, dict) or not all(isinstance(v, str) for v in types.values()):
-        raise fail("[derive] types maps a struct name to an object name", "[derive")
-    if types and not derive.get("cite"):
-        raise fail("[derive] cites where its struct-to-object table was read (cite = ...)", "[derive")
-    return AccessModel(functions, prefixes, tuple(imp.get("touches", ())), imp.get("cite", ""), str(path), paths,
-                       emulated, untraced, derive_types=types, derive_cite=derive.get("cite", ""))
-
-
-__all__ = ["USERSPACE", "ACCESS_TOML", "AccessModel", "AccessModelError", "BASES", "EmulatedPath", "ExitPath", "FunctionAccess",
-           "Prototypes", "ROLES", "UntracedPath", "base_name", "in_series", "load_access_model", "opcode", "running_prototypes"]
+__all__ = ["USERSPACE", "AccessModel", "AccessModelError", "BASES", "EmulatedPath", "ExitPath", "FunctionAccess",
+           "Prototypes", "ROLES", "UntracedPath", "base_name", "in_series", "opcode", "running_prototypes"]

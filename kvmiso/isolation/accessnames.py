@@ -21,8 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..observe.btffields import field_at
-from ..observe.kallsyms import Symbols
+from ..observe.kernel.btffields import field_at
+from ..observe.kernel.kallsyms import Symbols
 from .layout import Layout, Region
 
 # Sections and map areas, named as the access model names what lies there.
@@ -56,7 +56,7 @@ class Named:
 
 class AccessNamer:
     """Names addresses against one VM's layout, the guest's kallsyms and its BTF members
-    (``fields``: fields.json as :mod:`kvmiso.observe.recordruns` describes it; None: no members)."""
+    (``fields``: fields.json as :mod:`kvmiso.observe.accesses.recordruns` describes it; None: no members)."""
 
     def __init__(self, layout: Layout, symbols: Symbols, fields: dict[str, Any] | None = None,
                  aliases: list[tuple[str, int, int]] = ()) -> None:

@@ -32,7 +32,7 @@ from __future__ import annotations
 from bisect import bisect_right
 from dataclasses import dataclass
 
-from ..observe.kobject import known_object
+from ..observe.kernel.kobject import known_object
 from .kerneltable import LiveKernelTable, ModeledKernelTable, kernel_table, leaf_extents, physical_bytes
 from .layout import PAGE, Layout, Region
 from .pagetable import canonical

@@ -10,8 +10,8 @@ from collections import Counter
 from fnmatch import fnmatch
 from dataclasses import dataclass
 
-from ..observe.evidence import Frame
-from ..observe.exitlog import TraceEvent
+from ..observe.kernel.evidence import Frame
+from ..observe.tracing.exitlog import TraceEvent
 from .access import AccessModel, ExitPath, FunctionAccess, base_name
 from .checkresult import Fault
 from .exitcut import RUN_PATH
@@ -22,6 +22,7 @@ from .mapset import DenylistSpace, KvmAddressSpace
 # per-CPU variables are in each CPU's per-CPU unit.
 ALIASES = {"pvm_percpu": "percpu_area"}
 MAX_PAGES_CHECKED = 1024  # pages of one object checked (guest RAM: 2 MiB)
+
 
 @dataclass(frozen=True)
 class Verdict:

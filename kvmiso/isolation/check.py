@@ -38,8 +38,8 @@ from collections import Counter
 from operator import attrgetter
 
 from ..kvm.exits import IntrExit
-from ..observe.evidence import Frame
-from ..observe.exitlog import ExitLog, RunRecord, TraceEvent
+from ..observe.kernel.evidence import Frame
+from ..observe.tracing.exitlog import ExitLog, RunRecord, TraceEvent
 from .access import AccessModel, base_name, opcode
 from .chainwalk import Checker, Verdict
 from .checkresult import CheckResult

@@ -4,8 +4,8 @@ vendor module fires it, else (kvm_pvm) the exit handler's own frames on each eve
 
 from __future__ import annotations
 
-from ..observe.evidence import Frame
-from ..observe.exitlog import TraceEvent
+from ..observe.kernel.evidence import Frame
+from ..observe.tracing.exitlog import TraceEvent
 from .access import base_name
 
 RUN_PATH = "kvm_arch_vcpu_ioctl_run"  # an event below it happened inside KVM_RUN

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from ..observe.livemm import distinct_bytes
+from ..observe.kernel.livemm import distinct_bytes
 from .layout import PAGE, Layout
 from .framestore import ByteStore, FrameStore, PageTableError, SnapshotStore
 from .pagetable import (ADDR_MASK, G, KERNEL_HALF, LEVEL_SHIFT, LEVEL_SPAN, NX, PS, P, RW, SIZE_1G, SIZE_2M, SIZE_4K, US,

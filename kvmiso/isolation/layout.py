@@ -3,7 +3,7 @@ address comes from (``source``) and whether it is a fact or a placement (``model
 
 * **objects** of the VM (the vCPU and VM structs, kvm_run, pio_data, emulate_ctxt, cpuid_entries,
   buses, memslots, the vCPU task, its stack and mm, per-CPU areas, IRQ stacks, srcu data ...) at the
-  real addresses :mod:`kvmiso.observe.evidence` read from the running kernel, with their real
+  real addresses :mod:`kvmiso.observe.kernel.evidence` read from the running kernel, with their real
   sizes; where that evidence is missing (no BPF, not root) the same objects are placed at modeled
   addresses inside the area their allocator uses, and every one says ``modeled``;
 * **sections** of the kernel image and the KVM modules, from /proc/kallsyms;
@@ -22,8 +22,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..observe.evidence import Evidence
-from ..observe.kobject import KernelObject
+from ..observe.kernel.evidence import Evidence
+from ..observe.kernel.kobject import KernelObject
 
 PAGE = 4096
 START_KERNEL_MAP = 0xFFFF_FFFF_8000_0000  # __START_KERNEL_map

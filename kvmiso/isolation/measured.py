@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..observe.accesssummary import WindowSummary
+from ..observe.accesses.accesssummary import WindowSummary
 from .access import AccessModel
 
 KVM_MODULES = ("kvm", "kvm_amd", "kvm_intel", "kvm_pvm")

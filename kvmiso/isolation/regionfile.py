@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..observe.kobject import known_object
+from ..observe.kernel.kobject import known_object
 from .layout import Layout
 from .mapset import LEVELS, KvmAddressSpace, MapSetError, RegionSpec, default_specs
 from .framestore import PageTableError

@@ -26,8 +26,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..observe.accessrecord import Access, Window
-from ..observe.kallsyms import Symbols
+from ..observe.accesses.accessrecord import Access, Window
+from ..observe.kernel.kallsyms import Symbols
 from .access import base_name
 
 # kvm_amd's handlers (svm.c svm_exit_handlers[], 6.1.192) -> the exit reason as the kvm_exit event

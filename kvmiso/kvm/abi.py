@@ -13,6 +13,38 @@ import ctypes
 import functools
 from ctypes import c_int32, c_int16, c_uint8, c_uint16, c_uint32, c_uint64
 
+# the vCPU state structs and struct kvm_run with the exit reasons live beside this file; every
+# name is re-exported here by name, so that abi.kvm_regs and abi.KVM_EXIT_IO name the whole ABI
+from .abi_run import (  # struct kvm_run, its exit union, KVM_EXIT_*
+    kvm_run_io, KVM_EXIT_IO_IN, KVM_EXIT_IO_OUT, kvm_run_mmio, kvm_run_hw,
+    kvm_run_fail_entry, kvm_run_ex, kvm_debug_exit_arch, kvm_run_hypercall, kvm_run_tpr_access,
+    kvm_run_internal, kvm_run_system_event, kvm_run_msr, kvm_run_notify, kvm_run_memory_fault,
+    KVM_MEMORY_EXIT_FLAG_PRIVATE, kvm_run_exit, kvm_run_s,
+    kvm_run, KVM_EXIT_UNKNOWN, KVM_EXIT_EXCEPTION, KVM_EXIT_IO, KVM_EXIT_HYPERCALL, KVM_EXIT_DEBUG,
+    KVM_EXIT_HLT, KVM_EXIT_MMIO, KVM_EXIT_IRQ_WINDOW_OPEN, KVM_EXIT_SHUTDOWN, KVM_EXIT_FAIL_ENTRY,
+    KVM_EXIT_INTR, KVM_EXIT_SET_TPR, KVM_EXIT_TPR_ACCESS, KVM_EXIT_S390_SIEIC, KVM_EXIT_S390_RESET,
+    KVM_EXIT_DCR, KVM_EXIT_NMI, KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_OSI, KVM_EXIT_PAPR_HCALL,
+    KVM_EXIT_S390_UCONTROL, KVM_EXIT_WATCHDOG, KVM_EXIT_S390_TSCH, KVM_EXIT_EPR, KVM_EXIT_SYSTEM_EVENT,
+    KVM_EXIT_S390_STSI, KVM_EXIT_IOAPIC_EOI, KVM_EXIT_HYPERV, KVM_EXIT_ARM_NISV, KVM_EXIT_X86_RDMSR,
+    KVM_EXIT_X86_WRMSR, KVM_EXIT_DIRTY_RING_FULL, KVM_EXIT_AP_RESET_HOLD, KVM_EXIT_X86_BUS_LOCK,
+    KVM_EXIT_XEN, KVM_EXIT_RISCV_SBI, KVM_EXIT_RISCV_CSR, KVM_EXIT_NOTIFY, KVM_EXIT_LOONGARCH_IOCSR,
+    KVM_EXIT_MEMORY_FAULT, KVM_EXIT_TDX, KVM_EXIT_REASONS, KVM_INTERNAL_ERROR_NAMES,
+    KVM_SYSTEM_EVENT_NAMES, KVM_MSR_EXIT_REASON_INVAL, KVM_MSR_EXIT_REASON_UNKNOWN,
+    KVM_MSR_EXIT_REASON_FILTER, KVM_MSR_EXIT_REASON_MASK,
+)
+from .abi_vcpu import (  # registers, FPU, MSRs, CPUID, debug, events
+    KVM_NR_INTERRUPTS, kvm_regs, kvm_segment, kvm_dtable, kvm_sregs, kvm_fpu, kvm_msr_entry, kvm_msrs,
+    kvm_msr_list, kvm_cpuid_entry2, kvm_cpuid2, KVM_CPUID_FLAG_SIGNIFCANT_INDEX, kvm_translation,
+    kvm_guest_debug_arch, kvm_guest_debug, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP,
+    KVM_GUESTDBG_USE_SW_BP, KVM_GUESTDBG_USE_HW_BP, KVM_GUESTDBG_INJECT_DB, KVM_GUESTDBG_INJECT_BP,
+    KVM_GUESTDBG_BLOCKIRQ, kvm_vcpu_events, kvm_debugregs, kvm_xsave, KVM_MAX_XCRS, kvm_xcr, kvm_xcrs,
+    kvm_mp_state, KVM_MP_STATE_NAMES, KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UNINITIALIZED,
+    KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_HALTED, KVM_MP_STATE_SIPI_RECEIVED, KVM_MP_STATE_STOPPED,
+    KVM_MP_STATE_CHECK_STOP, KVM_MP_STATE_OPERATING, KVM_MP_STATE_LOAD, KVM_MP_STATE_AP_RESET_HOLD,
+    KVM_MP_STATE_SUSPENDED, kvm_sync_regs, KVM_SYNC_X86_REGS, KVM_SYNC_X86_SREGS, KVM_SYNC_X86_EVENTS,
+    KVM_SYNC_X86_VALID_FIELDS,
+)
+
 # --- ioctl number encoding (<asm-generic/ioctl.h>) -------------------------------------------
 
 _IOC_NRBITS, _IOC_TYPEBITS, _IOC_SIZEBITS = 8, 8, 14
@@ -133,12 +165,6 @@ KVM_MSR_FILTER_DEFAULT_DENY = 1 << 0
 KVM_MSR_FILTER_VALID_MASK = KVM_MSR_FILTER_DEFAULT_DENY
 
 
-from .abi_vcpu import *  # noqa: E402,F401,F403 (registers, FPU, MSRs, CPUID, debug, events)
-from .abi_vcpu import (kvm_cpuid2, kvm_debugregs, kvm_fpu, kvm_guest_debug, kvm_mp_state,  # noqa: E402
-                       kvm_msr_list, kvm_msrs, kvm_regs, kvm_sregs, kvm_translation, kvm_vcpu_events, kvm_xcrs,
-                       kvm_xsave)
-
-
 class kvm_irq_level(ctypes.Structure):
     """struct kvm_irq_level (KVM_IRQ_LINE): an interrupt line and its level."""
 
@@ -207,10 +233,6 @@ KVM_STATS_TYPE_NAMES = {0: "cumulative", 1: "instant", 2: "peak", 3: "linear_his
 KVM_STATS_UNIT_NAMES = {0: "none", 1: "bytes", 2: "seconds", 3: "cycles", 4: "boolean"}
 KVM_STATS_BASE_NAMES = {0: "pow10", 1: "pow2"}
 
-# --- struct kvm_run and the exit reasons: kvm/abi_run.py ------------------------------------
-
-from .abi_run import *  # noqa: E402,F401,F403 (one namespace for the whole ABI)
-
 # --- capabilities (KVM_CHECK_EXTENSION) --------------------------------------------------------
 
 KVM_CAPS = {
@@ -234,7 +256,6 @@ KVM_CAPS = {
     "DISABLE_QUIRKS": 116, "DISABLE_QUIRKS2": 213, "DIRTY_LOG_RING_ACQ_REL": 223, "USER_MEMORY2": 231, "MEMORY_FAULT_INFO": 232,
     "MEMORY_ATTRIBUTES": 233, "GUEST_MEMFD": 234, "VM_TYPES": 235,
 }
-
 
 
 def capability_number(cap: str | int) -> int:

@@ -53,7 +53,6 @@ class VcpuClosed(ValueError):
     closed file is)."""
 
 
-
 def _errno_text(err: int) -> str:
     import os
 

@@ -18,7 +18,6 @@ from .exits import (DATALESS, MSR_REPLY_AREA, DebugExit, ExceptionExit, Exit, Fa
 from .runpage import DETACHED, RunPage
 
 
-
 # Constructors for the hot exits that set the slots directly: a frozen dataclass's __init__ goes
 # through object.__setattr__ per field, which costs more than KVM_RUN's own ioctl overhead on
 # the Vcpu.run() path. Positional arguments in field order (the unpacking fails loudly if the
@@ -80,6 +79,11 @@ def decode(page: memoryview, mapped: RunPage = DETACHED) -> Exit:
     simple = DATALESS.get(reason)
     if simple is not None:
         return simple
+    return _decode_with_data(reason, page, mapped)
+
+
+def _decode_with_data(reason: int, page: memoryview, mapped: RunPage) -> Exit:
+    """Every other exit: the ones with a member of the union to read, off the hot path."""
     if reason == abi.KVM_EXIT_DEBUG:
         return DebugExit(*_debug(page))
     if reason == abi.KVM_EXIT_UNKNOWN:
@@ -101,14 +105,18 @@ def decode(page: memoryview, mapped: RunPage = DETACHED) -> Exit:
         typ, ndata = _system_event(page)
         return SystemEventExit(typ, _u64s(page, _SYSTEM_EVENT_DATA, ndata))
     if reason in (abi.KVM_EXIT_X86_RDMSR, abi.KVM_EXIT_X86_WRMSR):
-        msr_reason, index, data = _msr(page)
-        err = page[MSR_REPLY_AREA]
-        if reason == abi.KVM_EXIT_X86_RDMSR:
-            return RdmsrExit(index, msr_reason, err, mapped)
-        return WrmsrExit(index, msr_reason, err, mapped, data)
+        return _msr_exit(reason, page, mapped)
     if reason == abi.KVM_EXIT_NOTIFY:
         return NotifyExit(*_notify(page))
     if reason == abi.KVM_EXIT_MEMORY_FAULT:
         flags, gpa, size = _memory_fault(page)
         return MemoryFaultExit(gpa, size, flags)
     return UnknownExit(reason)
+
+
+def _msr_exit(reason: int, page: memoryview, mapped: RunPage) -> RdmsrExit | WrmsrExit:
+    msr_reason, index, data = _msr(page)
+    err = page[MSR_REPLY_AREA]
+    if reason == abi.KVM_EXIT_X86_RDMSR:
+        return RdmsrExit(index, msr_reason, err, mapped)
+    return WrmsrExit(index, msr_reason, err, mapped, data)

@@ -20,7 +20,6 @@ from .x86 import cpu_has
 DEV_KVM = "/dev/kvm"
 
 
-
 class Kvm(FdOwner):
     """The KVM system fd. A context manager; ``close()`` is idempotent.
 

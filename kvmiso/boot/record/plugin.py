@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from ...guest.build import cache_root
-from ..errors import BootError
+from ..booterror import BootError
 
 SOURCE = Path(__file__).resolve().parent / "accesses.c"
 # QEMU releases this plugin was run with. It declares plugin API version 1 itself (Debian ships
