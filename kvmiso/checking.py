@@ -29,6 +29,8 @@ def process_target(args: argparse.Namespace) -> int | list[str] | None:
         raise CliError("give a payload, --pid PID or -- COMMAND ..., one of them")
     if args.duration is not None and not (args.pid is not None or args.command):
         raise CliError("--duration is for --pid or -- COMMAND")
+    if args.tracer is not None and not (args.pid is not None or args.command):
+        raise CliError("--tracer is for --pid or -- COMMAND (a payload is traced through tracefs)")
     if args.pid is not None:
         return args.pid
     return args.command or None
@@ -42,7 +44,7 @@ def _watch(args):
     from .session import WatchedProcess, watch_process
 
     try:
-        w, interrupted = watch_process(process_target(args), args.duration), None
+        w, interrupted = watch_process(process_target(args), args.duration, tracer=args.tracer or "bpf"), None
     except ProcessError as e:
         raise CliError(str(e)) from None
     except TracefsUnavailable as e:
@@ -53,6 +55,8 @@ def _watch(args):
         if not isinstance(e.partial, WatchedProcess):
             raise
         w, interrupted = e.partial, e
+    if w.attached.tracer_note:
+        print(f"kvmiso: {w.attached.tracer_note}", file=sys.stderr)
     if w.left_running:  # a wrapper's VMM, a daemon: gone with the watch, and not silently
         print(f"kvmiso: the command ended leaving {', '.join(w.left_running)} running: stopped", file=sys.stderr)
     return w, interrupted
@@ -96,7 +100,7 @@ def cmd_trace_process(args: argparse.Namespace) -> int:
     vms = f" of {len(w.vms)} VMs" if len(w.vms) > 1 else ""  # one at a time, counted as each was created
     print(f"traced pid {w.pid} until {w.attached.ended}{' (INCOMPLETE)' if log.incomplete else ''}: "
           f"{len(log.records)} KVM_RUN calls on {len(vcpus)} vCPU threads{vms}, {events} in-kernel kvm events "
-          f"(kvm_emulate_insn and kvmmmu left out: once per emulated instruction)\n")
+          f"through {w.attached.tracer} (kvm_emulate_insn and kvmmmu left out: once per emulated instruction)\n")
     for v in vcpus:  # a vCPU id where the evidence named its thread, else the thread's id
         name = f"vCPU {v}" if v in w.evidence.threads else f"thread {v}"
         print(f"{name}: {sum(1 for r in log.records if r.vcpu == v)} KVM_RUN calls")

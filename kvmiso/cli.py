@@ -198,6 +198,9 @@ def _add_model_args(sp: argparse.ArgumentParser) -> None:
 def _add_process_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--pid", type=int, help="watch the KVM vCPUs of a running process (QEMU, your VMM)")
     sp.add_argument("--duration", type=positive_seconds, metavar="S", help="with --pid or -- COMMAND: stop after S seconds (a COMMAND gets SIGTERM then)")
+    sp.add_argument("--tracer", choices=("bpf", "tracefs"), help="with --pid or -- COMMAND: bpf (the default: compact "
+                    "records, each call chain kept once in the kernel; tracefs where BPF is refused) or tracefs "
+                    "(every chain copied whole)")
 
 
 def _add_guest_args(sp: argparse.ArgumentParser) -> None:

@@ -142,13 +142,14 @@ class WatchedProcess:
 
 
 def watch_process(target: int | list[str], duration: float | None = None,
-                  events: list[str] | None = None) -> WatchedProcess:
+                  events: list[str] | None = None, tracer: str = "bpf") -> WatchedProcess:
     """Trace a running process (a pid) or a command (started here, traced from its first event)
     until it exits or ``duration`` seconds pass. Its VM's evidence is read through copies of its
     vCPU fds as soon as its vCPUs have run, while it lives. A command started here is stopped
     (SIGTERM, then SIGKILL) on every way out, with every process it started in turn
     (:class:`kvmiso.process.CommandTree`). Interrupted, it raises :class:`Interrupted` with
-    the :class:`WatchedProcess` so far as ``partial`` (its log marked incomplete)."""
+    the :class:`WatchedProcess` so far as ``partial`` (its log marked incomplete). ``tracer``:
+    ``bpf`` or ``tracefs``, as :func:`kvmiso.observe.attach.watch` takes it."""
     import time
 
     got: dict[str, Any] = {"most": 0}  # most: the most VMs the process held at one look
@@ -216,7 +217,7 @@ def watch_process(target: int | list[str], duration: float | None = None,
     interrupted: Interrupted | None = None
     try:
         try:
-            attached = watch(target if isinstance(target, int) else start, until, events)
+            attached = watch(target if isinstance(target, int) else start, until, events, tracer)
         except Interrupted as e:  # Ctrl-C is how a watch without --duration ends: keep what it saw
             if not isinstance(e.partial, Attached):
                 raise

@@ -5,6 +5,7 @@ kernel once it is closed or its process is killed."""
 
 import ctypes
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -16,9 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from kvmiso.cli import main
 from kvmiso.guest import Machine
-from kvmiso.observe.bpf import _bpf
+from kvmiso.observe.bpf import HIDE_ENV, _bpf
 from kvmiso.observe.bpfwatch import BpfTracer
+from kvmiso.observe.exitlog import read_jsonl
 from kvmiso.observe.kallsyms import read_kallsyms
 from kvmiso.observe.tracefs import TraceInstance
 from kvmiso.observe.tracefsmount import TracefsUnavailable
@@ -26,6 +29,8 @@ from kvmiso.observe.tracefsmount import TracefsUnavailable
 EVENTS = ["kvm"]  # every kvm event: the programs of all of them load and attach
 EXITS = 3000
 OBSERVER = ("trace_event_raw_event_", "__traceiter_", "perf_trace_")  # access.toml's observer prefixes
+QEMU = shutil.which("qemu-system-x86_64")
+GUEST = Path(__file__).parent / "guests" / "multiboot.S"
 BPF_PROG_GET_FD_BY_ID, BPF_MAP_GET_FD_BY_ID, BPF_OBJ_GET_INFO_BY_FD = 13, 14, 15
 
 
@@ -158,3 +163,76 @@ def test_a_killed_watcher_leaves_no_program(kvm, tracing):
     assert p.returncode == -signal.SIGKILL, p.stderr
     ids = [tuple(x) for x in eval(p.stdout)]
     assert ids and _gone(ids) == []
+
+
+@pytest.mark.parametrize("argv, why", [
+    (["trace", "portio", "--tracer", "bpf"], "--tracer is for --pid or -- COMMAND"),
+    (["trace", "--pid", "1", "--tracer", "ftrace"], "invalid choice: 'ftrace'"),
+])
+def test_bad_tracer_is_one_line_status_2(argv, why, capsys):
+    try:
+        status = main(argv)
+    except SystemExit as e:  # argparse's refusal of a choice
+        status = e.code
+    assert status == 2
+    err = capsys.readouterr().err
+    assert why in err and len(err.strip().splitlines()) == 1
+
+
+def _image(tmp_path, count):
+    obj, elf = tmp_path / "mb.o", tmp_path / f"mb{count}.elf"
+    subprocess.run(["as", "--32", f"--defsym=COUNT={count}", "-o", str(obj), str(GUEST)], check=True)
+    subprocess.run(["ld", "-m", "elf_i386", "-Ttext=0x100000", "-o", str(elf), str(obj)], check=True)
+    return elf
+
+
+def _qemu(elf, debugcon):
+    return [QEMU, "-enable-kvm", "-nodefaults", "-display", "none", "-m", "64", "-kernel", str(elf),
+            "-debugcon", f"file:{debugcon}", "-device", "isa-debug-exit,iobase=0xf4"]
+
+
+@pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed (Debian: qemu-system-x86)")
+def test_trace_a_command_through_bpf_and_tracefs(kvm, tmp_path, capsys):
+    """`trace -- QEMU` through each tracer: the header says which ran; both logs hold one
+    port-0xe9 OUT per debugcon byte, with the same chain below the tracing's own frames; the
+    check reads the BPF log as it reads tracefs's."""
+    count, logs = 37, {}
+    for tracer in ("bpf", "tracefs"):
+        con, log, ev = tmp_path / f"{tracer}.con", tmp_path / f"{tracer}.jsonl", tmp_path / f"{tracer}.ev.json"
+        rc = main(["trace", "--tracer", tracer, "--json", str(log), "--evidence", str(ev), "--",
+                   *_qemu(_image(tmp_path, count), con)])
+        out = capsys.readouterr().out
+        assert rc == 1 and f"in-kernel kvm events through {tracer} " in out, out
+        assert con.read_bytes().count(b"K") == count
+        got = logs[tracer] = read_jsonl(log)
+        assert got.host["tracer"] == tracer and got.lost_events == 0
+        outs = [e for _, e in got.events() if e.name == "kvm_pio" and e.fields["port"] == 0xE9 and e.fields["rw"] == 1]
+        assert len(outs) == count and all(e.stack for _, e in got.events())
+        assert main(["check", "--policy", "asi", str(log), "--evidence", str(ev)]) == 0
+        assert "exits checked" in capsys.readouterr().out
+
+    symbols = read_kallsyms()
+    if symbols is None:
+        pytest.skip("kallsyms is hidden: the chains' tracing frames cannot be named")
+
+    def chains(log):
+        """The OUTs' chains below the tracing's own frames: the tracepoint's iterator is on the
+        stack only while it has several probes (anybody's), so two runs may differ in it."""
+        def below(stack):
+            names = [symbols.resolve(a)[0] for a in stack]
+            return stack[next(i for i, n in enumerate(names) if not n.startswith(OBSERVER)):]
+        return {below(e.stack) for _, e in log.events() if e.name == "kvm_pio" and e.fields["rw"] == 1
+                and e.fields["port"] == 0xE9}
+
+    assert chains(logs["bpf"]) == chains(logs["tracefs"]) and len(chains(logs["bpf"])) == 1
+
+
+@pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed (Debian: qemu-system-x86)")
+def test_without_bpf_the_trace_runs_through_tracefs_and_says_so(kvm, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv(HIDE_ENV, "1")
+    con = tmp_path / "con"
+    assert main(["trace", "--", *_qemu(_image(tmp_path, 5), con)]) == 1
+    cap = capsys.readouterr()
+    notes = [line for line in cap.err.splitlines() if "BPF" in line]
+    assert len(notes) == 1 and "tracing through tracefs" in notes[0], cap.err
+    assert "in-kernel kvm events through tracefs " in cap.out
