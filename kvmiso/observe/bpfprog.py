@@ -1,7 +1,7 @@
 """The eBPF of kvmiso's BPF watcher (:mod:`.bpfwatch`), assembled here without a compiler: one
 program per kvm tracepoint that writes a compact record into a ring buffer and names its call
-chain by an id in a stack map, the programs that follow a traced thread's forks and exits, and
-the maps they share. The record layout (``HEADER``) is the reader's contract with them.
+chain by an id in a stack map, the programs that follow a traced thread's forks and exits, the
+maps they share and the perf events they hang on. The record layout (``HEADER``) is the reader's contract with them.
 
 Each program says in its docstring what it writes; registers by convention: r6 the tracepoint's
 context, r7 ``cpu << 32 | tid``, r8 the time, r9 the reserved record.
@@ -10,8 +10,10 @@ context, r7 ``cpu << 32 | tid``, r8 the time, r9 the reserved record.
 from __future__ import annotations
 
 import ctypes
+import os
 import struct
 
+from ..kvm._libc import libc as _libc
 from .bpf import (_EXIT, BPF_MAP_CREATE, BPF_PSEUDO_MAP_FD, BpfUnavailable, _add_imm, _bpf, _call, _insn, _ld_imm64,
                   _mov, _mov_imm, _stx64)
 
@@ -24,6 +26,12 @@ _LOOKUP, _UPDATE, _DELETE, _KTIME, _CPU, _PID_TGID = 1, 2, 3, 5, 8, 14
 _GET_STACKID, _GET_STACK, _PROBE_READ_KERNEL, _RB_RESERVE, _RB_SUBMIT = 27, 67, 113, 131, 132
 RB_NO_WAKEUP = 1  # kvmiso drains on a timer: no wakeup (an irq_work) per record
 RB_BUSY, RB_DISCARD, RB_HDR = 1 << 31, 1 << 30, 8
+
+_NR_PERF_EVENT_OPEN = 298
+PERF_TYPE_TRACEPOINT, PERF_SAMPLE_RAW, PERF_FLAG_FD_CLOEXEC = 2, 1 << 10, 8
+PERF_EVENT_IOC_ENABLE, PERF_EVENT_IOC_SET_BPF = 0x2400, 0x40042408
+_ATTR_SIZE = 136  # PERF_ATTR_SIZE_VER8
+_libc.syscall.restype = ctypes.c_long
 
 MAX_DEPTH = 127  # frames per chain: perf's default kernel.perf_event_max_stack
 HEADER = struct.Struct("<HHIQiI")  # event id, flags, tid, ns, chain id (or inline bytes), cpu
@@ -214,6 +222,27 @@ def _map_call(cmd: int, fd: int, key: ctypes.Array | ctypes._SimpleCData, value:
               flags: int = 0) -> None:
     _bpf(cmd, struct.pack("<IIQQQ", fd, 0, ctypes.addressof(key), ctypes.addressof(value) if value is not None else 0,
                           flags))
+
+
+def _perf_tracepoint(event_id: int) -> int:
+    """A perf event on tracepoint ``event_id`` (all threads, CPU 0: a BPF program on it runs on
+    every CPU; the event itself never samples, the program returns 0)."""
+    attr = bytearray(_ATTR_SIZE)
+    struct.pack_into("<IIQQQ", attr, 0, PERF_TYPE_TRACEPOINT, _ATTR_SIZE, event_id, 1, PERF_SAMPLE_RAW)
+    struct.pack_into("<I", attr, 48, 1)  # wakeup_events
+    buf = ctypes.create_string_buffer(bytes(attr), _ATTR_SIZE)
+    fd = _libc.syscall(ctypes.c_long(_NR_PERF_EVENT_OPEN), buf, ctypes.c_long(-1), ctypes.c_long(0),
+                       ctypes.c_long(-1), ctypes.c_long(PERF_FLAG_FD_CLOEXEC))
+    if fd < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"perf_event_open of tracepoint {event_id}: {os.strerror(e)}")
+    return fd
+
+
+def _ioctl(fd: int, request: int, arg: int) -> None:
+    if _libc.ioctl(fd, request, arg) < 0:  # the shared handle's argtypes: int, unsigned long, void *
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
 
 
 __all__ = ["HEADER", "INLINE", "INLINED", "LOST", "MAX_DEPTH", "event_program", "exit_program", "fork_program",

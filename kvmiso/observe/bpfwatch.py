@@ -27,9 +27,12 @@ What it counts rather than hides: records the ring buffer had no room for (``los
 that did not fit the stack map (two chains in one hash bucket), which are then copied whole into
 their record (``inline_chains``), so no event is ever without its chain.
 
->>> with BpfTracer(["kvm:kvm_pio", "kvm:kvm_userspace_exit"], pids=[tid]) as t:    # needs root
-...     t.start(); m.run(); t.stop()
+>>> import threading
+>>> with BpfTracer(["kvm:kvm_pio", "kvm:kvm_userspace_exit"], pids=[threading.get_native_id()]) as t:  # needs root
+...     t.start(); result = m.run(); t.stop()
 ...     events = t.decode(t.read_raw())
+>>> sorted({e.name for e in events}), all(e.stack for e in events)
+(['kvm_pio', 'kvm_userspace_exit'], True)
 """
 
 from __future__ import annotations
@@ -43,47 +46,27 @@ from pathlib import Path
 from typing import Iterable
 
 from .. import interrupt
-from ..kvm._libc import libc as _libc
 from .bpf import BPF_MAP_LOOKUP_ELEM, BPF_PROG_TEST_RUN, HIDE_ENV, BpfUnavailable, _bpf, load_program
 from .bpfprog import (BPF_MAP_DELETE_ELEM, BPF_MAP_UPDATE_ELEM, HEADER, INLINE, INLINED, LOST, MAP_ARRAY, MAP_HASH,
                       MAP_PERCPU_ARRAY, MAP_RINGBUF, MAP_STACK_TRACE, MAX_DEPTH, PROG_RAW_TRACEPOINT, PROG_TRACEPOINT,
-                      RB_BUSY, RB_DISCARD, RB_HDR, _map_call, _map_create, _payload, event_program, exit_program,
+                      PERF_EVENT_IOC_ENABLE, PERF_EVENT_IOC_SET_BPF, RB_BUSY, RB_DISCARD, RB_HDR, _ioctl, _map_call,
+                      _map_create, _perf_tracepoint, _payload, event_program, exit_program,
                       fork_program, tid_program)
 from .exitlog import TraceEvent
 from .traceformat import EventFormat, FormatError
 from .tracefs import TraceInstance, choose_events
 from .tracefsmount import TRACEFS, tracefs_root
 
-_NR_PERF_EVENT_OPEN = 298
-PERF_TYPE_TRACEPOINT, PERF_SAMPLE_RAW, PERF_FLAG_FD_CLOEXEC = 2, 1 << 10, 8
-PERF_EVENT_IOC_ENABLE, PERF_EVENT_IOC_SET_BPF = 0x2400, 0x40042408
-_ATTR_SIZE = 136  # PERF_ATTR_SIZE_VER8
 STACK_BUCKETS = 16384  # distinct chains kept; a chain hashed onto a taken bucket is copied inline
 RING_BYTES = 32 << 20  # a power of two: ~600,000 records of 56 bytes between two drains
 DYNAMIC_EXTRA = 128  # bytes copied past a record's fixed part when it has __data_loc fields
 CLOSERS = 16  # threads detaching perf events at close (see BpfTracer.close)
-_libc.syscall.restype = ctypes.c_long
 
 
-def _perf_tracepoint(event_id: int) -> int:
-    """A perf event on tracepoint ``event_id`` (all threads, CPU 0: a BPF program on it runs on
-    every CPU; the event itself never samples, the program returns 0)."""
-    attr = bytearray(_ATTR_SIZE)
-    struct.pack_into("<IIQQQ", attr, 0, PERF_TYPE_TRACEPOINT, _ATTR_SIZE, event_id, 1, PERF_SAMPLE_RAW)
-    struct.pack_into("<I", attr, 48, 1)  # wakeup_events
-    buf = ctypes.create_string_buffer(bytes(attr), _ATTR_SIZE)
-    fd = _libc.syscall(ctypes.c_long(_NR_PERF_EVENT_OPEN), buf, ctypes.c_long(-1), ctypes.c_long(0),
-                       ctypes.c_long(-1), ctypes.c_long(PERF_FLAG_FD_CLOEXEC))
-    if fd < 0:
-        e = ctypes.get_errno()
-        raise OSError(e, f"perf_event_open of tracepoint {event_id}: {os.strerror(e)}")
-    return fd
+def _possible_cpus() -> int:
+    from .kobject import possible_cpus
 
-
-def _ioctl(fd: int, request: int, arg: int) -> None:
-    if _libc.ioctl(fd, request, arg) < 0:  # the shared handle's argtypes: int, unsigned long, void *
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
+    return possible_cpus(Path("/sys/devices/system/cpu/possible").read_text())
 
 
 class BpfTracer:
@@ -339,15 +322,7 @@ class BpfTracer:
     def _counter(self, index: int) -> int:
         if "counters" not in self._maps:
             return self._counted.get(index, 0)
-        cpus = os.cpu_count() or 1
-        from .kobject import possible_cpus
-
-        try:
-            with open("/sys/devices/system/cpu/possible") as f:
-                cpus = possible_cpus(f.read())
-        except OSError:
-            pass
-        values = (ctypes.c_uint64 * cpus)()
+        values = (ctypes.c_uint64 * _possible_cpus())()  # a per-CPU map's value: one per possible CPU
         _map_call(BPF_MAP_LOOKUP_ELEM, self._maps["counters"], ctypes.c_uint32(index), values)  # type: ignore[arg-type]
         return sum(values)
 
@@ -380,7 +355,11 @@ def kvm_tracer(kind: str, events: list[str], pids: list[int], buffer_kb: int) ->
     programs, else (and for ``tracefs``) a :class:`.tracefs.TraceInstance` of ``buffer_kb`` per
     CPU. The second item says in one line why ``bpf`` was asked for and tracefs runs ('' else).
 
-    >>> tracer, note = kvm_tracer("bpf", ["kvm:kvm_pio"], [tid], 16384)    # needs root
+    >>> import threading
+    >>> tracer, note = kvm_tracer("bpf", ["kvm:kvm_pio"], [threading.get_native_id()], 4096)    # needs root
+    >>> type(tracer).__name__, note
+    ('BpfTracer', '')
+    >>> tracer.close()
     """
     if kind not in TRACERS:
         raise ValueError(f"tracer {kind!r}: bpf or tracefs")
