@@ -30,9 +30,12 @@ def add_guest_args(sp: argparse.ArgumentParser) -> None:
 
 
 def add_process_args(sp: argparse.ArgumentParser) -> None:
-    """--pid and --duration: watching another process (or a command given after --)."""
+    """--pid, --duration and --tracer: watching another process (or a command given after --)."""
     sp.add_argument("--pid", type=int, help="watch the KVM vCPUs of a running process (QEMU, your VMM)")
     sp.add_argument("--duration", type=positive_seconds, metavar="S", help="with --pid or -- COMMAND: stop after S seconds (a COMMAND gets SIGTERM then)")
+    sp.add_argument("--tracer", choices=("tracefs", "bpf"), help="with --pid or -- COMMAND: tracefs (the default: "
+                    "every call chain copied whole) or bpf (compact records, each call chain kept once in the kernel; "
+                    "tracefs where BPF is refused). Both unwind the stack per event: docs/tracing.md measures them")
 
 
 def add_model_args(sp: argparse.ArgumentParser) -> None:
@@ -108,6 +111,8 @@ def process_target(args: argparse.Namespace) -> int | list[str] | None:
         raise CliError("give a payload, --pid PID or -- COMMAND ..., one of them")
     if args.duration is not None and not (args.pid is not None or args.command):
         raise CliError("--duration is for --pid or -- COMMAND")
+    if args.tracer is not None and not (args.pid is not None or args.command):
+        raise CliError("--tracer is for --pid or -- COMMAND (a payload is traced through tracefs)")
     if args.pid is not None:
         return args.pid
     return args.command or None
@@ -121,7 +126,7 @@ def watch(args: argparse.Namespace) -> tuple[WatchedProcess, Interrupted | None]
     from ..session import WatchedProcess, watch_process
 
     try:
-        w, interrupted = watch_process(process_target(args), args.duration), None
+        w, interrupted = watch_process(process_target(args), args.duration, tracer=args.tracer or "tracefs"), None
     except ProcessError as e:
         raise CliError(str(e)) from None
     except TracefsUnavailable as e:
@@ -132,6 +137,8 @@ def watch(args: argparse.Namespace) -> tuple[WatchedProcess, Interrupted | None]
         if not isinstance(e.partial, WatchedProcess):
             raise
         w, interrupted = e.partial, e
+    if w.attached.tracer_note:
+        print(f"kvmiso: {w.attached.tracer_note}", file=sys.stderr)
     if w.left_running:  # a wrapper's VMM, a daemon: gone with the watch, and not silently
         print(f"kvmiso: the command ended leaving {', '.join(w.left_running)} running: stopped", file=sys.stderr)
     return w, interrupted

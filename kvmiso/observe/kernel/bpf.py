@@ -147,6 +147,23 @@ def _per_cpu_program(map_fd: int, var_btf_id: int) -> bytes:
     ])
 
 
+def load_program(code: bytes, prog_type: int, name: str) -> int:
+    """The fd of eBPF program ``code`` of ``prog_type``, loaded (GPL: bpf_probe_read_kernel and
+    the stack helpers are GPL-only); BpfUnavailable with the verifier's last line if refused."""
+    insns = ctypes.create_string_buffer(code, len(code))
+    lic = ctypes.create_string_buffer(b"GPL")
+    log = ctypes.create_string_buffer(16384)
+    attr = struct.pack("<IIQQIIQII16s", prog_type, len(code) // 8, ctypes.addressof(insns),
+                       ctypes.addressof(lic), 1, len(log), ctypes.addressof(log), 0, 0, name.encode())
+    try:
+        fd, _ = _bpf(BPF_PROG_LOAD, attr)
+    except OSError as e:
+        verifier = log.value.decode(errors="replace").strip().splitlines()
+        raise BpfUnavailable(f"the kernel refused kvmiso's BPF program {name}: {e.strerror}"
+                             + (f" ({verifier[-1]})" if verifier else "")) from None
+    return fd
+
+
 @dataclass(frozen=True)
 class PerCpuVar:
     """A per-CPU variable as vmlinux BTF names it: its VAR type id and its offset in
@@ -188,17 +205,7 @@ class KernelMemory:
         return fd
 
     def _load(self, code: bytes, name: str) -> int:
-        insns = ctypes.create_string_buffer(code, len(code))
-        lic = ctypes.create_string_buffer(b"GPL")  # bpf_probe_read_kernel is GPL-only
-        log = ctypes.create_string_buffer(16384)
-        attr = struct.pack("<IIQQIIQII16s", BPF_PROG_TYPE_RAW_TRACEPOINT, len(code) // 8, ctypes.addressof(insns),
-                           ctypes.addressof(lic), 1, len(log), ctypes.addressof(log), 0, 0, name.encode())
-        try:
-            fd, _ = _bpf(BPF_PROG_LOAD, attr)
-        except OSError as e:
-            verifier = log.value.decode(errors="replace").strip().splitlines()
-            raise BpfUnavailable(f"the kernel refused kvmiso's BPF program {name}: {e.strerror}"
-                                 + (f" ({verifier[-1]})" if verifier else "")) from None
+        fd = load_program(code, BPF_PROG_TYPE_RAW_TRACEPOINT, name)
         self._fds.append(fd)
         return fd
 
@@ -258,4 +265,4 @@ class KernelMemory:
         return struct.unpack_from("<Q", self._run(prog, cpu))[0]
 
 
-__all__ = ["BpfUnavailable", "CHUNK", "HIDE_ENV", "KernelMemory", "KernelReadError", "PerCpuVar"]
+__all__ = ["BpfUnavailable", "CHUNK", "HIDE_ENV", "KernelMemory", "KernelReadError", "PerCpuVar", "load_program"]

@@ -12,6 +12,7 @@ kvm_pvm emulates millions of instructions, which no trace buffer holds; name the
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import select
@@ -23,6 +24,7 @@ from typing import Callable, Iterable
 
 from ...interrupt import Interrupted
 from ...kvm.exits import DATALESS, Exit, IoExit, MmioExit, ObservedExit
+from .bpfwatch import BpfTracer, kvm_tracer
 from .exitlog import ExitLog, RunRecord, TraceEvent
 from ..foreign.vms import ProcessError, pidfd_open, threads
 from .tracefs import TraceInstance, TracefsUnavailable
@@ -49,6 +51,8 @@ class Attached:
     # when each VM the process created while watched was created (CLOCK_MONOTONIC ns); None
     # where the trace cannot tell (see :func:`vm_creations`)
     vm_created: list[int] | None = None
+    tracer: str = "tracefs"  # what recorded the events: "bpf" or "tracefs" (kvmiso.observe.tracing.bpfwatch)
+    tracer_note: str = ""  # why BPF was asked for and tracefs ran, in one line
 
 
 def default_events(root_events: Iterable[str]) -> list[str]:
@@ -57,11 +61,13 @@ def default_events(root_events: Iterable[str]) -> list[str]:
 
 
 def watch(target: int | Callable[[], int], until: Callable[[int], str | None],
-          events: Iterable[str] | None = None) -> Attached:
+          events: Iterable[str] | None = None, tracer: str = "tracefs") -> Attached:
     """Trace a process until ``until(pid)`` returns why to stop (polled every 0.1 s) or the
     process exits. ``target``: a pid to attach to, or a function that starts the process and
     returns its pid (called once tracing runs, so the command is traced from its first event).
     ``events``: names for :class:`TraceInstance` (default: kvm events but ``kvm_emulate_insn``).
+    ``tracer``: ``bpf`` (compact records, call chains kept once in the kernel; tracefs where the
+    host refuses BPF, said in ``tracer_note``) or ``tracefs`` (see :mod:`.bpfwatch`).
     A KeyboardInterrupt stops the watch and is re-raised with ``.partial`` (the
     :class:`Attached` so far, ended ``interrupted``)."""
     in_namespace = pid_namespace() is not None
@@ -73,7 +79,7 @@ def watch(target: int | Callable[[], int], until: Callable[[int], str | None],
     seed = [target, *threads(target)] if isinstance(target, int) else [threading.get_native_id()]
     if events is None:
         events = default_events(_kvm_events())
-    tracer = TraceInstance(list(events), pids=seed, buffer_kb=BUFFER_KB, stacks=True, follow_forks=True)
+    tracer, note = kvm_tracer(tracer, list(events), seed, BUFFER_KB)
     # the loop only drains pages (cheap) and decodes them once at the end: decoding a boot's
     # flood of records takes seconds, during which the buffer would fill and ``until`` not run
     pages: dict[int, list[bytes]] = defaultdict(list)
@@ -84,10 +90,10 @@ def watch(target: int | Callable[[], int], until: Callable[[int], str | None],
 
     def records(ended: str, status: int | None = None) -> Attached:
         got = tracer.decode({cpu: b"".join(p) for cpu, p in pages.items()})
-        return _records(pid, got, tracer, lost_before, ended, own, status)
+        return _records(pid, got, tracer, lost_before, ended, own, status, note)
 
     ended, status = "", None
-    with tracer:
+    with contextlib.closing(tracer):
         own = tracer.kernel_tid()  # as trace records name this thread (read back in a namespace)
         if in_namespace and not isinstance(target, int):
             tracer.set_pids([own])
@@ -116,8 +122,8 @@ def watch(target: int | Callable[[], int], until: Callable[[int], str | None],
         return records(ended, status)
 
 
-def _records(pid: int, events: list[TraceEvent], tracer: TraceInstance, lost_before: int, ended: str,
-             own: int, status: int | None) -> Attached:
+def _records(pid: int, events: list[TraceEvent], tracer: TraceInstance | BpfTracer, lost_before: int, ended: str,
+             own: int, status: int | None, note: str = "") -> Attached:
     """One record per KVM_RUN of every thread but kvmiso's own (``own``), in time order."""
     by_thread: dict[int, list[TraceEvent]] = defaultdict(list)
     for e in events:
@@ -138,12 +144,13 @@ def _records(pid: int, events: list[TraceEvent], tracer: TraceInstance, lost_bef
     records.sort(key=lambda r: r.end_ns)
     for i, r in enumerate(records):
         r.run = i
-    log = ExitLog(records=records, host={"kernel": platform.release(), "vendor": _vendor(), "pid": pid},
+    kind = "bpf" if isinstance(tracer, BpfTracer) else "tracefs"
+    log = ExitLog(records=records, host={"kernel": platform.release(), "vendor": _vendor(), "pid": pid, "tracer": kind},
                   tracing=True, events_enabled=list(tracer.enabled), untraced=untraced_events(tracer.enabled),
                   lost_events=tracer.lost - lost_before,
                   tracing_reason=tracer.describe(), incomplete="interrupted" if ended == "interrupted" else "")
     created = vm_creations(events) if f"kvm:{VM_CREATED[0]}" in tracer.enabled else None
-    return Attached(log, ended, status, sorted(by_thread), unplaced, created)
+    return Attached(log, ended, status, sorted(by_thread), unplaced, created, kind, note)
 
 
 # x86's kvm_arch_init_vm calls pvclock_update_vm_gtod_copy, which fires kvm_update_master_clock:

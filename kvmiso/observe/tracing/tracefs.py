@@ -60,6 +60,35 @@ def _add(path: Path, value: str) -> None:
         os.close(fd)
 
 
+def choose_events(events_dir: Path, requested: Iterable[str] | None) -> tuple[list[tuple[str, str]], list[str]]:
+    """The (system, event) pairs of ``requested`` (``None``: every kvm and kvmmmu event) that
+    ``events_dir`` has, and the names it lacks. Raises :class:`TracefsUnavailable` when none."""
+    available = {s: sorted(e for e in os.listdir(events_dir / s) if (events_dir / s / e / "format").exists())
+                 for s in SYSTEMS if (events_dir / s).is_dir()}
+    if not available:
+        raise TracefsUnavailable("this kernel has no kvm trace events (events/kvm is missing: "
+                                 "is KVM built with tracing?)")
+    chosen: list[tuple[str, str]] = []
+    missing: list[str] = []
+    for req in requested if requested is not None else list(available):
+        sys_, _, ev = req.rpartition(":") if ":" in req else ("", "", req)
+        if not sys_ and ev in SYSTEMS:
+            if ev in available:
+                chosen += [(ev, e) for e in available[ev]]
+            else:
+                missing.append(ev)
+            continue
+        systems = [sys_] if sys_ else list(available)
+        hit = [(s, ev) for s in systems if ev in available.get(s, [])]
+        if hit:
+            chosen += hit[:1]
+        else:
+            missing.append(req)
+    if not chosen:
+        raise TracefsUnavailable(f"none of the requested events exist on this kernel: {', '.join(missing)}")
+    return chosen, missing
+
+
 class TraceInstance:
     """A private tracefs instance with the chosen kvm/kvmmmu events enabled for ``pids``.
 
@@ -178,28 +207,8 @@ class TraceInstance:
 
     def _enable(self, p: Path) -> None:
         events_dir = p / "events"
-        available = {s: sorted(e for e in os.listdir(events_dir / s) if (events_dir / s / e / "format").exists())
-                     for s in SYSTEMS if (events_dir / s).is_dir()}
-        if not available:
-            raise TracefsUnavailable("this kernel has no kvm trace events (events/kvm is missing: "
-                                     "is KVM built with tracing?)")
-        chosen: list[tuple[str, str]] = []
-        for req in self._requested if self._requested is not None else list(available):
-            sys_, _, ev = req.rpartition(":") if ":" in req else ("", "", req)
-            if not sys_ and ev in SYSTEMS:
-                if ev in available:
-                    chosen += [(ev, e) for e in available[ev]]
-                else:
-                    self.missing.append(ev)
-                continue
-            systems = [sys_] if sys_ else list(available)
-            hit = [(s, ev) for s in systems if ev in available.get(s, [])]
-            if hit:
-                chosen += hit[:1]
-            else:
-                self.missing.append(req)
-        if not chosen:
-            raise TracefsUnavailable(f"none of the requested events exist on this kernel: {', '.join(self.missing)}")
+        chosen, missing = choose_events(events_dir, self._requested)
+        self.missing += missing
         stack_fmt = events_dir / "ftrace" / "kernel_stack" / "format"
         if self.stacks and stack_fmt.exists():
             self.stack_format = EventFormat.parse(stack_fmt.read_text(), "ftrace")
@@ -350,4 +359,4 @@ class TraceInstance:
         return "; ".join(notes)
 
 
-__all__ = ["DEFAULT_BUFFER_KB", "FormatError", "TraceInstance", "TracefsUnavailable"]
+__all__ = ["DEFAULT_BUFFER_KB", "FormatError", "TraceInstance", "TracefsUnavailable", "choose_events"]

@@ -1,0 +1,249 @@
+"""The eBPF of kvmiso's BPF watcher (:mod:`.bpfwatch`), assembled here without a compiler: one
+program per kvm tracepoint that writes a compact record into a ring buffer and names its call
+chain by an id in a stack map, the programs that follow a traced thread's forks and exits, the
+maps they share and the perf events they hang on. The record layout (``HEADER``) is the reader's contract with them.
+
+Each program says in its docstring what it writes; registers by convention: r6 the tracepoint's
+context, r7 ``cpu << 32 | tid``, r8 the time, r9 the reserved record.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import struct
+
+from ...kvm._libc import libc as _libc
+from .bpf import (_EXIT, BPF_MAP_CREATE, BPF_PSEUDO_MAP_FD, BpfUnavailable, _add_imm, _bpf, _call, _insn, _ld_imm64,
+                  _mov, _mov_imm, _stx64)
+
+# bpf(2) (include/uapi/linux/bpf.h)
+BPF_MAP_UPDATE_ELEM, BPF_MAP_DELETE_ELEM = 2, 3
+MAP_HASH, MAP_ARRAY, MAP_PERCPU_ARRAY, MAP_STACK_TRACE, MAP_RINGBUF = 1, 2, 6, 7, 27
+PROG_TRACEPOINT, PROG_RAW_TRACEPOINT = 5, 17
+# helpers
+_LOOKUP, _UPDATE, _DELETE, _KTIME, _CPU, _PID_TGID = 1, 2, 3, 5, 8, 14
+_GET_STACKID, _GET_STACK, _PROBE_READ_KERNEL, _RB_RESERVE, _RB_SUBMIT = 27, 67, 113, 131, 132
+RB_NO_WAKEUP = 1  # kvmiso drains on a timer: no wakeup (an irq_work) per record
+RB_BUSY, RB_DISCARD, RB_HDR = 1 << 31, 1 << 30, 8
+
+_NR_PERF_EVENT_OPEN = 298
+PERF_TYPE_TRACEPOINT, PERF_SAMPLE_RAW, PERF_FLAG_FD_CLOEXEC = 2, 1 << 10, 8
+PERF_EVENT_IOC_ENABLE, PERF_EVENT_IOC_SET_BPF = 0x2400, 0x40042408
+_ATTR_SIZE = 136  # PERF_ATTR_SIZE_VER8
+_libc.syscall.restype = ctypes.c_long
+
+MAX_DEPTH = 127  # frames per chain: perf's default kernel.perf_event_max_stack
+HEADER = struct.Struct("<HHIQiI")  # event id, flags, tid, ns, chain id (or inline bytes), cpu
+INLINE = 1  # flags: the chain follows the record, not in the stack map
+# per-CPU counters (a PERCPU_ARRAY): records the ring buffer had no room for, chains copied inline
+LOST, INLINED = 0, 1
+
+
+class _Asm:
+    """eBPF with labels: jumps name their target and are resolved at the end."""
+
+    def __init__(self) -> None:
+        self.items: list[bytes | tuple] = []
+
+    def __call__(self, *code: bytes) -> "_Asm":
+        self.items += code
+        return self
+
+    def jump(self, op: int, dst: int, imm: int, label: str) -> "_Asm":
+        self.items.append(("jump", op, dst, imm, label))
+        return self
+
+    def label(self, name: str) -> "_Asm":
+        self.items.append(("label", name))
+        return self
+
+    def code(self) -> bytes:
+        at, pc = {}, 0
+        for it in self.items:
+            if isinstance(it, tuple):
+                if it[0] == "label":
+                    at[it[1]] = pc
+                else:
+                    pc += 1
+            else:
+                pc += len(it) // 8
+        out, pc = [], 0
+        for it in self.items:
+            if isinstance(it, tuple):
+                if it[0] == "jump":
+                    _, op, dst, imm, label = it
+                    out.append(_insn(op, dst, 0, at[label] - pc - 1, imm))
+                    pc += 1
+            else:
+                out.append(it)
+                pc += len(it) // 8
+        return b"".join(out)
+
+
+JEQ, JSLT, JA = 0x15, 0xC5, 0x05  # if dst == imm, if (s64)dst < imm, goto
+
+
+def _st(size: int, dst: int, off: int, imm: int) -> bytes:
+    return _insn({1: 0x72, 2: 0x6A, 4: 0x62, 8: 0x7A}[size], dst, 0, off, imm)
+
+
+def _stx32(dst: int, src: int, off: int) -> bytes:
+    return _insn(0x63, dst, src, off)
+
+
+def _ldx32(dst: int, src: int, off: int) -> bytes:
+    return _insn(0x61, dst, src, off)
+
+
+def _map(reg: int, fd: int) -> bytes:
+    return _ld_imm64(reg, fd, BPF_PSEUDO_MAP_FD)
+
+
+def _stack_key(a: _Asm, reg: int, off: int) -> None:
+    """r2 = r10 + off: a pointer to the key at that stack slot."""
+    a(_mov(2, 10), _add_imm(2, off))
+
+
+def _count(a: _Asm, counters: int, index: int, done: str) -> None:
+    """counters[index] += 1 on this CPU, then goto ``done``."""
+    a(_st(4, 10, -16, index), _map(1, counters))
+    _stack_key(a, 2, -16)
+    a(_call(_LOOKUP)).jump(JEQ, 0, 0, done)
+    a(_mov_imm(1, 1), _insn(0xDB, 0, 1, 0, 0)).jump(JA, 0, 0, done)  # lock *(u64 *)r0 += r1
+
+
+def event_program(event_id: int, static: int, extra: int, tids: int, stacks: int, ring: int, counters: int,
+                  on: int) -> bytes:
+    """The program of one tracepoint: while ``on[0]`` is set, for a thread in ``tids``, a record
+    of ``HEADER`` plus the tracepoint's record after its common fields (to ``static``, its fixed
+    part, then ``extra`` bytes of its __data_loc data), and the chain's id in ``stacks`` (or,
+    where the stack map refuses it, the chain itself after the record)."""
+    payload = _payload(static, extra)
+    a = _Asm()
+    a(_mov(6, 1), _st(4, 10, -4, 0), _map(1, on))
+    _stack_key(a, 2, -4)
+    a(_call(_LOOKUP)).jump(JEQ, 0, 0, "out")
+    a(_ldx32(1, 0, 0)).jump(JEQ, 1, 0, "out")  # stopped: an array lookup the verifier inlines, no more
+    a(_call(_PID_TGID), _insn(0xBC, 7, 0), _stx32(10, 7, -4), _map(1, tids))  # w7 = tid
+    _stack_key(a, 2, -4)
+    a(_call(_LOOKUP)).jump(JEQ, 0, 0, "out")
+    a(_call(_CPU), _insn(0x67, 0, 0, 0, 32), _insn(0x4F, 7, 0))  # r7 |= cpu << 32
+    a(_call(_KTIME), _mov(8, 0))
+    a(_mov(1, 6), _map(2, stacks), _mov_imm(3, 0), _call(_GET_STACKID), _mov(9, 0)).jump(JSLT, 9, 0, "inline")
+    size = HEADER.size + payload
+    a(_map(1, ring), _mov_imm(2, size), _mov_imm(3, 0), _call(_RB_RESERVE)).jump(JEQ, 0, 0, "lost")
+    a(_stx32(0, 9, 16), _mov(9, 0))
+    _fill(a, event_id, 0, static, extra)
+    a(_mov(1, 9), _mov_imm(2, RB_NO_WAKEUP), _call(_RB_SUBMIT)).jump(JA, 0, 0, "out")
+    a.label("inline")
+    a(_map(1, ring), _mov_imm(2, size + 8 * MAX_DEPTH), _mov_imm(3, 0), _call(_RB_RESERVE)).jump(JEQ, 0, 0, "lost")
+    a(_mov(9, 0))
+    _fill(a, event_id, INLINE, static, extra)
+    a(_mov(1, 6), _mov(2, 9), _add_imm(2, size), _mov_imm(3, 8 * MAX_DEPTH), _mov_imm(4, 0), _call(_GET_STACK))
+    a(_stx32(9, 0, 16), _mov(1, 9), _mov_imm(2, RB_NO_WAKEUP), _call(_RB_SUBMIT))
+    _count(a, counters, INLINED, "out")
+    a.label("lost")
+    _count(a, counters, LOST, "out")
+    a.label("out")
+    a(_mov_imm(0, 0), _EXIT)
+    return a.code()
+
+
+def _payload(static: int, extra: int) -> int:
+    """Bytes a record keeps after its common fields, rounded up to 8."""
+    return (max(static, 8) - 8 + extra + 7) & ~7
+
+
+def _fill(a: _Asm, event_id: int, flags: int, static: int, extra: int) -> None:
+    """The record at r9: the header (r7: cpu << 32 | tid, r8: time) and the tracepoint's record
+    from the context r6, from offset 8 (a tracepoint program's context has the perf probe's
+    pt_regs pointer where the common fields were) to ``static``, each load within the record
+    (the kernel refuses to attach a program that reads past it), then ``extra`` bytes after it
+    with bpf_probe_read_kernel (the __data_loc data; the verifier cannot bound it)."""
+    a(_st(2, 9, 0, event_id), _st(2, 9, 2, flags), _stx32(9, 7, 4), _stx64(9, 8, 8))
+    a(_mov(1, 7), _insn(0x77, 1, 0, 0, 32), _stx32(9, 1, 20))
+    off = 8
+    for size, ld, st in ((8, 0x79, 0x7B), (4, 0x61, 0x63), (2, 0x69, 0x6B), (1, 0x71, 0x73)):
+        while off + size <= static:
+            a(_insn(ld, 1, 6, off), _insn(st, 9, 1, HEADER.size + off - 8))
+            off += size
+    if extra:
+        a(_mov(1, 9), _add_imm(1, HEADER.size + static - 8), _mov_imm(2, extra), _mov(3, 6), _add_imm(3, static),
+          _call(_PROBE_READ_KERNEL))
+
+
+def fork_program(tids: int, child_pid_offset: int) -> bytes:
+    """sched_process_fork: a thread or child of a traced thread is traced too (tracefs's
+    ``event-fork``); it fires in the parent."""
+    a = _Asm()
+    a(_mov(6, 1), _call(_PID_TGID), _stx32(10, 0, -4), _map(1, tids))
+    _stack_key(a, 2, -4)
+    a(_call(_LOOKUP)).jump(JEQ, 0, 0, "out")
+    a(_ldx32(1, 6, child_pid_offset), _stx32(10, 1, -8), _st(4, 10, -12, 1), _map(1, tids))
+    _stack_key(a, 2, -8)
+    a(_mov(3, 10), _add_imm(3, -12), _mov_imm(4, 0), _call(_UPDATE))
+    a.label("out")
+    a(_mov_imm(0, 0), _EXIT)
+    return a.code()
+
+
+def exit_program(tids: int) -> bytes:
+    """sched_process_exit: a traced thread that ends leaves the set (its id may be reused)."""
+    a = _Asm()
+    a(_call(_PID_TGID), _stx32(10, 0, -4), _map(1, tids))
+    _stack_key(a, 2, -4)
+    a(_call(_DELETE), _mov_imm(0, 0), _EXIT)
+    return a.code()
+
+
+def tid_program(out: int) -> bytes:
+    """Run by BPF_PROG_TEST_RUN in the calling thread: out[0] = its thread id as the kernel
+    knows it (the initial PID namespace's, which the records carry)."""
+    a = _Asm()
+    a(_call(_PID_TGID), _mov(7, 0), _st(4, 10, -4, 0), _map(1, out))
+    _stack_key(a, 2, -4)
+    a(_call(_LOOKUP)).jump(JEQ, 0, 0, "out")
+    a(_stx64(0, 7, 0))
+    a.label("out")
+    a(_mov_imm(0, 0), _EXIT)
+    return a.code()
+
+
+def _map_create(kind: int, key: int, value: int, entries: int, name: str) -> int:
+    try:
+        fd, _ = _bpf(BPF_MAP_CREATE, struct.pack("<IIIIIII16s", kind, key, value, entries, 0, 0, 0, name.encode()))
+    except OSError as e:
+        raise BpfUnavailable(f"bpf(BPF_MAP_CREATE) of {name} failed: {e.strerror}") from None
+    return fd
+
+
+def _map_call(cmd: int, fd: int, key: ctypes.Array | ctypes._SimpleCData, value: ctypes.Array | None = None,
+              flags: int = 0) -> None:
+    _bpf(cmd, struct.pack("<IIQQQ", fd, 0, ctypes.addressof(key), ctypes.addressof(value) if value is not None else 0,
+                          flags))
+
+
+def _perf_tracepoint(event_id: int) -> int:
+    """A perf event on tracepoint ``event_id`` (all threads, CPU 0: a BPF program on it runs on
+    every CPU; the event itself never samples, the program returns 0)."""
+    attr = bytearray(_ATTR_SIZE)
+    struct.pack_into("<IIQQQ", attr, 0, PERF_TYPE_TRACEPOINT, _ATTR_SIZE, event_id, 1, PERF_SAMPLE_RAW)
+    struct.pack_into("<I", attr, 48, 1)  # wakeup_events
+    buf = ctypes.create_string_buffer(bytes(attr), _ATTR_SIZE)
+    fd = _libc.syscall(ctypes.c_long(_NR_PERF_EVENT_OPEN), buf, ctypes.c_long(-1), ctypes.c_long(0),
+                       ctypes.c_long(-1), ctypes.c_long(PERF_FLAG_FD_CLOEXEC))
+    if fd < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"perf_event_open of tracepoint {event_id}: {os.strerror(e)}")
+    return fd
+
+
+def _ioctl(fd: int, request: int, arg: int) -> None:
+    if _libc.ioctl(fd, request, arg) < 0:  # the shared handle's argtypes: int, unsigned long, void *
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+__all__ = ["HEADER", "INLINE", "INLINED", "LOST", "MAX_DEPTH", "event_program", "exit_program", "fork_program",
+           "tid_program"]
