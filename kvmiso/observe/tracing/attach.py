@@ -13,7 +13,6 @@ kvm_pvm emulates millions of instructions, which no trace buffer holds; name the
 from __future__ import annotations
 
 import os
-import platform
 import select
 import signal
 import threading
@@ -21,6 +20,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
+from ...host import Host
 from ...interrupt import Interrupted
 from ...kvm.exits import DATALESS, Exit, IoExit, MmioExit, ObservedExit
 from .exitlog import ExitLog, RunRecord, TraceEvent
@@ -138,7 +138,7 @@ def _records(pid: int, events: list[TraceEvent], tracer: TraceInstance, lost_bef
     records.sort(key=lambda r: r.end_ns)
     for i, r in enumerate(records):
         r.run = i
-    log = ExitLog(records=records, host={"kernel": platform.release(), "vendor": _vendor(), "pid": pid},
+    log = ExitLog(records=records, host=Host.read().exitlog_host(pid),
                   tracing=True, events_enabled=list(tracer.enabled), untraced=untraced_events(tracer.enabled),
                   lost_events=tracer.lost - lost_before,
                   tracing_reason=tracer.describe(), incomplete="interrupted" if ended == "interrupted" else "")
@@ -187,12 +187,6 @@ def _kvm_events() -> list[str]:
         return ["kvm"]
     d = root / "events" / "kvm"
     return sorted(f"kvm:{e}" for e in os.listdir(d) if (d / e / "format").exists()) if d.is_dir() else ["kvm"]
-
-
-def _vendor() -> str:
-    from ...host import vendor_module
-
-    return vendor_module() or ""
 
 
 def exit_of_events(reason: int, events: list[TraceEvent]) -> Exit:
