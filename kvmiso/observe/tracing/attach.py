@@ -74,19 +74,7 @@ def watch(target: int | Callable[[], int], until: Callable[[int], str | None],
     if events is None:
         events = default_events(_kvm_events())
     tracer = TraceInstance(list(events), pids=seed, buffer_kb=BUFFER_KB, stacks=True, follow_forks=True)
-    # the loop only drains pages (cheap) and decodes them once at the end: decoding a boot's
-    # flood of records takes seconds, during which the buffer would fill and ``until`` not run
-    pages: dict[int, list[bytes]] = defaultdict(list)
-
-    def drain() -> None:
-        for cpu, data in tracer.read_raw().items():
-            pages[cpu].append(data)
-
-    def records(ended: str, status: int | None = None) -> Attached:
-        got = tracer.decode({cpu: b"".join(p) for cpu, p in pages.items()})
-        return _records(pid, got, tracer, lost_before, ended, own, status)
-
-    ended, status = "", None
+    pages = _Pages(tracer)
     with tracer:
         own = tracer.kernel_tid()  # as trace records name this thread (read back in a namespace)
         if in_namespace and not isinstance(target, int):
@@ -96,24 +84,50 @@ def watch(target: int | Callable[[], int], until: Callable[[int], str | None],
         lost_before = tracer.lost
         tracer.start()
         pid = target if isinstance(target, int) else target()
-        pidfd = pidfd_open(pid)
         try:
-            while not ended:
-                r, _, _ = select.select([pidfd], [], [], DRAIN_S)
-                drain()
-                if r:
-                    ended, status = _exit_status(pid)
-                else:
-                    ended = until(pid) or ""
+            ended, status = _follow(pid, until, pages.drain)
         except KeyboardInterrupt as e:
-            tracer.stop()
+            partial = _records(pid, pages.final(), tracer, lost_before, "interrupted", own, None)
+            raise Interrupted.of(e, partial) from None
+        return _records(pid, pages.final(), tracer, lost_before, ended, own, status)
+
+
+class _Pages:
+    """The trace's raw pages, drained while the watch runs and decoded once at its end: decoding
+    a boot's flood of records takes seconds, during which the buffer would fill and ``until``
+    not run."""
+
+    def __init__(self, tracer: TraceInstance) -> None:
+        self.tracer = tracer
+        self.pages: dict[int, list[bytes]] = defaultdict(list)
+
+    def drain(self) -> None:
+        """Move what the buffer holds here (cheap: no decoding)."""
+        for cpu, data in self.tracer.read_raw().items():
+            self.pages[cpu].append(data)
+
+    def final(self) -> list[TraceEvent]:
+        """Stop tracing, drain the rest, and decode every page."""
+        self.tracer.stop()
+        self.drain()
+        return self.tracer.decode({cpu: b"".join(p) for cpu, p in self.pages.items()})
+
+
+def _follow(pid: int, until: Callable[[int], str | None], drain: Callable[[], None]) -> tuple[str, int | None]:
+    """Drain the trace every DRAIN_S until the process exits or ``until(pid)`` says why to stop:
+    how the watch ended, and the process's status (:func:`_exit_status`)."""
+    pidfd = pidfd_open(pid)
+    try:
+        while True:
+            r, _, _ = select.select([pidfd], [], [], DRAIN_S)
             drain()
-            raise Interrupted.of(e, records("interrupted")) from None
-        finally:
-            os.close(pidfd)
-        tracer.stop()
-        drain()
-        return records(ended, status)
+            if r:
+                return _exit_status(pid)
+            ended = until(pid)
+            if ended:
+                return ended, None
+    finally:
+        os.close(pidfd)
 
 
 def _records(pid: int, events: list[TraceEvent], tracer: TraceInstance, lost_before: int, ended: str,
