@@ -165,19 +165,27 @@ class Checker:
             if miss is not None:
                 return where, self._miss(kind, miss)
             innermost = fa
+        return where, self._off_chain(e, frames, innermost, after_return if last else [], vcpu, to_userspace)
+
+    def _off_chain(self, e: TraceEvent, frames: list[Frame], innermost: FunctionAccess | None,
+                   after_return: list[tuple[Frame, FunctionAccess, tuple[str, ...]]], vcpu: int,
+                   to_userspace: bool) -> Verdict | None:
+        """Once every frame of ``e``'s chain stayed, what the chain does not show: the calls of
+        its ``innermost`` function that returned before the event or come after it, then
+        (``after_return``) each frame's accesses after the call it was making returned."""
         ev = self.layout.evidence
         returned = innermost.returned_before(e.name, ev.vendor, ev.kernel) if innermost is not None else ()
-        v = self.unseen_calls(returned, kind, vcpu, e.cpu, to_userspace,
+        v = self.unseen_calls(returned, e.kind, vcpu, e.cpu, to_userspace,
                               f"called by {innermost.name}, returned before its {e.name} event") if returned else None
         after = innermost.after.get(e.name, ()) if innermost is not None else ()
         if v is None:
-            v = self.unseen_calls(after, kind, vcpu, e.cpu, to_userspace,
+            v = self.unseen_calls(after, e.kind, vcpu, e.cpu, to_userspace,
                                   f"called by {innermost.name} after its {e.name} event" if after else "")
-        for f, fa, touches in reversed(after_return if last and v is None else []):
+        for f, fa, touches in reversed(after_return if v is None else []):
             miss = self._object_miss(touches, vcpu, e.cpu, f, fa, frames, after_call=True)
             if miss is not None:
-                return where, self._miss(kind, miss)
-        return where, v
+                return self._miss(e.kind, miss)
+        return v
 
     def _tail_called(self, frames: list[Frame]) -> int | None:
         """The index of the frame an exit handler tail-called into, where the chain passes a
