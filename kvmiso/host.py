@@ -47,6 +47,12 @@ def governor(cpu: int | None) -> str:
     return text.strip() or "not readable (no cpufreq in this kernel or VM)"
 
 
+def mitigations(vulnerabilities: dict[str, str]) -> dict[str, str]:
+    """Of ``vulnerabilities`` (/sys/devices/system/cpu/vulnerabilities, as :class:`Host` reads
+    them), those this CPU has, with how the kernel mitigates each."""
+    return {k: v for k, v in vulnerabilities.items() if v != "Not affected"}
+
+
 @dataclass(frozen=True)
 class Host:
     """The host as /sys and /proc describe it."""
@@ -85,7 +91,7 @@ class Host:
     @property
     def mitigations(self) -> dict[str, str]:
         """The vulnerabilities this CPU has and how the kernel mitigates each."""
-        return {k: v for k, v in self.vulnerabilities.items() if v != "Not affected"}
+        return mitigations(self.vulnerabilities)
 
     def exitlog_host(self, pid: int) -> dict[str, str | int | None]:
         """Where an exit log was taken, as its header records it: kernel, vendor module, CPU and

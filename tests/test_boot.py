@@ -25,6 +25,7 @@ from kvmiso.boot import BootError, Kernel
 from kvmiso.boot.initramfs import _elf_interpreter, command_script, newc_archive
 from kvmiso.boot.kernel import bzimage_release, debian_kernel, module_key
 from kvmiso.boot.qemu import QEMU, GuestRun, _follow, choose_accel, host_nests
+from kvmiso.host import Host
 
 FIXTURES = Path(__file__).parent / "fixtures" / "boot"
 BUSYBOX = "/bin/busybox"
@@ -165,8 +166,8 @@ def test_bzimage_release_read_from_the_setup_header(debian, tmp_path):
         bzimage_release(notimage)
 
 
-def test_accelerator_follows_what_this_host_can_nest(vendor):
-    nests, why = host_nests(vendor)  # from /dev/kvm, /sys/module/*/parameters/nested and the CPU flags
+def test_accelerator_follows_what_this_host_can_nest():
+    nests, why = host_nests(Host.read())  # from /dev/kvm, /sys/module/*/parameters/nested and the CPU flags
     acc = choose_accel()
     assert acc.why == why
     if nests:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..host import vendor_module
+from ..host import Host
 from ..interrupt import SIGNAL_CHECK_S
 from ..kvm._libc import libc
 from ..commandtree import stop
@@ -49,8 +49,7 @@ class Accel:
 def choose_accel(requested: str = "auto", cpu: str | None = None) -> Accel:
     """KVM when this host's vendor module nests (kvm_amd or kvm_intel with nested=1 and the
     CPU flag), else TCG, QEMU's software emulation, whose ``max`` CPU offers SVM."""
-    vendor = vendor_module()
-    nests, why = host_nests(vendor)
+    nests, why = host_nests(Host.read())
     if requested == "kvm" and not nests:
         raise BootError(f"--accel kvm: {why}")
     if requested == "kvm" or (requested == "auto" and nests):
@@ -58,8 +57,9 @@ def choose_accel(requested: str = "auto", cpu: str | None = None) -> Accel:
     return Accel("tcg", cpu or TCG_CPU, "asked for TCG" if requested == "tcg" else why)
 
 
-def host_nests(vendor: str | None) -> tuple[bool, str]:
+def host_nests(host: Host) -> tuple[bool, str]:
     """Whether KVM here can run QEMU's KVM accelerator for a guest that runs KVM itself, and why."""
+    vendor = host.vendor
     if not os.path.exists("/dev/kvm"):
         return False, "this host has no /dev/kvm"
     if vendor not in NESTED_FLAG:
@@ -67,7 +67,7 @@ def host_nests(vendor: str | None) -> tuple[bool, str]:
     nested = Path(f"/sys/module/{vendor}/parameters/nested")
     if not nested.exists() or nested.read_text().strip() not in ("1", "Y"):
         return False, f"{vendor} does not nest here (nested=0)"
-    if NESTED_FLAG[vendor] not in Path("/proc/cpuinfo").read_text().split():
+    if NESTED_FLAG[vendor] not in host.cpu_flags:
         return False, f"this CPU does not offer {NESTED_FLAG[vendor]}"
     return True, f"{vendor} with nested virtualization"
 

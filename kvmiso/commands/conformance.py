@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import tempfile
@@ -26,7 +25,7 @@ from typing import Any
 
 from ..exitstatus import EXIT_FAILED, CliError
 from ..conformance_plugin import RESULTS_OPTION
-from ..host import vendor_module
+from ..host import Host
 
 PORTS = Path(__file__).resolve().parents[2] / "tests" / "selftests"  # in a checkout (an editable install)
 
@@ -70,7 +69,8 @@ def run_ports(path: str, select: str | None = None) -> dict[str, Any]:
             raise CliError(f"pytest ended with status {status} before any result (is pytest installed? "
                            "pip install 'kvmiso[test]')")
         results = json.loads(out.read_text())
-    return {"vendor": vendor_module(), "kernel": platform.release(), "path": path, "results": results}
+    host = Host.read()
+    return {"vendor": host.vendor, "kernel": host.kernel, "path": path, "results": results}
 
 
 def print_table(run: dict[str, Any]) -> None:

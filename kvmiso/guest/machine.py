@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator
 from ..host import vendor_module
 from ..interrupt import Interrupted, kicked_by_interrupts
 from ..kvm import Kvm, Vcpu, Vm, abi, close_all
+from ..kvm.stats import Stats
 from ..kvm.exits import DebugExit, Exit, IntrExit, IoExit, MmioExit, RdmsrExit, WrmsrExit, detach
 from . import modes
 from .build import BITS, Image, Source, build, default_mode
@@ -191,40 +192,47 @@ class Machine:
                     res.runs += 1  # before the call: an interrupted KVM_RUN counts too
                     exit = v.run()
                     if isinstance(exit, IntrExit):
-                        if dl.expired:
-                            res.outcome, res.detail = Outcome.TIMEOUT, self._describe_stop(
-                                v, stats, before, res.runs - 1, res.console_dropped)
-                        else:
-                            res.outcome, res.detail = Outcome.INTERRUPTED, "KVM_RUN was interrupted by a kick"
+                        res.outcome, res.detail = self._kicked(v, stats, before, res, dl.expired)
                         break
                     if on_exit is not None and on_exit(exit):
                         res.outcome, res.detail = Outcome.STOPPED, f"on_exit ended the run at {exit.name}"
                     else:
                         self._handle(v, exit, res, console, on_io, on_mmio, on_msr, stop_at_sync)
                     if record:
-                        if len(res.exits) < MAX_EXITS:
-                            res.exits.append(detach(exit))
-                        else:
-                            res.exits_dropped += 1
+                        _record(res, exit)
                     if max_exits is not None and res.runs >= max_exits and res.outcome is None:
                         res.outcome, res.detail = Outcome.EXIT_LIMIT, f"stopped after {max_exits} exits"
         except KeyboardInterrupt as e:
-            # SIGINT or SIGTERM: the partial result goes up with the interruption, for the
-            # caller to report as incomplete
-            stop = Interrupted.of(e, res)
-            if res.outcome is None:
-                res.outcome, res.detail = Outcome.INTERRUPTED, f"{stop.signal.name} arrived before the guest finished; " + (
-                    self._describe_stop(v, stats, before, max(0, res.runs - 1), res.console_dropped))
-            raise stop from None
+            raise self._interrupted(e, v, stats, before, res) from None
         finally:
-            res.elapsed = time.perf_counter() - t0
-            res.console = bytes(console)
-            if console:
-                self.console[:] = (self.console + console)[-MAX_CONSOLE:]
-            res.stats = stats.delta(before, stats.read_raw())
+            self._end_run(res, console, stats, before, t0)
         if res.outcome is Outcome.TIMEOUT:
             raise GuestTimeout(timeout, res.detail, res.runs - 1, result=res)
         return res
+
+    def _kicked(self, vcpu: Vcpu, stats: Stats, before: bytes, res: RunResult, expired: bool) -> tuple[Outcome, str]:
+        """The outcome of a KVM_RUN a kick ended: the deadline's (where the guest was) or another's."""
+        if expired:
+            return Outcome.TIMEOUT, self._describe_stop(vcpu, stats, before, res.runs - 1, res.console_dropped)
+        return Outcome.INTERRUPTED, "KVM_RUN was interrupted by a kick"
+
+    def _interrupted(self, e: KeyboardInterrupt, vcpu: Vcpu, stats: Stats, before: bytes,
+                     res: RunResult) -> Interrupted:
+        """SIGINT or SIGTERM during a run: the Interrupted to raise, whose partial result (what
+        the guest was doing, in its detail) the caller reports as incomplete."""
+        stop = Interrupted.of(e, res)
+        if res.outcome is None:
+            res.outcome, res.detail = Outcome.INTERRUPTED, f"{stop.signal.name} arrived before the guest finished; " + (
+                self._describe_stop(vcpu, stats, before, max(0, res.runs - 1), res.console_dropped))
+        return stop
+
+    def _end_run(self, res: RunResult, console: bytearray, stats: Stats, before: bytes, t0: float) -> None:
+        """What every run keeps however it ended: its time, console output and statistics."""
+        res.elapsed = time.perf_counter() - t0
+        res.console = bytes(console)
+        if console:
+            self.console[:] = (self.console + console)[-MAX_CONSOLE:]
+        res.stats = stats.delta(before, stats.read_raw())
 
     def run_all(self, timeout: float = 5.0, **kwargs: Any) -> list[RunResult]:
         """Run every vCPU at once, one thread each; returns one result per vCPU, in order.
@@ -369,6 +377,14 @@ def _add_console(res: RunResult, console: bytearray, data: bytes) -> None:
     room = MAX_CONSOLE - len(console)
     console += data[:room]
     res.console_dropped += max(0, len(data) - room)
+
+
+def _record(res: RunResult, exit: Exit) -> None:
+    """Keep ``exit`` in the result: the first MAX_EXITS of a run, the rest only counted."""
+    if len(res.exits) < MAX_EXITS:
+        res.exits.append(detach(exit))
+    else:
+        res.exits_dropped += 1
 
 
 def _default_answer(exit: Exit) -> None:

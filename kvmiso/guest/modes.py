@@ -166,55 +166,71 @@ def boot_state(image: Image, mode: str, cpl: int, vcpu_id: int, stack_top: int, 
         raise ValueError(f"cpl must be 0 or 3, not {cpl}")
     if cpl == 3 and mode != "long":
         raise ValueError(f"CPL3 is available in long mode only, not in {mode} mode")
-    writes: list[tuple[int, bytes]] = []
     regs = abi.kvm_regs(rip=image.entry, rflags=RFLAGS_FIXED, rsp=stack_top, rdi=vcpu_id)
     if mode == "real":
-        seg = _segment(0, 0x3, 1, 0, 0, 0, limit=0xFFFF, g=0)
-        for name in ("ds", "es", "fs", "gs", "ss"):
-            setattr(sregs, name, seg)
-        sregs.cs = _segment(0, 0xB, 1, 0, 0, 0, limit=0xFFFF, g=0)
-        ivt = ivt_bytes(image.symbols["exception_stubs"])
-        writes.append((IVT, ivt))
-        sregs.idt.base, sregs.idt.limit = IVT, len(ivt) - 1
-        regs.rsp = REAL_MODE_STACK
-        sregs.cr0 &= ~(CR0_PE | CR0_PG)
-    else:
-        long_mode = mode == "long"
-        # CPL3 may use every port by both rules: a zero I/O bitmap in the TSS (kvm_pvm ignores
-        # RFLAGS.IOPL for the guest but honours the bitmap) and IOPL 3 (set below; QEMU's TCG
-        # consults the bitmap only through a TR cached as "available", and KVM loads it "busy":
-        # measured under kvmiso boot, CPL3 port I/O took #GP there with the bitmap alone).
-        writes.append((GDT, gdt_bytes(long_mode)))
-        idt = idt_bytes(image.symbols["exception_stubs"], long_mode)
-        writes.append((IDT, idt))
-        idt_limit = len(idt) - 1
-        if vcpu_id >= MAX_VCPUS:
-            raise ValueError(f"at most {MAX_VCPUS} vCPUs: each has its own TSS below the scratch memory at {SCRATCH:#x}")
-        tss = TSS + vcpu_id * TSS_STRIDE
-        writes.append((tss, tss_bytes(long_mode, kernel_stack_top)))
-        sregs.gdt.base, sregs.gdt.limit = GDT, 8 * 8 - 1
-        sregs.idt.base, sregs.idt.limit = IDT, idt_limit
-        # TR's base is loaded as given (the GDT's descriptor, vCPU 0's, is read only by LTR)
-        sregs.tr = _segment(SEL_TSS, 0xB, 0, 0, 0, 0, base=tss, limit=TSS_LIMIT, g=0)
-        sregs.ldt = abi.kvm_segment(type=0x2, present=1, unusable=1)
-        sregs.cr0 = CR0_PE | CR0_ET | CR0_NE
-        if long_mode:
-            writes += zip((PML4, PDPT, PD), identity_map_bytes())
-            sregs.cr0 |= CR0_PG | CR0_WP | CR0_MP
-            sregs.cr3 = PML4
-            sregs.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT
-            sregs.efer = EFER_LME | EFER_LMA | EFER_NXE
-            if cpl == 3:
-                code, data = SEL_USER_CODE64, SEL_USER_DATA
-                regs.rflags |= RFLAGS_IOPL3
-            else:
-                code, data = SEL_CODE64, SEL_DATA
+        return Boot(_real_mode(image, sregs, regs), bytes(sregs), bytes(regs))
+    writes = _descriptor_tables(image, mode == "long", vcpu_id, kernel_stack_top, sregs)
+    sregs.cr0 = CR0_PE | CR0_ET | CR0_NE
+    if mode == "long":
+        writes += _paging(sregs)
+        if cpl == 3:
+            code, data = SEL_USER_CODE64, SEL_USER_DATA
+            regs.rflags |= RFLAGS_IOPL3  # CPL3 may use every port: see _descriptor_tables
         else:
-            code, data = SEL_CODE32, SEL_DATA
-            sregs.cr4 = sregs.efer = 0
-        typ, s, l, db, dpl = _SEGMENTS[code & ~3]
-        sregs.cs = _segment(code, typ, s, l, db, dpl)
-        typ, s, l, db, dpl = _SEGMENTS[data & ~3]
-        for name in ("ds", "es", "fs", "gs", "ss"):
-            setattr(sregs, name, _segment(data, typ, s, l, db, dpl))
+            code, data = SEL_CODE64, SEL_DATA
+    else:
+        code, data = SEL_CODE32, SEL_DATA
+        sregs.cr4 = sregs.efer = 0
+    _flat_segments(sregs, code, data)
     return Boot(tuple(writes), bytes(sregs), bytes(regs))
+
+
+def _real_mode(image: Image, sregs: abi.kvm_sregs, regs: abi.kvm_regs) -> tuple[tuple[int, bytes], ...]:
+    """Real mode's segments, IVT and stack, set in ``sregs`` and ``regs``; the IVT's write."""
+    seg = _segment(0, 0x3, 1, 0, 0, 0, limit=0xFFFF, g=0)
+    for name in ("ds", "es", "fs", "gs", "ss"):
+        setattr(sregs, name, seg)
+    sregs.cs = _segment(0, 0xB, 1, 0, 0, 0, limit=0xFFFF, g=0)
+    ivt = ivt_bytes(image.symbols["exception_stubs"])
+    sregs.idt.base, sregs.idt.limit = IVT, len(ivt) - 1
+    regs.rsp = REAL_MODE_STACK
+    sregs.cr0 &= ~(CR0_PE | CR0_PG)
+    return ((IVT, ivt),)
+
+
+def _descriptor_tables(image: Image, long_mode: bool, vcpu_id: int, kernel_stack_top: int,
+                       sregs: abi.kvm_sregs) -> list[tuple[int, bytes]]:
+    """The GDT, the IDT and this vCPU's TSS: their writes, and GDTR, IDTR, TR and LDTR in ``sregs``."""
+    # CPL3 may use every port by both rules: a zero I/O bitmap in the TSS (kvm_pvm ignores
+    # RFLAGS.IOPL for the guest but honours the bitmap) and IOPL 3 (set by boot_state; QEMU's TCG
+    # consults the bitmap only through a TR cached as "available", and KVM loads it "busy":
+    # measured under kvmiso boot, CPL3 port I/O took #GP there with the bitmap alone).
+    if vcpu_id >= MAX_VCPUS:
+        raise ValueError(f"at most {MAX_VCPUS} vCPUs: each has its own TSS below the scratch memory at {SCRATCH:#x}")
+    idt = idt_bytes(image.symbols["exception_stubs"], long_mode)
+    tss = TSS + vcpu_id * TSS_STRIDE
+    sregs.gdt.base, sregs.gdt.limit = GDT, 8 * 8 - 1
+    sregs.idt.base, sregs.idt.limit = IDT, len(idt) - 1
+    # TR's base is loaded as given (the GDT's descriptor, vCPU 0's, is read only by LTR)
+    sregs.tr = _segment(SEL_TSS, 0xB, 0, 0, 0, 0, base=tss, limit=TSS_LIMIT, g=0)
+    sregs.ldt = abi.kvm_segment(type=0x2, present=1, unusable=1)
+    return [(GDT, gdt_bytes(long_mode)), (IDT, idt), (tss, tss_bytes(long_mode, kernel_stack_top))]
+
+
+def _paging(sregs: abi.kvm_sregs) -> list[tuple[int, bytes]]:
+    """Long mode's paging (the identity map of the low 4 GiB) and control registers in
+    ``sregs``; the tables' writes."""
+    sregs.cr0 |= CR0_PG | CR0_WP | CR0_MP
+    sregs.cr3 = PML4
+    sregs.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT
+    sregs.efer = EFER_LME | EFER_LMA | EFER_NXE
+    return list(zip((PML4, PDPT, PD), identity_map_bytes()))
+
+
+def _flat_segments(sregs: abi.kvm_sregs, code: int, data: int) -> None:
+    """CS from selector ``code``, and DS, ES, FS, GS and SS from ``data``, as the GDT has them."""
+    typ, s, l, db, dpl = _SEGMENTS[code & ~3]
+    sregs.cs = _segment(code, typ, s, l, db, dpl)
+    typ, s, l, db, dpl = _SEGMENTS[data & ~3]
+    for name in ("ds", "es", "fs", "gs", "ss"):
+        setattr(sregs, name, _segment(data, typ, s, l, db, dpl))

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..host import Host
+from ..host import Host, mitigations
 from ..kvm import CpuidEntry, Kvm
 from .deadline import GuestTimeout
 from .machine import Machine
@@ -128,5 +128,5 @@ def fingerprint(info: dict[str, Any]) -> dict[str, Any]:
     keys = ("cpu", "cpus", "kernel", "vendor", "cpl0_native", "cpuid_intercepted", "cpl0_hypercall_returns",
             "api_version")
     fp = {k: info[k] for k in keys}
-    fp["mitigations"] = {k: v for k, v in info["vulnerabilities"].items() if v != "Not affected"}
+    fp["mitigations"] = mitigations(info["vulnerabilities"])
     return fp

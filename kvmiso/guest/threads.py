@@ -46,22 +46,29 @@ def run_in_threads(work: Callable[[int], None], vcpus: Sequence[Vcpu], name: str
         for t in threads:  # each has left work(); this waits for the thread itself to end
             t.join()
     except BaseException:
-        # Our own events decide what is still running, not is_alive(): an interrupted join()
-        # can mark a live thread as stopped (CPython bpo-45274). A thread that never started
-        # (start() failed) has no ident and nothing to wait for. A second Ctrl-C is held back until every thread has
-        # ended (then it goes up in place of the first): cut short, this would leave a KVM_RUN
-        # running in a VM the caller is about to close.
-        with deferred():
-            started = [t.ident is not None for t in threads]
-            if before_kick is not None:
-                before_kick()
-            with done_lock:
-                for v, t, d, s in zip(vcpus, threads, done, started):
-                    if s and not d.is_set():
-                        v.kick(t.ident)
-            for t, d, s in zip(threads, done, started):
-                if s:
-                    d.wait()  # kicked: each ends within microseconds
-                    t.join()  # and is gone, as on the way out without an interrupt
+        _stop_started(vcpus, threads, done, done_lock, before_kick)
         raise
     return errors
+
+
+def _stop_started(vcpus: Sequence[Vcpu], threads: list[threading.Thread], done: list[threading.Event],
+                  done_lock: threading.Lock, before_kick: Callable[[], None] | None) -> None:
+    """The wait was interrupted: ``before_kick``, then every started thread still in work()
+    kicked out of KVM_RUN, and all of them waited for."""
+    # Our own events decide what is still running, not is_alive(): an interrupted join()
+    # can mark a live thread as stopped (CPython bpo-45274). A thread that never started
+    # (start() failed) has no ident and nothing to wait for. A second Ctrl-C is held back until every thread has
+    # ended (then it goes up in place of the first): cut short, this would leave a KVM_RUN
+    # running in a VM the caller is about to close.
+    with deferred():
+        started = [t.ident is not None for t in threads]
+        if before_kick is not None:
+            before_kick()
+        with done_lock:
+            for v, t, d, s in zip(vcpus, threads, done, started):
+                if s and not d.is_set():
+                    v.kick(t.ident)
+        for t, d, s in zip(threads, done, started):
+            if s:
+                d.wait()  # kicked: each ends within microseconds
+                t.join()  # and is gone, as on the way out without an interrupt

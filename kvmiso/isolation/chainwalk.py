@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from ..observe.kernel.evidence import Frame
 from ..observe.tracing.exitlog import TraceEvent
 from .access import AccessModel, ExitPath, FunctionAccess, base_name
-from .checkresult import Fault
+from .checkresult import ExitClass, Fault
 from .exitcut import RUN_PATH
 from .layout import PAGE, Region
 from .mapset import DenylistSpace, KvmAddressSpace
@@ -28,7 +28,7 @@ MAX_PAGES_CHECKED = 1024  # pages of one object checked (guest RAM: 2 MiB)
 class Verdict:
     """What one event (or one exit) comes to: its class (kvm_mm is None), the exit kind, why."""
 
-    cls: str
+    cls: ExitClass
     kind: str
     why: str = ""
     fault: Fault | None = None  # the miss behind a fault (or, under ASI, behind its asi_exit); count 0
@@ -148,13 +148,13 @@ class Checker:
             fa = self.access.resolve([g.function for g in frames], k, self.layout.evidence.kernel)
             if fa is None:
                 self.unknown[name] += 1
-                return where, Verdict("unknown", kind, f"unknown function on the path: {name}")
+                return where, Verdict(ExitClass.UNKNOWN, kind, f"unknown function on the path: {name}")
             if fa.role == "observer":
                 break  # the tracepoint's own machinery: kvmiso's instrument, not KVM's path
             self._rest(fa)
             why = self.policy.switch_at(name) or self._hidden_switch(names[k - 1], name)
             if why:
-                return where, Verdict("host_mm", kind, f"{name}: {why}")
+                return where, Verdict(ExitClass.HOST_MM, kind, f"{name}: {why}")
             touches = (self.access.implicit if k == start else ()) + self.objects(fa, to_userspace)
             callee = names[k + 1] if k + 1 < len(names) else ""
             early = fa.before.get(callee)
@@ -165,19 +165,27 @@ class Checker:
             if miss is not None:
                 return where, self._miss(kind, miss)
             innermost = fa
+        return where, self._off_chain(e, frames, innermost, after_return if last else [], vcpu, to_userspace)
+
+    def _off_chain(self, e: TraceEvent, frames: list[Frame], innermost: FunctionAccess | None,
+                   after_return: list[tuple[Frame, FunctionAccess, tuple[str, ...]]], vcpu: int,
+                   to_userspace: bool) -> Verdict | None:
+        """Once every frame of ``e``'s chain stayed, what the chain does not show: the calls of
+        its ``innermost`` function that returned before the event or come after it, then
+        (``after_return``) each frame's accesses after the call it was making returned."""
         ev = self.layout.evidence
         returned = innermost.returned_before(e.name, ev.vendor, ev.kernel) if innermost is not None else ()
-        v = self.unseen_calls(returned, kind, vcpu, e.cpu, to_userspace,
+        v = self.unseen_calls(returned, e.kind, vcpu, e.cpu, to_userspace,
                               f"called by {innermost.name}, returned before its {e.name} event") if returned else None
         after = innermost.after.get(e.name, ()) if innermost is not None else ()
         if v is None:
-            v = self.unseen_calls(after, kind, vcpu, e.cpu, to_userspace,
+            v = self.unseen_calls(after, e.kind, vcpu, e.cpu, to_userspace,
                                   f"called by {innermost.name} after its {e.name} event" if after else "")
-        for f, fa, touches in reversed(after_return if last and v is None else []):
+        for f, fa, touches in reversed(after_return if v is None else []):
             miss = self._object_miss(touches, vcpu, e.cpu, f, fa, frames, after_call=True)
             if miss is not None:
-                return where, self._miss(kind, miss)
-        return where, v
+                return self._miss(e.kind, miss)
+        return v
 
     def _tail_called(self, frames: list[Frame]) -> int | None:
         """The index of the frame an exit handler tail-called into, where the chain passes a
@@ -209,9 +217,9 @@ class Checker:
     def _miss(self, kind: str, fault: Fault) -> Verdict:
         """A missing mapping: a fault under an allowlist, ASI's designed asi_exit under a denylist."""
         if self.policy.miss_is_switch:
-            return Verdict("host_mm", kind, f"page fault on sensitive memory ({fault.region}) attributed at "
+            return Verdict(ExitClass.HOST_MM, kind, f"page fault on sensitive memory ({fault.region}) attributed at "
                                              f"{fault.where()}: asi_exit", fault)
-        return Verdict("fault", kind, fault.region, fault)
+        return Verdict(ExitClass.FAULT, kind, fault.region, fault)
 
     def source_path(self, path: ExitPath, vcpu: int, cpu: int, to_userspace: bool) -> Verdict | None:
         """The handler functions an exit runs after its kvm_exit, from source (see
@@ -226,7 +234,7 @@ class Checker:
         for name in functions:
             why = self.policy.switch_at(name)
             if why:
-                return Verdict("host_mm", kind, f"{name} ({origin}): {why}")
+                return Verdict(ExitClass.HOST_MM, kind, f"{name} ({origin}): {why}")
             fa = self.access.functions[name]
             self._rest(fa)
             miss = self._object_miss(self.objects(fa, to_userspace), vcpu, cpu, None, fa, (), origin=origin)

@@ -42,7 +42,7 @@ from ..observe.kernel.evidence import Frame
 from ..observe.tracing.exitlog import ExitLog, RunRecord, TraceEvent
 from .access import AccessModel, base_name, opcode
 from .chainwalk import Checker, Verdict
-from .checkresult import CheckResult
+from .checkresult import CheckResult, ExitClass
 from .exitcut import cut_exits
 from .mapset import DenylistSpace, KvmAddressSpace
 
@@ -121,7 +121,7 @@ def _classify_run(checker: Checker, r: RunRecord, has_exit_events: bool, res: Ch
     for x, verdict, opener, resting in verdicts:
         cls = _tally(res, verdict, opener.kind, n)
         res.rest(cls, resting, n)
-        if cls in ("host_mm", "fault"):
+        if cls.leaves:
             switches += 1 + (1 if x < last else 0)  # out, and back in before the next entry
             left = x == last
     return switches + (0 if left else 1)  # the end of vcpu_run: back to the full space for userspace
@@ -224,16 +224,16 @@ def _exit_verdict(checker: Checker, r: RunRecord, group: list[int], chains: list
     return verdict, where, opener
 
 
-def _tally(res: CheckResult, verdict: Verdict | None, kind: str, n: int) -> str:
+def _tally(res: CheckResult, verdict: Verdict | None, kind: str, n: int) -> ExitClass:
     """Count ``n`` exits of ``kind`` with ``verdict`` into ``res``; their class."""
-    cls = verdict.cls if verdict else "kvm_mm"
+    cls = verdict.cls if verdict else ExitClass.KVM_MM
     kind = verdict.kind if verdict else kind
     res.exits += n
     res.classes[cls] += n
     res.by_kind.setdefault(cls, Counter())[kind] += n
-    if cls == "host_mm":
+    if cls is ExitClass.HOST_MM:
         res.reasons[verdict.why] += n
-    if cls == "fault":
+    if cls is ExitClass.FAULT:
         f = verdict.fault
         fault = next((x for x in res.faults if (x.function, x.region) == (f.function, f.region)), None)
         if fault is None:
@@ -257,7 +257,7 @@ def _charge_untraced(checker: Checker, log: ExitLog, res: CheckResult) -> None:
         if count:
             verdict = checker.unseen_calls(path.functions, f"untraced:{event}", 0, 0, False,
                                            f"behind each untraced {event}, from source ({path.cite})")
-            if _tally(res, verdict, f"untraced:{event}", count) in ("host_mm", "fault"):
+            if _tally(res, verdict, f"untraced:{event}", count).leaves:
                 res.switches += 2 * count  # out, and back in before the next entry
 
 

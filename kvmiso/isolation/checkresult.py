@@ -4,11 +4,26 @@ one or more exit logs (classes, switches and their estimated cost, what was lost
 from __future__ import annotations
 
 import dataclasses
+import enum
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-CLASSES = ("kvm_mm", "host_mm", "fault", "unknown")
+
+class ExitClass(enum.StrEnum):
+    """An exit's verdict (see :mod:`.check`); its value is what the text and JSON print."""
+
+    KVM_MM = "kvm_mm"  # handled inside the isolated space
+    HOST_MM = "host_mm"  # reached a designed switch
+    FAULT = "fault"  # an access the isolated space does not map, before any designed switch
+    UNKNOWN = "unknown"  # a frame on the path nothing places
+
+    @property
+    def leaves(self) -> bool:
+        """Whether the exit leaves the isolated space (a switch to the full one)."""
+        return self in (ExitClass.HOST_MM, ExitClass.FAULT)
+
+
 # The CR3 switch cost used when none is given: an assumption, always printed with its source.
 DEFAULT_SWITCH_COST_NS = 250.0
 DEFAULT_SWITCH_COST_SOURCE = ("assumed 250 ns: a CR3 write with PCID (no TLB flush) plus the RFC's bookkeeping; "
@@ -64,7 +79,10 @@ class CheckResult:
     evidence: str  # where the objects and page tables came from ("bpf+btf", or modeled and why)
     exits: int = 0
     runs: int = 0
-    classes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CLASSES + ("outside", "not_kvm_run"), 0))
+    # the verdicts, then the events not checked: outside the window, not on the KVM_RUN path (plain
+    # strings as keys, so the dict reads the same wherever it is printed)
+    classes: dict[str, int] = field(default_factory=lambda: dict.fromkeys([c.value for c in ExitClass]
+                                                                          + ["outside", "not_kvm_run"], 0))
     by_kind: dict[str, Counter] = field(default_factory=dict)  # class -> Counter of exit kinds
     reasons: Counter = field(default_factory=Counter)  # "why" of host_mm switches
     faults: list[Fault] = field(default_factory=list)
@@ -110,7 +128,7 @@ class CheckResult:
         """Evidence the check did not get: lost trace records plus events without a chain."""
         return self.lost_events + self.missing_chains
 
-    def rest(self, cls: str, resting: dict[str, str], n: int) -> None:
+    def rest(self, cls: ExitClass, resting: dict[str, str], n: int) -> None:
         """Count ``n`` exits of class ``cls`` whose verdict rests on ``resting`` (function ->
         basis): each basis once per exit, each function once per exit."""
         for basis in set(resting.values()):
@@ -120,7 +138,7 @@ class CheckResult:
 
     def failed(self, allow_lost: bool = False) -> bool:
         """A fault, an unknown function, or (unless allowed) lost evidence."""
-        return bool(self.classes["fault"] or self.unknown_functions or (self.lost and not allow_lost))
+        return bool(self.classes[ExitClass.FAULT] or self.unknown_functions or (self.lost and not allow_lost))
 
     def add(self, other: "CheckResult") -> None:
         """Fold ``other`` (the same policy, another VM's log) into this result. Faults merge by

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from .accessnames import AccessNamer
 from .chainwalk import Verdict
+from .checkresult import ExitClass
 from .measuredexits import MeasuredVerdict, SpaceView, measured_verdict
 from .windowpath import WindowPath
 
@@ -45,10 +46,10 @@ class ExitPair:
         """Both sides are here."""
         return self.window is not None and self.model_kind is not None
 
-    def model_class(self, policy: str) -> str:
+    def model_class(self, policy: str) -> ExitClass:
         """The model's class of this exit under ``policy`` (kvm_mm where its verdict is None)."""
         v = self.modeled.get(policy)
-        return v.cls if v is not None else "kvm_mm"
+        return v.cls if v is not None else ExitClass.KVM_MM
 
     def agrees(self, policy: str) -> bool:
         """Same class measured and modeled."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .accessnames import AccessNamer, Named
+from .checkresult import ExitClass
 from .layout import PAGE
 from .mapset import AnnotatedSpace, DenylistSpace, KvmAddressSpace
 from .windowpath import IRQ_STUBS, Site, WindowPath
@@ -58,7 +59,7 @@ class MeasuredVerdict:
     """One exit under one policy: its class (``kvm_mm``, ``host_mm``, ``fault``), its kind, why
     (the switch, or the object missed), the miss (a fault; ASI's asi_exit) and the switch's site."""
 
-    cls: str
+    cls: ExitClass
     kind: str
     why: str = ""
     miss: Miss | None = None
@@ -106,7 +107,7 @@ def measured_verdict(path: WindowPath, view: SpaceView, namer: AccessNamer) -> M
         site = path.sites[i]
         why = view.switch_at(site.function)
         if why:
-            return MeasuredVerdict("host_mm", path.kind, f"{site.function}: {why}", switch=site)
+            return MeasuredVerdict(ExitClass.HOST_MM, path.kind, f"{site.function}: {why}", switch=site)
         a = accesses[i]
         if not view.denylist:  # code is never sensitive; kvm_mm maps only some of it
             ok = code_checked.get(a.pc)
@@ -116,7 +117,7 @@ def measured_verdict(path: WindowPath, view: SpaceView, namer: AccessNamer) -> M
                 return _missed(path, view, namer, i, a.pc, PF_FETCH)
         if not view.maps(a.addr):
             return _missed(path, view, namer, i, a.addr, PF_WRITE if a.write else 0)
-    return MeasuredVerdict("kvm_mm", path.kind)
+    return MeasuredVerdict(ExitClass.KVM_MM, path.kind)
 
 
 def _missed(path: WindowPath, view: SpaceView, namer: AccessNamer, i: int, addr: int, code: int) -> MeasuredVerdict:
@@ -125,9 +126,9 @@ def _missed(path: WindowPath, view: SpaceView, namer: AccessNamer, i: int, addr:
         namer.name(addr, path.accesses[i].size)
     miss = Miss(i, path.sites[i], addr, named, code)
     if view.policy.miss_is_switch:  # ASI: the page fault on sensitive memory is the designed exit
-        return MeasuredVerdict("host_mm", path.kind, f"page fault on sensitive memory ({named.object}) at "
+        return MeasuredVerdict(ExitClass.HOST_MM, path.kind, f"page fault on sensitive memory ({named.object}) at "
                                                      f"{miss.site.text()}: asi_exit", miss)
-    return MeasuredVerdict("fault", path.kind, named.object, miss)
+    return MeasuredVerdict(ExitClass.FAULT, path.kind, named.object, miss)
 
 
 __all__ = ["Miss", "MeasuredVerdict", "PF_FETCH", "PF_WRITE", "SpaceView", "measured_verdict"]

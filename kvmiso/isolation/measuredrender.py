@@ -8,14 +8,17 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
+from ..observe.accesses.accessrecord import AccessRecord
+from ..observe.accesses.recordruns import RecordRuns
 from .accessmeasure import Row
+from .measuredexits import MeasuredVerdict
 from .policy import POLICIES
 from .measuredresult import UNMODELED, MeasuredResult, measured_text, modeled_text
 
 SHOWN = 12  # functions listed per line before "... and N more"
 
 
-def result_text(res: MeasuredResult, record: Any, runs: Any, table: bool = False, exits: bool = False) -> str:
+def result_text(res: MeasuredResult, record: AccessRecord, runs: RecordRuns, table: bool = False, exits: bool = False) -> str:
     """A person's view: header, each policy's verdicts and agreement, the access model's scores,
     the disagreements one by one; ``table``: every (function, exit kind) row too; ``exits``:
     every exit's measured and modeled verdicts side by side."""
@@ -127,7 +130,7 @@ def _table_lines(rows: list[Row]) -> list[str]:
     return lines
 
 
-def result_dict(res: MeasuredResult, record: Any, runs: Any) -> dict[str, Any]:
+def result_dict(res: MeasuredResult, record: AccessRecord, runs: RecordRuns) -> dict[str, Any]:
     """The same as JSON-ready data, with each exit's verdicts."""
     scores = res.table.scores()
     exits = []
@@ -157,7 +160,7 @@ def result_dict(res: MeasuredResult, record: Any, runs: Any) -> dict[str, Any]:
     }
 
 
-def _measured_dict(v: Any, policy: str) -> dict[str, Any]:
+def _measured_dict(v: MeasuredVerdict, policy: str) -> dict[str, Any]:
     d = {"class": v.cls, "kind": v.kind, "why": v.why, "text": measured_text(v)}
     if v.miss is not None:
         d["line"] = v.miss.line(0, POLICIES[policy].miss_is_switch)

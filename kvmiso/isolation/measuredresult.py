@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from .accessmeasure import AccessTable
 from .measuredcompare import ExitPair, RunComparison
 from .chainwalk import Verdict
+from .checkresult import ExitClass
 from .measuredexits import MeasuredVerdict, Miss
 from .policy import CONTEXT_SWITCH
 from .windowpath import IRQ_STUBS
@@ -89,7 +90,7 @@ class MeasuredResult:
     def switches(self, policy: str) -> Counter:
         """Why exits switched (not on a miss) under ``policy``, counted."""
         return Counter(p.measured[policy].why for _, p in self.windows()
-                       if p.measured[policy].cls == "host_mm" and p.measured[policy].miss is None)
+                       if p.measured[policy].cls is ExitClass.HOST_MM and p.measured[policy].miss is None)
 
     def agreement(self, policy: str, leave_out: tuple[str, ...] = ()) -> tuple[int, int]:
         """(paired exits whose classes agree, paired exits) under ``policy``; ``leave_out``:
@@ -127,7 +128,7 @@ def measured_text(m: MeasuredVerdict) -> str:
 def modeled_text(v: Verdict | None) -> str:
     """A model verdict in a few words (None: it stays)."""
     if v is None:
-        return "kvm_mm"
+        return ExitClass.KVM_MM
     if v.fault is not None:
         return f"{v.cls} on {v.fault.region} attributed at {v.fault.where()}"
     return f"{v.cls}: {v.why}"
@@ -145,7 +146,7 @@ def reason(p: ExitPair, policy: str) -> tuple[str, str]:
         return ("the first touch of a guest page the VMM had never written: KVM's get_user_pages faulted it in and the "
                 f"kernel cleared the new GFP_USER page through the direct map ({m.miss.site.function}); whether a page "
                 "is new is not in the trace", STATE)
-    if v is not None and v.cls == "unknown":
+    if v is not None and v.cls is ExitClass.UNKNOWN:
         return f"the model does not know a function on the traced path ({v.why})", MODEL
     if m.miss is not None and (v is None or v.cls != m.cls):
         return (f"the record shows {m.miss.site.function} touching {m.miss.named.object}, which the model's path for "

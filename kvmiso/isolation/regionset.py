@@ -12,8 +12,8 @@ default set in the names of the objects kvmiso reads, and the errors the model r
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
+from .kerneltable import LiveKernelTable, ModeledKernelTable
 from .layout import Layout
 from .policy import POLICIES, Policy
 
@@ -116,7 +116,7 @@ class IsolatedSpace:
     live or modeled one), its ``layout`` and ``policy``, its mapping-set rows (``regions``), the
     copies made for them, and the rows this layout lacks (``missing``)."""
 
-    def __init__(self, kernel: Any, policy: str) -> None:
+    def __init__(self, kernel: LiveKernelTable | ModeledKernelTable, policy: str) -> None:
         if policy not in POLICIES:
             raise MapSetError(f"unknown policy {policy!r}; kvmiso knows {', '.join(POLICIES)}")
         self.kernel = kernel

@@ -20,12 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..guest import GuestTimeout, Machine, Outcome
+from ..bench.results import BenchResult
+from ..guest import GuestTimeout, Machine, Outcome, RunResult
 from ..guest.probe import fingerprint, probe
 from ..guest.suite import SuiteEntry, suite
 from ..interrupt import Interrupted
 from ..kvm import Kvm
+from ..observe.kernel.evidence import Evidence
 from ..observe.tracing.capture import Capture
+from ..observe.tracing.exitlog import ExitLog
 from ..output import OutputError, write_whole
 
 SUITE_TIMEOUT = 5.0
@@ -92,9 +95,9 @@ class SuiteRun:
     capture) and the evidence of its VM (None when not captured)."""
 
     entry: SuiteEntry
-    result: Any  # RunResult
-    log: Any  # ExitLog of this run; None for a run kept out of the capture
-    evidence: Any = None  # the Evidence of this run's VM, read while it lived
+    result: RunResult
+    log: ExitLog | None
+    evidence: Evidence | None = None  # read while the VM lived
 
 
 def run_suite(kvm: Kvm, cap: Capture, hypercall_returns: bool, runs: list[SuiteRun]) -> list[SuiteRun]:
@@ -179,7 +182,7 @@ def bench_part(kvm: Kvm, out_dir: Path, rep: Report) -> dict[str, Any]:
     return result.to_dict()
 
 
-def _plot(result: Any, path: Path) -> str:
+def _plot(result: BenchResult, path: Path) -> str:
     try:
         from ..bench.plot import plot
 

@@ -17,14 +17,13 @@ traced run runs (its windows would hold the tracer's own accesses, tens of thous
 from __future__ import annotations
 
 import json
-import platform
 import sys
 from pathlib import Path
 
 from ..exitstatus import CliError
 from ..guest import GuestTimeout, Machine, Outcome, RunResult
 from ..guest.suite import SuiteEntry, suite
-from ..host import vendor_module
+from ..host import Host
 from ..kvm import Kvm
 from ..observe.accesses.recordmark import mark
 from ..observe.accesses.recordruns import FIELDS, RUNS_DIR, START_MARK, RecordedRun, run_file, write_runs
@@ -46,7 +45,8 @@ def record_suite(directory: Path, payloads: list[str], timeout: float) -> list[s
     if not directory.is_dir():
         raise CliError(f"{directory}: no such folder (kvmiso boot --record-accesses DIR makes it)")
     (directory / RUNS_DIR).mkdir(exist_ok=True)
-    vendor = vendor_module() or ""
+    host = Host.read()
+    vendor = host.vendor or ""
     runs: list[RecordedRun] = []
     evidence: list[Evidence] = []
     with Kvm() as kvm:
@@ -56,7 +56,7 @@ def record_suite(directory: Path, payloads: list[str], timeout: float) -> list[s
             run, ev = _record_entry(directory, kvm, i, entry, timeout)
             runs.append(run)
             evidence.append(ev)
-            write_runs(directory, platform.release(), vendor, runs)
+            write_runs(directory, host.kernel, vendor, runs)
             print(f"{entry.label}: {run.outcome} ({len(run.exits)} KVM_RUN calls); traced: "
                   f"{run.traced_outcome or 'not traced'}; evidence: {ev.source}", flush=True)
     _write_fields(directory, vendor, evidence)

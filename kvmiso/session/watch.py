@@ -4,11 +4,10 @@ vCPU fds while it lives, and which records belong to which VM."""
 from __future__ import annotations
 
 import bisect
-import platform
 import time
 from dataclasses import dataclass, field
 
-from ..host import vendor_module
+from ..host import Host, vendor_module
 from ..interrupt import Interrupted, deferred
 from ..observe.kernel.evidence import Evidence, collect_evidence, vcpu_counters
 from ..observe.tracing.exitlog import ExitLog, RunRecord
@@ -223,7 +222,8 @@ def _watched(pid: int, attached: Attached, follower: VmFollower, held: int, left
 
 def unread_evidence() -> Evidence:
     """The evidence of a VM kvmiso could not read: every object and the page table modeled."""
-    return Evidence(kernel=platform.release(), vendor=vendor_module() or "",
+    host = Host.read()
+    return Evidence(kernel=host.kernel, vendor=host.vendor or "",
                     source="the VM ended before its vCPUs could be read")
 
 

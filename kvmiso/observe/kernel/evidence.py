@@ -26,7 +26,7 @@ import json
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable, Protocol, Sequence
 
 from .bpf import BpfUnavailable, KernelMemory, KernelReadError
 from .btf import Btf, BtfError
@@ -101,11 +101,35 @@ class Evidence:
 
 # --- collecting -------------------------------------------------------------------------------
 
-def collect_evidence(vm: Any, vendor: str, code_addresses: Iterable[int] = (), symbols: Symbols | None = None,
+class VcpuFd(Protocol):
+    """A vCPU as the evidence reads it."""
+
+    @property
+    def id(self) -> int:
+        """The vCPU's id (``vcpu->vcpu_id``)."""
+
+    @property
+    def fd(self) -> int:
+        """An fd on the vCPU open in this process."""
+
+    @property
+    def page_address(self) -> int:
+        """Where this process maps the vCPU's ``struct kvm_run`` (0: not mapped here)."""
+
+
+class VcpuFds(Protocol):
+    """What the evidence reads of a VM: its vCPUs. A :class:`kvmiso.kvm.Vm` is one, and so is
+    :class:`kvmiso.observe.foreign.vms.ForeignVm` (copies of another process's vCPU fds)."""
+
+    @property
+    def vcpus(self) -> Sequence[VcpuFd]:
+        """The VM's vCPUs."""
+
+
+def collect_evidence(vm: VcpuFds, vendor: str, code_addresses: Iterable[int] = (), symbols: Symbols | None = None,
                      cpus: int | None = None) -> Evidence:
-    """Evidence for ``vm`` (a :class:`kvmiso.kvm.Vm`, or anything with ``vcpus`` whose ``id`` and
-    ``fd`` name vCPU fds open in this process), the functions of ``code_addresses`` (return
-    addresses from call chains), and the kernel's sections."""
+    """Evidence for ``vm`` (its vCPU fds open in this process), the functions of
+    ``code_addresses`` (return addresses from call chains), and the kernel's sections."""
     ev = Evidence(kernel=platform.release(), vendor=vendor, config=kvm_config())
     symbols = symbols if symbols is not None else read_kallsyms()
     code_addresses = sorted(set(code_addresses))
@@ -128,7 +152,7 @@ def collect_evidence(vm: Any, vendor: str, code_addresses: Iterable[int] = (), s
     return ev
 
 
-def vcpu_counters(vm: Any, stat: str = "insn_emulation") -> dict[int, int]:
+def vcpu_counters(vm: VcpuFds, stat: str = "insn_emulation") -> dict[int, int]:
     """Each vCPU's ``stat`` (a member of struct kvm_vcpu_stat), read through BPF from the
     struct kvm_vcpu behind each of ``vm``'s vCPU fds (as :func:`collect_evidence` takes them).
     For another process's vCPUs KVM_GET_STATS_FD cannot be asked: KVM refuses a vCPU ioctl from
@@ -153,7 +177,7 @@ def vcpu_counters(vm: Any, stat: str = "insn_emulation") -> dict[int, int]:
 _STATIC: dict[int, tuple[int, dict[int, bytes], dict[int, int], int]] = {}
 
 
-def _read_kernel(ev: Evidence, mem: KernelMemory, vm: Any, vendor: str, code: list[int], cpus: int | None) -> None:
+def _read_kernel(ev: Evidence, mem: KernelMemory, vm: VcpuFds, vendor: str, code: list[int], cpus: int | None) -> None:
     modules = tuple(m for m in ("kvm", vendor) if (Path("/sys/kernel/btf") / m).exists())
     btf = Btf.running(modules)
     handle = find_vm(mem, btf, {v.id: v.fd for v in vm.vcpus})
@@ -188,7 +212,7 @@ def _read_kernel(ev: Evidence, mem: KernelMemory, vm: Any, vendor: str, code: li
     ev.source = "bpf+btf" + (f" ({'+'.join(modules)} module BTF)" if modules else "")
 
 
-def _cross_check_pagemap(ev: Evidence, vm: Any, tables: LiveTables) -> None:
+def _cross_check_pagemap(ev: Evidence, vm: VcpuFds, tables: LiveTables) -> None:
     """vcpu->run (read by BPF) must be the direct-map alias of the page kvmiso mmapped from the
     vCPU fd; /proc/self/pagemap gives that page's PFN to root."""
     run = ev.object("kvm_run_page")

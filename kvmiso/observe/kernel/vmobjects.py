@@ -168,6 +168,14 @@ def _vcpu_objects(k: KernelView, out: VmObjects, vcpu: int, vid: int, fd: int, v
 
 
 def _vm_objects(k: KernelView, out: VmObjects, kvm: int) -> None:
+    """The objects struct kvm points to: its I/O buses, its x86 tables, its memslots."""
+    _buses(k, out, kvm)
+    _arch_tables(k, out, kvm)
+    _memslots(k, out, kvm)
+
+
+def _buses(k: KernelView, out: VmObjects, kvm: int) -> None:
+    """Each kvm->buses[] entry with its ranges (enum kvm_bus names them)."""
     buses = [n for n, _v in k.btf.find(ENUM, "kvm_bus").enumerators if n != "KVM_NR_BUSES"]
     for i, enumerator in enumerate(buses):
         bus = k.ptr(kvm, "kvm", f"buses[{i}]")
@@ -179,6 +187,11 @@ def _vm_objects(k: KernelView, out: VmObjects, kvm: int) -> None:
         out.objects.append(KernelObject(f"bus:{label}", bus, k.sizeof("kvm_io_bus") + n * k.sizeof("kvm_io_range"),
                                         f"struct kvm_io_bus + {n} ranges", f"bpf: kvm->buses[{i}]",
                                         "btf: sizeof(struct kvm_io_bus) + dev_count * sizeof(struct kvm_io_range)"))
+
+
+def _arch_tables(k: KernelView, out: VmObjects, kvm: int) -> None:
+    """The tables struct kvm points to (MSR filter, MMU page hash, APIC map, PIC, IOAPIC, IRQ
+    routing); one a kernel embeds in struct kvm is part of struct kvm's own object."""
     for name, path, size, ctype in (
             ("msr_filter", "arch.msr_filter", k.sizeof("kvm_x86_msr_filter"), "struct kvm_x86_msr_filter"),
             ("mmu_page_hash", "arch.mmu_page_hash", 8 * 4096, "struct hlist_head[KVM_NUM_MMU_PAGES]"),
@@ -195,42 +208,48 @@ def _vm_objects(k: KernelView, out: VmObjects, kvm: int) -> None:
                                             "btf" if name != "mmu_page_hash" else "modeled: 1 << KVM_MMU_HASH_SHIFT (12) heads"))
         else:
             out.absent[name] = f"kvm->{path} is NULL on this VM"
+
+
+def _memslots(k: KernelView, out: VmObjects, kvm: int) -> None:
+    """kvm->memslots[0], then each memory slot of its rb-tree by gfn (nodes embedded at
+    gfn_node[node_idx]) with what the slot points to."""
     slots = k.ptr(kvm, "kvm", "memslots[0]")
     inside = 0 <= slots - kvm < k.sizeof("kvm")
     out.objects.append(KernelObject("memslots", slots, k.sizeof("kvm_memslots"), "struct kvm_memslots",
                                     "bpf: kvm->memslots[0]", "btf",
                                     "inside vm_struct (kvm->__memslots)" if inside else ""))
-    # the kvm_memory_slots: an rb-tree by gfn, nodes embedded at gfn_node[node_idx]
     idx = k.u32(slots, "kvm_memslots", "node_idx")
     node_off = k.off("kvm_memory_slot", f"gfn_node[{idx}]")
     node = k.mem.u64(slots + k.off("kvm_memslots", "gfn_tree"))
     stack, seen = [node] if node else [], 0
     while stack and seen < 512:
         n = stack.pop()
-        slot = n - node_off
         seen += 1
-        sid = k.u32(slot, "kvm_memory_slot", "id")
-        out.objects.append(KernelObject(f"memslot:{sid}", slot, k.sizeof("kvm_memory_slot"), "struct kvm_memory_slot",
-                                        "bpf: rb-tree kvm->memslots[0]->gfn_tree"))
-        rmap = k.ptr(slot, "kvm_memory_slot", "arch.rmap[0]")
-        if rmap:
-            npages = k.mem.u64(slot + k.off("kvm_memory_slot", "npages"))
-            out.objects.append(KernelObject(f"rmap:{sid}", rmap, 8 * npages, "struct kvm_rmap_head[]",
-                                            f"bpf: memslot {sid} arch.rmap[0]", "btf: npages * 8"))
-        lpage = k.ptr(slot, "kvm_memory_slot", "arch.lpage_info[0]")
-        if lpage:
-            out.objects.append(KernelObject(f"lpage_info:{sid}", lpage, 4 * ((k.mem.u64(slot + k.off("kvm_memory_slot",
-                                            "npages")) >> 9) + 2), "struct kvm_lpage_info[]",
-                                            f"bpf: memslot {sid} arch.lpage_info[0] (2 MiB level)",
-                                            "btf: (npages / 512 + 2) * sizeof(struct kvm_lpage_info)"))
-        hva = k.mem.u64(slot + k.off("kvm_memory_slot", "userspace_addr"))
-        npages = k.mem.u64(slot + k.off("kvm_memory_slot", "npages"))
-        out.objects.append(KernelObject(f"guest_memory:{sid}", hva, npages * PAGE, "guest RAM",
-                                        f"bpf: memslot {sid} userspace_addr", "btf: npages * 4096", "user"))
+        _memslot(k, out, n - node_off)
         for child in ("rb_left", "rb_right"):
             c = k.ptr(n, "rb_node", child)
             if c:
                 stack.append(c)
+
+
+def _memslot(k: KernelView, out: VmObjects, slot: int) -> None:
+    """One struct kvm_memory_slot, its reverse map and large-page info, and the guest RAM it maps."""
+    sid = k.u32(slot, "kvm_memory_slot", "id")
+    npages = k.mem.u64(slot + k.off("kvm_memory_slot", "npages"))
+    out.objects.append(KernelObject(f"memslot:{sid}", slot, k.sizeof("kvm_memory_slot"), "struct kvm_memory_slot",
+                                    "bpf: rb-tree kvm->memslots[0]->gfn_tree"))
+    rmap = k.ptr(slot, "kvm_memory_slot", "arch.rmap[0]")
+    if rmap:
+        out.objects.append(KernelObject(f"rmap:{sid}", rmap, 8 * npages, "struct kvm_rmap_head[]",
+                                        f"bpf: memslot {sid} arch.rmap[0]", "btf: npages * 8"))
+    lpage = k.ptr(slot, "kvm_memory_slot", "arch.lpage_info[0]")
+    if lpage:
+        out.objects.append(KernelObject(f"lpage_info:{sid}", lpage, 4 * ((npages >> 9) + 2), "struct kvm_lpage_info[]",
+                                        f"bpf: memslot {sid} arch.lpage_info[0] (2 MiB level)",
+                                        "btf: (npages / 512 + 2) * sizeof(struct kvm_lpage_info)"))
+    hva = k.mem.u64(slot + k.off("kvm_memory_slot", "userspace_addr"))
+    out.objects.append(KernelObject(f"guest_memory:{sid}", hva, npages * PAGE, "guest RAM",
+                                    f"bpf: memslot {sid} userspace_addr", "btf: npages * 4096", "user"))
 
 
 def _task_objects(k: KernelView, out: VmObjects, vid: int, task: int, how: str, tables: LiveTables) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import platform
 import select
 import signal
 import threading
@@ -22,6 +21,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
+from ...host import Host
 from ...interrupt import Interrupted
 from ...kvm.exits import DATALESS, Exit, IoExit, MmioExit, ObservedExit
 from .bpfwatch import BpfTracer, kvm_tracer
@@ -80,19 +80,7 @@ def watch(target: int | Callable[[], int], until: Callable[[int], str | None],
     if events is None:
         events = default_events(_kvm_events())
     tracer, note = kvm_tracer(tracer, list(events), seed, BUFFER_KB)
-    # the loop only drains pages (cheap) and decodes them once at the end: decoding a boot's
-    # flood of records takes seconds, during which the buffer would fill and ``until`` not run
-    pages: dict[int, list[bytes]] = defaultdict(list)
-
-    def drain() -> None:
-        for cpu, data in tracer.read_raw().items():
-            pages[cpu].append(data)
-
-    def records(ended: str, status: int | None = None) -> Attached:
-        got = tracer.decode({cpu: b"".join(p) for cpu, p in pages.items()})
-        return _records(pid, got, tracer, lost_before, ended, own, status, note)
-
-    ended, status = "", None
+    pages = _Pages(tracer)
     with contextlib.closing(tracer):
         own = tracer.kernel_tid()  # as trace records name this thread (read back in a namespace)
         if in_namespace and not isinstance(target, int):
@@ -102,24 +90,50 @@ def watch(target: int | Callable[[], int], until: Callable[[int], str | None],
         lost_before = tracer.lost
         tracer.start()
         pid = target if isinstance(target, int) else target()
-        pidfd = pidfd_open(pid)
         try:
-            while not ended:
-                r, _, _ = select.select([pidfd], [], [], DRAIN_S)
-                drain()
-                if r:
-                    ended, status = _exit_status(pid)
-                else:
-                    ended = until(pid) or ""
+            ended, status = _follow(pid, until, pages.drain)
         except KeyboardInterrupt as e:
-            tracer.stop()
+            partial = _records(pid, pages.final(), tracer, lost_before, "interrupted", own, None, note)
+            raise Interrupted.of(e, partial) from None
+        return _records(pid, pages.final(), tracer, lost_before, ended, own, status, note)
+
+
+class _Pages:
+    """The trace's raw pages, drained while the watch runs and decoded once at its end: decoding
+    a boot's flood of records takes seconds, during which the buffer would fill and ``until``
+    not run."""
+
+    def __init__(self, tracer: TraceInstance | BpfTracer) -> None:
+        self.tracer = tracer
+        self.pages: dict[int, list[bytes]] = defaultdict(list)
+
+    def drain(self) -> None:
+        """Move what the buffer holds here (cheap: no decoding)."""
+        for cpu, data in self.tracer.read_raw().items():
+            self.pages[cpu].append(data)
+
+    def final(self) -> list[TraceEvent]:
+        """Stop tracing, drain the rest, and decode every page."""
+        self.tracer.stop()
+        self.drain()
+        return self.tracer.decode({cpu: b"".join(p) for cpu, p in self.pages.items()})
+
+
+def _follow(pid: int, until: Callable[[int], str | None], drain: Callable[[], None]) -> tuple[str, int | None]:
+    """Drain the trace every DRAIN_S until the process exits or ``until(pid)`` says why to stop:
+    how the watch ended, and the process's status (:func:`_exit_status`)."""
+    pidfd = pidfd_open(pid)
+    try:
+        while True:
+            r, _, _ = select.select([pidfd], [], [], DRAIN_S)
             drain()
-            raise Interrupted.of(e, records("interrupted")) from None
-        finally:
-            os.close(pidfd)
-        tracer.stop()
-        drain()
-        return records(ended, status)
+            if r:
+                return _exit_status(pid)
+            ended = until(pid)
+            if ended:
+                return ended, None
+    finally:
+        os.close(pidfd)
 
 
 def _records(pid: int, events: list[TraceEvent], tracer: TraceInstance | BpfTracer, lost_before: int, ended: str,
@@ -145,7 +159,7 @@ def _records(pid: int, events: list[TraceEvent], tracer: TraceInstance | BpfTrac
     for i, r in enumerate(records):
         r.run = i
     kind = "bpf" if isinstance(tracer, BpfTracer) else "tracefs"
-    log = ExitLog(records=records, host={"kernel": platform.release(), "vendor": _vendor(), "pid": pid, "tracer": kind},
+    log = ExitLog(records=records, host={**Host.read().exitlog_host(pid), "tracer": kind},
                   tracing=True, events_enabled=list(tracer.enabled), untraced=untraced_events(tracer.enabled),
                   lost_events=tracer.lost - lost_before,
                   tracing_reason=tracer.describe(), incomplete="interrupted" if ended == "interrupted" else "")
@@ -194,12 +208,6 @@ def _kvm_events() -> list[str]:
         return ["kvm"]
     d = root / "events" / "kvm"
     return sorted(f"kvm:{e}" for e in os.listdir(d) if (d / e / "format").exists()) if d.is_dir() else ["kvm"]
-
-
-def _vendor() -> str:
-    from ...host import vendor_module
-
-    return vendor_module() or ""
 
 
 def exit_of_events(reason: int, events: list[TraceEvent]) -> Exit:
