@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """What watching a VMM costs it: a QEMU guest's progress untraced, under `kvmiso trace --pid`
-(through tracefs, the default, and through BPF) and under `perf record -e 'kvm:*'` with and
-without call chains, in alternating windows of one run.
+(its default, BPF with chains walked where an exit's path is new or verified; with
+--every-chain; and through tracefs) and under `perf record -e 'kvm:*'` with and without call
+chains, in alternating windows of one run.
 
     sudo python3 scripts/bench_attach.py [--delay 1 1000] [--window 3] [--rounds 3]
-        [--watchers none kvmiso kvmiso-bpf perf-g perf] [--json FILE]
+        [--watchers none kvmiso kvmiso-every-chain kvmiso-tracefs perf-g perf] [--json FILE]
 
 The guest is tests/guests/multiboot.S built with LOOP: it writes a byte to QEMU's debugcon
 (port 0xe9, one KVM_EXIT_IO to QEMU per byte) every DELAY iterations of a dec/jnz loop, for
@@ -48,7 +49,8 @@ from kvmiso.observe.foreign.vms import copy_fd, fd_links, pidfd_open
 from kvmiso.observe.tracing.tracefsmount import tracefs_root
 
 GUEST = Path(__file__).resolve().parent.parent / "tests" / "guests" / "multiboot.S"
-WATCHERS = ("none", "kvmiso", "kvmiso-bpf", "perf-g", "perf")
+WATCHERS = ("none", "kvmiso", "kvmiso-every-chain", "kvmiso-tracefs", "perf-g", "perf")
+KVMISO_OPTIONS = {"kvmiso": [], "kvmiso-every-chain": ["--every-chain"], "kvmiso-tracefs": ["--tracer", "tracefs"]}
 BPF_OBJ_GET_INFO_BY_FD = 15
 READY_TIMEOUT_S = 120  # setting up 90 BPF programs takes seconds on a loaded host
 
@@ -107,8 +109,7 @@ def watched_window(watcher: str, qemu: int, con: Path, args: argparse.Namespace,
     pin = ["taskset", "-c", str(args.watcher_cpu)]
     log, data = work / "attached.jsonl", work / "perf.data"
     if watcher.startswith("kvmiso"):
-        tracer = ["--tracer", "bpf"] if watcher == "kvmiso-bpf" else []
-        cmd = [*pin, sys.executable, "-m", "kvmiso.cli", "trace", "--pid", str(qemu), *tracer,
+        cmd = [*pin, sys.executable, "-m", "kvmiso.cli", "trace", "--pid", str(qemu), *KVMISO_OPTIONS[watcher],
                "--duration", f"{args.window + 1.5:g}", "--json", str(log)]
     else:
         cmd = [*pin, "perf", "record", "-e", "kvm:*", *(["-g"] if watcher == "perf-g" else []), "-p", str(qemu),
@@ -118,10 +119,10 @@ def watched_window(watcher: str, qemu: int, con: Path, args: argparse.Namespace,
     instance = tracefs_root() / "instances" / f"kvmiso-{w.pid}" / "tracing_on"
 
     def ready() -> bool:
-        if watcher == "kvmiso-bpf":
-            return bpf_recording(w.pid)
-        if watcher == "kvmiso":  # tracefs, the default
+        if watcher == "kvmiso-tracefs":
             return instance.exists() and instance.read_text().strip() == "1"
+        if watcher.startswith("kvmiso"):
+            return bpf_recording(w.pid)
         return perf_events_settled(w.pid, seen)
 
     try:
@@ -145,7 +146,7 @@ def watched_window(watcher: str, qemu: int, con: Path, args: argparse.Namespace,
         span_s = (got.records[-1].end_ns - got.records[0].start_ns) / 1e9 if got.records else 0.0
         events = sum(len(r.events) for r in got.records)
         return {"rate": rate, "events": events, "events_per_s": events / span_s if span_s else 0.0,
-                "lost": got.lost_events, "setup_s": None}
+                "lost": got.lost_events, "inferred": got.host.get("chains_inferred", 0)}
     samples = re.search(r"\((\d+) samples\)", err)
     lost = re.search(r"lost (\d+) chunks", err)
     data.unlink(missing_ok=True)
@@ -173,7 +174,7 @@ def measure(delay: int, args: argparse.Namespace, work: Path) -> dict:
                     runs[watcher].append({"rate": grows(con, args.window), "events": 0, "lost": 0})
                 else:
                     runs[watcher].append(watched_window(watcher, q.pid, con, args, work))
-                print(f"  DELAY {delay} round {r + 1} {watcher:>14}: {runs[watcher][-1]['rate']:>9.0f} B/s", file=sys.stderr)
+                print(f"  DELAY {delay} round {r + 1} {watcher:>18}: {runs[watcher][-1]['rate']:>9.0f} B/s", file=sys.stderr)
                 time.sleep(0.5)
     finally:
         q.kill()
@@ -207,16 +208,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="kvmiso-bench-attach-") as d:
         for delay in args.delay:
             results.append(measure(delay, args, Path(d)))
-    print(f"{'DELAY':>5} {'watcher':>14} {'B/s per window':>28} {'median':>8} {'share':>7} {'events/s':>9} {'lost':>10}"
-          f"   ({args.rounds} rounds of {args.window:g} s windows)")
+    print(f"{'DELAY':>5} {'watcher':>18} {'B/s per window':>28} {'median':>8} {'share':>7} {'events/s':>9} "
+          f"{'inferred':>8} {'lost':>10}   ({args.rounds} rounds of {args.window:g} s windows)")
     for r in results:
         for watcher, x in r["watchers"].items():
             rates = " ".join(f"{w['rate']:.0f}" for w in x["windows"])
             ev = [w["events_per_s"] for w in x["windows"] if w.get("events_per_s")]
             lost = [w["lost"] for w in x["windows"]]
-            print(f"{r['delay']:>5} {watcher:>14} {rates:>28} {x['median']:>8.0f} "
+            events = sum(w.get("events") or 0 for w in x["windows"])
+            inferred = sum(w.get("inferred", 0) for w in x["windows"])
+            print(f"{r['delay']:>5} {watcher:>18} {rates:>28} {x['median']:>8.0f} "
                   f"{100 * x['share']:>6.1f}% {statistics.median(ev) if ev else 0:>9.0f} "
-                  f"{','.join(str(v) for v in lost):>10}")
+                  f"{f'{inferred / events:.0%}' if inferred else '-':>8} {','.join(str(v) for v in lost):>10}")
     if args.json:
         Path(args.json).write_text(json.dumps({"host": host, "args": vars(args), "results": results},
                                               indent=1) + "\n")

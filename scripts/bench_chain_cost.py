@@ -9,7 +9,9 @@ Variants (all four watchers attached at once, only the one measured records; the
 their flag and return):
   off       every program attached, none recording: the perf tracepoint path and a flag test
   records   records into the ring buffer, no call chain (bpf_get_stackid replaced by a constant)
-  chains    what `kvmiso trace --pid` runs: records plus bpf_get_stackid into the stack map
+  cached    what `kvmiso trace --pid` runs: records, each chain walked (bpf_get_stackid into the
+            stack map) when its path key is new and 1 in 64 times after, else the key's id
+  chains    `--every-chain`: records plus bpf_get_stackid on every event
   inline    every chain copied into its record by bpf_get_stack (a stack map of one bucket)
 The differences are what a record and what a chain's unwinding cost each exit (about 4 kvm
 events per exit here: two kvm_fpu, kvm_pio, kvm_userspace_exit).
@@ -53,16 +55,17 @@ def main() -> None:
     os.sched_setaffinity(0, {args.cpu})
     events = default_events(_kvm_events())
     me = threading.get_native_id()
-    tracers = {"chains": BpfTracer(events, pids=[me]), "inline": BpfTracer(events, pids=[me], stack_buckets=1)}
+    tracers = {"cached": BpfTracer(events, pids=[me]), "chains": BpfTracer(events, pids=[me], walk_every_chain=True),
+               "inline": BpfTracer(events, pids=[me], stack_buckets=1, walk_every_chain=True)}
     for t in tracers.values():
         t.open()
     bpfwatch.event_program = without_chains
     try:
-        tracers["records"] = BpfTracer(events, pids=[me])
+        tracers["records"] = BpfTracer(events, pids=[me], walk_every_chain=True)
         tracers["records"].open()
     finally:
         bpfwatch.event_program = EVENT_PROGRAM
-    per_exit: dict[str, list[float]] = {"off": [], "records": [], "chains": [], "inline": []}
+    per_exit: dict[str, list[float]] = {"off": [], "records": [], "cached": [], "chains": [], "inline": []}
     per_run: dict[str, int] = {}
     try:
         with Machine("bench_out", mode="long") as m:
@@ -74,23 +77,25 @@ def main() -> None:
             run()  # warm-up
             for _ in range(args.runs):
                 per_exit["off"].append(run())
-                for name in ("records", "chains", "inline"):
+                for name in ("records", "cached", "chains", "inline"):
                     t = tracers[name]
                     t.start()
                     per_exit[name].append(run())
                     t.stop()
-                    per_run[name] = len(t.decode(t.read_raw()))
+                    per_run[name] = per_run.get(name, 0) + len(t.decode(t.read_raw()))
         lost = {name: t.lost for name, t in tracers.items()}
     finally:
         for t in tracers.values():
             t.close()
     base = statistics.median(per_exit["off"])
-    print(f"{'variant':>8} {'min µs/exit':>12} {'median':>8} {'added':>7} {'events/exit':>12} {'lost':>5}"
-          f"   ({args.runs} runs of {args.exits} exits)")
+    print(f"{'variant':>8} {'min µs/exit':>12} {'median':>8} {'added':>7} {'events/exit':>12} {'inferred':>9} "
+          f"{'lost':>5}   ({args.runs} runs of {args.exits} exits)")
     for name, xs in per_exit.items():
         med = statistics.median(xs)
-        events = per_run.get(name, 0) / args.exits
-        print(f"{name:>8} {min(xs):>12.2f} {med:>8.2f} {med - base:>+7.2f} {events:>12.2f} {lost.get(name, 0):>5}")
+        events = per_run.get(name, 0) / args.exits / args.runs
+        inferred = f"{tracers[name].inferred / per_run[name]:.1%}" if name in tracers else "-"
+        print(f"{name:>8} {min(xs):>12.2f} {med:>8.2f} {med - base:>+7.2f} {events:>12.2f} {inferred:>9} "
+              f"{lost.get(name, 0):>5}")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ import pytest
 
 from kvmiso.cli import main
 from kvmiso.guest import Machine
-from kvmiso.observe.kernel.bpf import HIDE_ENV, _bpf
+from kvmiso.observe.kernel.bpf import BPF_MAP_LOOKUP_ELEM, HIDE_ENV, _bpf
+from kvmiso.observe.kernel.bpfprog import BPF_MAP_UPDATE_ELEM, CACHE_ENTRY, UNSTABLE, _map_call
 from kvmiso.observe.kernel.kallsyms import read_kallsyms
 from kvmiso.observe.tracing.bpfwatch import BpfTracer
 from kvmiso.observe.tracing.exitlog import read_jsonl
@@ -31,12 +32,14 @@ EXITS = 3000
 OBSERVER = ("trace_event_raw_event_", "__traceiter_", "perf_trace_")  # access.toml's observer prefixes
 QEMU = shutil.which("qemu-system-x86_64")
 GUEST = Path(__file__).parent / "guests" / "multiboot.S"
-BPF_PROG_GET_FD_BY_ID, BPF_MAP_GET_FD_BY_ID, BPF_OBJ_GET_INFO_BY_FD = 13, 14, 15
+BPF_MAP_GET_NEXT_KEY, BPF_PROG_GET_FD_BY_ID, BPF_MAP_GET_FD_BY_ID, BPF_OBJ_GET_INFO_BY_FD = 4, 13, 14, 15
 
 
-def _both(bpf_kwargs=None, exits=EXITS):
+def _both(bpf_kwargs=None, exits=EXITS, between=None, end=None):
     """One guest run of kvmiso's own bench_out payload (a port OUT per KVM_RUN) traced by both
-    watchers at once: (BPF events, tracefs events, the BpfTracer, the TraceInstance)."""
+    watchers at once: (BPF events, tracefs events, the BpfTracer, the TraceInstance). With
+    ``between``, the run is two of ``exits`` each, and ``between(tracer)`` runs between them;
+    ``end(tracer)`` runs before the tracer closes."""
     with TraceInstance(EVENTS, stacks=True, buffer_kb=16384, follow_forks=True) as t:
         me = t.kernel_tid()
         t.set_pids([me])
@@ -44,10 +47,15 @@ def _both(bpf_kwargs=None, exits=EXITS):
             t.start()
             b.start()
             with Machine("bench_out", mode="long") as m:
-                result = m.run(max_exits=exits, record=False)
+                runs = m.run(max_exits=exits, record=False).runs
+                if between is not None:
+                    between(b)
+                    runs += m.run(max_exits=exits, record=False).runs
             b.stop()
             t.stop()
-            assert result.runs == exits
+            if end is not None:
+                end(b)
+            assert runs == exits * (2 if between is not None else 1)
             return b.decode(b.read_raw()), t.read(), b, t
 
 
@@ -55,13 +63,16 @@ def _outs(events):
     return [e for e in events if e.name == "kvm_pio" and e.fields["rw"] == 1]
 
 
-@pytest.mark.parametrize("buckets", [None, 1], ids=["stack-map", "chains-inline"])
-def test_bpf_sees_what_tracefs_sees(kvm, tracing, buckets):
+@pytest.mark.parametrize("kwargs", [{}, {"walk_every_chain": True}, {"stack_buckets": 1}],
+                         ids=["path-cache", "every-chain", "chains-inline"])
+def test_bpf_sees_what_tracefs_sees(kvm, tracing, kwargs):
     """Event for event: name, thread, fields; and the chain is tracefs's below its top frame
     (tracefs's trigger starts in the tracepoint's probe, trace_event_raw_event_*, BPF one frame
-    down: both the tracing's own frames, which the check skips). With a stack
-    map of one bucket, chains that collide are copied into their records, and are the same."""
-    be, te, b, t = _both({"stack_buckets": buckets} if buckets else None)
+    down: both the tracing's own frames, which the check skips). By default most chains are
+    inferred from their path, not walked, and still every one is the walked chain tracefs gives;
+    with a stack map of one bucket, chains that collide are copied into their records, and are
+    the same."""
+    be, te, b, t = _both(kwargs)
     assert b.lost == 0 and t.lost == 0
     assert len(_outs(be)) == len(_outs(te)) == EXITS  # one kvm_pio OUT per KVM_RUN
     assert [(e.name, e.pid, e.fields) for e in be] == [(e.name, e.pid, e.fields) for e in te]
@@ -71,10 +82,55 @@ def test_bpf_sees_what_tracefs_sees(kvm, tracing, buckets):
     if symbols is not None:  # kallsyms readable: the dropped frame is the probe's
         tops = {symbols.resolve(e.stack[0])[0] for e in te}
         assert all(top.startswith("trace_event_raw_event_") for top in tops), tops
-    if buckets == 1:
-        assert b.inline_chains > 0 and b.chains <= 1
+    assert b.chain_mismatches == 0
+    if kwargs.get("stack_buckets") == 1:
+        assert b.inline_chains > 0 and b.chains <= 1 and b.inferred == 0  # a chain inline is walked
     else:
         assert b.inline_chains == 0 and 0 < b.chains < 64  # the few distinct chains, kept once
+    if not kwargs:  # a walk per new path, its first repeats, and 1 in 64 after
+        assert b.inferred > len(be) * 3 // 4, (b.inferred, len(be))
+    else:
+        assert b.inferred == 0
+
+
+def _cache(b: BpfTracer) -> dict[int, tuple[int, int]]:
+    """The path cache: key -> (chain id, times seen)."""
+    fd, entries = b._maps["cache"], {}
+    key, following = ctypes.c_uint64(0xFFFFFFFFFFFFFFFF), ctypes.c_uint64()
+    while True:
+        try:
+            _map_call(BPF_MAP_GET_NEXT_KEY, fd, key, following)
+        except OSError:
+            return entries
+        value = ctypes.create_string_buffer(CACHE_ENTRY.size)
+        _map_call(BPF_MAP_LOOKUP_ELEM, fd, following, value)
+        entries[following.value] = CACHE_ENTRY.unpack(value.raw)
+        key.value = following.value
+
+
+def test_a_path_whose_walk_disagrees_is_walked_from_then_on(kvm, tracing):
+    """Between two runs every path key is given another key's chain, as if two call paths had
+    shared a key: the next walk of each key (seen once: verified at once) finds the chain it
+    walks is not the key's, counts it, marks the key walked-always, and the record keeps the
+    walked chain, so every event's chain is still tracefs's."""
+    poisoned: dict[int, int] = {}
+    after: dict[int, tuple[int, int]] = {}
+
+    def poison(b: BpfTracer) -> None:
+        cache = _cache(b)
+        ids = sorted({chain for chain, _ in cache.values() if chain != UNSTABLE})
+        assert len(ids) >= 2, cache  # a kvm_pio and a kvm_exit, at the least
+        for key, (chain, _) in cache.items():
+            other = ids[(ids.index(chain) + 1) % len(ids)] if chain in ids else chain
+            _map_call(BPF_MAP_UPDATE_ELEM, b._maps["cache"], ctypes.c_uint64(key),
+                      ctypes.create_string_buffer(CACHE_ENTRY.pack(other, 1)))
+            poisoned[key] = chain
+
+    be, te, b, _ = _both(exits=500, between=poison, end=lambda b: after.update(_cache(b)))
+    assert [e.stack for e in be] == [e.stack[1:] for e in te]
+    caught = [k for k in poisoned if after[k][0] == UNSTABLE]
+    assert caught and b.chain_mismatches == len(caught)
+    assert all(after[k][0] == UNSTABLE or after[k][1] == 1 for k in poisoned)  # caught, or never met again
 
 
 def test_a_full_ring_counts_every_record_it_lost(kvm, tracing):

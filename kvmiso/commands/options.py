@@ -33,9 +33,12 @@ def add_process_args(sp: argparse.ArgumentParser) -> None:
     """--pid, --duration and --tracer: watching another process (or a command given after --)."""
     sp.add_argument("--pid", type=int, help="watch the KVM vCPUs of a running process (QEMU, your VMM)")
     sp.add_argument("--duration", type=positive_seconds, metavar="S", help="with --pid or -- COMMAND: stop after S seconds (a COMMAND gets SIGTERM then)")
-    sp.add_argument("--tracer", choices=("tracefs", "bpf"), help="with --pid or -- COMMAND: tracefs (the default: "
-                    "every call chain copied whole) or bpf (compact records, each call chain kept once in the kernel; "
-                    "tracefs where BPF is refused). Both unwind the stack per event: docs/tracing.md measures them")
+    sp.add_argument("--tracer", choices=("bpf", "tracefs"), help="with --pid or -- COMMAND: bpf (the default: "
+                    "compact records, each call chain kept once in the kernel and walked where the exit's path is new "
+                    "and 1 in 64 times after; tracefs where BPF is refused) or tracefs (every event's chain walked and "
+                    "copied whole). docs/tracing.md measures them")
+    sp.add_argument("--every-chain", action="store_true", help="with the bpf tracer: walk every event's call chain "
+                    "(none inferred from its path; costs an exit-bound guest about 40%%)")
 
 
 def add_model_args(sp: argparse.ArgumentParser) -> None:
@@ -113,6 +116,8 @@ def process_target(args: argparse.Namespace) -> int | list[str] | None:
         raise CliError("--duration is for --pid or -- COMMAND")
     if args.tracer is not None and not (args.pid is not None or args.command):
         raise CliError("--tracer is for --pid or -- COMMAND (a payload is traced through tracefs)")
+    if args.every_chain and (args.tracer == "tracefs" or not (args.pid is not None or args.command)):
+        raise CliError("--every-chain is for the bpf tracer of --pid or -- COMMAND (tracefs walks every chain)")
     if args.pid is not None:
         return args.pid
     return args.command or None
@@ -126,7 +131,8 @@ def watch(args: argparse.Namespace) -> tuple[WatchedProcess, Interrupted | None]
     from ..session import WatchedProcess, watch_process
 
     try:
-        w, interrupted = watch_process(process_target(args), args.duration, tracer=args.tracer or "tracefs"), None
+        w, interrupted = watch_process(process_target(args), args.duration, tracer=args.tracer or "bpf",
+                                       every_chain=args.every_chain), None
     except ProcessError as e:
         raise CliError(str(e)) from None
     except TracefsUnavailable as e:

@@ -156,14 +156,15 @@ class VmFollower:
 
 
 def watch_process(target: int | list[str], duration: float | None = None,
-                  events: list[str] | None = None, tracer: str = "tracefs") -> WatchedProcess:
+                  events: list[str] | None = None, tracer: str = "bpf", every_chain: bool = False) -> WatchedProcess:
     """Trace a running process (a pid) or a command (started here, traced from its first event)
     until it exits or ``duration`` seconds pass. Its VM's evidence is read through copies of its
     vCPU fds as soon as its vCPUs have run, while it lives. A command started here is stopped
     (SIGTERM, then SIGKILL) on every way out, with every process it started in turn
     (:class:`kvmiso.commandtree.CommandTree`). Interrupted, it raises :class:`Interrupted` with
     the :class:`WatchedProcess` so far as ``partial`` (its log marked incomplete). ``tracer``:
-    ``tracefs`` or ``bpf``, as :func:`kvmiso.observe.tracing.attach.watch` takes it."""
+    ``bpf`` or ``tracefs``, and ``every_chain``, as :func:`kvmiso.observe.tracing.attach.watch`
+    takes them."""
     follower = VmFollower(duration)
     tree = CommandTree()
     # a process without KVM, gone, or not ours to read: refused before tracing
@@ -178,7 +179,7 @@ def watch_process(target: int | list[str], duration: float | None = None,
     interrupted: Interrupted | None = None
     try:
         try:
-            attached = watch(target if isinstance(target, int) else start, follower.until, events, tracer)
+            attached = watch(target if isinstance(target, int) else start, follower.until, events, tracer, every_chain)
         except Interrupted as e:  # Ctrl-C is how a watch without --duration ends: keep what it saw
             if not isinstance(e.partial, Attached):
                 raise

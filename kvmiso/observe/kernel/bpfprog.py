@@ -12,10 +12,11 @@ from __future__ import annotations
 import ctypes
 import os
 import struct
+from dataclasses import dataclass
 
 from ...kvm._libc import libc as _libc
 from .bpf import (_EXIT, BPF_MAP_CREATE, BPF_PSEUDO_MAP_FD, BpfUnavailable, _add_imm, _bpf, _call, _insn, _ld_imm64,
-                  _mov, _mov_imm, _stx64)
+                  _ldx64, _mov, _mov_imm, _stx64)
 
 # bpf(2) (include/uapi/linux/bpf.h)
 BPF_MAP_UPDATE_ELEM, BPF_MAP_DELETE_ELEM = 2, 3
@@ -36,8 +37,19 @@ _libc.syscall.restype = ctypes.c_long
 MAX_DEPTH = 127  # frames per chain: perf's default kernel.perf_event_max_stack
 HEADER = struct.Struct("<HHIQiI")  # event id, flags, tid, ns, chain id (or inline bytes), cpu
 INLINE = 1  # flags: the chain follows the record, not in the stack map
-# per-CPU counters (a PERCPU_ARRAY): records the ring buffer had no room for, chains copied inline
-LOST, INLINED = 0, 1
+INFERRED = 2  # flags: the chain is the one its path key had, not walked (see event_program)
+# per-CPU counters (a PERCPU_ARRAY): records the ring buffer had no room for, chains copied
+# inline, walks that found another chain than their path key had
+LOST, INLINED, MISMATCHED = 0, 1, 2
+COUNTERS = 3
+# the chain cache (event_program): a key is walked when new, on its first VERIFY_FIRST repeats,
+# then on one repeat in VERIFY_EVERY (a power of two); UNSTABLE marks a key whose walks disagreed
+VERIFY_FIRST, VERIFY_EVERY, UNSTABLE = 4, 64, 0x7FFFFFFF
+PATH_EVENTS = 16  # events after an exit that still extend the path
+FNV_PRIME = 0x100000001B3
+THREAD_STATE = struct.Struct("<QIIQQ")  # path, events in it, reference set, reference stack pointer, scratch
+CACHE_ENTRY = struct.Struct("<II")  # chain id, times seen
+BPF_NOEXIST = 1
 
 
 class _Asm:
@@ -51,7 +63,11 @@ class _Asm:
         return self
 
     def jump(self, op: int, dst: int, imm: int, label: str) -> "_Asm":
-        self.items.append(("jump", op, dst, imm, label))
+        self.items.append(("jump", op, dst, 0, imm, label))
+        return self
+
+    def jump_reg(self, op: int, dst: int, src: int, label: str) -> "_Asm":
+        self.items.append(("jump", op, dst, src, 0, label))
         return self
 
     def label(self, name: str) -> "_Asm":
@@ -72,8 +88,8 @@ class _Asm:
         for it in self.items:
             if isinstance(it, tuple):
                 if it[0] == "jump":
-                    _, op, dst, imm, label = it
-                    out.append(_insn(op, dst, 0, at[label] - pc - 1, imm))
+                    _, op, dst, src, imm, label = it
+                    out.append(_insn(op, dst, src, at[label] - pc - 1, imm))
                     pc += 1
             else:
                 out.append(it)
@@ -81,7 +97,8 @@ class _Asm:
         return b"".join(out)
 
 
-JEQ, JSLT, JA = 0x15, 0xC5, 0x05  # if dst == imm, if (s64)dst < imm, goto
+JEQ, JGE, JNE, JLE, JSLT, JA = 0x15, 0x35, 0x55, 0xB5, 0xC5, 0x05  # if dst ==, >=, !=, <= imm, (s64)dst < imm; goto
+JEQ_REG = 0x1D  # if dst == src
 
 
 def _st(size: int, dst: int, off: int, imm: int) -> bytes:
@@ -113,41 +130,145 @@ def _count(a: _Asm, counters: int, index: int, done: str) -> None:
     a(_mov_imm(1, 1), _insn(0xDB, 0, 1, 0, 0)).jump(JA, 0, 0, done)  # lock *(u64 *)r0 += r1
 
 
-def event_program(event_id: int, static: int, extra: int, tids: int, stacks: int, ring: int, counters: int,
-                  on: int) -> bytes:
+@dataclass(frozen=True)
+class EventMaps:
+    """The maps every event program shares (file descriptors): the traced threads (each with
+    its path state, ``THREAD_STATE``), the chains, the ring buffer, the per-CPU counters, the
+    on flag, and the chain cache (None: every event's chain is walked)."""
+
+    tids: int
+    stacks: int
+    ring: int
+    counters: int
+    on: int
+    cache: int | None = None
+
+
+def event_program(event_id: int, static: int, extra: int, maps: EventMaps, reason_offset: int | None = None,
+                  ends_run: bool = False) -> bytes:
     """The program of one tracepoint: while ``on[0]`` is set, for a thread in ``tids``, a record
     of ``HEADER`` plus the tracepoint's record after its common fields (to ``static``, its fixed
     part, then ``extra`` bytes of its __data_loc data), and the chain's id in ``stacks`` (or,
-    where the stack map refuses it, the chain itself after the record)."""
+    where the stack map refuses it, the chain itself after the record).
+
+    With a chain cache, the chain is walked only when its path key (:func:`_path_key`) is new,
+    for the first ``VERIFY_FIRST`` repeats and then one in ``VERIFY_EVERY``; the others take the
+    id the key had, marked ``INFERRED``. A walk that finds another chain than the key's marks the
+    key ``UNSTABLE`` (walked on every event from then on) and counts ``MISMATCHED``.
+    ``reason_offset``: where the event's exit reason is (kvm_exit), which starts a new path;
+    ``ends_run``: the event ends a KVM_RUN (kvm_userspace_exit), after which the path is empty."""
     payload = _payload(static, extra)
     a = _Asm()
-    a(_mov(6, 1), _st(4, 10, -4, 0), _map(1, on))
+    a(_mov(6, 1), _st(4, 10, -4, 0), _map(1, maps.on))
     _stack_key(a, 2, -4)
     a(_call(_LOOKUP)).jump(JEQ, 0, 0, "out")
     a(_ldx32(1, 0, 0)).jump(JEQ, 1, 0, "out")  # stopped: an array lookup the verifier inlines, no more
-    a(_call(_PID_TGID), _insn(0xBC, 7, 0), _stx32(10, 7, -4), _map(1, tids))  # w7 = tid
+    a(_call(_PID_TGID), _insn(0xBC, 7, 0), _stx32(10, 7, -4), _map(1, maps.tids))  # w7 = tid
     _stack_key(a, 2, -4)
     a(_call(_LOOKUP)).jump(JEQ, 0, 0, "out")
+    a(_stx64(10, 0, -24))  # the thread's state
     a(_call(_CPU), _insn(0x67, 0, 0, 0, 32), _insn(0x4F, 7, 0))  # r7 |= cpu << 32
     a(_call(_KTIME), _mov(8, 0))
-    a(_mov(1, 6), _map(2, stacks), _mov_imm(3, 0), _call(_GET_STACKID), _mov(9, 0)).jump(JSLT, 9, 0, "inline")
-    size = HEADER.size + payload
-    a(_map(1, ring), _mov_imm(2, size), _mov_imm(3, 0), _call(_RB_RESERVE)).jump(JEQ, 0, 0, "lost")
-    a(_stx32(0, 9, 16), _mov(9, 0))
-    _fill(a, event_id, 0, static, extra)
-    a(_mov(1, 9), _mov_imm(2, RB_NO_WAKEUP), _call(_RB_SUBMIT)).jump(JA, 0, 0, "out")
+    tails = [("walked", 0)]
+    if maps.cache is None:
+        _walk(a, maps.stacks, "walked")
+    else:
+        _path_key(a, event_id, reason_offset, ends_run)
+        _cached_chain(a, maps)
+        tails.insert(0, ("inferred", INFERRED))
+    for label, flags in tails:
+        a.label(label)
+        _record(a, maps.ring, event_id, flags, static, extra)
     a.label("inline")
-    a(_map(1, ring), _mov_imm(2, size + 8 * MAX_DEPTH), _mov_imm(3, 0), _call(_RB_RESERVE)).jump(JEQ, 0, 0, "lost")
+    size = HEADER.size + payload
+    a(_map(1, maps.ring), _mov_imm(2, size + 8 * MAX_DEPTH), _mov_imm(3, 0), _call(_RB_RESERVE))
+    a.jump(JEQ, 0, 0, "lost")
     a(_mov(9, 0))
     _fill(a, event_id, INLINE, static, extra)
     a(_mov(1, 6), _mov(2, 9), _add_imm(2, size), _mov_imm(3, 8 * MAX_DEPTH), _mov_imm(4, 0), _call(_GET_STACK))
     a(_stx32(9, 0, 16), _mov(1, 9), _mov_imm(2, RB_NO_WAKEUP), _call(_RB_SUBMIT))
-    _count(a, counters, INLINED, "out")
+    _count(a, maps.counters, INLINED, "out")
     a.label("lost")
-    _count(a, counters, LOST, "out")
+    _count(a, maps.counters, LOST, "out")
     a.label("out")
     a(_mov_imm(0, 0), _EXIT)
     return a.code()
+
+
+def _walk(a: _Asm, stacks: int, then: str) -> None:
+    """r9 = the chain's id in ``stacks`` (walking the stack), then goto ``then`` (``inline``
+    where the map refuses it)."""
+    a(_mov(1, 6), _map(2, stacks), _mov_imm(3, 0), _call(_GET_STACKID), _mov(9, 0)).jump(JSLT, 9, 0, "inline")
+    a.jump(JA, 0, 0, then)
+
+
+def _path_key(a: _Asm, event_id: int, reason_offset: int | None, ends_run: bool) -> None:
+    """The event's path key at r10-32: the thread's path (the events since its KVM_RUN began or
+    its last exit, hashed in order; an exit starts it anew from its reason) with this event, and
+    how deep this event's stack is below the first event of the path's (kernel stacks start at a
+    random offset per system call: depths compare within one only). The path grows for
+    ``PATH_EVENTS`` events, then stays, so a long run of events between two exits keeps a few
+    keys; the event that ends a KVM_RUN (``ends_run``) clears it.
+
+    The thread's state (r10-24 points at it, ``THREAD_STATE``): path, events in it, whether the
+    reference depth is set, the reference, and a slot through which this program's stack pointer
+    becomes a number (a pointer stored into a map reads back as one: root's programs may)."""
+    a(_ldx64(1, 10, -24), _stx64(1, 10, 24), _ldx64(4, 1, 24))  # r4 = this stack pointer
+    a(_ld_imm64(5, FNV_PRIME))
+    if reason_offset is not None:  # an exit: a new path, from its reason, deep 0
+        a(_stx64(1, 4, 16), _st(4, 1, 12, 1), _ldx32(2, 6, reason_offset), _mov_imm(3, 0), _insn(0x2F, 2, 5))
+        a(_mov_imm(4, 0))
+    else:
+        a(_ldx32(2, 1, 12)).jump(JNE, 2, 0, "referenced")
+        a(_stx64(1, 4, 16), _st(4, 1, 12, 1))  # the path's first event: its depth is the reference
+        a.label("referenced")
+        a(_ldx64(2, 1, 0), _ldx32(3, 1, 8), _ldx64(0, 1, 16), _insn(0x1F, 4, 0))  # r4 = depth below it
+    a(_insn(0xA7, 2, 0, 0, event_id), _insn(0x2F, 2, 5))
+    a.jump(JGE, 3, PATH_EVENTS, "key")
+    a(_stx64(1, 2, 0), _add_imm(3, 1), _stx32(1, 3, 8))
+    a.label("key")
+    a(_insn(0xAF, 2, 4), _insn(0x2F, 2, 5), _stx64(10, 2, -32))  # the depth in the key, not in the path
+    if ends_run:
+        a(_st(8, 1, 0, 0), _st(4, 1, 8, 0), _st(4, 1, 12, 0))
+
+
+def _cached_chain(a: _Asm, maps: EventMaps) -> None:
+    """r9 = the chain id of the path key at r10-32, from the cache or walked (see
+    :func:`event_program`); goto ``inferred`` or ``walked``."""
+    assert maps.cache is not None
+    a(_map(1, maps.cache))
+    _stack_key(a, 2, -32)
+    a(_call(_LOOKUP)).jump(JEQ, 0, 0, "new")
+    a(_ldx32(1, 0, 4), _add_imm(1, 1), _stx32(0, 1, 4), _ldx32(9, 0, 0))  # seen += 1; r9 = its chain
+    a.jump(JEQ, 9, UNSTABLE, "walk")
+    a.jump(JLE, 1, VERIFY_FIRST, "verify")
+    a(_insn(0x57, 1, 0, 0, VERIFY_EVERY - 1)).jump(JEQ, 1, 0, "verify")
+    a.jump(JA, 0, 0, "inferred")
+    a.label("verify")
+    a(_stx64(10, 0, -40), _mov(1, 6), _map(2, maps.stacks), _mov_imm(3, 0), _call(_GET_STACKID))
+    a.jump(JSLT, 0, 0, "inline")
+    a.jump_reg(JEQ_REG, 0, 9, "verified")
+    a(_mov(9, 0), _ldx64(1, 10, -40), _st(4, 1, 0, UNSTABLE))
+    _count(a, maps.counters, MISMATCHED, "walked")
+    a.label("verified")
+    a(_mov(9, 0)).jump(JA, 0, 0, "walked")
+    a.label("new")
+    a(_mov(1, 6), _map(2, maps.stacks), _mov_imm(3, 0), _call(_GET_STACKID), _mov(9, 0)).jump(JSLT, 9, 0, "inline")
+    a(_stx32(10, 9, -48), _st(4, 10, -44, 1), _map(1, maps.cache))
+    _stack_key(a, 2, -32)
+    a(_mov(3, 10), _add_imm(3, -48), _mov_imm(4, BPF_NOEXIST), _call(_UPDATE)).jump(JA, 0, 0, "walked")
+    a.label("walk")
+    _walk(a, maps.stacks, "walked")
+
+
+def _record(a: _Asm, ring: int, event_id: int, flags: int, static: int, extra: int) -> None:
+    """Reserve, fill and submit the record of chain id r9 (goto ``lost`` where the ring is full),
+    then goto ``out``."""
+    size = HEADER.size + _payload(static, extra)
+    a(_map(1, ring), _mov_imm(2, size), _mov_imm(3, 0), _call(_RB_RESERVE)).jump(JEQ, 0, 0, "lost")
+    a(_stx32(0, 9, 16), _mov(9, 0))
+    _fill(a, event_id, flags, static, extra)
+    a(_mov(1, 9), _mov_imm(2, RB_NO_WAKEUP), _call(_RB_SUBMIT)).jump(JA, 0, 0, "out")
 
 
 def _payload(static: int, extra: int) -> int:
@@ -175,14 +296,17 @@ def _fill(a: _Asm, event_id: int, flags: int, static: int, extra: int) -> None:
 
 def fork_program(tids: int, child_pid_offset: int) -> bytes:
     """sched_process_fork: a thread or child of a traced thread is traced too (tracefs's
-    ``event-fork``); it fires in the parent."""
+    ``event-fork``), with a fresh state (``THREAD_STATE``); it fires in the parent."""
     a = _Asm()
     a(_mov(6, 1), _call(_PID_TGID), _stx32(10, 0, -4), _map(1, tids))
     _stack_key(a, 2, -4)
     a(_call(_LOOKUP)).jump(JEQ, 0, 0, "out")
-    a(_ldx32(1, 6, child_pid_offset), _stx32(10, 1, -8), _st(4, 10, -12, 1), _map(1, tids))
+    a(_ldx32(1, 6, child_pid_offset), _stx32(10, 1, -8))
+    for off in range(-8 - THREAD_STATE.size, -8, 8):
+        a(_st(8, 10, off, 0))
+    a(_map(1, tids))
     _stack_key(a, 2, -8)
-    a(_mov(3, 10), _add_imm(3, -12), _mov_imm(4, 0), _call(_UPDATE))
+    a(_mov(3, 10), _add_imm(3, -8 - THREAD_STATE.size), _mov_imm(4, 0), _call(_UPDATE))
     a.label("out")
     a(_mov_imm(0, 0), _EXIT)
     return a.code()
@@ -245,5 +369,6 @@ def _ioctl(fd: int, request: int, arg: int) -> None:
         raise OSError(e, os.strerror(e))
 
 
-__all__ = ["HEADER", "INLINE", "INLINED", "LOST", "MAX_DEPTH", "event_program", "exit_program", "fork_program",
-           "tid_program"]
+__all__ = ["CACHE_ENTRY", "COUNTERS", "EventMaps", "HEADER", "INFERRED", "INLINE", "INLINED", "LOST", "MAX_DEPTH",
+           "MISMATCHED", "THREAD_STATE", "VERIFY_EVERY", "VERIFY_FIRST", "event_program", "exit_program",
+           "fork_program", "tid_program"]

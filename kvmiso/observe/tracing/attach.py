@@ -51,7 +51,7 @@ class Attached:
     # when each VM the process created while watched was created (CLOCK_MONOTONIC ns); None
     # where the trace cannot tell (see :func:`vm_creations`)
     vm_created: list[int] | None = None
-    tracer: str = "tracefs"  # what recorded the events: "bpf" or "tracefs" (kvmiso.observe.tracing.bpfwatch)
+    tracer: str = "bpf"  # what recorded the events: "bpf" or "tracefs" (kvmiso.observe.tracing.bpfwatch)
     tracer_note: str = ""  # why BPF was asked for and tracefs ran, in one line
 
 
@@ -61,12 +61,13 @@ def default_events(root_events: Iterable[str]) -> list[str]:
 
 
 def watch(target: int | Callable[[], int], until: Callable[[int], str | None],
-          events: Iterable[str] | None = None, tracer: str = "tracefs") -> Attached:
+          events: Iterable[str] | None = None, tracer: str = "bpf", every_chain: bool = False) -> Attached:
     """Trace a process until ``until(pid)`` returns why to stop (polled every 0.1 s) or the
     process exits. ``target``: a pid to attach to, or a function that starts the process and
     returns its pid (called once tracing runs, so the command is traced from its first event).
     ``events``: names for :class:`TraceInstance` (default: kvm events but ``kvm_emulate_insn``).
-    ``tracer``: ``bpf`` (compact records, call chains kept once in the kernel; tracefs where the
+    ``tracer``: ``bpf`` (compact records, call chains kept once in the kernel and walked only
+    where an exit's path is new or verified, every time with ``every_chain``; tracefs where the
     host refuses BPF, said in ``tracer_note``) or ``tracefs`` (see :mod:`.bpfwatch`).
     A KeyboardInterrupt stops the watch and is re-raised with ``.partial`` (the
     :class:`Attached` so far, ended ``interrupted``)."""
@@ -79,7 +80,7 @@ def watch(target: int | Callable[[], int], until: Callable[[int], str | None],
     seed = [target, *threads(target)] if isinstance(target, int) else [threading.get_native_id()]
     if events is None:
         events = default_events(_kvm_events())
-    tracer, note = kvm_tracer(tracer, list(events), seed, BUFFER_KB)
+    tracer, note = kvm_tracer(tracer, list(events), seed, BUFFER_KB, every_chain)
     pages = _Pages(tracer)
     with contextlib.closing(tracer):
         own = tracer.kernel_tid()  # as trace records name this thread (read back in a namespace)
@@ -159,7 +160,10 @@ def _records(pid: int, events: list[TraceEvent], tracer: TraceInstance | BpfTrac
     for i, r in enumerate(records):
         r.run = i
     kind = "bpf" if isinstance(tracer, BpfTracer) else "tracefs"
-    log = ExitLog(records=records, host={**Host.read().exitlog_host(pid), "tracer": kind},
+    host = {**Host.read().exitlog_host(pid), "tracer": kind}
+    if isinstance(tracer, BpfTracer):
+        host |= {"chains_inferred": tracer.inferred, "chain_mismatches": tracer.chain_mismatches}
+    log = ExitLog(records=records, host=host,
                   tracing=True, events_enabled=list(tracer.enabled), untraced=untraced_events(tracer.enabled),
                   lost_events=tracer.lost - lost_before,
                   tracing_reason=tracer.describe(), incomplete="interrupted" if ended == "interrupted" else "")

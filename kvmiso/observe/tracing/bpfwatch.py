@@ -47,20 +47,22 @@ from typing import Iterable
 
 from ... import interrupt
 from ..kernel.bpf import BPF_MAP_LOOKUP_ELEM, BPF_PROG_TEST_RUN, HIDE_ENV, BpfUnavailable, _bpf, load_program
-from ..kernel.bpfprog import (BPF_MAP_DELETE_ELEM, BPF_MAP_UPDATE_ELEM, HEADER, INLINE, INLINED, LOST, MAP_ARRAY, MAP_HASH,
-                      MAP_PERCPU_ARRAY, MAP_RINGBUF, MAP_STACK_TRACE, MAX_DEPTH, PROG_RAW_TRACEPOINT, PROG_TRACEPOINT,
-                      PERF_EVENT_IOC_ENABLE, PERF_EVENT_IOC_SET_BPF, RB_BUSY, RB_DISCARD, RB_HDR, _ioctl, _map_call,
-                      _map_create, _perf_tracepoint, _payload, event_program, exit_program,
-                      fork_program, tid_program)
+from ..kernel.bpfprog import (BPF_MAP_DELETE_ELEM, BPF_MAP_UPDATE_ELEM, CACHE_ENTRY, COUNTERS, HEADER, INFERRED, INLINE,
+                               INLINED, LOST, MAP_ARRAY, MAP_HASH, MAP_PERCPU_ARRAY, MAP_RINGBUF, MAP_STACK_TRACE,
+                               MAX_DEPTH, MISMATCHED, PERF_EVENT_IOC_ENABLE, PERF_EVENT_IOC_SET_BPF,
+                               PROG_RAW_TRACEPOINT, PROG_TRACEPOINT, RB_BUSY, RB_DISCARD, RB_HDR, THREAD_STATE,
+                               EventMaps, _ioctl, _map_call, _map_create, _perf_tracepoint, _payload, event_program,
+                               exit_program, fork_program, tid_program)
 from .exitlog import TraceEvent
 from .traceformat import EventFormat, FormatError
 from .tracefs import TraceInstance, choose_events
 from .tracefsmount import TRACEFS, tracefs_root
 
 STACK_BUCKETS = 16384  # distinct chains kept; a chain hashed onto a taken bucket is copied inline
+CACHE_KEYS = 16384  # path keys remembered (bpfprog.event_program); a key past them is walked every time
 RING_BYTES = 32 << 20  # a power of two: ~600,000 records of 56 bytes between two drains
 DYNAMIC_EXTRA = 128  # bytes copied past a record's fixed part when it has __data_loc fields
-CLOSERS = 16  # threads detaching perf events at close (see BpfTracer.close)
+CLOSERS = 96  # threads detaching perf events at close, one per event (see BpfTracer.close)
 
 
 def _possible_cpus() -> int:
@@ -81,12 +83,14 @@ class BpfTracer:
     """
 
     def __init__(self, events: Iterable[str], pids: Iterable[int] = (), ring_bytes: int = RING_BYTES,
-                 root: Path = TRACEFS, stack_buckets: int = STACK_BUCKETS, follow_forks: bool = False) -> None:
+                 root: Path = TRACEFS, stack_buckets: int = STACK_BUCKETS, follow_forks: bool = False,
+                 walk_every_chain: bool = False) -> None:
         self._requested = list(events)
         self.pids = set(pids)
         self.follow_forks = follow_forks
         self.ring_bytes = ring_bytes
         self.stack_buckets = stack_buckets
+        self.walk_every_chain = walk_every_chain
         self._root_hint = root
         self.formats: dict[int, EventFormat] = {}
         self.enabled: list[str] = []
@@ -102,6 +106,7 @@ class BpfTracer:
         self._kernel_tid: int | None = None
         self._counted: dict[int, int] = {}  # the counters as close() last read them
         self.records = 0  # decoded so far
+        self.inferred = 0  # of them, records whose chain was their path key's, not walked
         self.foreign = self.unknown = self.orphan_stacks = 0  # as TraceInstance counts them
 
     # --- setting up and tearing down ------------------------------------------------------
@@ -135,11 +140,14 @@ class BpfTracer:
 
     def _setup(self, root: Path) -> None:
         m = self._maps
-        m["tids"] = self._fd(_map_create(MAP_HASH, 4, 4, 16384, "kvmiso_tids"))
+        m["tids"] = self._fd(_map_create(MAP_HASH, 4, THREAD_STATE.size, 16384, "kvmiso_tids"))
         m["stacks"] = self._fd(_map_create(MAP_STACK_TRACE, 4, 8 * MAX_DEPTH, self.stack_buckets, "kvmiso_chains"))
         m["ring"] = self._fd(_map_create(MAP_RINGBUF, 0, 0, self.ring_bytes, "kvmiso_events"))
-        m["counters"] = self._fd(_map_create(MAP_PERCPU_ARRAY, 4, 8, 2, "kvmiso_counts"))
+        m["counters"] = self._fd(_map_create(MAP_PERCPU_ARRAY, 4, 8, COUNTERS, "kvmiso_counts"))
         m["on"] = self._fd(_map_create(MAP_ARRAY, 4, 4, 1, "kvmiso_on"))
+        if not self.walk_every_chain:
+            m["cache"] = self._fd(_map_create(MAP_HASH, 8, CACHE_ENTRY.size, CACHE_KEYS, "kvmiso_paths"))
+        maps = EventMaps(m["tids"], m["stacks"], m["ring"], m["counters"], m["on"], m.get("cache"))
         page = mmap.PAGESIZE
         self._cons = mmap.mmap(m["ring"], page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
         self._prod = mmap.mmap(m["ring"], page + 2 * self.ring_bytes, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
@@ -150,7 +158,8 @@ class BpfTracer:
         for fmt in self._choose(root):
             static = max(f.offset + f.size for f in fmt.fields)
             extra = DYNAMIC_EXTRA if any(f.dynamic for f in fmt.fields) else 0
-            code = event_program(fmt.id, static, extra, m["tids"], m["stacks"], m["ring"], m["counters"], m["on"])
+            reason = next((f.offset for f in fmt.fields if f.name == "exit_reason" and fmt.name == "kvm_exit"), None)
+            code = event_program(fmt.id, static, extra, maps, reason, ends_run=fmt.name == "kvm_userspace_exit")
             self._progs[fmt.id] = self._fd(load_program(code, PROG_TRACEPOINT, f"kvmiso_{fmt.name}"[:15]))
             self._attach(fmt.id, self._progs[fmt.id])  # records wait for start(): the "on" flag
             self._payload[fmt.id] = _payload(static, extra)
@@ -185,9 +194,10 @@ class BpfTracer:
         """Detach and free everything (idempotent): closing the fds is all it takes. The perf
         events go first and in parallel: the last perf user of a tracepoint waits for RCU grace
         periods as it unregisters (perf_trace_event_unreg), about 0.5 s each on this host, 45 s
-        for the 90 kvm events one after the other, 3 s side by side."""
+        for the 90 kvm events one after the other; 5.1 s 16 at a time, 3.6 s all at once (tracefs's
+        instance: 3.4 s)."""
         if "counters" in self._maps and self._fds:
-            self._counted = {i: self._counter(i) for i in (LOST, INLINED)}
+            self._counted = {i: self._counter(i) for i in (LOST, INLINED, MISMATCHED)}
         with interrupt.deferred():  # Ctrl-C or SIGTERM meanwhile: once every fd is closed
             self._maps.clear()
             for mm in (self._cons, self._prod):
@@ -234,9 +244,9 @@ class BpfTracer:
 
     def add_pids(self, pids: Iterable[int]) -> None:
         """Trace these threads too (the kernel's set keeps the threads forks added)."""
-        one = ctypes.c_uint32(1)
+        fresh = ctypes.create_string_buffer(THREAD_STATE.size)
         for t in pids:
-            _map_call(BPF_MAP_UPDATE_ELEM, self._maps["tids"], ctypes.c_uint32(t), one)  # type: ignore[arg-type]
+            _map_call(BPF_MAP_UPDATE_ELEM, self._maps["tids"], ctypes.c_uint32(t), fresh)
             self.pids.add(t)
 
     def set_pids(self, pids: Iterable[int]) -> None:
@@ -294,6 +304,7 @@ class BpfTracer:
             payload = self._payload[event_id]
             rec_at = body + HEADER.size
             record = common.pack(event_id, 0, 0, tid) + data[rec_at: rec_at + payload]
+            self.inferred += bool(flags & INFERRED)
             if flags & INLINE:
                 stack = struct.unpack_from(f"<{max(chain, 0) // 8}Q", data, rec_at + payload)
             else:
@@ -337,6 +348,12 @@ class BpfTracer:
         return self._counter(INLINED)
 
     @property
+    def chain_mismatches(self) -> int:
+        """Walks that found another chain than their path key had (the key is walked from then
+        on; the records inferred for it before were given the key's first chain)."""
+        return self._counter(MISMATCHED)
+
+    @property
     def chains(self) -> int:
         """Distinct call chains read back from the stack map so far."""
         return len(self._chains)
@@ -349,11 +366,13 @@ class BpfTracer:
 TRACERS = ("bpf", "tracefs")
 
 
-def kvm_tracer(kind: str, events: list[str], pids: list[int], buffer_kb: int) -> tuple[BpfTracer | TraceInstance, str]:
+def kvm_tracer(kind: str, events: list[str], pids: list[int], buffer_kb: int,
+               every_chain: bool = False) -> tuple[BpfTracer | TraceInstance, str]:
     """An opened tracer of ``events`` with call chains for ``pids`` and the threads and children
     they create: a :class:`BpfTracer` for ``bpf`` where this host lets kvmiso load and attach its
-    programs, else (and for ``tracefs``) a :class:`.tracefs.TraceInstance` of ``buffer_kb`` per
-    CPU. The second item says in one line why ``bpf`` was asked for and tracefs runs ('' else).
+    programs (walking every event's chain with ``every_chain``, else only where its path is new
+    or verified), else (and for ``tracefs``) a :class:`.tracefs.TraceInstance` of ``buffer_kb``
+    per CPU. The second item says in one line why ``bpf`` was asked for and tracefs runs ('' else).
 
     >>> import threading
     >>> tracer, note = kvm_tracer("bpf", ["kvm:kvm_pio"], [threading.get_native_id()], 4096)    # needs root
@@ -365,7 +384,7 @@ def kvm_tracer(kind: str, events: list[str], pids: list[int], buffer_kb: int) ->
         raise ValueError(f"tracer {kind!r}: bpf or tracefs")
     note = ""
     if kind == "bpf":
-        bpf = BpfTracer(events, pids=pids, follow_forks=True)
+        bpf = BpfTracer(events, pids=pids, follow_forks=True, walk_every_chain=every_chain)
         try:
             bpf.open()
             return bpf, ""
