@@ -224,6 +224,8 @@ def test_a_killed_watcher_leaves_no_program(kvm, tracing):
 @pytest.mark.parametrize("argv, why", [
     (["trace", "portio", "--tracer", "bpf"], "--tracer is for --pid or -- COMMAND"),
     (["trace", "--pid", "1", "--tracer", "ftrace"], "invalid choice: 'ftrace'"),
+    (["trace", "--pid", "1", "--tracer", "tracefs", "--every-chain"], "--every-chain is for the bpf tracer"),
+    (["check", "portio", "--every-chain"], "--every-chain is for the bpf tracer of --pid or -- COMMAND"),
 ])
 def test_bad_tracer_is_one_line_status_2(argv, why, capsys):
     try:

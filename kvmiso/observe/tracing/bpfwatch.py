@@ -276,7 +276,9 @@ class BpfTracer:
             pos += (((length & ~RB_DISCARD) + RB_HDR) + 7) & ~7
         # headers first, then the bytes: a record whose header said committed has its data written
         data = prod[page + (start & mask): page + (start & mask) + (pos - start)]
-        struct.pack_into("<Q", cons, 0, pos)
+        # one 8-byte store: struct.pack_into writes byte by byte, and the kernel, reading the
+        # position half-written, refused about one record in a million as if the ring were full
+        cons[0:8] = pos.to_bytes(8, "little")
         return {0: data}
 
     def decode(self, raw: dict[int, bytes]) -> list[TraceEvent]:
