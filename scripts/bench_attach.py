@@ -43,7 +43,7 @@ from pathlib import Path
 
 from kvmiso.guest.probe import fingerprint, probe
 from kvmiso.kvm import Kvm
-from kvmiso.observe.kernel.bpf import BPF_MAP_LOOKUP_ELEM, _bpf
+from kvmiso.observe.kernel.bpf import BPF_MAP_LOOKUP_ELEM, BPF_OBJ_GET_INFO_BY_FD, _bpf
 from kvmiso.observe.tracing.exitlog import read_jsonl
 from kvmiso.observe.foreign.vms import copy_fd, fd_links, pidfd_open
 from kvmiso.observe.tracing.tracefsmount import tracefs_root
@@ -51,7 +51,6 @@ from kvmiso.observe.tracing.tracefsmount import tracefs_root
 GUEST = Path(__file__).resolve().parent.parent / "tests" / "guests" / "multiboot.S"
 WATCHERS = ("none", "kvmiso", "kvmiso-every-chain", "kvmiso-tracefs", "perf-g", "perf")
 KVMISO_OPTIONS = {"kvmiso": [], "kvmiso-every-chain": ["--every-chain"], "kvmiso-tracefs": ["--tracer", "tracefs"]}
-BPF_OBJ_GET_INFO_BY_FD = 15
 READY_TIMEOUT_S = 120  # setting up 90 BPF programs takes seconds on a loaded host
 
 

@@ -43,9 +43,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=summary, epilog=rest,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--count", type=int, default=20000, help="payloads per mode (default 20000)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0,
+                    help="the cases' seed (default 0): a failing case's label names it, with its index, to make it again")
     ap.add_argument("--timeout", type=float, default=0.03, help="seconds per payload (default 0.03)")
-    ap.add_argument("--targets", nargs="+", choices=list(TARGETS), default=list(TARGETS))
+    ap.add_argument("--targets", nargs="+", choices=list(TARGETS), default=list(TARGETS),
+                    help="CPU modes (and long mode at CPL3) to fuzz (default: all)")
     ap.add_argument("--jobs", type=int, default=1, help="machines per mode, one thread each (default 1)")
     ap.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     args = ap.parse_args()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import os
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -53,3 +54,15 @@ def tracing() -> None:
 @pytest.fixture
 def vendor():
     return vendor_module()
+
+
+@pytest.fixture(scope="session")
+def checkout_open_to_nobody() -> None:
+    """The checkout readable and every directory above it searchable by others, as an
+    unprivileged user's kvmiso needs it (its payloads are read at run time); else skip, naming
+    the closed directory (a clone in a `mktemp -d` directory is mode 700)."""
+    root = Path(__file__).resolve().parent.parent
+    closed = next((d for d, need in ((root, 0o005), *((p, 0o001) for p in root.parents))
+                   if os.stat(d).st_mode & need != need), None)
+    if closed is not None:
+        pytest.skip(f"uid 65534 cannot read the checkout: {closed} is mode {os.stat(closed).st_mode & 0o777:o}")

@@ -146,7 +146,7 @@ def test_bad_targets_are_one_line_status_2(kvm, argv, why, capsys):
     assert why in err and len(err.strip().splitlines()) == 1
 
 
-def test_another_users_process_is_refused_in_one_line(kvm, tmp_path):
+def test_another_users_process_is_refused_in_one_line(kvm, tmp_path, checkout_open_to_nobody):
     """kvmiso as an unprivileged user cannot read root's fds: one line, status 2."""
     if os.geteuid() != 0:
         pytest.skip("needs root to drop to an unprivileged user")

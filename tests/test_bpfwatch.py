@@ -19,7 +19,7 @@ import pytest
 
 from kvmiso.cli import main
 from kvmiso.guest import Machine
-from kvmiso.observe.kernel.bpf import BPF_MAP_LOOKUP_ELEM, HIDE_ENV, _bpf
+from kvmiso.observe.kernel.bpf import BPF_MAP_LOOKUP_ELEM, BPF_OBJ_GET_INFO_BY_FD, HIDE_ENV, _bpf
 from kvmiso.observe.kernel.bpfprog import BPF_MAP_UPDATE_ELEM, CACHE_ENTRY, UNSTABLE, _map_call
 from kvmiso.observe.kernel.kallsyms import read_kallsyms
 from kvmiso.observe.tracing.bpfwatch import BpfTracer
@@ -32,7 +32,7 @@ EXITS = 3000
 OBSERVER = ("trace_event_raw_event_", "__traceiter_", "perf_trace_")  # access.toml's observer prefixes
 QEMU = shutil.which("qemu-system-x86_64")
 GUEST = Path(__file__).parent / "guests" / "multiboot.S"
-BPF_MAP_GET_NEXT_KEY, BPF_PROG_GET_FD_BY_ID, BPF_MAP_GET_FD_BY_ID, BPF_OBJ_GET_INFO_BY_FD = 4, 13, 14, 15
+BPF_MAP_GET_NEXT_KEY, BPF_PROG_GET_FD_BY_ID, BPF_MAP_GET_FD_BY_ID = 4, 13, 14
 
 
 def _both(bpf_kwargs=None, exits=EXITS, between=None, end=None):

@@ -34,7 +34,7 @@ _NR_BPF = 321  # x86-64
 _libc.syscall.restype = ctypes.c_long
 
 # bpf(2) commands, program and map types (include/uapi/linux/bpf.h)
-BPF_MAP_CREATE, BPF_MAP_LOOKUP_ELEM, BPF_PROG_LOAD, BPF_PROG_TEST_RUN = 0, 1, 5, 10
+BPF_MAP_CREATE, BPF_MAP_LOOKUP_ELEM, BPF_PROG_LOAD, BPF_PROG_TEST_RUN, BPF_OBJ_GET_INFO_BY_FD = 0, 1, 5, 10, 15
 BPF_MAP_TYPE_ARRAY = 2
 BPF_PROG_TYPE_RAW_TRACEPOINT = 17
 BPF_PSEUDO_MAP_FD, BPF_PSEUDO_BTF_ID = 1, 3

@@ -3,12 +3,13 @@ compact record (event id, thread, CPU, CLOCK_MONOTONIC time, call-chain id, the 
 record) into a BPF ring buffer, and each distinct kernel call chain is kept once, in a
 ``BPF_MAP_TYPE_STACK_TRACE`` map, which every record names by id.
 
-Why (README, "Watching cheaply"): the tracefs ``stacktrace`` trigger writes every chain whole, after
-every event, into the ring buffer, and kvmiso decodes every copy; a VMM that exits 70,000 times a
-second repeats the same few chains millions of times. Here the chain is still unwound on every
-event (``bpf_get_stackid`` walks the stack like the trigger does: the check needs each exit's own
-chain, and only a walk knows it), but it is compared against the chains already kept, in the
-kernel, and 4 bytes go to the ring buffer instead of 8 per frame. The kernel here has no kprobes
+Why (docs/tracing.md, "Two tracers"): the tracefs ``stacktrace`` trigger walks every chain, after
+every event, copies it whole into the ring buffer, and kvmiso decodes every copy; a VMM that exits
+70,000 times a second repeats the same few chains millions of times. Here a chain is walked
+(``bpf_get_stackid``) only where the event's path key is new, on its first repeats and one in 64
+after, and otherwise taken from the key and marked inferred (:func:`.bpfprog.event_program`); a
+walk that disagrees is counted and its key walked from then on (``--every-chain`` walks all);
+and 4 bytes go to the ring buffer instead of 8 per frame. The kernel here has no kprobes
 and no fentry; tracepoint programs (``BPF_PROG_TYPE_TRACEPOINT`` on a perf event of the
 tracepoint) attach, and their context is the very record the event's ``format`` file describes
 (its common fields excepted), so :class:`.traceformat.EventFormat` decodes it as it decodes
@@ -23,9 +24,11 @@ Nothing is left behind: the programs hang on perf events and the maps on file de
 this process only (no pinning, no bpffs, no tracefs instance), so closing them, or the process
 dying by any signal, SIGKILL included, detaches everything.
 
-What it counts rather than hides: records the ring buffer had no room for (``lost``), and chains
-that did not fit the stack map (two chains in one hash bucket), which are then copied whole into
-their record (``inline_chains``), so no event is ever without its chain.
+What it counts rather than hides: records the ring buffer had no room for and events whose
+program the kernel skipped (``lost``), chains that did not fit the stack map (two chains in one
+hash bucket), which are then copied whole into their record (``inline_chains``), so no event is
+ever without its chain, chains inferred (``inferred``) and walks that disagreed with their key
+(``chain_mismatches``).
 
 >>> import threading
 >>> with BpfTracer(["kvm:kvm_pio", "kvm:kvm_userspace_exit"], pids=[threading.get_native_id()]) as t:  # needs root
@@ -46,7 +49,8 @@ from pathlib import Path
 from typing import Iterable
 
 from ... import interrupt
-from ..kernel.bpf import BPF_MAP_LOOKUP_ELEM, BPF_PROG_TEST_RUN, HIDE_ENV, BpfUnavailable, _bpf, load_program
+from ..kernel.bpf import (BPF_MAP_LOOKUP_ELEM, BPF_OBJ_GET_INFO_BY_FD, BPF_PROG_TEST_RUN, HIDE_ENV, BpfUnavailable, _bpf,
+                          load_program)
 from ..kernel.bpfprog import (BPF_MAP_DELETE_ELEM, BPF_MAP_UPDATE_ELEM, CACHE_ENTRY, COUNTERS, HEADER, INFERRED, INLINE,
                                INLINED, LOST, MAP_ARRAY, MAP_HASH, MAP_PERCPU_ARRAY, MAP_RINGBUF, MAP_STACK_TRACE,
                                MAX_DEPTH, MISMATCHED, PERF_EVENT_IOC_ENABLE, PERF_EVENT_IOC_SET_BPF,
@@ -62,6 +66,9 @@ STACK_BUCKETS = 16384  # distinct chains kept; a chain hashed onto a taken bucke
 CACHE_KEYS = 16384  # path keys remembered (bpfprog.event_program); a key past them is walked every time
 RING_BYTES = 32 << 20  # a power of two: ~600,000 records of 56 bytes between two drains
 DYNAMIC_EXTRA = 128  # bytes copied past a record's fixed part when it has __data_loc fields
+# struct bpf_prog_info (include/uapi/linux/bpf.h): its size as kvmiso asks for it, and where
+# recursion_misses is (since 5.12; a kernel that fills less leaves it 0)
+PROG_INFO_BYTES, RECURSION_MISSES = 232, 208
 CLOSERS = 96  # threads detaching perf events at close, one per event (see BpfTracer.close)
 
 
@@ -105,6 +112,7 @@ class BpfTracer:
         self._chains: dict[int, tuple[int, ...]] = {}
         self._kernel_tid: int | None = None
         self._counted: dict[int, int] = {}  # the counters as close() last read them
+        self._skipped = 0  # and the programs' skipped events
         self.records = 0  # decoded so far
         self.inferred = 0  # of them, records whose chain was their path key's, not walked
         self.foreign = self.unknown = self.orphan_stacks = 0  # as TraceInstance counts them
@@ -198,6 +206,8 @@ class BpfTracer:
         instance: 3.4 s)."""
         if "counters" in self._maps and self._fds:
             self._counted = {i: self._counter(i) for i in (LOST, INLINED, MISMATCHED)}
+            self._skipped = self.skipped()
+        self._progs = {}  # their fds close below: skipped() answers from the reading above
         with interrupt.deferred():  # Ctrl-C or SIGTERM meanwhile: once every fd is closed
             self._maps.clear()
             for mm in (self._cons, self._prod):
@@ -341,8 +351,22 @@ class BpfTracer:
 
     @property
     def lost(self) -> int:
-        """Records the ring buffer had no room for (each an event lost whole, chain and all)."""
-        return self._counter(LOST)
+        """Events lost whole, chain and all: records the ring buffer had no room for, and events
+        whose program the kernel skipped (:meth:`skipped`)."""
+        return self._counter(LOST) + self.skipped()
+
+    def skipped(self) -> int:
+        """Events whose program did not run: a tracepoint that fires while a BPF program runs on
+        its CPU (in an interrupt, say) skips its own (trace_call_bpf's bpf_prog_active), and
+        counts it in the program's ``recursion_misses``."""
+        if not self._progs:
+            return self._skipped
+        total = 0
+        for fd in self._progs.values():
+            info = ctypes.create_string_buffer(PROG_INFO_BYTES)
+            _bpf(BPF_OBJ_GET_INFO_BY_FD, struct.pack("<IIQ", fd, PROG_INFO_BYTES, ctypes.addressof(info)))
+            total += struct.unpack_from("<Q", info, RECURSION_MISSES)[0]
+        return total
 
     @property
     def inline_chains(self) -> int:
