@@ -24,7 +24,8 @@ from typing import Callable, Iterable
 from ...host import Host
 from ...interrupt import Interrupted
 from ...kvm.exits import DATALESS, Exit, IoExit, MmioExit, ObservedExit
-from .bpfwatch import BpfTracer, kvm_tracer
+from ..kernel.bpf import BpfUnavailable
+from .bpfwatch import BpfTracer
 from .exitlog import ExitLog, RunRecord, TraceEvent
 from ..foreign.vms import ProcessError, pidfd_open, threads
 from .tracefs import TraceInstance, TracefsUnavailable
@@ -58,6 +59,38 @@ class Attached:
 def default_events(root_events: Iterable[str]) -> list[str]:
     """Every ``kvm`` event but the per-instruction ones (see the module docstring)."""
     return [e for e in root_events if e.rpartition(":")[2] not in DEFAULT_EXCLUDED]
+
+
+TRACERS = ("bpf", "tracefs")
+
+
+def kvm_tracer(kind: str, events: list[str], pids: list[int], buffer_kb: int,
+               every_chain: bool = False) -> tuple[BpfTracer | TraceInstance, str]:
+    """An opened tracer of ``events`` with call chains for ``pids`` and the threads and children
+    they create: a :class:`BpfTracer` for ``bpf`` where this host lets kvmiso load and attach its
+    programs (walking every event's chain with ``every_chain``, else only where its path is new
+    or verified), else (and for ``tracefs``) a :class:`.tracefs.TraceInstance` of ``buffer_kb``
+    per CPU. The second item says in one line why ``bpf`` was asked for and tracefs runs ('' else).
+
+    >>> import threading
+    >>> tracer, note = kvm_tracer("bpf", ["kvm:kvm_pio"], [threading.get_native_id()], 4096)    # needs root
+    >>> type(tracer).__name__, note
+    ('BpfTracer', '')
+    >>> tracer.close()
+    """
+    if kind not in TRACERS:
+        raise ValueError(f"tracer {kind!r}: bpf or tracefs")
+    note = ""
+    if kind == "bpf":
+        bpf = BpfTracer(events, pids=pids, follow_forks=True, walk_every_chain=every_chain)
+        try:
+            bpf.open()
+            return bpf, ""
+        except BpfUnavailable as e:
+            note = f"BPF unavailable ({e}): tracing through tracefs, which costs each event more"
+    tracer = TraceInstance(events, pids=pids, buffer_kb=buffer_kb, stacks=True, follow_forks=True)
+    tracer.open()
+    return tracer, note
 
 
 def watch(target: int | Callable[[], int], until: Callable[[int], str | None],

@@ -59,7 +59,7 @@ from ..kernel.bpfprog import (BPF_MAP_DELETE_ELEM, BPF_MAP_UPDATE_ELEM, CACHE_EN
                                exit_program, fork_program, tid_program)
 from .exitlog import TraceEvent
 from .traceformat import EventFormat, FormatError
-from .tracefs import TraceInstance, choose_events
+from .tracefs import choose_events
 from .tracefsmount import TRACEFS, tracefs_root
 
 STACK_BUCKETS = 16384  # distinct chains kept; a chain hashed onto a taken bucket is copied inline
@@ -389,36 +389,4 @@ class BpfTracer:
         return f"not on this kernel: {', '.join(self.missing)}" if self.missing else ""
 
 
-TRACERS = ("bpf", "tracefs")
-
-
-def kvm_tracer(kind: str, events: list[str], pids: list[int], buffer_kb: int,
-               every_chain: bool = False) -> tuple[BpfTracer | TraceInstance, str]:
-    """An opened tracer of ``events`` with call chains for ``pids`` and the threads and children
-    they create: a :class:`BpfTracer` for ``bpf`` where this host lets kvmiso load and attach its
-    programs (walking every event's chain with ``every_chain``, else only where its path is new
-    or verified), else (and for ``tracefs``) a :class:`.tracefs.TraceInstance` of ``buffer_kb``
-    per CPU. The second item says in one line why ``bpf`` was asked for and tracefs runs ('' else).
-
-    >>> import threading
-    >>> tracer, note = kvm_tracer("bpf", ["kvm:kvm_pio"], [threading.get_native_id()], 4096)    # needs root
-    >>> type(tracer).__name__, note
-    ('BpfTracer', '')
-    >>> tracer.close()
-    """
-    if kind not in TRACERS:
-        raise ValueError(f"tracer {kind!r}: bpf or tracefs")
-    note = ""
-    if kind == "bpf":
-        bpf = BpfTracer(events, pids=pids, follow_forks=True, walk_every_chain=every_chain)
-        try:
-            bpf.open()
-            return bpf, ""
-        except BpfUnavailable as e:
-            note = f"BPF unavailable ({e}): tracing through tracefs, which costs each event more"
-    tracer = TraceInstance(events, pids=pids, buffer_kb=buffer_kb, stacks=True, follow_forks=True)
-    tracer.open()
-    return tracer, note
-
-
-__all__ = ["BpfTracer", "MAX_DEPTH", "TRACERS", "event_program", "kvm_tracer"]
+__all__ = ["BpfTracer", "MAX_DEPTH", "event_program"]
