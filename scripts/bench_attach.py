@@ -44,6 +44,7 @@ from pathlib import Path
 from kvmiso.guest.probe import fingerprint, probe
 from kvmiso.kvm import Kvm
 from kvmiso.observe.kernel.bpf import BPF_MAP_LOOKUP_ELEM, BPF_OBJ_GET_INFO_BY_FD, _bpf
+from kvmiso.observe.kernel.bpfprog import SWITCH
 from kvmiso.observe.tracing.exitlog import read_jsonl
 from kvmiso.observe.foreign.vms import copy_fd, fd_links, pidfd_open
 from kvmiso.observe.tracing.tracefsmount import tracefs_root
@@ -85,10 +86,10 @@ def bpf_recording(pid: int) -> bool:
                 _bpf(BPF_OBJ_GET_INFO_BY_FD, struct.pack("<IIQ", copy, 128, ctypes.addressof(info)))
                 if info.raw[24:40].rstrip(b"\0") != b"kvmiso_on":
                     continue
-                key, value = ctypes.c_uint32(0), ctypes.c_uint32(0)
+                key, value = ctypes.c_uint32(0), ctypes.create_string_buffer(SWITCH.size)
                 _bpf(BPF_MAP_LOOKUP_ELEM, struct.pack("<IIQQQ", copy, 0, ctypes.addressof(key),
                                                       ctypes.addressof(value), 0))
-                return value.value == 1
+                return SWITCH.unpack(value.raw)[0] == 1
             finally:
                 os.close(copy)
     finally:

@@ -10,7 +10,7 @@ their flag and return):
   off       every program attached, none recording: the perf tracepoint path and a flag test
   records   records into the ring buffer, no call chain (bpf_get_stackid replaced by a constant)
   cached    what `kvmiso trace --pid` runs: records, each chain walked (bpf_get_stackid into the
-            stack map) when its path key is new and 1 in 64 times after, else the key's id
+            stack map) when its path key is new and 1 in 256 times after, else the key's id
   chains    `--every-chain`: records plus bpf_get_stackid on every event
   inline    every chain copied into its record by bpf_get_stack (a stack map of one bucket)
 The differences are what a record and what a chain's unwinding cost each exit (about 4 kvm

@@ -20,7 +20,8 @@ import pytest
 from kvmiso.cli import main
 from kvmiso.guest import Machine
 from kvmiso.observe.kernel.bpf import BPF_MAP_LOOKUP_ELEM, BPF_OBJ_GET_INFO_BY_FD, HIDE_ENV, _bpf
-from kvmiso.observe.kernel.bpfprog import BPF_MAP_UPDATE_ELEM, CACHE_ENTRY, UNSTABLE, _map_call
+from kvmiso.observe.kernel.bpfmaps import BPF_MAP_UPDATE_ELEM, map_call
+from kvmiso.observe.kernel.bpfprog import CACHE_ENTRY, UNSTABLE
 from kvmiso.observe.kernel.kallsyms import read_kallsyms
 from kvmiso.observe.tracing.bpfwatch import BpfTracer
 from kvmiso.observe.tracing.exitlog import read_jsonl
@@ -87,7 +88,7 @@ def test_bpf_sees_what_tracefs_sees(kvm, tracing, kwargs):
         assert b.inline_chains > 0 and b.chains <= 1 and b.inferred == 0  # a chain inline is walked
     else:
         assert b.inline_chains == 0 and 0 < b.chains < 64  # the few distinct chains, kept once
-    if not kwargs:  # a walk per new path, its first repeats, and 1 in 64 after
+    if not kwargs:  # a walk per new path, its first repeats, and 1 in VERIFY_EVERY after
         assert b.inferred > len(be) * 3 // 4, (b.inferred, len(be))
     else:
         assert b.inferred == 0
@@ -99,11 +100,11 @@ def _cache(b: BpfTracer) -> dict[int, tuple[int, int]]:
     key, following = ctypes.c_uint64(0xFFFFFFFFFFFFFFFF), ctypes.c_uint64()
     while True:
         try:
-            _map_call(BPF_MAP_GET_NEXT_KEY, fd, key, following)
+            map_call(BPF_MAP_GET_NEXT_KEY, fd, key, following)
         except OSError:
             return entries
         value = ctypes.create_string_buffer(CACHE_ENTRY.size)
-        _map_call(BPF_MAP_LOOKUP_ELEM, fd, following, value)
+        map_call(BPF_MAP_LOOKUP_ELEM, fd, following, value)
         entries[following.value] = CACHE_ENTRY.unpack(value.raw)
         key.value = following.value
 
@@ -122,7 +123,7 @@ def test_a_path_whose_walk_disagrees_is_walked_from_then_on(kvm, tracing):
         assert len(ids) >= 2, cache  # a kvm_pio and a kvm_exit, at the least
         for key, (chain, _) in cache.items():
             other = ids[(ids.index(chain) + 1) % len(ids)] if chain in ids else chain
-            _map_call(BPF_MAP_UPDATE_ELEM, b._maps["cache"], ctypes.c_uint64(key),
+            map_call(BPF_MAP_UPDATE_ELEM, b._maps["cache"], ctypes.c_uint64(key),
                       ctypes.create_string_buffer(CACHE_ENTRY.pack(other, 1)))
             poisoned[key] = chain
 

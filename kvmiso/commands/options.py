@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 from ..exitstatus import CliError, positive_seconds
 from ..guest.build import MODES, default_mode, payload_modes, payload_path
 from ..interrupt import Interrupted
+from ..observe.kernel.bpfprog import VERIFY_EVERY
+from ..observe.tracing import TRACERS
 
 if TYPE_CHECKING:
     from ..guest import Machine
@@ -33,10 +35,10 @@ def add_process_args(sp: argparse.ArgumentParser) -> None:
     """--pid, --duration and --tracer: watching another process (or a command given after --)."""
     sp.add_argument("--pid", type=int, help="watch the KVM vCPUs of a running process (QEMU, your VMM)")
     sp.add_argument("--duration", type=positive_seconds, metavar="S", help="with --pid or -- COMMAND: stop after S seconds (a COMMAND gets SIGTERM then)")
-    sp.add_argument("--tracer", choices=("bpf", "tracefs"), help="with --pid or -- COMMAND: bpf (the default: "
+    sp.add_argument("--tracer", choices=TRACERS, help="with --pid or -- COMMAND: bpf (the default: "
                     "compact records, each call chain kept once in the kernel and walked where the exit's path is new "
-                    "and 1 in 64 times after; tracefs where BPF is refused) or tracefs (every event's chain walked and "
-                    "copied whole). docs/tracing.md measures them")
+                    f"and 1 in {VERIFY_EVERY} times after; tracefs where BPF is refused) or tracefs (every event's "
+                    "chain walked and copied whole). docs/tracing.md measures them")
     sp.add_argument("--every-chain", action="store_true", help="with the bpf tracer: walk every event's call chain "
                     "(none inferred from its path; costs an exit-bound guest about 40%%)")
 
@@ -131,7 +133,7 @@ def watch(args: argparse.Namespace) -> tuple[WatchedProcess, Interrupted | None]
     from ..session import WatchedProcess, watch_process
 
     try:
-        w, interrupted = watch_process(process_target(args), args.duration, tracer=args.tracer or "bpf",
+        w, interrupted = watch_process(process_target(args), args.duration, tracer=args.tracer or TRACERS[0],
                                        every_chain=args.every_chain), None
     except ProcessError as e:
         raise CliError(str(e)) from None

@@ -106,7 +106,7 @@ def _print_events(log: ExitLog, stacks: bool) -> None:
 def _trace_process(args: argparse.Namespace) -> int:
     """--pid / -- COMMAND: another process's vCPUs, per vCPU and in total. Returns the command's
     own status when it ended by itself, else 0."""
-    from ..isolation.check import chain_inference_note
+    from ..isolation.render import chain_inference_note
     from ..observe.tracing.exitstat import summarize_exits
 
     outputs_writable(args)
@@ -122,7 +122,7 @@ def _trace_process(args: argparse.Namespace) -> int:
           f"{len(log.records)} KVM_RUN calls on {len(vcpus)} vCPU threads{vms}, {events} in-kernel kvm events "
           f"through {w.attached.tracer} (kvm_emulate_insn and kvmmmu left out: once per emulated instruction)")
     if log.host.get("chains_inferred"):
-        print(chain_inference_note(log.host["chains_inferred"], log.host.get("chain_mismatches", 0)))
+        print(chain_inference_note(log.host))
     print()
     for v in vcpus:  # a vCPU id where the evidence named its thread, else the thread's id
         name = f"vCPU {v}" if v in w.evidence.threads else f"thread {v}"

@@ -45,6 +45,7 @@ from .chainwalk import Checker, Verdict
 from .checkresult import CheckResult, ExitClass
 from .exitcut import cut_exits
 from .mapset import DenylistSpace, KvmAddressSpace
+from .render import chain_inference_note
 
 ANCESTORS_ONLY = ("call chains show the ancestors of traced events only: a function that returned before the "
                   "next traced event is checked only where access.toml names it (after, [[emulated]], "
@@ -97,22 +98,11 @@ def _new_result(space: KvmAddressSpace | DenylistSpace, log: ExitLog, switch_cos
         res.notes.append(f"no trace events ({log.tracing_reason or 'tracing off'}): no exit has a call chain")
     res.lost_events = log.lost_events
     if log.host.get("chains_inferred"):
-        res.notes.append(chain_inference_note(log.host["chains_inferred"], log.host.get("chain_mismatches", 0)))
+        res.notes.append(chain_inference_note(log.host))
     res.runs = len(log.records)
     res.wall_ns = sum(r.end_ns for r in log.records) - sum(r.start_ns for r in log.records)
     res.unseen = [ANCESTORS_ONLY]
     return res
-
-
-def chain_inference_note(inferred: int, mismatches: int) -> str:
-    """What the verdicts rest on when the BPF watcher inferred chains (its log's host says how
-    many): a chain taken from the events' path key, walked to verify 1 in 64 times."""
-    note = (f"{inferred} events' call chains inferred from their exit's path (the BPF watcher walks a path's chain "
-            f"when new and 1 in 64 times after): {mismatches} walks disagreed")
-    if mismatches:
-        note += (" (those paths are walked every time since; an event inferred on one before may carry another "
-                 "path's chain: --every-chain walks them all)")
-    return note
 
 
 def _distinct_runs(log: ExitLog) -> list[tuple[RunRecord, int]]:

@@ -15,6 +15,21 @@ from .pagetable import LEVEL_NAMES
 _LEAF = {1: "4K", 2: "2M", 3: "1G"}
 
 
+def chain_inference_note(host: dict[str, Any]) -> str:
+    """What the verdicts rest on when the BPF watcher inferred chains, from its log's ``host``:
+    how many events took the chain of their path key, how often a key is walked to verify it
+    (``chains_verify_every``), and how many walks disagreed."""
+    every = host.get("chains_verify_every")
+    sampled = f"1 in {every} times after" if every else "sampled after"
+    mismatches = host.get("chain_mismatches", 0)
+    note = (f"{host['chains_inferred']} events' call chains inferred from their exit's path (the BPF watcher walks "
+            f"a path's chain when new and {sampled}): {mismatches} walks disagreed")
+    if mismatches:
+        note += (" (those paths are walked every time since; an event inferred on one before may carry another "
+                 "path's chain: --every-chain walks them all)")
+    return note
+
+
 def size_text(n: int) -> str:
     """``n`` bytes for people: ``2 MiB``, ``50.28 KiB``."""
     for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):

@@ -1,7 +1,8 @@
-"""The eBPF of kvmiso's BPF watcher (:mod:`.bpfwatch`), assembled here without a compiler: one
-program per kvm tracepoint that writes a compact record into a ring buffer and names its call
-chain by an id in a stack map, the programs that follow a traced thread's forks and exits, the
-maps they share and the perf events they hang on. The record layout (``HEADER``) is the reader's contract with them.
+"""The eBPF of kvmiso's BPF watcher (:mod:`..tracing.bpfwatch`), assembled here without a
+compiler: one program per kvm tracepoint that writes a compact record into a ring buffer and names
+its call chain by an id in a stack map, and the programs that follow a traced thread's forks and
+exits. The maps they share and the perf events they hang on are made in :mod:`.bpfmaps`. The
+record layout (``HEADER``) is the reader's contract with them.
 
 Each program says in its docstring what it writes; registers by convention: r6 the tracepoint's
 context, r7 ``cpu << 32 | tid``, r8 the time, r9 the reserved record.
@@ -9,30 +10,19 @@ context, r7 ``cpu << 32 | tid``, r8 the time, r9 the reserved record.
 
 from __future__ import annotations
 
-import ctypes
-import os
 import struct
 from dataclasses import dataclass
 
-from ...kvm._libc import libc as _libc
-from .bpf import (_EXIT, BPF_MAP_CREATE, BPF_PSEUDO_MAP_FD, BpfUnavailable, _add_imm, _bpf, _call, _insn, _ld_imm64,
-                  _ldx64, _mov, _mov_imm, _stx64)
+from .bpf import (_EXIT, BPF_PSEUDO_MAP_FD, _add_imm, _call, _insn, _ld_imm64, _ldx64, _mov, _mov_imm, _stx64)
 
-# bpf(2) (include/uapi/linux/bpf.h)
-BPF_MAP_UPDATE_ELEM, BPF_MAP_DELETE_ELEM = 2, 3
-MAP_HASH, MAP_ARRAY, MAP_PERCPU_ARRAY, MAP_STACK_TRACE, MAP_RINGBUF = 1, 2, 6, 7, 27
-PROG_TRACEPOINT, PROG_RAW_TRACEPOINT = 5, 17
+PROG_TRACEPOINT, PROG_RAW_TRACEPOINT = 5, 17  # (include/uapi/linux/bpf.h)
 # helpers
 _LOOKUP, _UPDATE, _DELETE, _KTIME, _CPU, _PID_TGID = 1, 2, 3, 5, 8, 14
 _GET_STACKID, _GET_STACK, _PROBE_READ_KERNEL, _RB_RESERVE, _RB_SUBMIT = 27, 67, 113, 131, 132
+_TASK_STORAGE_GET, _CURRENT_TASK_BTF = 156, 158
+STORAGE_CREATE = 1  # BPF_LOCAL_STORAGE_GET_F_CREATE
 RB_NO_WAKEUP = 1  # kvmiso drains on a timer: no wakeup (an irq_work) per record
 RB_BUSY, RB_DISCARD, RB_HDR = 1 << 31, 1 << 30, 8
-
-_NR_PERF_EVENT_OPEN = 298
-PERF_TYPE_TRACEPOINT, PERF_SAMPLE_RAW, PERF_FLAG_FD_CLOEXEC = 2, 1 << 10, 8
-PERF_EVENT_IOC_ENABLE, PERF_EVENT_IOC_SET_BPF = 0x2400, 0x40042408
-_ATTR_SIZE = 136  # PERF_ATTR_SIZE_VER8
-_libc.syscall.restype = ctypes.c_long
 
 MAX_DEPTH = 127  # frames per chain: perf's default kernel.perf_event_max_stack
 HEADER = struct.Struct("<HHIQiI")  # event id, flags, tid, ns, chain id (or inline bytes), cpu
@@ -44,10 +34,15 @@ LOST, INLINED, MISMATCHED = 0, 1, 2
 COUNTERS = 3
 # the chain cache (event_program): a key is walked when new, on its first VERIFY_FIRST repeats,
 # then on one repeat in VERIFY_EVERY (a power of two); UNSTABLE marks a key whose walks disagreed
-VERIFY_FIRST, VERIFY_EVERY, UNSTABLE = 4, 64, 0x7FFFFFFF
+VERIFY_FIRST, VERIFY_EVERY, UNSTABLE = 4, 256, 0x7FFFFFFF
 PATH_EVENTS = 16  # events after an exit that still extend the path
 FNV_PRIME = 0x100000001B3
-THREAD_STATE = struct.Struct("<QIIQQ")  # path, events in it, reference set, reference stack pointer, scratch
+# a thread's state, in task storage: its path, events in it, reference set, reference stack
+# pointer, a scratch slot, then the generation of the traced set it was looked up in and the
+# answer (its thread id if traced, else 0: the idle task, id 0, fires no kvm event)
+THREAD_STATE = struct.Struct("<QIIQQII")
+GENERATION_AT, TRACED_AT = 32, 36
+SWITCH = struct.Struct("<II")  # the "on" map's value: recording, the traced set's generation
 CACHE_ENTRY = struct.Struct("<II")  # chain id, times seen
 BPF_NOEXIST = 1
 
@@ -132,11 +127,12 @@ def _count(a: _Asm, counters: int, index: int, done: str) -> None:
 
 @dataclass(frozen=True)
 class EventMaps:
-    """The maps every event program shares (file descriptors): the traced threads (each with
-    its path state, ``THREAD_STATE``), the chains, the ring buffer, the per-CPU counters, the
-    on flag, and the chain cache (None: every event's chain is walked)."""
+    """The maps every event program shares (file descriptors): the traced threads' ids, each
+    thread's state (task storage, ``THREAD_STATE``), the chains, the ring buffer, the per-CPU
+    counters, the switch (``SWITCH``), and the chain cache (None: every event's chain is walked)."""
 
     tids: int
+    threads: int
     stacks: int
     ring: int
     counters: int
@@ -163,10 +159,8 @@ def event_program(event_id: int, static: int, extra: int, maps: EventMaps, reaso
     _stack_key(a, 2, -4)
     a(_call(_LOOKUP)).jump(JEQ, 0, 0, "out")
     a(_ldx32(1, 0, 0)).jump(JEQ, 1, 0, "out")  # stopped: an array lookup the verifier inlines, no more
-    a(_call(_PID_TGID), _insn(0xBC, 7, 0), _stx32(10, 7, -4), _map(1, maps.tids))  # w7 = tid
-    _stack_key(a, 2, -4)
-    a(_call(_LOOKUP)).jump(JEQ, 0, 0, "out")
-    a(_stx64(10, 0, -24))  # the thread's state
+    a(_ldx32(8, 0, 4))  # the traced set's generation
+    _traced_thread(a, maps)  # r7 = tid
     a(_call(_CPU), _insn(0x67, 0, 0, 0, 32), _insn(0x4F, 7, 0))  # r7 |= cpu << 32
     a(_call(_KTIME), _mov(8, 0))
     tails = [("walked", 0)]
@@ -193,6 +187,36 @@ def event_program(event_id: int, static: int, extra: int, maps: EventMaps, reaso
     a.label("out")
     a(_mov_imm(0, 0), _EXIT)
     return a.code()
+
+
+def _traced_thread(a: _Asm, maps: EventMaps) -> None:
+    """Goto ``out`` unless the current thread is traced; r7 = its id, r10-24 = its state. The
+    state is the thread's task storage, which keeps the traced set's answer (``tids``, a hash
+    map) until the set's generation (r8) changes: a thread asks the set once, not every event.
+    A thread whose storage the kernel cannot make (no memory; another BPF program holds it on
+    this CPU) asks the set, and if traced its record is counted lost."""
+    a(_call(_CURRENT_TASK_BTF), _mov(2, 0), _map(1, maps.threads), _mov_imm(3, 0), _mov_imm(4, STORAGE_CREATE),
+      _call(_TASK_STORAGE_GET)).jump(JEQ, 0, 0, "stateless")
+    a(_stx64(10, 0, -24), _ldx32(1, 0, GENERATION_AT)).jump_reg(JEQ_REG, 1, 8, "asked")
+    a(_stx32(0, 8, GENERATION_AT), _st(8, 0, 0, 0), _st(4, 0, 8, 0), _st(4, 0, 12, 0))  # a new answer, a fresh path
+    _in_set(a, maps.tids)
+    a(_mov_imm(1, 0)).jump(JEQ, 0, 0, "answer")
+    a(_ldx32(1, 10, -4))
+    a.label("answer")
+    a(_ldx64(0, 10, -24), _stx32(0, 1, TRACED_AT))
+    a.label("asked")
+    a(_ldx64(0, 10, -24), _ldx32(7, 0, TRACED_AT)).jump(JEQ, 7, 0, "out").jump(JA, 0, 0, "traced")
+    a.label("stateless")
+    _in_set(a, maps.tids)
+    a.jump(JEQ, 0, 0, "out").jump(JA, 0, 0, "lost")
+    a.label("traced")
+
+
+def _in_set(a: _Asm, tids: int) -> None:
+    """r0 = the current thread's entry in ``tids`` (NULL: not traced)."""
+    a(_call(_PID_TGID), _stx32(10, 0, -4), _map(1, tids))
+    _stack_key(a, 2, -4)
+    a(_call(_LOOKUP))
 
 
 def _walk(a: _Asm, stacks: int, then: str) -> None:
@@ -296,17 +320,14 @@ def _fill(a: _Asm, event_id: int, flags: int, static: int, extra: int) -> None:
 
 def fork_program(tids: int, child_pid_offset: int) -> bytes:
     """sched_process_fork: a thread or child of a traced thread is traced too (tracefs's
-    ``event-fork``), with a fresh state (``THREAD_STATE``); it fires in the parent."""
+    ``event-fork``); it fires in the parent. (The child's state is made at its first event.)"""
     a = _Asm()
-    a(_mov(6, 1), _call(_PID_TGID), _stx32(10, 0, -4), _map(1, tids))
-    _stack_key(a, 2, -4)
-    a(_call(_LOOKUP)).jump(JEQ, 0, 0, "out")
-    a(_ldx32(1, 6, child_pid_offset), _stx32(10, 1, -8))
-    for off in range(-8 - THREAD_STATE.size, -8, 8):
-        a(_st(8, 10, off, 0))
-    a(_map(1, tids))
+    a(_mov(6, 1))
+    _in_set(a, tids)
+    a.jump(JEQ, 0, 0, "out")
+    a(_ldx32(1, 6, child_pid_offset), _stx32(10, 1, -8), _st(4, 10, -12, 1), _map(1, tids))
     _stack_key(a, 2, -8)
-    a(_mov(3, 10), _add_imm(3, -8 - THREAD_STATE.size), _mov_imm(4, 0), _call(_UPDATE))
+    a(_mov(3, 10), _add_imm(3, -12), _mov_imm(4, 0), _call(_UPDATE))
     a.label("out")
     a(_mov_imm(0, 0), _EXIT)
     return a.code()
@@ -334,41 +355,6 @@ def tid_program(out: int) -> bytes:
     return a.code()
 
 
-def _map_create(kind: int, key: int, value: int, entries: int, name: str) -> int:
-    try:
-        fd, _ = _bpf(BPF_MAP_CREATE, struct.pack("<IIIIIII16s", kind, key, value, entries, 0, 0, 0, name.encode()))
-    except OSError as e:
-        raise BpfUnavailable(f"bpf(BPF_MAP_CREATE) of {name} failed: {e.strerror}") from None
-    return fd
-
-
-def _map_call(cmd: int, fd: int, key: ctypes.Array | ctypes._SimpleCData, value: ctypes.Array | None = None,
-              flags: int = 0) -> None:
-    _bpf(cmd, struct.pack("<IIQQQ", fd, 0, ctypes.addressof(key), ctypes.addressof(value) if value is not None else 0,
-                          flags))
-
-
-def _perf_tracepoint(event_id: int) -> int:
-    """A perf event on tracepoint ``event_id`` (all threads, CPU 0: a BPF program on it runs on
-    every CPU; the event itself never samples, the program returns 0)."""
-    attr = bytearray(_ATTR_SIZE)
-    struct.pack_into("<IIQQQ", attr, 0, PERF_TYPE_TRACEPOINT, _ATTR_SIZE, event_id, 1, PERF_SAMPLE_RAW)
-    struct.pack_into("<I", attr, 48, 1)  # wakeup_events
-    buf = ctypes.create_string_buffer(bytes(attr), _ATTR_SIZE)
-    fd = _libc.syscall(ctypes.c_long(_NR_PERF_EVENT_OPEN), buf, ctypes.c_long(-1), ctypes.c_long(0),
-                       ctypes.c_long(-1), ctypes.c_long(PERF_FLAG_FD_CLOEXEC))
-    if fd < 0:
-        e = ctypes.get_errno()
-        raise OSError(e, f"perf_event_open of tracepoint {event_id}: {os.strerror(e)}")
-    return fd
-
-
-def _ioctl(fd: int, request: int, arg: int) -> None:
-    if _libc.ioctl(fd, request, arg) < 0:  # the shared handle's argtypes: int, unsigned long, void *
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
-
-
 __all__ = ["CACHE_ENTRY", "COUNTERS", "EventMaps", "HEADER", "INFERRED", "INLINE", "INLINED", "LOST", "MAX_DEPTH",
-           "MISMATCHED", "THREAD_STATE", "VERIFY_EVERY", "VERIFY_FIRST", "event_program", "exit_program",
+           "MISMATCHED", "SWITCH", "THREAD_STATE", "VERIFY_EVERY", "VERIFY_FIRST", "event_program", "exit_program",
            "fork_program", "tid_program"]

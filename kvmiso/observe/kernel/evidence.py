@@ -26,7 +26,7 @@ import json
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Protocol, Sequence
+from typing import Any, Iterable, Protocol, Sequence
 
 from .bpf import BpfUnavailable, KernelMemory, KernelReadError
 from .btf import Btf, BtfError

@@ -4,3 +4,5 @@ formats and their ``print fmt`` (:mod:`.traceformat`, :mod:`.printfmt`), ring-bu
 :mod:`.exitstat`), a capture session over KVM_RUN calls (:mod:`.capture`), and the watch of
 another process's vCPU threads (:mod:`.attach`), through tracefs or through BPF programs on the
 tracepoints (:mod:`.bpfwatch`)."""
+
+TRACERS = ("bpf", "tracefs")  # what a watch can record through, the default first (kept here: the CLI's choices)

@@ -25,6 +25,8 @@ from ...host import Host
 from ...interrupt import Interrupted
 from ...kvm.exits import DATALESS, Exit, IoExit, MmioExit, ObservedExit
 from ..kernel.bpf import BpfUnavailable
+from ..kernel.bpfprog import VERIFY_EVERY
+from . import TRACERS
 from .bpfwatch import BpfTracer
 from .exitlog import ExitLog, RunRecord, TraceEvent
 from ..foreign.vms import ProcessError, pidfd_open, threads
@@ -59,9 +61,6 @@ class Attached:
 def default_events(root_events: Iterable[str]) -> list[str]:
     """Every ``kvm`` event but the per-instruction ones (see the module docstring)."""
     return [e for e in root_events if e.rpartition(":")[2] not in DEFAULT_EXCLUDED]
-
-
-TRACERS = ("bpf", "tracefs")
 
 
 def kvm_tracer(kind: str, events: list[str], pids: list[int], buffer_kb: int,
@@ -195,7 +194,8 @@ def _records(pid: int, events: list[TraceEvent], tracer: TraceInstance | BpfTrac
     kind = "bpf" if isinstance(tracer, BpfTracer) else "tracefs"
     host = {**Host.read().exitlog_host(pid), "tracer": kind}
     if isinstance(tracer, BpfTracer):
-        host |= {"chains_inferred": tracer.inferred, "chain_mismatches": tracer.chain_mismatches}
+        host |= {"chains_inferred": tracer.inferred, "chain_mismatches": tracer.chain_mismatches,
+                 "chains_verify_every": VERIFY_EVERY}
     log = ExitLog(records=records, host=host,
                   tracing=True, events_enabled=list(tracer.enabled), untraced=untraced_events(tracer.enabled),
                   lost_events=tracer.lost - lost_before,

@@ -6,10 +6,11 @@ record) into a BPF ring buffer, and each distinct kernel call chain is kept once
 Why (docs/tracing.md, "Two tracers"): the tracefs ``stacktrace`` trigger walks every chain, after
 every event, copies it whole into the ring buffer, and kvmiso decodes every copy; a VMM that exits
 70,000 times a second repeats the same few chains millions of times. Here a chain is walked
-(``bpf_get_stackid``) only where the event's path key is new, on its first repeats and one in 64
+(``bpf_get_stackid``) only where the event's path key is new, on its first repeats and one in 256
 after, and otherwise taken from the key and marked inferred (:func:`.bpfprog.event_program`); a
 walk that disagrees is counted and its key walked from then on (``--every-chain`` walks all);
-and 4 bytes go to the ring buffer instead of 8 per frame. The kernel here has no kprobes
+and 4 bytes go to the ring buffer instead of 8 per frame. Whether a thread is traced is asked of
+the traced set once per thread (again when the set changes) and kept in its task storage. The kernel here has no kprobes
 and no fentry; tracepoint programs (``BPF_PROG_TYPE_TRACEPOINT`` on a perf event of the
 tracepoint) attach, and their context is the very record the event's ``format`` file describes
 (its common fields excepted), so :class:`.traceformat.EventFormat` decodes it as it decodes
@@ -51,12 +52,12 @@ from typing import Iterable
 from ... import interrupt
 from ..kernel.bpf import (BPF_MAP_LOOKUP_ELEM, BPF_OBJ_GET_INFO_BY_FD, BPF_PROG_TEST_RUN, HIDE_ENV, BpfUnavailable, _bpf,
                           load_program)
-from ..kernel.bpfprog import (BPF_MAP_DELETE_ELEM, BPF_MAP_UPDATE_ELEM, CACHE_ENTRY, COUNTERS, HEADER, INFERRED, INLINE,
-                               INLINED, LOST, MAP_ARRAY, MAP_HASH, MAP_PERCPU_ARRAY, MAP_RINGBUF, MAP_STACK_TRACE,
-                               MAX_DEPTH, MISMATCHED, PERF_EVENT_IOC_ENABLE, PERF_EVENT_IOC_SET_BPF,
-                               PROG_RAW_TRACEPOINT, PROG_TRACEPOINT, RB_BUSY, RB_DISCARD, RB_HDR, THREAD_STATE,
-                               EventMaps, _ioctl, _map_call, _map_create, _perf_tracepoint, _payload, event_program,
-                               exit_program, fork_program, tid_program)
+from ..kernel.bpfmaps import (BPF_MAP_DELETE_ELEM, BPF_MAP_UPDATE_ELEM, MAP_ARRAY, MAP_HASH, MAP_PERCPU_ARRAY,
+                               MAP_RINGBUF, MAP_STACK_TRACE, PERF_EVENT_IOC_ENABLE, PERF_EVENT_IOC_SET_BPF, ioctl,
+                               map_call, map_create, perf_tracepoint, task_storage_map)
+from ..kernel.bpfprog import (CACHE_ENTRY, COUNTERS, HEADER, INFERRED, INLINE, INLINED, LOST, MAX_DEPTH, MISMATCHED,
+                               PROG_RAW_TRACEPOINT, PROG_TRACEPOINT, RB_BUSY, RB_DISCARD, RB_HDR, SWITCH, THREAD_STATE,
+                               EventMaps, _payload, event_program, exit_program, fork_program, tid_program)
 from .exitlog import TraceEvent
 from .traceformat import EventFormat, FormatError
 from .tracefs import choose_events
@@ -111,6 +112,8 @@ class BpfTracer:
         self._prod: mmap.mmap | None = None
         self._chains: dict[int, tuple[int, ...]] = {}
         self._kernel_tid: int | None = None
+        self._recording = 0  # the switch the programs test (SWITCH): recording,
+        self._generation = 0  # and the traced set's generation, bumped as it changes
         self._counted: dict[int, int] = {}  # the counters as close() last read them
         self._skipped = 0  # and the programs' skipped events
         self.records = 0  # decoded so far
@@ -148,14 +151,15 @@ class BpfTracer:
 
     def _setup(self, root: Path) -> None:
         m = self._maps
-        m["tids"] = self._fd(_map_create(MAP_HASH, 4, THREAD_STATE.size, 16384, "kvmiso_tids"))
-        m["stacks"] = self._fd(_map_create(MAP_STACK_TRACE, 4, 8 * MAX_DEPTH, self.stack_buckets, "kvmiso_chains"))
-        m["ring"] = self._fd(_map_create(MAP_RINGBUF, 0, 0, self.ring_bytes, "kvmiso_events"))
-        m["counters"] = self._fd(_map_create(MAP_PERCPU_ARRAY, 4, 8, COUNTERS, "kvmiso_counts"))
-        m["on"] = self._fd(_map_create(MAP_ARRAY, 4, 4, 1, "kvmiso_on"))
+        m["tids"] = self._fd(map_create(MAP_HASH, 4, 4, 16384, "kvmiso_tids"))
+        m["threads"] = self._fd(task_storage_map(THREAD_STATE.size, "kvmiso_threads"))
+        m["stacks"] = self._fd(map_create(MAP_STACK_TRACE, 4, 8 * MAX_DEPTH, self.stack_buckets, "kvmiso_chains"))
+        m["ring"] = self._fd(map_create(MAP_RINGBUF, 0, 0, self.ring_bytes, "kvmiso_events"))
+        m["counters"] = self._fd(map_create(MAP_PERCPU_ARRAY, 4, 8, COUNTERS, "kvmiso_counts"))
+        m["on"] = self._fd(map_create(MAP_ARRAY, 4, SWITCH.size, 1, "kvmiso_on"))
         if not self.walk_every_chain:
-            m["cache"] = self._fd(_map_create(MAP_HASH, 8, CACHE_ENTRY.size, CACHE_KEYS, "kvmiso_paths"))
-        maps = EventMaps(m["tids"], m["stacks"], m["ring"], m["counters"], m["on"], m.get("cache"))
+            m["cache"] = self._fd(map_create(MAP_HASH, 8, CACHE_ENTRY.size, CACHE_KEYS, "kvmiso_paths"))
+        maps = EventMaps(m["tids"], m["threads"], m["stacks"], m["ring"], m["counters"], m["on"], m.get("cache"))
         page = mmap.PAGESIZE
         self._cons = mmap.mmap(m["ring"], page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
         self._prod = mmap.mmap(m["ring"], page + 2 * self.ring_bytes, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
@@ -193,10 +197,10 @@ class BpfTracer:
         return [EventFormat.parse((root / "events" / s / e / "format").read_text(), s) for s, e in dict.fromkeys(chosen)]
 
     def _attach(self, event_id: int, prog: int) -> None:
-        fd = _perf_tracepoint(event_id)
+        fd = perf_tracepoint(event_id)
         self._perf.append(fd)
-        _ioctl(fd, PERF_EVENT_IOC_SET_BPF, prog)
-        _ioctl(fd, PERF_EVENT_IOC_ENABLE, 0)
+        ioctl(fd, PERF_EVENT_IOC_SET_BPF, prog)
+        ioctl(fd, PERF_EVENT_IOC_ENABLE, 0)
 
     def close(self) -> None:
         """Detach and free everything (idempotent): closing the fds is all it takes. The perf
@@ -226,45 +230,49 @@ class BpfTracer:
 
     # --- recording ------------------------------------------------------------------------
 
-    def _switch(self, value: int) -> None:
-        _map_call(BPF_MAP_UPDATE_ELEM, self._maps["on"], ctypes.c_uint32(0), ctypes.c_uint32(value))  # type: ignore[arg-type]
+    def _switch(self) -> None:
+        value = ctypes.create_string_buffer(SWITCH.pack(self._recording, self._generation), SWITCH.size)
+        map_call(BPF_MAP_UPDATE_ELEM, self._maps["on"], ctypes.c_uint32(0), value)
 
     def start(self) -> None:
         """Records begin (the programs hang on their tracepoints from :meth:`open`: this only
         sets the flag they test, as tracefs's tracing_on)."""
-        self._switch(1)
+        self._recording = 1
+        self._switch()
 
     def stop(self) -> None:
         """Records end (at once: a flag, where detaching would take seconds, see :meth:`close`)."""
-        self._switch(0)
+        self._recording = 0
+        self._switch()
 
     def kernel_tid(self) -> int:
         """The calling thread's id as the kernel (and so every record) knows it, read through a
         test run of a program in this thread: gettid() inside a PID namespace is another number."""
         if self._kernel_tid is None:
-            out = self._fd(_map_create(MAP_ARRAY, 4, 8, 1, "kvmiso_tid"))
+            out = self._fd(map_create(MAP_ARRAY, 4, 8, 1, "kvmiso_tid"))
             prog = self._fd(load_program(tid_program(out), PROG_RAW_TRACEPOINT, "kvmiso_tid"))
             ctx = (ctypes.c_uint64 * 1)()
             _bpf(BPF_PROG_TEST_RUN, struct.pack("<IIIIQQIIIIQQII", prog, 0, 0, 0, 0, 0, 0, 0, ctypes.sizeof(ctx), 0,
                                                 ctypes.addressof(ctx), 0, 0, 0))
             key, value = ctypes.c_uint32(0), ctypes.c_uint64(0)
-            _map_call(BPF_MAP_LOOKUP_ELEM, out, key, value)  # type: ignore[arg-type]
+            map_call(BPF_MAP_LOOKUP_ELEM, out, key, value)  # type: ignore[arg-type]
             self._kernel_tid = value.value & 0xFFFFFFFF
         return self._kernel_tid
 
     def add_pids(self, pids: Iterable[int]) -> None:
         """Trace these threads too (the kernel's set keeps the threads forks added)."""
-        fresh = ctypes.create_string_buffer(THREAD_STATE.size)
         for t in pids:
-            _map_call(BPF_MAP_UPDATE_ELEM, self._maps["tids"], ctypes.c_uint32(t), fresh)
+            map_call(BPF_MAP_UPDATE_ELEM, self._maps["tids"], ctypes.c_uint32(t), ctypes.c_uint32(1))  # type: ignore[arg-type]
             self.pids.add(t)
+        self._generation += 1  # every thread asks the set again (its answer is kept till then)
+        self._switch()
 
     def set_pids(self, pids: Iterable[int]) -> None:
         """Trace these threads (replacing the ones given before)."""
         pids = set(pids)
         for t in self.pids - pids:
             try:
-                _map_call(BPF_MAP_DELETE_ELEM, self._maps["tids"], ctypes.c_uint32(t))
+                map_call(BPF_MAP_DELETE_ELEM, self._maps["tids"], ctypes.c_uint32(t))
             except OSError:
                 pass  # gone already (it exited)
         self.pids = set()
@@ -335,7 +343,7 @@ class BpfTracer:
         if got is None:
             value = (ctypes.c_uint64 * MAX_DEPTH)()
             try:
-                _map_call(BPF_MAP_LOOKUP_ELEM, self._maps["stacks"], ctypes.c_uint32(chain_id), value)  # type: ignore[arg-type]
+                map_call(BPF_MAP_LOOKUP_ELEM, self._maps["stacks"], ctypes.c_uint32(chain_id), value)  # type: ignore[arg-type]
                 got = tuple(a for a in value if a)  # the map zero-fills past the chain
             except OSError:
                 got = ()
@@ -346,7 +354,7 @@ class BpfTracer:
         if "counters" not in self._maps:
             return self._counted.get(index, 0)
         values = (ctypes.c_uint64 * _possible_cpus())()  # a per-CPU map's value: one per possible CPU
-        _map_call(BPF_MAP_LOOKUP_ELEM, self._maps["counters"], ctypes.c_uint32(index), values)  # type: ignore[arg-type]
+        map_call(BPF_MAP_LOOKUP_ELEM, self._maps["counters"], ctypes.c_uint32(index), values)  # type: ignore[arg-type]
         return sum(values)
 
     @property
