@@ -146,7 +146,8 @@ def watched_window(watcher: str, qemu: int, con: Path, args: argparse.Namespace,
         span_s = (got.records[-1].end_ns - got.records[0].start_ns) / 1e9 if got.records else 0.0
         events = sum(len(r.events) for r in got.records)
         return {"rate": rate, "events": events, "events_per_s": events / span_s if span_s else 0.0,
-                "lost": got.lost_events, "inferred": got.host.get("chains_inferred", 0)}
+                "lost": got.lost_events, "inferred": got.host.get("chains_inferred", 0),
+                "mismatches": got.host.get("chain_mismatches", 0)}
     samples = re.search(r"\((\d+) samples\)", err)
     lost = re.search(r"lost (\d+) chunks", err)
     data.unlink(missing_ok=True)

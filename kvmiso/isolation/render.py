@@ -25,8 +25,8 @@ def chain_inference_note(host: dict[str, Any]) -> str:
     note = (f"{host['chains_inferred']} events' call chains inferred from their exit's path (the BPF watcher walks "
             f"a path's chain when new and {sampled}): {mismatches} walks disagreed")
     if mismatches:
-        note += (" (those paths are walked every time since; an event inferred on one before may carry another "
-                 "path's chain: --every-chain walks them all)")
+        note += (" (each such path took the walked chain and was walked again on its next repeats; an event "
+                 "inferred on it before may carry another path's chain: --every-chain walks them all)")
     return note
 
 

@@ -33,8 +33,8 @@ INFERRED = 2  # flags: the chain is the one its path key had, not walked (see ev
 LOST, INLINED, MISMATCHED = 0, 1, 2
 COUNTERS = 3
 # the chain cache (event_program): a key is walked when new, on its first VERIFY_FIRST repeats,
-# then on one repeat in VERIFY_EVERY (a power of two); UNSTABLE marks a key whose walks disagreed
-VERIFY_FIRST, VERIFY_EVERY, UNSTABLE = 4, 256, 0x7FFFFFFF
+# then on one repeat in VERIFY_EVERY (a power of two); a walk that disagrees starts the count anew
+VERIFY_FIRST, VERIFY_EVERY = 4, 256
 PATH_EVENTS = 16  # events after an exit that still extend the path
 FNV_PRIME = 0x100000001B3
 # a thread's state, in task storage: its path, events in it, reference set, reference stack
@@ -149,8 +149,10 @@ def event_program(event_id: int, static: int, extra: int, maps: EventMaps, reaso
 
     With a chain cache, the chain is walked only when its path key (:func:`_path_key`) is new,
     for the first ``VERIFY_FIRST`` repeats and then one in ``VERIFY_EVERY``; the others take the
-    id the key had, marked ``INFERRED``. A walk that finds another chain than the key's marks the
-    key ``UNSTABLE`` (walked on every event from then on) and counts ``MISMATCHED``.
+    id the key had, marked ``INFERRED``. A walk that finds another chain than the key's counts
+    ``MISMATCHED`` and gives the key the chain it found, with its count started anew: its next
+    ``VERIFY_FIRST`` repeats are walked, so a key two paths share keeps being walked while they
+    alternate, and one odd unwinding costs a hot key a few walks, not a walk on every event.
     ``reason_offset``: where the event's exit reason is (kvm_exit), which starts a new path;
     ``ends_run``: the event ends a KVM_RUN (kvm_userspace_exit), after which the path is empty."""
     payload = _payload(static, extra)
@@ -264,7 +266,6 @@ def _cached_chain(a: _Asm, maps: EventMaps) -> None:
     _stack_key(a, 2, -32)
     a(_call(_LOOKUP)).jump(JEQ, 0, 0, "new")
     a(_ldx32(1, 0, 4), _add_imm(1, 1), _stx32(0, 1, 4), _ldx32(9, 0, 0))  # seen += 1; r9 = its chain
-    a.jump(JEQ, 9, UNSTABLE, "walk")
     a.jump(JLE, 1, VERIFY_FIRST, "verify")
     a(_insn(0x57, 1, 0, 0, VERIFY_EVERY - 1)).jump(JEQ, 1, 0, "verify")
     a.jump(JA, 0, 0, "inferred")
@@ -272,7 +273,7 @@ def _cached_chain(a: _Asm, maps: EventMaps) -> None:
     a(_stx64(10, 0, -40), _mov(1, 6), _map(2, maps.stacks), _mov_imm(3, 0), _call(_GET_STACKID))
     a.jump(JSLT, 0, 0, "inline")
     a.jump_reg(JEQ_REG, 0, 9, "verified")
-    a(_mov(9, 0), _ldx64(1, 10, -40), _st(4, 1, 0, UNSTABLE))
+    a(_mov(9, 0), _ldx64(1, 10, -40), _stx32(1, 9, 0), _st(4, 1, 4, 0))  # the walked chain, seen from 0
     _count(a, maps.counters, MISMATCHED, "walked")
     a.label("verified")
     a(_mov(9, 0)).jump(JA, 0, 0, "walked")
@@ -281,8 +282,6 @@ def _cached_chain(a: _Asm, maps: EventMaps) -> None:
     a(_stx32(10, 9, -48), _st(4, 10, -44, 1), _map(1, maps.cache))
     _stack_key(a, 2, -32)
     a(_mov(3, 10), _add_imm(3, -48), _mov_imm(4, BPF_NOEXIST), _call(_UPDATE)).jump(JA, 0, 0, "walked")
-    a.label("walk")
-    _walk(a, maps.stacks, "walked")
 
 
 def _record(a: _Asm, ring: int, event_id: int, flags: int, static: int, extra: int) -> None:

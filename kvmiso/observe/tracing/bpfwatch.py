@@ -8,7 +8,7 @@ every event, copies it whole into the ring buffer, and kvmiso decodes every copy
 70,000 times a second repeats the same few chains millions of times. Here a chain is walked
 (``bpf_get_stackid``) only where the event's path key is new, on its first repeats and one in 256
 after, and otherwise taken from the key and marked inferred (:func:`.bpfprog.event_program`); a
-walk that disagrees is counted and its key walked from then on (``--every-chain`` walks all);
+walk that disagrees is counted and its key re-verified from then (``--every-chain`` walks all);
 and 4 bytes go to the ring buffer instead of 8 per frame. Whether a thread is traced is asked of
 the traced set once per thread (again when the set changes) and kept in its task storage. The kernel here has no kprobes
 and no fentry; tracepoint programs (``BPF_PROG_TYPE_TRACEPOINT`` on a perf event of the
@@ -383,8 +383,8 @@ class BpfTracer:
 
     @property
     def chain_mismatches(self) -> int:
-        """Walks that found another chain than their path key had (the key is walked from then
-        on; the records inferred for it before were given the key's first chain)."""
+        """Walks that found another chain than their path key had (the key takes the walked
+        chain and its next repeats are walked; records inferred for it before had the old one)."""
         return self._counter(MISMATCHED)
 
     @property
