@@ -5,7 +5,8 @@ exits. The maps they share and the perf events they hang on are made in :mod:`.b
 record layout (``HEADER``) is the reader's contract with them.
 
 Each program says in its docstring what it writes; registers by convention: r6 the tracepoint's
-context, r7 ``cpu << 32 | tid``, r8 the time, r9 the reserved record.
+context, r7 ``cpu << 32 | tid``, r8 the traced set's generation until it is the time, r9 the
+chain id, then the reserved record.
 """
 
 from __future__ import annotations

@@ -10,11 +10,11 @@ every event, copies it whole into the ring buffer, and kvmiso decodes every copy
 after, and otherwise taken from the key and marked inferred (:func:`.bpfprog.event_program`); a
 walk that disagrees is counted and its key re-verified from then (``--every-chain`` walks all);
 and 4 bytes go to the ring buffer instead of 8 per frame. Whether a thread is traced is asked of
-the traced set once per thread (again when the set changes) and kept in its task storage. The kernel here has no kprobes
-and no fentry; tracepoint programs (``BPF_PROG_TYPE_TRACEPOINT`` on a perf event of the
-tracepoint) attach, and their context is the very record the event's ``format`` file describes
-(its common fields excepted), so :class:`.traceformat.EventFormat` decodes it as it decodes
-tracefs pages.
+the traced set once per thread (again when the set changes) and kept in its task storage. The
+kernel here has no kprobes and no fentry; tracepoint programs (``BPF_PROG_TYPE_TRACEPOINT`` on a
+perf event of the tracepoint) attach, and their context is the very record the event's
+``format`` file describes (its common fields excepted), so :class:`.traceformat.EventFormat`
+decodes it as it decodes tracefs pages.
 
 The programs hang on their tracepoints from :meth:`BpfTracer.open` on and test a flag that
 :meth:`~BpfTracer.start` and :meth:`~BpfTracer.stop` set, as tracefs's ``tracing_on``: detaching
