@@ -26,7 +26,7 @@ def chain_inference_note(host: dict[str, Any]) -> str:
             f"a path's chain when new and {sampled}): {mismatches} walks disagreed")
     if mismatches:
         note += (" (each such path took the walked chain and was walked again on its next repeats; an event "
-                 "inferred on it before may carry another path's chain: --every-chain walks them all)")
+                 "inferred on it, before or since, may carry another path's chain: --every-chain walks them all)")
     return note
 
 

@@ -86,6 +86,6 @@ def ioctl(fd: int, request: int, arg: int) -> None:
         raise OSError(e, os.strerror(e))
 
 
-__all__ = ["BPF_MAP_DELETE_ELEM", "BPF_MAP_UPDATE_ELEM", "MAP_ARRAY", "MAP_HASH", "MAP_PERCPU_ARRAY", "MAP_RINGBUF",
-           "MAP_STACK_TRACE", "PERF_EVENT_IOC_ENABLE", "PERF_EVENT_IOC_SET_BPF", "ioctl", "map_call", "map_create",
+__all__ = ["BPF_BTF_LOAD", "BPF_F_NO_PREALLOC", "BPF_MAP_DELETE_ELEM", "BPF_MAP_UPDATE_ELEM", "MAP_ARRAY", "MAP_HASH", "MAP_PERCPU_ARRAY", "MAP_RINGBUF",
+           "MAP_STACK_TRACE", "MAP_TASK_STORAGE", "PERF_EVENT_IOC_ENABLE", "PERF_EVENT_IOC_SET_BPF", "ioctl", "map_call", "map_create",
            "perf_tracepoint", "task_storage_map"]

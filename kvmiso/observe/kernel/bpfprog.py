@@ -40,11 +40,11 @@ PATH_EVENTS = 16  # events after an exit that still extend the path
 FNV_PRIME = 0x100000001B3
 # a thread's state, in task storage: its path, events in it, reference set, reference stack
 # pointer, a scratch slot, then the generation of the traced set it was looked up in and the
-# answer (its thread id if traced, else 0: the idle task, id 0, fires no kvm event)
+# answer (1: traced, 0: not)
 THREAD_STATE = struct.Struct("<QIIQQII")
 GENERATION_AT, TRACED_AT = 32, 36
 SWITCH = struct.Struct("<II")  # the "on" map's value: recording, the traced set's generation
-CACHE_ENTRY = struct.Struct("<II")  # chain id, times seen
+CACHE_ENTRY = struct.Struct("<II")  # chain id, repeats seen since it was walked new or disagreed
 BPF_NOEXIST = 1
 
 
@@ -195,20 +195,23 @@ def event_program(event_id: int, static: int, extra: int, maps: EventMaps, reaso
 def _traced_thread(a: _Asm, maps: EventMaps) -> None:
     """Goto ``out`` unless the current thread is traced; r7 = its id, r10-24 = its state. The
     state is the thread's task storage, which keeps the traced set's answer (``tids``, a hash
-    map) until the set's generation (r8) changes: a thread asks the set once, not every event.
-    A thread whose storage the kernel cannot make (no memory; another BPF program holds it on
-    this CPU) asks the set, and if traced its record is counted lost."""
+    map) until the set's generation (r8) changes: a thread asks the set once, not every event,
+    and each change starts every thread's path anew (kvmiso changes the set before it starts
+    recording). The id is read every event: a thread that execs takes its leader's id. A thread
+    whose storage the kernel cannot make (no memory; another BPF program holds it on this CPU)
+    asks the set, and if traced its record is counted lost."""
     a(_call(_CURRENT_TASK_BTF), _mov(2, 0), _map(1, maps.threads), _mov_imm(3, 0), _mov_imm(4, STORAGE_CREATE),
       _call(_TASK_STORAGE_GET)).jump(JEQ, 0, 0, "stateless")
     a(_stx64(10, 0, -24), _ldx32(1, 0, GENERATION_AT)).jump_reg(JEQ_REG, 1, 8, "asked")
     a(_stx32(0, 8, GENERATION_AT), _st(8, 0, 0, 0), _st(4, 0, 8, 0), _st(4, 0, 12, 0))  # a new answer, a fresh path
     _in_set(a, maps.tids)
     a(_mov_imm(1, 0)).jump(JEQ, 0, 0, "answer")
-    a(_ldx32(1, 10, -4))
+    a(_mov_imm(1, 1))
     a.label("answer")
     a(_ldx64(0, 10, -24), _stx32(0, 1, TRACED_AT))
     a.label("asked")
-    a(_ldx64(0, 10, -24), _ldx32(7, 0, TRACED_AT)).jump(JEQ, 7, 0, "out").jump(JA, 0, 0, "traced")
+    a(_ldx64(0, 10, -24), _ldx32(1, 0, TRACED_AT)).jump(JEQ, 1, 0, "out")
+    a(_call(_PID_TGID), _insn(0xBC, 7, 0)).jump(JA, 0, 0, "traced")  # w7 = tid
     a.label("stateless")
     _in_set(a, maps.tids)
     a.jump(JEQ, 0, 0, "out").jump(JA, 0, 0, "lost")
@@ -280,7 +283,7 @@ def _cached_chain(a: _Asm, maps: EventMaps) -> None:
     a(_mov(9, 0)).jump(JA, 0, 0, "walked")
     a.label("new")
     a(_mov(1, 6), _map(2, maps.stacks), _mov_imm(3, 0), _call(_GET_STACKID), _mov(9, 0)).jump(JSLT, 9, 0, "inline")
-    a(_stx32(10, 9, -48), _st(4, 10, -44, 1), _map(1, maps.cache))
+    a(_stx32(10, 9, -48), _st(4, 10, -44, 0), _map(1, maps.cache))  # repeats seen: 0
     _stack_key(a, 2, -32)
     a(_mov(3, 10), _add_imm(3, -48), _mov_imm(4, BPF_NOEXIST), _call(_UPDATE)).jump(JA, 0, 0, "walked")
 

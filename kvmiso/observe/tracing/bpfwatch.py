@@ -261,11 +261,13 @@ class BpfTracer:
 
     def add_pids(self, pids: Iterable[int]) -> None:
         """Trace these threads too (the kernel's set keeps the threads forks added)."""
-        for t in pids:
-            map_call(BPF_MAP_UPDATE_ELEM, self._maps["tids"], ctypes.c_uint32(t), ctypes.c_uint32(1))  # type: ignore[arg-type]
-            self.pids.add(t)
-        self._generation += 1  # every thread asks the set again (its answer is kept till then)
-        self._switch()
+        try:
+            for t in pids:
+                map_call(BPF_MAP_UPDATE_ELEM, self._maps["tids"], ctypes.c_uint32(t), ctypes.c_uint32(1))  # type: ignore[arg-type]
+                self.pids.add(t)
+        finally:
+            self._generation += 1  # every thread asks the set again (its answer is kept till then)
+            self._switch()
 
     def set_pids(self, pids: Iterable[int]) -> None:
         """Trace these threads (replacing the ones given before)."""
@@ -369,12 +371,10 @@ class BpfTracer:
         counts it in the program's ``recursion_misses``."""
         if not self._progs:
             return self._skipped
-        total = 0
-        for fd in self._progs.values():
-            info = ctypes.create_string_buffer(PROG_INFO_BYTES)
+        infos = [ctypes.create_string_buffer(PROG_INFO_BYTES) for _ in self._progs]
+        for fd, info in zip(self._progs.values(), infos):
             _bpf(BPF_OBJ_GET_INFO_BY_FD, struct.pack("<IIQ", fd, PROG_INFO_BYTES, ctypes.addressof(info)))
-            total += struct.unpack_from("<Q", info, RECURSION_MISSES)[0]
-        return total
+        return sum(struct.unpack_from("<Q", info, RECURSION_MISSES)[0] for info in infos)
 
     @property
     def inline_chains(self) -> int:
@@ -384,7 +384,7 @@ class BpfTracer:
     @property
     def chain_mismatches(self) -> int:
         """Walks that found another chain than their path key had (the key takes the walked
-        chain and its next repeats are walked; records inferred for it before had the old one)."""
+        chain; records inferred on it, before or since, may carry another path's chain)."""
         return self._counter(MISMATCHED)
 
     @property
